@@ -1,0 +1,227 @@
+"""The functions doit actions call: one per artifact, plus failure recording.
+
+Each action runs the library function for its phase.  A
+:class:`~cachebuild.errors.CacheBuildError` is recorded (so the wrapper can
+map it to the phase's exit code and message) and the action returns False,
+which doit treats as a task failure.  Actions refuse to run unless the
+wrapper holds the cache lock: running a task straight from ``doit <task>``
+would bypass it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from .errors import BuildError, CacheBuildError, UsageError
+
+__all__ = [
+    "ACTIVE",
+    "FAILURES",
+    "phase_action",
+    "write_flight",
+    "write_model",
+    "fetch",
+    "write_tiles_mbtiles",
+    "build_engine",
+    "describe",
+    "index",
+    "manifest",
+    "CACHE_ARTIFACTS",
+]
+
+#: Set by the wrapper while it holds the lock (same process: doit runs
+#: python-actions in-process).
+ACTIVE: dict[str, Any] = {"locked": False}
+#: Failures recorded by actions in this process, newest last.
+FAILURES: list[CacheBuildError] = []
+
+#: Files of a published cache, relative to the build directory; the manifest
+#: lists each with its hash, plus the manifest and signer key themselves.
+CACHE_ARTIFACTS = (
+    "flight.json",
+    "tileset.json",
+    "tiles.npy",
+    "missing.npy",
+    "tiles.mbtiles",
+    "engine/engine.json",
+    "engine/engine.onnx",
+    "descriptors.npy",
+    "descriptor_ids.npy",
+    "index.faiss",
+    "index.json",
+)
+
+
+def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
+    """Wrap ``fn`` as a doit python-action for ``phase``."""
+
+    def action(**kwargs: Any) -> bool:
+        if not ACTIVE["locked"]:
+            FAILURES.append(
+                UsageError(
+                    f"task '{phase}' must run through `doit build-cache`, which holds the cache lock",
+                    phase=phase,
+                )
+            )
+            sys.stderr.write(f"ERROR: {FAILURES[-1]}\n")
+            return False
+        try:
+            fn(**kwargs)
+        except CacheBuildError as exc:
+            if exc.phase in ("build",):
+                exc.phase = phase
+            FAILURES.append(exc)
+            return False
+        except Exception as exc:  # a bug, or a library error not translated yet
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            err = BuildError(f"{phase} failed: {detail}", phase=phase)
+            err.__cause__ = exc
+            err.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            FAILURES.append(err)
+            return False
+        return True
+
+    action.__name__ = f"{phase}_action"
+    action.__qualname__ = action.__name__
+    return action
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    from .tileset import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_flight(*, path: str, record: dict[str, Any]) -> None:
+    _atomic_json(Path(path), record)
+
+
+def write_model(*, path: str) -> None:
+    from .model import write_default_model
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_default_model(Path(path))
+
+
+def fetch(
+    *, bbox: list[float], zooms: list[int], provider: str, store: str, out_dir: str, concurrency: int
+) -> None:
+    import os
+
+    from .fetch import fetch_tiles
+    from .tiles import LngLatBbox
+
+    fetch_tiles(
+        bbox=LngLatBbox(*bbox),
+        zooms=zooms,
+        provider_spec=provider,
+        store_root=Path(store),
+        out_dir=Path(out_dir),
+        env=os.environ,
+        concurrency=concurrency,
+    )
+
+
+def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
+    from .mbtiles import write_mbtiles
+    from .tiles import LngLatBbox
+
+    write_mbtiles(
+        tileset_dir=Path(build),
+        store_root=Path(store),
+        out_path=Path(build) / "tiles.mbtiles",
+        name="cachebuild tiles",
+        bbox=LngLatBbox(*bbox),
+        zooms=zooms,
+    )
+
+
+def build_engine(*, model: str, calibration: str | None, precision: str, backend: str, out_dir: str) -> None:
+    from .engine import compile_engine
+
+    compile_engine(
+        model_path=Path(model),
+        calibration_path=Path(calibration) if calibration else None,
+        precision=precision,
+        backend=backend,
+        out_dir=Path(out_dir),
+    )
+
+
+def describe(*, build: str, store: str, batch: int, threads: int | None) -> None:
+    from .describe import describe_tiles
+
+    describe_tiles(
+        tileset_dir=Path(build),
+        store_root=Path(store),
+        engine_dir=Path(build) / "engine",
+        out_dir=Path(build),
+        batch_size=batch,
+        threads=threads,
+    )
+
+
+def index(*, build: str) -> None:
+    from .index import build_index
+
+    info = build_index(descriptors_dir=Path(build), out_path=Path(build) / "index.faiss")
+    _atomic_json(Path(build) / "index.json", info)
+
+
+def _previous_version(current: Path) -> int:
+    try:
+        env = json.loads((current / "manifest.json").read_text())
+        return int(env["signed"]["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
+def manifest(*, build: str, current: str, key: str, expires_days: float) -> None:
+    """Sign the manifest over every artifact of the staged cache."""
+    import numpy as np
+
+    from .manifest import build_identity, write_manifest
+    from .signing import load_private_key
+    from .tileset import read_summary
+
+    b = Path(build)
+    record = json.loads((b / "flight.json").read_text())
+    summary = read_summary(b)
+    engine = json.loads((b / "engine" / "engine.json").read_text())
+    index_info = json.loads((b / "index.json").read_text())
+    n_desc = int(np.load(b / "descriptor_ids.npy", mmap_mode="r").shape[0])
+    build_id, identity = build_identity(
+        bbox=summary["bbox"],
+        zooms=summary["zooms"],
+        takeoff_origin=record["takeoff_origin"],
+        flight_id=record["flight_id"],
+        calibration_sha256=engine.get("calibration_sha256"),
+        tiles_sha256=summary["aggregate_sha256"],
+        engine_key=engine["key"],
+    )
+    info = {
+        "tiles": {k: summary[k] for k in ("planned", "present", "missing")},
+        "missing_examples": summary.get("missing_examples", []),
+        "provider": summary["provider"],
+        "descriptors": n_desc,
+        "engine": {k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")},
+        "index": index_info,
+    }
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    write_manifest(
+        cache_dir=b,
+        artifacts=list(CACHE_ARTIFACTS),
+        identity=identity,
+        build_id=build_id,
+        info=info,
+        key=load_private_key(Path(key)),
+        version=_previous_version(Path(current)) + 1,
+        expires_at=now + timedelta(days=expires_days),
+    )

@@ -1,0 +1,266 @@
+"""Settings for one run, read in one place from variables and the environment.
+
+A value comes from, in order: the command line (``doit build-cache NAME=value``),
+the environment (``CACHEBUILD_NAME``), the default below.  Secrets never come
+from the command line (it shows in ``ps`` and shell history): the API key is
+read from ``CACHEBUILD_API_KEY`` only, and is never stored here.
+
+Nothing is read at import time; :func:`load_settings` reads when called.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+__all__ = [
+    "DEFAULT_BUFFER_M",
+    "DEFAULT_ZOOMS",
+    "DEFAULT_PROVIDER",
+    "DEFAULT_PRECISION",
+    "DEFAULT_BACKEND",
+    "DEFAULT_BATCH",
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_EXPIRES_DAYS",
+    "VARIABLES",
+    "Settings",
+    "Paths",
+    "load_settings",
+    "cachebuild_home",
+]
+
+DEFAULT_BUFFER_M = 500.0
+DEFAULT_ZOOMS = (17,)
+DEFAULT_PROVIDER = "synthetic"
+DEFAULT_PRECISION = "fp32"
+DEFAULT_BACKEND = "onnxruntime"
+DEFAULT_BATCH = 64
+DEFAULT_CONCURRENCY = 8
+DEFAULT_EXPIRES_DAYS = 30
+MAX_ZOOM = 22
+
+#: Every variable a command reads, with its one-line help (docs/configuration.md).
+VARIABLES: dict[str, str] = {
+    "FLIGHT": "flight plan JSON file (required for build-cache)",
+    "CACHE_DIR": "where the build state and the published cache live "
+    "[default: $CACHEBUILD_HOME/cache]",
+    "STORE": "content-addressed tile store shared by every cache [default: $CACHEBUILD_HOME/store]",
+    "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
+    "BUFFER_M": "metres added around the route on every side [default: 500]",
+    "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {key}) | file.mbtiles "
+    "[default: synthetic]",
+    "CONCURRENCY": "tile requests in flight [default: 8]",
+    "RETRY_MISSING": "1: ask the provider again for tiles it had none of last time [default: 0]",
+    "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v1]",
+    "CALIBRATION": "calibration file, part of the engine key [default: none]",
+    "PRECISION": "fp32 | fp16 | int8 [default: fp32]",
+    "BACKEND": "engine backend: onnxruntime [default: onnxruntime]",
+    "BATCH": "descriptor batch size [default: 64]",
+    "THREADS": "inference threads [default: all cores]",
+    "KEY": "Ed25519 signing key (PEM or OpenSSH) [default: a per-user development key]",
+    "PUBKEY": "public key verify-cache trusts [default: the public half of KEY]",
+    "EXPIRES_DAYS": "days until the manifest expires [default: 30]",
+    "STRICT": "1: a coverage gap fails the build (exit 22); 0: warn and publish [default: 1]",
+    "REPORT": "text | json: json prints one JSON object as the last stdout line [default: text]",
+}
+
+
+def cachebuild_home(env: Mapping[str, str]) -> Path:
+    """``$CACHEBUILD_HOME``, else ``$XDG_CACHE_HOME/cachebuild``, else ``~/.cache/cachebuild``."""
+    if env.get("CACHEBUILD_HOME"):
+        return Path(env["CACHEBUILD_HOME"]).expanduser()
+    base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cachebuild"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where a cache's files live; all derived from ``cache_dir``.
+
+    ``state/`` holds what only the builder needs (doit's database, the
+    staged artifacts); ``current`` is a symlink to the published release,
+    swapped atomically.
+    """
+
+    cache_dir: Path
+
+    @property
+    def lock(self) -> Path:
+        return self.cache_dir / "build.lock"
+
+    @property
+    def state(self) -> Path:
+        return self.cache_dir / "state"
+
+    @property
+    def dep_file(self) -> Path:
+        return self.state / "doit.sqlite3"
+
+    @property
+    def build(self) -> Path:
+        return self.state / "build"
+
+    @property
+    def releases(self) -> Path:
+        return self.cache_dir / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.cache_dir / "current"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything one command needs, validated.  Immutable."""
+
+    flight: str | None
+    cache_dir: Path
+    store: Path
+    home: Path
+    zooms: tuple[int, ...] = DEFAULT_ZOOMS
+    buffer_m: float = DEFAULT_BUFFER_M
+    provider: str = DEFAULT_PROVIDER
+    concurrency: int = DEFAULT_CONCURRENCY
+    retry_missing: bool = False
+    model: Path | None = None
+    calibration: Path | None = None
+    precision: str = DEFAULT_PRECISION
+    backend: str = DEFAULT_BACKEND
+    batch: int = DEFAULT_BATCH
+    threads: int | None = None
+    key: Path | None = None
+    pubkey: Path | None = None
+    expires_days: float = DEFAULT_EXPIRES_DAYS
+    strict: bool = True
+    report: str = "text"
+    env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.cache_dir)
+
+    @property
+    def dev_key(self) -> Path:
+        return self.home / "keys" / "dev_ed25519.pem"
+
+
+def _get(name: str, vars: Mapping[str, str], env: Mapping[str, str]) -> str | None:
+    if name in vars and vars[name] is not None:
+        return str(vars[name])
+    value = env.get(f"CACHEBUILD_{name}")
+    return value if value not in (None, "") else None
+
+
+def _int(name: str, raw: str | None, default: int, lo: int, hi: int) -> int:
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise UsageError(f"{name}={value} is outside {lo}..{hi}")
+    return value
+
+
+def _float(name: str, raw: str | None, default: float, lo: float, hi: float) -> float:
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a number") from None
+    if not (lo <= value <= hi):
+        raise UsageError(f"{name}={raw} is outside {lo:g}..{hi:g}")
+    return value
+
+
+def _bool(name: str, raw: str | None, default: bool) -> bool:
+    if raw is None:
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise UsageError(f"{name}={raw!r} must be 1 or 0")
+
+
+def _zooms(raw: str | None) -> tuple[int, ...]:
+    if raw is None:
+        return DEFAULT_ZOOMS
+    out = set()
+    for part in raw.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        out.add(_int("ZOOM", part, 0, 0, MAX_ZOOM))
+    if not out:
+        raise UsageError(f"ZOOM={raw!r} names no zoom level")
+    return tuple(sorted(out))
+
+
+def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
+    if raw is None:
+        return None
+    p = Path(raw).expanduser()
+    if must_exist and not p.is_file():
+        raise UsageError(f"{name}={raw}: no such file", remedy=f"check the {name} path")
+    return p.resolve() if must_exist else p
+
+
+def load_settings(
+    vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate every variable; raise :class:`UsageError` on a bad one.
+
+    >>> s = load_settings({"ZOOM": "16,17"}, {"CACHEBUILD_HOME": "/tmp/cb"})
+    >>> s.zooms, str(s.cache_dir)
+    ((16, 17), '/tmp/cb/cache')
+    """
+    vars = dict(vars or {})
+    env = dict(os.environ if env is None else env)
+    home = cachebuild_home(env)
+    unknown = sorted(k for k in vars if k not in VARIABLES)
+    if unknown:
+        raise UsageError(
+            f"unknown variable(s): {', '.join(unknown)}",
+            remedy="known: " + ", ".join(VARIABLES),
+        )
+    get = lambda name: _get(name, vars, env)  # noqa: E731
+    cache_dir = Path(get("CACHE_DIR") or home / "cache").expanduser().absolute()
+    store = Path(get("STORE") or home / "store").expanduser().absolute()
+    precision = (get("PRECISION") or DEFAULT_PRECISION).lower()
+    if precision not in ("fp32", "fp16", "int8"):
+        raise UsageError(f"PRECISION={precision!r} must be fp32, fp16 or int8")
+    report = (get("REPORT") or "text").lower()
+    if report not in ("text", "json"):
+        raise UsageError(f"REPORT={report!r} must be text or json")
+    threads_raw = get("THREADS")
+    return Settings(
+        flight=get("FLIGHT"),
+        cache_dir=cache_dir,
+        store=store,
+        home=home,
+        zooms=_zooms(get("ZOOM")),
+        buffer_m=_float("BUFFER_M", get("BUFFER_M"), DEFAULT_BUFFER_M, 0.0, 1_000_000.0),
+        provider=get("PROVIDER") or DEFAULT_PROVIDER,
+        concurrency=_int("CONCURRENCY", get("CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 256),
+        retry_missing=_bool("RETRY_MISSING", get("RETRY_MISSING"), False),
+        model=_path("MODEL", get("MODEL"), must_exist=True),
+        calibration=_path("CALIBRATION", get("CALIBRATION"), must_exist=True),
+        precision=precision,
+        backend=(get("BACKEND") or DEFAULT_BACKEND).lower(),
+        batch=_int("BATCH", get("BATCH"), DEFAULT_BATCH, 1, 4096),
+        threads=None if threads_raw is None else _int("THREADS", threads_raw, 0, 1, 1024),
+        key=_path("KEY", get("KEY"), must_exist=True),
+        pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
+        expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),
+        strict=_bool("STRICT", get("STRICT"), True),
+        report=report,
+        env=env,
+    )

@@ -1,0 +1,496 @@
+"""The signed manifest that makes a cache directory a published cache.
+
+``<cache>/manifest.json`` is a TUF-style envelope (see
+:mod:`cachebuild.signing`) whose ``signed`` part lists every artifact's
+length and SHA-256, like a Debian Release file::
+
+    {"signed": {"_type": "cachebuild/manifest", "spec_version": 1,
+                "version": 3, "expires": "2030-01-01T00:00:00Z",
+                "built_at": "2029-12-01T12:00:00Z",
+                "build_id": "<sha256 of the identity>",
+                "identity": {...}, "info": {...},
+                "targets": {"tiles.mbtiles": {"length": 1234,
+                                              "hashes": {"sha256": "..."}}}},
+     "signatures": [{"keyid": "...", "sig": "..."}]}
+
+``version`` and ``expires`` let the drone refuse a stale or replayed cache.
+``signer.pub`` (the signer's OpenSSH public key) is written next to it for
+the operator's convenience only: a verifier must trust its own copy of the
+operator's key, never the one shipped inside the cache.
+
+Target paths are relative, ``/``-separated and must stay inside the cache
+directory: absolute paths, ``..``, and symlinks that lead outside are
+refused both when writing and when verifying.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path, PureWindowsPath
+from typing import TYPE_CHECKING, Any
+
+from .canonical import canonical_json, sha256_file
+from .errors import BuildError, UsageError, VerifyError
+from .signing import keyid, sign_envelope, verify_envelope, write_public_key
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
+__all__ = [
+    "MANIFEST_NAME",
+    "SIGNER_PUB_NAME",
+    "MANIFEST_TYPE",
+    "SPEC_VERSION",
+    "TIME_FORMAT",
+    "build_identity",
+    "write_manifest",
+    "read_manifest",
+    "verify_cache",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+SIGNER_PUB_NAME = "signer.pub"
+MANIFEST_TYPE = "cachebuild/manifest"
+SPEC_VERSION = 1
+#: UTC timestamps in the manifest, e.g. ``2030-01-01T00:00:00Z``.
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_RESERVED = frozenset({MANIFEST_NAME, SIGNER_PUB_NAME})
+
+
+# -- identity ----------------------------------------------------------------
+
+
+def _check_sha256(name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+        raise UsageError(f"{name} must be a 64-character lower-case hex SHA-256, got {value!r}")
+
+
+def build_identity(
+    *,
+    bbox: Sequence[float],
+    zooms: Sequence[int],
+    takeoff_origin: dict[str, Any] | None,
+    flight_id: str | None,
+    calibration_sha256: str | None,
+    tiles_sha256: str,
+    engine_key: str,
+) -> tuple[str, dict[str, Any]]:
+    """The identity of a build and its id.
+
+    Everything that determines the cache's content goes in: the same
+    identity means the same cache, so the id names a build exactly.
+
+    Parameters
+    ----------
+    bbox
+        ``(west, south, east, north)`` in degrees (stored as floats).
+    zooms
+        Zoom levels (stored sorted, without duplicates).
+    takeoff_origin
+        The takeoff origin as a JSON-able dict, or None.
+    flight_id
+        The flight, or None for a bbox-only build.
+    calibration_sha256
+        SHA-256 of the calibration set, or None.
+    tiles_sha256
+        SHA-256 of the tile set (e.g. of ``tiles.mbtiles``).
+    engine_key
+        The inference engine's cache key.
+
+    Returns
+    -------
+    tuple[str, dict]
+        ``(build_id, identity)``: build_id is the hex SHA-256 of the
+        identity's canonical JSON.
+
+    Raises
+    ------
+    UsageError
+        A field is malformed; the message names it.
+
+    Examples
+    --------
+    >>> bid, ident = build_identity(bbox=(8, 47, 8.1, 47.1), zooms=[17, 16],
+    ...     takeoff_origin=None, flight_id="F1", calibration_sha256=None,
+    ...     tiles_sha256="0" * 64, engine_key="cpu-fp32")
+    >>> ident["zooms"], len(bid)
+    ([16, 17], 64)
+    """
+    if isinstance(bbox, (str, bytes)) or len(bbox) != 4:
+        raise UsageError(f"bbox must be 4 numbers (west, south, east, north), got {bbox!r}")
+    for v in bbox:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UsageError(f"bbox must hold finite numbers, got {bbox!r}")
+    if not zooms or any(isinstance(z, bool) or not isinstance(z, int) or z < 0 for z in zooms):
+        raise UsageError(f"zooms must be a non-empty list of non-negative integers, got {zooms!r}")
+    if takeoff_origin is not None and not isinstance(takeoff_origin, dict):
+        raise UsageError(f"takeoff_origin must be a dict or None, got {type(takeoff_origin).__name__}")
+    if flight_id is not None and not isinstance(flight_id, str):
+        raise UsageError(f"flight_id must be a string or None, got {type(flight_id).__name__}")
+    _check_sha256("calibration_sha256", calibration_sha256, optional=True)
+    _check_sha256("tiles_sha256", tiles_sha256)
+    if not isinstance(engine_key, str) or not engine_key:
+        raise UsageError(f"engine_key must be a non-empty string, got {engine_key!r}")
+    identity: dict[str, Any] = {
+        "bbox": [float(v) for v in bbox],
+        "zooms": sorted(set(zooms)),
+        "takeoff_origin": takeoff_origin,
+        "flight_id": flight_id,
+        "calibration_sha256": calibration_sha256,
+        "tiles_sha256": tiles_sha256,
+        "engine_key": engine_key,
+    }
+    try:
+        payload = canonical_json(identity)
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"takeoff_origin is not JSON-representable: {exc}") from exc
+    return hashlib.sha256(payload).hexdigest(), identity
+
+
+# -- paths -------------------------------------------------------------------
+
+
+def _relpath_problem(rel: object) -> str | None:
+    """Why ``rel`` is not an acceptable target path, or None if it is."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a non-empty string"
+    if "\\" in rel or "\x00" in rel:
+        return "contains a backslash or NUL (use '/'-separated relative paths)"
+    if rel.startswith("/") or PureWindowsPath(rel).drive:
+        return "is absolute (targets are relative to the cache directory)"
+    parts = rel.split("/")
+    if ".." in parts:
+        return "contains '..' (targets must stay inside the cache directory)"
+    if any(part in ("", ".") for part in parts):
+        return "is not normalized (empty or '.' component)"
+    return None
+
+
+def _escapes(root_real: str, path: Path) -> bool:
+    """True if ``path``, symlinks resolved, lies outside ``root_real``."""
+    real = os.path.realpath(path)
+    return os.path.commonpath([root_real, real]) != root_real
+
+
+def _format_time(dt: datetime) -> str:
+    return dt.astimezone(timezone.utc).strftime(TIME_FORMAT)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- writing -----------------------------------------------------------------
+
+
+def write_manifest(
+    *,
+    cache_dir: Path,
+    artifacts: Sequence[str],
+    identity: dict[str, Any],
+    build_id: str,
+    info: dict[str, Any],
+    key: Ed25519PrivateKey,
+    version: int,
+    expires_at: datetime,
+    out_name: str = MANIFEST_NAME,
+) -> dict[str, Any]:
+    """Hash the artifacts, sign the manifest and publish it in ``cache_dir``.
+
+    ``signer.pub`` is written first, ``out_name`` last; both atomically
+    (temporary file, then ``os.replace``), so a reader sees either the old
+    manifest or the complete new one.
+
+    Parameters
+    ----------
+    cache_dir
+        The cache directory.
+    artifacts
+        Paths relative to ``cache_dir`` (``"tiles.mbtiles"``,
+        ``"engine/engine.onnx"``), ``/``-separated.
+    identity, build_id
+        From :func:`build_identity`.
+    info
+        Free-form JSON-able facts for the operator (counts, versions).
+    key
+        The Ed25519 signing key.
+    version
+        Manifest version, >= 1; the drone can refuse one lower than it saw.
+    expires_at
+        Timezone-aware expiry, in the future; written in whole UTC seconds.
+    out_name
+        File name of the manifest.
+
+    Returns
+    -------
+    dict
+        The envelope as written.
+
+    Raises
+    ------
+    BuildError
+        ``phase="manifest"``: a path is absolute, contains ``..``, escapes
+        through a symlink, is missing or is not a file; or an argument is
+        malformed.
+    UsageError
+        ``key`` is not an Ed25519 private key.
+    """
+    cache_dir = Path(cache_dir)
+
+    def fail(message: str) -> BuildError:
+        return BuildError(message, phase="manifest")
+
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise fail(f"manifest version must be an integer >= 1, got {version!r}")
+    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+        raise fail(f"manifest expiry must be a timezone-aware datetime, got {expires_at!r}")
+    now = datetime.now(timezone.utc)
+    if expires_at <= now:
+        raise fail(f"manifest expiry {_format_time(expires_at)} is not in the future")
+    _check_sha256("build_id", build_id)
+    if not cache_dir.is_dir():
+        raise fail(f"cache directory {cache_dir} does not exist")
+
+    root_real = os.path.realpath(cache_dir)
+    targets: dict[str, Any] = {}
+    for rel in artifacts:
+        problem = _relpath_problem(rel)
+        if problem is not None:
+            raise fail(f"artifact path {rel!r} {problem}")
+        if rel in _RESERVED:
+            raise fail(f"artifact path {rel!r} is reserved for the manifest itself")
+        if rel in targets:
+            raise fail(f"artifact path {rel!r} is listed twice")
+        path = cache_dir / rel
+        if _escapes(root_real, path):
+            raise fail(f"artifact {rel} resolves outside {cache_dir} (symlink)")
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise fail(f"artifact {rel} {what} in {cache_dir}")
+        digest, size = sha256_file(path)
+        targets[rel] = {"length": size, "hashes": {"sha256": digest}}
+
+    signed: dict[str, Any] = {
+        "_type": MANIFEST_TYPE,
+        "spec_version": SPEC_VERSION,
+        "version": version,
+        "expires": _format_time(expires_at),
+        "built_at": _format_time(now),
+        "build_id": build_id,
+        "identity": identity,
+        "targets": targets,
+        "info": info,
+    }
+    try:
+        envelope = sign_envelope(signed, key)
+        text = json.dumps(envelope, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    except (ValueError, TypeError) as exc:
+        raise fail(f"manifest identity or info is not JSON-representable: {exc}") from exc
+
+    write_public_key(cache_dir / SIGNER_PUB_NAME, key.public_key())
+    _atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"))
+    log.info(
+        "wrote %s: version %d, %d targets, build %s, keyid %s",
+        cache_dir / out_name,
+        version,
+        len(targets),
+        build_id[:12],
+        keyid(key.public_key()),
+    )
+    return envelope
+
+
+# -- reading and verifying ---------------------------------------------------
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in obj:
+            # Two parsers may keep different copies: refuse, never guess.
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def read_manifest(cache_dir: Path, *, name: str = MANIFEST_NAME) -> dict[str, Any]:
+    """The manifest envelope in ``cache_dir``, parsed but NOT verified.
+
+    Raises
+    ------
+    VerifyError
+        No manifest (``no published cache at <dir>``), or it is not a JSON
+        object (bad JSON, NaN/Infinity, duplicate keys).
+    """
+    path = Path(cache_dir) / name
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise VerifyError(f"no published cache at {cache_dir} (no {name})") from exc
+    except OSError as exc:
+        raise VerifyError(f"cannot read {path} ({exc.strerror or type(exc).__name__})") from exc
+    try:
+        envelope = json.loads(
+            raw.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates
+        )
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise VerifyError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(envelope, dict):
+        raise VerifyError(f"{path} is not a JSON object")
+    return envelope
+
+
+def _parse_time(value: object, field: str) -> datetime:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise VerifyError(f"manifest field {field!r} is not a UTC time like 2030-01-01T00:00:00Z") from None
+
+
+def _check_target(cache_dir: Path, root_real: str, rel: str, meta: object) -> None:
+    if _relpath_problem(rel) is not None or rel in _RESERVED:
+        raise VerifyError(f"manifest target {rel!r} {_relpath_problem(rel) or 'is reserved'}")
+    if (
+        not isinstance(meta, dict)
+        or isinstance(meta.get("length"), bool)
+        or not isinstance(meta.get("length"), int)
+        or meta["length"] < 0
+        or not isinstance(meta.get("hashes"), dict)
+        or not isinstance(meta["hashes"].get("sha256"), str)
+        or not _HEX64.fullmatch(meta["hashes"]["sha256"])
+    ):
+        raise VerifyError(f"{rel}: malformed target entry in the manifest")
+    want_len, want_hash = meta["length"], meta["hashes"]["sha256"]
+    path = cache_dir / rel
+    if _escapes(root_real, path):
+        raise VerifyError(f"{rel}: resolves outside the cache directory (symlink)")
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise VerifyError(f"{rel}: missing (manifest lists {want_len} bytes)") from None
+    except OSError as exc:
+        raise VerifyError(f"{rel}: cannot be read ({exc.strerror})") from exc
+    if not path.is_file():
+        raise VerifyError(f"{rel}: not a regular file")
+    if st.st_size != want_len:
+        raise VerifyError(
+            f"{rel}: length mismatch (manifest {want_len} bytes, file {st.st_size} bytes)"
+        )
+    got_hash, got_len = sha256_file(path)
+    if got_len != want_len:
+        raise VerifyError(f"{rel}: length mismatch (manifest {want_len} bytes, file {got_len} bytes)")
+    if got_hash != want_hash:
+        raise VerifyError(
+            f"{rel}: sha256 mismatch (manifest {want_hash[:12]}…, file {got_hash[:12]}…)"
+        )
+
+
+def verify_cache(
+    cache_dir: Path,
+    trusted: Sequence[Ed25519PublicKey],
+    *,
+    now: datetime | None = None,
+    min_version: int | None = None,
+    name: str = MANIFEST_NAME,
+) -> dict[str, Any]:
+    """Verify the published cache in ``cache_dir``; return the signed manifest.
+
+    Checks, in order: the manifest parses; a trusted key signed it; its
+    ``_type`` and ``spec_version``; it has not expired; its version is not
+    below ``min_version``; then every target, in sorted order, is inside
+    the directory, present, of the listed length and SHA-256.
+
+    Parameters
+    ----------
+    cache_dir
+        The cache directory.
+    trusted
+        The operator's public keys.
+    now
+        The time to check expiry against (timezone-aware); default now.
+    min_version
+        Refuse a manifest older than this (replay protection).
+    name
+        File name of the manifest.
+
+    Returns
+    -------
+    dict
+        The verified ``signed`` part.
+
+    Raises
+    ------
+    VerifyError
+        The first problem found, precisely: e.g. ``tiles.mbtiles: sha256
+        mismatch (manifest 3f2a…, file 9b1c…)``.
+    UsageError
+        ``trusted`` is empty or ``now`` is naive.
+    """
+    cache_dir = Path(cache_dir)
+    if now is None:
+        now = datetime.now(timezone.utc)
+    elif now.tzinfo is None:
+        raise UsageError("verify_cache: `now` must be timezone-aware")
+    envelope = read_manifest(cache_dir, name=name)
+    signed = verify_envelope(envelope, trusted)
+
+    if signed.get("_type") != MANIFEST_TYPE:
+        raise VerifyError(f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})")
+    spec = signed.get("spec_version")
+    if spec != SPEC_VERSION or isinstance(spec, bool):
+        raise VerifyError(
+            f"{name} has spec_version {spec!r}; this cachebuild reads {SPEC_VERSION}",
+            remedy="rebuild the cache with this cachebuild, or verify with a matching one",
+        )
+    expires = _parse_time(signed.get("expires"), "expires")
+    if now >= expires:
+        raise VerifyError(
+            f"manifest expired at {signed['expires']} (now {_format_time(now)})",
+            remedy="rebuild and re-sign the cache with `doit build-cache`",
+        )
+    version = signed.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise VerifyError(f"{name} has an invalid version {version!r}")
+    if min_version is not None and version < min_version:
+        raise VerifyError(
+            f"manifest version {version} is older than the minimum {min_version} (replayed cache?)"
+        )
+    targets = signed.get("targets")
+    if not isinstance(targets, dict):
+        raise VerifyError(f"{name} has no 'targets' object")
+
+    root_real = os.path.realpath(cache_dir)
+    for rel in sorted(targets):
+        _check_target(cache_dir, root_real, rel, targets[rel])
+    return signed

@@ -1,0 +1,181 @@
+"""The resolved inputs of one build: settings, flight, area and the values
+each artifact depends on.
+
+Resolving happens before the lock is taken, so a mistyped flight never
+blocks anyone.  Everything here is cheap: the warm no-op resolves a plan,
+so no numpy, onnxruntime or cryptography on this path (the signing key's id
+is cached against the key file's stat).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Settings
+from .errors import UsageError
+
+__all__ = [
+    "BuildPlan",
+    "resolve_plan",
+    "provider_key",
+    "engine_environment",
+    "cached_keyid",
+    "resolve_flight",
+]
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """A build's inputs, resolved.  ``flight`` is None only for listing tasks."""
+
+    settings: Settings
+    flight: Any  # cachebuild.flight.Flight | None
+    record: dict[str, Any] | None
+    bbox: tuple[float, float, float, float] | None
+    provider_key: str
+    model_path: Path
+    builtin_model: bool
+    key_path: Path
+    keyid: str | None
+    engine_env: dict[str, str]
+
+    @property
+    def paths(self):  # type: ignore[no-untyped-def]
+        return self.settings.paths
+
+
+def resolve_flight(settings: Settings) -> Any:
+    """The flight named by ``FLIGHT`` (a file path), parsed and validated."""
+    from .flight import load_flight_file
+
+    if not settings.flight:
+        raise UsageError(
+            "FLIGHT is not set",
+            remedy="name a flight plan file: doit build-cache FLIGHT=examples/flights/demo.json",
+        )
+    return load_flight_file(settings.flight)
+
+
+def provider_key(spec: str) -> str:
+    """A cheap, secret-free identity of the provider, used as a dependency.
+
+    An MBTiles file is identified by its absolute path, size and mtime, so
+    replacing the file re-runs the tiles phase without hashing it on every
+    no-op.  URL templates are keys as written (the API key is a ``{key}``
+    placeholder, never its value).
+    """
+    if spec.endswith(".mbtiles") and "://" not in spec:
+        p = Path(spec).expanduser().absolute()
+        try:
+            st = p.stat()
+        except OSError:
+            raise UsageError(f"PROVIDER={spec}: no such MBTiles file") from None
+        return f"mbtiles:{p}:{st.st_size}:{st.st_mtime_ns}"
+    return spec
+
+
+def engine_environment(backend: str) -> dict[str, str]:
+    """Backend name, version and device, read without importing the backend."""
+    from importlib import metadata
+
+    dist = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}.get(backend, backend)
+    try:
+        version = metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        version = "missing"
+    from .engine import cpu_device
+
+    return {"backend": backend, "version": version, "device": cpu_device()}
+
+
+def cached_keyid(key_path: Path, cache_file: Path) -> str:
+    """The signing key's id (sha256 of its public key), cached by the key file's stat.
+
+    Only the public id is cached, never key material.
+    """
+    st = key_path.stat()
+    stamp = {"path": str(key_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    try:
+        cached = json.loads(cache_file.read_text())
+        if cached.get("stamp") == stamp:
+            return str(cached["keyid"])
+    except (OSError, ValueError, KeyError):
+        pass
+    from .signing import keyid, load_private_key
+
+    kid = keyid(load_private_key(key_path).public_key())
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid}))
+    os.replace(tmp, cache_file)
+    return kid
+
+
+def _signing_key(settings: Settings, warn: Any) -> Path:
+    if settings.key is not None:
+        return settings.key
+    path = settings.dev_key
+    if not path.exists():
+        from .signing import ensure_dev_key
+
+        _, created = ensure_dev_key(path)
+        if created:
+            warn(
+                f"no KEY given: made a development signing key at {path} (mode 0600); "
+                "set KEY=<your Ed25519 key> for caches that fly"
+            )
+    else:
+        warn(f"no KEY given: signing with the development key at {path}")
+    return path
+
+
+def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = None) -> BuildPlan:
+    """Resolve the flight and every value the build depends on.
+
+    With ``with_flight=False`` (``doit list``) nothing is read or created.
+    """
+    warn = warn or (lambda msg: None)
+    flight = record = bbox = None
+    if with_flight:
+        from .flight import flight_area, flight_record
+
+        flight = resolve_flight(settings)
+        record = flight_record(flight)
+        bbox = tuple(flight_area(flight, settings.buffer_m))
+    if settings.model is not None:
+        model_path, builtin = settings.model, False
+    else:
+        from .model import DEFAULT_MODEL_VERSION
+
+        model_path = settings.paths.build / "model" / f"{DEFAULT_MODEL_VERSION}.onnx"
+        builtin = True
+    keyid = None
+    key_path = settings.key or settings.dev_key
+    if with_flight:
+        key_path = _signing_key(settings, warn)
+        try:
+            keyid = cached_keyid(key_path, settings.paths.state / "keyid.json")
+        except OSError as exc:
+            raise UsageError(f"KEY={key_path}: cannot read the key ({exc.strerror})") from None
+    return BuildPlan(
+        settings=settings,
+        flight=flight,
+        record=record,
+        bbox=bbox,  # type: ignore[arg-type]
+        provider_key=provider_key(settings.provider) if with_flight else settings.provider,
+        model_path=model_path,
+        builtin_model=builtin,
+        key_path=key_path,
+        keyid=keyid,
+        engine_env=engine_environment(settings.backend),
+    )
+
+
+def digest(obj: Any) -> str:
+    """Short hex digest of a JSON-able value (for logs, not security)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

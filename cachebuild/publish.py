@@ -1,0 +1,129 @@
+"""Atomic publish: the new cache replaces the old one in one rename.
+
+The published cache is ``<cache_dir>/current``, a symlink to a complete
+release directory ``releases/<build_id>-v<version>``.  A release is
+assembled under a temporary name (hard links to the staged artifacts, which
+every phase writes by rename and never in place; a copy where links are not
+possible), renamed into place, and only then does ``current`` move: a
+``current.tmp`` symlink renamed over ``current``.  A crash at any instant
+leaves ``current`` pointing at the old release or the new one, never at a
+mix.  Leftovers of a crash are removed by :func:`clean_leftovers` on the next
+run.  The previous release is kept, so a reader that resolved ``current``
+just before a publish still finds its files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from .config import Paths
+
+__all__ = ["publish", "published_manifest_bytes", "clean_leftovers", "current_release"]
+
+KEEP_RELEASES = 2
+
+
+def current_release(paths: Paths) -> Path | None:
+    """The release directory ``current`` points at, or None before the first publish."""
+    try:
+        target = os.readlink(paths.current)
+    except OSError:
+        return None
+    release = (paths.cache_dir / target).resolve()
+    return release if release.is_dir() else None
+
+
+def published_manifest_bytes(paths: Paths) -> bytes | None:
+    release = current_release(paths)
+    if release is None:
+        return None
+    try:
+        return (release / "manifest.json").read_bytes()
+    except OSError:
+        return None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def publish(paths: Paths, files: list[str]) -> Path:
+    """Publish the staged ``files`` (relative to ``paths.build``) as the new cache.
+
+    Returns the new release directory.
+    """
+    manifest = json.loads((paths.build / "manifest.json").read_text())
+    signed = manifest["signed"]
+    name = f"{signed['build_id'][:16]}-v{signed['version']}"
+    paths.releases.mkdir(parents=True, exist_ok=True)
+    final = paths.releases / name
+    if not final.is_dir():
+        tmp = paths.releases / f".tmp-{name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        for rel in files:
+            _link_or_copy(paths.build / rel, tmp / rel)
+        for sub in sorted({p for p in tmp.rglob("*")}, reverse=True):
+            if sub.is_file():
+                with open(sub, "rb") as fh:
+                    os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        _fsync_dir(paths.releases)
+    link_tmp = paths.cache_dir / f".current.tmp-{os.getpid()}"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(os.path.join("releases", name), link_tmp)
+    os.replace(link_tmp, paths.current)
+    _fsync_dir(paths.cache_dir)
+    _prune(paths, keep={name})
+    return final
+
+
+def _prune(paths: Paths, keep: set[str]) -> None:
+    """Keep the current release and the newest KEEP_RELEASES - 1 others; remove the rest."""
+    others = [
+        p
+        for p in paths.releases.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and p.name not in keep
+    ]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[KEEP_RELEASES - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_leftovers(paths: Paths) -> list[str]:
+    """Remove what a killed run left behind; returns what was removed."""
+    removed: list[str] = []
+    if paths.cache_dir.is_dir():
+        for entry in paths.cache_dir.iterdir():
+            if entry.name.startswith(".current.tmp-"):
+                entry.unlink(missing_ok=True)
+                removed.append(str(entry))
+    if paths.releases.is_dir():
+        for entry in paths.releases.iterdir():
+            if entry.name.startswith(".tmp-"):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(str(entry))
+    if paths.build.is_dir():
+        for entry in paths.build.rglob(".*.tmp-*"):
+            try:
+                entry.unlink()
+                removed.append(str(entry))
+            except OSError:
+                pass
+    return removed

@@ -1,0 +1,123 @@
+"""The run report: outcome, exit code, phase timings and counts.
+
+With ``REPORT=json`` the last line of stdout is one JSON object (the
+contract in docs/report.md); otherwise a short human summary.  Every
+message passes through :func:`redact` first, so a secret that slipped into
+an exception from a third-party library is still never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+__all__ = ["Report", "redact", "SECRET_ENV_VARS"]
+
+#: Environment variables whose values are secrets.
+SECRET_ENV_VARS = ("CACHEBUILD_API_KEY", "FLIGHTS_API_TOKEN", "KEY_PASSPHRASE")
+
+
+def redact(text: str, env: Mapping[str, str] | None = None) -> str:
+    """Replace the value of every secret variable in ``text`` with ``***``.
+
+    >>> redact("GET /t?key=s3cr3t", {"CACHEBUILD_API_KEY": "s3cr3t"})
+    'GET /t?key=***'
+    """
+    env = os.environ if env is None else env
+    for name in SECRET_ENV_VARS:
+        value = env.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+@dataclass
+class Report:
+    """What one command did; filled in as the run goes."""
+
+    command: str
+    outcome: str = "failure"
+    exit_code: int = 1
+    failure_phase: str | None = None
+    error: str | None = None
+    remedy: str | None = None
+    build_id: str | None = None
+    manifest_path: str | None = None
+    manifest_version: int | None = None
+    flight_id: str | None = None
+    tiles: dict[str, int] = field(
+        default_factory=lambda: {"planned": 0, "fetched": 0, "reused": 0, "missing": 0}
+    )
+    tasks: dict[str, list[str]] = field(default_factory=lambda: {"run": [], "up_to_date": []})
+    phases: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.monotonic, repr=False)
+
+    def timed(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 4)
+
+    def fail(self, exc: Any) -> None:
+        """Record a :class:`~cachebuild.errors.CacheBuildError` as the outcome."""
+        self.outcome = "failure"
+        self.exit_code = exc.exit_code
+        self.failure_phase = exc.phase
+        self.error = redact(exc.message)
+        self.remedy = exc.remedy or None
+
+    def to_dict(self) -> dict[str, Any]:
+        self.phases["total"] = round(time.monotonic() - self._t0, 4)
+        d = {
+            "command": self.command,
+            "outcome": self.outcome,
+            "exit_code": self.exit_code,
+            "failure_phase": self.failure_phase,
+            "error": self.error,
+            "remedy": self.remedy,
+            "build_id": self.build_id,
+            "manifest_path": self.manifest_path,
+            "manifest_version": self.manifest_version,
+            "flight_id": self.flight_id,
+            "tiles": self.tiles,
+            "tasks": self.tasks,
+            "phases": self.phases,
+            "warnings": [redact(w) for w in self.warnings],
+        }
+        d.update(self.extra)
+        return d
+
+    def emit(self, fmt: str, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> None:
+        """Print the report: JSON as the last stdout line, or a human summary."""
+        d = self.to_dict()
+        if self.error:
+            err.write(f"ERROR [{self.failure_phase}, exit {self.exit_code}]: {self.error}\n")
+            if self.remedy:
+                err.write(f"  remedy: {self.remedy}\n")
+        if fmt == "json":
+            out.write(json.dumps(d, sort_keys=True) + "\n")
+            out.flush()
+            return
+        if self.outcome == "failure":
+            return
+        t = self.tiles
+        lines = [
+            f"{self.command}: {self.outcome.replace('_', ' ')} in {d['phases']['total']:.2f} s",
+        ]
+        if self.build_id:
+            lines.append(f"  build    {self.build_id[:16]}  (manifest v{self.manifest_version})")
+        if self.manifest_path:
+            lines.append(f"  manifest {self.manifest_path}")
+        if self.command == "build-cache":
+            lines.append(
+                f"  tiles    {t['planned']} planned, {t['fetched']} fetched, "
+                f"{t['reused']} reused, {t['missing']} missing"
+            )
+            ran = ", ".join(self.tasks["run"]) or "nothing (all up to date)"
+            lines.append(f"  ran      {ran}")
+        out.write("\n".join(lines) + "\n")
+        out.flush()

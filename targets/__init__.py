@@ -1,0 +1,29 @@
+"""doit task creators, one module per artifact: wiring only.
+
+Each module's ``task(plan)`` returns a doit task dict (or None when the
+artifact is not built in this configuration): what the task depends on,
+what it produces, and which :mod:`cachebuild.actions` function it calls.
+No behaviour lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import descriptors, engine, flight, index, manifest, mbtiles, model, tiles
+
+__all__ = ["TASK_MODULES", "task_dicts", "FINAL_TASK"]
+
+#: In build order (doit orders by dependencies; this order is for `doit list`).
+TASK_MODULES = (flight, tiles, mbtiles, model, engine, descriptors, index, manifest)
+FINAL_TASK = "manifest"
+
+
+def task_dicts(plan: Any) -> list[dict[str, Any]]:
+    """Every task of a build for ``plan`` (a :class:`cachebuild.plan.BuildPlan`)."""
+    out = []
+    for mod in TASK_MODULES:
+        d = mod.task(plan)
+        if d is not None:
+            out.append(d)
+    return out

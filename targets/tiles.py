@@ -1,0 +1,54 @@
+"""The tile set: which tiles cover the area, fetched into the shared store."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from doit.tools import config_changed
+
+from cachebuild import actions
+
+
+def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
+    def check() -> bool:
+        if not retry_missing:
+            return True
+        from cachebuild.tileset import read_summary
+        from pathlib import Path
+
+        try:
+            return read_summary(Path(summary_path).parent)["missing"] == 0
+        except (OSError, ValueError, KeyError):
+            return False
+
+    return check
+
+
+def task(plan: Any) -> dict[str, Any]:
+    build = plan.paths.build
+    s = plan.settings
+    value = {"bbox": plan.bbox, "zooms": list(s.zooms), "provider": plan.provider_key}
+    return {
+        "name": "tiles",
+        "doc": "fetch the tiles covering the area into the store (tiles.npy, tileset.json)",
+        "actions": [
+            (
+                actions.phase_action("tiles", actions.fetch),
+                [],
+                {
+                    "bbox": list(plan.bbox) if plan.bbox else None,
+                    "zooms": list(s.zooms),
+                    "provider": s.provider,
+                    "store": str(s.store),
+                    "out_dir": str(build),
+                    "concurrency": s.concurrency,
+                },
+            )
+        ],
+        "targets": [str(build / n) for n in ("tiles.npy", "missing.npy", "tileset.json")],
+        "uptodate": [
+            config_changed(value),
+            _no_retry_needed(str(build / "tileset.json"), s.retry_missing),
+        ],
+        "clean": True,
+    }

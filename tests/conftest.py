@@ -1,0 +1,161 @@
+"""Fixtures shared by the integration tests: real doit processes, a real
+HTTP tile server on 127.0.0.1, throwaway homes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class CbResult:
+    code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def report(self) -> dict[str, Any]:
+        lines = [ln for ln in self.stdout.splitlines() if ln.strip()]
+        assert lines, f"no report on stdout; stderr:\n{self.stderr}"
+        return json.loads(lines[-1])
+
+
+@dataclass
+class Cb:
+    """Runs `doit <command> NAME=value ...` as a real process in its own home."""
+
+    home: Path
+    cwd: Path = REPO
+    env_extra: dict[str, str] = field(default_factory=dict)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEBUILD_")}
+        env["CACHEBUILD_HOME"] = str(self.home)
+        env.update(self.env_extra)
+        env.update(extra)
+        return env
+
+    def popen(self, command: str, *args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "doit", command, *args]
+        if not any(a.startswith("REPORT=") for a in args):
+            argv.append("REPORT=json")
+        return subprocess.Popen(
+            argv, cwd=self.cwd, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+        )
+
+    def run(self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CbResult:
+        p = self.popen(command, *args, env=env)
+        out, err = p.communicate(timeout=timeout)
+        return CbResult(p.returncode, out, err)
+
+    def build(self, *args: str, **kw: Any) -> CbResult:
+        return self.run("build-cache", *args, **kw)
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home / "cache"
+
+    @property
+    def current(self) -> Path:
+        return self.cache_dir / "current"
+
+
+@pytest.fixture
+def cb(tmp_path: Path) -> Cb:
+    home = tmp_path / "home"
+    home.mkdir()
+    return Cb(home=home)
+
+
+def write_flight(path: Path, *, lat: float = 47.3700, lon: float = 8.5400, flight_id: str | None = None,
+                 origin: tuple[float, float] | None = None, waypoints: list[tuple[float, float]] | None = None) -> Path:
+    """A small flight: by default one short leg (about 16 tiles at z17 with BUFFER_M=200)."""
+    wps = waypoints or [(lat, lon), (lat + 0.001, lon + 0.001)]
+    doc: dict[str, Any] = {
+        "waypoints": [{"lat": a, "lon": b, "alt_m": 120.0} for a, b in wps],
+    }
+    if flight_id is not None:
+        doc["flight_id"] = flight_id
+    doc["takeoff_origin"] = None if origin is None else {"lat": origin[0], "lon": origin[1], "alt_m": 400.0}
+    path.write_text(json.dumps(doc))
+    return path
+
+
+class TileServer:
+    """A real XYZ tile server on 127.0.0.1 serving synthetic imagery.
+
+    ``missing`` tiles answer 404; ``key`` (if set) must be given as ?key=;
+    ``requests`` counts what was asked.
+    """
+
+    def __init__(self) -> None:
+        self.missing: set[tuple[int, int, int]] = set()
+        self.key: str | None = None
+        self.requests: list[str] = []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                from urllib.parse import parse_qs, urlparse
+
+                from cachebuild.synthetic import synthetic_tile_bytes
+                from cachebuild.tiles import Tile
+
+                url = urlparse(self.path)
+                with server.lock:
+                    server.requests.append(url.path)
+                if server.key is not None and parse_qs(url.query).get("key") != [server.key]:
+                    self.send_response(403)
+                    self.end_headers()
+                    return
+                try:
+                    z, x, y = (int(p) for p in url.path.strip("/").removesuffix(".jpg").split("/")[-3:])
+                except ValueError:
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                if (z, x, y) in server.missing:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                body = synthetic_tile_bytes(Tile(x, y, z))
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def template(self, suffix: str = "") -> str:
+        return f"http://127.0.0.1:{self.port}/tiles/{{z}}/{{x}}/{{y}}.jpg{suffix}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def tile_server() -> Iterator[TileServer]:
+    srv = TileServer()
+    yield srv
+    srv.close()

@@ -1,0 +1,383 @@
+"""Tests for cachebuild.describe: one descriptor per tile, decoding overlapped."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cachebuild import describe
+from cachebuild.describe import (
+    DESCRIPTOR_IDS_FILE,
+    DESCRIPTORS_FILE,
+    decode_tile,
+    default_decode_threads,
+    describe_tiles,
+    tile_zxy,
+)
+from cachebuild.engine import compile_engine, load_engine
+from cachebuild.errors import BuildError, UsageError
+from cachebuild.index import build_index, search
+from cachebuild.model import write_default_model
+from cachebuild.store import TileStore
+from cachebuild.tiles import Tile
+from cachebuild.tiles import tile_id as tiles_tile_id
+from cachebuild.tileset import TILES_FILE, tile_dtype, write_tileset
+
+Z = 17
+
+
+def tile_id(z: int, x: int, y: int) -> int:
+    return (z << 58) | (x << 29) | y
+
+
+def tile_image(seed: int, size: int = 256) -> np.ndarray:
+    """Blocky colour noise with some fine grain: distinct, JPEG-friendly tiles."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    img = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC)).astype(np.int16)
+    img = img + rng.integers(-12, 13, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", mode: str | None = None) -> bytes:
+    im = Image.fromarray(rgb)
+    if mode is not None:
+        im = im.convert(mode)
+    buf = io.BytesIO()
+    im.save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def make_tileset(root: Path, images: dict[tuple[int, int, int], bytes], store_root: Path) -> Path:
+    """Put ``images`` in the store and write a tile set listing them."""
+    store = TileStore(store_root)
+    rows = [(tile_id(*zxy), bytes.fromhex(store.put(data))) for zxy, data in images.items()]
+    tileset_dir = root / "tileset"
+    write_tileset(tileset_dir, np.array(rows, dtype=tile_dtype()), np.zeros(0, np.int64), {})
+    store.close()
+    return tileset_dir
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("engine")
+    model = write_default_model(root / "model.onnx")
+    out = root / "engine"
+    compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiles_images() -> dict[tuple[int, int, int], np.ndarray]:
+    # listed out of id order on purpose; x and y large enough to use many bits
+    coords = [(Z, 70000 + dx, 42000 + dy) for dx in (3, 0, 2, 1) for dy in (2, 0, 1)]
+    return {zxy: tile_image(i) for i, zxy in enumerate(coords)}
+
+
+@pytest.fixture(scope="module")
+def world(
+    tmp_path_factory: pytest.TempPathFactory, tiles_images: dict[tuple[int, int, int], np.ndarray]
+) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("world")
+    images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
+    return make_tileset(root, images, root / "store"), root / "store"
+
+
+@pytest.fixture(scope="module")
+def described(
+    world: tuple[Path, Path], engine_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict]:
+    tileset_dir, store_root = world
+    out = tmp_path_factory.mktemp("described")
+    result = describe_tiles(
+        tileset_dir=tileset_dir,
+        store_root=store_root,
+        engine_dir=engine_dir,
+        out_dir=out,
+        batch_size=4,
+        threads=2,
+        progress=False,
+        decode_threads=2,
+    )
+    return out, result
+
+
+def run(world: tuple[Path, Path], engine_dir: Path, out: Path, **kw: object) -> dict:
+    return describe_tiles(
+        tileset_dir=world[0],
+        store_root=world[1],
+        engine_dir=engine_dir,
+        out_dir=out,
+        progress=False,
+        **kw,
+    )
+
+
+@pytest.mark.parametrize(
+    "z, x, y", [(0, 0, 0), (17, 70000, 42000), (28, 2**28 - 1, 2**28 - 1), (19, 1, 5)]
+)
+def test_tile_zxy_agrees_with_the_tiles_module(z: int, x: int, y: int) -> None:
+    t = Tile(x, y, z)
+    assert tile_zxy(tiles_tile_id(t)) == (z, x, y)
+    assert tile_id(z, x, y) == tiles_tile_id(t)
+
+
+def test_default_decode_threads() -> None:
+    assert default_decode_threads(1) == 1
+    assert default_decode_threads(2) == 1
+    assert default_decode_threads(16) == 8
+
+
+def test_shapes_norms_ids(described: tuple[Path, dict], tiles_images: dict) -> None:
+    out, result = described
+    d = np.load(out / DESCRIPTORS_FILE)
+    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    n = len(tiles_images)
+    assert d.shape == (n, 256) and d.dtype == np.float32
+    assert ids.dtype == np.int64
+    assert ids.tolist() == sorted(tile_id(*zxy) for zxy in tiles_images)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+    assert result["tiles"] == n and result["dim"] == 256
+    assert result["seconds"] > 0 and result["tiles_per_s"] == pytest.approx(n / result["seconds"])
+    assert sorted(p.name for p in out.iterdir()) == [DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE]
+
+
+def test_row_i_describes_tile_i(
+    described: tuple[Path, dict], world: tuple[Path, Path], engine_dir: Path
+) -> None:
+    out, _ = described
+    d = np.load(out / DESCRIPTORS_FILE)
+    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    tiles = np.load(world[0] / TILES_FILE)
+    store = TileStore(world[1])
+    runner = load_engine(engine_dir, threads=1)
+    for i in (0, 5, len(ids) - 1):
+        assert tiles["id"][i] == ids[i]
+        digest = (
+            np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)[i].tobytes().hex()
+        )
+        rgb = decode_tile(store.path(digest), (256, 256))
+        x = (rgb.astype(np.float32) / 255 - 0.5).transpose(2, 0, 1)[None]
+        np.testing.assert_allclose(d[i], runner.run(np.ascontiguousarray(x))[0], atol=1e-5)
+    # and rows are distinct tiles, not one tile repeated
+    assert np.max((d @ d.T)[~np.eye(len(d), dtype=bool)]) < 0.95
+
+
+def test_each_tile_matches_itself_through_the_index(
+    described: tuple[Path, dict], tmp_path: Path
+) -> None:
+    out, _ = described
+    info = build_index(descriptors_dir=out, out_path=tmp_path / "index.faiss")
+    d = np.load(out / DESCRIPTORS_FILE)
+    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    assert info["ntotal"] == len(ids)
+    scores, found = search(tmp_path / "index.faiss", d, 2)
+    assert found[:, 0].tolist() == ids.tolist()
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert np.all(scores[:, 1] < scores[:, 0] - 0.05)
+
+
+def test_overlapped_pipeline_equals_one_at_a_time(
+    described: tuple[Path, dict], world: tuple[Path, Path], engine_dir: Path, tmp_path: Path
+) -> None:
+    run(world, engine_dir, tmp_path, batch_size=1, threads=1, decode_threads=1)
+    one = np.load(tmp_path / DESCRIPTORS_FILE)
+    overlapped = np.load(described[0] / DESCRIPTORS_FILE)
+    np.testing.assert_allclose(overlapped, one, atol=1e-5)
+    # a batch that does not divide the tile count, more decoders than batches
+    run(world, engine_dir, tmp_path, batch_size=5, decode_threads=4)
+    np.testing.assert_allclose(np.load(tmp_path / DESCRIPTORS_FILE), one, atol=1e-5)
+
+
+def test_corrupt_tile_names_zxy_and_path(tmp_path: Path, engine_dir: Path) -> None:
+    good = {(Z, 10 + i, 20): encode(tile_image(i)) for i in range(6)}
+    jpeg = encode(tile_image(99))
+    images = {**good, (Z, 12345, 54321): jpeg[: len(jpeg) // 3]}  # truncated JPEG
+    tileset_dir = make_tileset(tmp_path, images, tmp_path / "store")
+    digest = TileStore(tmp_path / "store").put(jpeg[: len(jpeg) // 3])
+    with pytest.raises(BuildError) as err:
+        describe_tiles(
+            tileset_dir=tileset_dir,
+            store_root=tmp_path / "store",
+            engine_dir=engine_dir,
+            out_dir=tmp_path / "out",
+            batch_size=2,
+            progress=False,
+        )
+    message = str(err.value)
+    assert err.value.phase == "describe"
+    assert f"z={Z} x=12345 y=54321" in message
+    assert str(TileStore(tmp_path / "store").path(digest)) in message
+    assert not (tmp_path / "out" / DESCRIPTOR_IDS_FILE).exists()
+
+
+def test_missing_store_object_is_named(tmp_path: Path, engine_dir: Path) -> None:
+    digest = "ab" * 32
+    tiles = np.array([(tile_id(Z, 7, 8), bytes.fromhex(digest))], dtype=tile_dtype())
+    write_tileset(tmp_path / "ts", tiles, np.zeros(0, np.int64), {})
+    with pytest.raises(BuildError, match=f"z={Z} x=7 y=8.*{digest}"):
+        describe_tiles(
+            tileset_dir=tmp_path / "ts",
+            store_root=tmp_path / "store",
+            engine_dir=engine_dir,
+            out_dir=tmp_path / "out",
+            progress=False,
+        )
+
+
+def test_zero_tiles(tmp_path: Path, engine_dir: Path) -> None:
+    write_tileset(tmp_path / "ts", np.zeros(0, tile_dtype()), np.zeros(0, np.int64), {})
+    result = describe_tiles(
+        tileset_dir=tmp_path / "ts",
+        store_root=tmp_path / "store",
+        engine_dir=engine_dir,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert result["tiles"] == 0 and result["dim"] == 256
+    d = np.load(tmp_path / "out" / DESCRIPTORS_FILE)
+    ids = np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE)
+    assert d.shape == (0, 256) and d.dtype == np.float32
+    assert ids.shape == (0,) and ids.dtype == np.int64
+
+
+def test_digest_ending_in_a_zero_byte(tmp_path: Path, engine_dir: Path) -> None:
+    """numpy drops trailing NUL bytes of S32 items; the store path must not."""
+    digest = "cd" * 31 + "00"
+    store = TileStore(tmp_path / "store")
+    store.path(digest).parent.mkdir(parents=True, exist_ok=True)
+    store.path(digest).write_bytes(encode(tile_image(5)))
+    tiles = np.array([(tile_id(Z, 1, 1), bytes.fromhex(digest))], dtype=tile_dtype())
+    write_tileset(tmp_path / "ts", tiles, np.zeros(0, np.int64), {})
+    result = describe_tiles(
+        tileset_dir=tmp_path / "ts",
+        store_root=tmp_path / "store",
+        engine_dir=engine_dir,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    assert result["tiles"] == 1
+
+
+def test_unsorted_tiles_file_is_described_in_id_order(
+    tmp_path: Path, world: tuple[Path, Path], engine_dir: Path, described: tuple[Path, dict]
+) -> None:
+    tiles = np.load(world[0] / TILES_FILE)
+    (tmp_path / "ts").mkdir()
+    np.save(tmp_path / "ts" / TILES_FILE, tiles[::-1])
+    run((tmp_path / "ts", world[1]), engine_dir, tmp_path / "out")
+    assert np.array_equal(np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE), tiles["id"])
+    np.testing.assert_allclose(
+        np.load(tmp_path / "out" / DESCRIPTORS_FILE),
+        np.load(described[0] / DESCRIPTORS_FILE),
+        atol=1e-5,
+    )
+
+
+def test_duplicate_tile_ids_are_refused(
+    tmp_path: Path, world: tuple[Path, Path], engine_dir: Path
+) -> None:
+    tiles = np.load(world[0] / TILES_FILE)
+    (tmp_path / "ts").mkdir()
+    np.save(tmp_path / "ts" / TILES_FILE, np.concatenate([tiles[2:3], tiles]))
+    zxy = tile_zxy(int(tiles["id"][2]))
+    with pytest.raises(BuildError, match=f"z={zxy[0]} x={zxy[1]} y={zxy[2]} more than once"):
+        run((tmp_path / "ts", world[1]), engine_dir, tmp_path / "out")
+
+
+def test_missing_tileset(tmp_path: Path, engine_dir: Path) -> None:
+    with pytest.raises(BuildError, match="no tiles.npy"):
+        run((tmp_path, tmp_path / "store"), engine_dir, tmp_path / "out")
+
+
+def test_other_sizes_and_modes(tmp_path: Path, engine_dir: Path) -> None:
+    """512 px JPEG, 128 px PNG, grayscale JPEG and RGBA PNG are all described."""
+    big = tile_image(7, size=512)
+    small = np.asarray(Image.fromarray(big).resize((256, 256), Image.Resampling.BILINEAR))
+    images = {
+        (Z, 0, 0): encode(small),
+        (Z, 0, 1): encode(big),
+        (Z, 0, 2): encode(tile_image(8, size=128), "PNG"),
+        (Z, 0, 3): encode(tile_image(9), "JPEG", mode="L"),
+        (Z, 0, 4): encode(tile_image(10), "PNG", mode="RGBA"),
+    }
+    tileset_dir = make_tileset(tmp_path, images, tmp_path / "store")
+    result = run((tileset_dir, tmp_path / "store"), engine_dir, tmp_path / "out")
+    assert result["tiles"] == 5
+    d = np.load(tmp_path / "out" / DESCRIPTORS_FILE)
+    np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+    # the 512 px tile reduced by the decoder looks like the 256 px one
+    assert float(d[0] @ d[1]) > 0.9
+
+
+def test_decode_tile_modes(tmp_path: Path) -> None:
+    rgb = tile_image(3)
+    (tmp_path / "g.jpg").write_bytes(encode(rgb, "JPEG", mode="L"))
+    (tmp_path / "p.png").write_bytes(encode(rgb, "PNG"))
+    grey = decode_tile(tmp_path / "g.jpg", (256, 256))
+    assert grey.shape == (256, 256, 3) and grey.dtype == np.uint8
+    assert np.array_equal(grey[..., 0], grey[..., 2])
+    assert np.array_equal(decode_tile(tmp_path / "p.png", (256, 256)), rgb)
+    assert decode_tile(tmp_path / "p.png", (224, 200)).shape == (224, 200, 3)
+
+
+def test_outputs_are_replaced_atomically(
+    world: tuple[Path, Path], engine_dir: Path, tmp_path: Path
+) -> None:
+    (tmp_path / DESCRIPTORS_FILE).write_bytes(b"stale")
+    (tmp_path / DESCRIPTOR_IDS_FILE).write_bytes(b"stale")
+    run(world, engine_dir, tmp_path, batch_size=8)
+    assert (
+        np.load(tmp_path / DESCRIPTORS_FILE).shape[0]
+        == np.load(tmp_path / DESCRIPTOR_IDS_FILE).shape[0]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE]
+
+
+def test_bad_arguments(world: tuple[Path, Path], engine_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        run(world, engine_dir, tmp_path, batch_size=0)
+    with pytest.raises(UsageError):
+        run(world, engine_dir, tmp_path, decode_threads=0)
+
+
+def test_no_progress_output_when_disabled(
+    world: tuple[Path, Path], engine_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run(world, engine_dir, tmp_path)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_public_surface() -> None:
+    """``__all__`` lists exactly the public names the module defines."""
+    tree = ast.parse(inspect.getsource(describe))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+    public = {n for n in defined if not n.startswith("_")}
+    assert public == set(describe.__all__)
+    assert all(hasattr(describe, n) for n in describe.__all__)
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, cachebuild.describe; "
+        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -1,0 +1,379 @@
+"""Tests for cachebuild.fetch: the tiles phase, against a real HTTP server.
+
+The server (:class:`tests.test_providers.ScriptedTileServer`) counts requests
+server-side, so "nothing was fetched again" is checked where it happens.
+"""
+
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cachebuild import fetch as fetch_module
+from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
+from cachebuild.fetch import fetch_tiles, fetch_with_provider
+from cachebuild.providers import SyntheticProvider
+from cachebuild.store import TileStore, sha256_hex
+from cachebuild.synthetic import synthetic_tile_bytes
+from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
+from tests.test_providers import (  # noqa: F401  (server is a fixture)
+    KEY_FORMS,
+    Reply,
+    ScriptedTileServer,
+    fast_env,
+    full_text,
+    html,
+    server,
+)
+
+#: About a dozen z17 tiles in Zurich.
+AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
+PLANNED = list(tiles(AREA, [17]))
+REPO = Path(__file__).resolve().parent.parent
+
+
+def public_names(mod: types.ModuleType) -> set[str]:
+    return {
+        n
+        for n, v in vars(mod).items()
+        if not n.startswith("_")
+        and n != "TYPE_CHECKING"
+        and not isinstance(v, types.ModuleType)
+        and getattr(v, "__module__", mod.__name__) == mod.__name__
+    }
+
+
+def run(tmp: Path, spec: str, *, area: LngLatBbox = AREA, zooms: list[int] | None = None, **kw: Any) -> dict[str, Any]:
+    kw.setdefault("env", fast_env())
+    kw.setdefault("concurrency", 4)
+    kw.setdefault("progress", False)
+    return fetch_tiles(
+        bbox=area, zooms=zooms or [17], provider_spec=spec, store_root=tmp / "store", out_dir=tmp / "out", **kw
+    )
+
+
+def recorded(tmp: Path, identity: str) -> dict[tuple[int, int, int], str]:
+    with TileStore(tmp / "store") as store:
+        return store.lookup_refs(identity, [(t.z, t.x, t.y) for t in PLANNED])
+
+
+def assert_store_sound(root: Path) -> None:
+    """Every object is whole (its name is its hash); nothing half-written is left in tmp/."""
+    with TileStore(root) as store:
+        for obj in store.iter_objects():
+            assert sha256_hex(obj.read_bytes()) == obj.name
+        store.clean_tmp()
+        assert list(store.tmp.iterdir()) == []
+
+
+def test_all_is_complete() -> None:
+    assert set(fetch_module.__all__) == public_names(fetch_module)
+
+
+def test_planned_area_is_a_dozen_tiles() -> None:
+    assert 8 <= len(PLANNED) <= 20
+
+
+# ------------------------------------------------------------------ happy paths
+
+
+def test_synthetic_fetch_writes_the_tileset_and_reuses_it(tmp_path: Path) -> None:
+    first = run(tmp_path, "synthetic")
+    n = len(PLANNED)
+    assert first["planned"] == first["present"] == first["fetched"] == n
+    assert first["reused"] == first["missing"] == 0
+    assert first["provider"] == "synthetic:v1"
+    assert first["zooms"] == [17]
+    assert first["bbox"] == list(AREA)
+    assert first["missing_examples"] == []
+    assert read_summary(tmp_path / "out") == first
+
+    present = read_tiles(tmp_path / "out")
+    assert sorted(present["id"].tolist()) == sorted(tile_id(t) for t in PLANNED)
+    assert list(present["id"]) == sorted(present["id"])
+    with TileStore(tmp_path / "store") as store:
+        for tid, digest in zip(present["id"].tolist(), hex_digests(present)):
+            assert store.get(digest) == synthetic_tile_bytes(tile_from_id(tid))
+    assert len(read_missing(tmp_path / "out")) == 0
+
+    second = run(tmp_path, "synthetic")
+    assert (second["fetched"], second["reused"]) == (0, n)
+    assert second["aggregate_sha256"] == first["aggregate_sha256"]
+
+
+def test_http_fetch_then_refetch_makes_no_request(tmp_path: Path, server: ScriptedTileServer) -> None:
+    first = run(tmp_path, server.template())
+    assert first["fetched"] == len(PLANNED)
+    assert server.count() == len(PLANNED)
+    assert first["provider"] == "xyz:" + server.template()
+
+    second = run(tmp_path, server.template())
+    assert server.count() == len(PLANNED)  # not one more request
+    assert (second["fetched"], second["reused"]) == (0, len(PLANNED))
+    assert second["aggregate_sha256"] == first["aggregate_sha256"]
+
+
+def test_same_imagery_hashes_alike_whichever_provider(tmp_path: Path, server: ScriptedTileServer) -> None:
+    # the server serves the synthetic imagery: same tiles, same hashes
+    a = run(tmp_path / "a", "synthetic")
+    b = run(tmp_path / "b", server.template())
+    assert a["aggregate_sha256"] == b["aggregate_sha256"]
+
+
+def test_missing_tiles_are_listed(tmp_path: Path, server: ScriptedTileServer) -> None:
+    gone = sorted(PLANNED, key=tile_id)[1::4]
+    server.missing = set(gone)
+    s = run(tmp_path, server.template())
+    assert s["missing"] == len(gone)
+    assert s["present"] == s["fetched"] == len(PLANNED) - len(gone)
+    assert s["missing_examples"] == [f"{t.z}/{t.x}/{t.y}" for t in gone]
+    assert read_missing(tmp_path / "out").tolist() == [tile_id(t) for t in gone]
+
+    # the provider is asked again for the missing tiles only (RETRY_MISSING
+    # is decided before this phase runs)
+    before = server.count()
+    again = run(tmp_path, server.template())
+    assert server.count() - before == len(gone)
+    assert again["reused"] == len(PLANNED) - len(gone)
+    assert again["aggregate_sha256"] == s["aggregate_sha256"]
+
+
+def test_missing_examples_are_capped(tmp_path: Path, server: ScriptedTileServer) -> None:
+    server.missing = set(PLANNED)
+    s = run(tmp_path, server.template())
+    assert s["missing"] == len(PLANNED) and s["present"] == 0
+    ordered = sorted(PLANNED, key=tile_id)[: fetch_module.MISSING_EXAMPLES]
+    assert s["missing_examples"] == [f"{t.z}/{t.x}/{t.y}" for t in ordered]
+
+
+def test_server_errors_and_rate_limits_are_ridden_out(tmp_path: Path, server: ScriptedTileServer) -> None:
+    a, b = PLANNED[0], PLANNED[-1]
+    server.script(a, Reply(500), Reply(500))
+    server.script(b, Reply(429, b"", {"Retry-After": "0"}), html())
+    s = run(tmp_path, server.template())
+    assert s["fetched"] == len(PLANNED)
+    assert server.count(a) == 3
+    assert server.count(b) == 3
+
+
+def test_antimeridian_area(tmp_path: Path) -> None:
+    area = LngLatBbox(179.99, -17.01, -179.99, -17.0)
+    s = run(tmp_path, "synthetic", area=area, zooms=[12])
+    xs = {tile_from_id(i).x for i in read_tiles(tmp_path / "out")["id"].tolist()}
+    assert xs == {0, 4095}
+    assert s["planned"] == count_tiles(area, [12])
+
+
+def test_several_zooms(tmp_path: Path) -> None:
+    s = run(tmp_path, "synthetic", zooms=[17, 16, 17])
+    assert s["zooms"] == [16, 17]
+    assert s["planned"] == count_tiles(AREA, [16, 17])
+    zs = {tile_from_id(i).z for i in read_tiles(tmp_path / "out")["id"].tolist()}
+    assert zs == {16, 17}
+
+
+def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run(tmp_path, "synthetic", progress=True)
+    assert capsys.readouterr().err == ""
+
+
+# ------------------------------------------------------------------ failures
+
+
+def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(tmp_path: Path, server: ScriptedTileServer) -> None:
+    bad = PLANNED[2]
+    server.script(bad, html(), html(), html())
+    with pytest.raises(DownloadError) as info:
+        run(tmp_path, server.template())
+    err = info.value
+    assert err.exit_code == EXIT_DOWNLOAD == 20
+    assert "1 tile(s) could not be fetched" in str(err)
+    assert f"{bad.z}/{bad.x}/{bad.y}" in str(err)
+    assert "not an image" in str(err)
+    assert not (tmp_path / "out" / "tileset.json").exists()
+    assert len(recorded(tmp_path, "xyz:" + server.template())) == len(PLANNED) - 1
+
+    # fixed: only the broken tile is asked for
+    before = server.count()
+    s = run(tmp_path, server.template())
+    assert server.count() - before == 1
+    assert (s["fetched"], s["reused"]) == (1, len(PLANNED) - 1)
+
+
+def test_refused_key_stops_the_fetch_without_showing_it(tmp_path: Path, server: ScriptedTileServer) -> None:
+    server.key = "the-servers-real-key"
+    with pytest.raises(DownloadError) as info:
+        run(tmp_path, server.template(), concurrency=1)
+    assert "refused the credentials" in str(info.value)
+    for form in KEY_FORMS:
+        assert form not in full_text(info.value)
+    assert server.count() <= 3  # stopped at once, not once per tile
+
+
+def test_a_failing_provider_is_given_up_on(tmp_path: Path, server: ScriptedTileServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fetch_module, "MAX_FAILURES", 3)
+    area = LngLatBbox(8.50, 47.35, 8.56, 47.39)  # hundreds of tiles
+    with pytest.raises(DownloadError, match="stopped early") as info:
+        run(tmp_path, server.template(path="/bad/{z}/{x}/{y}.jpg"), area=area, concurrency=1)
+    assert "HTTP 400" in str(info.value)
+    assert server.count() < 10
+
+
+def test_unknown_placeholder_is_refused_before_any_request(tmp_path: Path, server: ScriptedTileServer) -> None:
+    with pytest.raises(UsageError, match=r"\{s\}"):
+        run(tmp_path, server.template(query="?key={key}&sub={s}"))
+    assert server.count() == 0
+    assert not (tmp_path / "out").exists()
+
+
+def test_concurrency_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="CONCURRENCY"):
+        run(tmp_path, "synthetic", concurrency=0)
+
+
+def test_provider_identities_do_not_share_refs(tmp_path: Path, server: ScriptedTileServer) -> None:
+    run(tmp_path, "synthetic")
+    s = run(tmp_path, server.template())
+    assert server.count() == len(PLANNED)  # nothing reused from synthetic:v1
+    assert (s["fetched"], s["reused"]) == (len(PLANNED), 0)
+    # ...though the objects are shared: same bytes, same hash, stored once
+    with TileStore(tmp_path / "store") as store:
+        assert len(list(store.iter_objects())) == len(PLANNED)
+    other = run(tmp_path, server.template(query="?key={key}&style=2"))
+    assert other["reused"] == 0
+    assert server.count() == 2 * len(PLANNED)
+
+
+def test_the_key_is_written_nowhere(tmp_path: Path, server: ScriptedTileServer) -> None:
+    server.script(PLANNED[0], html(), html(), html())
+    with pytest.raises(DownloadError):
+        run(tmp_path, server.template())
+    run(tmp_path, server.template())
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "refs.sqlite" for p in files)
+    for p in files:
+        data = p.read_bytes()
+        for form in KEY_FORMS:
+            assert form.encode() not in data, p
+
+
+# ------------------------------------------------------------------ interruption
+
+
+class InterruptAfter:
+    """Serves synthetic tiles; the call after ``n`` raises KeyboardInterrupt (as Ctrl-C would)."""
+
+    def __init__(self, n: int):
+        self.inner = SyntheticProvider()
+        self.identity = self.inner.identity
+        self.concurrency = 2
+        self.n = n
+        self.calls = 0
+        self.served: set[Tile] = set()
+        self.lock = threading.Lock()
+
+    def fetch(self, tile: Tile) -> bytes | None:
+        with self.lock:
+            self.calls += 1
+            if self.calls > self.n:
+                raise KeyboardInterrupt
+        data = self.inner.fetch(tile)
+        with self.lock:
+            self.served.add(tile)
+        return data
+
+    def close(self) -> None:
+        pass
+
+
+def test_an_interrupted_fetch_keeps_what_it_fetched(tmp_path: Path) -> None:
+    provider = InterruptAfter(5)
+    with pytest.raises(KeyboardInterrupt):
+        fetch_with_provider(provider, bbox=AREA, zooms=[17], store_root=tmp_path / "store",
+                            out_dir=tmp_path / "out", concurrency=2, progress=False)
+    kept = recorded(tmp_path, "synthetic:v1")
+    assert {Tile(x, y, z) for z, x, y in kept} == provider.served
+    assert len(kept) >= 3
+    assert not (tmp_path / "out" / "tileset.json").exists()
+    assert_store_sound(tmp_path / "store")
+
+    s = run(tmp_path, "synthetic")
+    assert s["reused"] == len(kept)
+    assert s["fetched"] == len(PLANNED) - len(kept)
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from cachebuild import fetch
+    from cachebuild.tiles import LngLatBbox
+    fetch.REF_BATCH = 5
+    fetch.fetch_tiles(
+        bbox=LngLatBbox(*map(float, sys.argv[2:6])), zooms=[17], provider_spec=sys.argv[1],
+        store_root=Path(sys.argv[6]), out_dir=Path(sys.argv[7]),
+        env={"CACHEBUILD_API_KEY": sys.argv[8]}, concurrency=2, progress=False,
+    )
+    """
+)
+
+
+def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: ScriptedTileServer) -> None:
+    from tests.test_providers import KEY
+
+    area = LngLatBbox(8.50, 47.35, 8.53, 47.37)  # ~150 tiles
+    server.delay_s = 0.01
+    store_root, out = tmp_path / "store", tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, server.template(), *map(str, area), str(store_root), str(out), KEY],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        refs = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with closing(sqlite3.connect(f"file:{store_root / 'refs.sqlite'}?mode=ro", uri=True)) as db:
+                    refs = db.execute("SELECT count(*) FROM tile_refs").fetchone()[0]
+            except sqlite3.Error:
+                refs = 0
+            if refs >= 10:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert refs >= 10
+    assert not (out / "tileset.json").exists()
+
+    # whatever the kill interrupted, objects are whole and recorded refs point at them
+    with TileStore(store_root) as store:
+        for obj in store.iter_objects():
+            assert sha256_hex(obj.read_bytes()) == obj.name
+        with closing(sqlite3.connect(store_root / "refs.sqlite")) as db:
+            rows = db.execute("SELECT sha256 FROM tile_refs").fetchall()
+        assert len(rows) >= 10
+        assert all(store.has(d) for (d,) in rows)
+
+    before = server.count()
+    s = run(tmp_path, server.template(), area=area)
+    assert s["reused"] >= len(rows)
+    assert s["fetched"] + s["reused"] == s["planned"] == count_tiles(area, [17])
+    assert server.count() - before == s["fetched"]
+    assert_store_sound(store_root)
+    assert s["aggregate_sha256"] == run(tmp_path / "clean", "synthetic", area=area)["aggregate_sha256"]
+

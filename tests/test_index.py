@@ -1,0 +1,164 @@
+"""Tests for cachebuild.index: the FAISS index over the descriptors."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import subprocess
+import sys
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+
+from cachebuild import index
+from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.errors import BuildError
+from cachebuild.index import build_index, search
+
+
+def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def write_descriptors(directory: Path, vectors: np.ndarray, ids: np.ndarray) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / DESCRIPTORS_FILE, vectors)
+    np.save(directory / DESCRIPTOR_IDS_FILE, ids)
+    return directory
+
+
+@pytest.fixture()
+def built(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, dict]:
+    vectors = unit_vectors(500, 64)
+    # tile ids: large, sparse, not row numbers
+    ids = np.sort(np.random.default_rng(1).choice(2**62, size=500, replace=False)).astype(np.int64)
+    src = write_descriptors(tmp_path / "d", vectors, ids)
+    info = build_index(descriptors_dir=src, out_path=tmp_path / "cache" / "index.faiss")
+    return tmp_path / "cache" / "index.faiss", vectors, ids, info
+
+
+def test_summary_and_file(built: tuple) -> None:
+    path, vectors, ids, info = built
+    assert info == {"type": "IDMap2,FlatIP", "ntotal": 500, "dim": 64, "metric": "inner_product"}
+    loaded = faiss.read_index(str(path))
+    assert loaded.ntotal == 500 and loaded.d == 64
+    assert loaded.metric_type == faiss.METRIC_INNER_PRODUCT
+    # IDMap2 keeps the vectors reachable by tile id
+    np.testing.assert_array_equal(loaded.reconstruct(int(ids[17])), vectors[17])
+    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]
+
+
+def test_each_tile_finds_itself_first(built: tuple) -> None:
+    path, vectors, ids, _ = built
+    scores, found = search(path, vectors, 3)
+    assert scores.shape == found.shape == (500, 3)
+    assert found.dtype == np.int64
+    np.testing.assert_array_equal(found[:, 0], ids)
+    np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    assert np.all(scores[:, 1] <= scores[:, 0])
+
+
+def test_search_matches_brute_force(built: tuple) -> None:
+    path, vectors, ids, _ = built
+    queries = unit_vectors(20, 64, seed=9)
+    scores, found = search(path, queries, 5)
+    sims = queries @ vectors.T
+    best = np.argsort(-sims, axis=1)[:, :5]
+    np.testing.assert_array_equal(found, ids[best])
+    np.testing.assert_allclose(scores, np.take_along_axis(sims, best, axis=1), atol=1e-5)
+
+
+def test_single_query_and_k_beyond_ntotal(tmp_path: Path) -> None:
+    vectors = unit_vectors(3, 8)
+    src = write_descriptors(tmp_path / "d", vectors, np.array([10, 20, 30], np.int64))
+    build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss")
+    _, found = search(tmp_path / "i.faiss", vectors[1], 5)
+    assert found.shape == (1, 5)
+    assert found[0, 0] == 20 and found[0, 3:].tolist() == [-1, -1]
+
+
+def test_empty_index(tmp_path: Path) -> None:
+    src = write_descriptors(tmp_path / "d", np.zeros((0, 256), np.float32), np.zeros(0, np.int64))
+    info = build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss")
+    assert info["ntotal"] == 0 and info["dim"] == 256
+    _, found = search(tmp_path / "i.faiss", unit_vectors(1, 256), 1)
+    assert found.tolist() == [[-1]]
+
+
+def test_rebuild_replaces_the_index(built: tuple, tmp_path: Path) -> None:
+    path = built[0]
+    src = write_descriptors(tmp_path / "d2", unit_vectors(2, 64), np.array([1, 2], np.int64))
+    build_index(descriptors_dir=src, out_path=path)
+    assert faiss.read_index(str(path)).ntotal == 2
+    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]
+
+
+@pytest.mark.parametrize(
+    "vectors, ids, message",
+    [
+        (unit_vectors(4, 8), np.arange(3, dtype=np.int64), "does not match"),
+        (unit_vectors(4, 8), np.array([1, 2, 2, 3], np.int64), "duplicate tile ids"),
+        (unit_vectors(4, 8).astype(np.float64), np.arange(4, dtype=np.int64), "must be float32"),
+        (unit_vectors(4, 8), np.arange(4, dtype=np.int32), "does not match"),
+        (np.full((2, 8), np.nan, np.float32), np.arange(2, dtype=np.int64), "non-finite"),
+    ],
+)
+def test_inconsistent_inputs(
+    tmp_path: Path, vectors: np.ndarray, ids: np.ndarray, message: str
+) -> None:
+    src = write_descriptors(tmp_path / "d", vectors, ids)
+    with pytest.raises(BuildError, match=message) as err:
+        build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss")
+    assert err.value.phase == "index"
+    assert not (tmp_path / "i.faiss").exists()
+
+
+def test_missing_descriptors(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="describe phase") as err:
+        build_index(descriptors_dir=tmp_path, out_path=tmp_path / "i.faiss")
+    assert err.value.phase == "index"
+
+
+def test_missing_index_file(tmp_path: Path) -> None:
+    with pytest.raises(BuildError, match="does not exist"):
+        search(tmp_path / "nowhere.faiss", unit_vectors(1, 8), 1)
+
+
+def test_wrong_query_dimension(built: tuple) -> None:
+    with pytest.raises(ValueError, match=r"\[q, 64\]"):
+        search(built[0], unit_vectors(1, 32), 1)
+
+
+def test_without_faiss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "faiss", None)  # makes `import faiss` raise ImportError
+    src = write_descriptors(tmp_path / "d", unit_vectors(2, 8), np.arange(2, dtype=np.int64))
+    with pytest.raises(BuildError) as err:
+        build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss")
+    assert err.value.phase == "index" and "faiss-cpu" in str(err.value)
+
+
+def test_public_surface() -> None:
+    """``__all__`` lists exactly the public names the module defines."""
+    tree = ast.parse(inspect.getsource(index))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    public = {n for n in defined if not n.startswith("_")}
+    assert public == set(index.__all__)
+    assert all(hasattr(index, n) for n in index.__all__)
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, cachebuild.index; "
+        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
