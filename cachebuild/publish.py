@@ -1,7 +1,7 @@
 """Atomic publish: the new cache replaces the old one in one rename.
 
 The published cache is ``<cache_dir>/current``, a symlink to a complete
-release directory ``releases/<build_id>-v<version>``.  A release is
+release directory ``releases/<build_id>-v<version>-<random>``.  A release is
 assembled under a temporary name (hard links to the staged artifacts, which
 every phase writes by rename and never in place; a copy where links are not
 possible), renamed into place, and only then does ``current`` move: a
@@ -17,11 +17,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from .config import Paths
 
-__all__ = ["publish", "published_manifest_bytes", "clean_leftovers", "current_release"]
+__all__ = [
+    "publish",
+    "published_manifest_bytes",
+    "release_intact",
+    "clean_leftovers",
+    "current_release",
+]
 
 KEEP_RELEASES = 2
 
@@ -34,6 +41,21 @@ def current_release(paths: Paths) -> Path | None:
         return None
     release = (paths.cache_dir / target).resolve()
     return release if release.is_dir() else None
+
+
+def release_intact(release: Path, signed: dict) -> bool:
+    """Every target of the manifest is there with its recorded length.
+
+    A stat per artifact (a dozen files), not a hash: cheap enough for the
+    warm no-op.  ``verify-cache`` re-hashes everything.
+    """
+    for rel, meta in signed["targets"].items():
+        try:
+            if (release / rel).stat().st_size != meta["length"]:
+                return False
+        except OSError:
+            return False
+    return (release / "signer.pub").is_file()
 
 
 def published_manifest_bytes(paths: Paths) -> bytes | None:
@@ -69,21 +91,19 @@ def publish(paths: Paths, files: list[str]) -> Path:
     """
     manifest = json.loads((paths.build / "manifest.json").read_text())
     signed = manifest["signed"]
-    name = f"{signed['build_id'][:16]}-v{signed['version']}"
+    # a fresh name every time: a damaged release is replaced, never reused
+    name = f"{signed['build_id'][:16]}-v{signed['version']}-{uuid.uuid4().hex[:6]}"
     paths.releases.mkdir(parents=True, exist_ok=True)
     final = paths.releases / name
-    if not final.is_dir():
-        tmp = paths.releases / f".tmp-{name}-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        for rel in files:
-            _link_or_copy(paths.build / rel, tmp / rel)
-        for sub in sorted({p for p in tmp.rglob("*")}, reverse=True):
-            if sub.is_file():
-                with open(sub, "rb") as fh:
-                    os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(paths.releases)
+    tmp = paths.releases / f".tmp-{name}-{os.getpid()}"
+    for rel in files:
+        _link_or_copy(paths.build / rel, tmp / rel)
+    for sub in tmp.rglob("*"):
+        if sub.is_file():
+            with open(sub, "rb") as fh:
+                os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    _fsync_dir(paths.releases)
     link_tmp = paths.cache_dir / f".current.tmp-{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()

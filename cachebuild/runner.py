@@ -301,7 +301,13 @@ def _locked_build(
     report.timed("coverage", time.monotonic() - t)
 
     t = time.monotonic()
+    from .publish import current_release, release_intact
+
     published = published_manifest_bytes(paths)
+    release = current_release(paths)
+    if published == staged and release is not None and not release_intact(release, signed):
+        warn(f"the published cache {release} is damaged (an artifact is missing or resized); publishing it again")
+        published = None
     if published != staged:
         files = ["manifest.json", "signer.pub", *signed["targets"]]
         release = publish(paths, files)

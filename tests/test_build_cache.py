@@ -296,3 +296,72 @@ def test_secrets_never_reach_anything_written(cb: Cb, tmp_path: Path, tile_serve
             data = path.read_bytes()
             for needle in needles:
                 assert needle not in data, f"secret found in {path}"
+
+
+def test_verify_cache_names_the_first_tampered_artifact(cb: Cb, tmp_path: Path) -> None:
+    f = write_flight(tmp_path / "f.json")
+    assert cb.build(f"FLIGHT={f}", *SMALL).code == 0
+    target = cb.current / "index.faiss"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.unlink()  # a hard link to the staged file: replace, don't write through
+    target.write_bytes(bytes(data))
+    v = cb.run("verify-cache")
+    assert v.code == 23
+    assert v.report["failure_phase"] == "verify"
+    assert "index.faiss" in v.report["error"] and "sha256" in v.report["error"]
+    # a damaged release (here: a truncated artifact) is noticed by the next
+    # build, by stat alone, and published afresh from the staged artifacts
+    target.unlink()
+    target.write_bytes(bytes(data[:100]))
+    r = cb.build(f"FLIGHT={f}", *SMALL)
+    assert r.code == 0 and r.report["outcome"] == "success"
+    assert r.report["tasks"]["run"] == []
+    assert any("damaged" in w for w in r.report["warnings"])
+    assert cb.run("verify-cache").code == 0
+
+
+def test_verify_cache_refuses_another_signer(cb: Cb, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    f = write_flight(tmp_path / "f.json")
+    assert cb.build(f"FLIGHT={f}", *SMALL).code == 0
+    other = Ed25519PrivateKey.generate().public_key()
+    pub = tmp_path / "other.pub"
+    pub.write_bytes(other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    v = cb.run("verify-cache", f"PUBKEY={pub}")
+    assert v.code == 23
+    assert "trusted" in v.report["error"]
+
+
+def test_verify_cache_without_a_cache(cb: Cb) -> None:
+    v = cb.run("verify-cache")
+    assert v.code == 23
+    assert "no published cache" in v.report["error"]
+
+
+def test_running_a_task_directly_is_refused(cb: Cb, tmp_path: Path) -> None:
+    f = write_flight(tmp_path / "f.json")
+    r = cb.run("tiles", f"FLIGHT={f}", "REPORT=text")
+    assert r.code != 0
+    assert "doit build-cache" in r.stderr
+
+
+def test_text_report_and_console_script(cb: Cb, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    f = write_flight(tmp_path / "f.json")
+    p = subprocess.run(
+        [sys.executable, "-m", "cachebuild.runner", "build-cache", f"FLIGHT={f}", *SMALL],
+        env=cb.env(), capture_output=True, text=True,
+    )
+    assert p.returncode == 0, p.stderr
+    assert "build-cache: success" in p.stdout
+    assert ".. tiles" in p.stderr
+    p2 = subprocess.run(
+        [sys.executable, "-m", "cachebuild.runner", "build-cache", f"FLIGHT={f}", *SMALL],
+        env=cb.env(), capture_output=True, text=True,
+    )
+    assert "up to date" in p2.stdout and "-- tiles" in p2.stderr

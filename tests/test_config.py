@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cachebuild.config import VARIABLES, load_settings
+from cachebuild.errors import UsageError
+
+ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
+
+
+def test_defaults() -> None:
+    s = load_settings({}, ENV)
+    assert s.zooms == (17,) and s.buffer_m == 500 and s.provider == "synthetic"
+    assert s.cache_dir == Path("/tmp/cb-home/cache") and s.store == Path("/tmp/cb-home/store")
+    assert s.strict and s.report == "text" and s.precision == "fp32"
+    assert s.paths.dep_file == Path("/tmp/cb-home/cache/state/doit.sqlite3")
+
+
+def test_home_falls_back_to_xdg_cache() -> None:
+    assert load_settings({}, {"XDG_CACHE_HOME": "/x"}).store == Path("/x/cachebuild/store")
+
+
+def test_command_line_beats_environment() -> None:
+    s = load_settings({"ZOOM": "16,17,16"}, {**ENV, "CACHEBUILD_ZOOM": "12", "CACHEBUILD_BUFFER_M": "800"})
+    assert s.zooms == (16, 17) and s.buffer_m == 800
+
+
+@pytest.mark.parametrize(
+    "vars, needle",
+    [
+        ({"ZOOM": "x"}, "ZOOM"),
+        ({"ZOOM": "23"}, "ZOOM"),
+        ({"ZOOM": ","}, "ZOOM"),
+        ({"BUFFER_M": "-1"}, "BUFFER_M"),
+        ({"BUFFER_M": "wide"}, "BUFFER_M"),
+        ({"STRICT": "maybe"}, "STRICT"),
+        ({"REPORT": "xml"}, "REPORT"),
+        ({"PRECISION": "fp8"}, "PRECISION"),
+        ({"MODEL": "/no/such.onnx"}, "MODEL"),
+        ({"KEY": "/no/such.pem"}, "KEY"),
+        ({"CONCURRENCY": "0"}, "CONCURRENCY"),
+        ({"FLIHGT": "x.json"}, "FLIHGT"),
+    ],
+)
+def test_bad_values_name_the_variable(vars: dict[str, str], needle: str) -> None:
+    with pytest.raises(UsageError) as info:
+        load_settings(vars, ENV)
+    assert needle in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_every_variable_is_documented() -> None:
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for name in VARIABLES:
+        assert f"`{name}`" in doc, name
