@@ -111,7 +111,14 @@ def write_model(*, path: str) -> None:
 
 
 def fetch(
-    *, bbox: list[float], zooms: list[int], provider: str, store: str, out_dir: str, concurrency: int
+    *,
+    bbox: list[float],
+    zooms: list[int],
+    provider: str,
+    store: str,
+    out_dir: str,
+    concurrency: int,
+    http: dict[str, str],
 ) -> None:
     import os
 
@@ -124,7 +131,7 @@ def fetch(
         provider_spec=provider,
         store_root=Path(store),
         out_dir=Path(out_dir),
-        env=os.environ,
+        env={**os.environ, **http},
         concurrency=concurrency,
     )
 

@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import UsageError
 
@@ -54,6 +55,9 @@ VARIABLES: dict[str, str] = {
     "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {key}) | file.mbtiles "
     "[default: synthetic]",
     "CONCURRENCY": "tile requests in flight [default: 8]",
+    "HTTP_TIMEOUT": "seconds per tile request [default: 20]",
+    "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
+    "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
     "RETRY_MISSING": "1: ask the provider again for tiles it had none of last time [default: 0]",
     "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v1]",
     "CALIBRATION": "calibration file, part of the engine key [default: none]",
@@ -126,6 +130,7 @@ class Settings:
     provider: str = DEFAULT_PROVIDER
     concurrency: int = DEFAULT_CONCURRENCY
     retry_missing: bool = False
+    http: Mapping[str, str] = field(default_factory=dict)
     model: Path | None = None
     calibration: Path | None = None
     precision: str = DEFAULT_PRECISION
@@ -213,6 +218,22 @@ def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
     return p.resolve() if must_exist else p
 
 
+def _http(get: Any) -> dict[str, str]:
+    """HTTP_* settings, validated now (before the lock), passed to the provider."""
+    out = {}
+    limits = {"HTTP_TIMEOUT": (0.001, 3600.0), "HTTP_RETRIES": (0, 20), "HTTP_BACKOFF": (0.0, 60.0)}
+    for name, (lo, hi) in limits.items():
+        raw = get(name)
+        if raw is None:
+            continue
+        if name == "HTTP_RETRIES":
+            _int(name, raw, 0, int(lo), int(hi))
+        else:
+            _float(name, raw, 0.0, lo, hi)
+        out[name] = raw
+    return out
+
+
 def load_settings(
     vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
 ) -> Settings:
@@ -250,6 +271,7 @@ def load_settings(
         buffer_m=_float("BUFFER_M", get("BUFFER_M"), DEFAULT_BUFFER_M, 0.0, 1_000_000.0),
         provider=get("PROVIDER") or DEFAULT_PROVIDER,
         concurrency=_int("CONCURRENCY", get("CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 256),
+        http=_http(get),
         retry_missing=_bool("RETRY_MISSING", get("RETRY_MISSING"), False),
         model=_path("MODEL", get("MODEL"), must_exist=True),
         calibration=_path("CALIBRATION", get("CALIBRATION"), must_exist=True),

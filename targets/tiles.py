@@ -42,6 +42,7 @@ def task(plan: Any) -> dict[str, Any]:
                     "store": str(s.store),
                     "out_dir": str(build),
                     "concurrency": s.concurrency,
+                    "http": dict(s.http),
                 },
             )
         ],

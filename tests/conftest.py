@@ -108,6 +108,8 @@ class TileServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            disable_nagle_algorithm = True
+
             def log_message(self, *a: Any) -> None:
                 pass
 

@@ -143,11 +143,18 @@ def test_the_world_wraps_at_the_antimeridian() -> None:
 @settings(max_examples=15, deadline=None)
 @given(z=st.integers(1, 20), fx=st.floats(0, 1, exclude_max=True), fy=st.floats(0, 1, exclude_max=True))
 @example(z=1, fx=0.0, fy=0.0)
+@example(z=9, fx=0.390625, fy=0.39453125)  # a road along the border
 def test_continuity_holds_everywhere(z: int, fx: float, fy: float) -> None:
+    # A road may run along the border (then every column there differs a
+    # lot), so compare the border with the columns right beside it: a seam
+    # stands out from its neighbours, a road edge does not.
     n = 1 << z
-    across, inside, unrelated = border_ratio(Tile(int(fx * n), int(fy * n), z))
-    assert across < 0.25 * unrelated + 1
-    assert across <= inside + 0.5
+    t = Tile(int(fx * n), int(fy * n), z)
+    a = render_tile(t).astype(np.int16)
+    b = render_tile(Tile((t.x + 1) % n, t.y, z)).astype(np.int16)
+    d = np.abs(np.diff(np.concatenate([a[:, -3:], b[:, :3]], axis=1), axis=1)).mean(axis=(0, 2))
+    across, beside = d[2], max(d[1], d[3])
+    assert across < 1.5 * beside + 2
 
 
 @pytest.mark.parametrize("size", [512, 200])
