@@ -27,7 +27,8 @@ def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
 def task(plan: Any) -> dict[str, Any]:
     build = plan.paths.build
     s = plan.settings
-    value = {"bbox": plan.bbox, "zooms": list(s.zooms), "provider": plan.provider_key}
+    # the store too: tiles.npy names objects in it
+    value = {"bbox": plan.bbox, "zooms": list(s.zooms), "provider": plan.provider_key, "store": str(s.store)}
     return {
         "name": "tiles",
         "doc": "fetch the tiles covering the area into the store (tiles.npy, tileset.json)",
