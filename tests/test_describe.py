@@ -5,9 +5,12 @@ from __future__ import annotations
 import ast
 import inspect
 import io
+import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -132,8 +135,29 @@ def test_tile_zxy_agrees_with_the_tiles_module(z: int, x: int, y: int) -> None:
 
 def test_default_decode_threads() -> None:
     assert default_decode_threads(1) == 1
-    assert default_decode_threads(2) == 1
-    assert default_decode_threads(16) == 8
+    assert default_decode_threads(16) == 16
+    assert default_decode_threads(0) == 1
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert default_decode_threads() == usable
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_decoders_yield_to_the_engine(
+    world: tuple[Path, Path], engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: set[tuple[str, int]] = set()
+    real = describe._decode_batch
+
+    def spy(*args: Any) -> Any:
+        tid = threading.get_native_id()
+        seen.add((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
+        return real(*args)
+
+    monkeypatch.setattr(describe, "_decode_batch", spy)
+    run(world, engine_dir, tmp_path, batch_size=4, decode_threads=2)
+    main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert seen and all(name.startswith("describe-decode") for name, _ in seen)
+    assert {nice for _, nice in seen} == {min(19, main + 5)}
 
 
 def test_shapes_norms_ids(described: tuple[Path, dict], tiles_images: dict) -> None:
