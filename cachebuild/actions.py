@@ -33,6 +33,7 @@ __all__ = [
     "index",
     "manifest",
     "CACHE_ARTIFACTS",
+    "cache_artifacts",
 ]
 
 #: Set by the wrapper while it holds the lock (same process: doit runs
@@ -43,6 +44,7 @@ FAILURES: list[CacheBuildError] = []
 
 #: Files of a published cache, relative to the build directory; the manifest
 #: lists each with its hash, plus the manifest and signer key themselves.
+#: ``{engine}`` is the backend's engine file (engine.onnx for ONNX Runtime).
 CACHE_ARTIFACTS = (
     "flight.json",
     "tileset.json",
@@ -50,12 +52,17 @@ CACHE_ARTIFACTS = (
     "missing.npy",
     "tiles.mbtiles",
     "engine/engine.json",
-    "engine/engine.onnx",
+    "engine/{engine}",
     "descriptors.npy",
     "descriptor_ids.npy",
     "index.faiss",
     "index.json",
 )
+
+
+def cache_artifacts(engine_file: str) -> list[str]:
+    """:data:`CACHE_ARTIFACTS` with the backend's engine file name filled in."""
+    return [a.format(engine=engine_file) for a in CACHE_ARTIFACTS]
 
 
 def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
@@ -190,7 +197,7 @@ def _previous_version(current: Path) -> int:
         return 0
 
 
-def manifest(*, build: str, current: str, key: str, expires_days: float) -> None:
+def manifest(*, build: str, current: str, key: str, expires_days: float, artifacts: list[str]) -> None:
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
@@ -224,7 +231,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float) -> None
     now = datetime.now(timezone.utc).replace(microsecond=0)
     write_manifest(
         cache_dir=b,
-        artifacts=list(CACHE_ARTIFACTS),
+        artifacts=artifacts,
         identity=identity,
         build_id=build_id,
         info=info,

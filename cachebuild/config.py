@@ -47,8 +47,7 @@ MAX_ZOOM = 22
 #: Every variable a command reads, with its one-line help (docs/configuration.md).
 VARIABLES: dict[str, str] = {
     "FLIGHT": "flight plan JSON file (required for build-cache)",
-    "CACHE_DIR": "where the build state and the published cache live "
-    "[default: $CACHEBUILD_HOME/cache]",
+    "CACHE_DIR": "where the build state and the published cache live [default: $CACHEBUILD_HOME/cache]",
     "STORE": "content-addressed tile store shared by every cache [default: $CACHEBUILD_HOME/store]",
     "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
     "BUFFER_M": "metres added around the route on every side [default: 500]",
@@ -234,9 +233,7 @@ def _http(get: Any) -> dict[str, str]:
     return out
 
 
-def load_settings(
-    vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
-) -> Settings:
+def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise :class:`UsageError` on a bad one.
 
     >>> s = load_settings({"ZOOM": "16,17"}, {"CACHEBUILD_HOME": "/tmp/cb"})
@@ -258,6 +255,9 @@ def load_settings(
     precision = (get("PRECISION") or DEFAULT_PRECISION).lower()
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"PRECISION={precision!r} must be fp32, fp16 or int8")
+    backend = (get("BACKEND") or DEFAULT_BACKEND).lower()
+    if backend not in ("onnxruntime", "tensorrt"):
+        raise UsageError(f"BACKEND={backend!r} must be onnxruntime or tensorrt")
     report = (get("REPORT") or "text").lower()
     if report not in ("text", "json"):
         raise UsageError(f"REPORT={report!r} must be text or json")
@@ -276,7 +276,7 @@ def load_settings(
         model=_path("MODEL", get("MODEL"), must_exist=True),
         calibration=_path("CALIBRATION", get("CALIBRATION"), must_exist=True),
         precision=precision,
-        backend=(get("BACKEND") or DEFAULT_BACKEND).lower(),
+        backend=backend,
         batch=_int("BATCH", get("BATCH"), DEFAULT_BATCH, 1, 4096),
         threads=None if threads_raw is None else _int("THREADS", threads_raw, 0, 1, 1024),
         key=_path("KEY", get("KEY"), must_exist=True),

@@ -19,7 +19,11 @@ from typing import Any
 from .config import Settings
 from .errors import UsageError
 
+#: The compiled engine's file name per backend.
+ENGINE_FILES = {"onnxruntime": "engine.onnx", "tensorrt": "engine.plan"}
+
 __all__ = [
+    "ENGINE_FILES",
     "BuildPlan",
     "resolve_plan",
     "provider_key",
@@ -43,6 +47,11 @@ class BuildPlan:
     key_path: Path
     keyid: str | None
     engine_env: dict[str, str]
+
+    @property
+    def engine_file(self) -> str:
+        """The engine's file name in ``engine/`` for this backend."""
+        return ENGINE_FILES.get(self.settings.backend, "engine.bin")
 
     @property
     def paths(self):  # type: ignore[no-untyped-def]

@@ -248,7 +248,9 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         with CacheLock(settings.paths.lock):
             report.timed("lock", time.monotonic() - t)
             with sigterm_as_interrupt():
-                _locked_build(plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes)
+                _locked_build(
+                    plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
+                )
     except CacheBuildError as exc:
         report.fail(exc)
         if getattr(exc, "traceback", None):
@@ -306,7 +308,9 @@ def _locked_build(
     published = published_manifest_bytes(paths)
     release = current_release(paths)
     if published == staged and release is not None and not release_intact(release, signed):
-        warn(f"the published cache {release} is damaged (an artifact is missing or resized); publishing it again")
+        warn(
+            f"the published cache {release} is damaged (an artifact is missing or resized); publishing it again"
+        )
         published = None
     if published != staged:
         files = ["manifest.json", "signer.pub", *signed["targets"]]

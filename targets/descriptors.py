@@ -20,7 +20,11 @@ def task(plan: Any) -> dict[str, Any]:
                 {"build": str(build), "store": str(s.store), "batch": s.batch, "threads": s.threads},
             )
         ],
-        "file_dep": [str(build / "tiles.npy"), str(build / "engine" / "engine.json"), str(build / "engine" / "engine.onnx")],
+        "file_dep": [
+            str(build / "tiles.npy"),
+            str(build / "engine" / "engine.json"),
+            str(build / "engine" / plan.engine_file),
+        ],
         "targets": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "clean": True,
     }

@@ -32,7 +32,7 @@ def task(plan: Any) -> dict[str, Any]:
             )
         ],
         "file_dep": deps,
-        "targets": [str(out / "engine.json"), str(out / "engine.onnx")],
+        "targets": [str(out / "engine.json"), str(out / plan.engine_file)],
         "uptodate": [config_changed({"precision": s.precision, **plan.engine_env})],
         "clean": True,
     }

@@ -14,7 +14,13 @@ def task(plan: Any) -> dict[str, Any]:
     return {
         "name": "flight",
         "doc": "the normalised flight record (flight.json)",
-        "actions": [(actions.phase_action("flight", actions.write_flight), [], {"path": str(path), "record": plan.record})],
+        "actions": [
+            (
+                actions.phase_action("flight", actions.write_flight),
+                [],
+                {"path": str(path), "record": plan.record},
+            )
+        ],
         "targets": [str(path)],
         "uptodate": [config_changed({"record": plan.record})],
         "clean": True,

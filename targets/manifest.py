@@ -12,6 +12,7 @@ from cachebuild import actions
 def task(plan: Any) -> dict[str, Any]:
     s = plan.settings
     build = plan.paths.build
+    artifacts = actions.cache_artifacts(plan.engine_file)
     return {
         "name": "manifest",
         "doc": "sign the manifest of every artifact (manifest.json)",
@@ -19,10 +20,16 @@ def task(plan: Any) -> dict[str, Any]:
             (
                 actions.phase_action("manifest", actions.manifest),
                 [],
-                {"build": str(build), "current": str(plan.paths.current), "key": str(plan.key_path), "expires_days": s.expires_days},
+                {
+                    "build": str(build),
+                    "current": str(plan.paths.current),
+                    "key": str(plan.key_path),
+                    "expires_days": s.expires_days,
+                    "artifacts": artifacts,
+                },
             )
         ],
-        "file_dep": [str(build / name) for name in actions.CACHE_ARTIFACTS],
+        "file_dep": [str(build / name) for name in artifacts],
         "targets": [str(build / "manifest.json"), str(build / "signer.pub")],
         # the key's public id, never its bytes, is the dependency
         "uptodate": [config_changed({"keyid": plan.keyid, "expires_days": s.expires_days})],

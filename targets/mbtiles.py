@@ -19,7 +19,12 @@ def task(plan: Any) -> dict[str, Any]:
             (
                 actions.phase_action("mbtiles", actions.write_tiles_mbtiles),
                 [],
-                {"build": str(build), "store": str(s.store), "bbox": list(plan.bbox) if plan.bbox else None, "zooms": list(s.zooms)},
+                {
+                    "build": str(build),
+                    "store": str(s.store),
+                    "bbox": list(plan.bbox) if plan.bbox else None,
+                    "zooms": list(s.zooms),
+                },
             )
         ],
         "file_dep": [str(build / "tiles.npy")],

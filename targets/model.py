@@ -15,7 +15,9 @@ def task(plan: Any) -> dict[str, Any] | None:
     return {
         "name": "model",
         "doc": "the built-in descriptor network (ONNX), made from code",
-        "actions": [(actions.phase_action("engine", actions.write_model), [], {"path": str(plan.model_path)})],
+        "actions": [
+            (actions.phase_action("engine", actions.write_model), [], {"path": str(plan.model_path)})
+        ],
         "targets": [str(plan.model_path)],
         "uptodate": [config_changed({"model": plan.model_path.stem})],
         "clean": True,

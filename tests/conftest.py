@@ -47,15 +47,25 @@ class Cb:
         env.update(extra)
         return env
 
-    def popen(self, command: str, *args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen:
+    def popen(
+        self, command: str, *args: str, env: dict[str, str] | None = None, **kw: Any
+    ) -> subprocess.Popen:
         argv = [sys.executable, "-m", "doit", command, *args]
         if not any(a.startswith("REPORT=") for a in args):
             argv.append("REPORT=json")
         return subprocess.Popen(
-            argv, cwd=self.cwd, env=env or self.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw
+            argv,
+            cwd=self.cwd,
+            env=env or self.env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kw,
         )
 
-    def run(self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300) -> CbResult:
+    def run(
+        self, command: str, *args: str, env: dict[str, str] | None = None, timeout: float = 300
+    ) -> CbResult:
         p = self.popen(command, *args, env=env)
         out, err = p.communicate(timeout=timeout)
         return CbResult(p.returncode, out, err)
@@ -79,8 +89,15 @@ def cb(tmp_path: Path) -> Cb:
     return Cb(home=home)
 
 
-def write_flight(path: Path, *, lat: float = 47.3700, lon: float = 8.5400, flight_id: str | None = None,
-                 origin: tuple[float, float] | None = None, waypoints: list[tuple[float, float]] | None = None) -> Path:
+def write_flight(
+    path: Path,
+    *,
+    lat: float = 47.3700,
+    lon: float = 8.5400,
+    flight_id: str | None = None,
+    origin: tuple[float, float] | None = None,
+    waypoints: list[tuple[float, float]] | None = None,
+) -> Path:
     """A small flight: by default one short leg (about 16 tiles at z17 with BUFFER_M=200)."""
     wps = waypoints or [(lat, lon), (lat + 0.001, lon + 0.001)]
     doc: dict[str, Any] = {

@@ -65,7 +65,9 @@ def test_cold_build_then_noop_then_verify(cb: Cb, tmp_path: Path) -> None:
         ("waypoint_inside", {"flight", "manifest"}),
     ],
 )
-def test_rebuild_exactly_what_depends_on_the_change(cb: Cb, tmp_path: Path, change: str, expected: set[str]) -> None:
+def test_rebuild_exactly_what_depends_on_the_change(
+    cb: Cb, tmp_path: Path, change: str, expected: set[str]
+) -> None:
     wps = [(47.3700, 8.5400), (47.3720, 8.5430)]
     base = dict(waypoints=wps, origin=(47.3705, 8.5405), flight_id="11111111-1111-4111-8111-111111111111")
     f = write_flight(tmp_path / "f.json", **base)
@@ -218,7 +220,9 @@ def test_xyz_provider_is_fetched_once(cb: Cb, tmp_path: Path, tile_server) -> No
     n = len(tile_server.requests)
     assert n == r.report["tiles"]["planned"]
     # another cache, same store: nothing fetched again
-    r2 = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", f"CACHE_DIR={tmp_path / 'other'}")
+    r2 = cb.build(
+        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", f"CACHE_DIR={tmp_path / 'other'}"
+    )
     assert r2.code == 0, r2.stderr
     assert len(tile_server.requests) == n
     assert r2.report["tiles"]["reused"] == r2.report["tiles"]["planned"]
@@ -271,8 +275,12 @@ def test_secrets_never_reach_anything_written(cb: Cb, tmp_path: Path, tile_serve
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    raw = key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
     key_path = tmp_path / "op.pem"
     key_path.write_bytes(pem)
     key_path.chmod(0o600)
@@ -280,11 +288,19 @@ def test_secrets_never_reach_anything_written(cb: Cb, tmp_path: Path, tile_serve
     tile_server.key = api_key
     f = write_flight(tmp_path / "f.json")
     env = cb.env(CACHEBUILD_API_KEY=api_key)
-    r = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", f"KEY={key_path}", env=env)
+    r = cb.build(
+        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", f"KEY={key_path}", env=env
+    )
     assert r.code == 0, r.stderr
     # a refused key: the error names the template, never the key
     tile_server.key = "something-else"
-    r2 = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}&v=2')}", f"KEY={key_path}", env=env)
+    r2 = cb.build(
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template('?key={key}&v=2')}",
+        f"KEY={key_path}",
+        env=env,
+    )
     assert r2.code == 20, r2.stderr
     pem_body = b"".join(pem.splitlines()[1:-1])
     needles = [api_key.encode(), raw, raw.hex().encode(), pem_body]
@@ -355,13 +371,17 @@ def test_text_report_and_console_script(cb: Cb, tmp_path: Path) -> None:
     f = write_flight(tmp_path / "f.json")
     p = subprocess.run(
         [sys.executable, "-m", "cachebuild.runner", "build-cache", f"FLIGHT={f}", *SMALL],
-        env=cb.env(), capture_output=True, text=True,
+        env=cb.env(),
+        capture_output=True,
+        text=True,
     )
     assert p.returncode == 0, p.stderr
     assert "build-cache: success" in p.stdout
     assert ".. tiles" in p.stderr
     p2 = subprocess.run(
         [sys.executable, "-m", "cachebuild.runner", "build-cache", f"FLIGHT={f}", *SMALL],
-        env=cb.env(), capture_output=True, text=True,
+        env=cb.env(),
+        capture_output=True,
+        text=True,
     )
     assert "up to date" in p2.stdout and "-- tiles" in p2.stderr
