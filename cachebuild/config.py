@@ -46,7 +46,11 @@ MAX_ZOOM = 22
 
 #: Every variable a command reads, with its one-line help (docs/configuration.md).
 VARIABLES: dict[str, str] = {
-    "FLIGHT": "flight plan JSON file (required for build-cache)",
+    "FLIGHT": "flight plan JSON file, or a flight id (UUID) looked up at FLIGHTS_API_URL "
+    "(required for build-cache)",
+    "FLIGHTS_API_URL": "base URL of the Flights API (token from the FLIGHTS_API_TOKEN environment variable)",
+    "FLIGHTS_API_TIMEOUT": "seconds to wait for the Flights API [default: 10]",
+    "OFFLINE": "1: resolve a flight id from the answer saved by the last online build [default: 0]",
     "CACHE_DIR": "where the build state and the published cache live [default: $CACHEBUILD_HOME/cache]",
     "STORE": "content-addressed tile store shared by every cache [default: $CACHEBUILD_HOME/store]",
     "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
@@ -141,6 +145,9 @@ class Settings:
     expires_days: float = DEFAULT_EXPIRES_DAYS
     strict: bool = True
     report: str = "text"
+    flights_api_url: str | None = None
+    flights_api_timeout: float = 10.0
+    offline: bool = False
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -152,10 +159,17 @@ class Settings:
         return self.home / "keys" / "dev_ed25519.pem"
 
 
+#: Variables also read from the environment under their own name (the
+#: Flights API's are shared with other tools of the operator's).
+PLAIN_ENV = ("FLIGHTS_API_URL", "FLIGHTS_API_TIMEOUT")
+
+
 def _get(name: str, vars: Mapping[str, str], env: Mapping[str, str]) -> str | None:
     if name in vars and vars[name] is not None:
         return str(vars[name])
     value = env.get(f"CACHEBUILD_{name}")
+    if value in (None, "") and name in PLAIN_ENV:
+        value = env.get(name)
     return value if value not in (None, "") else None
 
 
@@ -284,5 +298,8 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),
         strict=_bool("STRICT", get("STRICT"), True),
         report=report,
+        flights_api_url=get("FLIGHTS_API_URL"),
+        flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),
+        offline=_bool("OFFLINE", get("OFFLINE"), False),
         env=env,
     )

@@ -47,6 +47,7 @@ class BuildPlan:
     key_path: Path
     keyid: str | None
     engine_env: dict[str, str]
+    flight_source: str | None = None
 
     @property
     def engine_file(self) -> str:
@@ -58,16 +59,50 @@ class BuildPlan:
         return self.settings.paths
 
 
-def resolve_flight(settings: Settings) -> Any:
-    """The flight named by ``FLIGHT`` (a file path), parsed and validated."""
-    from .flight import load_flight_file
+def resolve_flight(settings: Settings) -> tuple[Any, str]:
+    """The flight named by ``FLIGHT``: a file, or a flight id for the Flights API.
 
-    if not settings.flight:
+    Returns ``(Flight, source)`` with source ``file``, ``api`` or ``offline``.
+    """
+    from .flight import load_flight_file, looks_like_uuid
+
+    raw = settings.flight
+    if not raw:
         raise UsageError(
             "FLIGHT is not set",
-            remedy="name a flight plan file: doit build-cache FLIGHT=examples/flights/demo.json",
+            remedy="name a flight plan file or a flight id: doit build-cache FLIGHT=examples/flights/demo.json",
         )
-    return load_flight_file(settings.flight)
+    if os.path.exists(raw) or raw.lower().endswith(".json") or os.sep in raw:
+        return load_flight_file(raw), "file"
+    if not looks_like_uuid(raw):
+        raise UsageError(
+            f"FLIGHT={raw!r} is neither an existing flight file nor a flight id (a UUID)",
+            remedy="give the path of a flight plan file, or the flight's UUID",
+        )
+    from .flights_api import TOKEN_ENV, fetch_flight, load_saved_answer, save_answer
+
+    flight_id = raw.lower()
+    if len(flight_id) == 32:
+        flight_id = "-".join(
+            (flight_id[:8], flight_id[8:12], flight_id[12:16], flight_id[16:20], flight_id[20:])
+        )
+    if settings.offline:
+        flight, _ = load_saved_answer(settings.paths.state, flight_id)
+        return flight, "offline"
+    if not settings.flights_api_url:
+        raise UsageError(
+            f"FLIGHT={raw} is a flight id, but FLIGHTS_API_URL is not set",
+            remedy="set FLIGHTS_API_URL (and FLIGHTS_API_TOKEN in the environment), "
+            "or OFFLINE=1 to use the answer saved by the last online build",
+        )
+    flight, record = fetch_flight(
+        flight_id,
+        url=settings.flights_api_url,
+        token=settings.env.get(TOKEN_ENV) or None,
+        timeout_s=settings.flights_api_timeout,
+    )
+    save_answer(settings.paths.state, flight_id, record)
+    return flight, "api"
 
 
 def provider_key(spec: str) -> str:
@@ -150,10 +185,11 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     """
     warn = warn or (lambda msg: None)
     flight = record = bbox = None
+    source = None
     if with_flight:
         from .flight import flight_area, flight_record
 
-        flight = resolve_flight(settings)
+        flight, source = resolve_flight(settings)
         record = flight_record(flight)
         bbox = tuple(flight_area(flight, settings.buffer_m))
     if settings.model is not None:
@@ -182,6 +218,7 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
         key_path=key_path,
         keyid=keyid,
         engine_env=engine_environment(settings.backend),
+        flight_source=source,
     )
 
 

@@ -242,6 +242,7 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         settings = load_settings(vars, env)
         plan = resolve_plan(settings, warn=warn)  # before the lock
         report.flight_id = plan.record["flight_id"] if plan.record else None
+        report.extra["flight_source"] = plan.flight_source
         report.timed("flight", time.monotonic() - t)
 
         t = time.monotonic()
