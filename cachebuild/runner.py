@@ -36,6 +36,8 @@ __all__ = [
     "BuildCacheCmd",
     "VerifyCacheCmd",
     "CleanCacheCmd",
+    "CacheInfoCmd",
+    "PreviewCacheCmd",
     "build_cache",
     "verify_cache_cmd",
     "clean_cache",
@@ -450,6 +452,29 @@ class CleanCacheCmd(_CacheCommand):
     impl = staticmethod(clean_cache)
 
 
+class CacheInfoCmd(_CacheCommand):
+    name = "cache-info"
+    doc_purpose = "summarise the published cache (REPORT=json for JSON) and whether it verifies"
+
+    @staticmethod
+    def impl(vars: Mapping[str, str]) -> int:
+        from .cacheinfo import cache_info_cmd
+
+        return cache_info_cmd(vars)
+
+
+class PreviewCacheCmd(_CacheCommand):
+    name = "preview-cache"
+    doc_purpose = "render the coverage map of the published cache (OUT=path.png)"
+    doc_usage = "[OUT=preview.png] [NAME=value ...]"
+
+    @staticmethod
+    def impl(vars: Mapping[str, str]) -> int:
+        from .cacheinfo import preview_cache_cmd
+
+        return preview_cache_cmd(vars)
+
+
 # -- dodo.py and the console script ----------------------------------------
 
 
@@ -489,7 +514,13 @@ def dodo_namespace() -> dict[str, Any]:
     return ns
 
 
-_COMMANDS = {"build-cache": build_cache, "verify-cache": verify_cache_cmd, "clean": clean_cache}
+_COMMANDS = {
+    "build-cache": build_cache,
+    "verify-cache": verify_cache_cmd,
+    "clean": clean_cache,
+    "cache-info": CacheInfoCmd.impl,
+    "preview-cache": PreviewCacheCmd.impl,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -497,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
         sys.stderr.write(
-            "usage: cachebuild {build-cache|verify-cache|clean} [NAME=value ...]\n\n"
+            "usage: cachebuild {build-cache|verify-cache|clean|cache-info|preview-cache} [NAME=value ...]\n\n"
             "Variables:\n" + _VARS_HELP + "\n"
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,0 +1,190 @@
+"""``doit cache-info`` and ``doit preview-cache``: look at the published cache.
+
+``cache-info`` summarises the published cache — flight, build, signer,
+manifest version and expiry, tiles per zoom, artifact sizes, engine, index,
+self-test recall — and says whether ``verify-cache`` passes right now.
+``preview-cache`` renders the coverage map (:mod:`cachebuild.preview`) of
+the published cache.  Neither takes the lock: they only read a release,
+which is never written after it is published.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings
+from .errors import CacheBuildError, UsageError, VerifyError
+from .report import Report
+
+__all__ = ["cache_info", "format_info", "cache_info_cmd", "preview_cache_cmd"]
+
+
+def _trusted(settings: Settings) -> list[Any]:
+    from .signing import load_public_key
+
+    for path in (settings.pubkey, settings.key, settings.dev_key):
+        if path is not None and Path(path).exists():
+            return [load_public_key(path)]
+    return []
+
+
+def _per_zoom(release: Path) -> dict[str, dict[str, int]]:
+    import numpy as np
+
+    out: dict[str, dict[str, int]] = {}
+    for name, kind in (("tiles.npy", "present"), ("missing.npy", "missing")):
+        arr = np.load(release / name, allow_pickle=False, mmap_mode="r")
+        ids = arr["id"] if arr.dtype.names else arr
+        zooms, counts = np.unique(np.asarray(ids) >> 58, return_counts=True)
+        for z, n in zip(zooms.tolist(), counts.tolist()):
+            row = out.setdefault(str(z), {"planned": 0, "present": 0, "missing": 0})
+            row[kind] += n
+            row["planned"] += n
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def cache_info(release: Path, trusted: list[Any]) -> dict[str, Any]:
+    """Everything an operator wants to know about the cache in ``release``."""
+    from .manifest import read_manifest, verify_cache
+
+    envelope = read_manifest(release)
+    signed = envelope["signed"]
+    info = signed.get("info", {})
+    identity = signed.get("identity", {})
+    verify: dict[str, Any] = {"ok": False, "reason": None}
+    if not trusted:
+        verify["reason"] = "no public key to verify against (set PUBKEY)"
+    else:
+        try:
+            verify_cache(release, trusted)
+            verify["ok"] = True
+        except VerifyError as exc:
+            verify["reason"] = exc.message
+    sigs = envelope.get("signatures") or [{}]
+    return {
+        "path": str(release),
+        "flight_id": identity.get("flight_id"),
+        "build_id": signed.get("build_id"),
+        "built_at": signed.get("built_at"),
+        "signer_keyid": sigs[0].get("keyid"),
+        "manifest_version": signed.get("version"),
+        "expires": signed.get("expires"),
+        "tiles": info.get("tiles"),
+        "tiles_per_zoom": _per_zoom(release),
+        "artifacts": {rel: meta["length"] for rel, meta in sorted(signed.get("targets", {}).items())},
+        "engine": info.get("engine"),
+        "index": info.get("index"),
+        "selftest": info.get("selftest"),
+        "verify": verify,
+    }
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def format_info(d: Mapping[str, Any]) -> str:
+    """A plain-text table of :func:`cache_info`'s result."""
+    engine = d.get("engine") or {}
+    index = d.get("index") or {}
+    selftest = d.get("selftest")
+    v = d["verify"]
+    rows = [
+        ("cache", d["path"]),
+        ("flight", d.get("flight_id") or "(no id)"),
+        ("build", d.get("build_id") or "?"),
+        ("built at", d.get("built_at") or "?"),
+        ("signer", (d.get("signer_keyid") or "?")[:16]),
+        ("manifest", f"v{d.get('manifest_version')}, expires {d.get('expires')}"),
+        ("engine", f"{engine.get('backend')} {engine.get('backend_version')} {engine.get('precision')}, "
+         f"key {str(engine.get('key'))[:16]}"),
+        ("index", f"{index.get('type')} ({index.get('ntotal')} vectors)"),
+        (
+            "self-test",
+            f"recall@1 {selftest['recall_at_1']:.3f}, recall@5 {selftest['recall_at_5']:.3f} "
+            f"({selftest['queries']} queries)" if selftest else "not run",
+        ),
+        ("verify", "passes" if v["ok"] else f"FAILS: {v['reason']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    out = [f"{k:<{width}}  {val}" for k, val in rows]
+    out.append("")
+    out.append(f"{'zoom':>6} {'planned':>9} {'present':>9} {'missing':>9}")
+    for z, row in d["tiles_per_zoom"].items():
+        out.append(f"{z:>6} {row['planned']:>9} {row['present']:>9} {row['missing']:>9}")
+    out.append("")
+    for rel, n in d["artifacts"].items():
+        out.append(f"  {rel:<24} {_size(n):>10}")
+    return "\n".join(out)
+
+
+def _release(settings: Settings) -> Path:
+    from .publish import current_release
+
+    release = current_release(settings.paths)
+    if release is None:
+        raise UsageError(
+            f"no published cache at {settings.paths.current}",
+            remedy="build one with `doit build-cache FLIGHT=...`",
+        )
+    return release
+
+
+def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
+    """``doit cache-info``: a table, or with ``REPORT=json`` the report with ``cache``."""
+    report = Report("cache-info")
+    fmt = "json" if (vars.get("REPORT") or "").lower() == "json" else "text"
+    try:
+        settings = load_settings(vars, env)
+        fmt = settings.report
+        d = cache_info(_release(settings), _trusted(settings))
+        report.build_id = d["build_id"]
+        report.flight_id = d["flight_id"]
+        report.manifest_version = d["manifest_version"]
+        report.manifest_path = str(Path(d["path"]) / "manifest.json")
+        report.extra["cache"] = d
+        report.outcome, report.exit_code = "success", 0
+        if fmt == "text":
+            sys.stdout.write(format_info(d) + "\n")
+            return 0
+    except CacheBuildError as exc:
+        report.fail(exc)
+    except (OSError, ValueError, KeyError) as exc:
+        report.fail(VerifyError(f"the published cache is unreadable: {exc}"))
+    report.emit(fmt)
+    return report.exit_code
+
+
+def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
+    """``doit preview-cache [OUT=path.png]``: the coverage map of the published cache."""
+    from .preview import render_preview
+
+    vars = dict(vars)
+    out = vars.pop("OUT", None)
+    report = Report("preview-cache")
+    fmt = "json" if (vars.get("REPORT") or "").lower() == "json" else "text"
+    try:
+        settings = load_settings(vars, env)
+        fmt = settings.report
+        release = _release(settings)
+        signed = json.loads((release / "manifest.json").read_text())["signed"]
+        target = Path(out) if out else settings.cache_dir / "preview.png"
+        r = render_preview(release, target, built_at=signed.get("built_at"))
+        report.build_id = signed.get("build_id")
+        report.extra["preview"] = {"path": str(target), "width": r["width"], "height": r["height"]}
+        report.outcome, report.exit_code = "success", 0
+        if fmt == "text":
+            sys.stdout.write(f"preview: {target} ({r['width']}x{r['height']}, z{r['zoom']})\n")
+            return 0
+    except CacheBuildError as exc:
+        report.fail(exc)
+    report.emit(fmt)
+    return report.exit_code

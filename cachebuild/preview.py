@@ -1,0 +1,260 @@
+"""The coverage map: one PNG that shows whether the imagery covers the route.
+
+A mosaic of the cache's own imagery (read from its MBTiles file, decoded at
+reduced size with JPEG DCT scaling, streamed tile by tile) at a scale where
+the area fits about :data:`DEFAULT_SIZE` pixels, with:
+
+- the route as a line, its waypoints as dots, the takeoff origin as a
+  yellow triangle;
+- the area (route bbox + buffer) outlined in cyan;
+- missing tiles filled with a red hatch;
+- a scale bar in metres, a north arrow, and a one-line legend (flight id,
+  zoom, tiles present/planned, build date).
+
+Pillow only: no network, no tile server.  Works on a published release or
+the staged build directory (both hold ``flight.json``, ``tileset.json``,
+``missing.npy`` and ``tiles.mbtiles``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .tiles import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
+
+__all__ = ["DEFAULT_SIZE", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
+
+DEFAULT_SIZE = 1024
+TILE_PX = 256
+MISSING_RGB = (220, 30, 30)
+ROUTE_RGB = (255, 0, 255)
+AREA_RGB = (0, 220, 255)
+ORIGIN_RGB = (255, 220, 0)
+LEGEND_PX = 22
+
+
+@dataclass(frozen=True)
+class PreviewGeometry:
+    """Where the world lands in the preview: for drawing and for tests.
+
+    ``x0``/``y0`` are the global pixel coordinates (at ``zoom``, 256-px
+    tiles) of the mosaic's top-left corner, ``scale`` preview pixels per
+    global pixel; ``west`` unwraps longitudes across the antimeridian.
+    """
+
+    zoom: int
+    scale: float
+    x0: int
+    y0: int
+    cols: int
+    rows: int
+    west: float
+    crosses: bool
+
+    @property
+    def width(self) -> int:
+        return max(1, round(self.cols * TILE_PX * self.scale))
+
+    @property
+    def height(self) -> int:
+        return max(1, round(self.rows * TILE_PX * self.scale))
+
+    def global_px(self, lat: float, lon: float) -> tuple[float, float]:
+        if self.crosses and lon < self.west:
+            lon += 360.0
+        lat = max(-MAX_LAT, min(MAX_LAT, lat))
+        world = TILE_PX * 2**self.zoom
+        x = (lon + 180.0) / 360.0 * world
+        s = math.sin(math.radians(lat))
+        y = (0.5 - math.log((1 + s) / (1 - s)) / (4 * math.pi)) * world
+        return x, y
+
+    def project(self, lat: float, lon: float) -> tuple[float, float]:
+        """Preview pixel (x, y) of a point."""
+        x, y = self.global_px(lat, lon)
+        return (x - self.x0) * self.scale, (y - self.y0) * self.scale
+
+    def tile_box(self, x: int, y: int) -> tuple[int, int, int, int]:
+        """Preview pixel box (left, top, right, bottom) of tile (x, y) at ``zoom``."""
+        col = x - self.x0 // TILE_PX
+        if col < 0:
+            col += 2**self.zoom
+        row = y - self.y0 // TILE_PX
+        s = TILE_PX * self.scale
+        return round(col * s), round(row * s), round((col + 1) * s), round((row + 1) * s)
+
+
+def _geometry(bbox: LngLatBbox, zoom: int, size: int) -> PreviewGeometry:
+    parts = tile_ranges(bbox, zoom)
+    n = 2**zoom
+    crosses = bbox.west > bbox.east
+    xs_start = parts[0][0].start
+    cols = sum(len(xr) for xr, _ in parts) if crosses else len(parts[0][0])
+    ys = parts[0][1]
+    rows = len(ys)
+    scale = min(1.0, size / max(cols * TILE_PX, rows * TILE_PX))
+    if crosses and len(parts) == 1:  # merged into one range at low zoom
+        cols = min(cols, n)
+    return PreviewGeometry(
+        zoom=zoom,
+        scale=scale,
+        x0=xs_start * TILE_PX,
+        y0=ys.start * TILE_PX,
+        cols=cols,
+        rows=rows,
+        west=bbox.west,
+        crosses=crosses,
+    )
+
+
+def _hatch(draw: Any, box: tuple[int, int, int, int]) -> None:
+    left, top, right, bottom = box
+    draw.rectangle(box, fill=(255, 200, 200))
+    step = 6
+    w, h = right - left, bottom - top
+    for k in range(-h, w, step):
+        draw.line([(left + k, bottom), (left + k + h, top)], fill=MISSING_RGB, width=2)
+    draw.rectangle(box, outline=MISSING_RGB)
+
+
+def _nice_length(metres: float) -> float:
+    """The largest 1/2/5 x 10^k not above ``metres``."""
+    if metres <= 0:
+        return 0.0
+    base = 10 ** math.floor(math.log10(metres))
+    for m in (5, 2, 1):
+        if m * base <= metres:
+            return m * base
+    return base
+
+
+def _scale_bar(draw: Any, geo: PreviewGeometry, lat: float, font: Any) -> None:
+    m_per_px = 2 * math.pi * EARTH_RADIUS_M * math.cos(math.radians(lat)) / (TILE_PX * 2**geo.zoom) / geo.scale
+    length_m = _nice_length(geo.width / 5 * m_per_px)
+    if length_m <= 0:
+        return
+    px = length_m / m_per_px
+    x0, y0 = 12, geo.height - 16
+    draw.rectangle([x0 - 4, y0 - 16, x0 + px + 4, y0 + 8], fill=(255, 255, 255))
+    draw.line([(x0, y0), (x0 + px, y0)], fill=(0, 0, 0), width=3)
+    for x in (x0, x0 + px):
+        draw.line([(x, y0 - 5), (x, y0 + 5)], fill=(0, 0, 0), width=2)
+    label = f"{length_m / 1000:g} km" if length_m >= 1000 else f"{length_m:g} m"
+    draw.text((x0, y0 - 15), label, fill=(0, 0, 0), font=font)
+
+
+def _north_arrow(draw: Any, geo: PreviewGeometry, font: Any) -> None:
+    cx, top = geo.width - 20, 8
+    draw.rectangle([cx - 12, top - 2, cx + 12, top + 40], fill=(255, 255, 255))
+    draw.polygon([(cx, top), (cx - 8, top + 20), (cx + 8, top + 20)], fill=(0, 0, 0))
+    draw.text((cx - 4, top + 24), "N", fill=(0, 0, 0), font=font)
+
+
+def _read_tiles(mbtiles: Path, zoom: int) -> Any:
+    import sqlite3
+
+    uri = f"file:{mbtiles}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    try:
+        yield from conn.execute(
+            "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ?", (zoom,)
+        )
+    finally:
+        conn.close()
+
+
+def render_preview(
+    cache_dir: Path,
+    out_path: Path,
+    *,
+    size: int = DEFAULT_SIZE,
+    built_at: str | None = None,
+) -> dict[str, Any]:
+    """Render the coverage map of the cache in ``cache_dir`` to ``out_path`` (PNG).
+
+    Returns the geometry and counts (``zoom``, ``scale``, ``width``,
+    ``height``, ``planned``, ``present``, ``missing``).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    cache_dir = Path(cache_dir)
+    summary = json.loads((cache_dir / "tileset.json").read_text())
+    record = json.loads((cache_dir / "flight.json").read_text())
+    bbox = LngLatBbox(*summary["bbox"])
+    zoom = max(summary["zooms"])
+    geo = _geometry(bbox, zoom, size)
+    canvas = Image.new("RGB", (geo.width, geo.height + LEGEND_PX), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+
+    present = 0
+    for col, tms_row, data in _read_tiles(cache_dir / "tiles.mbtiles", zoom):
+        y = 2**zoom - 1 - tms_row
+        box = geo.tile_box(col, y)
+        w, h = box[2] - box[0], box[3] - box[1]
+        if w <= 0 or h <= 0:
+            continue
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4 or 1/8 size
+        canvas.paste(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), box[:2])
+        present += 1
+    missing_ids = np.load(cache_dir / "missing.npy", allow_pickle=False)
+    missing = 0
+    for tid in missing_ids.tolist():
+        t = tile_from_id(int(tid))
+        if t.z == zoom:
+            _hatch(draw, geo.tile_box(t.x, t.y))
+            missing += 1
+
+    # the area, the route, the origin
+    x0, y0 = geo.project(bbox.north, bbox.west)
+    x1, y1 = geo.project(bbox.south, bbox.east if not geo.crosses else bbox.east + 360.0)
+    draw.rectangle([x0, y0, x1, y1], outline=AREA_RGB, width=2)
+    pts = [geo.project(w["lat"], w["lon"]) for w in record["waypoints"]]
+    if len(pts) > 1:
+        draw.line(pts, fill=ROUTE_RGB, width=3, joint="curve")
+    for x, y in pts:
+        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=ROUTE_RGB, outline=(255, 255, 255))
+    origin = record.get("takeoff_origin")
+    if origin:
+        ox, oy = geo.project(origin["lat"], origin["lon"])
+        draw.polygon([(ox, oy - 8), (ox - 7, oy + 6), (ox + 7, oy + 6)], fill=ORIGIN_RGB, outline=(0, 0, 0))
+
+    font = ImageFont.load_default()
+    mid_lat = (bbox.south + bbox.north) / 2
+    _scale_bar(draw, geo, mid_lat, font)
+    _north_arrow(draw, geo, font)
+    planned = int(summary["planned"])
+    date = (built_at or datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"))[:10]
+    zooms = ",".join(str(z) for z in summary["zooms"])
+    legend = (
+        f"flight {record.get('flight_id') or '(no id)'}  |  z{zooms}  |  "
+        f"{summary['present']}/{planned} tiles  |  built {date}"
+    )
+    if summary["missing"]:
+        legend += f"  |  {summary['missing']} missing (red)"
+    draw.rectangle([0, geo.height, geo.width, geo.height + LEGEND_PX], fill=(255, 255, 255))
+    draw.text((6, geo.height + 5), legend, fill=(0, 0, 0), font=font)
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    canvas.save(tmp, format="PNG", optimize=False, compress_level=3)
+    os.replace(tmp, out_path)
+    return {
+        "zoom": zoom,
+        "scale": geo.scale,
+        "width": geo.width,
+        "height": geo.height,
+        "planned": planned,
+        "present": present,
+        "missing": missing,
+        "geometry": geo,
+    }

@@ -1,0 +1,121 @@
+"""The coverage map and cache-info, on real published caches."""
+
+from __future__ import annotations
+
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cachebuild.preview import MISSING_RGB, ROUTE_RGB, render_preview
+from cachebuild.tiles import tile_from_id
+
+from .conftest import Cb, write_flight
+
+WPS = [(47.3700, 8.5400), (47.3730, 8.5440), (47.3715, 8.5470)]
+
+
+@pytest.fixture
+def holey_cache(cb: Cb, tmp_path: Path, tile_server) -> tuple[Cb, Path, list]:
+    from cachebuild.flight import flight_area, load_flight_file
+    from cachebuild.tiles import tiles
+
+    f = write_flight(tmp_path / "f.json", waypoints=WPS, origin=(47.3702, 8.5401), flight_id="0f0f0f0f-1111-4111-8111-111111111111")
+    planned = sorted(tiles(flight_area(load_flight_file(f), 200), [17]))
+    holes = [planned[0], planned[len(planned) // 2]]
+    tile_server.missing = {(t.z, t.x, t.y) for t in holes}
+    r = cb.build(f"FLIGHT={f}", "BUFFER_M=200", f"PROVIDER={tile_server.template()}", "STRICT=0")
+    assert r.code == 0, r.stderr
+    assert r.report["tiles"]["missing"] == 2
+    return cb, f, holes
+
+
+def _region(img: np.ndarray, box: tuple[int, int, int, int], inset: int = 2) -> np.ndarray:
+    left, top, right, bottom = box
+    return img[top + inset : bottom - inset, left + inset : right - inset]
+
+
+def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path) -> None:
+    cb, f, holes = holey_cache
+    release = cb.current.resolve()
+    out = tmp_path / "preview.png"
+    r = render_preview(release, out)
+    geo = r["geometry"]
+    with Image.open(out) as im:
+        img = np.asarray(im.convert("RGB")).astype(int)
+    assert img.shape[1] == r["width"] and r["missing"] == 2 and r["present"] == r["planned"] - 2
+
+    # missing tiles: the red hatch
+    for t in holes:
+        region = _region(img, geo.tile_box(t.x, t.y))
+        red = np.all(np.abs(region - np.array(MISSING_RGB)) < 40, axis=-1).mean()
+        assert red > 0.2, f"no hatch at {t}"
+
+    # present tiles: their own pixels, downsampled
+    conn = sqlite3.connect(release / "tiles.mbtiles")
+    request_close = conn.close
+    ids = np.load(release / "tiles.npy")["id"]
+    checked = 0
+    for tid in ids.tolist()[:: max(1, len(ids) // 6)]:
+        t = tile_from_id(tid)
+        (data,) = conn.execute(
+            "SELECT tile_data FROM tiles WHERE zoom_level=? AND tile_column=? AND tile_row=?",
+            (t.z, t.x, 2**t.z - 1 - t.y),
+        ).fetchone()
+        box = geo.tile_box(t.x, t.y)
+        own = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((box[2] - box[0], box[3] - box[1]))).astype(int)
+        shown = img[box[1] : box[3], box[0] : box[2]]
+        # overlays (route, bbox, bar) may cover a few pixels: compare the median difference
+        assert np.median(np.abs(shown - own)) < 12, f"tile {t} does not show its imagery"
+        checked += 1
+    request_close()
+    assert checked >= 3
+
+    # the route: its waypoints' projected pixels are the route colour
+    record = json.loads((release / "flight.json").read_text())
+    for w in record["waypoints"]:
+        x, y = geo.project(w["lat"], w["lon"])
+        px = img[int(round(y)), int(round(x))]
+        assert np.all(np.abs(px - np.array(ROUTE_RGB)) < 60), (w, px)
+
+
+def test_preview_cache_command_and_cache_info(holey_cache, tmp_path: Path) -> None:
+    cb, f, holes = holey_cache
+    out = tmp_path / "p.png"
+    p = cb.run("preview-cache", f"OUT={out}")
+    assert p.code == 0, p.stderr
+    with Image.open(out) as im:
+        assert im.size[0] > 100
+
+    info = cb.run("cache-info")
+    assert info.code == 0, info.stderr
+    d = info.report["cache"]
+    signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
+    assert d["build_id"] == signed["build_id"] == info.report["build_id"]
+    assert d["manifest_version"] == signed["version"] and d["expires"] == signed["expires"]
+    assert d["tiles"] == signed["info"]["tiles"]
+    assert d["tiles_per_zoom"]["17"]["missing"] == 2
+    assert d["artifacts"]["tiles.mbtiles"] == signed["targets"]["tiles.mbtiles"]["length"]
+    assert d["verify"] == {"ok": True, "reason": None}
+
+    text = cb.run("cache-info", "REPORT=text")
+    assert "passes" in text.stdout and signed["build_id"] in text.stdout
+
+    # tamper: cache-info says it does not verify, and why
+    target = cb.current / "descriptors.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.unlink()
+    target.write_bytes(bytes(data))
+    bad = cb.run("cache-info")
+    assert bad.report["cache"]["verify"]["ok"] is False
+    assert "descriptors.npy" in bad.report["cache"]["verify"]["reason"]
+
+
+def test_cache_info_without_a_cache(cb: Cb) -> None:
+    r = cb.run("cache-info")
+    assert r.code == 2 and "no published cache" in r.report["error"]
