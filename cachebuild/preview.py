@@ -114,14 +114,18 @@ def _geometry(bbox: LngLatBbox, zoom: int, size: int) -> PreviewGeometry:
     )
 
 
-def _hatch(draw: Any, box: tuple[int, int, int, int]) -> None:
+def _hatch(canvas: Any, box: tuple[int, int, int, int]) -> None:
+    """Fill ``box`` with a red diagonal hatch, clipped to the box."""
+    from PIL import Image, ImageDraw
+
     left, top, right, bottom = box
-    draw.rectangle(box, fill=(255, 200, 200))
-    step = 6
-    w, h = right - left, bottom - top
-    for k in range(-h, w, step):
-        draw.line([(left + k, bottom), (left + k + h, top)], fill=MISSING_RGB, width=2)
-    draw.rectangle(box, outline=MISSING_RGB)
+    w, h = max(1, right - left), max(1, bottom - top)
+    patch = Image.new("RGB", (w, h), (255, 200, 200))
+    draw = ImageDraw.Draw(patch)
+    for k in range(-h, w, 6):
+        draw.line([(k, h), (k + h, 0)], fill=MISSING_RGB, width=2)
+    draw.rectangle([0, 0, w - 1, h - 1], outline=MISSING_RGB)
+    canvas.paste(patch, (left, top))
 
 
 def _nice_length(metres: float) -> float:
@@ -194,23 +198,34 @@ def render_preview(
     canvas = Image.new("RGB", (geo.width, geo.height + LEGEND_PX), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
 
-    present = 0
-    for col, tms_row, data in _read_tiles(cache_dir / "tiles.mbtiles", zoom):
-        y = 2**zoom - 1 - tms_row
-        box = geo.tile_box(col, y)
+    def shrink(row: tuple[int, int, bytes]) -> tuple[tuple[int, int, int, int], Any] | None:
+        col, tms_row, data = row
+        box = geo.tile_box(col, 2**zoom - 1 - tms_row)
         w, h = box[2] - box[0], box[3] - box[1]
         if w <= 0 or h <= 0:
-            continue
+            return None
         img = Image.open(io.BytesIO(data))
         img.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4 or 1/8 size
-        canvas.paste(img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR), box[:2])
-        present += 1
+        return box, img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+
+    # decoding releases the GIL: threads over bounded chunks of rows, pasted in order
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    present = 0
+    rows = _read_tiles(cache_dir / "tiles.mbtiles", zoom)
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        while chunk := list(islice(rows, 512)):
+            for done in pool.map(shrink, chunk):
+                if done is not None:
+                    canvas.paste(done[1], done[0][:2])
+                    present += 1
     missing_ids = np.load(cache_dir / "missing.npy", allow_pickle=False)
     missing = 0
     for tid in missing_ids.tolist():
         t = tile_from_id(int(tid))
         if t.z == zoom:
-            _hatch(draw, geo.tile_box(t.x, t.y))
+            _hatch(canvas, geo.tile_box(t.x, t.y))
             missing += 1
 
     # the area, the route, the origin
