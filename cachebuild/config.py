@@ -73,6 +73,16 @@ VARIABLES: dict[str, str] = {
     "EXPIRES_DAYS": "days until the manifest expires [default: 30]",
     "STRICT": "1: a coverage gap fails the build (exit 22); 0: warn and publish [default: 1]",
     "REPORT": "text | json: json prints one JSON object as the last stdout line [default: text]",
+    "COMPANION": "user@host[:port]: build on the companion over SSH; this machine fetches and pushes "
+    "(docs/companion.md) [default: build here]",
+    "SSH_KEY": "private key for the companion [default: ~/.ssh/id_ed25519, id_ecdsa or id_rsa]",
+    "KNOWN_HOSTS": "OpenSSH known_hosts file the companion's host key must be in [default: ~/.ssh/known_hosts]",
+    "HOST_KEY_POLICY": "reject | accept-new: trust and record an unknown companion host key [default: reject]",
+    "COMPANION_DIR": "the cache root on the companion: store, cache, pushed files "
+    "[default: ~/.cache/cachebuild]",
+    "COMPANION_CMD": "how to run cachebuild's doit on the companion [default: doit]",
+    "COMPANION_KEY": "signing key's path on the companion (KEY stays on this machine) "
+    "[default: the companion's own]",
 }
 
 
@@ -148,6 +158,13 @@ class Settings:
     flights_api_url: str | None = None
     flights_api_timeout: float = 10.0
     offline: bool = False
+    companion: str | None = None
+    ssh_key: Path | None = None
+    known_hosts: Path | None = None
+    host_key_policy: str = "reject"
+    companion_dir: str | None = None
+    companion_cmd: str = "doit"
+    companion_key: str | None = None
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -220,6 +237,40 @@ def _zooms(raw: str | None) -> tuple[int, ...]:
     if not out:
         raise UsageError(f"ZOOM={raw!r} names no zoom level")
     return tuple(sorted(out))
+
+
+def _companion(get: Any) -> dict[str, Any]:
+    """COMPANION and its SSH settings, validated (docs/companion.md)."""
+    out: dict[str, Any] = {}
+    for name in ("COMPANION_DIR", "COMPANION_CMD", "COMPANION_KEY"):
+        raw = get(name)
+        if raw is not None and (not raw.strip() or "\n" in raw or "\0" in raw):
+            raise UsageError(f"{name}={raw!r} must be one non-empty line")
+        if raw is not None:
+            out[name.lower()] = raw.strip()
+    policy = (get("HOST_KEY_POLICY") or "reject").lower()
+    if policy not in ("reject", "accept-new"):
+        raise UsageError(f"HOST_KEY_POLICY={policy!r} must be reject or accept-new")
+    companion = get("COMPANION")
+    if companion is not None:
+        from .companion.ssh import parse_companion
+
+        parse_companion(companion)
+        if get("KEY") is not None:
+            raise UsageError(
+                "KEY is a key on this machine, and with COMPANION the companion signs the cache: "
+                "the private key is never sent",
+                remedy="leave KEY (and CACHEBUILD_KEY) unset and set COMPANION_KEY=<path of the signing key "
+                "on the companion> (docs/companion.md)",
+            )
+    known = get("KNOWN_HOSTS")
+    out.update(
+        companion=companion,
+        ssh_key=_path("SSH_KEY", get("SSH_KEY"), must_exist=True),
+        known_hosts=None if known is None else Path(known).expanduser().absolute(),
+        host_key_policy=policy,
+    )
+    return out
 
 
 def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
@@ -301,5 +352,6 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         flights_api_url=get("FLIGHTS_API_URL"),
         flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),
         offline=_bool("OFFLINE", get("OFFLINE"), False),
+        **_companion(get),
         env=env,
     )

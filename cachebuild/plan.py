@@ -113,6 +113,15 @@ def provider_key(spec: str) -> str:
     no-op.  URL templates are keys as written (the API key is a ``{key}``
     placeholder, never its value).
     """
+    if spec.startswith("pushed:"):  # companion mode: what the workstation pushed
+        from .companion.pushed import pushed_dir
+
+        d = pushed_dir(spec)
+        try:
+            st = (d / "tileset.json").stat()
+        except OSError:
+            raise UsageError(f"PROVIDER={spec}: no pushed tile set (tileset.json) there") from None
+        return f"pushed:{d}:{st.st_size}:{st.st_mtime_ns}"
     if spec.endswith(".mbtiles") and "://" not in spec:
         p = Path(spec).expanduser().absolute()
         try:
@@ -201,7 +210,7 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
         builtin = True
     keyid = None
     key_path = settings.key or settings.dev_key
-    if with_flight:
+    if with_flight and settings.companion is None:  # with COMPANION, the companion signs
         key_path = _signing_key(settings, warn)
         try:
             keyid = cached_keyid(key_path, settings.paths.state / "keyid.json")

@@ -605,6 +605,10 @@ def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | N
     'synthetic:v1'
     """
     spec = spec.strip()
+    if spec.startswith("pushed:"):  # companion mode (cachebuild.companion.pushed)
+        from .companion.pushed import open_pushed
+
+        return open_pushed(spec)
     if spec in ("", "synthetic"):
         return SyntheticProvider()
     if spec.lower().startswith(("http://", "https://")):

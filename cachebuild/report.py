@@ -119,5 +119,13 @@ class Report:
             )
             ran = ", ".join(self.tasks["run"]) or "nothing (all up to date)"
             lines.append(f"  ran      {ran}")
+            companion = self.extra.get("companion")
+            if companion:  # COMPANION=...: what was pushed and built there
+                pushed = self.extra.get("push") or {}
+                there = ", ".join((companion.get("tasks") or {}).get("run") or []) or "nothing (all up to date)"
+                lines.append(
+                    f"  companion {companion['host']}: pushed {pushed.get('objects', 0)} objects "
+                    f"({pushed.get('bytes', 0) / 1e6:.1f} MB), built {there}"
+                )
         out.write("\n".join(lines) + "\n")
         out.flush()

@@ -27,6 +27,7 @@ from typing import Any
 from doit.cmd_base import Command, TaskLoader2
 
 from . import actions
+from .companion import LOCAL_TASKS
 from .config import VARIABLES, Settings, load_settings
 from .errors import BuildError, CacheBuildError, CoverageError, UsageError, VerifyError
 from .lock import CacheLock
@@ -38,6 +39,7 @@ __all__ = [
     "CleanCacheCmd",
     "CacheInfoCmd",
     "PreviewCacheCmd",
+    "CompanionAgentCmd",
     "build_cache",
     "verify_cache_cmd",
     "clean_cache",
@@ -288,7 +290,8 @@ def _locked_build(
     clean_leftovers(paths)
     actions.FAILURES.clear()
     actions.ACTIVE["locked"] = True
-    code = run_doit(plan, reporter)
+    on_companion = settings.companion is not None  # then only flight and tiles run here
+    code = run_doit(plan, reporter, tasks=list(LOCAL_TASKS) if on_companion else None)
     actions.ACTIVE["locked"] = False
     if code != 0:
         if actions.FAILURES:
@@ -297,6 +300,11 @@ def _locked_build(
         raise BuildError(f"build failed: {detail}", phase=(reporter.failed or ["build"])[-1])
 
     report.tiles = _tile_counts(paths.build, reporter.ran)
+    if on_companion:
+        from .companion import build_on_companion
+
+        build_on_companion(plan, report, warn)  # push, build there, merge its report
+        return
     t = time.monotonic()
     staged = (paths.build / "manifest.json").read_bytes()
     signed = json.loads(staged)["signed"]
@@ -475,6 +483,19 @@ class PreviewCacheCmd(_CacheCommand):
         return preview_cache_cmd(vars)
 
 
+class CompanionAgentCmd(_CacheCommand):
+    name = "companion-agent"
+    doc_purpose = "the companion's side of COMPANION=... builds, run over SSH by build-cache"
+    doc_usage = "OP=probe|unpack DIR=<COMPANION_DIR> [WANT=stdin] [BACKEND=name]"
+    doc_description = "See docs/companion.md."
+
+    @staticmethod
+    def impl(vars: Mapping[str, str]) -> int:
+        from .companion.agent import main as agent_main
+
+        return agent_main(vars)
+
+
 # -- dodo.py and the console script ----------------------------------------
 
 
@@ -520,6 +541,7 @@ _COMMANDS = {
     "clean": clean_cache,
     "cache-info": CacheInfoCmd.impl,
     "preview-cache": PreviewCacheCmd.impl,
+    "companion-agent": CompanionAgentCmd.impl,
 }
 
 

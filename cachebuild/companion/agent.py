@@ -1,0 +1,274 @@
+"""The companion's side of companion mode: ``doit companion-agent OP=…``.
+
+The workstation runs it over SSH through ``COMPANION_CMD`` (so it is the
+very cachebuild that will build there); each run prints one JSON object as
+its last stdout line and exits 0, or prints ``{"error": …, "remedy": …}``
+and exits 1.
+
+``OP=probe DIR=<root> [WANT=stdin] [BACKEND=…]``
+    Makes the layout under ``DIR`` (the ``COMPANION_DIR``), unpacks packs a
+    cut-off push left complete, and answers: cachebuild and protocol
+    versions, the device (GPU name, TensorRT version, Jetson model), free
+    disk, and which of the paths read from stdin (one per line, relative to
+    ``DIR``) are absent — one round trip, however large the store and
+    however slow the link.
+``OP=unpack DIR=<root> [WANT=stdin]``
+    Unpacks the complete packs in ``incoming/`` into the store, then answers
+    which of the paths on stdin are still absent.
+
+Layout under ``DIR``::
+
+    store/              the content-addressed store (objects/ab/<sha256>)
+    incoming/           packs being pushed (*.tar.part) and pushed (*.tar)
+    inputs/<sha256>.*   model and calibration files, named by content
+    inbox/<key>/        a pushed flight: flight.json, tiles.npy, missing.npy,
+                        tileset.json (last), push.json
+    cache/              the companion's cache (CACHE_DIR): lock, releases, current
+
+No doit import here; :mod:`cachebuild.runner` registers the command.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "INBOX_KEEP_S",
+    "layout",
+    "device_info",
+    "probe",
+    "unpack",
+    "main",
+]
+
+#: Bumped when what the workstation and the companion say to each other changes.
+PROTOCOL_VERSION = 1
+#: Pushed flights not used for this long are removed by the next probe.
+INBOX_KEEP_S = 7 * 24 * 3600.0
+_DIRS = ("store", "incoming", "inputs", "inbox", "cache")
+
+
+def layout(root: Path) -> dict[str, Path]:
+    """The directories under a ``COMPANION_DIR``."""
+    return {name: root / name for name in _DIRS}
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _tensorrt_version() -> str | None:
+    # JetPack installs TensorRT's Python bindings from a Debian package, with
+    # no pip metadata: ask the module itself, in a child so a broken CUDA
+    # install cannot take the agent down.
+    import importlib.util
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_lean"):
+        v = _version(dist)
+        if v:
+            return v
+    if importlib.util.find_spec("tensorrt") is None:
+        return None
+    try:
+        p = subprocess.run(
+            [sys.executable, "-c", "import tensorrt; print(tensorrt.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return p.stdout.strip() or None if p.returncode == 0 else None
+
+
+def _gpus() -> list[str]:
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        p = subprocess.run(
+            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [ln.strip() for ln in p.stdout.splitlines() if ln.strip()] if p.returncode == 0 else []
+
+
+def _jetson_model() -> str | None:
+    try:
+        text = Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def device_info() -> dict[str, Any]:
+    """What will build here: GPU (``nvidia-smi``), TensorRT, Jetson model, CPU.
+
+    Every field may be None (no GPU: ONNX Runtime on the CPU builds).
+    """
+    gpus = _gpus()
+    return {
+        "gpu": gpus[0] if gpus else None,
+        "gpus": gpus,
+        "tensorrt": _tensorrt_version(),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "jetson": _jetson_model(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _checked(rel: str) -> str:
+    p = PurePosixPath(rel)
+    if p.is_absolute() or ".." in p.parts or not p.parts:
+        raise ValueError(f"not a path under DIR: {rel!r}")
+    return str(p)
+
+
+def _absent(root: Path, wanted: list[str]) -> list[str]:
+    return [rel for rel in wanted if not (root / _checked(rel)).is_file()]
+
+
+def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
+    removed = 0
+    for entry in os.scandir(inbox):
+        if entry.name in keep or not entry.is_dir():
+            continue
+        try:
+            if now - entry.stat().st_mtime > INBOX_KEEP_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _prepare(root: Path) -> dict[str, Path]:
+    from ..store import TileStore
+
+    dirs = layout(root)
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    TileStore(dirs["store"]).close()  # objects/, tmp/, journal/
+    probe_file = dirs["incoming"] / f".probe-{os.getpid()}"
+    probe_file.write_bytes(b"")
+    probe_file.unlink()
+    return dirs
+
+
+def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str, Any]:
+    """Everything the workstation needs to decide whether and what to push.
+
+    Parameters
+    ----------
+    root
+        The ``COMPANION_DIR`` (absolute).
+    wanted
+        Paths relative to ``root`` the push would provide.
+    backend
+        The engine backend the build will use (reported as ``engine``).
+    """
+    from .. import __version__
+    from ..store import TileStore
+    from .packs import settle_incoming
+
+    dirs = _prepare(root)
+    with TileStore(dirs["store"]) as store:
+        settled = settle_incoming(dirs["incoming"], store)
+    now = time.time()
+    inboxes = {PurePosixPath(_checked(w)).parts[1] for w in wanted if w.startswith("inbox/")}
+    for name in inboxes:
+        if (dirs["inbox"] / name).is_dir():
+            os.utime(dirs["inbox"] / name)  # in use: keep it
+    pruned = _prune_inbox(dirs["inbox"], inboxes, now)
+    device = device_info()
+    engine = None
+    if backend:
+        from ..plan import engine_environment
+
+        engine = engine_environment(backend)
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "cachebuild": __version__,
+        "python": platform.python_version(),
+        "doit": _version("doit"),
+        "dir": str(root),
+        "free_bytes": shutil.disk_usage(root).free,
+        "device": device,
+        "engine": engine,
+        "settled": settled,
+        "pruned_inbox": pruned,
+        "absent": _absent(root, wanted),
+    }
+
+
+def unpack(root: Path, wanted: list[str]) -> dict[str, Any]:
+    """Unpack the complete packs under ``root/incoming``; which ``wanted`` are still absent."""
+    from ..store import TileStore
+    from .packs import settle_incoming
+
+    dirs = layout(root)
+    with TileStore(dirs["store"]) as store:
+        settled = settle_incoming(dirs["incoming"], store)
+    return {"protocol": PROTOCOL_VERSION, "settled": settled, "absent": _absent(root, wanted)}
+
+
+def _answer(obj: Mapping[str, Any], code: int) -> int:
+    sys.stdout.write(json.dumps(obj, sort_keys=True) + "\n")
+    sys.stdout.flush()
+    return code
+
+
+def main(vars: Mapping[str, str]) -> int:
+    """``doit companion-agent OP=probe|unpack DIR=<abs path> [WANT=stdin] [BACKEND=…]``."""
+    op = vars.get("OP", "")
+    raw_dir = vars.get("DIR", "")
+    unknown = sorted(set(vars) - {"OP", "DIR", "WANT", "BACKEND"})
+    if op not in ("probe", "unpack") or not raw_dir or unknown:
+        return _answer(
+            {
+                "error": "usage: companion-agent OP=probe|unpack DIR=<absolute path> [WANT=stdin] [BACKEND=name]"
+                + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+                "remedy": "this command is run by `doit build-cache COMPANION=…` on the workstation",
+            },
+            2,
+        )
+    root = Path(raw_dir)
+    wanted: list[str] = []
+    if vars.get("WANT") == "stdin":
+        wanted = [ln.strip() for ln in sys.stdin.buffer.read().decode().splitlines() if ln.strip()]
+    try:
+        if not root.is_absolute():
+            raise ValueError(f"DIR={raw_dir} is not absolute")
+        if op == "probe":
+            return _answer(probe(root, wanted, vars.get("BACKEND")), 0)
+        return _answer(unpack(root, wanted), 0)
+    except PermissionError as exc:
+        return _answer(
+            {
+                "error": f"cannot write under {root} ({exc.strerror}: {exc.filename})",
+                "remedy": "set COMPANION_DIR to a directory the companion user owns, "
+                "or fix its permissions on the companion",
+            },
+            1,
+        )
+    except OSError as exc:
+        return _answer({"error": f"{root}: {exc.strerror or exc} ({exc.filename})", "remedy": "check COMPANION_DIR"}, 1)
+    except ValueError as exc:
+        return _answer({"error": str(exc), "remedy": "check COMPANION_DIR"}, 1)

@@ -1,0 +1,317 @@
+"""Companion mode, start to end, after the workstation's half of the build.
+
+The wrapper (:mod:`cachebuild.runner`) resolves the flight, takes the
+workstation's lock and runs only the ``flight`` and ``tiles`` tasks; then
+:func:`build_on_companion`:
+
+1. **Bringup** — connect (:mod:`.ssh`), find ``COMPANION_DIR``, and ask the
+   companion's agent, in one round trip, for its cachebuild version, device
+   and free disk and which of the needed files it lacks; refuse (exit 30)
+   when it cannot build.
+2. **Push** — send exactly what it lacks (:mod:`.push`).
+3. **Remote build** — ``COMPANION_CMD build-cache`` there, from what was
+   pushed (``PROVIDER=pushed:…``), under the companion's own lock; its
+   output streamed here; its JSON report merged into this run's report
+   (``push`` and ``companion`` objects, its outcome and exit code).
+"""
+
+from __future__ import annotations
+
+import posixpath
+import sys
+import time
+from typing import Any, TextIO
+
+from ..errors import EXIT_USAGE
+from .errors import CompanionNotReadyError, RemoteBuildError
+from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect, parse_companion
+
+__all__ = [
+    "DEFAULT_COMPANION_DIR",
+    "DEFAULT_COMPANION_CMD",
+    "DISK_RESERVE_BYTES",
+    "companion_options",
+    "resolve_root",
+    "remote_variables",
+    "build_on_companion",
+]
+
+#: The companion's cache root: cachebuild's own default home there.
+DEFAULT_COMPANION_DIR = "~/.cache/cachebuild"
+DEFAULT_COMPANION_CMD = "doit"
+#: Free disk the push must leave on the companion.
+DISK_RESERVE_BYTES = 256 << 20
+_PROGRESS_EVERY_S = 1.0
+
+
+def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
+    """The companion and how to reach it, from validated settings."""
+    from .ssh import default_key_path, default_known_hosts
+
+    target = parse_companion(settings.companion)
+    key = settings.ssh_key or default_key_path()
+    if key is None:
+        from .errors import AuthenticationError
+
+        raise AuthenticationError(
+            "no SSH key: SSH_KEY is not set and there is no ~/.ssh/id_ed25519, id_ecdsa or id_rsa",
+            remedy="set SSH_KEY=<private key the companion accepts>; docs/companion.md shows how to make one",
+        )
+    return target, SshOptions(
+        key_path=key,
+        known_hosts=settings.known_hosts or default_known_hosts(),
+        host_key_policy=settings.host_key_policy,
+        passphrase=settings.env.get(PASSPHRASE_ENV) or None,
+    )
+
+
+def resolve_root(sftp: Any, spec: str | None) -> str:
+    """``COMPANION_DIR`` as an absolute path on the companion (``~`` and relative paths
+    are taken from the login directory)."""
+    spec = (spec or DEFAULT_COMPANION_DIR).strip()
+    if spec.startswith("/"):
+        return posixpath.normpath(spec)
+    home = sftp.normalize(".")
+    if spec == "~" or spec.startswith("~/"):
+        spec = spec[2:]
+    return posixpath.normpath(posixpath.join(home, spec))
+
+
+def remote_variables(settings: Any, remote: dict[str, str | None]) -> dict[str, str | None]:
+    """The ``build-cache`` variables of the remote build: what the build depends
+    on, with the pushed flight, tiles and inputs in place of local paths."""
+    return {
+        "FLIGHT": remote["flight"],
+        "PROVIDER": f"pushed:{remote['tileset_dir']}",
+        "CACHE_DIR": remote["cache"],
+        "STORE": remote["store"],
+        "ZOOM": ",".join(str(z) for z in settings.zooms),
+        "BUFFER_M": repr(float(settings.buffer_m)),
+        "MODEL": remote["model"],
+        "CALIBRATION": remote["calibration"],
+        "PRECISION": settings.precision,
+        "BACKEND": settings.backend,
+        "BATCH": str(settings.batch),
+        "THREADS": None if settings.threads is None else str(settings.threads),
+        "KEY": settings.companion_key,
+        "EXPIRES_DAYS": repr(float(settings.expires_days)),
+        "STRICT": "1" if settings.strict else "0",
+        "REPORT": "json",
+    }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _device_line(info: dict[str, Any]) -> str:
+    dev = info.get("device") or {}
+    parts = []
+    if dev.get("jetson"):
+        parts.append(str(dev["jetson"]))
+    parts.append(f"GPU {dev['gpu']}" if dev.get("gpu") else "no GPU")
+    parts.append(f"TensorRT {dev['tensorrt']}" if dev.get("tensorrt") else "no TensorRT")
+    if dev.get("onnxruntime"):
+        parts.append(f"ONNX Runtime {dev['onnxruntime']}")
+    return ", ".join(parts)
+
+
+def _check_ready(
+    info: dict[str, Any], need: int, comfortable: int, settings: Any, target: CompanionTarget, warn: Any
+) -> None:
+    from .. import __version__
+    from .agent import PROTOCOL_VERSION
+
+    if info.get("protocol") != PROTOCOL_VERSION:
+        raise CompanionNotReadyError(
+            f"{target} runs cachebuild {info.get('cachebuild')} (companion protocol {info.get('protocol')}); "
+            f"this workstation's cachebuild {__version__} speaks protocol {PROTOCOL_VERSION}",
+            remedy=f"install cachebuild {__version__} on the companion (docs/companion.md)",
+        )
+    if info.get("cachebuild") != __version__:
+        warn(
+            f"the companion runs cachebuild {info.get('cachebuild')}, this workstation {__version__}; "
+            "compatible, but the same version on both is safer"
+        )
+    dev = info.get("device") or {}
+    if settings.backend == "tensorrt" and not dev.get("tensorrt"):
+        raise CompanionNotReadyError(
+            f"BACKEND=tensorrt, but {target} has no TensorRT ({_device_line(info)})",
+            remedy="install JetPack's TensorRT Python bindings there (python3-libnvinfer), "
+            "or build with BACKEND=onnxruntime",
+        )
+    free = int(info.get("free_bytes") or 0)
+    if free < need:
+        raise CompanionNotReadyError(
+            f"{target} has {_mb(free)} free under {info.get('dir')}; the push needs {_mb(need)} "
+            f"(with {_mb(DISK_RESERVE_BYTES)} kept free)",
+            remedy="free space on the companion (old releases are under COMPANION_DIR/cache/releases), "
+            "or point COMPANION_DIR at a bigger disk",
+        )
+    if free < comfortable:
+        warn(f"{target} has {_mb(free)} free; the build there may need about {_mb(comfortable)}")
+
+
+class _Progress:
+    """Push progress on stderr, at most once a second (the flow prints the end)."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+        self.last = time.monotonic()
+
+    def __call__(self, result: Any, total_objects: int, total_bytes: int) -> None:
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_EVERY_S:
+            return
+        self.last = now
+        self.stream.write(
+            f"push: {result.objects:,}/{total_objects:,} objects, {_mb(result.bytes)} sent "
+            f"of about {_mb(total_bytes)}\n"
+        )
+        self.stream.flush()
+
+
+def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: CompanionTarget) -> None:
+    companion = report.extra.setdefault("companion", {})
+    companion.update(
+        outcome=remote.get("outcome"),
+        exit_code=remote.get("exit_code"),
+        manifest_path=remote.get("manifest_path"),
+        tasks=remote.get("tasks"),
+        phases=remote.get("phases"),
+        tiles=remote.get("tiles"),
+    )
+    report.build_id = remote.get("build_id")
+    report.manifest_version = remote.get("manifest_version")
+    report.manifest_path = remote.get("manifest_path")
+    for w in remote.get("warnings") or []:
+        report.warnings.append(f"companion: {w}")
+    remote_code = int(remote.get("exit_code", code))
+    if remote.get("outcome") in ("success", "up_to_date") and remote_code == 0:
+        report.outcome = remote["outcome"]
+        report.exit_code = 0
+        return
+    message = f"on the companion {target}: {remote.get('error') or f'the build exited {code}'}"
+    if remote_code == EXIT_USAGE or 90 <= remote_code <= 99:
+        # the companion refused what this workstation asked: a version mismatch
+        raise CompanionNotReadyError(
+            message + f" (exit {remote_code} there)",
+            remedy="install the same cachebuild version on the companion as on this workstation",
+        )
+    raise RemoteBuildError(message, exit_code=remote_code, phase=remote.get("failure_phase"), remedy=remote.get("remedy"))
+
+
+def build_on_companion(
+    plan: Any,
+    report: Any,
+    warn: Any,
+    *,
+    factory: Factory | None = None,
+    stream: TextIO | None = None,
+    pack_bytes: int | None = None,
+) -> None:
+    """Bring up the companion, push what it lacks, build there, merge its report.
+
+    Parameters
+    ----------
+    plan
+        The resolved :class:`~cachebuild.plan.BuildPlan`; its ``flight`` and
+        ``tiles`` tasks have run (the staged tile set is in ``plan.paths.build``).
+    report
+        This run's :class:`~cachebuild.report.Report`; gains ``push``,
+        ``companion``, phases ``bringup``, ``push``, ``remote`` and the
+        remote build's outcome, identity and exit code.
+    warn
+        Prints and records a warning.
+    factory
+        Makes the SSH connection (tests inject one); paramiko by default.
+    stream
+        Where progress and the companion's output go (stderr).
+
+    Raises
+    ------
+    CompanionError
+        Exit 30: unreachable, untrusted, refused, not ready, link lost.
+    RemoteBuildError, RemoteReportError
+        The remote build failed (its exit code), or gave no report (21).
+    """
+    from .push import plan_push, push
+    from .remote import call_agent, remote_command, run_remote_build
+
+    settings = plan.settings
+    out = stream or sys.stderr
+    target, options = companion_options(settings)
+    companion: dict[str, Any] = {"host": str(target), "device": None}
+    report.extra["companion"] = companion
+    report.extra["push"] = {"objects": 0, "bytes": 0}
+    t = time.monotonic()
+    with connect(target, options, factory=factory, warn=warn) as conn:
+        sftp = conn.open_sftp()
+        root = resolve_root(sftp, settings.companion_dir)
+        wanted_plan = plan_push(
+            build_dir=plan.paths.build,
+            store_root=settings.store,
+            root=root,
+            model=settings.model,
+            calibration=settings.calibration,
+            state_dir=plan.paths.state,
+        )
+        info = call_agent(
+            conn, settings.companion_cmd, "probe", root, wanted=wanted_plan.wanted(), backend=settings.backend
+        )
+        absent = set(info.get("absent") or [])
+        sending = wanted_plan.bytes_for(absent)
+        tiles_absent = sum(size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent)
+        need = sending + tiles_absent + DISK_RESERVE_BYTES  # packs and the objects unpacked from them
+        comfortable = need + wanted_plan.tile_bytes + 4096 * len(wanted_plan.tiles)
+        companion.update(
+            device=info.get("device"),
+            engine=info.get("engine"),
+            cachebuild=info.get("cachebuild"),
+            dir=root,
+            free_bytes=info.get("free_bytes"),
+        )
+        _check_ready(info, need, comfortable, settings, target, warn)
+        settled = info.get("settled") or {}
+        out.write(
+            f"companion {target}: cachebuild {info.get('cachebuild')}, {_device_line(info)}, "
+            f"{_mb(int(info.get('free_bytes') or 0))} free in {root}\n"
+        )
+        if settled.get("objects"):
+            out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
+        out.write(
+            f"push: {len(absent):,} of {len(wanted_plan.wanted()):,} files missing there, about {_mb(sending)} to send\n"
+        )
+        out.flush()
+        report.timed("bringup", time.monotonic() - t)
+
+        t = time.monotonic()
+        result = push(
+            conn,
+            sftp,
+            wanted_plan,
+            absent,
+            root=root,
+            on_progress=_Progress(out),
+            unpack=lambda rels: call_agent(
+                conn, settings.companion_cmd, "unpack", root, wanted=rels, during="unpacking the push"
+            ),
+            **({"pack_bytes": pack_bytes} if pack_bytes else {}),
+        )
+        report.extra["push"] = result.to_dict()
+        report.timed("push", time.monotonic() - t)
+        out.write(
+            f"push: sent {result.objects:,} objects and {result.files:,} files, {_mb(result.bytes)}, "
+            f"in {time.monotonic() - t:.1f} s; {result.skipped:,} objects were there already\n"
+        )
+        sftp.close()
+
+        t = time.monotonic()
+        command = remote_command(
+            settings.companion_cmd, "build-cache", remote_variables(settings, wanted_plan.remote)
+        )
+        try:
+            code, remote = run_remote_build(conn, command, out=out, env=settings.env)
+        finally:
+            report.timed("remote", time.monotonic() - t)
+        _merge_remote(report, remote, code, target)

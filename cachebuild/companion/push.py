@@ -1,0 +1,411 @@
+"""The delta push: what the companion needs for a build, minus what it has.
+
+:func:`plan_push` lists what a remote build of the staged tile set needs,
+as paths relative to the ``COMPANION_DIR``:
+
+- every tile image the tile set names, ``store/objects/ab/<sha256>``;
+- the model and calibration files when ``MODEL``/``CALIBRATION`` are set,
+  ``inputs/<sha256><suffix>`` (named by content: a changed model is a new
+  file, an unchanged one is never sent twice);
+- the flight and tile set, ``inbox/<key>/`` (``key`` hashes the flight
+  record and the tile set's aggregate hash): ``flight.json``, ``tiles.npy``,
+  ``missing.npy``, ``push.json`` and, last, ``tileset.json`` — its presence
+  means the directory is complete.
+
+The companion's agent says which are absent (one round trip); :func:`push`
+sends exactly those over SFTP.  Tile images travel in packs
+(:mod:`.packs`); every file is written to a temporary name and renamed, so
+a cut-off push never leaves a half file under a real name, and the next
+run sends only what did not arrive (a partial model upload resumes where
+it stopped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CompanionNotReadyError, ConnectionDroppedError
+from .packs import DEFAULT_PACK_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
+
+__all__ = [
+    "INBOX_FILES",
+    "CHUNK_BYTES",
+    "PushPlan",
+    "PushResult",
+    "plan_push",
+    "push",
+    "file_sha256_cached",
+]
+
+#: The files of a pushed flight, in upload order: ``tileset.json`` last.
+INBOX_FILES = ("flight.json", "tiles.npy", "missing.npy", "push.json", "tileset.json")
+#: Bytes per SFTP write call (paramiko splits them into 32 KiB requests, pipelined).
+CHUNK_BYTES = 1 << 20
+_SUFFIX_RE = re.compile(r"^\.[A-Za-z0-9]{1,12}$")
+
+
+@dataclass
+class PushPlan:
+    """What a remote build needs, by path relative to the ``COMPANION_DIR``.
+
+    Attributes
+    ----------
+    tiles
+        ``sha256 -> (local path, size)`` of every tile image, once each.
+    inputs
+        ``relative path -> (local path, size)`` of model/calibration files.
+    inbox
+        ``inbox/<key>``, where the flight and tile set go.
+    inbox_files
+        ``name -> bytes`` of the files that go there.
+    remote
+        Remote paths (absolute) the build is run with: ``flight``,
+        ``tileset_dir``, ``model``, ``calibration``, ``store``, ``cache``.
+    """
+
+    tiles: dict[str, tuple[Path, int]]
+    inputs: dict[str, tuple[Path, int]]
+    inbox: str
+    inbox_files: dict[str, bytes]
+    remote: dict[str, str | None]
+
+    @staticmethod
+    def tile_rel(digest: str) -> str:
+        return f"store/objects/{digest[:2]}/{digest}"
+
+    def wanted(self) -> list[str]:
+        """Every path the build needs, for the agent to check."""
+        rels = [self.tile_rel(d) for d in self.tiles]
+        rels.extend(self.inputs)
+        rels.append(f"{self.inbox}/tileset.json")
+        return rels
+
+    def bytes_for(self, absent: set[str]) -> int:
+        """Bytes :func:`push` would send for ``absent`` (tile payload, inputs, inbox)."""
+        n = sum(size for d, (_, size) in self.tiles.items() if self.tile_rel(d) in absent)
+        n += sum(size for rel, (_, size) in self.inputs.items() if rel in absent)
+        if f"{self.inbox}/tileset.json" in absent:
+            n += sum(len(b) for b in self.inbox_files.values())
+        return n
+
+    @property
+    def tile_bytes(self) -> int:
+        return sum(size for _, size in self.tiles.values())
+
+
+@dataclass
+class PushResult:
+    """What one push sent (the report's ``push`` object)."""
+
+    objects: int = 0
+    bytes: int = 0
+    tile_objects: int = 0
+    tile_bytes: int = 0
+    files: int = 0
+    packs: int = 0
+    skipped: int = 0
+    settled: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "tile_objects": self.tile_objects,
+            "tile_bytes": self.tile_bytes,
+            "files": self.files,
+            "packs": self.packs,
+            "already_there": self.skipped,
+        }
+
+
+def file_sha256_cached(path: Path, cache_file: Path) -> str:
+    """SHA-256 of a (large) file, cached against its stat in ``cache_file``."""
+    st = path.stat()
+    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(str(path))
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return str(entry["sha256"])
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    cache[str(path)] = {"stamp": stamp, "sha256": h.hexdigest()}
+    cache_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cache))
+    os.replace(tmp, cache_file)
+    return h.hexdigest()
+
+
+def _input_rel(path: Path, digest: str) -> str:
+    suffix = path.suffix if _SUFFIX_RE.match(path.suffix) else ""
+    return f"inputs/{digest}{suffix}"
+
+
+def plan_push(
+    *,
+    build_dir: Path,
+    store_root: Path,
+    root: str,
+    model: Path | None = None,
+    calibration: Path | None = None,
+    state_dir: Path | None = None,
+) -> PushPlan:
+    """List what a remote build of the staged tile set in ``build_dir`` needs.
+
+    Parameters
+    ----------
+    build_dir
+        The workstation's staged build (``flight.json``, ``tiles.npy``,
+        ``missing.npy``, ``tileset.json``).
+    store_root
+        The workstation's tile store.
+    root
+        The ``COMPANION_DIR``, absolute, as the companion spells it.
+    model, calibration
+        Files to push, or None.
+    state_dir
+        Where the hashes of model files are cached by stat.
+    """
+    from ..tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
+
+    tiles: dict[str, tuple[Path, int]] = {}
+    objects = store_root / "objects"
+    for digest in hex_digests(read_tiles(build_dir)):
+        if digest not in tiles:
+            path = objects / digest[:2] / digest
+            try:
+                tiles[digest] = (path, path.stat().st_size)
+            except FileNotFoundError:
+                raise CompanionNotReadyError(
+                    f"tile object {digest[:12]}… named by {build_dir / TILES_FILE} is not in the store {store_root}",
+                    remedy="run build-cache again: the tiles phase fetches what the store lacks",
+                    phase="push",
+                ) from None
+    inputs: dict[str, tuple[Path, int]] = {}
+    remote: dict[str, str | None] = {"model": None, "calibration": None}
+    cache = (state_dir or build_dir) / "companion-inputs.json"
+    for name, path in (("model", model), ("calibration", calibration)):
+        if path is not None:
+            rel = _input_rel(path, file_sha256_cached(path, cache))
+            inputs[rel] = (path, path.stat().st_size)
+            remote[name] = f"{root}/{rel}"
+    flight = (build_dir / "flight.json").read_bytes()
+    summary = read_summary(build_dir)
+    key = hashlib.sha256(
+        b"cachebuild-inbox-v1\0" + flight + b"\0" + str(summary["aggregate_sha256"]).encode()
+    ).hexdigest()[:32]
+    inbox = f"inbox/{key}"
+    push_json = json.dumps(
+        {"format": 1, "store": f"{root}/store", "aggregate_sha256": summary["aggregate_sha256"]},
+        indent=1,
+        sort_keys=True,
+    ).encode()
+    files = {
+        "flight.json": flight,
+        "tiles.npy": (build_dir / TILES_FILE).read_bytes(),
+        "missing.npy": (build_dir / MISSING_FILE).read_bytes(),
+        "push.json": push_json,
+        "tileset.json": (build_dir / SUMMARY_FILE).read_bytes(),
+    }
+    remote.update(
+        flight=f"{root}/{inbox}/flight.json",
+        tileset_dir=f"{root}/{inbox}",
+        store=f"{root}/store",
+        cache=f"{root}/cache",
+    )
+    return PushPlan(tiles=tiles, inputs=inputs, inbox=inbox, inbox_files=files, remote=remote)
+
+
+class _Uploader:
+    """SFTP writes through temp names, translating errors at the boundary."""
+
+    def __init__(self, conn: Any, sftp: Any, root: str, result: PushResult, total: int):
+        self.conn = conn
+        self.sftp = sftp
+        self.root = root
+        self.result = result
+        self.total = total
+
+    def _link_down(self, exc: BaseException) -> bool:
+        if isinstance(exc, (EOFError, ConnectionError, TimeoutError)):
+            return True  # TimeoutError: nothing heard for dead_after_s
+        # paramiko may report the loss before its transport thread notices it
+        deadline = time.monotonic() + 1.0
+        while self.conn.alive():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def fail(self, what: str, exc: BaseException) -> Exception:
+        arrived = (
+            f"; {self.result.objects} of {self.total} objects had arrived and are kept"
+            if self.total
+            else ""
+        )
+        if self._link_down(exc):
+            return ConnectionDroppedError(
+                f"the connection to {self.conn.target} was lost during the push ({what}){arrived}",
+                phase="push",
+            )
+        return CompanionNotReadyError(
+            f"push to {self.conn.target} failed writing {what}: {exc}{arrived}",
+            remedy="check COMPANION_DIR's permissions and free space on the companion",
+            phase="push",
+        )
+
+    def write(self, rel: str, data: bytes | Path, *, resume: bool = False) -> int:
+        """Write ``data`` to ``root/rel`` via a temp name; returns bytes sent."""
+        final = f"{self.root}/{rel}"
+        part = f"{final}{PART_SUFFIX}" if resume else f"{final}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        try:
+            offset = 0
+            if resume:
+                try:
+                    offset = int(self.sftp.stat(part).st_size or 0)
+                except OSError:
+                    offset = 0
+            sent = 0
+            with self.sftp.open(part, "r+" if offset else "w") as fh:
+                fh.set_pipelined(True)
+                if isinstance(data, Path):
+                    size = data.stat().st_size
+                    if offset > size:
+                        fh.truncate(0)
+                        offset = 0
+                    fh.seek(offset)
+                    with open(data, "rb") as src:
+                        src.seek(offset)
+                        for block in iter(lambda: src.read(CHUNK_BYTES), b""):
+                            fh.write(block)
+                            sent += len(block)
+                else:
+                    view = memoryview(data)
+                    for i in range(0, len(view), CHUNK_BYTES):
+                        fh.write(view[i : i + CHUNK_BYTES])
+                    sent = len(data)
+            self.sftp.posix_rename(part, final)
+        except (OSError, EOFError) as exc:
+            raise self.fail(rel, exc) from exc
+        except Exception as exc:  # paramiko.SSHException: the channel went away
+            if type(exc).__module__.startswith("paramiko"):
+                raise self.fail(rel, exc) from exc
+            raise
+        return sent
+
+    def mkdir(self, rel: str) -> None:
+        path = f"{self.root}/{rel}"
+        try:
+            self.sftp.mkdir(path)
+        except OSError as exc:
+            try:
+                self.sftp.stat(path)
+            except OSError:
+                raise self.fail(rel, exc) from exc
+        except EOFError as exc:
+            raise self.fail(rel, exc) from exc
+
+
+def push(
+    conn: Any,
+    sftp: Any,
+    plan: PushPlan,
+    absent: set[str],
+    *,
+    root: str,
+    pack_bytes: int = DEFAULT_PACK_BYTES,
+    on_progress: Callable[[PushResult, int, int], None] | None = None,
+    unpack: Callable[[list[str]], dict[str, Any]] | None = None,
+) -> PushResult:
+    """Send what the companion lacks: packs of tiles, input files, the inbox.
+
+    Parameters
+    ----------
+    conn
+        The :class:`~.ssh.Connection` (to tell a dropped link from a refusal).
+    sftp
+        An SFTP client on it.
+    plan
+        From :func:`plan_push`.
+    absent
+        The paths of ``plan.wanted()`` the companion lacks.
+    root
+        The ``COMPANION_DIR``, absolute.
+    pack_bytes
+        About how many bytes of tiles go in one pack.
+    on_progress
+        Called after each pack and file with the result so far, the total
+        objects and the total bytes to send.
+    unpack
+        Asks the companion to unpack the packs and returns its answer
+        (``absent`` among the paths given); called once after the packs.
+
+    Raises
+    ------
+    ConnectionDroppedError
+        The link went away; what arrived is kept and not sent again.
+    CompanionNotReadyError
+        The companion refused a write (permissions, disk), or objects are
+        still absent after the unpack.
+    """
+    result = PushResult()
+    tiles = sorted(
+        (d, size) for d, (_, size) in plan.tiles.items() if plan.tile_rel(d) in absent
+    )
+    inputs = [(rel, path, size) for rel, (path, size) in plan.inputs.items() if rel in absent]
+    inbox_needed = f"{plan.inbox}/tileset.json" in absent
+    total_objects = len(tiles) + len(inputs)
+    total_bytes = plan.bytes_for(absent)
+    result.skipped = len(plan.tiles) + len(plan.inputs) - total_objects
+    up = _Uploader(conn, sftp, root, result, total_objects)
+    report = on_progress or (lambda r, n, b: None)
+
+    session = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    for n, group in enumerate(group_into_packs(tiles, pack_bytes)):
+        data = build_pack((d, plan.tiles[d][0].read_bytes()) for d, _ in group)
+        # the pack's temp name is its final name + ".part": rename = complete
+        up.write(f"incoming/{session}-{n:06d}{PACK_SUFFIX}", data, resume=False)
+        result.packs += 1
+        result.objects += len(group)
+        result.tile_objects += len(group)
+        result.tile_bytes += sum(size for _, size in group)
+        result.bytes += len(data)
+        report(result, total_objects, total_bytes)
+    if result.packs and unpack is not None:
+        sent = [plan.tile_rel(d) for d, _ in tiles]
+        answer = unpack(sent)
+        result.settled = dict(answer.get("settled") or {})
+        still = answer.get("absent") or []
+        if still:
+            raise CompanionNotReadyError(
+                f"after the push, {len(still)} tile object(s) are still absent on {conn.target} "
+                f"(e.g. {still[0]}); {result.settled.get('corrupt', 0)} pack(s) were corrupt",
+                remedy="run build-cache again: the missing objects are sent again",
+                phase="push",
+            )
+    for rel, path, size in inputs:
+        result.bytes += up.write(rel, path, resume=True)
+        result.objects += 1
+        result.files += 1
+        report(result, total_objects, total_bytes)
+    if inbox_needed:
+        up.mkdir(plan.inbox)
+        for name in INBOX_FILES:
+            result.bytes += up.write(f"{plan.inbox}/{name}", plan.inbox_files[name])
+            result.files += 1
+        report(result, total_objects, total_bytes)
+    return result
