@@ -1,22 +1,54 @@
-"""A minimal progress line on stderr, drawn only when stderr is a terminal."""
+"""Progress on stderr: a live line on a terminal, one summary line elsewhere.
+
+On a terminal the line shows done/total, the rate, any counters the caller
+keeps (retries) and the time left, redrawn at most 10 times a second.  When
+the stream is not a terminal (CI logs, pipes) nothing is drawn while the
+work runs, so the JSON report on stdout and captured logs stay clean; a
+caller that sets a :meth:`Progress.summary` gets that one line at the end.
+"""
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import deque
 from typing import TextIO
 
-__all__ = ["Progress"]
+__all__ = ["RATE_WINDOW_S", "Progress", "format_duration"]
+
+#: Seconds of history the rate behind the ETA is measured over: recent
+#: enough to follow a change of pace, long enough to be steady.
+RATE_WINDOW_S = 10.0
+
+
+def format_duration(seconds: float) -> str:
+    """``m:ss`` or ``h:mm:ss``.
+
+    >>> format_duration(75.4), format_duration(3725)
+    ('1:15', '1:02:05')
+    """
+    s = int(round(max(seconds, 0.0)))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
 class Progress:
-    """Count work done and redraw one line on ``stream`` at most 10 times a second.
+    """Count work done; redraw one line on ``stream`` when it is a terminal.
 
-    Silent when the stream is not a terminal (CI logs, pipes), so the JSON
-    report on stdout and captured logs stay clean.
+    Parameters
+    ----------
+    label
+        What is counted (``tiles``).
+    total
+        How many there are.
+    stream
+        Where to draw; None for silence.
 
     >>> with Progress("describe", total=3, stream=None) as p:
     ...     p.advance(3)
+    >>> p.done
+    3
     """
 
     def __init__(self, label: str, total: int, stream: TextIO | None = sys.stderr):
@@ -24,36 +56,82 @@ class Progress:
         self.total = total
         self.done = 0
         self.stream = stream
-        self._enabled = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self.counters: dict[str, int] = {}
+        self.enabled = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+        self._summary: str | None = None
         self._last = 0.0
         self._start = time.monotonic()
+        self._samples: deque[tuple[float, int]] = deque([(self._start, 0)])
+
+    @property
+    def elapsed_s(self) -> float:
+        return time.monotonic() - self._start
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more done."""
         self.done += n
-        if not self._enabled:
+        if not self.enabled:
             return
         now = time.monotonic()
         if now - self._last >= 0.1 or self.done >= self.total:
             self._last = now
             self._draw(now)
 
+    def count(self, name: str, value: int) -> None:
+        """Set a counter shown after the rate (``12 retries``); 0 is not shown."""
+        self.counters[name] = value
+
+    def summary(self, line: str) -> None:
+        """The one line written when the work ends (on a terminal too, under the bar)."""
+        self._summary = line
+
+    def rate(self, now: float | None = None) -> float:
+        """Items a second over the last :data:`RATE_WINDOW_S` seconds."""
+        now = time.monotonic() if now is None else now
+        while len(self._samples) > 1 and now - self._samples[1][0] >= RATE_WINDOW_S:
+            self._samples.popleft()
+        t0, d0 = self._samples[0]
+        return (self.done - d0) / max(now - t0, 1e-9)
+
+    def eta_s(self, now: float | None = None) -> float | None:
+        """Seconds left at the recent rate; None while nothing has been done."""
+        r = self.rate(now)
+        if r <= 0:
+            return None
+        return max(self.total - self.done, 0) / r
+
+    def line(self, now: float | None = None) -> str:
+        """The progress line as drawn (without the carriage return)."""
+        now = time.monotonic() if now is None else now
+        width = 24
+        frac = min(self.done / self.total, 1.0) if self.total else 1.0
+        bar = "#" * int(frac * width)
+        parts = [f"{self.label:>9} [{bar:<{width}}] {self.done}/{self.total}", f"{self.rate(now):,.0f}/s"]
+        parts += [f"{v} {k}" for k, v in self.counters.items() if v]
+        eta = self.eta_s(now)
+        if self.done < self.total:
+            parts.append(f"ETA {format_duration(eta)}" if eta is not None else "ETA --")
+        else:
+            parts.append(f"in {format_duration(now - self._start)}")
+        return "  ".join(parts)
+
     def _draw(self, now: float) -> None:
         assert self.stream is not None
-        elapsed = max(now - self._start, 1e-9)
-        width = 30
-        frac = self.done / self.total if self.total else 1.0
-        bar = "#" * int(frac * width)
-        self.stream.write(
-            f"\r{self.label:>9} [{bar:<{width}}] {self.done}/{self.total} "
-            f"{self.done / elapsed:,.0f}/s"
-        )
+        if now - self._samples[-1][0] >= 0.5:
+            self._samples.append((now, self.done))
+        # pad: a shorter line must cover the longer one before it
+        self.stream.write("\r" + self.line(now).ljust(79))
         self.stream.flush()
 
     def __enter__(self) -> "Progress":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._enabled and self.stream is not None:
+        if self.stream is None:
+            return
+        if self.enabled:
             self._draw(time.monotonic())
             self.stream.write("\n")
-            self.stream.flush()
+        if self._summary is not None:
+            self.stream.write(self._summary + "\n")
+        self.stream.flush()

@@ -7,24 +7,37 @@ under a real name.  Which object a provider served for a tile is recorded in
 ``refs.sqlite`` (WAL mode, safe for concurrent builds), so a tile fetched
 once is never fetched again, whichever flight asks for it.
 
+Refs are committed to the database in batches; between batches each
+fetching process appends every ref to its own *journal* the moment the
+object is in place (one ``write`` per tile, no fsync: it survives SIGKILL,
+which leaves the page cache alone).  The next fetch replays the journals of
+processes that are gone, so a killed download resumes where it stopped.
+
+Two builds may share a store at once: object writes are atomic renames of
+identical bytes, the database serialises writers, and each process owns its
+temp files and journal (named by pid) until it is gone.
+
 Layout::
 
     <root>/objects/ab/abcdef…   one file per object (full hex digest)
     <root>/tmp/                 in-flight writes, <pid>-<random> names
-    <root>/refs.sqlite          (provider, z, x, y) -> sha256
+    <root>/journal/             refs not yet committed, <pid>-<random>.jsonl
+    <root>/refs.sqlite          (provider, z, x, y) -> sha256; cached checks
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["TileStore", "sha256_hex"]
+__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tile_refs (
@@ -34,6 +47,12 @@ CREATE TABLE IF NOT EXISTS tile_refs (
     y INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     PRIMARY KEY (provider, z, x, y)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS object_checks (
+    sha256 TEXT NOT NULL,
+    check_name TEXT NOT NULL,
+    verdict INTEGER NOT NULL,
+    PRIMARY KEY (sha256, check_name)
 ) WITHOUT ROWID;
 """
 
@@ -57,6 +76,64 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+#: Seconds a database statement waits for another process's lock.
+DB_TIMEOUT_S = 60.0
+
+
+def _retry_locked(statement: Callable[[], object]) -> None:
+    """Run ``statement``, again while SQLite says the database is locked (up to :data:`DB_TIMEOUT_S`)."""
+    deadline = time.monotonic() + DB_TIMEOUT_S
+    delay = 0.005
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+def _owner_gone(name: str) -> bool:
+    """True when the process named by a ``<pid>-…`` file name is not running."""
+    try:
+        return not _pid_alive(int(name.split("-", 1)[0]))
+    except ValueError:
+        return True
+
+
+class RefJournal:
+    """Refs of one fetching process, appended as they happen (see the module doc).
+
+    Thread-safe.  :meth:`close` removes the file: call it once every ref
+    has been committed to the database.
+    """
+
+    def __init__(self, path: Path, provider: str):
+        self.path = path
+        self._prefix = json.dumps(provider)
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    def append(self, tile: tuple[int, int, int], digest: str) -> None:
+        z, x, y = tile
+        line = f'[{self._prefix}, {z}, {x}, {y}, "{digest}"]\n'.encode()
+        with self._lock:
+            if self._fd is not None:
+                os.write(self._fd, line)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
 class TileStore:
     """A content-addressed store rooted at ``root`` (created if missing)."""
 
@@ -64,8 +141,10 @@ class TileStore:
         self.root = Path(root)
         self.objects = self.root / "objects"
         self.tmp = self.root / "tmp"
+        self.journals = self.root / "journal"
         self.objects.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self.journals.mkdir(parents=True, exist_ok=True)
         self._db: sqlite3.Connection | None = None
 
     # -- objects -----------------------------------------------------------
@@ -92,11 +171,19 @@ class TileStore:
         final = self.path(digest)
         if final.is_file():
             return digest
-        final.parent.mkdir(exist_ok=True)
         tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, final)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, final)
+        except FileNotFoundError:  # the first object under this prefix
+            final.parent.mkdir(exist_ok=True)
+            os.replace(tmp, final)
         return digest
 
     def clean_tmp(self, older_than_s: float = 3600.0) -> int:
@@ -108,11 +195,7 @@ class TileStore:
         removed = 0
         now = time.time()
         for entry in os.scandir(self.tmp):
-            pid_part = entry.name.split("-", 1)[0]
-            try:
-                stale = not _pid_alive(int(pid_part))
-            except ValueError:
-                stale = True
+            stale = _owner_gone(entry.name)
             try:
                 if stale or now - entry.stat().st_mtime > older_than_s:
                     os.unlink(entry.path)
@@ -125,16 +208,22 @@ class TileStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.root / "refs.sqlite", timeout=60, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            db = sqlite3.connect(self.root / "refs.sqlite", timeout=DB_TIMEOUT_S, isolation_level=None)
+            try:
+                # switching a new database to WAL fails at once with "database
+                # is locked" while another process does the same (SQLite's
+                # busy timeout does not cover it): two builds starting on a
+                # fresh store at the same instant
+                _retry_locked(lambda: db.execute("PRAGMA journal_mode=WAL"))
+                db.execute("PRAGMA synchronous=NORMAL")
+                _retry_locked(lambda: db.executescript(_SCHEMA))
+            except BaseException:
+                db.close()
+                raise
             self._db = db
         return self._db
 
-    def lookup_refs(
-        self, provider: str, tiles: Iterable[tuple[int, int, int]]
-    ) -> dict[tuple[int, int, int], str]:
+    def lookup_refs(self, provider: str, tiles: Iterable[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
         """Known digests for ``(z, x, y)`` tiles of ``provider`` whose object exists."""
         db = self._conn()
         wanted = list(tiles)
@@ -162,6 +251,74 @@ class TileStore:
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany("INSERT OR REPLACE INTO tile_refs VALUES (?, ?, ?, ?, ?)", rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- the journal ---------------------------------------------------------
+
+    def open_journal(self, provider: str) -> RefJournal:
+        """A new journal for this process's refs of ``provider``."""
+        return RefJournal(self.journals / f"{os.getpid()}-{uuid.uuid4().hex}.jsonl", provider)
+
+    def replay_journals(self) -> int:
+        """Commit the refs in the journals of processes that are gone; returns how many.
+
+        A ref whose object is missing is dropped (its write never finished);
+        a torn last line (the kill came mid-write) is skipped.
+        """
+        replayed = 0
+        for entry in os.scandir(self.journals):
+            if not _owner_gone(entry.name):
+                continue
+            try:
+                text = Path(entry.path).read_bytes().decode("utf-8", "replace")
+            except FileNotFoundError:
+                continue  # another process replayed it first
+            by_provider: dict[str, list[tuple[tuple[int, int, int], str]]] = {}
+            for line in text.splitlines():
+                try:
+                    provider, z, x, y, digest = json.loads(line)
+                    if self.has(digest):
+                        by_provider.setdefault(str(provider), []).append(((int(z), int(x), int(y)), digest))
+                except (ValueError, TypeError):
+                    continue
+            for provider, refs in by_provider.items():
+                self.record_refs(provider, refs)
+                replayed += len(refs)
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                pass
+        return replayed
+
+    # -- cached checks of objects (e.g. "is this tile one flat colour") -----
+
+    def lookup_checks(self, check: str, digests: Iterable[str]) -> dict[str, bool]:
+        """The verdicts of ``check`` known for ``digests``."""
+        db = self._conn()
+        wanted = list(digests)
+        found: dict[str, bool] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = db.execute(
+                f"SELECT sha256, verdict FROM object_checks WHERE check_name = ? AND sha256 IN ({marks})",
+                (check, *chunk),
+            )
+            found.update((d, bool(v)) for d, v in rows)
+        return found
+
+    def record_checks(self, check: str, verdicts: Iterable[tuple[str, bool]]) -> None:
+        """Remember verdicts of ``check``, a pure function of an object's bytes."""
+        rows = [(d, check, int(v)) for d, v in verdicts]
+        if not rows:
+            return
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT OR REPLACE INTO object_checks VALUES (?, ?, ?)", rows)
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
