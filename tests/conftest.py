@@ -7,14 +7,15 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from cachebuild.tiles import Tile
+from tests import tileserver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,71 +111,35 @@ def write_flight(
     return path
 
 
-class TileServer:
-    """A real XYZ tile server on 127.0.0.1 serving synthetic imagery.
+class TileServer(tileserver.TileServer):
+    """The shared server (tests/tileserver.py) with this module's original interface.
 
-    ``missing`` tiles answer 404; ``key`` (if set) must be given as ?key=;
-    ``requests`` counts what was asked.
+    ``missing`` holds ``(z, x, y)`` tuples; a wrong ``key`` (given as
+    ``?key=``) answers 403; ``requests`` lists every path asked for;
+    :meth:`template` serves under ``/tiles/``.  Faults, latency and the
+    server-side counts of the shared server are all there too.
     """
 
     def __init__(self) -> None:
-        self.missing: set[tuple[int, int, int]] = set()
-        self.key: str | None = None
-        self.requests: list[str] = []
-        self.lock = threading.Lock()
-        server = self
+        super().__init__(key=None, key_status=403)
 
-        class Handler(BaseHTTPRequestHandler):
-            disable_nagle_algorithm = True
+    def is_missing(self, t: Tile) -> bool:
+        return (t.z, t.x, t.y) in self.missing
 
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802
-                from urllib.parse import parse_qs, urlparse
-
-                from cachebuild.synthetic import synthetic_tile_bytes
-                from cachebuild.tiles import Tile
-
-                url = urlparse(self.path)
-                with server.lock:
-                    server.requests.append(url.path)
-                if server.key is not None and parse_qs(url.query).get("key") != [server.key]:
-                    self.send_response(403)
-                    self.end_headers()
-                    return
-                try:
-                    z, x, y = (int(p) for p in url.path.strip("/").removesuffix(".jpg").split("/")[-3:])
-                except ValueError:
-                    self.send_response(400)
-                    self.end_headers()
-                    return
-                if (z, x, y) in server.missing:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                body = synthetic_tile_bytes(Tile(x, y, z))
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def template(self, suffix: str = "") -> str:
+    def template(self, suffix: str = "") -> str:  # type: ignore[override]
         return f"http://127.0.0.1:{self.port}/tiles/{{z}}/{{x}}/{{y}}.jpg{suffix}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
 def tile_server() -> Iterator[TileServer]:
     srv = TileServer()
+    yield srv
+    srv.close()
+
+
+@pytest.fixture
+def server() -> Iterator[tileserver.TileServer]:
+    """The shared tile server, wanting ``?key=`` :data:`tests.tileserver.KEY` (else 401)."""
+    srv = tileserver.TileServer(key=tileserver.KEY)
     yield srv
     srv.close()

@@ -1,7 +1,7 @@
 """Tests for cachebuild.fetch: the tiles phase, against a real HTTP server.
 
-The server (:class:`tests.test_providers.ScriptedTileServer`) counts requests
-server-side, so "nothing was fetched again" is checked where it happens.
+The server (:class:`tests.tileserver.TileServer`) counts requests server-side,
+so "nothing was fetched again" is checked where it happens.
 """
 
 from __future__ import annotations
@@ -28,15 +28,8 @@ from cachebuild.store import TileStore, sha256_hex
 from cachebuild.synthetic import synthetic_tile_bytes
 from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
 from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
-from tests.test_providers import (  # noqa: F401  (server is a fixture)
-    KEY_FORMS,
-    Reply,
-    ScriptedTileServer,
-    fast_env,
-    full_text,
-    html,
-    server,
-)
+from tests.test_providers import fast_env, full_text
+from tests.tileserver import KEY, KEY_FORMS, Reply, TileServer, html
 
 #: About a dozen z17 tiles in Zurich.
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
@@ -55,12 +48,19 @@ def public_names(mod: types.ModuleType) -> set[str]:
     }
 
 
-def run(tmp: Path, spec: str, *, area: LngLatBbox = AREA, zooms: list[int] | None = None, **kw: Any) -> dict[str, Any]:
+def run(
+    tmp: Path, spec: str, *, area: LngLatBbox = AREA, zooms: list[int] | None = None, **kw: Any
+) -> dict[str, Any]:
     kw.setdefault("env", fast_env())
     kw.setdefault("concurrency", 4)
     kw.setdefault("progress", False)
     return fetch_tiles(
-        bbox=area, zooms=zooms or [17], provider_spec=spec, store_root=tmp / "store", out_dir=tmp / "out", **kw
+        bbox=area,
+        zooms=zooms or [17],
+        provider_spec=spec,
+        store_root=tmp / "store",
+        out_dir=tmp / "out",
+        **kw,
     )
 
 
@@ -113,7 +113,7 @@ def test_synthetic_fetch_writes_the_tileset_and_reuses_it(tmp_path: Path) -> Non
     assert second["aggregate_sha256"] == first["aggregate_sha256"]
 
 
-def test_http_fetch_then_refetch_makes_no_request(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_http_fetch_then_refetch_makes_no_request(tmp_path: Path, server: TileServer) -> None:
     first = run(tmp_path, server.template())
     assert first["fetched"] == len(PLANNED)
     assert server.count() == len(PLANNED)
@@ -125,14 +125,14 @@ def test_http_fetch_then_refetch_makes_no_request(tmp_path: Path, server: Script
     assert second["aggregate_sha256"] == first["aggregate_sha256"]
 
 
-def test_same_imagery_hashes_alike_whichever_provider(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_same_imagery_hashes_alike_whichever_provider(tmp_path: Path, server: TileServer) -> None:
     # the server serves the synthetic imagery: same tiles, same hashes
     a = run(tmp_path / "a", "synthetic")
     b = run(tmp_path / "b", server.template())
     assert a["aggregate_sha256"] == b["aggregate_sha256"]
 
 
-def test_missing_tiles_are_listed(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_missing_tiles_are_listed(tmp_path: Path, server: TileServer) -> None:
     gone = sorted(PLANNED, key=tile_id)[1::4]
     server.missing = set(gone)
     s = run(tmp_path, server.template())
@@ -150,7 +150,7 @@ def test_missing_tiles_are_listed(tmp_path: Path, server: ScriptedTileServer) ->
     assert again["aggregate_sha256"] == s["aggregate_sha256"]
 
 
-def test_missing_examples_are_capped(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_missing_examples_are_capped(tmp_path: Path, server: TileServer) -> None:
     server.missing = set(PLANNED)
     s = run(tmp_path, server.template())
     assert s["missing"] == len(PLANNED) and s["present"] == 0
@@ -158,7 +158,7 @@ def test_missing_examples_are_capped(tmp_path: Path, server: ScriptedTileServer)
     assert s["missing_examples"] == [f"{t.z}/{t.x}/{t.y}" for t in ordered]
 
 
-def test_server_errors_and_rate_limits_are_ridden_out(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_server_errors_and_rate_limits_are_ridden_out(tmp_path: Path, server: TileServer) -> None:
     a, b = PLANNED[0], PLANNED[-1]
     server.script(a, Reply(500), Reply(500))
     server.script(b, Reply(429, b"", {"Retry-After": "0"}), html())
@@ -184,7 +184,9 @@ def test_several_zooms(tmp_path: Path) -> None:
     assert zs == {16, 17}
 
 
-def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_progress_line_when_stderr_is_not_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run(tmp_path, "synthetic", progress=True)
     assert capsys.readouterr().err == ""
 
@@ -192,7 +194,7 @@ def test_no_progress_line_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: 
 # ------------------------------------------------------------------ failures
 
 
-def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(tmp_path: Path, server: TileServer) -> None:
     bad = PLANNED[2]
     server.script(bad, html(), html(), html())
     with pytest.raises(DownloadError) as info:
@@ -212,7 +214,7 @@ def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(tmp_path: Path, server
     assert (s["fetched"], s["reused"]) == (1, len(PLANNED) - 1)
 
 
-def test_refused_key_stops_the_fetch_without_showing_it(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_refused_key_stops_the_fetch_without_showing_it(tmp_path: Path, server: TileServer) -> None:
     server.key = "the-servers-real-key"
     with pytest.raises(DownloadError) as info:
         run(tmp_path, server.template(), concurrency=1)
@@ -222,18 +224,20 @@ def test_refused_key_stops_the_fetch_without_showing_it(tmp_path: Path, server: 
     assert server.count() <= 3  # stopped at once, not once per tile
 
 
-def test_a_failing_provider_is_given_up_on(tmp_path: Path, server: ScriptedTileServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failing_provider_is_given_up_on(
+    tmp_path: Path, server: TileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fetch_module, "MAX_FAILURES", 3)
     area = LngLatBbox(8.50, 47.35, 8.56, 47.39)  # hundreds of tiles
     with pytest.raises(DownloadError, match="stopped early") as info:
-        run(tmp_path, server.template(path="/bad/{z}/{x}/{y}.jpg"), area=area, concurrency=1)
+        run(tmp_path, server.template(path="/bad/{z}/{x}-{y}.jpg"), area=area, concurrency=1)
     assert "HTTP 400" in str(info.value)
     assert server.count() < 10
 
 
-def test_unknown_placeholder_is_refused_before_any_request(tmp_path: Path, server: ScriptedTileServer) -> None:
-    with pytest.raises(UsageError, match=r"\{s\}"):
-        run(tmp_path, server.template(query="?key={key}&sub={s}"))
+def test_unknown_placeholder_is_refused_before_any_request(tmp_path: Path, server: TileServer) -> None:
+    with pytest.raises(UsageError, match=r"\{t\}"):
+        run(tmp_path, server.template(query="?key={key}&sub={t}"))
     assert server.count() == 0
     assert not (tmp_path / "out").exists()
 
@@ -243,7 +247,7 @@ def test_concurrency_must_be_positive(tmp_path: Path) -> None:
         run(tmp_path, "synthetic", concurrency=0)
 
 
-def test_provider_identities_do_not_share_refs(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_provider_identities_do_not_share_refs(tmp_path: Path, server: TileServer) -> None:
     run(tmp_path, "synthetic")
     s = run(tmp_path, server.template())
     assert server.count() == len(PLANNED)  # nothing reused from synthetic:v1
@@ -256,7 +260,7 @@ def test_provider_identities_do_not_share_refs(tmp_path: Path, server: ScriptedT
     assert server.count() == 2 * len(PLANNED)
 
 
-def test_the_key_is_written_nowhere(tmp_path: Path, server: ScriptedTileServer) -> None:
+def test_the_key_is_written_nowhere(tmp_path: Path, server: TileServer) -> None:
     server.script(PLANNED[0], html(), html(), html())
     with pytest.raises(DownloadError):
         run(tmp_path, server.template())
@@ -301,8 +305,15 @@ class InterruptAfter:
 def test_an_interrupted_fetch_keeps_what_it_fetched(tmp_path: Path) -> None:
     provider = InterruptAfter(5)
     with pytest.raises(KeyboardInterrupt):
-        fetch_with_provider(provider, bbox=AREA, zooms=[17], store_root=tmp_path / "store",
-                            out_dir=tmp_path / "out", concurrency=2, progress=False)
+        fetch_with_provider(
+            provider,
+            bbox=AREA,
+            zooms=[17],
+            store_root=tmp_path / "store",
+            out_dir=tmp_path / "out",
+            concurrency=2,
+            progress=False,
+        )
     kept = recorded(tmp_path, "synthetic:v1")
     assert {Tile(x, y, z) for z, x, y in kept} == provider.served
     assert len(kept) >= 3
@@ -330,15 +341,24 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: ScriptedTileServer) -> None:
-    from tests.test_providers import KEY
-
+def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: TileServer) -> None:
     area = LngLatBbox(8.50, 47.35, 8.53, 47.37)  # ~150 tiles
-    server.delay_s = 0.01
+    server.latency_s = 0.01
     store_root, out = tmp_path / "store", tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, server.template(), *map(str, area), str(store_root), str(out), KEY],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            server.template(),
+            *map(str, area),
+            str(store_root),
+            str(out),
+            KEY,
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 30
@@ -376,4 +396,3 @@ def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server:
     assert server.count() - before == s["fetched"]
     assert_store_sound(store_root)
     assert s["aggregate_sha256"] == run(tmp_path / "clean", "synthetic", area=area)["aggregate_sha256"]
-

@@ -1,0 +1,216 @@
+"""A GeoTIFF orthophoto (any CRS) cut into Web-Mercator tiles with rasterio.
+
+Each tile is warped straight from the source into its 256-pixel
+EPSG:3857 grid (GDAL's warper, bilinear, one resampling step), then encoded
+as JPEG.  Pixels the source does not cover are black; a tile the source
+does not touch at all is no tile (missing), so the coverage check sees
+where the orthophoto ends.  The same file always gives the same bytes, so
+tiles are stored and hashed like any provider's.
+
+The source must be 8-bit: 1 band (grey), 2 (grey + alpha), 3 (RGB) or 4
+(RGB + alpha); its nodata value, if any, counts as "not covered".
+
+rasterio and numpy are imported when a GeoTIFF is opened; rasterio is the
+optional ``geotiff`` extra (``pip install 'cachebuild[geotiff]'``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import UsageError
+from ..tiles import EARTH_RADIUS_M, Tile
+from .base import DEFAULT_TILE_SIZE, TileFetchError
+from .local import file_sha256
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "GEOTIFF_EXTENSIONS",
+    "GEOTIFF_CUT_VERSION",
+    "DEFAULT_JPEG_QUALITY",
+    "GeoTiffProvider",
+    "mercator_bounds",
+    "geotiff_stamp",
+]
+
+#: File names that mean a GeoTIFF (any other raster GDAL reads: ``geotiff:<path>``).
+GEOTIFF_EXTENSIONS = (".tif", ".tiff")
+#: Bumped whenever the cut tiles' bytes would change (resampling, encoding):
+#: part of the identity, so old cuts are not reused.
+GEOTIFF_CUT_VERSION = 1
+DEFAULT_JPEG_QUALITY = 90
+
+_HALF_WORLD_M = math.pi * EARTH_RADIUS_M
+_INSTALL = "pip install 'cachebuild[geotiff]' (or pip install rasterio)"
+
+
+def mercator_bounds(t: Tile) -> tuple[float, float, float, float]:
+    """A tile's (left, bottom, right, top) in EPSG:3857 metres.
+
+    >>> [round(v) for v in mercator_bounds(Tile(0, 0, 1))]
+    [-20037508, 0, 0, 20037508]
+    """
+    size = 2 * _HALF_WORLD_M / (1 << t.z)
+    left = -_HALF_WORLD_M + t.x * size
+    top = _HALF_WORLD_M - t.y * size
+    return left, top - size, left + size, top
+
+
+def geotiff_stamp(path: str | os.PathLike[str]) -> str:
+    """A cheap stamp for the no-op check: path, size, mtime and cut version."""
+    p = Path(path).expanduser().absolute()
+    try:
+        st = p.stat()
+    except OSError:
+        return f"geotiff:{p}:missing"
+    return f"geotiff:{p}:{st.st_size}:{st.st_mtime_ns}:v{GEOTIFF_CUT_VERSION}"
+
+
+class GeoTiffProvider:
+    """Web-Mercator tiles cut from a georeferenced raster.
+
+    Parameters
+    ----------
+    path
+        The GeoTIFF (or any raster GDAL opens that has a CRS).
+    quality
+        JPEG quality of the cut tiles.
+    tile_size
+        Tile edge in pixels.
+
+    Raises
+    ------
+    UsageError
+        When rasterio is not installed, or the file is missing, not a
+        raster, has no CRS, or is not 8-bit with 1 to 4 bands.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        quality: int = DEFAULT_JPEG_QUALITY,
+        tile_size: int = DEFAULT_TILE_SIZE,
+    ):
+        self.path = Path(path).expanduser().absolute()
+        if not self.path.is_file():
+            raise UsageError(f"PROVIDER={self.path}: no such GeoTIFF file", remedy="check the PROVIDER path")
+        try:
+            import rasterio
+            from rasterio.warp import transform_bounds
+        except ImportError:
+            raise UsageError(
+                f"PROVIDER={self.path} is a GeoTIFF, which needs rasterio", remedy=_INSTALL
+            ) from None
+        try:
+            with rasterio.open(self.path) as src:
+                crs, bounds, count = src.crs, src.bounds, src.count
+                dtypes, colorinterp, nodata = set(src.dtypes), src.colorinterp, src.nodata
+        except rasterio.errors.RasterioError as exc:
+            raise UsageError(f"PROVIDER={self.path} is not a raster GDAL can read ({exc})") from None
+        if crs is None:
+            raise UsageError(
+                f"PROVIDER={self.path} has no CRS: it is not georeferenced",
+                remedy="give it one: gdal_edit.py -a_srs EPSG:<code> (or use a world file)",
+            )
+        if dtypes != {"uint8"} or not 1 <= count <= 4:
+            raise UsageError(
+                f"PROVIDER={self.path} has {count} band(s) of {'/'.join(sorted(dtypes))}; "
+                "tiles are cut from 8-bit grey, grey+alpha, RGB or RGBA",
+                remedy="convert it: gdal_translate -ot Byte -scale -b 1 -b 2 -b 3 in.tif out.tif",
+            )
+        from rasterio.enums import ColorInterp
+
+        alpha = [i + 1 for i, ci in enumerate(colorinterp) if ci == ColorInterp.alpha]
+        if not alpha and count in (2, 4):
+            alpha = [count]  # grey+alpha, RGBA without the colour interpretation set
+        self._alpha_band = alpha[0] if alpha else 0
+        self._colour_bands = [b for b in range(1, count + 1) if b != self._alpha_band]
+        self._nodata = nodata
+        self.tile_size = tile_size
+        self.quality = quality
+        self.crs = crs
+        # the source's footprint in Web Mercator, densified: tiles outside
+        # it are not warped at all
+        self.footprint = transform_bounds(crs, "EPSG:3857", *bounds, densify_pts=21)
+        self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={file_sha256(self.path)}"
+        self.concurrency = os.cpu_count() or 1
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[Any] = []
+
+    def _dataset(self) -> Any:
+        ds = getattr(self._local, "ds", None)
+        if ds is None:
+            import rasterio
+
+            # one handle per thread: a GDAL dataset is not thread-safe
+            ds = rasterio.open(self.path)
+            self._local.ds = ds
+            with self._lock:
+                self._open.append(ds)
+        return ds
+
+    def _warp(self, t: Tile) -> np.ndarray:
+        """The tile's colour bands plus a coverage (alpha) band, uint8 [bands + 1, n, n]."""
+        from affine import Affine
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+
+        n = self.tile_size
+        left, bottom, right, top = mercator_bounds(t)
+        # built directly: rasterio's from_bounds multiplies Affines with `*`,
+        # which affine >= 3.1 deprecates
+        grid = Affine((right - left) / n, 0.0, left, 0.0, -(top - bottom) / n, top)
+        # a warped VRT on exactly the tile's grid: one resampling step, and
+        # no in-memory GDAL dataset (rasterio's reproject() into an array
+        # races between threads)
+        with WarpedVRT(
+            self._dataset(),
+            crs="EPSG:3857",
+            transform=grid,
+            width=n,
+            height=n,
+            resampling=Resampling.bilinear,
+            add_alpha=not self._alpha_band,
+        ) as vrt:
+            indexes = [*self._colour_bands, self._alpha_band or vrt.count]
+            return vrt.read(indexes)
+
+    def fetch(self, tile: Tile) -> bytes | None:
+        """The tile cut from the raster as JPEG, or None where the raster has nothing."""
+        left, bottom, right, top = mercator_bounds(tile)
+        fl, fb, fr, ft = self.footprint
+        if right <= fl or left >= fr or top <= fb or bottom >= ft:
+            return None
+        try:
+            import rasterio
+
+            pixels = self._warp(tile)
+        except rasterio.errors.RasterioError as exc:
+            raise TileFetchError(
+                f"tile {tile.z}/{tile.x}/{tile.y}: cutting {self.path} failed: {exc}", tile=tile
+            ) from None
+        if not pixels[-1].any():
+            return None
+        from PIL import Image
+
+        colour = pixels[:-1]
+        colour[:, pixels[-1] == 0] = 0  # uncovered: black, whatever the warper left
+        img = Image.fromarray(colour[0] if colour.shape[0] == 1 else colour.transpose(1, 2, 0).copy())
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=self.quality)
+        return buf.getvalue()
+
+    def close(self) -> None:
+        with self._lock:
+            handles, self._open = self._open, []
+        for ds in handles:
+            ds.close()

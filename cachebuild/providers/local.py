@@ -1,0 +1,261 @@
+"""Providers that read local data: the built-in synthetic imagery, an MBTiles
+file and a directory tree of tile images.
+
+sqlite3 is imported when an MBTiles file is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import UsageError
+from ..tiles import Tile
+from .base import TileFetchError, check_image, fill_template, template_placeholders
+
+if TYPE_CHECKING:
+    import sqlite3
+
+__all__ = [
+    "DEFAULT_MBTILES_CONCURRENCY",
+    "DEFAULT_LOCAL_CONCURRENCY",
+    "TREE_EXTENSIONS",
+    "DIRECTORY_PLACEHOLDERS",
+    "SyntheticProvider",
+    "MBTilesProvider",
+    "DirectoryProvider",
+    "file_sha256",
+    "tree_fingerprint",
+    "tree_stamp",
+]
+
+DEFAULT_MBTILES_CONCURRENCY = 4
+DEFAULT_LOCAL_CONCURRENCY = min(8, os.cpu_count() or 1)
+#: Extensions a bare directory's ``{z}/{x}/{y}.<ext>`` files may have, in the order tried.
+TREE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+#: The placeholders a directory template may use: no ``{s}``, no ``{key}``.
+DIRECTORY_PLACEHOLDERS = ("z", "x", "y", "-y", "q")
+
+
+class SyntheticProvider:
+    """The built-in offline imagery; no network, never missing a tile."""
+
+    def __init__(self) -> None:
+        from ..synthetic import SYNTHETIC_VERSION
+
+        self.identity = f"synthetic:v{SYNTHETIC_VERSION}"
+        self.concurrency = os.cpu_count() or 1
+
+    def fetch(self, tile: Tile) -> bytes | None:
+        from ..synthetic import synthetic_tile_bytes
+
+        return synthetic_tile_bytes(tile)
+
+    def close(self) -> None:
+        pass
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- MBTiles ---------------------------------------------------------------------
+
+
+class MBTilesProvider:
+    """Tiles read from an MBTiles file (read-only, one connection per thread).
+
+    Raises
+    ------
+    UsageError
+        When the file is missing or is not an MBTiles file.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        import sqlite3
+
+        from ..mbtiles import connect_readonly
+
+        self.path = Path(path).expanduser().absolute()
+        if not self.path.is_file():
+            raise UsageError(f"PROVIDER={self.path}: no such MBTiles file", remedy="check the PROVIDER path")
+        try:
+            conn = connect_readonly(self.path)
+            try:
+                row = conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE name = 'tiles' AND type IN ('table', 'view')"
+                ).fetchone()
+            finally:
+                conn.close()
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"PROVIDER={self.path} is not an MBTiles file ({exc})") from None
+        if row is None:
+            raise UsageError(f"PROVIDER={self.path} is not an MBTiles file: it has no tiles table")
+        self.identity = f"mbtiles:sha256={file_sha256(self.path)}"
+        self.concurrency = DEFAULT_MBTILES_CONCURRENCY
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._conns: list[sqlite3.Connection] = []
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            from ..mbtiles import connect_readonly
+
+            # closed by close() from another thread, once the workers are done
+            conn = connect_readonly(self.path, check_same_thread=False)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def fetch(self, tile: Tile) -> bytes | None:
+        import sqlite3
+
+        from ..mbtiles import read_tile
+
+        try:
+            data = read_tile(self._conn(), tile)
+        except sqlite3.Error as exc:
+            raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y}: {self.path}: {exc}", tile=tile) from exc
+        if data is None:
+            return None
+        why = check_image(data, None)
+        if why is not None:
+            raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y} in {self.path}: {why}", tile=tile)
+        return data
+
+    def close(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.close()
+
+
+# -- directory tree ----------------------------------------------------------------
+
+
+def _template_root(template: str) -> Path:
+    """The directory above the first placeholder of a path template."""
+    head = template.split("{", 1)[0]
+    return Path(head if head.endswith(os.sep) else os.path.dirname(head) or ".")
+
+
+def tree_fingerprint(root: Path) -> str:
+    """Hex SHA-256 over every file below ``root``: relative path, size, mtime.
+
+    Any added, removed, renamed, resized or rewritten file changes it; the
+    bytes are not read.
+    """
+    h = hashlib.sha256()
+    stack = [root]
+    entries: list[tuple[str, int, int]] = []
+    while stack:
+        here = stack.pop()
+        with os.scandir(here) as it:
+            for entry in it:
+                if entry.is_dir(follow_symlinks=True):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=True):
+                    st = entry.stat(follow_symlinks=True)
+                    entries.append((os.path.relpath(entry.path, root), st.st_size, st.st_mtime_ns))
+    for rel, size, mtime in sorted(entries):
+        h.update(f"{rel}\0{size}\0{mtime}\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+def tree_stamp(root: Path) -> str:
+    """A cheap stamp of a tile tree for the no-op check: the mtime of every directory.
+
+    Adding, removing or renaming a file (how tile tools write) changes its
+    directory's mtime; only directories are listed, never every file.
+    """
+    h = hashlib.sha256()
+    stack = [root]
+    while stack:
+        here = stack.pop()
+        try:
+            st = here.stat()
+            h.update(f"{here}\0{st.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+            with os.scandir(here) as it:
+                stack.extend(Path(e.path) for e in it if e.is_dir(follow_symlinks=True))
+        except OSError:
+            h.update(f"{here}\0missing\n".encode("utf-8", "surrogateescape"))
+    return h.hexdigest()
+
+
+class DirectoryProvider:
+    """Tiles read from image files in a directory tree.
+
+    Parameters
+    ----------
+    template
+        A path with placeholders (``{z}``, ``{x}``, ``{y}``, ``{-y}``,
+        ``{q}``), e.g. ``/data/tiles/{z}/{x}/{-y}.png``; or a directory,
+        which means ``<dir>/{z}/{x}/{y}.<ext>`` with ``<ext>`` one of
+        :data:`TREE_EXTENSIONS`.
+
+    A missing file, or an empty one, is no tile; a file that is not a whole
+    image fails the tile.  The identity fingerprints the tree (every file's
+    name, size and mtime), so the store never serves a tile the tree has
+    since replaced.
+
+    Raises
+    ------
+    UsageError
+        For a template with ``{s}``, ``{key}`` or an unknown placeholder,
+        or a directory that does not exist.
+    """
+
+    def __init__(self, template: str | os.PathLike[str]):
+        text = os.path.expanduser(os.fspath(template))
+        if "{" in text:
+            template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
+            self.template = os.path.abspath(text)
+            self.root = _template_root(self.template)
+            self.extensions: tuple[str, ...] = ("",)
+            shown = self.template
+        else:
+            self.root = Path(os.path.abspath(text))
+            self.template = os.path.join(str(self.root), "{z}", "{x}", "{y}")
+            self.extensions = tuple("." + e for e in TREE_EXTENSIONS)
+            shown = self.template + ".{" + ",".join(TREE_EXTENSIONS) + "}"
+        if not self.root.is_dir():
+            raise UsageError(
+                f"PROVIDER={os.fspath(template)}: no such directory {self.root}",
+                remedy="check the PROVIDER path",
+            )
+        self.identity = f"dir:{shown}@{tree_fingerprint(self.root)}"
+        self.concurrency = DEFAULT_LOCAL_CONCURRENCY
+
+    def fetch(self, tile: Tile) -> bytes | None:
+        base = fill_template(self.template, tile)
+        for ext in self.extensions:
+            path = base + ext
+            try:
+                with open(path, "rb") as fh:
+                    data = fh.read()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError as exc:
+                raise TileFetchError(
+                    f"tile {tile.z}/{tile.x}/{tile.y}: {path}: {exc.strerror}", tile=tile
+                ) from None
+            if not data:
+                return None  # tile tools write empty files for "nothing here"
+            why = check_image(data, None)
+            if why is not None:
+                raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y}: {path}: {why}", tile=tile)
+            return data
+        return None
+
+    def close(self) -> None:
+        pass
