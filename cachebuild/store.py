@@ -223,7 +223,9 @@ class TileStore:
             self._db = db
         return self._db
 
-    def lookup_refs(self, provider: str, tiles: Iterable[tuple[int, int, int]]) -> dict[tuple[int, int, int], str]:
+    def lookup_refs(
+        self, provider: str, tiles: Iterable[tuple[int, int, int]]
+    ) -> dict[tuple[int, int, int], str]:
         """Known digests for ``(z, x, y)`` tiles of ``provider`` whose object exists."""
         db = self._conn()
         wanted = list(tiles)

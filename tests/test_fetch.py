@@ -1,11 +1,13 @@
 """Tests for cachebuild.fetch: the tiles phase, against a real HTTP server.
 
-The server (:class:`tests.tileserver.TileServer`) counts requests server-side,
-so "nothing was fetched again" is checked where it happens.
+The server (:class:`tests.tileserver.TileServer`) counts requests and good
+tiles served, server-side, so "every good tile arrives exactly once" and
+"nothing was fetched again" are checked where they happen.
 """
 
 from __future__ import annotations
 
+import io
 import signal
 import sqlite3
 import subprocess
@@ -184,11 +186,42 @@ def test_several_zooms(tmp_path: Path) -> None:
     assert zs == {16, 17}
 
 
-def test_no_progress_line_when_stderr_is_not_a_terminal(
+def test_one_summary_line_when_stderr_is_not_a_terminal(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run(tmp_path, "synthetic", progress=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\r" not in err
+    assert err.startswith(
+        f"tiles: {len(PLANNED)} planned, {len(PLANNED)} fetched, 0 reused, 0 missing, 0 retries, "
+    )
+    assert err.rstrip().endswith("tiles/s")
+    run(tmp_path, "synthetic", progress=False)
     assert capsys.readouterr().err == ""
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_live_line_with_retries_and_eta_on_a_terminal(
+    tmp_path: Path, server: TileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    server.script(PLANNED[0], Reply(500), Reply(500))
+    s = run(tmp_path, server.template(), progress=True)
+    out = term.getvalue()
+    assert s["fetched"] == len(PLANNED)
+    lines = out.split("\r")
+    assert any("ETA" in ln for ln in lines[:-1])
+    final = out.rstrip("\n").split("\n")
+    assert f"{len(PLANNED)}/{len(PLANNED)}" in final[-2] and "2 retries" in final[-2]
+    assert (
+        final[-1].startswith(f"tiles: {len(PLANNED)} planned, {len(PLANNED)} fetched")
+        and "2 retries" in final[-1]
+    )
 
 
 # ------------------------------------------------------------------ failures
@@ -222,6 +255,7 @@ def test_refused_key_stops_the_fetch_without_showing_it(tmp_path: Path, server: 
     for form in KEY_FORMS:
         assert form not in full_text(info.value)
     assert server.count() <= 3  # stopped at once, not once per tile
+    assert list((tmp_path / "store" / "journal").iterdir()) == []  # refs committed, journal gone
 
 
 def test_a_failing_provider_is_given_up_on(
@@ -331,7 +365,8 @@ KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from cachebuild import fetch
     from cachebuild.tiles import LngLatBbox
-    fetch.REF_BATCH = 5
+    fetch.REF_BATCH = int(sys.argv[9]) if len(sys.argv) > 9 else 5
+    fetch.REF_FLUSH_S = 1e9 if len(sys.argv) > 9 else fetch.REF_FLUSH_S
     fetch.fetch_tiles(
         bbox=LngLatBbox(*map(float, sys.argv[2:6])), zooms=[17], provider_spec=sys.argv[1],
         store_root=Path(sys.argv[6]), out_dir=Path(sys.argv[7]),
@@ -379,6 +414,7 @@ def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server:
         proc.communicate()
     assert refs >= 10
     assert not (out / "tileset.json").exists()
+    server.latency_s = 0.0
 
     # whatever the kill interrupted, objects are whole and recorded refs point at them
     with TileStore(store_root) as store:
@@ -396,3 +432,200 @@ def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server:
     assert server.count() - before == s["fetched"]
     assert_store_sound(store_root)
     assert s["aggregate_sha256"] == run(tmp_path / "clean", "synthetic", area=area)["aggregate_sha256"]
+
+
+def test_a_sigkilled_fetch_resumes_from_its_journal(tmp_path: Path, server: TileServer) -> None:
+    """No ref reached the database before the kill: the journal alone saves the work."""
+    area = LngLatBbox(8.50, 47.35, 8.52, 47.37)  # ~100 tiles
+    planned = list(tiles(area, [17]))
+    server.latency_s = 0.01
+    store_root, out = tmp_path / "store", tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            server.template(),
+            *map(str, area),
+            str(store_root),
+            str(out),
+            KEY,
+            str(10**9),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None and sum(server.served_ok.values()) < 30:
+            time.sleep(0.01)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    server.latency_s = 0.0
+    served_before = {p: n for p, n in server.served_ok.items()}
+    assert 30 <= sum(served_before.values()) < len(planned)
+    with closing(sqlite3.connect(store_root / "refs.sqlite")) as db:
+        assert db.execute("SELECT count(*) FROM tile_refs").fetchone()[0] == 0  # nothing committed
+    assert len(list((store_root / "journal").iterdir())) == 1
+
+    before = server.count()
+    s = run(tmp_path, server.template(), area=area)
+    asked_again = server.count() - before
+    # only what was on the wire when the kill came (2 workers) is asked for again
+    assert asked_again <= len(planned) - sum(served_before.values()) + 2
+    assert s["reused"] >= sum(served_before.values()) - 2
+    assert all(server.served(t) <= 2 for t in planned)
+    assert sum(server.served_ok.values()) <= len(planned) + 2
+    assert list((store_root / "journal").iterdir()) == []  # replayed, then our own removed
+    assert_store_sound(store_root)
+
+
+# ------------------------------------------------------------------ a hostile server
+
+
+def test_under_every_fault_each_good_tile_arrives_once_and_nothing_bad_is_stored(
+    tmp_path: Path, server: TileServer
+) -> None:
+    from tests.tileserver import DROP, DROP_MID_BODY, HTML, TRUNCATED, Slow, too_many
+
+    area = LngLatBbox(8.50, 47.35, 8.52, 47.365)  # ~80 tiles
+    planned = list(tiles(area, [17]))
+    for i, fault in enumerate(
+        (DROP, DROP_MID_BODY, TRUNCATED, HTML, too_many("0"), Reply(500), Reply(503), Slow(2.0))
+    ):
+        server.fault_rate(fault, 0.04, seed=i)
+    s = run(
+        tmp_path,
+        server.template(),
+        area=area,
+        env=fast_env(HTTP_TIMEOUT="0.5", HTTP_RETRIES="4"),
+        concurrency=8,
+    )
+    assert s["fetched"] == s["planned"] == len(planned) and s["missing"] == 0
+    assert server.count() > len(planned)  # faults happened, and were ridden out
+    assert {str(t): server.served(t) for t in planned} == {str(t): 1 for t in planned}
+    with TileStore(tmp_path / "store") as store:
+        objects = {obj.name for obj in store.iter_objects()}
+    assert objects == {sha256_hex(synthetic_tile_bytes(t)) for t in planned}  # no HTML, no half image
+    assert_store_sound(tmp_path / "store")
+
+
+def test_two_fetches_into_one_store_at_once(tmp_path: Path, server: TileServer) -> None:
+    """Two processes (two caches) fetch the same area into one store at the same time."""
+    area = LngLatBbox(8.50, 47.35, 8.52, 47.365)
+    planned = list(tiles(area, [17]))
+    server.latency_s = 0.005
+    store_root = tmp_path / "store"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                KILL_SCRIPT,
+                server.template(),
+                *map(str, area),
+                str(store_root),
+                str(tmp_path / f"out{i}"),
+                KEY,
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    a, b = read_summary(tmp_path / "out0"), read_summary(tmp_path / "out1")
+    assert a["aggregate_sha256"] == b["aggregate_sha256"]
+    assert a["present"] == b["present"] == len(planned)
+    assert a["fetched"] + a["reused"] == b["fetched"] + b["reused"] == len(planned)
+    assert all(1 <= server.served(t) <= 2 for t in planned)
+    assert_store_sound(store_root)
+    with TileStore(store_root) as store:
+        assert len(store.lookup_refs("xyz:" + server.template(), [(t.z, t.x, t.y) for t in planned])) == len(
+            planned
+        )
+    # and a third comes after: nothing to fetch
+    before = server.count()
+    assert run(tmp_path, server.template(), area=area)["reused"] == len(planned)
+    assert server.count() == before
+
+
+# ------------------------------------------------------------------ no data
+
+
+def _flat(colour: tuple[int, int, int], fmt: str = "JPEG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (256, 256), colour).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_blank_tiles_count_as_missing_with_nodata_uniform(tmp_path: Path, server: TileServer) -> None:
+    blank = sorted(PLANNED, key=tile_id)[:3]
+    server.answers = {t: Reply(200, _flat((240, 240, 240)), {"Content-Type": "image/jpeg"}) for t in blank}
+    s = run(tmp_path, server.template(), env=fast_env(NODATA="uniform"))
+    assert s["missing"] == s["nodata"] == 3
+    assert s["nodata_rule"] == {"uniform": True, "sha256": []}
+    assert s["missing_examples"] == [f"{t.z}/{t.x}/{t.y}" for t in blank]
+    with TileStore(tmp_path / "store") as store:
+        assert sha256_hex(_flat((240, 240, 240))) not in {o.name for o in store.iter_objects()}  # not stored
+    # like a 404: asked again next time, and now the provider has them
+    server.answers = {}
+    before = server.count()
+    again = run(tmp_path, server.template(), env=fast_env(NODATA="uniform"))
+    assert server.count() - before == 3
+    assert again["missing"] == 0 and again["fetched"] == 3
+
+
+def test_without_the_rule_blank_tiles_are_tiles(tmp_path: Path, server: TileServer) -> None:
+    server.script(PLANNED[0], Reply(200, _flat((0, 0, 0)), {"Content-Type": "image/jpeg"}))
+    assert run(tmp_path, server.template())["missing"] == 0
+
+
+def test_nodata_by_hash(tmp_path: Path, server: TileServer) -> None:
+    # a "no imagery here" picture: not uniform, known by its hash
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (256, 256), (200, 200, 200))
+    ImageDraw.Draw(img).text((60, 120), "no imagery", fill=(0, 0, 0))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    placeholder = buf.getvalue()
+    server.script(PLANNED[1], Reply(200, placeholder, {"Content-Type": "image/png"}))
+    server.script(PLANNED[2], Reply(200, _flat((5, 5, 5)), {"Content-Type": "image/jpeg"}))
+    s = run(tmp_path, server.template(), env=fast_env(NODATA_SHA256=sha256_hex(placeholder).upper()))
+    assert s["missing"] == s["nodata"] == 1  # the flat one is a tile: NODATA is off
+
+
+def test_turning_the_rule_on_later_catches_stored_blank_tiles(tmp_path: Path, server: TileServer) -> None:
+    blank = _flat((30, 60, 90))
+    server.script(PLANNED[0], Reply(200, blank, {"Content-Type": "image/jpeg"}))
+    first = run(tmp_path, server.template())
+    assert first["missing"] == 0
+    before = server.count()
+    s = run(tmp_path, server.template(), env=fast_env(NODATA="uniform"))
+    assert server.count() == before  # decided from the store, nothing fetched
+    assert (s["missing"], s["nodata"], s["reused"]) == (1, 1, len(PLANNED) - 1)
+    from cachebuild.nodata import UNIFORM_CHECK
+
+    with TileStore(tmp_path / "store") as store:
+        verdicts = store.lookup_checks(UNIFORM_CHECK, [o.name for o in store.iter_objects()])
+    assert len(verdicts) == len(PLANNED) and sum(verdicts.values()) == 1  # cached: not decoded again
+    by_hash = run(tmp_path, server.template(), env=fast_env(NODATA_SHA256=sha256_hex(blank)))
+    assert by_hash["missing"] == 1 and server.count() == before
+
+
+def test_a_bad_nodata_value_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="NODATA"):
+        run(tmp_path, "synthetic", env={"NODATA": "white"})
+    with pytest.raises(UsageError, match="NODATA_SHA256"):
+        run(tmp_path, "synthetic", env={"NODATA_SHA256": "abc"})

@@ -66,7 +66,10 @@ def test_a_journal_of_a_dead_process_is_replayed(tmp_path: Path) -> None:
         with open(dead, "ab") as fh:
             fh.write(b'["xyz:torn li')  # the kill came mid-write
         assert store.replay_journals() == 2
-        assert store.lookup_refs(PROVIDER, [(17, 1, 2), (17, 1, 3), (17, 1, 4)]) == {(17, 1, 2): d1, (17, 1, 3): d2}
+        assert store.lookup_refs(PROVIDER, [(17, 1, 2), (17, 1, 3), (17, 1, 4)]) == {
+            (17, 1, 2): d1,
+            (17, 1, 3): d2,
+        }
         assert list(store.journals.iterdir()) == []
 
 
