@@ -126,6 +126,7 @@ def fetch(
     out_dir: str,
     concurrency: int,
     http: dict[str, str],
+    nodata: dict[str, str] | None = None,
 ) -> None:
     import os
 
@@ -138,7 +139,8 @@ def fetch(
         provider_spec=provider,
         store_root=Path(store),
         out_dir=Path(out_dir),
-        env={**os.environ, **http},
+        # secrets (API key, headers) come from the environment, never through doit
+        env={**os.environ, **http, **(nodata or {})},
         concurrency=concurrency,
     )
 

@@ -28,6 +28,7 @@ __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_EXPIRES_DAYS",
     "VARIABLES",
+    "ENV_ONLY",
     "Settings",
     "Paths",
     "load_settings",
@@ -55,12 +56,17 @@ VARIABLES: dict[str, str] = {
     "STORE": "content-addressed tile store shared by every cache [default: $CACHEBUILD_HOME/store]",
     "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
     "BUFFER_M": "metres added around the route on every side [default: 500]",
-    "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {key}) | file.mbtiles "
-    "[default: synthetic]",
+    "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {s}, {key}) | file.mbtiles | "
+    "tile directory (dir:/path/{z}/{x}/{-y}.png) | GeoTIFF (.tif) [default: synthetic]",
     "CONCURRENCY": "tile requests in flight [default: 8]",
     "HTTP_TIMEOUT": "seconds per tile request [default: 20]",
     "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
     "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
+    "RATE_LIMIT": "at most this many tile requests a second, retries included; 0: no limit [default: 0]",
+    "SUBDOMAINS": "values {s} in the URL template rotates through, e.g. a,b,c [default: a,b,c]",
+    "NODATA": "off | uniform: a one-colour or fully transparent tile counts as missing [default: off]",
+    "NODATA_SHA256": "SHA-256s of a provider's blank tiles, comma-separated: they count as missing "
+    "[default: none]",
     "RETRY_MISSING": "1: ask the provider again for tiles it had none of last time [default: 0]",
     "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v1]",
     "CALIBRATION": "calibration file, part of the engine key [default: none]",
@@ -144,6 +150,7 @@ class Settings:
     concurrency: int = DEFAULT_CONCURRENCY
     retry_missing: bool = False
     http: Mapping[str, str] = field(default_factory=dict)
+    nodata: Mapping[str, str] = field(default_factory=dict)
     model: Path | None = None
     calibration: Path | None = None
     precision: str = DEFAULT_PRECISION
@@ -282,10 +289,19 @@ def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
     return p.resolve() if must_exist else p
 
 
+#: Secrets are read from the environment only, never from the command line.
+ENV_ONLY = {"API_KEY": "CACHEBUILD_API_KEY", "HTTP_HEADERS": "CACHEBUILD_HTTP_HEADERS"}
+
+
 def _http(get: Any) -> dict[str, str]:
-    """HTTP_* settings, validated now (before the lock), passed to the provider."""
+    """HTTP settings, validated now (before the lock), passed to the provider."""
     out = {}
-    limits = {"HTTP_TIMEOUT": (0.001, 3600.0), "HTTP_RETRIES": (0, 20), "HTTP_BACKOFF": (0.0, 60.0)}
+    limits = {
+        "HTTP_TIMEOUT": (0.001, 3600.0),
+        "HTTP_RETRIES": (0, 20),
+        "HTTP_BACKOFF": (0.0, 60.0),
+        "RATE_LIMIT": (0.0, 100_000.0),
+    }
     for name, (lo, hi) in limits.items():
         raw = get(name)
         if raw is None:
@@ -295,7 +311,39 @@ def _http(get: Any) -> dict[str, str]:
         else:
             _float(name, raw, 0.0, lo, hi)
         out[name] = raw
+    subdomains = get("SUBDOMAINS")
+    if subdomains is not None:
+        from .providers.xyz import parse_subdomains
+
+        parse_subdomains(subdomains)
+        out["SUBDOMAINS"] = subdomains
     return out
+
+
+def _nodata(get: Any) -> dict[str, str]:
+    """NODATA settings, validated and normalised; empty when off."""
+    from .nodata import NoDataRule
+
+    raw = {}
+    for name in ("NODATA", "NODATA_SHA256"):
+        value = get(name)
+        if value is not None:
+            raw[name] = value
+    rule = NoDataRule.from_env(raw)
+    out = {}
+    if rule.uniform:
+        out["NODATA"] = "uniform"
+    if rule.sha256:
+        out["NODATA_SHA256"] = ",".join(sorted(rule.sha256))
+    return out
+
+
+def _check_env_secrets(env: Mapping[str, str]) -> None:
+    """Refuse malformed extra headers before the lock; never echo their values."""
+    if env.get(ENV_ONLY["HTTP_HEADERS"], "").strip():
+        from .providers.xyz import parse_headers
+
+        parse_headers(env[ENV_ONLY["HTTP_HEADERS"]])
 
 
 def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -308,6 +356,12 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     vars = dict(vars or {})
     env = dict(os.environ if env is None else env)
     home = cachebuild_home(env)
+    secret = sorted(k for k in vars if k in ENV_ONLY)
+    if secret:
+        raise UsageError(
+            f"{secret[0]} is a secret: it is read from the environment only, never the command line",
+            remedy=f"export {ENV_ONLY[secret[0]]}=... (the command line shows in ps and shell history)",
+        )
     unknown = sorted(k for k in vars if k not in VARIABLES)
     if unknown:
         raise UsageError(
@@ -327,6 +381,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     if report not in ("text", "json"):
         raise UsageError(f"REPORT={report!r} must be text or json")
     threads_raw = get("THREADS")
+    _check_env_secrets(env)
     return Settings(
         flight=get("FLIGHT"),
         cache_dir=cache_dir,
@@ -337,6 +392,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         provider=get("PROVIDER") or DEFAULT_PROVIDER,
         concurrency=_int("CONCURRENCY", get("CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 256),
         http=_http(get),
+        nodata=_nodata(get),
         retry_missing=_bool("RETRY_MISSING", get("RETRY_MISSING"), False),
         model=_path("MODEL", get("MODEL"), must_exist=True),
         calibration=_path("CALIBRATION", get("CALIBRATION"), must_exist=True),

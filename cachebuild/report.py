@@ -19,7 +19,7 @@ from typing import Any, TextIO
 __all__ = ["Report", "redact", "SECRET_ENV_VARS"]
 
 #: Environment variables whose values are secrets.
-SECRET_ENV_VARS = ("CACHEBUILD_API_KEY", "FLIGHTS_API_TOKEN", "KEY_PASSPHRASE")
+SECRET_ENV_VARS = ("CACHEBUILD_API_KEY", "CACHEBUILD_HTTP_HEADERS", "FLIGHTS_API_TOKEN", "KEY_PASSPHRASE")
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:

@@ -7,6 +7,7 @@ from typing import Any
 from doit.tools import config_changed
 
 from cachebuild import actions
+from cachebuild.providers import source_stamp
 
 
 def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
@@ -29,6 +30,13 @@ def task(plan: Any) -> dict[str, Any]:
     s = plan.settings
     # the store too: tiles.npy names objects in it
     value = {"bbox": plan.bbox, "zooms": list(s.zooms), "provider": plan.provider_key, "store": str(s.store)}
+    # what changes which tiles end up in the cache (not headers, subdomains,
+    # rate limit or retries); keys only when set, so older states stay valid
+    source = source_stamp(s.provider)
+    if source is not None:
+        value["source"] = source
+    if s.nodata:
+        value["nodata"] = dict(s.nodata)
     return {
         "name": "tiles",
         "doc": "fetch the tiles covering the area into the store (tiles.npy, tileset.json)",
@@ -44,6 +52,7 @@ def task(plan: Any) -> dict[str, Any]:
                     "out_dir": str(build),
                     "concurrency": s.concurrency,
                     "http": dict(s.http),
+                    "nodata": dict(s.nodata),
                 },
             )
         ],
