@@ -1,7 +1,7 @@
 """The default descriptor network, built from code (no downloaded weights).
 
-``cbnet-v1`` turns one 256x256 RGB tile into a 256-d L2-normalised
-descriptor.  It is small (about 0.13 GFLOP a tile) and fully deterministic:
+``cbnet-v2`` turns one 256x256 RGB tile into a 256-d L2-normalised
+descriptor.  It is small (about 0.1 GFLOP a tile) and fully deterministic:
 :func:`build_default_model` returns the same ONNX bytes on every machine,
 so its SHA-256 can key engines and caches.
 
@@ -9,30 +9,45 @@ Architecture (input ``tiles`` float32 [N, 3, 256, 256], ``uint8 / 255 - 0.5``
 in RGB order; output ``descriptor`` float32 [N, 256])::
 
     Conv 3->16 5x5 s2 + ReLU      fixed filters: oriented edges, blobs, colour
-    Conv 16->32 3x3 s2 + ReLU     He-uniform, seeded
-    Conv 32->64 3x3 s2 + ReLU
-    Conv 64->64 3x3 s2 + ReLU     -> [N, 64, 16, 16]
-    AveragePool 4x4               -> [N, 64, 4, 4]   the spatial layout
-    ReduceMean over the 4x4 grid  -> [N, 64]         the tile's texture
-    Concat(grid - mean, mean / 4) -> [N, 1088]
+    Conv 16->48 3x3 s2 + ReLU     He-uniform, seeded             -> [N, 48, 64, 64]
+    P @ x @ P.T                   smooth pooling onto an 8x8 grid -> [N, 48, 8, 8]
+    grid - mean, signed sqrt      the layout, centred per channel
+    Concat(grid, mean / 4)        -> [N, 3120]
     MatMul                        -> [N, 256]
     x / max(||x||, 1e-12)         L2-normalised in the graph
 
+What it is for: a camera frame never lines up with the tile grid.  The
+localisation self-test (:mod:`cachebuild.selftest`) describes frames cut
+across tile borders, rotated, rescaled and re-lit, and searches them
+against the tiles.  ``cbnet-v1`` (four convolutions, a hard 4x4 grid of
+64-pixel cells) found the right tile for 1.0 of frames aligned with it but
+only 0.84 of frames shifted by up to 32 px, because a shift of half a cell
+moves every feature into the neighbouring cell.  v2 keeps only the two
+shallow layers (9-pixel receptive field: colour and edge detail, which is
+what tells synthetic and real terrain apart) and pools them through
+overlapping windows: each of the 8x8 cells averages the feature map under
+a biweight window of radius 0.3 tile (77 px), so a shift moves weight
+smoothly between neighbouring cells instead of across a hard border.  The
+signed square root damps the few strong responses (roads, patch borders)
+that would otherwise dominate the cosine.  Measured on the demo flight's
+synthetic tiles (docs/benchmarks.md): recall@1 0.97 for frames shifted by
+up to 1/8 tile (v1: 0.84).  Frames shifted by up to half a tile are beyond
+any one-descriptor-per-tile index on that imagery (v2: 0.1); see the
+benchmarks for the curve.
+
 Why the grid is centred: ReLU features are all positive, so every tile's
-raw grid shares a large common component.  On neighbouring tiles of
-synthetic fractal terrain the uncentred network gave cosine 0.67 on average
-(0.89 at worst); centred, 0.10 (0.59 at worst).  Subtracting the
-per-channel mean keeps what tells tiles apart (where things are); the
-scaled-down mean keeps the texture and colour summary, so a featureless
-tile (water, a blank provider tile) still gets a unit descriptor rather
-than a zero one.
+raw grid shares a large common component.  Subtracting the per-channel
+mean keeps what tells tiles apart (where things are); the scaled-down mean
+keeps the texture and colour summary, so a featureless tile (water, a blank
+provider tile) still gets a unit descriptor rather than a zero one.
 
 Determinism: weights come only from integer filter taps, the legacy
 ``numpy.random.RandomState`` stream (frozen by NEP 19) and IEEE-754 basic
 operations (``+ - * /`` and ``sqrt``, which are correctly rounded), never
-from ``exp``/``cos``, whose last bit may differ between libm builds.  The
-opset, IR version and producer fields are pinned.  Change any of this and
-bump :data:`DEFAULT_MODEL_VERSION`.
+from ``exp``/``cos``, whose last bit may differ between libm builds (hence
+a biweight pooling window, not a Gaussian).  The opset, IR version and
+producer fields are pinned.  Change any of this and bump
+:data:`DEFAULT_MODEL_VERSION`.
 """
 
 from __future__ import annotations
@@ -56,7 +71,7 @@ __all__ = [
     "write_default_model",
 ]
 
-DEFAULT_MODEL_VERSION = "cbnet-v1"
+DEFAULT_MODEL_VERSION = "cbnet-v2"
 DEFAULT_MODEL_SEED = 20240917
 DEFAULT_OPSET = 17
 # IR 8 is what opset 17 shipped with: readable by every ONNX Runtime since 1.11
@@ -69,6 +84,16 @@ DESCRIPTOR_DIM = 256
 
 _EPSILON = 1e-12
 _MEAN_WEIGHT = 0.25
+#: Channels of the second convolution.
+_CHANNELS = 48
+#: The second convolution's output is ``_MAP`` x ``_MAP``; it is pooled onto
+#: a ``_GRID`` x ``_GRID`` grid through biweight windows of radius
+#: ``_RADIUS`` (a fraction of the tile).
+_MAP = TILE_SIZE // 4
+_GRID = 8
+_RADIUS = 0.3
+#: Added under the signed square root: sqrt(|x| + eps) is smooth at 0.
+_SQRT_EPSILON = 1e-4
 
 
 def _unit(filters: Any) -> Any:
@@ -121,17 +146,39 @@ def _he_uniform(rng: Any, shape: tuple[int, ...], fan_in: int) -> Any:
     return (u * 2.0 - 1.0) * limit
 
 
+def _pool_matrix(n: int = _MAP, grid: int = _GRID, radius: float = _RADIUS) -> Any:
+    """``[grid, n]``: row g is a normalised biweight window over the n map cells.
+
+    Cell centres are at ``(i + 1/2) / n`` of the tile, grid centres at
+    ``(g + 1/2) / grid``; the weight is ``(1 - (d / radius)**2)**2`` inside
+    the radius, 0 outside: basic operations only, so exactly reproducible.
+    """
+    import numpy as np
+
+    w = np.zeros((grid, n), dtype=np.float64)
+    for g in range(grid):
+        centre = (2 * g + 1) / (2 * grid)
+        for i in range(n):
+            d = ((2 * i + 1) / (2 * n) - centre) / radius
+            if abs(d) < 1.0:
+                w[g, i] = (1.0 - d * d) ** 2
+        w[g] /= float(np.sum(w[g]))
+    return w
+
+
 def _weights(seed: int) -> dict[str, Any]:
     import numpy as np
 
     rng = np.random.RandomState(seed)
+    features = _CHANNELS * _GRID * _GRID + _CHANNELS
     w: dict[str, Any] = {"conv1.w": _first_layer()}
-    w["conv2.w"] = _he_uniform(rng, (32, 16, 3, 3), 16 * 9)
-    w["conv3.w"] = _he_uniform(rng, (64, 32, 3, 3), 32 * 9)
-    w["conv4.w"] = _he_uniform(rng, (64, 64, 3, 3), 64 * 9)
+    w["conv2.w"] = _he_uniform(rng, (_CHANNELS, 16, 3, 3), 16 * 9)
     # variance 1/fan_in: a Johnson-Lindenstrauss projection, scale is irrelevant
     # because the output is normalised
-    w["proj.w"] = _he_uniform(rng, (64 * 16 + 64, DESCRIPTOR_DIM), 2 * (64 * 16 + 64))
+    w["proj.w"] = _he_uniform(rng, (features, DESCRIPTOR_DIM), 2 * features)
+    pool = _pool_matrix()
+    w["pool.rows"] = pool
+    w["pool.cols"] = np.ascontiguousarray(pool.T)
     return {k: v.astype(np.float32) for k, v in w.items()}
 
 
@@ -144,7 +191,7 @@ def build_default_model(seed: int = DEFAULT_MODEL_SEED) -> bytes:
     ----------
     seed
         Seed of the random layers.  Only the default seed is
-        ``cbnet-v1``; other seeds are for experiments.
+        ``cbnet-v2``; other seeds are for experiments.
 
     Returns
     -------
@@ -164,6 +211,7 @@ def build_default_model(seed: int = DEFAULT_MODEL_SEED) -> bytes:
     inits = [numpy_helper.from_array(v, name=k) for k, v in sorted(w.items())]
     inits.append(numpy_helper.from_array(_np_f32(_MEAN_WEIGHT), name="mean.weight"))
     inits.append(numpy_helper.from_array(_np_f32(_EPSILON), name="l2.eps"))
+    inits.append(numpy_helper.from_array(_np_f32(_SQRT_EPSILON), name="ssqrt.eps"))
 
     def conv(name: str, x: str, k: int, pad: int) -> list[Any]:
         return [
@@ -182,15 +230,18 @@ def build_default_model(seed: int = DEFAULT_MODEL_SEED) -> bytes:
     nodes = []
     nodes += conv("conv1", INPUT_NAME, 5, 2)  # 128x128
     nodes += conv("conv2", "conv1.r", 3, 1)  # 64x64
-    nodes += conv("conv3", "conv2.r", 3, 1)  # 32x32
-    nodes += conv("conv4", "conv3.r", 3, 1)  # 16x16
     nodes += [
-        helper.make_node(
-            "AveragePool", ["conv4.r"], ["grid"], name="pool", kernel_shape=[4, 4], strides=[4, 4]
-        ),
+        # pool onto the grid: [N, C, 64, 64] @ [64, 8] -> [N, C, 64, 8]; [8, 64] @ that
+        helper.make_node("MatMul", ["conv2.r", "pool.cols"], ["pool.x"], name="pool.x"),
+        helper.make_node("MatMul", ["pool.rows", "pool.x"], ["grid"], name="pool.y"),
         helper.make_node("ReduceMean", ["grid"], ["mean"], name="mean", axes=[2, 3], keepdims=1),
         helper.make_node("Sub", ["grid", "mean"], ["grid.c"], name="centre"),
-        helper.make_node("Flatten", ["grid.c"], ["grid.f"], name="grid.flat", axis=1),
+        # signed square root: x / sqrt(|x| + eps)
+        helper.make_node("Abs", ["grid.c"], ["grid.abs"], name="ssqrt.abs"),
+        helper.make_node("Add", ["grid.abs", "ssqrt.eps"], ["grid.abs.e"], name="ssqrt.eps"),
+        helper.make_node("Sqrt", ["grid.abs.e"], ["grid.root"], name="ssqrt.sqrt"),
+        helper.make_node("Div", ["grid.c", "grid.root"], ["grid.s"], name="ssqrt.div"),
+        helper.make_node("Flatten", ["grid.s"], ["grid.f"], name="grid.flat", axis=1),
         helper.make_node("Flatten", ["mean"], ["mean.f"], name="mean.flat", axis=1),
         helper.make_node("Mul", ["mean.f", "mean.weight"], ["mean.s"], name="mean.scale"),
         helper.make_node("Concat", ["grid.f", "mean.s"], ["feat"], name="concat", axis=1),
