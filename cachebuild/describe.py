@@ -1,16 +1,26 @@
 """One L2-normalised descriptor per present tile.
 
-Reads the tile set (``tiles.npy``), decodes every tile image from the store,
+Reads the tile set (``tiles.npy``), decodes tile images from the store,
 runs the compiled engine over them in batches and writes, in ``out_dir``::
 
     descriptors.npy      float32 [N, D], row i describes tiles[i]
     descriptor_ids.npy   int64 [N], the tile ids, sorted
 
+With ``reuse=True`` (what a build does) descriptors live in the store's
+descriptor store (:mod:`cachebuild.descstore`), keyed by (image SHA-256,
+engine key): only the tiles the store has no descriptor for are run through
+the engine (an image shared by several tiles, once), and the two files are
+then assembled from the store.  A bbox shifted by 10% describes 10% of the
+tiles.
+
 Decoding overlaps inference: a thread pool decodes and preprocesses the
 next batches into a ring of reused input buffers while the engine runs the
 current one (Pillow and ONNX Runtime both release the GIL).  At most
-``_IN_FLIGHT`` batches exist at once, so memory stays bounded whatever the
-number of tiles.  Each batch is split among all decoder threads.
+``_IN_FLIGHT`` batches exist at once, and the output is written and
+assembled in chunks of rows (:mod:`cachebuild.npyio`), so memory stays
+bounded whatever the number of tiles: about 40 bytes a tile for the tile
+list and the descriptor locations, plus constants.  Each batch is split
+among all decoder threads; the engine uses every core.
 
 On Linux the decoder threads run at a lower priority (nice +5): when the
 engine runs on the same CPUs, its threads then get the cores the moment
@@ -29,11 +39,12 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .engine import load_engine
+from .engine import load_engine, read_engine_json
 from .errors import BuildError, UsageError
 from .progress import Progress
 from .store import TileStore
@@ -45,6 +56,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DESCRIPTORS_FILE",
     "DESCRIPTOR_IDS_FILE",
+    "DESCRIBE_SUMMARY",
     "DEFAULT_BATCH_SIZE",
     "tile_zxy",
     "default_decode_threads",
@@ -54,7 +66,11 @@ __all__ = [
 
 DESCRIPTORS_FILE = "descriptors.npy"
 DESCRIPTOR_IDS_FILE = "descriptor_ids.npy"
+#: What the last describe run did (written by the build's action; read by the report).
+DESCRIBE_SUMMARY = "describe.json"
 DEFAULT_BATCH_SIZE = 64
+#: Rows assembled from the descriptor store per step.
+_ASSEMBLE_ROWS = 16_384
 
 # Batches that exist at once: one in the engine, the rest being decoded.
 _IN_FLIGHT = 3
@@ -208,6 +224,100 @@ def _read_sorted_tiles(tileset_dir: Path) -> Any:
     return tiles
 
 
+def _engine_batches(
+    runner: Any,
+    store: TileStore,
+    work: Iterator[tuple[Any, Any, Any]],
+    *,
+    size: tuple[int, int],
+    max_rows: int,
+    workers: int,
+) -> Iterator[tuple[Any, Any]]:
+    """Run the engine over ``work``, decoding ahead; yields ``(meta, descriptors)`` in order.
+
+    ``work`` yields ``(meta, ids, digests)`` batches (uint8 ``[k, 32]``
+    digests, ``k <= max_rows``); ``meta`` is passed through.  Batch k is
+    decoded into ``ring[k % R]`` while the engine runs earlier ones; batch
+    k + R is submitted once batch k has run.
+    """
+    import numpy as np
+
+    chunk = -(-max_rows // workers)  # each batch is split among all decoders
+    # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
+    ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
+    with ThreadPoolExecutor(
+        max_workers=workers, thread_name_prefix="describe-decode", initializer=_lower_decoder_priority
+    ) as pool:
+        pending: deque[tuple[Any, Any, int, list[Future[np.ndarray]]]] = deque()
+        free = deque(range(len(ring)))
+
+        def submit() -> bool:
+            item = next(work, None)
+            if item is None:
+                return False
+            meta, ids, digests = item
+            slot = free.popleft()
+            buf = ring[slot]
+            paths = [store.path(bytes(d).hex()) for d in digests]
+            parts = [
+                pool.submit(_decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk])
+                for c in range(0, len(paths), chunk)
+            ]
+            pending.append((meta, ids, slot, parts))
+            return True
+
+        try:
+            while free and submit():
+                pass
+            while pending:
+                meta, ids, slot, parts = pending.popleft()
+                for part in parts:
+                    part.result()  # in order: the first bad tile is the one reported
+                try:
+                    out = runner.run(ring[slot][: len(ids)])
+                except Exception as exc:
+                    z0, x0, y0 = tile_zxy(ids[0])
+                    raise BuildError(
+                        f"the engine failed on {len(ids)} tiles starting at z={z0} x={x0} y={y0}: "
+                        f"{type(exc).__name__}: {exc}",
+                        remedy="recompile the engine (delete the engine directory) and retry",
+                        phase=_PHASE,
+                    ) from exc
+                free.append(slot)
+                submit()
+                yield meta, _checked_unit(np.array(out, dtype=np.float32), ids)
+        except BaseException:
+            for *_, parts in pending:
+                for part in parts:
+                    part.cancel()
+            raise
+
+
+def _checked_unit(d: Any, ids: Any) -> Any:
+    """``d`` L2-normalised in place, or a BuildError naming a tile with a non-finite row."""
+    import numpy as np
+
+    if not bool(np.all(np.isfinite(d))):
+        bad = int(np.flatnonzero(~np.isfinite(d).all(axis=1))[0])
+        z, x, y = tile_zxy(ids[bad])
+        raise BuildError(
+            f"the engine produced a non-finite descriptor for tile z={z} x={x} y={y}",
+            remedy="check the model (MODEL) and recompile the engine",
+            phase=_PHASE,
+        )
+    # the network normalises already; this guards other models and fp16 engines
+    norms = np.linalg.norm(d, axis=1, keepdims=True)
+    np.divide(d, np.maximum(norms, np.float32(1e-12)), out=d)
+    return d
+
+
+def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
+    """``(positions, ids, digests)`` of ``index`` in batches (meta = the positions)."""
+    for s in range(0, len(index), batch_size):
+        part = index[s : s + batch_size]
+        yield part, ids[part], raw[part]
+
+
 def describe_tiles(
     *,
     tileset_dir: str | os.PathLike[str],
@@ -218,6 +328,7 @@ def describe_tiles(
     threads: int | None = None,
     progress: bool = True,
     decode_threads: int | None = None,
+    reuse: bool = False,
 ) -> dict[str, Any]:
     """Describe every present tile of a tile set with the compiled engine.
 
@@ -226,7 +337,8 @@ def describe_tiles(
     tileset_dir
         Directory holding ``tiles.npy``.
     store_root
-        Root of the :class:`~cachebuild.store.TileStore` holding the images.
+        Root of the :class:`~cachebuild.store.TileStore` holding the images
+        (and, with ``reuse``, the descriptor store).
     engine_dir
         A compiled engine (:func:`cachebuild.engine.compile_engine`).
     out_dir
@@ -235,16 +347,22 @@ def describe_tiles(
         Tiles per engine call.
     threads
         Engine threads (ONNX Runtime intra-op threads); ``None`` for the
-        backend's default.
+        backend's default (every core).
     progress
         Draw a progress line on stderr (only when it is a terminal).
     decode_threads
         Tile decoder threads; ``None`` for :func:`default_decode_threads`.
+    reuse
+        Take descriptors the store has for this engine, and keep the new
+        ones there.  Without it every tile is described and nothing is kept.
 
     Returns
     -------
     dict
-        ``{"tiles": N, "dim": D, "seconds": s, "tiles_per_s": r}``.
+        ``tiles`` (N), ``dim``, ``computed`` (tiles the store had no
+        descriptor for), ``reused`` (N - computed), ``engine_runs`` (images
+        run through the engine: an image shared by several tiles once),
+        ``seconds``, ``tiles_per_s`` (N / seconds) and ``computed_per_s``.
 
     Raises
     ------
@@ -262,6 +380,8 @@ def describe_tiles(
     """
     import numpy as np
 
+    from .npyio import NpyRowWriter
+
     start = time.perf_counter()
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
@@ -273,96 +393,111 @@ def describe_tiles(
     dim = int(runner.descriptor_dim)
     size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
     n = len(tiles)
-
-    store = TileStore(store_root)
     # S32 items lose trailing NUL bytes when read one by one: go through raw bytes
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
-    paths = [store.path(raw[i].tobytes().hex()) for i in range(n)]
     ids = np.ascontiguousarray(tiles["id"], dtype=np.int64)
-
-    descriptors = np.empty((n, dim), dtype=np.float32)
-    batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    store = TileStore(store_root)
     workers = decode_threads or default_decode_threads()
-    chunk = -(-batch_size // workers)  # each batch is split among all decoders
-    # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
-    ring = [
-        np.empty((min(batch_size, n), 3, *size), dtype=np.float32)
-        for _ in range(min(_IN_FLIGHT, len(batches)))
-    ]
+    max_rows = max(1, min(batch_size, n))
     stream = sys.stderr if progress else None
-    with (
-        Progress(_PHASE, total=n, stream=stream) as bar,
-        ThreadPoolExecutor(
-            max_workers=workers,
-            thread_name_prefix="describe-decode",
-            initializer=_lower_decoder_priority,
-        ) as pool,
-    ):
-        pending: deque[list[Future[np.ndarray]]] = deque()
-
-        def submit(k: int) -> None:
-            s, e = batches[k]
-            buf = ring[k % len(ring)]
-            pending.append(
-                [
-                    pool.submit(
-                        _decode_batch,
-                        paths[c : min(c + chunk, e)],
-                        ids[c : min(c + chunk, e)],
-                        size,
-                        buf[c - s : min(c + chunk, e) - s],
-                    )
-                    for c in range(s, e, chunk)
-                ]
-            )
-
-        try:
-            # batch k uses ring[k % R]; batch k + R is submitted once batch k has run
-            for k in range(len(ring)):
-                submit(k)
-            for k, (s, e) in enumerate(batches):
-                for part in pending.popleft():
-                    part.result()  # in order: the first bad tile is the one reported
-                batch = ring[k % len(ring)][: e - s]
-                try:
-                    descriptors[s:e] = runner.run(batch)
-                except Exception as exc:
-                    z0, x0, y0 = tile_zxy(ids[s])
-                    raise BuildError(
-                        f"the engine failed on {e - s} tiles starting at z={z0} x={x0} y={y0}: "
-                        f"{type(exc).__name__}: {exc}",
-                        remedy="recompile the engine (delete the engine directory) and retry",
-                        phase=_PHASE,
-                    ) from exc
-                if k + len(ring) < len(batches):
-                    submit(k + len(ring))
-                bar.advance(e - s)
-        except BaseException:
-            for parts in pending:
-                for part in parts:
-                    part.cancel()
-            raise
-
-    if not bool(np.all(np.isfinite(descriptors))):
-        bad = int(np.flatnonzero(~np.isfinite(descriptors).all(axis=1))[0])
-        z, x, y = tile_zxy(ids[bad])
-        raise BuildError(
-            f"the engine produced a non-finite descriptor for tile z={z} x={x} y={y}",
-            remedy="check the model (MODEL) and recompile the engine",
-            phase=_PHASE,
-        )
-    # the network normalises already; this guards other models and fp16 engines
-    norms = np.linalg.norm(descriptors, axis=1, keepdims=True)
-    np.divide(descriptors, np.maximum(norms, np.float32(1e-12)), out=descriptors)
 
     out.mkdir(parents=True, exist_ok=True)
     (out / DESCRIPTOR_IDS_FILE).unlink(missing_ok=True)
-    _save_npy_atomic(out / DESCRIPTORS_FILE, descriptors)
+    if reuse:
+        computed, runs = _describe_with_store(
+            store, engine_dir, raw, ids, out, dim=dim, size=size, batch_size=batch_size,
+            max_rows=max_rows, workers=workers, runner=runner, stream=stream,
+        )  # fmt: skip
+    else:
+        with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink, Progress(
+            _PHASE, total=n, stream=stream
+        ) as bar:
+            work = _batches(np.arange(n), ids, raw, batch_size)
+            for _, d in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
+                sink.write(d)
+                bar.advance(len(d))
+        computed = runs = n
     _save_npy_atomic(out / DESCRIPTOR_IDS_FILE, ids)
     seconds = time.perf_counter() - start
     return {
         "tiles": n,
         "dim": dim,
+        "computed": int(computed),
+        "reused": int(n - computed),
+        "engine_runs": int(runs),
         "seconds": seconds,
         "tiles_per_s": n / seconds if seconds > 0 else 0.0,
+        "computed_per_s": computed / seconds if seconds > 0 else 0.0,
     }
+
+
+def _describe_with_store(
+    store: TileStore,
+    engine_dir: str | os.PathLike[str],
+    raw: Any,
+    ids: Any,
+    out: Path,
+    *,
+    dim: int,
+    size: tuple[int, int],
+    batch_size: int,
+    max_rows: int,
+    workers: int,
+    runner: Any,
+    stream: Any,
+) -> tuple[int, int]:
+    """Describe what the descriptor store lacks, then assemble the output from it.
+
+    Returns ``(computed, engine runs)``.
+    """
+    import numpy as np
+
+    from .descstore import DescriptorStore
+    from .npyio import NpyRowWriter
+
+    key = read_engine_json(engine_dir).get("key")
+    if not isinstance(key, str):
+        raise BuildError(
+            f"{Path(engine_dir) / 'engine.json'} has no engine key",
+            remedy="recompile the engine (delete the engine directory) and retry",
+            phase=_PHASE,
+        )
+    n = len(ids)
+    with DescriptorStore(store.root, key, dim) as ds:
+        shard, row = ds.lookup(raw)
+        todo = np.flatnonzero(shard < 0)
+        runs = 0
+        if len(todo):
+            # one engine run per distinct image; its location serves every tile showing it
+            keys = np.ascontiguousarray(raw[todo]).view(np.dtype((np.void, 32))).ravel()
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            ushard = np.empty(len(first), dtype=np.int32)
+            urow = np.empty(len(first), dtype=np.int32)
+            order = np.argsort(first, kind="stable")  # describe in tile order
+            work_pos = todo[first[order]]
+            runs = len(work_pos)
+            with ds.writer() as writer, Progress(_PHASE, total=runs, stream=stream) as bar:
+                work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
+                        for p in [work_pos[s : s + batch_size]])  # fmt: skip
+                for uidx, d in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
+                    ushard[uidx], urow[uidx] = writer.append(raw[todo[first[uidx]]], d)
+                    bar.advance(len(d))
+            shard[todo] = ushard[inverse]
+            row[todo] = urow[inverse]
+        ds.touch()
+        with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
+            buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
+            for s in range(0, n, _ASSEMBLE_ROWS):
+                e = min(s + _ASSEMBLE_ROWS, n)
+                part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
+                if not bool(np.all(np.isfinite(part))):
+                    bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+                    z, x, y = tile_zxy(ids[bad])
+                    raise BuildError(
+                        f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
+                        f"z={z} x={x} y={y}",
+                        remedy=f"delete {ds.root} (its descriptors are computed again)",
+                        phase=_PHASE,
+                    )
+                sink.write(part)
+    return len(todo), runs

@@ -405,3 +405,98 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- reuse through the descriptor store ----------------------------------------
+
+
+def store_world(root: Path, images: dict[tuple[int, int, int], bytes]) -> tuple[Path, Path]:
+    return make_tileset(root, images, root / "store"), root / "store"
+
+
+def test_reuse_describes_each_image_once(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path, described: tuple[Path, dict]
+) -> None:
+    images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
+    w = store_world(tmp_path, images)
+    first = run(w, engine_dir, tmp_path / "a", reuse=True)
+    assert (first["computed"], first["reused"], first["engine_runs"]) == (12, 0, 12)
+    again = run(w, engine_dir, tmp_path / "b", reuse=True)
+    assert (again["computed"], again["reused"], again["engine_runs"]) == (0, 12, 0)
+    a = np.load(tmp_path / "a" / DESCRIPTORS_FILE)
+    np.testing.assert_array_equal(a, np.load(tmp_path / "b" / DESCRIPTORS_FILE))
+    # the same vectors as without the store, row for row
+    np.testing.assert_allclose(a, np.load(described[0] / DESCRIPTORS_FILE), atol=1e-5)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "b" / DESCRIPTOR_IDS_FILE), np.load(described[0] / DESCRIPTOR_IDS_FILE)
+    )
+
+
+def test_a_shifted_tile_set_describes_only_the_new_tiles(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
+    old = dict(sorted(images.items())[:9])
+    run(store_world(tmp_path / "old", old), engine_dir, tmp_path / "o", reuse=True)
+    # the same store, a tile set moved by one column: 3 tiles new, 6 shared
+    new = dict(sorted(images.items())[3:])
+    root = tmp_path / "old"
+    w = (make_tileset(tmp_path / "new", new, root / "store"), root / "store")
+    result = run(w, engine_dir, tmp_path / "n", reuse=True)
+    assert (result["computed"], result["reused"]) == (3, 6)
+
+
+def test_duplicate_images_run_through_the_engine_once(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    blank = encode(np.full((256, 256, 3), 40, np.uint8))
+    images = {(Z, 10, y): blank for y in range(5)}
+    images[(Z, 11, 0)] = encode(next(iter(tiles_images.values())))
+    w = store_world(tmp_path, images)
+    result = run(w, engine_dir, tmp_path / "o", reuse=True, batch_size=2)
+    assert (result["computed"], result["engine_runs"]) == (6, 2)
+    d = np.load(tmp_path / "o" / DESCRIPTORS_FILE)
+    assert all(np.array_equal(d[0], d[i]) for i in range(1, 5))
+
+
+def test_another_engine_key_describes_everything_again(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+
+    w = store_world(tmp_path, {zxy: encode(rgb) for zxy, rgb in list(tiles_images.items())[:4]})
+    run(w, engine_dir, tmp_path / "a", reuse=True)
+    other = tmp_path / "engine2"
+    shutil.copytree(engine_dir, other)
+    record = json.loads((other / "engine.json").read_text())
+    record["key"] = "0" * 64  # e.g. a new calibration: another key, the same network
+    (other / "engine.json").write_text(json.dumps(record))
+    result = run(w, other, tmp_path / "b", reuse=True)
+    assert (result["computed"], result["reused"]) == (4, 0)
+    assert run(w, engine_dir, tmp_path / "c", reuse=True)["computed"] == 0
+
+
+def test_engine_failure_with_reuse_keeps_what_was_described(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w = store_world(tmp_path, {zxy: encode(rgb) for zxy, rgb in tiles_images.items()})
+    real = describe.load_engine
+
+    class Flaky:
+        def __init__(self, runner: Any):
+            self.runner, self.calls = runner, 0
+            self.descriptor_dim, self.input_hw = runner.descriptor_dim, runner.input_hw
+
+        def run(self, batch: np.ndarray) -> np.ndarray:
+            self.calls += 1
+            if self.calls == 3:
+                raise RuntimeError("device lost")
+            return self.runner.run(batch)
+
+    monkeypatch.setattr(describe, "load_engine", lambda d, threads=None: Flaky(real(d, threads)))
+    with pytest.raises(BuildError, match="device lost"):
+        run(w, engine_dir, tmp_path / "o", reuse=True, batch_size=4)
+    monkeypatch.setattr(describe, "load_engine", real)
+    result = run(w, engine_dir, tmp_path / "o", reuse=True, batch_size=4)
+    assert (result["computed"], result["reused"]) == (4, 8)
