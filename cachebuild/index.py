@@ -1,31 +1,149 @@
-"""The FAISS index over the tile descriptors.
+"""The FAISS index over the tile descriptors, chosen by size.
 
-An exact inner-product index (``IndexFlatIP``) wrapped in ``IndexIDMap2`` so
-that search answers tile ids, not row numbers.  Descriptors are unit
-vectors, so the inner product is the cosine similarity.  Flat is exact and,
-below ~10k-100k vectors, as fast as anything approximate (faiss-cpu: 100k x
-256 added in 0.06 s, 1k searches in 0.94 s on this project's build machine).
+Descriptors are unit vectors, so the inner product is the cosine
+similarity; every index answers tile ids, not row numbers.  Which index,
+after the faiss wiki's "Guidelines to choose an index" and autofaiss:
+
+========  ==========================  =====================================
+N         index                       parameters
+========  ==========================  =====================================
+< 10k     ``IDMap2,Flat`` (exact)     none: exact, and as fast as anything
+10k-200k  ``IDMap2,HNSW32,Flat``      M = 32, efConstruction = 64; efSearch
+                                      tuned (below)
+>= 200k   ``IVF{K},Flat``             K = 4 sqrt(N) lists, trained on
+                                      min(N, 64 K) >= 39 K sampled vectors;
+                                      nprobe tuned (below)
+========  ==========================  =====================================
+
+HNSW is the most accurate approximate index while it fits in memory, but
+adding a vector costs a graph search: measured here about 1,000-5,000
+vectors/s on two cores, so above ~200k vectors it would dominate the build;
+IVF trains k-means once and adds fast.  Where faiss sees a GPU, ``auto``
+takes IVF from 10k on (faiss runs Flat and IVF on GPUs, not HNSW).
+``INDEX=flat|hnsw|ivf`` forces a kind.
+
+The search parameter (HNSW ``efSearch``, IVF ``nprobe``) is chosen from N
+by measurement: the smallest value on a ladder whose recall@10 against
+exact search reaches :data:`RECALL_TARGET`, on :data:`RECALL_QUERIES`
+descriptors of the cache itself.  It is saved in the index file, and the
+recall@10 of the index as saved is reported in ``index.json`` (and the
+manifest's ``info``).
+
+Everything is streamed from ``descriptors.npy`` in chunks
+(:mod:`cachebuild.npyio`): memory is the index itself plus constants.
 
 faiss is imported inside the functions that use it.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import BuildError
+from .errors import BuildError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["INDEX_TYPE", "INDEX_METRIC", "build_index", "search"]
+__all__ = [
+    "INDEX_KINDS",
+    "INDEX_METRIC",
+    "FLAT_MAX",
+    "HNSW_MAX",
+    "HNSW_M",
+    "HNSW_EF_CONSTRUCTION",
+    "RECALL_TARGET",
+    "RECALL_QUERIES",
+    "IndexPlan",
+    "plan_index",
+    "build_index",
+    "load_index",
+    "search",
+]
 
-INDEX_TYPE = "IDMap2,FlatIP"
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
 INDEX_METRIC = "inner_product"
+#: ``auto``: exact search below this many vectors.
+FLAT_MAX = 10_000
+#: ``auto``: HNSW below this many vectors, IVF from here on.
+HNSW_MAX = 200_000
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+#: The recall@10 the search parameter is tuned to reach.
+RECALL_TARGET = 0.95
+#: Descriptors of the cache used as queries to measure recall@10.
+RECALL_QUERIES = 1000
+_EF_LADDER = (16, 32, 64, 128, 256, 512, 1024)
+_NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_TRAIN_PER_LIST = 64
+_MIN_TRAIN_PER_LIST = 39
 _PHASE = "index"
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    """Which index to build for N vectors, and its build parameters.
+
+    Attributes
+    ----------
+    kind
+        ``flat``, ``hnsw`` or ``ivf``.
+    description
+        The faiss factory-style name, e.g. ``IVF1264,Flat``.
+    params
+        ``{"M", "efConstruction"}`` (hnsw), ``{"nlist", "train_points"}``
+        (ivf), ``{}`` (flat).
+    reason
+        Why this kind: ``auto: N < 10000`` or ``INDEX=hnsw``.
+    """
+
+    kind: str
+    description: str
+    params: dict[str, int] = field(default_factory=dict)
+    reason: str = ""
+
+
+def _gpus(faiss: Any) -> int:
+    try:
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "StandardGpuResources") else 0
+    except Exception:  # faiss-cpu builds without the symbol, or a broken driver
+        return 0
+
+
+def plan_index(n: int, kind: str = "auto", *, gpus: int = 0) -> IndexPlan:
+    """The index to build for ``n`` vectors.
+
+    >>> plan_index(5_000).kind, plan_index(50_000).kind, plan_index(1_000_000).description
+    ('flat', 'hnsw', 'IVF4000,Flat')
+    >>> plan_index(1_000_000).params
+    {'nlist': 4000, 'train_points': 256000}
+    """
+    if kind not in INDEX_KINDS:
+        raise UsageError(f"INDEX={kind!r} must be one of {', '.join(INDEX_KINDS)}")
+    reason = f"INDEX={kind}"
+    if kind == "auto":
+        if n < FLAT_MAX:
+            kind, reason = "flat", f"auto: N < {FLAT_MAX}"
+        elif gpus > 0:
+            kind, reason = "ivf", f"auto: N >= {FLAT_MAX} and faiss sees {gpus} GPU(s), which run IVF, not HNSW"
+        elif n < HNSW_MAX:
+            kind, reason = "hnsw", f"auto: {FLAT_MAX} <= N < {HNSW_MAX}"
+        else:
+            kind, reason = "ivf", f"auto: N >= {HNSW_MAX}"
+    if kind == "flat":
+        return IndexPlan("flat", "IDMap2,Flat", {}, reason)
+    if kind == "hnsw":
+        params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}
+        return IndexPlan("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", params, reason)
+    # k-means needs >= 39 points a list to be trained without a warning
+    nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), n // _MIN_TRAIN_PER_LIST))
+    train = min(n, _TRAIN_PER_LIST * nlist)
+    return IndexPlan("ivf", f"IVF{nlist},Flat", {"nlist": nlist, "train_points": train}, reason)
 
 
 def _faiss() -> Any:
@@ -40,27 +158,106 @@ def _faiss() -> Any:
     return faiss
 
 
-def _load(path: Path) -> Any:
+def _check_inputs(src: Path) -> tuple[int, int, Any]:
+    """``(N, D, ids)`` after checking descriptors.npy and descriptor_ids.npy agree."""
     import numpy as np
 
+    from .describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+    from .npyio import npy_shape
+
+    vec_path, ids_path = src / DESCRIPTORS_FILE, src / DESCRIPTOR_IDS_FILE
+    for path in (vec_path, ids_path):
+        if not path.is_file():
+            raise BuildError(
+                f"{path} does not exist",
+                remedy="run the describe phase first (doit build-cache does)",
+                phase=_PHASE,
+            )
     try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError as exc:
-        raise BuildError(
-            f"{path} does not exist",
-            remedy="run the describe phase first (doit build-cache does)",
-            phase=_PHASE,
-        ) from exc
+        shape, dtype = npy_shape(vec_path)
+        ids = np.load(ids_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise BuildError(
-            f"{path} is not a readable .npy file: {exc}",
-            remedy="delete it and run build-cache again",
+            f"{src} holds an unreadable .npy file: {exc}",
+            remedy="delete descriptors.npy and descriptor_ids.npy and run build-cache again",
             phase=_PHASE,
         ) from exc
+    if len(shape) != 2 or shape[1] < 1 or dtype != np.float32:
+        raise BuildError(
+            f"{vec_path} must be float32 [N, D], is {dtype} {list(shape)}",
+            remedy="delete it and run the describe phase again",
+            phase=_PHASE,
+        )
+    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != shape[0]:
+        raise BuildError(
+            f"{ids_path} ({ids.dtype} {list(ids.shape)}) does not match {vec_path} ({shape[0]} rows)",
+            remedy="delete both and run the describe phase again",
+            phase=_PHASE,
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise BuildError(
+            f"{ids_path} holds duplicate tile ids",
+            remedy="delete it and run the describe phase again",
+            phase=_PHASE,
+        )
+    return int(shape[0]), int(shape[1]), ids
+
+
+def _new_index(faiss: Any, plan: IndexPlan, dim: int) -> Any:
+    ip = faiss.METRIC_INNER_PRODUCT
+    if plan.kind == "flat":
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+    if plan.kind == "hnsw":
+        hnsw = faiss.IndexHNSWFlat(dim, plan.params["M"], ip)
+        hnsw.hnsw.efConstruction = plan.params["efConstruction"]
+        return faiss.IndexIDMap2(hnsw)
+    return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.params["nlist"], ip)
+
+
+def _set_search_param(faiss: Any, index: Any, kind: str, value: int) -> None:
+    if kind == "hnsw":
+        faiss.downcast_index(index.index).hnsw.efSearch = int(value)
+    elif kind == "ivf":
+        index.nprobe = int(value)
+
+
+def _exact_top(path: Path, queries: Any, k: int) -> Any:
+    """The k-th best exact similarity of each query, by one pass over the descriptors."""
+    import numpy as np
+
+    from .npyio import iter_npy_rows
+
+    best = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    for _, chunk in iter_npy_rows(path, chunk_rows=4_096):
+        sims = queries @ chunk.T
+        both = np.concatenate([best, sims], axis=1)
+        kk = min(k, both.shape[1])
+        best = -np.sort(-np.partition(both, both.shape[1] - kk, axis=1)[:, -kk:], axis=1)
+    return best[:, k - 1]
+
+
+def _recall(index: Any, queries: Any, kth: Any, k: int) -> float:
+    """recall@k: the share of results at least as similar as the exact k-th best.
+
+    The returned scores of Flat, HNSW-Flat and IVF-Flat are exact inner
+    products (the vectors are stored uncompressed), so ties at the k-th
+    place count as hits whichever tied tile the index returned.
+    """
+    import numpy as np
+
+    scores, ids = index.search(queries, k)
+    hits = (ids >= 0) & (scores >= kth[:, None] - 1e-5)
+    return float(np.mean(np.sum(hits, axis=1) / k))
 
 
 def build_index(
-    *, descriptors_dir: str | os.PathLike[str], out_path: str | os.PathLike[str]
+    *,
+    descriptors_dir: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    kind: str = "auto",
+    recall_queries: int = RECALL_QUERIES,
+    chunk_rows: int = 65_536,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Index ``descriptors.npy`` under the ids in ``descriptor_ids.npy``.
 
@@ -70,57 +267,91 @@ def build_index(
         Directory written by :func:`cachebuild.describe.describe_tiles`.
     out_path
         The index file; written to a temp file beside it, then renamed.
+    kind
+        ``auto`` (by N, see the module notes), ``flat``, ``hnsw`` or ``ivf``.
+    recall_queries
+        Descriptors used as queries to measure recall@10 (and tune the
+        search parameter); 0 skips the measurement.
+    chunk_rows
+        Descriptors read and added at a time.
+    seed
+        Seed of the training and query samples.
 
     Returns
     -------
     dict
-        ``{"type": "IDMap2,FlatIP", "ntotal": N, "dim": D,
-        "metric": "inner_product"}``.
+        ``type`` (faiss name), ``kind``, ``ntotal``, ``dim``, ``metric``,
+        ``params`` (build and search parameters), ``reason``,
+        ``recall_at_10`` (None when not measured), ``recall_queries``,
+        ``recall_target`` and ``seconds`` (``train``, ``add``, ``tune``).
 
     Raises
     ------
     BuildError
-        ``phase="index"``: missing or inconsistent inputs, or no faiss.
+        ``phase="index"``: missing or inconsistent inputs, non-finite
+        descriptors, or no faiss.
+    UsageError
+        For an unknown ``kind``.
     """
     import numpy as np
 
-    from .describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+    from .describe import DESCRIPTORS_FILE
+    from .npyio import gather_npy_rows, iter_npy_rows
 
     faiss = _faiss()
     src = Path(descriptors_dir)
-    vectors = _load(src / DESCRIPTORS_FILE)
-    ids = _load(src / DESCRIPTOR_IDS_FILE)
-    if vectors.ndim != 2 or vectors.shape[1] < 1 or vectors.dtype != np.float32:
-        raise BuildError(
-            f"{src / DESCRIPTORS_FILE} must be float32 [N, D], "
-            f"is {vectors.dtype} {list(vectors.shape)}",
-            remedy="delete it and run the describe phase again",
-            phase=_PHASE,
-        )
-    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != len(vectors):
-        raise BuildError(
-            f"{src / DESCRIPTOR_IDS_FILE} ({ids.dtype} {list(ids.shape)}) does not match "
-            f"{src / DESCRIPTORS_FILE} ({len(vectors)} rows)",
-            remedy="delete both and run the describe phase again",
-            phase=_PHASE,
-        )
-    if len(np.unique(ids)) != len(ids):
-        raise BuildError(
-            f"{src / DESCRIPTOR_IDS_FILE} holds duplicate tile ids",
-            remedy="delete it and run the describe phase again",
-            phase=_PHASE,
-        )
-    if not bool(np.all(np.isfinite(vectors))):
-        raise BuildError(
-            f"{src / DESCRIPTORS_FILE} holds non-finite values",
-            remedy="check the model, recompile the engine and describe again",
-            phase=_PHASE,
-        )
+    n, dim, ids = _check_inputs(src)
+    vec_path = src / DESCRIPTORS_FILE
+    plan = plan_index(n, kind, gpus=_gpus(faiss))
+    rng = np.random.default_rng(seed)
+    index = _new_index(faiss, plan, dim)
+    seconds = {"train": 0.0, "add": 0.0, "tune": 0.0}
 
-    dim = int(vectors.shape[1])
-    index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-    if len(vectors):
-        index.add_with_ids(np.ascontiguousarray(vectors), np.ascontiguousarray(ids))
+    if plan.kind == "ivf" and n:
+        t = time.perf_counter()
+        sample = np.sort(rng.choice(n, size=plan.params["train_points"], replace=False))
+        index.train(np.ascontiguousarray(gather_npy_rows(vec_path, sample)))
+        seconds["train"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for start, chunk in iter_npy_rows(vec_path, chunk_rows=chunk_rows):
+        if not bool(np.all(np.isfinite(chunk))):
+            raise BuildError(
+                f"{vec_path} holds non-finite values (row {start + int(np.flatnonzero(~np.isfinite(chunk).all(1))[0])})",
+                remedy="check the model, recompile the engine and describe again",
+                phase=_PHASE,
+            )
+        index.add_with_ids(chunk, np.ascontiguousarray(ids[start : start + len(chunk)]))
+    seconds["add"] = time.perf_counter() - t
+
+    params: dict[str, int] = dict(plan.params)
+    recall = None
+    q = min(recall_queries, n)
+    if q > 0:
+        t = time.perf_counter()
+        rows = np.sort(rng.choice(n, size=q, replace=False))
+        queries = np.ascontiguousarray(gather_npy_rows(vec_path, rows))
+        k = min(10, n)
+        kth = _exact_top(vec_path, queries, k)
+        ladder = {"hnsw": _EF_LADDER, "ivf": _NPROBE_LADDER}.get(plan.kind, (0,))
+        if plan.kind == "ivf":
+            ladder = tuple(v for v in ladder if v < plan.params["nlist"]) + (plan.params["nlist"],)
+        for value in ladder:
+            _set_search_param(faiss, index, plan.kind, value)
+            recall = _recall(index, queries, kth, k)
+            if recall >= RECALL_TARGET:
+                break
+        if plan.kind == "hnsw":
+            params["efSearch"] = int(value)
+        elif plan.kind == "ivf":
+            params["nprobe"] = int(value)
+        seconds["tune"] = time.perf_counter() - t
+    elif plan.kind == "hnsw":
+        params["efSearch"] = 64
+        _set_search_param(faiss, index, "hnsw", 64)
+    elif plan.kind == "ivf":
+        params["nprobe"] = min(16, plan.params["nlist"])
+        _set_search_param(faiss, index, "ivf", params["nprobe"])
 
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -130,18 +361,40 @@ def build_index(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return {"type": INDEX_TYPE, "ntotal": int(index.ntotal), "dim": dim, "metric": INDEX_METRIC}
+    return {
+        "type": plan.description,
+        "kind": plan.kind,
+        "reason": plan.reason,
+        "ntotal": int(index.ntotal),
+        "dim": dim,
+        "metric": INDEX_METRIC,
+        "params": params,
+        "recall_at_10": None if recall is None else round(recall, 4),
+        "recall_queries": int(q),
+        "recall_target": RECALL_TARGET,
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+
+
+def load_index(index_path: str | os.PathLike[str]) -> Any:
+    """Read an index written by :func:`build_index` (search parameters included)."""
+    faiss = _faiss()
+    path = Path(index_path)
+    if not path.is_file():
+        raise BuildError(f"index {path} does not exist", remedy="build the index first", phase=_PHASE)
+    return faiss.read_index(str(path))
 
 
 def search(
-    index_path: str | os.PathLike[str], queries: np.ndarray, k: int
+    index_path: str | os.PathLike[str] | Any, queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best tiles for each query descriptor.
 
     Parameters
     ----------
     index_path
-        A file written by :func:`build_index`.
+        A file written by :func:`build_index`, or an index already loaded
+        with :func:`load_index`.
     queries
         float32 ``[q, D]`` (or one ``[D]`` vector), L2-normalised.
     k
@@ -158,13 +411,7 @@ def search(
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    faiss = _faiss()
-    path = Path(index_path)
-    if not path.is_file():
-        raise BuildError(
-            f"index {path} does not exist", remedy="build the index first", phase=_PHASE
-        )
-    index = faiss.read_index(str(path))
+    index = index_path if hasattr(index_path, "search") else load_index(index_path)
     q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
     if q.ndim != 2 or q.shape[1] != index.d:
         raise ValueError(f"queries must be [q, {index.d}], got {list(np.shape(queries))}")

@@ -14,8 +14,8 @@ import pytest
 
 from cachebuild import index
 from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
-from cachebuild.errors import BuildError
-from cachebuild.index import build_index, search
+from cachebuild.errors import BuildError, UsageError
+from cachebuild.index import FLAT_MAX, HNSW_MAX, RECALL_TARGET, build_index, plan_index, search
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -42,7 +42,11 @@ def built(tmp_path: Path) -> tuple[Path, np.ndarray, np.ndarray, dict]:
 
 def test_summary_and_file(built: tuple) -> None:
     path, vectors, ids, info = built
-    assert info == {"type": "IDMap2,FlatIP", "ntotal": 500, "dim": 64, "metric": "inner_product"}
+    assert info["type"] == "IDMap2,Flat" and info["kind"] == "flat"
+    assert (info["ntotal"], info["dim"], info["metric"]) == (500, 64, "inner_product")
+    assert info["reason"] == "auto: N < 10000" and info["params"] == {}
+    # exact search against exact search: recall@10 is 1 (measured, not assumed)
+    assert info["recall_at_10"] == 1.0 and info["recall_queries"] == 500
     loaded = faiss.read_index(str(path))
     assert loaded.ntotal == 500 and loaded.d == 64
     assert loaded.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -162,3 +166,96 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# -- the index chosen by size ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, kind, description",
+    [
+        (0, "flat", "IDMap2,Flat"),
+        (FLAT_MAX - 1, "flat", "IDMap2,Flat"),
+        (FLAT_MAX, "hnsw", "IDMap2,HNSW32,Flat"),
+        (HNSW_MAX - 1, "hnsw", "IDMap2,HNSW32,Flat"),
+        (HNSW_MAX, "ivf", "IVF1788,Flat"),
+        (1_000_000, "ivf", "IVF4000,Flat"),
+    ],
+)
+def test_auto_picks_the_index_by_size(n: int, kind: str, description: str) -> None:
+    plan = plan_index(n)
+    assert (plan.kind, plan.description) == (kind, description)
+    assert plan.reason.startswith("auto")
+    if kind == "ivf":
+        # K = 4 sqrt(N) lists, enough training points for every list (>= 39 K)
+        assert plan.params["nlist"] == int(4 * n**0.5)
+        assert plan.params["train_points"] >= 39 * plan.params["nlist"]
+
+
+def test_a_gpu_makes_auto_prefer_ivf_over_hnsw() -> None:
+    assert plan_index(50_000, gpus=1).kind == "ivf"
+    assert plan_index(5_000, gpus=1).kind == "flat"
+
+
+def test_forced_kinds_and_small_ivf() -> None:
+    assert plan_index(50_000, "flat").kind == "flat"
+    assert plan_index(100, "hnsw").reason == "INDEX=hnsw"
+    # few vectors: fewer lists, so each still gets 39 training points
+    small = plan_index(1_000, "ivf")
+    assert small.params["nlist"] == 1_000 // 39 and small.params["train_points"] == 1_000
+    with pytest.raises(UsageError, match="INDEX"):
+        plan_index(10, "lsh")
+
+
+def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
+    """Unit vectors in clusters, like descriptors of similar tiles (harder than uniform)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((max(1, n // 50), d)).astype(np.float32)
+    v = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("kind, param", [("hnsw", "efSearch"), ("ivf", "nprobe")])
+def test_approximate_index_reports_its_measured_recall(tmp_path: Path, kind: str, param: str) -> None:
+    n = 4_000
+    vectors = clustered(n, 32)
+    ids = np.arange(n, dtype=np.int64) * 7 + 3
+    src = write_descriptors(tmp_path / "d", vectors, ids)
+    out = tmp_path / "i.faiss"
+    info = build_index(descriptors_dir=src, out_path=out, kind=kind, recall_queries=300, chunk_rows=999)
+    assert info["kind"] == kind and info["ntotal"] == n and info["recall_queries"] == 300
+    assert info["recall_at_10"] >= RECALL_TARGET
+    assert param in info["params"]
+    # the search parameter is saved in the file
+    loaded = faiss.read_index(str(out))
+    saved = faiss.downcast_index(loaded.index).hnsw.efSearch if kind == "hnsw" else loaded.nprobe
+    assert saved == info["params"][param]
+    # recall@10 recomputed here, by brute force, agrees with the reported figure
+    q = vectors[:300]
+    exact = np.sort(q @ vectors.T, axis=1)[:, -10]
+    scores, found = search(out, q, 10)
+    assert set(np.unique(found)) <= set(ids.tolist())
+    mine = float(np.mean(np.sum(scores >= exact[:, None] - 1e-5, axis=1) / 10))
+    assert mine >= RECALL_TARGET
+
+
+def test_recall_of_a_starved_index_is_reported_honestly(tmp_path: Path) -> None:
+    """IVF with one probe of many lists misses neighbours; the report says so."""
+    vectors = unit_vectors(3_000, 64)  # uniform: the hardest case for IVF
+    src = write_descriptors(tmp_path / "d", vectors, np.arange(3_000, dtype=np.int64))
+    out = tmp_path / "i.faiss"
+    info = build_index(descriptors_dir=src, out_path=out, kind="ivf", recall_queries=200)
+    index = faiss.read_index(str(out))
+    index.nprobe = 1
+    q = vectors[:200]
+    exact = np.sort(q @ vectors.T, axis=1)[:, -10]
+    scores, _ = index.search(q, 10)
+    starved = float(np.mean(np.sum(scores >= exact[:, None] - 1e-5, axis=1) / 10))
+    assert starved < 0.9 <= info["recall_at_10"]
+    assert info["params"]["nprobe"] > 1
+
+
+def test_recall_measurement_can_be_skipped(tmp_path: Path) -> None:
+    src = write_descriptors(tmp_path / "d", clustered(2_000, 16), np.arange(2_000, dtype=np.int64))
+    info = build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss", kind="hnsw", recall_queries=0)
+    assert info["recall_at_10"] is None and info["params"]["efSearch"] == 64
