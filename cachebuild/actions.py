@@ -31,7 +31,9 @@ __all__ = [
     "build_engine",
     "describe",
     "index",
+    "selftest",
     "manifest",
+    "store_user",
     "CACHE_ARTIFACTS",
     "cache_artifacts",
 ]
@@ -57,6 +59,7 @@ CACHE_ARTIFACTS = (
     "descriptor_ids.npy",
     "index.faiss",
     "index.json",
+    "selftest.json",
 )
 
 
@@ -99,6 +102,32 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
     return action
 
 
+class store_user:  # noqa: N801 - used as a context manager, like contextlib's
+    """Hold the store's shared lock (gc-store waits) and register the cache with it.
+
+    Every action that reads or writes the store runs inside this, so
+    ``doit gc-store`` never removes what a running build is using, and
+    knows every cache directory that uses the store.
+    """
+
+    def __init__(self, store: str, cache_dir: str | None = None):
+        from .storelock import StoreLock
+
+        self.store = store
+        self.cache_dir = cache_dir
+        self._lock = StoreLock(store, exclusive=False)
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        if self.cache_dir is not None:
+            from .storelock import register_cache
+
+            register_cache(self.store, self.cache_dir)
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     from .tileset import atomic_write_bytes
 
@@ -127,36 +156,39 @@ def fetch(
     concurrency: int,
     http: dict[str, str],
     nodata: dict[str, str] | None = None,
+    cache_dir: str | None = None,
 ) -> None:
     import os
 
     from .fetch import fetch_tiles
     from .tiles import LngLatBbox
 
-    fetch_tiles(
-        bbox=LngLatBbox(*bbox),
-        zooms=zooms,
-        provider_spec=provider,
-        store_root=Path(store),
-        out_dir=Path(out_dir),
-        # secrets (API key, headers) come from the environment, never through doit
-        env={**os.environ, **http, **(nodata or {})},
-        concurrency=concurrency,
-    )
+    with store_user(store, cache_dir):
+        fetch_tiles(
+            bbox=LngLatBbox(*bbox),
+            zooms=zooms,
+            provider_spec=provider,
+            store_root=Path(store),
+            out_dir=Path(out_dir),
+            # secrets (API key, headers) come from the environment, never through doit
+            env={**os.environ, **http, **(nodata or {})},
+            concurrency=concurrency,
+        )
 
 
 def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
     from .mbtiles import write_mbtiles
     from .tiles import LngLatBbox
 
-    write_mbtiles(
-        tileset_dir=Path(build),
-        store_root=Path(store),
-        out_path=Path(build) / "tiles.mbtiles",
-        name="cachebuild tiles",
-        bbox=LngLatBbox(*bbox),
-        zooms=zooms,
-    )
+    with store_user(store):
+        write_mbtiles(
+            tileset_dir=Path(build),
+            store_root=Path(store),
+            out_path=Path(build) / "tiles.mbtiles",
+            name="cachebuild tiles",
+            bbox=LngLatBbox(*bbox),
+            zooms=zooms,
+        )
 
 
 def build_engine(*, model: str, calibration: str | None, precision: str, backend: str, out_dir: str) -> None:
@@ -171,24 +203,50 @@ def build_engine(*, model: str, calibration: str | None, precision: str, backend
     )
 
 
-def describe(*, build: str, store: str, batch: int, threads: int | None) -> None:
-    from .describe import describe_tiles
+def describe(
+    *, build: str, store: str, batch: int, threads: int | None, cache_dir: str | None = None
+) -> None:
+    """Describe the tiles the descriptor store lacks; write the descriptors and describe.json."""
+    from .describe import DESCRIBE_SUMMARY, describe_tiles
 
-    describe_tiles(
-        tileset_dir=Path(build),
-        store_root=Path(store),
-        engine_dir=Path(build) / "engine",
-        out_dir=Path(build),
-        batch_size=batch,
-        threads=threads,
-    )
+    with store_user(store, cache_dir):
+        result = describe_tiles(
+            tileset_dir=Path(build),
+            store_root=Path(store),
+            engine_dir=Path(build) / "engine",
+            out_dir=Path(build),
+            batch_size=batch,
+            threads=threads,
+            reuse=True,
+        )
+    result["seconds"] = round(result["seconds"], 3)
+    for key in ("tiles_per_s", "computed_per_s"):
+        result[key] = round(result[key], 1)
+    _atomic_json(Path(build) / DESCRIBE_SUMMARY, result)
 
 
-def index(*, build: str) -> None:
+def index(*, build: str, kind: str = "auto") -> None:
     from .index import build_index
 
-    info = build_index(descriptors_dir=Path(build), out_path=Path(build) / "index.faiss")
+    info = build_index(descriptors_dir=Path(build), out_path=Path(build) / "index.faiss", kind=kind)
     _atomic_json(Path(build) / "index.json", info)
+
+
+def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:
+    """The localisation self-test over the staged cache (selftest.json)."""
+    from .selftest import SELFTEST_FILE, run_selftest, write_selftest
+
+    b = Path(build)
+    with store_user(store):
+        result = run_selftest(
+            build_dir=b,
+            store_root=Path(store),
+            engine_dir=b / "engine",
+            index_path=b / "index.faiss",
+            queries=queries,
+            threads=threads,
+        )
+    write_selftest(b / SELFTEST_FILE, result)
 
 
 def _previous_version(current: Path) -> int:
@@ -212,6 +270,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
     summary = read_summary(b)
     engine = json.loads((b / "engine" / "engine.json").read_text())
     index_info = json.loads((b / "index.json").read_text())
+    selftest_info = json.loads((b / "selftest.json").read_text())
     n_desc = int(np.load(b / "descriptor_ids.npy", mmap_mode="r").shape[0])
     build_id, identity = build_identity(
         bbox=summary["bbox"],
@@ -228,7 +287,10 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         "provider": summary["provider"],
         "descriptors": n_desc,
         "engine": {k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")},
-        "index": index_info,
+        "index": {k: v for k, v in index_info.items() if k != "seconds"},
+        # None when no frame could be made (no tile with all eight neighbours, or
+        # SELFTEST_QUERIES=0): selftest.json, in the cache, says why
+        "selftest": selftest_info if selftest_info.get("queries") else None,
     }
     now = datetime.now(timezone.utc).replace(microsecond=0)
     write_manifest(

@@ -29,6 +29,7 @@ __all__ = [
     "DEFAULT_EXPIRES_DAYS",
     "VARIABLES",
     "ENV_ONLY",
+    "parse_size",
     "Settings",
     "Paths",
     "load_settings",
@@ -68,7 +69,7 @@ VARIABLES: dict[str, str] = {
     "NODATA_SHA256": "SHA-256s of a provider's blank tiles, comma-separated: they count as missing "
     "[default: none]",
     "RETRY_MISSING": "1: ask the provider again for tiles it had none of last time [default: 0]",
-    "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v1]",
+    "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v2]",
     "CALIBRATION": "calibration file, part of the engine key [default: none]",
     "PRECISION": "fp32 | fp16 | int8 [default: fp32]",
     "BACKEND": "engine backend: onnxruntime [default: onnxruntime]",
@@ -78,6 +79,12 @@ VARIABLES: dict[str, str] = {
     "PUBKEY": "public key verify-cache trusts [default: the public half of KEY]",
     "EXPIRES_DAYS": "days until the manifest expires [default: 30]",
     "STRICT": "1: a coverage gap fails the build (exit 22); 0: warn and publish [default: 1]",
+    "INDEX": "auto | flat | hnsw | ivf: the FAISS index; auto picks by tile count [default: auto]",
+    "SELFTEST_QUERIES": "camera-like frames the localisation self-test searches; 0: no self-test "
+    "[default: 200]",
+    "MIN_RECALL": "self-test recall@1 below this fails the build (exit 22), e.g. 0.9 [default: no gate]",
+    "MAX_STORE_BYTES": "gc-store: shrink the store to this size (e.g. 20G), keeping what every cache "
+    "uses [default: remove everything unused]",
     "REPORT": "text | json: json prints one JSON object as the last stdout line [default: text]",
     "COMPANION": "user@host[:port]: build on the companion over SSH; this machine fetches and pushes "
     "(docs/companion.md) [default: build here]",
@@ -161,6 +168,10 @@ class Settings:
     pubkey: Path | None = None
     expires_days: float = DEFAULT_EXPIRES_DAYS
     strict: bool = True
+    index_kind: str = "auto"
+    selftest_queries: int = 200
+    min_recall: float | None = None
+    max_store_bytes: int | None = None
     report: str = "text"
     flights_api_url: str | None = None
     flights_api_timeout: float = 10.0
@@ -346,6 +357,41 @@ def _check_env_secrets(env: Mapping[str, str]) -> None:
         parse_headers(env[ENV_ONLY["HTTP_HEADERS"]])
 
 
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(name: str, raw: str) -> int:
+    """Bytes from ``raw``: a number, optionally with K, M, G or T (powers of 1024).
+
+    >>> parse_size("MAX_STORE_BYTES", "1.5G"), parse_size("MAX_STORE_BYTES", "4096")
+    (1610612736, 4096)
+    """
+    text = raw.strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS and text[-1:] else ""
+    try:
+        value = float(text[: len(text) - len(unit)])
+    except ValueError:
+        raise UsageError(f"{name}={raw!r} is not a size (e.g. 500M, 20G)") from None
+    if not (value >= 0 and value * _SIZE_UNITS[unit] < 2**62):
+        raise UsageError(f"{name}={raw!r} is outside 0..{2**62}")
+    return int(value * _SIZE_UNITS[unit])
+
+
+def _quality(get: Any) -> dict[str, Any]:
+    """INDEX, SELFTEST_QUERIES, MIN_RECALL and MAX_STORE_BYTES, validated."""
+    kind = (get("INDEX") or "auto").lower()
+    if kind not in ("auto", "flat", "hnsw", "ivf"):
+        raise UsageError(f"INDEX={kind!r} must be auto, flat, hnsw or ivf")
+    raw_recall = get("MIN_RECALL")
+    raw_bytes = get("MAX_STORE_BYTES")
+    return {
+        "index_kind": kind,
+        "selftest_queries": _int("SELFTEST_QUERIES", get("SELFTEST_QUERIES"), 200, 0, 100_000),
+        "min_recall": None if raw_recall is None else _float("MIN_RECALL", raw_recall, 0.0, 0.0, 1.0),
+        "max_store_bytes": None if raw_bytes is None else parse_size("MAX_STORE_BYTES", raw_bytes),
+    }
+
+
 def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate every variable; raise :class:`UsageError` on a bad one.
 
@@ -404,6 +450,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
         expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),
         strict=_bool("STRICT", get("STRICT"), True),
+        **_quality(get),
         report=report,
         flights_api_url=get("FLIGHTS_API_URL"),
         flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),

@@ -40,6 +40,7 @@ __all__ = [
     "CacheInfoCmd",
     "PreviewCacheCmd",
     "CompanionAgentCmd",
+    "GcStoreCmd",
     "build_cache",
     "verify_cache_cmd",
     "clean_cache",
@@ -214,6 +215,16 @@ def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
     return {"planned": int(s["planned"]), "fetched": fetched, "reused": reused, "missing": int(s["missing"])}
 
 
+def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
+    """``computed``/``reused`` descriptors of this run, from describe.json (a small file)."""
+    try:
+        s = json.loads((build / "describe.json").read_text())
+    except (OSError, ValueError):
+        return {"computed": 0, "reused": 0}
+    computed = int(s.get("computed", 0)) if "describe" in ran else 0
+    return {"computed": computed, "reused": int(s.get("tiles", 0)) - computed}
+
+
 def check_coverage(signed: Mapping[str, Any], strict: bool, warn: Any) -> None:
     """Every planned tile present and described, or CoverageError / a warning."""
     info = signed["info"]
@@ -310,7 +321,12 @@ def _locked_build(
     signed = json.loads(staged)["signed"]
     report.build_id = signed["build_id"]
     report.manifest_version = signed["version"]
+    from .selftest import check_recall, summary
+
+    report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
+    report.extra["selftest"] = summary(signed["info"].get("selftest"))
     check_coverage(signed, settings.strict, warn)
+    check_recall(signed["info"].get("selftest"), settings.min_recall)  # exit 22, phase selftest
     report.timed("coverage", time.monotonic() - t)
 
     t = time.monotonic()
@@ -496,6 +512,17 @@ class CompanionAgentCmd(_CacheCommand):
         return agent_main(vars)
 
 
+class GcStoreCmd(_CacheCommand):
+    name = "gc-store"
+    doc_purpose = "shrink the shared store to MAX_STORE_BYTES, keeping what every cache uses"
+
+    @staticmethod
+    def impl(vars: Mapping[str, str]) -> int:
+        from .gcstore import gc_store_cmd
+
+        return gc_store_cmd(vars)
+
+
 # -- dodo.py and the console script ----------------------------------------
 
 
@@ -542,6 +569,7 @@ _COMMANDS = {
     "cache-info": CacheInfoCmd.impl,
     "preview-cache": PreviewCacheCmd.impl,
     "companion-agent": CompanionAgentCmd.impl,
+    "gc-store": GcStoreCmd.impl,
 }
 
 
@@ -550,7 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
         sys.stderr.write(
-            "usage: cachebuild {build-cache|verify-cache|clean|cache-info|preview-cache} [NAME=value ...]\n\n"
+            "usage: cachebuild {build-cache|verify-cache|clean|cache-info|preview-cache|gc-store} [NAME=value ...]\n\n"
             "Variables:\n" + _VARS_HELP + "\n"
         )
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -1,4 +1,4 @@
-"""Descriptors: one L2-normalised vector per present tile."""
+"""Descriptors: one L2-normalised vector per present tile, reused by content."""
 
 from __future__ import annotations
 
@@ -12,19 +12,27 @@ def task(plan: Any) -> dict[str, Any]:
     build = plan.paths.build
     return {
         "name": "describe",
-        "doc": "describe every tile with the engine (descriptors.npy)",
+        "doc": "describe the tiles the descriptor store lacks (descriptors.npy, describe.json)",
         "actions": [
             (
                 actions.phase_action("describe", actions.describe),
                 [],
-                {"build": str(build), "store": str(s.store), "batch": s.batch, "threads": s.threads},
+                {
+                    "build": str(build),
+                    "store": str(s.store),
+                    "batch": s.batch,
+                    "threads": s.threads,
+                    "cache_dir": str(plan.paths.cache_dir),
+                },
             )
         ],
+        # the store is not a dependency: its descriptors are a pure function of
+        # (image hash, engine key), both already in these files
         "file_dep": [
             str(build / "tiles.npy"),
             str(build / "engine" / "engine.json"),
             str(build / "engine" / plan.engine_file),
         ],
-        "targets": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
+        "targets": [str(build / n) for n in ("descriptors.npy", "descriptor_ids.npy", "describe.json")],
         "clean": True,
     }

@@ -1,4 +1,4 @@
-"""index.faiss: the FAISS index over the descriptors."""
+"""index.faiss: the FAISS index over the descriptors, chosen by size."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ from cachebuild import actions
 
 def task(plan: Any) -> dict[str, Any]:
     build = plan.paths.build
+    kind = plan.settings.index_kind
     return {
         "name": "index",
-        "doc": "build the FAISS index over the descriptors (index.faiss)",
-        "actions": [(actions.phase_action("index", actions.index), [], {"build": str(build)})],
+        "doc": "build the FAISS index over the descriptors (index.faiss, index.json)",
+        "actions": [(actions.phase_action("index", actions.index), [], {"build": str(build), "kind": kind})],
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "targets": [str(build / "index.faiss"), str(build / "index.json")],
-        "uptodate": [config_changed({"index": "flat-ip"})],
+        # the version: how a kind is built and tuned (cachebuild.index)
+        "uptodate": [config_changed({"index": kind, "version": 2})],
         "clean": True,
     }

@@ -15,7 +15,7 @@ from cachebuild.lock import CacheLock
 from .conftest import Cb, write_flight
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
-ALL_TASKS = {"flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "manifest"}
+ALL_TASKS = {"flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "selftest", "manifest"}
 
 
 def manifest_bytes(cb: Cb) -> bytes:
@@ -59,7 +59,7 @@ def test_cold_build_then_noop_then_verify(cb: Cb, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ("bbox", {"tiles", "mbtiles", "describe", "index", "manifest"}),
+        ("bbox", {"tiles", "mbtiles", "describe", "index", "selftest", "manifest"}),
         ("origin", {"flight", "manifest"}),
         ("flight_id", {"flight", "manifest"}),
         ("waypoint_inside", {"flight", "manifest"}),

@@ -55,3 +55,30 @@ def test_every_variable_is_documented() -> None:
     doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
     for name in VARIABLES:
         assert f"`{name}`" in doc, name
+
+
+def test_index_selftest_and_store_variables() -> None:
+    s = load_settings({"INDEX": "HNSW", "MIN_RECALL": "0.9", "SELFTEST_QUERIES": "0", "MAX_STORE_BYTES": "1.5G"}, ENV)
+    assert (s.index_kind, s.min_recall, s.selftest_queries) == ("hnsw", 0.9, 0)
+    assert s.max_store_bytes == 1536 * 1024 * 1024
+    d = load_settings({}, ENV)
+    assert (d.index_kind, d.min_recall, d.selftest_queries, d.max_store_bytes) == ("auto", None, 200, None)
+    for vars, needle in [
+        ({"INDEX": "lsh"}, "INDEX"),
+        ({"MIN_RECALL": "1.5"}, "MIN_RECALL"),
+        ({"MIN_RECALL": "high"}, "MIN_RECALL"),
+        ({"SELFTEST_QUERIES": "-1"}, "SELFTEST_QUERIES"),
+        ({"MAX_STORE_BYTES": "big"}, "MAX_STORE_BYTES"),
+        ({"MAX_STORE_BYTES": "-5G"}, "MAX_STORE_BYTES"),
+    ]:
+        with pytest.raises(UsageError, match=needle):
+            load_settings(vars, ENV)
+
+
+@pytest.mark.parametrize(
+    "raw, expected", [("0", 0), ("4096", 4096), ("500M", 500 << 20), ("20G", 20 << 30), ("2TiB", 2 << 40), ("1k", 1024)]
+)
+def test_parse_size(raw: str, expected: int) -> None:
+    from cachebuild.config import parse_size
+
+    assert parse_size("MAX_STORE_BYTES", raw) == expected

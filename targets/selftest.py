@@ -1,0 +1,36 @@
+"""selftest.json: can the cache find where camera-like frames were taken?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from doit.tools import config_changed
+
+from cachebuild import actions
+from cachebuild.selftest import SELFTEST_VERSION
+
+
+def task(plan: Any) -> dict[str, Any]:
+    s = plan.settings
+    build = plan.paths.build
+    return {
+        "name": "selftest",
+        "doc": "search camera-like frames cut across tile borders; recall@1/@5 (selftest.json)",
+        "actions": [
+            (
+                actions.phase_action("selftest", actions.selftest),
+                [],
+                {"build": str(build), "store": str(s.store), "queries": s.selftest_queries, "threads": s.threads},
+            )
+        ],
+        "file_dep": [
+            str(build / "tiles.npy"),
+            str(build / "index.faiss"),
+            str(build / "engine" / "engine.json"),
+            str(build / "engine" / plan.engine_file),
+        ],
+        "targets": [str(build / "selftest.json")],
+        # MIN_RECALL is not a dependency: the gate reads the result, the test need not rerun
+        "uptodate": [config_changed({"queries": s.selftest_queries, "version": SELFTEST_VERSION})],
+        "clean": True,
+    }
