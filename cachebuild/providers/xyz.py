@@ -214,8 +214,8 @@ class HttpConfig:
     timeout_s
         Per-request timeout (connect, read, write, pool), seconds.
     retries
-        Further attempts after a connection error, timeout, HTTP 5xx or
-        429, or a body that is not a whole image.
+        Further attempts after a connection error, timeout, HTTP 5xx, 408
+        or 429, or a body that is not a whole image.
     backoff_s
         First retry delay; doubled each retry, times a random factor in
         [0.5, 1.5), capped at :data:`DEFAULT_BACKOFF_MAX_S`.
@@ -499,7 +499,7 @@ class XyzProvider:
                     problem = f"HTTP {status} with {self._redact(why)} ({self._redact(ctype)})"
                 elif status in (401, 403, 407):
                     raise self._refused(status, tile)
-                elif status == 429 or status >= 500:
+                elif status in (408, 429) or status >= 500:
                     problem = f"HTTP {status}"
                     delay = _retry_after_s(response.headers.get("retry-after"), self.config.retry_after_max_s)
                 else:
