@@ -111,7 +111,7 @@ class Sshd:
         kind, blob = (self.root / "host_ed25519.pub").read_text().split()[:2]
         return f"[127.0.0.1]:{self.port} {kind} {blob}\n"
 
-    def start(self, timeout_s: float = 10.0) -> "Sshd":
+    def start(self, timeout_s: float = 10.0) -> Sshd:
         """Start the server and wait until it accepts connections."""
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)  # privilege separation dir
         self.pid_file.unlink(missing_ok=True)

@@ -35,7 +35,11 @@ ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
 
 
 @pytest.mark.parametrize(
-    "module", ["cachebuild.companion." + m for m in ("agent", "errors", "flow", "packs", "push", "pushed", "remote", "ssh")]
+    "module",
+    [
+        "cachebuild.companion." + m
+        for m in ("agent", "errors", "flow", "packs", "push", "pushed", "remote", "ssh")
+    ],
 )
 def test_all_is_complete(module: str) -> None:
     mod = importlib.import_module(module)
@@ -104,7 +108,11 @@ def test_settings_read_the_companion_variables(tmp_path: Path) -> None:
     )
     assert s.companion == "nvidia@jetson:2200" and s.ssh_key == key.resolve()
     assert s.known_hosts == Path("~/kh").expanduser() and s.host_key_policy == "accept-new"
-    assert (s.companion_dir, s.companion_cmd, s.companion_key) == ("/srv/cb", "/opt/cb/bin/doit", "/etc/cachebuild/sign.pem")
+    assert (s.companion_dir, s.companion_cmd, s.companion_key) == (
+        "/srv/cb",
+        "/opt/cb/bin/doit",
+        "/etc/cachebuild/sign.pem",
+    )
     d = load_settings({}, ENV)
     assert d.companion is None and d.host_key_policy == "reject" and d.companion_cmd == "doit"
 
@@ -149,7 +157,10 @@ def test_remote_variables_carry_what_the_build_depends_on() -> None:
     cmd = remote.remote_command("doit", "build-cache", v)
     words = cmd.split()
     assert "PROVIDER=pushed:/c/inbox/k" in words and not any(w.startswith(("KEY=", "MODEL=")) for w in words)
-    assert remote.remote_command("doit", "x", {"FLIGHT": "/a b/it's.json"}) == "doit x 'FLIGHT=/a b/it'\"'\"'s.json'"
+    assert (
+        remote.remote_command("doit", "x", {"FLIGHT": "/a b/it's.json"})
+        == "doit x 'FLIGHT=/a b/it'\"'\"'s.json'"
+    )
 
 
 class FakeSftp:
@@ -193,7 +204,7 @@ def test_connect_translates_paramiko_errors(tmp_path: Path) -> None:
     cases: list[tuple[BaseException, type, str]] = [
         (paramiko.AuthenticationException("Authentication failed."), AuthenticationError, "authorized_keys"),
         (ConnectionRefusedError(111, "Connection refused"), CompanionUnreachableError, "Connection refused"),
-        (socket.timeout("timed out"), CompanionUnreachableError, "jetson"),
+        (TimeoutError("timed out"), CompanionUnreachableError, "jetson"),
         (socket.gaierror(-2, "Name or service not known"), CompanionUnreachableError, "Name or service"),
         (paramiko.SSHException("Error reading SSH protocol banner"), CompanionUnreachableError, "banner"),
     ]
@@ -239,7 +250,9 @@ def test_key_problems_are_named(tmp_path: Path) -> None:
         ssh.load_key(ssh.SshOptions(key_path=enc, known_hosts=tmp_path / "kh"))
     assert ssh.PASSPHRASE_ENV in info.value.remedy
     assert ssh.load_key(ssh.SshOptions(key_path=enc, known_hosts=tmp_path / "kh", passphrase="s3cret-pass"))
-    assert "s3cret-pass" not in repr(ssh.SshOptions(key_path=enc, known_hosts=tmp_path, passphrase="s3cret-pass"))
+    assert "s3cret-pass" not in repr(
+        ssh.SshOptions(key_path=enc, known_hosts=tmp_path, passphrase="s3cret-pass")
+    )
 
 
 def test_no_ssh_key_anywhere_is_exit_30(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -300,7 +313,9 @@ def test_remote_output_is_streamed_redacted_and_the_report_parsed() -> None:
     assert f"{remote.PREFIX}a stray line" in text and "build_id" not in text
 
 
-@pytest.mark.parametrize("stdout", [b"", b"Traceback...\nKeyError: 'x'\n", b'{"outcome": "success"}\n', b"{not json\n"])
+@pytest.mark.parametrize(
+    "stdout", [b"", b"Traceback...\nKeyError: 'x'\n", b'{"outcome": "success"}\n', b"{not json\n"]
+)
 def test_a_missing_or_malformed_report_is_exit_21_with_the_tail(stdout: bytes) -> None:
     conn = FakeConn(1, stdout=stdout, stderr=b"".join(f"line {i}\n".encode() for i in range(100)))
     with pytest.raises(RemoteReportError) as info:
@@ -319,7 +334,7 @@ def test_the_agent_answer_or_what_went_wrong() -> None:
         remote.call_agent(FakeConn(127, stderr=b"bash: doit: command not found\n"), "doit", "probe", "/c")
     assert "command not found" in info.value.message and info.value.exit_code == 30
     with pytest.raises(CompanionNotReadyError, match="did not answer"):
-        remote.call_agent(FakeConn(3, stderr=b'ERROR: could not find dodo file\n'), "doit", "probe", "/c")
+        remote.call_agent(FakeConn(3, stderr=b"ERROR: could not find dodo file\n"), "doit", "probe", "/c")
     refusing = FakeConn(1, stdout=b'{"error": "cannot write under /c", "remedy": "fix it"}\n')
     with pytest.raises(CompanionNotReadyError, match="cannot write") as info:
         remote.call_agent(refusing, "doit", "probe", "/c")
@@ -338,9 +353,20 @@ class FakeReport:
 def test_remote_outcomes_map_to_exit_codes() -> None:
     target = ssh.parse_companion("nvidia@jetson")
     rep = FakeReport()
-    flow._merge_remote(rep, json.loads(_report(outcome="up_to_date", build_id="b", warnings=["w"])), 0, target)
-    assert (rep.outcome, rep.exit_code, rep.build_id, rep.warnings) == ("up_to_date", 0, "b", ["companion: w"])
-    for code, phase, cls in ((22, "coverage", RemoteBuildError), (50, "lock", RemoteBuildError), (21, "index", RemoteBuildError)):
+    flow._merge_remote(
+        rep, json.loads(_report(outcome="up_to_date", build_id="b", warnings=["w"])), 0, target
+    )
+    assert (rep.outcome, rep.exit_code, rep.build_id, rep.warnings) == (
+        "up_to_date",
+        0,
+        "b",
+        ["companion: w"],
+    )
+    for code, phase, cls in (
+        (22, "coverage", RemoteBuildError),
+        (50, "lock", RemoteBuildError),
+        (21, "index", RemoteBuildError),
+    ):
         with pytest.raises(cls) as info:
             flow._merge_remote(
                 FakeReport(),
@@ -353,7 +379,9 @@ def test_remote_outcomes_map_to_exit_codes() -> None:
     # the companion refusing our arguments is a version mismatch: not ready
     for code in (2, 95):
         with pytest.raises(CompanionNotReadyError):
-            flow._merge_remote(FakeReport(), json.loads(_report(outcome="failure", exit_code=code)), code, target)
+            flow._merge_remote(
+                FakeReport(), json.loads(_report(outcome="failure", exit_code=code)), code, target
+            )
 
 
 # -- packs and the agent ------------------------------------------------------------------
@@ -400,7 +428,9 @@ def test_settle_unpacks_complete_packs_and_drops_stale_parts(tmp_path: Path) -> 
     objs = _objects(4)
     items = list(objs.items())
     (incoming / "s-000000.tar").write_bytes(packs.build_pack(items[:2]))
-    (incoming / "s-000001.tar.claimed-999999999").write_bytes(packs.build_pack(items[2:3]))  # its unpacker died
+    (incoming / "s-000001.tar.claimed-999999999").write_bytes(
+        packs.build_pack(items[2:3])
+    )  # its unpacker died
     (incoming / "s-000002.tar.abc.part").write_bytes(packs.build_pack(items[3:]))  # never complete
     old = incoming / "s-000003.tar.def.part"
     old.write_bytes(b"partial")
@@ -471,7 +501,9 @@ def _staged(tmp_path: Path, n: int = 6, missing: int = 2) -> tuple[Path, Path, d
         rows.append((tid, bytes.fromhex(digest)))
         ids[tid] = digest
     miss = [tile_id(Tile(300 + i, 200, 17)) for i in range(missing)]
-    write_tileset(build, np.array(rows, dtype=tile_dtype()), np.array(miss, dtype="<i8"), {"provider": "synthetic:v1"})
+    write_tileset(
+        build, np.array(rows, dtype=tile_dtype()), np.array(miss, dtype="<i8"), {"provider": "synthetic:v1"}
+    )
     (build / "flight.json").write_text('{"flight_id": null}\n')
     return build, store_root, ids
 
@@ -561,4 +593,209 @@ def test_a_dropped_link_mid_push_is_a_clear_error_saying_what_arrived(tmp_path: 
     err = info.value
     assert err.exit_code == 30 and err.phase == "push"
     assert "lost during the push" in err.message and "1 of 4 objects had arrived" in err.message
-    assert [k for k in sftp.files if k.endswith(".tar")] == [k for k in sftp.files if "incoming" in k and ".part" not in k]
+    assert [k for k in sftp.files if k.endswith(".tar")] == [
+        k for k in sftp.files if "incoming" in k and ".part" not in k
+    ]
+
+
+class SilentChannel:
+    """A session channel on a link that went silent: no data, no exit status."""
+
+    def __init__(self) -> None:
+        self._r, self._w = os.pipe()
+        self.closed = False
+        self.eof_received = False
+
+    def fileno(self) -> int:
+        return self._r
+
+    def send_ready(self) -> bool:
+        return True
+
+    def shutdown_write(self) -> None:
+        pass
+
+    def recv_ready(self) -> bool:
+        return False
+
+    def recv_stderr_ready(self) -> bool:
+        return False
+
+    def exit_status_ready(self) -> bool:
+        return False
+
+
+class SilentTransport:
+    """Keepalive requests are never answered; ``close`` ends it."""
+
+    def __init__(self) -> None:
+        self.active = True
+        self.requests = 0
+
+    def is_active(self) -> bool:
+        return self.active
+
+    def global_request(self, kind: str, wait: bool = True) -> None:
+        self.requests += 1
+        while self.active:
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.active = False
+
+    def set_keepalive(self, s: int) -> None:
+        pass
+
+
+def test_a_silent_link_is_declared_dead_after_unanswered_keepalives() -> None:
+    transport = SilentTransport()
+
+    class Client:
+        def get_transport(self) -> SilentTransport:
+            return transport
+
+    options = ssh.SshOptions(key_path=Path("k"), known_hosts=Path("kh"), keepalive_s=0.1, dead_after_s=1.2)
+    conn = ssh.Connection(Client(), ssh.parse_companion("nvidia@jetson"), options)
+    chan = SilentChannel()
+    import threading
+
+    # a watchdog: were silence never noticed, the link "goes" later and the
+    # message below (no "no answer") fails the test instead of hanging it
+    watchdog = threading.Timer(60, transport.close)
+    watchdog.start()
+    try:
+        with pytest.raises(ConnectionDroppedError) as info:
+            conn._pump(chan, b"", lambda b: None, lambda b: None, "the remote build")
+    finally:
+        watchdog.cancel()
+        os.close(chan._r)
+        os.close(chan._w)
+    assert transport.requests == 1 and not transport.active  # asked once, then gave the link up
+    assert "during the remote build" in info.value.message and "no answer" in info.value.message
+
+
+def test_a_watching_unpacker_takes_packs_as_they_arrive_until_done(tmp_path: Path) -> None:
+    import threading
+
+    root = tmp_path / "c"
+    agent.probe(root, [])
+    objs = list(_objects(6).items())
+    wanted = [f"store/objects/{d[:2]}/{d}" for d, _ in objs]
+    answers: list[dict[str, Any]] = []
+    watcher = threading.Thread(target=lambda: answers.append(agent.unpack(root, wanted, watch="s1")))
+    watcher.start()
+    incoming = root / "incoming"
+    for n in range(3):
+        (incoming / f"s1-{n:06d}.tar").write_bytes(packs.build_pack(objs[2 * n : 2 * n + 2]))
+    (incoming / f"s1{agent.DONE_SUFFIX}").write_bytes(b"")
+    watcher.join(timeout=120)
+    assert answers and answers[0]["done"] is True
+    assert answers[0]["absent"] == [] and answers[0]["settled"]["objects"] == 6
+    assert list(incoming.iterdir()) == []
+    # a watcher nobody feeds gives up, saying what is still absent
+    idle = agent.unpack(root, [*wanted, "store/objects/00/00"], watch="s2", idle_s=0.2)
+    assert idle["done"] is False and idle["absent"] == ["store/objects/00/00"]
+
+
+class MemSftp:
+    """Files in memory, with what a resumable upload needs: stat, r+ and seek."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytearray] = {}
+        self.written = 0
+
+    def open(self, path: str, mode: str) -> Any:
+        sftp = self
+        if mode == "w" or path not in self.files:
+            self.files[path] = bytearray()
+        buf = self.files[path]
+
+        class F:
+            pos = 0
+
+            def set_pipelined(self, on: bool) -> None:
+                pass
+
+            def seek(self, n: int) -> None:
+                self.pos = n
+
+            def truncate(self, n: int) -> None:
+                del buf[n:]
+
+            def write(self, data: Any) -> None:
+                data = bytes(data)
+                buf[self.pos : self.pos + len(data)] = data
+                self.pos += len(data)
+                sftp.written += len(data)
+
+            def __enter__(self) -> Any:
+                return self
+
+            def __exit__(self, *a: Any) -> None:
+                pass
+
+        return F()
+
+    def stat(self, path: str) -> Any:
+        if path not in self.files:
+            raise FileNotFoundError(path)
+        return type("St", (), {"st_size": len(self.files[path])})()
+
+    def posix_rename(self, a: str, b: str) -> None:
+        self.files[b] = self.files.pop(a)
+
+    def mkdir(self, path: str) -> None:
+        pass
+
+
+def test_a_cut_off_model_upload_resumes_where_it_stopped(tmp_path: Path) -> None:
+    build, store_root, _ = _staged(tmp_path)
+    model = tmp_path / "big.onnx"
+    model.write_bytes(os.urandom(3 * push.CHUNK_BYTES + 123))
+    p = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    (rel,) = p.inputs
+    sftp = MemSftp()
+    sftp.files[f"/c/{rel}.part"] = bytearray(model.read_bytes()[: push.CHUNK_BYTES + 7])  # what arrived
+    result = push.push(FakeConn(0), sftp, p, {rel}, root="/c")
+    assert bytes(sftp.files[f"/c/{rel}"]) == model.read_bytes()
+    assert sftp.written == result.bytes == model.stat().st_size - (push.CHUNK_BYTES + 7)
+    assert result.objects == result.files == 1 and f"/c/{rel}.part" not in sftp.files
+
+
+def test_the_text_report_says_what_was_pushed_and_built_there() -> None:
+    from cachebuild.report import Report
+
+    rep = Report("build-cache")
+    rep.outcome, rep.exit_code = "success", 0
+    rep.extra["push"] = {"objects": 3, "bytes": 2_500_000}
+    rep.extra["companion"] = {"host": "nvidia@jetson:22", "tasks": {"run": ["describe", "index"]}}
+    out = io.StringIO()
+    rep.emit("text", out=out, err=io.StringIO())
+    assert "companion nvidia@jetson:22: pushed 3 objects (2.5 MB), built describe, index" in out.getvalue()
+
+
+def test_every_variable_is_either_local_or_passed_to_the_companion() -> None:
+    from cachebuild.config import VARIABLES
+
+    assert flow.LOCAL_ONLY <= set(VARIABLES), flow.LOCAL_ONLY - set(VARIABLES)
+    given = {name: "x" for name in VARIABLES}
+    s = load_settings({"COMPANION": "u@h", "ZOOM": "17", "BUFFER_M": "100"}, ENV)
+    s = type(s)(**{**vars(s), "given": given})
+    paths = {k: f"/c/{k}" for k in ("flight", "tileset_dir", "store", "cache", "model", "calibration")}
+    v = flow.remote_variables(s, paths)
+    for name in set(VARIABLES) - flow.LOCAL_ONLY - {"ZOOM", "BUFFER_M", "PRECISION", "BACKEND", "BATCH"}:
+        if name in ("THREADS", "EXPIRES_DAYS", "STRICT"):
+            continue  # passed on, normalised from the settings
+        assert v.get(name) == "x", name  # e.g. INDEX, MIN_RECALL: the remote build depends on them
+    for name in flow.LOCAL_ONLY - {
+        "FLIGHT",
+        "PROVIDER",
+        "CACHE_DIR",
+        "STORE",
+        "MODEL",
+        "CALIBRATION",
+        "KEY",
+        "REPORT",
+    }:
+        assert name not in v, name
+    assert v["ZOOM"] == "17" and v["BUFFER_M"] == "100.0" and v["REPORT"] == "json"

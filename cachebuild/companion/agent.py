@@ -12,9 +12,12 @@ and exits 1.
     disk, and which of the paths read from stdin (one per line, relative to
     ``DIR``) are absent — one round trip, however large the store and
     however slow the link.
-``OP=unpack DIR=<root> [WANT=stdin]``
+``OP=unpack DIR=<root> [WANT=stdin] [WATCH=<session>]``
     Unpacks the complete packs in ``incoming/`` into the store, then answers
-    which of the paths on stdin are still absent.
+    which of the paths on stdin are still absent.  With ``WATCH``, keeps
+    unpacking packs as they arrive, while the workstation is still sending,
+    until ``incoming/<session>.done`` appears (or the workstation is gone:
+    its output pipe closed, or nothing arrived for :data:`WATCH_IDLE_S`).
 
 Layout under ``DIR``::
 
@@ -38,12 +41,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 __all__ = [
     "PROTOCOL_VERSION",
     "INBOX_KEEP_S",
+    "WATCH_IDLE_S",
+    "DONE_SUFFIX",
     "layout",
     "device_info",
     "probe",
@@ -55,6 +60,9 @@ __all__ = [
 PROTOCOL_VERSION = 1
 #: Pushed flights not used for this long are removed by the next probe.
 INBOX_KEEP_S = 7 * 24 * 3600.0
+#: A watching unpacker gives up when no pack arrived for this long.
+WATCH_IDLE_S = 600.0
+DONE_SUFFIX = ".done"
 _DIRS = ("store", "incoming", "inputs", "inbox", "cache")
 
 
@@ -93,7 +101,7 @@ def _tensorrt_version() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return p.stdout.strip() or None if p.returncode == 0 else None
+    return (p.stdout.strip() or None) if p.returncode == 0 else None
 
 
 def _gpus() -> list[str]:
@@ -135,14 +143,15 @@ def device_info() -> dict[str, Any]:
 
 
 def _checked(rel: str) -> str:
-    p = PurePosixPath(rel)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
+    if not rel or rel.startswith("/") or ".." in rel.split("/"):
         raise ValueError(f"not a path under DIR: {rel!r}")
-    return str(p)
+    return rel
 
 
 def _absent(root: Path, wanted: list[str]) -> list[str]:
-    return [rel for rel in wanted if not (root / _checked(rel)).is_file()]
+    # strings and os.path: pathlib costs more than the stat for 10k paths
+    base = str(root)
+    return [rel for rel in wanted if not os.path.isfile(os.path.join(base, _checked(rel)))]
 
 
 def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
@@ -157,6 +166,13 @@ def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
         except FileNotFoundError:
             pass
     return removed
+
+
+def _store_shared(store: Path) -> Any:
+    """The store's shared lock, as a build's actions hold it: ``gc-store`` waits."""
+    from ..storelock import StoreLock
+
+    return StoreLock(store, exclusive=False, wait=True, stream=sys.stderr)
 
 
 def _prepare(root: Path) -> dict[str, Path]:
@@ -189,10 +205,10 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     from .packs import settle_incoming
 
     dirs = _prepare(root)
-    with TileStore(dirs["store"]) as store:
+    with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
         settled = settle_incoming(dirs["incoming"], store)
     now = time.time()
-    inboxes = {PurePosixPath(_checked(w)).parts[1] for w in wanted if w.startswith("inbox/")}
+    inboxes = {_checked(w).split("/")[1] for w in wanted if w.startswith("inbox/")}
     for name in inboxes:
         if (dirs["inbox"] / name).is_dir():
             os.utime(dirs["inbox"] / name)  # in use: keep it
@@ -218,15 +234,55 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     }
 
 
-def unpack(root: Path, wanted: list[str]) -> dict[str, Any]:
-    """Unpack the complete packs under ``root/incoming``; which ``wanted`` are still absent."""
+def _output_gone() -> bool:
+    """True when nobody reads our stdout any more (the SSH session ended)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def unpack(
+    root: Path, wanted: list[str], *, watch: str | None = None, idle_s: float = WATCH_IDLE_S
+) -> dict[str, Any]:
+    """Unpack the complete packs under ``root/incoming``; which ``wanted`` are still absent.
+
+    With ``watch`` (a push session's name), go on unpacking packs as they
+    arrive until ``incoming/<watch>.done`` appears; the answer then has
+    ``done: true``.
+    """
     from ..store import TileStore
     from .packs import settle_incoming
 
     dirs = layout(root)
-    with TileStore(dirs["store"]) as store:
-        settled = settle_incoming(dirs["incoming"], store)
-    return {"protocol": PROTOCOL_VERSION, "settled": settled, "absent": _absent(root, wanted)}
+    total = {"packs": 0, "objects": 0, "bytes": 0, "corrupt": 0, "stale_parts": 0}
+    done = watch is None
+    marker = dirs["incoming"] / f"{watch}{DONE_SUFFIX}"
+    with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
+        last = time.monotonic()
+        while True:
+            finished = done or marker.exists()  # before settling: packs renamed before it are settled now
+            counts = settle_incoming(dirs["incoming"], store)
+            for k, v in counts.items():
+                total[k] += v
+            if finished:
+                break
+            if counts["packs"]:
+                last = time.monotonic()
+            elif time.monotonic() - last > idle_s or _output_gone():
+                break
+            else:
+                time.sleep(0.05)
+    if watch is not None:
+        done = marker.exists()
+        marker.unlink(missing_ok=True)
+    answer = {"protocol": PROTOCOL_VERSION, "settled": total, "done": done}
+    answer["absent"] = _absent(root, wanted)
+    return answer
 
 
 def _answer(obj: Mapping[str, Any], code: int) -> int:
@@ -236,15 +292,15 @@ def _answer(obj: Mapping[str, Any], code: int) -> int:
 
 
 def main(vars: Mapping[str, str]) -> int:
-    """``doit companion-agent OP=probe|unpack DIR=<abs path> [WANT=stdin] [BACKEND=…]``."""
+    """``doit companion-agent OP=probe|unpack DIR=<abs path> [WANT=stdin] [BACKEND=…] [WATCH=…]``."""
     op = vars.get("OP", "")
     raw_dir = vars.get("DIR", "")
-    unknown = sorted(set(vars) - {"OP", "DIR", "WANT", "BACKEND"})
+    unknown = sorted(set(vars) - {"OP", "DIR", "WANT", "BACKEND", "WATCH"})
     if op not in ("probe", "unpack") or not raw_dir or unknown:
         return _answer(
             {
-                "error": "usage: companion-agent OP=probe|unpack DIR=<absolute path> [WANT=stdin] [BACKEND=name]"
-                + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+                "error": "usage: companion-agent OP=probe|unpack DIR=<absolute path> [WANT=stdin] "
+                "[BACKEND=name] [WATCH=session]" + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
                 "remedy": "this command is run by `doit build-cache COMPANION=…` on the workstation",
             },
             2,
@@ -258,7 +314,10 @@ def main(vars: Mapping[str, str]) -> int:
             raise ValueError(f"DIR={raw_dir} is not absolute")
         if op == "probe":
             return _answer(probe(root, wanted, vars.get("BACKEND")), 0)
-        return _answer(unpack(root, wanted), 0)
+        watch = vars.get("WATCH") or None
+        if watch is not None and (not watch.replace("-", "").isalnum() or len(watch) > 100):
+            raise ValueError(f"WATCH={watch!r} is not a push session name")
+        return _answer(unpack(root, wanted, watch=watch), 0)
     except PermissionError as exc:
         return _answer(
             {
@@ -269,6 +328,8 @@ def main(vars: Mapping[str, str]) -> int:
             1,
         )
     except OSError as exc:
-        return _answer({"error": f"{root}: {exc.strerror or exc} ({exc.filename})", "remedy": "check COMPANION_DIR"}, 1)
+        return _answer(
+            {"error": f"{root}: {exc.strerror or exc} ({exc.filename})", "remedy": "check COMPANION_DIR"}, 1
+        )
     except ValueError as exc:
         return _answer({"error": str(exc), "remedy": "check COMPANION_DIR"}, 1)

@@ -28,6 +28,7 @@ from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect, 
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
+    "LOCAL_ONLY",
     "DEFAULT_COMPANION_CMD",
     "DISK_RESERVE_BYTES",
     "companion_options",
@@ -77,10 +78,54 @@ def resolve_root(sftp: Any, spec: str | None) -> str:
     return posixpath.normpath(posixpath.join(home, spec))
 
 
+#: Variables that concern only the workstation (its flight lookup, tile
+#: fetching, files, the SSH link) or that the flow sets itself for the
+#: remote build.  Every other variable the operator sets is passed on as
+#: given, so one added later reaches the companion's build by default.
+LOCAL_ONLY = frozenset(
+    {
+        "FLIGHT",
+        "FLIGHTS_API_URL",
+        "FLIGHTS_API_TIMEOUT",
+        "OFFLINE",
+        "CACHE_DIR",
+        "STORE",
+        "PROVIDER",
+        "CONCURRENCY",
+        "HTTP_TIMEOUT",
+        "HTTP_RETRIES",
+        "HTTP_BACKOFF",
+        "RATE_LIMIT",
+        "SUBDOMAINS",
+        "NODATA",
+        "NODATA_SHA256",
+        "RETRY_MISSING",
+        "MODEL",
+        "CALIBRATION",
+        "KEY",
+        "PUBKEY",
+        "REPORT",
+        "MAX_STORE_BYTES",
+        "COMPANION",
+        "SSH_KEY",
+        "KNOWN_HOSTS",
+        "HOST_KEY_POLICY",
+        "COMPANION_DIR",
+        "COMPANION_CMD",
+        "COMPANION_KEY",
+    }
+)
+
+
 def remote_variables(settings: Any, remote: dict[str, str | None]) -> dict[str, str | None]:
     """The ``build-cache`` variables of the remote build: what the build depends
-    on, with the pushed flight, tiles and inputs in place of local paths."""
-    return {
+    on, with the pushed flight, tiles and inputs in place of local paths.
+
+    Variables not in :data:`LOCAL_ONLY` that the operator set (``INDEX``,
+    ``MIN_RECALL``, ...) are passed on as given.
+    """
+    passed = {k: v for k, v in sorted(settings.given.items()) if k not in LOCAL_ONLY}
+    return passed | {
         "FLIGHT": remote["flight"],
         "PROVIDER": f"pushed:{remote['tileset_dir']}",
         "CACHE_DIR": remote["cache"],
@@ -198,7 +243,9 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
             message + f" (exit {remote_code} there)",
             remedy="install the same cachebuild version on the companion as on this workstation",
         )
-    raise RemoteBuildError(message, exit_code=remote_code, phase=remote.get("failure_phase"), remedy=remote.get("remedy"))
+    raise RemoteBuildError(
+        message, exit_code=remote_code, phase=remote.get("failure_phase"), remedy=remote.get("remedy")
+    )
 
 
 def build_on_companion(
@@ -236,7 +283,7 @@ def build_on_companion(
         The remote build failed (its exit code), or gave no report (21).
     """
     from .push import plan_push, push
-    from .remote import call_agent, remote_command, run_remote_build
+    from .remote import call_agent, remote_command, run_remote_build, start_agent
 
     settings = plan.settings
     out = stream or sys.stderr
@@ -261,7 +308,9 @@ def build_on_companion(
         )
         absent = set(info.get("absent") or [])
         sending = wanted_plan.bytes_for(absent)
-        tiles_absent = sum(size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent)
+        tiles_absent = sum(
+            size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent
+        )
         need = sending + tiles_absent + DISK_RESERVE_BYTES  # packs and the objects unpacked from them
         comfortable = need + wanted_plan.tile_bytes + 4096 * len(wanted_plan.tiles)
         companion.update(
@@ -293,8 +342,14 @@ def build_on_companion(
             absent,
             root=root,
             on_progress=_Progress(out),
-            unpack=lambda rels: call_agent(
-                conn, settings.companion_cmd, "unpack", root, wanted=rels, during="unpacking the push"
+            start_unpack=lambda rels, session: start_agent(
+                conn,
+                settings.companion_cmd,
+                "unpack",
+                root,
+                wanted=rels,
+                watch=session,
+                during="unpacking the push",
             ),
             **({"pack_bytes": pack_bytes} if pack_bytes else {}),
         )

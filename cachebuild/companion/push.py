@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CompanionNotReadyError, ConnectionDroppedError
+from .agent import DONE_SUFFIX
 from .packs import DEFAULT_PACK_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
 
 __all__ = [
@@ -72,7 +73,7 @@ class PushPlan:
         ``tileset_dir``, ``model``, ``calibration``, ``store``, ``cache``.
     """
 
-    tiles: dict[str, tuple[Path, int]]
+    tiles: dict[str, tuple[str, int]]
     inputs: dict[str, tuple[Path, int]]
     inbox: str
     inbox_files: dict[str, bytes]
@@ -182,13 +183,13 @@ def plan_push(
     """
     from ..tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
 
-    tiles: dict[str, tuple[Path, int]] = {}
-    objects = store_root / "objects"
+    tiles: dict[str, tuple[str, int]] = {}
+    objects = os.path.join(store_root, "objects")
     for digest in hex_digests(read_tiles(build_dir)):
         if digest not in tiles:
-            path = objects / digest[:2] / digest
+            path = f"{objects}/{digest[:2]}/{digest}"  # str, not Path: 10k of them on the no-op path
             try:
-                tiles[digest] = (path, path.stat().st_size)
+                tiles[digest] = (path, os.stat(path).st_size)
             except FileNotFoundError:
                 raise CompanionNotReadyError(
                     f"tile object {digest[:12]}… named by {build_dir / TILES_FILE} is not in the store {store_root}",
@@ -230,6 +231,11 @@ def plan_push(
     return PushPlan(tiles=tiles, inputs=inputs, inbox=inbox, inbox_files=files, remote=remote)
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
 class _Uploader:
     """SFTP writes through temp names, translating errors at the boundary."""
 
@@ -253,9 +259,7 @@ class _Uploader:
 
     def fail(self, what: str, exc: BaseException) -> Exception:
         arrived = (
-            f"; {self.result.objects} of {self.total} objects had arrived and are kept"
-            if self.total
-            else ""
+            f"; {self.result.objects} of {self.total} objects had arrived and are kept" if self.total else ""
         )
         if self._link_down(exc):
             return ConnectionDroppedError(
@@ -329,7 +333,7 @@ def push(
     root: str,
     pack_bytes: int = DEFAULT_PACK_BYTES,
     on_progress: Callable[[PushResult, int, int], None] | None = None,
-    unpack: Callable[[list[str]], dict[str, Any]] | None = None,
+    start_unpack: Callable[[list[str], str], Any] | None = None,
 ) -> PushResult:
     """Send what the companion lacks: packs of tiles, input files, the inbox.
 
@@ -350,9 +354,12 @@ def push(
     on_progress
         Called after each pack and file with the result so far, the total
         objects and the total bytes to send.
-    unpack
-        Asks the companion to unpack the packs and returns its answer
-        (``absent`` among the paths given); called once after the packs.
+    start_unpack
+        ``start_unpack(paths, session)`` starts the companion's unpacker on
+        the packs of ``session`` as they arrive (overlapping the upload) and
+        returns a handle with ``result()`` (its answer: ``absent`` among
+        ``paths``) and ``cancel()``; :func:`push` ends the session with the
+        ``incoming/<session>.done`` marker and waits for the answer.
 
     Raises
     ------
@@ -363,9 +370,7 @@ def push(
         still absent after the unpack.
     """
     result = PushResult()
-    tiles = sorted(
-        (d, size) for d, (_, size) in plan.tiles.items() if plan.tile_rel(d) in absent
-    )
+    tiles = sorted((d, size) for d, (_, size) in plan.tiles.items() if plan.tile_rel(d) in absent)
     inputs = [(rel, path, size) for rel, (path, size) in plan.inputs.items() if rel in absent]
     inbox_needed = f"{plan.inbox}/tileset.json" in absent
     total_objects = len(tiles) + len(inputs)
@@ -375,28 +380,35 @@ def push(
     report = on_progress or (lambda r, n, b: None)
 
     session = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    for n, group in enumerate(group_into_packs(tiles, pack_bytes)):
-        data = build_pack((d, plan.tiles[d][0].read_bytes()) for d, _ in group)
-        # the pack's temp name is its final name + ".part": rename = complete
-        up.write(f"incoming/{session}-{n:06d}{PACK_SUFFIX}", data, resume=False)
-        result.packs += 1
-        result.objects += len(group)
-        result.tile_objects += len(group)
-        result.tile_bytes += sum(size for _, size in group)
-        result.bytes += len(data)
-        report(result, total_objects, total_bytes)
-    if result.packs and unpack is not None:
-        sent = [plan.tile_rel(d) for d, _ in tiles]
-        answer = unpack(sent)
-        result.settled = dict(answer.get("settled") or {})
-        still = answer.get("absent") or []
-        if still:
-            raise CompanionNotReadyError(
-                f"after the push, {len(still)} tile object(s) are still absent on {conn.target} "
-                f"(e.g. {still[0]}); {result.settled.get('corrupt', 0)} pack(s) were corrupt",
-                remedy="run build-cache again: the missing objects are sent again",
-                phase="push",
-            )
+    groups = list(group_into_packs(tiles, pack_bytes))
+    pending = start_unpack([plan.tile_rel(d) for d, _ in tiles], session) if groups and start_unpack else None
+    try:
+        for n, group in enumerate(groups):
+            data = build_pack((d, _read(plan.tiles[d][0])) for d, _ in group)
+            # the pack's temp name is its final name + ".part": rename = complete
+            up.write(f"incoming/{session}-{n:06d}{PACK_SUFFIX}", data, resume=False)
+            result.packs += 1
+            result.objects += len(group)
+            result.tile_objects += len(group)
+            result.tile_bytes += sum(size for _, size in group)
+            result.bytes += len(data)
+            report(result, total_objects, total_bytes)
+        if pending is not None:
+            up.write(f"incoming/{session}{DONE_SUFFIX}", b"")
+            answer = pending.result()
+            pending = None
+            result.settled = dict(answer.get("settled") or {})
+            still = answer.get("absent") or []
+            if still:
+                raise CompanionNotReadyError(
+                    f"after the push, {len(still)} tile object(s) are still absent on {conn.target} "
+                    f"(e.g. {still[0]}); {result.settled.get('corrupt', 0)} pack(s) were corrupt",
+                    remedy="run build-cache again: the missing objects are sent again",
+                    phase="push",
+                )
+    finally:
+        if pending is not None:  # the upload failed: stop the unpacker (what arrived stays)
+            pending.cancel()
     for rel, path, size in inputs:
         result.bytes += up.write(rel, path, resume=True)
         result.objects += 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
@@ -33,6 +34,8 @@ __all__ = [
     "LineSplitter",
     "parse_report",
     "call_agent",
+    "Pending",
+    "start_agent",
     "run_remote_build",
 ]
 
@@ -126,7 +129,9 @@ def call_agent(
     *,
     wanted: list[str] | None = None,
     backend: str | None = None,
+    watch: str | None = None,
     during: str = "the companion probe",
+    cancel: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Run ``companion-agent OP=op`` on the companion; its JSON answer.
 
@@ -136,7 +141,13 @@ def call_agent(
         ``COMPANION_CMD`` not found, not a cachebuild with companion mode,
         or the agent's own error (``COMPANION_DIR`` unwritable, ...).
     """
-    variables = {"OP": op, "DIR": root, "WANT": "stdin" if wanted is not None else None, "BACKEND": backend}
+    variables = {
+        "OP": op,
+        "DIR": root,
+        "WANT": "stdin" if wanted is not None else None,
+        "BACKEND": backend,
+        "WATCH": watch,
+    }
     command = remote_command(base, "companion-agent", variables)
     stdin = ("\n".join(wanted) + "\n").encode() if wanted else b""
     last: list[str] = []
@@ -149,7 +160,8 @@ def call_agent(
 
     out = LineSplitter(on_out, max_line=MAX_REPORT)
     err = LineSplitter(lambda ln: tail.append(redact(ln)))
-    code = conn.pump(command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during)
+    extra = {"cancel": cancel} if cancel is not None else {}
+    code = conn.pump(command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during, **extra)
     out.close()
     err.close()
     answer = _parse_answer(last[0] if last else None)
@@ -173,6 +185,44 @@ def call_agent(
             f"{conn.target}: {answer['error']}", remedy=answer.get("remedy") or "see docs/companion.md"
         )
     return answer
+
+
+class Pending:
+    """A :func:`call_agent` running in a thread (its own SSH channel).
+
+    :meth:`result` waits and returns the answer or raises its error;
+    :meth:`cancel` closes its channel (the agent sees its output pipe close
+    and stops) and drops whatever it would have said.
+    """
+
+    def __init__(self, fn: Callable[[threading.Event], dict[str, Any]]):
+        self._cancel = threading.Event()
+        self._answer: dict[str, Any] | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="cachebuild-agent")
+        self._thread.start()
+
+    def _run(self, fn: Callable[[threading.Event], dict[str, Any]]) -> None:
+        try:
+            self._answer = fn(self._cancel)
+        except BaseException as exc:  # handed to result()
+            self._error = exc
+
+    def result(self) -> dict[str, Any]:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._answer is not None
+        return self._answer
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._thread.join(timeout=10)
+
+
+def start_agent(conn: Any, base: str, op: str, root: str, **kw: Any) -> Pending:
+    """:func:`call_agent` in the background: returns at once."""
+    return Pending(lambda cancel: call_agent(conn, base, op, root, cancel=cancel, **kw))
 
 
 def _parse_answer(line: str | None) -> dict[str, Any] | None:

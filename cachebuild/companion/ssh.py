@@ -71,7 +71,9 @@ GLOBAL_KNOWN_HOSTS = Path("/etc/ssh/ssh_known_hosts")
 #: Environment variable holding the passphrase of an encrypted ``SSH_KEY``.
 PASSPHRASE_ENV = "CACHEBUILD_SSH_KEY_PASSPHRASE"
 _KEY_NAMES = ("id_ed25519", "id_ecdsa", "id_rsa")
-_TARGET_RE = re.compile(r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?$")
+_TARGET_RE = re.compile(
+    r"^(?:(?P<user>[^@\s]+)@)?(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:@\s\[\]]+))(?::(?P<port>\d+))?$"
+)
 
 
 class CompanionTarget(NamedTuple):
@@ -284,7 +286,7 @@ def connect(
     *,
     factory: Factory | None = None,
     warn: Callable[[str], None] | None = None,
-) -> "Connection":
+) -> Connection:
     """Open an SSH connection to the companion.
 
     Raises
@@ -367,7 +369,7 @@ class Connection:
             time.sleep(0.05)
         return True
 
-    def __enter__(self) -> "Connection":
+    def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -403,11 +405,14 @@ class Connection:
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
         during: str,
+        cancel: threading.Event | None = None,
     ) -> int:
         """Run ``command``, feed it ``stdin``, pass its output on as it comes; its exit status.
 
         Silence longer than ``keepalive_s`` sends an OpenSSH keepalive; no
-        answer within ``dead_after_s`` counts as a dropped link.
+        answer within ``dead_after_s`` counts as a dropped link.  Setting
+        ``cancel`` closes the channel and returns -1 (the command sees its
+        output pipe close).
 
         Raises
         ------
@@ -422,7 +427,7 @@ class Connection:
         except (paramiko.SSHException, OSError, EOFError, AttributeError) as exc:
             raise self.dropped(during, exc) from exc
         try:
-            return self._pump(chan, stdin, on_stdout, on_stderr, during)
+            return self._pump(chan, stdin, on_stdout, on_stderr, during, cancel)
         finally:
             chan.close()
 
@@ -433,6 +438,7 @@ class Connection:
         on_stdout: Callable[[bytes], None],
         on_stderr: Callable[[bytes], None],
         during: str,
+        cancel: threading.Event | None = None,
     ) -> int:
         view = memoryview(stdin)
         sent = 0
@@ -441,16 +447,17 @@ class Connection:
         last_data = time.monotonic()
         checking: _LivenessCheck | None = None
         while True:
+            if cancel is not None and cancel.is_set():
+                return -1
             progressed = False
             while sent < len(view) and chan.send_ready():
                 try:
                     sent += chan.send(view[sent : sent + 32768])
-                except OSError as exc:  # the command stopped reading: its exit says why
-                    del exc
+                    if sent >= len(view):
+                        chan.shutdown_write()
+                except OSError:  # the command stopped reading: its exit status says why
                     sent = len(view)
                 progressed = True
-                if sent >= len(view):
-                    chan.shutdown_write()
             while chan.recv_ready():
                 data = chan.recv(65536)
                 if not data:
@@ -464,7 +471,12 @@ class Connection:
                 on_stderr(data)
                 progressed = True
             drained = chan.eof_received or chan.closed
-            if chan.exit_status_ready() and drained and not chan.recv_ready() and not chan.recv_stderr_ready():
+            if (
+                chan.exit_status_ready()
+                and drained
+                and not chan.recv_ready()
+                and not chan.recv_stderr_ready()
+            ):
                 code = int(chan.recv_exit_status())
                 # -1: no exit status came: the link went, or a signal killed the command
                 if code == -1 and self._link_lost():
