@@ -1,11 +1,19 @@
-"""Warm no-op of `doit build-cache` against `doit list`, at about 1k and 10k tiles.
+"""Cold build and warm no-op of `doit build-cache` at 1k, 10k and 100k tiles.
 
-Each size gets a cold build first (not timed), then REPEAT warm runs of
-build-cache and REPEAT runs of `doit list` interleaved, in the same run on
-the same machine; the table shows medians and the ratio.  Target: <= 1.3x
-and flat in tile count.
+For each size, in one run on one machine:
 
-    python bench/bench_noop.py [--sizes 1000,10000] [--repeat 7]
+1. a cold build (empty home), timed per phase, with the peak RSS of the
+   doit process (``os.wait4``: the kernel's ru_maxrss for that child) and
+   the size of the index it built: peak RSS should be the index plus a
+   constant, not grow with the area otherwise;
+2. REPEAT warm no-op runs of build-cache interleaved with REPEAT runs of
+   `doit list` (which loads the same task graph); medians and their
+   ratio.  Target: <= 1.3x and flat in tile count.
+
+    python bench/bench_noop.py [--sizes 1000,10000,100000] [--repeat 5]
+
+A 100k cold build takes several minutes on two cores (most of it fetching
+the synthetic tiles and describing them).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+STAGES = ("tiles", "mbtiles", "describe", "index", "manifest")
 
 
 def _flight_for(n_tiles: int, path: Path) -> str:
@@ -33,47 +42,81 @@ def _flight_for(n_tiles: int, path: Path) -> str:
     return f"BUFFER_M={side_m / 2:.0f}"
 
 
-def _time(argv: list[str], env: dict[str, str], cwd: Path) -> float:
-    t = time.perf_counter()
-    p = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    dt = time.perf_counter() - t
+def run_measured(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, str, str]:
+    """``(seconds, peak RSS bytes, stdout, stderr)`` of one child process."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        t = time.perf_counter()
+        p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(p.pid, 0)
+        seconds = time.perf_counter() - t
+        p.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if p.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{p.stderr}")
-    return dt
+        raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{stderr[-3000:]}")
+    return seconds, usage.ru_maxrss * 1024, stdout, stderr
+
+
+def _time(argv: list[str], env: dict[str, str], cwd: Path) -> float:
+    return run_measured(argv, env, cwd)[0]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sizes", default="1000,10000")
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--sizes", default="1000,10000,100000")
+    ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     doit = [sys.executable, "-m", "doit"]
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, CACHEBUILD_HOME=tmp)
+    noop_rows, cold_rows = [], []
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="bench-noop-") as tmp:
         for n in (int(s) for s in args.sizes.split(",")):
+            home = Path(tmp) / f"home-{n}"
+            env = dict(os.environ, CACHEBUILD_HOME=str(home))
             flight = Path(tmp) / f"flight-{n}.json"
-            buffer = _flight_for(n, flight)
-            cache = f"CACHE_DIR={tmp}/cache-{n}"
-            build = [*doit, "build-cache", f"FLIGHT={flight}", buffer, cache, "REPORT=json"]
-            t = time.perf_counter()
-            p = subprocess.run(build, env=env, cwd=REPO, capture_output=True, text=True)
-            cold = time.perf_counter() - t
-            if p.returncode != 0:
-                raise SystemExit(p.stderr)
-            planned = json.loads(p.stdout.splitlines()[-1])["tiles"]["planned"]
+            build = [*doit, "build-cache", f"FLIGHT={flight}", _flight_for(n, flight), "REPORT=json"]
+            print(f"cold build, about {n} tiles ...", file=sys.stderr, flush=True)
+            cold, rss, out, _ = run_measured(build, env, REPO)
+            report = json.loads(out.splitlines()[-1])
+            planned = report["tiles"]["planned"]
+            staged = home / "cache" / "state" / "build"
+            index_bytes = (staged / "index.faiss").stat().st_size
+            index_kind = json.loads((staged / "index.json").read_text())["type"]
+            phases = report["phases"]
+            cold_rows.append((planned, cold, phases, rss, index_bytes, index_kind, report["selftest"]))
             noop, listing = [], []
             for _ in range(args.repeat):
                 noop.append(_time(build, env, REPO))
                 listing.append(_time([*doit, "list"], env, REPO))
-            last = subprocess.run(build, env=env, cwd=REPO, capture_output=True, text=True)
-            assert json.loads(last.stdout.splitlines()[-1])["outcome"] == "up_to_date"
-            rows.append((planned, cold, statistics.median(noop), statistics.median(listing)))
-    print(f"{'tiles':>8} {'cold build s':>13} {'no-op s':>9} {'doit list s':>12} {'ratio':>7}")
-    for planned, cold, noop, listing in rows:
-        print(f"{planned:>8} {cold:>13.2f} {noop:>9.3f} {listing:>12.3f} {noop / listing:>7.2f}")
-    if len(rows) > 1:
-        print(f"no-op growth {rows[0][0]} -> {rows[-1][0]} tiles: {rows[-1][2] / rows[0][2]:.2f}x")
+            last = json.loads(run_measured(build, env, REPO)[2].splitlines()[-1])
+            assert last["outcome"] == "up_to_date", last
+            noop_rows.append((planned, statistics.median(noop), statistics.median(listing)))
+    mib = 1 << 20
+    print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs")
+    print()
+    print("| tiles | no-op s | `doit list` s | ratio |")
+    print("| ---: | ---: | ---: | ---: |")
+    for planned, noop_s, list_s in noop_rows:
+        print(f"| {planned:,} | {noop_s:.3f} | {list_s:.3f} | {noop_s / list_s:.2f} |")
+    if len(noop_rows) > 1:
+        print(f"\nno-op growth {noop_rows[0][0]:,} -> {noop_rows[-1][0]:,} tiles: "
+              f"{noop_rows[-1][1] / noop_rows[0][1]:.2f}x")  # fmt: skip
+    print()
+    stage_cols = " | ".join(f"{s} tiles/s" for s in STAGES)
+    print(f"| tiles | cold build s | {stage_cols} | selftest s | peak RSS MiB | index | index MiB | RSS - index MiB |")
+    print("| ---: | ---: | " + " | ".join("---:" for _ in STAGES) + " | ---: | ---: | --- | ---: | ---: |")
+    for planned, cold, phases, rss, index_bytes, kind, _ in cold_rows:
+        rates = " | ".join(
+            f"{planned / phases[s]:,.0f}" if phases.get(s) else "-" for s in STAGES
+        )
+        print(
+            f"| {planned:,} | {cold:.1f} | {rates} | {phases.get('selftest', 0):.1f} | {rss / mib:.0f} | {kind} | "
+            f"{index_bytes / mib:.1f} | {(rss - index_bytes) / mib:.0f} |"
+        )
+    print()
+    for planned, *_, selftest in cold_rows:
+        print(f"self-test at {planned:,} tiles: {selftest}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -102,30 +103,20 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
     return action
 
 
-class store_user:  # noqa: N801 - used as a context manager, like contextlib's
+@contextmanager
+def store_user(store: str, cache_dir: str | None = None) -> Iterator[None]:
     """Hold the store's shared lock (gc-store waits) and register the cache with it.
 
     Every action that reads or writes the store runs inside this, so
     ``doit gc-store`` never removes what a running build is using, and
     knows every cache directory that uses the store.
     """
+    from .storelock import StoreLock, register_cache
 
-    def __init__(self, store: str, cache_dir: str | None = None):
-        from .storelock import StoreLock
-
-        self.store = store
-        self.cache_dir = cache_dir
-        self._lock = StoreLock(store, exclusive=False)
-
-    def __enter__(self) -> None:
-        self._lock.acquire()
-        if self.cache_dir is not None:
-            from .storelock import register_cache
-
-            register_cache(self.store, self.cache_dir)
-
-    def __exit__(self, *exc: object) -> None:
-        self._lock.release()
+    with StoreLock(store, exclusive=False):
+        if cache_dir is not None:
+            register_cache(store, cache_dir)
+        yield
 
 
 def _atomic_json(path: Path, obj: Any) -> None:

@@ -183,6 +183,9 @@ class Settings:
     companion_dir: str | None = None
     companion_cmd: str = "doit"
     companion_key: str | None = None
+    #: The variables that were set (command line over environment), as given:
+    #: what a companion build passes on.
+    given: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
     env: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -456,5 +459,6 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),
         offline=_bool("OFFLINE", get("OFFLINE"), False),
         **_companion(get),
+        given={name: value for name in VARIABLES if (value := get(name)) is not None},
         env=env,
     )

@@ -19,6 +19,6 @@ def task(plan: Any) -> dict[str, Any]:
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "targets": [str(build / "index.faiss"), str(build / "index.json")],
         # the version: how a kind is built and tuned (cachebuild.index)
-        "uptodate": [config_changed({"index": kind, "version": 2})],
+        "uptodate": [config_changed({"index": kind, "version": 4})],
         "clean": True,
     }

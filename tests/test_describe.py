@@ -257,7 +257,8 @@ def test_missing_store_object_is_named(tmp_path: Path, engine_dir: Path) -> None
         )
 
 
-def test_zero_tiles(tmp_path: Path, engine_dir: Path) -> None:
+@pytest.mark.parametrize("reuse", [False, True])
+def test_zero_tiles(tmp_path: Path, engine_dir: Path, reuse: bool) -> None:
     write_tileset(tmp_path / "ts", np.zeros(0, tile_dtype()), np.zeros(0, np.int64), {})
     result = describe_tiles(
         tileset_dir=tmp_path / "ts",
@@ -265,8 +266,9 @@ def test_zero_tiles(tmp_path: Path, engine_dir: Path) -> None:
         engine_dir=engine_dir,
         out_dir=tmp_path / "out",
         progress=False,
+        reuse=reuse,
     )
-    assert result["tiles"] == 0 and result["dim"] == 256
+    assert result["tiles"] == 0 and result["dim"] == 256 and result["computed"] == 0
     d = np.load(tmp_path / "out" / DESCRIPTORS_FILE)
     ids = np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE)
     assert d.shape == (0, 256) and d.dtype == np.float32

@@ -130,3 +130,18 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_public_surface() -> None:
+    """``__all__`` lists exactly the public names the module defines."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(descstore))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    assert {n for n in defined if not n.startswith("_")} == set(descstore.__all__)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachebuild import gcstore
 from cachebuild.descstore import DescriptorStore, engine_store_dirs
 from cachebuild.gcstore import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
 from cachebuild.lock import CacheLock
@@ -148,3 +149,18 @@ def test_the_command_refuses_while_a_build_runs(world: dict, tmp_path: Path) -> 
     assert gc_store_cmd({**vars, "MAX_STORE_BYTES": "lots"}, env) == 2
     assert gc_store_cmd(vars, env) == 0
     assert objects(world["store"]) == set(world["digests"][:8])
+
+
+def test_public_surface() -> None:
+    """``__all__`` lists exactly the public names the module defines."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(gcstore))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    assert {n for n in defined if not n.startswith("_")} == set(gcstore.__all__)

@@ -15,7 +15,7 @@ import pytest
 from cachebuild import index
 from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.index import FLAT_MAX, HNSW_MAX, RECALL_TARGET, build_index, plan_index, search
+from cachebuild.index import FLAT_MAX, RECALL_TARGET, build_index, plan_index, search
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -176,9 +176,8 @@ def test_import_is_light() -> None:
     [
         (0, "flat", "IDMap2,Flat"),
         (FLAT_MAX - 1, "flat", "IDMap2,Flat"),
-        (FLAT_MAX, "hnsw", "IDMap2,HNSW32,Flat"),
-        (HNSW_MAX - 1, "hnsw", "IDMap2,HNSW32,Flat"),
-        (HNSW_MAX, "ivf", "IVF1788,Flat"),
+        (FLAT_MAX, "ivf", "IVF256,Flat"),  # 4 sqrt(N) = 400 lists would get < 39 points each
+        (100_000, "ivf", "IVF1264,Flat"),
         (1_000_000, "ivf", "IVF4000,Flat"),
     ],
 )
@@ -187,14 +186,15 @@ def test_auto_picks_the_index_by_size(n: int, kind: str, description: str) -> No
     assert (plan.kind, plan.description) == (kind, description)
     assert plan.reason.startswith("auto")
     if kind == "ivf":
-        # K = 4 sqrt(N) lists, enough training points for every list (>= 39 K)
-        assert plan.params["nlist"] == int(4 * n**0.5)
+        # K = 4 sqrt(N) lists, fewer where N cannot give every list 39 training points
+        assert plan.params["nlist"] == min(int(4 * n**0.5), n // 39)
         assert plan.params["train_points"] >= 39 * plan.params["nlist"]
 
 
-def test_a_gpu_makes_auto_prefer_ivf_over_hnsw() -> None:
-    assert plan_index(50_000, gpus=1).kind == "ivf"
-    assert plan_index(5_000, gpus=1).kind == "flat"
+def test_hnsw_when_asked_for() -> None:
+    plan = plan_index(50_000, "hnsw")
+    assert plan.description == "IDMap2,HNSW32,Flat" and plan.params == {"M": 32, "efConstruction": 40}
+    assert plan_index(50_000, gpus=1).kind == "ivf" and "GPU" in plan_index(50_000, gpus=1).reason
 
 
 def test_forced_kinds_and_small_ivf() -> None:

@@ -126,7 +126,7 @@ def test_recall_on_synthetic_terrain(world: dict[str, Path]) -> None:
     assert r["candidates"] == 49 and r["queries"] == 49
     assert r["max_offset_px"] == 32.0 and r["rotation_deg"] == 10.0
     assert r["recall_at_1"] >= 0.85 and r["recall_at_5"] >= r["recall_at_1"]
-    assert r["anywhere"]["queries"] == 49 and r["anywhere"]["max_offset_px"] == 128.0
+    assert r["anywhere"]["queries"] == 13 and r["anywhere"]["max_offset_px"] == 128.0  # every 4th of 49
     assert r["anywhere"]["recall_at_1"] <= r["recall_at_1"]
     # the same tile set gives the same frames and the same figures
     assert run(world) == r

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from cachebuild import storelock
 from cachebuild.errors import LockHeldError
 from cachebuild.storelock import StoreLock, register_cache, registered_caches
 
@@ -70,3 +71,18 @@ def test_registry(tmp_path: Path) -> None:
     assert len(list((tmp_path / "store" / "caches").glob("*.json"))) == 2
     registered_caches(tmp_path / "store", prune=True)
     assert len(list((tmp_path / "store" / "caches").glob("*.json"))) == 1
+
+
+def test_public_surface() -> None:
+    """``__all__`` lists exactly the public names the module defines."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(storelock))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+    assert {n for n in defined if not n.startswith("_")} == set(storelock.__all__)
