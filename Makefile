@@ -15,7 +15,7 @@ demo: $(VENV)/.installed   ## set up and build the demo cache
 	$(BIN)/doit build-cache FLIGHT=examples/flights/demo.json
 
 test: $(VENV)/.installed   ## set up and run every test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: $(VENV)/.installed  ## print the benchmark tables
 	$(BIN)/python bench/bench_noop.py

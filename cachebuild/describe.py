@@ -98,10 +98,9 @@ def default_decode_threads(cpus: int | None = None) -> int:
     a GPU, that is all of it.
     """
     if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):  # not on Linux
-            cpus = os.cpu_count() or 1
+        from .cpus import usable_cpus
+
+        cpus = usable_cpus()
     return max(1, cpus)
 
 

@@ -328,7 +328,13 @@ class OnnxRuntimeBackend:
         path = engine_dir / str(record["engine_file"])
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = int(threads) if threads else 0
+        if not threads:
+            from .cpus import usable_cpus
+
+            # ONNX Runtime's own default counts the machine's cores, not a
+            # container's CPU quota (see cachebuild/cpus.py).
+            threads = usable_cpus()
+        so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3

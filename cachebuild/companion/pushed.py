@@ -15,9 +15,9 @@ the same provider, wherever it was pushed to.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ..cpus import usable_cpus
 from ..errors import DownloadError, UsageError
 from ..tiles import Tile
 
@@ -68,7 +68,7 @@ class PushedProvider:
                 remedy="run build-cache with COMPANION=… from the workstation: it pushes the tile set",
             ) from None
         self.identity = f"pushed:{summary['aggregate_sha256']}"
-        self.concurrency = min(8, os.cpu_count() or 1)
+        self.concurrency = min(8, usable_cpus())
         self.store_root = Path(meta["store"])
         self._digests = dict(zip(tiles["id"].tolist(), hex_digests(tiles)))
         self._missing = set(missing.tolist())

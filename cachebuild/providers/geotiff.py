@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..cpus import usable_cpus
 from ..errors import UsageError
 from ..tiles import EARTH_RADIUS_M, Tile
 from .base import DEFAULT_TILE_SIZE, TileFetchError
@@ -141,7 +142,7 @@ class GeoTiffProvider:
         # it are not warped at all
         self.footprint = transform_bounds(crs, "EPSG:3857", *bounds, densify_pts=21)
         self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={file_sha256(self.path)}"
-        self.concurrency = os.cpu_count() or 1
+        self.concurrency = usable_cpus()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._open: list[Any] = []

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..cpus import usable_cpus
 from ..errors import UsageError
 from ..tiles import Tile
 from .base import TileFetchError, check_image, fill_template, template_placeholders
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_MBTILES_CONCURRENCY = 4
-DEFAULT_LOCAL_CONCURRENCY = min(8, os.cpu_count() or 1)
+DEFAULT_LOCAL_CONCURRENCY = min(8, usable_cpus())
 #: Extensions a bare directory's ``{z}/{x}/{y}.<ext>`` files may have, in the order tried.
 TREE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: The placeholders a directory template may use: no ``{s}``, no ``{key}``.
@@ -47,7 +48,7 @@ class SyntheticProvider:
         from ..synthetic import SYNTHETIC_VERSION
 
         self.identity = f"synthetic:v{SYNTHETIC_VERSION}"
-        self.concurrency = os.cpu_count() or 1
+        self.concurrency = usable_cpus()
 
     def fetch(self, tile: Tile) -> bytes | None:
         from ..synthetic import synthetic_tile_bytes
