@@ -36,6 +36,14 @@ manifest's ``info``).
 Everything is streamed from ``descriptors.npy`` in chunks
 (:mod:`cachebuild.npyio`): memory is the index itself plus constants.
 
+Where faiss sees a GPU (faiss-gpu, ``faiss.get_num_gpus() > 0``), an IVF
+index is trained and filled on GPU 0 (``index_cpu_to_gpu``) and copied
+back (``index_gpu_to_cpu``) before tuning and writing, so the file is a
+CPU index that loads anywhere; ``index.json`` says ``device: gpu``.  A
+failure on the GPU (out of memory) builds on the CPU instead and says why.
+Flat indexes (a memory copy to fill) and HNSW (no GPU implementation in
+faiss) are built on the CPU.
+
 faiss is imported inside the functions that use it.
 """
 
@@ -107,6 +115,10 @@ class IndexPlan:
     description: str
     params: dict[str, int] = field(default_factory=dict)
     reason: str = ""
+
+
+#: Index kinds trained and filled on a GPU where faiss has one.
+_GPU_KINDS = ("ivf",)
 
 
 def _gpus(faiss: Any) -> int:
@@ -260,6 +272,7 @@ def build_index(
     recall_queries: int = RECALL_QUERIES,
     chunk_rows: int = 16_384,
     seed: int = 0,
+    faiss: Any = None,
 ) -> dict[str, Any]:
     """Index ``descriptors.npy`` under the ids in ``descriptor_ids.npy``.
 
@@ -278,6 +291,9 @@ def build_index(
         Descriptors read and added at a time.
     seed
         Seed of the training and query samples.
+    faiss
+        The faiss module; imported when None (tests pass a stand-in that
+        reports a GPU).
 
     Returns
     -------
@@ -285,7 +301,9 @@ def build_index(
         ``type`` (faiss name), ``kind``, ``ntotal``, ``dim``, ``metric``,
         ``params`` (build and search parameters), ``reason``,
         ``recall_at_10`` (None when not measured), ``recall_queries``,
-        ``recall_target`` and ``seconds`` (``train``, ``add``, ``tune``).
+        ``recall_target``, ``device`` (``gpu`` or ``cpu``: where it was
+        trained and filled; ``gpu_error`` when the GPU failed) and
+        ``seconds`` (``train``, ``add``, ``tune``).
 
     Raises
     ------
@@ -300,31 +318,53 @@ def build_index(
     from .describe import DESCRIPTORS_FILE
     from .npyio import gather_npy_rows, iter_npy_rows
 
-    faiss = _faiss()
+    faiss = faiss if faiss is not None else _faiss()
     src = Path(descriptors_dir)
     n, dim, ids = _check_inputs(src)
     vec_path = src / DESCRIPTORS_FILE
-    plan = plan_index(n, kind, gpus=_gpus(faiss))
+    gpus = _gpus(faiss)
+    plan = plan_index(n, kind, gpus=gpus)
     rng = np.random.default_rng(seed)
-    index = _new_index(faiss, plan, dim)
     seconds = {"train": 0.0, "add": 0.0, "tune": 0.0}
 
+    sample = None  # the training sample, the same whichever device trains
     if plan.kind == "ivf" and n:
-        t = time.perf_counter()
         sample = np.sort(rng.choice(n, size=plan.params["train_points"], replace=False))
-        index.train(np.ascontiguousarray(gather_npy_rows(vec_path, sample)))
-        seconds["train"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    for start, chunk in iter_npy_rows(vec_path, chunk_rows=chunk_rows):
-        if not bool(np.all(np.isfinite(chunk))):
-            raise BuildError(
-                f"{vec_path} holds non-finite values (row {start + int(np.flatnonzero(~np.isfinite(chunk).all(1))[0])})",
-                remedy="check the model, recompile the engine and describe again",
-                phase=_PHASE,
-            )
-        index.add_with_ids(chunk, np.ascontiguousarray(ids[start : start + len(chunk)]))
-    seconds["add"] = time.perf_counter() - t
+    def fill(index: Any) -> Any:
+        """Train (IVF) and add every descriptor."""
+        if sample is not None:
+            t = time.perf_counter()
+            index.train(np.ascontiguousarray(gather_npy_rows(vec_path, sample)))
+            seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for start, chunk in iter_npy_rows(vec_path, chunk_rows=chunk_rows):
+            if not bool(np.all(np.isfinite(chunk))):
+                raise BuildError(
+                    f"{vec_path} holds non-finite values (row {start + int(np.flatnonzero(~np.isfinite(chunk).all(1))[0])})",
+                    remedy="check the model, recompile the engine and describe again",
+                    phase=_PHASE,
+                )
+            index.add_with_ids(chunk, np.ascontiguousarray(ids[start : start + len(chunk)]))
+        seconds["add"] = time.perf_counter() - t
+        return index
+
+    device, gpu_error = "cpu", None
+    index = None
+    if gpus and n and plan.kind in _GPU_KINDS:
+        try:
+            res = faiss.StandardGpuResources()
+            on_gpu = fill(faiss.index_cpu_to_gpu(res, 0, _new_index(faiss, plan, dim)))
+            index = faiss.index_gpu_to_cpu(on_gpu)  # a CPU index: the file loads anywhere
+            del on_gpu, res
+            device = "gpu"
+        except BuildError:
+            raise
+        except Exception as exc:  # out of GPU memory, a driver error: the CPU can still do it
+            gpu_error = f"{type(exc).__name__}: {exc}"[:300]
+            index = None
+    if index is None:
+        index = fill(_new_index(faiss, plan, dim))
 
     params: dict[str, int] = dict(plan.params)
     recall = None
@@ -374,6 +414,8 @@ def build_index(
         "recall_at_10": None if recall is None else round(recall, 4),
         "recall_queries": int(q),
         "recall_target": RECALL_TARGET,
+        "device": device,
+        **({"gpu_error": gpu_error} if gpu_error else {}),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
 
