@@ -99,8 +99,10 @@ def _work(
     digest = sha256_hex(data)
     if rule.active and rule.matches(data, digest):
         return _Outcome(t, digest, True, False)
-    store.put(data)
+    # journal first: a replay keeps only refs whose object is there, so a kill
+    # between the two never leaves a stored object without its ref (refetched)
     journal.append((t.z, t.x, t.y), digest)
+    store.put(data)
     return _Outcome(t, digest, False, False)
 
 

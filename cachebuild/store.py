@@ -8,10 +8,12 @@ under a real name.  Which object a provider served for a tile is recorded in
 once is never fetched again, whichever flight asks for it.
 
 Refs are committed to the database in batches; between batches each
-fetching process appends every ref to its own *journal* the moment the
-object is in place (one ``write`` per tile, no fsync: it survives SIGKILL,
-which leaves the page cache alone).  The next fetch replays the journals of
-processes that are gone, so a killed download resumes where it stopped.
+fetching process appends every ref to its own *journal* just before the
+object is put in place (one ``write`` per tile, no fsync: it survives
+SIGKILL, which leaves the page cache alone).  The next fetch replays the
+journals of processes that are gone, keeping the refs whose object is there,
+so a killed download resumes where it stopped and never fetches again an
+object it had stored.
 
 Two builds may share a store at once: object writes are atomic renames of
 identical bytes, the database serialises writers, and each process owns its

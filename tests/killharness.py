@@ -1,0 +1,381 @@
+"""Kill real builds at chosen instants and check what they leave behind.
+
+A :class:`KillHarness` builds an *old* cache (flight A) and keeps a copy of
+that home (store, cache, keys) as the starting point.  Each kill point then
+starts from a fresh copy of it, runs a real ``doit build-cache`` of a *new*
+flight B (as tests/test_build_cache.py does: :class:`tests.conftest.Cb`,
+tiles from the real HTTP server in tests/tileserver.py), SIGKILLs it at the
+point's instant, and checks:
+
+- the published cache verifies (``doit verify-cache``) and is the old build
+  or the new one, never a mix (its manifest's build id is A's or B's, and
+  every artifact's SHA-256 matches that manifest);
+- every object in the tile store is whole: its SHA-256 equals its name;
+- every descriptor the descriptor store's index names is whole on disk;
+- the lock is free: it is taken at once;
+- the next build (the resume) succeeds, publishes B, verifies, leaves no
+  leftovers, and does no more work than it must: it asks the provider only
+  for tiles whose object was not in the store after the kill, and computes
+  descriptors only for tiles the descriptor store lacked.
+
+An instant is either a delay after the process started, or a *marker*: a
+phase line on stderr (``.. describe``) or the publish step appearing on disk
+(``releases/.tmp-*``), plus an offset.  The run itself is measured by
+:meth:`KillHarness.measure`, so delays can be spread over a whole build.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachebuild.lock import CacheLock
+
+from .conftest import Cb, write_flight
+from .tileserver import TileServer, tile_bytes
+
+__all__ = ["KillPoint", "KillOutcome", "KillHarness", "PHASE_MARKERS", "store_problems"]
+
+#: The stderr lines the recording reporter prints as each task starts, in
+#: build order; ``publish`` is seen on disk instead.
+PHASE_MARKERS = ("flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "selftest", "manifest")
+PUBLISH = "publish"
+
+ARGS = ("BUFFER_M=200", "ZOOM=17")
+
+
+@dataclass(frozen=True)
+class KillPoint:
+    """When to kill: ``delay_s`` after start, or ``offset_s`` after ``marker`` shows."""
+
+    delay_s: float | None = None
+    marker: str | None = None
+    offset_s: float = 0.0
+
+    def __str__(self) -> str:
+        if self.marker is None:
+            return f"t+{self.delay_s:.3f}s"
+        return f"{self.marker}+{self.offset_s:.3f}s"
+
+
+@dataclass
+class KillOutcome:
+    """What one kill point left behind, and what the resume did."""
+
+    point: KillPoint
+    killed: bool  # False: the build finished before the kill arrived
+    phase: str  # the last phase the killed build had started
+    published: str  # "old" or "new"
+    objects_after_kill: int
+    requests_resume: int
+    requests_expected: int
+    computed_resume: int
+    computed_expected: int
+    problems: list[str] = field(default_factory=list)
+
+
+def _publishing(releases: Path) -> bool:
+    """A release is being assembled (publish's temporary directory exists)."""
+    try:
+        return any(n.startswith(".tmp-") for n in os.listdir(releases))
+    except FileNotFoundError:
+        return False
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def store_problems(store: Path) -> list[str]:
+    """Partial or misnamed objects, and index rows naming bytes a shard lacks."""
+    problems = []
+    objects = store / "objects"
+    if objects.is_dir():
+        for sub in objects.iterdir():
+            if not (sub.is_dir() and len(sub.name) == 2):
+                problems.append(f"stray entry in the store: {sub}")
+                continue
+            for obj in sub.iterdir():
+                if not obj.name.startswith(sub.name) or _sha256_file(obj) != obj.name:
+                    problems.append(f"store object {obj} does not hash to its name")
+    base = store / "descriptors"
+    for engine in base.iterdir() if base.is_dir() else []:
+        meta = json.loads((engine / "meta.json").read_text())
+        row_bytes = 4 * int(meta["dim"])
+        db = sqlite3.connect(f"file:{engine / 'index.sqlite'}?mode=ro", uri=True)
+        try:
+            shards = dict(db.execute("SELECT id, name FROM shards"))
+            for sid, top in db.execute("SELECT shard, MAX(row) FROM descriptors GROUP BY shard"):
+                path = engine / "shards" / f"{shards.get(sid)}.f32"
+                have = path.stat().st_size // row_bytes if path.exists() else 0
+                if top >= have:
+                    problems.append(f"descriptor index names row {top} of {path}, which holds {have}")
+        finally:
+            db.close()
+    return problems
+
+
+def _missing_descriptors(store: Path, engine_key: str, digests: list[str]) -> int:
+    """How many of ``digests`` (tile order, repeats counted) lack a whole descriptor."""
+    engine = store / "descriptors" / engine_key
+    if not (engine / "index.sqlite").exists():
+        return len(digests)
+    row_bytes = 4 * int(json.loads((engine / "meta.json").read_text())["dim"])
+    db = sqlite3.connect(f"file:{engine / 'index.sqlite'}?mode=ro", uri=True)
+    try:
+        shards = dict(db.execute("SELECT id, name FROM shards"))
+        missing = 0
+        for d in digests:
+            row = db.execute("SELECT shard, row FROM descriptors WHERE sha256 = ?", (bytes.fromhex(d),)).fetchone()
+            if row is None:
+                missing += 1
+                continue
+            path = engine / "shards" / f"{shards.get(row[0])}.f32"
+            have = path.stat().st_size // row_bytes if path.exists() else 0
+            missing += row[1] >= have
+        return missing
+    finally:
+        db.close()
+
+
+class KillHarness:
+    """Old cache A, then kill points over the build of B (see the module doc)."""
+
+    def __init__(self, root: Path, server: TileServer):
+        self.root = Path(root)
+        self.server = server
+        self.snapshot = self.root / "snapshot"
+        self.work = self.root / "work"
+        self.flight_a = write_flight(self.root / "a.json", lat=47.3700, lon=8.5400)
+        # B overlaps A: some of its tiles are in the store already
+        self.flight_b = write_flight(self.root / "b.json", lat=47.3712, lon=8.5418)
+        self.provider = f"PROVIDER={server.template(query='')}"
+        self.old_id = ""
+        self.new_id = ""
+        self.engine_key = ""
+        self.b_digests: list[str] = []  # tile order, from B's tiles.npy
+        self.b_tiles: dict[str, Any] = {}  # digest -> a tile showing it
+        self.duration_s = 0.0
+        self.phase_starts: dict[str, float] = {}
+
+    # -- setup -----------------------------------------------------------
+
+    def cb(self, home: Path) -> Cb:
+        return Cb(home=home)
+
+    def build(self, home: Path, flight: Path) -> Any:
+        r = self.cb(home).build(f"FLIGHT={flight}", *ARGS, self.provider)
+        assert r.code == 0, r.stderr
+        return r
+
+    def setup(self) -> None:
+        """Build A, keep its home as the snapshot; build B once to learn its ids and duration."""
+        home = self.snapshot / "home"
+        home.mkdir(parents=True)
+        r = self.build(home, self.flight_a)
+        self.old_id = r.report["build_id"]
+        self.engine_key = json.loads((home / "cache/state/build/engine/engine.json").read_text())["key"]
+        self.measure()
+
+    def restore(self) -> Path:
+        """A fresh copy of the snapshot home (hard links inside it kept, as ``cp -a`` does)."""
+        if self.work.exists():
+            shutil.rmtree(self.work)
+        self.work.mkdir(parents=True)
+        subprocess.run(["cp", "-a", str(self.snapshot / "home"), str(self.work / "home")], check=True)
+        return self.work / "home"
+
+    def _start(self, home: Path) -> tuple[subprocess.Popen, list[tuple[float, str]], threading.Thread, float]:
+        cb = self.cb(home)
+        t0 = time.monotonic()
+        p = cb.popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, self.provider)
+        lines: list[tuple[float, str]] = []
+
+        def read() -> None:
+            assert p.stderr is not None
+            for line in p.stderr:
+                lines.append((time.monotonic() - t0, line.rstrip("\n")))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return p, lines, reader, t0
+
+    @staticmethod
+    def _finish(p: subprocess.Popen, reader: threading.Thread) -> str:
+        """Wait for ``p``; its stdout (stderr went to ``reader``)."""
+        assert p.stdout is not None and p.stderr is not None
+        out = p.stdout.read()
+        p.stdout.close()
+        reader.join()
+        p.stderr.close()
+        p.wait()
+        return out
+
+    def measure(self) -> None:
+        """One uninterrupted build of B from the snapshot: its id, tiles, duration, phase starts."""
+        home = self.restore()
+        releases = home / "cache" / "releases"
+        p, lines, reader, t0 = self._start(home)
+        publish_at = None
+        while p.poll() is None:
+            if publish_at is None and _publishing(releases):
+                publish_at = time.monotonic() - t0
+            time.sleep(0.001)
+        out = self._finish(p, reader)
+        self.duration_s = time.monotonic() - t0
+        assert p.returncode == 0, "\n".join(ln for _, ln in lines)
+        self.new_id = json.loads(out.strip().splitlines()[-1])["build_id"]
+        for at, line in lines:
+            if line.startswith(".. ") and line[3:] in PHASE_MARKERS:
+                self.phase_starts.setdefault(line[3:], at)
+        if publish_at is not None:
+            self.phase_starts[PUBLISH] = publish_at
+        import numpy as np
+
+        from cachebuild.tiles import tile_from_id
+        from cachebuild.tileset import hex_digests
+
+        tiles = np.load(home / "cache/state/build/tiles.npy")
+        self.b_digests = hex_digests(tiles)
+        for tid, d in zip(tiles["id"].tolist(), self.b_digests):
+            self.b_tiles.setdefault(d, tile_from_id(tid))
+
+    # -- one kill point --------------------------------------------------
+
+    def kill_at(self, point: KillPoint) -> KillOutcome:
+        home = self.restore()
+        cb = self.cb(home)
+        releases = home / "cache" / "releases"
+        p, lines, reader, t0 = self._start(home)
+        seen_at: float | None = None
+        while p.poll() is None:
+            now = time.monotonic() - t0
+            if point.marker is None:
+                if now >= (point.delay_s or 0.0):
+                    break
+            else:
+                if seen_at is None:
+                    if point.marker == PUBLISH:
+                        if _publishing(releases):
+                            seen_at = now
+                    elif any(ln == f".. {point.marker}" for _, ln in list(lines)):
+                        seen_at = now
+                if seen_at is not None and now >= seen_at + point.offset_s:
+                    break
+            time.sleep(0.0005)
+        killed = p.poll() is None
+        if killed:
+            p.send_signal(signal.SIGKILL)
+        self._finish(p, reader)
+        started = [ln[3:] for _, ln in lines if ln.startswith(".. ") and ln[3:] in PHASE_MARKERS]
+        phase = started[-1] if started else "start"
+        if not killed:
+            phase = "finished"
+        elif phase == "manifest" and (
+            _publishing(releases)
+            or len([n for n in os.listdir(releases) if not n.startswith(".")]) > 1
+        ):
+            phase = PUBLISH  # a release of B was being (or had been) assembled
+        return self.check(home, cb, point, killed, phase)
+
+    def check(self, home: Path, cb: Cb, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
+        problems: list[str] = []
+        store = home / "store"
+        # the published cache: the old or the new one, whole
+        v = cb.run("verify-cache")
+        published = "?"
+        if v.code != 0:
+            problems.append(f"verify-cache exit {v.code} after the kill: {v.report.get('error')}")
+        else:
+            bid = v.report["build_id"]
+            published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
+            if published == "?":
+                problems.append(f"published build {bid} is neither the old nor the new one")
+        problems += store_problems(store)
+        try:
+            CacheLock(home / "cache" / "build.lock").acquire().release()
+        except Exception as exc:  # LockHeldError
+            problems.append(f"the lock is not free after the kill: {exc}")
+
+        # what the resume must do
+        objects = {p.name for p in (store / "objects").glob("*/*")}
+        # every tile whose image is not stored is asked for (tiles showing one image, each)
+        expected_requests = sum(1 for d in self.b_digests if d not in objects)
+        expected_computed = _missing_descriptors(store, self.engine_key, self.b_digests)
+        before = self.server.count()
+        r = cb.build(f"FLIGHT={self.flight_b}", *ARGS, self.provider)
+        requests = self.server.count() - before
+        computed = -1
+        if r.code != 0:
+            problems.append(f"the resume failed, exit {r.code}: {r.report.get('error')}")
+        else:
+            if r.report["build_id"] != self.new_id:
+                problems.append(f"the resume built {r.report['build_id']}, not {self.new_id}")
+            computed = int(r.report.get("descriptors", {}).get("computed", 0))
+            if requests != expected_requests:
+                problems.append(
+                    f"the resume asked the provider for {requests} tiles; {expected_requests} were not in the store"
+                )
+            if computed != expected_computed:
+                problems.append(
+                    f"the resume computed {computed} descriptors; the store lacked {expected_computed}"
+                )
+            v2 = cb.run("verify-cache")
+            if v2.code != 0 or v2.report["build_id"] != self.new_id:
+                problems.append(f"after the resume verify-cache says {v2.code}: {v2.report.get('error')}")
+            leftovers = [
+                *(home / "cache").glob(".current.tmp-*"),
+                *(home / "cache" / "releases").glob(".tmp-*"),
+                *(home / "store" / "journal").iterdir(),
+                *(home / "cache" / "state" / "build").rglob(".*.tmp-*"),
+            ]
+            if leftovers:
+                problems.append(f"leftovers after the resume: {[str(p) for p in leftovers]}")
+            problems += [f"after the resume: {p}" for p in store_problems(store)]
+        return KillOutcome(
+            point=point,
+            killed=killed,
+            phase=phase,
+            published=published,
+            objects_after_kill=len(objects),
+            requests_resume=requests,
+            requests_expected=expected_requests,
+            computed_resume=computed,
+            computed_expected=expected_computed,
+            problems=problems,
+        )
+
+    # -- choosing points ---------------------------------------------------
+
+    def spread(self, n: int) -> list[KillPoint]:
+        """``n`` delays spread evenly over the measured build (start to end)."""
+        return [KillPoint(delay_s=self.duration_s * (i + 0.5) / n) for i in range(n)]
+
+    def per_phase(self, offsets: tuple[float, ...] = (0.0,)) -> list[KillPoint]:
+        """A point at each phase marker (and the publish step) plus each offset."""
+        markers = [m for m in (*PHASE_MARKERS, PUBLISH) if m in self.phase_starts]
+        return [KillPoint(marker=m, offset_s=o) for m in markers for o in offsets]
+
+    def within_phases(self, per_phase: int) -> list[KillPoint]:
+        """``per_phase`` points spread over each phase's measured span."""
+        order = sorted(self.phase_starts.items(), key=lambda kv: kv[1])
+        points = []
+        for i, (name, start) in enumerate(order):
+            end = order[i + 1][1] if i + 1 < len(order) else self.duration_s
+            span = max(end - start, 0.0)
+            points += [KillPoint(marker=name, offset_s=span * k / per_phase) for k in range(per_phase)]
+        return points
