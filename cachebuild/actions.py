@@ -148,12 +148,19 @@ def fetch(
     http: dict[str, str],
     nodata: dict[str, str] | None = None,
     cache_dir: str | None = None,
+    shared: str | None = None,
 ) -> None:
+    """The tiles phase; ``shared`` is ``STORE=s3://...`` (``store`` is then its local copy)."""
     import os
 
     from .fetch import fetch_tiles
     from .tiles import LngLatBbox
 
+    remote = None
+    if shared:
+        from .s3store import open_store
+
+        remote = open_store(shared)
     with store_user(store, cache_dir):
         fetch_tiles(
             bbox=LngLatBbox(*bbox),
@@ -164,6 +171,7 @@ def fetch(
             # secrets (API key, headers) come from the environment, never through doit
             env={**os.environ, **http, **(nodata or {})},
             concurrency=concurrency,
+            shared=remote,
         )
 
 
@@ -195,12 +203,28 @@ def build_engine(*, model: str, calibration: str | None, precision: str, backend
 
 
 def describe(
-    *, build: str, store: str, batch: int, threads: int | None, cache_dir: str | None = None
+    *,
+    build: str,
+    store: str,
+    batch: int,
+    threads: int | None,
+    cache_dir: str | None = None,
+    shared: str | None = None,
 ) -> None:
-    """Describe the tiles the descriptor store lacks; write the descriptors and describe.json."""
+    """Describe the tiles the descriptor store lacks; write the descriptors and describe.json.
+
+    With ``shared`` (``STORE=s3://...``) the descriptors the bucket has are
+    imported first and the ones it lacks uploaded after.
+    """
     from .describe import DESCRIBE_SUMMARY, describe_tiles
 
+    remote = None
+    if shared:
+        from .s3store import open_store, pull_descriptors, push_descriptors
+
+        remote = open_store(shared)
     with store_user(store, cache_dir):
+        have = pull_descriptors(remote, Path(store), Path(build)) if remote is not None else None
         result = describe_tiles(
             tileset_dir=Path(build),
             store_root=Path(store),
@@ -210,6 +234,8 @@ def describe(
             threads=threads,
             reuse=True,
         )
+        if remote is not None and have is not None:
+            push_descriptors(remote, Path(store), Path(build), have)
     result["seconds"] = round(result["seconds"], 3)
     for key in ("tiles_per_s", "computed_per_s"):
         result[key] = round(result[key], 1)

@@ -54,7 +54,9 @@ VARIABLES: dict[str, str] = {
     "FLIGHTS_API_TIMEOUT": "seconds to wait for the Flights API [default: 10]",
     "OFFLINE": "1: resolve a flight id from the answer saved by the last online build [default: 0]",
     "CACHE_DIR": "where the build state and the published cache live [default: $CACHEBUILD_HOME/cache]",
-    "STORE": "content-addressed tile store shared by every cache [default: $CACHEBUILD_HOME/store]",
+    "STORE": "content-addressed tile store shared by every cache: a directory, or s3://bucket/prefix "
+    "shared by every machine (local copy in $CACHEBUILD_HOME/store; docs/scale.md) "
+    "[default: $CACHEBUILD_HOME/store]",
     "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
     "BUFFER_M": "metres added around the route on every side [default: 500]",
     "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {s}, {key}) | file.mbtiles | "
@@ -183,6 +185,9 @@ class Settings:
     companion_dir: str | None = None
     companion_cmd: str = "doit"
     companion_key: str | None = None
+    #: ``STORE=s3://bucket/prefix`` (no credentials): the bucket shared by every
+    #: machine; ``store`` is then the local copy.  None for a local store.
+    shared_store: str | None = None
     #: The variables that were set (command line over environment), as given:
     #: what a companion build passes on.
     given: Mapping[str, str] = field(default_factory=dict, repr=False, compare=False)
@@ -419,7 +424,12 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         )
     get = lambda name: _get(name, vars, env)  # noqa: E731
     cache_dir = Path(get("CACHE_DIR") or home / "cache").expanduser().absolute()
-    store = Path(get("STORE") or home / "store").expanduser().absolute()
+    raw_store, shared_store = get("STORE"), None
+    if raw_store is not None and "://" in raw_store:
+        from .s3store import parse_store_url  # boto3 is imported only when the bucket is used
+
+        shared_store, raw_store = str(parse_store_url(raw_store)), None
+    store = Path(raw_store or home / "store").expanduser().absolute()
     precision = (get("PRECISION") or DEFAULT_PRECISION).lower()
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"PRECISION={precision!r} must be fp32, fp16 or int8")
@@ -459,6 +469,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),
         offline=_bool("OFFLINE", get("OFFLINE"), False),
         **_companion(get),
+        shared_store=shared_store,
         given={name: value for name in VARIABLES if (value := get(name)) is not None},
         env=env,
     )

@@ -14,6 +14,10 @@
    recorded.
 6. The tile set (:mod:`cachebuild.tileset`) is written.
 
+With ``STORE=s3://...`` (:mod:`cachebuild.s3store`) step 2 also looks in
+the shared bucket, whose tiles are downloaded rather than fetched, and the
+tiles the bucket lacks are uploaded as the fetch goes and at its end.
+
 Progress goes to stderr: a live line on a terminal, one summary line
 otherwise.
 """
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
     from .nodata import NoDataRule
     from .progress import Progress
     from .providers import Provider
+    from .s3store import S3Store, TileSync
     from .store import RefJournal, TileStore
 
 __all__ = [
@@ -127,11 +132,14 @@ def summary_line(counts: Mapping[str, int], seconds: float) -> str:
 class _Run:
     """The counts and pending refs of one fetch; used from the main thread only."""
 
-    def __init__(self, provider: Provider, store: TileStore, bar: Progress, rule: NoDataRule):
+    def __init__(
+        self, provider: Provider, store: TileStore, bar: Progress, rule: NoDataRule, sync: TileSync | None = None
+    ):
         from .nodata import UNIFORM_CHECK
 
         self.provider = provider
         self.store = store
+        self.sync = sync  # STORE=s3://...: the bucket's refs and objects
         self.bar = bar
         self.rule = rule
         self.check = UNIFORM_CHECK
@@ -177,7 +185,10 @@ class _Run:
 
         for chunk in _chunks(planned, LOOKUP_BATCH):
             self.planned += len(chunk)
-            known = self.store.lookup_refs(self.provider.identity, [(t.z, t.x, t.y) for t in chunk])
+            zxy = [(t.z, t.x, t.y) for t in chunk]
+            known = self.store.lookup_refs(self.provider.identity, zxy)
+            if self.sync is not None:  # what another machine fetched: from the bucket, not the provider
+                known.update(self.sync.pull(zxy, known))
             verdicts: dict[str, bool] = {}
             if self.rule.uniform:
                 verdicts = self.store.lookup_checks(self.check, set(known.values()))
@@ -229,6 +240,8 @@ class _Run:
                 else:
                     self._refs.append(((t.z, t.x, t.y), digest))
                     self.fetched += 1
+                    if self.sync is not None:
+                        self.sync.fetched((t.z, t.x, t.y), digest)
             if (
                 len(self._refs) + len(self._verdicts) >= REF_BATCH
                 or time.monotonic() - self._flushed_at >= REF_FLUSH_S
@@ -257,6 +270,7 @@ def fetch_with_provider(
     concurrency: int = 8,
     progress: bool = True,
     nodata: NoDataRule | None = None,
+    shared: S3Store | None = None,
 ) -> dict[str, Any]:
     """:func:`fetch_tiles` with an open provider (left open).
 
@@ -295,7 +309,12 @@ def fetch_with_provider(
         store.clean_tmp()
         store.replay_journals()
         journal = store.open_journal(provider.identity)
-        run = _Run(provider, store, bar, rule)
+        sync = None
+        if shared is not None:
+            from .s3store import TileSync
+
+            sync = TileSync(shared, store, provider.identity)
+        run = _Run(provider, store, bar, rule, sync)
         todo = run.to_do(planned)
         pending: set[Future[_Outcome]] = set()
         finished: list[Future[_Outcome]] = []
@@ -316,6 +335,9 @@ def fetch_with_provider(
                         finished.extend(done)
                         while finished:
                             run.done(finished.pop())
+                        if sync is not None and sync.due():
+                            run.flush()
+                            sync.push()
                 finally:
                     # interrupted or failed: keep the tiles that were fetched,
                     # drop the requests that had not started
@@ -329,6 +351,8 @@ def fetch_with_provider(
                     journal.close()  # every ref is committed (else the next fetch replays it)
         finally:
             bar.summary(summary_line(run.counts(), time.monotonic() - started))
+        if sync is not None:
+            sync.push()  # objects, then refs: another machine finds these tiles in the bucket
 
     if run.failed:
         assert run.first_failure is not None
@@ -364,6 +388,7 @@ def fetch_tiles(
     env: Mapping[str, str],
     concurrency: int = 8,
     progress: bool = True,
+    shared: S3Store | None = None,
 ) -> dict[str, Any]:
     """Fetch every tile of ``bbox`` at ``zooms`` into the store; write the tile set.
 
@@ -387,6 +412,11 @@ def fetch_tiles(
         Requests in flight at most.
     progress
         Draw a progress line on stderr (when it is a terminal).
+    shared
+        ``STORE=s3://...``: the bucket shared with other machines; tiles it
+        has are downloaded instead of fetched, and the ones it lacks are
+        uploaded (:class:`cachebuild.s3store.TileSync`).  ``store_root`` is
+        then the local read-through copy.
 
     Returns
     -------
@@ -403,7 +433,8 @@ def fetch_tiles(
         For a bad provider spec (before any request).
     DownloadError
         When tiles failed after retries, naming how many and one of them;
-        every tile fetched before is kept in the store.
+        every tile fetched before is kept in the store.  Or when the shared
+        bucket failed, naming its URL (never credentials).
     """
     from .nodata import NoDataRule
     from .providers import open_provider
@@ -420,6 +451,7 @@ def fetch_tiles(
             concurrency=concurrency,
             progress=progress,
             nodata=rule,
+            shared=shared,
         )
     finally:
         provider.close()

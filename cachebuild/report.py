@@ -19,7 +19,16 @@ from typing import Any, TextIO
 __all__ = ["Report", "redact", "SECRET_ENV_VARS"]
 
 #: Environment variables whose values are secrets.
-SECRET_ENV_VARS = ("CACHEBUILD_API_KEY", "CACHEBUILD_HTTP_HEADERS", "FLIGHTS_API_TOKEN", "KEY_PASSPHRASE")
+SECRET_ENV_VARS = (
+    "CACHEBUILD_API_KEY",
+    "CACHEBUILD_HTTP_HEADERS",
+    "FLIGHTS_API_TOKEN",
+    "KEY_PASSPHRASE",
+    # STORE=s3://...: the standard AWS credentials
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+)
 
 
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:

@@ -252,9 +252,14 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
     fmt = _report_format(vars)
     warn = _warn(report)
     reporter = RecordingReporter()
+    settings = None
     try:
         t = time.monotonic()
         settings = load_settings(vars, env)
+        if settings.shared_store is not None:
+            from .s3store import reset_stats
+
+            reset_stats()  # the report counts this run's objects
         plan = resolve_plan(settings, warn=warn)  # before the lock
         report.flight_id = plan.record["flight_id"] if plan.record else None
         report.extra["flight_source"] = plan.flight_source
@@ -283,8 +288,19 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         for name, secs in reporter.seconds.items():
             report.timed(name, secs)
         report.tasks = {"run": reporter.ran, "up_to_date": reporter.up_to_date}
+        if settings is not None:
+            report.extra["store"] = _store_entry(settings)
     report.emit(fmt)
     return report.exit_code
+
+
+def _store_entry(settings: Settings) -> dict[str, Any]:
+    """The report's ``store``: its URL (never credentials) and the objects moved to and from a bucket."""
+    if settings.shared_store is None:  # a local store: no bucket, nothing imported
+        return {"url": str(settings.store), "objects_read": 0, "objects_written": 0}
+    from .s3store import stats_entry
+
+    return stats_entry(settings.shared_store)
 
 
 def _locked_build(

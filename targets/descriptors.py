@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from doit.tools import config_changed
+
 from cachebuild import actions
 
 
 def task(plan: Any) -> dict[str, Any]:
     s = plan.settings
     build = plan.paths.build
-    return {
+    d: dict[str, Any] = {
         "name": "describe",
         "doc": "describe the tiles the descriptor store lacks (descriptors.npy, describe.json)",
         "actions": [
@@ -23,6 +25,7 @@ def task(plan: Any) -> dict[str, Any]:
                     "batch": s.batch,
                     "threads": s.threads,
                     "cache_dir": str(plan.paths.cache_dir),
+                    "shared": s.shared_store,
                 },
             )
         ],
@@ -36,3 +39,6 @@ def task(plan: Any) -> dict[str, Any]:
         "targets": [str(build / n) for n in ("descriptors.npy", "descriptor_ids.npy", "describe.json")],
         "clean": True,
     }
+    if s.shared_store:  # the bucket gets the descriptors it lacks when it is first used
+        d["uptodate"] = [config_changed({"shared": s.shared_store})]
+    return d

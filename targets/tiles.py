@@ -37,6 +37,8 @@ def task(plan: Any) -> dict[str, Any]:
         value["source"] = source
     if s.nodata:
         value["nodata"] = dict(s.nodata)
+    if s.shared_store:  # the bucket gets what it lacks when it is first used
+        value["shared"] = s.shared_store
     return {
         "name": "tiles",
         "doc": "fetch the tiles covering the area into the store (tiles.npy, tileset.json)",
@@ -53,6 +55,7 @@ def task(plan: Any) -> dict[str, Any]:
                     "concurrency": s.concurrency,
                     "http": dict(s.http),
                     "nodata": dict(s.nodata),
+                    "shared": s.shared_store,
                 },
             )
         ],
