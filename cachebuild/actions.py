@@ -267,11 +267,15 @@ def selftest(*, build: str, store: str, queries: int, threads: int | None) -> No
 
 
 def _previous_version(current: Path) -> int:
+    """The highest version this cache published or accepted (cachebuild.rollback): the next is above it."""
+    from .rollback import highest_accepted
+
+    accepted = highest_accepted(current.parent, tolerant=True)  # current = CACHE_DIR/current
     try:
         env = json.loads((current / "manifest.json").read_text())
-        return int(env["signed"]["version"])
+        return max(int(env["signed"]["version"]), accepted)
     except (OSError, ValueError, KeyError, TypeError):
-        return 0
+        return accepted
 
 
 def manifest(*, build: str, current: str, key: str, expires_days: float, artifacts: list[str]) -> None:

@@ -47,9 +47,16 @@ def _per_zoom(release: Path) -> dict[str, dict[str, int]]:
     return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
-def cache_info(release: Path, trusted: list[Any]) -> dict[str, Any]:
-    """Everything an operator wants to know about the cache in ``release``."""
+def cache_info(release: Path, trusted: list[Any], cache_dir: Path | None = None) -> dict[str, Any]:
+    """Everything an operator wants to know about the cache in ``release``.
+
+    With ``cache_dir``, ``verify`` also says whether the release would be
+    refused as a rollback (:mod:`cachebuild.rollback`; read only: nothing is
+    recorded).
+    """
     from .manifest import read_manifest, verify_cache
+    from .rollback import check_not_rolled_back
+    from .signing import keyid
 
     envelope = read_manifest(release)
     signed = envelope["signed"]
@@ -60,7 +67,9 @@ def cache_info(release: Path, trusted: list[Any]) -> dict[str, Any]:
         verify["reason"] = "no public key to verify against (set PUBKEY)"
     else:
         try:
-            verify_cache(release, trusted)
+            checked = verify_cache(release, trusted)
+            if cache_dir is not None:
+                check_not_rolled_back(cache_dir, keyid(trusted[0]), checked)
             verify["ok"] = True
         except VerifyError as exc:
             verify["reason"] = exc.message
@@ -145,7 +154,7 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
     try:
         settings = load_settings(vars, env)
         fmt = settings.report
-        d = cache_info(_release(settings), _trusted(settings))
+        d = cache_info(_release(settings), _trusted(settings), settings.cache_dir)
         report.build_id = d["build_id"]
         report.flight_id = d["flight_id"]
         report.manifest_version = d["manifest_version"]

@@ -169,6 +169,9 @@ class VerifyError(CacheBuildError):
     phase = "verify"
     exit_code = EXIT_VERIFY
     remedy = "rebuild the cache with `doit build-cache`"
+    #: Why, in one word (``signature``, ``untrusted-key``, ``expired``,
+    #: ``rollback``, ``artifact`` ...: cachebuild.manifest.VERIFY_REASONS).
+    reason: str | None = None
 
 
 class LockHeldError(CacheBuildError):

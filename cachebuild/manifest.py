@@ -57,6 +57,7 @@ __all__ = [
     "write_manifest",
     "read_manifest",
     "verify_cache",
+    "VERIFY_REASONS",
 ]
 
 log = logging.getLogger(__name__)
@@ -462,35 +463,70 @@ def verify_cache(
         now = datetime.now(timezone.utc)
     elif now.tzinfo is None:
         raise UsageError("verify_cache: `now` must be timezone-aware")
-    envelope = read_manifest(cache_dir, name=name)
-    signed = verify_envelope(envelope, trusted)
+    try:
+        envelope = read_manifest(cache_dir, name=name)
+    except VerifyError as exc:
+        raise _tag(exc, "malformed" if "JSON" in exc.message else "no-manifest")
+    try:
+        signed = verify_envelope(envelope, trusted)
+    except VerifyError as exc:
+        raise _tag(exc, "signature")
 
     if signed.get("_type") != MANIFEST_TYPE:
-        raise VerifyError(f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})")
+        raise _refuse("malformed", f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})")
     spec = signed.get("spec_version")
     if spec != SPEC_VERSION or isinstance(spec, bool):
-        raise VerifyError(
+        raise _refuse(
+            "malformed",
             f"{name} has spec_version {spec!r}; this cachebuild reads {SPEC_VERSION}",
             remedy="rebuild the cache with this cachebuild, or verify with a matching one",
         )
-    expires = _parse_time(signed.get("expires"), "expires")
+    try:
+        expires = _parse_time(signed.get("expires"), "expires")
+    except VerifyError as exc:
+        raise _tag(exc, "malformed")
     if now >= expires:
-        raise VerifyError(
+        raise _refuse(
+            "expired",
             f"manifest expired at {signed['expires']} (now {_format_time(now)})",
             remedy="rebuild and re-sign the cache with `doit build-cache`",
         )
     version = signed.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise VerifyError(f"{name} has an invalid version {version!r}")
+        raise _refuse("malformed", f"{name} has an invalid version {version!r}")
     if min_version is not None and version < min_version:
-        raise VerifyError(
-            f"manifest version {version} is older than the minimum {min_version} (replayed cache?)"
+        raise _refuse(
+            "rollback",
+            f"rollback refused: manifest version {version} is older than the minimum {min_version} "
+            "(a replayed cache?)",
         )
     targets = signed.get("targets")
     if not isinstance(targets, dict):
-        raise VerifyError(f"{name} has no 'targets' object")
+        raise _refuse("malformed", f"{name} has no 'targets' object")
 
     root_real = os.path.realpath(cache_dir)
     for rel in sorted(targets):
-        _check_target(cache_dir, root_real, rel, targets[rel])
+        try:
+            _check_target(cache_dir, root_real, rel, targets[rel])
+        except VerifyError as exc:
+            raise _tag(exc, "malformed" if "malformed" in exc.message else "artifact")
     return signed
+
+
+#: Why ``verify_cache`` refused, as its VerifyError's ``reason`` (and the
+#: verify-cache report's ``reason``): ``no-manifest``, ``malformed``,
+#: ``signature`` (modified after signing), ``untrusted-key`` (signed by
+#: another key), ``expired``, ``rollback`` (older than accepted, see
+#: :mod:`cachebuild.rollback`), ``artifact`` (a file missing or changed).
+VERIFY_REASONS = ("no-manifest", "malformed", "signature", "untrusted-key", "expired", "rollback", "artifact")
+
+
+def _tag(exc: VerifyError, reason: str) -> VerifyError:
+    """``exc`` with its ``reason`` set, unless the raiser set a more precise one."""
+    if getattr(exc, "reason", None) is None:
+        exc.reason = reason  # type: ignore[attr-defined]
+    return exc
+
+
+def _refuse(reason: str, message: str, remedy: str | None = None) -> VerifyError:
+    return _tag(VerifyError(message, remedy=remedy), reason)

@@ -348,6 +348,17 @@ def _locked_build(
     t = time.monotonic()
     from .publish import current_release, release_intact
 
+    from .rollback import check_not_rolled_back, record_accepted
+
+    signer = json.loads(staged)["signatures"][0]["keyid"]
+    # never publish what verify-cache would refuse as a rollback (a stale staged manifest)
+    check_not_rolled_back(
+        paths.cache_dir,
+        signer,
+        signed,
+        remedy="run `doit clean`, then build-cache again: it signs a newer version",
+        tolerant=True,
+    )
     published = published_manifest_bytes(paths)
     release = current_release(paths)
     if published == staged and release is not None and not release_intact(release, signed):
@@ -363,6 +374,7 @@ def _locked_build(
     else:
         report.manifest_path = str(paths.current.resolve() / "manifest.json")
         report.outcome = "success" if reporter.ran else "up_to_date"
+    record_accepted(paths.cache_dir, signer, signed)  # the builder accepts what it published
     report.timed("publish", time.monotonic() - t)
     report.exit_code = 0
 
@@ -383,9 +395,11 @@ def _trusted_key(settings: Settings) -> Any:
 
 
 def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
-    """``doit verify-cache``: the signature and every artifact's hash."""
-    from .manifest import verify_cache
+    """``doit verify-cache``: the signature, expiry, rollback and every artifact's hash."""
+    from .manifest import read_manifest, verify_cache
     from .publish import current_release
+    from .rollback import check_not_rolled_back, record_accepted
+    from .signing import keyid, verify_envelope
 
     report = Report("verify-cache")
     fmt = _report_format(vars)
@@ -393,11 +407,23 @@ def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = No
         settings = load_settings(vars, env)
         release = current_release(settings.paths)
         if release is None:
-            raise VerifyError(
+            err = VerifyError(
                 f"no published cache at {settings.paths.current}",
                 remedy="build one with `doit build-cache FLIGHT=...`",
             )
-        signed = verify_cache(release, [_trusted_key(settings)])
+            err.reason = "no-manifest"
+            raise err
+        trusted = _trusted_key(settings)
+        kid = keyid(trusted)
+        try:  # the rollback check first: it needs only the signature, not every artifact's hash
+            first = verify_envelope(read_manifest(release), [trusted])
+        except VerifyError:
+            first = None  # verify_cache names the problem
+        if first is not None:
+            check_not_rolled_back(settings.cache_dir, kid, first)  # exit 23, reason rollback
+        signed = verify_cache(release, [trusted])
+        check_not_rolled_back(settings.cache_dir, kid, signed)
+        record_accepted(settings.cache_dir, kid, signed)
         report.build_id = signed["build_id"]
         report.manifest_version = signed["version"]
         report.manifest_path = str(release / "manifest.json")
@@ -447,6 +473,8 @@ def clean_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             )
     except CacheBuildError as exc:
         report.fail(exc)
+        if isinstance(exc, VerifyError):
+            report.extra["reason"] = exc.reason
     report.emit(fmt)
     return report.exit_code
 

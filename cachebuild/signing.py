@@ -467,7 +467,9 @@ def sign_envelope(signed: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, A
 
 
 def _malformed(why: str) -> VerifyError:
-    return VerifyError(f"malformed signed envelope: {why}")
+    err = VerifyError(f"malformed signed envelope: {why}")
+    err.reason = "malformed"  # type: ignore[attr-defined]
+    return err
 
 
 def _is_hex(value: object, length: int) -> bool:
@@ -543,12 +545,16 @@ def verify_envelope(envelope: dict[str, Any], trusted: Sequence[Ed25519PublicKey
             continue
         return signed
     if bad:
-        raise VerifyError(
+        err = VerifyError(
             f"bad signature by trusted key {', '.join(bad)}: "
             "the signed content was modified after signing, or the signature is corrupt"
         )
+        err.reason = "signature"  # type: ignore[attr-defined]
+        raise err
     found = ", ".join(sorted({e["keyid"] for e in signatures}))
-    raise VerifyError(
+    err = VerifyError(
         f"no signature by a trusted key: signed by [{found}], trusted [{', '.join(sorted(by_id))}]",
         remedy="rebuild the cache with the operator's key, or trust the key that signed it",
     )
+    err.reason = "untrusted-key"  # type: ignore[attr-defined]
+    raise err
