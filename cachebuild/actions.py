@@ -210,8 +210,12 @@ def describe(
     threads: int | None,
     cache_dir: str | None = None,
     shared: str | None = None,
+    dask_scheduler: str | None = None,
 ) -> None:
     """Describe the tiles the descriptor store lacks; write the descriptors and describe.json.
+
+    With ``dask_scheduler`` (``DASK_SCHEDULER``) the engine runs on that Dask
+    cluster; this process still writes every descriptor (docs/scale.md).
 
     With ``shared`` (``STORE=s3://...``) the descriptors the bucket has are
     imported first and the ones it lacks uploaded after.
@@ -233,6 +237,7 @@ def describe(
             batch_size=batch,
             threads=threads,
             reuse=True,
+            dask_scheduler=dask_scheduler,
         )
         if remote is not None and have is not None:
             push_descriptors(remote, Path(store), Path(build), have)

@@ -30,6 +30,7 @@ __all__ = [
     "VARIABLES",
     "ENV_ONLY",
     "parse_size",
+    "parse_dask_scheduler",
     "Settings",
     "Paths",
     "load_settings",
@@ -77,6 +78,8 @@ VARIABLES: dict[str, str] = {
     "BACKEND": "engine backend: onnxruntime [default: onnxruntime]",
     "BATCH": "descriptor batch size [default: 64]",
     "THREADS": "inference threads [default: all cores]",
+    "DASK_SCHEDULER": "tcp://host:port: describe on that Dask cluster; local:N: on N worker processes "
+    "here (docs/scale.md) [default: in the build's process]",
     "KEY": "Ed25519 signing key (PEM or OpenSSH) [default: a per-user development key]",
     "PUBKEY": "public key verify-cache trusts [default: the public half of KEY]",
     "EXPIRES_DAYS": "days until the manifest expires [default: 30]",
@@ -166,6 +169,7 @@ class Settings:
     backend: str = DEFAULT_BACKEND
     batch: int = DEFAULT_BATCH
     threads: int | None = None
+    dask_scheduler: str | None = None
     key: Path | None = None
     pubkey: Path | None = None
     expires_days: float = DEFAULT_EXPIRES_DAYS
@@ -297,6 +301,32 @@ def _companion(get: Any) -> dict[str, Any]:
         host_key_policy=policy,
     )
     return out
+
+
+def parse_dask_scheduler(raw: str) -> tuple[str, int | str]:
+    """``("local", N)`` or ``("tcp", "tcp://host:port")`` from a ``DASK_SCHEDULER`` value.
+
+    >>> parse_dask_scheduler("local:4"), parse_dask_scheduler("tcp://10.0.0.5:8786")
+    (('local', 4), ('tcp', 'tcp://10.0.0.5:8786'))
+    """
+    value = raw.strip()
+    remedy = "DASK_SCHEDULER=tcp://host:port (a running `dask scheduler`) or local:N (N worker processes here)"
+    if value.startswith("local:"):
+        n = value[len("local:") :]
+        if not n.isdigit() or not 1 <= int(n) <= 256:
+            raise UsageError(f"DASK_SCHEDULER={raw!r}: local:N needs N in 1..256", remedy=remedy)
+        return "local", int(n)
+    host, sep, port = value[len("tcp://") :].rpartition(":")
+    if (
+        value.startswith("tcp://")
+        and sep
+        and host.strip("[]")
+        and port.isdigit()
+        and 1 <= int(port) <= 65535
+        and not any(c in host for c in "/?#@ ")
+    ):
+        return "tcp", value
+    raise UsageError(f"DASK_SCHEDULER={raw!r} is not tcp://host:port or local:N", remedy=remedy)
 
 
 def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
@@ -440,6 +470,10 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     if report not in ("text", "json"):
         raise UsageError(f"REPORT={report!r} must be text or json")
     threads_raw = get("THREADS")
+    dask = get("DASK_SCHEDULER")
+    if dask is not None:
+        parse_dask_scheduler(dask)
+        dask = dask.strip()
     _check_env_secrets(env)
     return Settings(
         flight=get("FLIGHT"),
@@ -459,6 +493,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         backend=backend,
         batch=_int("BATCH", get("BATCH"), DEFAULT_BATCH, 1, 4096),
         threads=None if threads_raw is None else _int("THREADS", threads_raw, 0, 1, 1024),
+        dask_scheduler=dask,
         key=_path("KEY", get("KEY"), must_exist=True),
         pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
         expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),

@@ -41,6 +41,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -328,6 +329,7 @@ def describe_tiles(
     progress: bool = True,
     decode_threads: int | None = None,
     reuse: bool = False,
+    dask_scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Describe every present tile of a tile set with the compiled engine.
 
@@ -354,6 +356,10 @@ def describe_tiles(
     reuse
         Take descriptors the store has for this engine, and keep the new
         ones there.  Without it every tile is described and nothing is kept.
+    dask_scheduler
+        ``tcp://host:port`` or ``local:N``: run the engine on that Dask
+        cluster (:mod:`cachebuild.daskexec`), started only when the store
+        lacks some descriptors; needs ``reuse``.  ``None``: in this process.
 
     Returns
     -------
@@ -361,7 +367,9 @@ def describe_tiles(
         ``tiles`` (N), ``dim``, ``computed`` (tiles the store had no
         descriptor for), ``reused`` (N - computed), ``engine_runs`` (images
         run through the engine: an image shared by several tiles once),
-        ``seconds``, ``tiles_per_s`` (N / seconds) and ``computed_per_s``.
+        ``seconds``, ``tiles_per_s`` (N / seconds), ``computed_per_s``,
+        ``executor`` (``local`` or ``dask``) and ``workers`` (processes that
+        ran the engine: 1 here; the Dask workers, 0 when none was needed).
 
     Raises
     ------
@@ -386,11 +394,19 @@ def describe_tiles(
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if decode_threads is not None and decode_threads < 1:
         raise UsageError(f"decode_threads must be at least 1, got {decode_threads}")
+    if dask_scheduler is not None and not reuse:
+        raise UsageError("describing on a Dask cluster needs reuse=True (the descriptor store)")
     tileset_dir, out = Path(tileset_dir), Path(out_dir)
     tiles = _read_sorted_tiles(tileset_dir)
-    runner = load_engine(engine_dir, threads=threads)
-    dim = int(runner.descriptor_dim)
-    size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
+    if dask_scheduler is None:
+        runner = load_engine(engine_dir, threads=threads)
+        dim = int(runner.descriptor_dim)
+        size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
+    else:  # the workers load the engine; this machine may not be able to
+        runner = None
+        record = read_engine_json(engine_dir)
+        dim = int(record["descriptor_dim"])
+        size = (int(record["input"]["shape"][2]), int(record["input"]["shape"][3]))
     n = len(tiles)
     # S32 items lose trailing NUL bytes when read one by one: go through raw bytes
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
@@ -402,10 +418,12 @@ def describe_tiles(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / DESCRIPTOR_IDS_FILE).unlink(missing_ok=True)
+    executor = {"executor": "local" if dask_scheduler is None else "dask", "workers": 1}
     if reuse:
         computed, runs = _describe_with_store(
             store, engine_dir, raw, ids, out, dim=dim, size=size, batch_size=batch_size,
             max_rows=max_rows, workers=workers, runner=runner, stream=stream,
+            dask_scheduler=dask_scheduler, threads=threads, executor=executor,
         )  # fmt: skip
     else:
         with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink, Progress(
@@ -427,6 +445,7 @@ def describe_tiles(
         "seconds": seconds,
         "tiles_per_s": n / seconds if seconds > 0 else 0.0,
         "computed_per_s": computed / seconds if seconds > 0 else 0.0,
+        **executor,
     }
 
 
@@ -444,10 +463,15 @@ def _describe_with_store(
     workers: int,
     runner: Any,
     stream: Any,
+    dask_scheduler: str | None = None,
+    threads: int | None = None,
+    executor: dict[str, Any] | None = None,
 ) -> tuple[int, int]:
     """Describe what the descriptor store lacks, then assemble the output from it.
 
-    Returns ``(computed, engine runs)``.
+    With ``dask_scheduler`` the engine runs on that cluster, and
+    ``executor["workers"]`` is set to its worker count (0 if no image
+    needed describing).  Returns ``(computed, engine runs)``.
     """
     import numpy as np
 
@@ -475,14 +499,30 @@ def _describe_with_store(
             order = np.argsort(first, kind="stable")  # describe in tile order
             work_pos = todo[first[order]]
             runs = len(work_pos)
-            with ds.writer() as writer, Progress(_PHASE, total=runs, stream=stream) as bar:
+            with ExitStack() as stack:
                 work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
                         for p in [work_pos[s : s + batch_size]])  # fmt: skip
-                for uidx, d in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
+                if dask_scheduler is None:
+                    results = _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers)
+                else:  # results arrive in any order: each carries its positions
+                    from .daskexec import DaskExecutor
+
+                    cluster = stack.enter_context(
+                        DaskExecutor(dask_scheduler, engine_dir=engine_dir, store_root=store.root, threads=threads)
+                    )
+                    results = cluster.run(work)
+                stack.callback(results.close)  # on an error: cancel what is in flight first
+                writer = stack.enter_context(ds.writer())
+                bar = stack.enter_context(Progress(_PHASE, total=runs, stream=stream))
+                for uidx, d in results:
                     ushard[uidx], urow[uidx] = writer.append(raw[todo[first[uidx]]], d)
                     bar.advance(len(d))
+                if dask_scheduler is not None and executor is not None:
+                    executor["workers"] = cluster.workers
             shard[todo] = ushard[inverse]
             row[todo] = urow[inverse]
+        elif dask_scheduler is not None and executor is not None:
+            executor["workers"] = 0
         ds.touch()
         with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
             buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)

@@ -225,6 +225,28 @@ def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
     return {"computed": computed, "reused": int(s.get("tiles", 0)) - computed}
 
 
+def _describe_entry(build: Path, ran: list[str], dask_scheduler: str | None) -> dict[str, Any]:
+    """The report's ``describe``: where the engine ran, on how many workers, how fast.
+
+    ``workers`` and ``tiles_per_s`` (tiles described per second) are this
+    run's: 0 when describe was up to date.
+    """
+    executor = "local" if dask_scheduler is None else "dask"
+    entry: dict[str, Any] = {"executor": executor, "workers": 0, "tiles_per_s": 0.0}
+    if "describe" not in ran:
+        return entry
+    try:
+        s = json.loads((build / "describe.json").read_text())
+    except (OSError, ValueError):
+        return entry
+    entry.update(
+        executor=str(s.get("executor", entry["executor"])),
+        workers=int(s.get("workers", 1)),
+        tiles_per_s=float(s.get("computed_per_s", 0.0)),
+    )
+    return entry
+
+
 def check_coverage(signed: Mapping[str, Any], strict: bool, warn: Any) -> None:
     """Every planned tile present and described, or CoverageError / a warning."""
     info = signed["info"]
@@ -261,6 +283,10 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
 
             reset_stats()  # the report counts this run's objects
         plan = resolve_plan(settings, warn=warn)  # before the lock
+        if settings.dask_scheduler is not None and settings.companion is None:
+            from .daskexec import probe_scheduler
+
+            probe_scheduler(settings.dask_scheduler)  # exit 21 naming it, before the lock and any work
         report.flight_id = plan.record["flight_id"] if plan.record else None
         report.extra["flight_source"] = plan.flight_source
         report.timed("flight", time.monotonic() - t)
@@ -340,6 +366,7 @@ def _locked_build(
     from .selftest import check_recall, summary
 
     report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
+    report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))
     check_coverage(signed, settings.strict, warn)
     check_recall(signed["info"].get("selftest"), settings.min_recall)  # exit 22, phase selftest

@@ -26,6 +26,8 @@ def task(plan: Any) -> dict[str, Any]:
                     "threads": s.threads,
                     "cache_dir": str(plan.paths.cache_dir),
                     "shared": s.shared_store,
+                    # where the engine runs is not a dependency: the descriptors are the same
+                    "dask_scheduler": s.dask_scheduler,
                 },
             )
         ],

@@ -1,0 +1,236 @@
+"""Describe on a Dask cluster (DASK_SCHEDULER), with real parts: real doit
+builds, a distributed.LocalCluster of worker processes, and a `dask
+scheduler` plus `dask worker` processes on 127.0.0.1, one of them SIGKILLed
+mid-describe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachebuild.config import load_settings, parse_dask_scheduler
+from cachebuild.describe import describe_tiles
+from cachebuild.errors import UsageError
+from cachebuild.lock import CacheLock
+
+from .conftest import REPO, Cb, write_flight
+
+# about 12 tiles; one or two per batch, so a cluster gets several batches
+SMALL = ("BUFFER_M=200", "ZOOM=17")
+
+#: A warm no-op in-process: did it import dask?
+NOOP_PROBE = """
+import json, sys
+from cachebuild.runner import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "dask": sorted(m for m in ("dask", "distributed") if m in sys.modules)}))
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize(
+    "raw, parsed",
+    [
+        ("local:2", ("local", 2)),
+        ("tcp://127.0.0.1:8786", ("tcp", "tcp://127.0.0.1:8786")),
+        ("tcp://gpu-box.lan:8786", ("tcp", "tcp://gpu-box.lan:8786")),
+        ("tcp://[::1]:8786", ("tcp", "tcp://[::1]:8786")),
+    ],
+)
+def test_scheduler_values(raw: str, parsed: tuple[str, object]) -> None:
+    assert parse_dask_scheduler(raw) == parsed
+    assert load_settings({"DASK_SCHEDULER": raw}, {"CACHEBUILD_HOME": "/tmp/cb"}).dask_scheduler == raw
+    assert load_settings({}, {"CACHEBUILD_HOME": "/tmp/cb"}).dask_scheduler is None
+
+
+@pytest.mark.parametrize(
+    "raw", ["local:0", "local:", "local:x", "tcp://host", "tcp://:8786", "tcp://h:0", "tcp://h:70000", "udp://h:1", "h:8786"]
+)
+def test_bad_scheduler_values_name_the_variable(raw: str) -> None:
+    with pytest.raises(UsageError) as e:
+        load_settings({"DASK_SCHEDULER": raw}, {"CACHEBUILD_HOME": "/tmp/cb"})
+    assert "DASK_SCHEDULER" in e.value.message and repr(raw) in e.value.message
+    assert "tcp://host:port" in e.value.remedy and e.value.exit_code == 2
+
+
+def test_unreachable_scheduler_fails_with_21_before_any_work(cb: Cb, tmp_path: Path) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    f = write_flight(tmp_path / "f.json")
+    r = cb.build(f"FLIGHT={f}", *SMALL, f"DASK_SCHEDULER={address}")
+    assert r.code == 21, r.stderr
+    rep = r.report
+    assert rep["failure_phase"] == "describe" and address in rep["error"] and "dask scheduler" in rep["remedy"]
+    assert address in r.stderr
+    assert rep["tasks"]["run"] == []  # nothing fetched, nothing built
+    assert not cb.current.exists()
+    assert not (cb.home / "store" / "objects").exists() or not any((cb.home / "store" / "objects").rglob("*.*"))
+    with CacheLock(cb.cache_dir / "build.lock"):  # the lock is free
+        pass
+
+
+def _store_counts(store: Path) -> tuple[int, int, int]:
+    """(descriptors indexed, rows the shards hold, rows the shard files hold) of the one engine."""
+    (engine_dir,) = [p for p in (store / "descriptors").iterdir() if p.is_dir()]
+    db = sqlite3.connect(engine_dir / "index.sqlite")
+    try:
+        indexed = db.execute("SELECT COUNT(*) FROM descriptors").fetchone()[0]
+        rows = db.execute("SELECT COALESCE(SUM(rows), 0) FROM shards").fetchone()[0]
+    finally:
+        db.close()
+    dim = json.loads((engine_dir / "meta.json").read_text())["dim"]
+    on_disk = sum(p.stat().st_size for p in (engine_dir / "shards").iterdir()) // (4 * dim)
+    return int(indexed), int(rows), int(on_disk)
+
+
+def _check_against_local(cb: Cb, tmp_path: Path) -> int:
+    """The staged descriptors equal a local describe's; each image stored once. Returns N."""
+    build = cb.cache_dir / "state" / "build"
+    local = describe_tiles(
+        tileset_dir=build, store_root=cb.home / "store", engine_dir=build / "engine",
+        out_dir=tmp_path / "local", progress=False,
+    )  # fmt: skip
+    assert local["executor"] == "local" and local["workers"] == 1
+    np.testing.assert_array_equal(np.load(build / "descriptor_ids.npy"), np.load(tmp_path / "local" / "descriptor_ids.npy"))
+    np.testing.assert_allclose(
+        np.load(build / "descriptors.npy"), np.load(tmp_path / "local" / "descriptors.npy"), atol=1e-5
+    )
+    tiles = np.load(build / "tiles.npy")
+    images = len({bytes(t) for t in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)})
+    assert _store_counts(cb.home / "store") == (images, images, images)
+    return len(tiles)
+
+
+def test_local_cluster_describes_the_same_descriptors_once(cb: Cb, tmp_path: Path) -> None:
+    f = write_flight(tmp_path / "f.json")
+    r = cb.build(f"FLIGHT={f}", *SMALL, "BATCH=2", "DASK_SCHEDULER=local:2")
+    assert r.code == 0, r.stderr
+    rep = r.report
+    n = _check_against_local(cb, tmp_path)
+    assert rep["descriptors"] == {"computed": n, "reused": 0}
+    assert rep["describe"]["executor"] == "dask" and rep["describe"]["workers"] == 2
+    assert rep["describe"]["tiles_per_s"] > 0
+    assert cb.run("verify-cache").code == 0
+
+    # where the engine runs is no dependency: without DASK_SCHEDULER it is a
+    # no-op, and that never imports dask
+    p = subprocess.run(
+        [sys.executable, "-c", NOOP_PROBE, "build-cache", f"FLIGHT={f}", *SMALL, "BATCH=2", "REPORT=json"],
+        cwd=REPO, env=cb.env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    probe, noop = json.loads(p.stdout.splitlines()[-1]), json.loads(p.stdout.splitlines()[-2])
+    assert probe == {"code": 0, "dask": []}, p.stderr
+    assert noop["outcome"] == "up_to_date"
+    assert noop["describe"] == {"executor": "local", "workers": 0, "tiles_per_s": 0.0}
+
+    # a shifted flight with an unreachable scheduler: exit 21, the published cache stays
+    published = (cb.current / "manifest.json").read_bytes()
+    moved = write_flight(tmp_path / "g.json", lon=8.5400 + 0.0028)
+    bad = cb.build(f"FLIGHT={moved}", *SMALL, f"DASK_SCHEDULER=tcp://127.0.0.1:{free_port()}")
+    assert bad.code == 21 and bad.report["tasks"]["run"] == []
+    assert (cb.current / "manifest.json").read_bytes() == published
+
+
+# -- a `dask scheduler` and `dask worker`s as processes ------------------------
+
+
+class Cluster:
+    def __init__(self, tmp: Path, workers: int):
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+        self.procs: list[subprocess.Popen[bytes]] = []
+        info = tmp / "scheduler.json"
+        self.scheduler = self._start(
+            "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(info)
+        )
+        deadline = time.monotonic() + 60
+        while not info.exists() or not info.read_text().strip():
+            assert self.scheduler.poll() is None, "dask scheduler exited"
+            assert time.monotonic() < deadline, "dask scheduler did not start"
+            time.sleep(0.1)
+        self.address = json.loads(info.read_text())["address"]
+        self.workers = []
+        for i in range(workers):
+            self.workers.append(
+                self._start(
+                    "worker", self.address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1",
+                    "--no-dashboard", "--local-directory", str(tmp / f"w{i}"), "--name", f"w{i}",
+                )  # fmt: skip
+            )
+
+    def _start(self, *args: str) -> subprocess.Popen[bytes]:
+        with open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "wb") as log:
+            p = subprocess.Popen(
+                [sys.executable, "-m", "dask", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        for p in reversed(self.procs):
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "dask", workers=2)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
+    cb: Cb, tmp_path: Path, cluster: Cluster
+) -> None:
+    from distributed import Client
+
+    from tests.daskkill import KillOnSecondBatch
+
+    marker = tmp_path / "killed"
+    with Client(cluster.address, timeout=30, set_as_default=False) as client:
+        client.wait_for_workers(2, timeout=60)
+        client.register_plugin(KillOnSecondBatch(str(marker)), name="kill-on-second-batch")
+
+        f = write_flight(tmp_path / "f.json")
+        r = cb.build(f"FLIGHT={f}", *SMALL, "BATCH=1", f"DASK_SCHEDULER={cluster.address}")
+        assert r.code == 0, r.stderr
+        assert marker.exists(), "no worker was killed: the test proved nothing"
+        pid = int(marker.read_text().split()[0])
+        killed = [w for w in cluster.workers if w.pid == pid]
+        assert len(killed) == 1 and killed[0].wait(timeout=30) == -signal.SIGKILL
+
+        rep = r.report
+        n = _check_against_local(cb, tmp_path)
+        assert rep["descriptors"] == {"computed": n, "reused": 0}
+        assert rep["describe"]["executor"] == "dask" and rep["describe"]["workers"] >= 1
+
+        # the surviving worker loaded the engine once, whatever the batches it ran
+        from cachebuild import daskexec
+
+        loads = client.run(daskexec.engine_loads)
+        key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())["key"]
+        assert list(loads.values()) == [{key: 1}]
