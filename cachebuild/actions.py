@@ -190,7 +190,16 @@ def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: lis
         )
 
 
-def build_engine(*, model: str, calibration: str | None, precision: str, backend: str, out_dir: str) -> None:
+def build_engine(
+    *,
+    model: str,
+    calibration: str | None,
+    precision: str,
+    backend: str,
+    out_dir: str,
+    workspace: int | None = None,
+    timing_cache_dir: str | None = None,
+) -> None:
     from .engine import compile_engine
 
     compile_engine(
@@ -199,6 +208,8 @@ def build_engine(*, model: str, calibration: str | None, precision: str, backend
         precision=precision,
         backend=backend,
         out_dir=Path(out_dir),
+        workspace=workspace,
+        timing_cache_dir=timing_cache_dir,
     )
 
 

@@ -41,7 +41,7 @@ DEFAULT_BUFFER_M = 500.0
 DEFAULT_ZOOMS = (17,)
 DEFAULT_PROVIDER = "synthetic"
 DEFAULT_PRECISION = "fp32"
-DEFAULT_BACKEND = "onnxruntime"
+DEFAULT_BACKEND = "auto"
 DEFAULT_BATCH = 64
 DEFAULT_CONCURRENCY = 8
 DEFAULT_EXPIRES_DAYS = 30
@@ -75,7 +75,9 @@ VARIABLES: dict[str, str] = {
     "MODEL": "descriptor network, an ONNX file [default: the built-in cbnet-v2]",
     "CALIBRATION": "calibration file, part of the engine key [default: none]",
     "PRECISION": "fp32 | fp16 | int8 [default: fp32]",
-    "BACKEND": "engine backend: onnxruntime [default: onnxruntime]",
+    "BACKEND": "auto | tensorrt | onnxruntime: auto takes TensorRT where it is installed and a GPU "
+    "is present, else ONNX Runtime (docs/gpu.md) [default: auto]",
+    "WORKSPACE": "TensorRT builder workspace limit, e.g. 512M; part of a TensorRT engine's key [default: 1G]",
     "BATCH": "descriptor batch size [default: 64]",
     "THREADS": "inference threads [default: all cores]",
     "DASK_SCHEDULER": "tcp://host:port: describe on that Dask cluster; local:N: on N worker processes "
@@ -167,6 +169,7 @@ class Settings:
     calibration: Path | None = None
     precision: str = DEFAULT_PRECISION
     backend: str = DEFAULT_BACKEND
+    workspace: int = 1 << 30
     batch: int = DEFAULT_BATCH
     threads: int | None = None
     dask_scheduler: str | None = None
@@ -464,8 +467,12 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     if precision not in ("fp32", "fp16", "int8"):
         raise UsageError(f"PRECISION={precision!r} must be fp32, fp16 or int8")
     backend = (get("BACKEND") or DEFAULT_BACKEND).lower()
-    if backend not in ("onnxruntime", "tensorrt"):
-        raise UsageError(f"BACKEND={backend!r} must be onnxruntime or tensorrt")
+    if backend not in ("auto", "onnxruntime", "tensorrt"):
+        raise UsageError(f"BACKEND={backend!r} must be auto, tensorrt or onnxruntime")
+    raw_workspace = get("WORKSPACE")
+    workspace = 1 << 30 if raw_workspace is None else parse_size("WORKSPACE", raw_workspace)
+    if workspace < 1 << 20:
+        raise UsageError(f"WORKSPACE={raw_workspace!r} is below 1M", remedy="set WORKSPACE=1G")
     report = (get("REPORT") or "text").lower()
     if report not in ("text", "json"):
         raise UsageError(f"REPORT={report!r} must be text or json")
@@ -491,6 +498,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         calibration=_path("CALIBRATION", get("CALIBRATION"), must_exist=True),
         precision=precision,
         backend=backend,
+        workspace=workspace,
         batch=_int("BATCH", get("BATCH"), DEFAULT_BATCH, 1, 4096),
         threads=None if threads_raw is None else _int("THREADS", threads_raw, 0, 1, 1024),
         dask_scheduler=dask,

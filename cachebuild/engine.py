@@ -8,14 +8,20 @@ directory of its own::
     <engine_dir>/engine.json   what was compiled, from what, for what; written
                                last, so its presence means the engine is whole
 
-Callers only see :class:`EngineBackend` and :class:`EngineRunner`, so a
-TensorRT backend can be added without touching them.  An engine is
-identified by :func:`engine_key`: the hashes of the model and calibration
-*bytes*, the precision, the backend and its version, and the device, never
-a file name (ONNX Runtime's TensorRT provider keys its cache on the model's
-file name, a known trap).
+Callers only see :class:`EngineBackend` and :class:`EngineRunner`; the
+backends are ONNX Runtime (CPU, or its CUDA provider where onnxruntime-gpu
+sees a GPU) and TensorRT (:mod:`cachebuild.trt`).  ``BACKEND=auto`` takes
+TensorRT where it is installed and a GPU is present, else ONNX Runtime
+(:func:`select_backend`).  An engine is identified by :func:`engine_key`:
+the hashes of the model and calibration *bytes*, the precision, the
+backend and its version, the device and, for TensorRT, the build settings
+(profile shapes, workspace, flags), never a file name (ONNX Runtime's
+TensorRT provider keys its cache on the model's file name, a known trap).
+An engine that runs only where it was built (TensorRT's) has its key
+checked against the machine when it is loaded.
 
-onnx and onnxruntime are imported inside the functions that use them.
+onnx, onnxruntime, tensorrt and CUDA libraries are imported inside the
+functions that use them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import json
 import os
 import platform
 import uuid
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -40,14 +47,20 @@ __all__ = [
     "ENGINE_JSON",
     "PRECISIONS",
     "BACKENDS",
+    "BACKEND_CHOICES",
     "DEFAULT_BACKEND",
     "EngineInfo",
+    "MachineProbes",
+    "BackendChoice",
     "EngineRunner",
     "EngineBackend",
     "OnnxRuntimeBackend",
     "engine_key",
     "sha256_file",
     "cpu_device",
+    "probe_machine",
+    "select_backend",
+    "engine_environment",
     "get_backend",
     "compile_engine",
     "read_engine_json",
@@ -57,7 +70,9 @@ __all__ = [
 ENGINE_JSON = "engine.json"
 PRECISIONS = ("fp32", "fp16", "int8")
 BACKENDS = ("onnxruntime", "tensorrt")
-DEFAULT_BACKEND = "onnxruntime"
+#: What BACKEND may say: a backend, or ``auto`` (:func:`select_backend`).
+BACKEND_CHOICES = ("auto", *BACKENDS)
+DEFAULT_BACKEND = "auto"
 
 # CPU features that change which kernels a backend picks (x86 and ARM names
 # as /proc/cpuinfo spells them).
@@ -86,12 +101,24 @@ class EngineInfo:
         ``{"name", "shape", "dtype"}`` of the descriptor output ``[batch, D]``.
     descriptor_dim
         ``D``.
+    build
+        Build settings that are part of the engine key beyond precision,
+        version and device (TensorRT: ``profile``, ``workspace``,
+        ``flags``); None for none (ONNX Runtime).
+    environment
+        What the engine is tied to, checked at load (TensorRT: ``tensorrt``,
+        ``cuda``, ``gpu``, ``compute_capability``); None for a portable engine.
+    extra
+        Further facts for ``engine.json`` (not in the key).
     """
 
     engine_file: str
     input: dict[str, Any]
     output: dict[str, Any]
     descriptor_dim: int
+    build: dict[str, Any] | None = None
+    environment: dict[str, str] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineRunner(Protocol):
@@ -144,18 +171,21 @@ def engine_key(
     backend: str,
     backend_version: str,
     device: str,
+    build: Mapping[str, Any] | None = None,
 ) -> str:
     """The identity of an engine: sha256 of the canonical JSON of its inputs.
 
     Two engines share a key exactly when they were compiled from the same
     model and calibration bytes, at the same precision, by the same backend
-    version, for the same device.  File names play no part.
+    version, for the same device, with the same build settings (``build``:
+    TensorRT's profile shapes, workspace and flags; omitted when None, so
+    ONNX Runtime keys are what they were).  File names play no part.
 
     >>> k = engine_key("ab" * 32, None, "fp32", "onnxruntime", "1.18.0", "cpu:x:avx2")
     >>> len(k), k == engine_key("ab" * 32, None, "fp32", "onnxruntime", "1.18.0", "cpu:x:avx2")
     (64, True)
     """
-    fields = {
+    fields: dict[str, Any] = {
         "model_sha256": model_sha256,
         "calibration_sha256": calibration_sha256,
         "precision": precision,
@@ -163,6 +193,8 @@ def engine_key(
         "backend_version": backend_version,
         "device": device,
     }
+    if build is not None:
+        fields["build"] = dict(build)
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -256,22 +288,34 @@ class _OrtRunner:
 
 
 class OnnxRuntimeBackend:
-    """ONNX Runtime on the CPU: fp32 only.
+    """ONNX Runtime on the CPU, or on a GPU through its CUDA provider: fp32 only.
 
     The engine is the model as ONNX Runtime optimised it, saved as
     ``engine.onnx``.  It may use ONNX Runtime's own operators (``FusedConv``
     in the ``com.microsoft`` domain), so only ONNX Runtime can run it.
-    Loading it optimises further for the CPU at hand.
+    Loading it optimises further for the device at hand.
+
+    Parameters
+    ----------
+    spin
+        Let idle intra-op threads spin (CPU).
+    provider
+        ``cpu``, or ``cuda`` for the CUDAExecutionProvider (onnxruntime-gpu);
+        the engine is compiled the same way, the device (part of the key)
+        says which runs it.
     """
 
     name = "onnxruntime"
     precisions: tuple[str, ...] = ("fp32",)
     engine_file = "engine.onnx"
 
-    def __init__(self, *, spin: bool = False):
+    def __init__(self, *, spin: bool = False, provider: str = "cpu"):
         # Spinning intra-op threads burn a core while they wait for work; in the
         # describe pipeline that core is needed by the tile decoders.
         self.spin = spin
+        if provider not in ("cpu", "cuda"):
+            raise ValueError(f"provider must be cpu or cuda, got {provider!r}")
+        self.provider = provider
 
     def version(self) -> str:
         import onnxruntime
@@ -279,7 +323,25 @@ class OnnxRuntimeBackend:
         return str(onnxruntime.__version__)
 
     def device(self) -> str:
+        if self.provider == "cuda":
+            from .gpu import gpu_name_here
+
+            return f"cuda:{gpu_name_here() or 'unknown GPU'}"
         return cpu_device()
+
+    def _providers(self) -> list[str]:
+        if self.provider != "cuda":
+            return ["CPUExecutionProvider"]
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise EngineError(
+                "the engine is for ONNX Runtime's CUDA provider, which this ONNX Runtime lacks "
+                f"(it has {', '.join(ort.get_available_providers())})",
+                remedy="install onnxruntime-gpu with a matching CUDA, or build again here "
+                "(BACKEND=auto picks what this machine has)",
+            )
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
     def compile(
         self, model_path: Path, calibration_path: Path | None, precision: str, out_dir: Path
@@ -340,9 +402,7 @@ class OnnxRuntimeBackend:
         so.log_severity_level = 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         try:
-            session = ort.InferenceSession(
-                str(path), sess_options=so, providers=["CPUExecutionProvider"]
-            )
+            session = ort.InferenceSession(str(path), sess_options=so, providers=self._providers())
         except Exception as exc:
             raise EngineError(
                 f"ONNX Runtime cannot load engine {path}: {exc}",
@@ -400,36 +460,186 @@ def _check_precision(backend: EngineBackend, precision: str) -> None:
         )
 
 
-def get_backend(name: str) -> EngineBackend:
-    """The backend called ``name``.
+@dataclass(frozen=True)
+class MachineProbes:
+    """What this machine offers an engine, found without loading CUDA.
+
+    Attributes
+    ----------
+    tensorrt
+        TensorRT's version, or None where the ``tensorrt`` package is absent.
+    gpu
+        Whether an NVIDIA GPU shows (device nodes, driver /proc entries).
+    onnxruntime
+        ONNX Runtime's version (onnxruntime or onnxruntime-gpu), or None.
+    ort_cuda
+        Whether ONNX Runtime offers the CUDAExecutionProvider here.
+    """
+
+    tensorrt: str | None
+    gpu: bool
+    onnxruntime: str | None
+    ort_cuda: bool
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """The backend a BACKEND value resolves to here, and why."""
+
+    backend: str
+    provider: str  # "tensorrt", "cuda" or "cpu": what runs the network
+    reason: str
+
+
+def _dist_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return None
+
+
+def probe_machine() -> MachineProbes:
+    """:class:`MachineProbes` for this machine.
+
+    Cheap (a plan resolves it on every no-op): package metadata and device
+    nodes.  ONNX Runtime is imported only where onnxruntime-gpu is installed
+    and a GPU shows, to ask whether its CUDA provider is usable.
+    """
+    from .gpu import gpu_present, tensorrt_version_here
+
+    gpu = gpu_present()
+    ort_version = _dist_version("onnxruntime", "onnxruntime-gpu")
+    ort_cuda = False
+    if gpu and _dist_version("onnxruntime-gpu"):
+        try:
+            import onnxruntime
+
+            ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        except Exception:  # a broken install: the CPU then
+            ort_cuda = False
+    return MachineProbes(tensorrt=tensorrt_version_here(), gpu=gpu, onnxruntime=ort_version, ort_cuda=ort_cuda)
+
+
+def _missing_tensorrt(probes: MachineProbes) -> EngineError | None:
+    missing = []
+    if probes.tensorrt is None:
+        missing.append("the `tensorrt` Python package is not installed")
+    if not probes.gpu:
+        missing.append("no CUDA GPU is visible (no /dev/nvidia0, /dev/nvhost-ctrl-gpu or driver entry)")
+    if not missing:
+        return None
+    return EngineError(
+        "BACKEND=tensorrt, but " + " and ".join(missing) + " on this machine",
+        remedy="build on the Jetson (JetPack's python3-libnvinfer) or a machine with TensorRT 10/11 "
+        "and an NVIDIA GPU, or set BACKEND=auto (ONNX Runtime where TensorRT is missing)",
+    )
+
+
+def select_backend(requested: str, probes: MachineProbes | None = None) -> BackendChoice:
+    """The backend ``BACKEND=requested`` means on this machine.
+
+    ``auto``: TensorRT when its package is installed and a GPU is present;
+    else ONNX Runtime, on its CUDA provider when onnxruntime-gpu offers it,
+    else on the CPU.  ``onnxruntime`` likewise picks CUDA or CPU.
 
     Raises
     ------
     EngineError
-        For an unknown name (listing the known ones), for ``tensorrt`` where
-        TensorRT is not installed, or when the backend's package is missing.
+        Exit 21: ``tensorrt`` where the package or a GPU is missing (naming
+        which), or an unknown name.
+
+    >>> p = MachineProbes(tensorrt=None, gpu=False, onnxruntime="1.20.0", ort_cuda=False)
+    >>> select_backend("auto", p).backend, select_backend("auto", p).provider
+    ('onnxruntime', 'cpu')
     """
-    if name == "onnxruntime":
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise EngineError(
-                "BACKEND=onnxruntime, but onnxruntime is not installed here",
-                remedy="pip install onnxruntime",
-            )
-        return OnnxRuntimeBackend()
-    if name == "tensorrt":
-        if importlib.util.find_spec("tensorrt") is None:
-            raise EngineError(
-                "BACKEND=tensorrt, but TensorRT is not installed here",
-                remedy="build on the Jetson or a machine with TensorRT, or use BACKEND=onnxruntime",
-            )
+    probes = probes or probe_machine()
+    if requested not in BACKEND_CHOICES:
         raise EngineError(
-            "BACKEND=tensorrt is not implemented in this version of cachebuild",
-            remedy="use BACKEND=onnxruntime",
+            f"unknown BACKEND={requested!r}; known backends: {', '.join(BACKEND_CHOICES)}",
+            remedy="set BACKEND=auto",
         )
-    raise EngineError(
-        f"unknown BACKEND={name!r}; known backends: {', '.join(BACKENDS)}",
-        remedy="set BACKEND=onnxruntime",
-    )
+    if requested == "tensorrt":
+        err = _missing_tensorrt(probes)
+        if err is not None:
+            raise err
+        return BackendChoice("tensorrt", "tensorrt", "BACKEND=tensorrt")
+    if requested == "auto" and probes.tensorrt is not None and probes.gpu:
+        return BackendChoice("tensorrt", "tensorrt", f"auto: TensorRT {probes.tensorrt} and a GPU")
+    why = "auto: " + ("no GPU" if not probes.gpu else "no TensorRT") if requested == "auto" else "BACKEND=onnxruntime"
+    if probes.ort_cuda:
+        return BackendChoice("onnxruntime", "cuda", f"{why}; onnxruntime-gpu's CUDA provider")
+    return BackendChoice("onnxruntime", "cpu", f"{why}; ONNX Runtime on the CPU")
+
+
+def engine_environment(requested: str, probes: MachineProbes | None = None) -> dict[str, str]:
+    """``{backend, version, device}`` of what BACKEND resolves to here, without loading it.
+
+    What a build's engine task depends on (a change rebuilds the engine):
+    the device is the CPU (model and vector features) or the GPU's model
+    (from the driver, without loading CUDA).  Never raises: a missing
+    TensorRT shows as version ``missing``; the engine phase then fails with
+    the reason (exit 21).
+    """
+    from .gpu import gpu_name_here
+
+    probes = probes or probe_machine()
+    try:
+        choice = select_backend(requested, probes)
+    except EngineError:
+        return {"backend": requested, "version": probes.tensorrt or "missing", "device": "none"}
+    if choice.backend == "tensorrt":
+        return {"backend": "tensorrt", "version": str(probes.tensorrt), "device": f"gpu:{gpu_name_here() or 'unknown'}"}
+    version = probes.onnxruntime or "missing"
+    if choice.provider == "cuda":
+        return {"backend": "onnxruntime", "version": version, "device": f"cuda:{gpu_name_here() or 'unknown'}"}
+    return {"backend": "onnxruntime", "version": version, "device": cpu_device()}
+
+
+def get_backend(name: str, probes: MachineProbes | None = None, **options: Any) -> EngineBackend:
+    """The backend called ``name`` (or chosen by ``auto``), ready to compile or load.
+
+    Parameters
+    ----------
+    name
+        A name from :data:`BACKEND_CHOICES`.
+    probes
+        :class:`MachineProbes`; probed here when omitted.
+    options
+        TensorRT's ``workspace`` and ``timing_cache_dir``; ignored by ONNX Runtime.
+
+    Raises
+    ------
+    EngineError
+        Exit 21: for an unknown name (listing the known ones), for
+        ``tensorrt`` where its package or a GPU is missing (naming which),
+        or when the chosen backend's package is missing.
+    """
+    if name not in BACKEND_CHOICES:
+        raise EngineError(
+            f"unknown BACKEND={name!r}; known backends: {', '.join(BACKENDS)} (or auto)",
+            remedy="set BACKEND=auto",
+        )
+    if name == "onnxruntime" and probes is None and importlib.util.find_spec("onnxruntime") is None:
+        raise EngineError(
+            "BACKEND=onnxruntime, but onnxruntime is not installed here",
+            remedy="pip install onnxruntime",
+        )
+    choice = select_backend(name, probes)
+    if choice.backend == "tensorrt":
+        from .trt import TensorRTBackend
+
+        kw = {k: options[k] for k in ("workspace", "timing_cache_dir") if options.get(k) is not None}
+        return TensorRTBackend(**kw)
+    if importlib.util.find_spec("onnxruntime") is None:
+        raise EngineError(
+            f"BACKEND={name} needs onnxruntime, which is not installed here",
+            remedy="pip install onnxruntime",
+        )
+    return OnnxRuntimeBackend(provider=choice.provider)
 
 
 def _check_onnx(model_path: Path) -> None:
@@ -451,6 +661,9 @@ def compile_engine(
     precision: str,
     backend: str = DEFAULT_BACKEND,
     out_dir: str | os.PathLike[str],
+    workspace: int | None = None,
+    timing_cache_dir: str | os.PathLike[str] | None = None,
+    probes: MachineProbes | None = None,
 ) -> dict[str, Any]:
     """Compile ``model_path`` for this machine into ``out_dir``.
 
@@ -464,10 +677,15 @@ def compile_engine(
     precision
         ``fp32``, ``fp16`` or ``int8``; the backend must support it.
     backend
-        A name from :data:`BACKENDS`.
+        A name from :data:`BACKEND_CHOICES` (``auto``: :func:`select_backend`).
     out_dir
         The engine directory (created).  ``engine.json`` is removed first
         and written last, atomically.
+    workspace, timing_cache_dir
+        TensorRT's builder workspace limit (bytes) and where its timing
+        cache persists between builds.
+    probes
+        :class:`MachineProbes`; probed here when omitted.
 
     Returns
     -------
@@ -475,14 +693,15 @@ def compile_engine(
         The contents of ``engine.json``: ``key``, ``backend``,
         ``backend_version``, ``device``, ``precision``, ``model_sha256``,
         ``calibration_sha256``, ``engine_file``, ``input``, ``output``,
-        ``descriptor_dim``.
+        ``descriptor_dim``; TensorRT adds ``build`` (in the key),
+        ``environment`` (checked at load) and ``engine_sha256``.
 
     Raises
     ------
     EngineError
         Naming the file, precision or backend at fault.
     """
-    be = get_backend(backend)
+    be = get_backend(backend, probes, workspace=workspace, timing_cache_dir=timing_cache_dir)
     _check_precision(be, precision)
     model_path = Path(model_path)
     if not model_path.is_file():
@@ -506,8 +725,9 @@ def compile_engine(
     # its absence marks the directory as incomplete until the new engine is in
     (out / ENGINE_JSON).unlink(missing_ok=True)
     info = be.compile(model_path, calibration, precision, out)
+    key = engine_key(model_sha256, calibration_sha256, precision, be.name, version, device, info.build)
     record: dict[str, Any] = {
-        "key": engine_key(model_sha256, calibration_sha256, precision, be.name, version, device),
+        "key": key,
         "backend": be.name,
         "backend_version": version,
         "device": device,
@@ -519,6 +739,11 @@ def compile_engine(
         "output": info.output,
         "descriptor_dim": info.descriptor_dim,
     }
+    if info.build is not None:
+        record["build"] = info.build
+    if info.environment is not None:
+        record["environment"] = info.environment
+    record.update(info.extra)
     atomic_write_bytes(out / ENGINE_JSON, json.dumps(record, indent=1, sort_keys=True).encode())
     return record
 
@@ -568,4 +793,37 @@ def load_engine(engine_dir: str | os.PathLike[str], threads: int | None = None) 
         ``None`` for the backend's default.
     """
     record = read_engine_json(engine_dir)
-    return get_backend(str(record["backend"])).load(Path(engine_dir), threads=threads)
+    name = str(record["backend"])
+    if name == "onnxruntime":  # the device in engine.json says which provider it was built for
+        provider = "cuda" if str(record.get("device", "")).startswith("cuda:") else "cpu"
+        be: EngineBackend = OnnxRuntimeBackend(provider=provider)
+    else:
+        be = get_backend(name)
+    if not getattr(be, "portable", True):
+        _check_key(be, record, Path(engine_dir))
+    return be.load(Path(engine_dir), threads=threads)
+
+
+def _check_key(be: EngineBackend, record: dict[str, Any], engine_dir: Path) -> None:
+    """The key check at load: the engine's key, derived again for this machine, must match.
+
+    A TensorRT engine runs only on the GPU, TensorRT and CUDA it was built
+    with; one built elsewhere is never loaded (the engine phase rebuilds it).
+    """
+    check = getattr(be, "environment", None)
+    if callable(check) and record.get("environment") is not None:
+        from .trt import check_environment
+
+        check_environment(record, check(), engine_dir)  # the readable message first
+    here = engine_key(
+        str(record.get("model_sha256")), record.get("calibration_sha256"), str(record.get("precision")),
+        be.name, be.version(), be.device(), record.get("build"),
+    )  # fmt: skip
+    if here != record.get("key"):
+        raise EngineError(
+            f"the engine in {engine_dir} was built for {record.get('device')} with {record.get('backend')} "
+            f"{record.get('backend_version')}; here it would be {be.device()} with {be.version()}: "
+            "its key does not match this machine, so it is not loaded",
+            remedy="run build-cache again on this machine: the engine phase rebuilds it here "
+            "(or delete the engine directory)",
+        )

@@ -51,8 +51,8 @@ class BuildPlan:
 
     @property
     def engine_file(self) -> str:
-        """The engine's file name in ``engine/`` for this backend."""
-        return ENGINE_FILES.get(self.settings.backend, "engine.bin")
+        """The engine's file name in ``engine/`` for the backend BACKEND resolved to."""
+        return ENGINE_FILES.get(self.engine_env.get("backend", self.settings.backend), "engine.bin")
 
     @property
     def paths(self):  # type: ignore[no-untyped-def]
@@ -133,17 +133,10 @@ def provider_key(spec: str) -> str:
 
 
 def engine_environment(backend: str) -> dict[str, str]:
-    """Backend name, version and device, read without importing the backend."""
-    from importlib import metadata
+    """Backend (``auto`` resolved), version and device, read without importing the backend."""
+    from .engine import engine_environment as resolve
 
-    dist = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}.get(backend, backend)
-    try:
-        version = metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        version = "missing"
-    from .engine import cpu_device
-
-    return {"backend": backend, "version": version, "device": cpu_device()}
+    return resolve(backend)
 
 
 def cached_keyid(key_path: Path, cache_file: Path) -> str:
@@ -216,6 +209,10 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
             keyid = cached_keyid(key_path, settings.paths.state / "keyid.json")
         except OSError as exc:
             raise UsageError(f"KEY={key_path}: cannot read the key ({exc.strerror})") from None
+    if with_flight and settings.companion is None and settings.backend == "tensorrt":
+        from .engine import select_backend
+
+        select_backend("tensorrt")  # exit 21 naming what is missing, before any tile is fetched
     return BuildPlan(
         settings=settings,
         flight=flight,

@@ -368,6 +368,8 @@ def _locked_build(
     report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
     report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))
+    engine = signed["info"].get("engine") or {}  # which backend ran, on what device
+    report.extra["engine"] = {k: engine.get(k) for k in ("backend", "device", "key")}
     check_coverage(signed, settings.strict, warn)
     check_recall(signed["info"].get("selftest"), settings.min_recall)  # exit 22, phase selftest
     report.timed("coverage", time.monotonic() - t)

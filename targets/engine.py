@@ -15,6 +15,10 @@ def task(plan: Any) -> dict[str, Any]:
     deps = [str(plan.model_path)]
     if s.calibration is not None:
         deps.append(str(s.calibration))
+    backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
+    depends = {"precision": s.precision, **plan.engine_env}
+    if backend == "tensorrt":  # part of a TensorRT engine's key; ONNX Runtime has no workspace
+        depends["workspace"] = s.workspace
     return {
         "name": "engine",
         "doc": "compile the descriptor network for this device (engine/)",
@@ -26,13 +30,15 @@ def task(plan: Any) -> dict[str, Any]:
                     "model": str(plan.model_path),
                     "calibration": str(s.calibration) if s.calibration else None,
                     "precision": s.precision,
-                    "backend": s.backend,
+                    "backend": backend,
                     "out_dir": str(out),
+                    "workspace": s.workspace,
+                    "timing_cache_dir": str(s.home / "tensorrt"),
                 },
             )
         ],
         "file_dep": deps,
         "targets": [str(out / "engine.json"), str(out / plan.engine_file)],
-        "uptodate": [config_changed({"precision": s.precision, **plan.engine_env})],
+        "uptodate": [config_changed(depends)],
         "clean": True,
     }

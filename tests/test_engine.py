@@ -226,8 +226,9 @@ def test_unknown_backend_lists_the_known_ones() -> None:
     importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed"
 )
 def test_tensorrt_is_not_installed_here() -> None:
-    with pytest.raises(EngineError, match="TensorRT is not installed here"):
+    with pytest.raises(EngineError, match="the `tensorrt` Python package is not installed") as info:
         get_backend("tensorrt")
+    assert info.value.exit_code == 21 and "BACKEND=auto" in (info.value.remedy or "")
 
 
 def test_wrong_signature_fails_and_leaves_no_engine_json(tmp_path: Path, compiled: tuple) -> None:

@@ -226,6 +226,8 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
         phases=remote.get("phases"),
         tiles=remote.get("tiles"),
     )
+    if remote.get("engine"):  # the backend and device that ran on the companion
+        report.extra["engine"] = remote["engine"]
     report.build_id = remote.get("build_id")
     report.manifest_version = remote.get("manifest_version")
     report.manifest_path = remote.get("manifest_path")
