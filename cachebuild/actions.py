@@ -235,7 +235,8 @@ def describe(
 
     remote = None
     if shared:
-        from .s3store import open_store, pull_descriptors, push_descriptors
+        from .s3desc import pull_descriptors, push_descriptors
+        from .s3store import open_store
 
         remote = open_store(shared)
     with store_user(store, cache_dir):

@@ -9,35 +9,32 @@ everything there.
 
 Layout under ``s3://bucket/prefix/``; every object is written once and named
 by the SHA-256 of its bytes, which is checked on every read: an object that
-does not match its name is never used (the tile is fetched again, the
-descriptor computed again, and the object written again)::
+does not match its name is never used, and is removed (its tiles are
+fetched again, its descriptors computed again, and written anew)::
 
-    objects/ab/<sha256>                                  tile images
-    refs/<provider>/<z>/<cx>-<cy>/<sha256>.json          which image a provider
-                                                         served for each tile
+    tiles/<provider>/<z>/<cx>-<cy>/<sha256>.pack         tile packs
     descriptors/<engine key>/<z>/<cx>-<cy>/<sha256>.bin  descriptor batches
 
 ``<provider>`` is the first 32 hex digits of the SHA-256 of the provider's
 identity (its ref namespace in the local store, secret-free); the identity
-itself is inside each ref object and checked.  ``<cx>-<cy>`` is the *cell*
+itself is in each pack's header and checked.  ``<cx>-<cy>`` is the *cell*
 of a tile: its column and row shifted right by :data:`CELL_SHIFT`, so one
-cell holds up to 64 x 64 tiles of one zoom.  Refs and descriptors are
-written in batches, one object per cell and build, so a flight of 10,000
-tiles costs a few LISTs and GETs for its refs and descriptors, not 20,000.
-A tile shown by refs of several builds takes the newest.
+cell holds up to 32 x 32 tiles of one zoom.
 
-Descriptors stay keyed by (image SHA-256, engine key): the cell only
-groups them where a flight will look for them.
+A *pack* is one build's tiles of one cell: a header naming each tile's
+``(x, y)``, the SHA-256 of its image and its length, then the images (each
+checked against its SHA-256 too).  Packs and descriptor batches, not one
+object per tile, because a request costs a round trip: a flight of 10,000
+tiles is about ten cells, so a second machine reads it in a few LISTs and
+a few dozen GETs, not 20,000.  Where packs of several builds show one tile,
+the newest wins.  Descriptors stay keyed by (image SHA-256, engine key):
+the cell only groups them where a flight will look for them
+(:mod:`cachebuild.s3desc`).
 
 Tiles (:class:`TileSync`, used by :mod:`cachebuild.fetch`): before the
-provider is asked for a tile, the bucket's refs for its cell are read and a
-tile the bucket has is downloaded into the local store.  Tiles fetched from
-the provider, and tiles the local store had but the bucket lacks, are
-uploaded, objects first, then their refs.  Descriptors
-(:func:`pull_descriptors`, :func:`push_descriptors`, around describe): the
-ones the local descriptor store lacks are imported from the bucket's
-batches for the flight's cells; afterwards the ones the bucket lacks are
-uploaded.
+provider is asked for a tile, the packs of its cell are read into the local
+store.  Tiles fetched from the provider, and tiles the local store had but
+the bucket lacks, are uploaded as new packs.
 
 The client is boto3 (docs/scale.md says why), imported only when a bucket
 is used; the endpoint and credentials come from the standard AWS variables
@@ -57,35 +54,36 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import BuildError, CacheBuildError, DownloadError, UsageError
 
 __all__ = [
     "CELL_SHIFT",
+    "PACK_BYTES",
     "PUSH_BATCH",
     "STATS",
-    "StoreURL",
     "S3Store",
+    "StoreURL",
     "StoreUnavailable",
     "TileSync",
-    "parse_store_url",
     "is_remote",
     "open_store",
-    "pull_descriptors",
-    "push_descriptors",
-    "stats_entry",
+    "parse_store_url",
+    "phase_error",
     "reset_stats",
+    "stats_entry",
 ]
 
-#: Tiles of a cell: ``x >> CELL_SHIFT, y >> CELL_SHIFT`` (64 x 64 tiles).
-CELL_SHIFT = 6
+#: Tiles of a cell: ``x >> CELL_SHIFT, y >> CELL_SHIFT`` (32 x 32 tiles).
+CELL_SHIFT = 5
 #: Tiles waiting for upload before they are pushed mid-fetch.
 PUSH_BATCH = 4096
+#: A pack is closed once its images reach this many bytes.
+PACK_BYTES = 32 << 20
+_PACK_MAGIC = b"CBPACK1\n"
 #: Requests to the bucket in flight at once.
 DEFAULT_CONNECTIONS = 16
-_DESC_MAGIC = b"CBDESC1\n"
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 #: Objects moved this process (the report's ``store``): every GET and PUT.
@@ -337,9 +335,6 @@ class S3Store:
             return None
         return data
 
-    def object_key(self, digest: str) -> str:
-        return self.url.key("objects", digest[:2], digest)
-
 
 def open_store(url: str, *, client: Any = None) -> S3Store:
     """An :class:`S3Store` for ``STORE=url``."""
@@ -365,6 +360,39 @@ def _cell_part(cell: tuple[int, int, int]) -> str:
 # -- tiles ---------------------------------------------------------------------
 
 
+def _encode_pack(identity: str, z: int, t: float, tiles: list[tuple[int, int, str, bytes]]) -> bytes:
+    """A pack: a JSON header (provider, zoom, time, ``[x, y, sha256, length]`` rows), then the images."""
+    header = {
+        "format": 1,
+        "provider": identity,
+        "z": z,
+        "t": t,
+        "tiles": [[x, y, d, len(data)] for x, y, d, data in tiles],
+    }
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return b"".join((_PACK_MAGIC, struct.pack("<I", len(head)), head, *(data for *_, data in tiles)))
+
+
+def _decode_pack(data: bytes) -> tuple[dict[str, Any], list[tuple[int, int, str, bytes]]] | None:
+    """The header and ``(x, y, sha256, image)`` of every tile whose image matches its hash; None if malformed."""
+    start = len(_PACK_MAGIC) + 4
+    if len(data) < start or not data.startswith(_PACK_MAGIC):
+        return None
+    (n,) = struct.unpack_from("<I", data, len(_PACK_MAGIC))
+    try:
+        header = json.loads(data[start : start + n])
+        pos = start + n
+        out = []
+        for x, y, d, length in header["tiles"]:
+            image = data[pos : pos + int(length)]
+            pos += int(length)
+            if _sha(image) == d:
+                out.append((int(x), int(y), str(d), image))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return (header, out) if pos == len(data) else None
+
+
 class TileSync:
     """The bucket's side of one tiles phase for one provider (see the module doc).
 
@@ -372,6 +400,10 @@ class TileSync:
     tiles is fetched, :meth:`fetched` for each tile the provider served,
     :meth:`push` at the end (and whenever :meth:`due`).  Bucket failures
     raise :class:`~cachebuild.errors.DownloadError` (exit 20).
+
+    A cell's packs are read once per fetch; every image in them goes into
+    the local store (the bytes came with the pack), so the local copy
+    grows by whole cells.
     """
 
     def __init__(self, remote: S3Store, store: Any, identity: str):
@@ -381,31 +413,33 @@ class TileSync:
         self.namespace = _sha(identity.encode())[:32]
         self.pulled = 0
         self._cells: dict[tuple[int, int, int], dict[tuple[int, int], tuple[float, str]]] = {}
-        self._bad: set[str] = set()  # objects the bucket lacks or holds corrupt
-        self._objects: dict[str, None] = {}  # digests to upload (ordered set)
-        self._refs: list[tuple[tuple[int, int, int], str]] = []
+        self._queued: dict[tuple[int, int, int], str] = {}
 
-    def _refs_prefix(self, cell: tuple[int, int, int]) -> str:
-        return self.remote.url.key("refs", self.namespace, _cell_part(cell))
+    def _prefix(self, cell: tuple[int, int, int]) -> str:
+        return self.remote.url.key("tiles", self.namespace, _cell_part(cell))
 
     def _read_cell(self, cell: tuple[int, int, int]) -> dict[tuple[int, int], tuple[float, str]]:
+        """Every pack of ``cell``: images into the local store; the newest digest of each tile."""
         refs: dict[tuple[int, int], tuple[float, str]] = {}
-        keys = [k for k in self.remote.list(self._refs_prefix(cell)) if k.endswith(".json")]
-        for key in keys:
-            digest = key.rsplit("/", 1)[-1][: -len(".json")]
-            data = self.remote.get_verified(key, digest)
-            try:
-                doc = json.loads(data) if data is not None else None
-                if not doc or doc.get("provider") != self.identity or int(doc["z"]) != cell[0]:
-                    continue
-                t = float(doc["t"])
-                for x, y, d in doc["tiles"]:
-                    if (x >> CELL_SHIFT, y >> CELL_SHIFT) != cell[1:] or len(d) != 64:
-                        continue
-                    if (x, y) not in refs or refs[(x, y)][0] <= t:
-                        refs[(x, y)] = (t, str(d))
-            except (ValueError, TypeError, KeyError):
+        for key in self.remote.list(self._prefix(cell)):
+            name = key.rsplit("/", 1)[-1]
+            if not name.endswith(".pack"):
                 continue
+            data = self.remote.get_verified(key, name[: -len(".pack")])
+            pack = _decode_pack(data) if data is not None else None
+            if pack is None:
+                continue
+            header, tiles = pack
+            if header.get("provider") != self.identity or header.get("z") != cell[0]:
+                continue
+            t = float(header.get("t", 0.0))
+            for x, y, d, image in tiles:
+                if (x >> CELL_SHIFT, y >> CELL_SHIFT) != cell[1:]:
+                    continue
+                if not self.store.has(d):
+                    self.store.put(image)
+                if (x, y) not in refs or refs[(x, y)][0] <= t:
+                    refs[(x, y)] = (t, d)
         return refs
 
     def _remote_ref(self, tile: tuple[int, int, int]) -> str | None:
@@ -422,11 +456,11 @@ class TileSync:
     def pull(
         self, tiles: list[tuple[int, int, int]], known: Mapping[tuple[int, int, int], str]
     ) -> dict[tuple[int, int, int], str]:
-        """Download the tiles the bucket has and ``known`` (the local refs) lacks.
+        """The tiles the bucket has and ``known`` (the local refs) lacks, now in the local store.
 
-        Returns the tiles now in the local store, with their digests (their
-        refs are recorded there too).  Tiles the local store has and the
-        bucket does not are queued for :meth:`push`.
+        Returns them with their digests (their refs are recorded locally
+        too).  Tiles the local store has and the bucket does not are queued
+        for :meth:`push`.
         """
         return self._guard(lambda: self._pull(tiles, known))
 
@@ -436,265 +470,59 @@ class TileSync:
         new_cells = sorted({_cell(*t) for t in tiles} - self._cells.keys())
         for cell, refs in zip(new_cells, self.remote.map(self._read_cell, new_cells)):
             self._cells[cell] = refs
-        wanted: dict[str, list[tuple[int, int, int]]] = {}
+        pulled: dict[tuple[int, int, int], str] = {}
         for t in tiles:
             remote = self._remote_ref(t)
             local = known.get(t)
             if local is not None:
                 if remote != local:
-                    self._queue(t, local, ref=True)
-            elif remote is not None:
-                wanted.setdefault(remote, []).append(t)
-
-        def download(digest: str) -> tuple[str, bool]:
-            data = self.remote.get_verified(self.remote.object_key(digest), digest)
-            if data is None:
-                return digest, False
-            self.store.put(data)
-            return digest, True
-
-        pulled: dict[tuple[int, int, int], str] = {}
-        for digest, ok in self.remote.map(download, wanted):
-            if ok:
-                for t in wanted[digest]:
-                    pulled[t] = digest
-            else:
-                self._bad.add(digest)
+                    self._queued[t] = local
+            elif remote is not None and self.store.has(remote):
+                pulled[t] = remote
         if pulled:
             self.store.record_refs(self.identity, pulled.items())
         self.pulled += len(pulled)
         return pulled
 
-    def _queue(self, tile: tuple[int, int, int], digest: str, *, ref: bool) -> None:
-        self._objects[digest] = None
-        if ref:
-            self._refs.append((tile, digest))
-
     def fetched(self, tile: tuple[int, int, int], digest: str) -> None:
         """The provider served ``digest`` for ``tile`` (it is in the local store)."""
-        remote = self._remote_ref(tile)
-        if remote != digest or digest in self._bad:
-            self._queue(tile, digest, ref=remote != digest)
+        if self._remote_ref(tile) != digest:
+            self._queued[tile] = digest
 
     def due(self) -> bool:
-        return len(self._objects) + len(self._refs) >= PUSH_BATCH
+        return len(self._queued) >= PUSH_BATCH
 
     def push(self) -> int:
-        """Upload the queued objects, then their refs (one object per cell); returns how many tiles."""
+        """Upload the queued tiles as packs (per cell, up to :data:`PACK_BYTES` each); returns how many."""
         return self._guard(self._push)
 
     def _push(self) -> int:
-        digests = list(self._objects)
-        self.remote.map(lambda d: self.remote.put(self.remote.object_key(d), self.store.get(d)), digests)
-        self._objects.clear()
-        self._bad.difference_update(digests)
-        by_cell: dict[tuple[int, int, int], list[list[Any]]] = {}
-        for (z, x, y), d in self._refs:
-            by_cell.setdefault(_cell(z, x, y), []).append([x, y, d])
+        by_cell: dict[tuple[int, int, int], list[tuple[int, int, str]]] = {}
+        for (z, x, y), d in sorted(self._queued.items()):
+            by_cell.setdefault(_cell(z, x, y), []).append((x, y, d))
         now = time.time()
 
-        def put_refs(item: tuple[tuple[int, int, int], list[list[Any]]]) -> None:
+        def put_cell(item: tuple[tuple[int, int, int], list[tuple[int, int, str]]]) -> None:
             cell, rows = item
-            doc = {"format": 1, "provider": self.identity, "z": cell[0], "t": now, "tiles": sorted(rows)}
-            data = json.dumps(doc, separators=(",", ":")).encode()
-            self.remote.put(self._refs_prefix(cell) + f"{_sha(data)}.json", data)
-            known = self._cells.setdefault(cell, {})
+            pack: list[tuple[int, int, str, bytes]] = []
+            size = 0
+            for i, (x, y, d) in enumerate(rows):
+                try:
+                    image = self.store.get(d, verify=True)
+                except (OSError, ValueError):  # damaged here: not shared (fetched again next time)
+                    image = None
+                if image is not None:
+                    pack.append((x, y, d, image))
+                    size += len(image)
+                if pack and (size >= PACK_BYTES or i == len(rows) - 1):
+                    data = _encode_pack(self.identity, cell[0], now, pack)
+                    self.remote.put(self._prefix(cell) + f"{_sha(data)}.pack", data)
+                    pack, size = [], 0
+            refs = self._cells.setdefault(cell, {})
             for x, y, d in rows:
-                known[(x, y)] = (now, d)
+                refs[(x, y)] = (now, d)
 
-        self.remote.map(put_refs, sorted(by_cell.items()))
-        pushed = len(self._refs)
-        self._refs = []
+        self.remote.map(put_cell, sorted(by_cell.items()))
+        pushed = len(self._queued)
+        self._queued.clear()
         return pushed
-
-
-# -- descriptors ---------------------------------------------------------------
-
-
-def _encode_batch(digests: Any, vectors: Any) -> bytes:
-    import numpy as np
-
-    n, dim = vectors.shape
-    return b"".join(
-        (
-            _DESC_MAGIC,
-            struct.pack("<II", dim, n),
-            np.ascontiguousarray(digests, dtype=np.uint8).tobytes(),
-            np.ascontiguousarray(vectors, dtype="<f4").tobytes(),
-        )
-    )
-
-
-def _decode_batch(data: bytes, dim: int) -> tuple[Any, Any] | None:
-    """``(digests uint8 [n, 32], vectors float32 [n, dim])``, or None for another format or dim."""
-    import numpy as np
-
-    head = len(_DESC_MAGIC) + 8
-    if len(data) < head or not data.startswith(_DESC_MAGIC):
-        return None
-    d, n = struct.unpack_from("<II", data, len(_DESC_MAGIC))
-    if d != dim or len(data) != head + n * (32 + 4 * dim):
-        return None
-    digests = np.frombuffer(data, dtype=np.uint8, count=32 * n, offset=head).reshape(n, 32)
-    vectors = np.frombuffer(data, dtype="<f4", count=n * dim, offset=head + 32 * n).reshape(n, dim)
-    return digests, vectors
-
-
-class _FlightDescriptors(NamedTuple):
-    key: str
-    dim: int
-    raw: Any  # uint8 [n, 32], the tiles' image digests
-    cells: Any  # int64 [n], the cell of each tile (packed)
-    order: Any  # tile indices sorted by cell
-    bounds: Any  # where each cell's run starts in ``order`` (and the end)
-
-
-def _flight(build_dir: Path) -> _FlightDescriptors:
-    import numpy as np
-
-    from .tileset import read_tiles
-
-    engine = json.loads((build_dir / "engine" / "engine.json").read_text())
-    tiles = read_tiles(build_dir)
-    n = len(tiles)
-    raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
-    ids = np.asarray(tiles["id"], dtype=np.int64)
-    z = ids >> 58
-    x = (ids >> 29) & ((1 << 29) - 1)
-    y = ids & ((1 << 29) - 1)
-    cells = (z << 50) | ((x >> CELL_SHIFT) << 25) | (y >> CELL_SHIFT)
-    order = np.argsort(cells, kind="stable")
-    sc = cells[order]
-    starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if n else np.zeros(0, dtype=np.int64)
-    return _FlightDescriptors(
-        str(engine["key"]), int(engine["descriptor_dim"]), raw, cells, order, np.r_[starts, n]
-    )
-
-
-def _cell_of(packed: int) -> tuple[int, int, int]:
-    return (packed >> 50, (packed >> 25) & ((1 << 25) - 1), packed & ((1 << 25) - 1))
-
-
-def _desc_prefix(remote: S3Store, key: str, cell: tuple[int, int, int]) -> str:
-    return remote.url.key("descriptors", key, _cell_part(cell))
-
-
-#: Cells whose batches are read at a time (bounds the memory a pull holds).
-_CELLS_AT_ONCE = 64
-
-
-def pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict[int, set[bytes]]:
-    """Import the descriptors the local store lacks from the bucket's batches.
-
-    Reads the batches of every cell of the flight's tiles (a batch whose
-    hash does not match its name is skipped and removed).  Returns, per cell
-    (packed), the image digests the bucket has there: what
-    :func:`push_descriptors` need not upload.
-
-    Raises
-    ------
-    BuildError
-        ``phase="describe"`` (exit 21) when the bucket fails.
-    """
-    try:
-        return _pull_descriptors(remote, Path(store_root), Path(build_dir))
-    except StoreUnavailable as exc:
-        raise phase_error(exc, "describe") from None
-
-
-def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict[int, set[bytes]]:
-    import numpy as np
-
-    from .descstore import DescriptorStore
-
-    f = _flight(build_dir)
-    have: dict[int, set[bytes]] = {}
-    if not len(f.raw):
-        return have
-    with DescriptorStore(store_root, f.key, f.dim) as ds:
-        shard, _ = ds.lookup(f.raw)
-        lacking = {f.raw[i].tobytes() for i in np.flatnonzero(shard < 0).tolist()}
-        cell_ids = [int(f.cells[f.order[s]]) for s in f.bounds[:-1].tolist()]
-
-        def read_cell(packed: int) -> list[tuple[Any, Any]]:
-            prefix = _desc_prefix(remote, f.key, _cell_of(packed))
-            out = []
-            for k in remote.list(prefix):
-                name = k.rsplit("/", 1)[-1]
-                if not name.endswith(".bin"):
-                    continue
-                data = remote.get_verified(k, name[: -len(".bin")])
-                batch = _decode_batch(data, f.dim) if data is not None else None
-                if batch is not None:
-                    out.append(batch)
-            return out
-
-        with ds.writer() as writer:
-            for s in range(0, len(cell_ids), _CELLS_AT_ONCE):
-                part = cell_ids[s : s + _CELLS_AT_ONCE]
-                for packed, batches in zip(part, remote.map(read_cell, part)):
-                    seen = have.setdefault(packed, set())
-                    for digests, vectors in batches:
-                        rows = []
-                        for i in range(len(digests)):
-                            d = digests[i].tobytes()
-                            seen.add(d)
-                            if d in lacking and bool(np.all(np.isfinite(vectors[i]))):
-                                lacking.discard(d)
-                                rows.append(i)
-                        if rows:
-                            writer.append(digests[rows], vectors[rows])
-    return have
-
-
-def push_descriptors(
-    remote: S3Store, store_root: Path, build_dir: Path, have: Mapping[int, set[bytes]]
-) -> int:
-    """Upload, one batch per cell, the flight's descriptors the bucket lacks; returns how many.
-
-    Raises
-    ------
-    BuildError
-        ``phase="describe"`` (exit 21) when the bucket fails.
-    """
-    try:
-        return _push_descriptors(remote, Path(store_root), Path(build_dir), have)
-    except StoreUnavailable as exc:
-        raise phase_error(exc, "describe") from None
-
-
-def _push_descriptors(remote: S3Store, store_root: Path, build_dir: Path, have: Mapping[int, set[bytes]]) -> int:
-    import numpy as np
-
-    from .descstore import DescriptorStore
-
-    f = _flight(build_dir)
-    todo: list[tuple[int, Any]] = []
-    for s, e in zip(f.bounds[:-1].tolist(), f.bounds[1:].tolist()):
-        packed = int(f.cells[f.order[s]])
-        seen = have.get(packed, set())
-        rows: dict[bytes, int] = {}
-        for i in f.order[s:e].tolist():
-            d = f.raw[i].tobytes()
-            if d not in seen and d not in rows:
-                rows[d] = i
-        if rows:
-            todo.append((packed, np.fromiter(rows.values(), dtype=np.int64, count=len(rows))))
-    if not todo:
-        return 0
-    with DescriptorStore(store_root, f.key, f.dim) as ds:
-        pushed = 0
-        for s in range(0, len(todo), _CELLS_AT_ONCE):
-            batches = []
-            for packed, idx in todo[s : s + _CELLS_AT_ONCE]:
-                digests = f.raw[idx]
-                shard, row = ds.lookup(digests)
-                ok = shard >= 0
-                if not ok.any():
-                    continue
-                data = _encode_batch(digests[ok], ds.read(shard[ok], row[ok]))
-                key = _desc_prefix(remote, f.key, _cell_of(packed)) + f"{_sha(data)}.bin"
-                batches.append((key, data))
-                pushed += int(ok.sum())
-            remote.map(lambda kd: remote.put(*kd), batches)
-    return pushed

@@ -16,16 +16,8 @@ from typing import Any
 import pytest
 
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.s3store import (
-    _DESC_MAGIC,
-    S3Store,
-    StoreURL,
-    _decode_batch,
-    _encode_batch,
-    is_remote,
-    parse_store_url,
-    pull_descriptors,
-)
+from cachebuild.s3desc import _DESC_MAGIC, _decode_batch, _encode_batch, pull_descriptors
+from cachebuild.s3store import S3Store, StoreURL, _decode_pack, _encode_pack, is_remote, parse_store_url
 
 from .conftest import Cb, TileServer, write_flight
 
@@ -83,6 +75,15 @@ def test_store_url_is_parsed_and_credentials_are_refused_without_echo() -> None:
         parse_store_url("s3://Bad_Bucket/p")
 
 
+def test_tile_packs_round_trip_and_an_image_that_does_not_match_its_hash_is_dropped() -> None:
+    good, bad = b"image one", b"image two"
+    rows = [(1, 2, hashlib.sha256(good).hexdigest(), good), (1, 3, "0" * 64, bad)]
+    header, tiles = _decode_pack(_encode_pack("xyz:http://t/{z}/{x}/{y}", 17, 5.0, rows))  # type: ignore[misc]
+    assert header["provider"] == "xyz:http://t/{z}/{x}/{y}" and header["z"] == 17
+    assert tiles == rows[:1]
+    assert _decode_pack(b"CBPACK1\n\xff") is None and _decode_pack(b"junk") is None
+
+
 def test_descriptor_batches_round_trip_and_refuse_another_dim() -> None:
     import numpy as np
 
@@ -114,8 +115,8 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     asked = tile_server.count()
     assert ra["tiles"]["fetched"] == n == asked > 0 and ra["descriptors"]["computed"] == n
     assert ra["store"]["url"] == f"s3://{s3.bucket}/team"
-    assert ra["store"]["objects_written"] >= n + 2  # the images, their refs, the descriptors
-    assert len(s3.keys("team/objects/")) == n
+    assert ra["store"]["objects_written"] >= 2  # tile packs and descriptor batches, per cell
+    assert sum(len(_decode_pack(s3.read(k))[1]) for k in s3.keys("team/tiles/")) == n  # type: ignore[index]
 
     # another machine: same flight, its own empty local store, the same bucket
     second = b.build(*args)
@@ -124,23 +125,28 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     assert tile_server.count() == asked  # the provider was asked for nothing
     assert rb["tiles"] == {"planned": n, "fetched": 0, "reused": n, "missing": 0}
     assert rb["descriptors"] == {"computed": 0, "reused": n}
-    assert rb["store"]["objects_read"] >= n and rb["store"]["objects_written"] == 0
+    assert rb["store"]["objects_read"] >= 2 and rb["store"]["objects_written"] == 0
     assert rb["build_id"] == ra["build_id"]  # the same cache, bit for bit where it counts
     assert (b.home / "store" / "objects").is_dir()  # the local read-through copy
 
-    # damage one image and every descriptor batch in the bucket: never used, replaced
-    victim = sorted(s3.keys("team/objects/"))[0]
-    s3.write(victim, b"not the image")
+    # damage one tile pack and every descriptor batch in the bucket: never used, replaced
+    victim = min(s3.keys("team/tiles/"))
+    lost = len(_decode_pack(s3.read(victim))[1])  # type: ignore[index]
+    s3.write(victim, s3.read(victim)[:-1] + b"!")
     batches = s3.keys("team/descriptors/")
     for key in batches:
         s3.write(key, _DESC_MAGIC + b"garbage")
     third = c.build(*args)
     assert third.code == 0, third.stderr
     rc = third.report
-    assert rc["tiles"]["fetched"] == 1 and tile_server.count() == asked + 1
+    assert rc["tiles"]["fetched"] == lost > 0 and tile_server.count() == asked + lost
     assert rc["descriptors"]["computed"] == n
     assert rc["build_id"] == ra["build_id"]
-    assert hashlib.sha256(s3.read(victim)).hexdigest() == victim.rsplit("/", 1)[1]
+    packs = s3.keys("team/tiles/")  # the damaged pack is gone, its tiles are in a new one
+    assert victim not in packs
+    for key in packs:
+        assert hashlib.sha256(s3.read(key)).hexdigest() + ".pack" == key.rsplit("/", 1)[1]
+    assert sum(len(_decode_pack(s3.read(k))[1]) for k in packs) == n  # type: ignore[index]
     fresh = s3.keys("team/descriptors/")  # computed again: the same bytes, so the same names
     assert sorted(fresh) == sorted(batches)
     for key in fresh:
@@ -182,7 +188,7 @@ def test_the_bucket_stopping_mid_build_fails_clearly_publishes_nothing_and_the_n
     assert again.code == 0, again.stderr
     n = again.report["tiles"]["planned"]
     assert again.report["tiles"]["fetched"] == 0  # the tiles fetched before the failure were kept
-    assert len(s3.keys("ci/objects/")) == n  # and are in the bucket now
+    assert sum(len(_decode_pack(s3.read(k))[1]) for k in s3.keys("ci/tiles/")) == n  # now in the bucket
     assert m.current.exists()
     assert_no_secrets(s3, [failed.stdout + failed.stderr, again.stdout + again.stderr], [m.home])
 
