@@ -33,6 +33,7 @@ __all__ = [
     "describe",
     "index",
     "selftest",
+    "preview",
     "manifest",
     "store_user",
     "CACHE_ARTIFACTS",
@@ -61,6 +62,7 @@ CACHE_ARTIFACTS = (
     "index.faiss",
     "index.json",
     "selftest.json",
+    "preview.png",
 )
 
 
@@ -281,6 +283,15 @@ def selftest(*, build: str, store: str, queries: int, threads: int | None) -> No
             threads=threads,
         )
     write_selftest(b / SELFTEST_FILE, result)
+
+
+def preview(*, build: str, store: str) -> None:
+    """The coverage map of the staged cache (preview.png), thumbnails kept in the store."""
+    from .preview import render_preview
+
+    b = Path(build)
+    with store_user(store):
+        render_preview(b, b / "preview.png", store=Path(store))
 
 
 def _previous_version(current: Path) -> int:

@@ -1,8 +1,11 @@
 """The coverage map: one PNG that shows whether the imagery covers the route.
 
-A mosaic of the cache's own imagery (read from its MBTiles file, decoded at
-reduced size with JPEG DCT scaling, streamed tile by tile) at a scale where
-the area fits about :data:`DEFAULT_SIZE` pixels, with:
+A mosaic of the cache's own imagery at a scale where the area fits about
+:data:`DEFAULT_SIZE` pixels: for a large cache (a tile spans at most 32
+preview pixels) assembled from per-tile thumbnails kept in the store by
+image hash (:mod:`cachebuild.thumbs`; made once per image, from the MBTiles
+rows, then reused), for a small one decoded from its MBTiles file at
+reduced size with JPEG DCT scaling, streamed tile by tile; with:
 
 - the route as a line, its waypoints as dots, the takeoff origin as a
   yellow triangle;
@@ -22,6 +25,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,15 +33,19 @@ from typing import Any
 
 from .tiles import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
 
-__all__ = ["DEFAULT_SIZE", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
+__all__ = ["DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
 
 DEFAULT_SIZE = 1024
+#: Bumped when the drawing changes: the build's preview task then runs again.
+PREVIEW_VERSION = 2
 TILE_PX = 256
 MISSING_RGB = (220, 30, 30)
 ROUTE_RGB = (255, 0, 255)
 AREA_RGB = (0, 220, 255)
 ORIGIN_RGB = (255, 220, 0)
 LEGEND_PX = 22
+#: Tiles per thumbnail lookup and decode round.
+_CHUNK = 8192
 
 
 @dataclass(frozen=True)
@@ -174,29 +182,153 @@ def _read_tiles(mbtiles: Path, zoom: int) -> Any:
         conn.close()
 
 
-def render_preview(
-    cache_dir: Path,
-    out_path: Path,
-    *,
-    size: int = DEFAULT_SIZE,
-    built_at: str | None = None,
-) -> dict[str, Any]:
-    """Render the coverage map of the cache in ``cache_dir`` to ``out_path`` (PNG).
+def _tile_cells(geo: PreviewGeometry, ids: Any) -> tuple[Any, Any, Any]:
+    """Mosaic (row, col) of tile ids at ``geo.zoom``, and which fall inside it."""
+    import numpy as np
 
-    Returns the geometry and counts (``zoom``, ``scale``, ``width``,
-    ``height``, ``planned``, ``present``, ``missing``).
+    mask29 = (1 << 29) - 1
+    x = (ids >> 29) & mask29
+    y = ids & mask29
+    col = x - geo.x0 // TILE_PX
+    col = np.where(col < 0, col + 2**geo.zoom, col)
+    row = y - geo.y0 // TILE_PX
+    inside = (col >= 0) & (col < geo.cols) & (row >= 0) & (row < geo.rows)
+    return row, col, inside
+
+
+def _make_thumbs(datas: list[bytes]) -> list[Any]:
+    from .thumbs import make_thumbnail
+
+    return [make_thumbnail(d) for d in datas]
+
+
+def _lacking_rows(conn: Any, zoom: int, ids: Any, lack: Any) -> Iterator[tuple[int, bytes]]:
+    """``(position in ids, image bytes)`` of the tiles at positions ``lack``.
+
+    Few: one indexed lookup each.  Many (a first preview): one sequential
+    pass over the zoom's rows, which reads the file once instead of seeking.
     """
     import numpy as np
-    from PIL import Image, ImageDraw, ImageFont
 
-    cache_dir = Path(cache_dir)
-    summary = json.loads((cache_dir / "tileset.json").read_text())
-    record = json.loads((cache_dir / "flight.json").read_text())
-    bbox = LngLatBbox(*summary["bbox"])
-    zoom = max(summary["zooms"])
-    geo = _geometry(bbox, zoom, size)
-    canvas = Image.new("RGB", (geo.width, geo.height + LEGEND_PX), (40, 40, 40))
-    draw = ImageDraw.Draw(canvas)
+    mask29 = (1 << 29) - 1
+    if len(lack) * 8 < len(ids):
+        for i in lack.tolist():
+            tid = int(ids[i])
+            r = conn.execute(
+                "SELECT tile_data FROM tiles WHERE zoom_level=? AND tile_column=? AND tile_row=?",
+                (zoom, (tid >> 29) & mask29, 2**zoom - 1 - (tid & mask29)),
+            ).fetchone()
+            if r is not None:
+                yield i, r[0]
+        return
+    where = dict(zip(ids[lack].tolist(), lack.tolist()))
+    base = np.int64(zoom) << 58
+    for col, tms_row, data in conn.execute(
+        "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ?", (zoom,)
+    ):
+        i = where.get(int(base | (col << 29) | (2**zoom - 1 - tms_row)))
+        if i is not None:
+            yield i, data
+
+
+def _thumb_mosaic(
+    cache_dir: Path, geo: PreviewGeometry, store: Path | None, stats: dict[str, int]
+) -> tuple[Any, int]:
+    """The mosaic from per-tile thumbnails, scaled to the preview; and tiles drawn.
+
+    Thumbnails come from the store's :class:`~cachebuild.thumbs.ThumbStore`;
+    those it lacks are made from the MBTiles rows (decoded at 1/8 scale on
+    a thread pool) and kept there.  Each is box-averaged to ``t`` pixels,
+    the power of two at or above the preview's pixels per tile, into a
+    ``cols*t`` x ``rows*t`` mosaic; one resize of it gives the preview
+    scale.  Memory: ``t * t * 3`` bytes a tile, plus one chunk of
+    thumbnails.
+    """
+    import sqlite3
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    import numpy as np
+    from PIL import Image
+
+    from .thumbs import THUMB_PX, ThumbStore, downsample
+
+    per = TILE_PX * geo.scale
+    t = 1
+    while t < per and t < THUMB_PX:
+        t *= 2
+    tiles = np.load(cache_dir / "tiles.npy", allow_pickle=False)
+    ids = np.asarray(tiles["id"], dtype=np.int64)
+    keep = (ids >> 58) == geo.zoom
+    ids = ids[keep]
+    raw = np.ascontiguousarray(tiles["sha256"][keep]).view(np.uint8).reshape(len(ids), 32)
+    row, col, inside = _tile_cells(geo, ids)
+    cells = np.full((geo.rows, geo.cols, t, t, 3), 40, dtype=np.uint8)
+    drawn = 0
+
+    def place(at: list[int], pixels: list[bytes]) -> None:
+        nonlocal drawn
+        if not at:
+            return
+        block = np.frombuffer(b"".join(pixels), dtype=np.uint8).reshape(len(at), THUMB_PX, THUMB_PX, 3)
+        idx = np.asarray(at)
+        cells[row[idx], col[idx]] = downsample(block, t)
+        drawn += len(at)
+
+    thumbs = ThumbStore(store) if store is not None else None
+    try:
+        # the thumbnails the store has
+        lacking = np.zeros(len(ids), dtype=bool)
+        for s in range(0, len(ids), _CHUNK):
+            sel = (np.flatnonzero(inside[s : s + _CHUNK]) + s).tolist()
+            digests = [raw[i].tobytes() for i in sel]
+            have = thumbs.lookup(digests) if thumbs is not None else {}
+            got = [(i, have[d]) for i, d in zip(sel, digests) if d in have]
+            place([i for i, _ in got], [px for _, px in got])
+            stats["thumbnails_reused"] += len(got)
+            lacking[[i for i, d in zip(sel, digests) if d not in have]] = True
+        # the rest, made from the MBTiles rows and kept
+        lack = np.flatnonzero(lacking)
+        if len(lack):
+            conn = sqlite3.connect(f"file:{cache_dir / 'tiles.mbtiles'}?mode=ro", uri=True)
+            workers = min(8, os.cpu_count() or 1)
+            try:
+                rows = _lacking_rows(conn, geo.zoom, ids, lack)
+                with ThreadPoolExecutor(max_workers=workers) as pool:
+                    while chunk := list(islice(rows, 1024)):
+                        step = -(-len(chunk) // workers)  # one task per worker: little overhead
+                        parts = [chunk[k : k + step] for k in range(0, len(chunk), step)]
+                        made = pool.map(_make_thumbs, [[d for _, d in p] for p in parts])
+                        at = [i for p in parts for i, _ in p]
+                        pixels = [m.tobytes() for ms in made for m in ms]
+                        if thumbs is not None:
+                            thumbs.put((raw[i].tobytes(), px) for i, px in zip(at, pixels))
+                        place(at, pixels)
+                        stats["thumbnails_made"] += len(at)
+            finally:
+                conn.close()
+    finally:
+        if thumbs is not None:
+            thumbs.close()
+    mosaic = cells.transpose(0, 2, 1, 3, 4).reshape(geo.rows * t, geo.cols * t, 3)
+    img = Image.fromarray(mosaic)
+    if img.size != (geo.width, geo.height):
+        img = img.resize((geo.width, geo.height), Image.Resampling.BILINEAR)
+    return img, drawn
+
+
+def _decoded_mosaic(canvas: Any, cache_dir: Path, geo: PreviewGeometry) -> int:
+    """Paste every tile, decoded at its box size, onto ``canvas``; returns tiles drawn.
+
+    For previews where a tile spans more than a thumbnail (few tiles: at
+    most about (1024 / THUMB_PX)^2 for a square area).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    from PIL import Image
+
+    zoom = geo.zoom
 
     def shrink(row: tuple[int, int, bytes]) -> tuple[tuple[int, int, int, int], Any] | None:
         col, tms_row, data = row
@@ -209,9 +341,6 @@ def render_preview(
         return box, img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
 
     # decoding releases the GIL: threads over bounded chunks of rows, pasted in order
-    from concurrent.futures import ThreadPoolExecutor
-    from itertools import islice
-
     present = 0
     rows = _read_tiles(cache_dir / "tiles.mbtiles", zoom)
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
@@ -220,6 +349,51 @@ def render_preview(
                 if done is not None:
                     canvas.paste(done[1], done[0][:2])
                     present += 1
+    return present
+
+
+def render_preview(
+    cache_dir: Path,
+    out_path: Path,
+    *,
+    size: int = DEFAULT_SIZE,
+    built_at: str | None = None,
+    store: Path | None = None,
+) -> dict[str, Any]:
+    """Render the coverage map of the cache in ``cache_dir`` to ``out_path`` (PNG).
+
+    Where a tile spans at most :data:`~cachebuild.thumbs.THUMB_PX` preview
+    pixels (any cache of more than about a thousand tiles), the mosaic is
+    assembled from per-tile thumbnails kept in ``store``'s thumbnail store
+    (made and kept there when it lacks them; made and dropped without a
+    ``store``).  Otherwise each tile is decoded at its box size.
+
+    Returns the geometry and counts (``zoom``, ``scale``, ``width``,
+    ``height``, ``planned``, ``present``, ``missing``, ``mode``
+    (``thumbnails`` or ``decoded``), ``thumbnails_reused``,
+    ``thumbnails_made``).
+    """
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from .thumbs import THUMB_PX
+
+    cache_dir = Path(cache_dir)
+    summary = json.loads((cache_dir / "tileset.json").read_text())
+    record = json.loads((cache_dir / "flight.json").read_text())
+    bbox = LngLatBbox(*summary["bbox"])
+    zoom = max(summary["zooms"])
+    geo = _geometry(bbox, zoom, size)
+    canvas = Image.new("RGB", (geo.width, geo.height + LEGEND_PX), (40, 40, 40))
+    draw = ImageDraw.Draw(canvas)
+    stats = {"thumbnails_reused": 0, "thumbnails_made": 0}
+    if TILE_PX * geo.scale <= THUMB_PX:
+        mode = "thumbnails"
+        mosaic, present = _thumb_mosaic(cache_dir, geo, Path(store) if store is not None else None, stats)
+        canvas.paste(mosaic, (0, 0))
+    else:
+        mode = "decoded"
+        present = _decoded_mosaic(canvas, cache_dir, geo)
     missing_ids = np.load(cache_dir / "missing.npy", allow_pickle=False)
     missing = 0
     for tid in missing_ids.tolist():
@@ -261,7 +435,7 @@ def render_preview(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    canvas.save(tmp, format="PNG", optimize=False, compress_level=3)
+    canvas.save(tmp, format="PNG", optimize=False, compress_level=1)
     os.replace(tmp, out_path)
     return {
         "zoom": zoom,
@@ -271,5 +445,7 @@ def render_preview(
         "planned": planned,
         "present": present,
         "missing": missing,
+        "mode": mode,
+        **stats,
         "geometry": geo,
     }

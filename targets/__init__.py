@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import descriptors, engine, flight, index, manifest, mbtiles, model, selftest, tiles
+from . import descriptors, engine, flight, index, manifest, mbtiles, model, preview, selftest, tiles
 
 __all__ = ["TASK_MODULES", "task_dicts", "FINAL_TASK"]
 
 #: In build order (doit orders by dependencies; this order is for `doit list`).
-TASK_MODULES = (flight, tiles, mbtiles, model, engine, descriptors, index, selftest, manifest)
+TASK_MODULES = (flight, tiles, mbtiles, preview, model, engine, descriptors, index, selftest, manifest)
 FINAL_TASK = "manifest"
 
 

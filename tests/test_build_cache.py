@@ -15,7 +15,7 @@ from cachebuild.lock import CacheLock
 from .conftest import Cb, write_flight
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
-ALL_TASKS = {"flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "selftest", "manifest"}
+ALL_TASKS = {"flight", "tiles", "mbtiles", "preview", "model", "engine", "describe", "index", "selftest", "manifest"}
 
 
 def manifest_bytes(cb: Cb) -> bytes:
@@ -42,6 +42,9 @@ def test_cold_build_then_noop_then_verify(cb: Cb, tmp_path: Path) -> None:
     signed = json.loads(manifest_bytes(cb))["signed"]
     assert signed["build_id"] == rep["build_id"]
     assert "tiles.mbtiles" in signed["targets"] and "index.faiss" in signed["targets"]
+    # the coverage map is built, signed and published with the cache
+    assert "preview.png" in signed["targets"]
+    assert (cb.current / "preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     again = cb.build(f"FLIGHT={flight}", *SMALL)
     assert again.code == 0, again.stderr
@@ -59,10 +62,12 @@ def test_cold_build_then_noop_then_verify(cb: Cb, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change, expected",
     [
-        ("bbox", {"tiles", "mbtiles", "describe", "index", "selftest", "manifest"}),
-        ("origin", {"flight", "manifest"}),
-        ("flight_id", {"flight", "manifest"}),
-        ("waypoint_inside", {"flight", "manifest"}),
+        # the coverage map draws the tiles, the route, the origin and the flight id:
+        # each change redraws it; nothing else (engine, descriptors) reruns for them
+        ("bbox", {"tiles", "mbtiles", "preview", "describe", "index", "selftest", "manifest"}),
+        ("origin", {"flight", "preview", "manifest"}),
+        ("flight_id", {"flight", "preview", "manifest"}),
+        ("waypoint_inside", {"flight", "preview", "manifest"}),
     ],
 )
 def test_rebuild_exactly_what_depends_on_the_change(

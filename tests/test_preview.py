@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.preview import MISSING_RGB, ROUTE_RGB, render_preview
+from cachebuild.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
 from cachebuild.tiles import tile_from_id
 
 from .conftest import Cb, write_flight
@@ -39,15 +39,32 @@ def _region(img: np.ndarray, box: tuple[int, int, int, int], inset: int = 2) -> 
     return img[top + inset : bottom - inset, left + inset : right - inset]
 
 
-def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "size, mode",
+    [
+        (1024, "decoded"),  # a few large tiles: each decoded at its box size
+        (150, "thumbnails"),  # 30 px a tile, as a 1,200-tile cache at 1024 px: from thumbnails
+    ],
+)
+def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size: int, mode: str) -> None:
     cb, f, holes = holey_cache
     release = cb.current.resolve()
     out = tmp_path / "preview.png"
-    r = render_preview(release, out)
+    store = tmp_path / "store"
+    r = render_preview(release, out, size=size, store=store)
     geo = r["geometry"]
+    assert r["mode"] == mode
     with Image.open(out) as im:
         img = np.asarray(im.convert("RGB")).astype(int)
     assert img.shape[1] == r["width"] and r["missing"] == 2 and r["present"] == r["planned"] - 2
+    if mode == "thumbnails":
+        # made once per image and kept; the next preview reuses them and draws the same map
+        assert r["thumbnails_made"] == r["present"] and r["thumbnails_reused"] == 0
+        again = render_preview(release, tmp_path / "again.png", size=size, store=store)
+        assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == r["present"]
+        assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
+    else:
+        assert r["thumbnails_made"] == r["thumbnails_reused"] == 0
 
     # missing tiles: the red hatch
     for t in holes:
@@ -55,32 +72,45 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path) -> N
         red = np.all(np.abs(region - np.array(MISSING_RGB)) < 40, axis=-1).mean()
         assert red > 0.2, f"no hatch at {t}"
 
-    # present tiles: their own pixels, downsampled
+    # present tiles: their own pixels, downsampled (those clear of the north
+    # arrow, top right, and the scale bar, bottom left: at 150 px they cover tiles)
     conn = sqlite3.connect(release / "tiles.mbtiles")
-    request_close = conn.close
     ids = np.load(release / "tiles.npy")["id"]
     checked = 0
-    for tid in ids.tolist()[:: max(1, len(ids) // 6)]:
+    for tid in ids.tolist():
         t = tile_from_id(tid)
+        box = geo.tile_box(t.x, t.y)
+        if (box[2] > geo.width - 36 and box[1] < 52) or (box[0] < geo.width / 5 + 20 and box[3] > geo.height - 36):
+            continue
         (data,) = conn.execute(
             "SELECT tile_data FROM tiles WHERE zoom_level=? AND tile_column=? AND tile_row=?",
             (t.z, t.x, 2**t.z - 1 - t.y),
         ).fetchone()
-        box = geo.tile_box(t.x, t.y)
-        own = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").resize((box[2] - box[0], box[3] - box[1]))).astype(int)
+        with Image.open(io.BytesIO(data)) as tile_img:
+            own = np.asarray(tile_img.convert("RGB").resize((box[2] - box[0], box[3] - box[1]))).astype(int)
         shown = img[box[1] : box[3], box[0] : box[2]]
-        # overlays (route, bbox, bar) may cover a few pixels: compare the median difference
+        # overlays (route, bbox) may cover a few pixels: compare the median difference
         assert np.median(np.abs(shown - own)) < 12, f"tile {t} does not show its imagery"
+        # and the comparison can tell: the same tile shifted by half is far off
+        assert np.median(np.abs(shown - np.roll(own, own.shape[0] // 2, axis=(0, 1)))) > 20
         checked += 1
-    request_close()
-    assert checked >= 3
+    conn.close()
+    assert checked >= 6
 
-    # the route: its waypoints' projected pixels are the route colour
+    # the route: its waypoints' projected pixels are the route colour (or, under
+    # the takeoff marker, drawn last, the origin's)
     record = json.loads((release / "flight.json").read_text())
+    ox, oy = geo.project(record["takeoff_origin"]["lat"], record["takeoff_origin"]["lon"])
+    on_route = 0
     for w in record["waypoints"]:
         x, y = geo.project(w["lat"], w["lon"])
         px = img[int(round(y)), int(round(x))]
-        assert np.all(np.abs(px - np.array(ROUTE_RGB)) < 60), (w, px)
+        want = ORIGIN_RGB if abs(x - ox) < 7 and abs(y - oy) < 7 else ROUTE_RGB
+        on_route += want == ROUTE_RGB
+        assert np.all(np.abs(px - np.array(want)) < 60), (w, px)
+    assert on_route >= 2
+    ox_px = img[int(round(oy)), int(round(ox))]
+    assert np.all(np.abs(ox_px - np.array(ORIGIN_RGB)) < 60), ox_px
 
 
 def test_preview_cache_command_and_cache_info(holey_cache, tmp_path: Path) -> None:

@@ -90,6 +90,8 @@ def test_another_model_invalidates_exactly_its_descriptors(cb: Cb, tmp_path: Pat
     back = cb.build(f"FLIGHT={f}", *SMALL)
     assert back.code == 0, back.stderr
     assert {"engine", "describe"} <= set(back.report["tasks"]["run"])
+    # the coverage map draws imagery and route, not descriptors: the engine leaves it alone
+    assert "preview" not in set(swapped.report["tasks"]["run"]) | set(back.report["tasks"]["run"])
     assert back.report["descriptors"] == {"computed": 0, "reused": n}, "the first engine's are still stored"
     engines = sorted(p.name for p in (cb.home / "store" / "descriptors").iterdir())
     assert len(engines) == 2

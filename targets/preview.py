@@ -1,0 +1,33 @@
+"""preview.png: the coverage map, drawn from what the cache holds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from doit.tools import config_changed
+
+from cachebuild import actions
+from cachebuild.preview import DEFAULT_SIZE, PREVIEW_VERSION
+
+
+def task(plan: Any) -> dict[str, Any]:
+    build = plan.paths.build
+    s = plan.settings
+    return {
+        "name": "preview",
+        "doc": "draw the coverage map: imagery, holes, route, origin, area (preview.png)",
+        "actions": [
+            (actions.phase_action("preview", actions.preview), [], {"build": str(build), "store": str(s.store)})
+        ],
+        # exactly what it draws: the tiles and holes (tiles.npy, missing.npy,
+        # tiles.mbtiles), the area and zooms (tileset.json), the route, origin
+        # and flight id (flight.json); the thumbnails in the store are a pure
+        # function of the images already named in tiles.npy
+        "file_dep": [
+            str(build / n) for n in ("tiles.npy", "missing.npy", "tileset.json", "tiles.mbtiles", "flight.json")
+        ],
+        "targets": [str(build / "preview.png")],
+        # the version: how the map is drawn (cachebuild.preview)
+        "uptodate": [config_changed({"size": DEFAULT_SIZE, "version": PREVIEW_VERSION})],
+        "clean": True,
+    }
