@@ -134,7 +134,7 @@ def provider_key(spec: str) -> str:
 
 def engine_environment(backend: str) -> dict[str, str]:
     """Backend (``auto`` resolved), version and device, read without importing the backend."""
-    from .engine import engine_environment as resolve
+    from .backends import engine_environment as resolve
 
     return resolve(backend)
 
@@ -210,7 +210,7 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
         except OSError as exc:
             raise UsageError(f"KEY={key_path}: cannot read the key ({exc.strerror})") from None
     if with_flight and settings.companion is None and settings.backend == "tensorrt":
-        from .engine import select_backend
+        from .backends import select_backend
 
         select_backend("tensorrt")  # exit 21 naming what is missing, before any tile is fetched
     return BuildPlan(

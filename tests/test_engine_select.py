@@ -14,18 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import engine
-from cachebuild.engine import (
+from cachebuild import backends
+from cachebuild.backends import (
     BACKEND_CHOICES,
-    DEFAULT_BACKEND,
     MachineProbes,
-    OnnxRuntimeBackend,
-    cpu_device,
     engine_environment,
-    get_backend,
     probe_machine,
     select_backend,
 )
+from cachebuild.engine import DEFAULT_BACKEND, OnnxRuntimeBackend, cpu_device, get_backend
 from cachebuild.errors import EngineError
 from cachebuild.gpu import gpu_name_here, gpu_present, tensorrt_version_here
 from tests.conftest import Cb, write_flight
@@ -169,7 +166,7 @@ def test_no_tensorrt_here() -> None:
 
 
 def test_build_with_tensorrt_missing_exits_21_before_fetching(cb: Cb, tmp_path: Path) -> None:
-    if engine.probe_machine().tensorrt and engine.probe_machine().gpu:
+    if backends.probe_machine().tensorrt and backends.probe_machine().gpu:
         pytest.skip("TensorRT and a GPU are present here")
     flight = write_flight(tmp_path / "f.json")
     r = cb.build(f"FLIGHT={flight}", "BUFFER_M=100", "BACKEND=tensorrt")
@@ -182,7 +179,7 @@ def test_build_with_tensorrt_missing_exits_21_before_fetching(cb: Cb, tmp_path: 
 
 
 def test_auto_is_onnxruntime_on_the_cpu_here_and_the_same_engine(cb: Cb, tmp_path: Path) -> None:
-    here = engine.probe_machine()
+    here = backends.probe_machine()
     if here.tensorrt or here.ort_cuda:
         pytest.skip("this machine has a GPU backend: auto would not pick the CPU")
     flight = write_flight(tmp_path / "f.json")

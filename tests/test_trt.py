@@ -27,10 +27,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from cachebuild import engine, trt
+from cachebuild import backends, engine, trt, trtplan
+from cachebuild.backends import MachineProbes
 from cachebuild.engine import (
     ENGINE_JSON,
-    MachineProbes,
     compile_engine,
     engine_key,
     load_engine,
@@ -38,9 +38,9 @@ from cachebuild.engine import (
 )
 from cachebuild.errors import EngineError
 from cachebuild.model import write_default_model
-from cachebuild.trt import (
+from cachebuild.trt import TensorRTBackend
+from cachebuild.trtplan import (
     PROFILE_BATCH,
-    TensorRTBackend,
     TrtBuildPlan,
     check_environment,
     model_precision,
@@ -100,7 +100,7 @@ def install(monkeypatch: pytest.MonkeyPatch, version: str, cuda: Any) -> Any:
     monkeypatch.setitem(sys.modules, "tensorrt", mod)
     monkeypatch.setattr(trt, "cuda_api", lambda prefer=None: cuda)
     probes = MachineProbes(tensorrt=version, gpu=True, onnxruntime="1.20.0", ort_cuda=False)
-    monkeypatch.setattr(engine, "probe_machine", lambda: probes)
+    monkeypatch.setattr(backends, "probe_machine", lambda: probes)
     mod.cuda = cuda
     return mod
 
@@ -277,7 +277,7 @@ def test_build_settings_leave_onnxruntime_keys_as_they_were() -> None:
 
 
 def test_public_surface() -> None:
-    for module in (trt, sys.modules["cachebuild.gpu"]):
+    for module in (trt, trtplan, backends, sys.modules["cachebuild.gpu"]):
         tree = ast.parse(inspect.getsource(module))
         defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         for node in tree.body:
@@ -487,7 +487,7 @@ def test_importing_the_backend_loads_no_gpu_library() -> None:
     import subprocess
 
     code = (
-        "import sys, cachebuild.trt, cachebuild.gpu; "
+        "import sys, cachebuild.trt, cachebuild.trtplan, cachebuild.backends, cachebuild.gpu; "
         "heavy = ('numpy', 'onnx', 'onnxruntime', 'tensorrt', 'cupy', 'torch', 'cuda'); "
         "print(sorted(m for m in heavy if m in sys.modules))"
     )
