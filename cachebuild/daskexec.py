@@ -32,8 +32,10 @@ already stored.  The descriptor store's ``INSERT OR IGNORE`` would keep the
 first of two descriptors for an image anyway; this keeps its shards free of
 duplicate rows too.
 
-Workers need the store's tiles at the same path (one machine, a shared
-file system) or through the shared store (docs/scale.md).
+A worker reads each image from the build's store at the same path: the
+workers run on the build's machine, or see its store through a shared file
+system mounted at that path (docs/scale.md); one that does not fails the
+batch with a message naming its host and the tile.
 
 distributed is imported by this module, which is imported only when
 ``DASK_SCHEDULER`` is set.
@@ -44,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -117,7 +120,6 @@ def probe_scheduler(raw: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Non
     kind, address = parse_dask_scheduler(raw)
     if kind == "local":
         return
-    import socket
     from urllib.parse import urlsplit
 
     url = urlsplit(str(address))
@@ -203,11 +205,33 @@ def engine_loads() -> dict[str, int]:
     return dict(_LOADS)
 
 
-def _store(root: str) -> TileStore:
-    store = _STORES.get(root)
+def _store(root: Path) -> TileStore:
+    store = _STORES.get(str(root))
     if store is None:
-        store = _STORES[root] = TileStore(root)
+        store = _STORES[str(root)] = TileStore(root)
     return store
+
+
+def _tile_paths(store_root: str, ids: Any, digests: Any) -> list[Path]:
+    """Where this worker reads each image: the build's store, at the same path."""
+    from .describe import tile_zxy
+
+    root = Path(store_root)
+    local = _store(root) if (root / "objects").is_dir() else None  # never create it here
+    paths = []
+    for i, d in enumerate(digests):
+        path = None if local is None else local.path(bytes(d).hex())
+        if path is None or not path.is_file():
+            z, x, y = tile_zxy(ids[i])
+            raise BuildError(
+                f"the Dask worker on {socket.gethostname()} finds no image for tile z={z} x={x} y={y} "
+                f"under {root} (store object {bytes(d).hex()[:16]}...)",
+                remedy="run the workers where the store is at the same path (this machine, or a "
+                "shared file system mounted there; docs/scale.md)",
+                phase=_PHASE,
+            )
+        paths.append(path)
+    return paths
 
 
 def describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
@@ -222,8 +246,7 @@ def describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
 
     runner = engine_runner(key)
     size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
-    store = _store(store_root)
-    paths = [store.path(bytes(d).hex()) for d in digests]
+    paths = _tile_paths(store_root, ids, digests)
     buf = np.empty((len(paths), 3, *size), dtype=np.float32)
     x = _decode_batch(paths, ids, size, buf)
     try:
@@ -293,10 +316,10 @@ class DaskExecutor:
         threads = self.threads
         if self.kind == "local":
             n = int(self._target)
-            if threads is None:
+            if threads is None:  # this machine's CPUs shared by every task thread of every worker
                 from .cpus import usable_cpus
 
-                threads = max(1, usable_cpus() // n)
+                threads = max(1, usable_cpus() // (n * _LOCAL_THREADS_PER_WORKER))
             try:
                 self._cluster = LocalCluster(
                     n_workers=n,

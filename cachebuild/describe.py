@@ -470,8 +470,8 @@ def _describe_with_store(
     """Describe what the descriptor store lacks, then assemble the output from it.
 
     With ``dask_scheduler`` the engine runs on that cluster, and
-    ``executor["workers"]`` is set to its worker count (0 if no image
-    needed describing).  Returns ``(computed, engine runs)``.
+    ``executor["workers"]`` is set to its worker count; it is set to 0 if
+    no image needed describing.  Returns ``(computed, engine runs)``.
     """
     import numpy as np
 
@@ -521,7 +521,7 @@ def _describe_with_store(
                     executor["workers"] = cluster.workers
             shard[todo] = ushard[inverse]
             row[todo] = urow[inverse]
-        elif dask_scheduler is not None and executor is not None:
+        elif executor is not None:  # every image was in the store: no engine ran
             executor["workers"] = 0
         ds.touch()
         with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
