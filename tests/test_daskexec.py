@@ -84,6 +84,20 @@ def test_unreachable_scheduler_fails_with_21_before_any_work(cb: Cb, tmp_path: P
         pass
 
 
+def test_a_worker_that_cannot_see_the_store_names_its_host_and_the_tile(tmp_path: Path) -> None:
+    from cachebuild import daskexec
+    from cachebuild.errors import BuildError
+
+    missing = tmp_path / "elsewhere" / "store"
+    tile = (17 << 58) | (68000 << 29) | 45000
+    with pytest.raises(BuildError) as e:
+        daskexec._tile_paths(str(missing), np.array([tile]), np.zeros((1, 32), np.uint8))
+    assert socket.gethostname() in e.value.message and "z=17 x=68000 y=45000" in e.value.message
+    assert str(missing) in e.value.message and "same path" in e.value.remedy
+    assert e.value.exit_code == 21 and e.value.phase == "describe"
+    assert not missing.exists()  # a worker never creates a store of its own
+
+
 def _store_counts(store: Path) -> tuple[int, int, int]:
     """(descriptors indexed, rows the shards hold, rows the shard files hold) of the one engine."""
     (engine_dir,) = [p for p in (store / "descriptors").iterdir() if p.is_dir()]
