@@ -495,6 +495,36 @@ def test_importing_the_backend_loads_no_gpu_library() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
+    fake: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """build-cache BACKEND=auto on a "Jetson": engine.plan signed in the manifest, the report names it."""
+    from cachebuild.runner import build_cache
+    from tests.conftest import write_flight
+
+    flight = write_flight(tmp_path / "f.json")
+    env = {"CACHEBUILD_HOME": str(tmp_path / "home")}
+    code = build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env)
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0, report
+    assert report["engine"]["backend"] == "tensorrt" and report["engine"]["device"] == "gpu:Fake Orin:sm_87"
+    current = tmp_path / "home" / "cache" / "current"
+    signed = json.loads((current / "manifest.json").read_text())["signed"]
+    assert "engine/engine.plan" in signed["targets"] and "engine/engine.onnx" not in signed["targets"]
+    assert signed["info"]["engine"]["key"] == report["engine"]["key"]
+    record = json.loads((current / "engine" / ENGINE_JSON).read_text())
+    assert record["build"]["workspace"] == 1 << 30 and record["timing_cache_reused"] is False
+    assert any((tmp_path / "home" / "tensorrt").glob("timing-*.cache"))
+    # describe ran the engine through execute_async_v3, and so did the self-test when it had frames
+    runs = [e[2] for e in fake.log if e[0] == "execute"]
+    assert sum(runs) >= report["descriptors"]["computed"] > 0, (runs, report["descriptors"], report["selftest"])
+    assert report["selftest"]["queries"] > 0 and len(runs) >= 2  # the self-test's frames too
+    # the same again: nothing to do
+    assert build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["outcome"] == "up_to_date" and again["engine"] == report["engine"]
+
+
 # -- a real TensorRT (skipped here) ----------------------------------------------------
 
 
