@@ -18,9 +18,18 @@ from typing import Any
 
 from .config import Settings, load_settings
 from .errors import CacheBuildError, UsageError, VerifyError
+from .publish import current_release
 from .report import Report
 
-__all__ = ["cache_info", "format_info", "cache_info_cmd", "preview_cache_cmd"]
+__all__ = [
+    "cache_info",
+    "format_info",
+    "companion_cache",
+    "compare",
+    "format_companion",
+    "cache_info_cmd",
+    "preview_cache_cmd",
+]
 
 
 def _trusted(settings: Settings) -> list[Any]:
@@ -136,8 +145,6 @@ def format_info(d: Mapping[str, Any]) -> str:
 
 
 def _release(settings: Settings) -> Path:
-    from .publish import current_release
-
     release = current_release(settings.paths)
     if release is None:
         raise UsageError(
@@ -147,22 +154,127 @@ def _release(settings: Settings) -> Path:
     return release
 
 
+def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = None) -> dict[str, Any]:
+    """The companion's published cache, read by running ``cache-info`` there over SSH.
+
+    Returns ``host``, ``dir`` (``COMPANION_DIR`` there), ``cache`` (its
+    :func:`cache_info`, verified there with the key it signs with:
+    ``COMPANION_KEY``, else its development key) or None with ``error``
+    when it has no readable published cache.
+
+    Raises
+    ------
+    CompanionError
+        Exit 30: unreachable, untrusted host key, refused key, or no
+        cachebuild answering ``COMPANION_CMD`` there.
+    """
+    from .companion.errors import CompanionNotReadyError, RemoteReportError
+    from .companion.flow import companion_options, resolve_root
+    from .companion.remote import remote_command, run_remote_build
+    from .companion.ssh import connect
+
+    target, options = companion_options(settings)
+    with connect(target, options, factory=factory) as conn:
+        sftp = conn.open_sftp()
+        root = resolve_root(sftp, settings.companion_dir)
+        sftp.close()
+        variables = {"CACHE_DIR": f"{root}/cache", "KEY": settings.companion_key, "REPORT": "json"}
+        command = remote_command(settings.companion_cmd, "cache-info", variables)
+        try:
+            _, remote = run_remote_build(conn, command, out=stream or sys.stderr, env=settings.env)
+        except RemoteReportError as exc:
+            raise CompanionNotReadyError(
+                f"`{settings.companion_cmd} cache-info` on {target} gave no report: {exc.message}",
+                remedy="install the same cachebuild version on the companion as here (docs/companion.md), "
+                "or set COMPANION_CMD to its doit",
+            ) from exc
+    cache = remote.get("cache") if remote.get("exit_code") == 0 else None
+    out: dict[str, Any] = {"host": str(target), "dir": root, "cache": cache if isinstance(cache, dict) else None}
+    if out["cache"] is None:
+        out["error"] = remote.get("error") or f"cache-info there exited {remote.get('exit_code')}"
+    return out
+
+
+def compare(companion: dict[str, Any], local: Mapping[str, Any] | None, last: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Is the companion's cache the one this workstation means?  Adds ``reference``,
+    ``build_id``, ``matches`` and ``status`` to ``companion``.
+
+    The reference is the local published cache when there is one, else the
+    cache this workstation last built on that companion.  ``status`` is
+    ``matches`` (same build id), ``stale`` (another), ``no cache`` (none
+    published there) or ``unknown`` (nothing here to compare with).
+    """
+    remote = companion.get("cache")
+    ref: dict[str, Any] | None = None
+    if local is not None:
+        ref = {"source": "local cache", "build_id": local.get("build_id"), "path": local.get("path")}
+    elif last is not None and last.get("host") == companion["host"]:
+        ref = {"source": "last companion build", "build_id": last.get("build_id"), "at": last.get("at")}
+    companion["reference"] = ref
+    companion["build_id"] = remote.get("build_id") if remote else None
+    if remote is None:
+        companion["matches"], companion["status"] = False, "no cache"
+    elif ref is None:
+        companion["matches"], companion["status"] = None, "unknown"
+    elif remote.get("build_id") == ref["build_id"]:
+        companion["matches"], companion["status"] = True, "matches"
+    else:
+        companion["matches"], companion["status"] = False, "stale"
+    return companion
+
+
+def format_companion(c: Mapping[str, Any]) -> str:
+    """One paragraph: the companion's cache against the reference."""
+    remote, ref = c.get("cache"), c.get("reference")
+    head = f"companion {c['host']} ({c['dir']}/cache)"
+    if remote is None:
+        return f"{head}: no published cache ({c.get('error')})"
+    v = remote["verify"]
+    line = (
+        f"{head}: build {str(remote.get('build_id'))[:16]}, v{remote.get('manifest_version')}, "
+        f"built {remote.get('built_at')}, verify {'passes' if v['ok'] else 'FAILS: ' + str(v['reason'])}"
+    )
+    if c["status"] == "matches":
+        return f"{line}\n  matches the {ref['source']}"
+    if c["status"] == "stale":
+        return f"{line}\n  STALE: the {ref['source']} is build {str(ref['build_id'])[:16]}"
+    return f"{line}\n  nothing here to compare it with (no local cache, no companion build recorded)"
+
+
 def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
-    """``doit cache-info``: a table, or with ``REPORT=json`` the report with ``cache``."""
+    """``doit cache-info``: a table, or with ``REPORT=json`` the report with ``cache``.
+
+    With ``COMPANION``, the companion's cache too (``companion`` in the
+    report: see :func:`companion_cache` and :func:`compare`); the local
+    published cache is then optional.
+    """
     report = Report("cache-info")
     fmt = "json" if (vars.get("REPORT") or "").lower() == "json" else "text"
     try:
         settings = load_settings(vars, env)
         fmt = settings.report
-        d = cache_info(_release(settings), _trusted(settings), settings.cache_dir)
-        report.build_id = d["build_id"]
-        report.flight_id = d["flight_id"]
-        report.manifest_version = d["manifest_version"]
-        report.manifest_path = str(Path(d["path"]) / "manifest.json")
+        d: dict[str, Any] | None = None
+        if settings.companion is None or current_release(settings.paths) is not None:
+            d = cache_info(_release(settings), _trusted(settings))
+            report.build_id = d["build_id"]
+            report.flight_id = d["flight_id"]
+            report.manifest_version = d["manifest_version"]
+            report.manifest_path = str(Path(d["path"]) / "manifest.json")
         report.extra["cache"] = d
+        text = [format_info(d)] if d is not None else []
+        if settings.companion is not None:
+            from .companion.flow import last_companion_build
+
+            c = compare(companion_cache(settings), d, last_companion_build(settings.paths.state))
+            report.extra["companion"] = c
+            if d is None and c["cache"] is not None:
+                report.build_id = c["cache"].get("build_id")
+                report.flight_id = c["cache"].get("flight_id")
+                report.manifest_version = c["cache"].get("manifest_version")
+            text.append(format_companion(c))
         report.outcome, report.exit_code = "success", 0
         if fmt == "text":
-            sys.stdout.write(format_info(d) + "\n")
+            sys.stdout.write("\n\n".join(text) + "\n")
             return 0
     except CacheBuildError as exc:
         report.fail(exc)
@@ -186,9 +298,19 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         release = _release(settings)
         signed = json.loads((release / "manifest.json").read_text())["signed"]
         target = Path(out) if out else settings.cache_dir / "preview.png"
-        r = render_preview(release, target, built_at=signed.get("built_at"))
+        from .actions import store_user
+
+        with store_user(str(settings.store)):  # thumbnails in the store; gc-store waits
+            r = render_preview(release, target, built_at=signed.get("built_at"), store=settings.store)
         report.build_id = signed.get("build_id")
-        report.extra["preview"] = {"path": str(target), "width": r["width"], "height": r["height"]}
+        report.extra["preview"] = {
+            "path": str(target),
+            "width": r["width"],
+            "height": r["height"],
+            "mode": r["mode"],
+            "thumbnails_reused": r["thumbnails_reused"],
+            "thumbnails_made": r["thumbnails_made"],
+        }
         report.outcome, report.exit_code = "success", 0
         if fmt == "text":
             sys.stdout.write(f"preview: {target} ({r['width']}x{r['height']}, z{r['zoom']})\n")

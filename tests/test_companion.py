@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
-REMOTE_TASKS = {"flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "manifest"}
+REMOTE_TASKS = {"flight", "tiles", "mbtiles", "preview", "model", "engine", "describe", "index", "manifest"}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +124,9 @@ def test_cold_build_on_the_companion_then_an_unchanged_rerun_pushes_nothing(
     assert set(rep["tasks"]["run"]) == {"flight", "tiles"}
     assert REMOTE_TASKS <= set(rep["companion"]["tasks"]["run"])
     assert not (companion.cb.cache_dir / "state" / "build" / "engine").exists()
+    # the coverage map is drawn where the cache is built, and published with it
+    assert (companion.dir / "cache" / "current" / "preview.png").is_file()
+    assert not (companion.cb.cache_dir / "state" / "build" / "preview.png").exists()
     assert not companion.cb.current.exists()
     digests = local_digests(companion.cb)
     push = rep["push"]
@@ -381,3 +384,59 @@ def test_secrets_reach_no_output_and_no_file(companion: Companion, tmp_path: Pat
     # the pushed tile set names the provider by its template, {key} and all
     pushed = json.loads(next((companion.dir / "inbox").glob("*/tileset.json")).read_text())
     assert "{key}" in pushed["provider"]
+
+
+def test_cache_info_reads_the_companions_cache_and_says_whether_it_matches(
+    companion: Companion, tmp_path: Path
+) -> None:
+    f = write_flight(tmp_path / "f.json", flight_id="3F2B8C1E-5A7D-4E6F-9B0A-1C2D3E4F5A6B")
+    built = companion.build(f)
+    assert built.code == 0, built.stderr
+    args = [f"{k}={v}" for k, v in companion.vars().items()]
+
+    # read over SSH: the companion's own cache-info, verified there with its key
+    info = companion.cb.run("cache-info", *args)
+    assert info.code == 0, info.stderr
+    c = info.report["companion"]
+    signed = json.loads(companion.manifest.read_text())["signed"]
+    assert c["host"] == companion.sshd.target and c["dir"] == str(companion.dir)
+    assert c["build_id"] == c["cache"]["build_id"] == signed["build_id"] == built.report["build_id"]
+    assert c["cache"]["manifest_version"] == signed["version"] and c["cache"]["expires"] == signed["expires"]
+    assert c["cache"]["artifacts"]["preview.png"] == signed["targets"]["preview.png"]["length"]
+    assert c["cache"]["verify"] == {"ok": True, "reason": None}
+    # nothing is published on this workstation: the reference is the build it ran there
+    assert info.report["cache"] is None and info.report["build_id"] == signed["build_id"]
+    assert c["reference"]["source"] == "last companion build"
+    assert c["status"] == "matches" and c["matches"] is True
+    text = companion.cb.run("cache-info", *args, "REPORT=text")
+    assert text.code == 0 and "matches the last companion build" in text.stdout
+
+    # the operator builds another area here: the companion's cache is stale against it
+    g = write_flight(tmp_path / "g.json", lon=8.5460)
+    local = companion.cb.build(f"FLIGHT={g}", *SMALL)
+    assert local.code == 0, local.stderr
+    stale = companion.cb.run("cache-info", *args)
+    assert stale.code == 0, stale.stderr
+    c = stale.report["companion"]
+    assert c["reference"]["source"] == "local cache"
+    assert c["reference"]["build_id"] == stale.report["cache"]["build_id"] == local.report["build_id"]
+    assert c["status"] == "stale" and c["matches"] is False and c["build_id"] == signed["build_id"]
+    text = companion.cb.run("cache-info", *args, "REPORT=text")
+    assert "STALE" in text.stdout and local.report["build_id"] in text.stdout
+
+    # tampered on the companion: read all the same, verify false with the reason
+    target = companion.dir / "cache" / "current" / "index.faiss"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 1
+    target.unlink()
+    target.write_bytes(bytes(data))
+    bad = companion.cb.run("cache-info", *args).report["companion"]
+    assert bad["cache"]["verify"]["ok"] is False and "index.faiss" in bad["cache"]["verify"]["reason"]
+
+    # a companion with no cache, and one that cannot be reached
+    empty = companion.cb.run("cache-info", *args, f"COMPANION_DIR={tmp_path / 'fresh'}")
+    assert empty.code == 0, empty.stderr
+    c = empty.report["companion"]
+    assert c["status"] == "no cache" and c["cache"] is None and "no published cache" in c["error"]
+    down = companion.cb.run("cache-info", *args, f"COMPANION={companion.sshd.user}@127.0.0.1:{free_port()}")
+    assert down.code == 30 and "cannot connect" in down.report["error"]

@@ -232,10 +232,11 @@ def test_build_by_id_then_unchanged_answer_rebuilds_nothing_then_offline(cb: Cb,
     assert again.code == 0 and again.report["outcome"] == "up_to_date"
     assert api.hits[GOOD] == 2, "the default always asks the API"
 
-    # the API changes the takeoff origin: the flight record and manifest rebuild
+    # the API changes the takeoff origin: the flight record, the coverage map (it
+    # marks the origin) and the manifest rebuild
     api.routes[GOOD] = ("json", {**FLIGHT, "takeoff_origin": {"lat": 47.3705, "lon": 8.5405, "alt_m": 410.0}})
     changed = cb.build(f"FLIGHT={GOOD}", "BUFFER_M=200", env=env)
-    assert set(changed.report["tasks"]["run"]) == {"flight", "manifest"}
+    assert set(changed.report["tasks"]["run"]) == {"flight", "preview", "manifest"}
 
     # the API goes away: the default fails with 92, OFFLINE=1 rebuilds from the saved answer
     api.close()

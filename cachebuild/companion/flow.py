@@ -35,6 +35,9 @@ __all__ = [
     "resolve_root",
     "remote_variables",
     "build_on_companion",
+    "LAST_BUILD_FILE",
+    "record_companion_build",
+    "last_companion_build",
 ]
 
 #: The companion's cache root: cachebuild's own default home there.
@@ -372,3 +375,42 @@ def build_on_companion(
         finally:
             report.timed("remote", time.monotonic() - t)
         _merge_remote(report, remote, code, target)
+        if report.exit_code == 0 and report.build_id:
+            record_companion_build(plan.paths.state, str(target), root, report)
+
+
+#: In the workstation's state directory: the cache it last built on a companion.
+LAST_BUILD_FILE = "companion-build.json"
+
+
+def record_companion_build(state_dir: Any, host: str, root: str, report: Any) -> None:
+    """Remember which cache this workstation last built on ``host`` (``doit cache-info``
+    compares the companion's published cache with it)."""
+    import json
+    import os
+    from pathlib import Path
+
+    path = Path(state_dir) / LAST_BUILD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    record = {
+        "host": host,
+        "dir": root,
+        "build_id": report.build_id,
+        "manifest_version": report.manifest_version,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def last_companion_build(state_dir: Any) -> dict[str, Any] | None:
+    """What :func:`record_companion_build` kept, or None."""
+    import json
+    from pathlib import Path
+
+    try:
+        record = json.loads((Path(state_dir) / LAST_BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("build_id"), str) else None
