@@ -151,7 +151,8 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
 
     What a build's engine task depends on (a change rebuilds the engine):
     the device is the CPU (model and vector features) or the GPU's model
-    (from the driver, without loading CUDA).  Never raises: a missing
+    (from the driver, without loading CUDA); TensorRT's version includes
+    the CUDA runtime's, read from its wheel or the toolkit's version file.  Never raises: a missing
     TensorRT shows as version ``missing``; the engine phase then fails with
     the reason (exit 21).
     """
@@ -164,7 +165,10 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
     except EngineError:
         return {"backend": requested, "version": probes.tensorrt or "missing", "device": "none"}
     if choice.backend == "tensorrt":
-        return {"backend": "tensorrt", "version": str(probes.tensorrt), "device": f"gpu:{gpu_name_here() or 'unknown'}"}
+        from .gpu import cuda_version_here
+
+        version = f"{probes.tensorrt} (CUDA {cuda_version_here() or 'unknown'})"
+        return {"backend": "tensorrt", "version": version, "device": f"gpu:{gpu_name_here() or 'unknown'}"}
     version = probes.onnxruntime or "missing"
     if choice.provider == "cuda":
         return {"backend": "onnxruntime", "version": version, "device": f"cuda:{gpu_name_here() or 'unknown'}"}

@@ -665,7 +665,7 @@ def _check_key(be: EngineBackend, record: dict[str, Any], engine_dir: Path) -> N
     """The key check at load: the engine's key, derived again for this machine, must match.
 
     A TensorRT engine runs only on the GPU, TensorRT and CUDA it was built
-    with; one built elsewhere is never loaded (the engine phase rebuilds it).
+    with; one built elsewhere is never loaded.
     """
     check = getattr(be, "environment", None)
     if callable(check) and record.get("environment") is not None:
@@ -681,6 +681,6 @@ def _check_key(be: EngineBackend, record: dict[str, Any], engine_dir: Path) -> N
             f"the engine in {engine_dir} was built for {record.get('device')} with {record.get('backend')} "
             f"{record.get('backend_version')}; here it would be {be.device()} with {be.version()}: "
             "its key does not match this machine, so it is not loaded",
-            remedy="run build-cache again on this machine: the engine phase rebuilds it here "
-            "(or delete the engine directory)",
+            remedy=f"delete {engine_dir} and run build-cache again: the engine is then built for this "
+            "machine (a new TensorRT, CUDA or GPU model rebuilds it by itself)",
         )

@@ -30,6 +30,7 @@ __all__ = [
     "gpu_present",
     "gpu_name_here",
     "tensorrt_version_here",
+    "cuda_version_here",
     "cuda_api",
 ]
 
@@ -63,6 +64,33 @@ def tensorrt_version_here() -> str | None:
         if m:
             return m.group(1)
     return "unknown"
+
+
+def cuda_version_here(root: str = "/") -> str | None:
+    """The CUDA runtime's version without loading it, or None where none is found.
+
+    From the pip wheels TensorRT's wheels depend on (nvidia-cuda-runtime-*),
+    else the CUDA toolkit's ``version.json`` (JetPack, and toolkit installs)
+    or ``version.txt``.
+    """
+    import json
+    from importlib import metadata
+
+    for dist in ("nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    base = Path(root) / "usr/local/cuda"
+    try:
+        return str(json.loads((base / "version.json").read_text())["cuda"]["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        m = re.search(r"CUDA Version\s+([\d.]+)", (base / "version.txt").read_text())
+    except OSError:
+        return None
+    return m.group(1) if m else None
 
 
 _GPU_NODES = ("/dev/nvidia0", "/dev/nvhost-ctrl-gpu", "/dev/nvgpu/igpu0", "/dev/dri/card0-nvidia")

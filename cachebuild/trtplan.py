@@ -247,8 +247,7 @@ def check_environment(record: Mapping[str, Any], live: Mapping[str, str], engine
     Raises
     ------
     EngineError
-        Naming both environments; the remedy is to build again (the engine
-        phase then rebuilds it for this machine).
+        Naming both environments and the engine directory to delete.
     """
     built = record.get("environment") or {}
     diff = [k for k in ("tensorrt", "cuda", "gpu", "compute_capability") if str(built.get(k)) != str(live.get(k))]
@@ -262,8 +261,8 @@ def check_environment(record: Mapping[str, Any], live: Mapping[str, str], engine
         raise EngineError(
             f"the TensorRT engine in {engine_dir} was built for {show(built)}; this machine has "
             f"{show(live)} ({', '.join(diff)} differ): it is not loaded",
-            remedy="run build-cache again on this machine: the engine phase rebuilds it here "
-            "(or delete the engine directory)",
+            remedy=f"delete {engine_dir} and run build-cache again: the engine is then built for this "
+            "machine (a new TensorRT, CUDA or GPU model rebuilds it by itself)",
         )
 
 

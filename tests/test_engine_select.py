@@ -24,7 +24,7 @@ from cachebuild.backends import (
 )
 from cachebuild.engine import DEFAULT_BACKEND, OnnxRuntimeBackend, cpu_device, get_backend
 from cachebuild.errors import EngineError
-from cachebuild.gpu import gpu_name_here, gpu_present, tensorrt_version_here
+from cachebuild.gpu import cuda_version_here, gpu_name_here, gpu_present, tensorrt_version_here
 from tests.conftest import Cb, write_flight
 
 CPU = MachineProbes(tensorrt=None, gpu=False, onnxruntime="1.20.0", ort_cuda=False)
@@ -136,6 +136,30 @@ def test_gpu_probes_on_a_jetson_tree(tmp_path: Path) -> None:
     (tmp_path / "proc/device-tree/model").write_bytes(b"NVIDIA Jetson AGX Orin Developer Kit\0")
     assert gpu_present(str(tmp_path))
     assert gpu_name_here(str(tmp_path)) == "NVIDIA Jetson AGX Orin Developer Kit"
+
+
+def test_cuda_version_from_the_toolkit_files(tmp_path: Path) -> None:
+    from importlib import metadata
+
+    if any(d.metadata["Name"].startswith("nvidia-cuda-runtime") for d in metadata.distributions()):
+        pytest.skip("a CUDA runtime wheel is installed: it answers first")
+    cuda = tmp_path / "usr/local/cuda"
+    cuda.mkdir(parents=True)
+    assert cuda_version_here(str(tmp_path)) is None
+    (cuda / "version.txt").write_text("CUDA Version 11.4.315\n")
+    assert cuda_version_here(str(tmp_path)) == "11.4.315"
+    (cuda / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.6.68"}}')
+    assert cuda_version_here(str(tmp_path)) == "12.6.68"
+
+
+def test_a_new_cuda_changes_what_the_engine_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    import cachebuild.gpu as gpu
+
+    monkeypatch.setattr(gpu, "cuda_version_here", lambda root="/": "12.6.68")
+    before = engine_environment("auto", JETSON)
+    monkeypatch.setattr(gpu, "cuda_version_here", lambda root="/": "12.8.90")
+    after = engine_environment("auto", JETSON)
+    assert before["version"] == "10.3.0 (CUDA 12.6.68)" and before != after
 
 
 def test_gpu_probes_without_a_gpu(tmp_path: Path) -> None:

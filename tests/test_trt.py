@@ -232,7 +232,7 @@ def test_check_environment_refuses_another_machine(tmp_path: Path, field: str, o
     with pytest.raises(EngineError) as info:
         check_environment({"environment": {**LIVE, field: other}}, LIVE, tmp_path)
     assert f"({field} differ)" in info.value.message and "not loaded" in info.value.message
-    assert "rebuilds" in (info.value.remedy or "") and info.value.exit_code == 21
+    assert f"delete {tmp_path}" in (info.value.remedy or "") and info.value.exit_code == 21
 
 
 def test_timing_cache_file_is_per_environment(tmp_path: Path) -> None:
@@ -452,7 +452,7 @@ def test_an_engine_for_another_machine_is_never_loaded(
     with pytest.raises(EngineError, match="it is not loaded") as info:
         load_engine(tmp_path / "e")
     assert "Fake Orin (sm 8.7), TensorRT 10.3.0, CUDA 12.6" in info.value.message
-    assert info.value.exit_code == 21 and "rebuilds it here" in (info.value.remedy or "")
+    assert info.value.exit_code == 21 and f"delete {tmp_path / 'e'}" in (info.value.remedy or "")
     assert not any(e[0] == "execute" for e in mod.log)
 
 
