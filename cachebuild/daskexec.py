@@ -76,6 +76,7 @@ __all__ = [
     "engine_runner",
     "engine_loads",
     "describe_batch",
+    "WorkerError",
     "DaskExecutor",
 ]
 
@@ -234,7 +235,44 @@ def _tile_paths(store_root: str, ids: Any, digests: Any) -> list[Path]:
     return paths
 
 
+class WorkerError(Exception):
+    """A :class:`~cachebuild.errors.CacheBuildError` raised on a worker, in transit.
+
+    Exceptions cross to the build by pickle, which rebuilds them from their
+    positional arguments only; an error with keyword-only fields (a store
+    object's ``digest``...) would not survive it.  This carries the class
+    and every field, and :meth:`rebuild` makes the same error again.
+    """
+
+    def __init__(self, module: str, name: str, message: str, state: dict[str, Any]):
+        super().__init__(module, name, message, state)
+
+    @classmethod
+    def of(cls, exc: CacheBuildError) -> WorkerError:
+        return cls(type(exc).__module__, type(exc).__qualname__, exc.message, dict(vars(exc)))
+
+    def rebuild(self) -> CacheBuildError:
+        import importlib
+
+        module, name, message, state = self.args
+        kind = getattr(importlib.import_module(module), name)
+        if not (isinstance(kind, type) and issubclass(kind, CacheBuildError)):
+            return BuildError(message, phase=_PHASE)
+        err: CacheBuildError = kind.__new__(kind)
+        Exception.__init__(err, message)
+        err.__dict__.update(state)
+        return err
+
+
 def describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
+    """On a worker: :func:`_describe_batch`, its errors made fit to travel (:class:`WorkerError`)."""
+    try:
+        return _describe_batch(key, store_root, ids, digests)
+    except CacheBuildError as exc:
+        raise WorkerError.of(exc) from None
+
+
+def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
     """On a worker: the descriptors of one batch of images, float32 ``[k, dim]``, unit rows.
 
     ``digests`` is uint8 ``[k, 32]`` (SHA-256 of each image in the store),
@@ -328,7 +366,7 @@ class DaskExecutor:
                     host="127.0.0.1",
                     scheduler_port=0,
                     dashboard_address=None,
-                    silence_logs=logging.ERROR,
+                    silence_logs=logging.CRITICAL,
                 )
             except Exception as exc:
                 raise BuildError(
@@ -435,6 +473,8 @@ class DaskExecutor:
 
         try:
             return fut.result()
+        except WorkerError as exc:
+            raise exc.rebuild() from None
         except CacheBuildError:
             raise
         except KilledWorker as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 
 from cachebuild.config import load_settings, parse_dask_scheduler
 from cachebuild.describe import describe_tiles
-from cachebuild.errors import UsageError
+from cachebuild.errors import CacheBuildError, UsageError
 from cachebuild.lock import CacheLock
 
 from .conftest import REPO, Cb, write_flight
@@ -248,3 +249,23 @@ def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
         loads = client.run(daskexec.engine_loads)
         key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())["key"]
         assert list(loads.values()) == [{key: 1}]
+
+    # a damaged tile image fails a worker's batch with the error a local describe
+    # raises: same class, message and fields (they cross the wire intact)
+    build, store = cb.cache_dir / "state" / "build", cb.home / "store"
+    tiles = np.load(build / "tiles.npy")
+    victim = store / "objects" / bytes(tiles["sha256"][0]).hex()[:2] / bytes(tiles["sha256"][0]).hex()
+    errors = []
+    for where in (cluster.address, None):
+        shutil.rmtree(store / "descriptors")  # every image is described again
+        victim.unlink(missing_ok=True)
+        victim.write_bytes(b"\xff\xd8 not a jpeg")
+        with pytest.raises(CacheBuildError) as e:
+            describe_tiles(
+                tileset_dir=build, store_root=store, engine_dir=build / "engine", out_dir=tmp_path / "again",
+                batch_size=1, progress=False, reuse=True, dask_scheduler=where,
+            )  # fmt: skip
+        errors.append(e.value)
+    remote, local = errors
+    assert type(remote) is type(local) and vars(remote) == vars(local) and str(remote) == str(local)
+    assert "z=" in remote.message and remote.exit_code == 21
