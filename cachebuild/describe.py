@@ -33,6 +33,7 @@ numpy, Pillow and the engine's backend are imported inside the functions.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import threading
@@ -43,12 +44,12 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .engine import load_engine, read_engine_json
 from .errors import BuildError, UsageError
 from .progress import Progress
-from .store import TileStore
+from .store import TileStore, read_object
 from .tileset import TILES_FILE, read_tiles
 
 if TYPE_CHECKING:
@@ -122,8 +123,8 @@ def _lower_decoder_priority() -> None:
         pass
 
 
-def decode_tile(path: str | os.PathLike[str], size: tuple[int, int]) -> np.ndarray:
-    """Decode one tile image to uint8 RGB ``[H, W, 3]`` of ``size`` (H, W).
+def decode_tile(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int]) -> np.ndarray:
+    """Decode one tile image (a path or a binary file) to uint8 RGB ``[H, W, 3]`` of ``size`` (H, W).
 
     JPEG tiles larger than ``size`` are decoded at a reduced scale by
     libjpeg itself; any other size mismatch is resized (bilinear).
@@ -165,8 +166,11 @@ def _decode_batch(
 
     scratch = np.empty((3, *size), dtype=np.uint8)
     for i, path in enumerate(paths):
+        # hash checked: a corrupt image would leave a wrong descriptor in the
+        # store under the right name (StoreObjectError: the build fetches it again)
+        data = read_object(path, what="tile z={} x={} y={}".format(*tile_zxy(ids[i])))
         try:
-            rgb = decode_tile(path, size)
+            rgb = decode_tile(io.BytesIO(data), size)
         except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
             z, x, y = tile_zxy(ids[i])
             raise BuildError(

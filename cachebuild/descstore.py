@@ -193,15 +193,52 @@ class DescriptorStore:
                 row[a[:, 0]] = a[:, 2]
         db.execute("DELETE FROM q")
         # rows a shard file does not hold in full are not there
+        lost: dict[str, int] = {}
         for sid in np.unique(shard[shard >= 0]).tolist():
             try:
                 have = self.shard_path(int(sid)).stat().st_size // self.row_bytes
             except (OSError, KeyError):
                 have = 0
             bad = (shard == sid) & (row >= have)
+            if bad.any():
+                self._forget(digests[bad], int(sid))
+                lost[self._names.get(int(sid), str(sid))] = int(bad.sum())
             shard[bad] = -1
             row[bad] = -1
+        if lost:
+            import warnings
+
+            from .errors import CacheBuildWarning
+
+            what = ", ".join(f"{n} in shard {name}" for name, n in sorted(lost.items()))
+            warnings.warn(
+                CacheBuildWarning(
+                    f"the descriptor store {self.root} names descriptors its shard files do not hold "
+                    f"({what}: deleted or truncated); they are computed again"
+                ),
+                stacklevel=2,
+            )
         return shard, row
+
+    def _forget(self, digests: Any, shard: int) -> None:
+        """Drop index rows of ``shard`` for ``digests``: their bytes are gone.
+
+        A committed row is always whole on disk (the shard is synced before
+        the commit), so a row past the file's end is damage, never a writer
+        in progress; dropping it lets the descriptor computed again be
+        recorded (``INSERT OR IGNORE`` would keep the dead row).
+        """
+        db = self.conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "DELETE FROM descriptors WHERE sha256 = ? AND shard = ?",
+                ((bytes(d), shard) for d in digests),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
 
     def read(self, shard: Any, row: Any, out: Any | None = None) -> Any:
         """The descriptors at ``(shard[i], row[i])``, float32 ``[n, dim]``.

@@ -18,6 +18,8 @@ __all__ = [
     "EXIT_VERIFY",
     "EXIT_COMPANION",
     "EXIT_LOCK_HELD",
+    "EXIT_DISK_FULL",
+    "CacheBuildWarning",
     "CacheBuildError",
     "UsageError",
     "FlightError",
@@ -30,6 +32,8 @@ __all__ = [
     "DownloadError",
     "BuildError",
     "EngineError",
+    "StoreObjectError",
+    "DiskFullError",
     "CoverageError",
     "VerifyError",
     "LockHeldError",
@@ -43,6 +47,14 @@ EXIT_COVERAGE = 22
 EXIT_VERIFY = 23
 EXIT_COMPANION = 30
 EXIT_LOCK_HELD = 50
+EXIT_DISK_FULL = 24
+
+
+class CacheBuildWarning(UserWarning):
+    """A soft problem the build worked around (a damaged file rebuilt, say).
+
+    The wrapper passes these to the report's ``warnings``.
+    """
 
 
 class CacheBuildError(Exception):
@@ -153,6 +165,31 @@ class EngineError(BuildError):
 
     phase = "engine"
     remedy = "check MODEL, CALIBRATION, PRECISION and BACKEND"
+
+
+class StoreObjectError(BuildError):
+    """A tile image in the store is missing or does not hash to its name.
+
+    Raised by the phase that read it, after removing a corrupt object; the
+    wrapper then fetches it again (:mod:`cachebuild.repair`).  ``digest``
+    names the object.
+    """
+
+    remedy = "run build-cache again: the tiles phase fetches the image again"
+
+    def __init__(self, message: str, *, digest: str, remedy: str | None = None, phase: str | None = None):
+        super().__init__(message, remedy=remedy, phase=phase)
+        self.digest = digest
+
+
+class DiskFullError(CacheBuildError):
+    """A write failed for lack of space (ENOSPC, EDQUOT, SQLite's SQLITE_FULL)."""
+
+    exit_code = EXIT_DISK_FULL
+    remedy = (
+        "free space on that filesystem, or set STORE and CACHE_DIR to one with room; "
+        "then run build-cache again (completed work is kept)"
+    )
 
 
 class CoverageError(CacheBuildError):

@@ -241,15 +241,8 @@ def _tile_rows(tiles: Any, store: Any) -> Iterator[tuple[int, int, int, bytes]]:
 
     for tid, hexdigest in zip(tiles["id"].tolist(), hex_digests(tiles)):
         t = tile_from_id(tid)
-        try:
-            data = store.get(hexdigest, verify=True)
-        except FileNotFoundError:
-            raise BuildError(
-                f"tile {t.z}/{t.x}/{t.y}: object {hexdigest} is missing from the store",
-                remedy="run build-cache again: the tiles phase fetches it again",
-            ) from None
-        except ValueError as exc:
-            raise BuildError(f"tile {t.z}/{t.x}/{t.y}: {exc}", remedy="delete the object and run build-cache again") from None
+        # a missing or corrupt object raises StoreObjectError: the build fetches it again
+        data = store.get_checked(hexdigest, what=f"tile {t.z}/{t.x}/{t.y}")
         yield (t.z, t.x, (1 << t.z) - 1 - t.y, data)
 
 

@@ -344,7 +344,11 @@ def _locked_build(
     actions.FAILURES.clear()
     actions.ACTIVE["locked"] = True
     on_companion = settings.companion is not None  # then only flight and tiles run here
-    code = run_doit(plan, reporter, tasks=list(LOCAL_TASKS) if on_companion else None)
+    from .repair import run_repairing
+
+    tasks = list(LOCAL_TASKS) if on_companion else None
+    # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
+    code = run_repairing(paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES)
     actions.ACTIVE["locked"] = False
     if code != 0:
         if actions.FAILURES:

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex"]
+__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tile_refs (
@@ -66,6 +66,55 @@ def sha256_hex(data: bytes) -> str:
     'e3b0c44298fc'
     """
     return hashlib.sha256(data).hexdigest()
+
+
+def _sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
+    """The bytes of the store object at ``path``, checked against its name.
+
+    A corrupt object (its SHA-256 is not its name: a flipped bit, a
+    truncation) is removed, so that the tiles phase fetches it again.
+
+    Parameters
+    ----------
+    path
+        ``<store>/objects/ab/abcdef…``.
+    what
+        What the object is, for the message (``tile 17/68645/45902``).
+
+    Raises
+    ------
+    StoreObjectError
+        When the object is missing or corrupt (removed by then).
+    """
+    from .errors import StoreObjectError
+
+    path = Path(path)
+    digest = path.name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise StoreObjectError(f"{what}: store object {path} is missing", digest=digest) from None
+    actual = sha256_hex(data)
+    if actual == digest:
+        return data
+    try:
+        if _sha256_path(path) != digest:  # still bad (not replaced meanwhile): remove it
+            path.unlink()
+    except FileNotFoundError:
+        pass
+    raise StoreObjectError(
+        f"{what}: store object {path} is corrupt ({len(data)} bytes hashing to {actual[:12]}…, "
+        "not to its name); removed it",
+        digest=digest,
+    )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -159,6 +208,10 @@ class TileStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def get_checked(self, digest: str, *, what: str) -> bytes:
+        """The bytes of an object, hash checked; see :func:`read_object`."""
+        return read_object(self.path(digest), what=what)
 
     def get(self, digest: str, *, verify: bool = False) -> bytes:
         """The bytes of an object; with ``verify`` their hash is checked."""
