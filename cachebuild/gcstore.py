@@ -19,7 +19,8 @@ In order, while the store is over the bound:
    is gone;
 2. unreferenced tile images and whole unreferenced engines' descriptor
    stores (an old model's), oldest first (images by fetch time, engines by
-   the last build that used them);
+   the last build that used them); a removed image's coverage-map
+   thumbnail (:mod:`cachebuild.thumbs`) goes with it;
 3. unreferenced descriptors of referenced engines: the engine's shards are
    rewritten with only the referenced rows (compaction).
 
@@ -268,6 +269,16 @@ def _drop_refs(store_root: Path, gone: list[str]) -> None:
         db.close()
 
 
+def _drop_thumbs(store_root: Path, gone: list[str]) -> int:
+    """Drop the coverage-map thumbnails of removed images (:mod:`cachebuild.thumbs`)."""
+    from .thumbs import THUMBS_DIR, ThumbStore
+
+    if not gone or not (store_root / THUMBS_DIR / "thumbs.sqlite").is_file():
+        return 0
+    with ThumbStore(store_root) as ts:
+        return ts.drop(bytes.fromhex(d) for d in gone)
+
+
 def collect_garbage(
     store_root: str | os.PathLike[str],
     caches: Iterable[Path],
@@ -355,6 +366,7 @@ def collect_garbage(
             removed["engines"] += 1
             removed["descriptor_bytes"] += size
     _drop_refs(root, gone)
+    removed["thumbnails"] = _drop_thumbs(root, gone)
 
     # 3. unreferenced descriptors of referenced engines
     for key in sorted(engines, key=lambda k: os.stat(engines[k] / "meta.json").st_mtime):

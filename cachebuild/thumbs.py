@@ -143,6 +143,29 @@ class ThumbStore:
             raise
         return len(rows)
 
+    def drop(self, digests: Iterable[bytes], *, vacuum: bool = True) -> int:
+        """Forget the thumbnails of ``digests`` (images gone from the store); returns how many.
+
+        With ``vacuum``, the file then shrinks by what they took.
+        """
+        keys = [(bytes(d),) for d in digests]
+        if not keys:
+            return 0
+        db = self.conn()
+        before = self.count()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("DELETE FROM thumbs WHERE sha256 = ?", keys)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        dropped = before - self.count()
+        if dropped and vacuum:
+            db.execute("VACUUM")
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return dropped
+
     def count(self) -> int:
         return int(self.conn().execute("SELECT COUNT(*) FROM thumbs").fetchone()[0])
 

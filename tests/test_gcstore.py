@@ -164,3 +164,19 @@ def test_public_surface() -> None:
         elif isinstance(node, ast.Assign):
             defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
     assert {n for n in defined if not n.startswith("_")} == set(gcstore.__all__)
+
+
+def test_thumbnails_follow_their_images(world: dict) -> None:
+    from cachebuild.thumbs import THUMB_PX, ThumbStore
+
+    store_root, digests = world["store"], world["digests"]
+    px = bytes(THUMB_PX * THUMB_PX * 3)
+    with ThumbStore(store_root) as ts:
+        ts.put((bytes.fromhex(d), px) for d in digests)
+    size_before = (store_root / "thumbs" / "thumbs.sqlite").stat().st_size
+    result = collect_garbage(store_root, [world["cache"]], None)
+    assert result["removed"]["tiles"] == 12 and result["removed"]["thumbnails"] == 12
+    with ThumbStore(store_root) as ts:
+        assert set(ts.lookup(bytes.fromhex(d) for d in digests)) == {bytes.fromhex(d) for d in digests[:8]}
+    assert (store_root / "thumbs" / "thumbs.sqlite").stat().st_size < size_before
+    assert result["bytes_after"] == store_bytes(store_root)
