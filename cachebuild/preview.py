@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .errors import BuildError
 from .tiles import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
 
 __all__ = ["DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
@@ -196,10 +197,26 @@ def _tile_cells(geo: PreviewGeometry, ids: Any) -> tuple[Any, Any, Any]:
     return row, col, inside
 
 
-def _make_thumbs(datas: list[bytes]) -> list[Any]:
+def _undecodable(mbtiles: Path, z: int, x: int, y: int, exc: Exception) -> BuildError:
+    return BuildError(
+        f"tile z={z} x={x} y={y} in {mbtiles} cannot be decoded for the coverage map: "
+        f"{type(exc).__name__}: {exc}",
+        remedy="delete that tile's store object (tiles.npy names its SHA-256) and run build-cache again to fetch it anew",
+        phase="preview",
+    )
+
+
+def _make_thumbs(mbtiles: Path, zoom: int, ids: Any, part: list[tuple[int, bytes]]) -> list[Any]:
     from .thumbs import make_thumbnail
 
-    return [make_thumbnail(d) for d in datas]
+    out = []
+    for i, data in part:
+        try:
+            out.append(make_thumbnail(data))
+        except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
+            tid = int(ids[i])
+            raise _undecodable(mbtiles, zoom, (tid >> 29) & ((1 << 29) - 1), tid & ((1 << 29) - 1), exc) from exc
+    return out
 
 
 def _lacking_rows(conn: Any, zoom: int, ids: Any, lack: Any) -> Iterator[tuple[int, bytes]]:
@@ -298,7 +315,8 @@ def _thumb_mosaic(
                     while chunk := list(islice(rows, 1024)):
                         step = -(-len(chunk) // workers)  # one task per worker: little overhead
                         parts = [chunk[k : k + step] for k in range(0, len(chunk), step)]
-                        made = pool.map(_make_thumbs, [[d for _, d in p] for p in parts])
+                        mbtiles = cache_dir / "tiles.mbtiles"
+                        made = pool.map(lambda p: _make_thumbs(mbtiles, geo.zoom, ids, p), parts)
                         at = [i for p in parts for i, _ in p]
                         pixels = [m.tobytes() for ms in made for m in ms]
                         if thumbs is not None:
@@ -336,9 +354,12 @@ def _decoded_mosaic(canvas: Any, cache_dir: Path, geo: PreviewGeometry) -> int:
         w, h = box[2] - box[0], box[3] - box[1]
         if w <= 0 or h <= 0:
             return None
-        img = Image.open(io.BytesIO(data))
-        img.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4 or 1/8 size
-        return box, img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4 or 1/8 size
+            return box, img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
+        except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
+            raise _undecodable(cache_dir / "tiles.mbtiles", zoom, col, 2**zoom - 1 - tms_row, exc) from exc
 
     # decoding releases the GIL: threads over bounded chunks of rows, pasted in order
     present = 0

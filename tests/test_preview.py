@@ -113,6 +113,29 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
     assert np.all(np.abs(ox_px - np.array(ORIGIN_RGB)) < 60), ox_px
 
 
+@pytest.mark.parametrize("size", [1024, 150])
+def test_an_undecodable_tile_is_named(holey_cache, tmp_path: Path, size: int) -> None:
+    import shutil
+
+    from cachebuild.errors import BuildError
+
+    cb, _, _ = holey_cache
+    copy = tmp_path / "copy"
+    shutil.copytree(cb.current.resolve(), copy)
+    t = tile_from_id(int(np.load(copy / "tiles.npy")["id"][3]))
+    conn = sqlite3.connect(copy / "tiles.mbtiles")
+    conn.execute(
+        "UPDATE tiles SET tile_data = ? WHERE zoom_level=? AND tile_column=? AND tile_row=?",
+        (b"<html>503</html>", t.z, t.x, 2**t.z - 1 - t.y),
+    )
+    conn.commit()
+    conn.close()
+    with pytest.raises(BuildError) as err:
+        render_preview(copy, tmp_path / "p.png", size=size, store=tmp_path / "store")
+    assert f"z={t.z} x={t.x} y={t.y}" in err.value.message and err.value.phase == "preview"
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_preview_cache_command_and_cache_info(holey_cache, tmp_path: Path) -> None:
     cb, f, holes = holey_cache
     out = tmp_path / "p.png"
