@@ -237,12 +237,26 @@ class S3Store:
     def __init__(self, url: StoreURL, *, client: Any = None, connections: int = DEFAULT_CONNECTIONS):
         self.url = url
         self.connections = connections
-        self._client = client if client is not None else self._make_client(connections)
+        self._given = client
+        self._lock = threading.Lock()
+
+    @property
+    def _client(self) -> Any:
+        """The boto3 client, made on first use (so a missing boto3 fails in the phase that needs it)."""
+        with self._lock:
+            if self._given is None:
+                self._given = self._make_client(self.connections)
+            return self._given
 
     @staticmethod
     def _make_client(connections: int) -> Any:
-        import boto3
-        from botocore.config import Config
+        try:
+            import boto3
+            from botocore.config import Config
+        except ImportError:
+            raise StoreUnavailable(
+                "STORE=s3://… needs boto3, which is not installed", "pip install 'cachebuild[s3]'"
+            ) from None
 
         custom = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
         config = Config(
@@ -310,10 +324,6 @@ class S3Store:
             return keys
 
         return self._call(walk)
-
-    def check(self) -> None:
-        """Fail early (StoreUnavailable) when the bucket cannot be listed."""
-        self._call(lambda: self._client.list_objects_v2(Bucket=self.url.bucket, Prefix=self.url.key(""), MaxKeys=1))
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         """``fn`` over ``items`` with :attr:`connections` in flight; in order."""
