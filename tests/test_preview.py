@@ -63,6 +63,15 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
         again = render_preview(release, tmp_path / "again.png", size=size, store=store)
         assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == r["present"]
         assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
+        # a few missing (new tiles of a shifted area): only those are decoded, by indexed lookup
+        from cachebuild.thumbs import ThumbStore
+
+        with ThumbStore(store) as ts:
+            shas = np.ascontiguousarray(np.load(release / "tiles.npy")["sha256"][:2]).view(np.uint8)
+            assert ts.drop(bytes(shas[k * 32 : (k + 1) * 32]) for k in range(2)) == 2  # not .tolist(): it strips NULs
+        third = render_preview(release, tmp_path / "third.png", size=size, store=store)
+        assert third["thumbnails_made"] == 2 and third["thumbnails_reused"] == r["present"] - 2
+        assert (tmp_path / "third.png").read_bytes() == out.read_bytes()
     else:
         assert r["thumbnails_made"] == r["thumbnails_reused"] == 0
 
