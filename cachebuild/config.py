@@ -27,6 +27,7 @@ __all__ = [
     "DEFAULT_BATCH",
     "DEFAULT_CONCURRENCY",
     "DEFAULT_EXPIRES_DAYS",
+    "DEFAULT_MAX_TILES",
     "VARIABLES",
     "ENV_ONLY",
     "parse_size",
@@ -45,6 +46,8 @@ DEFAULT_BACKEND = "auto"
 DEFAULT_BATCH = 64
 DEFAULT_CONCURRENCY = 8
 DEFAULT_EXPIRES_DAYS = 30
+#: More tiles than this are refused before anything is fetched (cachebuild.area).
+DEFAULT_MAX_TILES = 1_000_000
 MAX_ZOOM = 22
 
 #: Every variable a command reads, with its one-line help (docs/configuration.md).
@@ -60,6 +63,7 @@ VARIABLES: dict[str, str] = {
     "[default: $CACHEBUILD_HOME/store]",
     "ZOOM": "zoom level(s), e.g. 17 or 16,17 [default: 17]",
     "BUFFER_M": "metres added around the route on every side [default: 500]",
+    "MAX_TILES": "refuse an area of more tiles than this, before any download (exit 2) [default: 1000000]",
     "PROVIDER": "synthetic | URL template with {z}/{x}/{y} ({-y}, {q}, {s}, {key}) | file.mbtiles | "
     "tile directory (dir:/path/{z}/{x}/{-y}.png) | GeoTIFF (.tif) [default: synthetic]",
     "CONCURRENCY": "tile requests in flight [default: 8]",
@@ -160,6 +164,7 @@ class Settings:
     home: Path
     zooms: tuple[int, ...] = DEFAULT_ZOOMS
     buffer_m: float = DEFAULT_BUFFER_M
+    max_tiles: int = DEFAULT_MAX_TILES
     provider: str = DEFAULT_PROVIDER
     concurrency: int = DEFAULT_CONCURRENCY
     retry_missing: bool = False
@@ -489,6 +494,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         home=home,
         zooms=_zooms(get("ZOOM")),
         buffer_m=_float("BUFFER_M", get("BUFFER_M"), DEFAULT_BUFFER_M, 0.0, 1_000_000.0),
+        max_tiles=_int("MAX_TILES", get("MAX_TILES"), DEFAULT_MAX_TILES, 1, 10**12),
         provider=get("PROVIDER") or DEFAULT_PROVIDER,
         concurrency=_int("CONCURRENCY", get("CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 256),
         http=_http(get),

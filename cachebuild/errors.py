@@ -22,6 +22,7 @@ __all__ = [
     "CacheBuildWarning",
     "CacheBuildError",
     "UsageError",
+    "AreaTooLargeError",
     "FlightError",
     "FlightNotFoundError",
     "FlightUnauthorizedError",
@@ -95,6 +96,13 @@ class UsageError(CacheBuildError):
     phase = "arguments"
     exit_code = EXIT_USAGE
     remedy = "see `doit help build-cache` and docs/configuration.md"
+
+
+class AreaTooLargeError(UsageError):
+    """The flight's area has more tiles than ``MAX_TILES``, or more than the disk holds."""
+
+    phase = "area"
+    remedy = "check the flight's waypoints, BUFFER_M and ZOOM, or raise MAX_TILES"
 
 
 class FlightError(CacheBuildError):

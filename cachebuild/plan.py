@@ -194,6 +194,9 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
         flight, source = resolve_flight(settings)
         record = flight_record(flight)
         bbox = tuple(flight_area(flight, settings.buffer_m))
+        from .area import check_area
+
+        check_area(settings, bbox)  # MAX_TILES and free disk, before the lock and any download
     if settings.model is not None:
         model_path, builtin = settings.model, False
     else:

@@ -403,11 +403,12 @@ class XyzProvider:
         self._has_headers = bool(headers)
         try:
             sample = httpx.URL(self._url(Tile(0, 0, 0), "{key}"))
-        except httpx.InvalidURL as exc:
+            host = sample.host  # decodes an xn-- host: may raise too
+        except (httpx.InvalidURL, ValueError) as exc:  # ValueError: a host IDNA refuses (UnicodeError)
             raise UsageError(
                 f"PROVIDER template {template} is not a valid URL: {self._redact(str(exc))}"
             ) from None
-        if not sample.host:
+        if not host:
             raise UsageError(f"PROVIDER template {template} names no host")
         self._headers = {"User-Agent": USER_AGENT, **headers}
         self.limiter = limiter
