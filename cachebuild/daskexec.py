@@ -366,6 +366,8 @@ class DaskExecutor:
                     host="127.0.0.1",
                     scheduler_port=0,
                     dashboard_address=None,
+                    # no dashboard; the scheduler's HTTP server (health) on a free port, not 8787
+                    scheduler_kwargs={"dashboard_address": ":0"},
                     silence_logs=logging.CRITICAL,
                 )
             except Exception as exc:
@@ -444,6 +446,10 @@ class DaskExecutor:
                     self.workers = max(self.workers, len(nthreads))
                     if nthreads:
                         no_workers_since = None
+                        # workers that joined since get work too
+                        window = max(window, _WINDOW_PER_THREAD * sum(nthreads.values()))
+                        while len(pending) < window and submit():
+                            pass
                     elif no_workers_since is None:
                         no_workers_since = time.monotonic()
                     elif time.monotonic() - no_workers_since > NO_WORKERS_TIMEOUT_S:
