@@ -177,7 +177,7 @@ class EnginePlugin(WorkerPlugin):
         _ENGINE_DIRS[self.key] = (target, threads)
 
 
-def plugin_name(key: str) -> str:
+def _plugin_name(key: str) -> str:
     return f"cachebuild-engine-{key}"
 
 
@@ -381,7 +381,7 @@ class DaskExecutor:
         try:
             self.client = _connect(self.address, self.connect_timeout)
             files = {name: (self.engine_dir / name).read_bytes() for name in self._files}
-            self.client.register_plugin(EnginePlugin(self.key, files, threads), name=plugin_name(self.key))
+            self.client.register_plugin(EnginePlugin(self.key, files, threads), name=_plugin_name(self.key))
             self.workers = len(self.client.nthreads())
         except BaseException:
             self.__exit__(None, None, None)
