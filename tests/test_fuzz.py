@@ -373,3 +373,25 @@ def _header_parts(raw: str) -> tuple[list[str], list[str]]:
 def test_http_settings(env: dict[str, str]) -> None:
     only_project_errors(HttpConfig.from_env, env)
     only_project_errors(parse_subdomains, env.get("SUBDOMAINS"))
+
+
+# -- atheris (libFuzzer), where it is installed -------------------------------------------------
+
+
+def test_atheris_finds_nothing() -> None:
+    """Coverage-guided fuzzing of the same parsers (tests/fuzz_atheris.py), seeded."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("atheris", reason="atheris is not installed (pip install 'cachebuild[fuzz]')")
+    runs = 1_000_000 if LONG else 5_000
+    script = Path(__file__).with_name("fuzz_atheris.py")
+    p = subprocess.run(
+        [sys.executable, str(script), f"-runs={runs}", "-seed=1", "-max_len=4096"],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert f"Done {runs} runs" in p.stderr
+    assert "Uncaught Python exception" not in p.stderr

@@ -165,6 +165,8 @@ def test_a_real_build_leaks_no_secret(cb: Cb, tmp_path: Path, servers: Any) -> N
     texts = [t for res, _ in runs for t in (res.stdout, res.stderr)] + [verify.stdout, verify.stderr]
     files = assert_nowhere(needles, texts=texts, roots=[cb.home], cmdlines=cmdlines)
     assert files > 20  # the cache, its state (doit's database), the store
+    samples = sum(s.samples for _, s in runs)
+    print(f"local: {samples} process-table samples, {len(cmdlines)} command lines, {files} files, {len(texts)} outputs")
     assert (cb.cache_dir / "state" / "doit.sqlite3").is_file()
 
 
@@ -210,12 +212,13 @@ def test_a_companion_build_leaks_no_secret(cb: Cb, sshd: Sshd, tmp_path: Path, s
     assert any("companion-agent" in cmd for cmd in sampler.cmdlines), sorted(sampler.cmdlines)
     assert any("build-cache" in cmd and "PROVIDER=pushed:" in cmd for cmd in sampler.cmdlines)
     needles = secret_forms(API_KEY, HEADER_TOKEN, TOKEN) + key_forms(remote_key)
-    assert_nowhere(
+    files = assert_nowhere(
         needles,
         texts=[r.stdout, r.stderr],
         roots=[cb.home, c.dir, c.home],
         cmdlines=sampler.cmdlines,
     )
+    print(f"companion: {sampler.samples} samples, {len(sampler.cmdlines)} command lines, {files} files, 2 outputs")
 
 
 def test_the_sampler_sees_a_childs_arguments(tmp_path: Path) -> None:

@@ -334,3 +334,44 @@ def test_concurrent_recorders_keep_the_highest(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert highest_accepted(tmp_path) == 20
+
+
+# -- on the companion: its builds record what they publish, its verify-cache refuses a rollback -----
+
+from .sshd import SSHD, Sshd, SshdUnavailable  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} (openssh-server) is not installed")
+    try:
+        server = Sshd(tmp_path_factory.mktemp("sshd")).start()
+    except SshdUnavailable as exc:
+        pytest.skip(f"sshd could not be started: {exc}")
+    yield server
+    server.stop()
+
+
+def test_rollback_on_the_companion_is_refused_there(sshd: Sshd, tmp_path: Path) -> None:
+    from .test_companion import Companion
+
+    local = Cb(home=tmp_path / "ws")
+    local.home.mkdir()
+    (tmp_path / "companion-home").mkdir()
+    c = Companion(cb=local, sshd=sshd, dir=tmp_path / "companion", home=tmp_path / "companion-home")
+    for flight, version in (("a", 1), ("b", 2)):
+        f = write_flight(tmp_path / f"{flight}.json", lat=47.37 if flight == "a" else 47.40)
+        r = c.build(f, "SELFTEST_QUERIES=0")
+        assert r.code == 0, r.stderr
+        assert r.report["manifest_version"] == version
+    cache = c.dir / "cache"
+    assert highest_accepted(cache) == 2  # recorded on the companion by its own build
+    assert c.verify().code == 0
+    old = next(
+        d for d in (cache / "releases").iterdir() if json.loads((d / "manifest.json").read_text())["signed"]["version"] == 1
+    )
+    tmp = cache / "current.tmp"
+    os.symlink(os.path.relpath(old, cache), tmp)
+    os.replace(tmp, cache / "current")
+    assert_refused(c.verify(), "rollback", "manifest version 1 is older than version 2 already accepted")
