@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,14 +18,34 @@ from typing import Any
 import pytest
 
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.s3desc import _DESC_MAGIC, _decode_batch, _encode_batch, pull_descriptors
-from cachebuild.s3store import S3Store, StoreURL, _decode_pack, _encode_pack, is_remote, parse_store_url
+from cachebuild.s3desc import (
+    _DESC_MAGIC,
+    _decode_batch,
+    _encode_batch,
+    pull_descriptors,
+)
+from cachebuild.s3store import (
+    S3Store,
+    StoreURL,
+    _decode_pack,
+    _encode_pack,
+    is_remote,
+    parse_store_url,
+)
 
-from .conftest import Cb, TileServer, write_flight
+from .conftest import REPO, Cb, TileServer, write_flight
 
 pytest.importorskip("moto.server")
 
 SMALL = ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=20")
+
+#: A build in-process; says whether boto3 was imported.
+NOOP_PROBE = """
+import json, sys
+from cachebuild.runner import main
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "boto3": "boto3" in sys.modules}))
+"""
 
 
 @pytest.fixture
@@ -128,6 +150,15 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     assert rb["store"]["objects_read"] >= 2 and rb["store"]["objects_written"] == 0
     assert rb["build_id"] == ra["build_id"]  # the same cache, bit for bit where it counts
     assert (b.home / "store" / "objects").is_dir()  # the local read-through copy
+
+    # the warm no-op on that machine asks the bucket nothing: boto3 is never imported
+    p = subprocess.run(
+        [sys.executable, "-c", NOOP_PROBE, "build-cache", *args, "REPORT=json"],
+        cwd=REPO, env=b.env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    probe, noop = json.loads(p.stdout.splitlines()[-1]), json.loads(p.stdout.splitlines()[-2])
+    assert probe == {"code": 0, "boto3": False} and noop["outcome"] == "up_to_date"
+    assert noop["store"] == {"url": f"s3://{s3.bucket}/team", "objects_read": 0, "objects_written": 0}
 
     # damage one tile pack and every descriptor batch in the bucket: never used, replaced
     victim = min(s3.keys("team/tiles/"))
