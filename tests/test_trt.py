@@ -496,16 +496,26 @@ def test_importing_the_backend_loads_no_gpu_library() -> None:
 
 
 def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
-    fake: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    fake: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """build-cache BACKEND=auto on a "Jetson": engine.plan signed in the manifest, the report names it."""
+    import io
+
+    from cachebuild.report import Report
     from cachebuild.runner import build_cache
     from tests.conftest import write_flight
+
+    printed = io.StringIO()  # Report.emit's default stream is bound at import: hand it ours
+    emit = Report.emit
+    monkeypatch.setattr(Report, "emit", lambda self, fmt, out=None, err=None: emit(self, fmt, printed, io.StringIO()))
+
+    def last_report() -> dict[str, Any]:
+        return json.loads(printed.getvalue().strip().splitlines()[-1])
 
     flight = write_flight(tmp_path / "f.json")
     env = {"CACHEBUILD_HOME": str(tmp_path / "home")}
     code = build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env)
-    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    report = last_report()
     assert code == 0, report
     assert report["engine"]["backend"] == "tensorrt" and report["engine"]["device"] == "gpu:Fake Orin:sm_87"
     current = tmp_path / "home" / "cache" / "current"
@@ -521,7 +531,7 @@ def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
     assert report["selftest"]["queries"] > 0 and len(runs) >= 2  # the self-test's frames too
     # the same again: nothing to do
     assert build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env) == 0
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    again = last_report()
     assert again["outcome"] == "up_to_date" and again["engine"] == report["engine"]
 
 
