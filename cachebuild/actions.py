@@ -92,6 +92,11 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
             FAILURES.append(exc)
             return False
         except Exception as exc:  # a bug, or a library error not translated yet
+            from .diskspace import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):  # ENOSPC, EDQUOT, SQLITE_FULL: exit 24, not a bug
+                FAILURES.append(disk_full_error(exc, phase))
+                return False
             detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
             err = BuildError(f"{phase} failed: {detail}", phase=phase)
             err.__cause__ = exc

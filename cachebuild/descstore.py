@@ -237,7 +237,8 @@ class DescriptorStore:
             )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     def read(self, shard: Any, row: Any, out: Any | None = None) -> Any:
@@ -363,16 +364,23 @@ class ShardWriter:
             db.execute("UPDATE shards SET rows = ? WHERE id = ?", (self._shard_rows, self._shard_id))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
         self._committed_rows = self._shard_rows
         self._pending = []
 
     def _close_file(self) -> None:
         if self._fh is not None:
-            self.commit()
-            self._fh.close()
-            self._fh = None
+            fh = self._fh
+            try:
+                self.commit()
+            finally:  # closed even when the commit fails (a full disk): no file left open
+                self._fh = None
+                try:
+                    fh.close()
+                except OSError:
+                    pass  # the commit's error, if any, is the one that matters
 
     def close(self) -> None:
         """Commit what is pending and close the shard."""

@@ -42,8 +42,11 @@ class CacheLock:
             ) from None
         self._lock = lock
         tmp = self.pid_file.with_name(f".{self.pid_file.name}.{os.getpid()}")
-        tmp.write_text(f"{os.getpid()}\n")
-        os.replace(tmp, self.pid_file)
+        try:
+            tmp.write_text(f"{os.getpid()}\n")
+            os.replace(tmp, self.pid_file)
+        except OSError:  # only for messages (a full disk, say): the lock itself is held
+            tmp.unlink(missing_ok=True)
         return self
 
     def holder(self) -> int | None:

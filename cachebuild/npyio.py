@@ -53,7 +53,11 @@ class NpyRowWriter:
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         self._fh: Any = open(self._tmp, "wb")
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
-        np.lib.format.write_array_header_1_0(self._fh, header)
+        try:
+            np.lib.format.write_array_header_1_0(self._fh, header)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, rows: Any) -> None:
         """Append ``rows`` (shape ``[k, *shape[1:]]``, cast to the file's dtype)."""
@@ -72,7 +76,11 @@ class NpyRowWriter:
         if self._fh is None:
             return
         fh, self._fh = self._fh, None
-        fh.close()
+        try:
+            fh.close()
+        except BaseException:  # the last flush failed (a full disk): no half file left
+            self._tmp.unlink(missing_ok=True)
+            raise
         if self.rows != self.shape[0]:
             self._tmp.unlink(missing_ok=True)
             raise ValueError(f"{self.path}: {self.rows} of {self.shape[0]} rows written")
@@ -81,8 +89,11 @@ class NpyRowWriter:
     def abort(self) -> None:
         """Drop the temporary file; ``path`` is untouched."""
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError:  # flushing what is buffered can fail again (a full disk)
+                pass
         self._tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> NpyRowWriter:

@@ -155,10 +155,13 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
     from .signing import keyid, load_private_key
 
     kid = keyid(load_private_key(key_path).public_key())
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid}))
-    os.replace(tmp, cache_file)
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid}))
+        os.replace(tmp, cache_file)
+    except OSError:  # only a cache (a full disk, say): the key was read; the build says the rest
+        tmp.unlink(missing_ok=True)
     return kid
 
 

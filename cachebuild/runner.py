@@ -265,6 +265,16 @@ def check_coverage(signed: Mapping[str, Any], strict: bool, warn: Any) -> None:
     warn(msg + "; publishing the partial cache (STRICT=0)")
 
 
+def _note_free_space(exc: CacheBuildError, settings: Settings | None) -> None:
+    """Add the free space of STORE and CACHE_DIR to a disk-full error's message."""
+    from .diskspace import free_space_note
+    from .errors import DiskFullError
+
+    if isinstance(exc, DiskFullError) and settings is not None and "free space:" not in exc.message:
+        exc.message += "; " + free_space_note({"STORE": settings.store, "CACHE_DIR": settings.cache_dir})
+        exc.args = (exc.message,)
+
+
 def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit build-cache``: resolve, lock, build, check, publish, report."""
     from .plan import resolve_plan
@@ -299,6 +309,7 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
                     plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
                 )
     except CacheBuildError as exc:
+        _note_free_space(exc, settings)
         report.fail(exc)
         if getattr(exc, "traceback", None):
             sys.stderr.write(redact(exc.traceback))  # type: ignore[attr-defined]
@@ -307,8 +318,15 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         err.phase = reporter.current or "build"
         report.fail(err)
     except Exception as exc:  # a bug: say so, without secrets
-        sys.stderr.write(redact(traceback.format_exc()))
-        report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
+        from .diskspace import disk_full_error, is_disk_full
+
+        if is_disk_full(exc):  # publishing, doit's database: exit 24, not a bug
+            err = disk_full_error(exc, reporter.current or "build")
+            _note_free_space(err, settings)
+            report.fail(err)
+        else:
+            sys.stderr.write(redact(traceback.format_exc()))
+            report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
     finally:
         actions.ACTIVE["locked"] = False
         for name, secs in reporter.seconds.items():

@@ -229,16 +229,22 @@ class TileStore:
         tmp = self.tmp / f"{os.getpid()}-{uuid.uuid4().hex}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        try:
-            os.replace(tmp, final)
-        except FileNotFoundError:  # the first object under this prefix
-            final.parent.mkdir(exist_ok=True)
-            os.replace(tmp, final)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the first object under this prefix
+                final.parent.mkdir(exist_ok=True)
+                os.replace(tmp, final)
+        except BaseException as exc:  # a full disk, say: leave no partial temp file behind
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:  # os.write names no file
+                raise OSError(exc.errno, exc.strerror, str(final)) from exc
+            raise
         return digest
 
     def clean_tmp(self, older_than_s: float = 3600.0) -> int:
@@ -310,7 +316,8 @@ class TileStore:
             db.executemany("INSERT OR REPLACE INTO tile_refs VALUES (?, ?, ?, ?, ?)", rows)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     # -- the journal ---------------------------------------------------------
@@ -378,7 +385,8 @@ class TileStore:
             db.executemany("INSERT OR REPLACE INTO object_checks VALUES (?, ?, ?)", rows)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     def iter_objects(self) -> Iterator[Path]:
