@@ -33,6 +33,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from cachebuild.lock import CacheLock
 from .conftest import Cb, write_flight
 from .tileserver import TileServer, tile_bytes
 
-__all__ = ["KillPoint", "KillOutcome", "KillHarness", "PHASE_MARKERS", "store_problems"]
+__all__ = ["KillPoint", "KillOutcome", "KillHarness", "CompanionKillHarness", "PHASE_MARKERS", "store_problems"]
 
 #: The stderr lines the recording reporter prints as each task starts, in
 #: build order; ``publish`` is seen on disk instead.
@@ -379,3 +380,218 @@ class KillHarness:
             span = max(end - start, 0.0)
             points += [KillPoint(marker=name, offset_s=span * k / per_phase) for k in range(per_phase)]
         return points
+
+
+class CompanionKillHarness(KillHarness):
+    """The same, with ``COMPANION=`` through a real sshd: kills land in the push too.
+
+    The workstation fetches and pushes, the companion (a directory with a
+    home of its own, reached through ``sshd``, as in tests/test_companion.py)
+    builds and publishes.  A kill of the workstation's process cuts the link;
+    what runs on the companion then (an unpack, a build) ends by itself,
+    which the checks wait for (up to a minute) before looking.  The checks
+    are those of :class:`KillHarness`, on the companion's cache and store,
+    and the resume must push only the tile objects the companion lacks
+    (complete packs that arrived count as there).
+    """
+
+    PUSH = "push"
+    REMOTE = "remote"
+
+    def __init__(self, root: Path, server: TileServer, sshd: Any):
+        super().__init__(root, server)
+        self.sshd = sshd
+        self.work_root = self.root / "cwork"
+        self.snap_root = self.root / "csnapshot"
+
+    @property
+    def companion_dir(self) -> Path:
+        return self.work_root / "companion"
+
+    @property
+    def companion_home(self) -> Path:
+        return self.work_root / "companion-home"
+
+    def cb(self, home: Path) -> Cb:
+        return Cb(home=home)
+
+    def _vars(self) -> list[str]:
+        cmd = f"env CACHEBUILD_HOME={self.companion_home} {sys.executable} -m doit"
+        return [
+            f"COMPANION={self.sshd.target}",
+            f"SSH_KEY={self.sshd.client_key}",
+            f"KNOWN_HOSTS={self.sshd.known_hosts}",
+            f"COMPANION_DIR={self.companion_dir}",
+            f"COMPANION_CMD={cmd}",
+        ]
+
+    def build(self, home: Path, flight: Path) -> Any:
+        r = self.cb(home).build(f"FLIGHT={flight}", *ARGS, self.provider, *self._vars())
+        assert r.code == 0, r.stderr
+        return r
+
+    def _companion_verify(self) -> Any:
+        return self.cb(self.work_root / "home").run(
+            "verify-cache",
+            f"CACHE_DIR={self.companion_dir / 'cache'}",
+            env=self.cb(self.companion_home).env(),
+        )
+
+    def setup(self) -> None:
+        """Build A on the companion (work paths), snapshot it; measure B."""
+        for d in (self.work_root / "home", self.companion_home):
+            d.mkdir(parents=True)
+        r = self.build(self.work_root / "home", self.flight_a)
+        self.old_id = r.report["build_id"]
+        self.engine_key = json.loads((self.companion_dir / "cache/state/build/engine/engine.json").read_text())["key"]
+        subprocess.run(["cp", "-a", str(self.work_root), str(self.snap_root)], check=True)
+        self.measure()
+
+    def restore(self) -> Path:
+        shutil.rmtree(self.work_root)
+        subprocess.run(["cp", "-a", str(self.snap_root), str(self.work_root)], check=True)
+        return self.work_root / "home"
+
+    def _start(self, home: Path) -> tuple[subprocess.Popen, list[tuple[float, str]], threading.Thread, float]:
+        t0 = time.monotonic()
+        p = self.cb(home).popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, self.provider, *self._vars())
+        lines: list[tuple[float, str]] = []
+
+        def read() -> None:
+            assert p.stderr is not None
+            for line in p.stderr:
+                lines.append((time.monotonic() - t0, line.rstrip("\n")))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        return p, lines, reader, t0
+
+    @staticmethod
+    def _phase_of(line: str) -> str | None:
+        if line.startswith("push: ") and "missing there" in line:
+            return CompanionKillHarness.PUSH
+        if line.startswith("companion| .. "):
+            return "remote " + line[len("companion| .. ") :]
+        if line.startswith(".. ") and line[3:] in ("flight", "tiles"):
+            return line[3:]
+        return None
+
+    def measure(self) -> None:
+        home = self.restore()
+        p, lines, reader, t0 = self._start(home)
+        out = self._finish(p, reader)
+        self.duration_s = time.monotonic() - t0
+        assert p.returncode == 0, "\n".join(ln for _, ln in lines)
+        self.new_id = json.loads(out.strip().splitlines()[-1])["build_id"]
+        for at, line in lines:
+            phase = self._phase_of(line)
+            if phase:
+                self.phase_starts.setdefault(phase, at)
+        import numpy as np
+
+        from cachebuild.tileset import hex_digests
+
+        self.b_digests = hex_digests(np.load(home / "cache/state/build/tiles.npy"))
+
+    def kill_at(self, point: KillPoint) -> KillOutcome:
+        home = self.restore()
+        p, lines, reader, t0 = self._start(home)
+        seen_at: float | None = None
+        while p.poll() is None:
+            now = time.monotonic() - t0
+            if point.marker is None:
+                if now >= (point.delay_s or 0.0):
+                    break
+            else:
+                if seen_at is None and any(self._phase_of(ln) == point.marker for _, ln in list(lines)):
+                    seen_at = now
+                if seen_at is not None and now >= seen_at + point.offset_s:
+                    break
+            time.sleep(0.0005)
+        killed = p.poll() is None
+        if killed:
+            p.send_signal(signal.SIGKILL)
+        self._finish(p, reader)
+        phases = [ph for ph in (self._phase_of(ln) for _, ln in lines) if ph]
+        phase = (phases[-1] if phases else "start") if killed else "finished"
+        return self.check_companion(home, point, killed, phase)
+
+    def _wait_lock(self, path: Path, timeout_s: float = 60.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                CacheLock(path).acquire().release()
+                return True
+            except Exception:
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.1)
+
+    def _arrived(self) -> set[str]:
+        from cachebuild.companion.packs import iter_pack
+
+        names: set[str] = set()
+        for pack in (self.companion_dir / "incoming").glob("*.tar"):
+            try:
+                names.update(name for name, _ in iter_pack(pack))
+            except Exception:
+                pass  # not a whole pack: not counted
+        return names
+
+    def check_companion(self, home: Path, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
+        problems: list[str] = []
+        if not self._wait_lock(self.companion_dir / "cache" / "build.lock"):
+            problems.append("the companion's lock is still held a minute after the kill")
+        if not self._wait_lock(home / "cache" / "build.lock", 5.0):
+            problems.append("the workstation's lock is not free after the kill")
+        v = self._companion_verify()
+        published = "?"
+        if v.code != 0:
+            problems.append(f"companion verify-cache exit {v.code} after the kill: {v.report.get('error')}")
+        else:
+            bid = v.report["build_id"]
+            published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
+            if published == "?":
+                problems.append(f"the companion published {bid}, neither the old nor the new build")
+        store = self.companion_dir / "store"
+        problems += [f"companion: {p}" for p in store_problems(store)]
+        problems += [f"workstation: {p}" for p in store_problems(home / "store")]
+        objects = {p.name for p in (store / "objects").glob("*/*")}
+        expected_push = len(set(self.b_digests) - objects - self._arrived())
+        before = self.server.count()
+        ws_objects = {p.name for p in (home / "store" / "objects").glob("*/*")}
+        expected_requests = sum(1 for d in self.b_digests if d not in ws_objects)
+        r = self.cb(home).build(f"FLIGHT={self.flight_b}", *ARGS, self.provider, *self._vars())
+        requests = self.server.count() - before
+        pushed = -1
+        if r.code != 0:
+            problems.append(f"the resume failed, exit {r.code}: {r.report.get('error')}")
+        else:
+            if r.report["build_id"] != self.new_id:
+                problems.append(f"the resume built {r.report['build_id']}, not {self.new_id}")
+            pushed = int(r.report.get("push", {}).get("tile_objects", 0))
+            if pushed != expected_push:
+                problems.append(f"the resume pushed {pushed} tile objects; the companion lacked {expected_push}")
+            if requests != expected_requests:
+                problems.append(
+                    f"the resume asked the provider for {requests} tiles; {expected_requests} were not in the store"
+                )
+            v2 = self._companion_verify()
+            if v2.code != 0 or v2.report["build_id"] != self.new_id:
+                problems.append(f"after the resume the companion's verify-cache says {v2.code}")
+            problems += [f"after the resume, companion: {p}" for p in store_problems(store)]
+        return KillOutcome(
+            point=point,
+            killed=killed,
+            phase=phase,
+            published=published,
+            objects_after_kill=len(objects),
+            requests_resume=requests,
+            requests_expected=expected_requests,
+            computed_resume=pushed,
+            computed_expected=expected_push,
+            problems=problems,
+        )
+
+    def per_phase(self, offsets: tuple[float, ...] = (0.0,)) -> list[KillPoint]:
+        return [KillPoint(marker=m, offset_s=o) for m in self.phase_starts for o in offsets]

@@ -6,14 +6,21 @@ each kill, the published cache (old or new, whole), the store (every object
 hashes to its name, every indexed descriptor is on disk), the lock (free)
 and the resume (succeeds, fetches and describes only what the store lacked).
 
-CI runs six kill points: mid-download and at five phases.  The long run, hundreds of points spread
-evenly over a measured build and over each phase, is opt-in::
+CI runs six kill points: mid-download and at five phases.  The long run,
+hundreds of points spread evenly over a measured build and over each phase,
+is opt-in::
 
-    CACHEBUILD_LONG=1 nice .venv/bin/python -m pytest -q -s tests/test_kill_anywhere.py -k long
+    CACHEBUILD_LONG=1 nice .venv/bin/python -m pytest -q -s tests/test_kill_anywhere.py -k long_kill_anywhere
 
 ``CACHEBUILD_KILL_POINTS`` (default 300) sets how many evenly spread points
-it adds to 8 points within each phase; ``CACHEBUILD_KILL_REPORT=path.json``
-saves every outcome.  It prints a table of kill points by phase.
+it adds to 8 points within each phase and 16 mid-download (the tile server
+slowed); ``CACHEBUILD_KILL_REPORT=path.json`` saves every outcome.  It
+prints a line per point and a table of kill points by phase.
+
+With an sshd (tests/sshd.py), ``-k long_kill_companion`` kills a ``COMPANION=``
+build too: during the push (spread over it) and in the companion's build.
+Each point costs a whole companion build (minutes here), so it is opt-in
+as well and has few points (``CACHEBUILD_COMPANION_KILL_POINTS``, default 6).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from pathlib import Path
 import pytest
 
 from .tileserver import TileServer
-from .killharness import KillHarness, KillOutcome, KillPoint
+from .killharness import CompanionKillHarness, KillHarness, KillOutcome, KillPoint
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
 
@@ -40,6 +47,12 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> KillHarness:
     h.setup()
     yield h
     server.close()
+
+
+def _interleaved(points: list[KillPoint]) -> list[KillPoint]:
+    """The same points in an order that covers the build evenly at any prefix (golden-ratio stride)."""
+    order = sorted(range(len(points)), key=lambda i: (i * 0.6180339887) % 1.0)
+    return [points[i] for i in order]
 
 
 def _table(outcomes: list[KillOutcome]) -> str:
@@ -87,14 +100,22 @@ def test_kill_mid_download_keeps_fetched_tiles(harness: KillHarness) -> None:
 @pytest.mark.skipif(not LONG, reason="the long kill-anywhere run: set CACHEBUILD_LONG=1")
 def test_long_kill_anywhere(harness: KillHarness) -> None:
     n = int(os.environ.get("CACHEBUILD_KILL_POINTS", "300"))
-    points = harness.within_phases(8) + harness.spread(n)
+    points = _interleaved(harness.within_phases(8) + harness.spread(n))
+    # and 16 mid-download, the provider slowed so that tiles arrive one by one
+    slow = [KillPoint(marker="tiles", offset_s=0.025 * i) for i in range(16)]
     outcomes = []
     t0 = time.monotonic()
-    for i, point in enumerate(points):
+    for i, point in enumerate(points + slow):
+        harness.server.latency_s = 0.15 if i >= len(points) else 0.0
         o = harness.kill_at(point)
         outcomes.append(o)
         status = "DAMAGED " + "; ".join(o.problems) if o.problems else "ok"
-        print(f"[{i + 1}/{len(points)}] {point} phase={o.phase} published={o.published} {status}", flush=True)
+        print(
+            f"[{i + 1}/{len(points) + len(slow)}] {point} phase={o.phase} published={o.published} "
+            f"requests {o.requests_resume}/{o.requests_expected} computed {o.computed_resume}/{o.computed_expected} "
+            f"{status}",
+            flush=True,
+        )
     report = os.environ.get("CACHEBUILD_KILL_REPORT")
     if report:
         Path(report).write_text(
@@ -108,6 +129,46 @@ def test_long_kill_anywhere(harness: KillHarness) -> None:
                 indent=1,
             )
         )
+    harness.server.latency_s = 0.0
     print(_table(outcomes))
     damaged = [o for o in outcomes if o.problems]
     assert damaged == []
+
+
+@pytest.mark.skipif(not LONG, reason="the long kill-anywhere run: set CACHEBUILD_LONG=1")
+def test_long_kill_companion(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from .sshd import SSHD, Sshd, SshdUnavailable
+
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} (openssh-server) is not installed")
+    root = tmp_path_factory.mktemp("ckill")
+    try:
+        sshd = Sshd(root / "sshd").start()
+    except SshdUnavailable as exc:
+        pytest.skip(f"sshd could not be started: {exc}")
+    server = TileServer()
+    try:
+        (root / "h").mkdir()
+        h = CompanionKillHarness(root / "h", server, sshd)
+        h.setup()
+        n = int(os.environ.get("CACHEBUILD_COMPANION_KILL_POINTS", "6"))
+        push = h.phase_starts["push"]
+        remote = min(v for k, v in h.phase_starts.items() if k.startswith("remote "))
+        # spread over the push (bring-up done, packs going up), then two in the companion's build
+        points = [KillPoint(marker="push", offset_s=(remote - push) * i / max(n - 2, 1)) for i in range(max(n - 2, 1))]
+        points += [KillPoint(marker="remote describe"), KillPoint(marker="remote manifest")]
+        outcomes = []
+        for i, point in enumerate(points):
+            o = h.kill_at(point)
+            outcomes.append(o)
+            status = "DAMAGED " + "; ".join(o.problems) if o.problems else "ok"
+            print(
+                f"[companion {i + 1}/{len(points)}] {point} phase={o.phase} published={o.published} "
+                f"pushed {o.computed_resume}/{o.computed_expected} {status}",
+                flush=True,
+            )
+        print(_table(outcomes))
+        assert [o for o in outcomes if o.problems] == []
+    finally:
+        server.close()
+        sshd.stop()
