@@ -307,3 +307,40 @@ def test_run_repairing_runs_again_once_after_a_store_object_error(tmp_path: Path
     assert reporter.ran == ["tiles"]
     assert any("fetching it again" in w for w in warnings)
     assert isinstance(failures[-1], StoreObjectError)
+
+
+# -- the long sweep: every staged artifact, every store object -----------------------------
+
+LONG = os.environ.get("CACHEBUILD_LONG") == "1"
+
+
+@pytest.mark.skipif(not LONG, reason="the long corruption sweep: set CACHEBUILD_LONG=1")
+def test_long_every_artifact_truncated_and_every_object_flipped(setup: Setup) -> None:
+    """Each staged artifact truncated in place, then each store object of the cache flipped."""
+    signed = json.loads((setup.build_dir / "manifest.json").read_bytes())["signed"]
+    tried = published_bad = 0
+    for rel, meta in sorted(signed["targets"].items()):
+        path = setup.build_dir / rel
+        os.truncate(path, meta["length"] // 2)
+        r = setup.build()
+        tried += 1
+        ok = r.code == 0 and setup.verify().code == 0
+        published_bad += not ok
+        assert ok, (rel, r.report.get("error"))
+        _warned(r, str(path), "damaged")
+        print(f"truncated {rel}: rebuilt {r.report['tasks']['run']}", flush=True)
+    tiles = read_tiles(setup.build_dir)
+    for i in range(len(tiles)):
+        tile, obj = setup.a_tile(i)
+        _flip(obj)
+        assert setup.cb.run("clean").code == 0
+        before = setup.server.count()
+        r = setup.build()
+        tried += 1
+        ok = r.code == 0 and setup.verify().code == 0 and sha256_hex(obj.read_bytes()) == obj.name
+        published_bad += not ok
+        assert ok, (str(obj), r.report.get("error"))
+        assert setup.server.count() - before == 1
+        _warned(r, str(obj), "corrupt")
+        print(f"flipped {obj.name[:12]} (tile {tile.z}/{tile.x}/{tile.y}): fetched again", flush=True)
+    print(f"{tried} corruptions tried, {published_bad} published")
