@@ -255,7 +255,7 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
         fmt = settings.report
         d: dict[str, Any] | None = None
         if settings.companion is None or current_release(settings.paths) is not None:
-            d = cache_info(_release(settings), _trusted(settings))
+            d = cache_info(_release(settings), _trusted(settings), settings.cache_dir)
             report.build_id = d["build_id"]
             report.flight_id = d["flight_id"]
             report.manifest_version = d["manifest_version"]
