@@ -185,9 +185,18 @@ class StoreObjectError(BuildError):
 
     remedy = "run build-cache again: the tiles phase fetches the image again"
 
-    def __init__(self, message: str, *, digest: str, remedy: str | None = None, phase: str | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        digest: str,
+        path: str | None = None,
+        remedy: str | None = None,
+        phase: str | None = None,
+    ):
         super().__init__(message, remedy=remedy, phase=phase)
         self.digest = digest
+        self.path = path  # the object's file, when known
 
 
 class DiskFullError(CacheBuildError):

@@ -134,8 +134,35 @@ def check_staged(paths: Paths, warn: Callable[[str], None]) -> list[str]:
     return damaged
 
 
+def _scan_tileset(paths: Paths, objects: Path) -> list[str]:
+    """Check every image of the staged tile set; remove the corrupt ones.  Returns the bad digests.
+
+    Bit rot seldom strikes one file: one pass finds them all, so one more
+    doit run fetches them all.
+    """
+    from .errors import StoreObjectError as _Bad
+    from .store import read_object
+    from .tileset import hex_digests, read_tiles
+
+    try:
+        digests = sorted(set(hex_digests(read_tiles(paths.build))))
+    except (OSError, ValueError):
+        return []  # no tile set: the tiles phase runs anyway
+    bad = []
+    for d in digests:
+        try:
+            read_object(objects / d[:2] / d, what=f"object {d}")
+        except _Bad:
+            bad.append(d)
+    return bad
+
+
 def _stale_tileset(paths: Paths, err: StoreObjectError, warn: Callable[[str], None]) -> None:
-    warn(f"{err.message}; fetching it again")
+    others: list[str] = []
+    if err.path:
+        others = [d for d in _scan_tileset(paths, Path(err.path).parent.parent) if d != err.digest]
+    more = f"; {len(others)} more of the tile set's images were missing or corrupt ({others[0][:12]}…)" if others else ""
+    warn(f"{err.message}{more}; fetching {'them' if others else 'it'} again")
     (paths.build / STALE_TILESET).unlink(missing_ok=True)
 
 

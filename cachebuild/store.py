@@ -101,7 +101,7 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise StoreObjectError(f"{what}: store object {path} is missing", digest=digest) from None
+        raise StoreObjectError(f"{what}: store object {path} is missing", digest=digest, path=str(path)) from None
     actual = sha256_hex(data)
     if actual == digest:
         return data
@@ -114,6 +114,7 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
         f"{what}: store object {path} is corrupt ({len(data)} bytes hashing to {actual[:12]}…, "
         "not to its name); removed it",
         digest=digest,
+        path=str(path),
     )
 
 

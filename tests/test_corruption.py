@@ -111,6 +111,23 @@ def test_a_flipped_byte_in_a_store_object_is_fetched_again(setup: Setup) -> None
     assert again.code == 0 and again.report["outcome"] == "up_to_date"
 
 
+def test_several_corrupt_objects_are_all_fetched_again_in_one_build(setup: Setup) -> None:
+    """Bit rot seldom strikes one file: the first found, the whole tile set is checked."""
+    flipped = [setup.a_tile(i) for i in (1, 4, 7)]
+    for _, obj in flipped:
+        _flip(obj)
+    assert setup.cb.run("clean").code == 0
+    before = setup.server.count()
+    r = setup.build()
+    assert r.code == 0, r.stderr
+    _warned(r, "corrupt", "2 more of the tile set's images", "fetching them again")
+    assert setup.server.count() - before == 3
+    for tile, obj in flipped:
+        assert sha256_hex(obj.read_bytes()) == obj.name
+        assert setup.server.count(tile) == 2
+    assert setup.verify().code == 0
+
+
 def test_a_corrupt_object_met_by_describe_is_fetched_again_not_described(setup: Setup) -> None:
     """Only describe reads the images here (mbtiles is up to date): it checks their hashes too."""
     tile, obj = setup.a_tile(5)
