@@ -54,7 +54,7 @@ def main() -> None:
             base = flight(Path(tmp) / f"base-{n}.json", LON)
             moved = flight(Path(tmp) / f"moved-{n}.json", LON + dlon)
 
-            def build(home: str, f: Path) -> tuple[float, int, dict]:
+            def build(home: str, f: Path, buffer: str = buffer) -> tuple[float, int, dict]:
                 env = dict(os.environ, CACHEBUILD_HOME=str(Path(tmp) / home))
                 seconds, rss, out, _ = run_measured(
                     [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
@@ -68,6 +68,8 @@ def main() -> None:
             print("  cold build of the shifted flight, empty store ...", file=sys.stderr, flush=True)
             cold = build(f"b-{n}", moved)
             rows.append((n, shifted, cold))
+            print(f"  shifted {shifted[0]:.1f} s, cold {cold[0]:.1f} s: {shifted[0] / cold[0]:.3f}; "
+                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
 
     print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs; "
           f"shift {args.shift:.0%} of the width")  # fmt: skip
