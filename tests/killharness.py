@@ -80,7 +80,7 @@ class KillOutcome:
     objects_after_kill: int
     requests_resume: int
     requests_expected: int
-    computed_resume: int
+    computed_resume: int  # descriptors (CompanionKillHarness: tile objects pushed)
     computed_expected: int
     problems: list[str] = field(default_factory=list)
 
@@ -172,6 +172,9 @@ class KillHarness:
         self.b_tiles: dict[str, Any] = {}  # digest -> a tile showing it
         self.duration_s = 0.0
         self.phase_starts: dict[str, float] = {}
+        #: More NAME=value for B's builds, killed and resumed (not the build identity):
+        #: ``CONCURRENCY=1`` with a slowed server makes tiles land one by one.
+        self.extra_args: tuple[str, ...] = ()
 
     # -- setup -----------------------------------------------------------
 
@@ -203,7 +206,7 @@ class KillHarness:
     def _start(self, home: Path) -> tuple[subprocess.Popen, list[tuple[float, str]], threading.Thread, float]:
         cb = self.cb(home)
         t0 = time.monotonic()
-        p = cb.popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, self.provider)
+        p = cb.popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider)
         lines: list[tuple[float, str]] = []
 
         def read() -> None:
@@ -318,7 +321,7 @@ class KillHarness:
         expected_requests = sum(1 for d in self.b_digests if d not in objects)
         expected_computed = _missing_descriptors(store, self.engine_key, self.b_digests)
         before = self.server.count()
-        r = cb.build(f"FLIGHT={self.flight_b}", *ARGS, self.provider)
+        r = cb.build(f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider)
         requests = self.server.count() - before
         computed = -1
         if r.code != 0:
