@@ -126,7 +126,7 @@ def provider_key(spec: str) -> str:
         p = Path(spec).expanduser().absolute()
         try:
             st = p.stat()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte
             raise UsageError(f"PROVIDER={spec}: no such MBTiles file") from None
         return f"mbtiles:{p}:{st.st_size}:{st.st_mtime_ns}"
     return spec

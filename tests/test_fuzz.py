@@ -296,25 +296,41 @@ def test_url_templates(scheme: str, rest: str, key: str | None) -> None:
 
 @fuzz
 @given(TEMPLATE_TEXT, st.integers(0, MAX_ZOOM), st.data())
-def test_directory_templates_never_leave_their_root(tmp_path_factory: pytest.TempPathFactory, rest: str, z: int, data: Any) -> None:
-    """A tile's coordinates fill a directory template without ever leaving its root."""
-    root = tmp_path_factory.getbasetemp() / "tiles-root"
-    root.mkdir(exist_ok=True)
-    assume(".." not in rest.split("/"))  # the operator's own template may say '..'; tiles never add one
+@example("{q}..", 0, None)  # found by the long run: the quadkey of zoom 0 is empty, so this was ".."
+@example("{z}/../../{x}/{y}", 3, None)
+def test_directory_templates_never_leave_their_root(
+    tmp_path_factory: pytest.TempPathFactory, rest: str, z: int, data: Any
+) -> None:
+    """A tile's coordinates fill a directory template; a path outside its tree is never read."""
+    from cachebuild.providers.base import TileFetchError
+    from cachebuild.providers.local import DirectoryProvider
+
+    root = tmp_path_factory.getbasetemp() / "tiles-parent" / "tiles-root"
+    root.mkdir(parents=True, exist_ok=True)
     template = f"{root}/{rest}"
     if only_project_errors(template_placeholders, template, DIRECTORY_PLACEHOLDERS) is None:
         return
+    provider = only_project_errors(DirectoryProvider, template)
+    if provider is None:  # the directory above the first placeholder does not exist
+        return
     n = 1 << z
-    t = Tile(data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)), z)
-    path = fill_template(template, t)
-    fixed = template.split("{", 1)[0]
-    assert path.startswith(fixed)
-    tail = path[len(fixed) :]
-    assert ".." not in tail.split("/") or ".." in rest.split("/")
+    t = Tile(data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)), z) if data else Tile(0, 0, z)
+    path = os.path.normpath(fill_template(provider.template, t))
+    inside = path.startswith(os.path.normpath(str(provider.root)) + os.sep)
+    try:
+        assert provider.fetch(t) is None  # nothing is there: no image read from anywhere
+        assert inside, f"{path} read though outside {provider.root}"
+    except TileFetchError as exc:
+        assert inside or "outside the tile directory" in exc.message, exc.message
+    finally:
+        provider.close()
 
 
 @fuzz
 @given(st.text(max_size=80) | st.sampled_from(["synthetic", "x.mbtiles", "dir:", "geotiff:", "ftp://x", "pushed:"]))
+@example("~\x00")  # found by the long run: os.path.expanduser raised on the NUL
+@example("~\x00.mbtiles")
+@example("dir:/nowhere/{z}/{x}/{y}\x00")
 def test_provider_specs(tmp_path_factory: pytest.TempPathFactory, spec: str) -> None:
     kind = provider_kind(spec)  # never raises
     assert kind in ("synthetic", "xyz", "mbtiles", "dir", "geotiff", "pushed", "unknown")
@@ -324,7 +340,7 @@ def test_provider_specs(tmp_path_factory: pytest.TempPathFactory, spec: str) -> 
         if local.lower().startswith(prefix):
             local = local[len(prefix) :]
     assume(kind in ("unknown", "mbtiles", "xyz", "synthetic") or "{" in local)
-    assume(not os.path.exists(os.path.expanduser(local.split("{", 1)[0]) or "."))
+    assume("\0" in local or not os.path.exists(os.path.expanduser(local.split("{", 1)[0]) or "."))
     provider = only_project_errors(open_provider, spec, env={})
     if provider is not None:
         provider.close()

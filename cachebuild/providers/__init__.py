@@ -140,6 +140,8 @@ def provider_kind(spec: str) -> str:
         return "mbtiles"
     if low.endswith(GEOTIFF_EXTENSIONS):
         return "geotiff"
+    if "\0" in spec:  # no path holds one (os.path raises on it)
+        return "unknown"
     if "{" in spec or os.path.isdir(os.path.expanduser(spec)):
         return "dir"
     return "unknown"
@@ -200,6 +202,8 @@ def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | N
     >>> open_provider("synthetic", env={}).identity
     'synthetic:v1'
     """
+    if "\0" in spec:  # not from a command line or environment, but never a traceback
+        raise UsageError("PROVIDER has a NUL byte", remedy=f"use {_ACCEPTED_SPECS}")
     kind = provider_kind(spec)
     if kind == "pushed":
         from ..companion.pushed import open_pushed

@@ -150,6 +150,12 @@ def _template_root(template: str) -> Path:
     return Path(head if head.endswith(os.sep) else os.path.dirname(head) or ".")
 
 
+def _inside(root: Path, path: str) -> bool:
+    """Whether ``path``, normalised (no symlinks resolved), lies under ``root``."""
+    top = os.path.normpath(str(root))
+    return os.path.normpath(path).startswith(top.rstrip(os.sep) + os.sep)
+
+
 def tree_fingerprint(root: Path) -> str:
     """Hex SHA-256 over every file below ``root``: relative path, size, mtime.
 
@@ -217,6 +223,8 @@ class DirectoryProvider:
     """
 
     def __init__(self, template: str | os.PathLike[str]):
+        if "\0" in os.fspath(template):
+            raise UsageError("PROVIDER directory template has a NUL byte", remedy="check the PROVIDER path")
         text = os.path.expanduser(os.fspath(template))
         if "{" in text:
             template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
@@ -239,6 +247,11 @@ class DirectoryProvider:
 
     def fetch(self, tile: Tile) -> bytes | None:
         base = fill_template(self.template, tile)
+        if not _inside(self.root, base):
+            # a template like {q}.. makes ".." of the empty quadkey at zoom 0: a tile never leaves the tree
+            raise TileFetchError(
+                f"tile {tile.z}/{tile.x}/{tile.y}: {base} is outside the tile directory {self.root}", tile=tile
+            )
         for ext in self.extensions:
             path = base + ext
             try:
