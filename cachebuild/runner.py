@@ -484,6 +484,8 @@ def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = No
         report.exit_code = 0
     except CacheBuildError as exc:
         report.fail(exc)
+        if isinstance(exc, VerifyError):
+            report.extra["reason"] = exc.reason
     report.emit(fmt)
     return report.exit_code
 
@@ -524,8 +526,6 @@ def clean_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             )
     except CacheBuildError as exc:
         report.fail(exc)
-        if isinstance(exc, VerifyError):
-            report.extra["reason"] = exc.reason
     report.emit(fmt)
     return report.exit_code
 
