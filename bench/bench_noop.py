@@ -14,7 +14,9 @@ For each size, in one run on one machine:
 
 Each size's figures also go to stderr as soon as they are measured.
 ``--keep DIR`` builds the homes under DIR and leaves them there (to time or
-trace the no-op again without another cold build).
+trace the no-op again without another cold build).  Given homes an earlier
+``--keep`` run left, the "cold build" is itself a no-op (its stage rates
+print as "-" and its RSS is the no-op's): only the no-op is timed again.
 
 A 100k cold build takes several minutes on two cores (most of it fetching
 the synthetic tiles and describing them).
