@@ -25,8 +25,8 @@ A *pack* is one build's tiles of one cell: a header naming each tile's
 ``(x, y)``, the SHA-256 of its image and its length, then the images (each
 checked against its SHA-256 too).  Packs and descriptor batches, not one
 object per tile, because a request costs a round trip: a flight of 10,000
-tiles is about ten cells, so a second machine reads it in a few LISTs and
-a few dozen GETs, not 20,000.  Where packs of several builds show one tile,
+tiles is 10 to 25 cells, so a second machine reads it in a few dozen LISTs
+and GETs, not 20,000.  Where packs of several builds show one tile,
 the newest wins.  Descriptors stay keyed by (image SHA-256, engine key):
 the cell only groups them where a flight will look for them
 (:mod:`cachebuild.s3desc`).
