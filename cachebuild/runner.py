@@ -474,7 +474,15 @@ def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = No
             check_not_rolled_back(settings.cache_dir, kid, first)  # exit 23, reason rollback
         signed = verify_cache(release, [trusted])
         check_not_rolled_back(settings.cache_dir, kid, signed)
-        record_accepted(settings.cache_dir, kid, signed)
+        try:
+            record_accepted(settings.cache_dir, kid, signed)
+        except OSError as exc:  # a read-only CACHE_DIR: verified, but nothing can be remembered
+            msg = (
+                f"verified, but the accepted version could not be recorded in {settings.cache_dir / 'state'} "
+                f"({exc.strerror or type(exc).__name__}): a later rollback to an older cache would not be noticed"
+            )
+            report.warnings.append(msg)
+            sys.stderr.write(f"WARNING: {msg}\n")
         report.build_id = signed["build_id"]
         report.manifest_version = signed["version"]
         report.manifest_path = str(release / "manifest.json")

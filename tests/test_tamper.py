@@ -242,6 +242,18 @@ def test_damaged_record_is_refused_until_removed(cb: Cb) -> None:
     assert highest_accepted(cb.cache_dir) == 2
 
 
+def test_a_record_that_cannot_be_written_is_a_warning(cb: Cb) -> None:
+    """A read-only state (here: the record's lock cannot be opened) verifies, and says what it cannot do."""
+    accepted_path(cb.cache_dir).unlink()
+    lock = cb.cache_dir / "state" / "accepted.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()
+    r = verify(cb)
+    assert r.code == 0, r.stderr
+    assert any("could not be recorded" in w for w in r.report["warnings"]), r.report
+    assert "WARNING: verified, but" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_build_after_a_rollback_publishes_the_newest_again(cb: Cb, tmp_path: Path) -> None:
     point_current_at(cb, releases(cb)[1])
     assert verify(cb).code == EXIT_VERIFY
