@@ -96,6 +96,13 @@ class Sshd:
                     "MaxSessions 32",
                     "MaxStartups 32",
                     "Subsystem sftp internal-sftp",
+                    # Debian's bash sources ~/.bashrc for any command sshd
+                    # runs when SHLVL is below 2. The test user's rc files are
+                    # not ours: on the CI image root's .bashrc runs `pyenv
+                    # rehash`, which waits 60 s on a lock file that a session
+                    # killed mid-rehash leaves behind, so every later SSH
+                    # command took a minute (issue 5's CI run: 34 min).
+                    "SetEnv SHLVL=1",
                     "",
                 ]
             )
