@@ -313,7 +313,18 @@ class TileServer:
             h.send_header(k, v)
         h.send_header("Content-Length", str(len(reply.body)))
         h.end_headers()
-        h.wfile.write(reply.body)
-        if reply.status == 200 and t is not None and reply.body == tile_bytes(t):
+        # Counted before the body goes out (and taken back if it cannot be
+        # written): a client that has the tile may ask served() at once,
+        # before this thread would run again.
+        good = reply.status == 200 and t is not None and reply.body == tile_bytes(t)
+        if good:
             with self.lock:
                 self.served_ok[url.path] += 1
+        try:
+            h.wfile.write(reply.body)
+            h.wfile.flush()
+        except OSError:
+            if good:
+                with self.lock:
+                    self.served_ok[url.path] -= 1
+            raise
