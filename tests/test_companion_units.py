@@ -686,7 +686,11 @@ def test_a_watching_unpacker_takes_packs_as_they_arrive_until_done(tmp_path: Pat
     watcher.start()
     incoming = root / "incoming"
     for n in range(3):
-        (incoming / f"s1-{n:06d}.tar").write_bytes(packs.build_pack(objs[2 * n : 2 * n + 2]))
+        # as the pusher does: written under .part, renamed when whole (the
+        # watcher would otherwise find a half-written pack corrupt)
+        part = incoming / f"s1-{n:06d}.tar{packs.PART_SUFFIX}"
+        part.write_bytes(packs.build_pack(objs[2 * n : 2 * n + 2]))
+        part.rename(incoming / f"s1-{n:06d}.tar")
     (incoming / f"s1{agent.DONE_SUFFIX}").write_bytes(b"")
     watcher.join(timeout=120)
     assert answers and answers[0]["done"] is True
