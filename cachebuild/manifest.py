@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_NAME",
+    "atomic_write",
     "SIGNER_PUB_NAME",
     "MANIFEST_TYPE",
     "SPEC_VERSION",
@@ -194,7 +195,8 @@ def _format_time(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).strftime(TIME_FORMAT)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` durably: a unique temp file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "wb") as fh:
@@ -314,7 +316,7 @@ def write_manifest(
         raise fail(f"manifest identity or info is not JSON-representable: {exc}") from exc
 
     write_public_key(cache_dir / SIGNER_PUB_NAME, key.public_key())
-    _atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"))
+    atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"))
     log.info(
         "wrote %s: version %d, %d targets, build %s, keyid %s",
         cache_dir / out_name,

@@ -24,6 +24,7 @@ from .config import Paths
 
 __all__ = [
     "publish",
+    "fsync_dir",
     "published_manifest_bytes",
     "release_intact",
     "clean_leftovers",
@@ -68,7 +69,8 @@ def published_manifest_bytes(paths: Paths) -> bytes | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename inside it survives a power cut."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -103,13 +105,13 @@ def publish(paths: Paths, files: list[str]) -> Path:
             with open(sub, "rb") as fh:
                 os.fsync(fh.fileno())
     os.replace(tmp, final)
-    _fsync_dir(paths.releases)
+    fsync_dir(paths.releases)
     link_tmp = paths.cache_dir / f".current.tmp-{os.getpid()}"
     if link_tmp.is_symlink() or link_tmp.exists():
         link_tmp.unlink()
     os.symlink(os.path.join("releases", name), link_tmp)
     os.replace(link_tmp, paths.current)
-    _fsync_dir(paths.cache_dir)
+    fsync_dir(paths.cache_dir)
     _prune(paths, keep={name})
     return final
 

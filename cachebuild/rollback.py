@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -170,14 +168,6 @@ def check_not_rolled_back(
     return floor
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool:
     """Record ``signed`` as accepted for ``keyid``, unless this or a higher version already is.
 
@@ -185,6 +175,9 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
     replaced.  Returns whether the record changed.
     """
     import filelock
+
+    from .manifest import atomic_write
+    from .publish import fsync_dir
 
     version = int(signed["version"])
     path = accepted_path(cache_dir)
@@ -207,14 +200,6 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
             "accepted_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         data = (json.dumps({"format": FORMAT, "keys": keys}, indent=1, sort_keys=True) + "\n").encode()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-        _fsync_dir(path.parent)
+        atomic_write(path, data)
+        fsync_dir(path.parent)
     return True
