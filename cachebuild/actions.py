@@ -267,10 +267,19 @@ def describe(
 
 
 def index(*, build: str, kind: str = "auto") -> None:
+    """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
+    from .engine import read_engine_json
     from .index import build_index
 
-    info = build_index(descriptors_dir=Path(build), out_path=Path(build) / "index.faiss", kind=kind)
-    _atomic_json(Path(build) / "index.json", info)
+    b = Path(build)
+    info = build_index(
+        descriptors_dir=b,
+        out_path=b / "index.faiss",
+        kind=kind,
+        reuse=True,
+        engine_key=read_engine_json(b / "engine").get("key"),
+    )
+    _atomic_json(b / "index.json", info)
 
 
 def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,149 @@ def test_recall_measurement_can_be_skipped(tmp_path: Path) -> None:
     src = write_descriptors(tmp_path / "d", clustered(2_000, 16), np.arange(2_000, dtype=np.int64))
     info = build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss", kind="hnsw", recall_queries=0)
     assert info["recall_at_10"] is None and info["params"]["efSearch"] == 64
+
+
+# -- reusing the trained quantizer on a rebuild -------------------------------
+
+KEY_A, KEY_B = "a" * 64, "b" * 64
+
+
+def shifted_sets(
+    tmp_path: Path, n: int = 4_000, new: float = 0.1, uniform: bool = False
+) -> tuple[Path, Path, np.ndarray]:
+    """Two descriptor sets of n vectors, the second with ``new`` of them not in the first."""
+    shift = int(n * new)
+    vectors = unit_vectors(n + shift, 32, seed=4) if uniform else clustered(n + shift, 32, seed=4)
+    ids = np.arange(n + shift, dtype=np.int64) * 5 + 11
+    first = write_descriptors(tmp_path / "first", vectors[:n], ids[:n])
+    second = write_descriptors(tmp_path / "second", vectors[shift:], ids[shift:])
+    return first, second, vectors
+
+
+def reindex(src: Path, out: Path, **kw: object) -> dict:
+    return build_index(descriptors_dir=src, out_path=out, kind="ivf", recall_queries=400, reuse=True, **kw)  # type: ignore[arg-type]
+
+
+def exact_recall(path: Path, vectors: np.ndarray) -> float:
+    """recall@10 of the index file against brute force, on 300 of its own vectors."""
+    q = vectors[::13][:300]
+    kth = np.sort(q @ vectors.T, axis=1)[:, -10]
+    scores, _ = search(path, q, 10)
+    return float(np.mean(np.sum(scores >= kth[:, None] - 1e-5, axis=1) / 10))
+
+
+def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: Path) -> None:
+    first, second, vectors = shifted_sets(tmp_path)
+    out = tmp_path / "build" / "index.faiss"
+    a = reindex(first, out, engine_key=KEY_A)
+    assert a["quantizer"]["reused"] is False and a["quantizer"]["reason"] == "trained: no saved quantizer"
+    assert a["quantizer"]["trained_on_share"] == 1.0 and a["seconds"]["train"] > 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["index-quantizer.npz", "index.faiss"]
+    trained = faiss.read_index(str(out))  # kept: the quantizer belongs to it
+    centroids = faiss.downcast_index(trained.quantizer).reconstruct_n(0, a["params"]["nlist"])
+
+    b = reindex(second, out, engine_key=KEY_A)
+    assert b["quantizer"]["reused"] is True and b["seconds"]["train"] == 0
+    assert b["quantizer"]["trained_on_share"] == 0.9 and "10% of the vectors are new" in b["quantizer"]["reason"]
+    assert b["type"] == a["type"] and b["ntotal"] == 4_000
+    index = faiss.read_index(str(out))
+    np.testing.assert_array_equal(faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist), centroids)
+    # every vector is in, under its id, and the search quality holds
+    assert b["recall_at_10"] >= RECALL_TARGET
+    mine = exact_recall(out, vectors[400:])
+    assert mine >= RECALL_TARGET - 0.02 and abs(mine - b["recall_at_10"]) < 0.03
+    fresh = build_index(descriptors_dir=second, out_path=tmp_path / "fresh.faiss", kind="ivf", recall_queries=400)
+    # a quantizer trained on these very vectors needs no fewer than half the probes
+    assert fresh["recall_at_10"] >= RECALL_TARGET and b["params"]["nprobe"] <= 2 * fresh["params"]["nprobe"]
+    _, found = search(out, vectors[400:][:50], 1)
+    np.testing.assert_array_equal(found[:, 0], (np.arange(400, 450) * 5 + 11))
+
+
+def test_the_files_of_the_last_build_are_never_changed_in_place(tmp_path: Path) -> None:
+    """publish hard-links build files into the release: a rebuild writes new files."""
+    first, second, _ = shifted_sets(tmp_path)
+    out = tmp_path / "build" / "index.faiss"
+    reindex(first, out, engine_key=KEY_A)
+    release = tmp_path / "release"
+    release.mkdir()
+    kept = {}
+    for name in ("index.faiss", "index-quantizer.npz"):
+        (release / name).hardlink_to(out.parent / name)
+        kept[name] = (release / name).read_bytes()
+    assert reindex(second, out, engine_key=KEY_A)["quantizer"]["reused"]
+    for name, data in kept.items():
+        assert (release / name).read_bytes() == data
+        assert (release / name).stat().st_ino != (out.parent / name).stat().st_ino
+    assert (release / "index.faiss").read_bytes() != out.read_bytes()
+
+
+def test_another_engine_key_or_kind_trains_again(tmp_path: Path) -> None:
+    first, second, _ = shifted_sets(tmp_path)
+    out = tmp_path / "build" / "index.faiss"
+    reindex(first, out, engine_key=KEY_A)
+    other = reindex(second, out, engine_key=KEY_B)
+    assert other["quantizer"]["reused"] is False and "another engine key" in other["quantizer"]["reason"]
+    assert other["seconds"]["train"] > 0
+    # no engine key: never reused
+    assert "no engine key" in reindex(second, out, engine_key=None)["quantizer"]["reason"]
+    # a flat index has nothing to train and leaves no quantizer behind ...
+    flat = build_index(descriptors_dir=second, out_path=out, kind="flat", reuse=True, engine_key=KEY_A)
+    assert flat["quantizer"] == {
+        "reused": False, "trained_on_share": None, "trained_points": None,
+        "max_untrained_share": 0.3, "reason": "nothing to train",
+    }  # fmt: skip
+    assert not (out.parent / "index-quantizer.npz").exists()
+    # ... so the next IVF trains; HNSW is rebuilt and says why
+    assert reindex(first, out, engine_key=KEY_A)["quantizer"]["reason"] == "trained: no saved quantizer"
+    hnsw = build_index(descriptors_dir=second, out_path=out, kind="hnsw", recall_queries=100, reuse=True, engine_key=KEY_A)
+    assert "faiss cannot remove" in hnsw["quantizer"]["reason"] and not hnsw["quantizer"]["reused"]
+
+
+def test_too_many_new_vectors_or_another_size_trains_again(tmp_path: Path) -> None:
+    first, second, _ = shifted_sets(tmp_path, new=0.4)
+    out = tmp_path / "build" / "index.faiss"
+    reindex(first, out, engine_key=KEY_A)
+    r = reindex(second, out, engine_key=KEY_A)
+    assert r["quantizer"]["reused"] is False and "40% of the vectors are new" in r["quantizer"]["reason"]
+    assert r["quantizer"]["trained_on_share"] == 1.0
+    # the plan family: four times the vectors ask for another number of lists
+    big = write_descriptors(tmp_path / "big", clustered(16_000, 32, seed=5), np.arange(16_000, dtype=np.int64))
+    r = reindex(big, out, engine_key=KEY_A)
+    assert not r["quantizer"]["reused"] and "lists" in r["quantizer"]["reason"]
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[:300]), "unreadable"),
+        (lambda p: p.write_bytes(b"not a zip"), "unreadable"),
+        (lambda p: np.savez(p, meta=np.array("{}"), centroids=np.zeros((2, 2)), population=np.zeros(1, "<u8")), "unreadable"),
+    ],
+)
+def test_a_damaged_saved_quantizer_is_not_used(tmp_path: Path, damage: object, reason: str) -> None:
+    first, second, _ = shifted_sets(tmp_path)
+    out = tmp_path / "build" / "index.faiss"
+    reindex(first, out, engine_key=KEY_A)
+    qf = out.parent / "index-quantizer.npz"
+    qf.unlink()  # a fresh inode: the damage must not reach a hard-linked copy
+    reindex(first, tmp_path / "again" / "index.faiss", engine_key=KEY_A)
+    (tmp_path / "again" / "index-quantizer.npz").rename(qf)
+    damage(qf)  # type: ignore[operator]
+    r = reindex(second, out, engine_key=KEY_A)
+    assert not r["quantizer"]["reused"] and reason in r["quantizer"]["reason"] and r["recall_at_10"] >= RECALL_TARGET
+    # and the file written now is whole again
+    assert reindex(second, out, engine_key=KEY_A)["quantizer"]["reused"]
+
+
+def test_a_quantizer_that_needs_far_more_probes_is_trained_again(tmp_path: Path) -> None:
+    first, second, _ = shifted_sets(tmp_path, uniform=True)  # uniform: IVF needs many probes
+    out = tmp_path / "build" / "index.faiss"
+    assert reindex(first, out, engine_key=KEY_A)["params"]["nprobe"] > 2
+    qf = out.parent / "index-quantizer.npz"
+    with np.load(qf) as z:
+        meta, centroids, population = json.loads(str(z["meta"][()])), z["centroids"], z["population"]
+    meta["nprobe"] = 1  # as if it had been tuned to one probe when trained
+    index._save_quantizer(qf, centroids, population, meta)
+    r = reindex(second, out, engine_key=KEY_A)
+    assert not r["quantizer"]["reused"] and "needed nprobe" in r["quantizer"]["reason"]
+    assert r["params"]["nprobe"] > 2 and r["recall_at_10"] >= RECALL_TARGET and r["seconds"]["train"] > 0
