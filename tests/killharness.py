@@ -85,6 +85,18 @@ class KillOutcome:
     problems: list[str] = field(default_factory=list)
 
 
+@dataclass
+class _Run:
+    """One run of B's build (:meth:`KillHarness._run`)."""
+
+    killed: bool  # SIGKILLed; False: it finished first
+    returncode: int | None
+    stdout: str
+    lines: list[tuple[float, str]]  # (seconds since start, stderr line)
+    seconds: float  # start to end
+    publish_at: float | None  # when the publish step showed on disk (if watched)
+
+
 def _publishing(releases: Path) -> bool:
     """A release is being assembled (publish's temporary directory exists)."""
     try:
@@ -181,8 +193,27 @@ class KillHarness:
     def cb(self, home: Path) -> Cb:
         return Cb(home=home)
 
+    def _link_args(self) -> tuple[str, ...]:
+        """NAME=value for every build besides the flight, zoom and provider (CompanionKillHarness: the link)."""
+        return ()
+
+    def _b_args(self) -> tuple[str, ...]:
+        """The NAME=value of B's builds, killed and resumed."""
+        return (f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider, *self._link_args())
+
+    def _releases(self, home: Path) -> Path | None:
+        """Where publish assembles a release, watched for the publish step (None: not watched)."""
+        return home / "cache" / "releases"
+
+    @staticmethod
+    def _phase_of(line: str) -> str | None:
+        """The phase a stderr line says has started, or None."""
+        if line.startswith(".. ") and line[3:] in PHASE_MARKERS:
+            return line[3:]
+        return None
+
     def build(self, home: Path, flight: Path) -> Any:
-        r = self.cb(home).build(f"FLIGHT={flight}", *ARGS, self.provider)
+        r = self.cb(home).build(f"FLIGHT={flight}", *ARGS, self.provider, *self._link_args())
         assert r.code == 0, r.stderr
         return r
 
@@ -203,10 +234,13 @@ class KillHarness:
         subprocess.run(["cp", "-a", str(self.snapshot / "home"), str(self.work / "home")], check=True)
         return self.work / "home"
 
-    def _start(self, home: Path) -> tuple[subprocess.Popen, list[tuple[float, str]], threading.Thread, float]:
-        cb = self.cb(home)
+    def _run(self, home: Path, point: KillPoint | None = None) -> _Run:
+        """Run B's build from ``home``; SIGKILL it at ``point`` (None: let it finish)."""
+        releases = self._releases(home)
+        # the publish step is looked for on disk only when it is wanted (measuring, or the point's marker)
+        watch = releases is not None and (point is None or point.marker == PUBLISH)
         t0 = time.monotonic()
-        p = cb.popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider)
+        p = self.cb(home).popen("build-cache", *self._b_args())
         lines: list[tuple[float, str]] = []
 
         def read() -> None:
@@ -216,38 +250,49 @@ class KillHarness:
 
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
-        return p, lines, reader, t0
-
-    @staticmethod
-    def _finish(p: subprocess.Popen, reader: threading.Thread) -> str:
-        """Wait for ``p``; its stdout (stderr went to ``reader``)."""
+        publish_at: float | None = None
+        seen_at: float | None = None
+        while p.poll() is None:
+            now = time.monotonic() - t0
+            if watch and publish_at is None and _publishing(releases):
+                publish_at = now
+            if point is not None:
+                if point.marker is None:
+                    if now >= (point.delay_s or 0.0):
+                        break
+                else:
+                    if seen_at is None:
+                        if point.marker == PUBLISH:
+                            seen_at = publish_at
+                        elif any(self._phase_of(ln) == point.marker for _, ln in list(lines)):
+                            seen_at = now
+                    if seen_at is not None and now >= seen_at + point.offset_s:
+                        break
+            time.sleep(0.0005 if point is not None else 0.001)
+        killed = p.poll() is None
+        if killed:
+            p.send_signal(signal.SIGKILL)
         assert p.stdout is not None and p.stderr is not None
         out = p.stdout.read()
         p.stdout.close()
         reader.join()
         p.stderr.close()
         p.wait()
-        return out
+        return _Run(killed, p.returncode, out, lines, time.monotonic() - t0, publish_at)
 
     def measure(self) -> None:
         """One uninterrupted build of B from the snapshot: its id, tiles, duration, phase starts."""
         home = self.restore()
-        releases = home / "cache" / "releases"
-        p, lines, reader, t0 = self._start(home)
-        publish_at = None
-        while p.poll() is None:
-            if publish_at is None and _publishing(releases):
-                publish_at = time.monotonic() - t0
-            time.sleep(0.001)
-        out = self._finish(p, reader)
-        self.duration_s = time.monotonic() - t0
-        assert p.returncode == 0, "\n".join(ln for _, ln in lines)
-        self.new_id = json.loads(out.strip().splitlines()[-1])["build_id"]
-        for at, line in lines:
-            if line.startswith(".. ") and line[3:] in PHASE_MARKERS:
-                self.phase_starts.setdefault(line[3:], at)
-        if publish_at is not None:
-            self.phase_starts[PUBLISH] = publish_at
+        run = self._run(home)
+        self.duration_s = run.seconds
+        assert run.returncode == 0, "\n".join(ln for _, ln in run.lines)
+        self.new_id = json.loads(run.stdout.strip().splitlines()[-1])["build_id"]
+        for at, line in run.lines:
+            phase = self._phase_of(line)
+            if phase:
+                self.phase_starts.setdefault(phase, at)
+        if run.publish_at is not None:
+            self.phase_starts[PUBLISH] = run.publish_at
         import numpy as np
 
         from cachebuild.tiles import tile_from_id
@@ -262,53 +307,52 @@ class KillHarness:
 
     def kill_at(self, point: KillPoint) -> KillOutcome:
         home = self.restore()
-        cb = self.cb(home)
-        releases = home / "cache" / "releases"
-        p, lines, reader, t0 = self._start(home)
-        seen_at: float | None = None
-        while p.poll() is None:
-            now = time.monotonic() - t0
-            if point.marker is None:
-                if now >= (point.delay_s or 0.0):
-                    break
-            else:
-                if seen_at is None:
-                    if point.marker == PUBLISH:
-                        if _publishing(releases):
-                            seen_at = now
-                    elif any(ln == f".. {point.marker}" for _, ln in list(lines)):
-                        seen_at = now
-                if seen_at is not None and now >= seen_at + point.offset_s:
-                    break
-            time.sleep(0.0005)
-        killed = p.poll() is None
-        if killed:
-            p.send_signal(signal.SIGKILL)
-        self._finish(p, reader)
-        started = [ln[3:] for _, ln in lines if ln.startswith(".. ") and ln[3:] in PHASE_MARKERS]
-        phase = started[-1] if started else "start"
-        if not killed:
+        run = self._run(home, point)
+        phases = [ph for ph in (self._phase_of(ln) for _, ln in run.lines) if ph]
+        phase = phases[-1] if phases else "start"
+        releases = self._releases(home)
+        if not run.killed:
             phase = "finished"
-        elif phase == "manifest" and (
+        elif phase == "manifest" and releases is not None and (
             _publishing(releases)
             or len([n for n in os.listdir(releases) if not n.startswith(".")]) > 1
         ):
             phase = PUBLISH  # a release of B was being (or had been) assembled
-        return self.check(home, cb, point, killed, phase)
+        return self.check(home, point, run.killed, phase)
 
-    def check(self, home: Path, cb: Cb, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
+    def _published(self, v: Any, problems: list[str], whose: str = "") -> str:
+        """"old", "new" or "?" from a verify-cache result ``v``; what is wrong goes to ``problems``."""
+        if v.code != 0:
+            problems.append(f"{whose}verify-cache exit {v.code} after the kill: {v.report.get('error')}")
+            return "?"
+        bid = v.report["build_id"]
+        published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
+        if published == "?":
+            problems.append(f"{whose}published build {bid} is neither the old nor the new one")
+        return published
+
+    def _resume(self, home: Path, expected_requests: int, problems: list[str]) -> tuple[Any, int]:
+        """Build B again from ``home``: its result (None if it failed) and the tiles it asked for."""
+        before = self.server.count()
+        r = self.cb(home).build(*self._b_args())
+        requests = self.server.count() - before
+        if r.code != 0:
+            problems.append(f"the resume failed, exit {r.code}: {r.report.get('error')}")
+            return None, requests
+        if r.report["build_id"] != self.new_id:
+            problems.append(f"the resume built {r.report['build_id']}, not {self.new_id}")
+        if requests != expected_requests:
+            problems.append(
+                f"the resume asked the provider for {requests} tiles; {expected_requests} were not in the store"
+            )
+        return r, requests
+
+    def check(self, home: Path, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
         problems: list[str] = []
+        cb = self.cb(home)
         store = home / "store"
         # the published cache: the old or the new one, whole
-        v = cb.run("verify-cache")
-        published = "?"
-        if v.code != 0:
-            problems.append(f"verify-cache exit {v.code} after the kill: {v.report.get('error')}")
-        else:
-            bid = v.report["build_id"]
-            published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
-            if published == "?":
-                problems.append(f"published build {bid} is neither the old nor the new one")
+        published = self._published(cb.run("verify-cache"), problems)
         problems += store_problems(store)
         try:
             CacheLock(home / "cache" / "build.lock").acquire().release()
@@ -320,20 +364,10 @@ class KillHarness:
         # every tile whose image is not stored is asked for (tiles showing one image, each)
         expected_requests = sum(1 for d in self.b_digests if d not in objects)
         expected_computed = _missing_descriptors(store, self.engine_key, self.b_digests)
-        before = self.server.count()
-        r = cb.build(f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider)
-        requests = self.server.count() - before
+        r, requests = self._resume(home, expected_requests, problems)
         computed = -1
-        if r.code != 0:
-            problems.append(f"the resume failed, exit {r.code}: {r.report.get('error')}")
-        else:
-            if r.report["build_id"] != self.new_id:
-                problems.append(f"the resume built {r.report['build_id']}, not {self.new_id}")
+        if r is not None:
             computed = int(r.report.get("descriptors", {}).get("computed", 0))
-            if requests != expected_requests:
-                problems.append(
-                    f"the resume asked the provider for {requests} tiles; {expected_requests} were not in the store"
-                )
             if computed != expected_computed:
                 problems.append(
                     f"the resume computed {computed} descriptors; the store lacked {expected_computed}"
@@ -415,9 +449,6 @@ class CompanionKillHarness(KillHarness):
     def companion_home(self) -> Path:
         return self.work_root / "companion-home"
 
-    def cb(self, home: Path) -> Cb:
-        return Cb(home=home)
-
     def _vars(self) -> list[str]:
         cmd = f"env CACHEBUILD_HOME={self.companion_home} {sys.executable} -m doit"
         return [
@@ -428,10 +459,11 @@ class CompanionKillHarness(KillHarness):
             f"COMPANION_CMD={cmd}",
         ]
 
-    def build(self, home: Path, flight: Path) -> Any:
-        r = self.cb(home).build(f"FLIGHT={flight}", *ARGS, self.provider, *self._vars())
-        assert r.code == 0, r.stderr
-        return r
+    def _link_args(self) -> tuple[str, ...]:
+        return tuple(self._vars())
+
+    def _releases(self, home: Path) -> Path | None:
+        return None  # the companion publishes; its phases are seen on stderr
 
     def _companion_verify(self) -> Any:
         return self.cb(self.work_root / "home").run(
@@ -455,20 +487,6 @@ class CompanionKillHarness(KillHarness):
         subprocess.run(["cp", "-a", str(self.snap_root), str(self.work_root)], check=True)
         return self.work_root / "home"
 
-    def _start(self, home: Path) -> tuple[subprocess.Popen, list[tuple[float, str]], threading.Thread, float]:
-        t0 = time.monotonic()
-        p = self.cb(home).popen("build-cache", f"FLIGHT={self.flight_b}", *ARGS, self.provider, *self._vars())
-        lines: list[tuple[float, str]] = []
-
-        def read() -> None:
-            assert p.stderr is not None
-            for line in p.stderr:
-                lines.append((time.monotonic() - t0, line.rstrip("\n")))
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        return p, lines, reader, t0
-
     @staticmethod
     def _phase_of(line: str) -> str | None:
         if line.startswith("push: ") and "missing there" in line:
@@ -478,46 +496,6 @@ class CompanionKillHarness(KillHarness):
         if line.startswith(".. ") and line[3:] in ("flight", "tiles"):
             return line[3:]
         return None
-
-    def measure(self) -> None:
-        home = self.restore()
-        p, lines, reader, t0 = self._start(home)
-        out = self._finish(p, reader)
-        self.duration_s = time.monotonic() - t0
-        assert p.returncode == 0, "\n".join(ln for _, ln in lines)
-        self.new_id = json.loads(out.strip().splitlines()[-1])["build_id"]
-        for at, line in lines:
-            phase = self._phase_of(line)
-            if phase:
-                self.phase_starts.setdefault(phase, at)
-        import numpy as np
-
-        from cachebuild.tileset import hex_digests
-
-        self.b_digests = hex_digests(np.load(home / "cache/state/build/tiles.npy"))
-
-    def kill_at(self, point: KillPoint) -> KillOutcome:
-        home = self.restore()
-        p, lines, reader, t0 = self._start(home)
-        seen_at: float | None = None
-        while p.poll() is None:
-            now = time.monotonic() - t0
-            if point.marker is None:
-                if now >= (point.delay_s or 0.0):
-                    break
-            else:
-                if seen_at is None and any(self._phase_of(ln) == point.marker for _, ln in list(lines)):
-                    seen_at = now
-                if seen_at is not None and now >= seen_at + point.offset_s:
-                    break
-            time.sleep(0.0005)
-        killed = p.poll() is None
-        if killed:
-            p.send_signal(signal.SIGKILL)
-        self._finish(p, reader)
-        phases = [ph for ph in (self._phase_of(ln) for _, ln in lines) if ph]
-        phase = (phases[-1] if phases else "start") if killed else "finished"
-        return self.check_companion(home, point, killed, phase)
 
     def _wait_lock(self, path: Path, timeout_s: float = 60.0) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -541,44 +519,26 @@ class CompanionKillHarness(KillHarness):
                 pass  # not a whole pack: not counted
         return names
 
-    def check_companion(self, home: Path, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
+    def check(self, home: Path, point: KillPoint, killed: bool, phase: str) -> KillOutcome:
         problems: list[str] = []
         if not self._wait_lock(self.companion_dir / "cache" / "build.lock"):
             problems.append("the companion's lock is still held a minute after the kill")
         if not self._wait_lock(home / "cache" / "build.lock", 5.0):
             problems.append("the workstation's lock is not free after the kill")
-        v = self._companion_verify()
-        published = "?"
-        if v.code != 0:
-            problems.append(f"companion verify-cache exit {v.code} after the kill: {v.report.get('error')}")
-        else:
-            bid = v.report["build_id"]
-            published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
-            if published == "?":
-                problems.append(f"the companion published {bid}, neither the old nor the new build")
+        published = self._published(self._companion_verify(), problems, "the companion's ")
         store = self.companion_dir / "store"
         problems += [f"companion: {p}" for p in store_problems(store)]
         problems += [f"workstation: {p}" for p in store_problems(home / "store")]
         objects = {p.name for p in (store / "objects").glob("*/*")}
         expected_push = len(set(self.b_digests) - objects - self._arrived())
-        before = self.server.count()
         ws_objects = {p.name for p in (home / "store" / "objects").glob("*/*")}
         expected_requests = sum(1 for d in self.b_digests if d not in ws_objects)
-        r = self.cb(home).build(f"FLIGHT={self.flight_b}", *ARGS, self.provider, *self._vars())
-        requests = self.server.count() - before
+        r, requests = self._resume(home, expected_requests, problems)
         pushed = -1
-        if r.code != 0:
-            problems.append(f"the resume failed, exit {r.code}: {r.report.get('error')}")
-        else:
-            if r.report["build_id"] != self.new_id:
-                problems.append(f"the resume built {r.report['build_id']}, not {self.new_id}")
+        if r is not None:
             pushed = int(r.report.get("push", {}).get("tile_objects", 0))
             if pushed != expected_push:
                 problems.append(f"the resume pushed {pushed} tile objects; the companion lacked {expected_push}")
-            if requests != expected_requests:
-                problems.append(
-                    f"the resume asked the provider for {requests} tiles; {expected_requests} were not in the store"
-                )
             v2 = self._companion_verify()
             if v2.code != 0 or v2.report["build_id"] != self.new_id:
                 problems.append(f"after the resume the companion's verify-cache says {v2.code}")
