@@ -284,7 +284,7 @@ def index(*, build: str, kind: str = "auto") -> None:
 
 def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:
     """The localisation self-test over the staged cache (selftest.json)."""
-    from .selftest import SELFTEST_FILE, run_selftest, write_selftest
+    from .selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
 
     b = Path(build)
     with store_user(store):
@@ -295,6 +295,7 @@ def selftest(*, build: str, store: str, queries: int, threads: int | None) -> No
             index_path=b / "index.faiss",
             queries=queries,
             threads=threads,
+            frames_file=b / FRAMES_FILE,  # frames the last build described are not described again
         )
     write_selftest(b / SELFTEST_FILE, result)
 
