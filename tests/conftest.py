@@ -143,3 +143,13 @@ def server() -> Iterator[tileserver.TileServer]:
     srv = tileserver.TileServer(key=tileserver.KEY)
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real OpenSSH sshd on 127.0.0.1 (tests/sshd.py) for the module; skips where none can run."""
+    from tests.sshd import start_or_skip
+
+    srv = start_or_skip(tmp_path_factory.mktemp("sshd"))
+    yield srv
+    srv.stop()

@@ -23,7 +23,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["SSHD", "SshdUnavailable", "Sshd", "keygen", "free_port"]
+__all__ = ["SSHD", "SshdUnavailable", "Sshd", "keygen", "free_port", "start_or_skip"]
 
 SSHD = "/usr/sbin/sshd"
 
@@ -166,3 +166,15 @@ class Sshd:
 
     def stop(self) -> None:
         self.kill()
+
+
+def start_or_skip(root: Path) -> Sshd:
+    """A started :class:`Sshd` under ``root``; where none can run here, a pytest skip that says why."""
+    import pytest
+
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} (openssh-server) is not installed")
+    try:
+        return Sshd(root).start()
+    except SshdUnavailable as exc:
+        pytest.skip(f"sshd could not be started: {exc}")

@@ -16,7 +16,6 @@ import json
 import os
 import shlex
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from cachebuild.lock import CacheLock
 
 from .conftest import Cb, CbResult, write_flight
-from .sshd import SSHD, Sshd, SshdUnavailable, free_port, keygen
+from .sshd import SSHD, Sshd, free_port, keygen
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it"
@@ -34,16 +33,6 @@ pytestmark = pytest.mark.skipif(
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
 REMOTE_TASKS = {"flight", "tiles", "mbtiles", "preview", "model", "engine", "describe", "index", "manifest"}
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    try:
-        server = Sshd(tmp_path_factory.mktemp("sshd")).start()
-    except SshdUnavailable as exc:
-        pytest.skip(f"sshd could not be started: {exc}")
-    yield server
-    server.stop()
 
 
 @dataclass
@@ -54,6 +43,13 @@ class Companion:
     sshd: Sshd
     dir: Path
     home: Path
+
+    @classmethod
+    def under(cls, root: Path, cb: Cb, sshd: Sshd) -> Companion:
+        """A companion at ``root``/companion, its home ``root``/companion-home (made here)."""
+        home = root / "companion-home"
+        home.mkdir()
+        return cls(cb=cb, sshd=sshd, dir=root / "companion", home=home)
 
     @property
     def cmd(self) -> str:
@@ -93,9 +89,7 @@ class Companion:
 def companion(cb: Cb, sshd: Sshd, tmp_path: Path) -> Companion:
     if sshd.proc is None:  # a test killed it
         sshd.start()
-    home = tmp_path / "companion-home"
-    home.mkdir()
-    return Companion(cb=cb, sshd=sshd, dir=tmp_path / "companion", home=home)
+    return Companion.under(tmp_path, cb, sshd)
 
 
 def local_digests(cb: Cb) -> set[str]:

@@ -143,15 +143,10 @@ def test_long_kill_anywhere(harness: KillHarness) -> None:
 
 @pytest.mark.skipif(not LONG, reason="the long kill-anywhere run: set CACHEBUILD_LONG=1")
 def test_long_kill_companion(tmp_path_factory: pytest.TempPathFactory) -> None:
-    from .sshd import SSHD, Sshd, SshdUnavailable
+    from .sshd import start_or_skip
 
-    if not os.path.exists(SSHD):
-        pytest.skip(f"{SSHD} (openssh-server) is not installed")
     root = tmp_path_factory.mktemp("ckill")
-    try:
-        sshd = Sshd(root / "sshd").start()
-    except SshdUnavailable as exc:
-        pytest.skip(f"sshd could not be started: {exc}")
+    sshd = start_or_skip(root / "sshd")
     server = TileServer()
     try:
         (root / "h").mkdir()

@@ -14,7 +14,6 @@ commands).  docs/reliability.md, section 6.
 from __future__ import annotations
 
 import base64
-import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,27 +173,13 @@ def test_a_real_build_leaks_no_secret(cb: Cb, tmp_path: Path, servers: Any) -> N
 
 pytest.importorskip("paramiko")
 
-from .sshd import SSHD, Sshd, SshdUnavailable  # noqa: E402
+from .sshd import Sshd  # noqa: E402
 from .test_companion import Companion  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
-    if not os.path.exists(SSHD):
-        pytest.skip(f"{SSHD} (openssh-server) is not installed")
-    try:
-        server = Sshd(tmp_path_factory.mktemp("sshd")).start()
-    except SshdUnavailable as exc:
-        pytest.skip(f"sshd could not be started: {exc}")
-    yield server
-    server.stop()
 
 
 def test_a_companion_build_leaks_no_secret(cb: Cb, sshd: Sshd, tmp_path: Path, servers: Any) -> None:
     tiles, api = servers
-    home = tmp_path / "companion-home"
-    home.mkdir()
-    c = Companion(cb=cb, sshd=sshd, dir=tmp_path / "companion", home=home)
+    c = Companion.under(tmp_path, cb, sshd)
     remote_key = tmp_path / "on-the-companion" / "signing.pem"
     ensure_dev_key(remote_key)
     env = cb.env(

@@ -350,19 +350,7 @@ def test_concurrent_recorders_keep_the_highest(tmp_path: Path) -> None:
 
 # -- on the companion: its builds record what they publish, its verify-cache refuses a rollback -----
 
-from .sshd import SSHD, Sshd, SshdUnavailable  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    if not os.path.exists(SSHD):
-        pytest.skip(f"{SSHD} (openssh-server) is not installed")
-    try:
-        server = Sshd(tmp_path_factory.mktemp("sshd")).start()
-    except SshdUnavailable as exc:
-        pytest.skip(f"sshd could not be started: {exc}")
-    yield server
-    server.stop()
+from .sshd import Sshd  # noqa: E402
 
 
 def test_rollback_on_the_companion_is_refused_there(sshd: Sshd, tmp_path: Path) -> None:
@@ -370,8 +358,7 @@ def test_rollback_on_the_companion_is_refused_there(sshd: Sshd, tmp_path: Path) 
 
     local = Cb(home=tmp_path / "ws")
     local.home.mkdir()
-    (tmp_path / "companion-home").mkdir()
-    c = Companion(cb=local, sshd=sshd, dir=tmp_path / "companion", home=tmp_path / "companion-home")
+    c = Companion.under(tmp_path, local, sshd)
     for flight, version in (("a", 1), ("b", 2)):
         f = write_flight(tmp_path / f"{flight}.json", lat=47.37 if flight == "a" else 47.40)
         r = c.build(f, "SELFTEST_QUERIES=0")
