@@ -13,6 +13,8 @@ from cachebuild import descstore
 from cachebuild.descstore import COMMIT_ROWS, DescriptorStore, engine_store_dirs
 from cachebuild.errors import CacheBuildWarning
 
+from .surface import assert_public_surface, heavy_imports
+
 KEY = "ab" * 32
 OTHER = "cd" * 32
 
@@ -132,24 +134,9 @@ def test_shards_roll_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, cachebuild.descstore; "
-        "print(sorted(m for m in ('numpy', 'onnxruntime', 'faiss') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("cachebuild.descstore", heavy=("numpy", "onnxruntime", "faiss")) == []
 
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(descstore))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(descstore.__all__)
+    assert_public_surface(descstore)

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import inspect
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +29,8 @@ from cachebuild.engine import (
 )
 from cachebuild.errors import BuildError
 from cachebuild.model import DESCRIPTOR_DIM, write_default_model
+
+from .surface import assert_public_surface, heavy_imports
 
 KEY_FIELDS = {
     "model_sha256": "a" * 64,
@@ -313,25 +311,8 @@ def test_backend_satisfies_the_protocol() -> None:
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    tree = ast.parse(inspect.getsource(engine))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            defined.add(node.target.id)
-    public = {n for n in defined if not n.startswith("_")}
-    assert public == set(engine.__all__)
-    assert all(hasattr(engine, n) for n in engine.__all__)
+    assert_public_surface(engine)
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, cachebuild.engine; "
-        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("cachebuild.engine") == []

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import inspect
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +21,8 @@ from cachebuild.model import (
     build_default_model,
     write_default_model,
 )
+
+from .surface import assert_public_surface, heavy_imports
 
 # Pinned: these bytes key every engine and cache built with the default model.
 # If this changes, the model changed: bump DEFAULT_MODEL_VERSION and update it.
@@ -176,25 +174,8 @@ def test_write_default_model_is_atomic(tmp_path: Path, model_bytes: bytes) -> No
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    tree = ast.parse(inspect.getsource(model))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            defined.add(node.target.id)
-    public = {n for n in defined if not n.startswith("_")}
-    assert public == set(model.__all__)
-    assert all(hasattr(model, n) for n in model.__all__)
+    assert_public_surface(model)
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, cachebuild.model; "
-        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("cachebuild.model") == []

@@ -10,6 +10,8 @@ import pytest
 from cachebuild import npyio
 from cachebuild.npyio import NpyRowWriter, gather_npy_rows, iter_npy_rows, npy_shape
 
+from .surface import assert_public_surface
+
 
 def test_written_in_chunks_numpy_reads_it(tmp_path: Path) -> None:
     a = np.random.default_rng(0).standard_normal((1000, 7)).astype(np.float32)
@@ -72,14 +74,4 @@ def test_gather_rows_any_order_with_repeats(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(npyio))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(npyio.__all__)
+    assert_public_surface(npyio)

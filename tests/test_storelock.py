@@ -15,6 +15,8 @@ from cachebuild import storelock
 from cachebuild.errors import LockHeldError
 from cachebuild.storelock import StoreLock, register_cache, registered_caches
 
+from .surface import assert_public_surface
+
 
 def test_builds_share_the_store(tmp_path: Path) -> None:
     with StoreLock(tmp_path, exclusive=False), StoreLock(tmp_path, exclusive=False, wait=False):
@@ -75,14 +77,4 @@ def test_registry(tmp_path: Path) -> None:
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(storelock))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(storelock.__all__)
+    assert_public_surface(storelock)

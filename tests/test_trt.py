@@ -14,9 +14,7 @@ Three kinds, by what can run here:
 
 from __future__ import annotations
 
-import ast
 import importlib.util
-import inspect
 import json
 import sys
 from pathlib import Path
@@ -51,6 +49,8 @@ from cachebuild.trtplan import (
     trt_major,
 )
 from tests import fake_tensorrt
+
+from .surface import assert_public_surface, heavy_imports
 
 NO_TRT = "tensorrt not installed: no TensorRT wheel / GPU on this machine"
 real_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None, reason=NO_TRT)
@@ -278,12 +278,7 @@ def test_build_settings_leave_onnxruntime_keys_as_they_were() -> None:
 
 def test_public_surface() -> None:
     for module in (trt, trtplan, backends, sys.modules["cachebuild.gpu"]):
-        tree = ast.parse(inspect.getsource(module))
-        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-        for node in tree.body:
-            if isinstance(node, ast.Assign):
-                defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        assert {n for n in defined if not n.startswith("_")} == set(module.__all__), module.__name__
+        assert_public_surface(module)
 
 
 # -- the backend against the stand-ins ----------------------------------------------
@@ -484,15 +479,9 @@ def test_backend_is_found_by_name_with_options(fake: Any, tmp_path: Path) -> Non
 
 
 def test_importing_the_backend_loads_no_gpu_library() -> None:
-    import subprocess
-
-    code = (
-        "import sys, cachebuild.trt, cachebuild.trtplan, cachebuild.backends, cachebuild.gpu; "
-        "heavy = ('numpy', 'onnx', 'onnxruntime', 'tensorrt', 'cupy', 'torch', 'cuda'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    modules = ("cachebuild.trt", "cachebuild.trtplan", "cachebuild.backends", "cachebuild.gpu")
+    gpu = ("numpy", "onnx", "onnxruntime", "tensorrt", "cupy", "torch", "cuda")
+    assert heavy_imports(*modules, heavy=gpu) == []
 
 
 def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
