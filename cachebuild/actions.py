@@ -367,3 +367,22 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         version=_previous_version(Path(current)) + 1,
         expires_at=now + timedelta(days=expires_days),
     )
+
+
+# The action cache (cachebuild.actioncache, docs/scale.md): the index, the
+# self-test and the coverage map are served from the store (or the bucket)
+# when their inputs' hashes match an earlier run's; ACTIVE carries the store,
+# the bucket URL and the report's hits and misses, set by the wrapper.
+def _action_context() -> dict[str, Any]:
+    return ACTIVE
+
+
+def _action_cached() -> None:
+    from .actioncache import cached
+
+    g = globals()
+    for name in ("index", "selftest", "preview"):
+        g[name] = cached(name, g[name], _action_context)
+
+
+_action_cached()

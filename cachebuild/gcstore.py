@@ -16,11 +16,16 @@ In order, while the store is over the bound:
 
 1. garbage, always: temp files of dead writers, descriptor shard files or
    tails no index row reaches (a killed describe), index rows whose shard
-   is gone;
-2. unreferenced tile images and whole unreferenced engines' descriptor
-   stores (an old model's), oldest first (images by fetch time, engines by
-   the last build that used them); a removed image's coverage-map
-   thumbnail (:mod:`cachebuild.thumbs`) goes with it;
+   is gone, action-cache records that do not parse and action-cache
+   objects no record names;
+2. unreferenced tile images, whole unreferenced engines' descriptor
+   stores (an old model's) and unreferenced action-cache outputs
+   (:mod:`cachebuild.actioncache`: an index, self-test result or coverage
+   map no known cache holds a file with the hash of; the records naming
+   one go with it), oldest first (images by fetch time, engines by the
+   last build that used them, outputs by when they were stored); a
+   removed image's coverage-map thumbnail (:mod:`cachebuild.thumbs`) goes
+   with it;
 3. unreferenced descriptors of referenced engines: the engine's shards are
    rewritten with only the referenced rows (compaction).
 
@@ -51,7 +56,14 @@ from typing import Any
 
 from .descstore import SHARD_ROWS, DescriptorStore, engine_store_dirs
 
-__all__ = ["known_caches", "referenced", "store_bytes", "collect_garbage", "gc_store_cmd"]
+__all__ = [
+    "known_caches",
+    "referenced",
+    "referenced_actions",
+    "store_bytes",
+    "collect_garbage",
+    "gc_store_cmd",
+]
 
 
 def known_caches(store_root: Path, cache_dir: Path | None = None, home: Path | None = None) -> list[Path]:
@@ -78,6 +90,56 @@ def _unique_rows(parts: list[Any]) -> Any:
     return np.unique(allrows)
 
 
+def _cache_dirs(cache: Path) -> list[Path]:
+    """The staged build and every release directory of a cache."""
+    dirs = [cache / "state" / "build"]
+    releases = cache / "releases"
+    if releases.is_dir():
+        dirs += [r for r in sorted(releases.iterdir()) if r.is_dir() and not r.name.startswith(".")]
+    return dirs
+
+
+def referenced_actions(caches: Iterable[Path]) -> set[str]:
+    """SHA-256 of every action-cache output (index, self-test, preview) the caches hold.
+
+    Those artifacts are the action cache's objects (:mod:`cachebuild.actioncache`)
+    by content, so an object is referenced when a cache has a file with its hash.
+    """
+    from .actioncache import OUTPUTS, file_sha256
+
+    names = sorted({n for outputs in OUTPUTS.values() for n in outputs})
+    found: set[str] = set()
+    for cache in caches:
+        for d in _cache_dirs(cache):
+            for name in names:
+                try:
+                    found.add(file_sha256(d / name))
+                except OSError:
+                    continue
+    return found
+
+
+def _scan_actions(root: Path) -> tuple[dict[Path, list[str] | None], dict[str, tuple[int, float, Path]]]:
+    """``({record path: its object digests, or None when damaged}, {digest: (size, mtime, path)})``."""
+    records: dict[Path, list[str] | None] = {}
+    objects: dict[str, tuple[int, float, Path]] = {}
+    for sub in sorted((root / "ac").glob("*/*.json")):
+        try:
+            body = json.loads(sub.read_bytes())
+            records[sub] = [str(o["sha256"]) for o in body["outputs"].values()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            records[sub] = None
+    for sub in (root / "cas").glob("*/*"):
+        if len(sub.name) != 64:
+            continue
+        try:
+            st = sub.stat()
+        except OSError:
+            continue
+        objects[sub.name] = (st.st_size, st.st_mtime, sub)
+    return records, objects
+
+
 def referenced(caches: Iterable[Path]) -> tuple[Any, dict[str, Any]]:
     """``(tile digests, {engine key: digests})`` referenced by ``caches``.
 
@@ -88,11 +150,7 @@ def referenced(caches: Iterable[Path]) -> tuple[Any, dict[str, Any]]:
     tiles: list[Any] = []
     per_engine: dict[str, list[Any]] = {}
     for cache in caches:
-        dirs = [cache / "state" / "build"]
-        releases = cache / "releases"
-        if releases.is_dir():
-            dirs += [r for r in sorted(releases.iterdir()) if r.is_dir() and not r.name.startswith(".")]
-        for d in dirs:
+        for d in _cache_dirs(cache):
             try:
                 arr = np.load(d / "tiles.npy", allow_pickle=False)
             except (OSError, ValueError):
@@ -147,6 +205,16 @@ def _scan_objects(objects: Path) -> tuple[Any, Any, Any]:
                 mtimes.append(st.st_mtime)
     digests = np.frombuffer(b"".join(names), dtype=np.dtype((np.void, 32))).copy()
     return digests, np.array(sizes, dtype=np.int64), np.array(mtimes, dtype=np.float64)
+
+
+def _unlink_size(path: Path) -> int:
+    """Remove a file; its size, or 0 when it was already gone."""
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
 
 
 def _in(sorted_set: Any, values: Any) -> Any:
@@ -306,8 +374,9 @@ def collect_garbage(
     dict
         ``bytes_before``, ``bytes_after``, ``max_bytes``, ``caches``,
         ``removed`` {``garbage_bytes``, ``tiles``, ``tile_bytes``,
-        ``engines``, ``descriptors``, ``descriptor_bytes``} and ``kept``
-        {``tiles``, ``engines``}.
+        ``engines``, ``descriptors``, ``descriptor_bytes``, ``action_outputs``,
+        ``action_bytes``, ``thumbnails``} and ``kept`` {``tiles``,
+        ``engines``, ``action_outputs``}.
     """
     import numpy as np
 
@@ -317,8 +386,12 @@ def collect_garbage(
     caches = list(caches)
     target = 0 if max_bytes is None else int(max_bytes)
     live_tiles, live_desc = referenced(caches)
+    live_actions = referenced_actions(caches)
     before = total = store_bytes(root)
-    removed = {"garbage_bytes": 0, "tiles": 0, "tile_bytes": 0, "engines": 0, "descriptors": 0, "descriptor_bytes": 0}
+    removed = {
+        "garbage_bytes": 0, "tiles": 0, "tile_bytes": 0, "engines": 0, "descriptors": 0, "descriptor_bytes": 0,
+        "action_outputs": 0, "action_bytes": 0,
+    }  # fmt: skip
 
     # 1. garbage
     with TileStore(root) as store:
@@ -335,6 +408,20 @@ def collect_garbage(
         with DescriptorStore(root, d.name, dim) as ds:
             removed["garbage_bytes"] += _clean_engine(ds)
         engines[d.name] = d
+    # the action cache's temp files, damaged records, objects no record names
+    from .actioncache import ACTIONS_DIR
+
+    actions = root / ACTIONS_DIR
+    removed["garbage_bytes"] += _tree_bytes(actions / "tmp")
+    shutil.rmtree(actions / "tmp", ignore_errors=True)
+    records, action_objects = _scan_actions(actions)
+    named = {d for digests in records.values() if digests for d in digests}
+    for rec, digests in list(records.items()):
+        if digests is None:
+            removed["garbage_bytes"] += _unlink_size(rec)
+            del records[rec]
+    for digest in [d for d in action_objects if d not in named and d not in live_actions]:
+        removed["garbage_bytes"] += _unlink_size(action_objects.pop(digest)[2])
     total -= removed["garbage_bytes"]
 
     # 2. unreferenced images and engines, oldest first
@@ -344,6 +431,9 @@ def collect_garbage(
     for key, d in engines.items():
         if key not in live_desc:
             candidates.append((os.stat(d / "meta.json").st_mtime, "engine", key))
+    for digest, (_, mtime, _) in action_objects.items():
+        if digest not in live_actions:
+            candidates.append((mtime, "action", digest))
     candidates.sort(key=lambda c: (c[0], c[1]))
     gone: list[str] = []
     for _, what, item in candidates:
@@ -359,6 +449,15 @@ def collect_garbage(
             total -= int(sizes[item])
             removed["tiles"] += 1
             removed["tile_bytes"] += int(sizes[item])
+        elif what == "action":  # an output nothing uses, and the records that name it
+            size = _unlink_size(action_objects[item][2])
+            for rec, digests in list(records.items()):
+                if digests and item in digests:
+                    size += _unlink_size(rec)
+                    del records[rec]
+            total -= size
+            removed["action_outputs"] += 1
+            removed["action_bytes"] += size
         else:
             size = _tree_bytes(engines[item])
             shutil.rmtree(engines.pop(item), ignore_errors=True)
@@ -392,7 +491,11 @@ def collect_garbage(
         "bytes_before": before,
         "bytes_after": after,
         "removed": removed,
-        "kept": {"tiles": int(len(digests) - removed["tiles"]), "engines": len(engines)},
+        "kept": {
+            "tiles": int(len(digests) - removed["tiles"]),
+            "engines": len(engines),
+            "action_outputs": len(action_objects) - removed["action_outputs"],
+        },
     }
 
 

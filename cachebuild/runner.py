@@ -361,6 +361,12 @@ def _locked_build(
     clean_leftovers(paths)
     actions.FAILURES.clear()
     actions.ACTIVE["locked"] = True
+    # the action cache's store, bucket and this run's hits and misses (cachebuild.actioncache)
+    actions.ACTIVE.update(
+        store=str(settings.store),
+        shared=settings.shared_store,
+        action_cache={"hits": [], "misses": [], "from_bucket": []},
+    )
     on_companion = settings.companion is not None  # then only flight and tiles run here
     from .repair import run_repairing
 
@@ -388,6 +394,7 @@ def _locked_build(
     from .selftest import check_recall, summary
 
     report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
+    report.extra["action_cache"] = actions.ACTIVE.get("action_cache") or {"hits": [], "misses": []}
     report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))
     engine = signed["info"].get("engine") or {}  # which backend ran, on what device

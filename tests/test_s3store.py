@@ -150,6 +150,15 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     assert rb["store"]["objects_read"] >= 2 and rb["store"]["objects_written"] == 0
     assert rb["build_id"] == ra["build_id"]  # the same cache, bit for bit where it counts
     assert (b.home / "store" / "objects").is_dir()  # the local read-through copy
+    # the index, self-test and coverage map came from the bucket's action cache, byte for byte
+    assert sorted(ra["action_cache"]["misses"]) == ["index", "preview", "selftest"]
+    assert sorted(rb["action_cache"]["hits"]) == sorted(rb["action_cache"]["from_bucket"])
+    assert sorted(rb["action_cache"]["hits"]) == ["index", "preview", "selftest"]
+    for name in ("index.faiss", "index.json", "selftest.json", "preview.png"):
+        assert (a.current / name).read_bytes() == (b.current / name).read_bytes(), name
+    assert len(s3.keys("team/actions/ac/")) == 3
+    for key in s3.keys("team/actions/cas/"):
+        assert hashlib.sha256(s3.read(key)).hexdigest() == key.rsplit("/", 1)[1]
 
     # the warm no-op on that machine asks the bucket nothing: boto3 is never imported
     p = subprocess.run(
@@ -167,9 +176,14 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     batches = s3.keys("team/descriptors/")
     for key in batches:
         s3.write(key, _DESC_MAGIC + b"garbage")
+    index_obj = f"team/actions/cas/{hashlib.sha256((a.current / 'index.faiss').read_bytes()).hexdigest()}"
+    s3.write(index_obj, s3.read(index_obj)[:-7])  # and truncate the shared index
     third = c.build(*args)
     assert third.code == 0, third.stderr
     rc = third.report
+    assert "index" in rc["action_cache"]["misses"] and "selftest" in rc["action_cache"]["from_bucket"]
+    assert (c.current / "index.faiss").read_bytes() == (a.current / "index.faiss").read_bytes()
+    assert hashlib.sha256(s3.read(index_obj)).hexdigest() == index_obj.rsplit("/", 1)[1]  # shared anew
     assert rc["tiles"]["fetched"] == lost > 0 and tile_server.count() == asked + lost
     assert rc["descriptors"]["computed"] == n
     assert rc["build_id"] == ra["build_id"]
