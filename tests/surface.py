@@ -4,7 +4,7 @@
 names the module's source defines at top level (functions, classes,
 assignments, annotated assignments), and each of them exists.
 
-``public_names(module)``: the same from the imported module rather than
+``own_public_names(module)``: the same from the imported module rather than
 its source: the public names whose objects the module itself defines (not
 imported modules or names).
 
@@ -20,7 +20,7 @@ import subprocess
 import sys
 from types import ModuleType
 
-__all__ = ["HEAVY", "assert_public_surface", "defined_names", "heavy_imports", "public_names"]
+__all__ = ["HEAVY", "assert_public_surface", "defined_names", "heavy_imports", "own_public_names"]
 
 #: The libraries a light import must not pull in (numerics, the model runtimes, the index, images).
 HEAVY = ("numpy", "onnx", "onnxruntime", "faiss", "PIL")
@@ -49,7 +49,7 @@ def assert_public_surface(module: ModuleType) -> None:
     assert all(hasattr(module, n) for n in module.__all__)
 
 
-def public_names(module: ModuleType) -> set[str]:
+def own_public_names(module: ModuleType) -> set[str]:
     """Names ``module`` defines itself (not imports), without a leading underscore."""
     return {
         n

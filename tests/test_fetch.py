@@ -8,14 +8,11 @@ tiles served, server-side, so "every good tile arrives exactly once" and
 from __future__ import annotations
 
 import io
-import signal
 import sqlite3
 import subprocess
 import sys
 import textwrap
 import threading
-import time
-import types
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,8 @@ from cachebuild.store import TileStore, sha256_hex
 from cachebuild.synthetic import synthetic_tile_bytes
 from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
 from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
+from tests.procs import sigkill_when
+from tests.surface import own_public_names
 from tests.test_providers import fast_env, full_text
 from tests.tileserver import KEY, KEY_FORMS, Reply, TileServer, html
 
@@ -37,17 +36,6 @@ from tests.tileserver import KEY, KEY_FORMS, Reply, TileServer, html
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
 PLANNED = list(tiles(AREA, [17]))
 REPO = Path(__file__).resolve().parent.parent
-
-
-def public_names(mod: types.ModuleType) -> set[str]:
-    return {
-        n
-        for n, v in vars(mod).items()
-        if not n.startswith("_")
-        and n != "TYPE_CHECKING"
-        and not isinstance(v, types.ModuleType)
-        and getattr(v, "__module__", mod.__name__) == mod.__name__
-    }
 
 
 def run(
@@ -81,7 +69,7 @@ def assert_store_sound(root: Path) -> None:
 
 
 def test_all_is_complete() -> None:
-    assert set(fetch_module.__all__) == public_names(fetch_module)
+    assert set(fetch_module.__all__) == own_public_names(fetch_module)
 
 
 def test_planned_area_is_a_dozen_tiles() -> None:
@@ -376,42 +364,33 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: TileServer) -> None:
-    area = LngLatBbox(8.50, 47.35, 8.53, 47.37)  # ~150 tiles
-    server.latency_s = 0.01
-    store_root, out = tmp_path / "store", tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILL_SCRIPT,
-            server.template(),
-            *map(str, area),
-            str(store_root),
-            str(out),
-            KEY,
-        ],
+def start_killable_fetch(server: TileServer, area: LngLatBbox, store_root: Path, out: Path, *more: str) -> Any:
+    """KILL_SCRIPT's fetch of ``area`` from ``server`` into ``store_root``, as a child process."""
+    return subprocess.Popen(
+        [sys.executable, "-c", KILL_SCRIPT, server.template(), *map(str, area), str(store_root), str(out), KEY, *more],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 30
-        refs = 0
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with closing(sqlite3.connect(f"file:{store_root / 'refs.sqlite'}?mode=ro", uri=True)) as db:
-                    refs = db.execute("SELECT count(*) FROM tile_refs").fetchone()[0]
-            except sqlite3.Error:
-                refs = 0
-            if refs >= 10:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
+
+
+def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: TileServer) -> None:
+    area = LngLatBbox(8.50, 47.35, 8.53, 47.37)  # ~150 tiles
+    server.latency_s = 0.01
+    store_root, out = tmp_path / "store", tmp_path / "out"
+    refs = 0
+
+    def ten_refs() -> bool:
+        nonlocal refs
+        try:
+            with closing(sqlite3.connect(f"file:{store_root / 'refs.sqlite'}?mode=ro", uri=True)) as db:
+                refs = db.execute("SELECT count(*) FROM tile_refs").fetchone()[0]
+        except sqlite3.Error:
+            refs = 0
+        return refs >= 10
+
+    proc = start_killable_fetch(server, area, store_root, out)
+    sigkill_when(proc, ten_refs, timeout_s=30, poll_s=0.02)
     assert refs >= 10
     assert not (out / "tileset.json").exists()
     server.latency_s = 0.0
@@ -440,31 +419,8 @@ def test_a_sigkilled_fetch_resumes_from_its_journal(tmp_path: Path, server: Tile
     planned = list(tiles(area, [17]))
     server.latency_s = 0.01
     store_root, out = tmp_path / "store", tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILL_SCRIPT,
-            server.template(),
-            *map(str, area),
-            str(store_root),
-            str(out),
-            KEY,
-            str(10**9),
-        ],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and proc.poll() is None and sum(server.served_ok.values()) < 30:
-            time.sleep(0.01)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.communicate()
+    proc = start_killable_fetch(server, area, store_root, out, str(10**9))
+    sigkill_when(proc, lambda: sum(server.served_ok.values()) >= 30, timeout_s=30)
     server.latency_s = 0.0
     served_before = {p: n for p, n in server.served_ok.items()}
     assert 30 <= sum(served_before.values()) < len(planned)

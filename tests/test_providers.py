@@ -40,6 +40,7 @@ from cachebuild.providers import (
 )
 from cachebuild.synthetic import synthetic_tile_bytes
 from cachebuild.tiles import Tile
+from tests.surface import defined_names
 from tests.tileserver import (
     KEY,
     KEY_FORMS,
@@ -73,18 +74,7 @@ def full_text(exc: BaseException) -> str:
 
 def public_names(mod: types.ModuleType) -> set[str]:
     """The public names a module defines itself (not the ones it imports), read from its source."""
-    import ast
-    import inspect
-
-    names = set()
-    for node in ast.parse(inspect.getsource(mod)).body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Assign):
-            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
-    return {n for n in names if not n.startswith("_") and n != "TYPE_CHECKING"}
+    return {n for n in defined_names(mod) if not n.startswith("_") and n != "TYPE_CHECKING"}
 
 
 # ------------------------------------------------------------------ module

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import doctest
 import io
-import types
 
 import numpy as np
 import pytest
@@ -15,6 +14,7 @@ from PIL import Image
 from cachebuild import synthetic
 from cachebuild.synthetic import render_tile, synthetic_tile_bytes
 from cachebuild.tiles import Tile
+from tests.surface import own_public_names
 
 ZURICH = Tile(68645, 45903, 17)
 
@@ -23,20 +23,8 @@ def col_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
 
 
-def public_names(mod: types.ModuleType) -> set[str]:
-    """Names a module defines itself (not imports), without a leading underscore."""
-    return {
-        n
-        for n, v in vars(mod).items()
-        if not n.startswith("_")
-        and n != "TYPE_CHECKING"
-        and not isinstance(v, types.ModuleType)
-        and getattr(v, "__module__", mod.__name__) == mod.__name__
-    }
-
-
 def test_all_is_complete() -> None:
-    assert set(synthetic.__all__) == public_names(synthetic)
+    assert set(synthetic.__all__) == own_public_names(synthetic)
 
 
 def test_doctests() -> None:

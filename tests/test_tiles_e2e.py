@@ -7,9 +7,7 @@ import json
 import math
 import re
 import shutil
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from cachebuild.flight import flight_area, load_flight_file
 from cachebuild.store import TileStore, sha256_hex
 from cachebuild.tiles import LngLatBbox, Tile, tiles
 from tests.conftest import Cb, TileServer, write_flight
+from tests.procs import sigkill_when
 from tests.tileserver import DROP, DROP_MID_BODY, HTML, TRUNCATED, Reply, Slow, too_many
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
@@ -44,15 +43,7 @@ def test_sigkill_mid_download_then_restart_fetches_each_tile_once(
     tile_server.latency_s = 0.02
     args = (f"FLIGHT={f}", *WIDE, f"PROVIDER={tile_server.template()}", "CONCURRENCY=2")
     p = cb.popen("build-cache", *args)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and p.poll() is None and sum(tile_server.served_ok.values()) < 25:
-            time.sleep(0.01)
-        assert p.poll() is None, p.communicate()
-        p.send_signal(signal.SIGKILL)
-    finally:
-        p.kill()
-        p.communicate()
+    sigkill_when(p, lambda: sum(tile_server.served_ok.values()) >= 25, timeout_s=60)
     served_before = sum(tile_server.served_ok.values())
     assert 25 <= served_before < len(wanted)
     tile_server.latency_s = 0.0
