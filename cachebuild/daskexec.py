@@ -32,10 +32,23 @@ already stored.  The descriptor store's ``INSERT OR IGNORE`` would keep the
 first of two descriptors for an image anyway; this keeps its shards free of
 duplicate rows too.
 
-A worker reads each image from the build's store at the same path: the
-workers run on the build's machine, or see its store through a shared file
-system mounted at that path (docs/scale.md); one that does not fails the
-batch with a message naming its host and the tile.
+Where a worker reads each image:
+
+- by default, from the build's store at the same path: the workers run on
+  the build's machine, or see its store through a shared file system
+  mounted at that path (docs/scale.md); one that does not fails the batch
+  with a message naming its host and the tile;
+- with ``STORE=s3://...`` and a ``tcp://`` cluster (:func:`workers_read_bucket`),
+  from the bucket: the worker reads the tile packs of the batch's cells,
+  checks every image against its SHA-256, keeps them in a store of its own
+  under its Dask local directory (each pack is read once per worker
+  process), and never opens the build's store path.  Its AWS credentials
+  are its own (the standard variables or files on the worker's machine);
+  the build sends only the bucket's URL.  The descriptors come back to
+  the build, which writes them to its store and uploads the batches the
+  bucket lacks, as without a cluster (it needs them for the index anyway).
+  A ``local:N`` cluster runs on the build's machine and reads the store
+  path.
 
 distributed is imported by this module, which is imported only when
 ``DASK_SCHEDULER`` is set.
@@ -43,6 +56,7 @@ distributed is imported by this module, which is imported only when
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import shutil
@@ -51,8 +65,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import parse_dask_scheduler
 from .engine import load_engine, read_engine_json
@@ -78,6 +93,8 @@ __all__ = [
     "describe_batch",
     "WorkerError",
     "DaskExecutor",
+    "BucketSource",
+    "workers_read_bucket",
 ]
 
 #: Seconds to wait for the scheduler to answer before failing (exit 21).
@@ -213,10 +230,122 @@ def _store(root: Path) -> TileStore:
     return store
 
 
-def _tile_paths(store_root: str, ids: Any, digests: Any) -> list[Path]:
-    """Where this worker reads each image: the build's store, at the same path."""
+class BucketSource(NamedTuple):
+    """Where workers read tile images with ``STORE=s3://...``: the bucket's tile packs.
+
+    ``url`` is the ``STORE`` URL (no credentials: the worker has its own),
+    ``namespace`` the provider's folder under ``tiles/`` (:class:`cachebuild.s3store.TileSync`).
+    """
+
+    url: str
+    namespace: str
+
+
+#: Set by :func:`workers_read_bucket` around a describe: a ``tcp://`` executor made then reads the bucket.
+_BUCKET_SOURCE: contextvars.ContextVar[BucketSource | None] = contextvars.ContextVar(
+    "cachebuild_bucket_source", default=None
+)
+
+
+@contextmanager
+def workers_read_bucket(url: str, provider_identity: str) -> Iterator[BucketSource]:
+    """While inside, a ``tcp://`` :class:`DaskExecutor` has its workers read tiles from the bucket at ``url``."""
+    import hashlib
+
+    source = BucketSource(str(url), hashlib.sha256(provider_identity.encode()).hexdigest()[:32])
+    token = _BUCKET_SOURCE.set(source)
+    try:
+        yield source
+    finally:
+        _BUCKET_SOURCE.reset(token)
+
+
+#: pack keys this process has read into its own store, and a lock per cell
+_PACKS_READ: set[str] = set()
+_CELL_LOCKS: dict[str, threading.Lock] = {}
+_REMOTES: dict[str, Any] = {}
+_BUCKET_LOCK = threading.Lock()
+
+
+def _worker_store() -> TileStore:
+    """This worker's own store of tile images read from the bucket (under its Dask local directory)."""
+    try:
+        from distributed import get_worker
+
+        base = Path(get_worker().local_directory)
+    except ValueError:  # not in a worker (a unit test, a direct call): this process's temp directory
+        import tempfile
+
+        base = Path(tempfile.gettempdir()) / f"cachebuild-worker-{os.getpid()}"
+    return _store(base / "cachebuild-tiles")
+
+
+def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
+    """Each image's path in this worker's store, the cells' packs read from the bucket first where it lacks one."""
+    from .describe import tile_zxy
+    from .s3store import (
+        CELL_SHIFT,
+        StoreUnavailable,
+        _cell_part,
+        _decode_pack,
+        open_store,
+    )
+
+    local = _worker_store()
+    hexes = [bytes(d).hex() for d in digests]
+    cells = sorted(
+        {
+            (z, x >> CELL_SHIFT, y >> CELL_SHIFT)
+            for (z, x, y), h in zip((tile_zxy(i) for i in ids), hexes)
+            if not local.has(h)
+        }
+    )
+    try:
+        with _BUCKET_LOCK:
+            remote = _REMOTES.get(source.url) or _REMOTES.setdefault(source.url, open_store(source.url))
+        for cell in cells:
+            prefix = remote.url.key("tiles", source.namespace, _cell_part(cell))
+            with _BUCKET_LOCK:
+                lock = _CELL_LOCKS.setdefault(prefix, threading.Lock())
+            with lock:  # one thread reads a cell's packs; the others then find the images
+                for key in remote.list(prefix):
+                    name = key.rsplit("/", 1)[-1]
+                    if key in _PACKS_READ or not name.endswith(".pack"):
+                        continue
+                    data = remote.get_verified(key, name[: -len(".pack")])
+                    pack = _decode_pack(data) if data is not None else None
+                    for _x, _y, d, image in pack[1] if pack is not None else ():
+                        if not local.has(d):  # each image checked against its SHA-256 by _decode_pack
+                            local.put(image)
+                    if pack is not None:
+                        _PACKS_READ.add(key)
+    except StoreUnavailable as exc:
+        raise BuildError(
+            f"the Dask worker on {socket.gethostname()} cannot read tiles from {exc.message}",
+            remedy=f"{exc.remedy}; the workers need their own AWS credentials and endpoint (docs/scale.md)",
+            phase=_PHASE,
+        ) from None
+    paths = []
+    for i, h in enumerate(hexes):
+        path = local.path(h)
+        if not path.is_file():
+            z, x, y = tile_zxy(ids[i])
+            raise BuildError(
+                f"the Dask worker on {socket.gethostname()} finds no image for tile z={z} x={x} y={y} "
+                f"in the tile packs of {source.url} (store object {h[:16]}...)",
+                remedy="run build-cache again: its tiles phase uploads the tiles the bucket lacks",
+                phase=_PHASE,
+            )
+        paths.append(path)
+    return paths
+
+
+def _tile_paths(store_root: str | BucketSource, ids: Any, digests: Any) -> list[Path]:
+    """Where this worker reads each image: the build's store at the same path, or the bucket."""
     from .describe import tile_zxy
 
+    if isinstance(store_root, BucketSource):
+        return _bucket_paths(store_root, ids, digests)
     root = Path(store_root)
     local = _store(root) if (root / "objects").is_dir() else None  # never create it here
     paths = []
@@ -264,7 +393,7 @@ class WorkerError(Exception):
         return err
 
 
-def describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
+def describe_batch(key: str, store_root: str | BucketSource, ids: Any, digests: Any) -> Any:
     """On a worker: :func:`_describe_batch`, its errors made fit to travel (:class:`WorkerError`)."""
     try:
         return _describe_batch(key, store_root, ids, digests)
@@ -273,20 +402,25 @@ def describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
 
 
 def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
-    """On a worker: the descriptors of one batch of images, float32 ``[k, dim]``, unit rows.
+    """On a worker: ``(descriptors, thumbnails)`` of one batch of images.
 
+    Descriptors float32 ``[k, dim]``, unit rows; thumbnails uint8
+    ``[k, THUMB_PX, THUMB_PX, 3]``, made from the same decoded pixels
+    (the wrapper keeps them for the coverage map, :mod:`cachebuild.thumbs`).
     ``digests`` is uint8 ``[k, 32]`` (SHA-256 of each image in the store),
     ``ids`` the tile ids they were found under (for error messages).
     """
     import numpy as np
 
     from .describe import _checked_unit, _decode_batch
+    from .thumbs import THUMB_PX
 
     runner = engine_runner(key)
     size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
     paths = _tile_paths(store_root, ids, digests)
     buf = np.empty((len(paths), 3, *size), dtype=np.float32)
-    x = _decode_batch(paths, ids, size, buf)
+    thumbs = np.empty((len(paths), THUMB_PX, THUMB_PX, 3), dtype=np.uint8)
+    x = _decode_batch(paths, ids, size, buf, thumbs)
     try:
         out = runner.run(x)
     except Exception as exc:
@@ -295,7 +429,7 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
             remedy="recompile the engine (delete the engine directory) and retry",
             phase=_PHASE,
         ) from exc
-    return _checked_unit(np.array(out, dtype=np.float32), ids)
+    return _checked_unit(np.array(out, dtype=np.float32), ids), thumbs
 
 
 # -- the wrapper side --------------------------------------------------------
@@ -339,6 +473,11 @@ class DaskExecutor:
         self.scheduler = scheduler
         self.engine_dir = Path(engine_dir)
         self.store_root = str(store_root)
+        #: where the workers read tiles: the bucket (STORE=s3://, a tcp:// cluster) or the store path
+        self.source: str | BucketSource = self.store_root
+        bucket = _BUCKET_SOURCE.get()
+        if bucket is not None and self.kind == "tcp":
+            self.source = bucket
         self.threads = threads
         self.connect_timeout = connect_timeout
         self.workers = 0
@@ -405,7 +544,9 @@ class DaskExecutor:
         return max(2, _WINDOW_PER_THREAD * max(1, threads))
 
     def run(self, work: Iterator[tuple[Any, Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(meta, descriptors)`` for each ``(meta, ids, digests)`` of ``work``.
+        """Yield ``(meta, result)`` for each ``(meta, ids, digests)`` of ``work``.
+
+        ``result``: what :func:`describe_batch` returned, ``(descriptors, thumbnails)``.
 
         Results come in the order they finish, each batch exactly once.
         """
@@ -426,7 +567,7 @@ class DaskExecutor:
             b = next(counter)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             fut = client.submit(
-                describe_batch, self.key, self.store_root, ids,
+                describe_batch, self.key, self.source, ids,
                 np.ascontiguousarray(digests, dtype=np.uint8),
                 key=f"{_KEY_PREFIX}-{run_id}-{b}",
             )  # fmt: skip

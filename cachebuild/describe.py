@@ -159,10 +159,17 @@ def _preprocess_into(rgb: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> N
 
 
 def _decode_batch(
-    paths: list[Path], ids: Any, size: tuple[int, int], out: np.ndarray
+    paths: list[Path], ids: Any, size: tuple[int, int], out: np.ndarray, thumbs: np.ndarray | None = None
 ) -> np.ndarray:
-    """Decode and preprocess ``paths`` into ``out[:len(paths)]``; returns that view."""
+    """Decode and preprocess ``paths`` into ``out[:len(paths)]``; returns that view.
+
+    With ``thumbs`` (uint8 ``[>= len(paths), THUMB_PX, THUMB_PX, 3]``), each
+    image's coverage-map thumbnail is made from the same decoded pixels
+    (:func:`cachebuild.thumbs.thumbnail_of`) into ``thumbs[i]``.
+    """
     import numpy as np
+
+    from .thumbs import thumbnail_of
 
     scratch = np.empty((3, *size), dtype=np.uint8)
     for i, path in enumerate(paths):
@@ -180,6 +187,8 @@ def _decode_batch(
                 phase=_PHASE,
             ) from exc
         _preprocess_into(rgb, out[i], scratch)
+        if thumbs is not None:
+            thumbs[i] = thumbnail_of(rgb)
     return out[: len(paths)]
 
 
@@ -236,19 +245,25 @@ def _engine_batches(
     size: tuple[int, int],
     max_rows: int,
     workers: int,
-) -> Iterator[tuple[Any, Any]]:
-    """Run the engine over ``work``, decoding ahead; yields ``(meta, descriptors)`` in order.
+    thumbs: bool = False,
+) -> Iterator[tuple[Any, Any, Any]]:
+    """Run the engine over ``work``, decoding ahead; yields ``(meta, descriptors, thumbnails)`` in order.
 
     ``work`` yields ``(meta, ids, digests)`` batches (uint8 ``[k, 32]``
     digests, ``k <= max_rows``); ``meta`` is passed through.  Batch k is
     decoded into ``ring[k % R]`` while the engine runs earlier ones; batch
-    k + R is submitted once batch k has run.
+    k + R is submitted once batch k has run.  With ``thumbs``, each
+    batch's thumbnails (uint8 ``[k, THUMB_PX, THUMB_PX, 3]``, a copy) made
+    from the decoded pixels; otherwise None.
     """
     import numpy as np
+
+    from .thumbs import THUMB_PX
 
     chunk = -(-max_rows // workers)  # each batch is split among all decoders
     # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
     ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
+    tring = [np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None for _ in ring]
     with ThreadPoolExecutor(
         max_workers=workers, thread_name_prefix="describe-decode", initializer=_lower_decoder_priority
     ) as pool:
@@ -261,10 +276,13 @@ def _engine_batches(
                 return False
             meta, ids, digests = item
             slot = free.popleft()
-            buf = ring[slot]
+            buf, tbuf = ring[slot], tring[slot]
             paths = [store.path(bytes(d).hex()) for d in digests]
             parts = [
-                pool.submit(_decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk])
+                pool.submit(
+                    _decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk],
+                    *(() if tbuf is None else (tbuf[c : c + chunk],)),
+                )  # fmt: skip
                 for c in range(0, len(paths), chunk)
             ]
             pending.append((meta, ids, slot, parts))
@@ -287,9 +305,11 @@ def _engine_batches(
                         remedy="recompile the engine (delete the engine directory) and retry",
                         phase=_PHASE,
                     ) from exc
+                tb = tring[slot]
+                th = None if tb is None else tb[: len(ids)].copy()
                 free.append(slot)
                 submit()
-                yield meta, _checked_unit(np.array(out, dtype=np.float32), ids)
+                yield meta, _checked_unit(np.array(out, dtype=np.float32), ids), th
         except BaseException:
             for *_, parts in pending:
                 for part in parts:
@@ -322,6 +342,34 @@ def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[
         yield part, ids[part], raw[part]
 
 
+class _ThumbKeeper:
+    """Thumbnails made in describe, written to the thumbnail store in a few transactions."""
+
+    _ROWS = 2048
+
+    def __init__(self, store_root: Path):
+        from .thumbs import ThumbStore
+
+        self.store = ThumbStore(store_root)
+        self.rows: list[tuple[bytes, bytes]] = []
+        self.kept = 0
+
+    def add(self, digests: Any, thumbs: Any) -> None:
+        self.rows.extend((digests[i].tobytes(), thumbs[i].tobytes()) for i in range(len(digests)))
+        if len(self.rows) >= self._ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.kept += self.store.put(self.rows)
+        self.rows = []
+
+    def __enter__(self) -> _ThumbKeeper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
 def describe_tiles(
     *,
     tileset_dir: str | os.PathLike[str],
@@ -334,6 +382,7 @@ def describe_tiles(
     decode_threads: int | None = None,
     reuse: bool = False,
     dask_scheduler: str | None = None,
+    thumbnails: bool = True,
 ) -> dict[str, Any]:
     """Describe every present tile of a tile set with the compiled engine.
 
@@ -364,6 +413,10 @@ def describe_tiles(
         ``tcp://host:port`` or ``local:N``: run the engine on that Dask
         cluster (:mod:`cachebuild.daskexec`), started only when the store
         lacks some descriptors; needs ``reuse``.  ``None``: in this process.
+    thumbnails
+        With ``reuse``: keep, for every image run through the engine, its
+        coverage-map thumbnail (:mod:`cachebuild.thumbs`) made from the
+        pixels decoded for the engine, so the preview need not decode it.
 
     Returns
     -------
@@ -373,7 +426,9 @@ def describe_tiles(
         run through the engine: an image shared by several tiles once),
         ``seconds``, ``tiles_per_s`` (N / seconds), ``computed_per_s``,
         ``executor`` (``local`` or ``dask``) and ``workers`` (processes that
-        ran the engine: 1 here; the Dask workers, 0 when none was needed).
+        ran the engine: 1 here; the Dask workers, 0 when none was needed),
+        ``thumbnails`` (thumbnails kept: one per engine run with
+        ``reuse`` and ``thumbnails``, else 0).
 
     Raises
     ------
@@ -423,18 +478,20 @@ def describe_tiles(
     out.mkdir(parents=True, exist_ok=True)
     (out / DESCRIPTOR_IDS_FILE).unlink(missing_ok=True)
     executor = {"executor": "local" if dask_scheduler is None else "dask", "workers": 1}
+    made = {"thumbnails": 0}
     if reuse:
         computed, runs = _describe_with_store(
             store, engine_dir, raw, ids, out, dim=dim, size=size, batch_size=batch_size,
             max_rows=max_rows, workers=workers, runner=runner, stream=stream,
             dask_scheduler=dask_scheduler, threads=threads, executor=executor,
+            thumbnails=made if thumbnails else None,
         )  # fmt: skip
     else:
         with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink, Progress(
             _PHASE, total=n, stream=stream
         ) as bar:
             work = _batches(np.arange(n), ids, raw, batch_size)
-            for _, d in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
+            for _, d, _ in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
                 sink.write(d)
                 bar.advance(len(d))
         computed = runs = n
@@ -450,6 +507,7 @@ def describe_tiles(
         "tiles_per_s": n / seconds if seconds > 0 else 0.0,
         "computed_per_s": computed / seconds if seconds > 0 else 0.0,
         **executor,
+        **made,
     }
 
 
@@ -470,12 +528,16 @@ def _describe_with_store(
     dask_scheduler: str | None = None,
     threads: int | None = None,
     executor: dict[str, Any] | None = None,
+    thumbnails: dict[str, int] | None = None,
 ) -> tuple[int, int]:
     """Describe what the descriptor store lacks, then assemble the output from it.
 
     With ``dask_scheduler`` the engine runs on that cluster, and
     ``executor["workers"]`` is set to its worker count; it is set to 0 if
-    no image needed describing.  Returns ``(computed, engine runs)``.
+    no image needed describing.  With ``thumbnails`` (a counter), each
+    described image's thumbnail is kept in the store's thumbnail store,
+    and ``thumbnails["thumbnails"]`` counts them.  Returns ``(computed,
+    engine runs)``.
     """
     import numpy as np
 
@@ -507,7 +569,10 @@ def _describe_with_store(
                 work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
                         for p in [work_pos[s : s + batch_size]])  # fmt: skip
                 if dask_scheduler is None:
-                    results = _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers)
+                    results = _engine_batches(
+                        runner, store, work, size=size, max_rows=max_rows, workers=workers,
+                        thumbs=thumbnails is not None,
+                    )  # fmt: skip
                 else:  # results arrive in any order: each carries its positions
                     from .daskexec import DaskExecutor
 
@@ -517,10 +582,19 @@ def _describe_with_store(
                     results = cluster.run(work)
                 stack.callback(results.close)  # on an error: cancel what is in flight first
                 writer = stack.enter_context(ds.writer())
+                keep = stack.enter_context(_ThumbKeeper(store.root)) if thumbnails is not None else None
                 bar = stack.enter_context(Progress(_PHASE, total=runs, stream=stream))
-                for uidx, d in results:
-                    ushard[uidx], urow[uidx] = writer.append(raw[todo[first[uidx]]], d)
+                for uidx, *got in results:
+                    # local: (descriptors, thumbnails); Dask: one value, a pair or (older workers) an array
+                    d, th = got if len(got) == 2 else (got[0] if isinstance(got[0], tuple) else (got[0], None))
+                    digests = raw[todo[first[uidx]]]
+                    ushard[uidx], urow[uidx] = writer.append(digests, d)
+                    if keep is not None and th is not None:
+                        keep.add(digests, th)
                     bar.advance(len(d))
+                if keep is not None:
+                    keep.flush()
+                    thumbnails["thumbnails"] = keep.kept
                 if dask_scheduler is not None and executor is not None:
                     executor["workers"] = cluster.workers
             shard[todo] = ushard[inverse]

@@ -26,6 +26,13 @@ def task(plan: Any) -> dict[str, Any]:
         "file_dep": [
             str(build / n) for n in ("tiles.npy", "missing.npy", "tileset.json", "tiles.mbtiles", "flight.json")
         ],
+        # order only, not a dependency (doit's task_dep never makes a task out of
+        # date): describe runs first, so it has kept the thumbnail of every image it
+        # decoded and this finds them all instead of decoding each JPEG again; a
+        # change that leaves describe up to date (origin, flight id) still redraws
+        # only this.  Without it doit picks the order of the two at random (file_dep
+        # is a set).
+        "task_dep": ["describe"],
         "targets": [str(build / "preview.png")],
         # the version: how the map is drawn (cachebuild.preview)
         "uptodate": [config_changed({"size": DEFAULT_SIZE, "version": PREVIEW_VERSION})],

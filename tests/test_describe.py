@@ -504,3 +504,73 @@ def test_engine_failure_with_reuse_keeps_what_was_described(
     monkeypatch.setattr(describe, "load_engine", real)
     result = run(w, engine_dir, tmp_path / "o", reuse=True, batch_size=4)
     assert (result["computed"], result["reused"]) == (4, 8)
+
+
+# -- coverage-map thumbnails made from the pixels decoded for the engine --------
+
+
+def _thumb_mismatch(store_root: Path, digests: list[bytes]) -> tuple[float, int]:
+    """Mean and largest |describe's thumbnail - the preview's decode fallback| over ``digests``."""
+    from cachebuild.store import read_object
+    from cachebuild.thumbs import THUMB_PX, ThumbStore, make_thumbnail
+
+    store = TileStore(store_root)
+    with ThumbStore(store_root) as ts:
+        kept = ts.lookup(digests)
+    assert set(kept) == set(digests)
+    diffs = []
+    for d in digests:
+        mine = np.frombuffer(kept[d], np.uint8).reshape(THUMB_PX, THUMB_PX, 3).astype(int)
+        fallback = make_thumbnail(read_object(store.path(d.hex()), what="tile")).astype(int)
+        diffs.append(np.abs(mine - fallback))
+    all_diffs = np.stack(diffs)
+    return float(all_diffs.mean()), int(all_diffs.max())
+
+
+def test_describe_keeps_a_thumbnail_per_described_image_equal_to_the_decode_fallback(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    from cachebuild.thumbs import ThumbStore
+
+    images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
+    images[(Z, 70010, 42010)] = images[(Z, 70000, 42000)]  # one image under two tiles: one thumbnail
+    w = store_world(tmp_path, images)
+    first = run(w, engine_dir, tmp_path / "a", reuse=True, batch_size=5, decode_threads=2)
+    assert first["engine_runs"] == first["thumbnails"] == 12
+    digests = [bytes.fromhex(TileStore(w[1]).put(data)) for data in images.values()]
+    # within rounding and chroma upsampling of libjpeg's 1/8-scale decode (the preview's fallback)
+    mean, worst = _thumb_mismatch(w[1], list(dict.fromkeys(digests)))
+    assert mean <= 1.5 and worst <= 12, (mean, worst)
+    # every descriptor reused: nothing decoded, nothing made again
+    again = run(w, engine_dir, tmp_path / "b", reuse=True)
+    assert again["engine_runs"] == again["thumbnails"] == 0
+    with ThumbStore(w[1]) as ts:
+        assert ts.count() == 12
+
+
+def test_describe_without_thumbnails_or_without_the_store_keeps_none(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    from cachebuild.thumbs import ThumbStore
+
+    images = {zxy: encode(rgb) for zxy, rgb in list(tiles_images.items())[:4]}
+    w = store_world(tmp_path, images)
+    assert run(w, engine_dir, tmp_path / "n", reuse=False)["thumbnails"] == 0
+    off = run(w, engine_dir, tmp_path / "a", reuse=True, thumbnails=False)
+    assert off["engine_runs"] == 4 and off["thumbnails"] == 0
+    with ThumbStore(w[1]) as ts:
+        assert ts.count() == 0
+
+
+def test_thumbnail_of_a_png_tile_and_an_engine_of_another_size(tmp_path: Path) -> None:
+    """Pixels decoded at another size (an engine with a smaller input) are box-resized."""
+    from cachebuild.thumbs import THUMB_PX, make_thumbnail, thumbnail_of
+
+    rgb = tile_image(7)
+    png = encode(rgb, "PNG")
+    exact = make_thumbnail(png)
+    same = thumbnail_of(decode_tile(io.BytesIO(png), (256, 256))).astype(int)
+    assert np.abs(same - exact.astype(int)).max() <= 1  # both an 8x8 box mean of the same pixels; rounding
+    small = thumbnail_of(decode_tile(io.BytesIO(png), (200, 224)))
+    assert small.shape == (THUMB_PX, THUMB_PX, 3) and small.dtype == np.uint8
+    assert np.abs(small.astype(int) - exact.astype(int)).mean() < 6

@@ -181,3 +181,99 @@ def test_preview_cache_command_and_cache_info(holey_cache, tmp_path: Path) -> No
 def test_cache_info_without_a_cache(cb: Cb) -> None:
     r = cb.run("cache-info")
     assert r.code == 2 and "no published cache" in r.report["error"]
+
+
+# -- thumbnails made by describe: the preview stage of a build decodes nothing ----
+
+#: A build in-process, counting the images Pillow decodes in the preview
+#: action and elsewhere (every decode goes through ImageFile.load, with the
+#: image's undecoded data in ``tile``).
+DECODE_PROBE = """
+import json, sys, threading
+from PIL import ImageFile
+from cachebuild import actions
+from cachebuild.runner import main
+
+counts = {"preview": 0, "other": 0}
+where = {"preview": False}
+lock = threading.Lock()
+real_load, real_preview = ImageFile.ImageFile.load, actions.preview
+
+def load(self):
+    if self.tile:  # image data still to decode (empty once loaded)
+        with lock:
+            counts["preview" if where["preview"] else "other"] += 1
+    return real_load(self)
+
+def preview(**kw):
+    where["preview"] = True
+    try:
+        return real_preview(**kw)
+    finally:
+        where["preview"] = False
+
+ImageFile.ImageFile.load = load
+actions.preview = preview
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, **counts}))
+"""
+
+#: A long thin area (about 40 x 1 tiles at z17): at 1024 px a tile spans < 32
+#: px, so the map is drawn from thumbnails, as for a 10k-tile cache.
+LONG_WPS = [(47.3700, 8.5400), (47.3700, 8.6500)]
+LONG = ("BUFFER_M=40", "ZOOM=17", "SELFTEST_QUERIES=20")
+
+
+def _probe_build(cb: Cb, *args: str) -> dict:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    p = subprocess.run(
+        [sys.executable, "-c", DECODE_PROBE, "build-cache", *args, "REPORT=json"],
+        cwd=REPO, env=cb.env(), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert lines, p.stderr
+    counts = json.loads(lines[-1])
+    assert counts["code"] == 0, p.stderr
+    return {**counts, "report": json.loads(lines[-2])}
+
+
+def _digests(cache: Path) -> list[bytes]:
+    raw = np.ascontiguousarray(np.load(cache / "tiles.npy")["sha256"]).view(np.uint8).reshape(-1, 32)
+    return list(dict.fromkeys(r.tobytes() for r in raw))
+
+
+def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reused_descriptors(
+    cb: Cb, tmp_path: Path, tile_server
+) -> None:
+    import shutil
+
+    from cachebuild.thumbs import ThumbStore
+
+    f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS, origin=(47.3700, 8.5401))
+    args = (f"FLIGHT={f}", *LONG, f"PROVIDER={tile_server.template()}")
+    first = _probe_build(cb, *args)
+    rep = first["report"]
+    n = rep["tiles"]["planned"] - rep["tiles"]["missing"]
+    assert rep["descriptors"]["computed"] == n > 32
+    assert {"describe", "preview"} <= set(rep["tasks"]["run"])
+    assert first["other"] >= n  # the counter sees decodes: describe's, each image once at least
+    assert first["preview"] == 0  # the preview used describe's thumbnails, decoding nothing
+    store = cb.home / "store"
+    with ThumbStore(store) as ts:
+        assert ts.present(_digests(cb.current)) == set(_digests(cb.current))
+    # it is the thumbnail path that drew this map, and it finds them all
+    r = render_preview(cb.current.resolve(), tmp_path / "p.png", store=store)
+    assert r["mode"] == "thumbnails" and r["thumbnails_made"] == 0 and r["thumbnails_reused"] == n
+
+    # descriptors reused, thumbnails gone (a store from before them): the preview decodes, once
+    shutil.rmtree(store / "thumbs")
+    write_flight(f, waypoints=LONG_WPS, origin=(47.3700, 8.5401), flight_id="33333333-3333-4333-8333-333333333333")
+    moved = _probe_build(cb, *args)
+    assert "describe" not in moved["report"]["tasks"]["run"] and "preview" in moved["report"]["tasks"]["run"]
+    assert moved["preview"] == n and moved["other"] == 0
+    with ThumbStore(store) as ts:
+        assert ts.present(_digests(cb.current)) == set(_digests(cb.current))
