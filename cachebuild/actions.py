@@ -246,7 +246,15 @@ def describe(
         from .s3store import open_store
 
         remote = open_store(shared)
-    with store_user(store, cache_dir):
+    from contextlib import nullcontext
+
+    workers_read: Any = nullcontext()
+    if remote is not None and dask_scheduler is not None:  # tcp:// workers read tiles from the bucket
+        from .daskexec import workers_read_bucket
+        from .tileset import read_summary
+
+        workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
+    with store_user(store, cache_dir), workers_read:
         have = pull_descriptors(remote, Path(store), Path(build)) if remote is not None else None
         result = describe_tiles(
             tileset_dir=Path(build),

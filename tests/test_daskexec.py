@@ -164,11 +164,41 @@ def test_local_cluster_describes_the_same_descriptors_once(cb: Cb, tmp_path: Pat
 # -- a `dask scheduler` and `dask worker`s as processes ------------------------
 
 
+def can_hide_paths() -> bool:
+    """Whether a process can get a mount namespace of its own (root, or unprivileged user namespaces)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /mnt"],
+        capture_output=True, check=False,
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
 class Cluster:
-    def __init__(self, tmp: Path, workers: int):
+    """``dask scheduler`` and ``dask worker`` processes on 127.0.0.1.
+
+    ``worker_env`` is added to the workers' environment, ``worker_cwd`` is
+    their working directory, and ``hide`` a directory the workers see as an
+    empty tmpfs (a mount namespace of their own): a machine without the
+    build's file system.
+    """
+
+    def __init__(
+        self,
+        tmp: Path,
+        workers: int,
+        *,
+        worker_env: dict[str, str] | None = None,
+        worker_cwd: Path | None = None,
+        hide: Path | None = None,
+    ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
         self.env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+        self.worker_env = {**self.env, **(worker_env or {})}
+        self.worker_cwd = worker_cwd or REPO
+        self.hide = hide
         self.procs: list[subprocess.Popen[bytes]] = []
         info = tmp / "scheduler.json"
         self.scheduler = self._start(
@@ -190,10 +220,16 @@ class Cluster:
             )
 
     def _start(self, *args: str) -> subprocess.Popen[bytes]:
+        argv = [sys.executable, "-m", "dask", *args]
+        worker = args[0] == "worker"
+        if worker and self.hide is not None:
+            mount = 'mount -t tmpfs none "$0" && exec "$@"'
+            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, str(self.hide), *argv]
         with open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "wb") as log:
             p = subprocess.Popen(
-                [sys.executable, "-m", "dask", *args], cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+                argv, cwd=self.worker_cwd if worker else REPO, env=self.worker_env if worker else self.env,
+                stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
         self.procs.append(p)
         return p
 
@@ -269,3 +305,75 @@ def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
     remote, local = errors
     assert type(remote) is type(local) and vars(remote) == vars(local) and str(remote) == str(local)
     assert "z=" in remote.message and remote.exit_code == 21
+
+
+# -- workers on "another machine": tiles from the bucket, no shared file system --
+
+
+def test_workers_read_tiles_from_the_bucket_and_never_the_build_s_store(tmp_path: Path) -> None:
+    """STORE=s3:// and a tcp:// cluster whose workers have their own home, working directory and
+    credentials, and (where a mount namespace can be had) see the build's home as an empty directory."""
+    pytest.importorskip("moto.server")
+    from cachebuild import daskexec
+    from cachebuild.errors import BuildError
+
+    from .s3server import S3Server
+
+    s3 = S3Server(tmp_path, bucket="maps-dask")
+    cb = Cb(home=tmp_path / "home", env_extra=s3.env)
+    cb.home.mkdir()
+    hide = cb.home if can_hide_paths() else None
+    (tmp_path / "worker-home").mkdir()
+    (tmp_path / "worker-cwd").mkdir()
+    cluster = Cluster(
+        tmp_path / "dask", workers=2, hide=hide, worker_cwd=tmp_path / "worker-cwd",
+        worker_env={**s3.env, "CACHEBUILD_HOME": str(tmp_path / "worker-home")},
+    )  # fmt: skip
+    try:
+        from distributed import Client
+
+        with Client(cluster.address, timeout=30, set_as_default=False) as client:
+            client.wait_for_workers(2, timeout=60)
+        f = write_flight(tmp_path / "f.json")
+        url = f"s3://{s3.bucket}/fleet"
+        r = cb.build(f"FLIGHT={f}", *SMALL, "BATCH=2", f"DASK_SCHEDULER={cluster.address}", f"STORE={url}")
+        assert r.code == 0, r.stderr + "".join(p.read_text() for p in (tmp_path / "dask").glob("*.log"))
+        rep = r.report
+        n = _check_against_local(cb, tmp_path)  # the same descriptors as a local describe, each stored once
+        assert rep["descriptors"] == {"computed": n, "reused": 0}
+        assert rep["describe"]["executor"] == "dask" and rep["describe"]["workers"] == 2
+
+        # every image the workers decoded came from the bucket's packs into their own stores
+        tiles = np.load(cb.cache_dir / "state" / "build" / "tiles.npy")
+        want = {bytes(d).hex() for d in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)}
+        got = {p.name for p in (tmp_path / "dask").glob("w*/**/cachebuild-tiles/objects/*/*")}
+        assert want <= got
+        assert not (tmp_path / "worker-home" / "store").exists()
+        for text in (r.stdout, r.stderr):
+            assert s3.secret_key not in text and s3.access_key not in text
+
+        if hide is not None:  # without the bucket these workers cannot find a single tile
+            build = cb.cache_dir / "state" / "build"
+            shutil.rmtree(cb.home / "store" / "descriptors")
+            with pytest.raises(BuildError) as e:
+                describe_tiles(
+                    tileset_dir=build, store_root=cb.home / "store", engine_dir=build / "engine",
+                    out_dir=tmp_path / "again", batch_size=2, progress=False, reuse=True,
+                    dask_scheduler=cluster.address,
+                )  # fmt: skip
+            assert "finds no image" in e.value.message and "same path" in e.value.remedy
+
+        # an image the bucket does not have: the worker names the tile and the bucket
+        with daskexec.workers_read_bucket(url, "no-such-provider"):
+            ex = daskexec.DaskExecutor(cluster.address, engine_dir=cb.cache_dir / "state" / "build" / "engine",
+                                       store_root=cb.home / "store")  # fmt: skip
+        assert isinstance(ex.source, daskexec.BucketSource)
+        with ex:
+            ids = np.ascontiguousarray(tiles["id"][:1], dtype=np.int64)
+            digests = np.zeros((1, 32), dtype=np.uint8)
+            with pytest.raises(BuildError) as e2:
+                list(ex.run(iter([(0, ids, digests)])))
+        assert "finds no image for tile" in e2.value.message and url in e2.value.message
+    finally:
+        cluster.close()
+        s3.close()
