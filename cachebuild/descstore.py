@@ -38,6 +38,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .store import write_rows
+
 __all__ = [
     "DESCRIPTORS_DIR",
     "FORMAT",
@@ -228,18 +230,9 @@ class DescriptorStore:
         in progress; dropping it lets the descriptor computed again be
         recorded (``INSERT OR IGNORE`` would keep the dead row).
         """
-        db = self.conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
-                "DELETE FROM descriptors WHERE sha256 = ? AND shard = ?",
-                ((bytes(d), shard) for d in digests),
-            )
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
-                db.execute("ROLLBACK")
-            raise
+        write_rows(
+            self.conn(), "DELETE FROM descriptors WHERE sha256 = ? AND shard = ?", ((bytes(d), shard) for d in digests)
+        )
 
     def read(self, shard: Any, row: Any, out: Any | None = None) -> Any:
         """The descriptors at ``(shard[i], row[i])``, float32 ``[n, dim]``.

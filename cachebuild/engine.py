@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .backends import BACKEND_CHOICES, BACKENDS, MachineProbes, select_backend
+from .canonical import sha256_file as _sha256_and_size
 from .errors import EngineError
 from .tileset import atomic_write_bytes
 
@@ -191,11 +192,7 @@ def engine_key(
 
 def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's bytes, read in chunks (models can be large)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(chunk_size):
-            h.update(chunk)
-    return h.hexdigest()
+    return _sha256_and_size(path, chunk_size)[0]
 
 
 def cpu_device(cpuinfo: str | None = None, machine: str | None = None) -> str:

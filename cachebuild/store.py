@@ -38,8 +38,11 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object"]
+from .canonical import sha256_file
+
+__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object", "pid_alive", "write_rows"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tile_refs (
@@ -66,14 +69,6 @@ def sha256_hex(data: bytes) -> str:
     'e3b0c44298fc'
     """
     return hashlib.sha256(data).hexdigest()
-
-
-def _sha256_path(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
@@ -106,7 +101,7 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
     if actual == digest:
         return data
     try:
-        if _sha256_path(path) != digest:  # still bad (not replaced meanwhile): remove it
+        if sha256_file(path)[0] != digest:  # still bad (not replaced meanwhile): remove it
             path.unlink()
     except FileNotFoundError:
         pass
@@ -118,7 +113,8 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
     )
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -130,6 +126,23 @@ def _pid_alive(pid: int) -> bool:
 
 #: Seconds a database statement waits for another process's lock.
 DB_TIMEOUT_S = 60.0
+
+
+def write_rows(db: sqlite3.Connection, sql: str, rows: Iterable[Any]) -> None:
+    """``sql`` over ``rows`` in one write transaction (``BEGIN IMMEDIATE``): all of them or none.
+
+    ``db`` is in autocommit mode (``isolation_level=None``).  On any error
+    the transaction is rolled back, unless SQLite ended it itself (it does
+    on some errors, a full disk among them), and the error goes on.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.executemany(sql, rows)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
+            db.execute("ROLLBACK")
+        raise
 
 
 def _retry_locked(statement: Callable[[], object]) -> None:
@@ -150,7 +163,7 @@ def _retry_locked(statement: Callable[[], object]) -> None:
 def _owner_gone(name: str) -> bool:
     """True when the process named by a ``<pid>-…`` file name is not running."""
     try:
-        return not _pid_alive(int(name.split("-", 1)[0]))
+        return not pid_alive(int(name.split("-", 1)[0]))
     except ValueError:
         return True
 
@@ -312,14 +325,7 @@ class TileStore:
         rows = [(provider, z, x, y, d) for (z, x, y), d in refs]
         if not rows:
             return
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT OR REPLACE INTO tile_refs VALUES (?, ?, ?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
-                db.execute("ROLLBACK")
-            raise
+        write_rows(db, "INSERT OR REPLACE INTO tile_refs VALUES (?, ?, ?, ?, ?)", rows)
 
     # -- the journal ---------------------------------------------------------
 
@@ -380,15 +386,7 @@ class TileStore:
         rows = [(d, check, int(v)) for d, v in verdicts]
         if not rows:
             return
-        db = self._conn()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany("INSERT OR REPLACE INTO object_checks VALUES (?, ?, ?)", rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)
-                db.execute("ROLLBACK")
-            raise
+        write_rows(self._conn(), "INSERT OR REPLACE INTO object_checks VALUES (?, ?, ?)", rows)
 
     def iter_objects(self) -> Iterator[Path]:
         for sub in sorted(self.objects.iterdir()):

@@ -26,7 +26,6 @@ phase line on stderr (``.. describe``) or the publish step appearing on disk
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -40,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachebuild.canonical import sha256_file
 from cachebuild.lock import CacheLock
 
 from .conftest import Cb, write_flight
@@ -105,14 +105,6 @@ def _publishing(releases: Path) -> bool:
         return False
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def store_problems(store: Path) -> list[str]:
     """Partial or misnamed objects, and index rows naming bytes a shard lacks."""
     problems = []
@@ -123,7 +115,7 @@ def store_problems(store: Path) -> list[str]:
                 problems.append(f"stray entry in the store: {sub}")
                 continue
             for obj in sub.iterdir():
-                if not obj.name.startswith(sub.name) or _sha256_file(obj) != obj.name:
+                if not obj.name.startswith(sub.name) or sha256_file(obj)[0] != obj.name:
                     problems.append(f"store object {obj} does not hash to its name")
     base = store / "descriptors"
     for engine in base.iterdir() if base.is_dir() else []:

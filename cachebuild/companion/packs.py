@@ -30,6 +30,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..store import pid_alive
+
 __all__ = [
     "DEFAULT_PACK_BYTES",
     "PACK_SUFFIX",
@@ -136,16 +138,6 @@ def _pid_of_claim(name: str) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def settle_incoming(incoming: Path, store: Any, *, now: float | None = None) -> dict[str, int]:
     """Unpack every complete pack in ``incoming`` into ``store``; drop stale leftovers.
 
@@ -171,7 +163,7 @@ def settle_incoming(incoming: Path, store: Any, *, now: float | None = None) -> 
             continue
         if _CLAIMED in name:
             pid = _pid_of_claim(name)
-            if pid is not None and pid != me and _alive(pid):
+            if pid is not None and pid != me and pid_alive(pid):
                 continue  # another unpacker is on it
             base = name.rsplit(_CLAIMED, 1)[0]
         elif name.endswith(PACK_SUFFIX):

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..canonical import sha256_file
 from ..cpus import usable_cpus
 from ..errors import UsageError
 from ..tiles import Tile
@@ -61,11 +62,7 @@ class SyntheticProvider:
 
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)[0]
 
 
 # -- MBTiles ---------------------------------------------------------------------
