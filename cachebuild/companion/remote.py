@@ -104,15 +104,21 @@ class LineSplitter:
             self._flush()
 
 
-def parse_report(line: str | None) -> dict[str, Any] | None:
-    """The remote JSON report from its last stdout line, or None if it is not one."""
+def _json_object(line: str | None) -> dict[str, Any] | None:
+    """``line`` read as one JSON object, or None if it is not one."""
     if not line or not line.lstrip().startswith("{"):
         return None
     try:
         obj = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("exit_code"), int) or "outcome" not in obj:
+    return obj if isinstance(obj, dict) else None
+
+
+def parse_report(line: str | None) -> dict[str, Any] | None:
+    """The remote JSON report from its last stdout line, or None if it is not one."""
+    obj = _json_object(line)
+    if obj is None or not isinstance(obj.get("exit_code"), int) or "outcome" not in obj:
         return None
     return obj
 
@@ -164,7 +170,7 @@ def call_agent(
     code = conn.pump(command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during, **extra)
     out.close()
     err.close()
-    answer = _parse_answer(last[0] if last else None)
+    answer = _json_object(last[0] if last else None)
     if answer is None:
         if last:
             tail.append(redact(last[0]))
@@ -223,17 +229,6 @@ class Pending:
 def start_agent(conn: Any, base: str, op: str, root: str, **kw: Any) -> Pending:
     """:func:`call_agent` in the background: returns at once."""
     return Pending(lambda cancel: call_agent(conn, base, op, root, cancel=cancel, **kw))
-
-
-def _parse_answer(line: str | None) -> dict[str, Any] | None:
-    """The agent's JSON answer, or None."""
-    if not line or not line.lstrip().startswith("{"):
-        return None
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    return obj if isinstance(obj, dict) else None
 
 
 def run_remote_build(
