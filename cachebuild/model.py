@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -292,20 +291,13 @@ def write_default_model(path: str | os.PathLike[str]) -> Path:
     Returns
     -------
     Path
-        ``path``.  A temporary file in the same directory is renamed onto it,
-        so a reader never sees a partial model.
+        ``path``.  A temporary file in the same directory is synced and
+        renamed onto it (:func:`cachebuild.manifest.atomic_write`), so a
+        reader never sees a partial model.
     """
+    from .manifest import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = build_default_model()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, build_default_model())
     return path

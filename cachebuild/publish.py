@@ -142,7 +142,8 @@ def clean_leftovers(paths: Paths) -> list[str]:
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(str(entry))
     if paths.build.is_dir():
-        for entry in paths.build.rglob(".*.tmp-*"):
+        # temp files: ".name.tmp-<pid>…" (most writers) and ".name.<pid>-<hex>.tmp" (manifest.atomic_write)
+        for entry in [*paths.build.rglob(".*.tmp-*"), *paths.build.rglob(".*.tmp")]:
             try:
                 entry.unlink()
                 removed.append(str(entry))

@@ -372,6 +372,7 @@ class KillHarness:
                 *(home / "cache" / "releases").glob(".tmp-*"),
                 *(home / "store" / "journal").iterdir(),
                 *(home / "cache" / "state" / "build").rglob(".*.tmp-*"),
+                *(home / "cache" / "state" / "build").rglob(".*.tmp"),
             ]
             if leftovers:
                 problems.append(f"leftovers after the resume: {[str(p) for p in leftovers]}")

@@ -59,7 +59,9 @@ def test_leftovers_of_a_killed_publish_are_removed(tmp_path: Path) -> None:
     (paths.releases / ".tmp-half-123" / "a.bin").write_bytes(b"d")
     os.symlink("releases/nowhere", paths.cache_dir / ".current.tmp-99")
     (paths.build / ".tiles.npy.tmp-77").write_bytes(b"partial")
+    (paths.build / ".model.onnx.78-0123abcd.tmp").write_bytes(b"partial")  # manifest.atomic_write's temp name
     removed = clean_leftovers(paths)
-    assert len(removed) == 3
+    assert len(removed) == 4
     assert current_release(paths) is not None
     assert not (paths.build / ".tiles.npy.tmp-77").exists()
+    assert not (paths.build / ".model.onnx.78-0123abcd.tmp").exists()
