@@ -11,6 +11,19 @@ descriptor store the ones it lacks from the batches of the flight's cells;
 after, :func:`push_descriptors` uploads, one batch per cell, those the
 bucket did not have there.  Bucket failures are exit 21, phase describe.
 
+The coverage-map thumbnails (:mod:`cachebuild.thumbs`) travel the same way,
+in their own per-cell batches, since they do not depend on the engine::
+
+    thumbs/<z>/<cx>-<cy>/<sha256>.bin
+        b"CBTHMB1\n", px and n (uint32 LE), n raw SHA-256, n x px x px x 3 uint8 RGB
+
+pulled with the descriptors (those the local thumbnail store lacks) and
+pushed after describe, which made one for every image it described: a
+second machine with a warm bucket then draws its coverage map without
+decoding a tile.  A thumbnail the preview made later by decoding (an image
+whose descriptor was reused but had none) goes up with the next build that
+pushes that cell.
+
 numpy is imported inside the functions.
 """
 
@@ -34,6 +47,49 @@ from .s3store import (
 __all__ = ["pull_descriptors", "push_descriptors"]
 
 _DESC_MAGIC = b"CBDESC1\n"
+_THUMB_MAGIC = b"CBTHMB1\n"
+
+
+class _Seen(dict):  # type: ignore[type-arg]
+    """cell (packed) -> image digests the bucket has descriptors for there; :attr:`thumbs` likewise.
+
+    What :func:`pull_descriptors` returns and :func:`push_descriptors` takes:
+    a plain dict (cells of descriptors only) still works, all thumbnails of
+    the flight are then offered again (same bytes, same names).
+    """
+
+    #: cell -> digests with a thumbnail in the bucket there; None: the cell has
+    #: thumbnail batches that were not read (this machine lacked none of them)
+    thumbs: dict[int, set[bytes] | None]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thumbs = {}
+
+
+def _encode_thumbs(digests: list[bytes], pixels: list[bytes]) -> bytes:
+    from .thumbs import THUMB_PX
+
+    return b"".join(
+        (_THUMB_MAGIC, struct.pack("<II", THUMB_PX, len(pixels)), b"".join(bytes(d) for d in digests), *pixels)
+    )
+
+
+def _decode_thumbs(data: bytes) -> list[tuple[bytes, bytes]] | None:
+    """``[(digest, raw RGB)]`` of a thumbnail batch, or None for another format or size."""
+    from .thumbs import THUMB_BYTES, THUMB_PX
+
+    head = len(_THUMB_MAGIC) + 8
+    if len(data) < head or not data.startswith(_THUMB_MAGIC):
+        return None
+    px, n = struct.unpack_from("<II", data, len(_THUMB_MAGIC))
+    if px != THUMB_PX or len(data) != head + n * (32 + THUMB_BYTES):
+        return None
+    at = head + 32 * n
+    return [
+        (data[head + 32 * i : head + 32 * (i + 1)], data[at + THUMB_BYTES * i : at + THUMB_BYTES * (i + 1)])
+        for i in range(n)
+    ]
 
 
 def _encode_batch(digests: Any, vectors: Any) -> bytes:
@@ -133,7 +189,7 @@ def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dic
     from .descstore import DescriptorStore
 
     f = _flight(build_dir)
-    have: dict[int, set[bytes]] = {}
+    have = _Seen()
     if not len(f.raw):
         return have
     with DescriptorStore(store_root, f.key, f.dim) as ds:
@@ -169,7 +225,58 @@ def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dic
                                 rows.append(i)
                         if rows:
                             writer.append(digests[rows], vectors[rows])
+    _pull_thumbs(remote, store_root, f, cell_ids, have.thumbs)
     return have
+
+
+def _thumb_prefix(remote: S3Store, cell: tuple[int, int, int]) -> str:
+    return remote.url.key("thumbs", _cell_part(cell))
+
+
+def _pull_thumbs(
+    remote: S3Store, store_root: Path, f: _FlightDescriptors, cell_ids: list[int], seen: dict[int, set[bytes] | None]
+) -> None:
+    """Import the thumbnails of the flight's images the local thumbnail store lacks.
+
+    Each cell's batches are listed; they are read only where this machine
+    lacks a thumbnail of one of the cell's images (otherwise ``seen[cell]``
+    is None: the bucket has some there, which ones is not known).
+    """
+    from .thumbs import ThumbStore
+
+    with ThumbStore(store_root) as ts:
+        mine = ts.present(f.raw[i].tobytes() for i in range(len(f.raw)))
+        lacking = {
+            int(f.cells[f.order[s]]): {f.raw[i].tobytes() for i in f.order[s:e].tolist()} - mine
+            for s, e in zip(f.bounds[:-1].tolist(), f.bounds[1:].tolist())
+        }
+
+        def read_cell(packed: int) -> tuple[bool, list[tuple[bytes, bytes]]]:
+            keys = [k for k in remote.list(_thumb_prefix(remote, _cell_of(packed))) if k.endswith(".bin")]
+            if not lacking[packed]:
+                return bool(keys), []
+            out: list[tuple[bytes, bytes]] = []
+            for k in keys:
+                data = remote.get_verified(k, k.rsplit("/", 1)[-1][: -len(".bin")])
+                out.extend((_decode_thumbs(data) or []) if data is not None else [])
+            return False, out
+
+        for s in range(0, len(cell_ids), _CELLS_AT_ONCE):
+            part = cell_ids[s : s + _CELLS_AT_ONCE]
+            for packed, (unread, rows) in zip(part, remote.map(read_cell, part)):
+                if unread:
+                    seen[packed] = None
+                    continue
+                got: set[bytes] = set()
+                seen[packed] = got
+                want = lacking[packed]
+                new = []
+                for d, px in rows:
+                    got.add(d)
+                    if d in want:
+                        want.discard(d)
+                        new.append((d, px))
+                ts.put(new)
 
 
 def push_descriptors(
@@ -205,6 +312,7 @@ def _push_descriptors(remote: S3Store, store_root: Path, build_dir: Path, have: 
                 rows[d] = i
         if rows:
             todo.append((packed, np.fromiter(rows.values(), dtype=np.int64, count=len(rows))))
+    _push_thumbs(remote, store_root, f, getattr(have, "thumbs", {}))
     if not todo:
         return 0
     with DescriptorStore(store_root, f.key, f.dim) as ds:
@@ -221,5 +329,34 @@ def _push_descriptors(remote: S3Store, store_root: Path, build_dir: Path, have: 
                 key = _desc_prefix(remote, f.key, _cell_of(packed)) + f"{_sha(data)}.bin"
                 batches.append((key, data))
                 pushed += int(ok.sum())
+            remote.map(lambda kd: remote.put(*kd), batches)
+    return pushed
+
+
+def _push_thumbs(
+    remote: S3Store, store_root: Path, f: _FlightDescriptors, seen: Mapping[int, set[bytes] | None]
+) -> int:
+    """Upload, one batch per cell, the flight's thumbnails the bucket lacks; returns how many."""
+    from .thumbs import ThumbStore
+
+    if not len(f.raw):
+        return 0
+    pushed = 0
+    with ThumbStore(store_root) as ts:
+        for s in range(0, len(f.bounds) - 1, _CELLS_AT_ONCE):
+            batches = []
+            for a, e in zip(f.bounds[s : s + _CELLS_AT_ONCE].tolist(), f.bounds[s + 1 : s + 1 + _CELLS_AT_ONCE].tolist()):
+                packed = int(f.cells[f.order[a]])
+                there = seen.get(packed, set())
+                if there is None:  # the bucket has thumbnails here this machine did not need to read
+                    continue
+                want = {f.raw[i].tobytes() for i in f.order[a:e].tolist()} - there
+                found = ts.lookup(want)
+                if not found:
+                    continue
+                digests = sorted(found)  # the same thumbnails make the same batch, so the same name
+                data = _encode_thumbs(digests, [found[d] for d in digests])
+                batches.append((_thumb_prefix(remote, _cell_of(packed)) + f"{_sha(data)}.bin", data))
+                pushed += len(digests)
             remote.map(lambda kd: remote.put(*kd), batches)
     return pushed

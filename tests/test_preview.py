@@ -277,3 +277,50 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
     assert moved["preview"] == n and moved["other"] == 0
     with ThumbStore(store) as ts:
         assert ts.present(_digests(cb.current)) == set(_digests(cb.current))
+
+
+def test_a_second_machine_gets_the_thumbnails_from_the_bucket(tmp_path: Path, tile_server) -> None:
+    """STORE=s3://...: thumbnails travel in per-cell batches; machine B decodes nothing for its map."""
+    import hashlib
+    import secrets
+
+    pytest.importorskip("moto.server")
+    from cachebuild.s3desc import _decode_thumbs
+    from cachebuild.thumbs import ThumbStore
+
+    from .s3server import S3Server
+
+    s3 = S3Server(tmp_path, bucket=f"maps-{secrets.token_hex(4)}")
+    try:
+        f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS)
+        args = (f"FLIGHT={f}", *LONG, f"PROVIDER={tile_server.template()}", f"STORE=s3://{s3.bucket}/team")
+        machines = []
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            machines.append(Cb(home=tmp_path / name, env_extra=dict(s3.env)))
+        a, b = machines
+        first = a.build(*args)
+        assert first.code == 0, first.stderr
+        digests = set(_digests(a.current))
+        keys = s3.keys("team/thumbs/")
+        assert keys
+        in_bucket: set[bytes] = set()
+        for key in keys:
+            data = s3.read(key)
+            assert hashlib.sha256(data).hexdigest() + ".bin" == key.rsplit("/", 1)[1]
+            in_bucket |= {d for d, _ in _decode_thumbs(data) or []}
+        assert in_bucket == digests
+
+        second = b.build(*args)
+        assert second.code == 0, second.stderr
+        assert second.report["descriptors"]["computed"] == 0
+        assert second.report["store"]["objects_written"] == 0  # nothing pushed again
+        store = b.home / "store"
+        with ThumbStore(store) as ts:
+            assert ts.present(digests) == digests
+            with ThumbStore(a.home / "store") as ta:  # the same thumbnails, byte for byte
+                assert ts.lookup(digests) == ta.lookup(digests)
+        r = render_preview(b.current.resolve(), tmp_path / "b.png", store=store)
+        assert r["mode"] == "thumbnails" and r["thumbnails_made"] == 0 and r["thumbnails_reused"] == r["present"]
+    finally:
+        s3.close()

@@ -75,3 +75,73 @@ def test_lookup_many(tmp_path: Path) -> None:
         ts.put((k, px) for k in keys[::2])
         found = ts.lookup(keys)
     assert set(found) == set(keys[::2])
+
+
+def test_thumbnail_batches_round_trip_and_refuse_another_format() -> None:
+    from cachebuild.s3desc import _decode_thumbs, _encode_thumbs
+
+    keys = [hashlib.sha256(b"%d" % i).digest() for i in range(3)]
+    px = [bytes([i]) * (THUMB_PX * THUMB_PX * 3) for i in range(3)]
+    data = _encode_thumbs(keys, px)
+    assert _decode_thumbs(data) == list(zip(keys, px))
+    assert _decode_thumbs(data[:-1]) is None
+    assert _decode_thumbs(b"CBDESC1\n" + data[8:]) is None
+
+
+def test_thumbnails_travel_through_the_bucket(tmp_path: Path) -> None:
+    """pull/push around describe, against a real S3 server (moto) on 127.0.0.1."""
+    import json
+    import secrets
+
+    pytest.importorskip("moto.server")
+    from cachebuild.s3desc import pull_descriptors, push_descriptors
+    from cachebuild.s3store import S3Store, StoreURL
+    from cachebuild.tileset import tile_dtype, write_tileset
+
+    from .s3server import S3Server
+
+    build = tmp_path / "build"
+    (build / "engine").mkdir(parents=True)
+    (build / "engine" / "engine.json").write_text(json.dumps({"key": "ab" * 32, "descriptor_dim": 8}))
+    # three images in two cells (cells are 32 x 32 tiles)
+    digests = [hashlib.sha256(b"img%d" % i).digest() for i in range(3)]
+    ids = [(17 << 58) | (x << 29) | 7 for x in (1, 2, 40)]
+    write_tileset(build, np.array(list(zip(ids, digests)), dtype=tile_dtype()), np.zeros(0, "<i8"), {})
+    pixels = {d: make_thumbnail(_image("PNG", i)[0]).tobytes() for i, d in enumerate(digests)}
+
+    s3 = S3Server(tmp_path, bucket=f"maps-{secrets.token_hex(4)}")
+    try:
+        remote = S3Store(StoreURL(s3.bucket, "p"), client=s3.client())
+
+        def cycle(store: Path) -> None:  # what a build's describe does around the engine
+            push_descriptors(remote, store, build, pull_descriptors(remote, store, build))
+
+        # machine A has every thumbnail, the bucket none: all go up, one batch per cell
+        with ThumbStore(tmp_path / "a") as ts:
+            ts.put(pixels.items())
+        cycle(tmp_path / "a")
+        batches = s3.keys("p/thumbs/")
+        assert len(batches) == 2 and all(k.endswith(".bin") for k in batches)
+        # machine B has none: it gets them all, and uploads nothing
+        cycle(tmp_path / "b")
+        with ThumbStore(tmp_path / "b") as ts:
+            assert ts.lookup(digests) == pixels
+        # machine C has them all: it reads no batch, uploads nothing
+        with ThumbStore(tmp_path / "c") as ts:
+            ts.put(pixels.items())
+        cycle(tmp_path / "c")
+        assert s3.keys("p/thumbs/") == batches
+        # a damaged batch is never used: removed, and the next machine that has them uploads them anew
+        from cachebuild.s3desc import _decode_thumbs
+
+        lost = {d for d, _ in _decode_thumbs(s3.read(batches[0])) or []}
+        s3.write(batches[0], s3.read(batches[0])[:-1] + b"!")
+        cycle(tmp_path / "d")
+        with ThumbStore(tmp_path / "d") as ts:
+            got = ts.lookup(digests)
+        assert lost and set(got) == set(digests) - lost and all(pixels[d] == px for d, px in got.items())
+        assert batches[0] not in s3.keys("p/thumbs/")
+        cycle(tmp_path / "a")
+        assert sorted(s3.keys("p/thumbs/")) == sorted(batches)  # the same thumbnails, the same names
+    finally:
+        s3.close()
