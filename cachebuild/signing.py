@@ -411,16 +411,9 @@ def write_public_key(path: str | os.PathLike[str], pub: Ed25519PublicKey) -> Non
     The line is ``ssh-ed25519 AAAA… cachebuild-<first 16 hex of keyid>``;
     the file is written to a temporary name and renamed over ``path``.
     """
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w", encoding="ascii") as fh:
-            fh.write(_openssh_line(pub))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .manifest import atomic_write  # manifest imports this module
+
+    atomic_write(Path(path), _openssh_line(pub).encode("ascii"))
 
 
 # -- envelopes ---------------------------------------------------------------

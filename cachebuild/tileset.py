@@ -79,7 +79,18 @@ def aggregate_sha256(tiles: Any, missing: Any) -> str:
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename."""
+    """Write ``data`` to ``path`` through a temp file and a rename.
+
+    Atomic against a killed process, not durable against a power cut: unlike
+    :func:`cachebuild.manifest.atomic_write` there is no fsync.  What this
+    writes is build state (tileset.json, engine.json, selftest.json, the
+    MBTiles record, action records), and ``publish`` fsyncs every file of a
+    release before it becomes current, so a published file is durable however
+    it was written.  Only an unpublished build-state file can be left empty
+    or old by a power cut or a kernel crash (not by a kill).  A file that must
+    survive a power cut by itself (the model, the manifest, the accepted-version
+    record) goes through ``manifest.atomic_write``.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:
