@@ -444,6 +444,11 @@ class Connection:
         sent = 0
         if not stdin:
             chan.shutdown_write()
+        # (has data, read it, hand it on) for stdout, then stderr; read only when it has data
+        streams = (
+            (chan.recv_ready, lambda n: chan.recv(n), on_stdout),
+            (chan.recv_stderr_ready, lambda n: chan.recv_stderr(n), on_stderr),
+        )
         last_data = time.monotonic()
         checking: _LivenessCheck | None = None
         while True:
@@ -458,18 +463,13 @@ class Connection:
                 except OSError:  # the command stopped reading: its exit status says why
                     sent = len(view)
                 progressed = True
-            while chan.recv_ready():
-                data = chan.recv(65536)
-                if not data:
-                    break
-                on_stdout(data)
-                progressed = True
-            while chan.recv_stderr_ready():
-                data = chan.recv_stderr(65536)
-                if not data:
-                    break
-                on_stderr(data)
-                progressed = True
+            for ready, recv, sink in streams:  # all that has arrived
+                while ready():
+                    data = recv(65536)
+                    if not data:
+                        break
+                    sink(data)
+                    progressed = True
             drained = chan.eof_received or chan.closed
             if (
                 chan.exit_status_ready()
