@@ -9,7 +9,9 @@ JPEG), each build a real ``doit build-cache`` process with its own empty
 2. cold, empty bucket (the baseline): fetches and describes everything and
    uploads it;
 3. a second machine, warm bucket: downloads the tiles and descriptors
-   machine 2 uploaded; fetches and describes nothing.
+   machine 2 uploaded; fetches and describes nothing; its index, self-test
+   and coverage map come from the bucket's action cache
+   (``cachebuild.actioncache``).
 
 The figure is (3) / (2); target <= 0.2.  The bucket is moto's S3 server
 (in its own process) on 127.0.0.1: no network round trip, so a real
@@ -34,8 +36,10 @@ from pathlib import Path
 from bench_fetch import ServerProcess
 from bench_noop import REPO, run_measured
 
-#: The phases the bucket shares the work of; the others are per cache and run on every machine.
+#: The phases the bucket shares the work of as tiles and descriptors.
 SHARED = ("tiles", "describe")
+#: The phases the bucket's action cache serves; mbtiles, manifest and the rest run on every machine.
+ACTIONS = ("index", "selftest", "preview")
 LAT, LON = 47.30, 8.45
 
 
@@ -130,22 +134,28 @@ def main() -> None:
     )
     print()
     phases = [p for p in rows[0][2]["phases"] if p != "total"]
-    print("| build | s | fetched | described | objects read | objects written | " + " | ".join(phases) + " | rest |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in phases) + " | ---: |")
+    print(
+        "| build | s | fetched | described | objects read | objects written | action cache hits | "
+        + " | ".join(phases)
+        + " | rest |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in phases) + " | ---: |")
     for name, seconds, rep in rows:
         ph = " | ".join(f"{rep['phases'].get(p, 0):.2f}" for p in phases)
         rest = seconds - sum(rep["phases"].get(p, 0) for p in phases)  # process start, imports, doit
         st = rep["store"]
         print(
             f"| {name} ({rep['tiles']['planned']:,} tiles) | {seconds:.1f} | {rep['tiles']['fetched']:,} | "
-            f"{rep['descriptors']['computed']:,} | {st['objects_read']:,} | {st['objects_written']:,} | {ph} | "
-            f"{rest:.2f} |"
+            f"{rep['descriptors']['computed']:,} | {st['objects_read']:,} | {st['objects_written']:,} | "
+            f"{', '.join(sorted(rep.get('action_cache', {}).get('hits', []))) or '-'} | {ph} | {rest:.2f} |"
         )
     print()
     local, empty, warm = (r[1] for r in rows)
     shared = [sum(r[2]["phases"].get(p, 0) for p in SHARED) for r in rows]
     print(f"second machine, warm bucket / cold, empty bucket = {warm / empty:.3f} (target <= 0.2)")
     print(f"  the phases the bucket shares (tiles + describe): {shared[2] / shared[1]:.3f}")
+    served = [sum(r[2]["phases"].get(p, 0) for p in ACTIONS) for r in rows]
+    print(f"  the phases the action cache serves (index + selftest + preview): {served[2] / served[1]:.3f}")
     print(f"second machine, warm bucket / cold, local store  = {warm / local:.3f}")
     print(f"cold, empty bucket / cold, local store (the cost of uploading) = {empty / local:.3f}")
 

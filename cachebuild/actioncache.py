@@ -88,16 +88,13 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 #: Under the store root (and the bucket's prefix).
 ACTIONS_DIR = "actions"
 RECORD_FORMAT = 1
-_CHUNK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
+    """Hex SHA-256 of a file's bytes (:func:`cachebuild.canonical.sha256_file`)."""
+    from .canonical import sha256_file
+
+    return sha256_file(path)[0]
 
 
 def _canonical(obj: Any) -> bytes:
@@ -520,11 +517,12 @@ def cached(
 ) -> Callable[..., None]:
     """``fn`` (a :mod:`cachebuild.actions` function) served from the action cache.
 
-    ``context()`` gives, when the action runs, the ``store`` (local store
-    root; else the action's own ``store`` argument), ``shared`` (the
-    ``STORE=s3://...`` URL or None) and ``action_cache`` (a dict with
-    ``hits`` and ``misses`` lists, the report's).  Without a store the
-    action just runs.
+    ``context()`` gives, when the action runs, the ``store`` (the local
+    store root, for actions without a ``store`` argument of their own),
+    ``shared`` (the ``STORE=s3://...`` URL or None) and ``action_cache``
+    (the report's dict: ``hits``, ``misses`` and ``from_bucket`` lists).
+    Without a store, or when an input cannot be read (the action then
+    raises its own error), the action just runs.
     """
 
     @functools.wraps(fn)
@@ -541,21 +539,25 @@ def cached(
             remote = open_store(str(ctx["shared"]))
         cache = ActionCache(store, remote)
         stats = ctx.get("action_cache")
-        action = action_for(name, **kwargs)
-        key = action_key(action)
+        try:
+            action = action_for(name, **kwargs)
+            key = action_key(action)
+        except (OSError, ValueError, KeyError, TypeError):  # an input missing or unreadable:
+            fn(**kwargs)  # the action itself says which, with its own remedy
+            return
         from .actions import store_user
 
         with store_user(str(store)):  # gc-store waits while the cache is read or written
             if cache.lookup(action, key):
                 if stats is not None:
-                    stats["hits"].append(name)
+                    stats.setdefault("hits", []).append(name)
                     if cache.served_from == "bucket":
-                        stats["from_bucket"].append(name)
+                        stats.setdefault("from_bucket", []).append(name)
                 return
         fn(**kwargs)
         with store_user(str(store)):
             cache.record(action, key)
         if stats is not None:
-            stats["misses"].append(name)
+            stats.setdefault("misses", []).append(name)
 
     return run

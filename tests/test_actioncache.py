@@ -174,6 +174,30 @@ def test_gc_keeps_what_caches_hold_and_drops_the_rest(build: Path, tmp_path: Pat
     assert result["kept"]["action_outputs"] == 2
 
 
+def test_cached_serves_a_second_run_and_runs_the_action_when_an_input_is_missing(
+    build: Path, tmp_path: Path
+) -> None:
+    calls: list[dict] = []
+
+    def index(**kw: str) -> None:  # stands for actions.index
+        calls.append(kw)
+        compute(Path(kw["build"]))
+
+    stats: dict[str, list[str]] = {"hits": [], "misses": [], "from_bucket": []}
+    run = actioncache.cached(
+        "index", index, lambda: {"store": str(tmp_path / "store"), "action_cache": stats}
+    )
+    run(build=str(build), kind="flat")
+    (build / "index.faiss").unlink()
+    run(build=str(build), kind="flat")
+    assert len(calls) == 1 and stats == {"hits": ["index"], "misses": ["index"], "from_bucket": []}
+    assert (build / "index.faiss").read_bytes().startswith(b"faiss index")
+
+    (build / "descriptors.npy").unlink()  # the action's own error, not a hashing one
+    run(build=str(build), kind="flat")
+    assert len(calls) == 2 and stats["misses"] == ["index"]
+
+
 def test_public_surface() -> None:
     tree = ast.parse(inspect.getsource(actioncache))
     defined = set()
