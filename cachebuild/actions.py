@@ -183,6 +183,8 @@ def fetch(
 
 
 def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
+    """tiles.mbtiles: the last build's file updated where it can be; its hash remembered for the manifest."""
+    from .manifest import HASH_CACHE_NAME
     from .mbtiles import write_mbtiles
     from .tiles import LngLatBbox
 
@@ -194,6 +196,7 @@ def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: lis
             name="cachebuild tiles",
             bbox=LngLatBbox(*bbox),
             zooms=zooms,
+            hash_cache=Path(build) / HASH_CACHE_NAME,
         )
 
 
@@ -333,7 +336,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
-    from .manifest import build_identity, write_manifest
+    from .manifest import HASH_CACHE_NAME, build_identity, write_manifest
     from .signing import load_private_key
     from .tileset import read_summary
 
@@ -374,6 +377,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         key=load_private_key(Path(key)),
         version=_previous_version(Path(current)) + 1,
         expires_at=now + timedelta(days=expires_days),
+        hash_cache=b / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
     )
 
 

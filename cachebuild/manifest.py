@@ -31,6 +31,8 @@ import logging
 import math
 import os
 import re
+import stat
+import threading
 import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -59,6 +61,9 @@ __all__ = [
     "read_manifest",
     "verify_cache",
     "VERIFY_REASONS",
+    "HASH_CACHE_NAME",
+    "HashCache",
+    "doit_file_checker",
 ]
 
 log = logging.getLogger(__name__)
@@ -208,6 +213,210 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+# -- remembered hashes ---------------------------------------------------------
+
+#: The hash cache's file name in a build directory (never published).
+HASH_CACHE_NAME = ".sha256-cache.json"
+_HASH_CACHE_FORMAT = "cachebuild/sha256-cache-v1"
+
+
+def _identity_of(st: os.stat_result) -> list[int]:
+    """What must not change for a remembered hash to hold: device, inode, size, mtime, ctime."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class HashCache:
+    """SHA-256 of files, remembered for as long as their ``stat`` is unchanged.
+
+    The build hashes its large artifacts once: the MBTiles writer hashes the
+    file it wrote and remembers it here; doit's file checker
+    (:func:`doit_file_checker`) and the manifest reuse it instead of reading
+    300 MB again each.  An entry is keyed by the file's path (relative to
+    the cache file's directory) and holds the file's device, inode, size,
+    ``mtime_ns`` and ``ctime_ns`` when it was hashed.  Any write to the
+    file, a rename onto it, ``os.utime`` or ``chmod`` changes the ctime
+    (which userland cannot set back), so a changed file is hashed again.
+    Known limit, as for git's index: a write in the same timestamp tick as
+    the remembering (a jiffy, a few milliseconds) that keeps the size is
+    not seen; the build holds its lock, so only a foreign writer could do
+    that, and ``verify-cache``, which re-hashes everything, then refuses the
+    published cache.
+
+    The cache is a plain JSON file written by rename; one that cannot be
+    read is ignored (every file is hashed again).  Several instances in one
+    process (the writer's, the checker's, the manifest's) see each other's
+    entries: each reads the file again when it changed, and a save merges.
+
+    Parameters
+    ----------
+    path
+        The cache file, e.g. ``<build>/.sha256-cache.json``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.root = os.path.abspath(self.path.parent)
+        self._lock = threading.Lock()  # sha256() may run in several threads
+        self._entries: dict[str, list[Any]] = {}
+        self._mine: dict[str, list[Any]] = {}  # remembered here, not saved yet
+        self._seen: tuple[int, int, int] | None = None  # the cache file as last read or written
+        #: how many lookups were answered from the cache, and how many hashed
+        self.hits = 0
+        self.misses = 0
+
+    def _file_sig(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _refresh(self) -> None:
+        """Read the file again if it changed since this instance last read or wrote it."""
+        sig = self._file_sig()
+        if sig is not None and sig == self._seen:
+            return
+        self._seen = sig
+        self._entries = {**self._read(), **self._mine}
+
+    def _read(self) -> dict[str, list[Any]]:
+        try:
+            doc = json.loads(self.path.read_bytes())
+            if not isinstance(doc, dict) or doc.get("format") != _HASH_CACHE_FORMAT:
+                return {}
+            return {
+                k: v
+                for k, v in doc["entries"].items()
+                if isinstance(k, str)
+                and isinstance(v, list)
+                and len(v) == 6
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in v[:5])
+                and isinstance(v[5], str)
+                and _HEX64.fullmatch(v[5])
+            }
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
+
+    def _key(self, path: str | os.PathLike[str]) -> str:
+        return os.path.relpath(os.path.abspath(path), self.root)
+
+    def lookup(self, path: str | os.PathLike[str]) -> tuple[str, int] | None:
+        """``(hex sha256, size)`` remembered for ``path`` if its stat still matches, else None."""
+        with self._lock:
+            self._refresh()
+            entry = self._entries.get(self._key(path))
+        if entry is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode) or _identity_of(st) != entry[:5]:
+            return None
+        return entry[5], st.st_size
+
+    def remember(self, path: str | os.PathLike[str], digest: str, st: os.stat_result) -> None:
+        """Remember that ``path``, as ``st`` describes it, hashes to ``digest``.
+
+        ``st`` must be taken after the last write (and rename) of the file.
+        """
+        _check_sha256("digest", digest)
+        entry = [*_identity_of(st), digest]
+        with self._lock:
+            self._refresh()
+            self._entries[self._key(path)] = entry
+            self._mine[self._key(path)] = entry
+
+    def sha256(self, path: str | os.PathLike[str]) -> tuple[str, int]:
+        """``(hex sha256, size)`` of ``path``: remembered, or hashed and remembered.
+
+        The file is remembered only when its stat was the same before and
+        after it was read (nothing wrote it meanwhile).
+        """
+        hit = self.lookup(path)
+        with self._lock:
+            if hit is not None:
+                self.hits += 1
+                return hit
+            self.misses += 1
+        before = os.stat(path)
+        digest, size = sha256_file(path)
+        after = os.stat(path)
+        if _identity_of(before) == _identity_of(after) and size == after.st_size:
+            self.remember(path, digest, after)
+        return digest, size
+
+    def save(self) -> None:
+        """Write the cache, merged with what others saved meanwhile; entries of files gone are dropped.
+
+        Not fsynced: a cache lost in a power cut only means hashing again.
+        """
+        with self._lock:
+            if not self._mine:
+                return
+            self._refresh()
+            keep = {k: v for k, v in self._entries.items() if os.path.lexists(os.path.join(self.root, k))}
+            doc = {"format": _HASH_CACHE_FORMAT, "entries": keep}
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            try:
+                tmp.write_text(json.dumps(doc, sort_keys=True))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            self._entries, self._mine, self._seen = keep, {}, self._file_sig()
+
+
+def doit_file_checker(cache_file: str | os.PathLike[str]) -> type:
+    """A doit file checker (``check_file_uptodate``) that hashes through a :class:`HashCache`.
+
+    doit's default checker keeps ``(mtime, size, md5)`` per file dependency
+    and reads a file whose mtime changed but whose size did not (an MBTiles
+    file updated in place keeps its size), and again after the task ran: a
+    300 MB MBTiles file that the preview and the manifest depend on was
+    read four times after each rebuild.  This one keeps ``(mtime, size,
+    "sha256:<hex>")`` and takes the SHA-256 from ``cache_file``, where the
+    writer of the file remembered it, or hashes the file once and remembers
+    it there.  Like doit's, an unchanged mtime means an unchanged file.
+
+    The class has doit's checker interface (``exists``, ``info``,
+    ``check_modified``, ``get_state``, ``CheckerError``) without importing
+    doit.
+    """
+    cache = HashCache(cache_file)
+
+    def digest(path: str) -> str:
+        value, _ = cache.sha256(path)
+        cache.save()
+        return "sha256:" + value
+
+    class HashCacheChecker:
+        CheckerError = OSError
+
+        def exists(self, file_path: str) -> bool:
+            return os.path.exists(file_path)
+
+        def info(self, file_path: str) -> os.stat_result:
+            return os.stat(file_path)
+
+        def check_modified(self, file_path: str, file_stat: os.stat_result, state: Any) -> bool:
+            if not isinstance(state, (list, tuple)) or len(state) != 3:
+                return True  # another checker's state
+            timestamp, size, value = state
+            if file_stat.st_mtime == timestamp:
+                return False
+            if file_stat.st_size != size:
+                return True
+            return value != digest(file_path)
+
+        def get_state(self, dep: str, current_state: Any) -> Any:
+            timestamp = os.path.getmtime(dep)
+            if isinstance(current_state, (list, tuple)) and current_state and current_state[0] == timestamp:
+                return None
+            return timestamp, os.path.getsize(dep), digest(dep)
+
+    return HashCacheChecker
+
+
 # -- writing -----------------------------------------------------------------
 
 
@@ -222,6 +431,7 @@ def write_manifest(
     version: int,
     expires_at: datetime,
     out_name: str = MANIFEST_NAME,
+    hash_cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Hash the artifacts, sign the manifest and publish it in ``cache_dir``.
 
@@ -248,6 +458,14 @@ def write_manifest(
         Timezone-aware expiry, in the future; written in whole UTC seconds.
     out_name
         File name of the manifest.
+    hash_cache
+        A :class:`HashCache` file (the build passes
+        ``<build>/.sha256-cache.json``): an artifact whose stat is unchanged
+        since it was hashed is not read again, and the others' hashes are
+        remembered there.  None (the default) hashes every artifact and
+        writes nothing but the manifest and ``signer.pub``.  Artifacts that
+        must be read are hashed in parallel threads (hashlib releases the
+        GIL).
 
     Returns
     -------
@@ -280,14 +498,14 @@ def write_manifest(
         raise fail(f"cache directory {cache_dir} does not exist")
 
     root_real = os.path.realpath(cache_dir)
-    targets: dict[str, Any] = {}
+    checked: list[str] = []
     for rel in artifacts:
         problem = _relpath_problem(rel)
         if problem is not None:
             raise fail(f"artifact path {rel!r} {problem}")
         if rel in _RESERVED:
             raise fail(f"artifact path {rel!r} is reserved for the manifest itself")
-        if rel in targets:
+        if rel in checked:
             raise fail(f"artifact path {rel!r} is listed twice")
         path = cache_dir / rel
         if _escapes(root_real, path):
@@ -295,8 +513,11 @@ def write_manifest(
         if not path.is_file():
             what = "is not a regular file" if path.exists() else "is missing"
             raise fail(f"artifact {rel} {what} in {cache_dir}")
-        digest, size = sha256_file(path)
-        targets[rel] = {"length": size, "hashes": {"sha256": digest}}
+        checked.append(rel)
+    targets = {
+        rel: {"length": size, "hashes": {"sha256": digest}}
+        for rel, (digest, size) in zip(checked, _hash_all([cache_dir / rel for rel in checked], hash_cache))
+    }
 
     signed: dict[str, Any] = {
         "_type": MANIFEST_TYPE,
@@ -326,6 +547,28 @@ def write_manifest(
         keyid(key.public_key()),
     )
     return envelope
+
+
+def _hash_all(paths: list[Path], cache_file: str | os.PathLike[str] | None) -> list[tuple[str, int]]:
+    """``(sha256, size)`` of each file, in order; remembered ones from ``cache_file``, others in threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .cpus import usable_cpus
+
+    cache = HashCache(cache_file) if cache_file is not None else None
+    hash_one = cache.sha256 if cache is not None else sha256_file
+    # the big files first, so the pool's threads finish together
+    order = sorted(range(len(paths)), key=lambda i: -paths[i].stat().st_size)
+    workers = max(1, min(len(paths), usable_cpus(), 8))
+    if workers == 1:
+        done = {i: hash_one(paths[i]) for i in order}
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest-hash") as pool:
+            done = dict(zip(order, pool.map(hash_one, [paths[i] for i in order])))
+    if cache is not None:
+        cache.save()
+        log.info("hashed %d artifacts, %d remembered from %s", cache.misses, cache.hits, cache.path.name)
+    return [done[i] for i in range(len(paths))]
 
 
 # -- reading and verifying ---------------------------------------------------

@@ -10,6 +10,13 @@ The file is written to a temporary name beside its destination and renamed
 onto it, so a reader sees the old file or the new one, never half of one.
 Tile bytes stream from the store one at a time.
 
+A rebuild after a small change (a shifted bbox) does not write every tile
+again: a record beside the file (``.tiles.mbtiles.rows``: each row's tile id
+and image hash, the file's identity and SHA-256) says what the last file
+holds, so the new one is a copy of it with only the changed rows deleted
+and inserted (see :func:`write_mbtiles`).  Anything that does not match the
+record means a write in full.
+
 sqlite3 and numpy are imported inside the functions.
 """
 
@@ -31,6 +38,9 @@ __all__ = [
     "MBTILES_APPLICATION_ID",
     "detect_format",
     "write_mbtiles",
+    "ROWS_SUFFIX",
+    "MAX_UPDATE_SHARE",
+    "MAX_FREE_SHARE",
     "connect_readonly",
     "read_tile",
     "read_mbtiles_tile",
@@ -105,8 +115,25 @@ def write_mbtiles(
     bbox: LngLatBbox,
     zooms: Sequence[int],
     image_format: str | None = None,
-) -> dict[str, int]:
+    incremental: bool = True,
+    hash_cache: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Write the tile set's tiles, from the store, as an MBTiles 1.3 file.
+
+    When ``out_path`` is the file this function wrote last time (its
+    record, :data:`ROWS_SUFFIX`, says which tiles it holds and what it
+    hashes to), the new file is that one updated: copied to a temporary
+    file beside it (hashed on the way: a copy that does not hash to the
+    record is dropped and the file written in full), the rows no longer in
+    the tile set or whose image changed deleted, the new ones inserted from
+    the store, the metadata written again; then fsync and rename, as for a
+    file written in full.  The old file is never modified: a published
+    release hard-links it.  The result holds the same rows and metadata as
+    a file written from scratch.  It is written in full instead when there
+    is no usable record, when more than half the tiles are new
+    (:data:`MAX_UPDATE_SHARE`), when an inserted tile has another format,
+    or when the update would leave more than :data:`MAX_FREE_SHARE` of the
+    file's pages free (an area that shrank: the file would stay large).
 
     Parameters
     ----------
@@ -123,11 +150,19 @@ def write_mbtiles(
         and ``maxzoom``.
     image_format
         ``jpg``, ``png`` or ``webp``; by default the first tile's format.
+    incremental
+        Update the previous file when possible (the default); False always
+        writes in full.  The record is written either way.
+    hash_cache
+        A :class:`cachebuild.manifest.HashCache` file: the new file's
+        SHA-256, computed here anyway, is remembered there for the manifest.
 
     Returns
     -------
     dict
-        ``{"tiles": n, "bytes": file size}``.
+        ``{"tiles": n, "bytes": file size, "sha256": hex digest, "mode":
+        "full" or "updated", "inserted": rows inserted, "deleted": rows
+        deleted}`` (a full write inserts every row and deletes none).
 
     Raises
     ------
@@ -135,14 +170,11 @@ def write_mbtiles(
         When a tile's object is missing from the store or corrupt, or the
         tiles do not all have the one format.
     """
-    import sqlite3
-
     from .store import TileStore
     from .tileset import read_tiles
 
-    fmt = image_format
-    if fmt is not None and fmt not in _FORMATS:
-        raise BuildError(f"image format {fmt!r} is not one of {', '.join(_FORMATS)}")
+    if image_format is not None and image_format not in _FORMATS:
+        raise BuildError(f"image format {image_format!r} is not one of {', '.join(_FORMATS)}")
     zooms = sorted({int(z) for z in zooms})
     if not zooms:
         raise BuildError("no zoom levels to write an MBTiles file for")
@@ -151,16 +183,9 @@ def write_mbtiles(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
-    with TileStore(store_root) as store:
-        rows = _tile_rows(tiles, store)
-        first = next(rows, None)
-        if fmt is None:
-            fmt = "jpg" if first is None else detect_format(first[3])
-            if fmt is None:
-                z, x, row, _ = first  # type: ignore[misc]
-                raise BuildError(f"tile {z}/{x}/{(1 << z) - 1 - row} is not a JPEG, PNG or WebP image")
+    def metadata(fmt: str) -> dict[str, str]:
         bounds, center = _bounds_and_center(bbox, zooms[0])
-        metadata = {
+        return {
             "name": name,
             "format": fmt,
             "bounds": bounds,
@@ -174,44 +199,16 @@ def write_mbtiles(
             "scheme": "tms",
             "description": "satellite tiles of a cachebuild map cache",
         }
-        count = 0
+
+    with TileStore(store_root) as store:
         try:
-            conn = sqlite3.connect(tmp, isolation_level=None)
-            try:
-                conn.execute(f"PRAGMA application_id = {MBTILES_APPLICATION_ID}")
-                # a temp file: a crash loses it, never a published one
-                conn.execute("PRAGMA journal_mode = OFF")
-                conn.execute("PRAGMA synchronous = OFF")
-                conn.execute("BEGIN")
-                _execute_all(conn, _SCHEMA)
-                conn.executemany("INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata.items()))
-
-                def checked() -> Iterator[tuple[int, int, int, bytes]]:
-                    nonlocal count
-                    if first is None:
-                        return
-                    for row in _chain(first, rows):
-                        got = detect_format(row[3])
-                        if got != fmt:
-                            z, x, tms, _ = row
-                            raise BuildError(
-                                f"tile {z}/{x}/{(1 << z) - 1 - tms} is {got or 'not an image'}, "
-                                f"the MBTiles file is {fmt}",
-                                remedy="use a provider that serves one image format",
-                            )
-                        count += 1
-                        yield row
-
-                conn.executemany(
-                    "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
-                    checked(),
-                )
-                _execute_all(conn, _INDEXES)
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            done = None
+            if incremental:
+                done = _update_copy(out_path, tmp, tiles, store, image_format, metadata)
+            if done is None:
+                done = _write_full(tmp, tiles, store, image_format, metadata)
+            fmt, inserted, deleted, pages, free = done
+            digest = _fsync_and_hash(tmp)
             os.replace(tmp, out_path)
         except BaseException:
             try:
@@ -219,7 +216,283 @@ def write_mbtiles(
             except FileNotFoundError:
                 pass
             raise
-    return {"tiles": count, "bytes": out_path.stat().st_size}
+    st = out_path.stat()
+    mode = "full" if deleted is None else "updated"
+    # after the rename: the record names the file as it now is
+    _write_record(out_path, tiles, fmt, st, digest, pages, free, {"mode": mode, "inserted": inserted, "deleted": deleted or 0})
+    if hash_cache is not None:
+        from .manifest import HashCache
+
+        cache = HashCache(hash_cache)
+        cache.remember(out_path, digest, st)
+        cache.save()
+    return {
+        "tiles": len(tiles),
+        "bytes": st.st_size,
+        "sha256": digest,
+        "mode": mode,
+        "inserted": inserted,
+        "deleted": deleted or 0,
+    }
+
+
+#: The record of what an MBTiles file written here holds: ``.<name>.rows``
+#: beside it (``.tiles.mbtiles.rows``); never published.
+ROWS_SUFFIX = ".rows"
+_ROWS_FORMAT = "cachebuild/mbtiles-rows-v1"
+#: Above this share of new tiles the file is written in full (cheaper than
+#: copying it and replacing most rows).
+MAX_UPDATE_SHARE = 0.5
+#: An update that would leave more than this share of the file's pages free
+#: is dropped and the file written in full (SQLite reuses free pages for
+#: later inserts, so a shifted area keeps the share near 0; an area that
+#: shrank would otherwise keep its old size).
+MAX_FREE_SHARE = 0.1
+
+# (format, rows inserted, rows deleted or None for a full write, pages, free pages)
+_Written = tuple[str, int, "int | None", int, int]
+
+
+#: Bytes read at a time when copying or hashing the file: memory stays flat.
+_CHUNK = 1 << 17
+
+
+class _WriteInFull(Exception):
+    """The update cannot give the file a full write would: write it in full."""
+
+
+def _record_path(out_path: Path) -> Path:
+    return out_path.with_name(f".{out_path.name}{ROWS_SUFFIX}")
+
+
+def _open_tmp(tmp: Path) -> sqlite3.Connection:
+    import sqlite3
+
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    # a temp file: a crash loses it, never a published one
+    conn.execute("PRAGMA journal_mode = OFF")
+    conn.execute("PRAGMA synchronous = OFF")
+    return conn
+
+
+def _pages(conn: sqlite3.Connection) -> tuple[int, int]:
+    return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
+
+
+def _write_full(
+    tmp: Path, tiles: Any, store: Any, image_format: str | None, metadata: Any
+) -> _Written:
+    """Write every tile into a new file at ``tmp``."""
+    fmt = image_format
+    rows = _tile_rows(tiles, store)
+    first = next(rows, None)
+    if fmt is None:
+        fmt = "jpg" if first is None else detect_format(first[3])
+        if fmt is None:
+            z, x, row, _ = first  # type: ignore[misc]
+            raise BuildError(f"tile {z}/{x}/{(1 << z) - 1 - row} is not a JPEG, PNG or WebP image")
+    conn = _open_tmp(tmp)
+    try:
+        conn.execute(f"PRAGMA application_id = {MBTILES_APPLICATION_ID}")
+        conn.execute("BEGIN")
+        _execute_all(conn, _SCHEMA)
+        conn.executemany("INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items()))
+        if first is not None:
+            conn.executemany(
+                "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
+                _checked(_chain(first, rows), fmt, strict=True),
+            )
+        _execute_all(conn, _INDEXES)
+        conn.execute("COMMIT")
+        pages, free = _pages(conn)
+    finally:
+        conn.close()
+    return fmt, len(tiles), None, pages, free
+
+
+def _checked(rows: Iterator[tuple[int, int, int, bytes]], fmt: str, *, strict: bool) -> Iterator[tuple[int, int, int, bytes]]:
+    """``rows``, each checked to be a ``fmt`` image; ``strict``: else a BuildError, or _WriteInFull."""
+    for row in rows:
+        got = detect_format(row[3])
+        if got != fmt:
+            if not strict:
+                raise _WriteInFull
+            z, x, tms, _ = row
+            raise BuildError(
+                f"tile {z}/{x}/{(1 << z) - 1 - tms} is {got or 'not an image'}, the MBTiles file is {fmt}",
+                remedy="use a provider that serves one image format",
+            )
+        yield row
+
+
+def _read_record(out_path: Path) -> tuple[dict[str, Any], Any] | None:
+    """The record's header and rows, or None when there is none or it is damaged."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from .tileset import tile_dtype
+
+    try:
+        raw = _record_path(out_path).read_bytes()
+        line, rows = raw.split(b"\n", 1)
+        head = json.loads(line)
+        if not isinstance(head, dict) or head.get("format") != _ROWS_FORMAT:
+            return None
+        if hashlib.sha256(rows).hexdigest() != head["rows_sha256"] or len(rows) != head["rows"] * tile_dtype().itemsize:
+            return None
+        if head["image_format"] not in _FORMATS or not isinstance(head["file"], dict):
+            return None
+        return head, np.frombuffer(rows, dtype=tile_dtype())
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_record(
+    out_path: Path, tiles: Any, fmt: str, st: os.stat_result, digest: str, pages: int, free: int, how: dict[str, Any]
+) -> None:
+    """Record which tiles the file at ``out_path`` holds, its identity and hash, and how it was written."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from .tileset import atomic_write_bytes, tile_dtype
+
+    rows = np.ascontiguousarray(tiles, dtype=tile_dtype()).tobytes()
+    head = {
+        "format": _ROWS_FORMAT,
+        "image_format": fmt,
+        "rows": len(tiles),
+        "rows_sha256": hashlib.sha256(rows).hexdigest(),
+        "file": {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest},
+        "pages": pages,
+        "free_pages": free,
+        "written": how,
+    }
+    atomic_write_bytes(_record_path(out_path), json.dumps(head, sort_keys=True).encode() + b"\n" + rows)
+
+
+def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
+    """``(old rows to delete, new rows to insert)``, or None unless both are sorted by unique id."""
+    import numpy as np
+
+    old_ids, new_ids = old["id"], new["id"]
+    if (len(old_ids) > 1 and not (np.diff(old_ids) > 0).all()) or (len(new_ids) > 1 and not (np.diff(new_ids) > 0).all()):
+        return None
+    at = np.searchsorted(old_ids, new_ids)
+    inside = at < len(old_ids)
+    at_c = np.where(inside, at, 0)
+    old_sha = np.ascontiguousarray(old["sha256"]).view(np.uint8).reshape(len(old), 32)
+    new_sha = np.ascontiguousarray(new["sha256"]).view(np.uint8).reshape(len(new), 32)
+    same = inside & (old_ids[at_c] == new_ids)
+    if len(old):
+        same &= (old_sha[at_c] == new_sha).all(axis=1)
+    keep_old = np.zeros(len(old), dtype=bool)
+    keep_old[at_c[same]] = True
+    return old[~keep_old], new[~same]
+
+
+def _update_copy(
+    out_path: Path, tmp: Path, tiles: Any, store: Any, image_format: str | None, metadata: Any
+) -> _Written | None:
+    """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
+    import hashlib
+    import warnings
+
+    from .errors import CacheBuildWarning
+    from .tiles import tile_from_id
+
+    if len(tiles) == 0:
+        return None
+    record = _read_record(out_path)
+    if record is None:
+        return None
+    head, old = record
+    fmt = head["image_format"]
+    if image_format is not None and image_format != fmt:
+        return None
+    want = head["file"]
+    try:
+        st = out_path.stat()
+    except OSError:
+        return None
+    if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] != [want.get(k) for k in ("dev", "ino", "size", "mtime_ns")]:
+        return None  # another file (written in full elsewhere, restored, truncated): not the one recorded
+    diff = _diff(old, tiles)
+    if diff is None:
+        return None
+    gone, new = diff
+    if len(new) > MAX_UPDATE_SHARE * len(tiles):
+        return None
+    # copy, hashing what is copied: bytes that changed under an unchanged stat are caught here
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(out_path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst:
+        while n := src.readinto(buf):
+            digest.update(view[:n])
+            dst.write(view[:n])
+    if digest.hexdigest() != want.get("sha256"):
+        os.unlink(tmp)
+        warnings.warn(
+            f"{out_path} does not hash to what was written there (sha256 {digest.hexdigest()[:12]}…, "
+            f"recorded {str(want.get('sha256'))[:12]}…): it is written again in full",
+            CacheBuildWarning,
+            stacklevel=2,
+        )
+        return None
+
+    def inserted() -> Iterator[tuple[int, int, int, bytes]]:
+        from .tileset import hex_digests
+
+        for tid, hexdigest in zip(new["id"].tolist(), hex_digests(new)):
+            t = tile_from_id(tid)
+            data = store.get_checked(hexdigest, what=f"tile {t.z}/{t.x}/{t.y}")
+            yield (t.z, t.x, (1 << t.z) - 1 - t.y, data)
+
+    def deleted() -> Iterator[tuple[int, int, int]]:
+        for tid in gone["id"].tolist():
+            t = tile_from_id(tid)
+            yield (t.z, t.x, (1 << t.z) - 1 - t.y)
+
+    try:
+        conn = _open_tmp(tmp)
+        try:
+            conn.execute("BEGIN")
+            conn.executemany("DELETE FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?", deleted())
+            conn.executemany(
+                "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
+                _checked(inserted(), fmt, strict=False),
+            )
+            conn.execute("DELETE FROM metadata")
+            conn.executemany("INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items()))
+            conn.execute("COMMIT")
+            pages, free = _pages(conn)
+        finally:
+            conn.close()
+    except _WriteInFull:
+        os.unlink(tmp)
+        return None
+    if free > MAX_FREE_SHARE * pages:
+        os.unlink(tmp)
+        return None
+    return fmt, len(new), len(gone), pages, free
+
+
+def _fsync_and_hash(path: Path) -> str:
+    """fsync the file at ``path`` and return its SHA-256 (one read, from the page cache)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb+", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            digest.update(view[:n])
+        os.fsync(fh.fileno())
+    return digest.hexdigest()
 
 
 def _execute_all(conn: sqlite3.Connection, script: str) -> None:

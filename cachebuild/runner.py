@@ -135,10 +135,14 @@ class PlanLoader(TaskLoader2):
         pass
 
     def load_doit_config(self) -> dict[str, Any]:
+        from .manifest import HASH_CACHE_NAME, doit_file_checker
+
         config: dict[str, Any] = {
             "dep_file": str(self.plan.paths.dep_file),
             "backend": "sqlite3",
             "verbosity": 2,
+            # file deps hashed once per change, through the build's hash cache (not md5 on every check)
+            "check_file_uptodate": doit_file_checker(self.plan.paths.build / HASH_CACHE_NAME),
         }
         if self.reporter is not None:
             config["reporter"] = self.reporter

@@ -7,6 +7,7 @@ import doctest
 import hashlib
 import json
 import logging
+import os
 import random
 import re
 from datetime import datetime, timedelta, timezone
@@ -512,3 +513,110 @@ def test_no_key_material_in_outputs(
         for m in markers:
             assert m not in text
     assert raw not in written
+
+
+# -- remembered hashes (HashCache) ---------------------------------------------------------
+
+
+def test_hash_cache_off_by_default_hashes_all(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
+    _publish(cache, key)
+    assert not (cache / manifest.HASH_CACHE_NAME).exists()
+
+
+def test_hash_cache_reuses_only_unchanged_files(
+    cache: Path, key: ed25519.Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
+) -> None:
+    hc = cache / manifest.HASH_CACHE_NAME
+    with caplog.at_level(logging.INFO, logger="cachebuild.manifest"):
+        _publish(cache, key, hash_cache=hc)
+        assert "hashed 3 artifacts, 0 remembered" in caplog.text
+        caplog.clear()
+        _publish(cache, key, hash_cache=hc, version=4)
+        assert "hashed 0 artifacts, 3 remembered" in caplog.text
+        caplog.clear()
+        # changed in place with its size and mtime put back: the ctime still moves
+        p = cache / "tiles.mbtiles"
+        st = p.stat()
+        data = bytearray(p.read_bytes())
+        data[7] ^= 1
+        with open(p, "r+b") as fh:
+            fh.write(data)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+        _publish(cache, key, hash_cache=hc, version=5)
+        assert "hashed 1 artifacts, 2 remembered" in caplog.text
+    signed = verify_cache(cache, [key.public_key()])  # the true hashes, re-hashed by verify
+    assert signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+
+
+def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
+    hc = manifest.HashCache(tmp_path / manifest.HASH_CACHE_NAME)
+    a = tmp_path / "a"
+    a.write_bytes(b"one")
+    assert hc.sha256(a) == (hashlib.sha256(b"one").hexdigest(), 3)
+    assert hc.lookup(a) is not None
+    # same bytes in a new file renamed onto it: another inode and ctime
+    (tmp_path / "b").write_bytes(b"one")
+    os.replace(tmp_path / "b", a)
+    assert hc.lookup(a) is None
+    hc.sha256(a)
+    hc.save()
+    assert manifest.HashCache(hc.path).lookup(a) is not None
+    a.unlink()
+    assert manifest.HashCache(hc.path).lookup(a) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"\x00garbage", b"[]", b'{"format": "cachebuild/sha256-cache-v1", "entries": {"a": [1, 2, 3, 4, 5, "beef"]}}'],
+)
+def test_a_damaged_hash_cache_is_ignored(cache: Path, key: ed25519.Ed25519PrivateKey, content: bytes) -> None:
+    hc = cache / manifest.HASH_CACHE_NAME
+    hc.write_bytes(content)
+    _publish(cache, key, hash_cache=hc)
+    verify_cache(cache, [key.public_key()])
+    assert json.loads(hc.read_text())["format"] == "cachebuild/sha256-cache-v1"
+
+
+def test_a_rewritten_file_is_hashed_again(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
+    """The cache is trusted only while the stat it recorded holds: a rewrite changes it."""
+    hc = cache / manifest.HASH_CACHE_NAME
+    _publish(cache, key, hash_cache=hc)
+    (cache / "tiles.mbtiles").write_bytes(b"new tiles")
+    env = _publish(cache, key, hash_cache=hc, version=4)
+    assert env["signed"]["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(b"new tiles").hexdigest()
+
+
+def test_doit_file_checker_hashes_once_and_sees_every_change(tmp_path: Path) -> None:
+    hc = tmp_path / manifest.HASH_CACHE_NAME
+    f = tmp_path / "tiles.mbtiles"
+    f.write_bytes(b"a" * 1000)
+    checker = manifest.doit_file_checker(hc)()
+    state = checker.get_state(str(f), None)
+    assert state[1] == 1000 and state[2] == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
+    assert checker.get_state(str(f), state) is None  # same mtime: unchanged, nothing read
+    assert not checker.check_modified(str(f), f.stat(), state)
+    # the same bytes written again (a new mtime, the same size): not modified
+    f.write_bytes(b"a" * 1000)
+    os.utime(f, ns=(1, 10**18))
+    assert not checker.check_modified(str(f), f.stat(), state)
+    # other bytes of the same size: modified
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(1, 2 * 10**18))
+    assert checker.check_modified(str(f), f.stat(), state)
+    # a state of doit's md5 checker (an older database) means modified, once
+    assert checker.check_modified(str(f), f.stat(), (0.0, 1000, hashlib.md5(b"b" * 1000).hexdigest()))
+    assert checker.check_modified(str(f), f.stat(), 12.5)  # doit's timestamp checker
+
+
+def test_doit_file_checker_takes_the_writers_hash(tmp_path: Path) -> None:
+    """A file its writer remembered is not read by the checker: a wrong remembered hash shows it."""
+    hc = tmp_path / manifest.HASH_CACHE_NAME
+    f = tmp_path / "big"
+    f.write_bytes(b"x" * 100)
+    cache = manifest.HashCache(hc)
+    cache.remember(f, "0" * 64, f.stat())
+    cache.save()
+    checker = manifest.doit_file_checker(hc)()
+    assert checker.get_state(str(f), None)[2] == "sha256:" + "0" * 64
+    f.write_bytes(b"y" * 100)  # rewritten: the ctime moved, the remembered hash is dropped
+    assert checker.get_state(str(f), None)[2] == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()

@@ -8,8 +8,11 @@ a raster, when they are installed.
 from __future__ import annotations
 
 import doctest
+import hashlib
 import io
+import json
 import math
+import os
 import re
 import shutil
 import sqlite3
@@ -25,7 +28,7 @@ import pytest
 from PIL import Image
 
 from cachebuild import mbtiles
-from cachebuild.errors import BuildError, StoreObjectError
+from cachebuild.errors import BuildError, CacheBuildWarning, StoreObjectError
 from cachebuild.fetch import fetch_tiles
 from cachebuild.mbtiles import (
     MBTILES_APPLICATION_ID,
@@ -103,7 +106,10 @@ def test_schema_metadata_and_tms_rows(tmp_path: Path) -> None:
     fetched(tmp_path)
     out = write(tmp_path)
     path = tmp_path / "build" / "tiles.mbtiles"
-    assert out == {"tiles": len(PLANNED), "bytes": path.stat().st_size}
+    assert out == {
+        "tiles": len(PLANNED), "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "mode": "full", "inserted": len(PLANNED), "deleted": 0,
+    }
 
     with closing(sqlite3.connect(path)) as db:
         cols = [r[1] for r in db.execute("PRAGMA table_info(tiles)")]
@@ -174,6 +180,7 @@ def test_mixed_formats_are_refused_and_nothing_is_written(tmp_path: Path) -> Non
     with pytest.raises(BuildError, match="1/1/0 is png"):
         write(tmp_path, LngLatBbox(-180, 0, 180, 85), [1])
     assert list((tmp_path / "build").glob("*mbtiles*")) == []
+    assert list((tmp_path / "build").glob(".*mbtiles*")) == []
 
 
 def test_a_non_image_is_refused(tmp_path: Path) -> None:
@@ -216,7 +223,7 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     path.write_bytes(b"the old file")
     write(tmp_path)
     assert metadata(path)["name"] == "test cache"
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == ["tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [".tiles.mbtiles.rows", "tiles.mbtiles"]
 
     # a failed write leaves the previous file as it was
     old = path.read_bytes()
@@ -224,9 +231,9 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     with TileStore(tmp_path / "store") as store:
         store.path(last).unlink()
     with pytest.raises(BuildError):
-        write(tmp_path)
+        write(tmp_path, incremental=False)  # an update would not read the unchanged tile
     assert path.read_bytes() == old
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == ["tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [".tiles.mbtiles.rows", "tiles.mbtiles"]
 
 
 def test_tiles_are_streamed_not_held(tmp_path: Path) -> None:
@@ -315,3 +322,243 @@ def test_mbtiles_round_trip_as_a_provider(tmp_path: Path) -> None:
     s = fetched(tmp_path / "third", wider, spec=str(copy))
     assert s["present"] == len(PLANNED)
     assert s["missing"] == count_tiles(wider, [17]) - len(PLANNED) > 0
+
+
+# ------------------------------------------------------------------ updating the previous file
+
+
+def grid(x0: int, y0: int, w: int, h: int, z: int = 17) -> list[Tile]:
+    return [Tile(x, y, z) for x in range(x0, x0 + w) for y in range(y0, y0 + h)]
+
+
+def other_image(t: Tile) -> bytes:
+    """Another JPEG for the same tile: new imagery at the same z/x/y."""
+    return synthetic_tile_bytes(Tile(t.x + 5000, t.y, t.z))
+
+
+def all_rows(path: Path) -> list[tuple[int, int, int, bytes]]:
+    with closing(sqlite3.connect(path)) as db:
+        return [
+            (z, x, r, bytes(d))
+            for z, x, r, d in db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles ORDER BY 1, 2, 3")
+        ]
+
+
+def scratch(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None) -> Path:
+    """The same tile set written from scratch elsewhere: what an update must equal."""
+    out = tmp / "scratch" / "tiles.mbtiles"
+    write_mbtiles(
+        tileset_dir=tmp / "build", store_root=tmp / "store", out_path=out, name="test cache",
+        bbox=area, zooms=zooms or [17], incremental=False,
+    )
+    return out
+
+
+def assert_same_as_scratch(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None) -> None:
+    path = tmp / "build" / "tiles.mbtiles"
+    ref = scratch(tmp, area, zooms)
+    assert all_rows(path) == all_rows(ref)
+    assert metadata(path) == metadata(ref)
+    with closing(sqlite3.connect(path)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("PRAGMA application_id").fetchone()[0] == MBTILES_APPLICATION_ID
+        assert {r[1]: r[2] for r in db.execute("PRAGMA index_list(tiles)")} == {"tile_index": 1}
+
+
+X0, Y0 = 68640, 45900
+
+
+def test_an_update_equals_a_write_from_scratch(tmp_path: Path) -> None:
+    """Removed tiles, added tiles and new imagery at the same z/x/y: only those rows change."""
+    first = grid(X0, Y0, 10, 8)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in first})
+    assert write(tmp_path)["mode"] == "full"
+    path = tmp_path / "build" / "tiles.mbtiles"
+    published = tmp_path / "published.mbtiles"
+    os.link(path, published)  # what publish does: the old file must not change
+    old_bytes = published.read_bytes()
+
+    shifted = grid(X0 + 1, Y0, 10, 8)  # one column gone, one new
+    changed = set(shifted[20:23])
+    handmade_tileset(tmp_path, {t: other_image(t) if t in changed else synthetic_tile_bytes(t) for t in shifted})
+    area = LngLatBbox(8.541, 47.370, 8.549, 47.374)
+    out = write(tmp_path, area)
+    assert out["mode"] == "updated"
+    assert (out["inserted"], out["deleted"]) == (8 + 3, 8 + 3)
+    assert out["tiles"] == len(shifted)
+    assert out["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert_same_as_scratch(tmp_path, area)
+    rows = {(z, x, r): d for z, x, r, d in all_rows(path)}
+    t = next(iter(changed))
+    assert rows[(t.z, t.x, 2**17 - 1 - t.y)] == other_image(t)
+    assert metadata(path)["bounds"] == "8.541,47.37,8.549,47.374"
+    assert published.read_bytes() == old_bytes and not os.path.samefile(published, path)
+
+    # and again: the record of the updated file is right too
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 2, Y0, 10, 8)})
+    assert write(tmp_path)["mode"] == "updated"
+    assert_same_as_scratch(tmp_path)
+
+
+def test_an_unchanged_tile_set_reads_nothing_from_the_store(tmp_path: Path) -> None:
+    fetched(tmp_path)
+    write(tmp_path)
+    shutil.rmtree(tmp_path / "store" / "objects")
+    out = write(tmp_path, zooms=[17, 18])  # other zooms: only the metadata changes
+    assert (out["mode"], out["inserted"], out["deleted"]) == ("updated", 0, 0)
+    assert metadata(tmp_path / "build" / "tiles.mbtiles")["maxzoom"] == "18"
+
+
+def _damage_keeping_stat(path: Path) -> None:
+    """Flip a byte in a tile's blob, in place, and put the mtime back."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    i = data.rfind(b"\xff\xd9")  # the end of the last JPEG in the file
+    data[i - 100] ^= 0x40
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("damage", ["truncated", "same-stat", "foreign", "no-record", "bad-record"])
+def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, damage: str) -> None:
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
+    write(tmp_path)
+    path = tmp_path / "build" / "tiles.mbtiles"
+    record = tmp_path / "build" / ".tiles.mbtiles.rows"
+    if damage == "truncated":
+        os.truncate(path, path.stat().st_size // 2)
+    elif damage == "same-stat":
+        _damage_keeping_stat(path)
+    elif damage == "foreign":
+        shutil.copyfile(path, tmp_path / "copy")
+        os.replace(tmp_path / "copy", path)  # same bytes, but not the file written here
+    elif damage == "no-record":
+        record.unlink()
+    else:
+        record.write_bytes(record.read_bytes()[:-7] + b"garbage")
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 1, Y0, 6, 6)})
+    if damage == "same-stat":
+        with pytest.warns(CacheBuildWarning, match="does not hash to what was written there"):
+            out = write(tmp_path)
+    else:
+        out = write(tmp_path)
+    assert out["mode"] == "full"
+    assert_same_as_scratch(tmp_path)
+    assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_when_most_tiles_are_new_the_file_is_written_in_full(tmp_path: Path) -> None:
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
+    write(tmp_path)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 4, Y0, 6, 6)})
+    assert write(tmp_path)["mode"] == "full"
+    assert_same_as_scratch(tmp_path)
+
+
+def test_an_area_that_shrank_is_written_in_full_not_left_large(tmp_path: Path) -> None:
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 10, 6)})
+    write(tmp_path)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 7, 6)})
+    assert write(tmp_path)["mode"] == "full"  # 30% of the pages would be free
+    assert_same_as_scratch(tmp_path)
+    path = tmp_path / "build" / "tiles.mbtiles"
+    assert path.stat().st_size == (tmp_path / "scratch" / "tiles.mbtiles").stat().st_size
+
+
+def test_a_new_tile_of_another_format_gets_the_full_writes_error(tmp_path: Path) -> None:
+    first = grid(X0, Y0, 6, 6)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in first})
+    write(tmp_path)
+    images = {t: synthetic_tile_bytes(t) for t in first}
+    images[first[-1]] = png()
+    handmade_tileset(tmp_path, images)
+    t = first[-1]
+    with pytest.raises(BuildError, match=f"{t.z}/{t.x}/{t.y} is png, the MBTiles file is jpg"):
+        write(tmp_path)
+    with pytest.raises(BuildError, match="is jpg, the MBTiles file is png"):
+        write(tmp_path, image_format="png")  # another format asked for: written in full
+
+
+def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> None:
+    """Free pages are reused by the next inserts: twelve shifts, no growth."""
+    path = tmp_path / "build" / "tiles.mbtiles"
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 8, 8)})
+    write(tmp_path)
+    for step in range(1, 13):
+        handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + step, Y0 + step % 2, 8, 8)})
+        assert write(tmp_path)["mode"] == "updated"
+        with closing(sqlite3.connect(path)) as db:
+            pages, free = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count"))
+        assert free <= mbtiles.MAX_FREE_SHARE * pages
+    assert_same_as_scratch(tmp_path)
+    fresh = (tmp_path / "scratch" / "tiles.mbtiles").stat().st_size
+    assert path.stat().st_size <= 1.1 * fresh, (path.stat().st_size, fresh)
+
+
+def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
+    from cachebuild.manifest import HASH_CACHE_NAME, HashCache
+
+    fetched(tmp_path)
+    cache_file = tmp_path / "build" / HASH_CACHE_NAME
+    write(tmp_path, hash_cache=cache_file)
+    path = tmp_path / "build" / "tiles.mbtiles"
+    want = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert HashCache(cache_file).lookup(path) == (want, path.stat().st_size)
+    os.utime(path)  # any change to the file: no longer remembered
+    assert HashCache(cache_file).lookup(path) is None
+
+
+def test_gdal_and_sqlite3_read_an_updated_file(tmp_path: Path) -> None:
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 8, 8)})
+    write(tmp_path)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 1, Y0, 8, 8)})
+    assert write(tmp_path)["mode"] == "updated"
+    path = tmp_path / "build" / "tiles.mbtiles"
+    if exe := shutil.which("sqlite3"):
+        ok = subprocess.run([exe, str(path), "PRAGMA integrity_check"], capture_output=True, text=True, check=True)
+        assert ok.stdout.strip() == "ok"
+    if exe := shutil.which("gdalinfo"):
+        info = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
+        assert "Driver: MBTiles/MBTiles" in info
+    if not (shutil.which("sqlite3") or shutil.which("gdalinfo")):
+        pytest.skip("neither sqlite3 nor gdalinfo is installed")
+
+
+# ------------------------------------------------------------------ in a real build
+
+
+def test_a_shifted_build_updates_the_file_and_publishes_a_cache_that_verifies(cb: Any, tmp_path: Path) -> None:
+    from .conftest import write_flight
+
+    args = ("BUFFER_M=300", "ZOOM=17", "REPORT=json")
+    first = cb.build(f"FLIGHT={write_flight(tmp_path / 'a.json')}", *args)
+    assert first.code == 0, first.stderr
+    build = cb.cache_dir / "state" / "build"
+    published = (cb.current / "tiles.mbtiles").resolve()
+    old = published.read_bytes()
+    moved = cb.build(f"FLIGHT={write_flight(tmp_path / 'b.json', lon=8.5430)}", *args)
+    assert moved.code == 0, moved.stderr
+    head = (build / ".tiles.mbtiles.rows").read_bytes().split(b"\n", 1)[0]
+    written = json.loads(head)["written"]
+    assert written["mode"] == "updated" and 0 < written["inserted"] < 100, written
+    assert published.read_bytes() == old, "the previous release's file is never written"
+    verify = cb.run("verify-cache")
+    assert verify.code == 0, verify.stderr
+    assert_same_as_scratch_of(build, cb.home / "store", tmp_path)
+    # the manifest took the writer's hash: the signed hash is the file's
+    signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
+    current = cb.current / "tiles.mbtiles"
+    assert signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(current.read_bytes()).hexdigest()
+
+
+def assert_same_as_scratch_of(build: Path, store: Path, tmp: Path) -> None:
+    summary = json.loads((build / "tileset.json").read_text())
+    out = tmp / "scratch" / "tiles.mbtiles"
+    write_mbtiles(
+        tileset_dir=build, store_root=store, out_path=out, name="cachebuild tiles",
+        bbox=LngLatBbox(*summary["bbox"]), zooms=summary["zooms"], incremental=False,
+    )
+    assert all_rows(build / "tiles.mbtiles") == all_rows(out)
+    assert metadata(build / "tiles.mbtiles") == metadata(out)
