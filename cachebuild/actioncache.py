@@ -240,16 +240,10 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path) -> None:
 
 
 def _materialize(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically (temp file in the same directory, then rename)."""
-    tmp = path.with_name(f".{path.name}.ac-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Replace ``path`` with ``data`` durably and atomically (a temp name the next build sweeps if killed)."""
+    from .manifest import atomic_write
+
+    atomic_write(path, data)
 
 
 class ActionCache:
