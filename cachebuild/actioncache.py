@@ -48,6 +48,7 @@ numpy and boto3 are not imported here.
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -221,8 +222,13 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _write_once(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``path`` durably unless it exists (a hard link from a temp file: never overwrites)."""
+def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = None) -> None:
+    """Write ``path`` durably unless it exists (a hard link from a temp file: never overwrites).
+
+    With ``digest`` (an object named by its hash), an existing file that
+    does not hash to it is damaged and replaced.  Where hard links are not
+    supported, a rename (the same bytes, or an equivalent record).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"ac-{os.getpid()}-{uuid.uuid4().hex}"
@@ -234,7 +240,13 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            pass
+            if digest is not None and file_sha256(path) != digest:
+                os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if not path.exists():
+                os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -357,7 +369,7 @@ class ActionCache:
         # keep a local copy: the next build on this machine needs no bucket
         try:
             for name, data in got.items():
-                _write_once(self.object_path(_sha(data)), data, self.tmp)
+                _write_once(self.object_path(_sha(data)), data, self.tmp, _sha(data))
             _write_once(
                 self.record_path(key),
                 _record_bytes(key, action, {n: (_sha(d), len(d)) for n, d in got.items()}),
@@ -401,7 +413,7 @@ class ActionCache:
         record = _record_bytes(key, action.name, outputs)
         try:
             for name, data in datas.items():
-                _write_once(self.object_path(outputs[name][0]), data, self.tmp)
+                _write_once(self.object_path(outputs[name][0]), data, self.tmp, outputs[name][0])
             _write_once(self.record_path(key), record, self.tmp)
         except OSError as exc:
             self.warn(f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}")

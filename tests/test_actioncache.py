@@ -116,6 +116,17 @@ def test_a_damaged_object_is_never_used(build: Path, tmp_path: Path, damage: str
     assert cache.lookup(a)
 
 
+def test_recording_replaces_a_damaged_object_of_the_same_name(build: Path, tmp_path: Path) -> None:
+    cache = ActionCache(tmp_path / "store", warn=lambda m: None)
+    compute(build)
+    obj = cache.object_path(file_sha256(build / "index.faiss"))
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(b"damaged before anyone recorded it")
+    cache.record(action(build))
+    assert obj.read_bytes() == (build / "index.faiss").read_bytes()
+    assert cache.lookup(action(build))
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncate", "edit"])
 def test_a_damaged_record_is_never_used(build: Path, tmp_path: Path, damage: str) -> None:
     notes: list[str] = []
