@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ from cachebuild.canonical import sha256_file
 from cachebuild.lock import CacheLock
 
 from .conftest import Cb, write_flight
-from .tileserver import TileServer, tile_bytes
+from .tileserver import TileServer
 
 __all__ = ["KillPoint", "KillOutcome", "KillHarness", "CompanionKillHarness", "PHASE_MARKERS", "store_problems"]
 
@@ -57,11 +58,17 @@ ARGS = ("BUFFER_M=200", "ZOOM=17")
 
 @dataclass(frozen=True)
 class KillPoint:
-    """When to kill: ``delay_s`` after start, or ``offset_s`` after ``marker`` shows."""
+    """When to kill: ``delay_s`` after start, or ``offset_s`` after ``marker`` shows.
+
+    ``until``, if given, must also hold: the kill waits for it (a condition on
+    the world, such as "the server has answered a tile", instead of a guess at
+    how long that takes on a loaded machine).
+    """
 
     delay_s: float | None = None
     marker: str | None = None
     offset_s: float = 0.0
+    until: Callable[[], bool] | None = field(default=None, compare=False)
 
     def __str__(self) -> str:
         if self.marker is None:
@@ -258,7 +265,8 @@ class KillHarness:
                             seen_at = publish_at
                         elif any(self._phase_of(ln) == point.marker for _, ln in list(lines)):
                             seen_at = now
-                    if seen_at is not None and now >= seen_at + point.offset_s:
+                    due = seen_at is not None and now >= seen_at + point.offset_s
+                    if due and (point.until is None or point.until()):
                         break
             time.sleep(0.0005 if point is not None else 0.001)
         killed = p.poll() is None

@@ -90,7 +90,10 @@ def test_kill_mid_download_keeps_fetched_tiles(harness: KillHarness) -> None:
     harness.extra_args = ("CONCURRENCY=1",)
     try:
         before = harness.server.count()
-        outcome = harness.kill_at(KillPoint(marker="tiles", offset_s=1.0))
+        # killed once the server has begun answering a second tile: the first
+        # has then been in the client's hands for a whole answer's latency
+        landed = KillPoint(marker="tiles", offset_s=0.0, until=lambda: harness.server.count() - before >= 2)
+        outcome = harness.kill_at(landed)
         asked = harness.server.count() - before - outcome.requests_resume
     finally:
         harness.server.latency_s = 0.0
