@@ -130,6 +130,12 @@ def decode_tile(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int])
     libjpeg itself; any other size mismatch is resized (bilinear).
     """
     import numpy as np
+
+    return np.asarray(_decode_image(path, size))
+
+
+def _decode_image(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int]) -> Any:
+    """:func:`decode_tile` as a loaded Pillow RGB image (its pixels in memory)."""
     from PIL import Image
 
     height, width = size
@@ -141,7 +147,7 @@ def decode_tile(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int])
         rgb = im if im.mode == "RGB" else im.convert("RGB")
         if rgb.size != (width, height):
             rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(rgb)
+        return rgb
 
 
 def _preprocess_into(rgb: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
@@ -177,7 +183,7 @@ def _decode_batch(
         # store under the right name (StoreObjectError: the build fetches it again)
         data = read_object(path, what="tile z={} x={} y={}".format(*tile_zxy(ids[i])))
         try:
-            rgb = decode_tile(io.BytesIO(data), size)
+            image = _decode_image(io.BytesIO(data), size)
         except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
             z, x, y = tile_zxy(ids[i])
             raise BuildError(
@@ -186,9 +192,9 @@ def _decode_batch(
                 remedy="delete that store object and run build-cache again to fetch it anew",
                 phase=_PHASE,
             ) from exc
-        _preprocess_into(rgb, out[i], scratch)
+        _preprocess_into(np.asarray(image), out[i], scratch)
         if thumbs is not None:
-            thumbs[i] = thumbnail_of(rgb)
+            thumbs[i] = thumbnail_of(image)
     return out[: len(paths)]
 
 

@@ -574,3 +574,22 @@ def test_thumbnail_of_a_png_tile_and_an_engine_of_another_size(tmp_path: Path) -
     small = thumbnail_of(decode_tile(io.BytesIO(png), (200, 224)))
     assert small.shape == (THUMB_PX, THUMB_PX, 3) and small.dtype == np.uint8
     assert np.abs(small.astype(int) - exact.astype(int)).mean() < 6
+
+
+def test_dask_workers_return_the_thumbnails_the_wrapper_keeps(
+    tiles_images: dict, engine_dir: Path, tmp_path: Path
+) -> None:
+    """DASK_SCHEDULER=local:1: the worker makes each thumbnail from its decode; the same bytes as here."""
+    pytest.importorskip("distributed")
+    from cachebuild.thumbs import ThumbStore
+
+    images = {zxy: encode(rgb) for zxy, rgb in list(tiles_images.items())[:6]}
+    here = store_world(tmp_path / "here", images)
+    there = store_world(tmp_path / "there", images)
+    run(here, engine_dir, tmp_path / "a", reuse=True, batch_size=4)
+    result = run(there, engine_dir, tmp_path / "b", reuse=True, batch_size=4, dask_scheduler="local:1")
+    assert result["executor"] == "dask" and result["engine_runs"] == result["thumbnails"] == 6
+    digests = [bytes.fromhex(TileStore(here[1]).put(data)) for data in images.values()]
+    with ThumbStore(here[1]) as a, ThumbStore(there[1]) as b:
+        kept = b.lookup(digests)
+        assert len(kept) == 6 and kept == a.lookup(digests)
