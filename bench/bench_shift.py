@@ -20,7 +20,13 @@ last one is the shifted build of the table), to show that the updated
 MBTiles file does not grow over many shifts; the cold build is of the last
 flight.
 
+With ``--mbtiles-steps K`` (and no builds) only the MBTiles writer runs:
+a square of synthetic z17 tiles moves K times by the shift, each time the
+last file updated, and its size and free pages are compared with a file
+written from scratch for the same tiles: does the updated file grow?
+
     python bench/bench_shift.py [--sizes 5000,20000] [--shift 0.1] [--steps 1]
+    python bench/bench_shift.py --mbtiles-steps 50 [--sizes 900]
 """
 
 from __future__ import annotations
@@ -59,12 +65,71 @@ def mbtiles_record(home: Path) -> dict:
     }
 
 
+def mbtiles_steps(n: int, steps: int, shift: float) -> None:
+    """The MBTiles writer alone over ``steps`` shifts of an ``n``-tile square: size vs a fresh file."""
+    import sqlite3
+    import time
+
+    import numpy as np
+
+    from cachebuild.mbtiles import write_mbtiles
+    from cachebuild.store import TileStore
+    from cachebuild.synthetic import synthetic_tile_bytes
+    from cachebuild.tiles import LngLatBbox, Tile, tile_id
+    from cachebuild.tileset import write_tileset
+
+    side = round(math.sqrt(n))
+    cols = max(1, round(shift * side))
+    x0, y0 = 68640, 45900
+    rows_out = []
+    with tempfile.TemporaryDirectory(prefix="bench-shift-mbtiles-") as tmp:
+        root = Path(tmp)
+
+        def tileset(x: int) -> None:
+            with TileStore(root / "store") as store:
+                rows = [
+                    (tile_id(t), bytes.fromhex(store.put(synthetic_tile_bytes(t))))
+                    for t in (Tile(i, j, 17) for i in range(x, x + side) for j in range(y0, y0 + side))
+                ]
+            write_tileset(root / "build", np.array(rows, dtype=[("id", "<i8"), ("sha256", "S32")]),
+                          np.array([], dtype="<i8"), {})  # fmt: skip
+
+        def write(out: Path, incremental: bool) -> tuple[dict, float]:
+            t = time.perf_counter()
+            r = write_mbtiles(tileset_dir=root / "build", store_root=root / "store", out_path=out, name="bench",
+                              bbox=LngLatBbox(8.0, 47.0, 8.1, 47.1), zooms=[17], incremental=incremental)  # fmt: skip
+            return r, time.perf_counter() - t
+
+        tileset(x0)
+        write(root / "build" / "tiles.mbtiles", True)
+        for k in range(1, steps + 1):
+            tileset(x0 + k * cols)
+            upd, upd_s = write(root / "build" / "tiles.mbtiles", True)
+            if k in (1, steps) or k % max(1, steps // 10) == 0:
+                fresh, fresh_s = write(root / "fresh.mbtiles", False)
+                with sqlite3.connect(root / "build" / "tiles.mbtiles") as db:
+                    pages, free = (db.execute(f"PRAGMA {q}").fetchone()[0] for q in ("page_count", "freelist_count"))
+                rows_out.append((k, upd, upd_s, fresh, fresh_s, free / pages))
+    print(f"{side * side:,} tiles, {cols} of {side} columns new per shift; load {os.getloadavg()[0]:.1f}")
+    print()
+    print("| shift | written | updated MB | fresh MB | size / fresh | free pages | seconds / fresh write |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
+    for k, upd, upd_s, fresh, fresh_s, free in rows_out:
+        print(f"| {k} | {upd['mode']} ({upd['inserted']:,} in, {upd['deleted']:,} out) | {upd['bytes'] / 1e6:.2f} | "
+              f"{fresh['bytes'] / 1e6:.2f} | {upd['bytes'] / fresh['bytes']:.3f} | {free:.1%} | {upd_s / fresh_s:.2f} |")  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="5000,20000")
     ap.add_argument("--shift", type=float, default=0.1, help="shift as a fraction of the area's width")
     ap.add_argument("--steps", type=int, default=1, help="shifted builds in a row (the last is the table's)")
+    ap.add_argument("--mbtiles-steps", type=int, default=0, help="only the MBTiles writer, this many shifts")
     args = ap.parse_args()
+    if args.mbtiles_steps:
+        for n in (int(s) for s in args.sizes.split(",")):
+            mbtiles_steps(n, args.mbtiles_steps, args.shift)
+        return
     doit = [sys.executable, "-m", "doit"]
     rows = []
     load0 = os.getloadavg()[0]
