@@ -18,7 +18,12 @@ tile is described:
 * N workers, standing: a LocalCluster of N worker processes started before
   the clock, reached as ``tcp://`` like a cluster that is already running
   (``dask scheduler`` + ``dask worker``), after one untimed warm-up run so
-  each worker has loaded the engine.
+  each worker has loaded the engine;
+* with ``--bucket``, N workers, standing, tiles from the bucket: the same
+  cluster with ``STORE=s3://...`` (moto's server on 127.0.0.1, in its own
+  process, holding the tiles as the build's packs): each worker reads the
+  packs of its batches' cells into its own copy, which is emptied before
+  every run, so every run pays for reading the bucket (docs/scale.md).
 
 For each worker count the three alternate, ``--repeat`` times, so each
 ratio compares runs made under the same load (the machine may be shared);
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import statistics
 import sys
@@ -70,6 +76,48 @@ def run(root: Path, store: Path, batch: int, scheduler: str | None, threads: int
     return float(result["seconds"]), np.load(root / "out" / DESCRIPTORS_FILE)
 
 
+def forget_bucket_copies() -> int:
+    """On a worker: drop the tile images it read from the bucket (the next run reads them again)."""
+    from cachebuild import daskexec
+
+    daskexec._PACKS_READ.clear()
+    gone = 0
+    for root in [r for r in daskexec._STORES if r.endswith("cachebuild-tiles")]:
+        daskexec._STORES.pop(root).close()
+        shutil.rmtree(root, ignore_errors=True)
+        gone += 1
+    return gone
+
+
+def fill_bucket(bucket: str, tileset: Path, store: Path, identity: str) -> str:
+    """Put the tiles in the bucket as a build's tiles phase does (one pack per cell); the STORE URL."""
+    import hashlib
+    from collections import defaultdict
+
+    from cachebuild.s3store import (
+        CELL_SHIFT,
+        StoreURL,
+        _cell_part,
+        _encode_pack,
+        open_store,
+    )
+    from cachebuild.tileset import hex_digests, read_tiles
+
+    url = StoreURL(bucket, "bench")
+    remote = open_store(str(url))
+    cells: dict[tuple[int, int, int], list[tuple[int, int, str, bytes]]] = defaultdict(list)
+    tiles = read_tiles(tileset)
+    for tid, d in zip(tiles["id"].tolist(), hex_digests(tiles)):
+        z, x, y = tid >> 58, (tid >> 29) & ((1 << 29) - 1), tid & ((1 << 29) - 1)
+        image = (store / "objects" / d[:2] / d).read_bytes()
+        cells[(z, x >> CELL_SHIFT, y >> CELL_SHIFT)].append((x, y, d, image))
+    ns = hashlib.sha256(identity.encode()).hexdigest()[:32]
+    for cell, tiles in cells.items():
+        data = _encode_pack(identity, cell[0], time.time(), tiles)
+        remote.put(url.key("tiles", ns, _cell_part(cell)) + f"{hashlib.sha256(data).hexdigest()}.pack", data)
+    return str(url)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, default=1000, help="tiles in the store (1000)")
@@ -77,10 +125,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="2", help="Dask worker counts, comma-separated (2)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each row (3)")
     parser.add_argument("--no-cold", action="store_true", help="skip the local:N all-in rows")
+    parser.add_argument("--bucket", action="store_true", help="add workers reading tiles from a bucket (moto)")
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
 
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
+
+    from cachebuild.daskexec import workers_read_bucket
+
+    moto = None
+    if args.bucket:
+        from bench_s3 import MotoProcess
+
+        moto = MotoProcess("bench-dask")
+        os.environ.update(moto.env())  # this process and the cluster's worker processes
 
     with tempfile.TemporaryDirectory(prefix="bench-dask-") as tmp:
         root = Path(tmp)
@@ -90,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=root / "engine")
 
         _, ref = run(root, store, args.batch, None, None)  # warm-up; the reference descriptors
+        identity = "bench:synthetic"
+        url = fill_bucket("bench-dask", root / "tileset", store, identity) if moto is not None else ""
         # each worker count: its rows alternate with local runs, so the ratio
         # compares runs made under the same load (the machine may be shared)
         groups: list[tuple[int, list[float], list[tuple[str, list[float], float]], float | None]] = []
@@ -110,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                 local: list[float] = []
                 cold: list[float] = []
                 standing: list[float] = []
+                from_bucket: list[float] = []
                 diff = 0.0
                 for _ in range(args.repeat):
                     local.append(run(root, store, args.batch, None, None)[0])
@@ -120,7 +181,16 @@ def main(argv: list[str] | None = None) -> int:
                     seconds, d = run(root, store, args.batch, cluster.scheduler_address, threads)
                     standing.append(seconds)
                     diff = max(diff, float(np.abs(d - ref).max()))
+                    if moto is not None:
+                        with Client(cluster.scheduler_address, set_as_default=False) as client:
+                            client.run(forget_bucket_copies)
+                        with workers_read_bucket(url, identity):
+                            seconds, d = run(root, store, args.batch, cluster.scheduler_address, threads)
+                        from_bucket.append(seconds)
+                        diff = max(diff, float(np.abs(d - ref).max()))
                 rows = [(f"{n} workers, standing cluster (tcp://)", standing, diff)]
+                if from_bucket:
+                    rows.append((f"{n} workers, standing, tiles from the bucket", from_bucket, diff))
                 if cold:
                     rows.insert(0, (f"DASK_SCHEDULER=local:{n} (cold, all-in)", cold, diff))
                 groups.append((n, local, rows, start))
@@ -140,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, times, diff in rows:
             rate = n / statistics.median(times)
             print(f"| {name:<44} | {rate:>8.0f} | {rate / base:>7.2f}x | {diff:>10.1e} |")
+    if moto is not None:
+        moto.close()
     for workers, _, _, start in groups:
         if start is not None:
             print(f"local:{workers}: starting the cluster, sending the engine and stopping it alone: {start:.1f} s")
