@@ -121,13 +121,16 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()
 
 
-def _dist_version(name: str) -> str:
+def _dist_version(*names: str) -> str:
+    """The installed version of the first of ``names`` (distribution names) that is installed."""
     from importlib.metadata import PackageNotFoundError, version
 
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return ""
+    for name in names:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return ""
 
 
 @dataclass(frozen=True)
@@ -445,7 +448,10 @@ def index_action(build: Path, kind: str = "auto", **_: Any) -> Action:
     """The index: its descriptors and their ids, the kind, the index code and faiss."""
     return Action(
         name="index",
-        version="index:" + code_version("cachebuild.index") + ":faiss " + _dist_version("faiss-cpu"),
+        version="index:"
+        + code_version("cachebuild.index")
+        + ":"
+        + _dist_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
         inputs={
             "descriptors.npy": build / "descriptors.npy",
             "descriptor_ids.npy": build / "descriptor_ids.npy",
@@ -465,7 +471,7 @@ def selftest_action(build: Path, queries: int = 0, **_: Any) -> Action:
         name="selftest",
         version=f"selftest {SELFTEST_VERSION}:"
         + code_version("cachebuild.selftest")
-        + ":numpy "
+        + ":"
         + _dist_version("numpy"),
         inputs={"tiles.npy": build / "tiles.npy", "index.faiss": build / "index.faiss"},
         values={"queries": int(queries)},
@@ -488,7 +494,7 @@ def preview_action(build: Path, **_: Any) -> Action:
         name="preview",
         version=f"preview {PREVIEW_VERSION}:"
         + code_version("cachebuild.preview", "cachebuild.thumbs")
-        + ":pillow "
+        + ":"
         + _dist_version("pillow"),
         # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
         inputs={"tiles.npy": build / "tiles.npy", "missing.npy": build / "missing.npy"},
