@@ -115,8 +115,9 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
     print("| shift | written | updated MB | fresh MB | size / fresh | free pages | seconds / fresh write |")
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for k, upd, upd_s, fresh, fresh_s, free in rows_out:
-        print(f"| {k} | {upd['mode']} ({upd['inserted']:,} in, {upd['deleted']:,} out) | {upd['bytes'] / 1e6:.2f} | "
-              f"{fresh['bytes'] / 1e6:.2f} | {upd['bytes'] / fresh['bytes']:.3f} | {free:.1%} | {upd_s / fresh_s:.2f} |")  # fmt: skip
+        print(f"| {k} | {upd['mode']} ({upd['inserted']:,} in, {upd['deleted']:,} out) | "
+              f"{upd['bytes'] / 1e6:.2f} | {fresh['bytes'] / 1e6:.2f} | {upd['bytes'] / fresh['bytes']:.3f} | "
+              f"{free:.1%} | {upd_s / fresh_s:.2f} |")  # fmt: skip
 
 
 def main() -> None:

@@ -219,7 +219,8 @@ def write_mbtiles(
     st = out_path.stat()
     mode = "full" if deleted is None else "updated"
     # after the rename: the record names the file as it now is
-    _write_record(out_path, tiles, fmt, st, digest, pages, free, {"mode": mode, "inserted": inserted, "deleted": deleted or 0})
+    how = {"mode": mode, "inserted": inserted, "deleted": deleted or 0}
+    _write_record(out_path, tiles, fmt, st, digest, pages, free, how)
     if hash_cache is not None:
         from .manifest import HashCache
 
@@ -310,7 +311,9 @@ def _write_full(
     return fmt, len(tiles), None, pages, free
 
 
-def _checked(rows: Iterator[tuple[int, int, int, bytes]], fmt: str, *, strict: bool) -> Iterator[tuple[int, int, int, bytes]]:
+def _checked(
+    rows: Iterator[tuple[int, int, int, bytes]], fmt: str, *, strict: bool
+) -> Iterator[tuple[int, int, int, bytes]]:
     """``rows``, each checked to be a ``fmt`` image; ``strict``: else a BuildError, or _WriteInFull."""
     for row in rows:
         got = detect_format(row[3])
@@ -379,7 +382,7 @@ def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
     import numpy as np
 
     old_ids, new_ids = old["id"], new["id"]
-    if (len(old_ids) > 1 and not (np.diff(old_ids) > 0).all()) or (len(new_ids) > 1 and not (np.diff(new_ids) > 0).all()):
+    if any(len(ids) > 1 and not (np.diff(ids) > 0).all() for ids in (old_ids, new_ids)):
         return None
     at = np.searchsorted(old_ids, new_ids)
     inside = at < len(old_ids)

@@ -567,7 +567,12 @@ def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"\x00garbage", b"[]", b'{"format": "cachebuild/sha256-cache-v1", "entries": {"a": [1, 2, 3, 4, 5, "beef"]}}'],
+    [
+        b"",
+        b"\x00garbage",
+        b"[]",
+        b'{"format": "cachebuild/sha256-cache-v1", "entries": {"a": [1, 2, 3, 4, 5, "beef"]}}',
+    ],
 )
 def test_a_damaged_hash_cache_is_ignored(cache: Path, key: ed25519.Ed25519PrivateKey, content: bytes) -> None:
     hc = cache / manifest.HASH_CACHE_NAME

@@ -44,6 +44,7 @@ from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_i
 from cachebuild.tileset import hex_digests, read_tiles, write_tileset
 
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
+RECORD = ".tiles.mbtiles.rows"  # the writer's record beside the file
 PLANNED = list(tiles(AREA, [17]))
 
 
@@ -223,7 +224,7 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     path.write_bytes(b"the old file")
     write(tmp_path)
     assert metadata(path)["name"] == "test cache"
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [".tiles.mbtiles.rows", "tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [RECORD, "tiles.mbtiles"]
 
     # a failed write leaves the previous file as it was
     old = path.read_bytes()
@@ -233,7 +234,7 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     with pytest.raises(BuildError):
         write(tmp_path, incremental=False)  # an update would not read the unchanged tile
     assert path.read_bytes() == old
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [".tiles.mbtiles.rows", "tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [RECORD, "tiles.mbtiles"]
 
 
 def test_tiles_are_streamed_not_held(tmp_path: Path) -> None:
@@ -340,7 +341,9 @@ def all_rows(path: Path) -> list[tuple[int, int, int, bytes]]:
     with closing(sqlite3.connect(path)) as db:
         return [
             (z, x, r, bytes(d))
-            for z, x, r, d in db.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles ORDER BY 1, 2, 3")
+            for z, x, r, d in db.execute(
+                "SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles ORDER BY 1, 2, 3"
+            )
         ]
 
 
@@ -426,7 +429,7 @@ def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, 
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
     write(tmp_path)
     path = tmp_path / "build" / "tiles.mbtiles"
-    record = tmp_path / "build" / ".tiles.mbtiles.rows"
+    record = tmp_path / "build" / RECORD
     if damage == "truncated":
         os.truncate(path, path.stat().st_size // 2)
     elif damage == "same-stat":
@@ -540,7 +543,7 @@ def test_a_shifted_build_updates_the_file_and_publishes_a_cache_that_verifies(cb
     old = published.read_bytes()
     moved = cb.build(f"FLIGHT={write_flight(tmp_path / 'b.json', lon=8.5430)}", *args)
     assert moved.code == 0, moved.stderr
-    head = (build / ".tiles.mbtiles.rows").read_bytes().split(b"\n", 1)[0]
+    head = (build / RECORD).read_bytes().split(b"\n", 1)[0]
     written = json.loads(head)["written"]
     assert written["mode"] == "updated" and 0 < written["inserted"] < 100, written
     assert published.read_bytes() == old, "the previous release's file is never written"
