@@ -3,9 +3,11 @@
 A mosaic of the cache's own imagery at a scale where the area fits about
 :data:`DEFAULT_SIZE` pixels: for a large cache (a tile spans at most 32
 preview pixels) assembled from per-tile thumbnails kept in the store by
-image hash (:mod:`cachebuild.thumbs`; made once per image, from the MBTiles
-rows, then reused), for a small one decoded from its MBTiles file at
-reduced size with JPEG DCT scaling, streamed tile by tile; with:
+image hash (:mod:`cachebuild.thumbs`; made once per image by the describe
+stage from the pixels it decoded for the engine, so a build's preview,
+which runs after it, decodes nothing; made here from the MBTiles rows only
+for images that lack one), for a small one decoded from its MBTiles file
+at reduced size with JPEG DCT scaling, streamed tile by tile; with:
 
 - the route as a line, its waypoints as dots, the takeoff origin as a
   yellow triangle;
@@ -253,9 +255,10 @@ def _thumb_mosaic(
 ) -> tuple[Any, int]:
     """The mosaic from per-tile thumbnails, scaled to the preview; and tiles drawn.
 
-    Thumbnails come from the store's :class:`~cachebuild.thumbs.ThumbStore`;
-    those it lacks are made from the MBTiles rows (decoded at 1/8 scale on
-    a thread pool) and kept there.  Each is box-averaged to ``t`` pixels,
+    Thumbnails come from the store's :class:`~cachebuild.thumbs.ThumbStore`
+    (describe keeps one for every image it describes); those it lacks (a
+    reused descriptor without one) are made from the MBTiles rows (decoded
+    at 1/8 scale on a thread pool) and kept there.  Each is box-averaged to ``t`` pixels,
     the power of two at or above the preview's pixels per tile, into a
     ``cols*t`` x ``rows*t`` mosaic; one resize of it gives the preview
     scale.  Memory: ``t * t * 3`` bytes a tile, plus one chunk of
