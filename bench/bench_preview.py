@@ -179,7 +179,7 @@ def main() -> None:
             for thumbnails in ((False, True) if k % 2 == 0 else (True, False)):
                 store = fresh_store(root, f"store-{'on' if thumbnails else 'off'}")
                 cpu = time.process_time()
-                s, r = timed(lambda: describe(store, thumbnails))
+                s, r = timed(lambda store=store, on=thumbnails: describe(store, on))
                 cpu = time.process_time() - cpu
                 assert r["engine_runs"] == n and r["thumbnails"] == (n if thumbnails else 0), r
                 (d_on if thumbnails else d_off).append(n / s)
@@ -194,7 +194,7 @@ def main() -> None:
             s, a = timed(lambda: render_preview(root, root / "after.png", store=root / "store-on"))
             after.append(s)
             assert a["thumbnails_made"] == 0 and a["thumbnails_reused"] == n, a
-            s, w = timed(lambda: render_preview(root, root / "warm.png", store=root / "store-on"))
+            s, _ = timed(lambda: render_preview(root, root / "warm.png", store=root / "store-on"))
             warm.append(s)
         thumb_s = thumb_cost(root)
         # the two maps differ by rounding only (describe's box average vs the 1/8-scale decode)
