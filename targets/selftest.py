@@ -29,6 +29,8 @@ def task(plan: Any) -> dict[str, Any]:
             str(build / "engine" / "engine.json"),
             str(build / "engine" / plan.engine_file),
         ],
+        # selftest-frames.npy (the frame descriptors the next run may reuse) is not a target:
+        # a cache keyed by what each descriptor depends on, checked before use
         "targets": [str(build / "selftest.json")],
         # MIN_RECALL is not a dependency: the gate reads the result, the test need not rerun
         "uptodate": [config_changed({"queries": s.selftest_queries, "version": SELFTEST_VERSION})],
