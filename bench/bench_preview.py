@@ -45,6 +45,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_describe import make_jpeg  # noqa: E402  (the same distinct ~20 KiB tiles)
 
 from cachebuild.describe import describe_tiles  # noqa: E402
 from cachebuild.engine import compile_engine  # noqa: E402
@@ -53,18 +56,6 @@ from cachebuild.preview import _geometry, render_preview  # noqa: E402
 from cachebuild.store import TileStore  # noqa: E402
 from cachebuild.tiles import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
 from cachebuild.tileset import tile_dtype  # noqa: E402
-
-
-def make_jpeg(rng: np.random.Generator) -> bytes:
-    """A distinct 256-px tile, about 20 KiB as JPEG at quality 85 (as bench_describe.py)."""
-    from PIL import Image
-
-    coarse = Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8))
-    img = np.asarray(coarse.resize((256, 256), Image.Resampling.BICUBIC)).astype(np.int16)
-    img = np.clip(img + rng.integers(-16, 17, img.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "JPEG", quality=85)
-    return buf.getvalue()
 
 
 def make_cache(root: Path, n: int) -> tuple[LngLatBbox, int]:
