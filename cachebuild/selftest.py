@@ -96,8 +96,11 @@ _K = 5
 #: A sampled tile whose hash is 0 mod this also gives an "anywhere" frame.
 _ANYWHERE_EVERY = 4
 _MASK = (1 << 29) - 1
-#: Frames rendered and described at a time.
-_BATCH = 64
+#: Frames rendered and described at a time.  A batch holds up to nine
+#: decoded tiles per frame (the sample is sparse on a large area, so the
+#: blocks rarely share tiles): 16 frames keep that under ~30 MB for 256 px
+#: tiles, where 64 put ~110 MB on the build's peak RSS.
+_BATCH = 16
 
 
 class SelfTestError(CoverageError):
