@@ -14,6 +14,8 @@ fetched again, its descriptors computed again, and written anew)::
 
     tiles/<provider>/<z>/<cx>-<cy>/<sha256>.pack         tile packs
     descriptors/<engine key>/<z>/<cx>-<cy>/<sha256>.bin  descriptor batches
+    thumbs/<z>/<cx>-<cy>/<sha256>.bin                    coverage-map thumbnail batches (:mod:`cachebuild.s3desc`)
+    actions/cas/<sha256>, actions/ac/<key>.json          action cache (:mod:`cachebuild.actioncache`)
 
 ``<provider>`` is the first 32 hex digits of the SHA-256 of the provider's
 identity (its ref namespace in the local store, secret-free); the identity
