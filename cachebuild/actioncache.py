@@ -165,8 +165,14 @@ class Action:
     _digests: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def input_digests(self) -> dict[str, str]:
+        """The inputs' SHA-256, through the build's hash cache: the manifest and
+        doit's file checker then find them remembered instead of reading the files again."""
         if not self._digests:
-            self._digests.update({n: file_sha256(p) for n, p in sorted(self.inputs.items())})
+            from .manifest import HASH_CACHE_NAME, HashCache
+
+            cache = HashCache(self.build / HASH_CACHE_NAME)
+            self._digests.update({n: cache.sha256(p)[0] for n, p in sorted(self.inputs.items())})
+            cache.save()
         return dict(self._digests)
 
 
@@ -252,6 +258,17 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = Non
                 os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remember(build: Path, digests: Mapping[str, str]) -> None:
+    """Tell the build's hash cache what the outputs hash to, so the manifest does not read them again."""
+    from .manifest import HASH_CACHE_NAME, HashCache
+
+    cache = HashCache(build / HASH_CACHE_NAME)
+    for name, digest in digests.items():
+        path = build / name
+        cache.remember(path, digest, os.stat(path))
+    cache.save()
 
 
 def _materialize(path: Path, data: bytes) -> None:
@@ -395,6 +412,7 @@ class ActionCache:
             return False
         for name in action.outputs:
             _materialize(action.build / name, got[name])
+        _remember(action.build, {name: _sha(got[name]) for name in action.outputs})
         self.served_from = where
         return True
 
@@ -413,6 +431,7 @@ class ActionCache:
             self.warn(f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}")
             return
         outputs = {n: (_sha(d), len(d)) for n, d in datas.items()}
+        _remember(action.build, {n: digest for n, (digest, _) in outputs.items()})
         record = _record_bytes(key, action.name, outputs)
         try:
             for name, data in datas.items():
