@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .canonical import is_sha256_hex
 from .errors import CacheBuildWarning
 
 __all__ = [
@@ -222,7 +223,7 @@ def _parse_record(data: bytes, key: str, names: Iterable[str]) -> dict[str, tupl
     if sorted(outputs) != sorted(names):
         return None
     for digest, size in outputs.values():
-        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest) or size < 0:
+        if not is_sha256_hex(digest) or size < 0:
             return None
     return outputs
 

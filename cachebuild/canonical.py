@@ -28,11 +28,12 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-__all__ = ["canonical_json", "es_number", "sha256_file"]
+__all__ = ["canonical_json", "es_number", "is_sha256_hex", "sha256_file"]
 
 _encode_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
@@ -161,6 +162,18 @@ def canonical_json(obj: Any) -> bytes:
         return "".join(out).encode("utf-8")
     except UnicodeEncodeError as exc:
         raise ValueError("canonical JSON cannot hold a lone surrogate in a string") from exc
+
+
+_SHA256_HEX = re.compile("[0-9a-f]{64}")
+
+
+def is_sha256_hex(value: object) -> bool:
+    """Whether ``value`` is a SHA-256 in lower-case hex: how objects, keys and hashes are named.
+
+    >>> is_sha256_hex("ab" * 32), is_sha256_hex("AB" * 32), is_sha256_hex(("ab" * 32) + "\\n"), is_sha256_hex(7)
+    (True, False, False, False)
+    """
+    return isinstance(value, str) and _SHA256_HEX.fullmatch(value) is not None
 
 
 def sha256_file(path: str | os.PathLike[str], bufsize: int = 1 << 20) -> tuple[str, int]:

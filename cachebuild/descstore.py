@@ -38,6 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from .canonical import is_sha256_hex
 from .store import write_rows
 
 __all__ = [
@@ -101,7 +102,7 @@ class DescriptorStore:
     """
 
     def __init__(self, store_root: str | os.PathLike[str], engine_key: str, dim: int):
-        if len(engine_key) != 64 or any(c not in "0123456789abcdef" for c in engine_key):
+        if not is_sha256_hex(engine_key):
             raise ValueError(f"not an engine key: {engine_key!r}")
         self.engine_key = engine_key
         self.dim = int(dim)

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import re
 import stat
 import threading
 import uuid
@@ -39,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
-from .canonical import canonical_json, sha256_file
+from .canonical import canonical_json, is_sha256_hex, sha256_file
 from .errors import BuildError, UsageError, VerifyError
 from .signing import keyid, sign_envelope, verify_envelope, write_public_key
 
@@ -75,7 +74,6 @@ SPEC_VERSION = 1
 #: UTC timestamps in the manifest, e.g. ``2030-01-01T00:00:00Z``.
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _RESERVED = frozenset({MANIFEST_NAME, SIGNER_PUB_NAME})
 
 
@@ -85,7 +83,7 @@ _RESERVED = frozenset({MANIFEST_NAME, SIGNER_PUB_NAME})
 def _check_sha256(name: str, value: object, *, optional: bool = False) -> None:
     if value is None and optional:
         return
-    if not isinstance(value, str) or not _HEX64.fullmatch(value):
+    if not is_sha256_hex(value):
         raise UsageError(f"{name} must be a 64-character lower-case hex SHA-256, got {value!r}")
 
 
@@ -292,7 +290,7 @@ class HashCache:
                 and len(v) == 6
                 and all(isinstance(x, int) and not isinstance(x, bool) for x in v[:5])
                 and isinstance(v[5], str)
-                and _HEX64.fullmatch(v[5])
+                and is_sha256_hex(v[5])
             }
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return {}
@@ -633,8 +631,7 @@ def _check_target(cache_dir: Path, root_real: str, rel: str, meta: object) -> No
         or not isinstance(meta.get("length"), int)
         or meta["length"] < 0
         or not isinstance(meta.get("hashes"), dict)
-        or not isinstance(meta["hashes"].get("sha256"), str)
-        or not _HEX64.fullmatch(meta["hashes"]["sha256"])
+        or not is_sha256_hex(meta["hashes"].get("sha256"))
     ):
         raise VerifyError(f"{rel}: malformed target entry in the manifest")
     want_len, want_hash = meta["length"], meta["hashes"]["sha256"]

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .canonical import is_sha256_hex
 from .errors import UsageError
 
 __all__ = ["NODATA_MODES", "UNIFORM_MAX_STDDEV", "UNIFORM_CHECK", "NoDataRule", "is_uniform"]
@@ -43,7 +43,6 @@ UNIFORM_MAX_STDDEV = 1.0
 #: when the check changes, so old verdicts are not trusted.
 UNIFORM_CHECK = f"uniform-sd{UNIFORM_MAX_STDDEV:g}-v1"
 
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 def is_uniform(data: bytes, max_stddev: float = UNIFORM_MAX_STDDEV) -> bool:
@@ -116,7 +115,7 @@ class NoDataRule:
             part = part.strip().lower()
             if not part:
                 continue
-            if not _HEX64.fullmatch(part):
+            if not is_sha256_hex(part):
                 raise UsageError(
                     f"NODATA_SHA256: {part[:80]!r} is not a SHA-256 (64 hex digits)",
                     remedy="list the SHA-256 of each blank tile's bytes (sha256sum blank.png), comma-separated",
