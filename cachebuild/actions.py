@@ -277,6 +277,20 @@ def describe(
     _atomic_json(Path(build) / DESCRIBE_SUMMARY, result)
 
 
+def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The action served from the action cache (cachebuild.actioncache, docs/scale.md) when its
+    inputs' hashes match an earlier run's; ACTIVE carries the store, the bucket URL and the
+    report's hits and misses, set by the wrapper."""
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        from .actioncache import cached
+
+        return cached(name, fn, lambda: ACTIVE)
+
+    return wrap
+
+
+@_action_cached("index")
 def index(*, build: str, kind: str = "auto") -> None:
     """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
     from .engine import read_engine_json
@@ -293,6 +307,7 @@ def index(*, build: str, kind: str = "auto") -> None:
     _atomic_json(b / "index.json", info)
 
 
+@_action_cached("selftest")
 def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:
     """The localisation self-test over the staged cache (selftest.json)."""
     from .selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
@@ -311,6 +326,7 @@ def selftest(*, build: str, store: str, queries: int, threads: int | None) -> No
     write_selftest(b / SELFTEST_FILE, result)
 
 
+@_action_cached("preview")
 def preview(*, build: str, store: str) -> None:
     """The coverage map of the staged cache (preview.png), thumbnails kept in the store."""
     from .preview import render_preview
@@ -380,21 +396,3 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         hash_cache=b / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
     )
 
-
-# The action cache (cachebuild.actioncache, docs/scale.md): the index, the
-# self-test and the coverage map are served from the store (or the bucket)
-# when their inputs' hashes match an earlier run's; ACTIVE carries the store,
-# the bucket URL and the report's hits and misses, set by the wrapper.
-def _action_context() -> dict[str, Any]:
-    return ACTIVE
-
-
-def _action_cached() -> None:
-    from .actioncache import cached
-
-    g = globals()
-    for name in ("index", "selftest", "preview"):
-        g[name] = cached(name, g[name], _action_context)
-
-
-_action_cached()
