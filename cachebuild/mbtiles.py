@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -401,11 +402,9 @@ def _update_copy(
     out_path: Path, tmp: Path, tiles: Any, store: Any, image_format: str | None, metadata: Any
 ) -> _Written | None:
     """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
-    import hashlib
     import warnings
 
     from .errors import CacheBuildWarning
-    from .tiles import tile_from_id
 
     if len(tiles) == 0:
         return None
@@ -429,23 +428,43 @@ def _update_copy(
     gone, new = diff
     if len(new) > MAX_UPDATE_SHARE * len(tiles):
         return None
-    # copy, hashing what is copied: bytes that changed under an unchanged stat are caught here
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(out_path, "rb", buffering=0) as src, open(tmp, "xb", buffering=0) as dst:
-        while n := src.readinto(buf):
-            digest.update(view[:n])
-            dst.write(view[:n])
-    if digest.hexdigest() != want.get("sha256"):
+    # The kernel copies the file (copy_file_range: no pass through Python,
+    # a shared extent where the filesystem can); while the rows are updated,
+    # one thread hashes the old file (bytes that changed under an unchanged
+    # stat are caught: the update is dropped) and another fsyncs the copy, so
+    # its bytes reach the disk now and the final fsync flushes only the pages
+    # the update changed.
+    _copy_file(out_path, tmp)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mbtiles-update") as pool:
+        old_hash = pool.submit(_sha256_of, out_path)
+        flushed = pool.submit(_fsync_path, tmp)
+        failure: Exception | None = None
+        try:
+            done = _update_rows(tmp, new, gone, store, fmt, metadata)
+        except Exception as exc:  # noqa: BLE001  judged after the hash: a damaged copy can fail the update itself
+            done, failure = None, exc
+        finally:
+            flushed.result()
+            digest = old_hash.result()
+    if digest != want.get("sha256"):
         os.unlink(tmp)
         warnings.warn(
-            f"{out_path} does not hash to what was written there (sha256 {digest.hexdigest()[:12]}…, "
+            f"{out_path} does not hash to what was written there (sha256 {digest[:12]}…, "
             f"recorded {str(want.get('sha256'))[:12]}…): it is written again in full",
             CacheBuildWarning,
             stacklevel=2,
         )
         return None
+    if failure is not None:
+        raise failure
+    if done is None:
+        os.unlink(tmp)
+    return done
+
+
+def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata: Any) -> _Written | None:
+    """Delete ``gone``'s rows from the copy at ``tmp``, insert ``new``'s; None when it must be written in full."""
+    from .tiles import tile_from_id
 
     def inserted() -> Iterator[tuple[int, int, int, bytes]]:
         from .tileset import hex_digests
@@ -476,12 +495,35 @@ def _update_copy(
         finally:
             conn.close()
     except _WriteInFull:
-        os.unlink(tmp)
         return None
     if free > MAX_FREE_SHARE * pages:
-        os.unlink(tmp)
         return None
     return fmt, len(new), len(gone), pages, free
+
+
+def _copy_file(src: Path, dst: Path) -> None:
+    """Copy ``src`` to a new file ``dst`` in the kernel (``copy_file_range``)."""
+    with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
+        left = os.fstat(fi.fileno()).st_size
+        while left > 0:
+            n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
+            if n == 0:  # the file shrank under us: the hash check drops the copy
+                break
+            left -= n
+
+
+def _sha256_of(path: Path) -> str:
+    from .canonical import sha256_file
+
+    return sha256_file(path)[0]
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_and_hash(path: Path) -> str:

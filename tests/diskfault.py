@@ -1,7 +1,7 @@
 """Make the N-th write of an in-process build fail with ENOSPC, and name its site.
 
 :class:`DiskFault` wraps, for as long as it is active, every way a build
-writes from Python: ``os.write``, files opened for writing (``open``,
+writes from Python: ``os.write``, ``os.copy_file_range``, files opened for writing (``open``,
 ``io.open``, ``os.fdopen``, so ``Path.write_bytes``, ``np.save`` and
 buffered writers too: each ``write`` and ``flush``), ``os.fsync`` /
 ``os.fdatasync``, ``os.link``, ``os.symlink``, ``os.mkdir``, ``shutil.copy2``
@@ -91,7 +91,7 @@ class DiskFault:
     def active(self) -> Iterator[DiskFault]:
         fault = self
         real_open, real_io_open, real_fdopen = builtins.open, io.open, os.fdopen
-        real = {n: getattr(os, n) for n in ("write", "fsync", "fdatasync", "link", "symlink", "mkdir")}
+        real = {n: getattr(os, n) for n in ("write", "fsync", "fdatasync", "link", "symlink", "mkdir", "copy_file_range")}
         real_copy2 = shutil.copy2
         real_connect = sqlite3.connect
 

@@ -412,19 +412,25 @@ def test_an_unchanged_tile_set_reads_nothing_from_the_store(tmp_path: Path) -> N
     assert metadata(tmp_path / "build" / "tiles.mbtiles")["maxzoom"] == "18"
 
 
-def _damage_keeping_stat(path: Path) -> None:
-    """Flip a byte in a tile's blob, in place, and put the mtime back."""
+def _damage_keeping_stat(path: Path, where: str = "blob") -> None:
+    """Flip a byte in a tile's blob (or garble the tiles table's root page), in place, and put the mtime back."""
     st = path.stat()
     data = bytearray(path.read_bytes())
-    i = data.rfind(b"\xff\xd9")  # the end of the last JPEG in the file
-    data[i - 100] ^= 0x40
+    if where == "blob":
+        i = data.rfind(b"\xff\xd9")  # the end of the last JPEG in the file
+        data[i - 100] ^= 0x40
+    else:  # every page but the schema's: the update's own DELETE then fails on a malformed file
+        page = int.from_bytes(data[16:18], "big")
+        data[page:] = bytes(len(data) - page)
     with open(path, "r+b") as fh:
         fh.write(data)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
 
 
-@pytest.mark.parametrize("damage", ["truncated", "same-stat", "foreign", "no-record", "bad-record"])
+@pytest.mark.parametrize(
+    "damage", ["truncated", "same-stat", "same-stat-pages", "foreign", "no-record", "bad-record"]
+)
 def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, damage: str) -> None:
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
     write(tmp_path)
@@ -434,6 +440,8 @@ def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, 
         os.truncate(path, path.stat().st_size // 2)
     elif damage == "same-stat":
         _damage_keeping_stat(path)
+    elif damage == "same-stat-pages":
+        _damage_keeping_stat(path, "pages")
     elif damage == "foreign":
         shutil.copyfile(path, tmp_path / "copy")
         os.replace(tmp_path / "copy", path)  # same bytes, but not the file written here
@@ -442,7 +450,7 @@ def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, 
     else:
         record.write_bytes(record.read_bytes()[:-7] + b"garbage")
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 1, Y0, 6, 6)})
-    if damage == "same-stat":
+    if damage.startswith("same-stat"):
         with pytest.warns(CacheBuildWarning, match="does not hash to what was written there"):
             out = write(tmp_path)
     else:
