@@ -52,6 +52,10 @@ def _is_file(path: str) -> bool:
         return False
 
 
+#: lookup_refs reads a zoom's planned tiles with one range scan of their
+#: bounding rectangle when it holds at most this many cells per planned tile.
+_RANGE_SLACK = 4
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tile_refs (
     provider TEXT NOT NULL,
@@ -313,18 +317,38 @@ class TileStore:
         db = self._conn()
         wanted = list(tiles)
         found: dict[tuple[int, int, int], str] = {}
-        for i in range(0, len(wanted), 5000):
-            chunk = wanted[i : i + 5000]
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS q (z INTEGER, x INTEGER, y INTEGER)")
-            db.execute("DELETE FROM q")
-            db.executemany("INSERT INTO q VALUES (?, ?, ?)", chunk)
-            rows = db.execute(
-                "SELECT r.z, r.x, r.y, r.sha256 FROM q JOIN tile_refs r "
-                "ON r.provider = ? AND r.z = q.z AND r.x = q.x AND r.y = q.y",
-                (provider,),
-            )
-            for z, x, y, digest in rows:
-                found[(z, x, y)] = digest
+        by_zoom: dict[int, list[tuple[int, int, int]]] = {}
+        for t in wanted:
+            by_zoom.setdefault(t[0], []).append(t)
+        for z, group in by_zoom.items():
+            xs = [t[1] for t in group]
+            ys = [t[2] for t in group]
+            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+            if (x1 - x0 + 1) * (y1 - y0 + 1) <= _RANGE_SLACK * len(group):
+                # the planned tiles fill most of their rectangle (an area's bbox):
+                # one range scan of the primary key, filtered here
+                want = set(group)
+                rows = db.execute(
+                    "SELECT x, y, sha256 FROM tile_refs WHERE provider = ? AND z = ? "
+                    "AND x BETWEEN ? AND ? AND y BETWEEN ? AND ?",
+                    (provider, z, x0, x1, y0, y1),
+                )
+                for x, y, digest in rows:
+                    if (z, x, y) in want:
+                        found[(z, x, y)] = digest
+                continue
+            for i in range(0, len(group), 5000):  # scattered tiles: a join with a temp table
+                chunk = group[i : i + 5000]
+                db.execute("CREATE TEMP TABLE IF NOT EXISTS q (z INTEGER, x INTEGER, y INTEGER)")
+                db.execute("DELETE FROM q")
+                db.executemany("INSERT INTO q VALUES (?, ?, ?)", chunk)
+                rows = db.execute(
+                    "SELECT r.z, r.x, r.y, r.sha256 FROM q JOIN tile_refs r "
+                    "ON r.provider = ? AND r.z = q.z AND r.x = q.x AND r.y = q.y",
+                    (provider,),
+                )
+                for zz, x, y, digest in rows:
+                    found[(zz, x, y)] = digest
         # one stat per planned tile: string paths, not Path objects (3x faster at 20k tiles)
         root = os.fspath(self.objects)
         return {t: d for t, d in found.items() if is_sha256_hex(d) and _is_file(f"{root}/{d[:2]}/{d}")}

@@ -53,6 +53,26 @@ def test_refs_point_only_at_objects_that_exist(tmp_path: Path) -> None:
         assert store.lookup_refs("other", [(17, 1, 2)]) == {}
 
 
+@pytest.mark.parametrize("layout", ["block", "scattered"])
+def test_lookup_refs_by_range_scan_and_by_join_agree(tmp_path: Path, layout: str, monkeypatch) -> None:
+    """An area's block of tiles is read by one range scan, scattered tiles by a join: the same answer."""
+    with TileStore(tmp_path) as store:
+        d = [store.put(f"tile {i}".encode()) for i in range(3)]
+        refs = [((17, x, y), d[(x + y) % 3]) for x in range(100, 110) for y in range(200, 210)]
+        refs += [((16, 50, 100), d[0]), ((17, 99, 205), d[1])]  # other zoom; just outside the block
+        store.record_refs(PROVIDER, refs)
+        store.record_refs("other", [((17, 100, 200), d[2])])
+        if layout == "block":  # 8x8 inside the 10x10 block, and two more at other zooms
+            wanted = [(17, x, y) for x in range(101, 109) for y in range(201, 209)] + [(16, 50, 100), (15, 1, 1)]
+        else:  # far apart: their rectangle is mostly empty
+            wanted = [(17, 100, 200), (17, 109, 209), (17, 5000, 7000), (17, 99, 205)]
+        expect = {t: dict(refs)[t] for t in wanted if t in dict(refs)}
+        assert store.lookup_refs(PROVIDER, wanted) == expect
+        monkeypatch.setattr(store_module, "_RANGE_SLACK", 0)  # always the join
+        assert store.lookup_refs(PROVIDER, wanted) == expect
+        assert store.lookup_refs("other", wanted) == ({(17, 100, 200): d[2]} if (17, 100, 200) in wanted else {})
+
+
 def test_a_journal_of_a_dead_process_is_replayed(tmp_path: Path) -> None:
     with TileStore(tmp_path) as store:
         d1, d2 = store.put(b"one"), store.put(b"two")
