@@ -104,19 +104,44 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
 
     Those artifacts are the action cache's objects (:mod:`cachebuild.actioncache`)
     by content, so an object is referenced when a cache has a file with its hash.
+    A release's hashes come from its manifest (the index alone can be hundreds
+    of MB: gc-store does not read every release's again); a file the manifest
+    does not list, and the staged build's files, are hashed, the latter
+    through the build's hash cache.
     """
     from .actioncache import OUTPUTS, file_sha256
+    from .manifest import HASH_CACHE_NAME, HashCache
 
     names = sorted({n for outputs in OUTPUTS.values() for n in outputs})
     found: set[str] = set()
     for cache in caches:
         for d in _cache_dirs(cache):
+            listed = _manifest_hashes(d / "manifest.json") if d.parent.name == "releases" else {}
+            hashes = HashCache(d / HASH_CACHE_NAME) if d.name == "build" else None
             for name in names:
+                if name in listed:
+                    found.add(listed[name])
+                    continue
                 try:
-                    found.add(file_sha256(d / name))
+                    found.add(hashes.sha256(d / name)[0] if hashes is not None else file_sha256(d / name))
                 except OSError:
                     continue
     return found
+
+
+def _manifest_hashes(path: Path) -> dict[str, str]:
+    """``{artifact name: sha256}`` of a manifest (unverified: gc only keeps more for a wrong one); {} if unreadable."""
+    from .canonical import is_sha256_hex
+
+    try:
+        targets = json.loads(path.read_bytes())["signed"]["targets"]
+        return {
+            str(name): str(t["hashes"]["sha256"])
+            for name, t in targets.items()
+            if is_sha256_hex(t["hashes"]["sha256"])
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}
 
 
 def _scan_actions(root: Path) -> tuple[dict[Path, list[str] | None], dict[str, tuple[int, float, Path]]]:

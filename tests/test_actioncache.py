@@ -185,6 +185,28 @@ def test_gc_keeps_what_caches_hold_and_drops_the_rest(build: Path, tmp_path: Pat
     assert result["kept"]["action_outputs"] == 2
 
 
+def test_gc_takes_a_releases_hashes_from_its_manifest(build: Path, tmp_path: Path) -> None:
+    """A release's outputs are known by its manifest's hashes: gc-store does not read them again."""
+    store = tmp_path / "store"
+    cache = ActionCache(store, warn=lambda m: None)
+    a = action(build)
+    compute(build, b"the published index")
+    cache.record(a)
+    digest = file_sha256(build / "index.faiss")
+    release = tmp_path / "cache" / "releases" / "r1"
+    release.mkdir(parents=True)
+    # the manifest names the index; the file there is not read (here: another file's bytes)
+    (release / "index.faiss").write_bytes(b"not what the manifest says")
+    (release / "index.json").write_bytes((build / "index.json").read_bytes())
+    targets = {"index.faiss": {"hashes": {"sha256": digest}, "length": 1}}
+    (release / "manifest.json").write_text(json.dumps({"signed": {"targets": targets}}))
+    for n in a.outputs:
+        (build / n).unlink()  # nothing staged: only the release holds them
+    result = collect_garbage(store, [tmp_path / "cache"], None)
+    assert result["removed"]["action_outputs"] == 0
+    assert cache.lookup(a)
+
+
 def test_cached_serves_a_second_run_and_runs_the_action_when_an_input_is_missing(
     build: Path, tmp_path: Path
 ) -> None:
