@@ -333,7 +333,7 @@ def preview(*, build: str, store: str) -> None:
 
     b = Path(build)
     with store_user(store):
-        render_preview(b, b / "preview.png", store=Path(store))
+        render_preview(b, b / "preview.png", store=Path(store), cells_dir=b)
 
 
 def _previous_version(current: Path) -> int:

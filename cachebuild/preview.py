@@ -23,6 +23,7 @@ the staged build directory (both hold ``flight.json``, ``tileset.json``,
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -36,7 +37,7 @@ from typing import Any
 from .errors import BuildError
 from .tiles import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
 
-__all__ = ["DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
+__all__ = ["CELLS_FILE", "DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
 
 DEFAULT_SIZE = 1024
 #: Bumped when the drawing changes: the build's preview task then runs again.
@@ -251,7 +252,7 @@ def _lacking_rows(conn: Any, zoom: int, ids: Any, lack: Any) -> Iterator[tuple[i
 
 
 def _thumb_mosaic(
-    cache_dir: Path, geo: PreviewGeometry, store: Path | None, stats: dict[str, int]
+    cache_dir: Path, geo: PreviewGeometry, store: Path | None, stats: dict[str, int], cells_dir: Path | None = None
 ) -> tuple[Any, int]:
     """The mosaic from per-tile thumbnails, scaled to the preview; and tiles drawn.
 
@@ -284,7 +285,13 @@ def _thumb_mosaic(
     raw = np.ascontiguousarray(tiles["sha256"][keep]).view(np.uint8).reshape(len(ids), 32)
     row, col, inside = _tile_cells(geo, ids)
     cells = np.full((geo.rows, geo.cols, t, t, 3), 40, dtype=np.uint8)
+    drawn_digests = np.zeros((geo.rows, geo.cols, 32), dtype=np.uint8)
     drawn = 0
+    # the cells the last map drew for the same images: copied, not looked up and scaled again
+    same = _reuse_cells(cells_dir, geo, t, ids, raw, inside, cells) if cells_dir else np.zeros(len(ids), bool)
+    drawn += int(np.count_nonzero(same))
+    stats["thumbnails_reused"] += drawn
+    todo = inside & ~same
 
     def place(at: list[int], pixels: list[bytes]) -> None:
         nonlocal drawn
@@ -293,6 +300,7 @@ def _thumb_mosaic(
         block = np.frombuffer(b"".join(pixels), dtype=np.uint8).reshape(len(at), THUMB_PX, THUMB_PX, 3)
         idx = np.asarray(at)
         cells[row[idx], col[idx]] = downsample(block, t)
+        drawn_digests[row[idx], col[idx]] = raw[idx]
         drawn += len(at)
 
     thumbs = ThumbStore(store) if store is not None else None
@@ -300,7 +308,7 @@ def _thumb_mosaic(
         # the thumbnails the store has
         lacking = np.zeros(len(ids), dtype=bool)
         for s in range(0, len(ids), _CHUNK):
-            sel = (np.flatnonzero(inside[s : s + _CHUNK]) + s).tolist()
+            sel = (np.flatnonzero(todo[s : s + _CHUNK]) + s).tolist()
             digests = [raw[i].tobytes() for i in sel]
             have = thumbs.lookup(digests) if thumbs is not None else {}
             got = [(i, have[d]) for i, d in zip(sel, digests) if d in have]
@@ -331,11 +339,85 @@ def _thumb_mosaic(
     finally:
         if thumbs is not None:
             thumbs.close()
+    if cells_dir is not None:
+        drawn_digests[row[same], col[same]] = raw[same]
+        _keep_cells(cells_dir, geo, t, cells, drawn_digests)
     mosaic = cells.transpose(0, 2, 1, 3, 4).reshape(geo.rows * t, geo.cols * t, 3)
     img = Image.fromarray(mosaic)
     if img.size != (geo.width, geo.height):
         img = img.resize((geo.width, geo.height), Image.Resampling.BILINEAR)
     return img, drawn
+
+
+#: The last thumbnail mosaic's cells and the image each shows, kept in the
+#: build directory (never published) for the next map of an area that
+#: overlaps: a shifted area draws only its new cells.
+CELLS_FILE = ".preview-cells.npz"
+_CELLS_FORMAT = 1
+
+
+def _reuse_cells(cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: Any, inside: Any, cells: Any) -> Any:
+    """Copy into ``cells`` what the kept mosaic drew for the same images; which tiles (a mask over ``ids``).
+
+    A cell is taken only where the kept file is whole (its SHA-256 checks),
+    of the same zoom and cell size, and drew the very image (SHA-256) the
+    tile now has; anything else is drawn as if there were no file.
+    """
+    import hashlib
+
+    import numpy as np
+
+    import zipfile
+
+    none = np.zeros(len(ids), dtype=bool)
+    try:
+        with np.load(cells_dir / CELLS_FILE, allow_pickle=False) as kept:
+            head = kept["head"]
+            old_cells, old_digests, check = kept["cells"], kept["digests"], kept["sha256"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, torn or damaged
+        return none
+    if head.shape != (5,) or [int(v) for v in head[:3]] != [_CELLS_FORMAT, geo.zoom, t]:
+        return none
+    rows, cols = old_digests.shape[:2] if old_digests.ndim == 3 else (0, 0)
+    if old_cells.shape != (rows, cols, t, t, 3) or old_digests.shape != (rows, cols, 32) or not rows * cols:
+        return none
+    digest = hashlib.sha256(head.tobytes() + old_cells.tobytes() + old_digests.tobytes()).digest()
+    if check.tobytes() != digest:
+        return none
+    mask29 = (1 << 29) - 1
+    ocol = ((ids >> 29) & mask29) - int(head[3])
+    ocol = np.where(ocol < 0, ocol + 2**geo.zoom, ocol)
+    orow = (ids & mask29) - int(head[4])
+    there = inside & (ocol >= 0) & (ocol < cols) & (orow >= 0) & (orow < rows)
+    at = np.flatnonzero(there)
+    same = none.copy()
+    same[at] = (old_digests[orow[at], ocol[at]] == raw[at]).all(axis=1)
+    row, col, _ = _tile_cells(geo, ids)
+    cells[row[same], col[same]] = old_cells[orow[same], ocol[same]]
+    return same
+
+
+def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, digests: Any) -> None:
+    """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
+    import hashlib
+
+    import numpy as np
+
+    from .tileset import atomic_write_bytes
+
+    head = np.array([_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64)
+    check = hashlib.sha256(head.tobytes() + cells.tobytes() + digests.tobytes()).digest()
+    buf = io.BytesIO()
+    np.savez(buf, head=head, cells=cells, digests=digests, sha256=np.frombuffer(check, dtype=np.uint8))
+    try:
+        atomic_write_bytes(cells_dir / CELLS_FILE, buf.getvalue())
+    except OSError as exc:
+        from .diskspace import is_disk_full
+
+        if is_disk_full(exc):
+            raise  # exit 24, as any other write on a full disk
+        with contextlib.suppress(OSError):
+            (cells_dir / CELLS_FILE).unlink(missing_ok=True)
 
 
 def _decoded_mosaic(canvas: Any, cache_dir: Path, geo: PreviewGeometry) -> int:
@@ -383,6 +465,7 @@ def render_preview(
     size: int = DEFAULT_SIZE,
     built_at: str | None = None,
     store: Path | None = None,
+    cells_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Render the coverage map of the cache in ``cache_dir`` to ``out_path`` (PNG).
 
@@ -390,7 +473,12 @@ def render_preview(
     pixels (any cache of more than about a thousand tiles), the mosaic is
     assembled from per-tile thumbnails kept in ``store``'s thumbnail store
     (made and kept there when it lacks them; made and dropped without a
-    ``store``).  Otherwise each tile is decoded at its box size.
+    ``store``).  Otherwise each tile is decoded at its box size.  With
+    ``cells_dir`` (the build passes its build directory) the thumbnail
+    mosaic's cells are kept there (:data:`CELLS_FILE`) and the next map
+    copies each cell whose tile still shows the same image (SHA-256):
+    after a shifted area only the new tiles are looked up and scaled.  The
+    map is the same as one drawn without it.
 
     Returns the geometry and counts (``zoom``, ``scale``, ``width``,
     ``height``, ``planned``, ``present``, ``missing``, ``mode``
@@ -413,7 +501,8 @@ def render_preview(
     stats = {"thumbnails_reused": 0, "thumbnails_made": 0}
     if TILE_PX * geo.scale <= THUMB_PX:
         mode = "thumbnails"
-        mosaic, present = _thumb_mosaic(cache_dir, geo, Path(store) if store is not None else None, stats)
+        store_path = Path(store) if store is not None else None
+        mosaic, present = _thumb_mosaic(cache_dir, geo, store_path, stats, Path(cells_dir) if cells_dir else None)
         canvas.paste(mosaic, (0, 0))
     else:
         mode = "decoded"

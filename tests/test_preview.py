@@ -122,6 +122,48 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
     assert np.all(np.abs(ox_px - np.array(ORIGIN_RGB)) < 60), ox_px
 
 
+def test_kept_cells_draw_the_same_map_and_only_changed_tiles_are_looked_up(
+    holey_cache, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    from cachebuild.preview import CELLS_FILE
+    from cachebuild.thumbs import ThumbStore
+
+    cb, _, _ = holey_cache
+    cache = tmp_path / "cache"
+    shutil.copytree(cb.current.resolve(), cache)  # writable: its tiles.npy is changed below
+    store, kept = tmp_path / "store", tmp_path / "kept"
+    kept.mkdir()
+    asked: list[int] = []
+    real_lookup = ThumbStore.lookup
+    monkeypatch.setattr(ThumbStore, "lookup", lambda self, d: asked.append(len(d := list(d))) or real_lookup(self, d))
+
+    def draw(name: str, cells: bool) -> tuple[dict, bytes]:
+        asked.clear()
+        r = render_preview(cache, tmp_path / name, size=150, store=store, cells_dir=kept if cells else None)
+        return r, (tmp_path / name).read_bytes()
+
+    first, png = draw("first.png", True)
+    assert first["mode"] == "thumbnails" and sum(asked) == first["present"] and (kept / CELLS_FILE).exists()
+    again, png2 = draw("again.png", True)
+    assert sum(asked) == 0 and png2 == png and again["present"] == first["present"]
+    # two tiles now show each other's image (a changed tile, as after a new fetch): only they are looked up
+    tiles = np.load(cache / "tiles.npy")
+    tiles["sha256"][[0, 3]] = tiles["sha256"][[3, 0]]
+    np.save(cache / "tiles.npy", tiles)
+    _, swapped = draw("swapped.png", True)
+    assert sum(asked) == 2
+    _, fresh = draw("fresh.png", False)
+    assert swapped == fresh != png
+    # a damaged file is not used: everything is looked up again, the same map
+    data = bytearray((kept / CELLS_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (kept / CELLS_FILE).write_bytes(bytes(data))
+    _, damaged = draw("damaged.png", True)
+    assert sum(asked) == first["present"] and damaged == fresh
+
+
 @pytest.mark.parametrize("size", [1024, 150])
 def test_an_undecodable_tile_is_named(holey_cache, tmp_path: Path, size: int) -> None:
     import shutil
@@ -251,6 +293,7 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
 ) -> None:
     import shutil
 
+    from cachebuild.preview import CELLS_FILE
     from cachebuild.thumbs import ThumbStore
 
     f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS, origin=(47.3700, 8.5401))
@@ -271,6 +314,7 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
 
     # descriptors reused, thumbnails gone (a store from before them): the preview decodes, once
     shutil.rmtree(store / "thumbs")
+    (cb.home / "cache" / "state" / "build" / CELLS_FILE).unlink()  # and no cells kept from the last map
     write_flight(f, waypoints=LONG_WPS, origin=(47.3700, 8.5401), flight_id="33333333-3333-4333-8333-333333333333")
     moved = _probe_build(cb, *args)
     assert "describe" not in moved["report"]["tasks"]["run"] and "preview" in moved["report"]["tasks"]["run"]
