@@ -302,8 +302,8 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     p = Path(path)
-    if p.exists():
-        return load_private_key(p), False
+    if p.exists():  # maybe still being written by a racing caller (the in-place fallback)
+        return _load_settled(p), False
     parent = p.parent
     try:
         if not parent.is_dir():
@@ -321,14 +321,37 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
         return key, True
     # Another process won the race; with the in-place fallback its file may
     # still be being written, so retry briefly.
+    return _load_settled(p, wait=True), False
+
+
+def _load_settled(p: Path, wait: bool = False) -> Ed25519PrivateKey:
+    """Load the key at ``p``, retrying for a while if it fails while the file is new (or ``wait``).
+
+    A racing caller without hard links writes the key in place after
+    creating the file: for a moment it exists and is empty or the start of a
+    PEM key.  Anything else that does not load (or such a file older than
+    the wait) is an error at once.
+    """
     deadline = time.monotonic() + _DEV_KEY_WAIT_S
     while True:
         try:
-            return load_private_key(p), False
+            return load_private_key(p)
         except UsageError:
-            if time.monotonic() > deadline:
+            if not (wait or _being_written(p)) or time.monotonic() > deadline:
                 raise
             time.sleep(0.01)
+
+
+def _being_written(p: Path) -> bool:
+    """Whether ``p`` looks like a dev key caught mid-write: new, and empty or an unfinished PEM."""
+    begin = b"-----BEGIN PRIVATE KEY-----"
+    try:
+        if time.time() - p.stat().st_mtime > _DEV_KEY_WAIT_S:
+            return False
+        head = p.read_bytes()[:4096]
+    except OSError:
+        return False
+    return (head[: len(begin)] == begin[: len(head)]) and b"-----END" not in head
 
 
 def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:

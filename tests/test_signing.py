@@ -405,6 +405,30 @@ def test_ensure_dev_key_two_processes_one_key(tmp_path: Path, round_: int) -> No
     assert sorted(p.name for p in path.parent.iterdir()) == ["dev.pem"]
 
 
+@pytest.mark.parametrize("partial", [b"", b"-----BEGIN PRIV"])
+def test_ensure_dev_key_waits_for_a_key_caught_mid_write(tmp_path: Path, partial: bytes) -> None:
+    """A racing caller's in-place write (no hard links) is waited for, not refused as a bad key."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = tmp_path / "dev.pem"
+    path.write_bytes(partial)  # created (mode 0600, as the writer does), not yet written in full
+    path.chmod(0o600)
+    key = Ed25519PrivateKey.generate()
+
+    def finish() -> None:
+        time.sleep(0.3)
+        with open(path, "r+b") as fh:
+            fh.write(signing._private_pem(key))
+
+    t = threading.Thread(target=finish)
+    t.start()
+    try:
+        got, created = ensure_dev_key(path)
+    finally:
+        t.join()
+    assert not created and got.private_bytes_raw() == key.private_bytes_raw()
+
+
 @pytest.mark.parametrize("hard_links", [True, False])
 def test_ensure_dev_key_threads_one_key(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hard_links: bool
