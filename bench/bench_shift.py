@@ -9,16 +9,20 @@ For each size, in one run on one machine:
    index, self-test and manifest are rebuilt from stored descriptors;
 3. home B (empty store): cold build of the shifted flight, timed.
 
-The ratio (2) / (3) is the figure; target <= 0.15.  Both builds are real
+The ratio (2) / (3) is the figure; target <= 0.15.  Before each build the
+bench calls ``os.sync()``: the fill build's dirty pages (hundreds of MB at
+20k tiles) would otherwise be written back while the shifted build runs,
+and charged to it.  Both builds are real
 `doit build-cache` processes; per-phase seconds come from their JSON
 reports.  How tiles.mbtiles was written (updated from the last build's
 file, or in full) and its size and free pages come from the record the
 writer keeps beside it (``.tiles.mbtiles.rows``).
 
-With ``--steps K`` home A moves K times by the shift, each build timed (the
-last one is the shifted build of the table), to show that the updated
-MBTiles file does not grow over many shifts; the cold build is of the last
-flight.
+With ``--steps K`` home A moves K times by the shift, each build timed and
+shown (each is a 10% shift onto new tiles; the spread shows the noise of one
+run), and the updated MBTiles file is seen not to grow; the cold build is of
+the last flight, and the ratios of every shift to it are printed with their
+median.
 
 With ``--mbtiles-steps K`` (and no builds) only the MBTiles writer runs:
 a square of synthetic z17 tiles moves K times by the shift, each time the
@@ -144,6 +148,9 @@ def main() -> None:
 
             def build(home: str, f: Path, buffer: str = buffer) -> tuple[float, int, dict, dict]:
                 env = dict(os.environ, CACHEBUILD_HOME=str(Path(tmp) / home))
+                # what earlier builds left for the kernel to write back is written now, not
+                # while this one runs (each timed build starts from the same state)
+                os.sync()
                 seconds, rss, out, _ = run_measured(
                     [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
                 )
@@ -151,16 +158,18 @@ def main() -> None:
 
             print(f"about {n} tiles: filling the store ...", file=sys.stderr, flush=True)
             build(f"a-{n}", base)
+            shifts = []
             for step in range(1, args.steps + 1):
                 moved = flight(Path(tmp) / f"moved-{n}-{step}.json", LON + step * dlon)
                 shifted = build(f"a-{n}", moved)
+                shifts.append(shifted)
                 rec = shifted[3]
                 print(f"  shifted rebuild {step}: {shifted[0]:.1f} s, mbtiles {rec['mode']}, "
                       f"{rec['size'] / 1e6:.1f} MB, {rec['free']:.1%} free pages; load {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)  # fmt: skip
             print("  cold build of the shifted flight, empty store ...", file=sys.stderr, flush=True)
             cold = build(f"b-{n}", moved)
-            rows.append((n, shifted, cold))
+            rows.append((n, shifts, cold))
             print(f"  shifted {shifted[0]:.1f} s, cold {cold[0]:.1f} s: {shifted[0] / cold[0]:.3f}; "
                   f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
 
@@ -169,8 +178,10 @@ def main() -> None:
     print()
     print("| tiles | build | s | fetched | described | MBTiles written | " + " | ".join(PHASES) + " |")
     print("| ---: | --- | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in PHASES) + " |")
-    for _, shifted, cold in rows:
-        for name, (seconds, _, rep, rec) in (("shifted, warm store", shifted), ("cold, empty store", cold)):
+    for _, shifts, cold in rows:
+        named = [(f"shifted {k}, warm store" if len(shifts) > 1 else "shifted, warm store", s)
+                 for k, s in enumerate(shifts, 1)]  # fmt: skip
+        for name, (seconds, _, rep, rec) in (*named, ("cold, empty store", cold)):
             ph = " | ".join(f"{rep['phases'].get(p, 0):.2f}" for p in PHASES)
             print(
                 f"| {rep['tiles']['planned']:,} | {name} | {seconds:.1f} | {rep['tiles']['fetched']:,} | "
@@ -178,8 +189,12 @@ def main() -> None:
                 f"{rec['free']:.1%} free | {ph} |"
             )
     print()
-    for n, shifted, cold in rows:
-        print(f"about {n:,} tiles: shifted / cold = {shifted[0] / cold[0]:.3f} (target <= 0.15)")
+    for n, shifts, cold in rows:
+        ratios = sorted(s[0] / cold[0] for s in shifts)
+        each = " / ".join(f"{s[0] / cold[0]:.3f}" for s in shifts)
+        median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
+        print(f"about {n:,} tiles: shifted / cold = {each}" + (f" (median {median:.3f})" if len(shifts) > 1 else "")
+              + " (target <= 0.15)")  # fmt: skip
 
 
 if __name__ == "__main__":
