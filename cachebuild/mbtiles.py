@@ -405,6 +405,7 @@ def _update_copy(
     import warnings
 
     from .errors import CacheBuildWarning
+    from .publish import fsync_dir
 
     if len(tiles) == 0:
         return None
@@ -437,7 +438,7 @@ def _update_copy(
     _copy_file(out_path, tmp)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mbtiles-update") as pool:
         old_hash = pool.submit(_sha256_of, out_path)
-        flushed = pool.submit(_fsync_path, tmp)
+        flushed = pool.submit(fsync_dir, tmp)  # a file, by path
         failure: Exception | None = None
         try:
             done = _update_rows(tmp, new, gone, store, fmt, metadata)
@@ -516,14 +517,6 @@ def _sha256_of(path: Path) -> str:
     from .canonical import sha256_file
 
     return sha256_file(path)[0]
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_and_hash(path: Path) -> str:

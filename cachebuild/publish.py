@@ -69,8 +69,8 @@ def published_manifest_bytes(paths: Paths) -> bytes | None:
         return None
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so a rename inside it survives a power cut."""
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """fsync a directory, so a rename inside it survives a power cut (or a file, by path)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
