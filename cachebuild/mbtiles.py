@@ -503,14 +503,25 @@ def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata:
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to a new file ``dst`` in the kernel (``copy_file_range``)."""
+    """Copy ``src`` to a new file ``dst`` in the kernel (``copy_file_range``), or through Python where it cannot."""
+    import errno
+    import shutil
+
     with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
         left = os.fstat(fi.fileno()).st_size
-        while left > 0:
-            n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
-            if n == 0:  # the file shrank under us: the hash check drops the copy
-                break
-            left -= n
+        try:
+            while left > 0:
+                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
+                if n == 0:  # the file shrank under us: the hash check drops the copy
+                    return
+                left -= n
+            return
+        except OSError as exc:
+            # no copy_file_range here (old kernel, some network or FUSE filesystems):
+            # copy what is left by read and write; anything else (ENOSPC) is an error
+            if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+        shutil.copyfileobj(fi, fo, _CHUNK)
 
 
 def _sha256_of(path: Path) -> str:

@@ -460,6 +460,33 @@ def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, 
     assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
 
 
+def test_an_update_without_copy_file_range_copies_through_python(tmp_path: Path, monkeypatch) -> None:
+    """A filesystem without copy_file_range (ENOSYS, EXDEV...): the update copies by read and write."""
+    import errno
+
+    from cachebuild import mbtiles as mbtiles_module
+
+    calls = []
+    real = os.copy_file_range
+
+    def unsupported(*args: object) -> int:
+        calls.append(args)
+        if len(calls) > 1:  # the first call copied part of the file: the rest is copied by Python
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        return real(*args[:2], 4096)  # type: ignore[arg-type]
+
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
+    write(tmp_path)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 1, Y0, 6, 6)})
+    monkeypatch.setattr(mbtiles_module.os, "copy_file_range", unsupported, raising=True)
+    try:
+        out = write(tmp_path)
+    finally:
+        monkeypatch.undo()
+    assert len(calls) == 2 and out["mode"] == "updated"
+    assert_same_as_scratch(tmp_path)
+
+
 def test_when_most_tiles_are_new_the_file_is_written_in_full(tmp_path: Path) -> None:
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
     write(tmp_path)
