@@ -19,7 +19,9 @@ peak - index, and peak - index - baseline.
 
     python bench/bench_rss.py [--sizes 10000,100000] [--interval 0.02]
 
-A 100k cold build takes 15-30 minutes on two shared cores.
+A 100k cold build takes 15-30 minutes on two shared cores.  Issue 6's run
+on the 16-core GPU machine is ``python bench/bench_rss.py --sizes 250000``:
+it also prints tiles per second per stage.
 """
 
 from __future__ import annotations
@@ -173,6 +175,21 @@ def main() -> None:
             for s in names
         )
         print(f"| {r['planned']:,} | {cells} |")
+    print()
+    phases = [p for p in PHASES if any(r["report"]["phases"].get(p) for r in rows)]
+    print("Tiles per second per stage (planned tiles / the stage's seconds in the build's report; "
+          "the whole build last):")  # fmt: skip
+    print()
+    print("| tiles | " + " | ".join(phases) + " | build |")
+    print("| ---: | " + " | ".join("---:" for _ in phases) + " | ---: |")
+    for r in rows:
+        ph = r["report"]["phases"]
+        cells = " | ".join(f"{r['planned'] / ph[p]:,.0f}" if ph.get(p) else "-" for p in phases)
+        print(f"| {r['planned']:,} | {cells} | {r['planned'] / r['seconds']:,.0f} |")
+
+
+#: The build's stages, in order, as its JSON report names them.
+PHASES = ("tiles", "mbtiles", "engine", "describe", "preview", "index", "selftest", "manifest", "publish")
 
 
 if __name__ == "__main__":
