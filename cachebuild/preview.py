@@ -478,7 +478,7 @@ def render_preview(
     mosaic's cells are kept there (:data:`CELLS_FILE`) and the next map
     copies each cell whose tile still shows the same image (SHA-256):
     after a shifted area only the new tiles are looked up and scaled.  The
-    map is the same as one drawn without it.
+    map is the same as one drawn without it from the same thumbnails.
 
     Returns the geometry and counts (``zoom``, ``scale``, ``width``,
     ``height``, ``planned``, ``present``, ``missing``, ``mode``
