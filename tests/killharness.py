@@ -50,7 +50,7 @@ __all__ = ["KillPoint", "KillOutcome", "KillHarness", "CompanionKillHarness", "P
 
 #: The stderr lines the recording reporter prints as each task starts, in
 #: build order; ``publish`` is seen on disk instead.
-PHASE_MARKERS = ("flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "selftest", "manifest")
+PHASE_MARKERS = ("flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "preview", "selftest", "manifest")
 PUBLISH = "publish"
 
 ARGS = ("BUFFER_M=200", "ZOOM=17")

@@ -68,7 +68,7 @@ def _table(outcomes: list[KillOutcome]) -> str:
 
 def test_the_harness_measured_every_phase(harness: KillHarness) -> None:
     # the kill points below are placed by these
-    for phase in ("tiles", "mbtiles", "engine", "describe", "index", "selftest", "manifest", "publish"):
+    for phase in ("tiles", "mbtiles", "engine", "describe", "index", "preview", "selftest", "manifest", "publish"):
         assert phase in harness.phase_starts, harness.phase_starts
     assert harness.old_id and harness.new_id and harness.old_id != harness.new_id
     # B shares some tiles with A, and needs some A did not have
@@ -76,7 +76,7 @@ def test_the_harness_measured_every_phase(harness: KillHarness) -> None:
     assert 0 < sum(d in objects for d in harness.b_digests) < len(harness.b_digests)
 
 
-@pytest.mark.parametrize("phase", ["mbtiles", "describe", "selftest", "manifest", "publish"])
+@pytest.mark.parametrize("phase", ["mbtiles", "describe", "preview", "selftest", "manifest", "publish"])
 def test_kill_in_phase(harness: KillHarness, phase: str) -> None:
     outcome = harness.kill_at(KillPoint(marker=phase))
     assert outcome.problems == [], outcome
