@@ -600,3 +600,17 @@ def assert_same_as_scratch_of(build: Path, store: Path, tmp: Path) -> None:
     )
     assert all_rows(build / "tiles.mbtiles") == all_rows(out)
     assert metadata(build / "tiles.mbtiles") == metadata(out)
+
+
+def test_writeback_is_started_not_awaited(tmp_path: Path) -> None:
+    """Linux: sync_file_range(WRITE) is there and takes the file; publish's fsync makes it durable."""
+    import sys
+
+    from cachebuild.mbtiles import _start_writeback
+
+    path = tmp_path / "f"
+    with open(path, "wb") as fh:
+        fh.write(b"x" * 100_000)
+        fh.flush()
+        assert _start_writeback(fh.fileno()) is sys.platform.startswith("linux")
+    assert _start_writeback(-1) is False  # a bad descriptor: advice refused, no exception
