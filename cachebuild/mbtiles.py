@@ -132,8 +132,8 @@ def write_mbtiles(
     renamed, as a file written in full is.  Neither is fsynced here: as for
     every staged artifact, ``publish`` fsyncs each file of a release before
     it becomes current; the kernel is asked to start writing the file back
-    at once, so that fsync has little left to do.  The old file is never modified: a published
-    release hard-links it.  The result holds the same rows and metadata as
+    at once, so that fsync has little left to do.  The old file is never
+    modified: a published release hard-links it.  The result holds the same rows and metadata as
     a file written from scratch.  It is written in full instead when there
     is no usable record, when more than half the tiles are new
     (:data:`MAX_UPDATE_SHARE`), when an inserted tile has another format,
