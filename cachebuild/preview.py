@@ -364,10 +364,9 @@ def _reuse_cells(cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: A
     tile now has; anything else is drawn as if there were no file.
     """
     import hashlib
+    import zipfile
 
     import numpy as np
-
-    import zipfile
 
     none = np.zeros(len(ids), dtype=bool)
     try:
