@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import os
 from pathlib import Path
@@ -15,6 +13,7 @@ from cachebuild.actioncache import Action, ActionCache, action_key, file_sha256
 from cachebuild.gcstore import collect_garbage
 
 from .conftest import Cb, write_flight
+from .surface import assert_public_surface
 
 SMALL = ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=20")
 
@@ -232,15 +231,8 @@ def test_cached_serves_a_second_run_and_runs_the_action_when_an_input_is_missing
 
 
 def test_public_surface() -> None:
-    tree = ast.parse(inspect.getsource(actioncache))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
-            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
-            defined |= {t.id for t in targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(actioncache.__all__)
+    """``__all__`` lists exactly the public names the module defines."""
+    assert_public_surface(actioncache)
 
 
 def test_a_second_cache_on_one_store_is_served_and_a_corrupt_output_is_rebuilt(

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import io
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -33,6 +30,8 @@ from cachebuild.store import TileStore
 from cachebuild.tiles import Tile
 from cachebuild.tiles import tile_id as tiles_tile_id
 from cachebuild.tileset import TILES_FILE, tile_dtype, write_tileset
+
+from .surface import assert_public_surface, heavy_imports
 
 Z = 17
 
@@ -387,28 +386,11 @@ def test_no_progress_output_when_disabled(
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    tree = ast.parse(inspect.getsource(describe))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            defined.add(node.target.id)
-    public = {n for n in defined if not n.startswith("_")}
-    assert public == set(describe.__all__)
-    assert all(hasattr(describe, n) for n in describe.__all__)
+    assert_public_surface(describe)
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, cachebuild.describe; "
-        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("cachebuild.describe") == []
 
 
 # -- reuse through the descriptor store ----------------------------------------

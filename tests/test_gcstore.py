@@ -12,11 +12,19 @@ import pytest
 
 from cachebuild import gcstore
 from cachebuild.descstore import DescriptorStore, engine_store_dirs
-from cachebuild.gcstore import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
+from cachebuild.gcstore import (
+    collect_garbage,
+    gc_store_cmd,
+    known_caches,
+    referenced,
+    store_bytes,
+)
 from cachebuild.lock import CacheLock
-from cachebuild.storelock import StoreLock, register_cache
 from cachebuild.store import TileStore
+from cachebuild.storelock import StoreLock, register_cache
 from cachebuild.tileset import tile_dtype
+
+from .surface import assert_public_surface
 
 KEY = "ab" * 32
 OLD = "cd" * 32
@@ -153,17 +161,7 @@ def test_the_command_refuses_while_a_build_runs(world: dict, tmp_path: Path) -> 
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(gcstore))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(gcstore.__all__)
+    assert_public_surface(gcstore)
 
 
 def test_thumbnails_follow_their_images(world: dict) -> None:

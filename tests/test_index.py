@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +14,8 @@ from cachebuild import index
 from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
 from cachebuild.errors import BuildError, UsageError
 from cachebuild.index import FLAT_MAX, RECALL_TARGET, build_index, plan_index, search
+
+from .surface import assert_public_surface, heavy_imports
 
 
 def unit_vectors(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -147,26 +146,11 @@ def test_without_faiss(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
-    tree = ast.parse(inspect.getsource(index))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    public = {n for n in defined if not n.startswith("_")}
-    assert public == set(index.__all__)
-    assert all(hasattr(index, n) for n in index.__all__)
+    assert_public_surface(index)
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, cachebuild.index; "
-        "heavy = ('numpy', 'onnx', 'onnxruntime', 'faiss', 'PIL'); "
-        "print(sorted(m for m in heavy if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert heavy_imports("cachebuild.index") == []
 
 
 # -- the index chosen by size ------------------------------------------------

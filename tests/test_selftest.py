@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import inspect
 import json
 import subprocess
 import sys
@@ -30,6 +28,8 @@ from cachebuild.store import TileStore
 from cachebuild.synthetic import synthetic_tile_bytes
 from cachebuild.tiles import Tile, tile_id
 from cachebuild.tileset import tile_dtype, write_tileset
+
+from .surface import assert_public_surface
 
 Z = 17
 X0, Y0 = 68640, 45890
@@ -178,14 +178,8 @@ def test_written_file_is_json(world: dict[str, Path], tmp_path: Path) -> None:
 
 
 def test_public_surface() -> None:
-    tree = ast.parse(inspect.getsource(selftest))
-    defined = set()
-    for node in tree.body:
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
-            defined.add(node.name)
-        elif isinstance(node, ast.Assign):
-            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
-    assert {n for n in defined if not n.startswith("_")} == set(selftest.__all__)
+    """``__all__`` lists exactly the public names the module defines."""
+    assert_public_surface(selftest)
 
 
 def test_import_is_light() -> None:
