@@ -510,15 +510,17 @@ def _copy_file(src: Path, dst: Path) -> None:
     import errno
     import shutil
 
+    copy_range = getattr(os, "copy_file_range", None)  # Linux only
     with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
         left = os.fstat(fi.fileno()).st_size
         try:
-            while left > 0:
-                n = os.copy_file_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
+            while left > 0 and copy_range is not None:
+                n = copy_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
                 if n == 0:  # the file shrank under us: the hash check drops the copy
                     return
                 left -= n
-            return
+            if copy_range is not None:
+                return
         except OSError as exc:
             # no copy_file_range here (old kernel, some network or FUSE filesystems):
             # copy what is left by read and write; anything else (ENOSPC) is an error

@@ -487,6 +487,20 @@ def test_an_update_without_copy_file_range_copies_through_python(tmp_path: Path,
     assert_same_as_scratch(tmp_path)
 
 
+def test_an_update_where_os_has_no_copy_file_range(tmp_path: Path, monkeypatch) -> None:
+    """macOS and other systems without os.copy_file_range: the copy goes through Python."""
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
+    write(tmp_path)
+    handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + 1, Y0, 6, 6)})
+    monkeypatch.delattr(os, "copy_file_range")
+    try:
+        out = write(tmp_path)
+    finally:
+        monkeypatch.undo()
+    assert out["mode"] == "updated"
+    assert_same_as_scratch(tmp_path)
+
+
 def test_when_most_tiles_are_new_the_file_is_written_in_full(tmp_path: Path) -> None:
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
     write(tmp_path)
