@@ -561,10 +561,9 @@ _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the dirty pages, 
 @functools.cache
 def _sync_file_range() -> Any:
     import ctypes
-    import ctypes.util
 
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).sync_file_range
+    try:  # the interpreter's own symbols hold libc's (find_library would run ldconfig: 15 ms)
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):  # not Linux
         return None
     fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
