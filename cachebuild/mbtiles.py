@@ -259,7 +259,7 @@ MAX_FREE_SHARE = 0.1
 _Written = tuple[str, int, "int | None", int, int]
 
 
-#: Bytes read at a time when copying or hashing the file: memory stays flat.
+#: Bytes read at a time when the file is hashed, or copied through Python: memory stays flat.
 _CHUNK = 1 << 17
 
 
@@ -408,6 +408,7 @@ def _update_copy(
     """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
     import warnings
 
+    from .canonical import sha256_file
     from .errors import CacheBuildWarning
 
     if len(tiles) == 0:
@@ -439,7 +440,7 @@ def _update_copy(
     # start writing the copy to disk, for publish's fsync to find done.
     _copy_file(out_path, tmp)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mbtiles-update") as pool:
-        old_hash = pool.submit(_sha256_of, out_path)
+        old_hash = pool.submit(sha256_file, out_path, _CHUNK)
         # queueing 300 MB for writeback blocks for a while (~0.08 s): not on this thread
         queued = pool.submit(_write_back_path, tmp)
         failure: Exception | None = None
@@ -449,7 +450,7 @@ def _update_copy(
             done, failure = None, exc
         finally:
             queued.result()
-            digest = old_hash.result()
+            digest = old_hash.result()[0]
     if digest != want.get("sha256"):
         os.unlink(tmp)
         warnings.warn(
@@ -529,12 +530,6 @@ def _copy_file(src: Path, dst: Path) -> None:
         shutil.copyfileobj(fi, fo, _CHUNK)
 
 
-def _sha256_of(path: Path) -> str:
-    from .canonical import sha256_file
-
-    return sha256_file(path)[0]
-
-
 def _hash_and_write_back(path: Path) -> str:
     """The SHA-256 of the file at ``path`` (one read, from the page cache); its writeback is started, not awaited.
 
@@ -543,16 +538,11 @@ def _hash_and_write_back(path: Path) -> str:
     current (:mod:`cachebuild.publish`); asking the kernel to start writing
     it now means that fsync finds little left to write.
     """
-    import hashlib
+    from .canonical import sha256_file
 
-    digest = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            digest.update(view[:n])
-        _start_writeback(fh.fileno())
-    return digest.hexdigest()
+    digest = sha256_file(path, _CHUNK)[0]
+    _write_back_path(path)
+    return digest
 
 
 _SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the dirty pages, do not wait
