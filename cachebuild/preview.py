@@ -288,7 +288,7 @@ def _thumb_mosaic(
     drawn_digests = np.zeros((geo.rows, geo.cols, 32), dtype=np.uint8)
     drawn = 0
     # the cells the last map drew for the same images: copied, not looked up and scaled again
-    same = _reuse_cells(cells_dir, geo, t, ids, raw, inside, cells) if cells_dir else np.zeros(len(ids), bool)
+    same = _reuse_cells(cells_dir, geo, t, ids, raw, (row, col, inside), cells) if cells_dir else np.zeros(len(ids), bool)
     drawn += int(np.count_nonzero(same))
     stats["thumbnails_reused"] += drawn
     todo = inside & ~same
@@ -356,18 +356,22 @@ CELLS_FILE = ".preview-cells.npz"
 _CELLS_FORMAT = 1
 
 
-def _reuse_cells(cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: Any, inside: Any, cells: Any) -> Any:
+def _reuse_cells(
+    cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: Any, where: tuple[Any, Any, Any], cells: Any
+) -> Any:
     """Copy into ``cells`` what the kept mosaic drew for the same images; which tiles (a mask over ``ids``).
 
-    A cell is taken only where the kept file is whole (its SHA-256 checks),
-    of the same zoom and cell size, and drew the very image (SHA-256) the
-    tile now has; anything else is drawn as if there were no file.
+    ``where`` is ``_tile_cells(geo, ids)``.  A cell is taken only where the
+    kept file is whole (its SHA-256 checks), of the same zoom and cell size,
+    and drew the very image (SHA-256) the tile now has; anything else is
+    drawn as if there were no file.
     """
-    import hashlib
+    import dataclasses
     import zipfile
 
     import numpy as np
 
+    row, col, inside = where
     none = np.zeros(len(ids), dtype=bool)
     try:
         with np.load(cells_dir / CELLS_FILE, allow_pickle=False) as kept:
@@ -380,34 +384,40 @@ def _reuse_cells(cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: A
     rows, cols = old_digests.shape[:2] if old_digests.ndim == 3 else (0, 0)
     if old_cells.shape != (rows, cols, t, t, 3) or old_digests.shape != (rows, cols, 32) or not rows * cols:
         return none
-    digest = hashlib.sha256(head.tobytes() + old_cells.tobytes() + old_digests.tobytes()).digest()
-    if check.tobytes() != digest:
+    if check.tobytes() != _cells_sha256(head, old_cells, old_digests):
         return none
-    mask29 = (1 << 29) - 1
-    ocol = ((ids >> 29) & mask29) - int(head[3])
-    ocol = np.where(ocol < 0, ocol + 2**geo.zoom, ocol)
-    orow = (ids & mask29) - int(head[4])
-    there = inside & (ocol >= 0) & (ocol < cols) & (orow >= 0) & (orow < rows)
-    at = np.flatnonzero(there)
+    # where each tile sat in the kept mosaic: the same placement, from its corner
+    old_geo = dataclasses.replace(
+        geo, x0=int(head[3]) * TILE_PX, y0=int(head[4]) * TILE_PX, cols=int(cols), rows=int(rows)
+    )
+    orow, ocol, there = _tile_cells(old_geo, ids)
+    at = np.flatnonzero(inside & there)
     same = none.copy()
     same[at] = (old_digests[orow[at], ocol[at]] == raw[at]).all(axis=1)
-    row, col, _ = _tile_cells(geo, ids)
     cells[row[same], col[same]] = old_cells[orow[same], ocol[same]]
     return same
 
 
-def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, digests: Any) -> None:
-    """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
+def _cells_sha256(head: Any, cells: Any, digests: Any) -> bytes:
+    """The checksum :data:`CELLS_FILE` carries over its arrays."""
     import hashlib
 
+    h = hashlib.sha256(head.tobytes())
+    h.update(cells.data)
+    h.update(digests.data)
+    return h.digest()
+
+
+def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, digests: Any) -> None:
+    """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
     import numpy as np
 
     from .tileset import atomic_write_bytes
 
     head = np.array([_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64)
-    check = hashlib.sha256(head.tobytes() + cells.tobytes() + digests.tobytes()).digest()
+    check = np.frombuffer(_cells_sha256(head, cells, digests), dtype=np.uint8)
     buf = io.BytesIO()
-    np.savez(buf, head=head, cells=cells, digests=digests, sha256=np.frombuffer(check, dtype=np.uint8))
+    np.savez(buf, head=head, cells=cells, digests=digests, sha256=check)
     try:
         atomic_write_bytes(cells_dir / CELLS_FILE, buf.getvalue())
     except OSError as exc:
