@@ -39,6 +39,7 @@ import argparse
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -190,9 +191,8 @@ def main() -> None:
             )
     print()
     for n, shifts, cold in rows:
-        ratios = sorted(s[0] / cold[0] for s in shifts)
         each = " / ".join(f"{s[0] / cold[0]:.3f}" for s in shifts)
-        median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
+        median = statistics.median(s[0] / cold[0] for s in shifts)
         print(f"about {n:,} tiles: shifted / cold = {each}" + (f" (median {median:.3f})" if len(shifts) > 1 else "")
               + " (target <= 0.15)")  # fmt: skip
 

@@ -66,6 +66,7 @@ _PUB_REMEDY = (
 _OPENSSH_PRIVATE = b"-----BEGIN OPENSSH PRIVATE KEY-----"
 _PEM_ENCRYPTED = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 _PEM_PUBLIC = b"-----BEGIN PUBLIC KEY-----"
+_PEM_PRIVATE = b"-----BEGIN PRIVATE KEY-----"  # what the dev key is written as (_private_pem)
 _SIG_HEX_LEN = 128  # 64-byte Ed25519 signature
 _DEV_KEY_WAIT_S = 5.0
 
@@ -344,7 +345,7 @@ def _load_settled(p: Path, wait: bool = False) -> Ed25519PrivateKey:
 
 def _being_written(p: Path) -> bool:
     """Whether ``p`` looks like a dev key caught mid-write: new, and empty or an unfinished PEM."""
-    begin = b"-----BEGIN PRIVATE KEY-----"
+    begin = _PEM_PRIVATE
     try:
         if time.time() - p.stat().st_mtime > _DEV_KEY_WAIT_S:
             return False
