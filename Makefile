@@ -1,25 +1,62 @@
 # Two commands, from a fresh clone:  `make demo`  and  `make test`.
+# Every install comes from uv.lock (`uv sync --locked`): a fresh clone gets
+# exactly the versions CI tested. `make upgrade` moves the lock on purpose;
+# `make test-latest` tries the newest release of everything, unlocked.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
+# uv itself, bootstrapped into a private venv when the machine has none
+UV     ?= $(shell command -v uv 2>/dev/null || echo .uv/bin/uv)
+EXTRAS  = --extra geotiff --extra s3 --extra dask
+export UV_PROJECT_ENVIRONMENT = $(VENV)
 
-.PHONY: demo test bench clean-venv
+.PHONY: demo test bench upgrade test-latest companion-bundle clean-venv
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[test]"
+.uv/bin/uv:
+	$(PYTHON) -m venv .uv
+	.uv/bin/pip install -q uv
+
+$(VENV)/.installed-demo: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --python $(PYTHON) --no-default-groups -q
 	touch $@
 
-demo: $(VENV)/.installed   ## set up and build the demo cache
+$(VENV)/.installed-test: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --python $(PYTHON) $(EXTRAS) --group test -q
+	touch $@
+
+demo: $(VENV)/.installed-demo   ## set up and build the demo cache
 	$(BIN)/doit build-cache FLIGHT=examples/flights/demo.json
 
-test: $(VENV)/.installed   ## set up and run every test
+test: $(VENV)/.installed-test   ## set up and run every test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
-bench: $(VENV)/.installed  ## print the benchmark tables
+bench: $(VENV)/.installed-test  ## print the benchmark tables
 	$(BIN)/python bench/bench_noop.py
 	$(BIN)/python bench/bench_describe.py
 
+upgrade: | $(UV)                ## refresh uv.lock to the newest releases (review the diff)
+	$(UV) lock --upgrade
+
+# The whole suite in a throwaway venv against the newest release of every
+# dependency (no lock), so a deprecation shows up here before it breaks main.
+LATEST = .venv-latest
+test-latest: | $(UV)            ## run every test against the newest releases, unlocked
+	rm -rf $(LATEST)
+	$(UV) venv -q --python $(PYTHON) $(LATEST)
+	VIRTUAL_ENV=$(LATEST) $(UV) pip install -q --upgrade --reinstall-package cachebuild \
+	    -e ".[geotiff,s3,dask]" --group test
+	$(LATEST)/bin/python -m pip --version >/dev/null 2>&1 || true
+	$(LATEST)/bin/python -c "import importlib.metadata as m; print('test-latest:', ', '.join(f'{d}=={m.version(d)}' for d in ['cryptography','numpy','faiss-cpu','onnxruntime','doit','httpx','paramiko','pillow','rasterio','boto3','dask','moto','hypothesis','pytest']))"
+	$(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider
+	rm -rf $(LATEST)
+
+# What a companion installs from (docs/companion.md): the wheel, and uv.lock
+# exported as hash-pinned requirements for pip on the Jetson's own Python.
+companion-bundle: | $(UV)      ## wheel + locked requirements for the companion, in dist/companion/
+	rm -rf dist/companion
+	$(UV) build -q --wheel --out-dir dist/companion
+	$(UV) export -q --locked --no-dev --no-emit-project --format requirements-txt \
+	    -o dist/companion/requirements.txt
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LATEST) .uv

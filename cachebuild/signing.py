@@ -17,6 +17,7 @@ this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -24,7 +25,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -108,18 +109,38 @@ def _check_permissions(path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def _deprecations_quiet() -> Iterator[None]:
+    """Silence cryptography's deprecation warnings while a key is parsed.
+
+    Only Ed25519 is accepted; a deprecated kind (DSA from cryptography 51 on)
+    is refused by name right after, so its warning would only be noise.
+    """
+    from cryptography.utils import CryptographyDeprecationWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        yield
+
+
 def _key_kind(key: object) -> str:
-    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa
+    """Name a refused key's kind ("an RSA") for the error message.
+
+    DSA is recognised by its class name, not by ``dsa.DSAPrivateKey``: reading
+    that attribute warns from cryptography 51 on (DSA is deprecated there).
+    """
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 
     kinds: list[tuple[tuple[type, ...], str]] = [
         ((rsa.RSAPrivateKey, rsa.RSAPublicKey), "an RSA"),
         ((ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey), "an ECDSA"),
-        ((dsa.DSAPrivateKey, dsa.DSAPublicKey), "a DSA"),
         ((ed448.Ed448PrivateKey, ed448.Ed448PublicKey), "an Ed448"),
     ]
     for types, name in kinds:
         if isinstance(key, types):
             return name
+    if type(key).__name__.startswith("DSA"):
+        return "a DSA"
     return "a non-Ed25519"
 
 
@@ -155,13 +176,15 @@ def _load_private_bytes(data: bytes, path: Path) -> Any:
     password: bytes | None = _passphrase(path) if stripped.startswith(_PEM_ENCRYPTED) else None
     try:
         try:
-            return loader(data, password)
+            with _deprecations_quiet():
+                return loader(data, password)
         except TypeError:
             if password is not None:
                 raise
             # The OpenSSH format says it is encrypted only inside the blob.
             password = _passphrase(path)
-            return loader(data, password)
+            with _deprecations_quiet():
+                return loader(data, password)
     except UnsupportedAlgorithm as exc:
         if password is None:
             raise UsageError(
@@ -386,12 +409,13 @@ def load_public_key(path: str | os.PathLike[str]) -> Ed25519PublicKey:
         return load_private_key(p).public_key()
     pub: Any
     try:
-        if stripped.startswith(b"-----BEGIN"):
-            pub = serialization.load_pem_public_key(data)
-        else:
-            lines = [ln.strip() for ln in data.splitlines()]
-            line = next((ln for ln in lines if ln and not ln.startswith(b"#")), b"")
-            pub = serialization.load_ssh_public_key(line)
+        with _deprecations_quiet():
+            if stripped.startswith(b"-----BEGIN"):
+                pub = serialization.load_pem_public_key(data)
+            else:
+                lines = [ln.strip() for ln in data.splitlines()]
+                line = next((ln for ln in lines if ln and not ln.startswith(b"#")), b"")
+                pub = serialization.load_ssh_public_key(line)
     except UnsupportedAlgorithm as exc:
         if stripped.startswith((b"ssh-", b"ecdsa-", b"sk-")):
             problem = "has an unsupported key type"

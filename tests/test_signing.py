@@ -584,3 +584,22 @@ def test_verify_errors_carry_no_key_material(tmp_path: Path, key: ed25519.Ed2551
         texts.append(_full_text(info.value))
     envelope_text = json.dumps(sign_envelope({"a": 1}, key))
     _assert_no_secret("\n".join(texts) + envelope_text, markers)
+
+
+def test_dsa_key_refused_by_name_without_deprecation_warning(tmp_path: Path) -> None:
+    """A DSA key is named in the refusal; naming it reads no deprecated attribute.
+
+    cryptography 51 deprecates DSA: generating the key warns (suppressed here),
+    but loading and refusing it must not (the suite turns warnings into errors).
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from cryptography.hazmat.primitives.asymmetric import dsa
+
+        other = dsa.generate_private_key(key_size=2048)
+    data = _pem(other)
+    with pytest.raises(UsageError, match="a DSA key") as info:
+        load_private_key(_write(tmp_path / "dsa.pem", data))
+    assert "Ed25519" in str(info.value)
