@@ -389,14 +389,14 @@ def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
     old_ids, new_ids = old["id"], new["id"]
     if any(len(ids) > 1 and not (np.diff(ids) > 0).all() for ids in (old_ids, new_ids)):
         return None
+    if len(old) == 0:  # the last build had no tile (all missing): every row is new
+        return old, new
     at = np.searchsorted(old_ids, new_ids)
     inside = at < len(old_ids)
     at_c = np.where(inside, at, 0)
     old_sha = np.ascontiguousarray(old["sha256"]).view(np.uint8).reshape(len(old), 32)
     new_sha = np.ascontiguousarray(new["sha256"]).view(np.uint8).reshape(len(new), 32)
-    same = inside & (old_ids[at_c] == new_ids)
-    if len(old):
-        same &= (old_sha[at_c] == new_sha).all(axis=1)
+    same = inside & (old_ids[at_c] == new_ids) & (old_sha[at_c] == new_sha).all(axis=1)
     keep_old = np.zeros(len(old), dtype=bool)
     keep_old[at_c[same]] = True
     return old[~keep_old], new[~same]
