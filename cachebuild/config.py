@@ -3,7 +3,9 @@
 A value comes from, in order: the command line (``doit build-cache NAME=value``),
 the environment (``CACHEBUILD_NAME``), the default below.  Secrets never come
 from the command line (it shows in ``ps`` and shell history): the API key is
-read from ``CACHEBUILD_API_KEY`` only, and is never stored here.
+read from ``CACHEBUILD_API_KEY`` only, and is never stored here; so is a
+signing key's passphrase (``CACHEBUILD_KEY_PASSPHRASE``, read by
+:mod:`cachebuild.signing`).
 
 Nothing is read at import time; :func:`load_settings` reads when called.
 """
@@ -36,6 +38,7 @@ __all__ = [
     "Paths",
     "load_settings",
     "cachebuild_home",
+    "cachebuild_data_home",
 ]
 
 DEFAULT_BUFFER_M = 500.0
@@ -88,6 +91,8 @@ VARIABLES: dict[str, str] = {
     "here (docs/scale.md) [default: in the build's process]",
     "KEY": "Ed25519 signing key (PEM or OpenSSH) [default: a per-user development key]",
     "PUBKEY": "public key verify-cache trusts [default: the public half of KEY]",
+    "ALLOW_DEV_KEY": "1: sign with the development key a cache whose published release another key "
+    "signed [default: 0: refused]",
     "EXPIRES_DAYS": "days until the manifest expires [default: 30]",
     "STRICT": "1: a coverage gap fails the build (exit 22); 0: warn and publish [default: 1]",
     "INDEX": "auto | flat | hnsw | ivf: the FAISS index; auto picks by tile count [default: auto]",
@@ -116,6 +121,24 @@ def cachebuild_home(env: Mapping[str, str]) -> Path:
         return Path(env["CACHEBUILD_HOME"]).expanduser()
     base = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "cachebuild"
+
+
+def cachebuild_data_home(env: Mapping[str, str]) -> Path:
+    """``$XDG_DATA_HOME/cachebuild``, else ``~/.local/share/cachebuild``: what must outlive the caches.
+
+    The XDG rule written out (platformdirs is not a dependency, and would pick
+    other places on macOS and Windows than the caches' ``~/.cache``); a
+    relative ``XDG_DATA_HOME`` is invalid by the specification and ignored.
+    """
+    base = env.get("XDG_DATA_HOME") or ""
+    if not os.path.isabs(base):
+        home = env.get("HOME") or os.path.expanduser("~")
+        base = os.path.join(home, ".local", "share")
+    return Path(base) / "cachebuild"
+
+
+#: The development key's file name, in ``<data home>/keys/`` (before, in ``$CACHEBUILD_HOME/keys/``).
+DEV_KEY_NAME = "dev_ed25519.pem"
 
 
 @dataclass(frozen=True)
@@ -180,6 +203,7 @@ class Settings:
     dask_scheduler: str | None = None
     key: Path | None = None
     pubkey: Path | None = None
+    allow_dev_key: bool = False
     expires_days: float = DEFAULT_EXPIRES_DAYS
     strict: bool = True
     index_kind: str = "auto"
@@ -211,7 +235,14 @@ class Settings:
 
     @property
     def dev_key(self) -> Path:
-        return self.home / "keys" / "dev_ed25519.pem"
+        """The development key in the data dir; the old one under ``$CACHEBUILD_HOME`` until a build moves it."""
+        new = cachebuild_data_home(self.env) / "keys" / DEV_KEY_NAME
+        return self.legacy_dev_key if not new.exists() and self.legacy_dev_key.exists() else new
+
+    @property
+    def legacy_dev_key(self) -> Path:
+        """Where cachebuild kept the development key before: purged with the caches."""
+        return self.home / "keys" / DEV_KEY_NAME
 
 
 #: Variables also read from the environment under their own name (the
@@ -347,7 +378,12 @@ def _path(name: str, raw: str | None, *, must_exist: bool) -> Path | None:
 
 
 #: Secrets are read from the environment only, never from the command line.
-ENV_ONLY = {"API_KEY": "CACHEBUILD_API_KEY", "HTTP_HEADERS": "CACHEBUILD_HTTP_HEADERS"}
+ENV_ONLY = {
+    "API_KEY": "CACHEBUILD_API_KEY",
+    "HTTP_HEADERS": "CACHEBUILD_HTTP_HEADERS",
+    "KEY_PASSPHRASE": "CACHEBUILD_KEY_PASSPHRASE",
+    "SSH_KEY_PASSPHRASE": "CACHEBUILD_SSH_KEY_PASSPHRASE",
+}
 
 
 def _http(get: Any) -> dict[str, str]:
@@ -448,11 +484,12 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     vars = dict(vars or {})
     env = dict(os.environ if env is None else env)
     home = cachebuild_home(env)
-    secret = sorted(k for k in vars if k in ENV_ONLY)
+    secret = sorted(k for k in vars if k in ENV_ONLY or k in ENV_ONLY.values())  # named, never the value
     if secret:
         raise UsageError(
             f"{secret[0]} is a secret: it is read from the environment only, never the command line",
-            remedy=f"export {ENV_ONLY[secret[0]]}=... (the command line shows in ps and shell history)",
+            remedy=f"export {ENV_ONLY.get(secret[0], secret[0])}=... "
+            "(the command line shows in ps and shell history)",
         )
     unknown = sorted(k for k in vars if k not in VARIABLES)
     if unknown:
@@ -510,6 +547,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         dask_scheduler=dask,
         key=_path("KEY", get("KEY"), must_exist=True),
         pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
+        allow_dev_key=_bool("ALLOW_DEV_KEY", get("ALLOW_DEV_KEY"), False),
         expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),
         strict=_bool("STRICT", get("STRICT"), True),
         **_quality(get),
