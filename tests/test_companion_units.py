@@ -376,12 +376,13 @@ def test_remote_outcomes_map_to_exit_codes() -> None:
             )
         assert info.value.exit_code == code and info.value.phase == phase
         assert "on the companion nvidia@jetson:22: boom" in info.value.message
-    # the companion refusing our arguments is a version mismatch: not ready
+    # the companion refusing what this workstation made is a version mismatch; its code is kept
     for code in (2, 95):
-        with pytest.raises(CompanionNotReadyError):
+        with pytest.raises(RemoteBuildError) as info:
             flow._merge_remote(
                 FakeReport(), json.loads(_report(outcome="failure", exit_code=code)), code, target
             )
+        assert info.value.exit_code == code and "same cachebuild version" in info.value.remedy
 
 
 # -- packs and the agent ------------------------------------------------------------------

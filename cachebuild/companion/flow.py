@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from ..errors import EXIT_USAGE
 from .errors import CompanionNotReadyError, RemoteBuildError
+from .messages import as_workstation, names_companion_key
 from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect, parse_companion
 
 __all__ = [
@@ -235,21 +236,28 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
     report.manifest_version = remote.get("manifest_version")
     report.manifest_path = remote.get("manifest_path")
     for w in remote.get("warnings") or []:
-        report.warnings.append(f"companion: {w}")
+        report.warnings.append(f"companion: {as_workstation(w)}")
     remote_code = int(remote.get("exit_code", code))
     if remote.get("outcome") in ("success", "up_to_date") and remote_code == 0:
         report.outcome = remote["outcome"]
         report.exit_code = 0
         return
-    message = f"on the companion {target}: {remote.get('error') or f'the build exited {code}'}"
+    error = as_workstation(remote.get("error")) or f"the build exited {code}"
+    remedy = as_workstation(remote.get("remedy"))
     if remote_code == EXIT_USAGE or 90 <= remote_code <= 99:
-        # the companion refused what this workstation asked: a version mismatch
-        raise CompanionNotReadyError(
-            message + f" (exit {remote_code} there)",
-            remedy="install the same cachebuild version on the companion as on this workstation",
-        )
+        if names_companion_key(remote.get("error")):
+            if "PASSPHRASE" not in remedy:
+                remedy = (
+                    f"COMPANION_KEY is a path on the companion {target.host}: check that the signing key "
+                    "is there, or leave COMPANION_KEY unset to sign with the companion's development key"
+                )
+        else:  # everything else the remote build was given, this workstation checked and made
+            remedy = "install the same cachebuild version on the companion as on this workstation (docs/companion.md)"
     raise RemoteBuildError(
-        message, exit_code=remote_code, phase=remote.get("failure_phase"), remedy=remote.get("remedy")
+        f"on the companion {target}: {error}",
+        exit_code=remote_code,
+        phase=remote.get("failure_phase"),
+        remedy=remedy or None,
     )
 
 

@@ -24,6 +24,7 @@ from typing import Any, TextIO
 
 from ..report import redact
 from .errors import CompanionNotReadyError, RemoteReportError
+from .messages import as_workstation, command_values, shown_command
 
 __all__ = [
     "MAX_LINE",
@@ -158,14 +159,20 @@ def call_agent(
     stdin = ("\n".join(wanted) + "\n").encode() if wanted else b""
     last: list[str] = []
     tail: deque[str] = deque(maxlen=TAIL_LINES)
+    hide = command_values(base)
+
+    def clean(line: str) -> str:
+        for value in hide:
+            line = line.replace(value, "***")
+        return redact(line)
 
     def on_out(line: str) -> None:
         if last:
-            tail.append(redact(last[0]))
+            tail.append(clean(last[0]))
         last[:] = [line]
 
     out = LineSplitter(on_out, max_line=MAX_REPORT)
-    err = LineSplitter(lambda ln: tail.append(redact(ln)))
+    err = LineSplitter(lambda ln: tail.append(clean(ln)))
     extra = {"cancel": cancel} if cancel is not None else {}
     code = conn.pump(command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during, **extra)
     out.close()
@@ -173,22 +180,23 @@ def call_agent(
     answer = _json_object(last[0] if last else None)
     if answer is None:
         if last:
-            tail.append(redact(last[0]))
+            tail.append(clean(last[0]))
+        shown = shown_command(base)
         if code == 127:
             raise CompanionNotReadyError(
-                f"COMPANION_CMD={base!r} was not found on {conn.target} (exit 127):\n{_tail_text(tail)}",
+                f"COMPANION_CMD={shown!r} was not found on {conn.target} (exit 127):\n{_tail_text(tail)}",
                 remedy="install cachebuild on the companion (docs/companion.md), or set COMPANION_CMD to its "
                 "doit, e.g. COMPANION_CMD=/opt/cachebuild/.venv/bin/doit",
             )
         raise CompanionNotReadyError(
-            f"COMPANION_CMD={base!r} on {conn.target} did not answer as cachebuild's companion agent "
+            f"COMPANION_CMD={shown!r} on {conn.target} did not answer as cachebuild's companion agent "
             f"(exit {code}); it may be another program or a cachebuild without companion mode:\n{_tail_text(tail)}",
             remedy="install the same cachebuild version on the companion as here "
             "(`pip install cachebuild==<version>`), and check `COMPANION_CMD companion-agent OP=probe DIR=/tmp` there",
         )
     if "error" in answer:
         raise CompanionNotReadyError(
-            f"{conn.target}: {answer['error']}", remedy=answer.get("remedy") or "see docs/companion.md"
+            f"{conn.target}: {clean(str(answer['error']))}", remedy=answer.get("remedy") or "see docs/companion.md"
         )
     return answer
 
@@ -238,11 +246,16 @@ def run_remote_build(
     out: TextIO | None = None,
     prefix: str = PREFIX,
     env: Mapping[str, str] | None = None,
+    stdin: bytes = b"",
+    hide: tuple[str, ...] = (),
 ) -> tuple[int, dict[str, Any]]:
     """Run the remote build, pass its output on, and return ``(exit status, report)``.
 
     Every stderr line, and every stdout line but the last, goes to ``out``
-    (default stderr) as it arrives, redacted and prefixed.
+    (default stderr) as it arrives, redacted (the secrets of ``env`` and the
+    strings in ``hide``), with its variables named as the operator sets them
+    here (:func:`.messages.as_workstation`), and prefixed.  ``stdin`` is
+    fed to the command (a passphrase travels so, never in its argv).
 
     Raises
     ------
@@ -255,8 +268,13 @@ def run_remote_build(
     tail: deque[str] = deque(maxlen=TAIL_LINES)
     last: list[str] = []
 
+    def clean(line: str) -> str:
+        for value in hide:
+            line = line.replace(value, "***")
+        return redact(line, env)
+
     def show(line: str) -> None:
-        line = redact(line, env)
+        line = as_workstation(clean(line))
         tail.append(line)
         stream.write(f"{prefix}{line}\n")
         stream.flush()
@@ -268,13 +286,13 @@ def run_remote_build(
 
     stdout = LineSplitter(on_out, max_line=MAX_REPORT)
     stderr = LineSplitter(show)
-    code = conn.pump(command, on_stdout=stdout.feed, on_stderr=stderr.feed, during="the remote build")
+    code = conn.pump(command, stdin=stdin, on_stdout=stdout.feed, on_stderr=stderr.feed, during="the remote build")
     stdout.close()
     stderr.close()
     report = parse_report(last[0] if last else None)
     if report is None:
         if last and last[0].strip():
-            tail.append(redact(last[0][:MAX_LINE], env))
+            tail.append(clean(last[0][:MAX_LINE]))
         how = "was killed by a signal" if code == -1 else f"exited {code}"
         raise RemoteReportError(
             f"the build on {conn.target} {how} without a JSON report as its last line; "
