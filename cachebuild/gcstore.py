@@ -440,9 +440,9 @@ def collect_garbage(
     removed["garbage_bytes"] += _tree_bytes(actions / "tmp")
     shutil.rmtree(actions / "tmp", ignore_errors=True)
     records, action_objects = _scan_actions(actions)
-    named = {d for digests in records.values() if digests for d in digests}
-    for rec, digests in list(records.items()):
-        if digests is None:
+    named = {d for names in records.values() if names for d in names}
+    for rec, names in list(records.items()):
+        if names is None:
             removed["garbage_bytes"] += _unlink_size(rec)
             del records[rec]
     for digest in [d for d in action_objects if d not in named and d not in live_actions]:
@@ -476,8 +476,9 @@ def collect_garbage(
             removed["tile_bytes"] += int(sizes[item])
         elif what == "action":  # an output nothing uses, and the records that name it
             size = _unlink_size(action_objects[item][2])
-            for rec, digests in list(records.items()):
-                if digests and item in digests:
+            # ``names``, not ``digests``: the tile digests are still indexed by later candidates
+            for rec, names in list(records.items()):
+                if names and item in names:
                     size += _unlink_size(rec)
                     del records[rec]
             total -= size
