@@ -24,6 +24,10 @@ a guard against the absurd, not a promise.  Tiles the cache's staged build
 already planned are not counted again (an unchanged or shrunk area is never
 refused for disk), and in companion mode the workstation counts only its
 store (the companion checks its own disk: docs/companion.md).
+
+:func:`check_area` also checks the provider's arguments
+(:func:`cachebuild.config.check_provider`): it is the build's one call,
+before the lock, for everything it can refuse before downloading.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MAX_TILES
+from .config import DEFAULT_MAX_TILES, check_provider
 from .errors import AreaTooLargeError
 
 __all__ = [
@@ -119,7 +123,8 @@ def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = 
 
 
 def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, int]] | None = None) -> AreaEstimate:
-    """Refuse the area of ``bbox`` if it has more than ``MAX_TILES`` tiles or does not fit on disk.
+    """Refuse the area of ``bbox`` if it has more than ``MAX_TILES`` tiles or does not fit on disk,
+    and a provider spec the arguments already show is wrong (:func:`~cachebuild.config.check_provider`).
 
     Parameters
     ----------
@@ -137,8 +142,13 @@ def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, in
     AreaTooLargeError
         Exit 2, phase ``area``: the message gives the tile count, the
         estimated bytes and the limit or the free bytes.
+    UsageError
+        Exit 2, phase ``arguments``: the provider's template, key or headers.
     """
     from .providers import provider_kind
+
+    if hasattr(settings, "env"):
+        check_provider(settings)
 
     pushed = provider_kind(settings.provider) == "pushed"  # its tiles are in the store already
     est = estimate_area(

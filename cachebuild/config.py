@@ -37,6 +37,7 @@ __all__ = [
     "Settings",
     "Paths",
     "load_settings",
+    "check_provider",
     "cachebuild_home",
     "cachebuild_data_home",
 ]
@@ -71,6 +72,7 @@ VARIABLES: dict[str, str] = {
     "tile directory (dir:/path/{z}/{x}/{-y}.png) | GeoTIFF (.tif) [default: synthetic]",
     "CONCURRENCY": "tile requests in flight [default: 8]",
     "HTTP_TIMEOUT": "seconds per tile request [default: 20]",
+    "HTTP_DEADLINE": "seconds a tile request may take in all, however slowly the server sends [default: 60]",
     "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
     "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
     "RATE_LIMIT": "at most this many tile requests a second, retries included; 0: no limit [default: 0]",
@@ -391,6 +393,7 @@ def _http(get: Any) -> dict[str, str]:
     out = {}
     limits = {
         "HTTP_TIMEOUT": (0.001, 3600.0),
+        "HTTP_DEADLINE": (0.001, 86400.0),
         "HTTP_RETRIES": (0, 20),
         "HTTP_BACKOFF": (0.0, 60.0),
         "RATE_LIMIT": (0.0, 100_000.0),
@@ -411,6 +414,37 @@ def _http(get: Any) -> dict[str, str]:
         parse_subdomains(subdomains)
         out["SUBDOMAINS"] = subdomains
     return out
+
+
+def _provider(raw: str | None) -> str:
+    """PROVIDER; a URL with user:password in it is refused here, for every command."""
+    if raw is not None and "://" in raw:
+        from .providers.xyz import refuse_userinfo
+
+        refuse_userinfo(raw)
+    return raw or DEFAULT_PROVIDER
+
+
+def check_provider(settings: Settings) -> None:
+    """What the provider needs from the arguments and the environment, checked before the lock.
+
+    A URL template's placeholders, ``{key}`` and its ``CACHEBUILD_API_KEY``,
+    ``SUBDOMAINS`` and the headers: a mistake here is exit 2 before doit
+    runs, so a refused build leaves doit's state as it was.
+    """
+    from .providers import provider_kind
+
+    if provider_kind(settings.provider) != "xyz":
+        return
+    from .providers.xyz import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
+
+    env = {**settings.env, **settings.http}
+    check_template(
+        settings.provider.strip(),
+        api_key=env.get(API_KEY_ENV) or None,
+        headers=parse_headers(env.get(HEADERS_ENV)),
+        config=HttpConfig.from_env(env),
+    )
 
 
 def _nodata(get: Any) -> dict[str, str]:
@@ -532,7 +566,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         zooms=_zooms(get("ZOOM")),
         buffer_m=_float("BUFFER_M", get("BUFFER_M"), DEFAULT_BUFFER_M, 0.0, 1_000_000.0),
         max_tiles=_int("MAX_TILES", get("MAX_TILES"), DEFAULT_MAX_TILES, 1, 10**12),
-        provider=get("PROVIDER") or DEFAULT_PROVIDER,
+        provider=_provider(get("PROVIDER")),
         concurrency=_int("CONCURRENCY", get("CONCURRENCY"), DEFAULT_CONCURRENCY, 1, 256),
         http=_http(get),
         nodata=_nodata(get),

@@ -340,7 +340,10 @@ def fetch_with_provider(
                             sync.push()
                 finally:
                     # interrupted or failed: keep the tiles that were fetched,
-                    # drop the requests that had not started
+                    # drop the requests that had not started, and stop the
+                    # ones on the wire (a dripping server must not hold the lock)
+                    if pending and callable(cancel := getattr(provider, "cancel", None)):
+                        cancel()
                     for future in pending:
                         future.cancel()
                     wait(pending)
@@ -350,7 +353,7 @@ def fetch_with_provider(
                     run.flush()
                     journal.close()  # every ref is committed (else the next fetch replays it)
         finally:
-            bar.summary(summary_line(run.counts(), time.monotonic() - started))
+            bar.summary(summary_line(counts := run.counts(), time.monotonic() - started), counts)
         if sync is not None:
             sync.push()  # objects, then refs: another machine finds these tiles in the bucket
 

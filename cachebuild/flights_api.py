@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from . import __version__
+from . import __version__, httpsafe
 from .errors import (
     FlightInvalidAnswerError,
     FlightNetworkError,
@@ -99,59 +99,37 @@ def fetch_flight(
         )
     endpoint = url.rstrip("/") + f"/flights/{flight_id}"
     shown = public_url(endpoint)
-    headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+    headers = {
+        "Accept": "application/json",
+        "Accept-Encoding": httpsafe.ACCEPT_ENCODING,
+        "User-Agent": USER_AGENT,
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
+    guard = httpsafe.HttpGuard()
     own = client is None
     if own:
         client = httpx.Client(timeout=timeout_s, follow_redirects=False)
+        guard.install(client)  # timeout_s bounds each attempt in all, not only each read
     try:
-        response = None
-        last = ""
-        for attempt in range(retries + 1):
-            if attempt:
-                time.sleep(backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
-            try:
-                response = client.get(endpoint, headers=headers, timeout=timeout_s)
-            except httpx.TimeoutException:
-                last = f"no answer within {timeout_s:g} s"
-                continue
-            except httpx.TransportError as exc:
-                # the exception text may hold the full URL; name the type only
-                last = f"cannot connect ({type(exc).__name__})"
-                continue
-            if response.status_code >= 500:
-                last = f"HTTP {response.status_code}"
-                continue
-            break
-        else:
-            raise FlightNetworkError(
-                f"Flights API {shown}: {last} after {retries + 1} attempts",
-                remedy="check FLIGHTS_API_URL and the network (FLIGHTS_API_TIMEOUT sets the timeout), "
-                "or rebuild from the saved answer with OFFLINE=1",
-            )
-        assert response is not None
-        status = response.status_code
-        if status == 404:
-            raise FlightNotFoundError(f"flight {flight_id} not found at {public_url(url)} (HTTP 404)")
-        if status in (401, 403):
-            raise FlightUnauthorizedError(
-                f"the Flights API at {public_url(url)} refused the token (HTTP {status})",
-                remedy=f"set {TOKEN_ENV} to a valid token" if token else f"set {TOKEN_ENV}",
-            )
-        if status != 200:
-            raise FlightInvalidAnswerError(f"Flights API {shown} answered HTTP {status}, not a flight")
-        ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype != "application/json" and not ctype.endswith("+json"):
-            raise FlightInvalidAnswerError(
-                f"Flights API {shown} answered {ctype or 'no content type'}, not application/json"
-            )
-        flight = parse_flight(
-            _redact_bytes(response.content, token), shown, error_cls=FlightInvalidAnswerError
-        )
+        status, ctype, body = _ask(client, guard, endpoint, headers, timeout_s, retries, backoff_s)
     finally:
         if own:
             client.close()
+    if status == 404:
+        raise FlightNotFoundError(f"flight {flight_id} not found at {public_url(url)} (HTTP 404)")
+    if status in (401, 403):
+        raise FlightUnauthorizedError(
+            f"the Flights API at {public_url(url)} refused the token (HTTP {status})",
+            remedy=f"set {TOKEN_ENV} to a valid token" if token else f"set {TOKEN_ENV}",
+        )
+    if status != 200 or body is None:
+        raise FlightInvalidAnswerError(f"Flights API {shown} answered HTTP {status}, not a flight")
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        raise FlightInvalidAnswerError(
+            f"Flights API {shown} answered {ctype or 'no content type'}, not application/json"
+        )
+    flight = parse_flight(_redact_bytes(body, token), shown, error_cls=FlightInvalidAnswerError)
     if flight.flight_id is None:
         from dataclasses import replace
 
@@ -161,6 +139,58 @@ def fetch_flight(
             f"Flights API {shown}: asked for flight {flight_id}, answered flight_id {flight.flight_id}"
         )
     return flight, flight_record(flight)
+
+
+def _ask(
+    client: Any,
+    guard: httpsafe.HttpGuard,
+    endpoint: str,
+    headers: dict[str, str],
+    timeout_s: float,
+    retries: int,
+    backoff_s: float,
+) -> tuple[int, str, bytes | None]:
+    """GET ``endpoint`` with retries: ``(status, content type, body of a 200)``.
+
+    The body is read with a bound (:data:`~cachebuild.flight.MAX_FLIGHT_BYTES`
+    decoded), so a compressed bomb is refused (exit 93) without inflating it.
+    """
+    import httpx
+
+    from .flight import MAX_FLIGHT_BYTES
+
+    shown = public_url(endpoint)
+    last = ""
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+        try:
+            with guard.deadline(timeout_s):
+                response = httpsafe.get(
+                    client, endpoint, headers=headers, public=(), timeout=timeout_s, max_redirects=0
+                )
+                try:
+                    status = response.status_code
+                    if status >= 500:
+                        last = f"HTTP {status}"
+                        continue
+                    ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                    body = httpsafe.read_body(response, MAX_FLIGHT_BYTES) if status == 200 else None
+                    return status, ctype, body
+                finally:
+                    response.close()
+        except (httpx.TimeoutException, httpsafe.DeadlineExceeded):
+            last = f"no answer within {timeout_s:g} s"
+        except httpx.TransportError as exc:
+            # the exception text may hold the full URL; name the type only
+            last = f"cannot connect ({type(exc).__name__})"
+        except (httpsafe.BodyTooLarge, httpsafe.BadEncoding) as exc:
+            raise FlightInvalidAnswerError(f"Flights API {shown} answered {exc}, not a flight") from None
+    raise FlightNetworkError(
+        f"Flights API {shown}: {last} after {retries + 1} attempts",
+        remedy="check FLIGHTS_API_URL and the network (FLIGHTS_API_TIMEOUT sets the timeout), "
+        "or rebuild from the saved answer with OFFLINE=1",
+    )
 
 
 def _redact_bytes(body: bytes, token: str | None) -> bytes:
