@@ -11,6 +11,7 @@ which is never written after it is published.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any
 from .config import Settings, load_settings
 from .errors import CacheBuildError, UsageError, VerifyError
 from .publish import current_release
-from .report import Report
+from .report import Report, human_size
 
 __all__ = [
     "cache_info",
@@ -284,6 +285,14 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
     return report.exit_code
 
 
+def _png_size(path: Path) -> tuple[int, int, int]:
+    """Width and height from a PNG file's header, and its size in bytes."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+        nbytes = os.fstat(f.fileno()).st_size
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"), nbytes
+
+
 def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit preview-cache [OUT=path.png]``: the coverage map of the published cache."""
     from .preview import render_preview
@@ -303,17 +312,19 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         with store_user(str(settings.store)):  # thumbnails in the store; gc-store waits
             r = render_preview(release, target, built_at=signed.get("built_at"), store=settings.store)
         report.build_id = signed.get("build_id")
+        width, height, nbytes = _png_size(target)  # the file's, legend included
         report.extra["preview"] = {
             "path": str(target),
-            "width": r["width"],
-            "height": r["height"],
+            "width": width,
+            "height": height,
+            "bytes": nbytes,
             "mode": r["mode"],
             "thumbnails_reused": r["thumbnails_reused"],
             "thumbnails_made": r["thumbnails_made"],
         }
         report.outcome, report.exit_code = "success", 0
         if fmt == "text":
-            sys.stdout.write(f"preview: {target} ({r['width']}x{r['height']}, z{r['zoom']})\n")
+            sys.stdout.write(f"preview: {target} ({width}x{height} px, {human_size(nbytes)}, z{r['zoom']})\n")
             return 0
     except CacheBuildError as exc:
         report.fail(exc)

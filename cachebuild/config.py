@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from .errors import UsageError, did_you_mean
 
 __all__ = [
     "DEFAULT_BUFFER_M",
@@ -528,7 +528,7 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     unknown = sorted(k for k in vars if k not in VARIABLES)
     if unknown:
         raise UsageError(
-            f"unknown variable(s): {', '.join(unknown)}",
+            f"unknown variable(s): {', '.join(unknown)}{did_you_mean(unknown[0], VARIABLES)}",
             remedy="known: " + ", ".join(VARIABLES),
         )
     get = lambda name: _get(name, vars, env)  # noqa: E731

@@ -9,6 +9,9 @@ Exit codes are a stable, documented contract (docs/exit-codes.md).
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "EXIT_OK",
     "EXIT_USAGE",
@@ -38,6 +41,7 @@ __all__ = [
     "CoverageError",
     "VerifyError",
     "LockHeldError",
+    "did_you_mean",
 ]
 
 EXIT_OK = 0
@@ -234,3 +238,15 @@ class LockHeldError(CacheBuildError):
     phase = "lock"
     exit_code = EXIT_LOCK_HELD
     remedy = "wait for the other build to finish, or stop it"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """`` (did you mean ZOOM?)`` for a misspelt name, or ``""`` when nothing is close.
+
+    >>> did_you_mean("ZOM", ["ZOOM", "BUFFER_M"]), did_you_mean("XYZZY", ["ZOOM"])
+    (' (did you mean ZOOM?)', '')
+    """
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(word.upper(), list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""

@@ -558,12 +558,14 @@ def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) 
         report.exit_code = 0
         if fmt == "text":
             r = result["removed"]
-            bound = "no bound" if result["max_bytes"] is None else f"bound {result['max_bytes']}"
+            from .report import human_size as hs
+
+            bound = "no bound" if result["max_bytes"] is None else f"bound {hs(result['max_bytes'])}"
             sys.stderr.write(
                 f"gc-store {result['store']} ({bound}, {len(result['caches'])} cache(s) kept): "
-                f"{result['bytes_before']} -> {result['bytes_after']} bytes; removed {r['tiles']} tile "
+                f"{hs(result['bytes_before'])} -> {hs(result['bytes_after'])}; removed {r['tiles']} tile "
                 f"images, {r['engines']} engine(s), {r['descriptors']} descriptors, "
-                f"{r['garbage_bytes']} bytes of garbage\n"
+                f"{hs(r['garbage_bytes'])} of garbage\n"
             )
     except CacheBuildError as exc:
         report.fail(exc)

@@ -4,7 +4,9 @@ On a terminal the line shows done/total, the rate, any counters the caller
 keeps (retries) and the time left, redrawn at most 10 times a second.  When
 the stream is not a terminal (CI logs, pipes) nothing is drawn while the
 work runs, so the JSON report on stdout and captured logs stay clean; a
-caller that sets a :meth:`Progress.summary` gets that one line at the end.
+caller that sets a :meth:`Progress.summary` gets that one line at the end,
+and may leave the counts behind it for :func:`finished_counts` (an
+interrupted build reports what its tiles phase had done).
 """
 
 from __future__ import annotations
@@ -12,9 +14,24 @@ from __future__ import annotations
 import sys
 import time
 from collections import deque
+from collections.abc import Mapping
 from typing import TextIO
 
-__all__ = ["RATE_WINDOW_S", "Progress", "format_duration"]
+__all__ = ["RATE_WINDOW_S", "Progress", "format_duration", "finished_counts", "forget_counts"]
+
+#: The counts each label's last summary was given with (this process).
+_FINISHED: dict[str, dict[str, int]] = {}
+
+
+def finished_counts(label: str) -> dict[str, int] | None:
+    """The counts the last :meth:`Progress.summary` of ``label`` gave, or None."""
+    counts = _FINISHED.get(label)
+    return dict(counts) if counts is not None else None
+
+
+def forget_counts() -> None:
+    """Drop every label's counts (a new run starts)."""
+    _FINISHED.clear()
 
 #: Seconds of history the rate behind the ETA is measured over: recent
 #: enough to follow a change of pace, long enough to be steady.
@@ -81,9 +98,15 @@ class Progress:
         """Set a counter shown after the rate (``12 retries``); 0 is not shown."""
         self.counters[name] = value
 
-    def summary(self, line: str) -> None:
-        """The one line written when the work ends (on a terminal too, under the bar)."""
+    def summary(self, line: str, counts: Mapping[str, int] | None = None) -> None:
+        """The one line written when the work ends (on a terminal too, under the bar).
+
+        ``counts`` (what the line says, as numbers) stay readable through
+        :func:`finished_counts` after the work ends, even by an interrupt.
+        """
         self._summary = line
+        if counts is not None:
+            _FINISHED[self.label] = {k: int(v) for k, v in counts.items()}
 
     def rate(self, now: float | None = None) -> float:
         """Items a second over the last :data:`RATE_WINDOW_S` seconds."""

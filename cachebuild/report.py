@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-__all__ = ["Report", "redact", "SECRET_ENV_VARS"]
+__all__ = ["Report", "redact", "human_size", "SECRET_ENV_VARS"]
 
 #: Environment variables whose values are secrets.
 SECRET_ENV_VARS = (
@@ -24,6 +24,8 @@ SECRET_ENV_VARS = (
     "CACHEBUILD_HTTP_HEADERS",
     "FLIGHTS_API_TOKEN",
     "KEY_PASSPHRASE",
+    "CACHEBUILD_KEY_PASSPHRASE",
+    "CACHEBUILD_SSH_KEY_PASSPHRASE",
     # STORE=s3://...: the standard AWS credentials
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",
@@ -31,18 +33,46 @@ SECRET_ENV_VARS = (
 )
 
 
+def _header_values(raw: str) -> list[str]:
+    """The values of CACHEBUILD_HTTP_HEADERS (``Name: value`` lines or a JSON object)."""
+    try:
+        obj = json.loads(raw)
+    except ValueError:
+        obj = None
+    if isinstance(obj, dict):
+        return [str(v) for v in obj.values()]
+    return [line.split(":", 1)[1].strip() for line in raw.splitlines() if ":" in line]
+
+
 def redact(text: str, env: Mapping[str, str] | None = None) -> str:
     """Replace the value of every secret variable in ``text`` with ``***``.
+
+    Each header value of ``CACHEBUILD_HTTP_HEADERS`` counts as a secret too
+    (a log line shows one header, not the variable).
 
     >>> redact("GET /t?key=s3cr3t", {"CACHEBUILD_API_KEY": "s3cr3t"})
     'GET /t?key=***'
     """
     env = os.environ if env is None else env
-    for name in SECRET_ENV_VARS:
-        value = env.get(name)
+    values = [env.get(name) or "" for name in SECRET_ENV_VARS]
+    values += _header_values(env.get("CACHEBUILD_HTTP_HEADERS") or "")
+    for value in sorted(values, key=len, reverse=True):
         if value and len(value) >= 4:
             text = text.replace(value, "***")
     return text
+
+
+def human_size(n: float) -> str:
+    """Bytes for people, in powers of 1024 as ``MAX_STORE_BYTES`` reads them.
+
+    >>> human_size(21474836480), human_size(512), human_size(1536)
+    ('20.0 GiB', '512 B', '1.5 KiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 @dataclass
@@ -128,6 +158,18 @@ class Report:
             )
             ran = ", ".join(self.tasks["run"]) or "nothing (all up to date)"
             lines.append(f"  ran      {ran}")
+            order = {"flight": 0, "lock": 1, "coverage": 3, "publish": 4}  # doit's tasks (2) between
+            phases = sorted((k for k in d["phases"] if k != "total"), key=lambda k: order.get(k, 2))
+            times = ", ".join(f"{k} {d['phases'][k]:.2f} s" for k in phases)
+            lines.append(f"  phases   {times}")
+            selftest = self.extra.get("selftest")
+            if selftest and selftest.get("recall_at_1") is not None:
+                lines.append(
+                    f"  self-test recall@1 {selftest['recall_at_1']:.3f}, recall@5 "
+                    f"{selftest['recall_at_5']:.3f} ({selftest['queries']} frames)"
+                )
+            elif selftest is not None:
+                lines.append("  self-test not run (no frame could be made, or SELFTEST_QUERIES=0)")
             companion = self.extra.get("companion")
             if companion:  # COMPANION=...: what was pushed and built there
                 pushed = self.extra.get("push") or {}

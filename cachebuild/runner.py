@@ -1,4 +1,4 @@
-"""The thin wrapper around doit: the one module of cachebuild that imports doit.
+"""The thin wrapper around doit: what build-cache, verify-cache and clean do.
 
 doit tracks the dependencies and runs the tasks; this module adds what doit
 lacks, around the whole run: flight resolution before the lock, the lock
@@ -6,37 +6,54 @@ lacks, around the whole run: flight resolution before the lock, the lock
 KeyboardInterrupt so completed tasks are recorded, the coverage check,
 atomic publish, the report and the exit code of the phase that failed.
 
-The commands are doit command plugins (``build-cache``, ``verify-cache``,
-``clean``/``clean-cache``), registered through the ``doit.COMMAND`` entry
-point (any directory, once installed) and pyproject.toml (the project root).
+The commands are doit command plugins (:mod:`cachebuild.doitcmds`,
+registered through the ``doit.COMMAND`` entry point and pyproject.toml);
+how doit runs a plan's tasks is :mod:`cachebuild.doitrun`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-from doit.cmd_base import Command, TaskLoader2
 
 from . import actions
 from .companion import LOCAL_TASKS
 from .config import VARIABLES, Settings, load_settings
+from .doitcmds import (
+    BuildCacheCmd,
+    CacheInfoCmd,
+    CleanCacheCmd,
+    CleanCmd,
+    CompanionAgentCmd,
+    GcStoreCmd,
+    PreviewCacheCmd,
+    VerifyCacheCmd,
+)
+from .doitrun import (
+    PlanLoader,
+    RecordingReporter,
+    cmdline_vars,
+    doit_config,
+    ignored_tasks,
+    run_doit,
+    sigterm_as_interrupt,
+)
 from .errors import BuildError, CacheBuildError, CoverageError, UsageError, VerifyError
 from .lock import CacheLock
 from .report import Report, redact
+from .warn import operator_warnings
 
 __all__ = [
     "BuildCacheCmd",
     "VerifyCacheCmd",
     "CleanCacheCmd",
+    "CleanCmd",
     "CacheInfoCmd",
     "PreviewCacheCmd",
     "CompanionAgentCmd",
@@ -46,6 +63,11 @@ __all__ = [
     "clean_cache",
     "dodo_namespace",
     "main",
+    "PlanLoader",
+    "RecordingReporter",
+    "run_doit",
+    "sigterm_as_interrupt",
+    "cmdline_vars",
 ]
 
 
@@ -54,144 +76,6 @@ class Interrupted(CacheBuildError):
 
     exit_code = 130
     remedy = "run build-cache again: completed phases are kept"
-
-
-# -- doit plumbing -----------------------------------------------------------
-
-
-class RecordingReporter:
-    """A doit reporter that records what ran and how long, and tells the user.
-
-    Task lines go to stderr (``.. tiles`` ran, ``-- flight`` up to date), so
-    stdout carries only the report.
-    """
-
-    desc = "cachebuild recording reporter"
-
-    def __init__(self, stream: Any = sys.stderr):
-        self.stream = stream
-        self.ran: list[str] = []
-        self.up_to_date: list[str] = []
-        self.failed: list[str] = []
-        self.errors: list[str] = []
-        self.seconds: dict[str, float] = {}
-        self.current: str | None = None
-        self._t0 = 0.0
-
-    def initialize(self, tasks: Any, selected_tasks: Any) -> None:
-        pass
-
-    def get_status(self, task: Any) -> None:
-        pass
-
-    def execute_task(self, task: Any) -> None:
-        self.current = task.name
-        self._t0 = time.monotonic()
-        self.stream.write(f".. {task.name}\n")
-        self.stream.flush()
-
-    def _done(self, task: Any) -> None:
-        self.seconds[task.name] = round(time.monotonic() - self._t0, 4)
-        self.current = None
-
-    def add_success(self, task: Any) -> None:
-        self._done(task)
-        self.ran.append(task.name)
-
-    def add_failure(self, task: Any, fail: Any) -> None:
-        self._done(task)
-        self.failed.append(task.name)
-        self.errors.append(f"{task.name}: {fail.get_name()}: {fail.message}")
-
-    def skip_uptodate(self, task: Any) -> None:
-        self.up_to_date.append(task.name)
-        self.stream.write(f"-- {task.name}\n")
-
-    def skip_ignore(self, task: Any) -> None:
-        self.up_to_date.append(task.name)
-
-    def cleanup_error(self, exception: Any) -> None:
-        self.errors.append(str(exception))
-
-    def runtime_error(self, msg: str) -> None:
-        self.errors.append(msg)
-
-    def teardown_task(self, task: Any) -> None:
-        pass
-
-    def complete_run(self) -> None:
-        self.stream.flush()
-
-
-class PlanLoader(TaskLoader2):
-    """Give doit the tasks of one build plan, with the DB where the state lives."""
-
-    def __init__(self, plan: Any, reporter: Any = None):
-        super().__init__()
-        self.plan = plan
-        self.reporter = reporter
-
-    def setup(self, opt_values: Any) -> None:
-        pass
-
-    def load_doit_config(self) -> dict[str, Any]:
-        from .manifest import HASH_CACHE_NAME, doit_file_checker
-
-        config: dict[str, Any] = {
-            "dep_file": str(self.plan.paths.dep_file),
-            "backend": "sqlite3",
-            "verbosity": 2,
-            # file deps hashed once per change, through the build's hash cache (not md5 on every check)
-            "check_file_uptodate": doit_file_checker(self.plan.paths.build / HASH_CACHE_NAME),
-        }
-        if self.reporter is not None:
-            config["reporter"] = self.reporter
-        return config
-
-    def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
-        from doit.task import dict_to_task
-
-        from targets import task_dicts
-
-        return [dict_to_task(d) for d in task_dicts(self.plan)]
-
-
-def run_doit(plan: Any, reporter: RecordingReporter, tasks: list[str] | None = None) -> int:
-    """Run the build's tasks with doit; returns doit's exit code."""
-    from doit.cmd_run import Run
-
-    from targets import FINAL_TASK
-
-    plan.paths.state.mkdir(parents=True, exist_ok=True)
-    cmd = Run(task_loader=PlanLoader(plan, reporter), config={}, bin_name="doit")
-    return int(cmd.parse_execute(tasks or [FINAL_TASK]))
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt so doit saves completed tasks."""
-
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def cmdline_vars() -> dict[str, str]:
-    """The NAME=value arguments doit parsed off the command line."""
-    from doit import doit_cmd
-
-    # doit keeps them in a module global; get_var needs each name up front,
-    # and we want to refuse names we do not know.
-    return dict(doit_cmd._CMDLINE_VARS or {})
 
 
 def _report_format(vars: Mapping[str, str]) -> str:
@@ -279,6 +163,35 @@ def _note_free_space(exc: CacheBuildError, settings: Settings | None) -> None:
         exc.args = (exc.message,)
 
 
+def _refuse_ignored(plan: Any) -> None:
+    """Refuse to build while ``doit ignore`` has marked a task (under the lock: the database is stable)."""
+    from targets import task_dicts
+
+    ignored = ignored_tasks(plan.paths.dep_file, [d["name"] for d in task_dicts(plan)])
+    if ignored:
+        raise UsageError(
+            f"task(s) {', '.join(ignored)} marked ignored in {plan.paths.dep_file} (by `doit ignore`): "
+            "the build would skip them and sign a cache that claims settings it was not built with",
+            remedy=f"doit forget {' '.join(ignored)} (then build-cache runs them again)",
+            phase="state",
+        )
+
+
+def _tiles_so_far(settings: Settings | None, reporter: RecordingReporter) -> dict[str, int] | None:
+    """Tile counts of an interrupted run: the tiles phase's own, or the tile set it completed."""
+    from .progress import finished_counts
+
+    counts = finished_counts("tiles")
+    if counts is not None:
+        return {k: int(counts.get(k, 0)) for k in ("planned", "fetched", "reused", "missing")}
+    if settings is not None and "tiles" in reporter.ran:
+        try:
+            return _tile_counts(settings.paths.build, reporter.ran)
+        except (OSError, ValueError, KeyError):
+            return None
+    return None
+
+
 def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit build-cache``: resolve, lock, build, check, publish, report."""
     from .plan import resolve_plan
@@ -289,14 +202,19 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
     warn = _warn(report)
     reporter = RecordingReporter()
     settings = None
+    key_notes: list[str] = []  # the signing key's warnings: shown once a manifest is signed
+    from .progress import forget_counts
+
+    forget_counts()
     try:
         t = time.monotonic()
         settings = load_settings(vars, env)
+        reporter.build = settings.paths.build
         if settings.shared_store is not None:
             from .s3store import reset_stats
 
             reset_stats()  # the report counts this run's objects
-        plan = resolve_plan(settings, warn=warn)  # before the lock
+        plan = resolve_plan(settings, warn=key_notes.append)  # before the lock
         if settings.dask_scheduler is not None and settings.companion is None:
             from .daskexec import probe_scheduler
 
@@ -308,7 +226,8 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         t = time.monotonic()
         with CacheLock(settings.paths.lock):
             report.timed("lock", time.monotonic() - t)
-            with sigterm_as_interrupt():
+            _refuse_ignored(plan)
+            with sigterm_as_interrupt(), operator_warnings(report.warnings.append):
                 _locked_build(
                     plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
                 )
@@ -318,9 +237,10 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
         if getattr(exc, "traceback", None):
             sys.stderr.write(redact(exc.traceback))  # type: ignore[attr-defined]
     except KeyboardInterrupt as exc:
-        err = Interrupted(f"interrupted ({exc or 'SIGINT'}) during {reporter.current or 'the build'}")
+        err = Interrupted(f"interrupted ({str(exc) or 'SIGINT'}) during {reporter.current or 'the build'}")
         err.phase = reporter.current or "build"
         report.fail(err)
+        report.tiles = _tiles_so_far(settings, reporter) or report.tiles
     except Exception as exc:  # a bug: say so, without secrets
         from .diskspace import disk_full_error, is_disk_full
 
@@ -333,6 +253,9 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
     finally:
         actions.ACTIVE["locked"] = False
+        if "manifest" in reporter.ran:  # signed now: say with which key
+            for msg in key_notes:
+                warn(msg)
         for name, secs in reporter.seconds.items():
             report.timed(name, secs)
         report.tasks = {"run": reporter.ran, "up_to_date": reporter.up_to_date}
@@ -549,103 +472,15 @@ def clean_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
     return report.exit_code
 
 
-# -- doit commands -------------------------------------------------------------
-
-_VARS_HELP = "\n".join(f"  {name:<14} {text}" for name, text in VARIABLES.items())
-
-
-class _CacheCommand(Command):
-    """Shared parsing: NAME=value variables only, no positional arguments."""
-
-    doc_usage = "[NAME=value ...]"
-    doc_description = "Variables (also read from the environment as CACHEBUILD_<NAME>):\n" + _VARS_HELP
-    cmd_options = ()
-    impl: Any = None
-
-    def execute(self, params: Any, args: list[str]) -> int:
-        if args:
-            report = Report(self.get_name())
-            report.fail(UsageError(f"unexpected argument(s): {' '.join(args)}; use NAME=value"))
-            report.emit(_report_format(cmdline_vars()))
-            return report.exit_code
-        return int(type(self).impl(cmdline_vars()))
-
-
-class BuildCacheCmd(_CacheCommand):
-    name = "build-cache"
-    doc_purpose = "build, sign, check and atomically publish the map cache for FLIGHT"
-    impl = staticmethod(build_cache)
-
-
-class VerifyCacheCmd(_CacheCommand):
-    name = "verify-cache"
-    doc_purpose = "check the published cache's signature and every artifact's SHA-256"
-    impl = staticmethod(verify_cache_cmd)
-
-
-class CleanCacheCmd(_CacheCommand):
-    # registered as `clean` (project root) and `clean-cache` (anywhere)
-    name = "clean"
-    doc_purpose = "forget the build state (under the lock); the next build-cache does the work again"
-    impl = staticmethod(clean_cache)
-
-
-class CacheInfoCmd(_CacheCommand):
-    name = "cache-info"
-    doc_purpose = "summarise the published cache (REPORT=json for JSON) and whether it verifies"
-
-    @staticmethod
-    def impl(vars: Mapping[str, str]) -> int:
-        from .cacheinfo import cache_info_cmd
-
-        return cache_info_cmd(vars)
-
-
-class PreviewCacheCmd(_CacheCommand):
-    name = "preview-cache"
-    doc_purpose = "render the coverage map of the published cache (OUT=path.png)"
-    doc_usage = "[OUT=preview.png] [NAME=value ...]"
-
-    @staticmethod
-    def impl(vars: Mapping[str, str]) -> int:
-        from .cacheinfo import preview_cache_cmd
-
-        return preview_cache_cmd(vars)
-
-
-class CompanionAgentCmd(_CacheCommand):
-    name = "companion-agent"
-    doc_purpose = "the companion's side of COMPANION=... builds, run over SSH by build-cache"
-    doc_usage = "OP=probe|unpack DIR=<COMPANION_DIR> [WANT=stdin] [BACKEND=name]"
-    doc_description = "See docs/companion.md."
-
-    @staticmethod
-    def impl(vars: Mapping[str, str]) -> int:
-        from .companion.agent import main as agent_main
-
-        return agent_main(vars)
-
-
-class GcStoreCmd(_CacheCommand):
-    name = "gc-store"
-    doc_purpose = "shrink the shared store to MAX_STORE_BYTES, keeping what every cache uses"
-
-    @staticmethod
-    def impl(vars: Mapping[str, str]) -> int:
-        from .gcstore import gc_store_cmd
-
-        return gc_store_cmd(vars)
-
-
 # -- dodo.py and the console script ----------------------------------------
 
 
 def dodo_namespace() -> dict[str, Any]:
     """What dodo.py exports: DOIT_CONFIG and one task_* creator per artifact.
 
-    Lets ``doit list`` / ``doit info`` show the graph.  Running a task
-    directly is refused by the action (it would bypass the lock): use
-    ``doit build-cache``.
+    Lets ``doit list`` show the graph.  Running a task directly is refused
+    (:class:`cachebuild.doitcmds.RunCmd`, and the action itself: it would
+    bypass the lock): use ``doit build-cache``.
     """
     from targets import task_dicts
 
@@ -655,14 +490,8 @@ def dodo_namespace() -> dict[str, Any]:
     settings = load_settings(vars)
     plan = resolve_plan(settings, with_flight=False)
     plan.paths.state.mkdir(parents=True, exist_ok=True)
-    ns: dict[str, Any] = {
-        "DOIT_CONFIG": {
-            "dep_file": str(plan.paths.dep_file),
-            "backend": "sqlite3",
-            "default_tasks": [],
-            "verbosity": 2,
-        }
-    }
+    # the build's own database and file checker: `doit list --status` judges as build-cache does
+    ns: dict[str, Any] = {"DOIT_CONFIG": {**doit_config(plan), "default_tasks": []}}
     for d in task_dicts(plan):
         spec = dict(d)
         name = spec.pop("name")
@@ -676,35 +505,11 @@ def dodo_namespace() -> dict[str, Any]:
     return ns
 
 
-_COMMANDS = {
-    "build-cache": build_cache,
-    "verify-cache": verify_cache_cmd,
-    "clean": clean_cache,
-    "cache-info": CacheInfoCmd.impl,
-    "preview-cache": PreviewCacheCmd.impl,
-    "companion-agent": CompanionAgentCmd.impl,
-    "gc-store": GcStoreCmd.impl,
-}
-
-
 def main(argv: list[str] | None = None) -> int:
     """``cachebuild <command> NAME=value ...``: the same commands without doit's CLI."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in _COMMANDS:
-        sys.stderr.write(
-            "usage: cachebuild {build-cache|verify-cache|clean|cache-info|preview-cache|gc-store} [NAME=value ...]\n\n"
-            "Variables:\n" + _VARS_HELP + "\n"
-        )
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    cmd, rest = argv[0], argv[1:]
-    vars: dict[str, str] = {}
-    for arg in rest:
-        if "=" not in arg:
-            sys.stderr.write(f"ERROR: unexpected argument {arg!r}; use NAME=value\n")
-            return 2
-        name, value = arg.split("=", 1)
-        vars[name] = value
-    return _COMMANDS[cmd](vars)
+    from .console import main as console_main
+
+    return console_main(argv)
 
 
 if __name__ == "__main__":  # pragma: no cover
