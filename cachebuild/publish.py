@@ -10,6 +10,12 @@ leaves ``current`` pointing at the old release or the new one, never at a
 mix.  Leftovers of a crash are removed by :func:`clean_leftovers` on the next
 run.  The previous release is kept, so a reader that resolved ``current``
 just before a publish still finds its files.
+
+A release is read-only on disk, its files and its directories (the staged
+files are made read-only by the task that wrote them, see
+:mod:`cachebuild.produced`, so linking them changes nothing the build's
+hash cache remembers).  Whatever removes a release uses
+:func:`remove_tree`.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import uuid
 from pathlib import Path
 
@@ -29,6 +36,8 @@ __all__ = [
     "release_intact",
     "clean_leftovers",
     "current_release",
+    "remove_tree",
+    "make_tree_read_only",
 ]
 
 KEEP_RELEASES = 2
@@ -78,6 +87,40 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+def make_tree_read_only(root: Path) -> None:
+    """``chmod a-w`` every file and directory under ``root`` (and ``root``), directories last.
+
+    A file already read-only is not touched (its ctime, which the build's
+    hash cache compares, stays).
+    """
+    for dirpath, _dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            if stat.S_ISREG(st.st_mode) and st.st_mode & 0o222:
+                os.chmod(p, stat.S_IMODE(st.st_mode) & ~0o222)
+        mode = stat.S_IMODE(os.stat(dirpath).st_mode)
+        if mode & 0o222:
+            os.chmod(dirpath, mode & ~0o222)
+
+
+def remove_tree(path: str | os.PathLike[str], *, ignore_errors: bool = True) -> None:
+    """Remove a directory tree that may be read-only (a release): its directories are made writable first."""
+    p = os.fspath(path)
+    if not os.path.isdir(p) or os.path.islink(p):
+        if os.path.lexists(p) and not ignore_errors:
+            os.unlink(p)
+        return
+    for dirpath, dirs, _files in os.walk(p):
+        for d in [dirpath, *(os.path.join(dirpath, d) for d in dirs)]:
+            try:
+                if not os.path.islink(d):
+                    os.chmod(d, stat.S_IMODE(os.stat(d).st_mode) | stat.S_IRWXU)
+            except OSError:
+                pass
+    shutil.rmtree(p, ignore_errors=ignore_errors)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -104,6 +147,7 @@ def publish(paths: Paths, files: list[str]) -> Path:
         if sub.is_file():
             with open(sub, "rb") as fh:
                 os.fsync(fh.fileno())
+    make_tree_read_only(tmp)
     os.replace(tmp, final)
     fsync_dir(paths.releases)
     link_tmp = paths.cache_dir / f".current.tmp-{os.getpid()}"
@@ -125,7 +169,7 @@ def _prune(paths: Paths, keep: set[str]) -> None:
     ]
     others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
     for old in others[KEEP_RELEASES - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
 
 
 def clean_leftovers(paths: Paths) -> list[str]:
@@ -139,7 +183,7 @@ def clean_leftovers(paths: Paths) -> list[str]:
     if paths.releases.is_dir():
         for entry in paths.releases.iterdir():
             if entry.name.startswith(".tmp-"):
-                shutil.rmtree(entry, ignore_errors=True)
+                remove_tree(entry)
                 removed.append(str(entry))
     if paths.build.is_dir():
         # temp files: ".name.tmp-<pid>…" (most writers) and ".name.<pid>-<hex>.tmp" (manifest.atomic_write)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cachebuild import produced
+
 from . import descriptors, engine, flight, index, manifest, mbtiles, model, preview, selftest, tiles
 
 __all__ = ["TASK_MODULES", "task_dicts", "FINAL_TASK"]
@@ -20,10 +22,20 @@ FINAL_TASK = "manifest"
 
 
 def task_dicts(plan: Any) -> list[dict[str, Any]]:
-    """Every task of a build for ``plan`` (a :class:`cachebuild.plan.BuildPlan`)."""
+    """Every task of a build for ``plan`` (a :class:`cachebuild.plan.BuildPlan`).
+
+    Each task records the hash of its targets after its action, and is up
+    to date only while they still have it (:mod:`cachebuild.produced`): a
+    target replaced behind the build's back is made again, never signed.
+    """
     out = []
+    build = str(plan.paths.build)
     for mod in TASK_MODULES:
         d = mod.task(plan)
         if d is not None:
+            targets = list(d.get("targets", []))
+            if targets:
+                d["actions"] = [*d["actions"], (produced.record, [build, targets])]
+                d["uptodate"] = [*d.get("uptodate", []), (produced.intact, [build, targets])]
             out.append(d)
     return out

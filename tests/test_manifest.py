@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import random
 import re
 from datetime import datetime, timedelta, timezone
@@ -523,10 +524,18 @@ def test_hash_cache_off_by_default_hashes_all(cache: Path, key: ed25519.Ed25519P
     assert not (cache / manifest.HASH_CACHE_NAME).exists()
 
 
+def _settle(*paths: Path) -> None:
+    """Put the files' mtime 10 s back: a hash remembered now is not racy (cachebuild.statcache.racy)."""
+    for p in paths:
+        st = p.stat()
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 10 * 10**9))
+
+
 def test_hash_cache_reuses_only_unchanged_files(
     cache: Path, key: ed25519.Ed25519PrivateKey, caplog: pytest.LogCaptureFixture
 ) -> None:
     hc = cache / manifest.HASH_CACHE_NAME
+    _settle(*(cache / a for a in ARTIFACTS))
     with caplog.at_level(logging.INFO, logger="cachebuild.manifest"):
         _publish(cache, key, hash_cache=hc)
         assert "hashed 3 artifacts, 0 remembered" in caplog.text
@@ -544,6 +553,7 @@ def test_hash_cache_reuses_only_unchanged_files(
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
         _publish(cache, key, hash_cache=hc, version=5)
         assert "hashed 1 artifacts, 2 remembered" in caplog.text
+    hc.unlink()  # a build directory's file, never published
     signed = verify_cache(cache, [key.public_key()])  # the true hashes, re-hashed by verify
     assert signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
 
@@ -552,10 +562,12 @@ def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
     hc = manifest.HashCache(tmp_path / manifest.HASH_CACHE_NAME)
     a = tmp_path / "a"
     a.write_bytes(b"one")
+    _settle(a)
     assert hc.sha256(a) == (hashlib.sha256(b"one").hexdigest(), 3)
     assert hc.lookup(a) is not None
     # same bytes in a new file renamed onto it: another inode and ctime
     (tmp_path / "b").write_bytes(b"one")
+    _settle(tmp_path / "b")
     os.replace(tmp_path / "b", a)
     assert hc.lookup(a) is None
     hc.sha256(a)
@@ -565,6 +577,22 @@ def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
     assert manifest.HashCache(hc.path).lookup(a) is None
 
 
+def test_a_racy_entry_is_hashed_again(tmp_path: Path) -> None:
+    """git's racy entry: remembered within the tick of the file's mtime, a same-tick rewrite would look unchanged."""
+    hc = manifest.HashCache(tmp_path / manifest.HASH_CACHE_NAME)
+    a = tmp_path / "a"
+    a.write_bytes(b"one")
+    hc.sha256(a)
+    assert hc.lookup(a) is None  # just written: not trusted yet
+    _settle(a)
+    hc.sha256(a)
+    assert hc.lookup(a) is not None  # settled: trusted
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, time.time_ns() + 10**9))  # an mtime in the future stays racy
+    hc.sha256(a)
+    assert hc.lookup(a) is None
+
+
 @pytest.mark.parametrize(
     "content",
     [
@@ -572,14 +600,16 @@ def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
         b"\x00garbage",
         b"[]",
         b'{"format": "cachebuild/sha256-cache-v1", "entries": {"a": [1, 2, 3, 4, 5, "beef"]}}',
+        b'{"format": "cachebuild/sha256-cache-v2", "entries": {"a": [1, 2, 3, 4, 5, 6, "beef"]}}',
     ],
 )
 def test_a_damaged_hash_cache_is_ignored(cache: Path, key: ed25519.Ed25519PrivateKey, content: bytes) -> None:
     hc = cache / manifest.HASH_CACHE_NAME
     hc.write_bytes(content)
     _publish(cache, key, hash_cache=hc)
+    assert json.loads(hc.read_text())["format"] == "cachebuild/sha256-cache-v2"
+    hc.unlink()  # a build directory's file, never published
     verify_cache(cache, [key.public_key()])
-    assert json.loads(hc.read_text())["format"] == "cachebuild/sha256-cache-v1"
 
 
 def test_a_rewritten_file_is_hashed_again(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
@@ -591,14 +621,19 @@ def test_a_rewritten_file_is_hashed_again(cache: Path, key: ed25519.Ed25519Priva
     assert env["signed"]["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(b"new tiles").hexdigest()
 
 
+def _digest(state: list) -> str:
+    return state[-1]
+
+
 def test_doit_file_checker_hashes_once_and_sees_every_change(tmp_path: Path) -> None:
     hc = tmp_path / manifest.HASH_CACHE_NAME
     f = tmp_path / "tiles.mbtiles"
     f.write_bytes(b"a" * 1000)
+    _settle(f)
     checker = manifest.doit_file_checker(hc)()
     state = checker.get_state(str(f), None)
-    assert state[1] == 1000 and state[2] == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
-    assert checker.get_state(str(f), state) is None  # same mtime: unchanged, nothing read
+    assert state[2] == 1000 and _digest(state) == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
+    assert checker.get_state(str(f), state) is None  # same stat, settled: unchanged, nothing read
     assert not checker.check_modified(str(f), f.stat(), state)
     # the same bytes written again (a new mtime, the same size): not modified
     f.write_bytes(b"a" * 1000)
@@ -608,9 +643,35 @@ def test_doit_file_checker_hashes_once_and_sees_every_change(tmp_path: Path) -> 
     f.write_bytes(b"b" * 1000)
     os.utime(f, ns=(1, 2 * 10**18))
     assert checker.check_modified(str(f), f.stat(), state)
+    # a state of an older cachebuild (mtime, size, sha256) is decided by the hash
+    old = (0.0, 1000, "sha256:" + hashlib.sha256(b"b" * 1000).hexdigest())
+    assert not checker.check_modified(str(f), f.stat(), old)
     # a state of doit's md5 checker (an older database) means modified, once
     assert checker.check_modified(str(f), f.stat(), (0.0, 1000, hashlib.md5(b"b" * 1000).hexdigest()))
     assert checker.check_modified(str(f), f.stat(), 12.5)  # doit's timestamp checker
+
+
+@pytest.mark.parametrize("how", ["same-size-touch-r", "other-size-cp-p", "same-tick"])
+def test_doit_file_checker_sees_a_restored_mtime(tmp_path: Path, how: str) -> None:
+    """issue 19: an equal mtime is not an unchanged file (the size, inode and ctime count, and racy records)."""
+    hc = tmp_path / manifest.HASH_CACHE_NAME
+    f = tmp_path / "model.onnx"
+    f.write_bytes(b"a" * 1000)
+    if how != "same-tick":
+        _settle(f)
+    checker = manifest.doit_file_checker(hc)()
+    state = checker.get_state(str(f), None)
+    st = f.stat()
+    if how == "same-size-touch-r":
+        f.write_bytes(b"b" * 1000)
+    elif how == "other-size-cp-p":
+        (tmp_path / "new").write_bytes(b"c" * 1234)
+        os.replace(tmp_path / "new", f)
+    else:  # the same size, mtime and ctime, within the record's tick (as a same-tick write would leave it)
+        with open(f, "r+b") as fh:
+            fh.write(b"d" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert checker.check_modified(str(f), f.stat(), state)
 
 
 def test_doit_file_checker_takes_the_writers_hash(tmp_path: Path) -> None:
@@ -618,10 +679,11 @@ def test_doit_file_checker_takes_the_writers_hash(tmp_path: Path) -> None:
     hc = tmp_path / manifest.HASH_CACHE_NAME
     f = tmp_path / "big"
     f.write_bytes(b"x" * 100)
+    _settle(f)
     cache = manifest.HashCache(hc)
     cache.remember(f, "0" * 64, f.stat())
     cache.save()
     checker = manifest.doit_file_checker(hc)()
-    assert checker.get_state(str(f), None)[2] == "sha256:" + "0" * 64
+    assert _digest(checker.get_state(str(f), None)) == "sha256:" + "0" * 64
     f.write_bytes(b"y" * 100)  # rewritten: the ctime moved, the remembered hash is dropped
-    assert checker.get_state(str(f), None)[2] == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()
+    assert _digest(checker.get_state(str(f), None)) == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()
