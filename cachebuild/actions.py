@@ -394,5 +394,6 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         version=_previous_version(Path(current)) + 1,
         expires_at=now + timedelta(days=expires_days),
         hash_cache=b / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
+        check_produced=True,  # sign only what the build's tasks wrote (cachebuild.produced)
     )
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,13 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
 
     Only the public id is cached, never key material.
     """
+    from .statcache import stat_key, still_valid
+
     st = key_path.stat()
-    stamp = {"path": str(key_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "ino": st.st_ino}
+    stamp = {"path": str(key_path), "stat": stat_key(st)}  # ctime too: a key rotated in place is seen
     try:
         cached = json.loads(cache_file.read_text())
-        if cached.get("stamp") == stamp:
+        if cached.get("stamp") == stamp and still_valid(st, stamp["stat"], cached.get("recorded_ns")):
             return str(cached["keyid"])
     except (OSError, ValueError, KeyError):
         pass
@@ -158,7 +161,7 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid}))
+        tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid, "recorded_ns": time.time_ns()}))
         os.replace(tmp, cache_file)
     except OSError:  # only a cache (a full disk, say): the key was read; the build says the rest
         tmp.unlink(missing_ok=True)
