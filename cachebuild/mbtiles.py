@@ -605,11 +605,10 @@ def _tile_rows(tiles: Any, store: Any) -> Iterator[tuple[int, int, int, bytes]]:
 
 
 def connect_readonly(path: str | os.PathLike[str], *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """Open an SQLite file read-only (``mode=ro``): it cannot be changed through this."""
-    import sqlite3
+    """Open an MBTiles file read-only and immutable: no journal beside it is ever replayed (:mod:`.sqliteuri`)."""
+    from .sqliteuri import connect_immutable
 
-    uri = Path(path).absolute().as_uri() + "?mode=ro"
-    return sqlite3.connect(uri, uri=True, check_same_thread=check_same_thread)
+    return connect_immutable(path, check_same_thread=check_same_thread)
 
 
 def read_tile(conn: sqlite3.Connection, tile: Tile) -> bytes | None:

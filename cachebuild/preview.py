@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError
+from .mbtiles import connect_readonly
 from .tiles import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
 
 __all__ = ["CELLS_FILE", "DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
@@ -174,10 +175,7 @@ def _north_arrow(draw: Any, geo: PreviewGeometry, font: Any) -> None:
 
 
 def _read_tiles(mbtiles: Path, zoom: int) -> Any:
-    import sqlite3
-
-    uri = f"file:{mbtiles}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True)
+    conn = connect_readonly(mbtiles)
     try:
         yield from conn.execute(
             "SELECT tile_column, tile_row, tile_data FROM tiles WHERE zoom_level = ?", (zoom,)
@@ -265,7 +263,6 @@ def _thumb_mosaic(
     scale.  Memory: ``t * t * 3`` bytes a tile, plus one chunk of
     thumbnails.
     """
-    import sqlite3
     from concurrent.futures import ThreadPoolExecutor
     from itertools import islice
 
@@ -318,7 +315,7 @@ def _thumb_mosaic(
         # the rest, made from the MBTiles rows and kept
         lack = np.flatnonzero(lacking)
         if len(lack):
-            conn = sqlite3.connect(f"file:{cache_dir / 'tiles.mbtiles'}?mode=ro", uri=True)
+            conn = connect_readonly(cache_dir / "tiles.mbtiles")
             workers = min(8, os.cpu_count() or 1)
             try:
                 rows = _lacking_rows(conn, geo.zoom, ids, lack)

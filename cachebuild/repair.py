@@ -37,6 +37,7 @@ from typing import Any
 
 from .config import Paths
 from .errors import CacheBuildWarning, StoreObjectError
+from .sqliteuri import sqlite_uri
 
 __all__ = ["check_doit_db", "check_staged", "run_repairing", "STALE_TILESET"]
 
@@ -47,7 +48,7 @@ STALE_TILESET = "tileset.json"
 def _db_problem(path: Path) -> str | None:
     """Why doit could not use the database at ``path``, or None."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        conn = sqlite3.connect(sqlite_uri(path, mode="ro"), uri=True)
     except sqlite3.Error as exc:
         return str(exc)
     try:
