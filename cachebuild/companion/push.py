@@ -130,20 +130,22 @@ class PushResult:
 
 def file_sha256_cached(path: Path, cache_file: Path) -> str:
     """SHA-256 of a (large) file, cached against its stat in ``cache_file``."""
+    from ..statcache import stat_key, still_valid
+
     st = path.stat()
-    stamp = [str(path), st.st_size, st.st_mtime_ns, st.st_ino]
+    stamp = [str(path), *stat_key(st)]  # size, inode, mtime and ctime, with git's racy rule
     try:
         cache = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(str(path))
-    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+    if isinstance(entry, dict) and entry.get("stamp") == stamp and still_valid(st, stamp[1:], entry.get("recorded_ns")):
         return str(entry["sha256"])
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
-    cache[str(path)] = {"stamp": stamp, "sha256": h.hexdigest()}
+    cache[str(path)] = {"stamp": stamp, "sha256": h.hexdigest(), "recorded_ns": time.time_ns()}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(cache))
