@@ -196,21 +196,27 @@ def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = No
     return out
 
 
-def compare(companion: dict[str, Any], local: Mapping[str, Any] | None, last: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Is the companion's cache the one this workstation means?  Adds ``reference``,
-    ``build_id``, ``matches`` and ``status`` to ``companion``.
+def compare(companion: dict[str, Any], last: Mapping[str, Any] | None, record: Path | None = None) -> dict[str, Any]:
+    """Is the companion's cache the one this workstation last built there?  Adds
+    ``reference``, ``build_id``, ``matches`` and ``status`` to ``companion``.
 
-    The reference is the local published cache when there is one, else the
-    cache this workstation last built on that companion.  ``status`` is
-    ``matches`` (same build id), ``stale`` (another), ``no cache`` (none
-    published there) or ``unknown`` (nothing here to compare with).
+    The reference is the last build this workstation made for that companion
+    and ``COMPANION_DIR`` (``last``, from ``record``); a local published cache
+    is another cache and never the reference.  ``status`` is ``matches``
+    (same build id), ``stale`` (another build there), ``no cache`` (none
+    published there) or ``unknown`` (no build for it recorded here).
     """
     remote = companion.get("cache")
     ref: dict[str, Any] | None = None
-    if local is not None:
-        ref = {"source": "local cache", "build_id": local.get("build_id"), "path": local.get("path")}
-    elif last is not None and last.get("host") == companion["host"]:
-        ref = {"source": "last companion build", "build_id": last.get("build_id"), "at": last.get("at")}
+    if last is not None:
+        ref = {
+            "source": "last companion build",
+            "host": last.get("host"),
+            "dir": last.get("dir"),
+            "build_id": last.get("build_id"),
+            "at": last.get("at"),
+            "record": None if record is None else str(record),
+        }
     companion["reference"] = ref
     companion["build_id"] = remote.get("build_id") if remote else None
     if remote is None:
@@ -235,11 +241,15 @@ def format_companion(c: Mapping[str, Any]) -> str:
         f"{head}: build {str(remote.get('build_id'))[:16]}, v{remote.get('manifest_version')}, "
         f"built {remote.get('built_at')}, verify {'passes' if v['ok'] else 'FAILS: ' + str(v['reason'])}"
     )
-    if c["status"] == "matches":
-        return f"{line}\n  matches the {ref['source']}"
-    if c["status"] == "stale":
-        return f"{line}\n  STALE: the {ref['source']} is build {str(ref['build_id'])[:16]}"
-    return f"{line}\n  nothing here to compare it with (no local cache, no companion build recorded)"
+    if ref is not None:
+        made = f"the last build this workstation made for {ref['host']} {ref['dir']}"
+        if c["status"] == "matches":
+            return f"{line}\n  matches {made} (at {ref.get('at')})"
+        return (
+            f"{line}\n  STALE: {made} is build {str(ref['build_id'])[:16]} (at {ref.get('at')}); "
+            "another build was published there since"
+        )
+    return f"{line}\n  nothing to compare it with: this workstation recorded no build for {c['host']} {c['dir']}"
 
 
 def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
@@ -264,9 +274,11 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
         report.extra["cache"] = d
         text = [format_info(d)] if d is not None else []
         if settings.companion is not None:
-            from .companion.flow import last_companion_build
+            from .companion.flow import LAST_BUILD_FILE, last_companion_build
 
-            c = compare(companion_cache(settings), d, last_companion_build(settings.paths.state))
+            c = companion_cache(settings)
+            last = last_companion_build(settings.paths.state, c["host"], c["dir"])
+            c = compare(c, last, settings.paths.state / LAST_BUILD_FILE)
             report.extra["companion"] = c
             if d is None and c["cache"] is not None:
                 report.build_id = c["cache"].get("build_id")

@@ -51,3 +51,57 @@ def test_the_companions_dev_key_warning_says_companion_key(companion: Companion,
         assert w.startswith("companion: ") and "COMPANION_KEY" in w and not BARE_KEY.search(w), w
     streamed = [ln for ln in r.stderr.splitlines() if ln.startswith("companion| ") and "development" in ln]
     assert streamed and not any(BARE_KEY.search(ln) for ln in streamed), streamed
+
+
+def test_cache_info_compares_with_the_last_build_made_for_that_companion_and_dir(
+    companion: Companion, tmp_path: Path
+) -> None:
+    from .test_companion import SMALL
+
+    # an unrelated local cache (the operator tried the demo here first)
+    demo = companion.cb.build(f"FLIGHT={write_flight(tmp_path / 'demo.json', lon=8.5460)}", *SMALL)
+    assert demo.code == 0, demo.stderr
+    f = write_flight(tmp_path / "f.json")
+    built = companion.build(f)
+    assert built.code == 0, built.stderr
+    # the same workstation builds another area into a second COMPANION_DIR on that companion
+    other_dir = tmp_path / "companion-b"
+    g = write_flight(tmp_path / "g.json", lat=47.3750)
+    other = companion.build(g, COMPANION_DIR=str(other_dir))
+    assert other.code == 0, other.stderr
+    assert len({demo.report["build_id"], built.report["build_id"], other.report["build_id"]}) == 3
+
+    args = [f"{k}={v}" for k, v in companion.vars().items()]
+    info = companion.cb.run("cache-info", *args)
+    assert info.code == 0, info.stderr
+    c = info.report["companion"]
+    assert c["status"] == "matches" and c["matches"] is True, c
+    ref = c["reference"]
+    assert ref["source"] == "last companion build" and ref["build_id"] == built.report["build_id"]
+    assert ref["host"] == companion.sshd.target and ref["dir"] == str(companion.dir)
+    assert info.report["cache"]["build_id"] == demo.report["build_id"]  # still shown, not compared
+    text = companion.cb.run("cache-info", *args, "REPORT=text")
+    assert text.code == 0, text.stderr
+    assert (
+        f"matches the last build this workstation made for {companion.sshd.target} {companion.dir}"
+        in text.stdout
+    )
+
+    # another workstation (another home) publishes a new build there: this one's record differs
+    elsewhere = companion.cb.__class__(home=tmp_path / "home2")
+    elsewhere.home.mkdir()
+    theirs = Companion(cb=elsewhere, sshd=companion.sshd, dir=companion.dir, home=companion.home).build(
+        write_flight(tmp_path / "h.json", origin=(47.3705, 8.5405))
+    )
+    assert theirs.code == 0, theirs.stderr
+    stale = companion.cb.run("cache-info", *args).report["companion"]
+    assert stale["status"] == "stale" and stale["build_id"] == theirs.report["build_id"]
+    assert stale["reference"]["build_id"] == built.report["build_id"]
+
+    # a companion dir this workstation never built for: nothing to compare with, said so
+    third = companion.cb.__class__(home=tmp_path / "home3")
+    third.home.mkdir()
+    fresh = third.run("cache-info", *args)
+    assert fresh.code == 0, fresh.stderr
+    c = fresh.report["companion"]
+    assert c["status"] == "unknown" and c["matches"] is None and c["reference"] is None

@@ -261,6 +261,12 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
     )
 
 
+def _warn_quarantined(settled: dict[str, Any], target: CompanionTarget, warn: Any) -> None:
+    """Say which packs the companion's agent refused and moved aside (their objects are sent again)."""
+    for line in (settled.get("quarantined") or [])[:5]:
+        warn(f"the companion {target} refused a pack and quarantined it: {line}")
+
+
 def build_on_companion(
     plan: Any,
     report: Any,
@@ -341,6 +347,7 @@ def build_on_companion(
         )
         if settled.get("objects"):
             out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
+        _warn_quarantined(settled, target, warn)
         out.write(
             f"push: {len(absent):,} of {len(wanted_plan.wanted()):,} files missing there, about {_mb(sending)} to send\n"
         )
@@ -367,6 +374,7 @@ def build_on_companion(
             **({"pack_bytes": pack_bytes} if pack_bytes else {}),
         )
         report.extra["push"] = result.to_dict()
+        _warn_quarantined(result.settled, target, warn)
         report.timed("push", time.monotonic() - t)
         out.write(
             f"push: sent {result.objects:,} objects and {result.files:,} files, {_mb(result.bytes)}, "
@@ -387,38 +395,49 @@ def build_on_companion(
             record_companion_build(plan.paths.state, str(target), root, report)
 
 
-#: In the workstation's state directory: the cache it last built on a companion.
+#: In the workstation's state directory: the cache it last built on each
+#: companion and ``COMPANION_DIR`` (``doit cache-info COMPANION=…`` compares with it).
 LAST_BUILD_FILE = "companion-build.json"
 
 
+def _build_records(path: Any) -> dict[str, dict[str, Any]]:
+    import json
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if isinstance(doc, dict) and isinstance(doc.get("builds"), dict):
+        return {k: v for k, v in doc["builds"].items() if isinstance(v, dict)}
+    if isinstance(doc, dict) and "host" in doc and "dir" in doc:  # one record, as written before
+        return {f"{doc['host']} {doc['dir']}": doc}
+    return {}
+
+
 def record_companion_build(state_dir: Any, host: str, root: str, report: Any) -> None:
-    """Remember which cache this workstation last built on ``host`` (``doit cache-info``
-    compares the companion's published cache with it)."""
+    """Remember which cache this workstation last built on ``host`` in ``root``."""
     import json
     import os
     from pathlib import Path
 
     path = Path(state_dir) / LAST_BUILD_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    record = {
+    builds = _build_records(path)
+    builds[f"{host} {root}"] = {
         "host": host,
         "dir": root,
         "build_id": report.build_id,
         "manifest_version": report.manifest_version,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"format": 2, "builds": builds}, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
 
 
-def last_companion_build(state_dir: Any) -> dict[str, Any] | None:
-    """What :func:`record_companion_build` kept, or None."""
-    import json
+def last_companion_build(state_dir: Any, host: str, root: str) -> dict[str, Any] | None:
+    """What :func:`record_companion_build` kept for ``host`` and ``root``, or None."""
     from pathlib import Path
 
-    try:
-        record = json.loads((Path(state_dir) / LAST_BUILD_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) and isinstance(record.get("build_id"), str) else None
+    record = _build_records(Path(state_dir) / LAST_BUILD_FILE).get(f"{host} {root}")
+    return record if record is not None and isinstance(record.get("build_id"), str) else None
