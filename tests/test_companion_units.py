@@ -439,9 +439,11 @@ def test_settle_unpacks_complete_packs_and_drops_stale_parts(tmp_path: Path) -> 
     (incoming / "x-000000.tar").write_bytes(b"this is not a tar at all" * 40)
     with TileStore(tmp_path / "store") as store:
         counts = packs.settle_incoming(incoming, store)
+        quarantined = counts.pop("quarantined")
         assert counts == {"packs": 2, "objects": 3, "bytes": 300, "corrupt": 1, "stale_parts": 1}
+        assert len(quarantined) == 1 and quarantined[0].startswith("x-000000.tar: not a pack")
         assert [store.has(d) for d, _ in items] == [True, True, True, False]
-    assert sorted(p.name for p in incoming.iterdir()) == ["s-000002.tar.abc.part"]
+    assert sorted(p.name for p in incoming.iterdir()) == ["quarantine", "s-000002.tar.abc.part"]
 
 
 def test_probe_answers_what_is_absent_and_prepares_the_layout(tmp_path: Path) -> None:

@@ -22,7 +22,8 @@ and exits 1.
 Layout under ``DIR``::
 
     store/              the content-addressed store (objects/ab/<sha256>)
-    incoming/           packs being pushed (*.tar.part) and pushed (*.tar)
+    incoming/           packs being pushed (*.tar.part) and pushed (*.tar);
+                        quarantine/ holds packs that failed a check
     inputs/<sha256>.*   model and calibration files, named by content
     inbox/<key>/        a pushed flight: flight.json, tiles.npy, missing.npy,
                         tileset.json (last), push.json
@@ -259,7 +260,8 @@ def unpack(
     from .packs import settle_incoming
 
     dirs = layout(root)
-    total = {"packs": 0, "objects": 0, "bytes": 0, "corrupt": 0, "stale_parts": 0}
+    total: dict[str, Any] = {"packs": 0, "objects": 0, "bytes": 0, "corrupt": 0, "stale_parts": 0}
+    total["quarantined"] = []
     done = watch is None
     marker = dirs["incoming"] / f"{watch}{DONE_SUFFIX}"
     with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
