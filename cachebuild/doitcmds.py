@@ -115,7 +115,7 @@ class _CacheCommand(Command):
 
     def parse_execute(self, in_args: list[str]) -> int:
         if self.builtin is not None and foreign_dodo(self.opt_vals, self.config):
-            return int(self.builtin(**self._doit_kwargs).parse_execute(in_args))
+            return self.builtin(**self._doit_kwargs).parse_execute(in_args)  # type: ignore[no-any-return]
         return int(super().parse_execute(in_args))
 
     def execute(self, params: Any, args: list[str]) -> int:
