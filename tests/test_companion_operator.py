@@ -105,3 +105,37 @@ def test_cache_info_compares_with_the_last_build_made_for_that_companion_and_dir
     assert fresh.code == 0, fresh.stderr
     c = fresh.report["companion"]
     assert c["status"] == "unknown" and c["matches"] is None and c["reference"] is None
+
+
+def _push_lines(stderr: str) -> tuple[str, str]:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("push: ") and "/" not in ln.split(",")[0]]
+    before = [ln for ln in lines if "missing there" in ln]
+    after = [ln for ln in lines if ln.startswith("push: sent")]
+    assert len(before) == 1 and len(after) == 1, stderr
+    return before[0], after[0]
+
+
+def test_the_push_lines_count_the_same_things_and_agree_with_the_report(
+    companion: Companion, tmp_path: Path
+) -> None:
+    from cachebuild.model import build_default_model
+
+    model = tmp_path / "net.onnx"
+    model.write_bytes(build_default_model())
+    f = write_flight(tmp_path / "f.json")
+    r = companion.build(f, MODEL=str(model))
+    assert r.code == 0, r.stderr
+    push = r.report["push"]
+    n = push["tile_objects"]
+    before, after = _push_lines(r.stderr)
+    assert f"{n} of {n} tile images, 1 of 1 input file, 5 of 5 flight files missing there" in before
+    assert f"sent {n} tile images in {push['packs']} pack" in after
+    assert "1 input file, 5 flight files:" in after
+    assert push["files"] == 1 + 5 and push["objects"] == n + 1
+    assert f"0 of {n} tile images were there already" in after
+
+    again = companion.build(f, MODEL=str(model))
+    assert again.code == 0, again.stderr
+    before, after = _push_lines(again.stderr)
+    assert f"0 of {n} tile images, 0 of 1 input file, 0 of 5 flight files missing there" in before
+    assert "sent nothing" in after and f"{n} of {n} tile images were there already" in after

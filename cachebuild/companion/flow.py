@@ -220,6 +220,36 @@ class _Progress:
         self.stream.flush()
 
 
+def _n(count: int, what: str) -> str:
+    return f"{count:,} {what}" if count == 1 else f"{count:,} {what}s"
+
+
+def _missing_line(plan: Any, absent: set[str]) -> str:
+    """What the companion lacks, per kind, each "k of n" (the counts the sent line uses)."""
+    tiles = sum(plan.tile_rel(d) in absent for d in plan.tiles)
+    parts = [f"{tiles:,} of {_n(len(plan.tiles), 'tile image')}"]
+    if plan.inputs:
+        parts.append(f"{sum(rel in absent for rel in plan.inputs):,} of {_n(len(plan.inputs), 'input file')}")
+    inbox = len(plan.inbox_files)
+    parts.append(f"{inbox if f'{plan.inbox}/tileset.json' in absent else 0:,} of {_n(inbox, 'flight file')}")
+    return ", ".join(parts)
+
+
+def _sent_line(plan: Any, result: Any) -> str:
+    """What :func:`~.push.push` sent, in the kinds and counts of :func:`_missing_line`."""
+    inputs = result.objects - result.tile_objects
+    parts = []
+    if result.tile_objects:
+        parts.append(f"{_n(result.tile_objects, 'tile image')} in {_n(result.packs, 'pack')}")
+    if inputs:
+        parts.append(_n(inputs, "input file"))
+    if result.files - inputs:
+        parts.append(_n(result.files - inputs, "flight file"))
+    sent = f"sent {', '.join(parts)}: {_mb(result.bytes)}" if parts else f"sent nothing: {_mb(result.bytes)}"
+    there = len(plan.tiles) - result.tile_objects
+    return f"{sent}; {there:,} of {_n(len(plan.tiles), 'tile image')} were there already"
+
+
 def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: CompanionTarget) -> None:
     companion = report.extra.setdefault("companion", {})
     companion.update(
@@ -348,9 +378,7 @@ def build_on_companion(
         if settled.get("objects"):
             out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
         _warn_quarantined(settled, target, warn)
-        out.write(
-            f"push: {len(absent):,} of {len(wanted_plan.wanted()):,} files missing there, about {_mb(sending)} to send\n"
-        )
+        out.write(f"push: {_missing_line(wanted_plan, absent)} missing there, about {_mb(sending)} to send\n")
         out.flush()
         report.timed("bringup", time.monotonic() - t)
 
@@ -376,10 +404,7 @@ def build_on_companion(
         report.extra["push"] = result.to_dict()
         _warn_quarantined(result.settled, target, warn)
         report.timed("push", time.monotonic() - t)
-        out.write(
-            f"push: sent {result.objects:,} objects and {result.files:,} files, {_mb(result.bytes)}, "
-            f"in {time.monotonic() - t:.1f} s; {result.skipped:,} objects were there already\n"
-        )
+        out.write(f"push: {_sent_line(wanted_plan, result)}, in {time.monotonic() - t:.1f} s\n")
         sftp.close()
 
         t = time.monotonic()
