@@ -60,27 +60,8 @@ if TYPE_CHECKING:
     import httpx
 
 
-__all__ = [
-    "API_KEY_ENV",
-    "HEADERS_ENV",
-    "DEFAULT_TIMEOUT_S",
-    "DEFAULT_DEADLINE_S",
-    "MAX_TILE_BYTES",
-    "DEFAULT_RETRIES",
-    "DEFAULT_BACKOFF_S",
-    "DEFAULT_BACKOFF_MAX_S",
-    "DEFAULT_RETRY_AFTER_MAX_S",
-    "DEFAULT_HTTP_CONCURRENCY",
-    "DEFAULT_SUBDOMAINS",
-    "MAX_RATE_LIMIT",
-    "HttpConfig",
-    "XyzProvider",
-    "parse_headers",
-    "parse_subdomains",
-    "parse_rate_limit",
-    "check_template",
-    "refuse_userinfo",
-]
+# the settings' names (xyzconfig) are importable from here too, as before
+__all__ = ["XyzProvider"]
 
 _REDACTED = "***"
 _key_forms = key_forms  # the name cachebuild.providers imports
