@@ -551,12 +551,21 @@ def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> No
 
 def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
     from cachebuild.manifest import HASH_CACHE_NAME, HashCache
+    from cachebuild.statcache import stat_key
 
     fetched(tmp_path)
     cache_file = tmp_path / "build" / HASH_CACHE_NAME
     write(tmp_path, hash_cache=cache_file)
     path = tmp_path / "build" / "tiles.mbtiles"
     want = hashlib.sha256(path.read_bytes()).hexdigest()
+    # remembered with the file's stat (a lookup trusts it once the mtime is older than the record's tick)
+    entry = json.loads(cache_file.read_text())["entries"]["tiles.mbtiles"]
+    assert entry[6] == want and entry[:5] == stat_key(path.stat())
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # settled (a new ctime: hashed once more)
+    cache = HashCache(cache_file)
+    cache.sha256(path)
+    cache.save()
     assert HashCache(cache_file).lookup(path) == (want, path.stat().st_size)
     os.utime(path)  # any change to the file: no longer remembered
     assert HashCache(cache_file).lookup(path) is None
