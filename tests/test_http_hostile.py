@@ -269,7 +269,6 @@ def test_cross_origin_redirect_carries_no_credential(cb: Cb, tmp_path: Path) -> 
 
 def test_same_origin_redirect_keeps_the_headers(cb: Cb, tmp_path: Path) -> None:
     srv = _Redirecting()
-    inner = tileserver.TileServer()
     try:
         # same origin: the redirect goes to /moved/... on the server itself, which serves it
         srv.target = f"http://127.0.0.1:{srv.port}/moved"
@@ -288,7 +287,6 @@ def test_same_origin_redirect_keeps_the_headers(cb: Cb, tmp_path: Path) -> None:
         assert moved and all(h.get(SECRET_HEADER.lower()) == SECRET_VALUE for h in moved)
     finally:
         srv.close()
-        inner.close()
 
 
 def test_password_in_provider_url_is_refused_before_the_lock(cb: Cb, tmp_path: Path) -> None:
@@ -322,13 +320,16 @@ def _retries(stderr: str) -> int:
     return int(line.split(" retries")[0].rsplit(" ", 1)[-1])
 
 
-@pytest.mark.parametrize("kind", ["refused", "tls"])
+@pytest.mark.parametrize("kind", ["refused", "dns", "tls"])
 def test_dead_provider_fails_fast_naming_the_host(cb: Cb, tmp_path: Path, kind: str) -> None:
     key = "apikey-0d9e8f7a6b"
     plain = tileserver.TileServer()
     try:
         if kind == "refused":
             host = f"127.0.0.1:{_free_port()}"
+            template = f"http://{host}/{{z}}/{{x}}/{{y}}.jpg?key={{key}}"
+        elif kind == "dns":  # .invalid never resolves (RFC 6761)
+            host = "tiles.nosuch.invalid"
             template = f"http://{host}/{{z}}/{{x}}/{{y}}.jpg?key={{key}}"
         else:  # https to a plain HTTP server: the TLS handshake fails
             host = f"127.0.0.1:{plain.port}"
@@ -342,6 +343,6 @@ def test_dead_provider_fails_fast_naming_the_host(cb: Cb, tmp_path: Path, kind: 
     assert r.code == 20, r.stderr[-3000:]
     rep = r.report
     assert rep["failure_phase"] == "tiles" and host in rep["error"] and "stopped" in rep["error"]
-    assert {"refused": "connection refused", "tls": "TLS"}[kind] in rep["error"]
+    assert {"refused": "connection refused", "dns": "does not resolve", "tls": "TLS"}[kind] in rep["error"]
     assert _retries(r.stderr) <= 8  # was 345 retries over 22 s
     assert_no_secret(r, key)
