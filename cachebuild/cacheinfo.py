@@ -171,7 +171,8 @@ def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = No
     """
     from .companion.errors import CompanionNotReadyError, RemoteReportError
     from .companion.flow import companion_options, resolve_root
-    from .companion.remote import remote_command, run_remote_build
+    from .companion.messages import COMPANION_PASSPHRASE_ENV, command_values, shown_command
+    from .companion.remote import remote_command, run_remote_build, with_passphrase
     from .companion.ssh import connect
 
     target, options = companion_options(settings)
@@ -181,11 +182,15 @@ def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = No
         sftp.close()
         variables = {"CACHE_DIR": f"{root}/cache", "KEY": settings.companion_key, "REPORT": "json"}
         command = remote_command(settings.companion_cmd, "cache-info", variables)
+        command, stdin = with_passphrase(command, settings.env.get(COMPANION_PASSPHRASE_ENV))
+        hide = tuple(command_values(settings.companion_cmd))
         try:
-            _, remote = run_remote_build(conn, command, out=stream or sys.stderr, env=settings.env)
+            _, remote = run_remote_build(
+                conn, command, out=stream or sys.stderr, env=settings.env, stdin=stdin, hide=hide
+            )
         except RemoteReportError as exc:
             raise CompanionNotReadyError(
-                f"`{settings.companion_cmd} cache-info` on {target} gave no report: {exc.message}",
+                f"`{shown_command(settings.companion_cmd)} cache-info` on {target} gave no report: {exc.message}",
                 remedy="install the same cachebuild version on the companion as here (docs/companion.md), "
                 "or set COMPANION_CMD to its doit",
             ) from exc

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 
 from ..errors import EXIT_USAGE
 from .errors import CompanionNotReadyError, RemoteBuildError
-from .messages import as_workstation, names_companion_key
+from .messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
 from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect, parse_companion
 
 __all__ = [
@@ -332,7 +332,7 @@ def build_on_companion(
         The remote build failed (its exit code), or gave no report (21).
     """
     from .push import plan_push, push
-    from .remote import call_agent, remote_command, run_remote_build, start_agent
+    from .remote import call_agent, remote_command, run_remote_build, start_agent, with_passphrase
 
     settings = plan.settings
     out = stream or sys.stderr
@@ -411,8 +411,11 @@ def build_on_companion(
         command = remote_command(
             settings.companion_cmd, "build-cache", remote_variables(settings, wanted_plan.remote)
         )
+        command, stdin = with_passphrase(command, settings.env.get(COMPANION_PASSPHRASE_ENV))
         try:
-            code, remote = run_remote_build(conn, command, out=out, env=settings.env)
+            code, remote = run_remote_build(
+                conn, command, out=out, env=settings.env, stdin=stdin, hide=tuple(command_values(settings.companion_cmd))
+            )
         finally:
             report.timed("remote", time.monotonic() - t)
         _merge_remote(report, remote, code, target)

@@ -42,11 +42,11 @@ def as_workstation(text: str | None) -> str:
     >>> as_workstation("KEY=/k.pem: no such file; check the KEY path")
     'COMPANION_KEY=/k.pem: no such file; check the COMPANION_KEY path'
     >>> as_workstation("set KEY_PASSPHRASE to the key's passphrase")
-    "set CACHEBUILD_COMPANION_KEY_PASSPHRASE (on this workstation) to the key's passphrase"
+    "set CACHEBUILD_COMPANION_KEY_PASSPHRASE to the key's passphrase"
     """
     if not text:
         return ""
-    text = _PASSPHRASE.sub(f"{COMPANION_PASSPHRASE_ENV} (on this workstation)", text)
+    text = _PASSPHRASE.sub(COMPANION_PASSPHRASE_ENV, text)
     return _KEY.sub("COMPANION_KEY", text)
 
 

@@ -32,6 +32,7 @@ __all__ = [
     "TAIL_LINES",
     "PREFIX",
     "remote_command",
+    "with_passphrase",
     "LineSplitter",
     "parse_report",
     "call_agent",
@@ -48,6 +49,35 @@ MAX_REPORT = 4 << 20
 TAIL_LINES = 30
 #: Put before every line of the companion's output on the operator's stderr.
 PREFIX = "companion| "
+
+
+def with_passphrase(command: str, passphrase: str | None) -> tuple[str, bytes]:
+    """``command`` taking the signing key's passphrase from its stdin, and that stdin.
+
+    The remote shell reads the first line of stdin into the remote build's
+    passphrase variable (:data:`cachebuild.signing.PASSPHRASE_ENV`) with its
+    ``read`` builtin and exports it: the passphrase travels inside the
+    encrypted SSH channel and is in no argv on either machine, nor in
+    sshd's logs.  Without a passphrase, ``command`` is unchanged.
+
+    Raises
+    ------
+    UsageError
+        A passphrase with a line break or NUL (it could not be read as one line).
+    """
+    if not passphrase:
+        return command, b""
+    from ..errors import UsageError
+    from ..signing import PASSPHRASE_ENV
+    from .messages import COMPANION_PASSPHRASE_ENV
+
+    if "\n" in passphrase or "\r" in passphrase or "\0" in passphrase:
+        raise UsageError(
+            f"{COMPANION_PASSPHRASE_ENV} holds a line break or NUL",
+            remedy="give the COMPANION_KEY passphrase as one line",
+        )
+    name = PASSPHRASE_ENV
+    return f"IFS= read -r {name} && export {name} && {command}", (passphrase + "\n").encode()
 
 
 def remote_command(base: str, command: str, variables: Mapping[str, str | None]) -> str:
