@@ -206,61 +206,62 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
     from .progress import forget_counts
 
     forget_counts()
-    try:
-        t = time.monotonic()
-        settings = load_settings(vars, env)
-        reporter.build = settings.paths.build
-        if settings.shared_store is not None:
-            from .s3store import reset_stats
+    with operator_warnings(report.warnings.append):  # one line each, and in the report
+        try:
+            t = time.monotonic()
+            settings = load_settings(vars, env)
+            reporter.build = settings.paths.build
+            if settings.shared_store is not None:
+                from .s3store import reset_stats
 
-            reset_stats()  # the report counts this run's objects
-        plan = resolve_plan(settings, warn=key_notes.append)  # before the lock
-        if settings.dask_scheduler is not None and settings.companion is None:
-            from .daskexec import probe_scheduler
+                reset_stats()  # the report counts this run's objects
+            plan = resolve_plan(settings, warn=key_notes.append)  # before the lock
+            if settings.dask_scheduler is not None and settings.companion is None:
+                from .daskexec import probe_scheduler
 
-            probe_scheduler(settings.dask_scheduler)  # exit 21 naming it, before the lock and any work
-        report.flight_id = plan.record["flight_id"] if plan.record else None
-        report.extra["flight_source"] = plan.flight_source
-        report.timed("flight", time.monotonic() - t)
+                probe_scheduler(settings.dask_scheduler)  # exit 21 naming it, before the lock and any work
+            report.flight_id = plan.record["flight_id"] if plan.record else None
+            report.extra["flight_source"] = plan.flight_source
+            report.timed("flight", time.monotonic() - t)
 
-        t = time.monotonic()
-        with CacheLock(settings.paths.lock):
-            report.timed("lock", time.monotonic() - t)
-            _refuse_ignored(plan)
-            with sigterm_as_interrupt(), operator_warnings(report.warnings.append):
-                _locked_build(
-                    plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
-                )
-    except CacheBuildError as exc:
-        _note_free_space(exc, settings)
-        report.fail(exc)
-        if getattr(exc, "traceback", None):
-            sys.stderr.write(redact(exc.traceback))  # type: ignore[attr-defined]
-    except KeyboardInterrupt as exc:
-        err = Interrupted(f"interrupted ({str(exc) or 'SIGINT'}) during {reporter.current or 'the build'}")
-        err.phase = reporter.current or "build"
-        report.fail(err)
-        report.tiles = _tiles_so_far(settings, reporter) or report.tiles
-    except Exception as exc:  # a bug: say so, without secrets
-        from .diskspace import disk_full_error, is_disk_full
-
-        if is_disk_full(exc):  # publishing, doit's database: exit 24, not a bug
-            err = disk_full_error(exc, reporter.current or "build")
-            _note_free_space(err, settings)
+            t = time.monotonic()
+            with CacheLock(settings.paths.lock):
+                report.timed("lock", time.monotonic() - t)
+                _refuse_ignored(plan)
+                with sigterm_as_interrupt():
+                    _locked_build(
+                        plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
+                    )
+        except CacheBuildError as exc:
+            _note_free_space(exc, settings)
+            report.fail(exc)
+            if getattr(exc, "traceback", None):
+                sys.stderr.write(redact(exc.traceback))  # type: ignore[attr-defined]
+        except KeyboardInterrupt as exc:
+            err = Interrupted(f"interrupted ({str(exc) or 'SIGINT'}) during {reporter.current or 'the build'}")
+            err.phase = reporter.current or "build"
             report.fail(err)
-        else:
-            sys.stderr.write(redact(traceback.format_exc()))
-            report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
-    finally:
-        actions.ACTIVE["locked"] = False
-        if "manifest" in reporter.ran:  # signed now: say with which key
-            for msg in key_notes:
-                warn(msg)
-        for name, secs in reporter.seconds.items():
-            report.timed(name, secs)
-        report.tasks = {"run": reporter.ran, "up_to_date": reporter.up_to_date}
-        if settings is not None:
-            report.extra["store"] = _store_entry(settings)
+            report.tiles = _tiles_so_far(settings, reporter) or report.tiles
+        except Exception as exc:  # a bug: say so, without secrets
+            from .diskspace import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):  # publishing, doit's database: exit 24, not a bug
+                err = disk_full_error(exc, reporter.current or "build")
+                _note_free_space(err, settings)
+                report.fail(err)
+            else:
+                sys.stderr.write(redact(traceback.format_exc()))
+                report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            actions.ACTIVE["locked"] = False
+            if "manifest" in reporter.ran:  # signed now: say with which key
+                for msg in key_notes:
+                    warn(msg)
+            for name, secs in reporter.seconds.items():
+                report.timed(name, secs)
+            report.tasks = {"run": reporter.ran, "up_to_date": reporter.up_to_date}
+            if settings is not None:
+                report.extra["store"] = _store_entry(settings)
     report.emit(fmt)
     return report.exit_code
 

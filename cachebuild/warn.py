@@ -33,14 +33,20 @@ def warning_line(message: Any) -> str:
 def operator_warnings(record: Callable[[str], None] | None = None, stream: TextIO | None = None) -> Iterator[None]:
     """Within the block, every shown warning is one :func:`warning_line` on ``stream`` (stderr).
 
-    ``record`` also gets each message (the report's ``warnings``).  Python's
-    filters still decide what is shown (``-W ignore`` silences them).
+    ``record`` also gets each message (the report's ``warnings``).  A message
+    is said once however many places raise it; Python's filters still decide
+    what is shown (``-W ignore`` silences them).
     """
     previous = warnings.showwarning
+    shown: set[str] = set()
 
     def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = warning_line(message)
+        if text in shown:  # the same warning from another place (the key, read twice): said once
+            return
+        shown.add(text)
         out = stream or sys.stderr
-        out.write(warning_line(message) + "\n")
+        out.write(text + "\n")
         out.flush()
         if record is not None:
             record(redact(" ".join(str(message).split())))
