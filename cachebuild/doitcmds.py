@@ -46,6 +46,8 @@ __all__ = [
     "ResetDepCmd",
     "ForgetCmd",
     "InfoCmd",
+    "StraceCmd",
+    "DumpDbCmd",
     "COMMAND_NAMES",
 ]
 
@@ -392,3 +394,41 @@ class InfoCmd(_CacheCommand):
                 "(FLIGHT=... and any others) to see whether it would run this task\n"
             )
         return code
+
+
+class StraceCmd(RunCmd):
+    """``doit strace <task>`` would run the task outside build-cache: refused like ``doit <task>``."""
+
+    name = "strace"
+    builtin = property(lambda self: _doit_builtin("strace"))  # type: ignore[assignment]
+
+
+class DumpDbCmd(_CacheCommand):
+    """``doit dumpdb``: the build's database (SQLite, which doit's own dumpdb cannot read), read only."""
+
+    name = "dumpdb"
+    doc_purpose = "print the build's doit database, one task a line (read only)"
+    builtin = property(lambda self: _doit_builtin("dumpdb"))  # type: ignore[assignment]
+
+    @staticmethod
+    def impl(vars: Mapping[str, str]) -> int:
+        import sqlite3
+
+        try:
+            settings = load_settings(vars)
+        except CacheBuildError as exc:
+            return _fail("dumpdb", _report_format(vars), exc)
+        dep_file = settings.paths.dep_file
+        if not dep_file.exists():
+            sys.stderr.write(f"no build state at {dep_file}: nothing built yet, or cleaned\n")
+            return 0
+        conn = sqlite3.connect(dep_file.absolute().as_uri() + "?mode=ro", uri=True)  # '#', '?' in a path
+        try:
+            for task_id, data in conn.execute("select task_id, task_data from doit order by task_id"):
+                sys.stdout.write(f"{task_id}: {data}\n")
+        except sqlite3.DatabaseError as exc:
+            return _fail("dumpdb", _report_format(vars), UsageError(f"{dep_file} is unreadable: {exc}",
+                                                                    remedy="doit clean"))
+        finally:
+            conn.close()
+        return 0

@@ -489,7 +489,10 @@ def dodo_namespace() -> dict[str, Any]:
 
     vars = {k: v for k, v in cmdline_vars().items() if k in VARIABLES}
     settings = load_settings(vars)
-    plan = resolve_plan(settings, with_flight=False)
+    try:  # with FLIGHT, `doit list --status` judges the flight's tasks too
+        plan = resolve_plan(settings, with_flight=bool(vars.get("FLIGHT")))
+    except CacheBuildError:  # the flight's error is build-cache's to report
+        plan = resolve_plan(settings, with_flight=False)
     plan.paths.state.mkdir(parents=True, exist_ok=True)
     # the build's own database and file checker: `doit list --status` judges as build-cache does
     ns: dict[str, Any] = {"DOIT_CONFIG": {**doit_config(plan), "default_tasks": []}}

@@ -114,6 +114,11 @@ def test_info_judges_a_task_as_build_cache_does(cb: Cb, tmp_path: Path) -> None:
         assert same.returncode == 0, same.stdout + same.stderr
         assert "status     : up-to-date" in same.stdout
         assert "checker changed" not in same.stdout
+    listed = _doit(cb, "list", "--status", f"FLIGHT={f}", *SMALL)
+    assert listed.returncode == 0 and all(ln.startswith("U ") for ln in listed.stdout.splitlines()), listed.stdout
+    dump = _doit(cb, "dumpdb")
+    assert dump.returncode == 0 and "Traceback" not in dump.stderr
+    assert dump.stdout.startswith("describe: {") and '"checker:": "HashCacheChecker"' in dump.stdout
     other = _doit(cb, "info", "selftest", f"FLIGHT={f}", *SMALL, "SELFTEST_QUERIES=50")
     assert other.returncode == 1 and "status     : run" in other.stdout
     assert "'queries': 50" in other.stdout
@@ -133,6 +138,8 @@ def test_bare_doit_and_a_task_name_say_one_clear_line(cb: Cb, tmp_path: Path) ->
     assert task.returncode == 2
     assert "TaskFailed" not in task.stdout + task.stderr
     assert task.stderr.startswith("ERROR [arguments, exit 2]: task 'tiles' runs only inside `doit build-cache`")
+    st = _doit(cb, "strace", "tiles", f"FLIGHT={f}", "REPORT=text")
+    assert st.returncode == 2 and "TaskFailed" not in st.stdout + st.stderr and "doit build-cache" in st.stderr
     typo = _doit(cb, "biuld-cache", "REPORT=text")
     assert typo.returncode == 2 and "did you mean build-cache?" in typo.stderr
 
