@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .backends import BACKEND_CHOICES, BACKENDS, MachineProbes, select_backend
 from .canonical import sha256_file as _sha256_and_size
 from .errors import EngineError
+from .modelfiles import external_data_files, model_sha256
 from .tileset import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -355,7 +356,7 @@ class OnnxRuntimeBackend:
         try:
             try:
                 session = ort.InferenceSession(
-                    str(model_path), sess_options=so, providers=["CPUExecutionProvider"]
+                    _self_contained(model_path), sess_options=so, providers=["CPUExecutionProvider"]
                 )
             except Exception as exc:
                 raise EngineError(
@@ -396,6 +397,20 @@ class OnnxRuntimeBackend:
                 remedy="delete the engine directory and compile the engine again",
             ) from exc
         return _OrtRunner(session, record)
+
+
+def _self_contained(model_path: Path) -> str | bytes:
+    """The model as ONNX Runtime should read it: its path, or, with external data, its bytes with the data in.
+
+    ONNX Runtime's saved optimisation keeps external initializers pointing
+    at files beside the model; from bytes with the data loaded, the engine
+    it saves is one self-contained file.
+    """
+    if not external_data_files(model_path):
+        return str(model_path)
+    import onnx
+
+    return onnx.load(str(model_path), load_external_data=True).SerializeToString()
 
 
 def _describe_io(model_path: Path, session: Any, engine_file: str) -> EngineInfo:
@@ -564,8 +579,9 @@ def compile_engine(
             f"calibration file {calibration} does not exist",
             remedy="set CALIBRATION to an existing file, or leave it unset",
         )
+    external_data_files(model_path)  # missing or escaping external data: named before the checker's words
     _check_onnx(model_path)
-    model_sha256 = sha256_file(model_path)
+    model_digest = model_sha256(model_path)  # external data files included
     calibration_sha256 = sha256_file(calibration) if calibration is not None else None
     version, device = be.version(), be.device()
 
@@ -574,14 +590,14 @@ def compile_engine(
     # its absence marks the directory as incomplete until the new engine is in
     (out / ENGINE_JSON).unlink(missing_ok=True)
     info = be.compile(model_path, calibration, precision, out)
-    key = engine_key(model_sha256, calibration_sha256, precision, be.name, version, device, info.build)
+    key = engine_key(model_digest, calibration_sha256, precision, be.name, version, device, info.build)
     record: dict[str, Any] = {
         "key": key,
         "backend": be.name,
         "backend_version": version,
         "device": device,
         "precision": precision,
-        "model_sha256": model_sha256,
+        "model_sha256": model_digest,
         "calibration_sha256": calibration_sha256,
         "engine_file": info.engine_file,
         "input": info.input,

@@ -6,7 +6,9 @@ as paths relative to the ``COMPANION_DIR``:
 - every tile image the tile set names, ``store/objects/ab/<sha256>``;
 - the model and calibration files when ``MODEL``/``CALIBRATION`` are set,
   ``inputs/<sha256><suffix>`` (named by content: a changed model is a new
-  file, an unchanged one is never sent twice);
+  file, an unchanged one is never sent twice); a model with external data
+  goes with its data files into ``inputs/<identity>/`` under the names
+  the model gives them;
 - the flight and tile set, ``inbox/<key>/`` (``key`` hashes the flight
   record and the tile set's aggregate hash): ``flight.json``, ``tiles.npy``,
   ``missing.npy``, ``push.json`` and, last, ``tileset.json`` — its presence
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..modelfiles import external_data_files_cached
 from .errors import CompanionNotReadyError, ConnectionDroppedError
 from .agent import DONE_SUFFIX
 from .packs import DEFAULT_PACK_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
@@ -158,6 +161,24 @@ def _input_rel(path: Path, digest: str) -> str:
     return f"inputs/{digest}{suffix}"
 
 
+def _model_dir_inputs(model: Path, data: list[str], cache: Path, inputs: dict[str, tuple[Path, int]]) -> str:
+    """Add ``model``'s external data files to ``inputs`` under ``inputs/<identity>/``; returns the model's rel.
+
+    The directory is named by the hash of the model and every data file, so
+    a changed data file is a new directory, and an unchanged one is never
+    sent twice.
+    """
+    from ..canonical import canonical_json
+
+    parts = {loc: file_sha256_cached(model.parent / loc, cache) for loc in data}
+    doc = {"model": file_sha256_cached(model, cache), "external_data": parts}
+    ident = hashlib.sha256(b"cachebuild-model-v1\0" + canonical_json(doc)).hexdigest()
+    for loc in data:
+        inputs[f"inputs/{ident}/{loc}"] = (model.parent / loc, (model.parent / loc).stat().st_size)
+    suffix = model.suffix if _SUFFIX_RE.match(model.suffix) else ""
+    return f"inputs/{ident}/model{suffix}"
+
+
 def plan_push(
     *,
     build_dir: Path,
@@ -204,6 +225,9 @@ def plan_push(
     for name, path in (("model", model), ("calibration", calibration)):
         if path is not None:
             rel = _input_rel(path, file_sha256_cached(path, cache))
+            data = external_data_files_cached(path, cache.with_name("companion-model-files.json")) if name == "model" else []
+            if data:  # external data travels with the model, beside it under the names it gives
+                rel = _model_dir_inputs(path, data, cache, inputs)
             inputs[rel] = (path, path.stat().st_size)
             remote[name] = f"{root}/{rel}"
     flight = (build_dir / "flight.json").read_bytes()
@@ -411,7 +435,13 @@ def push(
     finally:
         if pending is not None:  # the upload failed: stop the unpacker (what arrived stays)
             pending.cancel()
+    made: set[str] = set()
     for rel, path, size in inputs:
+        parts = rel.split("/")
+        for i in range(2, len(parts)):  # a model's directory (external data): inputs/<identity>/...
+            if "/".join(parts[:i]) not in made:
+                up.mkdir("/".join(parts[:i]))
+                made.add("/".join(parts[:i]))
         result.bytes += up.write(rel, path, resume=True)
         result.objects += 1
         result.files += 1
