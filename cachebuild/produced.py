@@ -121,7 +121,10 @@ def intact(build: str | os.PathLike[str], targets: Sequence[str]) -> bool:
     except OSError:
         return False
     finally:
-        cache.save()
+        try:
+            cache.save()
+        except OSError:  # only a cache (a full disk, say): the next check hashes again
+            pass
     return True
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from cachebuild import produced
+from cachebuild import actions, produced
 
 from . import descriptors, engine, flight, index, manifest, mbtiles, model, preview, selftest, tiles
 
@@ -35,7 +35,10 @@ def task_dicts(plan: Any) -> list[dict[str, Any]]:
         if d is not None:
             targets = list(d.get("targets", []))
             if targets:
-                d["actions"] = [*d["actions"], (produced.record, [build, targets])]
+                first = d["actions"][0]
+                phase = getattr(first[0] if isinstance(first, tuple) else first, "__name__", d["name"])
+                record = actions.phase_action(phase.removesuffix("_action"), produced.record)
+                d["actions"] = [*d["actions"], (record, [], {"build": build, "targets": targets})]
                 d["uptodate"] = [*d.get("uptodate", []), (produced.intact, [build, targets])]
             out.append(d)
     return out
