@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .config import Settings
+from .devkey import dev_key_home, refuse_resign
 from .errors import UsageError
+from .signing import LEGACY_PASSPHRASE_ENV, PASSPHRASE_ENV
 
 #: The compiled engine's file name per backend.
 ENGINE_FILES = {"onnxruntime": "engine.onnx", "tensorrt": "engine.plan"}
@@ -168,11 +170,26 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
     return kid
 
 
-def _signing_key(settings: Settings, warn: Any) -> Path:
+def _keyid(settings: Settings, key_path: Path) -> str:
+    try:
+        return cached_keyid(key_path, settings.paths.state / "keyid.json")
+    except OSError as exc:
+        raise UsageError(f"KEY={key_path}: cannot read the key ({exc.strerror})") from None
+
+
+def _signing_key(settings: Settings, warn: Any) -> tuple[Path, str]:
+    """The key that signs and its id: ``KEY``, else the development key (cachebuild.devkey).
+
+    Without ``KEY``, a published cache another key signed is refused here,
+    before the lock and before a development key is made.
+    """
     if settings.key is not None:
-        return settings.key
-    path = settings.dev_key
+        if settings.env.get(LEGACY_PASSPHRASE_ENV) and not settings.env.get(PASSPHRASE_ENV):
+            warn(f"{LEGACY_PASSPHRASE_ENV} is deprecated: set {PASSPHRASE_ENV} in the environment instead")
+        return settings.key, _keyid(settings, settings.key)
+    path = dev_key_home(settings)
     if not path.exists():
+        refuse_resign(settings, path, None)
         from .signing import ensure_dev_key
 
         _, created = ensure_dev_key(path)
@@ -181,9 +198,11 @@ def _signing_key(settings: Settings, warn: Any) -> Path:
                 f"no KEY given: made a development signing key at {path} (mode 0600); "
                 "set KEY=<your Ed25519 key> for caches that fly"
             )
-    else:
-        warn(f"no KEY given: signing with the development key at {path}")
-    return path
+        return path, _keyid(settings, path)
+    keyid = _keyid(settings, path)
+    refuse_resign(settings, path, keyid)
+    warn(f"no KEY given: signing with the development key at {path}")
+    return path, keyid
 
 
 def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = None) -> BuildPlan:
@@ -213,11 +232,7 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     keyid = None
     key_path = settings.key or settings.dev_key
     if with_flight and settings.companion is None:  # with COMPANION, the companion signs
-        key_path = _signing_key(settings, warn)
-        try:
-            keyid = cached_keyid(key_path, settings.paths.state / "keyid.json")
-        except OSError as exc:
-            raise UsageError(f"KEY={key_path}: cannot read the key ({exc.strerror})") from None
+        key_path, keyid = _signing_key(settings, warn)
     if with_flight and settings.companion is None and settings.backend == "tensorrt":
         from .backends import select_backend
 

@@ -4,15 +4,13 @@ An envelope is ``{"signed": {...}, "signatures": [{"keyid", "sig"}]}``: the
 signature is Ed25519 over :func:`~cachebuild.canonical.canonical_json` of
 ``signed``, and the keyid is the hex SHA-256 of the raw 32-byte public key.
 
-Private keys are read from PEM PKCS#8 (optionally encrypted, passphrase in
-the ``KEY_PASSPHRASE`` environment variable, read when the key is loaded) or
-OpenSSH files (``ssh-keygen -t ed25519``).  Nothing derived from a private
-key's bytes or its passphrase is ever put in an exception, a log record or
-any file other than the key file itself: messages name the path and what is
-wrong with it, never its contents.
-
-``cryptography`` is imported inside the functions that use it, so importing
-this module stays cheap.
+Private keys are read from PEM PKCS#8 or OpenSSH files (``ssh-keygen -t
+ed25519``); an encrypted one's passphrase from the ``CACHEBUILD_KEY_PASSPHRASE``
+environment variable (``KEY_PASSPHRASE``, deprecated, when it is unset), never
+the command line.  Nothing derived from a key's bytes or its passphrase is put
+in an exception, a log record or any file but the key file: messages name the
+path and what is wrong with it.  ``cryptography`` is imported inside the
+functions that use it, so importing this module stays cheap.
 """
 
 from __future__ import annotations
@@ -40,9 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PASSPHRASE_ENV",
+    "LEGACY_PASSPHRASE_ENV",
     "KeyPermissionWarning",
     "load_private_key",
     "ensure_dev_key",
+    "write_exclusive",
     "load_public_key",
     "public_key_raw",
     "keyid",
@@ -53,8 +53,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Environment variable holding the passphrase of an encrypted private key.
-PASSPHRASE_ENV = "KEY_PASSPHRASE"
+#: Environment variable holding the passphrase of an encrypted private key (never the command line).
+PASSPHRASE_ENV = "CACHEBUILD_KEY_PASSPHRASE"
+#: Its old name: read when PASSPHRASE_ENV is unset; deprecated.
+LEGACY_PASSPHRASE_ENV = "KEY_PASSPHRASE"
 
 _KEY_REMEDY = (
     "point the signing key setting at an Ed25519 private key "
@@ -144,12 +146,19 @@ def _key_kind(key: object) -> str:
     return "a non-Ed25519"
 
 
+def _passphrase_env() -> str:
+    """The variable the passphrase is read from: PASSPHRASE_ENV, else the deprecated name if only it is set."""
+    legacy = os.environ.get(LEGACY_PASSPHRASE_ENV) and not os.environ.get(PASSPHRASE_ENV)
+    return LEGACY_PASSPHRASE_ENV if legacy else PASSPHRASE_ENV
+
+
 def _passphrase(path: Path) -> bytes:
-    value = os.environ.get(PASSPHRASE_ENV, "")
+    value = os.environ.get(_passphrase_env(), "")
     if not value:
         raise UsageError(
             f"signing key {path} is encrypted and {PASSPHRASE_ENV} is not set",
-            remedy=f"set {PASSPHRASE_ENV} to the key's passphrase",
+            remedy=f"export {PASSPHRASE_ENV}=<the key's passphrase> "
+            "(the environment only: the command line shows in ps and shell history)",
         )
     return value.encode("utf-8")
 
@@ -196,12 +205,12 @@ def _load_private_bytes(data: bytes, path: Path) -> Any:
         ) from exc
     except TypeError as exc:
         raise UsageError(
-            f"signing key {path} is not encrypted but {PASSPHRASE_ENV} is set",
-            remedy=f"unset {PASSPHRASE_ENV}",
+            f"signing key {path} is not encrypted but {_passphrase_env()} is set",
+            remedy=f"unset {_passphrase_env()}",
         ) from exc
     except ValueError as exc:
         if password is not None:
-            problem = f"cannot be decrypted: wrong passphrase in {PASSPHRASE_ENV}, or a damaged file"
+            problem = f"cannot be decrypted: wrong passphrase in {_passphrase_env()}, or a damaged file"
         else:
             problem = f"is not a valid {fmt} private key (damaged or unsupported)"
         raise UsageError(f"signing key {path} {problem}", remedy=_KEY_REMEDY) from exc
@@ -214,7 +223,7 @@ def load_private_key(path: str | os.PathLike[str]) -> Ed25519PrivateKey:
     ----------
     path
         A PEM PKCS#8 file (``BEGIN PRIVATE KEY``, or ``BEGIN ENCRYPTED
-        PRIVATE KEY`` with the passphrase in ``KEY_PASSPHRASE``) or an
+        PRIVATE KEY`` with the passphrase in :data:`PASSPHRASE_ENV`) or an
         OpenSSH private key (``BEGIN OPENSSH PRIVATE KEY``).
 
     Returns
@@ -257,7 +266,7 @@ def _private_pem(key: Ed25519PrivateKey) -> bytes:
     )
 
 
-def _publish_exclusive(path: Path, data: bytes) -> bool:
+def write_exclusive(path: Path, data: bytes) -> bool:
     """Create ``path`` (mode 0600) holding ``data``, unless it exists.
 
     The bytes go to a private temporary file first, which is then hard-linked
@@ -271,12 +280,8 @@ def _publish_exclusive(path: Path, data: bytes) -> bool:
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(tmp, flags, 0o600)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_synced(os.open(tmp, flags, 0o600), data)
         try:
             os.link(tmp, path)
             return True
@@ -290,13 +295,17 @@ def _publish_exclusive(path: Path, data: bytes) -> bool:
             fd = os.open(path, flags, 0o600)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_synced(fd, data)
         return True
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, bool]:
@@ -307,21 +316,9 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
     gets mode 0700 (an existing one is left alone).  Safe against concurrent
     callers: exactly one creates the key, the others load it.
 
-    Parameters
-    ----------
-    path
-        Where the key lives.
-
-    Returns
-    -------
-    tuple[Ed25519PrivateKey, bool]
-        The key, and whether this call created it.
-
-    Raises
-    ------
-    UsageError
-        ``path`` exists but is not a usable Ed25519 key (see
-        :func:`load_private_key`), or the directory cannot be written.
+    Returns the key and whether this call created it.  Raises
+    :class:`UsageError` where ``path`` holds no usable Ed25519 key (see
+    :func:`load_private_key`) or its directory cannot be written.
     """
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -334,7 +331,7 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(parent, 0o700)
         key = Ed25519PrivateKey.generate()
-        created = _publish_exclusive(p, _private_pem(key))
+        created = write_exclusive(p, _private_pem(key))
     except OSError as exc:
         raise UsageError(
             f"cannot create signing key {p} ({exc.strerror or type(exc).__name__})",

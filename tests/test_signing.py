@@ -116,7 +116,7 @@ def test_all_is_complete() -> None:
         for n, v in vars(signing).items()
         if not n.startswith("_") and getattr(v, "__module__", None) == signing.__name__
     }
-    assert defined | {"PASSPHRASE_ENV"} == set(signing.__all__)
+    assert defined | {"PASSPHRASE_ENV", "LEGACY_PASSPHRASE_ENV"} == set(signing.__all__)
     assert all(hasattr(signing, n) for n in signing.__all__)
 
 
@@ -262,7 +262,7 @@ def test_damaged_key_message_has_no_key_bytes(tmp_path: Path, key: ed25519.Ed255
     _assert_no_secret(_full_text(info.value), _secret_markers(damaged, key))
 
 
-def test_encrypted_pem_uses_key_passphrase(
+def test_encrypted_pem_uses_cachebuild_key_passphrase(
     tmp_path: Path, key: ed25519.Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     passphrase = "correct horse battery staple 9f3b"
@@ -271,23 +271,24 @@ def test_encrypted_pem_uses_key_passphrase(
     markers = _secret_markers(data, key, passphrase)
 
     monkeypatch.delenv("KEY_PASSPHRASE", raising=False)
-    with pytest.raises(UsageError, match="encrypted and KEY_PASSPHRASE is not set") as info:
+    monkeypatch.delenv("CACHEBUILD_KEY_PASSPHRASE", raising=False)
+    with pytest.raises(UsageError, match="encrypted and CACHEBUILD_KEY_PASSPHRASE is not set") as info:
         load_private_key(path)
     _assert_no_secret(_full_text(info.value), markers)
 
-    monkeypatch.setenv("KEY_PASSPHRASE", "wrong-passphrase-77")
+    monkeypatch.setenv("CACHEBUILD_KEY_PASSPHRASE", "wrong-passphrase-77")
     with pytest.raises(UsageError, match="wrong passphrase") as info:
         load_private_key(path)
     _assert_no_secret(_full_text(info.value), markers + ["wrong-passphrase-77"])
 
-    monkeypatch.setenv("KEY_PASSPHRASE", passphrase)
+    monkeypatch.setenv("CACHEBUILD_KEY_PASSPHRASE", passphrase)
     assert load_private_key(path).private_bytes_raw() == key.private_bytes_raw()
 
 
 def test_passphrase_set_for_plain_key_is_ignored(
     tmp_path: Path, key: ed25519.Ed25519PrivateKey, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("KEY_PASSPHRASE", "unused")
+    monkeypatch.setenv("CACHEBUILD_KEY_PASSPHRASE", "unused")
     for name, data in {"k.pem": _pem(key), "id_ed25519": _openssh(key)}.items():
         assert load_private_key(_write(tmp_path / name, data)).private_bytes_raw() == key.private_bytes_raw()
 
@@ -298,10 +299,11 @@ def test_encrypted_openssh_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     path = _ssh_keygen(tmp_path / "id_ed25519", "-t", "ed25519", "-N", passphrase)
     markers = _secret_markers(path.read_bytes(), passphrase=passphrase)
     monkeypatch.delenv("KEY_PASSPHRASE", raising=False)
-    with pytest.raises(UsageError, match="KEY_PASSPHRASE is not set") as info:
+    monkeypatch.delenv("CACHEBUILD_KEY_PASSPHRASE", raising=False)
+    with pytest.raises(UsageError, match="CACHEBUILD_KEY_PASSPHRASE is not set") as info:
         load_private_key(path)
     _assert_no_secret(_full_text(info.value), markers)
-    monkeypatch.setenv("KEY_PASSPHRASE", passphrase)
+    monkeypatch.setenv("CACHEBUILD_KEY_PASSPHRASE", passphrase)
     try:
         import bcrypt  # noqa: F401
     except ImportError:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from cachebuild.config import load_settings
 from cachebuild.errors import EXIT_VERIFY, VerifyError
 from cachebuild.rollback import (
     accepted_path,
@@ -73,7 +74,7 @@ def point_current_at(cb: Cb, release: Path) -> None:
 
 
 def dev_key(cb: Cb) -> ed25519.Ed25519PrivateKey:
-    key = load_private_key(cb.home / "keys" / "dev_ed25519.pem")
+    key = load_private_key(load_settings({}, cb.env()).dev_key)  # in the data dir (cachebuild.devkey)
     assert isinstance(key, ed25519.Ed25519PrivateKey)
     return key
 
