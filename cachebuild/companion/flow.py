@@ -274,7 +274,8 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
         return
     error = as_workstation(remote.get("error")) or f"the build exited {code}"
     remedy = as_workstation(remote.get("remedy"))
-    if remote_code == EXIT_USAGE or 90 <= remote_code <= 99:
+    # the companion refusing to re-sign another key's cache with its dev key: its remedy is the right one
+    if (remote_code == EXIT_USAGE or 90 <= remote_code <= 99) and "ALLOW_DEV_KEY" not in remedy:
         if names_companion_key(remote.get("error")):
             if "PASSPHRASE" not in remedy:
                 remedy = (
