@@ -139,3 +139,79 @@ def test_the_push_lines_count_the_same_things_and_agree_with_the_report(
     before, after = _push_lines(again.stderr)
     assert f"0 of {n} tile images, 0 of 1 input file, 0 of 5 flight files missing there" in before
     assert "sent nothing" in after and f"{n} of {n} tile images were there already" in after
+
+
+def _ssh_home(tmp_path: Path, companion: Companion, jump: object | None) -> Path:
+    """A home whose ~/.ssh/config names the companion ``jetson`` (through ``jump`` if given)
+    and whose ~/.ssh/known_hosts trusts both servers: nothing else is set."""
+    from .sshd import Sshd
+
+    home = tmp_path / "operator"
+    ssh = home / ".ssh"
+    ssh.mkdir(parents=True)
+    s = companion.sshd
+    lines = [
+        "Host jetson",
+        "  HostName 127.0.0.1",
+        f"  User {s.user}",
+        f"  Port {s.port}",
+        "  IdentityFile ~/.ssh/nonexistent_key",
+        f"  IdentityFile {s.client_key}",
+    ]
+    known = s.known_hosts_line()
+    if isinstance(jump, Sshd):
+        lines += ["  ProxyJump bastion", "Host bastion", "  HostName localhost", f"  Port {jump.port}"]
+        lines += [f"  User {jump.user}", f"  IdentityFile {jump.client_key}"]
+        known += jump.known_hosts_line().replace("[127.0.0.1]", "[localhost]")
+    (ssh / "config").write_text("\n".join(lines) + "\n")
+    (ssh / "known_hosts").write_text(known)
+    return home
+
+
+def test_companion_is_a_host_of_the_operators_ssh_config_through_a_jump_host(
+    companion: Companion, tmp_path: Path
+) -> None:
+    from .sshd import Sshd, keygen
+
+    jump = Sshd(tmp_path / "bastion").start()
+    try:
+        home = _ssh_home(tmp_path, companion, jump)
+        env = companion.cb.env(HOME=str(home))
+        f = write_flight(tmp_path / "f.json")
+        plain = {"COMPANION_DIR": str(companion.dir), "COMPANION_CMD": companion.cmd}
+        args = [f"{k}={v}" for k, v in plain.items()]
+        from .test_companion import SMALL
+
+        r = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=jetson", *args, env=env)
+        assert r.code == 0, r.stderr
+        assert r.report["companion"]["host"] == companion.sshd.target
+        assert "Accepted publickey" in jump.log.read_text(), "the companion was reached through the jump host"
+        info = companion.cb.run("cache-info", "COMPANION=jetson", *args, env=env)
+        assert info.code == 0, info.stderr
+        assert info.report["companion"]["status"] == "matches"
+
+        # explicit variables win over the config: SSH_KEY over IdentityFile, the port over Port
+        stranger = keygen(tmp_path / "stranger")
+        bad = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=jetson", f"SSH_KEY={stranger}", *args, env=env)
+        assert bad.code == 30 and "refused the key" in bad.report["error"] and str(stranger) in bad.report["error"]
+        from .sshd import free_port
+
+        port = free_port()
+        bad = companion.cb.build(f"FLIGHT={f}", *SMALL, f"COMPANION=jetson:{port}", *args, env=env)
+        assert bad.code == 30 and f"127.0.0.1:{port}" in bad.report["error"], bad.report["error"]
+        assert "jump host" in bad.report["error"]
+    finally:
+        jump.stop()
+
+
+def test_ssh_config_without_a_jump_and_the_user_in_companion_wins(companion: Companion, tmp_path: Path) -> None:
+    home = _ssh_home(tmp_path, companion, None)
+    env = companion.cb.env(HOME=str(home))
+    f = write_flight(tmp_path / "f.json")
+    args = [f"COMPANION_DIR={companion.dir}", f"COMPANION_CMD={companion.cmd}"]
+    from .test_companion import SMALL
+
+    r = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=jetson", *args, env=env)
+    assert r.code == 0, r.stderr
+    bad = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=nosuchuser@jetson", *args, env=env)
+    assert bad.code == 30 and f"nosuchuser@127.0.0.1:{companion.sshd.port}" in bad.report["error"]

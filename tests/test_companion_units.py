@@ -38,7 +38,7 @@ ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
     "module",
     [
         "cachebuild.companion." + m
-        for m in ("agent", "errors", "flow", "packs", "push", "pushed", "remote", "ssh")
+        for m in ("agent", "errors", "flow", "messages", "packs", "push", "pushed", "remote", "ssh", "sshconfig")
     ],
 )
 def test_all_is_complete(module: str) -> None:
@@ -806,3 +806,25 @@ def test_every_variable_is_either_local_or_passed_to_the_companion() -> None:
     }:
         assert name not in v, name
     assert v["ZOOM"] == "17" and v["BUFFER_M"] == "100.0" and v["REPORT"] == "json"
+
+
+def test_ssh_config_resolution_explicit_values_win(tmp_path: Path) -> None:
+    from cachebuild.companion.sshconfig import resolve_target
+
+    key = tmp_path / "jet_key"
+    key.write_text("k")
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "config").write_text(
+        f"Host jetson\n  HostName 10.1.2.3\n  User nv\n  Port 2222\n  IdentityFile {key}\n"
+        "  ProxyJump op@bastion:2200,hop2\nHost hop2\n  HostName 10.9.9.9\n  Port 22022\n"
+    )
+    r = resolve_target("jetson", None, home=tmp_path)
+    assert r.target == ssh.CompanionTarget("nv", "10.1.2.3", 2222) and r.key_path == key
+    assert [str(h) for h in r.jumps] == ["op@bastion:2200", f"{ssh.getpass.getuser()}@10.9.9.9:22022"]
+    r = resolve_target("me@jetson:23", tmp_path / "explicit", home=tmp_path)
+    assert r.target == ssh.CompanionTarget("me", "10.1.2.3", 23) and r.key_path == tmp_path / "explicit"
+    r = resolve_target("other.local", None, home=tmp_path)
+    assert r.target.host == "other.local" and r.target.port == 22 and not r.jumps and r.config is None
+    (tmp_path / ".ssh" / "config").write_text("Host jetson\n  Port many\n")
+    with pytest.raises(UsageError, match="Port 'many'"):
+        resolve_target("jetson", None, home=tmp_path)

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from ..errors import EXIT_USAGE
 from .errors import CompanionNotReadyError, RemoteBuildError
 from .messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
-from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect, parse_companion
+from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
@@ -50,23 +50,27 @@ _PROGRESS_EVERY_S = 1.0
 
 
 def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
-    """The companion and how to reach it, from validated settings."""
+    """The companion and how to reach it, from validated settings and ``~/.ssh/config``
+    (:mod:`.sshconfig`: what ``COMPANION`` and ``SSH_KEY`` say explicitly wins)."""
     from .ssh import default_key_path, default_known_hosts
+    from .sshconfig import resolve_target
 
-    target = parse_companion(settings.companion)
-    key = settings.ssh_key or default_key_path()
+    resolved = resolve_target(settings.companion, settings.ssh_key)
+    key = resolved.key_path or default_key_path()
     if key is None:
         from .errors import AuthenticationError
 
         raise AuthenticationError(
-            "no SSH key: SSH_KEY is not set and there is no ~/.ssh/id_ed25519, id_ecdsa or id_rsa",
+            "no SSH key: SSH_KEY is not set, ~/.ssh/config names no IdentityFile for "
+            f"{settings.companion}, and there is no ~/.ssh/id_ed25519, id_ecdsa or id_rsa",
             remedy="set SSH_KEY=<private key the companion accepts>; docs/companion.md shows how to make one",
         )
-    return target, SshOptions(
+    return resolved.target, SshOptions(
         key_path=key,
         known_hosts=settings.known_hosts or default_known_hosts(),
         host_key_policy=settings.host_key_policy,
         passphrase=settings.env.get(PASSPHRASE_ENV) or None,
+        jumps=resolved.jumps,
     )
 
 

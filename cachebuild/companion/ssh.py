@@ -58,6 +58,7 @@ __all__ = [
     "load_key",
     "paramiko_factory",
     "connect",
+    "translate",
 ]
 
 DEFAULT_PORT = 22
@@ -154,6 +155,8 @@ class SshOptions:
     keepalive_s: float = DEFAULT_KEEPALIVE_S
     dead_after_s: float = DEFAULT_DEAD_AFTER_S
     passphrase: str | None = field(default=None, repr=False)
+    #: ``ProxyJump`` hosts, in order (:mod:`.sshconfig`).
+    jumps: tuple[Any, ...] = ()
 
 
 def fingerprint(key: Any) -> str:
@@ -251,10 +254,40 @@ Factory = Callable[[CompanionTarget, SshOptions, Callable[[str], None]], Any]
 
 
 def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callable[[str], None]) -> Any:
-    """Connect with paramiko: key auth only, host key checked against known_hosts."""
+    """Connect with paramiko: key auth only, host key checked against known_hosts;
+    through the ``ProxyJump`` hosts of ``options.jumps`` first, if any."""
+    if not options.jumps:
+        return _client(target, options, warn, load_key(options))
+    from dataclasses import replace
+
+    from .sshconfig import open_jumps
+
+    def hop(hop_target: CompanionTarget, sock: Any, key_path: Path | None) -> Any:
+        hop_options = replace(options, key_path=key_path or options.key_path, jumps=())
+        try:
+            return _client(hop_target, hop_options, warn, load_key(hop_options), sock=sock)
+        except CacheBuildError as exc:
+            exc.message = f"the jump host {hop_target} (ProxyJump): {exc.message}"
+            raise
+        except Exception as exc:
+            raise translate(exc, hop_target, hop_options, what="the jump host ") from exc
+
+    jump_clients, sock = open_jumps(options.jumps, target, hop, options.timeout_s)
+    try:
+        client = _client(target, options, warn, load_key(options), sock=sock)
+    except BaseException:
+        for c in reversed(jump_clients):
+            c.close()
+        raise
+    client._cachebuild_jumps = jump_clients  # closed with it (Connection.close)
+    return client
+
+
+def _client(
+    target: CompanionTarget, options: SshOptions, warn: Callable[[str], None], pkey: Any, sock: Any = None
+) -> Any:
     import paramiko
 
-    pkey = load_key(options)
     client = paramiko.SSHClient()
     try:
         if GLOBAL_KNOWN_HOSTS.is_file():
@@ -273,6 +306,7 @@ def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callabl
             timeout=options.timeout_s,
             banner_timeout=options.timeout_s,
             auth_timeout=options.timeout_s,
+            sock=sock,
         )
     except BaseException:
         client.close()
@@ -294,38 +328,51 @@ def connect(
     CompanionUnreachableError, HostKeyError, AuthenticationError
         With the companion's name and a remedy (exit 30).
     """
-    import paramiko
-
     warn = warn or (lambda msg: None)
     try:
         client = (factory or paramiko_factory)(target, options, warn)
     except CacheBuildError:
         raise
-    except paramiko.BadHostKeyException as exc:
-        raise HostKeyError(
-            f"the host key of {target} has CHANGED: it offered {exc.key.get_name()} "
+    except Exception as exc:
+        raise translate(exc, target, options) from exc
+    return Connection(client, target, options)
+
+
+def translate(exc: BaseException, target: CompanionTarget, options: SshOptions, *, what: str = "") -> Exception:
+    """A paramiko or socket error met connecting to ``target`` (``what``: "the jump host "),
+    as the :class:`~.errors.CompanionError` that says what to do; ``exc`` itself when it is none of those."""
+    import paramiko
+
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"the host key of {what}{target} has CHANGED: it offered {exc.key.get_name()} "
             f"{fingerprint(exc.key)}, KNOWN_HOSTS={options.known_hosts} has {fingerprint(exc.expected_key)}; "
-            "refused (someone may be impersonating the companion, or it was reinstalled)",
-            remedy="if the companion was reinstalled, remove its old line "
+            "refused (someone may be impersonating it, or it was reinstalled)",
+            remedy="if it was reinstalled, remove its old line "
             f"(`ssh-keygen -R '{_known_host_name(target)}' -f {options.known_hosts}`) and add the new key: "
             + _keyscan_hint(target, options.known_hosts),
-        ) from exc
-    except paramiko.AuthenticationException as exc:
-        raise AuthenticationError(
-            f"{target} refused the key SSH_KEY={options.key_path} ({exc})",
-            remedy=f"add {options.key_path}.pub to ~{target.user}/.ssh/authorized_keys on the companion "
+        )
+    if isinstance(exc, paramiko.AuthenticationException):
+        return AuthenticationError(
+            f"{what}{target} refused the key {options.key_path} ({exc})",
+            remedy=f"add {options.key_path}.pub to ~{target.user}/.ssh/authorized_keys there "
             f"(`ssh-copy-id -i {options.key_path} -p {target.port} {target.user}@{target.host}`), "
-            "or check the user name",
-        ) from exc
-    except (socket.gaierror, paramiko.ssh_exception.NoValidConnectionsError, OSError) as exc:
+            "or check the user name, SSH_KEY and IdentityFile in ~/.ssh/config",
+        )
+    if isinstance(exc, (socket.gaierror, paramiko.ssh_exception.NoValidConnectionsError, OSError)):
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        raise CompanionUnreachableError(f"cannot connect to {target}: {why}") from exc
-    except paramiko.SSHException as exc:
-        raise CompanionUnreachableError(
-            f"SSH handshake with {target} failed: {exc}",
+        return CompanionUnreachableError(f"cannot connect to {what}{target}: {why}")
+    if isinstance(exc, paramiko.ChannelException):  # a jump host could not reach the next one
+        return CompanionUnreachableError(
+            f"cannot connect to {target} through the jump host (ProxyJump): {exc}",
+            remedy="check the companion's HostName and Port as the jump host sees them (~/.ssh/config)",
+        )
+    if isinstance(exc, paramiko.SSHException):
+        return CompanionUnreachableError(
+            f"SSH handshake with {what}{target} failed: {exc}",
             remedy="check that an SSH server listens on that port (`ssh -p PORT user@host true`)",
-        ) from exc
-    return Connection(client, target, options)
+        )
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
 
 class Connection:
@@ -359,6 +406,8 @@ class Connection:
 
     def close(self) -> None:
         self.client.close()
+        for jump in reversed(getattr(self.client, "_cachebuild_jumps", None) or []):
+            jump.close()
 
     def _link_lost(self, grace_s: float = 1.0) -> bool:
         """True once the transport is down; waits ``grace_s`` for paramiko to notice."""
