@@ -26,6 +26,7 @@ from ..errors import EXIT_USAGE
 from .errors import CompanionNotReadyError, RemoteBuildError
 from .messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
 from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect
+from .sshconfig import resolve_target
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
@@ -53,7 +54,6 @@ def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
     """The companion and how to reach it, from validated settings and ``~/.ssh/config``
     (:mod:`.sshconfig`: what ``COMPANION`` and ``SSH_KEY`` say explicitly wins)."""
     from .ssh import default_key_path, default_known_hosts
-    from .sshconfig import resolve_target
 
     resolved = resolve_target(settings.companion, settings.ssh_key)
     key = resolved.key_path or default_key_path()
@@ -239,7 +239,7 @@ def _missing_line(plan: Any, absent: set[str]) -> str:
     return ", ".join(parts)
 
 
-def _sent_line(plan: Any, result: Any) -> str:
+def _sent_line(plan: Any, result: Any, seconds: float) -> str:
     """What :func:`~.push.push` sent, in the kinds and counts of :func:`_missing_line`."""
     inputs = result.objects - result.tile_objects
     parts = []
@@ -249,7 +249,7 @@ def _sent_line(plan: Any, result: Any) -> str:
         parts.append(_n(inputs, "input file"))
     if result.files - inputs:
         parts.append(_n(result.files - inputs, "flight file"))
-    sent = f"sent {', '.join(parts)}: {_mb(result.bytes)}" if parts else f"sent nothing: {_mb(result.bytes)}"
+    sent = f"sent {', '.join(parts) if parts else 'nothing'}: {_mb(result.bytes)} in {seconds:.1f} s"
     there = len(plan.tiles) - result.tile_objects
     return f"{sent}; {there:,} of {_n(len(plan.tiles), 'tile image')} were there already"
 
@@ -337,7 +337,7 @@ def build_on_companion(
         The remote build failed (its exit code), or gave no report (21).
     """
     from .push import plan_push, push
-    from .remote import call_agent, remote_command, run_remote_build, start_agent, with_passphrase
+    from .remote import call_agent, start_agent
 
     settings = plan.settings
     out = stream or sys.stderr
@@ -409,23 +409,31 @@ def build_on_companion(
         report.extra["push"] = result.to_dict()
         _warn_quarantined(result.settled, target, warn)
         report.timed("push", time.monotonic() - t)
-        out.write(f"push: {_sent_line(wanted_plan, result)}, in {time.monotonic() - t:.1f} s\n")
+        out.write(f"push: {_sent_line(wanted_plan, result, time.monotonic() - t)}\n")
         sftp.close()
-
-        t = time.monotonic()
-        command = remote_command(
-            settings.companion_cmd, "build-cache", remote_variables(settings, wanted_plan.remote)
-        )
-        command, stdin = with_passphrase(command, settings.env.get(COMPANION_PASSPHRASE_ENV))
-        try:
-            code, remote = run_remote_build(
-                conn, command, out=out, env=settings.env, stdin=stdin, hide=tuple(command_values(settings.companion_cmd))
-            )
-        finally:
-            report.timed("remote", time.monotonic() - t)
-        _merge_remote(report, remote, code, target)
+        _remote_build(conn, settings, wanted_plan.remote, out, report)
         if report.exit_code == 0 and report.build_id:
             record_companion_build(plan.paths.state, str(target), root, report)
+
+
+def _remote_build(conn: Any, settings: Any, pushed: dict[str, str | None], out: TextIO, report: Any) -> None:
+    """``COMPANION_CMD build-cache`` on what was pushed; its report merged into ``report``.
+
+    An encrypted ``COMPANION_KEY``'s passphrase goes over the channel's
+    stdin (:func:`.remote.with_passphrase`); ``COMPANION_CMD``'s values are
+    redacted from what the companion prints.
+    """
+    from .remote import remote_command, run_remote_build, with_passphrase
+
+    t = time.monotonic()
+    command = remote_command(settings.companion_cmd, "build-cache", remote_variables(settings, pushed))
+    command, stdin = with_passphrase(command, settings.env.get(COMPANION_PASSPHRASE_ENV))
+    hide = tuple(command_values(settings.companion_cmd))
+    try:
+        code, remote = run_remote_build(conn, command, out=out, env=settings.env, stdin=stdin, hide=hide)
+    finally:
+        report.timed("remote", time.monotonic() - t)
+    _merge_remote(report, remote, code, conn.target)
 
 
 #: In the workstation's state directory: the cache it last built on each
