@@ -169,3 +169,19 @@ def test_sparse_packs_on_the_companion_never_wedge_a_build(companion: Companion,
     assert again.code == 0, again.stderr
     assert again.report["outcome"] == "up_to_date"
     assert not [w for w in again.report["warnings"] if "quarantined" in w]
+
+
+def test_the_workstation_never_sends_a_member_the_companion_would_refuse(tmp_path: Path) -> None:
+    from cachebuild.companion.errors import CompanionNotReadyError
+    from cachebuild.companion.push import PushPlan, push
+
+    digest = "ab" * 32
+    plan = PushPlan(
+        tiles={digest: (str(tmp_path / "huge"), packs.MAX_MEMBER_BYTES + 1)},
+        inputs={},
+        inbox="inbox/x",
+        inbox_files={},
+        remote={},
+    )
+    with pytest.raises(CompanionNotReadyError, match="at most"):
+        push(None, None, plan, {plan.tile_rel(digest)}, root="/c")

@@ -38,7 +38,7 @@ from typing import Any
 from ..modelfiles import external_data_files_cached
 from .errors import CompanionNotReadyError, ConnectionDroppedError
 from .agent import DONE_SUFFIX
-from .packs import DEFAULT_PACK_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
+from .packs import DEFAULT_PACK_BYTES, MAX_MEMBER_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
 
 __all__ = [
     "INBOX_FILES",
@@ -397,6 +397,14 @@ def push(
     """
     result = PushResult()
     tiles = sorted((d, size) for d, (_, size) in plan.tiles.items() if plan.tile_rel(d) in absent)
+    too_big = next(((d, size) for d, size in tiles if size > MAX_MEMBER_BYTES), None)
+    if too_big is not None:  # the companion's agent would quarantine its pack, every time
+        raise CompanionNotReadyError(
+            f"tile object {too_big[0][:12]}… is {too_big[1]:,} bytes; a pack member may be at most "
+            f"{MAX_MEMBER_BYTES:,}",
+            remedy="the provider served an image far larger than a tile: check PROVIDER",
+            phase="push",
+        )
     inputs = [(rel, path, size) for rel, (path, size) in plan.inputs.items() if rel in absent]
     inbox_needed = f"{plan.inbox}/tileset.json" in absent
     total_objects = len(tiles) + len(inputs)
