@@ -213,7 +213,7 @@ def compare(companion: dict[str, Any], last: Mapping[str, Any] | None, record: P
     """
     remote = companion.get("cache")
     ref: dict[str, Any] | None = None
-    if last is not None:
+    if last is not None and (last.get("host"), last.get("dir")) == (companion["host"], companion["dir"]):
         ref = {
             "source": "last companion build",
             "host": last.get("host"),
