@@ -190,27 +190,32 @@ def run_doit(plan: Any, reporter: RecordingReporter, tasks: list[str] | None = N
     return int(cmd.parse_execute(tasks or [FINAL_TASK]))
 
 
-def ignored_tasks(dep_file: Path, names: list[str]) -> list[str]:
-    """The tasks among ``names`` that ``doit ignore`` marked in the database at ``dep_file``.
+def ignored_tasks(dep_file: Path) -> list[str]:
+    """The tasks ``doit ignore`` marked in the build's database at ``dep_file`` (read only).
 
     doit skips an ignored task and everything after it counts it as done: a
     build would then publish a cache that claims settings it was not built
-    with.  Read only; a missing database has none.
+    with.  A missing database has none; a damaged one is the build's to
+    repair (:mod:`cachebuild.repair`).
     """
     if not Path(dep_file).exists():
         return []
-    from types import SimpleNamespace
-
-    from doit.dependency import Dependency, SqliteDB
-
     try:
-        dep = Dependency(SqliteDB, str(dep_file))
+        conn = sqlite3.connect(Path(dep_file).absolute().as_uri() + "?mode=ro", uri=True)
         try:
-            return [n for n in names if dep.status_is_ignore(SimpleNamespace(name=n))]
+            rows = conn.execute("select task_id, task_data from doit order by task_id").fetchall()
         finally:
-            dep.close()
-    except sqlite3.DatabaseError:  # a damaged database: the build repairs it (cachebuild.repair)
+            conn.close()
+    except sqlite3.DatabaseError:
         return []
+    out = []
+    for task_id, data in rows:
+        try:
+            if json.loads(data).get("ignore:"):
+                out.append(str(task_id))
+        except (ValueError, AttributeError, TypeError):
+            continue
+    return out
 
 
 @contextmanager

@@ -165,9 +165,7 @@ def _note_free_space(exc: CacheBuildError, settings: Settings | None) -> None:
 
 def _refuse_ignored(plan: Any) -> None:
     """Refuse to build while ``doit ignore`` has marked a task (under the lock: the database is stable)."""
-    from targets import task_dicts
-
-    ignored = ignored_tasks(plan.paths.dep_file, [d["name"] for d in task_dicts(plan)])
+    ignored = ignored_tasks(plan.paths.dep_file)
     if ignored:
         raise UsageError(
             f"task(s) {', '.join(ignored)} marked ignored in {plan.paths.dep_file} (by `doit ignore`): "
