@@ -60,3 +60,20 @@ def test_eta_follows_the_rate() -> None:
 
 def test_format_duration() -> None:
     assert [format_duration(s) for s in (0, 59.6, 61, 3600)] == ["0:00", "1:00", "1:01", "1:00:00"]
+
+
+def test_summary_counts_outlive_the_work() -> None:
+    from cachebuild.progress import finished_counts, forget_counts
+
+    forget_counts()
+    assert finished_counts("tiles") is None
+    try:
+        with Progress("tiles", 10, stream=None) as p:
+            p.advance(3)
+            p.summary("tiles: 3 done", {"planned": 10, "fetched": 3})
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        pass
+    assert finished_counts("tiles") == {"planned": 10, "fetched": 3}
+    forget_counts()
+    assert finished_counts("tiles") is None
