@@ -329,6 +329,20 @@ def _locked_build(
     check_recall(signed["info"].get("selftest"), settings.min_recall)  # exit 22, phase selftest
     report.timed("coverage", time.monotonic() - t)
 
+    _publish_staged(paths, staged, signed, report, reporter, warn, publish, published_manifest_bytes)
+
+
+def _publish_staged(
+    paths: Any,
+    staged: bytes,
+    signed: Mapping[str, Any],
+    report: Report,
+    reporter: RecordingReporter,
+    warn: Any,
+    publish: Any,
+    published_manifest_bytes: Any,
+) -> None:
+    """Publish the staged, checked cache (unless it is the published one, intact) and record it."""
     t = time.monotonic()
     from .publish import current_release, release_intact
 
