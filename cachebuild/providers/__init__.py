@@ -50,6 +50,7 @@ from .local import (
     DirectoryProvider,
     MBTilesProvider,
     SyntheticProvider,
+    mbtiles_stamp,
     tree_stamp,
 )
 from .xyz import (
@@ -167,6 +168,8 @@ def source_stamp(spec: str) -> str | None:
     kind = provider_kind(spec)
     if kind == "geotiff":
         return geotiff_stamp(_local_path(spec))
+    if kind == "mbtiles":  # its WAL, when it has one (the plan stamps the file itself)
+        return mbtiles_stamp(spec.strip())
     if kind == "dir":
         from pathlib import Path
 

@@ -17,6 +17,7 @@ from ..tiles import Tile, quadkey
 
 __all__ = [
     "DEFAULT_TILE_SIZE",
+    "MAX_TILE_BYTES",
     "USER_AGENT",
     "PLACEHOLDERS",
     "Provider",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 DEFAULT_TILE_SIZE = 256
+#: The most bytes a tile may have, from any provider: a 256-pixel JPEG, PNG
+#: or WebP is far smaller; a local file or row above it is refused unread.
+MAX_TILE_BYTES = 4 << 20
 USER_AGENT = f"cachebuild/{__version__} (+https://example.invalid/cachebuild)"
 
 #: Every placeholder a template may use; which ones a provider accepts is
@@ -102,6 +106,10 @@ def check_image(data: bytes, tile_size: int | None = DEFAULT_TILE_SIZE) -> str |
     from PIL import Image, UnidentifiedImageError
 
     try:
+        if tile_size is not None:
+            size = _header_size(data)
+            if size is not None and size != (tile_size, tile_size):
+                return f"image is {size[0]}x{size[1]}, not {tile_size}x{tile_size}"
         with Image.open(io.BytesIO(data)) as im:
             if im.format not in _IMAGE_FORMATS:
                 return f"unexpected image format {im.format}"
@@ -117,6 +125,25 @@ def check_image(data: bytes, tile_size: int | None = DEFAULT_TILE_SIZE) -> str |
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         return f"broken image ({type(exc).__name__}: {exc})"
     return None
+
+
+def _header_size(data: bytes) -> tuple[int, int] | None:
+    """The pixel size a JPEG, PNG or WebP header declares (Pillow's lazy open), or None for another format.
+
+    Read through the format's own Pillow class: ``Image.open`` would first
+    warn about, or refuse, a "decompression bomb" of a huge declared size,
+    which is simply the wrong size here.  No pixel is decoded.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        from PIL.JpegImagePlugin import JpegImageFile as cls
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        from PIL.PngImagePlugin import PngImageFile as cls  # type: ignore[assignment]
+    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        from PIL.WebPImagePlugin import WebPImageFile as cls  # type: ignore[assignment]
+    else:
+        return None
+    with cls(io.BytesIO(data)) as im:
+        return im.size
 
 
 def template_placeholders(

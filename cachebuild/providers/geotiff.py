@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cpus import usable_cpus
-from ..errors import UsageError
+from ..errors import DownloadError, UsageError
 from ..tiles import EARTH_RADIUS_M, Tile
 from .base import DEFAULT_TILE_SIZE, TileFetchError
 from .local import file_sha256
@@ -36,6 +36,8 @@ __all__ = [
     "GEOTIFF_EXTENSIONS",
     "GEOTIFF_CUT_VERSION",
     "DEFAULT_JPEG_QUALITY",
+    "MAX_BLOCK_BYTES",
+    "MAX_SOURCE_PIXELS_PER_TILE",
     "GeoTiffProvider",
     "mercator_bounds",
     "geotiff_stamp",
@@ -47,6 +49,14 @@ GEOTIFF_EXTENSIONS = (".tif", ".tiff")
 #: part of the identity, so old cuts are not reused.
 GEOTIFF_CUT_VERSION = 1
 DEFAULT_JPEG_QUALITY = 90
+
+#: A raster whose one block (strip or tile) is larger than this is refused
+#: when it is opened: GDAL reads a block whole, so one read would allocate it.
+MAX_BLOCK_BYTES = 256 << 20
+#: The warper reads every full-resolution pixel under a tile: a source this
+#: much finer than the zoom needs (about 23x per axis) is refused before it is
+#: read, not left to allocate gigabytes or run for hours.
+MAX_SOURCE_PIXELS_PER_TILE = 1 << 25
 
 _HALF_WORLD_M = math.pi * EARTH_RADIUS_M
 _INSTALL = "pip install 'cachebuild[geotiff]' (or pip install rasterio)"
@@ -114,8 +124,16 @@ class GeoTiffProvider:
             with rasterio.open(self.path) as src:
                 crs, bounds, count = src.crs, src.bounds, src.count
                 dtypes, colorinterp, nodata = set(src.dtypes), src.colorinterp, src.nodata
+                width, height, blocks = src.width, src.height, src.block_shapes
         except rasterio.errors.RasterioError as exc:
             raise UsageError(f"PROVIDER={self.path} is not a raster GDAL can read ({exc})") from None
+        block = max((bh * bw for bh, bw in blocks), default=0) * count
+        if block > MAX_BLOCK_BYTES:
+            raise UsageError(
+                f"PROVIDER={self.path} is {width}x{height} pixels stored in blocks of {block:,} bytes "
+                f"(over {MAX_BLOCK_BYTES >> 20} MiB): reading one pixel would load a whole block",
+                remedy="re-tile it: gdal_translate -co TILED=YES -co COMPRESS=DEFLATE in.tif out.tif",
+            )
         if crs is None:
             raise UsageError(
                 f"PROVIDER={self.path} has no CRS: it is not georeferenced",
@@ -141,6 +159,9 @@ class GeoTiffProvider:
         # the source's footprint in Web Mercator, densified: tiles outside
         # it are not warped at all
         self.footprint = transform_bounds(crs, "EPSG:3857", *bounds, densify_pts=21)
+        fl, fb, fr, ft = self.footprint
+        # source pixels per square metre of Web Mercator, for the per-tile bound
+        self._density = width * height / max((fr - fl) * (ft - fb), 1e-9)
         self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={file_sha256(self.path)}"
         self.concurrency = usable_cpus()
         self._local = threading.local()
@@ -191,6 +212,13 @@ class GeoTiffProvider:
         fl, fb, fr, ft = self.footprint
         if right <= fl or left >= fr or top <= fb or bottom >= ft:
             return None
+        under = (min(right, fr) - max(left, fl)) * (min(top, ft) - max(bottom, fb)) * self._density
+        if under > MAX_SOURCE_PIXELS_PER_TILE:  # every tile of this zoom is alike: stop the fetch
+            raise DownloadError(
+                f"PROVIDER={self.path}: tile {tile.z}/{tile.x}/{tile.y} lies over about {under:,.0f} source "
+                f"pixels (over {MAX_SOURCE_PIXELS_PER_TILE:,}): the raster is far finer than zoom {tile.z} needs",
+                remedy="cut a higher ZOOM, or make a coarser copy first: gdalwarp -tr <metres> in.tif out.tif",
+            )
         try:
             import rasterio
 

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 
 from ..canonical import sha256_file
 from ..cpus import usable_cpus
-from ..errors import UsageError
+from ..errors import DownloadError, UsageError
 from ..tiles import Tile
-from .base import TileFetchError, check_image, fill_template, template_placeholders
+from .base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
 
 if TYPE_CHECKING:
     import sqlite3
@@ -24,12 +24,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_MBTILES_CONCURRENCY",
     "DEFAULT_LOCAL_CONCURRENCY",
+    "MAX_QUERY_STEPS",
     "TREE_EXTENSIONS",
     "DIRECTORY_PLACEHOLDERS",
     "SyntheticProvider",
     "MBTilesProvider",
     "DirectoryProvider",
     "file_sha256",
+    "mbtiles_stamp",
     "tree_fingerprint",
     "tree_stamp",
 ]
@@ -67,6 +69,66 @@ def file_sha256(path: Path) -> str:
 
 # -- MBTiles ---------------------------------------------------------------------
 
+#: SQLite steps (VM instructions) one tile's query may take: an indexed
+#: lookup takes a few hundred, a scan of an unindexed 100,000-row table a few
+#: million; a view that never ends (a recursive CTE) is stopped here.
+MAX_QUERY_STEPS = 50_000_000
+_STEPS_PER_TICK = 10_000
+_CHECKPOINT = "sqlite3 {path} 'PRAGMA wal_checkpoint(TRUNCATE)'"
+
+
+def mbtiles_stamp(path: str | os.PathLike[str]) -> str | None:
+    """The no-op check's stamp of an MBTiles file's write-ahead log (``-wal``): None when it has none.
+
+    A change committed in WAL mode sits in ``<file>-wal`` and leaves the main
+    file's size and mtime as they were; the stamp makes the tiles phase run,
+    and the provider refuses the file until it is checkpointed.
+    """
+    wal = Path(os.fspath(path) + "-wal").expanduser().absolute()
+    try:
+        st = wal.stat()
+    except (OSError, ValueError):
+        return None
+    return f"wal:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}" if st.st_size else None
+
+
+class _Budget:
+    """A query's step budget, as an SQLite progress handler: past it, the query is interrupted."""
+
+    def __init__(self) -> None:
+        self.ticks = 0
+        self.tripped = False
+
+    def reset(self) -> None:
+        self.ticks, self.tripped = 0, False
+
+    def __call__(self) -> int:
+        self.ticks += 1
+        self.tripped = self.ticks * _STEPS_PER_TICK > MAX_QUERY_STEPS
+        return int(self.tripped)
+
+
+def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
+    """A read-only, immutable connection whose values and queries are bounded.
+
+    No string or blob may exceed :data:`MAX_TILE_BYTES` (SQLite refuses to
+    make one: a view returning ``zeroblob(900000000)`` allocates nothing),
+    no query may run past :data:`MAX_QUERY_STEPS`, functions a schema may
+    call are limited to innocuous ones, and temporary data goes to a file.
+    Nothing is ever written: triggers cannot fire.
+    """
+    import sqlite3
+
+    from ..mbtiles import connect_readonly
+
+    conn = connect_readonly(path, check_same_thread=False)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
+    for pragma in ("trusted_schema = OFF", "query_only = ON", "temp_store = FILE"):
+        conn.execute(f"PRAGMA {pragma}")
+    budget = _Budget()
+    conn.set_progress_handler(budget, _STEPS_PER_TICK)
+    return conn, budget
+
 
 class MBTilesProvider:
     """Tiles read from an MBTiles file (read-only, one connection per thread).
@@ -80,16 +142,21 @@ class MBTilesProvider:
     def __init__(self, path: str | os.PathLike[str]):
         import sqlite3
 
-        from ..mbtiles import connect_readonly
-
         self.path = Path(path).expanduser().absolute()
         if not self.path.is_file():
             raise UsageError(f"PROVIDER={self.path}: no such MBTiles file", remedy="check the PROVIDER path")
+        if mbtiles_stamp(self.path) is not None:
+            # the file is read immutable, as hashed: a change still in the WAL would be neither
+            raise UsageError(
+                f"PROVIDER={self.path} has changes in its write-ahead log ({self.path.name}-wal) "
+                "not yet in the file itself",
+                remedy=f"close the program writing it, then run {_CHECKPOINT.format(path=self.path)}",
+            )
         try:
-            conn = connect_readonly(self.path)
+            conn, _ = _connect_guarded(self.path)
             try:
                 row = conn.execute(
-                    "SELECT 1 FROM sqlite_master WHERE name = 'tiles' AND type IN ('table', 'view')"
+                    "SELECT type FROM sqlite_master WHERE name = 'tiles' AND type IN ('table', 'view')"
                 ).fetchone()
             finally:
                 conn.close()
@@ -97,38 +164,48 @@ class MBTilesProvider:
             raise UsageError(f"PROVIDER={self.path} is not an MBTiles file ({exc})") from None
         if row is None:
             raise UsageError(f"PROVIDER={self.path} is not an MBTiles file: it has no tiles table")
+        self._tiles_kind = row[0]
         self.identity = f"mbtiles:sha256={file_sha256(self.path)}"
         self.concurrency = DEFAULT_MBTILES_CONCURRENCY
         self._local = threading.local()
         self._lock = threading.Lock()
         self._conns: list[sqlite3.Connection] = []
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            from ..mbtiles import connect_readonly
-
+    def _conn(self) -> tuple[sqlite3.Connection, _Budget]:
+        held = getattr(self._local, "conn", None)
+        if held is None:
             # closed by close() from another thread, once the workers are done
-            conn = connect_readonly(self.path, check_same_thread=False)
-            self._local.conn = conn
+            held = self._local.conn = _connect_guarded(self.path)
             with self._lock:
-                self._conns.append(conn)
-        return conn
+                self._conns.append(held[0])
+        return held
 
     def fetch(self, tile: Tile) -> bytes | None:
         import sqlite3
 
         from ..mbtiles import read_tile
 
+        name = f"tile {tile.z}/{tile.x}/{tile.y}"
+        conn, budget = self._conn()
+        budget.reset()
         try:
-            data = read_tile(self._conn(), tile)
+            data = read_tile(conn, tile)
+        except sqlite3.DataError as exc:  # "string or blob too big": SQLite refused to make it
+            raise TileFetchError(f"{name} in {self.path}: over {MAX_TILE_BYTES} bytes ({exc})", tile=tile) from None
         except sqlite3.Error as exc:
-            raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y}: {self.path}: {exc}", tile=tile) from exc
+            if budget.tripped:  # every tile would take as long: stop the fetch
+                raise DownloadError(
+                    f"PROVIDER={self.path}: reading {name} took over {MAX_QUERY_STEPS:,} SQLite steps "
+                    f"(its tiles {self._tiles_kind} is not a plain indexed table)",
+                    remedy="use an MBTiles file whose tiles table has the unique index "
+                    "(zoom_level, tile_column, tile_row) the spec describes",
+                ) from None
+            raise TileFetchError(f"{name}: {self.path}: {exc}", tile=tile) from exc
         if data is None:
             return None
-        why = check_image(data, None)
+        why = "over the size limit" if len(data) > MAX_TILE_BYTES else check_image(data, DEFAULT_TILE_SIZE)
         if why is not None:
-            raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y} in {self.path}: {why}", tile=tile)
+            raise TileFetchError(f"{name} in {self.path}: {why}", tile=tile)
         return data
 
     def close(self) -> None:
@@ -196,6 +273,17 @@ def tree_stamp(root: Path) -> str:
     return h.hexdigest()
 
 
+def _read_regular(path: str) -> bytes:
+    """At most :data:`MAX_TILE_BYTES` + 1 bytes of a regular file (a FIFO or device is refused, never waited on)."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb", closefd=True) as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return fh.read(MAX_TILE_BYTES + 1)  # never more: a huge file is refused, not read
+
+
 class DirectoryProvider:
     """Tiles read from image files in a directory tree.
 
@@ -252,8 +340,7 @@ class DirectoryProvider:
         for ext in self.extensions:
             path = base + ext
             try:
-                with open(path, "rb") as fh:
-                    data = fh.read()
+                data = _read_regular(path)
             except (FileNotFoundError, NotADirectoryError):
                 continue
             except OSError as exc:
@@ -262,7 +349,7 @@ class DirectoryProvider:
                 ) from None
             if not data:
                 return None  # tile tools write empty files for "nothing here"
-            why = check_image(data, None)
+            why = f"over {MAX_TILE_BYTES} bytes" if len(data) > MAX_TILE_BYTES else check_image(data, DEFAULT_TILE_SIZE)
             if why is not None:
                 raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y}: {path}: {why}", tile=tile)
             return data
