@@ -44,6 +44,9 @@ class Cb:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEBUILD_")}
         env["CACHEBUILD_HOME"] = str(self.home)
+        # the development key lives in the data dir: inside the home, so a
+        # copied home (test_tamper) carries its key along
+        env["XDG_DATA_HOME"] = str(self.home / "data")
         env.update(self.env_extra)
         env.update(extra)
         return env

@@ -53,7 +53,10 @@ class Companion:
 
     @property
     def cmd(self) -> str:
-        return f"env CACHEBUILD_HOME={shlex.quote(str(self.home))} {shlex.quote(sys.executable)} -m doit"
+        return (
+            f"env CACHEBUILD_HOME={shlex.quote(str(self.home))} "
+            f"XDG_DATA_HOME={shlex.quote(str(self.home / 'data'))} {shlex.quote(sys.executable)} -m doit"
+        )
 
     def vars(self, **over: str) -> dict[str, str]:
         v = {
@@ -73,7 +76,7 @@ class Companion:
     def verify(self) -> CbResult:
         """verify-cache of the companion's published cache, with its own key."""
         return self.cb.run(
-            "verify-cache", f"CACHE_DIR={self.dir / 'cache'}", env=self.cb.env(CACHEBUILD_HOME=str(self.home))
+            "verify-cache", f"CACHE_DIR={self.dir / 'cache'}", env=self.cb.env(CACHEBUILD_HOME=str(self.home), XDG_DATA_HOME=str(self.home / "data"))
         )
 
     @property
