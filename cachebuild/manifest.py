@@ -347,6 +347,7 @@ def _hash_all(paths: list[Path], cache_file: str | os.PathLike[str] | None) -> l
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="manifest-hash") as pool:
             done = dict(zip(order, pool.map(hash_one, [paths[i] for i in order])))
     if cache is not None:
+        cache.settle()  # files written moments ago: hashed once more now, not by the next run
         cache.save()
         log.info("hashed %d artifacts, %d remembered from %s", cache.misses, cache.hits, cache.path.name)
     return [done[i] for i in range(len(paths))]

@@ -25,6 +25,9 @@ from .statcache import stat_key, still_valid
 
 __all__ = ["external_data_files", "external_data_files_cached", "model_sha256"]
 
+#: How an external data entry's key is encoded (StringStringEntryProto field 1, "location"):
+#: a model without these bytes has no external data.
+_LOCATION_KEY = b"\x0a\x08location"
 _REMEDY = "keep the model's external data files beside it, as onnx.save_model wrote them, or save the model in one file"
 
 
@@ -37,17 +40,20 @@ def external_data_files(model_path: str | os.PathLike[str]) -> list[str]:
         The model cannot be parsed, or a location is absolute, leaves the
         model's directory, or does not exist.
     """
-    import onnx
-    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
-
     model_path = Path(model_path)
     try:
+        if _LOCATION_KEY not in model_path.read_bytes():
+            return []  # no tensor names a location: nothing to parse (and numpy not imported)
+        import onnx
+
         model = onnx.load(str(model_path), load_external_data=False)
     except Exception as exc:  # protobuf's DecodeError and friends
         raise EngineError(
             f"model file {model_path} is not a valid ONNX model: {type(exc).__name__}",
             remedy="check that MODEL is an ONNX file",
         ) from None
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
     locations = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)})
     root = os.path.realpath(model_path.parent)
     for loc in locations:

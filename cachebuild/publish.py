@@ -25,9 +25,12 @@ import os
 import shutil
 import stat
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .config import Paths
+from .statcache import HASH_CACHE_NAME, HashCache, stat_key
 
 __all__ = [
     "publish",
@@ -134,6 +137,40 @@ def publish(paths: Paths, files: list[str]) -> Path:
 
     Returns the new release directory.
     """
+    with _hashes_kept(paths.build, files):
+        return _publish(paths, files)
+
+
+@contextmanager
+def _hashes_kept(build: Path, files: list[str]) -> Iterator[None]:
+    """Keep the build's remembered hashes across linking and pruning.
+
+    A hard link made or removed moves the file's ctime, which the hash cache
+    compares (:mod:`cachebuild.statcache`): without this, the next run would
+    read every artifact again.  A file whose device, inode, size and mtime
+    are unchanged keeps its hash.
+    """
+    cache = HashCache(build / HASH_CACHE_NAME)
+    known = {}
+    for rel in files:
+        hit = cache.lookup(build / rel)
+        if hit is not None:
+            known[rel] = (hit[0], stat_key(os.stat(build / rel)))
+    yield
+    for rel, (digest, before) in known.items():
+        try:
+            after = os.stat(build / rel)
+        except OSError:
+            continue
+        if stat_key(after)[:4] == before[:4]:
+            cache.remember(build / rel, digest, after)
+    try:
+        cache.save()
+    except OSError:  # only a cache (a full disk, say): the next run hashes again
+        pass
+
+
+def _publish(paths: Paths, files: list[str]) -> Path:
     manifest = json.loads((paths.build / "manifest.json").read_text())
     signed = manifest["signed"]
     # a fresh name every time: a damaged release is replaced, never reused

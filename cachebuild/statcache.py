@@ -201,6 +201,38 @@ class HashCache:
             self.remember(path, digest, after)
         return digest, size
 
+    def settle(self, max_wait_s: float = 0.05) -> int:
+        """Hash racy entries again once their tick has passed, so the next run trusts them; returns how many.
+
+        The build calls this once, at its end (the manifest): files written
+        moments before their hash was remembered would otherwise be read
+        again by the next run.  Waits at most ``max_wait_s`` (entries of
+        whole-second filesystems stay racy).
+        """
+        with self._lock:
+            self._refresh()
+            pending = [(k, e) for k, e in self._entries.items() if racy(e[:5], e[5])]
+        now = time.time_ns()
+        waits = [FINE_TICK_NS - (now - e[3]) for _, e in pending if e[3] % 1_000_000_000]
+        if not waits or max(waits) > max_wait_s * 1e9:
+            return 0
+        time.sleep(max(0, max(waits)) / 1e9)
+        settled = 0
+        for k, e in pending:
+            path = os.path.join(self.root, k)
+            try:
+                before = os.stat(path)
+                if stat_key(before) != e[:5]:
+                    continue
+                digest, _ = sha256_file(path)
+                after = os.stat(path)
+            except OSError:
+                continue
+            if digest == e[6] and stat_key(after) == e[:5]:
+                self.remember(path, digest, after)
+                settled += 1
+        return settled
+
     def make_read_only(self, path: str | os.PathLike[str]) -> None:
         """``chmod a-w`` ``path``, keeping its remembered hash (only the ctime moves)."""
         before = os.stat(path)

@@ -15,8 +15,9 @@ def task(plan: Any) -> dict[str, Any]:
     out = plan.paths.build / "engine"
     deps = [str(plan.model_path)]
     # a model's external data (weights.bin beside model.onnx) is part of it
-    listed = external_data_files_cached(plan.model_path, plan.paths.build / ".model-files.json")
-    deps += [str(plan.model_path.parent / loc) for loc in listed]
+    if not plan.builtin_model:  # the built-in network is one file
+        listed = external_data_files_cached(plan.model_path, plan.paths.build / ".model-files.json")
+        deps += [str(plan.model_path.parent / loc) for loc in listed]
     if s.calibration is not None:
         deps.append(str(s.calibration))
     backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
