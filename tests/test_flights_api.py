@@ -163,6 +163,39 @@ def test_persistent_500_and_hang_are_network_errors(api: FlightsApi) -> None:
     assert time.monotonic() - t < 2.5
 
 
+def test_a_dripping_answer_is_cut_at_the_timeout() -> None:
+    """FLIGHTS_API_TIMEOUT bounds each attempt in all: one byte now and then passes any per-read timeout."""
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    done = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9999\r\n\r\n")
+            for _ in range(50):  # 10 s at most: without the deadline the client would wait that long
+                if done.wait(0.2):
+                    return
+                try:
+                    conn.sendall(b" ")
+                except OSError:
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    try:
+        with pytest.raises(FlightNetworkError) as info:
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+            fetch_flight(GOOD, url=url, token=TOKEN, timeout_s=1.0, retries=0)
+    finally:
+        done.set()
+        listener.close()
+    assert "no answer within 1 s" in str(info.value)
+
+
 def test_unreachable_api(tmp_path: Path) -> None:
     import socket
 
