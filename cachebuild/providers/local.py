@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shlex
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -150,7 +151,7 @@ class MBTilesProvider:
             raise UsageError(
                 f"PROVIDER={self.path} has changes in its write-ahead log ({self.path.name}-wal) "
                 "not yet in the file itself",
-                remedy=f"close the program writing it, then run {_CHECKPOINT.format(path=self.path)}",
+                remedy=f"close the program writing it, then run {_CHECKPOINT.format(path=shlex.quote(str(self.path)))}",
             )
         try:
             conn, _ = _connect_guarded(self.path)
