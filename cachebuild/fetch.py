@@ -20,6 +20,11 @@ tiles the bucket lacks are uploaded as the fetch goes and at its end.
 
 Progress goes to stderr: a live line on a terminal, one summary line
 otherwise.
+
+When the fetch ends early (an interrupt, a provider that gave up), a
+provider with a ``cancel()`` method (the XYZ provider) is told to stop the
+requests on the wire, so nothing waits for a slow server before the lock is
+released.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCEPT_ENCODING",
     "MAX_REDIRECTS",
+    "DRAIN_BYTES",
     "Stopped",
     "DeadlineExceeded",
     "BodyTooLarge",
@@ -43,12 +44,16 @@ __all__ = [
     "origin",
     "get",
     "read_body",
+    "drain",
 ]
 
 #: What cachebuild asks for: the encodings :func:`read_body` decodes with a bound.
 ACCEPT_ENCODING = "gzip, deflate"
 #: Redirects followed at most, per request.
 MAX_REDIRECTS = 5
+#: An answer not wanted (an error page, a redirect) is read up to this, so
+#: its keep-alive connection is reused; a longer one closes the connection.
+DRAIN_BYTES = 64 << 10
 _CHUNK = 64 << 10
 
 
@@ -253,7 +258,7 @@ def get(
         location = response.headers.get("location")
         if not (response.is_redirect and location) or hop == max_redirects:
             return response
-        response.close()  # a redirect's body is never read
+        drain(response)  # a redirect's body is never kept
         target = response.url.join(location)
         if origin(target) != first:
             send_headers = {k: v for k, v in send_headers.items() if k.lower() in public}
@@ -318,3 +323,13 @@ def read_body(response: httpx.Response, limit: int) -> bytes:
         except zlib.error as exc:
             raise BadEncoding(f"a broken compressed body ({exc})") from None
     return bytes(out)
+
+
+def drain(response: httpx.Response, limit: int = DRAIN_BYTES) -> None:
+    """Read and drop a small unwanted body (its connection is then reused); close the response."""
+    try:
+        read_body(response, limit)
+    except (BodyTooLarge, BadEncoding):
+        pass  # closing drops the connection instead
+    finally:
+        response.close()

@@ -296,8 +296,12 @@ class XyzProvider:
         )
         try:
             status = response.status_code
-            data = httpsafe.read_body(response, MAX_TILE_BYTES) if 200 <= status < 300 else None
             ctype = response.headers.get("content-type", "no content-type")
+            if 200 <= status < 300:
+                data: bytes | None = httpsafe.read_body(response, MAX_TILE_BYTES)
+            else:
+                data = None
+                httpsafe.drain(response)
             return status, ctype, response.headers.get("retry-after"), data
         finally:
             response.close()
