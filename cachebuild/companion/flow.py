@@ -281,7 +281,7 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
     # the companion refusing to re-sign another key's cache with its dev key: its remedy is the right one
     if (remote_code == EXIT_USAGE or 90 <= remote_code <= 99) and "ALLOW_DEV_KEY" not in remedy:
         if names_companion_key(remote.get("error")):
-            if "PASSPHRASE" not in remedy:
+            if not remedy or "no such file" in error:  # else the companion's own remedy, in our terms
                 remedy = (
                     f"COMPANION_KEY is a path on the companion {target.host}: check that the signing key "
                     "is there, or leave COMPANION_KEY unset to sign with the companion's development key"
