@@ -357,7 +357,8 @@ class ForgetCmd(_CacheCommand):
             report.extra["forgotten"] = list(args)
             report.outcome, report.exit_code = "success", 0
             if fmt == "text":
-                sys.stderr.write(f"forgot {', '.join(args)}: the next build-cache runs them again\n")
+                them = "it" if len(args) == 1 else "them"
+                sys.stderr.write(f"forgot {', '.join(args)}: the next build-cache runs {them} again\n")
         except CacheBuildError as exc:
             report.fail(exc)
         report.emit(fmt)
