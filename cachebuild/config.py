@@ -316,7 +316,8 @@ def _companion(get: Any) -> dict[str, Any]:
     for name in ("COMPANION_DIR", "COMPANION_CMD", "COMPANION_KEY"):
         raw = get(name)
         if raw is not None and (not raw.strip() or "\n" in raw or "\0" in raw):
-            raise UsageError(f"{name}={raw!r} must be one non-empty line")
+            shown = "" if name == "COMPANION_CMD" else f"={raw!r}"  # COMPANION_CMD may hold anything: never echoed
+            raise UsageError(f"{name}{shown} must be one non-empty line")
         if raw is not None:
             out[name.lower()] = raw.strip()
     policy = (get("HOST_KEY_POLICY") or "reject").lower()
@@ -432,15 +433,22 @@ def check_provider(settings: Settings) -> None:
     ``SUBDOMAINS`` and the headers: a mistake here is exit 2 before doit
     runs, so a refused build leaves doit's state as it was.
     """
-    from .providers import provider_kind
+    from .providers import provider_kind, template_placeholders
 
-    if provider_kind(settings.provider) != "xyz":
+    kind, spec = provider_kind(settings.provider), settings.provider.strip()
+    if kind == "dir":  # the directory's existence is checked as the build plans the tiles task
+        from .providers.local import DIRECTORY_PLACEHOLDERS
+
+        text = spec[4:] if spec.lower().startswith("dir:") else spec
+        if "{" in text:
+            template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
+    if kind != "xyz":
         return
     from .providers.xyz import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
 
     env = {**settings.env, **settings.http}
     check_template(
-        settings.provider.strip(),
+        spec,
         api_key=env.get(API_KEY_ENV) or None,
         headers=parse_headers(env.get(HEADERS_ENV)),
         config=HttpConfig.from_env(env),

@@ -111,3 +111,12 @@ def test_the_ssh_and_companion_key_passphrases_are_secrets() -> None:
     for name in ("CACHEBUILD_SSH_KEY_PASSPHRASE", "CACHEBUILD_COMPANION_KEY_PASSPHRASE"):
         assert name in SECRET_ENV_VARS
         assert redact(f"oops: {PASSPHRASE}", {name: PASSPHRASE}) == "oops: ***"
+
+
+def test_a_malformed_companion_cmd_is_refused_without_echoing_it(companion: Companion, tmp_path: Path) -> None:
+    secret = "hunter2-Zq81"
+    f = write_flight(tmp_path / "f.json")
+    r = companion.build(f, COMPANION_CMD=f"env KEY_PASSPHRASE={secret}\ndoit")
+    assert r.code == 2, r.stderr
+    assert "COMPANION_CMD must be one non-empty line" in r.report["error"]
+    assert secret not in r.stdout and secret not in r.stderr
