@@ -433,22 +433,15 @@ def check_provider(settings: Settings) -> None:
     ``SUBDOMAINS`` and the headers: a mistake here is exit 2 before doit
     runs, so a refused build leaves doit's state as it was.
     """
-    from .providers import provider_kind, template_placeholders
+    from .providers import provider_kind
 
-    kind, spec = provider_kind(settings.provider), settings.provider.strip()
-    if kind == "dir":  # the directory's existence is checked as the build plans the tiles task
-        from .providers.local import DIRECTORY_PLACEHOLDERS
-
-        text = spec[4:] if spec.lower().startswith("dir:") else spec
-        if "{" in text:
-            template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
-    if kind != "xyz":
+    if provider_kind(settings.provider) != "xyz":
         return
     from .providers.xyz import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
 
     env = {**settings.env, **settings.http}
     check_template(
-        spec,
+        settings.provider.strip(),
         api_key=env.get(API_KEY_ENV) or None,
         headers=parse_headers(env.get(HEADERS_ENV)),
         config=HttpConfig.from_env(env),
