@@ -78,13 +78,13 @@ def test_warnings_are_one_line_without_source(cb: Cb, tmp_path: Path) -> None:
 def test_dev_key_note_only_when_a_manifest_is_signed(cb: Cb, tmp_path: Path) -> None:
     f = write_flight(tmp_path / "f.json")
     first = cb.build(f"FLIGHT={f}", *SMALL)
-    assert first.code == 0 and "development key" in first.stderr
+    assert first.code == 0 and "dev_ed25519.pem" in first.stderr
     noop = cb.build(f"FLIGHT={f}", *SMALL)
     assert noop.report["outcome"] == "up_to_date"
-    assert "development key" not in noop.stderr and noop.report["warnings"] == []
+    assert "dev_ed25519.pem" not in noop.stderr and noop.report["warnings"] == []
     with CacheLock(cb.cache_dir / "build.lock"):
         held = cb.build(f"FLIGHT={f}", "BUFFER_M=300", "ZOOM=17")
-    assert held.code == 50 and "development key" not in held.stderr
+    assert held.code == 50 and "dev_ed25519.pem" not in held.stderr
 
 
 def test_sizes_typos_and_preview_size(cb: Cb, tmp_path: Path) -> None:
