@@ -26,7 +26,7 @@ refused for disk), and in companion mode the workstation counts only its
 store (the companion checks its own disk: docs/companion.md).
 
 :func:`check_area` also checks the provider's arguments
-(:func:`cachebuild.config.check_provider`): it is the build's one call,
+(:func:`cachebuild.providercheck.check_provider`): it is the build's one call,
 before the lock, for everything it can refuse before downloading.
 """
 
@@ -40,8 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_MAX_TILES, check_provider
+from .config import DEFAULT_MAX_TILES
 from .errors import AreaTooLargeError
+from .providercheck import check_provider
 
 __all__ = [
     "DEFAULT_MAX_TILES",
@@ -124,7 +125,8 @@ def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = 
 
 def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, int]] | None = None) -> AreaEstimate:
     """Refuse the area of ``bbox`` if it has more than ``MAX_TILES`` tiles or does not fit on disk,
-    and a provider spec the arguments already show is wrong (:func:`~cachebuild.config.check_provider`).
+    and a provider spec the arguments already show is wrong
+    (:func:`~cachebuild.providercheck.check_provider`).
 
     Parameters
     ----------

@@ -37,7 +37,6 @@ __all__ = [
     "Settings",
     "Paths",
     "load_settings",
-    "check_provider",
     "cachebuild_home",
     "cachebuild_data_home",
 ]
@@ -424,28 +423,6 @@ def _provider(raw: str | None) -> str:
 
         refuse_userinfo(raw)
     return raw or DEFAULT_PROVIDER
-
-
-def check_provider(settings: Settings) -> None:
-    """What the provider needs from the arguments and the environment, checked before the lock.
-
-    A URL template's placeholders, ``{key}`` and its ``CACHEBUILD_API_KEY``,
-    ``SUBDOMAINS`` and the headers: a mistake here is exit 2 before doit
-    runs, so a refused build leaves doit's state as it was.
-    """
-    from .providers import provider_kind
-
-    if provider_kind(settings.provider) != "xyz":
-        return
-    from .providers.xyz import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
-
-    env = {**settings.env, **settings.http}
-    check_template(
-        settings.provider.strip(),
-        api_key=env.get(API_KEY_ENV) or None,
-        headers=parse_headers(env.get(HEADERS_ENV)),
-        config=HttpConfig.from_env(env),
-    )
 
 
 def _nodata(get: Any) -> dict[str, str]:

@@ -58,3 +58,13 @@ def test_bad_provider_is_refused_before_the_lock_and_keeps_the_no_op(
     assert rep["outcome"] == "up_to_date" and rep["tasks"]["run"] == [], rep["tasks"]
     assert rep["manifest_version"] == first.report["manifest_version"]
     assert server.count() == requests
+
+
+def test_directory_template_with_a_url_placeholder_is_refused_before_the_lock(cb: Cb, tmp_path: Path) -> None:
+    flight = write_flight(tmp_path / "f.json")
+    (tmp_path / "tiles").mkdir()
+    r = cb.build(f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={tmp_path}/tiles/{{z}}/{{x}}/{{s}}.png")
+    assert r.code == 2, r.stderr[-3000:]
+    rep = r.report
+    assert rep["failure_phase"] == "arguments" and "{s}" in rep["error"]
+    assert rep["tasks"] == {"run": [], "up_to_date": []}
