@@ -118,3 +118,23 @@ def test_the_push_sends_the_data_beside_the_model(tmp_path: Path) -> None:
     flip_weights(model.parent / "weights.bin")
     again = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
     assert not set(again.inputs) & set(rels)  # changed data: a new folder, sent again
+
+
+def test_a_model_with_external_data_builds_on_the_companion(cb: Cb, sshd: object, tmp_path: Path) -> None:
+    """Through a real sshd: the data file is pushed beside the model, and the companion's build uses it."""
+    from .test_companion import SSHD, Companion
+
+    if not os.path.exists(SSHD):
+        pytest.skip(f"{SSHD} (openssh-server) is not installed")
+    if getattr(sshd, "proc", None) is None:
+        sshd.start()  # type: ignore[attr-defined]
+    c = Companion.under(tmp_path, cb, sshd)  # type: ignore[arg-type]
+    model = external_model(tmp_path / "net")
+    r = c.build(write_flight(tmp_path / "f.json"), MODEL=str(model))
+    assert r.code == 0, r.stderr
+    push_report = r.report["push"]
+    assert push_report["objects"] == push_report["tile_objects"] + 2  # model.onnx and weights.bin
+    pushed = list((c.dir / "inputs").glob("*/weights.bin"))
+    assert len(pushed) == 1 and pushed[0].read_bytes() == (model.parent / "weights.bin").read_bytes()
+    assert (pushed[0].parent / "model.onnx").read_bytes() == model.read_bytes()
+    assert c.verify().code == 0
