@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .backends import BACKEND_CHOICES, BACKENDS, MachineProbes, select_backend
 from .canonical import sha256_file as _sha256_and_size
 from .errors import EngineError
-from .modelfiles import external_data_files, model_sha256
+from .modelfiles import external_data_files, model_sha256, self_contained
 from .tileset import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -356,7 +356,7 @@ class OnnxRuntimeBackend:
         try:
             try:
                 session = ort.InferenceSession(
-                    _self_contained(model_path), sess_options=so, providers=["CPUExecutionProvider"]
+                    self_contained(model_path), sess_options=so, providers=["CPUExecutionProvider"]
                 )
             except Exception as exc:
                 raise EngineError(
@@ -397,20 +397,6 @@ class OnnxRuntimeBackend:
                 remedy="delete the engine directory and compile the engine again",
             ) from exc
         return _OrtRunner(session, record)
-
-
-def _self_contained(model_path: Path) -> str | bytes:
-    """The model as ONNX Runtime should read it: its path, or, with external data, its bytes with the data in.
-
-    ONNX Runtime's saved optimisation keeps external initializers pointing
-    at files beside the model; from bytes with the data loaded, the engine
-    it saves is one self-contained file.
-    """
-    if not external_data_files(model_path):
-        return str(model_path)
-    import onnx
-
-    return onnx.load(str(model_path), load_external_data=True).SerializeToString()
 
 
 def _describe_io(model_path: Path, session: Any, engine_file: str) -> EngineInfo:

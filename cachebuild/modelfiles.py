@@ -23,7 +23,7 @@ from .canonical import canonical_json, sha256_file
 from .errors import EngineError
 from .statcache import stat_key, still_valid
 
-__all__ = ["external_data_files", "external_data_files_cached", "model_sha256"]
+__all__ = ["external_data_files", "external_data_files_cached", "model_sha256", "self_contained"]
 
 #: How an external data entry's key is encoded (StringStringEntryProto field 1, "location"):
 #: a model without these bytes has no external data.
@@ -114,3 +114,17 @@ def model_sha256(model_path: str | os.PathLike[str]) -> str:
         "external_data": {loc: sha256_file(model_path.parent / loc)[0] for loc in files},
     }
     return hashlib.sha256(b"cachebuild-model-v1\0" + canonical_json(doc)).hexdigest()
+
+
+def self_contained(model_path: str | os.PathLike[str]) -> str | bytes:
+    """The model as ONNX Runtime should read it: its path, or, with external data, its bytes with the data in.
+
+    ONNX Runtime's saved optimisation keeps external initializers pointing
+    at files beside the model; from bytes with the data loaded, the engine
+    it saves is one self-contained file.
+    """
+    if not external_data_files(model_path):
+        return str(model_path)
+    import onnx
+
+    return onnx.load(str(model_path), load_external_data=True).SerializeToString()

@@ -108,7 +108,7 @@ def _changed_type(stored: Any, signed: Any, where: str = "signed") -> str | None
 
 
 def _unlisted(cache_dir: Path, targets: dict[str, Any], name: str) -> str | None:
-    """The first entry of ``cache_dir`` that is neither a target, a directory above one, the manifest ``name`` nor ``signer.pub``."""
+    """The first entry of ``cache_dir`` that is not a target, a directory above one, ``name`` or ``signer.pub``."""
     files = set(targets) | {name, SIGNER_PUB_NAME}
     dirs = {rel.rsplit("/", i)[0] for rel in targets for i in range(1, rel.count("/") + 1)}
     pending = [""]

@@ -186,7 +186,8 @@ def test_a_signed_number_that_changed_type_is_refused(cb: Cb, change: str) -> No
 def _tile_blobs(path: Path) -> dict[tuple[int, int, int], bytes]:
     con = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
     try:
-        return {(z, x, y): bytes(d) for z, x, y, d in con.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles")}
+        rows = con.execute("SELECT zoom_level, tile_column, tile_row, tile_data FROM tiles")
+        return {(z, x, y): bytes(d) for z, x, y, d in rows}
     finally:
         con.close()
 

@@ -102,7 +102,9 @@ def test_external_data_that_is_missing_or_outside_is_refused(tmp_path: Path, how
         model.write_bytes(m.SerializeToString())
         words = "outside its directory"
     with pytest.raises(EngineError, match=words):
-        compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=tmp_path / "e", backend="onnxruntime")
+        compile_engine(
+            model_path=model, calibration_path=None, precision="fp32", out_dir=tmp_path / "e", backend="onnxruntime"
+        )
 
 
 def test_the_push_sends_the_data_beside_the_model(tmp_path: Path) -> None:

@@ -225,7 +225,8 @@ def plan_push(
     for name, path in (("model", model), ("calibration", calibration)):
         if path is not None:
             rel = _input_rel(path, file_sha256_cached(path, cache))
-            data = external_data_files_cached(path, cache.with_name("companion-model-files.json")) if name == "model" else []
+            listed = cache.with_name("companion-model-files.json")
+            data = external_data_files_cached(path, listed) if name == "model" else []
             if data:  # external data travels with the model, beside it under the names it gives
                 rel = _model_dir_inputs(path, data, cache, inputs)
             inputs[rel] = (path, path.stat().st_size)
