@@ -112,3 +112,18 @@ def test_the_old_bare_variable_still_works_with_a_warning(
 )
 def test_passphrases_are_redacted(name: str) -> None:
     assert redact(f"failed: {PASSPHRASE}!", {name: PASSPHRASE}) == "failed: ***!"
+
+
+@pytest.mark.parametrize(
+    "name", ["COMPANION_KEY_PASSPHRASE", "CACHEBUILD_COMPANION_KEY_PASSPHRASE", "SSH_KEY_PASSPHRASE"]
+)
+def test_other_passphrases_on_the_command_line_are_refused_by_name(
+    cbd: Cb, tmp_path: Path, name: str
+) -> None:
+    """Every passphrase variable is environment-only: named in the refusal, never echoed."""
+    f = write_flight(tmp_path / "f.json")
+    r = cbd.build(f"FLIGHT={f}", *SMALL, f"{name}={PASSPHRASE}")
+    assert r.code == 2, r.stderr
+    assert f"{name} is a secret" in r.report["error"], r.report
+    assert "export CACHEBUILD_" in r.report["remedy"]
+    assert_nowhere(PASSPHRASE, [r], [cbd.home])
