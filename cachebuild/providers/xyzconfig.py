@@ -259,9 +259,11 @@ def refuse_userinfo(spec: str, name: str = "PROVIDER") -> None:
 
     >>> refuse_userinfo("https://tiles.example/{z}/{x}/{y}.png")
     """
-    from urllib.parse import urlsplit
-
-    if "://" in spec and "@" in urlsplit(spec.strip()).netloc:
+    # the authority by hand, not urlsplit: that raises on a malformed URL
+    # ("[::1/..."), which check_template refuses with its own message later
+    _, sep, rest = spec.strip().partition("://")
+    authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
+    if sep and "@" in authority:
         raise UsageError(
             f"{name} has a user name or password in its URL (user:password@host); "
             "it would be written into the signed cache",
