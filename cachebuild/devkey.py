@@ -41,8 +41,15 @@ def dev_key_home(settings: Settings) -> Path:
     """
     new = cachebuild_data_home(settings.env) / "keys" / DEV_KEY_NAME
     old = settings.legacy_dev_key
-    if new.exists() or not old.is_file():
-        return new
+    try:
+        if new.exists() or not old.is_file():
+            return new
+    except OSError as exc:  # a directory on the way this user may not enter
+        raise UsageError(
+            f"cannot look for the development signing key in {new.parent} "
+            f"({exc.strerror or type(exc).__name__})",
+            remedy=f"make {new.parent} readable by this user, set XDG_DATA_HOME, or give KEY=<key file>",
+        ) from None
     try:
         data = old.read_bytes()
         if not new.parent.is_dir():

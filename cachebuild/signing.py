@@ -323,10 +323,10 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     p = Path(path)
-    if p.exists():  # maybe still being written by a racing caller (the in-place fallback)
-        return _load_settled(p), False
     parent = p.parent
     try:
+        if p.exists():  # maybe still being written by a racing caller (the in-place fallback)
+            return _load_settled(p), False
         if not parent.is_dir():
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(parent, 0o700)

@@ -193,3 +193,22 @@ def test_verify_before_the_move_reads_the_old_place(cbd: Cb, tmp_path: Path) -> 
     v = cbd.run("verify-cache")
     assert v.code == 0, v.stderr
     assert old.exists(), "verify-cache only reads"
+
+
+def test_a_key_directory_this_user_may_not_enter_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EACCES on the way to the dev key is one UsageError naming the place, not a traceback.
+
+    Root may enter every directory, so the denial is simulated at ``Path.exists``.
+    """
+    from cachebuild.errors import UsageError
+    from cachebuild.signing import ensure_dev_key
+
+    def denied(self: Path, *a: object, **k: object) -> bool:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "exists", denied)
+    with pytest.raises(UsageError, match="Permission denied") as info:
+        ensure_dev_key(tmp_path / "keys" / "dev_ed25519.pem")
+    assert info.value.remedy
