@@ -5,6 +5,6 @@ command is a plugin: see pyproject.toml).  This file lets ``doit list`` and
 ``doit info <task>`` show the task graph; it holds no behaviour.
 """
 
-from cachebuild.runner import dodo_namespace
+from cachebuild.cli.runner import dodo_namespace
 
 globals().update(dodo_namespace())

@@ -7,7 +7,7 @@ Usage::
 
 Builds a temporary store of N distinct 256x256 JPEG tiles (as
 bench_describe.py does) and the default model's engine, then measures
-:func:`cachebuild.describe.describe_tiles` the way a build calls it
+:func:`cachebuild.localize.describe.describe_tiles` the way a build calls it
 (``reuse=True``), with an empty descriptor store before every run so every
 tile is described:
 
@@ -51,11 +51,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_describe import build_world  # noqa: E402
 
-from cachebuild.cpus import usable_cpus  # noqa: E402
-from cachebuild.daskexec import DaskExecutor  # noqa: E402
-from cachebuild.describe import DESCRIPTORS_FILE, describe_tiles  # noqa: E402
-from cachebuild.engine import compile_engine  # noqa: E402
-from cachebuild.model import write_default_model  # noqa: E402
+from cachebuild._util.cpus import usable_cpus  # noqa: E402
+from cachebuild.localize.daskexec import DaskExecutor  # noqa: E402
+from cachebuild.localize.describe import DESCRIPTORS_FILE, describe_tiles  # noqa: E402
+from cachebuild.engine.compile import compile_engine  # noqa: E402
+from cachebuild.engine.model import write_default_model  # noqa: E402
 
 
 def run(root: Path, store: Path, batch: int, scheduler: str | None, threads: int | None) -> tuple[float, np.ndarray]:
@@ -78,7 +78,7 @@ def run(root: Path, store: Path, batch: int, scheduler: str | None, threads: int
 
 def forget_bucket_copies() -> int:
     """On a worker: drop the tile images it read from the bucket (the next run reads them again)."""
-    from cachebuild import daskexec
+    from cachebuild.localize import daskexec
 
     daskexec._PACKS_READ.clear()
     gone = 0
@@ -94,14 +94,8 @@ def fill_bucket(bucket: str, tileset: Path, store: Path, identity: str) -> str:
     import hashlib
     from collections import defaultdict
 
-    from cachebuild.s3store import (
-        CELL_SHIFT,
-        StoreURL,
-        _cell_part,
-        _encode_pack,
-        open_store,
-    )
-    from cachebuild.tileset import hex_digests, read_tiles
+    from cachebuild.store.s3 import CELL_SHIFT, StoreURL, _cell_part, _encode_pack, open_store
+    from cachebuild.tiles.tileset import hex_digests, read_tiles
 
     url = StoreURL(bucket, "bench")
     remote = open_store(str(url))
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from distributed import Client, LocalCluster
 
-    from cachebuild.daskexec import workers_read_bucket
+    from cachebuild.localize.daskexec import workers_read_bucket
 
     moto = None
     if args.bucket:

@@ -7,7 +7,7 @@ Usage::
 Builds a temporary store of N distinct 256x256 JPEG tiles and the default
 model's engine, then, alternating, ``--repeat`` times:
 
-* ours: :func:`cachebuild.describe.describe_tiles`, wall time of the whole
+* ours: :func:`cachebuild.localize.describe.describe_tiles`, wall time of the whole
   call (engine load, decoding overlapped with inference, writing the files);
 * baseline: the simplest loop, same model, same tiles, same batch size and
   the same number of ONNX Runtime intra-op threads (ORT's other settings
@@ -36,11 +36,11 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from cachebuild.describe import DESCRIPTORS_FILE, default_decode_threads, describe_tiles
-from cachebuild.engine import compile_engine
-from cachebuild.model import write_default_model
-from cachebuild.store import TileStore
-from cachebuild.tileset import tile_dtype, write_tileset
+from cachebuild.localize.describe import DESCRIPTORS_FILE, default_decode_threads, describe_tiles
+from cachebuild.engine.compile import compile_engine
+from cachebuild.engine.model import write_default_model
+from cachebuild.store.objects import TileStore
+from cachebuild.tiles.tileset import tile_dtype, write_tileset
 
 
 def make_jpeg(rng: np.random.Generator) -> bytes:

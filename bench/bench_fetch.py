@@ -47,8 +47,8 @@ def serve(latency_s: float, share_429: float, retry_after: str) -> None:
     from collections import Counter
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from cachebuild.synthetic import synthetic_tile_bytes
-    from cachebuild.tiles import Tile
+    from cachebuild.providers.synthetic import synthetic_tile_bytes
+    from cachebuild.tiles.grid import Tile
 
     bases = [synthetic_tile_bytes(Tile(68600 + i, 45900, 17)) for i in range(16)]
     attempts: Counter[str] = Counter()
@@ -143,7 +143,7 @@ class ServerProcess:
 
 def area_of(n_tiles: int) -> Any:
     """A square box over Zürich of about ``n_tiles`` z17 tiles."""
-    from cachebuild.tiles import LngLatBbox, count_tiles
+    from cachebuild.tiles.grid import LngLatBbox, count_tiles
 
     side = math.ceil(math.sqrt(n_tiles))
     w, n = 8.45, 47.45
@@ -182,8 +182,8 @@ def naive(server: ServerProcess, wanted: list[Any], out: Path, *, pooled: bool =
 
 
 def cachebuild_fetch(server: ServerProcess, box: Any, n: int, tmp: Path, concurrency: int) -> dict[str, Any]:
-    from cachebuild.fetch import fetch_tiles
-    from cachebuild.store import TileStore
+    from cachebuild.tiles.fetch import fetch_tiles
+    from cachebuild.store.objects import TileStore
 
     env = {"HTTP_TIMEOUT": "20", "HTTP_RETRIES": "3", "HTTP_BACKOFF": "0.2"}
     t0 = time.perf_counter()
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--retry-after", default="1")
     ap.add_argument("--concurrency", default="8,32")
     args = ap.parse_args()
-    from cachebuild.tiles import tiles
+    from cachebuild.tiles.grid import tiles
 
     box, n = area_of(args.tiles)
     wanted = list(tiles(box, [17]))

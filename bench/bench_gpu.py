@@ -18,10 +18,10 @@ else ONNX Runtime).  Then measures, each alone:
   batches plus the same preprocessing on the GPU, where torchvision and a
   CUDA device import (file reads included, as for Pillow);
 * infer: the engine's ``run`` on batches already in memory;
-* index: :func:`cachebuild.index.build_index` on N unit descriptors
+* index: :func:`cachebuild.localize.index.build_index` on N unit descriptors
   (``INDEX=auto``; on the GPU where faiss has one);
 
-and end to end: :func:`cachebuild.describe.describe_tiles` (decoding
+and end to end: :func:`cachebuild.localize.describe.describe_tiles` (decoding
 overlapped with inference) followed by ``build_index`` on its output.
 Every rate is shown against the slowest of the pipeline's own stages
 (Pillow decode, infer, index), the baseline measured in the same run; the
@@ -47,12 +47,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_describe import make_jpeg  # noqa: E402
 
-from cachebuild.describe import _decode_batch, default_decode_threads, describe_tiles  # noqa: E402
-from cachebuild.engine import compile_engine, load_engine, read_engine_json  # noqa: E402
-from cachebuild.index import build_index  # noqa: E402
-from cachebuild.model import write_default_model  # noqa: E402
-from cachebuild.store import TileStore  # noqa: E402
-from cachebuild.tileset import tile_dtype, write_tileset  # noqa: E402
+from cachebuild.localize.describe import _decode_batch, default_decode_threads, describe_tiles  # noqa: E402
+from cachebuild.engine.compile import compile_engine, load_engine, read_engine_json  # noqa: E402
+from cachebuild.localize.index import build_index  # noqa: E402
+from cachebuild.engine.model import write_default_model  # noqa: E402
+from cachebuild.store.objects import TileStore  # noqa: E402
+from cachebuild.tiles.tileset import tile_dtype, write_tileset  # noqa: E402
 
 
 def build_world(root: Path, n: int, distinct: int) -> tuple[Path, Path, list[Path], float]:

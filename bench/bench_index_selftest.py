@@ -48,8 +48,8 @@ LAT, LON = 47.30, 8.45
 
 def time_functions(snap: Path, before: Path | None, store: Path, scratch: Path) -> tuple[float, float]:
     """``(index s, selftest s)``: build_index and run_selftest on a build's inputs, in this process."""
-    from cachebuild.index import QUANTIZER_FILE, build_index
-    from cachebuild.selftest import FRAMES_FILE, run_selftest
+    from cachebuild.localize.index import QUANTIZER_FILE, build_index
+    from cachebuild.localize.selftest import FRAMES_FILE, run_selftest
 
     scratch.mkdir()
     for name in ("descriptors.npy", "descriptor_ids.npy", "tiles.npy", "tileset.json", "engine"):

@@ -5,15 +5,15 @@ each): the images in a tile store, an MBTiles file holding the same images,
 ``tiles.npy`` naming each by its SHA-256, and the default model's engine.
 Then, in the same run, ``--repeat`` times, alternating:
 
-- describe, thumbnails off / on: :func:`cachebuild.describe.describe_tiles`
+- describe, thumbnails off / on: :func:`cachebuild.localize.describe.describe_tiles`
   as a build runs it (``reuse=True``), into an empty descriptor store each
   time (the tile objects shared), without and with making each image's
   coverage-map thumbnail from the pixels it decoded for the engine (what a
   build does now).  Reported as tiles/s, and, steadier on a shared
-  machine, as CPU: :func:`cachebuild.thumbs.thumbnail_of` timed alone over
+  machine, as CPU: :func:`cachebuild.store.thumbs.thumbnail_of` timed alone over
   decoded tiles, against describe's CPU time (all threads) per tile;
 - naive: decode every tile at full size, resize, paste (the baseline);
-- old cold path: :func:`cachebuild.preview.render_preview` with a store
+- old cold path: :func:`cachebuild.tiles.preview.render_preview` with a store
   that has no thumbnails (what the first map of new imagery cost before
   describe made them): every image decoded at 1/8 scale, its thumbnail kept;
 - after describe: ``render_preview`` with the store describe just filled
@@ -49,13 +49,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_describe import make_jpeg  # noqa: E402  (the same distinct ~20 KiB tiles)
 
-from cachebuild.describe import describe_tiles  # noqa: E402
-from cachebuild.engine import compile_engine  # noqa: E402
-from cachebuild.model import write_default_model  # noqa: E402
-from cachebuild.preview import _geometry, render_preview  # noqa: E402
-from cachebuild.store import TileStore  # noqa: E402
-from cachebuild.tiles import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
-from cachebuild.tileset import tile_dtype  # noqa: E402
+from cachebuild.localize.describe import describe_tiles  # noqa: E402
+from cachebuild.engine.compile import compile_engine  # noqa: E402
+from cachebuild.engine.model import write_default_model  # noqa: E402
+from cachebuild.tiles.preview import _geometry, render_preview  # noqa: E402
+from cachebuild.store.objects import TileStore  # noqa: E402
+from cachebuild.tiles.grid import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
+from cachebuild.tiles.tileset import tile_dtype  # noqa: E402
 
 
 def make_cache(root: Path, n: int) -> tuple[LngLatBbox, int]:
@@ -115,8 +115,8 @@ def naive(root: Path, bbox: LngLatBbox) -> None:
 
 def thumb_cost(root: Path, k: int = 2000) -> float:
     """CPU seconds of :func:`thumbnail_of` per tile, on the Pillow images describe decodes (best of 3)."""
-    from cachebuild.describe import _decode_image
-    from cachebuild.thumbs import thumbnail_of
+    from cachebuild.localize.describe import _decode_image
+    from cachebuild.store.thumbs import thumbnail_of
 
     conn = sqlite3.connect(root / "tiles.mbtiles")
     images = [_decode_image(io.BytesIO(d), (256, 256)) for (d,) in conn.execute(f"SELECT tile_data FROM tiles LIMIT {k}")]

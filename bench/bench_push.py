@@ -52,8 +52,8 @@ def _flight(n_tiles: int, path: Path) -> float:
 
 def _stage(tmp: Path, n_tiles: int) -> tuple[Path, Path, Path, float]:
     """The workstation's half: flight.json and the tile set in a fresh store."""
-    from cachebuild.fetch import fetch_tiles
-    from cachebuild.flight import flight_area, flight_record, load_flight_file
+    from cachebuild.tiles.fetch import fetch_tiles
+    from cachebuild.inputs.flight import flight_area, flight_record, load_flight_file
 
     flight = tmp / "flight-src.json"
     buffer_m = _flight(n_tiles, flight)

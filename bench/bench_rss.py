@@ -42,8 +42,8 @@ BASELINE = """
 import os, resource, sys, tempfile
 from pathlib import Path
 import numpy, PIL.Image, onnxruntime, faiss, cryptography.hazmat.primitives.asymmetric.ed25519, doit
-from cachebuild.engine import compile_engine, load_engine
-from cachebuild.model import write_default_model
+from cachebuild.engine.compile import compile_engine, load_engine
+from cachebuild.engine.model import write_default_model
 with tempfile.TemporaryDirectory() as tmp:
     model = write_default_model(Path(tmp) / "model.onnx")
     compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=Path(tmp) / "engine")

@@ -11,7 +11,7 @@ JPEG), each build a real ``doit build-cache`` process with its own empty
 3. a second machine, warm bucket: downloads the tiles and descriptors
    machine 2 uploaded; fetches and describes nothing; its index, self-test
    and coverage map come from the bucket's action cache
-   (``cachebuild.actioncache``).
+   (``cachebuild.store.actioncache``).
 
 The figure is (3) / (2); target <= 0.2.  The bucket is moto's S3 server
 (in its own process) on 127.0.0.1: no network round trip, so a real

@@ -1,7 +1,7 @@
 """Self-test recall on the demo flight and a larger one, by frame offset and model.
 
 Builds each flight with `doit build-cache` (default model, cbnet-v2), then
-runs :func:`cachebuild.selftest.run_selftest` on the built cache with more
+runs :func:`cachebuild.localize.selftest.run_selftest` on the built cache with more
 frames than a build uses, at three largest frame-centre offsets: 1/8 tile
 (what a build reports), 1/4 and 1/2 (the centre anywhere in the tile).
 For comparison the same caches are built with cbnet-v1, the previous
@@ -32,7 +32,7 @@ def v1_model(path: Path) -> Path | None:
     """cbnet-v1's ONNX file, built by its own code from the git history."""
     try:
         src = subprocess.run(
-            ["git", "-C", str(REPO), "show", f"{V1_COMMIT}:cachebuild/model.py"],
+            ["git", "-C", str(REPO), "show", f"{V1_COMMIT}:cachebuild/engine/model.py"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=10_000, help="tiles of the larger flight")
     ap.add_argument("--queries", type=int, default=500, help="frames per offset")
     args = ap.parse_args()
-    from cachebuild.selftest import run_selftest
+    from cachebuild.localize.selftest import run_selftest
 
     doit = [sys.executable, "-m", "doit"]
     rows = []

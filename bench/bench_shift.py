@@ -77,11 +77,11 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
 
     import numpy as np
 
-    from cachebuild.mbtiles import write_mbtiles
-    from cachebuild.store import TileStore
-    from cachebuild.synthetic import synthetic_tile_bytes
-    from cachebuild.tiles import LngLatBbox, Tile, tile_id
-    from cachebuild.tileset import write_tileset
+    from cachebuild.tiles.mbtiles import write_mbtiles
+    from cachebuild.store.objects import TileStore
+    from cachebuild.providers.synthetic import synthetic_tile_bytes
+    from cachebuild.tiles.grid import LngLatBbox, Tile, tile_id
+    from cachebuild.tiles.tileset import write_tileset
 
     side = round(math.sqrt(n))
     cols = max(1, round(shift * side))

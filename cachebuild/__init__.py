@@ -1,7 +1,7 @@
 """cachebuild: build the signed onboard map cache for a GPS-denied flight.
 
-The library has no doit imports outside :mod:`cachebuild.runner` and the
-command modules beside it (:mod:`cachebuild.doitcmds`, :mod:`cachebuild.doitrun`).
+The library has no doit imports outside :mod:`cachebuild.cli.runner` and the
+command modules beside it (:mod:`cachebuild.cli.doitcmds`, :mod:`cachebuild.cli.doitrun`).
 """
 
 __all__ = ["__version__"]

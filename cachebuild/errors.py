@@ -183,7 +183,7 @@ class StoreObjectError(BuildError):
     """A tile image in the store is missing or does not hash to its name.
 
     Raised by the phase that read it, after removing a corrupt object; the
-    wrapper then fetches it again (:mod:`cachebuild.repair`).  ``digest``
+    wrapper then fetches it again (:mod:`cachebuild.cli.repair`).  ``digest``
     names the object.
     """
 
@@ -228,7 +228,7 @@ class VerifyError(CacheBuildError):
     exit_code = EXIT_VERIFY
     remedy = "rebuild the cache with `doit build-cache`"
     #: Why, in one word (``signature``, ``untrusted-key``, ``expired``,
-    #: ``rollback``, ``artifact`` ...: cachebuild.manifest.VERIFY_REASONS).
+    #: ``rollback``, ``artifact`` ...: cachebuild.release.manifest.VERIFY_REASONS).
     reason: str | None = None
 
 

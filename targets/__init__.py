@@ -2,7 +2,7 @@
 
 Each module's ``task(plan)`` returns a doit task dict (or None when the
 artifact is not built in this configuration): what the task depends on,
-what it produces, and which :mod:`cachebuild.actions` function it calls.
+what it produces, and which :mod:`targets.actions` function it calls.
 No behaviour lives here.
 """
 
@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from cachebuild import actions, produced
+from targets import actions
+from cachebuild.release import produced
 
 from . import descriptors, engine, flight, index, manifest, mbtiles, model, preview, selftest, tiles
 
@@ -22,10 +23,10 @@ FINAL_TASK = "manifest"
 
 
 def task_dicts(plan: Any) -> list[dict[str, Any]]:
-    """Every task of a build for ``plan`` (a :class:`cachebuild.plan.BuildPlan`).
+    """Every task of a build for ``plan`` (a :class:`cachebuild.inputs.plan.BuildPlan`).
 
     Each task records the hash of its targets after its action, and is up
-    to date only while they still have it (:mod:`cachebuild.produced`): a
+    to date only while they still have it (:mod:`cachebuild.release.produced`): a
     target replaced behind the build's back is made again, never signed.
     """
     out = []

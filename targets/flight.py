@@ -6,7 +6,7 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild import actions
+from targets import actions
 
 
 def task(plan: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild import actions
+from targets import actions
 
 
 def task(plan: Any) -> dict[str, Any]:
@@ -18,7 +18,7 @@ def task(plan: Any) -> dict[str, Any]:
         "actions": [(actions.phase_action("index", actions.index), [], {"build": str(build), "kind": kind})],
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "targets": [str(build / "index.faiss"), str(build / "index.json")],
-        # the version: how a kind is built and tuned (cachebuild.index); the saved quantizer
+        # the version: how a kind is built and tuned (cachebuild.localize.index); the saved quantizer
         # (index-quantizer.npz) is not a target: it is a cache, checked before it is reused
         "uptodate": [config_changed({"index": kind, "version": 5})],
         "clean": True,

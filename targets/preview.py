@@ -6,8 +6,8 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild import actions
-from cachebuild.preview import DEFAULT_SIZE, PREVIEW_VERSION
+from targets import actions
+from cachebuild.tiles.preview import DEFAULT_SIZE, PREVIEW_VERSION
 
 
 def task(plan: Any) -> dict[str, Any]:
@@ -34,7 +34,7 @@ def task(plan: Any) -> dict[str, Any]:
         # is a set).
         "task_dep": ["describe"],
         "targets": [str(build / "preview.png")],
-        # the version: how the map is drawn (cachebuild.preview)
+        # the version: how the map is drawn (cachebuild.tiles.preview)
         "uptodate": [config_changed({"size": DEFAULT_SIZE, "version": PREVIEW_VERSION})],
         "clean": True,
     }

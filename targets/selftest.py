@@ -6,8 +6,8 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild import actions
-from cachebuild.selftest import SELFTEST_VERSION
+from targets import actions
+from cachebuild.localize.selftest import SELFTEST_VERSION
 
 
 def task(plan: Any) -> dict[str, Any]:

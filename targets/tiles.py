@@ -6,7 +6,7 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild import actions
+from targets import actions
 from cachebuild.providers import source_stamp
 
 
@@ -14,7 +14,7 @@ def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
     def check() -> bool:
         if not retry_missing:
             return True
-        from cachebuild.tileset import read_summary
+        from cachebuild.tiles.tileset import read_summary
         from pathlib import Path
 
         try:

@@ -8,7 +8,7 @@ buffered writers too: each ``write`` and ``flush``), ``os.fsync`` /
 and SQLite connections (every data-changing statement and ``commit``: the
 store's refs, the descriptor index, the MBTiles file, doit's database).  Each
 call is one *write*; its *site* is the first caller inside ``cachebuild/``,
-``targets/`` or doit (``cachebuild/store.py:187 os.write``).
+``targets/`` or doit (``cachebuild/store/objects.py:187 os.write``).
 
 Recording mode (no ``fail_at``, no ``fail_site``) lists every write of a
 run in order; with ``fail_at=n`` the n-th write raises ``OSError(ENOSPC)``
@@ -65,7 +65,9 @@ class DiskFault:
         while f is not None:
             name = f.f_code.co_filename
             if any(part in name for part in _OURS) and not name.endswith("diskfault.py"):
-                rel = name[name.rfind(os.sep, 0, name.rfind(os.sep)) + 1 :]
+                # the path from the package root on: cachebuild/store/objects.py
+                start = max(name.rfind(part) for part in _OURS)
+                rel = name[start + 1 :].replace(os.sep, "/")
                 return f"{rel}:{f.f_lineno} {kind}"
             f = f.f_back
         return f"elsewhere {kind}"

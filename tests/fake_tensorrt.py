@@ -4,7 +4,7 @@ TensorRT has no wheel these machines can install and there is no GPU, so
 the TensorRT backend's own logic (flags per version, profile, workspace,
 timing cache, parser errors, the key check, the runner's staging through
 host buffers) is exercised against these.  They implement only the calls
-cachebuild.trt makes, with the signatures of TensorRT's Python API
+cachebuild.engine.tensorrt.backend makes, with the signatures of TensorRT's Python API
 (docs.nvidia.com/deeplearning/tensorrt/latest/api/python_api); the
 "engine" they build is the ONNX model itself, run by ONNX Runtime on the
 CPU, so descriptors are real.  Nothing here says how real TensorRT

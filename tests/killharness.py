@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachebuild.canonical import sha256_file
-from cachebuild.lock import CacheLock
+from cachebuild._util.hashing import sha256_file
+from cachebuild.release.lock import CacheLock
 
 from .conftest import Cb, write_flight
 from .tileserver import TileServer
@@ -295,8 +295,8 @@ class KillHarness:
             self.phase_starts[PUBLISH] = run.publish_at
         import numpy as np
 
-        from cachebuild.tiles import tile_from_id
-        from cachebuild.tileset import hex_digests
+        from cachebuild.tiles.grid import tile_from_id
+        from cachebuild.tiles.tileset import hex_digests
 
         tiles = np.load(home / "cache/state/build/tiles.npy")
         self.b_digests = hex_digests(tiles)

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.actioncache: derived artifacts served by the key of their inputs."""
+"""Tests for cachebuild.store.actioncache: derived artifacts served by the key of their inputs."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import actioncache
-from cachebuild.actioncache import Action, ActionCache, action_key, file_sha256
-from cachebuild.gcstore import collect_garbage
+from cachebuild.store import actioncache
+from cachebuild.store.actioncache import Action, ActionCache, action_key, file_sha256
+from cachebuild.store.gc import collect_garbage
 
 from .conftest import Cb, write_flight
 from .surface import assert_public_surface

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cachebuild.cacheinfo import compare, format_companion
+from cachebuild.cli.info import compare, format_companion
 
 
 def _remote(build_id: str | None, ok: bool = True) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.canonical: RFC 8785 canonical JSON and file hashing."""
+"""Tests for cachebuild._util.hashing: RFC 8785 canonical JSON and file hashing."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-import cachebuild.canonical as canonical
-from cachebuild.canonical import canonical_json, es_number, sha256_file
+import cachebuild._util.hashing as canonical
+from cachebuild._util.hashing import canonical_json, es_number, sha256_file
 
 
 def test_docstring_examples() -> None:

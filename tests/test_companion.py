@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 
 from .conftest import Cb, CbResult, write_flight
 from .sshd import SSHD, Sshd, free_port, keygen
@@ -96,7 +96,7 @@ def companion(cb: Cb, sshd: Sshd, tmp_path: Path) -> Companion:
 
 
 def local_digests(cb: Cb) -> set[str]:
-    from cachebuild.tileset import hex_digests, read_tiles
+    from cachebuild.tiles.tileset import hex_digests, read_tiles
 
     return set(hex_digests(read_tiles(cb.cache_dir / "state" / "build")))
 
@@ -154,7 +154,7 @@ def test_cold_build_on_the_companion_then_an_unchanged_rerun_pushes_nothing(
 def test_a_bigger_area_and_a_new_calibration_push_only_what_changed(
     companion: Companion, tmp_path: Path
 ) -> None:
-    from cachebuild.model import build_default_model
+    from cachebuild.engine.model import build_default_model
 
     model, cal = tmp_path / "net.onnx", tmp_path / "cal.bin"
     model.write_bytes(build_default_model())
@@ -251,9 +251,9 @@ def test_a_build_holding_the_companions_lock_is_exit_50(companion: Companion, tm
 
 def _inprocess(c: Companion, flight: Path, **over: str) -> tuple[Any, Any, list[str]]:
     """The settings and plan of a companion build, resolved in this process."""
-    from cachebuild.config import load_settings
-    from cachebuild.plan import resolve_plan
-    from cachebuild.report import Report
+    from cachebuild.inputs.config import load_settings
+    from cachebuild.inputs.plan import resolve_plan
+    from cachebuild._util.report import Report
 
     vars = {"FLIGHT": str(flight), "BUFFER_M": "200", "ZOOM": "17", **c.vars(**over)}
     plan = resolve_plan(load_settings(vars, c.cb.env()))

@@ -118,7 +118,7 @@ def _push_lines(stderr: str) -> tuple[str, str]:
 def test_the_push_lines_count_the_same_things_and_agree_with_the_report(
     companion: Companion, tmp_path: Path
 ) -> None:
-    from cachebuild.model import build_default_model
+    from cachebuild.engine.model import build_default_model
 
     model = tmp_path / "net.onnx"
     model.write_bytes(build_default_model())

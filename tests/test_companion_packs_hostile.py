@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from cachebuild.companion import packs
-from cachebuild.store import TileStore, sha256_hex
+from cachebuild.store.objects import TileStore, sha256_hex
 
 from .conftest import write_flight
 from .sshd import SSHD

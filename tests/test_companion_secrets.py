@@ -1,7 +1,7 @@
 """Companion secrets (issue 19 §4): an encrypted COMPANION_KEY's passphrase
 travels over the SSH channel (never argv, on either machine), COMPANION_CMD is
 masked in every error, and the SSH and COMPANION_KEY passphrases are secrets
-that :func:`cachebuild.report.redact` hides.
+that :func:`cachebuild._util.report.redact` hides.
 
 Real ``doit`` processes against a real OpenSSH sshd on 127.0.0.1; the
 "companion" is this machine, so a snapshot of every process's argv taken
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.report import SECRET_ENV_VARS, redact
+from cachebuild._util.report import SECRET_ENV_VARS, redact
 
 from .conftest import write_flight
 from .sshd import SSHD
@@ -36,7 +36,7 @@ def encrypted_key(path: Path, passphrase: str) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from cachebuild.signing import keyid
+    from cachebuild.release.signing import keyid
 
     key = Ed25519PrivateKey.generate()
     path.write_bytes(

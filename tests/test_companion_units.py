@@ -18,18 +18,10 @@ from typing import Any
 import pytest
 
 from cachebuild.companion import agent, flow, packs, push, pushed, remote, ssh
-from cachebuild.companion.errors import (
-    AuthenticationError,
-    CompanionNotReadyError,
-    CompanionUnreachableError,
-    ConnectionDroppedError,
-    HostKeyError,
-    RemoteBuildError,
-    RemoteReportError,
-)
-from cachebuild.config import load_settings
+from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError, RemoteBuildError, RemoteReportError
+from cachebuild.inputs.config import load_settings
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.store import TileStore, sha256_hex
+from cachebuild.store.objects import TileStore, sha256_hex
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
 
@@ -57,7 +49,7 @@ def test_importing_companion_does_not_import_paramiko() -> None:
     import subprocess
     import sys
 
-    code = "import sys, cachebuild.runner, cachebuild.companion.flow; print('paramiko' in sys.modules)"
+    code = "import sys, cachebuild.cli.runner, cachebuild.companion.flow; print('paramiko' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -491,8 +483,8 @@ def _staged(tmp_path: Path, n: int = 6, missing: int = 2) -> tuple[Path, Path, d
     """A staged tile set of ``n`` present and ``missing`` missing tiles, objects in a store."""
     import numpy as np
 
-    from cachebuild.tiles import Tile, tile_id
-    from cachebuild.tileset import tile_dtype, write_tileset
+    from cachebuild.tiles.grid import Tile, tile_id
+    from cachebuild.tiles.tileset import tile_dtype, write_tileset
 
     build, store_root = tmp_path / "build", tmp_path / "store"
     build.mkdir()
@@ -527,10 +519,10 @@ def test_plan_push_lists_each_object_once_and_names_inputs_by_content(tmp_path: 
 
 
 def test_pushed_provider_serves_the_pushed_tiles_and_only_those(tmp_path: Path) -> None:
-    from cachebuild.plan import provider_key
+    from cachebuild.inputs.plan import provider_key
     from cachebuild.providers import open_provider
-    from cachebuild.tiles import Tile, tile_id
-    from cachebuild.tileset import read_summary
+    from cachebuild.tiles.grid import Tile, tile_id
+    from cachebuild.tiles.tileset import read_summary
 
     build, store_root, ids = _staged(tmp_path)
     (build / "push.json").write_text(json.dumps({"format": 1, "store": str(store_root)}))
@@ -770,7 +762,7 @@ def test_a_cut_off_model_upload_resumes_where_it_stopped(tmp_path: Path) -> None
 
 
 def test_the_text_report_says_what_was_pushed_and_built_there() -> None:
-    from cachebuild.report import Report
+    from cachebuild._util.report import Report
 
     rep = Report("build-cache")
     rep.outcome, rep.exit_code = "success", 0
@@ -782,7 +774,7 @@ def test_the_text_report_says_what_was_pushed_and_built_there() -> None:
 
 
 def test_every_variable_is_either_local_or_passed_to_the_companion() -> None:
-    from cachebuild.config import VARIABLES
+    from cachebuild.inputs.config import VARIABLES
 
     assert flow.LOCAL_ONLY <= set(VARIABLES), flow.LOCAL_ONLY - set(VARIABLES)
     given = {name: "x" for name in VARIABLES}

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.config import VARIABLES, load_settings
+from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.errors import UsageError
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
@@ -79,6 +79,6 @@ def test_index_selftest_and_store_variables() -> None:
     "raw, expected", [("0", 0), ("4096", 4096), ("500M", 500 << 20), ("20G", 20 << 30), ("2TiB", 2 << 40), ("1k", 1024)]
 )
 def test_parse_size(raw: str, expected: int) -> None:
-    from cachebuild.config import parse_size
+    from cachebuild.inputs.config import parse_size
 
     assert parse_size("MAX_STORE_BYTES", raw) == expected

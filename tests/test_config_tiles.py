@@ -1,4 +1,4 @@
-"""The tile-acquisition variables: validated in cachebuild.config, passed to the
+"""The tile-acquisition variables: validated in cachebuild.inputs.config, passed to the
 tiles task, and part of its dependencies exactly when they change the tiles."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.config import VARIABLES, load_settings
+from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.errors import UsageError
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}

@@ -7,7 +7,7 @@ place: the published release shares its inode), a descriptor shard
 (deleted), doit's database (garbage), the staged manifest (garbage).  The
 next build must say what it found (a warning naming the file), repair it by
 fetching or rebuilding only that, and publish a cache that verifies.
-Unit tests of :mod:`cachebuild.repair` follow.
+Unit tests of :mod:`cachebuild.cli.repair` follow.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.config import Paths
-from cachebuild.mbtiles import read_mbtiles_tile
-from cachebuild.repair import check_doit_db, check_staged, run_repairing
-from cachebuild.store import sha256_hex
-from cachebuild.tiles import tile_from_id
-from cachebuild.tileset import hex_digests, read_tiles
+from cachebuild.inputs.config import Paths
+from cachebuild.tiles.mbtiles import read_mbtiles_tile
+from cachebuild.cli.repair import check_doit_db, check_staged, run_repairing
+from cachebuild.store.objects import sha256_hex
+from cachebuild.tiles.grid import tile_from_id
+from cachebuild.tiles.tileset import hex_digests, read_tiles
 
 from .conftest import Cb, CbResult, write_flight
 from .tileserver import Reply, TileServer, tile_bytes
@@ -248,7 +248,7 @@ def test_a_garbage_doit_database_is_moved_aside_and_rebuilt(setup: Setup, damage
     assert setup.build().report["outcome"] == "up_to_date"
 
 
-# -- cachebuild.repair, unit ---------------------------------------------------------------
+# -- cachebuild.cli.repair, unit ---------------------------------------------------------------
 
 
 def test_check_doit_db_keeps_a_sound_database(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""CPU counts that honour a container's quota (cachebuild/cpus.py)."""
+"""CPU counts that honour a container's quota (cachebuild/_util/cpus.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.cpus import cgroup_cpu_limit, usable_cpus
+from cachebuild._util.cpus import cgroup_cpu_limit, usable_cpus
 
 
 def _write(path: Path, text: str) -> None:
@@ -57,7 +57,7 @@ def test_usable_cpus_never_exceeds_affinity() -> None:
 
 @pytest.mark.parametrize(("value", "expected"), [("3", 3), ("0", None), ("x", None)])
 def test_override(value: str, expected: int | None) -> None:
-    code = "from cachebuild.cpus import usable_cpus; print(usable_cpus())"
+    code = "from cachebuild._util.cpus import usable_cpus; print(usable_cpus())"
     env = {**os.environ, "CACHEBUILD_CPUS": value}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(out.stdout) == (expected if expected is not None else usable_cpus())

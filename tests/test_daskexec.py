@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild.config import load_settings, parse_dask_scheduler
-from cachebuild.describe import describe_tiles
+from cachebuild.inputs.config import load_settings, parse_dask_scheduler
+from cachebuild.localize.describe import describe_tiles
 from cachebuild.errors import CacheBuildError, UsageError
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 
 from .conftest import REPO, Cb, write_flight
 
@@ -33,7 +33,7 @@ SMALL = ("BUFFER_M=200", "ZOOM=17")
 #: A warm no-op in-process: did it import dask?
 NOOP_PROBE = """
 import json, sys
-from cachebuild.runner import main
+from cachebuild.cli.runner import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "dask": sorted(m for m in ("dask", "distributed") if m in sys.modules)}))
 """
@@ -86,7 +86,7 @@ def test_unreachable_scheduler_fails_with_21_before_any_work(cb: Cb, tmp_path: P
 
 
 def test_a_worker_that_cannot_see_the_store_names_its_host_and_the_tile(tmp_path: Path) -> None:
-    from cachebuild import daskexec
+    from cachebuild.localize import daskexec
     from cachebuild.errors import BuildError
 
     missing = tmp_path / "elsewhere" / "store"
@@ -280,7 +280,7 @@ def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
         assert rep["describe"]["executor"] == "dask" and rep["describe"]["workers"] >= 1
 
         # the surviving worker loaded the engine once, whatever the batches it ran
-        from cachebuild import daskexec
+        from cachebuild.localize import daskexec
 
         loads = client.run(daskexec.engine_loads)
         key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())["key"]
@@ -314,7 +314,7 @@ def test_workers_read_tiles_from_the_bucket_and_never_the_build_s_store(tmp_path
     """STORE=s3:// and a tcp:// cluster whose workers have their own home, working directory and
     credentials, and (where a mount namespace can be had) see the build's home as an empty directory."""
     pytest.importorskip("moto.server")
-    from cachebuild import daskexec
+    from cachebuild.localize import daskexec
     from cachebuild.errors import BuildError
 
     from .s3server import S3Server

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.describe: one descriptor per tile, decoding overlapped."""
+"""Tests for cachebuild.localize.describe: one descriptor per tile, decoding overlapped."""
 
 from __future__ import annotations
 
@@ -13,23 +13,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild import describe
-from cachebuild.describe import (
-    DESCRIPTOR_IDS_FILE,
-    DESCRIPTORS_FILE,
-    decode_tile,
-    default_decode_threads,
-    describe_tiles,
-    tile_zxy,
-)
-from cachebuild.engine import compile_engine, load_engine
+from cachebuild.localize import describe
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, decode_tile, default_decode_threads, describe_tiles, tile_zxy
+from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.errors import BuildError, StoreObjectError, UsageError
-from cachebuild.index import build_index, search
-from cachebuild.model import write_default_model
-from cachebuild.store import TileStore
-from cachebuild.tiles import Tile
-from cachebuild.tiles import tile_id as tiles_tile_id
-from cachebuild.tileset import TILES_FILE, tile_dtype, write_tileset
+from cachebuild.localize.index import build_index, search
+from cachebuild.engine.model import write_default_model
+from cachebuild.store.objects import TileStore
+from cachebuild.tiles.grid import Tile
+from cachebuild.tiles.grid import tile_id as tiles_tile_id
+from cachebuild.tiles.tileset import TILES_FILE, tile_dtype, write_tileset
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -390,7 +383,7 @@ def test_public_surface() -> None:
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.describe") == []
+    assert heavy_imports("cachebuild.localize.describe") == []
 
 
 # -- reuse through the descriptor store ----------------------------------------
@@ -493,8 +486,8 @@ def test_engine_failure_with_reuse_keeps_what_was_described(
 
 def _thumb_mismatch(store_root: Path, digests: list[bytes]) -> tuple[float, int]:
     """Mean and largest |describe's thumbnail - the preview's decode fallback| over ``digests``."""
-    from cachebuild.store import read_object
-    from cachebuild.thumbs import THUMB_PX, ThumbStore, make_thumbnail
+    from cachebuild.store.objects import read_object
+    from cachebuild.store.thumbs import THUMB_PX, ThumbStore, make_thumbnail
 
     store = TileStore(store_root)
     with ThumbStore(store_root) as ts:
@@ -512,7 +505,7 @@ def _thumb_mismatch(store_root: Path, digests: list[bytes]) -> tuple[float, int]
 def test_describe_keeps_a_thumbnail_per_described_image_equal_to_the_decode_fallback(
     tiles_images: dict, engine_dir: Path, tmp_path: Path
 ) -> None:
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.store.thumbs import ThumbStore
 
     images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
     images[(Z, 70010, 42010)] = images[(Z, 70000, 42000)]  # one image under two tiles: one thumbnail
@@ -533,7 +526,7 @@ def test_describe_keeps_a_thumbnail_per_described_image_equal_to_the_decode_fall
 def test_describe_without_thumbnails_or_without_the_store_keeps_none(
     tiles_images: dict, engine_dir: Path, tmp_path: Path
 ) -> None:
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.store.thumbs import ThumbStore
 
     images = {zxy: encode(rgb) for zxy, rgb in list(tiles_images.items())[:4]}
     w = store_world(tmp_path, images)
@@ -546,7 +539,7 @@ def test_describe_without_thumbnails_or_without_the_store_keeps_none(
 
 def test_thumbnail_of_a_png_tile_and_an_engine_of_another_size(tmp_path: Path) -> None:
     """Pixels decoded at another size (an engine with a smaller input) are box-resized."""
-    from cachebuild.thumbs import THUMB_PX, make_thumbnail, thumbnail_of
+    from cachebuild.store.thumbs import THUMB_PX, make_thumbnail, thumbnail_of
 
     rgb = tile_image(7)
     png = encode(rgb, "PNG")
@@ -563,7 +556,7 @@ def test_dask_workers_return_the_thumbnails_the_wrapper_keeps(
 ) -> None:
     """DASK_SCHEDULER=local:1: the worker makes each thumbnail from its decode; the same bytes as here."""
     pytest.importorskip("distributed")
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.store.thumbs import ThumbStore
 
     images = {zxy: encode(rgb) for zxy, rgb in list(tiles_images.items())[:6]}
     here = store_world(tmp_path / "here", images)

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.descstore: descriptors keyed by (image hash, engine key)."""
+"""Tests for cachebuild.store.descriptors: descriptors keyed by (image hash, engine key)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild import descstore
-from cachebuild.descstore import COMMIT_ROWS, DescriptorStore, engine_store_dirs
+from cachebuild.store import descriptors as descstore
+from cachebuild.store.descriptors import COMMIT_ROWS, DescriptorStore, engine_store_dirs
 from cachebuild.errors import CacheBuildWarning
 
 from .surface import assert_public_surface, heavy_imports
@@ -105,7 +105,7 @@ def test_a_torn_shard_is_described_again(tmp_path: Path) -> None:
 def test_killed_writer_keeps_committed_rows(tmp_path: Path) -> None:
     code = f"""
 import os, numpy as np
-from cachebuild.descstore import DescriptorStore, COMMIT_ROWS
+from cachebuild.store.descriptors import DescriptorStore, COMMIT_ROWS
 ds = DescriptorStore({str(tmp_path)!r}, {KEY!r}, 8)
 w = ds.writer()
 rng = np.random.default_rng(0)
@@ -134,7 +134,7 @@ def test_shards_roll_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.descstore", heavy=("numpy", "onnxruntime", "faiss")) == []
+    assert heavy_imports("cachebuild.store.descriptors", heavy=("numpy", "onnxruntime", "faiss")) == []
 
 
 def test_public_surface() -> None:

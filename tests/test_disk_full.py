@@ -33,7 +33,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.diskspace import disk_full_error, free_space_note, human_bytes, is_disk_full
+from cachebuild._util.diskspace import disk_full_error, free_space_note, human_bytes, is_disk_full
 from cachebuild.errors import DiskFullError
 
 from .conftest import Cb, write_flight
@@ -75,7 +75,7 @@ class World:
 
 def _in_process(command: Any, vars: dict[str, str], fault: DiskFault | None = None) -> tuple[int, dict, str]:
     """Run a runner command in this process; ``(exit code, report, stderr)``."""
-    from cachebuild.report import Report
+    from cachebuild._util.report import Report
 
     out, err = io.StringIO(), io.StringIO()
     emit = Report.emit
@@ -93,13 +93,13 @@ def _in_process(command: Any, vars: dict[str, str], fault: DiskFault | None = No
 
 
 def _build(world: World, flight: Path, fault: DiskFault | None = None) -> tuple[int, dict, str]:
-    from cachebuild.runner import build_cache
+    from cachebuild.cli.runner import build_cache
 
     return _in_process(build_cache, world.vars(flight), fault)
 
 
 def _verify() -> tuple[int, dict, str]:
-    from cachebuild.runner import verify_cache_cmd
+    from cachebuild.cli.runner import verify_cache_cmd
 
     return _in_process(verify_cache_cmd, {"REPORT": "json"})
 
@@ -189,7 +189,15 @@ def test_the_recording_saw_every_kind_of_write(world: World) -> None:
     kinds = {site.split(" ", 1)[1] for _, site in world.sites}
     assert {"write", "open", "sqlite", "fsync", "link", "symlink", "mkdir"} <= kinds, kinds
     modules = {site.split(":", 1)[0] for _, site in world.sites}
-    for m in ("store.py", "tileset.py", "mbtiles.py", "descstore.py", "npyio.py", "manifest.py", "publish.py"):
+    for m in (
+        "store/objects.py",
+        "tiles/tileset.py",
+        "tiles/mbtiles.py",
+        "store/descriptors.py",
+        "_util/npyio.py",
+        "release/manifest.py",
+        "release/publish.py",
+    ):
         assert f"cachebuild/{m}" in modules, modules
     assert "doit/dependency.py" in modules  # doit's database
 
@@ -222,7 +230,7 @@ def test_a_failed_sqlite_write_is_a_disk_full_too(world: World, monkeypatch: pyt
     assert "SQLite" in o["error"]
 
 
-# -- cachebuild.diskspace, unit ---------------------------------------------------------
+# -- cachebuild._util.diskspace, unit ---------------------------------------------------------
 
 
 def test_is_disk_full_knows_enospc_edquot_and_sqlite_full() -> None:
@@ -268,7 +276,7 @@ def test_a_real_full_filesystem(tmp_path: Path) -> None:
     """CACHEBUILD_HOME on a tmpfs that holds cache A but not A and B.
 
     B has fewer tiles than A (elsewhere), so the up-front disk estimate
-    (cachebuild/area.py: only tiles beyond the staged build's count) lets it
+    (cachebuild/inputs/area.py: only tiles beyond the staged build's count) lets it
     start, and the disk fills during the build, as when something else
     fills it meanwhile.
     """

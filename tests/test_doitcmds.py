@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 
 from .conftest import REPO, Cb, write_flight
 

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.engine: compiling and loading the descriptor network."""
+"""Tests for cachebuild.engine.compile: compiling and loading the descriptor network."""
 
 from __future__ import annotations
 
@@ -14,21 +14,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from cachebuild import engine
-from cachebuild.engine import (
-    ENGINE_JSON,
-    EngineError,
-    OnnxRuntimeBackend,
-    compile_engine,
-    cpu_device,
-    engine_key,
-    get_backend,
-    load_engine,
-    read_engine_json,
-    sha256_file,
-)
+from cachebuild.engine import compile as engine
+from cachebuild.engine.compile import ENGINE_JSON, EngineError, OnnxRuntimeBackend, compile_engine, cpu_device, engine_key, get_backend, load_engine, read_engine_json, sha256_file
 from cachebuild.errors import BuildError
-from cachebuild.model import DESCRIPTOR_DIM, write_default_model
+from cachebuild.engine.model import DESCRIPTOR_DIM, write_default_model
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -315,4 +304,4 @@ def test_public_surface() -> None:
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.engine") == []
+    assert heavy_imports("cachebuild.engine.compile") == []

@@ -14,17 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import backends
-from cachebuild.backends import (
-    BACKEND_CHOICES,
-    MachineProbes,
-    engine_environment,
-    probe_machine,
-    select_backend,
-)
-from cachebuild.engine import DEFAULT_BACKEND, OnnxRuntimeBackend, cpu_device, get_backend
+from cachebuild.engine import backends
+from cachebuild.engine.backends import BACKEND_CHOICES, MachineProbes, engine_environment, probe_machine, select_backend
+from cachebuild.engine.compile import DEFAULT_BACKEND, OnnxRuntimeBackend, cpu_device, get_backend
 from cachebuild.errors import EngineError
-from cachebuild.gpu import cuda_version_here, gpu_name_here, gpu_present, tensorrt_version_here
+from cachebuild.engine.gpu import cuda_version_here, gpu_name_here, gpu_present, tensorrt_version_here
 from tests.conftest import Cb, write_flight
 
 CPU = MachineProbes(tensorrt=None, gpu=False, onnxruntime="1.20.0", ort_cuda=False)
@@ -101,8 +95,8 @@ def test_onnxruntime_backend_on_cuda_says_so_in_its_device() -> None:
 def test_a_cuda_engine_where_onnxruntime_has_no_cuda_is_refused(tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from cachebuild.engine import compile_engine, load_engine
-    from cachebuild.model import write_default_model
+    from cachebuild.engine.compile import compile_engine, load_engine
+    from cachebuild.engine.model import write_default_model
 
     assert "CUDAExecutionProvider" not in ort.get_available_providers()  # the CPU build here
     model = write_default_model(tmp_path / "m.onnx")
@@ -153,7 +147,7 @@ def test_cuda_version_from_the_toolkit_files(tmp_path: Path) -> None:
 
 
 def test_a_new_cuda_changes_what_the_engine_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    import cachebuild.gpu as gpu
+    import cachebuild.engine.gpu as gpu
 
     monkeypatch.setattr(gpu, "cuda_version_here", lambda root="/": "12.6.68")
     before = engine_environment("auto", JETSON)

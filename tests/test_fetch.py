@@ -1,4 +1,4 @@
-"""Tests for cachebuild.fetch: the tiles phase, against a real HTTP server.
+"""Tests for cachebuild.tiles.fetch: the tiles phase, against a real HTTP server.
 
 The server (:class:`tests.tileserver.TileServer`) counts requests and good
 tiles served, server-side, so "every good tile arrives exactly once" and
@@ -19,14 +19,14 @@ from typing import Any
 
 import pytest
 
-from cachebuild import fetch as fetch_module
+from cachebuild.tiles import fetch as fetch_module
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
-from cachebuild.fetch import fetch_tiles, fetch_with_provider
+from cachebuild.tiles.fetch import fetch_tiles, fetch_with_provider
 from cachebuild.providers import SyntheticProvider
-from cachebuild.store import TileStore, sha256_hex
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
-from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
+from cachebuild.store.objects import TileStore, sha256_hex
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tiles.tileset import hex_digests, read_missing, read_summary, read_tiles
 from tests.procs import sigkill_when
 from tests.surface import own_public_names
 from tests.test_providers import fast_env, full_text
@@ -351,8 +351,8 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from cachebuild import fetch
-    from cachebuild.tiles import LngLatBbox
+    from cachebuild.tiles import fetch
+    from cachebuild.tiles.grid import LngLatBbox
     fetch.REF_BATCH = int(sys.argv[9]) if len(sys.argv) > 9 else 5
     fetch.REF_FLUSH_S = 1e9 if len(sys.argv) > 9 else fetch.REF_FLUSH_S
     fetch.fetch_tiles(
@@ -571,7 +571,7 @@ def test_turning_the_rule_on_later_catches_stored_blank_tiles(tmp_path: Path, se
     s = run(tmp_path, server.template(), env=fast_env(NODATA="uniform"))
     assert server.count() == before  # decided from the store, nothing fetched
     assert (s["missing"], s["nodata"], s["reused"]) == (1, 1, len(PLANNED) - 1)
-    from cachebuild.nodata import UNIFORM_CHECK
+    from cachebuild.providers.nodata import UNIFORM_CHECK
 
     with TileStore(tmp_path / "store") as store:
         verdicts = store.lookup_checks(UNIFORM_CHECK, [o.name for o in store.iter_objects()])

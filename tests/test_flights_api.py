@@ -12,13 +12,8 @@ from typing import Any
 
 import pytest
 
-from cachebuild.errors import (
-    FlightInvalidAnswerError,
-    FlightNetworkError,
-    FlightNotFoundError,
-    FlightUnauthorizedError,
-)
-from cachebuild.flights_api import fetch_flight, load_saved_answer, public_url, save_answer
+from cachebuild.errors import FlightInvalidAnswerError, FlightNetworkError, FlightNotFoundError, FlightUnauthorizedError
+from cachebuild.inputs.flights_api import fetch_flight, load_saved_answer, public_url, save_answer
 
 from .conftest import Cb
 
@@ -213,7 +208,7 @@ def test_public_url_drops_credentials_and_query() -> None:
 
 
 def test_saved_answer_round_trip(tmp_path: Path) -> None:
-    from cachebuild.flight import flight_record, parse_flight
+    from cachebuild.inputs.flight import flight_record, parse_flight
 
     rec = flight_record(parse_flight(json.dumps(FLIGHT), "x"))
     save_answer(tmp_path, GOOD, rec)
@@ -297,8 +292,8 @@ def test_flight_id_without_api_url(cb: Cb) -> None:
 @pytest.mark.parametrize("example", ["antimeridian.json", "single_waypoint.json"])
 def test_awkward_routes_from_the_api_build(cb: Cb, api: FlightsApi, example: str) -> None:
     """Real routes served by the API: the area holds every waypoint and the origin."""
-    from cachebuild.flight import flight_area, parse_flight
-    from cachebuild.tiles import bbox_contains
+    from cachebuild.inputs.flight import flight_area, parse_flight
+    from cachebuild.tiles.grid import bbox_contains
 
     doc = json.loads((Path(__file__).parent.parent / "examples" / "flights" / example).read_text())
     fid = _id(8)

@@ -3,8 +3,8 @@
 Every input must end in a value or in one of the project's own errors
 (:class:`cachebuild.errors.CacheBuildError`: a clean exit code and a message
 naming the input), never in any other exception: the flight parser
-(``cachebuild/flight.py``), flight resolution and the area check
-(``cachebuild/plan.py``, ``cachebuild/area.py``), and the provider specs,
+(``cachebuild/inputs/flight.py``), flight resolution and the area check
+(``cachebuild/inputs/plan.py``, ``cachebuild/inputs/area.py``), and the provider specs,
 URL/path templates and HTTP settings (``cachebuild/providers/``).
 
 A few hundred examples per test in CI (seconds); ``CACHEBUILD_LONG=1``
@@ -24,25 +24,12 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from cachebuild.errors import CacheBuildError, FlightFileInvalidError, UsageError
-from cachebuild.flight import (
-    MAX_WAYPOINTS,
-    Flight,
-    flight_area,
-    flight_from_record,
-    flight_record,
-    parse_flight,
-)
-from cachebuild.providers import (
-    HttpConfig,
-    open_provider,
-    parse_headers,
-    provider_kind,
-    template_placeholders,
-)
+from cachebuild.inputs.flight import MAX_WAYPOINTS, Flight, flight_area, flight_from_record, flight_record, parse_flight
+from cachebuild.providers import HttpConfig, open_provider, parse_headers, provider_kind, template_placeholders
 from cachebuild.providers.base import PLACEHOLDERS, fill_template
 from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
 from cachebuild.providers.xyz import parse_subdomains
-from cachebuild.tiles import MAX_ZOOM, Tile
+from cachebuild.tiles.grid import MAX_ZOOM, Tile
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
 EXAMPLES = 20_000 if LONG else 300
@@ -187,7 +174,7 @@ def test_flight_records(doc: Any) -> None:
 
 @pytest.fixture(scope="module")
 def plan_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from cachebuild.signing import ensure_dev_key
+    from cachebuild.release.signing import ensure_dev_key
 
     home = tmp_path_factory.mktemp("fuzzplan")
     ensure_dev_key(home / "key.pem")
@@ -202,8 +189,8 @@ def plan_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     max_tiles=st.sampled_from([None, "1", "1000000", "0", "1e3", "9" * 30]),
 )
 def test_resolve_plan(plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_tiles: str | None) -> None:
-    from cachebuild.config import load_settings
-    from cachebuild.plan import resolve_plan
+    from cachebuild.inputs.config import load_settings
+    from cachebuild.inputs.plan import resolve_plan
 
     path = plan_home / "flight.json"
     path.write_text(doc if isinstance(doc, str) else json.dumps(doc, allow_nan=True), encoding="utf-8", errors="surrogatepass")
@@ -216,7 +203,7 @@ def test_resolve_plan(plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_t
         return
     plan = only_project_errors(resolve_plan, settings_)
     if plan is not None:
-        from cachebuild.tiles import LngLatBbox, count_tiles
+        from cachebuild.tiles.grid import LngLatBbox, count_tiles
 
         assert count_tiles(LngLatBbox(*plan.bbox), settings_.zooms) <= settings_.max_tiles
 
@@ -229,8 +216,8 @@ def test_resolve_plan(plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_t
 @example("3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b/../../x")
 def test_flight_values(plan_home: Path, raw: str) -> None:
     """Any FLIGHT value: a file, a flight id, or a clean refusal (OFFLINE, no API: no network)."""
-    from cachebuild.config import load_settings
-    from cachebuild.plan import resolve_flight
+    from cachebuild.inputs.config import load_settings
+    from cachebuild.inputs.plan import resolve_flight
 
     for offline in ("0", "1"):
         settings_ = load_settings({"FLIGHT": raw, "OFFLINE": offline}, {"CACHEBUILD_HOME": str(plan_home / "h")})
@@ -244,7 +231,7 @@ def test_flight_values(plan_home: Path, raw: str) -> None:
 @example("3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b")
 def test_saved_answers_stay_in_their_directory(tmp_path_factory: pytest.TempPathFactory, flight_id: str) -> None:
     """A flight id becomes a file name only as a checked UUID, under state/flights."""
-    from cachebuild.flights_api import _saved_path
+    from cachebuild.inputs.flights_api import _saved_path
 
     state = Path("/nonexistent/state")
     p = only_project_errors(_saved_path, state, flight_id)

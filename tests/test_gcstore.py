@@ -1,4 +1,4 @@
-"""Tests for cachebuild.gcstore: a size-bounded store that keeps what caches use."""
+"""Tests for cachebuild.store.gc: a size-bounded store that keeps what caches use."""
 
 from __future__ import annotations
 
@@ -10,19 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild import gcstore
-from cachebuild.descstore import DescriptorStore, engine_store_dirs
-from cachebuild.gcstore import (
-    collect_garbage,
-    gc_store_cmd,
-    known_caches,
-    referenced,
-    store_bytes,
-)
-from cachebuild.lock import CacheLock
-from cachebuild.store import TileStore
-from cachebuild.storelock import StoreLock, register_cache
-from cachebuild.tileset import tile_dtype
+from cachebuild.store import gc as gcstore
+from cachebuild.store.descriptors import DescriptorStore, engine_store_dirs
+from cachebuild.store.gc import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
+from cachebuild.release.lock import CacheLock
+from cachebuild.store.objects import TileStore
+from cachebuild.store.lock import StoreLock, register_cache
+from cachebuild.tiles.tileset import tile_dtype
 
 from .surface import assert_public_surface
 
@@ -165,7 +159,7 @@ def test_public_surface() -> None:
 
 
 def test_thumbnails_follow_their_images(world: dict) -> None:
-    from cachebuild.thumbs import THUMB_PX, ThumbStore
+    from cachebuild.store.thumbs import THUMB_PX, ThumbStore
 
     store_root, digests = world["store"], world["digests"]
     px = bytes(THUMB_PX * THUMB_PX * 3)

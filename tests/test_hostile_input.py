@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cachebuild.area import BYTES_PER_TILE, STORE_BYTES_PER_TILE, check_area, estimate_area
-from cachebuild.config import DEFAULT_MAX_TILES, load_settings
+from cachebuild.inputs.area import BYTES_PER_TILE, STORE_BYTES_PER_TILE, check_area, estimate_area
+from cachebuild.inputs.config import DEFAULT_MAX_TILES, load_settings
 from cachebuild.errors import AreaTooLargeError, FlightInvalidAnswerError, UsageError
 
 from .conftest import REPO, Cb, TileServer, write_flight
@@ -139,7 +139,7 @@ def test_api_answer_with_a_hostile_flight_id_is_refused(api: FlightsApi, cb: Cb,
 @given(body=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_api_answers_that_are_not_flights(body: bytes) -> None:
     """Hostile Flights API bodies over real HTTP: a flight, or exit 93 naming the URL."""
-    from cachebuild.flights_api import fetch_flight
+    from cachebuild.inputs.flights_api import fetch_flight
 
     srv = _shared_api()
     fid = "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b"
@@ -189,7 +189,7 @@ def test_companion_agent_refuses_paths_outside_its_dir(tmp_path: Path) -> None:
 def test_tile_coordinates_never_leave_the_tile_directory(x: int, y: int, z: int) -> None:
     """Any coordinates, even ones no tile has, fill a directory template as plain numbers."""
     from cachebuild.providers.base import fill_template
-    from cachebuild.tiles import Tile
+    from cachebuild.tiles.grid import Tile
 
     root = "/srv/tiles"
     path = fill_template(root + "/{z}/{x}/{-y}.png", Tile(x, y, z) if z >= 0 else Tile(x, y, 0))
@@ -237,8 +237,8 @@ def test_max_tiles_is_validated(cb: Cb, tmp_path: Path, value: str) -> None:
 
 def test_an_area_larger_than_the_free_disk_is_refused(cb: Cb, tmp_path: Path, tile_server: TileServer) -> None:
     """No disk is filled: the zoom is chosen so that the estimate exceeds what is free."""
-    from cachebuild.area import free_bytes
-    from cachebuild.tiles import LngLatBbox, count_tiles
+    from cachebuild.inputs.area import free_bytes
+    from cachebuild.tiles.grid import LngLatBbox, count_tiles
 
     free, _ = free_bytes(cb.home)
     bbox = LngLatBbox(8.0, 47.0, 9.0, 48.0)
@@ -303,7 +303,7 @@ def test_max_tiles_in_settings(tmp_path: Path) -> None:
 
 
 def test_a_missing_store_is_measured_on_the_disk_it_would_be_made_on(tmp_path: Path) -> None:
-    from cachebuild.area import free_bytes
+    from cachebuild.inputs.area import free_bytes
 
     free, dev = free_bytes(tmp_path / "not" / "yet" / "there")
     assert dev == os.stat(tmp_path).st_dev and free == shutil.disk_usage(tmp_path).free

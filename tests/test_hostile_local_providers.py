@@ -26,8 +26,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import Tile
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile
 
 from .conftest import CbResult, write_flight
 

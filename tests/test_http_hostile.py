@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 from tests import tileserver
 
 from .conftest import REPO, Cb, CbResult, write_flight

@@ -1,5 +1,5 @@
-"""Units of the hostile-server defences (cachebuild.httpsafe) and the retry
-policy (cachebuild.retrypolicy), against real loopback servers; the builds
+"""Units of the hostile-server defences (cachebuild._util.httpsafe) and the retry
+policy (cachebuild._util.retry), against real loopback servers; the builds
 that show them to an operator are in tests/test_http_hostile.py."""
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from cachebuild import httpsafe, retrypolicy
+from cachebuild._util import httpsafe
+from cachebuild._util import retry as retrypolicy
 from cachebuild.providers import xyzconfig
 from tests import tileserver
 from tests.surface import assert_public_surface

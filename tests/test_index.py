@@ -1,4 +1,4 @@
-"""Tests for cachebuild.index: the FAISS index over the descriptors."""
+"""Tests for cachebuild.localize.index: the FAISS index over the descriptors."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import faiss
 import numpy as np
 import pytest
 
-from cachebuild import index
-from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.localize import index
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.index import FLAT_MAX, RECALL_TARGET, build_index, plan_index, search
+from cachebuild.localize.index import FLAT_MAX, RECALL_TARGET, build_index, plan_index, search
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -150,7 +150,7 @@ def test_public_surface() -> None:
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.index") == []
+    assert heavy_imports("cachebuild.localize.index") == []
 
 
 # -- the index chosen by size ------------------------------------------------

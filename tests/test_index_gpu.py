@@ -1,4 +1,4 @@
-"""The faiss-gpu path of cachebuild.index.
+"""The faiss-gpu path of cachebuild.localize.index.
 
 No GPU here, and faiss-cpu has no GPU symbols: the control flow (train and
 add on what ``index_cpu_to_gpu`` returns, write what ``index_gpu_to_cpu``
@@ -18,8 +18,8 @@ import faiss
 import numpy as np
 import pytest
 
-from cachebuild.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
-from cachebuild.index import build_index
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.localize.index import build_index
 
 
 class _OnGpu:

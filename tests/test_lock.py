@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cachebuild.errors import LockHeldError
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 
 
 def test_second_holder_is_refused_with_path_and_pid(tmp_path: Path) -> None:
@@ -29,7 +29,7 @@ def test_second_holder_is_refused_with_path_and_pid(tmp_path: Path) -> None:
 
 def test_holder_killed_frees_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "build.lock"
-    code = f"from cachebuild.lock import CacheLock; import time; lock = CacheLock({str(path)!r}).acquire(); print('held', flush=True); time.sleep(60)"
+    code = f"from cachebuild.release.lock import CacheLock; import time; lock = CacheLock({str(path)!r}).acquire(); print('held', flush=True); time.sleep(60)"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert p.stdout is not None and p.stdout.readline().strip() == "held"
     with pytest.raises(LockHeldError) as info:

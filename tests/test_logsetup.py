@@ -32,7 +32,7 @@ def test_redact_filter_cleans_messages_args_and_tracebacks(monkeypatch: pytest.M
     import io
     import logging
 
-    from cachebuild.logsetup import configure_logging
+    from cachebuild.cli.logsetup import configure_logging
 
     monkeypatch.setenv("CACHEBUILD_API_KEY", "sk-filter-secret-1")
     root = logging.getLogger()

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.manifest: build identity, signed manifest, cache verification."""
+"""Tests for cachebuild.release.manifest: build identity, signed manifest, cache verification."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-import cachebuild.manifest as manifest
-from cachebuild.canonical import canonical_json
+import cachebuild.release.manifest as manifest
+from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import EXIT_VERIFY, BuildError, UsageError, VerifyError
-from cachebuild.manifest import build_identity, read_manifest, verify_cache, write_manifest
-from cachebuild.signing import keyid, load_public_key, public_key_raw, sign_envelope
+from cachebuild.release.manifest import build_identity, read_manifest, verify_cache, write_manifest
+from cachebuild.release.signing import keyid, load_public_key, public_key_raw, sign_envelope
 
 ARTIFACTS = ["tiles.mbtiles", "engine/engine.onnx", "index/descriptors.faiss"]
 TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -525,7 +525,7 @@ def test_hash_cache_off_by_default_hashes_all(cache: Path, key: ed25519.Ed25519P
 
 
 def _settle(*paths: Path) -> None:
-    """Put the files' mtime 10 s back: a hash remembered now is not racy (cachebuild.statcache.racy)."""
+    """Put the files' mtime 10 s back: a hash remembered now is not racy (cachebuild._util.statcache.racy)."""
     for p in paths:
         st = p.stat()
         os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns - 10 * 10**9))
@@ -536,7 +536,7 @@ def test_hash_cache_reuses_only_unchanged_files(
 ) -> None:
     hc = cache / manifest.HASH_CACHE_NAME
     _settle(*(cache / a for a in ARTIFACTS))
-    with caplog.at_level(logging.INFO, logger="cachebuild.manifest"):
+    with caplog.at_level(logging.INFO, logger="cachebuild.release.manifest"):
         _publish(cache, key, hash_cache=hc)
         assert "hashed 3 artifacts, 0 remembered" in caplog.text
         caplog.clear()

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.mbtiles, checked with readers we did not write.
+"""Tests for cachebuild.tiles.mbtiles, checked with readers we did not write.
 
 Python's sqlite3 reads the schema back; the ``sqlite3`` command-line tool
 checks integrity and ``gdalinfo`` (GDAL's MBTiles driver) opens the file as
@@ -27,21 +27,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild import mbtiles
+from cachebuild.tiles import mbtiles
 from cachebuild.errors import BuildError, CacheBuildWarning, StoreObjectError
-from cachebuild.fetch import fetch_tiles
-from cachebuild.mbtiles import (
-    MBTILES_APPLICATION_ID,
-    connect_readonly,
-    detect_format,
-    read_mbtiles_tile,
-    read_tile,
-    write_mbtiles,
-)
-from cachebuild.store import TileStore
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
-from cachebuild.tileset import hex_digests, read_tiles, write_tileset
+from cachebuild.tiles.fetch import fetch_tiles
+from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, connect_readonly, detect_format, read_mbtiles_tile, read_tile, write_mbtiles
+from cachebuild.store.objects import TileStore
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tiles.tileset import hex_digests, read_tiles, write_tileset
 
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
 RECORD = ".tiles.mbtiles.rows"  # the writer's record beside the file
@@ -164,7 +157,7 @@ def test_several_zooms_and_an_antimeridian_box(tmp_path: Path) -> None:
 
 
 def test_center_of_an_antimeridian_box_lies_inside_it() -> None:
-    from cachebuild.mbtiles import _bounds_and_center
+    from cachebuild.tiles.mbtiles import _bounds_and_center
 
     _, center = _bounds_and_center(LngLatBbox(170.0, 0.0, -150.0, 10.0), 5)
     assert center == "-170,5,5"
@@ -464,7 +457,7 @@ def test_an_update_without_copy_file_range_copies_through_python(tmp_path: Path,
     """A filesystem without copy_file_range (ENOSYS, EXDEV...): the update copies by read and write."""
     import errno
 
-    from cachebuild import mbtiles as mbtiles_module
+    from cachebuild.tiles import mbtiles as mbtiles_module
 
     calls = []
     real = os.copy_file_range
@@ -550,8 +543,8 @@ def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> No
 
 
 def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
-    from cachebuild.manifest import HASH_CACHE_NAME, HashCache
-    from cachebuild.statcache import stat_key
+    from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+    from cachebuild._util.statcache import stat_key
 
     fetched(tmp_path)
     cache_file = tmp_path / "build" / HASH_CACHE_NAME
@@ -629,7 +622,7 @@ def test_writeback_is_started_not_awaited(tmp_path: Path) -> None:
     """Linux: sync_file_range(WRITE) is there and takes the file; publish's fsync makes it durable."""
     import sys
 
-    from cachebuild.mbtiles import _start_writeback
+    from cachebuild.tiles.mbtiles import _start_writeback
 
     path = tmp_path / "f"
     with open(path, "wb") as fh:

@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from cachebuild.mbtiles import read_mbtiles_tile
+from cachebuild.tiles.mbtiles import read_mbtiles_tile
 from cachebuild.providers import MBTilesProvider
-from cachebuild.sqliteuri import sqlite_uri
-from cachebuild.tiles import Tile
+from cachebuild._util.sqliteuri import sqlite_uri
+from cachebuild.tiles.grid import Tile
 
 from .conftest import write_flight
 

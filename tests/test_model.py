@@ -1,4 +1,4 @@
-"""Tests for cachebuild.model: the default network built from code."""
+"""Tests for cachebuild.engine.model: the default network built from code."""
 
 from __future__ import annotations
 
@@ -11,16 +11,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from cachebuild import model
-from cachebuild.model import (
-    DEFAULT_MODEL_VERSION,
-    DESCRIPTOR_DIM,
-    INPUT_NAME,
-    OUTPUT_NAME,
-    TILE_SIZE,
-    build_default_model,
-    write_default_model,
-)
+from cachebuild.engine import model
+from cachebuild.engine.model import DEFAULT_MODEL_VERSION, DESCRIPTOR_DIM, INPUT_NAME, OUTPUT_NAME, TILE_SIZE, build_default_model, write_default_model
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -178,4 +170,4 @@ def test_public_surface() -> None:
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.model") == []
+    assert heavy_imports("cachebuild.engine.model") == []

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.nodata: which images count as "no data"."""
+"""Tests for cachebuild.providers.nodata: which images count as "no data"."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild import nodata
+from cachebuild.providers import nodata
 from cachebuild.errors import UsageError
-from cachebuild.nodata import NoDataRule, is_uniform
-from cachebuild.store import sha256_hex
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import Tile
+from cachebuild.providers.nodata import NoDataRule, is_uniform
+from cachebuild.store.objects import sha256_hex
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile
 from tests.test_providers import public_names
 
 

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.npyio: .npy files written and read in row chunks."""
+"""Tests for cachebuild._util.npyio: .npy files written and read in row chunks."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild import npyio
-from cachebuild.npyio import NpyRowWriter, gather_npy_rows, iter_npy_rows, npy_shape
+from cachebuild._util import npyio
+from cachebuild._util.npyio import NpyRowWriter, gather_npy_rows, iter_npy_rows, npy_shape
 
 from .surface import assert_public_surface
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from cachebuild import __version__
-from cachebuild.lock import CacheLock
+from cachebuild.release.lock import CacheLock
 
 from .conftest import REPO, Cb, write_flight
 
@@ -108,7 +108,7 @@ def test_sizes_typos_and_preview_size(cb: Cb, tmp_path: Path) -> None:
 def test_console_script_help_and_version(cb: Cb) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cachebuild.runner", *args], env=cb.env(), capture_output=True, text=True, cwd=REPO
+            [sys.executable, "-m", "cachebuild.cli.runner", *args], env=cb.env(), capture_output=True, text=True, cwd=REPO
         )
 
     h = run("build-cache", "--help")
@@ -125,7 +125,7 @@ def test_log_level_shows_records_with_secrets_redacted(cb: Cb, tmp_path: Path, t
     env = cb.env(CACHEBUILD_API_KEY=api_key)
     r = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", "LOG_LEVEL=debug", env=env)
     assert r.code == 0, r.stderr
-    assert " INFO cachebuild.manifest: " in r.stderr  # the project's own records
+    assert " INFO cachebuild.release.manifest: " in r.stderr  # the project's own records
     assert " INFO httpx: HTTP Request: GET " in r.stderr  # and the libraries'
     assert "key=***" in r.stderr and api_key not in r.stderr + r.stdout
     quiet = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", env=env)

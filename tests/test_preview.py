@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
-from cachebuild.tiles import tile_from_id
+from cachebuild.tiles.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
+from cachebuild.tiles.grid import tile_from_id
 
 from .conftest import Cb, write_flight
 
@@ -21,8 +21,8 @@ WPS = [(47.3700, 8.5400), (47.3730, 8.5440), (47.3715, 8.5470)]
 
 @pytest.fixture
 def holey_cache(cb: Cb, tmp_path: Path, tile_server) -> tuple[Cb, Path, list]:
-    from cachebuild.flight import flight_area, load_flight_file
-    from cachebuild.tiles import tiles
+    from cachebuild.inputs.flight import flight_area, load_flight_file
+    from cachebuild.tiles.grid import tiles
 
     f = write_flight(tmp_path / "f.json", waypoints=WPS, origin=(47.3702, 8.5401), flight_id="0f0f0f0f-1111-4111-8111-111111111111")
     planned = sorted(tiles(flight_area(load_flight_file(f), 200), [17]))
@@ -64,7 +64,7 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
         assert again["thumbnails_made"] == 0 and again["thumbnails_reused"] == r["present"]
         assert (tmp_path / "again.png").read_bytes() == out.read_bytes()
         # a few missing (new tiles of a shifted area): only those are decoded, by indexed lookup
-        from cachebuild.thumbs import ThumbStore
+        from cachebuild.store.thumbs import ThumbStore
 
         with ThumbStore(store) as ts:
             shas = np.ascontiguousarray(np.load(release / "tiles.npy")["sha256"][:2]).view(np.uint8)
@@ -127,8 +127,8 @@ def test_kept_cells_draw_the_same_map_and_only_changed_tiles_are_looked_up(
 ) -> None:
     import shutil
 
-    from cachebuild.preview import CELLS_FILE
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.tiles.preview import CELLS_FILE
+    from cachebuild.store.thumbs import ThumbStore
 
     cb, _, _ = holey_cache
     cache = tmp_path / "cache"
@@ -233,8 +233,8 @@ def test_cache_info_without_a_cache(cb: Cb) -> None:
 DECODE_PROBE = """
 import json, sys, threading
 from PIL import ImageFile
-from cachebuild import actions
-from cachebuild.runner import main
+from targets import actions
+from cachebuild.cli.runner import main
 
 counts = {"preview": 0, "other": 0}
 where = {"preview": False}
@@ -293,8 +293,8 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
 ) -> None:
     import shutil
 
-    from cachebuild.preview import CELLS_FILE
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.tiles.preview import CELLS_FILE
+    from cachebuild.store.thumbs import ThumbStore
 
     f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS, origin=(47.3700, 8.5401))
     args = (f"FLIGHT={f}", *LONG, f"PROVIDER={tile_server.template()}")
@@ -329,8 +329,8 @@ def test_a_second_machine_gets_the_thumbnails_from_the_bucket(tmp_path: Path, ti
     import secrets
 
     pytest.importorskip("moto.server")
-    from cachebuild.s3desc import _decode_thumbs
-    from cachebuild.thumbs import ThumbStore
+    from cachebuild.store.s3desc import _decode_thumbs
+    from cachebuild.store.thumbs import ThumbStore
 
     from .s3server import S3Server
 

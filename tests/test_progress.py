@@ -1,12 +1,12 @@
-"""Tests for cachebuild.progress: a live line on a terminal, one summary line elsewhere."""
+"""Tests for cachebuild._util.progress: a live line on a terminal, one summary line elsewhere."""
 
 from __future__ import annotations
 
 import doctest
 import io
 
-from cachebuild import progress
-from cachebuild.progress import Progress, format_duration
+from cachebuild._util import progress
+from cachebuild._util.progress import Progress, format_duration
 from tests.test_providers import public_names
 
 
@@ -63,7 +63,7 @@ def test_format_duration() -> None:
 
 
 def test_summary_counts_outlive_the_work() -> None:
-    from cachebuild.progress import finished_counts, forget_counts
+    from cachebuild._util.progress import finished_counts, forget_counts
 
     forget_counts()
     assert finished_counts("tiles") is None

@@ -19,27 +19,10 @@ from PIL import Image
 
 from cachebuild import __version__, providers
 from cachebuild.errors import EXIT_USAGE, CacheBuildError, DownloadError, UsageError
-from cachebuild.providers import (
-    API_KEY_ENV,
-    USER_AGENT,
-    HttpConfig,
-    Provider,
-    SyntheticProvider,
-    TileFetchError,
-    XyzProvider,
-    base,
-    check_image,
-    geotiff,
-    local,
-    open_provider,
-    provider_kind,
-    template_placeholders,
-)
-from cachebuild.providers import (
-    xyz as xyz_module,
-)
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import Tile
+from cachebuild.providers import API_KEY_ENV, USER_AGENT, HttpConfig, Provider, SyntheticProvider, TileFetchError, XyzProvider, base, check_image, geotiff, local, open_provider, provider_kind, template_placeholders
+from cachebuild.providers import xyz as xyz_module
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile
 from tests.surface import defined_names
 from tests.tileserver import (
     KEY,

@@ -24,7 +24,7 @@ from PIL import Image
 from cachebuild.errors import UsageError
 from cachebuild.providers import GeoTiffProvider, Provider, open_provider
 from cachebuild.providers.geotiff import mercator_bounds
-from cachebuild.tiles import LngLatBbox, Tile, tile, tiles
+from cachebuild.tiles.grid import LngLatBbox, Tile, tile, tiles
 
 rasterio = pytest.importorskip("rasterio", reason="the GeoTIFF provider needs rasterio (the geotiff extra)")
 from affine import Affine  # noqa: E402
@@ -216,8 +216,8 @@ def test_without_rasterio_the_error_says_how_to_get_it(ortho: Path, monkeypatch:
 
 def test_through_the_cache_mbtiles_gdal_sees_the_source(ortho: Path, tmp_path: Path) -> None:
     """fetch -> store -> MBTiles (TMS rows) -> GDAL's MBTiles driver: same colours at the same place."""
-    from cachebuild.fetch import fetch_tiles
-    from cachebuild.mbtiles import write_mbtiles
+    from cachebuild.tiles.fetch import fetch_tiles
+    from cachebuild.tiles.mbtiles import write_mbtiles
 
     area = LngLatBbox(CORNER[0] + 0.0005, CORNER[1] - 0.0031, CORNER[0] + 0.0049, CORNER[1] - 0.0005)
     s = fetch_tiles(

@@ -23,17 +23,9 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
-from cachebuild.providers import (
-    API_KEY_ENV,
-    HEADERS_ENV,
-    USER_AGENT,
-    HttpConfig,
-    TileFetchError,
-    XyzProvider,
-    open_provider,
-)
+from cachebuild.providers import API_KEY_ENV, HEADERS_ENV, USER_AGENT, HttpConfig, TileFetchError, XyzProvider, open_provider
 from cachebuild.providers.xyz import parse_headers, parse_rate_limit, parse_subdomains
-from cachebuild.tiles import Tile, quadkey
+from cachebuild.tiles.grid import Tile, quadkey
 from tests.test_providers import TOKEN, T, _png, assert_no_key, fast_env, full_text, xyz
 from tests.tileserver import (
     DROP,
@@ -494,7 +486,7 @@ def test_every_request_takes_a_token_retries_included(server: TileServer) -> Non
 
 
 def test_rate_limit_variable_makes_a_shared_bucket(server: TileServer) -> None:
-    from cachebuild.ratelimit import TokenBucket
+    from cachebuild.providers.ratelimit import TokenBucket
 
     with closing(open_provider(server.template(), env=fast_env(RATE_LIMIT="12.5"))) as p:
         assert isinstance(p, XyzProvider)

@@ -4,15 +4,8 @@ import json
 import os
 from pathlib import Path
 
-from cachebuild.config import Paths
-from cachebuild.publish import (
-    KEEP_RELEASES,
-    clean_leftovers,
-    current_release,
-    publish,
-    published_manifest_bytes,
-    release_intact,
-)
+from cachebuild.inputs.config import Paths
+from cachebuild.release.publish import KEEP_RELEASES, clean_leftovers, current_release, publish, published_manifest_bytes, release_intact
 
 
 def _stage(paths: Paths, build_id: str, version: int, payload: bytes) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.ratelimit, on a fake clock: the schedule, not the wall time."""
+"""Tests for cachebuild.providers.ratelimit, on a fake clock: the schedule, not the wall time."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from cachebuild import ratelimit
-from cachebuild.ratelimit import TokenBucket
+from cachebuild.providers import ratelimit
+from cachebuild.providers.ratelimit import TokenBucket
 from tests.test_providers import public_names
 
 

@@ -4,7 +4,7 @@ import io
 import json
 
 from cachebuild.errors import DownloadError
-from cachebuild.report import Report, redact
+from cachebuild._util.report import Report, redact
 
 
 def test_json_report_is_the_last_stdout_line() -> None:
@@ -70,7 +70,7 @@ def test_text_summary_gives_phase_times_in_order_and_recall() -> None:
 
 
 def test_human_size() -> None:
-    from cachebuild.report import human_size
+    from cachebuild._util.report import human_size
 
     assert [human_size(n) for n in (0, 1023, 1024, 20 * 2**30, 3 * 2**40)] == [
         "0 B", "1023 B", "1.0 KiB", "20.0 GiB", "3.0 TiB"

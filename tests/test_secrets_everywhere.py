@@ -23,7 +23,7 @@ from urllib.parse import quote
 import psutil
 import pytest
 
-from cachebuild.signing import ensure_dev_key
+from cachebuild.release.signing import ensure_dev_key
 
 from . import tileserver
 from .conftest import Cb, CbResult
@@ -82,7 +82,7 @@ def key_forms(key_file: Path) -> list[bytes]:
     """The signing key's secret bytes in every encoding that could leak: raw, hex, base64, PEM body."""
     from cryptography.hazmat.primitives import serialization
 
-    from cachebuild.signing import load_private_key
+    from cachebuild.release.signing import load_private_key
 
     raw = load_private_key(key_file).private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.selftest: camera-like frames searched against the cache."""
+"""Tests for cachebuild.localize.selftest: camera-like frames searched against the cache."""
 
 from __future__ import annotations
 
@@ -10,24 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild import selftest
-from cachebuild.describe import DESCRIPTOR_IDS_FILE, describe_tiles
-from cachebuild.engine import compile_engine
-from cachebuild.index import build_index
-from cachebuild.model import write_default_model
-from cachebuild.selftest import (
-    MAX_OFFSET,
-    SelfTestError,
-    check_recall,
-    interior_tiles,
-    make_frame,
-    run_selftest,
-    summary,
-)
-from cachebuild.store import TileStore
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import Tile, tile_id
-from cachebuild.tileset import tile_dtype, write_tileset
+from cachebuild.localize import selftest
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, describe_tiles
+from cachebuild.engine.compile import compile_engine
+from cachebuild.localize.index import build_index
+from cachebuild.engine.model import write_default_model
+from cachebuild.localize.selftest import MAX_OFFSET, SelfTestError, check_recall, interior_tiles, make_frame, run_selftest, summary
+from cachebuild.store.objects import TileStore
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile, tile_id
+from cachebuild.tiles.tileset import tile_dtype, write_tileset
 
 from .surface import assert_public_surface
 
@@ -184,7 +176,7 @@ def test_public_surface() -> None:
 
 def test_import_is_light() -> None:
     code = (
-        "import sys, cachebuild.selftest; "
+        "import sys, cachebuild.localize.selftest; "
         "print(sorted(m for m in ('numpy', 'onnxruntime', 'faiss', 'PIL') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.signing: key files, dev keys and signed envelopes."""
+"""Tests for cachebuild.release.signing: key files, dev keys and signed envelopes."""
 
 from __future__ import annotations
 
@@ -23,20 +23,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 import cachebuild
-import cachebuild.signing as signing
-from cachebuild.canonical import canonical_json
+import cachebuild.release.signing as signing
+from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
-from cachebuild.signing import (
-    KeyPermissionWarning,
-    ensure_dev_key,
-    keyid,
-    load_private_key,
-    load_public_key,
-    public_key_raw,
-    sign_envelope,
-    verify_envelope,
-    write_public_key,
-)
+from cachebuild.release.signing import KeyPermissionWarning, ensure_dev_key, keyid, load_private_key, load_public_key, public_key_raw, sign_envelope, verify_envelope, write_public_key
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
 needs_ssh_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen (OpenSSH client) is not installed")
@@ -121,7 +111,7 @@ def test_all_is_complete() -> None:
 
 
 def test_import_does_not_load_cryptography() -> None:
-    code = "import sys, cachebuild.manifest; print(any(m.startswith('cryptography') for m in sys.modules))"
+    code = "import sys, cachebuild.release.manifest; print(any(m.startswith('cryptography') for m in sys.modules))"
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=30, check=True
     )
@@ -366,7 +356,7 @@ _RACE_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric import ed25519  # warm imports before the race
-from cachebuild.signing import ensure_dev_key, keyid
+from cachebuild.release.signing import ensure_dev_key, keyid
 path, go, ready = sys.argv[1:4]
 Path(ready).touch()
 while not Path(go).exists():

@@ -14,7 +14,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cachebuild.signing import keyid
+from cachebuild.release.signing import keyid
 
 from .conftest import Cb, write_flight
 from .sshd import SSHD, Sshd

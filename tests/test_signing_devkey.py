@@ -15,9 +15,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cachebuild.config import load_settings
-from cachebuild.lock import CacheLock
-from cachebuild.signing import keyid, load_private_key
+from cachebuild.inputs.config import load_settings
+from cachebuild.release.lock import CacheLock
+from cachebuild.release.signing import keyid, load_private_key
 
 from .conftest import Cb, write_flight
 
@@ -137,7 +137,7 @@ def test_default_data_dir_is_under_home(tmp_path: Path) -> None:
 
 
 def test_data_home_rule() -> None:
-    from cachebuild.config import cachebuild_data_home
+    from cachebuild.inputs.config import cachebuild_data_home
 
     assert cachebuild_data_home({"XDG_DATA_HOME": "/d", "HOME": "/h"}) == Path("/d/cachebuild")
     # a relative XDG_DATA_HOME is invalid (XDG Base Directory spec) and ignored
@@ -203,7 +203,7 @@ def test_a_key_directory_this_user_may_not_enter_is_a_usage_error(
     Root may enter every directory, so the denial is simulated at ``Path.exists``.
     """
     from cachebuild.errors import UsageError
-    from cachebuild.signing import ensure_dev_key
+    from cachebuild.release.signing import ensure_dev_key
 
     def denied(self: Path, *a: object, **k: object) -> bool:
         raise PermissionError(13, "Permission denied", str(self))

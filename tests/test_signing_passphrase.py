@@ -11,9 +11,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cachebuild.lock import CacheLock
-from cachebuild.report import redact
-from cachebuild.signing import keyid
+from cachebuild.release.lock import CacheLock
+from cachebuild._util.report import redact
+from cachebuild.release.signing import keyid
 
 from .conftest import Cb, CbResult, write_flight
 

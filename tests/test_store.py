@@ -1,4 +1,4 @@
-"""Tests for cachebuild.store: objects, refs, the ref journal and cached checks."""
+"""Tests for cachebuild.store.objects: objects, refs, the ref journal and cached checks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import store as store_module
-from cachebuild.store import TileStore, sha256_hex
+from cachebuild.store import objects as store_module
+from cachebuild.store.objects import TileStore, sha256_hex
 from tests.test_providers import public_names
 
 PROVIDER = "xyz:http://t.example/{z}/{x}/{y}.png?k={key}"
@@ -151,7 +151,7 @@ def test_a_corrupt_object_is_noticed(tmp_path: Path) -> None:
 
 RACE = """
 import sys, time
-from cachebuild.store import TileStore
+from cachebuild.store.objects import TileStore
 start = float(sys.argv[2])
 while time.time() < start:
     pass
@@ -184,7 +184,7 @@ def test_processes_opening_a_new_store_at_the_same_instant(tmp_path: Path) -> No
 def test_a_locked_database_is_retried_other_errors_are_not() -> None:
     import sqlite3
 
-    from cachebuild.store import _retry_locked
+    from cachebuild.store.objects import _retry_locked
 
     calls: list[int] = []
 

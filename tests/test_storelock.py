@@ -1,4 +1,4 @@
-"""Tests for cachebuild.storelock: builds share the store, gc-store has it alone."""
+"""Tests for cachebuild.store.lock: builds share the store, gc-store has it alone."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import storelock
+from cachebuild.store import lock as storelock
 from cachebuild.errors import LockHeldError
-from cachebuild.storelock import StoreLock, register_cache, registered_caches
+from cachebuild.store.lock import StoreLock, register_cache, registered_caches
 
 from .surface import assert_public_surface
 
@@ -52,7 +52,7 @@ def test_a_build_waits_for_the_collector_and_says_so(tmp_path: Path) -> None:
 
 def test_a_killed_collector_frees_the_store(tmp_path: Path) -> None:
     code = (
-        "import os, sys; from cachebuild.storelock import StoreLock; "
+        "import os, sys; from cachebuild.store.lock import StoreLock; "
         f"StoreLock({str(tmp_path)!r}, exclusive=True).acquire(); os._exit(0)"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

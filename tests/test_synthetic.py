@@ -1,4 +1,4 @@
-"""Tests for cachebuild.synthetic: deterministic, seamless, varied imagery."""
+"""Tests for cachebuild.providers.synthetic: deterministic, seamless, varied imagery."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cachebuild import synthetic
-from cachebuild.synthetic import render_tile, synthetic_tile_bytes
-from cachebuild.tiles import Tile
+from cachebuild.providers import synthetic
+from cachebuild.providers.synthetic import render_tile, synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile
 from tests.surface import own_public_names
 
 ZURICH = Tile(68645, 45903, 17)

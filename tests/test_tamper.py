@@ -20,17 +20,10 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cachebuild.config import load_settings
+from cachebuild.inputs.config import load_settings
 from cachebuild.errors import EXIT_VERIFY, VerifyError
-from cachebuild.rollback import (
-    accepted_path,
-    check_not_rolled_back,
-    highest_accepted,
-    read_record,
-    record_accepted,
-    signed_digest,
-)
-from cachebuild.signing import keyid, load_private_key, sign_envelope
+from cachebuild.release.rollback import accepted_path, check_not_rolled_back, highest_accepted, read_record, record_accepted, signed_digest
+from cachebuild.release.signing import keyid, load_private_key, sign_envelope
 
 from .conftest import Cb, CbResult, write_flight
 
@@ -74,7 +67,7 @@ def point_current_at(cb: Cb, release: Path) -> None:
 
 
 def dev_key(cb: Cb) -> ed25519.Ed25519PrivateKey:
-    key = load_private_key(load_settings({}, cb.env()).dev_key)  # in the data dir (cachebuild.devkey)
+    key = load_private_key(load_settings({}, cb.env()).dev_key)  # in the data dir (cachebuild.release.devkey)
     assert isinstance(key, ed25519.Ed25519PrivateKey)
     return key
 
@@ -164,7 +157,7 @@ def test_manifest_signed_by_another_key(cb: Cb) -> None:
 
 
 def test_cache_built_with_another_key_is_refused_with_the_operators_pubkey(cb: Cb, tmp_path: Path) -> None:
-    from cachebuild.signing import write_public_key
+    from cachebuild.release.signing import write_public_key
 
     operator = tmp_path / "operator.pub"
     write_public_key(operator, ed25519.Ed25519PrivateKey.generate().public_key())

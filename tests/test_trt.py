@@ -1,4 +1,4 @@
-"""Tests for cachebuild.trt, the TensorRT backend.
+"""Tests for cachebuild.engine.tensorrt.backend, the TensorRT backend.
 
 Three kinds, by what can run here:
 
@@ -25,29 +25,16 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from cachebuild import backends, engine, trt, trtplan
-from cachebuild.backends import MachineProbes
-from cachebuild.engine import (
-    ENGINE_JSON,
-    compile_engine,
-    engine_key,
-    load_engine,
-    read_engine_json,
-)
+from cachebuild.engine import backends
+from cachebuild.engine import compile as engine
+from cachebuild.engine.tensorrt import backend as trt
+from cachebuild.engine.tensorrt import policy as trtplan
+from cachebuild.engine.backends import MachineProbes
+from cachebuild.engine.compile import ENGINE_JSON, compile_engine, engine_key, load_engine, read_engine_json
 from cachebuild.errors import EngineError
-from cachebuild.model import write_default_model
-from cachebuild.trt import TensorRTBackend
-from cachebuild.trtplan import (
-    PROFILE_BATCH,
-    TrtBuildPlan,
-    check_environment,
-    model_precision,
-    parser_errors,
-    precision_plan,
-    profile_shapes,
-    timing_cache_path,
-    trt_major,
-)
+from cachebuild.engine.model import write_default_model
+from cachebuild.engine.tensorrt.backend import TensorRTBackend
+from cachebuild.engine.tensorrt.policy import PROFILE_BATCH, TrtBuildPlan, check_environment, model_precision, parser_errors, precision_plan, profile_shapes, timing_cache_path, trt_major
 from tests import fake_tensorrt
 
 from .surface import assert_public_surface, heavy_imports
@@ -277,7 +264,7 @@ def test_build_settings_leave_onnxruntime_keys_as_they_were() -> None:
 
 
 def test_public_surface() -> None:
-    for module in (trt, trtplan, backends, sys.modules["cachebuild.gpu"]):
+    for module in (trt, trtplan, backends, sys.modules["cachebuild.engine.gpu"]):
         assert_public_surface(module)
 
 
@@ -479,7 +466,7 @@ def test_backend_is_found_by_name_with_options(fake: Any, tmp_path: Path) -> Non
 
 
 def test_importing_the_backend_loads_no_gpu_library() -> None:
-    modules = ("cachebuild.trt", "cachebuild.trtplan", "cachebuild.backends", "cachebuild.gpu")
+    modules = ("cachebuild.engine.tensorrt.backend", "cachebuild.engine.tensorrt.policy", "cachebuild.engine.backends", "cachebuild.engine.gpu")
     gpu = ("numpy", "onnx", "onnxruntime", "tensorrt", "cupy", "torch", "cuda")
     assert heavy_imports(*modules, heavy=gpu) == []
 
@@ -490,8 +477,8 @@ def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
     """build-cache BACKEND=auto on a "Jetson": engine.plan signed in the manifest, the report names it."""
     import io
 
-    from cachebuild.report import Report
-    from cachebuild.runner import build_cache
+    from cachebuild._util.report import Report
+    from cachebuild.cli.runner import build_cache
     from tests.conftest import write_flight
 
     printed = io.StringIO()  # Report.emit's default stream is bound at import: hand it ours

@@ -142,12 +142,12 @@ def test_remove_tree_removes_a_read_only_tree_as_its_owner(tmp_path: Path) -> No
         (rel / "engine").mkdir(parents=True)
         (rel / "engine" / "engine.onnx").write_bytes(b"x")
         (rel / "manifest.json").write_bytes(b"{}")
-        from cachebuild.publish import make_tree_read_only
+        from cachebuild.release.publish import make_tree_read_only
 
         make_tree_read_only(rel)
         for p in [base, rel, *rel.rglob("*")]:
             os.chown(p, 65534, 65534, follow_symlinks=False)
-        code = "import sys, shutil; from cachebuild.publish import remove_tree; remove_tree(sys.argv[1])"
+        code = "import sys, shutil; from cachebuild.release.publish import remove_tree; remove_tree(sys.argv[1])"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
         plain = [*_as_nobody(), sys.executable, "-c", "import sys, shutil; shutil.rmtree(sys.argv[1])", str(rel)]
         assert subprocess.run(plain, env=env, capture_output=True).returncode != 0  # the ordinary way fails
@@ -249,7 +249,7 @@ def test_a_key_rotated_in_place_with_its_mtime_restored_re_signs(warm: Cb, tmp_p
 @pytest.mark.parametrize("how", ["same-size-touch-r", "other-size-cp-p"])
 def test_a_changed_model_with_its_mtime_restored_rebuilds_the_engine(warm: Cb, tmp_path: Path, how: str) -> None:
     """MODEL retrained: the same size and ``touch -r``, or ``cp -p`` of another size with the same mtime."""
-    from cachebuild.model import write_default_model
+    from cachebuild.engine.model import write_default_model
 
     cb = warm
     model = cb.home / "model.onnx"

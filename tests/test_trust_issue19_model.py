@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from cachebuild.companion import push
-from cachebuild.engine import compile_engine
+from cachebuild.engine.compile import compile_engine
 from cachebuild.errors import EngineError
-from cachebuild.model import build_default_model
-from cachebuild.modelfiles import external_data_files, model_sha256
+from cachebuild.engine.model import build_default_model
+from cachebuild.engine.modelfiles import external_data_files, model_sha256
 
 from .conftest import Cb, write_flight
 from .test_companion_units import _staged

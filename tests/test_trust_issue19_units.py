@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild import produced
+from cachebuild.release import produced
 from cachebuild.companion.push import file_sha256_cached
 from cachebuild.errors import BuildError
 

@@ -35,8 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
-from cachebuild.synthetic import synthetic_tile_bytes
-from cachebuild.tiles import Tile
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tiles.grid import Tile
 
 __all__ = [
     "Reply",

@@ -36,6 +36,6 @@ LOCAL_TASKS = ("flight", "tiles")
 
 def build_on_companion(plan: Any, report: Any, warn: Any, **kw: Any) -> None:
     """See :func:`cachebuild.companion.flow.build_on_companion`."""
-    from .flow import build_on_companion as run
+    from cachebuild.companion.flow import build_on_companion as run
 
     run(plan, report, warn, **kw)

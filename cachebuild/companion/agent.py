@@ -29,7 +29,7 @@ Layout under ``DIR``::
                         tileset.json (last), push.json
     cache/              the companion's cache (CACHE_DIR): lock, releases, current
 
-No doit import here; :mod:`cachebuild.runner` registers the command.
+No doit import here; :mod:`cachebuild.cli.runner` registers the command.
 """
 
 from __future__ import annotations
@@ -171,13 +171,13 @@ def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
 
 def _store_shared(store: Path) -> Any:
     """The store's shared lock, as a build's actions hold it: ``gc-store`` waits."""
-    from ..storelock import StoreLock
+    from cachebuild.store.lock import StoreLock
 
     return StoreLock(store, exclusive=False, wait=True, stream=sys.stderr)
 
 
 def _prepare(root: Path) -> dict[str, Path]:
-    from ..store import TileStore
+    from cachebuild.store.objects import TileStore
 
     dirs = layout(root)
     for d in dirs.values():
@@ -201,9 +201,9 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     backend
         The engine backend the build will use (reported as ``engine``).
     """
-    from .. import __version__
-    from ..store import TileStore
-    from .packs import settle_incoming
+    from cachebuild import __version__
+    from cachebuild.store.objects import TileStore
+    from cachebuild.companion.packs import settle_incoming
 
     dirs = _prepare(root)
     with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
@@ -217,7 +217,7 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     device = device_info()
     engine = None
     if backend:
-        from ..plan import engine_environment
+        from cachebuild.inputs.plan import engine_environment
 
         engine = engine_environment(backend)
     return {
@@ -256,8 +256,8 @@ def unpack(
     arrive until ``incoming/<watch>.done`` appears; the answer then has
     ``done: true``.
     """
-    from ..store import TileStore
-    from .packs import settle_incoming
+    from cachebuild.store.objects import TileStore
+    from cachebuild.companion.packs import settle_incoming
 
     dirs = layout(root)
     total: dict[str, Any] = {"packs": 0, "objects": 0, "bytes": 0, "corrupt": 0, "stale_parts": 0}

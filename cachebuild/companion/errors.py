@@ -6,7 +6,7 @@ Each knows its phase, exit code and a remedy.  Messages name the companion
 
 from __future__ import annotations
 
-from ..errors import EXIT_BUILD, EXIT_COMPANION, BuildError, CacheBuildError
+from cachebuild.errors import EXIT_BUILD, EXIT_COMPANION, BuildError, CacheBuildError
 
 __all__ = [
     "CompanionError",

@@ -1,6 +1,6 @@
 """Companion mode, start to end, after the workstation's half of the build.
 
-The wrapper (:mod:`cachebuild.runner`) resolves the flight, takes the
+The wrapper (:mod:`cachebuild.cli.runner`) resolves the flight, takes the
 workstation's lock and runs only the ``flight`` and ``tiles`` tasks; then
 :func:`build_on_companion`:
 
@@ -22,11 +22,11 @@ import sys
 import time
 from typing import Any, TextIO
 
-from ..errors import EXIT_USAGE
-from .errors import CompanionNotReadyError, RemoteBuildError
-from .messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
-from .ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect
-from .sshconfig import resolve_target
+from cachebuild.errors import EXIT_USAGE
+from cachebuild.companion.errors import CompanionNotReadyError, RemoteBuildError
+from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
+from cachebuild.companion.ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect
+from cachebuild.companion.sshconfig import resolve_target
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
@@ -53,12 +53,12 @@ _PROGRESS_EVERY_S = 1.0
 def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
     """The companion and how to reach it, from validated settings and ``~/.ssh/config``
     (:mod:`.sshconfig`: what ``COMPANION`` and ``SSH_KEY`` say explicitly wins)."""
-    from .ssh import default_key_path, default_known_hosts
+    from cachebuild.companion.ssh import default_key_path, default_known_hosts
 
     resolved = resolve_target(settings.companion, settings.ssh_key)
     key = resolved.key_path or default_key_path()
     if key is None:
-        from .errors import AuthenticationError
+        from cachebuild.companion.errors import AuthenticationError
 
         raise AuthenticationError(
             "no SSH key: SSH_KEY is not set, ~/.ssh/config names no IdentityFile for "
@@ -172,8 +172,8 @@ def _device_line(info: dict[str, Any]) -> str:
 def _check_ready(
     info: dict[str, Any], need: int, comfortable: int, settings: Any, target: CompanionTarget, warn: Any
 ) -> None:
-    from .. import __version__
-    from .agent import PROTOCOL_VERSION
+    from cachebuild import __version__
+    from cachebuild.companion.agent import PROTOCOL_VERSION
 
     if info.get("protocol") != PROTOCOL_VERSION:
         raise CompanionNotReadyError(
@@ -316,10 +316,10 @@ def build_on_companion(
     Parameters
     ----------
     plan
-        The resolved :class:`~cachebuild.plan.BuildPlan`; its ``flight`` and
+        The resolved :class:`~cachebuild.inputs.plan.BuildPlan`; its ``flight`` and
         ``tiles`` tasks have run (the staged tile set is in ``plan.paths.build``).
     report
-        This run's :class:`~cachebuild.report.Report`; gains ``push``,
+        This run's :class:`~cachebuild._util.report.Report`; gains ``push``,
         ``companion``, phases ``bringup``, ``push``, ``remote`` and the
         remote build's outcome, identity and exit code.
     warn
@@ -336,8 +336,8 @@ def build_on_companion(
     RemoteBuildError, RemoteReportError
         The remote build failed (its exit code), or gave no report (21).
     """
-    from .push import plan_push, push
-    from .remote import call_agent, start_agent
+    from cachebuild.companion.push import plan_push, push
+    from cachebuild.companion.remote import call_agent, start_agent
 
     settings = plan.settings
     out = stream or sys.stderr
@@ -423,7 +423,7 @@ def _remote_build(conn: Any, settings: Any, pushed: dict[str, str | None], out: 
     stdin (:func:`.remote.with_passphrase`); ``COMPANION_CMD``'s values are
     redacted from what the companion prints.
     """
-    from .remote import remote_command, run_remote_build, with_passphrase
+    from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
 
     t = time.monotonic()
     command = remote_command(settings.companion_cmd, "build-cache", remote_variables(settings, pushed))

@@ -39,7 +39,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ..store import pid_alive
+from cachebuild.store.objects import pid_alive
 
 __all__ = [
     "DEFAULT_PACK_BYTES",
@@ -160,13 +160,13 @@ def iter_pack(path: Path) -> Iterator[tuple[str, bytes]]:
 
 
 def unpack_into(path: Path, store: Any) -> tuple[int, int]:
-    """Put every member of a pack into ``store`` (a :class:`~cachebuild.store.TileStore`).
+    """Put every member of a pack into ``store`` (a :class:`~cachebuild.store.objects.TileStore`).
 
     Returns ``(objects, bytes)``.  A member whose bytes do not hash to its
     name stops the unpack with :class:`PackCorruptError` (the members before
     it are in the store under their true names: nothing wrong is stored).
     """
-    from ..store import sha256_hex
+    from cachebuild.store.objects import sha256_hex
 
     objects = size = 0
     for name, data in iter_pack(path):

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..cpus import usable_cpus
-from ..errors import DownloadError, UsageError
-from ..tiles import Tile
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.errors import DownloadError, UsageError
+from cachebuild.tiles.grid import Tile
 
 __all__ = ["PREFIX", "PUSH_FILE", "PushedProvider", "open_pushed", "pushed_dir"]
 
@@ -54,7 +54,7 @@ class PushedProvider:
     """
 
     def __init__(self, directory: Path):
-        from ..tileset import hex_digests, read_missing, read_summary, read_tiles
+        from cachebuild.tiles.tileset import hex_digests, read_missing, read_summary, read_tiles
 
         self.directory = Path(directory)
         try:
@@ -75,7 +75,7 @@ class PushedProvider:
 
     def fetch(self, tile: Tile) -> bytes | None:
         """The pushed image of ``tile``; None for a tile the workstation found missing."""
-        from ..tiles import tile_id
+        from cachebuild.tiles.grid import tile_id
 
         tid = tile_id(tile)
         digest = self._digests.get(tid)

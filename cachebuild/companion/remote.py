@@ -7,7 +7,7 @@ Commands are ``COMPANION_CMD`` (a shell fragment the operator chose, e.g.
 The remote build's output is passed on line by line as it arrives
 (:class:`LineSplitter` holds at most one line, cut at :data:`MAX_LINE`
 bytes, so memory stays bounded however long the build runs), every line
-through :func:`cachebuild.report.redact`: the companion is never given a
+through :func:`cachebuild._util.report.redact`: the companion is never given a
 secret, but a line that somehow carried one would still not show it.  The
 last stdout line is the remote JSON report (:func:`parse_report`).
 """
@@ -22,9 +22,9 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from ..report import redact
-from .errors import CompanionNotReadyError, RemoteReportError
-from .messages import as_workstation, command_values, shown_command
+from cachebuild._util.report import redact
+from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
+from cachebuild.companion.messages import as_workstation, command_values, shown_command
 
 __all__ = [
     "MAX_LINE",
@@ -55,7 +55,7 @@ def with_passphrase(command: str, passphrase: str | None) -> tuple[str, bytes]:
     """``command`` taking the signing key's passphrase from its stdin, and that stdin.
 
     The remote shell reads the first line of stdin into the remote build's
-    passphrase variable (:data:`cachebuild.signing.PASSPHRASE_ENV`) with its
+    passphrase variable (:data:`cachebuild.release.signing.PASSPHRASE_ENV`) with its
     ``read`` builtin and exports it: the passphrase travels inside the
     encrypted SSH channel and is in no argv on either machine, nor in
     sshd's logs.  Without a passphrase, ``command`` is unchanged.
@@ -67,9 +67,9 @@ def with_passphrase(command: str, passphrase: str | None) -> tuple[str, bytes]:
     """
     if not passphrase:
         return command, b""
-    from ..errors import UsageError
-    from ..signing import PASSPHRASE_ENV
-    from .messages import COMPANION_PASSPHRASE_ENV
+    from cachebuild.errors import UsageError
+    from cachebuild.release.signing import PASSPHRASE_ENV
+    from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV
 
     if "\n" in passphrase or "\r" in passphrase or "\0" in passphrase:
         raise UsageError(

@@ -30,14 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import CacheBuildError, UsageError
-from .errors import (
-    AuthenticationError,
-    CompanionNotReadyError,
-    CompanionUnreachableError,
-    ConnectionDroppedError,
-    HostKeyError,
-)
+from cachebuild.errors import CacheBuildError, UsageError
+from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError
 
 __all__ = [
     "DEFAULT_PORT",
@@ -260,7 +254,7 @@ def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callabl
         return _client(target, options, warn, load_key(options))
     from dataclasses import replace
 
-    from .sshconfig import open_jumps
+    from cachebuild.companion.sshconfig import open_jumps
 
     def hop(hop_target: CompanionTarget, sock: Any, key_path: Path | None) -> Any:
         hop_options = replace(options, key_path=key_path or options.key_path, jumps=())

@@ -4,7 +4,7 @@ A provider turns a tile into its image bytes, or ``None`` when it has no
 image for that tile.  :func:`open_provider` reads the ``PROVIDER`` spec:
 
 ``synthetic``
-    The built-in offline imagery (:mod:`cachebuild.synthetic`).
+    The built-in offline imagery (:mod:`cachebuild.providers.synthetic`).
 ``http://…`` or ``https://…``
     A URL template (:mod:`.xyz`): ``{z}``, ``{x}``, ``{y}``, ``{-y}`` (TMS
     row), ``{q}`` (quadkey), ``{s}`` (subdomain, from ``SUBDOMAINS``) and
@@ -33,41 +33,11 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ..errors import UsageError
-from .base import (
-    DEFAULT_TILE_SIZE,
-    PLACEHOLDERS,
-    USER_AGENT,
-    Provider,
-    TileFetchError,
-    check_image,
-    fill_template,
-    template_placeholders,
-)
-from .geotiff import GEOTIFF_EXTENSIONS, GeoTiffProvider, geotiff_stamp
-from .local import (
-    DEFAULT_MBTILES_CONCURRENCY,
-    DirectoryProvider,
-    MBTilesProvider,
-    SyntheticProvider,
-    mbtiles_stamp,
-    tree_stamp,
-)
-from .xyz import (
-    API_KEY_ENV,
-    DEFAULT_BACKOFF_MAX_S,
-    DEFAULT_BACKOFF_S,
-    DEFAULT_HTTP_CONCURRENCY,
-    DEFAULT_RETRIES,
-    DEFAULT_RETRY_AFTER_MAX_S,
-    DEFAULT_SUBDOMAINS,
-    DEFAULT_TIMEOUT_S,
-    HEADERS_ENV,
-    HttpConfig,
-    XyzProvider,
-    _key_forms,
-    parse_headers,
-)
+from cachebuild.errors import UsageError
+from cachebuild.providers.base import DEFAULT_TILE_SIZE, PLACEHOLDERS, USER_AGENT, Provider, TileFetchError, check_image, fill_template, template_placeholders
+from cachebuild.providers.geotiff import GEOTIFF_EXTENSIONS, GeoTiffProvider, geotiff_stamp
+from cachebuild.providers.local import DEFAULT_MBTILES_CONCURRENCY, DirectoryProvider, MBTilesProvider, SyntheticProvider, mbtiles_stamp, tree_stamp
+from cachebuild.providers.xyz import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, HttpConfig, XyzProvider, _key_forms, parse_headers
 
 if TYPE_CHECKING:
     import httpx
@@ -173,7 +143,7 @@ def source_stamp(spec: str) -> str | None:
     if kind == "dir":
         from pathlib import Path
 
-        from .local import _template_root
+        from cachebuild.providers.local import _template_root
 
         path = os.path.abspath(os.path.expanduser(_local_path(spec)))
         root = _template_root(path) if "{" in path else Path(path)
@@ -209,7 +179,7 @@ def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | N
         raise UsageError("PROVIDER has a NUL byte", remedy=f"use {_ACCEPTED_SPECS}")
     kind = provider_kind(spec)
     if kind == "pushed":
-        from ..companion.pushed import open_pushed
+        from cachebuild.companion.pushed import open_pushed
 
         return open_pushed(spec.strip())
     if kind == "synthetic":

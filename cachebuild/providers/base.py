@@ -11,9 +11,9 @@ import re
 from collections.abc import Collection
 from typing import Protocol, runtime_checkable
 
-from .. import __version__
-from ..errors import DownloadError, UsageError
-from ..tiles import Tile, quadkey
+from cachebuild import __version__
+from cachebuild.errors import DownloadError, UsageError
+from cachebuild.tiles.grid import Tile, quadkey
 
 __all__ = [
     "DEFAULT_TILE_SIZE",

@@ -23,11 +23,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cpus import usable_cpus
-from ..errors import DownloadError, UsageError
-from ..tiles import EARTH_RADIUS_M, Tile
-from .base import DEFAULT_TILE_SIZE, TileFetchError
-from .local import file_sha256
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.errors import DownloadError, UsageError
+from cachebuild.tiles.grid import EARTH_RADIUS_M, Tile
+from cachebuild.providers.base import DEFAULT_TILE_SIZE, TileFetchError
+from cachebuild.providers.local import file_sha256
 
 if TYPE_CHECKING:
     import numpy as np

@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..canonical import sha256_file
-from ..cpus import usable_cpus
-from ..errors import DownloadError, UsageError
-from ..tiles import Tile
-from .base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
+from cachebuild._util.hashing import sha256_file
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.errors import DownloadError, UsageError
+from cachebuild.tiles.grid import Tile
+from cachebuild.providers.base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
 
 if TYPE_CHECKING:
     import sqlite3
@@ -49,13 +49,13 @@ class SyntheticProvider:
     """The built-in offline imagery; no network, never missing a tile."""
 
     def __init__(self) -> None:
-        from ..synthetic import SYNTHETIC_VERSION
+        from cachebuild.providers.synthetic import SYNTHETIC_VERSION
 
         self.identity = f"synthetic:v{SYNTHETIC_VERSION}"
         self.concurrency = usable_cpus()
 
     def fetch(self, tile: Tile) -> bytes | None:
-        from ..synthetic import synthetic_tile_bytes
+        from cachebuild.providers.synthetic import synthetic_tile_bytes
 
         return synthetic_tile_bytes(tile)
 
@@ -120,7 +120,7 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     """
     import sqlite3
 
-    from ..mbtiles import connect_readonly
+    from cachebuild.tiles.mbtiles import connect_readonly
 
     conn = connect_readonly(path, check_same_thread=False)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
@@ -184,7 +184,7 @@ class MBTilesProvider:
     def fetch(self, tile: Tile) -> bytes | None:
         import sqlite3
 
-        from ..mbtiles import read_tile
+        from cachebuild.tiles.mbtiles import read_tile
 
         name = f"tile {tile.z}/{tile.x}/{tile.y}"
         conn, budget = self._conn()

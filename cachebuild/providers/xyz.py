@@ -5,11 +5,11 @@ One pooled ``httpx.Client``; at most ``RATE_LIMIT`` requests a second
 cachebuild; per-request timeouts; retries with exponential backoff and
 jitter after connection errors, timeouts, HTTP 5xx and 429 (``Retry-After``
 honoured), and after a body that is not a whole image.  The server is not
-trusted (:mod:`cachebuild.httpsafe`): bodies are capped at
+trusted (:mod:`cachebuild._util.httpsafe`): bodies are capped at
 :data:`MAX_TILE_BYTES` decoded, each request has an overall deadline,
 credentials never follow a redirect to another origin, and a server that
 nothing answers from stops the run after a few requests
-(:mod:`cachebuild.retrypolicy`).
+(:mod:`cachebuild._util.retry`).
 
 Secrets (the API key, the values of the extra headers) never reach an
 exception, a log record (a filter redacts them from httpx's request log),
@@ -26,35 +26,12 @@ import threading
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
-from .. import httpsafe
-from ..errors import DownloadError
-from ..retrypolicy import FailFast, failure_kind, retry_after_s
-from ..tiles import Tile
-from .base import USER_AGENT, TileFetchError, check_image, fill_template
-from .xyzconfig import (
-    API_KEY_ENV,
-    DEFAULT_BACKOFF_MAX_S,
-    DEFAULT_BACKOFF_S,
-    DEFAULT_DEADLINE_S,
-    DEFAULT_HTTP_CONCURRENCY,
-    DEFAULT_RETRIES,
-    DEFAULT_RETRY_AFTER_MAX_S,
-    DEFAULT_SUBDOMAINS,
-    DEFAULT_TIMEOUT_S,
-    HEADERS_ENV,
-    MAX_RATE_LIMIT,
-    MAX_TILE_BYTES,
-    PUBLIC_HEADERS,
-    HttpConfig,
-    check_template,
-    header_secrets,
-    key_forms,
-    parse_headers,
-    parse_rate_limit,
-    parse_subdomains,
-    quote_key,
-    refuse_userinfo,
-)
+from cachebuild._util import httpsafe
+from cachebuild.errors import DownloadError
+from cachebuild._util.retry import FailFast, failure_kind, retry_after_s
+from cachebuild.tiles.grid import Tile
+from cachebuild.providers.base import USER_AGENT, TileFetchError, check_image, fill_template
+from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_DEADLINE_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, MAX_RATE_LIMIT, MAX_TILE_BYTES, PUBLIC_HEADERS, HttpConfig, check_template, header_secrets, key_forms, parse_headers, parse_rate_limit, parse_subdomains, quote_key, refuse_userinfo
 
 if TYPE_CHECKING:
     import httpx
@@ -72,7 +49,7 @@ _LOGGERS_WITH_URLS = ("httpx", "httpcore.connection", "httpcore.http11", "httpco
 
 
 class _Limiter(Protocol):
-    """What paces requests: :class:`~cachebuild.ratelimit.TokenBucket`, or a test's counter."""
+    """What paces requests: :class:`~cachebuild.providers.ratelimit.TokenBucket`, or a test's counter."""
 
     def acquire(self) -> object: ...
 
@@ -119,7 +96,7 @@ class XyzProvider:
         secrets.
     limiter
         Anything with an ``acquire()`` called before every request; by
-        default a :class:`~cachebuild.ratelimit.TokenBucket` at
+        default a :class:`~cachebuild.providers.ratelimit.TokenBucket` at
         ``config.rate_limit``, or none.
     client
         An ``httpx.Client`` to use (and leave open); by default one pooled
@@ -171,7 +148,7 @@ class XyzProvider:
         self._fatal: DownloadError | None = None
         self.limiter = limiter
         if limiter is None and self.config.rate_limit:
-            from ..ratelimit import TokenBucket
+            from cachebuild.providers.ratelimit import TokenBucket
 
             self.limiter = TokenBucket(self.config.rate_limit, sleep=self._guard.sleep)
         self._own_client = client is None

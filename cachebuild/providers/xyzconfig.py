@@ -15,9 +15,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import UsageError
-from ..tiles import Tile
-from .base import DEFAULT_TILE_SIZE, fill_template, template_placeholders
+from cachebuild.errors import UsageError
+from cachebuild.tiles.grid import Tile
+from cachebuild.providers.base import DEFAULT_TILE_SIZE, fill_template, template_placeholders
 
 __all__ = [
     "API_KEY_ENV",

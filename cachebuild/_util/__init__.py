@@ -1,0 +1,1 @@
+"""Leaf helpers every layer may use: files, hashing, CPUs, progress, sizes."""

@@ -1,0 +1,1 @@
+"""The doit commands and the wrapper around a build: lock, report, exit codes."""

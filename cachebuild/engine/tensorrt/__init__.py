@@ -1,0 +1,1 @@
+"""The TensorRT backend: the runner and its decisions as pure functions."""

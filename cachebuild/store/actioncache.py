@@ -1,0 +1,595 @@
+"""The action cache: derived artifacts served by the key of their inputs.
+
+The other half of Bazel's remote cache.  The store (and, with
+``STORE=s3://...``, the bucket) already shares tiles and descriptors, which
+are keyed by content.  The per-cache artifacts derived from them (the index,
+the self-test result, the coverage map) are pure functions of a few files
+and settings, so every machine that builds the same cache computes the same
+thing again.  Here each such *action* gets a key::
+
+    key = SHA-256 of canonical JSON {action, version, inputs: {name: SHA-256 of the file},
+                                     values: {setting: value}, engine key}
+
+where ``version`` is the action's declared version plus the SHA-256 of the
+source of the modules that compute it (a code change is a new key even when
+nobody bumped the version).  Before the action runs, the key is looked up:
+
+- **hit**: a record ``key -> {output name: SHA-256, size}`` names
+  content-addressed objects; each is read, checked against its SHA-256 and
+  written to the build directory (temp file, then rename).  The action does
+  not run.
+- **miss**: the action runs; its outputs are stored as objects (named by
+  their SHA-256, written once) and the record is written (once).
+
+Local layout, under the store::
+
+    actions/cas/<ab>/<sha256>       an output's bytes
+    actions/ac/<ab>/<key>.json      a record
+
+With a bucket the same objects and records go under ``actions/cas/<sha256>``
+and ``actions/ac/<key>.json`` of the bucket's prefix, and a local miss is
+looked up there before the action runs (what a second machine saves).
+
+Safety:
+
+- an object whose bytes do not match its name, a record that does not
+  parse or does not match its own checksum, or a record whose objects are
+  gone is never used: it is removed and the action runs;
+- keys and records hold hashes, action names, versions and non-secret
+  settings (an index kind, a query count, a date); never a path, a URL, a
+  credential or a key's bytes;
+- recording is best effort: a store or bucket that cannot be written costs
+  a warning, never the build;
+- ``doit gc-store`` (:mod:`cachebuild.store.gc`) keeps the objects the known
+  caches' artifacts are (by SHA-256) and removes the rest, oldest first.
+
+numpy and boto3 are not imported here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import hashlib
+import json
+import os
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cachebuild._util.hashing import is_sha256_hex
+from cachebuild.errors import CacheBuildWarning
+
+__all__ = [
+    "ACTIONS_DIR",
+    "OUTPUTS",
+    "RECORD_FORMAT",
+    "SPECS",
+    "Action",
+    "ActionCache",
+    "action_for",
+    "action_key",
+    "cached",
+    "code_version",
+    "file_sha256",
+    "index_action",
+    "preview_action",
+    "selftest_action",
+]
+
+#: Each cached action's output files, in the build directory.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "index": ("index.faiss", "index.json"),
+    "selftest": ("selftest.json",),
+    "preview": ("preview.png",),
+}
+#: Under the store root (and the bucket's prefix).
+ACTIONS_DIR = "actions"
+RECORD_FORMAT = 1
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (:func:`cachebuild._util.hashing.sha256_file`)."""
+    from cachebuild._util.hashing import sha256_file
+
+    return sha256_file(path)[0]
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+@functools.cache
+def code_version(*modules: str) -> str:
+    """SHA-256 over the source files of ``modules`` (``cachebuild.localize.index``...), in order.
+
+    Part of an action's version: changed code is a new key.
+    """
+    import importlib.util
+
+    h = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        h.update(name.encode() + b"\0")
+        if origin and os.path.isfile(origin):
+            with open(origin, "rb") as fh:
+                h.update(hashlib.sha256(fh.read()).digest())
+    return h.hexdigest()
+
+
+def _dist_version(*names: str) -> str:
+    """The installed version of the first of ``names`` (distribution names) that is installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for name in names:
+        try:
+            return f"{name} {version(name)}"
+        except PackageNotFoundError:
+            continue
+    return ""
+
+
+@dataclass(frozen=True)
+class Action:
+    """One cacheable action over a build directory.
+
+    Parameters
+    ----------
+    name
+        ``index``, ``selftest``, ``preview``.
+    version
+        The declared version and the code's hash (:func:`code_version`).
+    inputs
+        Input files by name; each enters the key by its SHA-256.
+    values
+        Settings that change the outputs (JSON values, never secrets).
+    engine_key
+        The engine's key, or None where the outputs do not depend on it.
+    outputs
+        Output files by name, written into ``build``.
+    build
+        The build directory.
+    """
+
+    name: str
+    version: str
+    inputs: Mapping[str, Path]
+    values: Mapping[str, Any]
+    engine_key: str | None
+    outputs: tuple[str, ...]
+    build: Path
+    _digests: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+
+    def input_digests(self) -> dict[str, str]:
+        """The inputs' SHA-256, through the build's hash cache: the manifest and
+        doit's file checker then find them remembered instead of reading the files again."""
+        if not self._digests:
+            from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+
+            cache = HashCache(self.build / HASH_CACHE_NAME)
+            self._digests.update({n: cache.sha256(p)[0] for n, p in sorted(self.inputs.items())})
+            cache.save()
+        return dict(self._digests)
+
+
+def action_key(action: Action) -> str:
+    """The action's key: SHA-256 of the canonical JSON of what determines its outputs."""
+    return hashlib.sha256(
+        _canonical(
+            {
+                "action": action.name,
+                "version": action.version,
+                "inputs": action.input_digests(),
+                "values": dict(action.values),
+                "engine_key": action.engine_key,
+                "outputs": list(action.outputs),
+            }
+        )
+    ).hexdigest()
+
+
+# -- records -------------------------------------------------------------------
+
+
+def _record_bytes(key: str, action: str, outputs: Mapping[str, tuple[str, int]]) -> bytes:
+    body = {
+        "format": RECORD_FORMAT,
+        "key": key,
+        "action": action,
+        "outputs": {n: {"sha256": d, "size": s} for n, (d, s) in sorted(outputs.items())},
+        "created": round(time.time(), 3),
+    }
+    body["check"] = hashlib.sha256(_canonical(body)).hexdigest()
+    return (json.dumps(body, sort_keys=True, indent=1) + "\n").encode()
+
+
+def _parse_record(data: bytes, key: str, names: Iterable[str]) -> dict[str, tuple[str, int]] | None:
+    """``{output name: (sha256, size)}`` of a sound record for ``key`` with exactly ``names``; else None."""
+    try:
+        body = json.loads(data)
+        check = body.pop("check")
+        if hashlib.sha256(_canonical(body)).hexdigest() != check:
+            return None
+        if body["format"] != RECORD_FORMAT or body["key"] != key:
+            return None
+        outputs = {str(n): (str(o["sha256"]), int(o["size"])) for n, o in body["outputs"].items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+    if sorted(outputs) != sorted(names):
+        return None
+    for digest, size in outputs.values():
+        if not is_sha256_hex(digest) or size < 0:
+            return None
+    return outputs
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = None) -> None:
+    """Write ``path`` durably unless it exists (a hard link from a temp file: never overwrites).
+
+    With ``digest`` (an object named by its hash), an existing file that
+    does not hash to it is damaged and replaced.  Where hard links are not
+    supported, a rename (the same bytes, or an equivalent record).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_dir / f"ac-{os.getpid()}-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if digest is not None and file_sha256(path) != digest:
+                os.replace(tmp, path)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _remember(build: Path, digests: Mapping[str, str]) -> None:
+    """Tell the build's hash cache what the outputs hash to, so the manifest does not read them again."""
+    from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+
+    cache = HashCache(build / HASH_CACHE_NAME)
+    for name, digest in digests.items():
+        path = build / name
+        cache.remember(path, digest, os.stat(path))
+    cache.save()
+
+
+def _materialize(path: Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` durably and atomically (a temp name the next build sweeps if killed)."""
+    from cachebuild.release.manifest import atomic_write
+
+    atomic_write(path, data)
+
+
+class ActionCache:
+    """Records and objects in a store (and optionally a bucket).
+
+    Parameters
+    ----------
+    store_root
+        The local store; the cache lives in its ``actions/`` directory.
+    remote
+        An :class:`cachebuild.store.s3.S3Store`, or None.
+    warn
+        Called with a message for each soft problem (a corrupt object
+        removed, a bucket that could not be read or written).
+    """
+
+    def __init__(
+        self,
+        store_root: str | os.PathLike[str],
+        remote: Any = None,
+        warn: Callable[[str], None] | None = None,
+    ):
+        self.root = Path(store_root) / ACTIONS_DIR
+        self.remote = remote
+        self.warn = warn or (lambda msg: warnings.warn(CacheBuildWarning(msg), stacklevel=3))
+        #: where the last :meth:`lookup` hit: ``local``, ``bucket`` or None
+        self.served_from: str | None = None
+
+    # local paths
+    def object_path(self, digest: str) -> Path:
+        return self.root / "cas" / digest[:2] / digest
+
+    def record_path(self, key: str) -> Path:
+        return self.root / "ac" / key[:2] / f"{key}.json"
+
+    @property
+    def tmp(self) -> Path:
+        return self.root / "tmp"
+
+    # bucket keys
+    def _remote_object(self, digest: str) -> str:
+        return self.remote.url.key(ACTIONS_DIR, "cas", digest)
+
+    def _remote_record(self, key: str) -> str:
+        return self.remote.url.key(ACTIONS_DIR, "ac", f"{key}.json")
+
+    # -- reading ---------------------------------------------------------------
+
+    def _local_object(self, digest: str) -> bytes | None:
+        path = self.object_path(digest)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return None
+        if _sha(data) != digest:
+            self.warn(f"action cache object {digest[:16]}… in {self.root} is corrupt; removed it")
+            path.unlink(missing_ok=True)
+            return None
+        return data
+
+    def _local_lookup(self, key: str, names: tuple[str, ...]) -> dict[str, bytes] | None:
+        path = self.record_path(key)
+        try:
+            raw = path.read_bytes()
+        except OSError:
+            return None
+        outputs = _parse_record(raw, key, names)
+        if outputs is None:
+            self.warn(f"action cache record {key[:16]}… in {self.root} is damaged; removed it")
+            path.unlink(missing_ok=True)
+            return None
+        got: dict[str, bytes] = {}
+        for name, (digest, size) in outputs.items():
+            data = self._local_object(digest)
+            if data is None or len(data) != size:
+                path.unlink(missing_ok=True)  # it names what is gone: recompute, record anew
+                return None
+            got[name] = data
+        return got
+
+    def _bucket_lookup(self, key: str, names: tuple[str, ...], action: str) -> dict[str, bytes] | None:
+        from cachebuild.store.s3 import StoreUnavailable
+
+        try:
+            raw = self.remote.get(self._remote_record(key))
+            if raw is None:
+                return None
+            outputs = _parse_record(raw, key, names)
+            if outputs is None:
+                self.warn(f"action cache record {key[:16]}… in {self.remote.url} is damaged; removed it")
+                self.remote.delete(self._remote_record(key))
+                return None
+            items = sorted(outputs.items())
+            datas = self.remote.map(
+                lambda it: self.remote.get_verified(self._remote_object(it[1][0]), it[1][0]),
+                items,
+            )
+            got: dict[str, bytes] = {}
+            for (name, (digest, size)), data in zip(items, datas):
+                if data is None or len(data) != size:  # missing, or corrupt (get_verified removed it)
+                    self.warn(
+                        f"action cache object {digest[:16]}… in {self.remote.url} is missing or corrupt; "
+                        "computing it again"
+                    )
+                    self.remote.delete(self._remote_record(key))
+                    return None
+                got[name] = data
+        except StoreUnavailable as exc:
+            self.warn(f"action cache: {exc.message}; computing instead")
+            return None
+        # keep a local copy: the next build on this machine needs no bucket
+        try:
+            for name, data in got.items():
+                _write_once(self.object_path(_sha(data)), data, self.tmp, _sha(data))
+            _write_once(
+                self.record_path(key),
+                _record_bytes(key, action, {n: (_sha(d), len(d)) for n, d in got.items()}),
+                self.tmp,
+            )
+        except OSError as exc:
+            self.warn(f"action cache: could not keep a local copy in {self.root}: {exc.strerror or exc}")
+        return got
+
+    def lookup(self, action: Action, key: str | None = None) -> bool:
+        """On a hit, write the outputs into ``action.build`` and return True."""
+        key = key or action_key(action)
+        self.served_from = None
+        got = self._local_lookup(key, action.outputs)
+        where = "local"
+        if got is None and self.remote is not None:
+            got = self._bucket_lookup(key, action.outputs, action.name)
+            where = "bucket"
+        if got is None:
+            return False
+        for name in action.outputs:
+            _materialize(action.build / name, got[name])
+        _remember(action.build, {name: _sha(got[name]) for name in action.outputs})
+        self.served_from = where
+        return True
+
+    # -- writing ---------------------------------------------------------------
+
+    def record(self, action: Action, key: str | None = None) -> None:
+        """Store the outputs now in ``action.build`` under ``key`` (best effort: warnings only)."""
+        from cachebuild.store.s3 import StoreUnavailable
+
+        key = key or action_key(action)
+        datas: dict[str, bytes] = {}
+        try:
+            for name in action.outputs:
+                datas[name] = (action.build / name).read_bytes()
+        except OSError as exc:
+            self.warn(f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}")
+            return
+        outputs = {n: (_sha(d), len(d)) for n, d in datas.items()}
+        _remember(action.build, {n: digest for n, (digest, _) in outputs.items()})
+        record = _record_bytes(key, action.name, outputs)
+        try:
+            for name, data in datas.items():
+                _write_once(self.object_path(outputs[name][0]), data, self.tmp, outputs[name][0])
+            _write_once(self.record_path(key), record, self.tmp)
+        except OSError as exc:
+            self.warn(f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}")
+        if self.remote is None:
+            return
+        try:
+            if self.remote.get(self._remote_record(key)) is not None:
+                return  # written once: another machine recorded this key first
+            self.remote.map(
+                lambda item: self.remote.put(self._remote_object(item[1][0]), datas[item[0]]),
+                sorted(outputs.items()),
+            )
+            self.remote.put(self._remote_record(key), record)  # after its objects
+        except StoreUnavailable as exc:
+            self.warn(f"action cache: could not share {action.name}: {exc.message}")
+
+
+# -- the actions ---------------------------------------------------------------
+
+
+def _engine_key(build: Path) -> str | None:
+    try:
+        return str(json.loads((build / "engine" / "engine.json").read_text())["key"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def index_action(build: Path, kind: str = "auto", **_: Any) -> Action:
+    """The index: its descriptors and their ids, the kind, the index code and faiss."""
+    return Action(
+        name="index",
+        version="index:"
+        + code_version("cachebuild.localize.index")
+        + ":"
+        + _dist_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
+        inputs={
+            "descriptors.npy": build / "descriptors.npy",
+            "descriptor_ids.npy": build / "descriptor_ids.npy",
+        },
+        values={"kind": kind},
+        engine_key=_engine_key(build),
+        outputs=OUTPUTS["index"],
+        build=build,
+    )
+
+
+def selftest_action(build: Path, queries: int = 0, **_: Any) -> Action:
+    """The self-test: the tiles (ids and image hashes; they seed the sample), the index, the engine, the queries."""
+    from cachebuild.localize.selftest import SELFTEST_VERSION
+
+    return Action(
+        name="selftest",
+        version=f"selftest {SELFTEST_VERSION}:"
+        + code_version("cachebuild.localize.selftest")
+        + ":"
+        + _dist_version("numpy"),
+        inputs={"tiles.npy": build / "tiles.npy", "index.faiss": build / "index.faiss"},
+        values={"queries": int(queries)},
+        engine_key=_engine_key(build),
+        outputs=OUTPUTS["selftest"],
+        build=build,
+    )
+
+
+def preview_action(build: Path, **_: Any) -> Action:
+    """The coverage map: what it draws (tiles, holes, area, route, legend and its date)."""
+    from datetime import datetime, timezone
+
+    from cachebuild.tiles.preview import DEFAULT_SIZE, PREVIEW_VERSION
+
+    summary = json.loads((build / "tileset.json").read_text())
+    record = json.loads((build / "flight.json").read_text())
+    drawn = {k: summary.get(k) for k in ("bbox", "zooms", "planned", "present", "missing")}
+    return Action(
+        name="preview",
+        version=f"preview {PREVIEW_VERSION}:"
+        + code_version("cachebuild.tiles.preview", "cachebuild.store.thumbs")
+        + ":"
+        + _dist_version("pillow"),
+        # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
+        inputs={"tiles.npy": build / "tiles.npy", "missing.npy": build / "missing.npy"},
+        values={
+            "size": DEFAULT_SIZE,
+            "tileset": drawn,
+            "flight": {k: record.get(k) for k in ("flight_id", "takeoff_origin", "waypoints")},
+            # the legend says the day it was drawn: a map drawn on another day is drawn again
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        },
+        engine_key=None,
+        outputs=OUTPUTS["preview"],
+        build=build,
+    )
+
+
+#: action name -> the function that describes it from the doit action's keyword arguments
+SPECS: dict[str, Callable[..., Action]] = {
+    "index": index_action,
+    "selftest": selftest_action,
+    "preview": preview_action,
+}
+
+
+def action_for(name: str, **kwargs: Any) -> Action:
+    """The :class:`Action` for ``name`` and an action's keyword arguments."""
+    return SPECS[name](Path(kwargs["build"]), **{k: v for k, v in kwargs.items() if k != "build"})
+
+
+def cached(
+    name: str, fn: Callable[..., None], context: Callable[[], Mapping[str, Any]]
+) -> Callable[..., None]:
+    """``fn`` (a :mod:`targets.actions` function) served from the action cache.
+
+    ``context()`` gives, when the action runs, the ``store`` (the local
+    store root, for actions without a ``store`` argument of their own),
+    ``shared`` (the ``STORE=s3://...`` URL or None) and ``action_cache``
+    (the report's dict: ``hits``, ``misses`` and ``from_bucket`` lists).
+    Without a store, or when an input cannot be read (the action then
+    raises its own error), the action just runs.
+    """
+
+    @functools.wraps(fn)
+    def run(**kwargs: Any) -> None:
+        ctx = context()
+        store = kwargs.get("store") or ctx.get("store")
+        if not store:
+            fn(**kwargs)
+            return
+        remote = None
+        if ctx.get("shared"):
+            from cachebuild.store.s3 import open_store
+
+            remote = open_store(str(ctx["shared"]))
+        cache = ActionCache(store, remote)
+        stats = ctx.get("action_cache")
+        try:
+            action = action_for(name, **kwargs)
+            key = action_key(action)
+        except (OSError, ValueError, KeyError, TypeError):  # an input missing or unreadable:
+            fn(**kwargs)  # the action itself says which, with its own remedy
+            return
+        from targets.actions import store_user
+
+        with store_user(str(store)):  # gc-store waits while the cache is read or written
+            if cache.lookup(action, key):
+                if stats is not None:
+                    stats.setdefault("hits", []).append(name)
+                    if cache.served_from == "bucket":
+                        stats.setdefault("from_bucket", []).append(name)
+                return
+        fn(**kwargs)
+        with store_user(str(store)):
+            cache.record(action, key)
+        if stats is not None:
+            stats.setdefault("misses", []).append(name)
+
+    return run

@@ -1,0 +1,465 @@
+"""The tiles phase: every planned tile, from the store or from the provider.
+
+1. List the planned tiles of the box at each zoom (lazily, in chunks).
+2. Tiles the store already holds for this provider are *reused*.
+3. The rest are fetched on a thread pool with a bounded number in flight,
+   each image put into the content-addressed store by its worker and
+   appended to this process's ref journal at once; which object served
+   which tile is committed to the store's database every :data:`REF_BATCH`
+   tiles (and every few seconds), so an interrupted run, even a SIGKILLed
+   one, keeps what it fetched.
+4. A tile the provider has no image for is *missing*; so is one the
+   no-data rule (:mod:`cachebuild.providers.nodata`) matches, which is not stored.
+5. Tiles that failed after retries fail the phase, after the others are
+   recorded.
+6. The tile set (:mod:`cachebuild.tiles.tileset`) is written.
+
+With ``STORE=s3://...`` (:mod:`cachebuild.store.s3`) step 2 also looks in
+the shared bucket, whose tiles are downloaded rather than fetched, and the
+tiles the bucket lacks are uploaded as the fetch goes and at its end.
+
+Progress goes to stderr: a live line on a terminal, one summary line
+otherwise.
+
+When the fetch ends early (an interrupt, a provider that gave up), a
+provider with a ``cancel()`` method (the XYZ provider) is told to stop the
+requests on the wire, so nothing waits for a slow server before the lock is
+released.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from cachebuild.errors import DownloadError, UsageError
+from cachebuild.tiles.grid import LngLatBbox, Tile
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from cachebuild.providers.nodata import NoDataRule
+    from cachebuild._util.progress import Progress
+    from cachebuild.providers import Provider
+    from cachebuild.store.s3 import S3Store, TileSync
+    from cachebuild.store.objects import RefJournal, TileStore
+
+__all__ = [
+    "REF_BATCH",
+    "REF_FLUSH_S",
+    "LOOKUP_BATCH",
+    "MAX_FAILURES",
+    "MISSING_EXAMPLES",
+    "fetch_tiles",
+    "fetch_with_provider",
+    "summary_line",
+]
+
+#: Refs are committed after this many fetched tiles...
+REF_BATCH = 500
+#: ...or this many seconds, whichever comes first (the journal covers the gap).
+REF_FLUSH_S = 5.0
+#: Planned tiles looked up in the store at a time.
+LOOKUP_BATCH = 20_000
+#: Stop asking for more tiles after this many have failed: the provider is
+#: down or refusing, and the operator learns it sooner.
+MAX_FAILURES = 100
+#: How many missing tiles the summary names.
+MISSING_EXAMPLES = 10
+
+
+def _name(t: Tile) -> str:
+    return f"{t.z}/{t.x}/{t.y}"
+
+
+def _chunks(items: Iterable[Tile], n: int) -> Iterator[list[Tile]]:
+    chunk: list[Tile] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+class _Outcome(NamedTuple):
+    """What a worker found for one tile."""
+
+    tile: Tile
+    digest: str | None  # None: the provider has no image for it
+    blank: bool  # the no-data rule matched: missing, not stored
+    reused: bool  # a stored object checked against the rule, not fetched
+
+
+def _work(
+    provider: Provider, store: TileStore, journal: RefJournal, rule: NoDataRule, t: Tile, known: str | None
+) -> _Outcome:
+    """Fetch ``t`` and store it; or, with ``known``, check a stored object against the rule."""
+    if known is not None:
+        return _Outcome(t, known, rule.matches(store.get(known), known), True)
+    data = provider.fetch(t)
+    if data is None:
+        return _Outcome(t, None, False, False)
+    from cachebuild.store.objects import sha256_hex
+
+    digest = sha256_hex(data)
+    if rule.active and rule.matches(data, digest):
+        return _Outcome(t, digest, True, False)
+    # journal first: a replay keeps only refs whose object is there, so a kill
+    # between the two never leaves a stored object without its ref (refetched)
+    journal.append((t.z, t.x, t.y), digest)
+    store.put(data)
+    return _Outcome(t, digest, False, False)
+
+
+def summary_line(counts: Mapping[str, int], seconds: float) -> str:
+    """The one line the tiles phase prints when stderr is not a terminal.
+
+    >>> summary_line({"planned": 10, "fetched": 8, "reused": 1, "missing": 1, "retries": 2}, 2.0)
+    'tiles: 10 planned, 8 fetched, 1 reused, 1 missing, 2 retries, 2.0 s, 4 tiles/s'
+    """
+    c = counts
+    text = (
+        f"tiles: {c['planned']} planned, {c['fetched']} fetched, {c['reused']} reused, {c['missing']} missing"
+    )
+    if c.get("nodata"):
+        text += f" ({c['nodata']} no data)"
+    if c.get("failed"):
+        text += f", {c['failed']} failed"
+    rate = c["fetched"] / seconds if seconds > 0 else 0.0
+    return text + f", {c.get('retries', 0)} retries, {seconds:.1f} s, {rate:,.0f} tiles/s"
+
+
+class _Run:
+    """The counts and pending refs of one fetch; used from the main thread only."""
+
+    def __init__(
+        self, provider: Provider, store: TileStore, bar: Progress, rule: NoDataRule, sync: TileSync | None = None
+    ):
+        from cachebuild.providers.nodata import UNIFORM_CHECK
+
+        self.provider = provider
+        self.store = store
+        self.sync = sync  # STORE=s3://...: the bucket's refs and objects
+        self.bar = bar
+        self.rule = rule
+        self.check = UNIFORM_CHECK
+        self.present: list[tuple[int, bytes]] = []
+        self.missing: list[int] = []
+        self.planned = 0
+        self.fetched = 0
+        self.reused = 0
+        self.nodata = 0
+        self.failed = 0
+        self.first_failure: tuple[int, str] | None = None
+        self._refs: list[tuple[tuple[int, int, int], str]] = []
+        self._verdicts: list[tuple[str, bool]] = []
+        self._flushed_at = time.monotonic()
+
+    @property
+    def retries(self) -> int:
+        return int(getattr(self.provider, "retries", 0))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "planned": self.planned,
+            "fetched": self.fetched,
+            "reused": self.reused,
+            "missing": len(self.missing),
+            "nodata": self.nodata,
+            "failed": self.failed,
+            "retries": self.retries,
+        }
+
+    def _blank(self, t: Tile) -> None:
+        from cachebuild.tiles.grid import tile_id
+
+        self.missing.append(tile_id(t))
+        self.nodata += 1
+
+    def to_do(self, planned: Iterable[Tile]) -> Iterator[tuple[Tile, str | None]]:
+        """Work for the pool: ``(tile, None)`` to fetch, ``(tile, digest)`` to check.
+
+        Stored tiles that need no check are counted as reused here.
+        """
+        from cachebuild.tiles.grid import tile_id
+
+        for chunk in _chunks(planned, LOOKUP_BATCH):
+            self.planned += len(chunk)
+            zxy = [(t.z, t.x, t.y) for t in chunk]
+            known = self.store.lookup_refs(self.provider.identity, zxy)
+            if self.sync is not None:  # what another machine fetched: from the bucket, not the provider
+                known.update(self.sync.pull(zxy, known))
+            verdicts: dict[str, bool] = {}
+            if self.rule.uniform:
+                verdicts = self.store.lookup_checks(self.check, set(known.values()))
+            todo: list[tuple[Tile, str | None]] = []
+            done = 0
+            for t in chunk:
+                digest = known.get((t.z, t.x, t.y))
+                if digest is None:
+                    todo.append((t, None))
+                    continue
+                if digest in self.rule.sha256 or verdicts.get(digest) is True:
+                    self._blank(t)
+                elif self.rule.uniform and digest not in verdicts:
+                    todo.append((t, digest))
+                    continue
+                else:
+                    self.present.append((tile_id(t), bytes.fromhex(digest)))
+                    self.reused += 1
+                done += 1
+            self.bar.advance(done)
+            yield from todo
+
+    def done(self, future: Future[_Outcome]) -> None:
+        """Account for one finished piece of work; re-raises what is not a tile failure."""
+        from cachebuild.providers import TileFetchError
+        from cachebuild.tiles.grid import tile_id
+
+        exc = future.exception()
+        if isinstance(exc, TileFetchError):
+            self.failed += 1
+            tid = tile_id(exc.tile)
+            if self.first_failure is None or tid < self.first_failure[0]:
+                self.first_failure = (tid, exc.message)
+        elif exc is not None:
+            raise exc
+        else:
+            t, digest, blank, reused = future.result()
+            if digest is not None and self.rule.uniform:
+                self._verdicts.append((digest, blank))
+            if digest is None or blank:
+                if blank:
+                    self._blank(t)
+                else:
+                    self.missing.append(tile_id(t))
+            else:
+                self.present.append((tile_id(t), bytes.fromhex(digest)))
+                if reused:
+                    self.reused += 1
+                else:
+                    self._refs.append(((t.z, t.x, t.y), digest))
+                    self.fetched += 1
+                    if self.sync is not None:
+                        self.sync.fetched((t.z, t.x, t.y), digest)
+            if (
+                len(self._refs) + len(self._verdicts) >= REF_BATCH
+                or time.monotonic() - self._flushed_at >= REF_FLUSH_S
+            ):
+                self.flush()
+        self.bar.count("retries", self.retries)
+        self.bar.advance(1)
+
+    def flush(self) -> None:
+        if self._refs:
+            self.store.record_refs(self.provider.identity, self._refs)
+            self._refs = []
+        if self._verdicts:
+            self.store.record_checks(self.check, self._verdicts)
+            self._verdicts = []
+        self._flushed_at = time.monotonic()
+
+
+def fetch_with_provider(
+    provider: Provider,
+    *,
+    bbox: LngLatBbox,
+    zooms: Sequence[int],
+    store_root: Path,
+    out_dir: Path,
+    concurrency: int = 8,
+    progress: bool = True,
+    nodata: NoDataRule | None = None,
+    shared: S3Store | None = None,
+) -> dict[str, Any]:
+    """:func:`fetch_tiles` with an open provider (left open).
+
+    Raises
+    ------
+    DownloadError
+        When tiles failed after retries (the fetched ones are kept), or the
+        provider refused the credentials.
+    UsageError
+        When ``concurrency`` is below 1.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    import numpy as np
+
+    from cachebuild.providers.nodata import NoDataRule
+    from cachebuild._util.progress import Progress
+    from cachebuild.store.objects import TileStore
+    from cachebuild.tiles.grid import count_tiles, tile_from_id, tiles
+    from cachebuild.tiles.tileset import tile_dtype, write_tileset
+
+    if concurrency < 1:
+        raise UsageError(f"CONCURRENCY={concurrency} must be at least 1")
+    rule = nodata or NoDataRule()
+    zooms = sorted({int(z) for z in zooms})
+    planned = tiles(bbox, zooms)
+    total = count_tiles(bbox, zooms)
+    workers = max(1, min(concurrency, provider.concurrency))
+    in_flight_max = 2 * workers
+    started = time.monotonic()
+
+    with (
+        TileStore(store_root) as store,
+        Progress("tiles", total, stream=sys.stderr if progress else None) as bar,
+    ):
+        store.clean_tmp()
+        store.replay_journals()
+        journal = store.open_journal(provider.identity)
+        sync = None
+        if shared is not None:
+            from cachebuild.store.s3 import TileSync
+
+            sync = TileSync(shared, store, provider.identity)
+        run = _Run(provider, store, bar, rule, sync)
+        todo = run.to_do(planned)
+        pending: set[Future[_Outcome]] = set()
+        finished: list[Future[_Outcome]] = []
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="cachebuild-fetch") as pool:
+                try:
+                    exhausted = False
+                    while True:
+                        while not exhausted and len(pending) < in_flight_max and run.failed < MAX_FAILURES:
+                            item = next(todo, None)
+                            if item is None:
+                                exhausted = True
+                            else:
+                                pending.add(pool.submit(_work, provider, store, journal, rule, *item))
+                        if not pending:
+                            break
+                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                        finished.extend(done)
+                        while finished:
+                            run.done(finished.pop())
+                        if sync is not None and sync.due():
+                            run.flush()
+                            sync.push()
+                finally:
+                    # interrupted or failed: keep the tiles that were fetched,
+                    # drop the requests that had not started, and stop the
+                    # ones on the wire (a dripping server must not hold the lock)
+                    if pending and callable(cancel := getattr(provider, "cancel", None)):
+                        cancel()
+                    for future in pending:
+                        future.cancel()
+                    wait(pending)
+                    for future in [*finished, *pending]:
+                        if not future.cancelled() and future.exception() is None:
+                            run.done(future)
+                    run.flush()
+                    journal.close()  # every ref is committed (else the next fetch replays it)
+        finally:
+            bar.summary(summary_line(counts := run.counts(), time.monotonic() - started), counts)
+        if sync is not None:
+            sync.push()  # objects, then refs: another machine finds these tiles in the bucket
+
+    if run.failed:
+        assert run.first_failure is not None
+        stopped = " (stopped early)" if run.failed >= MAX_FAILURES else ""
+        # the example's message starts "tile z/x/y: ..."
+        raise DownloadError(
+            f"{run.failed} tile(s) could not be fetched{stopped}; e.g. {run.first_failure[1]}"
+        )
+
+    missing = sorted(run.missing)
+    summary: dict[str, Any] = {
+        "fetched": run.fetched,
+        "reused": run.reused,
+        "zooms": zooms,
+        "bbox": [float(v) for v in bbox],
+        "provider": provider.identity,
+        "missing_examples": [_name(tile_from_id(i)) for i in missing[:MISSING_EXAMPLES]],
+    }
+    if rule.active:
+        summary["nodata"] = run.nodata
+        summary["nodata_rule"] = rule.as_value()
+    present = np.array(run.present, dtype=tile_dtype())
+    return write_tileset(Path(out_dir), present, np.array(missing, dtype="<i8"), summary)
+
+
+def fetch_tiles(
+    *,
+    bbox: LngLatBbox,
+    zooms: Sequence[int],
+    provider_spec: str,
+    store_root: Path,
+    out_dir: Path,
+    env: Mapping[str, str],
+    concurrency: int = 8,
+    progress: bool = True,
+    shared: S3Store | None = None,
+) -> dict[str, Any]:
+    """Fetch every tile of ``bbox`` at ``zooms`` into the store; write the tile set.
+
+    Parameters
+    ----------
+    bbox
+        The area; ``west > east`` crosses the antimeridian.
+    zooms
+        Zoom levels.
+    provider_spec
+        ``PROVIDER``: see :func:`cachebuild.providers.open_provider`.
+    store_root
+        The content-addressed tile store.
+    out_dir
+        Where ``tiles.npy``, ``missing.npy`` and ``tileset.json`` go.
+    env
+        The environment: the API key and headers, the HTTP settings
+        (see :func:`cachebuild.providers.open_provider`), and ``NODATA``
+        and ``NODATA_SHA256`` (:class:`cachebuild.providers.nodata.NoDataRule`).
+    concurrency
+        Requests in flight at most.
+    progress
+        Draw a progress line on stderr (when it is a terminal).
+    shared
+        ``STORE=s3://...``: the bucket shared with other machines; tiles it
+        has are downloaded instead of fetched, and the ones it lacks are
+        uploaded (:class:`cachebuild.store.s3.TileSync`).  ``store_root`` is
+        then the local read-through copy.
+
+    Returns
+    -------
+    dict
+        The tile set summary as written: ``planned``, ``present``,
+        ``missing``, ``fetched``, ``reused``, ``zooms``, ``bbox``,
+        ``provider``, ``missing_examples``, ``aggregate_sha256``; with a
+        no-data rule also ``nodata`` (how many of the missing are no-data
+        tiles) and ``nodata_rule``.
+
+    Raises
+    ------
+    UsageError
+        For a bad provider spec (before any request).
+    DownloadError
+        When tiles failed after retries, naming how many and one of them;
+        every tile fetched before is kept in the store.  Or when the shared
+        bucket failed, naming its URL (never credentials).
+    """
+    from cachebuild.providers.nodata import NoDataRule
+    from cachebuild.providers import open_provider
+
+    rule = NoDataRule.from_env(env)
+    provider = open_provider(provider_spec, env=env)
+    try:
+        return fetch_with_provider(
+            provider,
+            bbox=bbox,
+            zooms=zooms,
+            store_root=store_root,
+            out_dir=out_dir,
+            concurrency=concurrency,
+            progress=progress,
+            nodata=rule,
+            shared=shared,
+        )
+    finally:
+        provider.close()

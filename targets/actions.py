@@ -1,0 +1,399 @@
+"""The functions doit actions call: one per artifact, plus failure recording.
+
+Each action runs the library function for its phase.  A
+:class:`~cachebuild.errors.CacheBuildError` is recorded (so the wrapper can
+map it to the phase's exit code and message) and the action returns False,
+which doit treats as a task failure.  Actions refuse to run unless the
+wrapper holds the cache lock: running a task straight from ``doit <task>``
+would bypass it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from cachebuild.errors import BuildError, CacheBuildError, UsageError
+
+__all__ = [
+    "ACTIVE",
+    "FAILURES",
+    "phase_action",
+    "write_flight",
+    "write_model",
+    "fetch",
+    "write_tiles_mbtiles",
+    "build_engine",
+    "describe",
+    "index",
+    "selftest",
+    "preview",
+    "manifest",
+    "store_user",
+    "CACHE_ARTIFACTS",
+    "cache_artifacts",
+]
+
+#: Set by the wrapper while it holds the lock (same process: doit runs
+#: python-actions in-process).
+ACTIVE: dict[str, Any] = {"locked": False}
+#: Failures recorded by actions in this process, newest last.
+FAILURES: list[CacheBuildError] = []
+
+#: Files of a published cache, relative to the build directory; the manifest
+#: lists each with its hash, plus the manifest and signer key themselves.
+#: ``{engine}`` is the backend's engine file (engine.onnx for ONNX Runtime).
+CACHE_ARTIFACTS = (
+    "flight.json",
+    "tileset.json",
+    "tiles.npy",
+    "missing.npy",
+    "tiles.mbtiles",
+    "engine/engine.json",
+    "engine/{engine}",
+    "descriptors.npy",
+    "descriptor_ids.npy",
+    "index.faiss",
+    "index.json",
+    "selftest.json",
+    "preview.png",
+)
+
+
+def cache_artifacts(engine_file: str) -> list[str]:
+    """:data:`CACHE_ARTIFACTS` with the backend's engine file name filled in."""
+    return [a.format(engine=engine_file) for a in CACHE_ARTIFACTS]
+
+
+def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
+    """Wrap ``fn`` as a doit python-action for ``phase``."""
+
+    def action(**kwargs: Any) -> bool:
+        if not ACTIVE["locked"]:
+            FAILURES.append(
+                UsageError(
+                    f"task '{phase}' must run through `doit build-cache`, which holds the cache lock",
+                    phase=phase,
+                )
+            )
+            sys.stderr.write(f"ERROR: {FAILURES[-1]}\n")
+            return False
+        try:
+            fn(**kwargs)
+        except CacheBuildError as exc:
+            if exc.phase in ("build",):
+                exc.phase = phase
+            FAILURES.append(exc)
+            return False
+        except Exception as exc:  # a bug, or a library error not translated yet
+            from cachebuild._util.diskspace import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):  # ENOSPC, EDQUOT, SQLITE_FULL: exit 24, not a bug
+                FAILURES.append(disk_full_error(exc, phase))
+                return False
+            detail = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+            err = BuildError(f"{phase} failed: {detail}", phase=phase)
+            err.__cause__ = exc
+            err.traceback = traceback.format_exc()  # type: ignore[attr-defined]
+            FAILURES.append(err)
+            return False
+        return True
+
+    action.__name__ = f"{phase}_action"
+    action.__qualname__ = action.__name__
+    return action
+
+
+@contextmanager
+def store_user(store: str, cache_dir: str | None = None) -> Iterator[None]:
+    """Hold the store's shared lock (gc-store waits) and register the cache with it.
+
+    Every action that reads or writes the store runs inside this, so
+    ``doit gc-store`` never removes what a running build is using, and
+    knows every cache directory that uses the store.
+    """
+    from cachebuild.store.lock import StoreLock, register_cache
+
+    with StoreLock(store, exclusive=False):
+        if cache_dir is not None:
+            register_cache(store, cache_dir)
+        yield
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    from cachebuild.tiles.tileset import atomic_write_bytes
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+def write_flight(*, path: str, record: dict[str, Any]) -> None:
+    _atomic_json(Path(path), record)
+
+
+def write_model(*, path: str) -> None:
+    from cachebuild.engine.model import write_default_model
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_default_model(Path(path))
+
+
+def fetch(
+    *,
+    bbox: list[float],
+    zooms: list[int],
+    provider: str,
+    store: str,
+    out_dir: str,
+    concurrency: int,
+    http: dict[str, str],
+    nodata: dict[str, str] | None = None,
+    cache_dir: str | None = None,
+    shared: str | None = None,
+) -> None:
+    """The tiles phase; ``shared`` is ``STORE=s3://...`` (``store`` is then its local copy)."""
+    import os
+
+    from cachebuild.tiles.fetch import fetch_tiles
+    from cachebuild.tiles.grid import LngLatBbox
+
+    remote = None
+    if shared:
+        from cachebuild.store.s3 import open_store
+
+        remote = open_store(shared)
+    with store_user(store, cache_dir):
+        fetch_tiles(
+            bbox=LngLatBbox(*bbox),
+            zooms=zooms,
+            provider_spec=provider,
+            store_root=Path(store),
+            out_dir=Path(out_dir),
+            # secrets (API key, headers) come from the environment, never through doit
+            env={**os.environ, **http, **(nodata or {})},
+            concurrency=concurrency,
+            shared=remote,
+        )
+
+
+def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
+    """tiles.mbtiles: the last build's file updated where it can be; its hash remembered for the manifest."""
+    from cachebuild.release.manifest import HASH_CACHE_NAME
+    from cachebuild.tiles.mbtiles import write_mbtiles
+    from cachebuild.tiles.grid import LngLatBbox
+
+    with store_user(store):
+        write_mbtiles(
+            tileset_dir=Path(build),
+            store_root=Path(store),
+            out_path=Path(build) / "tiles.mbtiles",
+            name="cachebuild tiles",
+            bbox=LngLatBbox(*bbox),
+            zooms=zooms,
+            hash_cache=Path(build) / HASH_CACHE_NAME,
+        )
+
+
+def build_engine(
+    *,
+    model: str,
+    calibration: str | None,
+    precision: str,
+    backend: str,
+    out_dir: str,
+    workspace: int | None = None,
+    timing_cache_dir: str | None = None,
+) -> None:
+    from cachebuild.engine.compile import compile_engine
+
+    compile_engine(
+        model_path=Path(model),
+        calibration_path=Path(calibration) if calibration else None,
+        precision=precision,
+        backend=backend,
+        out_dir=Path(out_dir),
+        workspace=workspace,
+        timing_cache_dir=timing_cache_dir,
+    )
+
+
+def describe(
+    *,
+    build: str,
+    store: str,
+    batch: int,
+    threads: int | None,
+    cache_dir: str | None = None,
+    shared: str | None = None,
+    dask_scheduler: str | None = None,
+) -> None:
+    """Describe the tiles the descriptor store lacks; write the descriptors and describe.json.
+
+    With ``dask_scheduler`` (``DASK_SCHEDULER``) the engine runs on that Dask
+    cluster; this process still writes every descriptor (docs/scale.md).
+
+    With ``shared`` (``STORE=s3://...``) the descriptors the bucket has are
+    imported first and the ones it lacks uploaded after.
+    """
+    from cachebuild.localize.describe import DESCRIBE_SUMMARY, describe_tiles
+
+    remote = None
+    if shared:
+        from cachebuild.store.s3desc import pull_descriptors, push_descriptors
+        from cachebuild.store.s3 import open_store
+
+        remote = open_store(shared)
+    from contextlib import nullcontext
+
+    workers_read: Any = nullcontext()
+    if remote is not None and dask_scheduler is not None:  # tcp:// workers read tiles from the bucket
+        from cachebuild.localize.daskexec import workers_read_bucket
+        from cachebuild.tiles.tileset import read_summary
+
+        workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
+    with store_user(store, cache_dir), workers_read:
+        have = pull_descriptors(remote, Path(store), Path(build)) if remote is not None else None
+        result = describe_tiles(
+            tileset_dir=Path(build),
+            store_root=Path(store),
+            engine_dir=Path(build) / "engine",
+            out_dir=Path(build),
+            batch_size=batch,
+            threads=threads,
+            reuse=True,
+            dask_scheduler=dask_scheduler,
+        )
+        if remote is not None and have is not None:
+            push_descriptors(remote, Path(store), Path(build), have)
+    result["seconds"] = round(result["seconds"], 3)
+    for key in ("tiles_per_s", "computed_per_s"):
+        result[key] = round(result[key], 1)
+    _atomic_json(Path(build) / DESCRIBE_SUMMARY, result)
+
+
+def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The action served from the action cache (cachebuild.store.actioncache, docs/scale.md) when its
+    inputs' hashes match an earlier run's; ACTIVE carries the store, the bucket URL and the
+    report's hits and misses, set by the wrapper."""
+
+    def wrap(fn: Callable[..., None]) -> Callable[..., None]:
+        from cachebuild.store.actioncache import cached
+
+        return cached(name, fn, lambda: ACTIVE)
+
+    return wrap
+
+
+@_action_cached("index")
+def index(*, build: str, kind: str = "auto") -> None:
+    """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
+    from cachebuild.engine.compile import read_engine_json
+    from cachebuild.localize.index import build_index
+
+    b = Path(build)
+    info = build_index(
+        descriptors_dir=b,
+        out_path=b / "index.faiss",
+        kind=kind,
+        reuse=True,
+        engine_key=read_engine_json(b / "engine").get("key"),
+    )
+    _atomic_json(b / "index.json", info)
+
+
+@_action_cached("selftest")
+def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:
+    """The localisation self-test over the staged cache (selftest.json)."""
+    from cachebuild.localize.selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
+
+    b = Path(build)
+    with store_user(store):
+        result = run_selftest(
+            build_dir=b,
+            store_root=Path(store),
+            engine_dir=b / "engine",
+            index_path=b / "index.faiss",
+            queries=queries,
+            threads=threads,
+            frames_file=b / FRAMES_FILE,  # frames the last build described are not described again
+        )
+    write_selftest(b / SELFTEST_FILE, result)
+
+
+@_action_cached("preview")
+def preview(*, build: str, store: str) -> None:
+    """The coverage map of the staged cache (preview.png), thumbnails kept in the store."""
+    from cachebuild.tiles.preview import render_preview
+
+    b = Path(build)
+    with store_user(store):
+        render_preview(b, b / "preview.png", store=Path(store), cells_dir=b)
+
+
+def _previous_version(current: Path) -> int:
+    """The highest version this cache published or accepted (cachebuild.release.rollback): the next is above it."""
+    from cachebuild.release.rollback import highest_accepted
+
+    accepted = highest_accepted(current.parent, tolerant=True)  # current = CACHE_DIR/current
+    try:
+        env = json.loads((current / "manifest.json").read_text())
+        return max(int(env["signed"]["version"]), accepted)
+    except (OSError, ValueError, KeyError, TypeError):
+        return accepted
+
+
+def manifest(*, build: str, current: str, key: str, expires_days: float, artifacts: list[str]) -> None:
+    """Sign the manifest over every artifact of the staged cache."""
+    import numpy as np
+
+    from cachebuild.release.manifest import HASH_CACHE_NAME, build_identity, write_manifest
+    from cachebuild.release.signing import load_private_key
+    from cachebuild.tiles.tileset import read_summary
+
+    b = Path(build)
+    record = json.loads((b / "flight.json").read_text())
+    summary = read_summary(b)
+    engine = json.loads((b / "engine" / "engine.json").read_text())
+    index_info = json.loads((b / "index.json").read_text())
+    selftest_info = json.loads((b / "selftest.json").read_text())
+    n_desc = int(np.load(b / "descriptor_ids.npy", mmap_mode="r").shape[0])
+    build_id, identity = build_identity(
+        bbox=summary["bbox"],
+        zooms=summary["zooms"],
+        takeoff_origin=record["takeoff_origin"],
+        flight_id=record["flight_id"],
+        calibration_sha256=engine.get("calibration_sha256"),
+        tiles_sha256=summary["aggregate_sha256"],
+        engine_key=engine["key"],
+    )
+    info = {
+        "tiles": {k: summary[k] for k in ("planned", "present", "missing")},
+        "missing_examples": summary.get("missing_examples", []),
+        "provider": summary["provider"],
+        "descriptors": n_desc,
+        "engine": {k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")},
+        "index": {k: v for k, v in index_info.items() if k != "seconds"},
+        # None when no frame could be made (no tile with all eight neighbours, or
+        # SELFTEST_QUERIES=0): selftest.json, in the cache, says why
+        "selftest": selftest_info if selftest_info.get("queries") else None,
+    }
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    write_manifest(
+        cache_dir=b,
+        artifacts=artifacts,
+        identity=identity,
+        build_id=build_id,
+        info=info,
+        key=load_private_key(Path(key)),
+        version=_previous_version(Path(current)) + 1,
+        expires_at=now + timedelta(days=expires_days),
+        hash_cache=b / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
+        check_produced=True,  # sign only what the build's tasks wrote (cachebuild.release.produced)
+    )
+
