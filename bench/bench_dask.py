@@ -95,7 +95,7 @@ def fill_bucket(bucket: str, tileset: Path, store: Path, identity: str) -> str:
     from collections import defaultdict
 
     from cachebuild.store.s3 import CELL_SHIFT, StoreURL, _cell_part, _encode_pack, open_store
-    from cachebuild.tiles.tileset import hex_digests, read_tiles
+    from cachebuild.tileset import hex_digests, read_tiles
 
     url = StoreURL(bucket, "bench")
     remote = open_store(str(url))

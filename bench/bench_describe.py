@@ -40,7 +40,7 @@ from cachebuild.localize.describe import DESCRIPTORS_FILE, default_decode_thread
 from cachebuild.engine.compile import compile_engine
 from cachebuild.engine.model import write_default_model
 from cachebuild.store.objects import TileStore
-from cachebuild.tiles.tileset import tile_dtype, write_tileset
+from cachebuild.tileset import tile_dtype, write_tileset
 
 
 def make_jpeg(rng: np.random.Generator) -> bytes:

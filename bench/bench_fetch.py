@@ -48,7 +48,7 @@ def serve(latency_s: float, share_429: float, retry_after: str) -> None:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     from cachebuild.providers.synthetic import synthetic_tile_bytes
-    from cachebuild.tiles.grid import Tile
+    from cachebuild.tilemath import Tile
 
     bases = [synthetic_tile_bytes(Tile(68600 + i, 45900, 17)) for i in range(16)]
     attempts: Counter[str] = Counter()
@@ -143,7 +143,7 @@ class ServerProcess:
 
 def area_of(n_tiles: int) -> Any:
     """A square box over Zürich of about ``n_tiles`` z17 tiles."""
-    from cachebuild.tiles.grid import LngLatBbox, count_tiles
+    from cachebuild.tilemath import LngLatBbox, count_tiles
 
     side = math.ceil(math.sqrt(n_tiles))
     w, n = 8.45, 47.45
@@ -156,7 +156,7 @@ def area_of(n_tiles: int) -> Any:
 def naive(server: ServerProcess, wanted: list[Any], out: Path, *, pooled: bool = False) -> dict[str, Any]:
     import httpx
 
-    from cachebuild.providers import check_image
+    from cachebuild.providers.base import check_image
 
     out.mkdir(parents=True, exist_ok=True)
     got = retries = 0
@@ -218,7 +218,7 @@ def main() -> None:
     ap.add_argument("--retry-after", default="1")
     ap.add_argument("--concurrency", default="8,32")
     args = ap.parse_args()
-    from cachebuild.tiles.grid import tiles
+    from cachebuild.tilemath import tiles
 
     box, n = area_of(args.tiles)
     wanted = list(tiles(box, [17]))

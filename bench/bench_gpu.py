@@ -47,12 +47,14 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_describe import make_jpeg  # noqa: E402
 
-from cachebuild.localize.describe import _decode_batch, default_decode_threads, describe_tiles  # noqa: E402
-from cachebuild.engine.compile import compile_engine, load_engine, read_engine_json  # noqa: E402
+from cachebuild.localize.decode import decode_batch as _decode_batch, default_decode_threads
+from cachebuild.localize.describe import describe_tiles  # noqa: E402
+from cachebuild.engine.compile import compile_engine, load_engine
+from cachebuild.engine.interface import read_engine_json  # noqa: E402
 from cachebuild.localize.index import build_index  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
 from cachebuild.store.objects import TileStore  # noqa: E402
-from cachebuild.tiles.tileset import tile_dtype, write_tileset  # noqa: E402
+from cachebuild.tileset import tile_dtype, write_tileset  # noqa: E402
 
 
 def build_world(root: Path, n: int, distinct: int) -> tuple[Path, Path, list[Path], float]:

@@ -54,8 +54,8 @@ from cachebuild.engine.compile import compile_engine  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
 from cachebuild.tiles.preview import _geometry, render_preview  # noqa: E402
 from cachebuild.store.objects import TileStore  # noqa: E402
-from cachebuild.tiles.grid import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
-from cachebuild.tiles.tileset import tile_dtype  # noqa: E402
+from cachebuild.tilemath import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
+from cachebuild.tileset import tile_dtype  # noqa: E402
 
 
 def make_cache(root: Path, n: int) -> tuple[LngLatBbox, int]:
@@ -115,7 +115,7 @@ def naive(root: Path, bbox: LngLatBbox) -> None:
 
 def thumb_cost(root: Path, k: int = 2000) -> float:
     """CPU seconds of :func:`thumbnail_of` per tile, on the Pillow images describe decodes (best of 3)."""
-    from cachebuild.localize.describe import _decode_image
+    from cachebuild.localize.decode import _decode_image
     from cachebuild.store.thumbs import thumbnail_of
 
     conn = sqlite3.connect(root / "tiles.mbtiles")

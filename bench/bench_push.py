@@ -78,7 +78,8 @@ def _push_once(sshd: Any, root: str, build: Path, store: Path) -> tuple[float, d
     """connect + probe + push, as build-cache does; seconds and what was sent."""
     from cachebuild.companion.push import plan_push, push
     from cachebuild.companion.remote import call_agent, start_agent
-    from cachebuild.companion.ssh import SshOptions, connect, parse_companion
+    from cachebuild.companion.ssh import SshOptions, connect
+    from cachebuild.inputs.companion import parse_companion
 
     cmd = f"{shlex.quote(sys.executable)} -m doit"
     t = time.perf_counter()
@@ -103,7 +104,8 @@ def _push_once(sshd: Any, root: str, build: Path, store: Path) -> tuple[float, d
 
 def _naive_once(sshd: Any, root: Path, store: Path) -> float:
     """One SFTP file per object (temp name + rename), no probe: the cost packs avoid."""
-    from cachebuild.companion.ssh import SshOptions, connect, parse_companion
+    from cachebuild.companion.ssh import SshOptions, connect
+    from cachebuild.inputs.companion import parse_companion
 
     objects = sorted(p for p in (store / "objects").glob("*/*"))
     t = time.perf_counter()

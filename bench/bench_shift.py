@@ -80,8 +80,8 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
     from cachebuild.tiles.mbtiles import write_mbtiles
     from cachebuild.store.objects import TileStore
     from cachebuild.providers.synthetic import synthetic_tile_bytes
-    from cachebuild.tiles.grid import LngLatBbox, Tile, tile_id
-    from cachebuild.tiles.tileset import write_tileset
+    from cachebuild.tilemath import LngLatBbox, Tile, tile_id
+    from cachebuild.tileset import write_tileset
 
     side = round(math.sqrt(n))
     cols = max(1, round(shift * side))

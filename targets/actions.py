@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
+from cachebuild.store.lock import store_user
+from targets.cached import cached
 
 __all__ = [
     "ACTIVE",
@@ -110,27 +112,13 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
     return action
 
 
-@contextmanager
-def store_user(store: str, cache_dir: str | None = None) -> Iterator[None]:
-    """Hold the store's shared lock (gc-store waits) and register the cache with it.
-
-    Every action that reads or writes the store runs inside this, so
-    ``doit gc-store`` never removes what a running build is using, and
-    knows every cache directory that uses the store.
-    """
-    from cachebuild.store.lock import StoreLock, register_cache
-
-    with StoreLock(store, exclusive=False):
-        if cache_dir is not None:
-            register_cache(store, cache_dir)
-        yield
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    from cachebuild.tiles.tileset import atomic_write_bytes
+    from cachebuild._util.fs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), durable=False)
 
 
 def write_flight(*, path: str, record: dict[str, Any]) -> None:
@@ -161,7 +149,7 @@ def fetch(
     import os
 
     from cachebuild.tiles.fetch import fetch_tiles
-    from cachebuild.tiles.grid import LngLatBbox
+    from cachebuild.tilemath import LngLatBbox
 
     remote = None
     if shared:
@@ -184,9 +172,9 @@ def fetch(
 
 def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
     """tiles.mbtiles: the last build's file updated where it can be; its hash remembered for the manifest."""
-    from cachebuild.release.manifest import HASH_CACHE_NAME
+    from cachebuild._util.statcache import HASH_CACHE_NAME
     from cachebuild.tiles.mbtiles import write_mbtiles
-    from cachebuild.tiles.grid import LngLatBbox
+    from cachebuild.tilemath import LngLatBbox
 
     with store_user(store):
         write_mbtiles(
@@ -245,7 +233,7 @@ def describe(
 
     remote = None
     if shared:
-        from cachebuild.store.s3desc import pull_descriptors, push_descriptors
+        from cachebuild.localize.s3desc import pull_descriptors, push_descriptors
         from cachebuild.store.s3 import open_store
 
         remote = open_store(shared)
@@ -254,7 +242,7 @@ def describe(
     workers_read: Any = nullcontext()
     if remote is not None and dask_scheduler is not None:  # tcp:// workers read tiles from the bucket
         from cachebuild.localize.daskexec import workers_read_bucket
-        from cachebuild.tiles.tileset import read_summary
+        from cachebuild.tileset import read_summary
 
         workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
     with store_user(store, cache_dir), workers_read:
@@ -283,7 +271,6 @@ def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., N
     report's hits and misses, set by the wrapper."""
 
     def wrap(fn: Callable[..., None]) -> Callable[..., None]:
-        from cachebuild.store.actioncache import cached
 
         return cached(name, fn, lambda: ACTIVE)
 
@@ -293,7 +280,7 @@ def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., N
 @_action_cached("index")
 def index(*, build: str, kind: str = "auto") -> None:
     """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
-    from cachebuild.engine.compile import read_engine_json
+    from cachebuild.engine.interface import read_engine_json
     from cachebuild.localize.index import build_index
 
     b = Path(build)
@@ -352,9 +339,10 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
-    from cachebuild.release.manifest import HASH_CACHE_NAME, build_identity, write_manifest
+    from cachebuild._util.statcache import HASH_CACHE_NAME
+    from cachebuild.release.manifest import build_identity, write_manifest
     from cachebuild.release.signing import load_private_key
-    from cachebuild.tiles.tileset import read_summary
+    from cachebuild.tileset import read_summary
 
     b = Path(build)
     record = json.loads((b / "flight.json").read_text())

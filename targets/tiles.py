@@ -14,7 +14,7 @@ def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
     def check() -> bool:
         if not retry_missing:
             return True
-        from cachebuild.tiles.tileset import read_summary
+        from cachebuild.tileset import read_summary
         from pathlib import Path
 
         try:

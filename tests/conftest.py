@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests import tileserver
 
 REPO = Path(__file__).resolve().parent.parent

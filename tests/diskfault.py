@@ -64,7 +64,8 @@ class DiskFault:
         f = sys._getframe(2)
         while f is not None:
             name = f.f_code.co_filename
-            if any(part in name for part in _OURS) and not name.endswith("diskfault.py"):
+            # the one atomic writer (_util/fs.py) is a helper: the site is its caller
+            if any(part in name for part in _OURS) and not name.endswith(("diskfault.py", f"_util{os.sep}fs.py")):
                 # the path from the package root on: cachebuild/store/objects.py
                 start = max(name.rfind(part) for part in _OURS)
                 rel = name[start + 1 :].replace(os.sep, "/")

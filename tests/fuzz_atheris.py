@@ -24,8 +24,8 @@ with atheris.instrument_imports():
     from cachebuild.inputs.flight import flight_area, flight_from_record, parse_flight
     from cachebuild.providers.base import PLACEHOLDERS, fill_template, template_placeholders
     from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
-    from cachebuild.providers.xyz import HttpConfig, parse_headers
-    from cachebuild.tiles.grid import Tile
+    from cachebuild.providers.xyzconfig import HttpConfig, parse_headers
+    from cachebuild.tilemath import Tile
 
 _HTTP_NAMES = ("HTTP_TIMEOUT", "HTTP_RETRIES", "HTTP_BACKOFF", "RATE_LIMIT", "SUBDOMAINS")
 

@@ -295,8 +295,8 @@ class KillHarness:
             self.phase_starts[PUBLISH] = run.publish_at
         import numpy as np
 
-        from cachebuild.tiles.grid import tile_from_id
-        from cachebuild.tiles.tileset import hex_digests
+        from cachebuild.tilemath import tile_from_id
+        from cachebuild.tileset import hex_digests
 
         tiles = np.load(home / "cache/state/build/tiles.npy")
         self.b_digests = hex_digests(tiles)

@@ -190,7 +190,7 @@ def test_strict_coverage_failure_keeps_previous_cache(cb: Cb, tmp_path: Path, ti
     before = manifest_bytes(cb)
 
     # a second provider with holes: 404 = no tile here, a gap, not a failure
-    from cachebuild.tiles.grid import tiles
+    from cachebuild.tilemath import tiles
 
     planned = sorted(tiles(_area(f, 200), [17]))
     tile_server.missing = {(t.z, t.x, t.y) for t in planned[:3]}
@@ -375,7 +375,7 @@ def test_text_report_and_console_script(cb: Cb, tmp_path: Path) -> None:
 
     f = write_flight(tmp_path / "f.json")
     p = subprocess.run(
-        [sys.executable, "-m", "cachebuild.cli.runner", "build-cache", f"FLIGHT={f}", *SMALL],
+        [sys.executable, "-m", "cachebuild.cli.console", "build-cache", f"FLIGHT={f}", *SMALL],
         env=cb.env(),
         capture_output=True,
         text=True,
@@ -384,7 +384,7 @@ def test_text_report_and_console_script(cb: Cb, tmp_path: Path) -> None:
     assert "build-cache: success" in p.stdout
     assert ".. tiles" in p.stderr
     p2 = subprocess.run(
-        [sys.executable, "-m", "cachebuild.cli.runner", "build-cache", f"FLIGHT={f}", *SMALL],
+        [sys.executable, "-m", "cachebuild.cli.console", "build-cache", f"FLIGHT={f}", *SMALL],
         env=cb.env(),
         capture_output=True,
         text=True,

@@ -96,7 +96,7 @@ def companion(cb: Cb, sshd: Sshd, tmp_path: Path) -> Companion:
 
 
 def local_digests(cb: Cb) -> set[str]:
-    from cachebuild.tiles.tileset import hex_digests, read_tiles
+    from cachebuild.tileset import hex_digests, read_tiles
 
     return set(hex_digests(read_tiles(cb.cache_dir / "state" / "build")))
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from cachebuild.companion import agent, flow, packs, push, pushed, remote, ssh
+from cachebuild.companion import agent, flow, packs, push, remote, ssh
+from cachebuild.providers import pushed
 from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError, RemoteBuildError, RemoteReportError
 from cachebuild.inputs.config import load_settings
 from cachebuild.errors import DownloadError, UsageError
@@ -30,7 +31,7 @@ ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
     "module",
     [
         "cachebuild.companion." + m
-        for m in ("agent", "errors", "flow", "messages", "packs", "push", "pushed", "remote", "ssh", "sshconfig")
+        for m in ("agent", "errors", "flow", "messages", "packs", "push", "remote", "ssh", "sshconfig")
     ],
 )
 def test_all_is_complete(module: str) -> None:
@@ -483,8 +484,8 @@ def _staged(tmp_path: Path, n: int = 6, missing: int = 2) -> tuple[Path, Path, d
     """A staged tile set of ``n`` present and ``missing`` missing tiles, objects in a store."""
     import numpy as np
 
-    from cachebuild.tiles.grid import Tile, tile_id
-    from cachebuild.tiles.tileset import tile_dtype, write_tileset
+    from cachebuild.tilemath import Tile, tile_id
+    from cachebuild.tileset import tile_dtype, write_tileset
 
     build, store_root = tmp_path / "build", tmp_path / "store"
     build.mkdir()
@@ -521,8 +522,8 @@ def test_plan_push_lists_each_object_once_and_names_inputs_by_content(tmp_path: 
 def test_pushed_provider_serves_the_pushed_tiles_and_only_those(tmp_path: Path) -> None:
     from cachebuild.inputs.plan import provider_key
     from cachebuild.providers import open_provider
-    from cachebuild.tiles.grid import Tile, tile_id
-    from cachebuild.tiles.tileset import read_summary
+    from cachebuild.tilemath import Tile, tile_id
+    from cachebuild.tileset import read_summary
 
     build, store_root, ids = _staged(tmp_path)
     (build / "push.json").write_text(json.dumps({"format": 1, "store": str(store_root)}))

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 
 from cachebuild.inputs.config import Paths
-from cachebuild.tiles.mbtiles import read_mbtiles_tile
+from cachebuild.providers.mbtilesfile import read_mbtiles_tile
 from cachebuild.cli.repair import check_doit_db, check_staged, run_repairing
 from cachebuild.store.objects import sha256_hex
-from cachebuild.tiles.grid import tile_from_id
-from cachebuild.tiles.tileset import hex_digests, read_tiles
+from cachebuild.tilemath import tile_from_id
+from cachebuild.tileset import hex_digests, read_tiles
 
 from .conftest import Cb, CbResult, write_flight
 from .tileserver import Reply, TileServer, tile_bytes

@@ -33,7 +33,7 @@ SMALL = ("BUFFER_M=200", "ZOOM=17")
 #: A warm no-op in-process: did it import dask?
 NOOP_PROBE = """
 import json, sys
-from cachebuild.cli.runner import main
+from cachebuild.cli.console import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "dask": sorted(m for m in ("dask", "distributed") if m in sys.modules)}))
 """

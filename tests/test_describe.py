@@ -14,15 +14,16 @@ import pytest
 from PIL import Image
 
 from cachebuild.localize import describe
-from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, decode_tile, default_decode_threads, describe_tiles, tile_zxy
+from cachebuild.localize.decode import decode_tile, default_decode_threads, tile_zxy
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
 from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.errors import BuildError, StoreObjectError, UsageError
 from cachebuild.localize.index import build_index, search
 from cachebuild.engine.model import write_default_model
 from cachebuild.store.objects import TileStore
-from cachebuild.tiles.grid import Tile
-from cachebuild.tiles.grid import tile_id as tiles_tile_id
-from cachebuild.tiles.tileset import TILES_FILE, tile_dtype, write_tileset
+from cachebuild.tilemath import Tile
+from cachebuild.tilemath import tile_id as tiles_tile_id
+from cachebuild.tileset import TILES_FILE, tile_dtype, write_tileset
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -138,14 +139,14 @@ def test_decoders_yield_to_the_engine(
     world: tuple[Path, Path], engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: set[tuple[str, int]] = set()
-    real = describe._decode_batch
+    real = describe.decode_batch
 
     def spy(*args: Any) -> Any:
         tid = threading.get_native_id()
         seen.add((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
         return real(*args)
 
-    monkeypatch.setattr(describe, "_decode_batch", spy)
+    monkeypatch.setattr(describe, "decode_batch", spy)
     run(world, engine_dir, tmp_path, batch_size=4, decode_threads=2)
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(name.startswith("describe-decode") for name, _ in seen)

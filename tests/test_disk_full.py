@@ -191,7 +191,7 @@ def test_the_recording_saw_every_kind_of_write(world: World) -> None:
     modules = {site.split(":", 1)[0] for _, site in world.sites}
     for m in (
         "store/objects.py",
-        "tiles/tileset.py",
+        "tileset.py",
         "tiles/mbtiles.py",
         "store/descriptors.py",
         "_util/npyio.py",

@@ -15,7 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 
 from cachebuild.engine import compile as engine
-from cachebuild.engine.compile import ENGINE_JSON, EngineError, OnnxRuntimeBackend, compile_engine, cpu_device, engine_key, get_backend, load_engine, read_engine_json, sha256_file
+from cachebuild.engine.interface import ENGINE_JSON, cpu_device, engine_key, read_engine_json
+from cachebuild.engine.ort import OnnxRuntimeBackend
+from cachebuild.engine.compile import compile_engine, get_backend, load_engine
+from cachebuild._util.hashing import sha256_file
+from cachebuild.errors import EngineError
 from cachebuild.errors import BuildError
 from cachebuild.engine.model import DESCRIPTOR_DIM, write_default_model
 
@@ -112,7 +116,7 @@ def test_key_depends_on_calibration_bytes(
     record = compile_engine(
         model_path=model_path, calibration_path=calib, precision="fp32", out_dir=tmp_path / "e"
     )
-    assert record["calibration_sha256"] == sha256_file(calib)
+    assert record["calibration_sha256"] == sha256_file(calib)[0]
     assert record["key"] != compiled[1]["key"]
 
 
@@ -121,7 +125,7 @@ def test_sha256_file_streams(tmp_path: Path) -> None:
 
     data = np.random.default_rng(0).bytes(3 * 1000 + 7)
     (tmp_path / "f").write_bytes(data)
-    assert sha256_file(tmp_path / "f", chunk_size=1000) == hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "f", bufsize=1000)[0] == hashlib.sha256(data).hexdigest()
 
 
 # -- device ----------------------------------------------------------------
@@ -252,7 +256,7 @@ def test_engine_json_is_written(compiled: tuple, model_path: Path) -> None:
         "calibration_sha256", "engine_file", "input", "output", "descriptor_dim",
     }  # fmt: skip
     assert record["backend"] == "onnxruntime" and record["backend_version"] == ort.__version__
-    assert record["model_sha256"] == sha256_file(model_path)
+    assert record["model_sha256"] == sha256_file(model_path)[0]
     assert record["engine_file"] == "engine.onnx" and (out / "engine.onnx").is_file()
     assert record["input"] == {"name": "tiles", "shape": [None, 3, 256, 256], "dtype": "float32"}
     assert record["output"] == {"name": "descriptor", "shape": [None, 256], "dtype": "float32"}

@@ -16,7 +16,9 @@ import pytest
 
 from cachebuild.engine import backends
 from cachebuild.engine.backends import BACKEND_CHOICES, MachineProbes, engine_environment, probe_machine, select_backend
-from cachebuild.engine.compile import DEFAULT_BACKEND, OnnxRuntimeBackend, cpu_device, get_backend
+from cachebuild.engine.interface import DEFAULT_BACKEND, cpu_device
+from cachebuild.engine.ort import OnnxRuntimeBackend
+from cachebuild.engine.compile import get_backend
 from cachebuild.errors import EngineError
 from cachebuild.engine.gpu import cuda_version_here, gpu_name_here, gpu_present, tensorrt_version_here
 from tests.conftest import Cb, write_flight

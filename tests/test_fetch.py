@@ -22,11 +22,11 @@ import pytest
 from cachebuild.tiles import fetch as fetch_module
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
 from cachebuild.tiles.fetch import fetch_tiles, fetch_with_provider
-from cachebuild.providers import SyntheticProvider
+from cachebuild.providers.local import SyntheticProvider
 from cachebuild.store.objects import TileStore, sha256_hex
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
-from cachebuild.tiles.tileset import hex_digests, read_missing, read_summary, read_tiles
+from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
 from tests.procs import sigkill_when
 from tests.surface import own_public_names
 from tests.test_providers import fast_env, full_text
@@ -352,7 +352,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
     from cachebuild.tiles import fetch
-    from cachebuild.tiles.grid import LngLatBbox
+    from cachebuild.tilemath import LngLatBbox
     fetch.REF_BATCH = int(sys.argv[9]) if len(sys.argv) > 9 else 5
     fetch.REF_FLUSH_S = 1e9 if len(sys.argv) > 9 else fetch.REF_FLUSH_S
     fetch.fetch_tiles(

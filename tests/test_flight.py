@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from cachebuild.inputs import flight as F
 from cachebuild.errors import FlightError, FlightFileInvalidError, FlightFileMissingError, FlightInvalidAnswerError
 from cachebuild.inputs.flight import MAX_WAYPOINTS, Flight, flight_area, flight_from_record, flight_record, load_flight_file, looks_like_uuid, parse_flight
-from cachebuild.tiles.grid import EARTH_RADIUS_M, MAX_LAT, LatLonAlt, bbox_contains, count_tiles
+from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LatLonAlt, bbox_contains, count_tiles
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "flights"
 DEMO_ID = "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b"
@@ -80,7 +80,7 @@ def test_all_is_complete() -> None:
 def test_imports_no_numpy() -> None:
     import subprocess
 
-    code = "import sys, cachebuild.inputs.flight, cachebuild.tiles.grid; print('numpy' in sys.modules)"
+    code = "import sys, cachebuild.inputs.flight, cachebuild.tilemath; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -293,7 +293,7 @@ def test_flight_id_without_api_url(cb: Cb) -> None:
 def test_awkward_routes_from_the_api_build(cb: Cb, api: FlightsApi, example: str) -> None:
     """Real routes served by the API: the area holds every waypoint and the origin."""
     from cachebuild.inputs.flight import flight_area, parse_flight
-    from cachebuild.tiles.grid import bbox_contains
+    from cachebuild.tilemath import bbox_contains
 
     doc = json.loads((Path(__file__).parent.parent / "examples" / "flights" / example).read_text())
     fid = _id(8)

@@ -25,11 +25,13 @@ from hypothesis import strategies as st
 
 from cachebuild.errors import CacheBuildError, FlightFileInvalidError, UsageError
 from cachebuild.inputs.flight import MAX_WAYPOINTS, Flight, flight_area, flight_from_record, flight_record, parse_flight
-from cachebuild.providers import HttpConfig, open_provider, parse_headers, provider_kind, template_placeholders
+from cachebuild.providers.xyzconfig import HttpConfig, parse_headers
+from cachebuild.providers import open_provider, provider_kind
+from cachebuild.providers.base import template_placeholders
 from cachebuild.providers.base import PLACEHOLDERS, fill_template
 from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
-from cachebuild.providers.xyz import parse_subdomains
-from cachebuild.tiles.grid import MAX_ZOOM, Tile
+from cachebuild.providers.xyzconfig import parse_subdomains
+from cachebuild.tilemath import MAX_ZOOM, Tile
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
 EXAMPLES = 20_000 if LONG else 300
@@ -203,7 +205,7 @@ def test_resolve_plan(plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_t
         return
     plan = only_project_errors(resolve_plan, settings_)
     if plan is not None:
-        from cachebuild.tiles.grid import LngLatBbox, count_tiles
+        from cachebuild.tilemath import LngLatBbox, count_tiles
 
         assert count_tiles(LngLatBbox(*plan.bbox), settings_.zooms) <= settings_.max_tiles
 

@@ -1,4 +1,4 @@
-"""Tests for cachebuild.store.gc: a size-bounded store that keeps what caches use."""
+"""Tests for cachebuild.release.gc: a size-bounded store that keeps what caches use."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cachebuild.store import gc as gcstore
+from cachebuild.release import gc as gcstore
 from cachebuild.store.descriptors import DescriptorStore, engine_store_dirs
-from cachebuild.store.gc import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
+from cachebuild.release.gc import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
 from cachebuild.release.lock import CacheLock
 from cachebuild.store.objects import TileStore
 from cachebuild.store.lock import StoreLock, register_cache
-from cachebuild.tiles.tileset import tile_dtype
+from cachebuild.tileset import tile_dtype
 
 from .surface import assert_public_surface
 

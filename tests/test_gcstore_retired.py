@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from cachebuild.tiles.tileset import hex_digests, read_tiles
+from cachebuild.tileset import hex_digests, read_tiles
 
 from .conftest import write_flight
 

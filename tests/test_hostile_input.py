@@ -189,7 +189,7 @@ def test_companion_agent_refuses_paths_outside_its_dir(tmp_path: Path) -> None:
 def test_tile_coordinates_never_leave_the_tile_directory(x: int, y: int, z: int) -> None:
     """Any coordinates, even ones no tile has, fill a directory template as plain numbers."""
     from cachebuild.providers.base import fill_template
-    from cachebuild.tiles.grid import Tile
+    from cachebuild.tilemath import Tile
 
     root = "/srv/tiles"
     path = fill_template(root + "/{z}/{x}/{-y}.png", Tile(x, y, z) if z >= 0 else Tile(x, y, 0))
@@ -238,7 +238,7 @@ def test_max_tiles_is_validated(cb: Cb, tmp_path: Path, value: str) -> None:
 def test_an_area_larger_than_the_free_disk_is_refused(cb: Cb, tmp_path: Path, tile_server: TileServer) -> None:
     """No disk is filled: the zoom is chosen so that the estimate exceeds what is free."""
     from cachebuild.inputs.area import free_bytes
-    from cachebuild.tiles.grid import LngLatBbox, count_tiles
+    from cachebuild.tilemath import LngLatBbox, count_tiles
 
     free, _ = free_bytes(cb.home)
     bbox = LngLatBbox(8.0, 47.0, 9.0, 48.0)

@@ -27,7 +27,7 @@ import pytest
 from PIL import Image
 
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 
 from .conftest import CbResult, write_flight
 

@@ -22,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 import cachebuild.release.manifest as manifest
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import EXIT_VERIFY, BuildError, UsageError, VerifyError
-from cachebuild.release.manifest import build_identity, read_manifest, verify_cache, write_manifest
+from cachebuild.release.manifest import build_identity, write_manifest
+from cachebuild.release.verify import read_manifest, verify_cache
 from cachebuild.release.signing import keyid, load_public_key, public_key_raw, sign_envelope
 
 ARTIFACTS = ["tiles.mbtiles", "engine/engine.onnx", "index/descriptors.faiss"]

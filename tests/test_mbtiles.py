@@ -30,11 +30,12 @@ from PIL import Image
 from cachebuild.tiles import mbtiles
 from cachebuild.errors import BuildError, CacheBuildWarning, StoreObjectError
 from cachebuild.tiles.fetch import fetch_tiles
-from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, connect_readonly, detect_format, read_mbtiles_tile, read_tile, write_mbtiles
+from cachebuild.providers.mbtilesfile import connect_readonly, read_mbtiles_tile, read_tile
+from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, detect_format, write_mbtiles
 from cachebuild.store.objects import TileStore
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
-from cachebuild.tiles.tileset import hex_digests, read_tiles, write_tileset
+from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tileset import hex_digests, read_tiles, write_tileset
 
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
 RECORD = ".tiles.mbtiles.rows"  # the writer's record beside the file
@@ -543,7 +544,7 @@ def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> No
 
 
 def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
-    from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
     from cachebuild._util.statcache import stat_key
 
     fetched(tmp_path)

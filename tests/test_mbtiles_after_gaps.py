@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests import tileserver
 
 from .conftest import write_flight
@@ -62,11 +62,11 @@ def test_an_empty_tile_directory_filled_later(cb: Any, tmp_path: Path) -> None:
     flight = write_flight(tmp_path / "flight.json")
     first_build_finds_nothing(cb, flight, str(tree))
     planned = json.loads((cb.cache_dir / "state" / "build" / "tileset.json").read_text())["planned"]
-    from cachebuild.tiles.tileset import read_missing
+    from cachebuild.tileset import read_missing
 
     ids = read_missing(cb.cache_dir / "state" / "build")
     assert len(ids) == planned
-    from cachebuild.tiles.grid import tile_from_id
+    from cachebuild.tilemath import tile_from_id
 
     for tid in ids.tolist():
         t = tile_from_id(int(tid))

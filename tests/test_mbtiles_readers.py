@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from cachebuild.tiles.mbtiles import read_mbtiles_tile
-from cachebuild.providers import MBTilesProvider
+from cachebuild.providers.mbtilesfile import read_mbtiles_tile
+from cachebuild.providers.local import MBTilesProvider
 from cachebuild._util.sqliteuri import sqlite_uri
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 
 from .conftest import write_flight
 

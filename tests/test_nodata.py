@@ -14,7 +14,7 @@ from cachebuild.errors import UsageError
 from cachebuild.providers.nodata import NoDataRule, is_uniform
 from cachebuild.store.objects import sha256_hex
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests.test_providers import public_names
 
 

@@ -108,7 +108,7 @@ def test_sizes_typos_and_preview_size(cb: Cb, tmp_path: Path) -> None:
 def test_console_script_help_and_version(cb: Cb) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cachebuild.cli.runner", *args], env=cb.env(), capture_output=True, text=True, cwd=REPO
+            [sys.executable, "-m", "cachebuild.cli.console", *args], env=cb.env(), capture_output=True, text=True, cwd=REPO
         )
 
     h = run("build-cache", "--help")

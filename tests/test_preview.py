@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from cachebuild.tiles.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
-from cachebuild.tiles.grid import tile_from_id
+from cachebuild.tilemath import tile_from_id
 
 from .conftest import Cb, write_flight
 
@@ -22,7 +22,7 @@ WPS = [(47.3700, 8.5400), (47.3730, 8.5440), (47.3715, 8.5470)]
 @pytest.fixture
 def holey_cache(cb: Cb, tmp_path: Path, tile_server) -> tuple[Cb, Path, list]:
     from cachebuild.inputs.flight import flight_area, load_flight_file
-    from cachebuild.tiles.grid import tiles
+    from cachebuild.tilemath import tiles
 
     f = write_flight(tmp_path / "f.json", waypoints=WPS, origin=(47.3702, 8.5401), flight_id="0f0f0f0f-1111-4111-8111-111111111111")
     planned = sorted(tiles(flight_area(load_flight_file(f), 200), [17]))
@@ -234,7 +234,7 @@ DECODE_PROBE = """
 import json, sys, threading
 from PIL import ImageFile
 from targets import actions
-from cachebuild.cli.runner import main
+from cachebuild.cli.console import main
 
 counts = {"preview": 0, "other": 0}
 where = {"preview": False}
@@ -329,7 +329,7 @@ def test_a_second_machine_gets_the_thumbnails_from_the_bucket(tmp_path: Path, ti
     import secrets
 
     pytest.importorskip("moto.server")
-    from cachebuild.store.s3desc import _decode_thumbs
+    from cachebuild.localize.s3desc import _decode_thumbs
     from cachebuild.store.thumbs import ThumbStore
 
     from .s3server import S3Server

@@ -19,10 +19,14 @@ from PIL import Image
 
 from cachebuild import __version__, providers
 from cachebuild.errors import EXIT_USAGE, CacheBuildError, DownloadError, UsageError
-from cachebuild.providers import API_KEY_ENV, USER_AGENT, HttpConfig, Provider, SyntheticProvider, TileFetchError, XyzProvider, base, check_image, geotiff, local, open_provider, provider_kind, template_placeholders
+from cachebuild.providers.xyzconfig import API_KEY_ENV, HttpConfig
+from cachebuild.providers.base import USER_AGENT, Provider, TileFetchError, check_image, template_placeholders
+from cachebuild.providers.local import SyntheticProvider
+from cachebuild.providers.xyz import XyzProvider
+from cachebuild.providers import base, geotiff, local, open_provider, provider_kind
 from cachebuild.providers import xyz as xyz_module
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests.surface import defined_names
 from tests.tileserver import (
     KEY,

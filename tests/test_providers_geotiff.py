@@ -22,9 +22,11 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import UsageError
-from cachebuild.providers import GeoTiffProvider, Provider, open_provider
+from cachebuild.providers.geotiff import GeoTiffProvider
+from cachebuild.providers.base import Provider
+from cachebuild.providers import open_provider
 from cachebuild.providers.geotiff import mercator_bounds
-from cachebuild.tiles.grid import LngLatBbox, Tile, tile, tiles
+from cachebuild.tilemath import LngLatBbox, Tile, tile, tiles
 
 rasterio = pytest.importorskip("rasterio", reason="the GeoTIFF provider needs rasterio (the geotiff extra)")
 from affine import Affine  # noqa: E402

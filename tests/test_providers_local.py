@@ -15,9 +15,11 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import UsageError
-from cachebuild.providers import DirectoryProvider, MBTilesProvider, Provider, TileFetchError, open_provider, source_stamp
+from cachebuild.providers.local import DirectoryProvider, MBTilesProvider
+from cachebuild.providers.base import Provider, TileFetchError
+from cachebuild.providers import open_provider, source_stamp
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests.tileserver import tile_bytes
 
 T = Tile(68645, 45903, 17)
@@ -141,7 +143,7 @@ def test_a_tms_template(tmp_path: Path) -> None:
 
 
 def test_quadkey_file_names(tmp_path: Path) -> None:
-    from cachebuild.tiles.grid import quadkey
+    from cachebuild.tilemath import quadkey
 
     (tmp_path / "q").mkdir()
     (tmp_path / "q" / f"{quadkey(T)}.jpeg").write_bytes(tile_bytes(T))

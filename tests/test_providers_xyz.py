@@ -23,9 +23,12 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
-from cachebuild.providers import API_KEY_ENV, HEADERS_ENV, USER_AGENT, HttpConfig, TileFetchError, XyzProvider, open_provider
-from cachebuild.providers.xyz import parse_headers, parse_rate_limit, parse_subdomains
-from cachebuild.tiles.grid import Tile, quadkey
+from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig
+from cachebuild.providers.base import USER_AGENT, TileFetchError
+from cachebuild.providers.xyz import XyzProvider
+from cachebuild.providers import open_provider
+from cachebuild.providers.xyzconfig import parse_headers, parse_rate_limit, parse_subdomains
+from cachebuild.tilemath import Tile, quadkey
 from tests.test_providers import TOKEN, T, _png, assert_no_key, fast_env, full_text, xyz
 from tests.tileserver import (
     DROP,

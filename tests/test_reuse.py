@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 
 from .conftest import REPO, Cb, write_flight
 from .tileserver import Reply
@@ -23,7 +23,7 @@ NOOP_PROBE = """
 import json, sys
 opened = []
 sys.addaudithook(lambda ev, args: opened.append(str(args[0])) if ev == "open" and args and isinstance(args[0], (str, bytes)) else None)
-from cachebuild.cli.runner import main
+from cachebuild.cli.console import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "opened": opened, "numpy": "numpy" in sys.modules}))
 """
@@ -99,7 +99,7 @@ def test_another_model_invalidates_exactly_its_descriptors(cb: Cb, tmp_path: Pat
 
 def test_min_recall_gate_exits_22_and_keeps_the_published_cache(cb: Cb, tmp_path: Path, tile_server) -> None:
     from cachebuild.inputs.flight import flight_area, load_flight_file
-    from cachebuild.tiles.grid import tiles
+    from cachebuild.tilemath import tiles
 
     f = write_flight(tmp_path / "f.json")
     area = ("BUFFER_M=350", "ZOOM=17")  # about 7 x 7 tiles: 25 have all their neighbours

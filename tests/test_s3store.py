@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.store.s3desc import _DESC_MAGIC, _decode_batch, _encode_batch, pull_descriptors
+from cachebuild.localize.s3desc import _DESC_MAGIC, _decode_batch, _encode_batch, pull_descriptors
 from cachebuild.store.s3 import S3Store, StoreURL, _decode_pack, _encode_pack, is_remote, parse_store_url
 
 from .conftest import REPO, Cb, TileServer, write_flight
@@ -30,7 +30,7 @@ SMALL = ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=20")
 #: A build in-process; says whether boto3 was imported.
 NOOP_PROBE = """
 import json, sys
-from cachebuild.cli.runner import main
+from cachebuild.cli.console import main
 code = main(sys.argv[1:])
 print(json.dumps({"code": code, "boto3": "boto3" in sys.modules}))
 """
@@ -229,7 +229,7 @@ def test_the_bucket_stopping_mid_build_fails_clearly_publishes_nothing_and_the_n
 def test_describe_with_the_bucket_gone_is_exit_21_naming_the_url(tmp_path: Path, s3: Any) -> None:
     import numpy as np
 
-    from cachebuild.tiles.tileset import tile_dtype, write_tileset
+    from cachebuild.tileset import tile_dtype, write_tileset
 
     build = tmp_path / "build"
     (build / "engine").mkdir(parents=True)

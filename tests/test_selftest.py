@@ -18,8 +18,8 @@ from cachebuild.engine.model import write_default_model
 from cachebuild.localize.selftest import MAX_OFFSET, SelfTestError, check_recall, interior_tiles, make_frame, run_selftest, summary
 from cachebuild.store.objects import TileStore
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile, tile_id
-from cachebuild.tiles.tileset import tile_dtype, write_tileset
+from cachebuild.tilemath import Tile, tile_id
+from cachebuild.tileset import tile_dtype, write_tileset
 
 from .surface import assert_public_surface
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from cachebuild.providers import synthetic
 from cachebuild.providers.synthetic import render_tile, synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from tests.surface import own_public_names
 
 ZURICH = Tile(68645, 45903, 17)

@@ -78,7 +78,7 @@ def test_lookup_many(tmp_path: Path) -> None:
 
 
 def test_thumbnail_batches_round_trip_and_refuse_another_format() -> None:
-    from cachebuild.store.s3desc import _decode_thumbs, _encode_thumbs
+    from cachebuild.localize.s3desc import _decode_thumbs, _encode_thumbs
 
     keys = [hashlib.sha256(b"%d" % i).digest() for i in range(3)]
     px = [bytes([i]) * (THUMB_PX * THUMB_PX * 3) for i in range(3)]
@@ -94,9 +94,9 @@ def test_thumbnails_travel_through_the_bucket(tmp_path: Path) -> None:
     import secrets
 
     pytest.importorskip("moto.server")
-    from cachebuild.store.s3desc import pull_descriptors, push_descriptors
+    from cachebuild.localize.s3desc import pull_descriptors, push_descriptors
     from cachebuild.store.s3 import S3Store, StoreURL
-    from cachebuild.tiles.tileset import tile_dtype, write_tileset
+    from cachebuild.tileset import tile_dtype, write_tileset
 
     from .s3server import S3Server
 
@@ -132,7 +132,7 @@ def test_thumbnails_travel_through_the_bucket(tmp_path: Path) -> None:
         cycle(tmp_path / "c")
         assert s3.keys("p/thumbs/") == batches
         # a damaged batch is never used: removed, and the next machine that has them uploads them anew
-        from cachebuild.store.s3desc import _decode_thumbs
+        from cachebuild.localize.s3desc import _decode_thumbs
 
         lost = {d for d, _ in _decode_thumbs(s3.read(batches[0])) or []}
         s3.write(batches[0], s3.read(batches[0])[:-1] + b"!")

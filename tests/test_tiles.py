@@ -1,4 +1,4 @@
-"""Tests for cachebuild.tiles.grid, with mercantile as the oracle."""
+"""Tests for cachebuild.tilemath, with mercantile as the oracle."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from cachebuild.tiles import grid as T
-from cachebuild.tiles.grid import EARTH_RADIUS_M, MAX_LAT, LngLat, LngLatBbox, Tile, bbox_contains, bbox_of_points, bounds, buffer_bbox, count_tiles, ground_resolution_m, quadkey, tile, tile_from_id, tile_id, tile_ranges, tiles, ul
+from cachebuild import tilemath as T
+from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LngLat, LngLatBbox, Tile, bbox_contains, bbox_of_points, bounds, buffer_bbox, count_tiles, ground_resolution_m, quadkey, tile, tile_from_id, tile_id, tile_ranges, tiles, ul
 
 # ---------------------------------------------------------------- helpers
 

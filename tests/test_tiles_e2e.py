@@ -14,7 +14,7 @@ import pytest
 
 from cachebuild.inputs.flight import flight_area, load_flight_file
 from cachebuild.store.objects import TileStore, sha256_hex
-from cachebuild.tiles.grid import LngLatBbox, Tile, tiles
+from cachebuild.tilemath import LngLatBbox, Tile, tiles
 from tests.conftest import Cb, TileServer, write_flight
 from tests.procs import sigkill_when
 from tests.tileserver import DROP, DROP_MID_BODY, HTML, TRUNCATED, Reply, Slow, too_many

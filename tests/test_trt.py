@@ -30,7 +30,8 @@ from cachebuild.engine import compile as engine
 from cachebuild.engine.tensorrt import backend as trt
 from cachebuild.engine.tensorrt import policy as trtplan
 from cachebuild.engine.backends import MachineProbes
-from cachebuild.engine.compile import ENGINE_JSON, compile_engine, engine_key, load_engine, read_engine_json
+from cachebuild.engine.interface import ENGINE_JSON, engine_key, read_engine_json
+from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.errors import EngineError
 from cachebuild.engine.model import write_default_model
 from cachebuild.engine.tensorrt.backend import TensorRTBackend

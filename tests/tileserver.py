@@ -36,7 +36,7 @@ from typing import Any, Union
 from urllib.parse import parse_qs, quote, urlsplit
 
 from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 
 __all__ = [
     "Reply",

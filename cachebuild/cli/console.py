@@ -78,3 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return report.exit_code
     with operator_warnings():
         return commands[cmd](vars)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -225,7 +225,7 @@ class GcStoreCmd(_CacheCommand):
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:
-        from cachebuild.store.gc import gc_store_cmd
+        from cachebuild.release.gc import gc_store_cmd
 
         return gc_store_cmd(vars)
 

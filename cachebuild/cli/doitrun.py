@@ -143,7 +143,7 @@ def doit_config(plan: Any) -> dict[str, Any]:
     ``build-cache``, ``doit info``, ``doit forget`` and dodo.py's
     ``DOIT_CONFIG`` all use this, so each judges a task as the build does.
     """
-    from cachebuild.release.manifest import HASH_CACHE_NAME, doit_file_checker
+    from cachebuild._util.statcache import HASH_CACHE_NAME, doit_file_checker
 
     return {
         "dep_file": str(plan.paths.dep_file),

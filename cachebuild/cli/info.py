@@ -64,7 +64,7 @@ def cache_info(release: Path, trusted: list[Any], cache_dir: Path | None = None)
     refused as a rollback (:mod:`cachebuild.release.rollback`; read only: nothing is
     recorded).
     """
-    from cachebuild.release.manifest import read_manifest, verify_cache
+    from cachebuild.release.verify import read_manifest, verify_cache
     from cachebuild.release.rollback import check_not_rolled_back
     from cachebuild.release.signing import keyid
 
@@ -324,7 +324,7 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         release = _release(settings)
         signed = json.loads((release / "manifest.json").read_text())["signed"]
         target = Path(out) if out else settings.cache_dir / "preview.png"
-        from targets.actions import store_user
+        from cachebuild.store.lock import store_user
 
         with store_user(str(settings.store)):  # thumbnails in the store; gc-store waits
             r = render_preview(release, target, built_at=signed.get("built_at"), store=settings.store)

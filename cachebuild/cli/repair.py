@@ -143,7 +143,7 @@ def _scan_tileset(paths: Paths, objects: Path) -> list[str]:
     """
     from cachebuild.errors import StoreObjectError as _Bad
     from cachebuild.store.objects import read_object
-    from cachebuild.tiles.tileset import hex_digests, read_tiles
+    from cachebuild.tileset import hex_digests, read_tiles
 
     try:
         digests = sorted(set(hex_digests(read_tiles(paths.build))))

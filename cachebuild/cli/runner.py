@@ -25,7 +25,6 @@ from typing import Any
 from targets import actions
 from cachebuild.companion import LOCAL_TASKS
 from cachebuild.inputs.config import VARIABLES, Settings, load_settings
-from cachebuild.cli.doitcmds import BuildCacheCmd, CacheInfoCmd, CleanCacheCmd, CleanCmd, CompanionAgentCmd, GcStoreCmd, PreviewCacheCmd, VerifyCacheCmd
 from cachebuild.cli.doitrun import PlanLoader, RecordingReporter, cmdline_vars, doit_config, ignored_tasks, run_doit, sigterm_as_interrupt
 from cachebuild.errors import BuildError, CacheBuildError, CoverageError, UsageError, VerifyError
 from cachebuild.release.lock import CacheLock
@@ -33,19 +32,10 @@ from cachebuild._util.report import Report, redact
 from cachebuild._util.warn import operator_warnings
 
 __all__ = [
-    "BuildCacheCmd",
-    "VerifyCacheCmd",
-    "CleanCacheCmd",
-    "CleanCmd",
-    "CacheInfoCmd",
-    "PreviewCacheCmd",
-    "CompanionAgentCmd",
-    "GcStoreCmd",
     "build_cache",
     "verify_cache_cmd",
     "clean_cache",
     "dodo_namespace",
-    "main",
     "PlanLoader",
     "RecordingReporter",
     "run_doit",
@@ -78,7 +68,7 @@ def _warn(report: Report) -> Any:
 
 
 def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
-    from cachebuild.tiles.tileset import read_summary
+    from cachebuild.tileset import read_summary
 
     s = read_summary(build)
     fetched = int(s.get("fetched", 0)) if "tiles" in ran else 0
@@ -377,7 +367,7 @@ def _trusted_key(settings: Settings) -> Any:
 
 def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit verify-cache``: the signature, expiry, rollback and every artifact's hash."""
-    from cachebuild.release.manifest import read_manifest, verify_cache
+    from cachebuild.release.verify import read_manifest, verify_cache
     from cachebuild.release.publish import current_release
     from cachebuild.release.rollback import check_not_rolled_back, record_accepted
     from cachebuild.release.signing import keyid, verify_envelope
@@ -502,14 +492,3 @@ def dodo_namespace() -> dict[str, Any]:
         creator.__doc__ = spec.get("doc")
         ns[f"task_{name}"] = creator
     return ns
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``cachebuild <command> NAME=value ...``: the same commands without doit's CLI."""
-    from cachebuild.cli.console import main as console_main
-
-    return console_main(argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -25,7 +25,8 @@ from typing import Any, TextIO
 from cachebuild.errors import EXIT_USAGE
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteBuildError
 from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
-from cachebuild.companion.ssh import PASSPHRASE_ENV, CompanionTarget, Factory, SshOptions, connect
+from cachebuild.companion.ssh import PASSPHRASE_ENV, Factory, SshOptions, connect
+from cachebuild.inputs.companion import CompanionTarget
 from cachebuild.companion.sshconfig import resolve_target
 
 __all__ = [

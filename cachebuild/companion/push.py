@@ -204,7 +204,7 @@ def plan_push(
     state_dir
         Where the hashes of model files are cached by stat.
     """
-    from cachebuild.tiles.tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
+    from cachebuild.tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
 
     tiles: dict[str, tuple[str, int]] = {}
     objects = os.path.join(store_root, "objects")

@@ -156,7 +156,7 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
     TensorRT shows as version ``missing``; the engine phase then fails with
     the reason (exit 21).
     """
-    from cachebuild.engine.compile import cpu_device
+    from cachebuild.engine.interface import cpu_device
     from cachebuild.engine.gpu import gpu_name_here
 
     probes = probes or probe_machine()

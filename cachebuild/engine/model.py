@@ -292,12 +292,12 @@ def write_default_model(path: str | os.PathLike[str]) -> Path:
     -------
     Path
         ``path``.  A temporary file in the same directory is synced and
-        renamed onto it (:func:`cachebuild.release.manifest.atomic_write`), so a
+        renamed onto it (:func:`cachebuild._util.fs.atomic_write`), so a
         reader never sees a partial model.
     """
-    from cachebuild.release.manifest import atomic_write
+    from cachebuild._util.fs import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, build_default_model())
+    atomic_write(path, build_default_model(), durable=True)
     return path

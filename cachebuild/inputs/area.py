@@ -111,7 +111,7 @@ def free_bytes(path: Path) -> tuple[int, int]:
 
 def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = False) -> AreaEstimate:
     """Tiles in ``bbox`` at ``zooms`` and the bytes a build of them would write."""
-    from cachebuild.tiles.grid import LngLatBbox, count_tiles
+    from cachebuild.tilemath import LngLatBbox, count_tiles
 
     n = count_tiles(LngLatBbox(*bbox), zooms)
     new = max(0, n - _staged_planned(cache_dir))

@@ -324,7 +324,7 @@ def _companion(get: Any) -> dict[str, Any]:
         raise UsageError(f"HOST_KEY_POLICY={policy!r} must be reject or accept-new")
     companion = get("COMPANION")
     if companion is not None:
-        from cachebuild.companion.ssh import parse_companion
+        from cachebuild.inputs.companion import parse_companion
 
         parse_companion(companion)
         if get("KEY") is not None:
@@ -410,7 +410,7 @@ def _http(get: Any) -> dict[str, str]:
         out[name] = raw
     subdomains = get("SUBDOMAINS")
     if subdomains is not None:
-        from cachebuild.providers.xyz import parse_subdomains
+        from cachebuild.providers.xyzconfig import parse_subdomains
 
         parse_subdomains(subdomains)
         out["SUBDOMAINS"] = subdomains
@@ -420,7 +420,7 @@ def _http(get: Any) -> dict[str, str]:
 def _provider(raw: str | None) -> str:
     """PROVIDER; a URL with user:password in it is refused here, for every command."""
     if raw is not None and "://" in raw:
-        from cachebuild.providers.xyz import refuse_userinfo
+        from cachebuild.providers.xyzconfig import refuse_userinfo
 
         refuse_userinfo(raw)
     return raw or DEFAULT_PROVIDER
@@ -447,7 +447,7 @@ def _nodata(get: Any) -> dict[str, str]:
 def _check_env_secrets(env: Mapping[str, str]) -> None:
     """Refuse malformed extra headers before the lock; never echo their values."""
     if env.get(ENV_ONLY["HTTP_HEADERS"], "").strip():
-        from cachebuild.providers.xyz import parse_headers
+        from cachebuild.providers.xyzconfig import parse_headers
 
         parse_headers(env[ENV_ONLY["HTTP_HEADERS"]])
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachebuild.errors import FlightError, FlightFileInvalidError, FlightFileMissingError
-from cachebuild.tiles.grid import LatLonAlt, LngLatBbox, bbox_of_points, buffer_bbox
+from cachebuild.tilemath import LatLonAlt, LngLatBbox, bbox_of_points, buffer_bbox
 
 __all__ = [
     "MAX_WAYPOINTS",
@@ -377,8 +377,8 @@ def flight_area(f: Flight, buffer_m: float) -> LngLatBbox:
     """The area the cache must cover: the flight's box grown by ``buffer_m``.
 
     The box holds every waypoint and the takeoff origin (antimeridian-aware,
-    :func:`~cachebuild.tiles.grid.bbox_of_points`), then
-    :func:`~cachebuild.tiles.grid.buffer_bbox` grows it by at least ``buffer_m``
+    :func:`~cachebuild.tilemath.bbox_of_points`), then
+    :func:`~cachebuild.tilemath.buffer_bbox` grows it by at least ``buffer_m``
     metres on every side, clamping latitude to the Web-Mercator limit.
 
     Raises

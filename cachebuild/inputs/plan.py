@@ -117,7 +117,7 @@ def provider_key(spec: str) -> str:
     placeholder, never its value).
     """
     if spec.startswith("pushed:"):  # companion mode: what the workstation pushed
-        from cachebuild.companion.pushed import pushed_dir
+        from cachebuild.providers.pushed import pushed_dir
 
         d = pushed_dir(spec)
         try:

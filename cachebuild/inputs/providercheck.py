@@ -20,7 +20,8 @@ def check_provider(settings: Any) -> None:
     ``settings`` is a :class:`~cachebuild.inputs.config.Settings`.  Raises
     :class:`~cachebuild.errors.UsageError` (exit 2, phase ``arguments``).
     """
-    from cachebuild.providers import provider_kind, template_placeholders
+    from cachebuild.providers import provider_kind
+    from cachebuild.providers.base import template_placeholders
 
     kind, spec = provider_kind(settings.provider), settings.provider.strip()
     if kind == "dir":  # (a directory that does not exist is refused before any task runs)
@@ -31,7 +32,7 @@ def check_provider(settings: Any) -> None:
             template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
     if kind != "xyz":
         return
-    from cachebuild.providers.xyz import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
+    from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
 
     env = {**settings.env, **settings.http}
     check_template(

@@ -70,7 +70,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cachebuild.inputs.config import parse_dask_scheduler
-from cachebuild.engine.compile import load_engine, read_engine_json
+from cachebuild.engine.compile import load_engine
+from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.store.objects import TileStore
 
@@ -282,7 +283,7 @@ def _worker_store() -> TileStore:
 
 def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
     """Each image's path in this worker's store, the cells' packs read from the bucket first where it lacks one."""
-    from cachebuild.localize.describe import tile_zxy
+    from cachebuild.localize.decode import tile_zxy
     from cachebuild.store.s3 import CELL_SHIFT, StoreUnavailable, _cell_part, _decode_pack, open_store
 
     local = _worker_store()
@@ -336,7 +337,7 @@ def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
 
 def _tile_paths(store_root: str | BucketSource, ids: Any, digests: Any) -> list[Path]:
     """Where this worker reads each image: the build's store at the same path, or the bucket."""
-    from cachebuild.localize.describe import tile_zxy
+    from cachebuild.localize.decode import tile_zxy
 
     if isinstance(store_root, BucketSource):
         return _bucket_paths(store_root, ids, digests)
@@ -406,7 +407,7 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
     """
     import numpy as np
 
-    from cachebuild.localize.describe import _checked_unit, _decode_batch
+    from cachebuild.localize.decode import checked_unit, decode_batch
     from cachebuild.store.thumbs import THUMB_PX
 
     runner = engine_runner(key)
@@ -414,7 +415,7 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
     paths = _tile_paths(store_root, ids, digests)
     buf = np.empty((len(paths), 3, *size), dtype=np.float32)
     thumbs = np.empty((len(paths), THUMB_PX, THUMB_PX, 3), dtype=np.uint8)
-    x = _decode_batch(paths, ids, size, buf, thumbs)
+    x = decode_batch(paths, ids, size, buf, thumbs)
     try:
         out = runner.run(x)
     except Exception as exc:
@@ -423,7 +424,7 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
             remedy="recompile the engine (delete the engine directory) and retry",
             phase=_PHASE,
         ) from exc
-    return _checked_unit(np.array(out, dtype=np.float32), ids), thumbs
+    return checked_unit(np.array(out, dtype=np.float32), ids), thumbs
 
 
 # -- the wrapper side --------------------------------------------------------
@@ -610,7 +611,7 @@ class DaskExecutor:
                 client.cancel(list(pending))
 
     def _result(self, fut: Any, ids: Any) -> Any:
-        from cachebuild.localize.describe import tile_zxy
+        from cachebuild.localize.decode import tile_zxy
 
         try:
             return fut.result()

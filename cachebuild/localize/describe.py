@@ -33,24 +33,24 @@ numpy, Pillow and the engine's backend are imported inside the functions.
 
 from __future__ import annotations
 
-import io
 import os
 import sys
-import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-from cachebuild.engine.compile import load_engine, read_engine_json
+from cachebuild.engine.compile import load_engine
+from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, UsageError
 from cachebuild._util.progress import Progress
-from cachebuild.store.objects import TileStore, read_object
-from cachebuild.tiles.tileset import TILES_FILE, read_tiles
+from cachebuild.store.objects import TileStore
+from cachebuild.tileset import TILES_FILE, read_tiles
+from cachebuild._util.fs import atomic_save_npy
+from cachebuild.localize.decode import _lower_decoder_priority, checked_unit, decode_batch, default_decode_threads, decode_tile, tile_zxy
 
 if TYPE_CHECKING:
     import numpy as np
@@ -60,9 +60,6 @@ __all__ = [
     "DESCRIPTOR_IDS_FILE",
     "DESCRIBE_SUMMARY",
     "DEFAULT_BATCH_SIZE",
-    "tile_zxy",
-    "default_decode_threads",
-    "decode_tile",
     "describe_tiles",
 ]
 
@@ -76,139 +73,7 @@ _ASSEMBLE_ROWS = 16_384
 
 # Batches that exist at once: one in the engine, the rest being decoded.
 _IN_FLIGHT = 3
-# Added to the decoder threads' nice value (Linux only).
-_DECODER_NICENESS = 5
 _PHASE = "describe"
-
-
-def tile_zxy(tile_id: int) -> tuple[int, int, int]:
-    """``(z, x, y)`` of a tile id ``(z << 58) | (x << 29) | y``.
-
-    >>> tile_zxy((17 << 58) | (70000 << 29) | 42000)
-    (17, 70000, 42000)
-    """
-    tile_id = int(tile_id)
-    mask = (1 << 29) - 1
-    return tile_id >> 58, (tile_id >> 29) & mask, tile_id & mask
-
-
-def default_decode_threads(cpus: int | None = None) -> int:
-    """Decoder threads when the caller names none: one per usable CPU.
-
-    They run at a lower priority than the engine (see the module notes), so
-    they take only the CPU time the engine leaves; where the engine runs on
-    a GPU, that is all of it.
-    """
-    if cpus is None:
-        from cachebuild._util.cpus import usable_cpus
-
-        cpus = usable_cpus()
-    return max(1, cpus)
-
-
-def _lower_decoder_priority() -> None:
-    """Thread initializer: raise this decoder thread's nice value (Linux only).
-
-    Linux applies nice per thread; elsewhere this does nothing.  Raising
-    one's own nice value needs no privilege; any error is ignored, since
-    only speed is at stake.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        tid = threading.get_native_id()
-        current = os.getpriority(os.PRIO_PROCESS, tid)
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + _DECODER_NICENESS))
-    except (AttributeError, OSError):
-        pass
-
-
-def decode_tile(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int]) -> np.ndarray:
-    """Decode one tile image (a path or a binary file) to uint8 RGB ``[H, W, 3]`` of ``size`` (H, W).
-
-    JPEG tiles larger than ``size`` are decoded at a reduced scale by
-    libjpeg itself; any other size mismatch is resized (bilinear).
-    """
-    import numpy as np
-
-    return np.asarray(_decode_image(path, size))
-
-
-def _decode_image(path: str | os.PathLike[str] | IO[bytes], size: tuple[int, int]) -> Any:
-    """:func:`decode_tile` as a loaded Pillow RGB image (its pixels in memory)."""
-    from PIL import Image
-
-    height, width = size
-    with Image.open(path) as im:
-        if im.format == "JPEG" and im.size != (width, height):
-            im.draft("RGB", (width, height))
-        im.load()
-        # convert() copies even when the mode is already RGB: skip it then
-        rgb = im if im.mode == "RGB" else im.convert("RGB")
-        if rgb.size != (width, height):
-            rgb = rgb.resize((width, height), Image.Resampling.BILINEAR)
-        return rgb
-
-
-def _preprocess_into(rgb: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
-    """``out[c, y, x] = rgb[y, x, c] / 255 - 0.5`` in float32, as ``x / 255 - 0.5``.
-
-    The HWC to CHW transpose is done on the uint8 bytes first (into
-    ``scratch``, ``[3, H, W]``): the divide then streams over contiguous
-    memory, 1.5x faster than dividing through a strided view.
-    """
-    import numpy as np
-
-    np.copyto(scratch, rgb.transpose(2, 0, 1))
-    np.divide(scratch, np.float32(255.0), out=out)
-    np.subtract(out, np.float32(0.5), out=out)
-
-
-def _decode_batch(
-    paths: list[Path], ids: Any, size: tuple[int, int], out: np.ndarray, thumbs: np.ndarray | None = None
-) -> np.ndarray:
-    """Decode and preprocess ``paths`` into ``out[:len(paths)]``; returns that view.
-
-    With ``thumbs`` (uint8 ``[>= len(paths), THUMB_PX, THUMB_PX, 3]``), each
-    image's coverage-map thumbnail is made from the same decoded pixels
-    (:func:`cachebuild.store.thumbs.thumbnail_of`) into ``thumbs[i]``.
-    """
-    import numpy as np
-
-    from cachebuild.store.thumbs import thumbnail_of
-
-    scratch = np.empty((3, *size), dtype=np.uint8)
-    for i, path in enumerate(paths):
-        # hash checked: a corrupt image would leave a wrong descriptor in the
-        # store under the right name (StoreObjectError: the build fetches it again)
-        data = read_object(path, what="tile z={} x={} y={}".format(*tile_zxy(ids[i])))
-        try:
-            image = _decode_image(io.BytesIO(data), size)
-        except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
-            z, x, y = tile_zxy(ids[i])
-            raise BuildError(
-                f"tile z={z} x={x} y={y} (id {int(ids[i])}) cannot be decoded from store "
-                f"object {path}: {type(exc).__name__}: {exc}",
-                remedy="delete that store object and run build-cache again to fetch it anew",
-                phase=_PHASE,
-            ) from exc
-        _preprocess_into(np.asarray(image), out[i], scratch)
-        if thumbs is not None:
-            thumbs[i] = thumbnail_of(image)
-    return out[: len(paths)]
-
-
-def _save_npy_atomic(path: Path, array: Any) -> None:
-    import numpy as np
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _read_sorted_tiles(tileset_dir: Path) -> Any:
@@ -286,7 +151,7 @@ def _engine_batches(
             paths = [store.path(bytes(d).hex()) for d in digests]
             parts = [
                 pool.submit(
-                    _decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk],
+                    decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk],
                     *(() if tbuf is None else (tbuf[c : c + chunk],)),
                 )  # fmt: skip
                 for c in range(0, len(paths), chunk)
@@ -315,30 +180,12 @@ def _engine_batches(
                 th = None if tb is None else tb[: len(ids)].copy()
                 free.append(slot)
                 submit()
-                yield meta, _checked_unit(np.array(out, dtype=np.float32), ids), th
+                yield meta, checked_unit(np.array(out, dtype=np.float32), ids), th
         except BaseException:
             for *_, parts in pending:
                 for part in parts:
                     part.cancel()
             raise
-
-
-def _checked_unit(d: Any, ids: Any) -> Any:
-    """``d`` L2-normalised in place, or a BuildError naming a tile with a non-finite row."""
-    import numpy as np
-
-    if not bool(np.all(np.isfinite(d))):
-        bad = int(np.flatnonzero(~np.isfinite(d).all(axis=1))[0])
-        z, x, y = tile_zxy(ids[bad])
-        raise BuildError(
-            f"the engine produced a non-finite descriptor for tile z={z} x={x} y={y}",
-            remedy="check the model (MODEL) and recompile the engine",
-            phase=_PHASE,
-        )
-    # the network normalises already; this guards other models and fp16 engines
-    norms = np.linalg.norm(d, axis=1, keepdims=True)
-    np.divide(d, np.maximum(norms, np.float32(1e-12)), out=d)
-    return d
 
 
 def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
@@ -501,7 +348,7 @@ def describe_tiles(
                 sink.write(d)
                 bar.advance(len(d))
         computed = runs = n
-    _save_npy_atomic(out / DESCRIPTOR_IDS_FILE, ids)
+    atomic_save_npy(out / DESCRIPTOR_IDS_FILE, ids)
     seconds = time.perf_counter() - start
     return {
         "tiles": n,

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 from cachebuild.errors import CoverageError
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 __all__ = [
     "SELFTEST_FILE",
@@ -288,7 +288,7 @@ def _describe_frames(
 
     import numpy as np
 
-    from cachebuild.localize.describe import _preprocess_into, decode_tile, tile_zxy
+    from cachebuild.localize.decode import _preprocess_into, decode_tile, tile_zxy
     from cachebuild.store.objects import read_object
 
     tile = size[0]
@@ -384,11 +384,12 @@ def run_selftest(
     """
     import numpy as np
 
-    from cachebuild.localize.describe import default_decode_threads
-    from cachebuild.engine.compile import load_engine, read_engine_json
+    from cachebuild.localize.decode import default_decode_threads
+    from cachebuild.engine.compile import load_engine
+    from cachebuild.engine.interface import read_engine_json
     from cachebuild.localize.index import load_index
     from cachebuild.store.objects import TileStore
-    from cachebuild.tiles.tileset import read_tiles
+    from cachebuild.tileset import read_tiles
 
     build = Path(build_dir)
     tiles = read_tiles(build)
@@ -514,6 +515,6 @@ def check_recall(info: dict[str, Any] | None, min_recall: float | None) -> None:
 
 def write_selftest(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write ``selftest.json`` atomically."""
-    from cachebuild.tiles.tileset import atomic_write_bytes
+    from cachebuild._util.fs import atomic_write
 
-    atomic_write_bytes(Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode())
+    atomic_write(Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode(), durable=False)

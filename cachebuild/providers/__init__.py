@@ -37,7 +37,8 @@ from cachebuild.errors import UsageError
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, PLACEHOLDERS, USER_AGENT, Provider, TileFetchError, check_image, fill_template, template_placeholders
 from cachebuild.providers.geotiff import GEOTIFF_EXTENSIONS, GeoTiffProvider, geotiff_stamp
 from cachebuild.providers.local import DEFAULT_MBTILES_CONCURRENCY, DirectoryProvider, MBTilesProvider, SyntheticProvider, mbtiles_stamp, tree_stamp
-from cachebuild.providers.xyz import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, HttpConfig, XyzProvider, _key_forms, parse_headers
+from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, HttpConfig, parse_headers
+from cachebuild.providers.xyz import XyzProvider, _key_forms
 
 if TYPE_CHECKING:
     import httpx
@@ -87,7 +88,7 @@ def provider_kind(spec: str) -> str:
 
     One of ``synthetic``, ``xyz``, ``mbtiles``, ``dir``, ``geotiff``,
     ``pushed`` (companion mode: the tile set a workstation pushed, see
-    :mod:`cachebuild.companion.pushed`), or ``unknown``.  Looks at the
+    :mod:`cachebuild.providers.pushed`), or ``unknown``.  Looks at the
     text and, for a bare path, whether it is a directory.
 
     >>> [provider_kind(s) for s in ("", "https://t/{z}/{x}/{y}.png", "a.mbtiles", "dir:/t", "o.TIF", "bing")]
@@ -179,7 +180,7 @@ def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | N
         raise UsageError("PROVIDER has a NUL byte", remedy=f"use {_ACCEPTED_SPECS}")
     kind = provider_kind(spec)
     if kind == "pushed":
-        from cachebuild.companion.pushed import open_pushed
+        from cachebuild.providers.pushed import open_pushed
 
         return open_pushed(spec.strip())
     if kind == "synthetic":

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 
 from cachebuild import __version__
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tiles.grid import Tile, quadkey
+from cachebuild.tilemath import Tile, quadkey
 
 __all__ = [
     "DEFAULT_TILE_SIZE",

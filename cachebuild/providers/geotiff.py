@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tiles.grid import EARTH_RADIUS_M, Tile
+from cachebuild.tilemath import EARTH_RADIUS_M, Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, TileFetchError
 from cachebuild.providers.local import file_sha256
 

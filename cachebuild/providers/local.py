@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from cachebuild._util.hashing import sha256_file
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     """
     import sqlite3
 
-    from cachebuild.tiles.mbtiles import connect_readonly
+    from cachebuild.providers.mbtilesfile import connect_readonly
 
     conn = connect_readonly(path, check_same_thread=False)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
@@ -184,7 +184,7 @@ class MBTilesProvider:
     def fetch(self, tile: Tile) -> bytes | None:
         import sqlite3
 
-        from cachebuild.tiles.mbtiles import read_tile
+        from cachebuild.providers.mbtilesfile import read_tile
 
         name = f"tile {tile.z}/{tile.x}/{tile.y}"
         conn, budget = self._conn()

@@ -29,7 +29,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from cachebuild.tiles.grid import Tile
+    from cachebuild.tilemath import Tile
 
 __all__ = [
     "SYNTHETIC_VERSION",
@@ -305,7 +305,7 @@ def render_tile(t: Tile, size: int = DEFAULT_TILE_SIZE) -> Any:
     numpy.ndarray
         ``(size, size, 3)`` uint8, RGB.
 
-    >>> from cachebuild.tiles.grid import Tile
+    >>> from cachebuild.tilemath import Tile
     >>> img = render_tile(Tile(1, 2, 3))
     >>> img.shape, img.dtype.name
     ((256, 256, 3), 'uint8')
@@ -376,7 +376,7 @@ def synthetic_tile_bytes(t: Tile, quality: int = DEFAULT_QUALITY, size: int = DE
     size
         Tile edge in pixels.
 
-    >>> from cachebuild.tiles.grid import Tile
+    >>> from cachebuild.tilemath import Tile
     >>> synthetic_tile_bytes(Tile(0, 0, 0))[:3]
     b'\\xff\\xd8\\xff'
     """

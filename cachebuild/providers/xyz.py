@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Protocol
 from cachebuild._util import httpsafe
 from cachebuild.errors import DownloadError
 from cachebuild._util.retry import FailFast, failure_kind, retry_after_s
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from cachebuild.providers.base import USER_AGENT, TileFetchError, check_image, fill_template
 from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_DEADLINE_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, MAX_RATE_LIMIT, MAX_TILE_BYTES, PUBLIC_HEADERS, HttpConfig, check_template, header_secrets, key_forms, parse_headers, parse_rate_limit, parse_subdomains, quote_key, refuse_userinfo
 

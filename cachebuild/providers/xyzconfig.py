@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cachebuild.errors import UsageError
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, fill_template, template_placeholders
 
 __all__ = [

@@ -42,13 +42,13 @@ from cachebuild.release.produced import check_signable
 from cachebuild.release.signing import keyid, sign_envelope, write_public_key
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, doit_file_checker
 from cachebuild.release.verify import _RESERVED, MANIFEST_NAME, MANIFEST_TYPE, SIGNER_PUB_NAME, SPEC_VERSION, TIME_FORMAT, VERIFY_REASONS, _escapes, _format_time, _relpath_problem, canonical_value, read_manifest, verify_cache
+from cachebuild._util.fs import atomic_write
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 __all__ = [
     "MANIFEST_NAME",
-    "atomic_write",
     "SIGNER_PUB_NAME",
     "MANIFEST_TYPE",
     "SPEC_VERSION",
@@ -158,17 +158,6 @@ def build_identity(
     return hashlib.sha256(payload).hexdigest(), identity
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` durably: a unique temp file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- writing -----------------------------------------------------------------
@@ -304,7 +293,7 @@ def write_manifest(
         raise fail(f"manifest identity or info is not JSON-representable: {exc}") from exc
 
     write_public_key(cache_dir / SIGNER_PUB_NAME, key.public_key())
-    atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"))
+    atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"), durable=True)
     log.info(
         "wrote %s: version %d, %d targets, build %s, keyid %s",
         cache_dir / out_name,

@@ -31,10 +31,10 @@ from pathlib import Path
 
 from cachebuild.inputs.config import Paths
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
+from cachebuild._util.fs import fsync_dir
 
 __all__ = [
     "publish",
-    "fsync_dir",
     "published_manifest_bytes",
     "release_intact",
     "clean_leftovers",
@@ -81,13 +81,6 @@ def published_manifest_bytes(paths: Paths) -> bytes | None:
         return None
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """fsync a directory, so a rename inside it survives a power cut (or a file, by path)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def make_tree_read_only(root: Path) -> None:

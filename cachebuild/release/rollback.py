@@ -176,8 +176,7 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
     """
     import filelock
 
-    from cachebuild.release.manifest import atomic_write
-    from cachebuild.release.publish import fsync_dir
+    from cachebuild._util.fs import atomic_write, fsync_dir
 
     version = int(signed["version"])
     path = accepted_path(cache_dir)
@@ -200,6 +199,6 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
             "accepted_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
         data = (json.dumps({"format": FORMAT, "keys": keys}, indent=1, sort_keys=True) + "\n").encode()
-        atomic_write(path, data)
+        atomic_write(path, data, durable=True)
         fsync_dir(path.parent)
     return True

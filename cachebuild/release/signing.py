@@ -456,9 +456,9 @@ def write_public_key(path: str | os.PathLike[str], pub: Ed25519PublicKey) -> Non
     The line is ``ssh-ed25519 AAAA… cachebuild-<first 16 hex of keyid>``;
     the file is written to a temporary name and renamed over ``path``.
     """
-    from cachebuild.release.manifest import atomic_write  # manifest imports this module
+    from cachebuild._util.fs import atomic_write
 
-    atomic_write(Path(path), _openssh_line(pub).encode("ascii"))
+    atomic_write(Path(path), _openssh_line(pub).encode("ascii"), durable=True)
 
 
 # -- envelopes ---------------------------------------------------------------

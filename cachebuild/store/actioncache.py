@@ -40,7 +40,7 @@ Safety:
   credential or a key's bytes;
 - recording is best effort: a store or bucket that cannot be written costs
   a warning, never the build;
-- ``doit gc-store`` (:mod:`cachebuild.store.gc`) keeps the objects the known
+- ``doit gc-store`` (:mod:`cachebuild.release.gc`) keeps the objects the known
   caches' artifacts are (by SHA-256) and removes the rest, oldest first.
 
 numpy and boto3 are not imported here.
@@ -68,17 +68,11 @@ __all__ = [
     "ACTIONS_DIR",
     "OUTPUTS",
     "RECORD_FORMAT",
-    "SPECS",
     "Action",
     "ActionCache",
-    "action_for",
     "action_key",
-    "cached",
     "code_version",
     "file_sha256",
-    "index_action",
-    "preview_action",
-    "selftest_action",
 ]
 
 #: Each cached action's output files, in the build directory.
@@ -169,7 +163,7 @@ class Action:
         """The inputs' SHA-256, through the build's hash cache: the manifest and
         doit's file checker then find them remembered instead of reading the files again."""
         if not self._digests:
-            from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+            from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
             cache = HashCache(self.build / HASH_CACHE_NAME)
             self._digests.update({n: cache.sha256(p)[0] for n, p in sorted(self.inputs.items())})
@@ -263,7 +257,7 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = Non
 
 def _remember(build: Path, digests: Mapping[str, str]) -> None:
     """Tell the build's hash cache what the outputs hash to, so the manifest does not read them again."""
-    from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
     cache = HashCache(build / HASH_CACHE_NAME)
     for name, digest in digests.items():
@@ -274,9 +268,9 @@ def _remember(build: Path, digests: Mapping[str, str]) -> None:
 
 def _materialize(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` durably and atomically (a temp name the next build sweeps if killed)."""
-    from cachebuild.release.manifest import atomic_write
+    from cachebuild._util.fs import atomic_write
 
-    atomic_write(path, data)
+    atomic_write(path, data, durable=True)
 
 
 class ActionCache:
@@ -452,144 +446,3 @@ class ActionCache:
             self.remote.put(self._remote_record(key), record)  # after its objects
         except StoreUnavailable as exc:
             self.warn(f"action cache: could not share {action.name}: {exc.message}")
-
-
-# -- the actions ---------------------------------------------------------------
-
-
-def _engine_key(build: Path) -> str | None:
-    try:
-        return str(json.loads((build / "engine" / "engine.json").read_text())["key"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def index_action(build: Path, kind: str = "auto", **_: Any) -> Action:
-    """The index: its descriptors and their ids, the kind, the index code and faiss."""
-    return Action(
-        name="index",
-        version="index:"
-        + code_version("cachebuild.localize.index")
-        + ":"
-        + _dist_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
-        inputs={
-            "descriptors.npy": build / "descriptors.npy",
-            "descriptor_ids.npy": build / "descriptor_ids.npy",
-        },
-        values={"kind": kind},
-        engine_key=_engine_key(build),
-        outputs=OUTPUTS["index"],
-        build=build,
-    )
-
-
-def selftest_action(build: Path, queries: int = 0, **_: Any) -> Action:
-    """The self-test: the tiles (ids and image hashes; they seed the sample), the index, the engine, the queries."""
-    from cachebuild.localize.selftest import SELFTEST_VERSION
-
-    return Action(
-        name="selftest",
-        version=f"selftest {SELFTEST_VERSION}:"
-        + code_version("cachebuild.localize.selftest")
-        + ":"
-        + _dist_version("numpy"),
-        inputs={"tiles.npy": build / "tiles.npy", "index.faiss": build / "index.faiss"},
-        values={"queries": int(queries)},
-        engine_key=_engine_key(build),
-        outputs=OUTPUTS["selftest"],
-        build=build,
-    )
-
-
-def preview_action(build: Path, **_: Any) -> Action:
-    """The coverage map: what it draws (tiles, holes, area, route, legend and its date)."""
-    from datetime import datetime, timezone
-
-    from cachebuild.tiles.preview import DEFAULT_SIZE, PREVIEW_VERSION
-
-    summary = json.loads((build / "tileset.json").read_text())
-    record = json.loads((build / "flight.json").read_text())
-    drawn = {k: summary.get(k) for k in ("bbox", "zooms", "planned", "present", "missing")}
-    return Action(
-        name="preview",
-        version=f"preview {PREVIEW_VERSION}:"
-        + code_version("cachebuild.tiles.preview", "cachebuild.store.thumbs")
-        + ":"
-        + _dist_version("pillow"),
-        # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
-        inputs={"tiles.npy": build / "tiles.npy", "missing.npy": build / "missing.npy"},
-        values={
-            "size": DEFAULT_SIZE,
-            "tileset": drawn,
-            "flight": {k: record.get(k) for k in ("flight_id", "takeoff_origin", "waypoints")},
-            # the legend says the day it was drawn: a map drawn on another day is drawn again
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-        },
-        engine_key=None,
-        outputs=OUTPUTS["preview"],
-        build=build,
-    )
-
-
-#: action name -> the function that describes it from the doit action's keyword arguments
-SPECS: dict[str, Callable[..., Action]] = {
-    "index": index_action,
-    "selftest": selftest_action,
-    "preview": preview_action,
-}
-
-
-def action_for(name: str, **kwargs: Any) -> Action:
-    """The :class:`Action` for ``name`` and an action's keyword arguments."""
-    return SPECS[name](Path(kwargs["build"]), **{k: v for k, v in kwargs.items() if k != "build"})
-
-
-def cached(
-    name: str, fn: Callable[..., None], context: Callable[[], Mapping[str, Any]]
-) -> Callable[..., None]:
-    """``fn`` (a :mod:`targets.actions` function) served from the action cache.
-
-    ``context()`` gives, when the action runs, the ``store`` (the local
-    store root, for actions without a ``store`` argument of their own),
-    ``shared`` (the ``STORE=s3://...`` URL or None) and ``action_cache``
-    (the report's dict: ``hits``, ``misses`` and ``from_bucket`` lists).
-    Without a store, or when an input cannot be read (the action then
-    raises its own error), the action just runs.
-    """
-
-    @functools.wraps(fn)
-    def run(**kwargs: Any) -> None:
-        ctx = context()
-        store = kwargs.get("store") or ctx.get("store")
-        if not store:
-            fn(**kwargs)
-            return
-        remote = None
-        if ctx.get("shared"):
-            from cachebuild.store.s3 import open_store
-
-            remote = open_store(str(ctx["shared"]))
-        cache = ActionCache(store, remote)
-        stats = ctx.get("action_cache")
-        try:
-            action = action_for(name, **kwargs)
-            key = action_key(action)
-        except (OSError, ValueError, KeyError, TypeError):  # an input missing or unreadable:
-            fn(**kwargs)  # the action itself says which, with its own remedy
-            return
-        from targets.actions import store_user
-
-        with store_user(str(store)):  # gc-store waits while the cache is read or written
-            if cache.lookup(action, key):
-                if stats is not None:
-                    stats.setdefault("hits", []).append(name)
-                    if cache.served_from == "bucket":
-                        stats.setdefault("from_bucket", []).append(name)
-                return
-        fn(**kwargs)
-        with store_user(str(store)):
-            cache.record(action, key)
-        if stats is not None:
-            stats.setdefault("misses", []).append(name)
-
-    return run

@@ -20,7 +20,7 @@ file (named by its pid) and commits its rows to the index in batches, after
 ``fdatasync``: a committed row is always on disk in full.  A writer killed
 mid-batch leaves rows past the committed count (or a shard the index never
 heard of), which are unreachable and removed by ``doit gc-store``
-(:mod:`cachebuild.store.gc`).  Two builds may describe at once: the index is
+(:mod:`cachebuild.release.gc`).  Two builds may describe at once: the index is
 SQLite in WAL mode and ``INSERT OR IGNORE`` keeps the first of two
 descriptors computed for the same image.
 

@@ -21,13 +21,15 @@ import json
 import os
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
 from cachebuild.errors import LockHeldError
 
-__all__ = ["LOCK_NAME", "CACHES_DIR", "StoreLock", "register_cache", "registered_caches"]
+__all__ = ["LOCK_NAME", "CACHES_DIR", "StoreLock", "register_cache", "registered_caches", "store_user"]
 
 LOCK_NAME = "gc.lock"
 CACHES_DIR = "caches"
@@ -140,3 +142,16 @@ def registered_caches(store_root: str | os.PathLike[str], *, prune: bool = False
         elif prune:
             entry.unlink(missing_ok=True)
     return out
+
+@contextmanager
+def store_user(store: str, cache_dir: str | None = None) -> Iterator[None]:
+    """Hold the store's shared lock (gc-store waits) and register the cache with it.
+
+    Every action that reads or writes the store runs inside this, so
+    ``doit gc-store`` never removes what a running build is using, and
+    knows every cache directory that uses the store.
+    """
+    with StoreLock(store, exclusive=False):
+        if cache_dir is not None:
+            register_cache(store, cache_dir)
+        yield

@@ -14,7 +14,7 @@ fetched again, its descriptors computed again, and written anew)::
 
     tiles/<provider>/<z>/<cx>-<cy>/<sha256>.pack         tile packs
     descriptors/<engine key>/<z>/<cx>-<cy>/<sha256>.bin  descriptor batches
-    thumbs/<z>/<cx>-<cy>/<sha256>.bin                    coverage-map thumbnail batches (:mod:`cachebuild.store.s3desc`)
+    thumbs/<z>/<cx>-<cy>/<sha256>.bin                    coverage-map thumbnail batches (:mod:`cachebuild.localize.s3desc`)
     actions/cas/<sha256>, actions/ac/<key>.json          action cache (:mod:`cachebuild.store.actioncache`)
 
 ``<provider>`` is the first 32 hex digits of the SHA-256 of the provider's
@@ -31,7 +31,7 @@ tiles is 10 to 25 cells, so a second machine reads it in a few dozen LISTs
 and GETs, not 20,000.  Where packs of several builds show one tile,
 the newest wins.  Descriptors stay keyed by (image SHA-256, engine key):
 the cell only groups them where a flight will look for them
-(:mod:`cachebuild.store.s3desc`).
+(:mod:`cachebuild.localize.s3desc`).
 
 Tiles (:class:`TileSync`, used by :mod:`cachebuild.tiles.fetch`): before the
 provider is asked for a tile, the packs of its cell are read into the local

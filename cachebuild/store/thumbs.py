@@ -15,7 +15,7 @@ preview stage of a build finds them all.  An image whose descriptor was
 reused but that has no thumbnail (a store from before thumbnails, or one
 ``store/thumbs/`` was deleted from) is decoded by the preview at 1/8 scale
 (:func:`make_thumbnail`) and kept.  With ``STORE=s3://...`` they travel in
-per-cell batches in the bucket (:mod:`cachebuild.store.s3desc`)::
+per-cell batches in the bucket (:mod:`cachebuild.localize.s3desc`)::
 
     <store>/thumbs/thumbs.sqlite    sha256 BLOB -> THUMB_PX x THUMB_PX x 3 uint8 RGB
 

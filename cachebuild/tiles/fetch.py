@@ -12,7 +12,7 @@
    no-data rule (:mod:`cachebuild.providers.nodata`) matches, which is not stored.
 5. Tiles that failed after retries fail the phase, after the others are
    recorded.
-6. The tile set (:mod:`cachebuild.tiles.tileset`) is written.
+6. The tile set (:mod:`cachebuild.tileset`) is written.
 
 With ``STORE=s3://...`` (:mod:`cachebuild.store.s3`) step 2 also looks in
 the shared bucket, whose tiles are downloaded rather than fetched, and the
@@ -36,14 +36,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tiles.grid import LngLatBbox, Tile
+from cachebuild.tilemath import LngLatBbox, Tile
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
     from cachebuild.providers.nodata import NoDataRule
     from cachebuild._util.progress import Progress
-    from cachebuild.providers import Provider
+    from cachebuild.providers.base import Provider
     from cachebuild.store.s3 import S3Store, TileSync
     from cachebuild.store.objects import RefJournal, TileStore
 
@@ -176,7 +176,7 @@ class _Run:
         }
 
     def _blank(self, t: Tile) -> None:
-        from cachebuild.tiles.grid import tile_id
+        from cachebuild.tilemath import tile_id
 
         self.missing.append(tile_id(t))
         self.nodata += 1
@@ -186,7 +186,7 @@ class _Run:
 
         Stored tiles that need no check are counted as reused here.
         """
-        from cachebuild.tiles.grid import tile_id
+        from cachebuild.tilemath import tile_id
 
         for chunk in _chunks(planned, LOOKUP_BATCH):
             self.planned += len(chunk)
@@ -218,8 +218,8 @@ class _Run:
 
     def done(self, future: Future[_Outcome]) -> None:
         """Account for one finished piece of work; re-raises what is not a tile failure."""
-        from cachebuild.providers import TileFetchError
-        from cachebuild.tiles.grid import tile_id
+        from cachebuild.providers.base import TileFetchError
+        from cachebuild.tilemath import tile_id
 
         exc = future.exception()
         if isinstance(exc, TileFetchError):
@@ -294,8 +294,8 @@ def fetch_with_provider(
     from cachebuild.providers.nodata import NoDataRule
     from cachebuild._util.progress import Progress
     from cachebuild.store.objects import TileStore
-    from cachebuild.tiles.grid import count_tiles, tile_from_id, tiles
-    from cachebuild.tiles.tileset import tile_dtype, write_tileset
+    from cachebuild.tilemath import count_tiles, tile_from_id, tiles
+    from cachebuild.tileset import tile_dtype, write_tileset
 
     if concurrency < 1:
         raise UsageError(f"CONCURRENCY={concurrency} must be at least 1")

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachebuild.errors import BuildError
-from cachebuild.tiles.grid import LngLatBbox, Tile
+from cachebuild.tilemath import LngLatBbox, Tile
 
 if TYPE_CHECKING:
     import sqlite3
@@ -43,9 +43,6 @@ __all__ = [
     "ROWS_SUFFIX",
     "MAX_UPDATE_SHARE",
     "MAX_FREE_SHARE",
-    "connect_readonly",
-    "read_tile",
-    "read_mbtiles_tile",
 ]
 
 #: ``PRAGMA application_id`` of an MBTiles file: ASCII "MPBX", from SQLite's
@@ -92,7 +89,7 @@ def _bounds_and_center(bbox: LngLatBbox, zoom: int) -> tuple[str, str]:
     its bounds span every longitude; its centre is the middle of the box
     across the antimeridian.
     """
-    from cachebuild.tiles.grid import MAX_LAT
+    from cachebuild.tilemath import MAX_LAT
 
     west, south, east, north = bbox
     south, north = max(south, -MAX_LAT), min(north, MAX_LAT)
@@ -143,7 +140,7 @@ def write_mbtiles(
     Parameters
     ----------
     tileset_dir
-        Holds ``tiles.npy`` (see :mod:`cachebuild.tiles.tileset`).
+        Holds ``tiles.npy`` (see :mod:`cachebuild.tileset`).
     store_root
         The tile store the images are read from (their hashes are checked).
     out_path
@@ -176,7 +173,7 @@ def write_mbtiles(
         tiles do not all have the one format.
     """
     from cachebuild.store.objects import TileStore
-    from cachebuild.tiles.tileset import read_tiles
+    from cachebuild.tileset import read_tiles
 
     if image_format is not None and image_format not in _FORMATS:
         raise BuildError(f"image format {image_format!r} is not one of {', '.join(_FORMATS)}")
@@ -227,7 +224,7 @@ def write_mbtiles(
     how = {"mode": mode, "inserted": inserted, "deleted": deleted or 0}
     _write_record(out_path, tiles, fmt, st, digest, pages, free, how)
     if hash_cache is not None:
-        from cachebuild.release.manifest import HashCache
+        from cachebuild._util.statcache import HashCache
 
         cache = HashCache(hash_cache)
         cache.remember(out_path, digest, st)
@@ -340,7 +337,7 @@ def _read_record(out_path: Path) -> tuple[dict[str, Any], Any] | None:
 
     import numpy as np
 
-    from cachebuild.tiles.tileset import tile_dtype
+    from cachebuild.tileset import tile_dtype
 
     try:
         raw = _record_path(out_path).read_bytes()
@@ -366,7 +363,8 @@ def _write_record(
 
     import numpy as np
 
-    from cachebuild.tiles.tileset import atomic_write_bytes, tile_dtype
+    from cachebuild._util.fs import atomic_write
+    from cachebuild.tileset import tile_dtype
 
     rows = np.ascontiguousarray(tiles, dtype=tile_dtype()).tobytes()
     head = {
@@ -379,7 +377,7 @@ def _write_record(
         "free_pages": free,
         "written": how,
     }
-    atomic_write_bytes(_record_path(out_path), json.dumps(head, sort_keys=True).encode() + b"\n" + rows)
+    atomic_write(_record_path(out_path), json.dumps(head, sort_keys=True).encode() + b"\n" + rows, durable=False)
 
 
 def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
@@ -469,10 +467,10 @@ def _update_copy(
 
 def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata: Any) -> _Written | None:
     """Delete ``gone``'s rows from the copy at ``tmp``, insert ``new``'s; None when it must be written in full."""
-    from cachebuild.tiles.grid import tile_from_id
+    from cachebuild.tilemath import tile_from_id
 
     def inserted() -> Iterator[tuple[int, int, int, bytes]]:
-        from cachebuild.tiles.tileset import hex_digests
+        from cachebuild.tileset import hex_digests
 
         for tid, hexdigest in zip(new["id"].tolist(), hex_digests(new)):
             t = tile_from_id(tid)
@@ -594,46 +592,11 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 def _tile_rows(tiles: Any, store: Any) -> Iterator[tuple[int, int, int, bytes]]:
     """``(zoom_level, tile_column, tile_row, data)`` per tile, read one at a time."""
-    from cachebuild.tiles.grid import tile_from_id
-    from cachebuild.tiles.tileset import hex_digests
+    from cachebuild.tilemath import tile_from_id
+    from cachebuild.tileset import hex_digests
 
     for tid, hexdigest in zip(tiles["id"].tolist(), hex_digests(tiles)):
         t = tile_from_id(tid)
         # a missing or corrupt object raises StoreObjectError: the build fetches it again
         data = store.get_checked(hexdigest, what=f"tile {t.z}/{t.x}/{t.y}")
         yield (t.z, t.x, (1 << t.z) - 1 - t.y, data)
-
-
-def connect_readonly(path: str | os.PathLike[str], *, check_same_thread: bool = True) -> sqlite3.Connection:
-    """Open an MBTiles file read-only and immutable: no journal beside it is ever replayed (:mod:`.sqliteuri`)."""
-    from cachebuild._util.sqliteuri import connect_immutable
-
-    return connect_immutable(path, check_same_thread=check_same_thread)
-
-
-def read_tile(conn: sqlite3.Connection, tile: Tile) -> bytes | None:
-    """The bytes of XYZ ``tile`` from an open MBTiles file, or None if it has none.
-
-    The XYZ row is flipped to the file's TMS row.
-    """
-    row = conn.execute(
-        "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
-        (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
-    ).fetchone()
-    if row is None or row[0] is None:
-        return None
-    data = row[0]
-    return data.encode() if isinstance(data, str) else bytes(data)
-
-
-def read_mbtiles_tile(path: str | os.PathLike[str], tile: Tile) -> bytes | None:
-    """The bytes of XYZ ``tile`` in the MBTiles file at ``path``, or None.
-
-    Opens and closes the file; for many tiles, use :func:`connect_readonly`
-    and :func:`read_tile`.
-    """
-    conn = connect_readonly(path)
-    try:
-        return read_tile(conn, tile)
-    finally:
-        conn.close()

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.errors import BuildError
-from cachebuild.tiles.mbtiles import connect_readonly
-from cachebuild.tiles.grid import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
+from cachebuild.providers.mbtilesfile import connect_readonly
+from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
 
 __all__ = ["CELLS_FILE", "DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
 
@@ -409,14 +409,14 @@ def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, diges
     """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
     import numpy as np
 
-    from cachebuild.tiles.tileset import atomic_write_bytes
+    from cachebuild._util.fs import atomic_write
 
     head = np.array([_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64)
     check = np.frombuffer(_cells_sha256(head, cells, digests), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, head=head, cells=cells, digests=digests, sha256=check)
     try:
-        atomic_write_bytes(cells_dir / CELLS_FILE, buf.getvalue())
+        atomic_write(cells_dir / CELLS_FILE, buf.getvalue(), durable=False)
     except OSError as exc:
         from cachebuild._util.diskspace import is_disk_full
 

@@ -59,7 +59,7 @@ from cachebuild.engine.tensorrt.policy import PROFILE_BATCH, check_environment, 
 if TYPE_CHECKING:
     import numpy as np
 
-    from cachebuild.engine.compile import EngineInfo
+    from cachebuild.engine.interface import EngineInfo
 
 __all__ = [
     "DEFAULT_WORKSPACE",
@@ -139,7 +139,7 @@ def _onnx_io(model: Any, model_path: Path, engine_file: str) -> EngineInfo:
     """The network's signature from the ONNX graph: one [n, 3, H, W] input, one [n, D] output."""
     from onnx import TensorProto
 
-    from cachebuild.engine.compile import EngineInfo
+    from cachebuild.engine.interface import EngineInfo
 
     init = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in init]
@@ -376,7 +376,7 @@ class TensorRTBackend:
         """Parse, build with the profile, workspace and timing cache; write ``engine.plan``."""
         import onnx
 
-        from cachebuild.engine.compile import EngineInfo
+        from cachebuild.engine.interface import EngineInfo
 
         trt = self.trt
         model_path, out_dir = Path(model_path), Path(out_dir)
@@ -458,7 +458,7 @@ class TensorRTBackend:
 
     def load(self, engine_dir: Path, threads: int | None = None) -> Any:
         """Deserialize ``engine.plan`` after checking it was built for this machine."""
-        from cachebuild.engine.compile import read_engine_json
+        from cachebuild.engine.interface import read_engine_json
 
         engine_dir = Path(engine_dir)
         record = read_engine_json(engine_dir)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tiles.grid import Tile
+from cachebuild.tilemath import Tile
 
 __all__ = ["PREFIX", "PUSH_FILE", "PushedProvider", "open_pushed", "pushed_dir"]
 
@@ -54,7 +54,7 @@ class PushedProvider:
     """
 
     def __init__(self, directory: Path):
-        from cachebuild.tiles.tileset import hex_digests, read_missing, read_summary, read_tiles
+        from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
 
         self.directory = Path(directory)
         try:
@@ -75,7 +75,7 @@ class PushedProvider:
 
     def fetch(self, tile: Tile) -> bytes | None:
         """The pushed image of ``tile``; None for a tile the workstation found missing."""
-        from cachebuild.tiles.grid import tile_id
+        from cachebuild.tilemath import tile_id
 
         tid = tile_id(tile)
         digest = self._digests.get(tid)

@@ -5,7 +5,7 @@ build directory:
 
 ``tiles.npy``
     numpy structured array of dtype :data:`TILE_DTYPE`, the present tiles,
-    sorted by tile id: ``id`` (see :func:`cachebuild.tiles.grid.tile_id`) and the
+    sorted by tile id: ``id`` (see :func:`cachebuild.tilemath.tile_id`) and the
     raw 32-byte SHA-256 of the tile's image in the store.
 ``missing.npy``
     int64 ids of planned tiles the provider has no image for, sorted.
@@ -24,6 +24,7 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+from cachebuild._util.fs import atomic_save_npy, atomic_write
 
 __all__ = [
     "TILES_FILE",
@@ -35,7 +36,6 @@ __all__ = [
     "read_tiles",
     "read_missing",
     "read_summary",
-    "atomic_write_bytes",
     "hex_digests",
 ]
 
@@ -78,33 +78,8 @@ def aggregate_sha256(tiles: Any, missing: Any) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename.
-
-    Atomic against a killed process, not durable against a power cut: unlike
-    :func:`cachebuild.release.manifest.atomic_write` there is no fsync.  What this
-    writes is build state (tileset.json, engine.json, selftest.json, the
-    MBTiles record, action records), and ``publish`` fsyncs every file of a
-    release before it becomes current, so a published file is durable however
-    it was written.  Only an unpublished build-state file can be left empty
-    or old by a power cut or a kernel crash (not by a kill).  A file that must
-    survive a power cut by itself (the model, the manifest, the accepted-version
-    record) goes through ``manifest.atomic_write``.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
 
 
-def _atomic_save_npy(path: Path, array: Any) -> None:
-    import numpy as np
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def write_tileset(out_dir: Path, tiles: Any, missing: Any, summary: dict[str, Any]) -> dict[str, Any]:
@@ -126,10 +101,10 @@ def write_tileset(out_dir: Path, tiles: Any, missing: Any, summary: dict[str, An
         missing=int(len(missing)),
         aggregate_sha256=aggregate_sha256(tiles, missing),
     )
-    _atomic_save_npy(out_dir / TILES_FILE, tiles)
-    _atomic_save_npy(out_dir / MISSING_FILE, missing)
+    atomic_save_npy(out_dir / TILES_FILE, tiles)
+    atomic_save_npy(out_dir / MISSING_FILE, missing)
     # the summary last: its presence means the set is complete
-    atomic_write_bytes(out_dir / SUMMARY_FILE, json.dumps(full, indent=1, sort_keys=True).encode())
+    atomic_write(out_dir / SUMMARY_FILE, json.dumps(full, indent=1, sort_keys=True).encode(), durable=False)
     return full
 
 

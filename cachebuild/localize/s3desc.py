@@ -126,7 +126,7 @@ class _FlightDescriptors(NamedTuple):
 def _flight(build_dir: Path) -> _FlightDescriptors:
     import numpy as np
 
-    from cachebuild.tiles.tileset import read_tiles
+    from cachebuild.tileset import read_tiles
 
     engine = json.loads((build_dir / "engine" / "engine.json").read_text())
     tiles = read_tiles(build_dir)

@@ -37,7 +37,7 @@ Collection takes the store lock exclusively and every known cache's build
 lock, without waiting (exit 50 when a build runs); builds wait for it.
 
 numpy is imported inside the functions.  This module does not import doit;
-the command is :class:`cachebuild.cli.runner.GcStoreCmd`.
+the command is :class:`cachebuild.cli.doitcmds.GcStoreCmd`.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
     through the build's hash cache.
     """
     from cachebuild.store.actioncache import OUTPUTS, file_sha256
-    from cachebuild.release.manifest import HASH_CACHE_NAME, HashCache
+    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
     names = sorted({n for outputs in OUTPUTS.values() for n in outputs})
     found: set[str] = set()
