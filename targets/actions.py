@@ -22,6 +22,16 @@ from typing import Any
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.store.lock import store_user
 from targets.cached import cached
+from cachebuild._util.fs import atomic_write
+from cachebuild.engine.model import write_default_model
+from cachebuild.tilemath import LngLatBbox
+from cachebuild._util.statcache import HASH_CACHE_NAME
+from cachebuild.tileset import read_summary
+from cachebuild.engine.interface import read_engine_json
+from cachebuild.localize.selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
+from cachebuild.tiles.preview import render_preview
+from cachebuild.release.rollback import highest_accepted
+from cachebuild.release.signing import load_private_key
 
 __all__ = [
     "ACTIVE",
@@ -115,7 +125,6 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    from cachebuild._util.fs import atomic_write
 
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode(), durable=False)
@@ -126,7 +135,6 @@ def write_flight(*, path: str, record: dict[str, Any]) -> None:
 
 
 def write_model(*, path: str) -> None:
-    from cachebuild.engine.model import write_default_model
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_default_model(Path(path))
@@ -149,7 +157,6 @@ def fetch(
     import os
 
     from cachebuild.tiles.fetch import fetch_tiles
-    from cachebuild.tilemath import LngLatBbox
 
     remote = None
     if shared:
@@ -172,9 +179,7 @@ def fetch(
 
 def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
     """tiles.mbtiles: the last build's file updated where it can be; its hash remembered for the manifest."""
-    from cachebuild._util.statcache import HASH_CACHE_NAME
     from cachebuild.tiles.mbtiles import write_mbtiles
-    from cachebuild.tilemath import LngLatBbox
 
     with store_user(store):
         write_mbtiles(
@@ -242,7 +247,6 @@ def describe(
     workers_read: Any = nullcontext()
     if remote is not None and dask_scheduler is not None:  # tcp:// workers read tiles from the bucket
         from cachebuild.localize.daskexec import workers_read_bucket
-        from cachebuild.tileset import read_summary
 
         workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
     with store_user(store, cache_dir), workers_read:
@@ -280,7 +284,6 @@ def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., N
 @_action_cached("index")
 def index(*, build: str, kind: str = "auto") -> None:
     """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
-    from cachebuild.engine.interface import read_engine_json
     from cachebuild.localize.index import build_index
 
     b = Path(build)
@@ -297,7 +300,6 @@ def index(*, build: str, kind: str = "auto") -> None:
 @_action_cached("selftest")
 def selftest(*, build: str, store: str, queries: int, threads: int | None) -> None:
     """The localisation self-test over the staged cache (selftest.json)."""
-    from cachebuild.localize.selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
 
     b = Path(build)
     with store_user(store):
@@ -316,7 +318,6 @@ def selftest(*, build: str, store: str, queries: int, threads: int | None) -> No
 @_action_cached("preview")
 def preview(*, build: str, store: str) -> None:
     """The coverage map of the staged cache (preview.png), thumbnails kept in the store."""
-    from cachebuild.tiles.preview import render_preview
 
     b = Path(build)
     with store_user(store):
@@ -325,7 +326,6 @@ def preview(*, build: str, store: str) -> None:
 
 def _previous_version(current: Path) -> int:
     """The highest version this cache published or accepted (cachebuild.release.rollback): the next is above it."""
-    from cachebuild.release.rollback import highest_accepted
 
     accepted = highest_accepted(current.parent, tolerant=True)  # current = CACHE_DIR/current
     try:
@@ -339,10 +339,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
-    from cachebuild._util.statcache import HASH_CACHE_NAME
     from cachebuild.release.manifest import build_identity, write_manifest
-    from cachebuild.release.signing import load_private_key
-    from cachebuild.tileset import read_summary
 
     b = Path(build)
     record = json.loads((b / "flight.json").read_text())

@@ -8,13 +8,13 @@ from doit.tools import config_changed
 
 from targets import actions
 from cachebuild.providers import source_stamp
+from cachebuild.tileset import read_summary
 
 
 def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
     def check() -> bool:
         if not retry_missing:
             return True
-        from cachebuild.tileset import read_summary
         from pathlib import Path
 
         try:

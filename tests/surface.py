@@ -50,15 +50,8 @@ def assert_public_surface(module: ModuleType) -> None:
 
 
 def own_public_names(module: ModuleType) -> set[str]:
-    """Names ``module`` defines itself (not imports), without a leading underscore."""
-    return {
-        n
-        for n, v in vars(module).items()
-        if not n.startswith("_")
-        and n != "TYPE_CHECKING"
-        and not isinstance(v, ModuleType)
-        and getattr(v, "__module__", module.__name__) == module.__name__
-    }
+    """Names ``module`` defines itself (not imports), without a leading underscore (read from its source)."""
+    return {n for n in defined_names(module) if not n.startswith("_") and n != "TYPE_CHECKING"}
 
 
 def heavy_imports(*modules: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:

@@ -31,6 +31,7 @@ from cachebuild.tiles import mbtiles
 from cachebuild.errors import BuildError, CacheBuildWarning, StoreObjectError
 from cachebuild.tiles.fetch import fetch_tiles
 from cachebuild.providers.mbtilesfile import connect_readonly, read_mbtiles_tile, read_tile
+from tests.surface import own_public_names
 from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, detect_format, write_mbtiles
 from cachebuild.store.objects import TileStore
 from cachebuild.providers.synthetic import synthetic_tile_bytes
@@ -43,14 +44,7 @@ PLANNED = list(tiles(AREA, [17]))
 
 
 def public_names(mod: types.ModuleType) -> set[str]:
-    return {
-        n
-        for n, v in vars(mod).items()
-        if not n.startswith("_")
-        and n != "TYPE_CHECKING"
-        and not isinstance(v, types.ModuleType)
-        and getattr(v, "__module__", mod.__name__) == mod.__name__
-    }
+    return own_public_names(mod)
 
 
 def fetched(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None, spec: str = "synthetic") -> dict[str, Any]:

@@ -15,13 +15,14 @@ from cachebuild.errors import UsageError, did_you_mean
 from cachebuild.cli.logsetup import configure_logging
 from cachebuild._util.report import Report
 from cachebuild._util.warn import operator_warnings
+from cachebuild.cli.doitcmds import CacheInfoCmd, CompanionAgentCmd, GcStoreCmd, PreviewCacheCmd
+from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
+from cachebuild.cli.doitcmds import _VARS_HELP
 
 __all__ = ["main", "usage"]
 
 
 def _commands() -> dict[str, Callable[[Mapping[str, str]], int]]:
-    from cachebuild.cli.doitcmds import CacheInfoCmd, CompanionAgentCmd, GcStoreCmd, PreviewCacheCmd
-    from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
 
     return {
         "build-cache": build_cache,
@@ -37,7 +38,6 @@ def _commands() -> dict[str, Callable[[Mapping[str, str]], int]]:
 def usage(command: str | None = None) -> str:
     """The usage text: every command, or one, and the variables."""
     head = command or "{build-cache|verify-cache|clean|cache-info|preview-cache|gc-store}"
-    from cachebuild.cli.doitcmds import _VARS_HELP
 
     return (
         f"usage: cachebuild {head} [NAME=value ...]\n       cachebuild --version\n\n"

@@ -30,6 +30,11 @@ from cachebuild.release.lock import CacheLock
 from cachebuild.cli.logsetup import configure_logging
 from cachebuild._util.report import Report
 from cachebuild._util.warn import operator_warnings
+from cachebuild.inputs.plan import resolve_plan
+from targets import task_dicts
+from cachebuild.cli.runner import build_cache
+from cachebuild.cli.runner import verify_cache_cmd
+from cachebuild.cli.runner import clean_cache
 
 __all__ = [
     "foreign_dodo",
@@ -141,7 +146,6 @@ class BuildCacheCmd(_CacheCommand):
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:
-        from cachebuild.cli.runner import build_cache
 
         return build_cache(vars)
 
@@ -152,7 +156,6 @@ class VerifyCacheCmd(_CacheCommand):
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:
-        from cachebuild.cli.runner import verify_cache_cmd
 
         return verify_cache_cmd(vars)
 
@@ -171,7 +174,6 @@ class CleanCacheCmd(_CacheCommand):
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:
-        from cachebuild.cli.runner import clean_cache
 
         return clean_cache(vars)
 
@@ -234,14 +236,12 @@ class GcStoreCmd(_CacheCommand):
 
 
 def _plan(vars: Mapping[str, str], *, with_flight: bool) -> Any:
-    from cachebuild.inputs.plan import resolve_plan
 
     settings = load_settings(vars)
     return resolve_plan(settings, with_flight=with_flight)
 
 
 def _task_names(plan: Any) -> list[str]:
-    from targets import task_dicts
 
     return [d["name"] for d in task_dicts(plan)]
 

@@ -20,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from doit.cmd_base import TaskLoader2
+from cachebuild._util.statcache import HASH_CACHE_NAME, doit_file_checker
+from targets import FINAL_TASK
+from targets import task_dicts
 
 __all__ = [
     "RecordingReporter",
@@ -143,7 +146,6 @@ def doit_config(plan: Any) -> dict[str, Any]:
     ``build-cache``, ``doit info``, ``doit forget`` and dodo.py's
     ``DOIT_CONFIG`` all use this, so each judges a task as the build does.
     """
-    from cachebuild._util.statcache import HASH_CACHE_NAME, doit_file_checker
 
     return {
         "dep_file": str(plan.paths.dep_file),
@@ -174,7 +176,6 @@ class PlanLoader(TaskLoader2):
     def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
         from doit.task import dict_to_task
 
-        from targets import task_dicts
 
         return [dict_to_task(d) for d in task_dicts(self.plan)]
 
@@ -183,7 +184,6 @@ def run_doit(plan: Any, reporter: RecordingReporter, tasks: list[str] | None = N
     """Run the build's tasks with doit; returns doit's exit code."""
     from doit.cmd_run import Run
 
-    from targets import FINAL_TASK
 
     plan.paths.state.mkdir(parents=True, exist_ok=True)
     cmd = Run(task_loader=PlanLoader(plan, reporter), config={}, bin_name="doit")

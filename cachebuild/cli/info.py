@@ -21,6 +21,18 @@ from cachebuild.inputs.config import Settings, load_settings
 from cachebuild.errors import CacheBuildError, UsageError, VerifyError
 from cachebuild.release.publish import current_release
 from cachebuild._util.report import Report, human_size
+from cachebuild.release.signing import load_public_key
+from cachebuild.release.verify import read_manifest, verify_cache
+from cachebuild.release.rollback import check_not_rolled_back
+from cachebuild.release.signing import keyid
+from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
+from cachebuild.companion.flow import companion_options, resolve_root
+from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, command_values, shown_command
+from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
+from cachebuild.companion.ssh import connect
+from cachebuild.companion.flow import LAST_BUILD_FILE, last_companion_build
+from cachebuild.tiles.preview import render_preview
+from cachebuild.store.lock import store_user
 
 __all__ = [
     "cache_info",
@@ -34,7 +46,6 @@ __all__ = [
 
 
 def _trusted(settings: Settings) -> list[Any]:
-    from cachebuild.release.signing import load_public_key
 
     for path in (settings.pubkey, settings.key, settings.dev_key):
         if path is not None and Path(path).exists():
@@ -64,9 +75,6 @@ def cache_info(release: Path, trusted: list[Any], cache_dir: Path | None = None)
     refused as a rollback (:mod:`cachebuild.release.rollback`; read only: nothing is
     recorded).
     """
-    from cachebuild.release.verify import read_manifest, verify_cache
-    from cachebuild.release.rollback import check_not_rolled_back
-    from cachebuild.release.signing import keyid
 
     envelope = read_manifest(release)
     signed = envelope["signed"]
@@ -169,11 +177,6 @@ def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = No
         Exit 30: unreachable, untrusted host key, refused key, or no
         cachebuild answering ``COMPANION_CMD`` there.
     """
-    from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
-    from cachebuild.companion.flow import companion_options, resolve_root
-    from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, command_values, shown_command
-    from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
-    from cachebuild.companion.ssh import connect
 
     target, options = companion_options(settings)
     with connect(target, options, factory=factory) as conn:
@@ -279,7 +282,6 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
         report.extra["cache"] = d
         text = [format_info(d)] if d is not None else []
         if settings.companion is not None:
-            from cachebuild.companion.flow import LAST_BUILD_FILE, last_companion_build
 
             c = companion_cache(settings)
             last = last_companion_build(settings.paths.state, c["host"], c["dir"])
@@ -312,7 +314,6 @@ def _png_size(path: Path) -> tuple[int, int, int]:
 
 def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit preview-cache [OUT=path.png]``: the coverage map of the published cache."""
-    from cachebuild.tiles.preview import render_preview
 
     vars = dict(vars)
     out = vars.pop("OUT", None)
@@ -324,7 +325,6 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         release = _release(settings)
         signed = json.loads((release / "manifest.json").read_text())["signed"]
         target = Path(out) if out else settings.cache_dir / "preview.png"
-        from cachebuild.store.lock import store_user
 
         with store_user(str(settings.store)):  # thumbnails in the store; gc-store waits
             r = render_preview(release, target, built_at=signed.get("built_at"), store=settings.store)

@@ -38,6 +38,9 @@ from typing import Any
 from cachebuild.inputs.config import Paths
 from cachebuild.errors import CacheBuildWarning, StoreObjectError
 from cachebuild._util.sqliteuri import sqlite_uri
+from cachebuild.errors import StoreObjectError as _Bad
+from cachebuild.store.objects import read_object
+from cachebuild.tileset import hex_digests, read_tiles
 
 __all__ = ["check_doit_db", "check_staged", "run_repairing", "STALE_TILESET"]
 
@@ -141,9 +144,6 @@ def _scan_tileset(paths: Paths, objects: Path) -> list[str]:
     Bit rot seldom strikes one file: one pass finds them all, so one more
     doit run fetches them all.
     """
-    from cachebuild.errors import StoreObjectError as _Bad
-    from cachebuild.store.objects import read_object
-    from cachebuild.tileset import hex_digests, read_tiles
 
     try:
         digests = sorted(set(hex_digests(read_tiles(paths.build))))

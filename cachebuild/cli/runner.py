@@ -30,6 +30,20 @@ from cachebuild.errors import BuildError, CacheBuildError, CoverageError, UsageE
 from cachebuild.release.lock import CacheLock
 from cachebuild._util.report import Report, redact
 from cachebuild._util.warn import operator_warnings
+from cachebuild.tileset import read_summary
+from cachebuild.errors import DiskFullError
+from cachebuild._util.progress import finished_counts
+from cachebuild.inputs.plan import resolve_plan
+from cachebuild.release.publish import clean_leftovers, publish, published_manifest_bytes
+from cachebuild._util.progress import forget_counts
+from cachebuild.cli.repair import run_repairing
+from cachebuild.localize.selftest import check_recall, summary
+from cachebuild.companion import build_on_companion
+from cachebuild.release.publish import current_release, release_intact
+from cachebuild.release.rollback import check_not_rolled_back, record_accepted
+from cachebuild.release.signing import load_public_key
+from cachebuild.release.signing import keyid, verify_envelope
+from targets import task_dicts
 
 __all__ = [
     "build_cache",
@@ -68,7 +82,6 @@ def _warn(report: Report) -> Any:
 
 
 def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
-    from cachebuild.tileset import read_summary
 
     s = read_summary(build)
     fetched = int(s.get("fetched", 0)) if "tiles" in ran else 0
@@ -129,7 +142,6 @@ def check_coverage(signed: Mapping[str, Any], strict: bool, warn: Any) -> None:
 def _note_free_space(exc: CacheBuildError, settings: Settings | None) -> None:
     """Add the free space of STORE and CACHE_DIR to a disk-full error's message."""
     from cachebuild._util.diskspace import free_space_note
-    from cachebuild.errors import DiskFullError
 
     if isinstance(exc, DiskFullError) and settings is not None and "free space:" not in exc.message:
         exc.message += "; " + free_space_note({"STORE": settings.store, "CACHE_DIR": settings.cache_dir})
@@ -150,7 +162,6 @@ def _refuse_ignored(plan: Any) -> None:
 
 def _tiles_so_far(settings: Settings | None, reporter: RecordingReporter) -> dict[str, int] | None:
     """Tile counts of an interrupted run: the tiles phase's own, or the tile set it completed."""
-    from cachebuild._util.progress import finished_counts
 
     counts = finished_counts("tiles")
     if counts is not None:
@@ -165,8 +176,6 @@ def _tiles_so_far(settings: Settings | None, reporter: RecordingReporter) -> dic
 
 def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit build-cache``: resolve, lock, build, check, publish, report."""
-    from cachebuild.inputs.plan import resolve_plan
-    from cachebuild.release.publish import clean_leftovers, publish, published_manifest_bytes
 
     report = Report("build-cache")
     fmt = _report_format(vars)
@@ -174,7 +183,6 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
     reporter = RecordingReporter()
     settings = None
     key_notes: list[str] = []  # the signing key's warnings: shown once a manifest is signed
-    from cachebuild._util.progress import forget_counts
 
     forget_counts()
     with operator_warnings(report.warnings.append):  # one line each, and in the report
@@ -267,7 +275,6 @@ def _locked_build(
         action_cache={"hits": [], "misses": [], "from_bucket": []},
     )
     on_companion = settings.companion is not None  # then only flight and tiles run here
-    from cachebuild.cli.repair import run_repairing
 
     tasks = list(LOCAL_TASKS) if on_companion else None
     # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
@@ -281,7 +288,6 @@ def _locked_build(
 
     report.tiles = _tile_counts(paths.build, reporter.ran)
     if on_companion:
-        from cachebuild.companion import build_on_companion
 
         build_on_companion(plan, report, warn)  # push, build there, merge its report
         return
@@ -290,7 +296,6 @@ def _locked_build(
     signed = json.loads(staged)["signed"]
     report.build_id = signed["build_id"]
     report.manifest_version = signed["version"]
-    from cachebuild.localize.selftest import check_recall, summary
 
     report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
     report.extra["action_cache"] = actions.ACTIVE.get("action_cache") or {"hits": [], "misses": []}
@@ -317,9 +322,7 @@ def _publish_staged(
 ) -> None:
     """Publish the staged, checked cache (unless it is the published one, intact) and record it."""
     t = time.monotonic()
-    from cachebuild.release.publish import current_release, release_intact
 
-    from cachebuild.release.rollback import check_not_rolled_back, record_accepted
 
     signer = json.loads(staged)["signatures"][0]["keyid"]
     # never publish what verify-cache would refuse as a rollback (a stale staged manifest)
@@ -354,7 +357,6 @@ def _publish_staged(
 
 
 def _trusted_key(settings: Settings) -> Any:
-    from cachebuild.release.signing import load_public_key
 
     for path in (settings.pubkey, settings.key, settings.dev_key):
         if path is not None and Path(path).exists():
@@ -369,8 +371,6 @@ def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = No
     """``doit verify-cache``: the signature, expiry, rollback and every artifact's hash."""
     from cachebuild.release.verify import read_manifest, verify_cache
     from cachebuild.release.publish import current_release
-    from cachebuild.release.rollback import check_not_rolled_back, record_accepted
-    from cachebuild.release.signing import keyid, verify_envelope
 
     report = Report("verify-cache")
     fmt = _report_format(vars)
@@ -468,9 +468,7 @@ def dodo_namespace() -> dict[str, Any]:
     (:class:`cachebuild.cli.doitcmds.RunCmd`, and the action itself: it would
     bypass the lock): use ``doit build-cache``.
     """
-    from targets import task_dicts
 
-    from cachebuild.inputs.plan import resolve_plan
 
     vars = {k: v for k, v in cmdline_vars().items() if k in VARIABLES}
     settings = load_settings(vars)

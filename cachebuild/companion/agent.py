@@ -44,6 +44,11 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from cachebuild.store.lock import StoreLock
+from cachebuild.store.objects import TileStore
+from cachebuild import __version__
+from cachebuild.companion.packs import settle_incoming
+from cachebuild.inputs.plan import engine_environment
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -171,13 +176,11 @@ def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
 
 def _store_shared(store: Path) -> Any:
     """The store's shared lock, as a build's actions hold it: ``gc-store`` waits."""
-    from cachebuild.store.lock import StoreLock
 
     return StoreLock(store, exclusive=False, wait=True, stream=sys.stderr)
 
 
 def _prepare(root: Path) -> dict[str, Path]:
-    from cachebuild.store.objects import TileStore
 
     dirs = layout(root)
     for d in dirs.values():
@@ -201,9 +204,6 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     backend
         The engine backend the build will use (reported as ``engine``).
     """
-    from cachebuild import __version__
-    from cachebuild.store.objects import TileStore
-    from cachebuild.companion.packs import settle_incoming
 
     dirs = _prepare(root)
     with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
@@ -217,7 +217,6 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     device = device_info()
     engine = None
     if backend:
-        from cachebuild.inputs.plan import engine_environment
 
         engine = engine_environment(backend)
     return {
@@ -256,8 +255,6 @@ def unpack(
     arrive until ``incoming/<watch>.done`` appears; the answer then has
     ``done: true``.
     """
-    from cachebuild.store.objects import TileStore
-    from cachebuild.companion.packs import settle_incoming
 
     dirs = layout(root)
     total: dict[str, Any] = {"packs": 0, "objects": 0, "bytes": 0, "corrupt": 0, "stale_parts": 0}

@@ -28,6 +28,13 @@ from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, as_workstati
 from cachebuild.companion.ssh import PASSPHRASE_ENV, Factory, SshOptions, connect
 from cachebuild.inputs.companion import CompanionTarget
 from cachebuild.companion.sshconfig import resolve_target
+from cachebuild.companion.ssh import default_key_path, default_known_hosts
+from cachebuild.companion.errors import AuthenticationError
+from cachebuild import __version__
+from cachebuild.companion.agent import PROTOCOL_VERSION
+from cachebuild.companion.push import plan_push, push
+from cachebuild.companion.remote import call_agent, start_agent
+from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
@@ -54,12 +61,10 @@ _PROGRESS_EVERY_S = 1.0
 def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
     """The companion and how to reach it, from validated settings and ``~/.ssh/config``
     (:mod:`.sshconfig`: what ``COMPANION`` and ``SSH_KEY`` say explicitly wins)."""
-    from cachebuild.companion.ssh import default_key_path, default_known_hosts
 
     resolved = resolve_target(settings.companion, settings.ssh_key)
     key = resolved.key_path or default_key_path()
     if key is None:
-        from cachebuild.companion.errors import AuthenticationError
 
         raise AuthenticationError(
             "no SSH key: SSH_KEY is not set, ~/.ssh/config names no IdentityFile for "
@@ -173,8 +178,6 @@ def _device_line(info: dict[str, Any]) -> str:
 def _check_ready(
     info: dict[str, Any], need: int, comfortable: int, settings: Any, target: CompanionTarget, warn: Any
 ) -> None:
-    from cachebuild import __version__
-    from cachebuild.companion.agent import PROTOCOL_VERSION
 
     if info.get("protocol") != PROTOCOL_VERSION:
         raise CompanionNotReadyError(
@@ -337,8 +340,6 @@ def build_on_companion(
     RemoteBuildError, RemoteReportError
         The remote build failed (its exit code), or gave no report (21).
     """
-    from cachebuild.companion.push import plan_push, push
-    from cachebuild.companion.remote import call_agent, start_agent
 
     settings = plan.settings
     out = stream or sys.stderr
@@ -424,7 +425,6 @@ def _remote_build(conn: Any, settings: Any, pushed: dict[str, str | None], out: 
     stdin (:func:`.remote.with_passphrase`); ``COMPANION_CMD``'s values are
     redacted from what the companion prints.
     """
-    from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
 
     t = time.monotonic()
     command = remote_command(settings.companion_cmd, "build-cache", remote_variables(settings, pushed))

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.store.objects import pid_alive
+from cachebuild.store.objects import sha256_hex
 
 __all__ = [
     "DEFAULT_PACK_BYTES",
@@ -166,7 +167,6 @@ def unpack_into(path: Path, store: Any) -> tuple[int, int]:
     name stops the unpack with :class:`PackCorruptError` (the members before
     it are in the store under their true names: nothing wrong is stored).
     """
-    from cachebuild.store.objects import sha256_hex
 
     objects = size = 0
     for name, data in iter_pack(path):

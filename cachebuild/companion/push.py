@@ -39,6 +39,9 @@ from cachebuild.engine.modelfiles import external_data_files_cached
 from cachebuild.companion.errors import CompanionNotReadyError, ConnectionDroppedError
 from cachebuild.companion.agent import DONE_SUFFIX
 from cachebuild.companion.packs import DEFAULT_PACK_BYTES, MAX_MEMBER_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
+from cachebuild._util.statcache import stat_key, still_valid
+from cachebuild._util.hashing import canonical_json
+from cachebuild.tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
 
 __all__ = [
     "INBOX_FILES",
@@ -133,7 +136,6 @@ class PushResult:
 
 def file_sha256_cached(path: Path, cache_file: Path) -> str:
     """SHA-256 of a (large) file, cached against its stat in ``cache_file``."""
-    from cachebuild._util.statcache import stat_key, still_valid
 
     st = path.stat()
     stamp = [str(path), *stat_key(st)]  # size, inode, mtime and ctime, with git's racy rule
@@ -168,7 +170,6 @@ def _model_dir_inputs(model: Path, data: list[str], cache: Path, inputs: dict[st
     a changed data file is a new directory, and an unchanged one is never
     sent twice.
     """
-    from cachebuild._util.hashing import canonical_json
 
     parts = {loc: file_sha256_cached(model.parent / loc, cache) for loc in data}
     doc = {"model": file_sha256_cached(model, cache), "external_data": parts}
@@ -204,7 +205,6 @@ def plan_push(
     state_dir
         Where the hashes of model files are cached by stat.
     """
-    from cachebuild.tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
 
     tiles: dict[str, tuple[str, int]] = {}
     objects = os.path.join(store_root, "objects")

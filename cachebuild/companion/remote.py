@@ -25,6 +25,9 @@ from typing import Any, TextIO
 from cachebuild._util.report import redact
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
 from cachebuild.companion.messages import as_workstation, command_values, shown_command
+from cachebuild.errors import UsageError
+from cachebuild.release.signing import PASSPHRASE_ENV
+from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV
 
 __all__ = [
     "MAX_LINE",
@@ -67,9 +70,6 @@ def with_passphrase(command: str, passphrase: str | None) -> tuple[str, bytes]:
     """
     if not passphrase:
         return command, b""
-    from cachebuild.errors import UsageError
-    from cachebuild.release.signing import PASSPHRASE_ENV
-    from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV
 
     if "\n" in passphrase or "\r" in passphrase or "\0" in passphrase:
         raise UsageError(

@@ -33,6 +33,7 @@ from typing import Any, NamedTuple
 from cachebuild.errors import CacheBuildError, UsageError
 from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError
 from cachebuild.inputs.companion import DEFAULT_PORT, CompanionTarget, parse_companion
+from cachebuild.companion.sshconfig import open_jumps
 
 __all__ = [
     "DEFAULT_PORT",
@@ -211,7 +212,6 @@ def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callabl
         return _client(target, options, warn, load_key(options))
     from dataclasses import replace
 
-    from cachebuild.companion.sshconfig import open_jumps
 
     def hop(hop_target: CompanionTarget, sock: Any, key_path: Path | None) -> Any:
         hop_options = replace(options, key_path=key_path or options.key_path, jumps=())

@@ -23,6 +23,7 @@ from typing import Any
 
 from cachebuild.errors import UsageError
 from cachebuild.inputs.companion import _TARGET_RE, DEFAULT_PORT, CompanionTarget
+from cachebuild.inputs.companion import parse_companion
 
 __all__ = ["SSH_CONFIG", "Hop", "Resolved", "resolve_target", "open_jumps"]
 
@@ -108,7 +109,6 @@ def resolve_target(spec: str, ssh_key: Path | None, *, home: Path | None = None)
     UsageError
         ``COMPANION`` malformed, or the config unreadable or naming a bad port or hop.
     """
-    from cachebuild.inputs.companion import parse_companion
 
     parse_companion(spec)  # the same refusals as without a config
     m = _TARGET_RE.match(spec.strip())

@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cachebuild.errors import EngineError
+from cachebuild.engine import gpu as gpu_probes
+from cachebuild.engine.interface import cpu_device
 
 __all__ = [
     "BACKENDS",
@@ -80,9 +82,8 @@ def probe_machine() -> MachineProbes:
     nodes.  ONNX Runtime is imported only where onnxruntime-gpu is installed
     and a GPU shows, to ask whether its CUDA provider is usable.
     """
-    from cachebuild.engine.gpu import gpu_present, tensorrt_version_here
 
-    gpu = gpu_present()
+    gpu = gpu_probes.gpu_present()
     ort_version = _dist_version("onnxruntime", "onnxruntime-gpu")
     ort_cuda = False
     if gpu and _dist_version("onnxruntime-gpu"):
@@ -92,7 +93,7 @@ def probe_machine() -> MachineProbes:
             ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         except Exception:  # a broken install: the CPU then
             ort_cuda = False
-    return MachineProbes(tensorrt=tensorrt_version_here(), gpu=gpu, onnxruntime=ort_version, ort_cuda=ort_cuda)
+    return MachineProbes(tensorrt=gpu_probes.tensorrt_version_here(), gpu=gpu, onnxruntime=ort_version, ort_cuda=ort_cuda)
 
 
 def _missing_tensorrt(probes: MachineProbes) -> EngineError | None:
@@ -156,8 +157,6 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
     TensorRT shows as version ``missing``; the engine phase then fails with
     the reason (exit 21).
     """
-    from cachebuild.engine.interface import cpu_device
-    from cachebuild.engine.gpu import gpu_name_here
 
     probes = probes or probe_machine()
     try:
@@ -165,11 +164,10 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
     except EngineError:
         return {"backend": requested, "version": probes.tensorrt or "missing", "device": "none"}
     if choice.backend == "tensorrt":
-        from cachebuild.engine.gpu import cuda_version_here
 
-        version = f"{probes.tensorrt} (CUDA {cuda_version_here() or 'unknown'})"
-        return {"backend": "tensorrt", "version": version, "device": f"gpu:{gpu_name_here() or 'unknown'}"}
+        version = f"{probes.tensorrt} (CUDA {gpu_probes.cuda_version_here() or 'unknown'})"
+        return {"backend": "tensorrt", "version": version, "device": f"gpu:{gpu_probes.gpu_name_here() or 'unknown'}"}
     version = probes.onnxruntime or "missing"
     if choice.provider == "cuda":
-        return {"backend": "onnxruntime", "version": version, "device": f"cuda:{gpu_name_here() or 'unknown'}"}
+        return {"backend": "onnxruntime", "version": version, "device": f"cuda:{gpu_probes.gpu_name_here() or 'unknown'}"}
     return {"backend": "onnxruntime", "version": version, "device": cpu_device()}

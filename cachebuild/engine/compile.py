@@ -38,6 +38,8 @@ from cachebuild.engine.ort import OnnxRuntimeBackend
 from cachebuild.errors import EngineError
 from cachebuild.engine.modelfiles import external_data_files, model_sha256
 from cachebuild._util.fs import atomic_write
+from cachebuild.engine.tensorrt.backend import TensorRTBackend
+from cachebuild.engine.tensorrt.policy import check_environment
 
 if TYPE_CHECKING:
     pass
@@ -76,7 +78,6 @@ def get_backend(name: str, probes: MachineProbes | None = None, **options: Any) 
         )
     choice = select_backend(name, probes)
     if choice.backend == "tensorrt":
-        from cachebuild.engine.tensorrt.backend import TensorRTBackend
 
         kw = {k: options[k] for k in ("workspace", "timing_cache_dir") if options.get(k) is not None}
         return TensorRTBackend(**kw)
@@ -232,7 +233,6 @@ def _check_key(be: EngineBackend, record: dict[str, Any], engine_dir: Path) -> N
     """
     check = getattr(be, "environment", None)
     if callable(check) and record.get("environment") is not None:
-        from cachebuild.engine.tensorrt.policy import check_environment
 
         check_environment(record, check(), engine_dir)  # the readable message first
     here = engine_key(

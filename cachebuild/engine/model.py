@@ -56,6 +56,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+from cachebuild._util.fs import atomic_write
 
 __all__ = [
     "DEFAULT_MODEL_VERSION",
@@ -295,7 +296,6 @@ def write_default_model(path: str | os.PathLike[str]) -> Path:
         renamed onto it (:func:`cachebuild._util.fs.atomic_write`), so a
         reader never sees a partial model.
     """
-    from cachebuild._util.fs import atomic_write
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,8 @@ from typing import Any
 from cachebuild.inputs.config import DEFAULT_MAX_TILES
 from cachebuild.errors import AreaTooLargeError
 from cachebuild.inputs.providercheck import check_provider
+from cachebuild.tilemath import LngLatBbox, count_tiles
+from cachebuild.providers import provider_kind
 
 __all__ = [
     "DEFAULT_MAX_TILES",
@@ -111,7 +113,6 @@ def free_bytes(path: Path) -> tuple[int, int]:
 
 def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = False) -> AreaEstimate:
     """Tiles in ``bbox`` at ``zooms`` and the bytes a build of them would write."""
-    from cachebuild.tilemath import LngLatBbox, count_tiles
 
     n = count_tiles(LngLatBbox(*bbox), zooms)
     new = max(0, n - _staged_planned(cache_dir))
@@ -147,7 +148,6 @@ def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, in
     UsageError
         Exit 2, phase ``arguments``: the provider's template, key or headers.
     """
-    from cachebuild.providers import provider_kind
 
     if hasattr(settings, "env"):
         check_provider(settings)

@@ -19,6 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.errors import UsageError, did_you_mean
+from cachebuild.inputs.companion import parse_companion
+from cachebuild.providers.xyzconfig import parse_subdomains
+from cachebuild.providers.xyzconfig import refuse_userinfo
+from cachebuild.providers.nodata import NoDataRule
+from cachebuild.providers.xyzconfig import parse_headers
+from cachebuild.store.s3 import parse_store_url
 
 __all__ = [
     "DEFAULT_BUFFER_M",
@@ -324,7 +330,6 @@ def _companion(get: Any) -> dict[str, Any]:
         raise UsageError(f"HOST_KEY_POLICY={policy!r} must be reject or accept-new")
     companion = get("COMPANION")
     if companion is not None:
-        from cachebuild.inputs.companion import parse_companion
 
         parse_companion(companion)
         if get("KEY") is not None:
@@ -410,7 +415,6 @@ def _http(get: Any) -> dict[str, str]:
         out[name] = raw
     subdomains = get("SUBDOMAINS")
     if subdomains is not None:
-        from cachebuild.providers.xyzconfig import parse_subdomains
 
         parse_subdomains(subdomains)
         out["SUBDOMAINS"] = subdomains
@@ -420,7 +424,6 @@ def _http(get: Any) -> dict[str, str]:
 def _provider(raw: str | None) -> str:
     """PROVIDER; a URL with user:password in it is refused here, for every command."""
     if raw is not None and "://" in raw:
-        from cachebuild.providers.xyzconfig import refuse_userinfo
 
         refuse_userinfo(raw)
     return raw or DEFAULT_PROVIDER
@@ -428,7 +431,6 @@ def _provider(raw: str | None) -> str:
 
 def _nodata(get: Any) -> dict[str, str]:
     """NODATA settings, validated and normalised; empty when off."""
-    from cachebuild.providers.nodata import NoDataRule
 
     raw = {}
     for name in ("NODATA", "NODATA_SHA256"):
@@ -447,7 +449,6 @@ def _nodata(get: Any) -> dict[str, str]:
 def _check_env_secrets(env: Mapping[str, str]) -> None:
     """Refuse malformed extra headers before the lock; never echo their values."""
     if env.get(ENV_ONLY["HTTP_HEADERS"], "").strip():
-        from cachebuild.providers.xyzconfig import parse_headers
 
         parse_headers(env[ENV_ONLY["HTTP_HEADERS"]])
 
@@ -514,7 +515,6 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     cache_dir = Path(get("CACHE_DIR") or home / "cache").expanduser().absolute()
     raw_store, shared_store = get("STORE"), None
     if raw_store is not None and "://" in raw_store:
-        from cachebuild.store.s3 import parse_store_url  # boto3 is imported only when the bucket is used
 
         shared_store, raw_store = str(parse_store_url(raw_store)), None
     store = Path(raw_store or home / "store").expanduser().absolute()

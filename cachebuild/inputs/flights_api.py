@@ -24,6 +24,10 @@ from urllib.parse import urlsplit, urlunsplit
 from cachebuild import __version__
 from cachebuild._util import httpsafe
 from cachebuild.errors import FlightInvalidAnswerError, FlightNetworkError, FlightNotFoundError, FlightUnauthorizedError, UsageError
+from cachebuild.inputs.flight import flight_record, parse_flight
+from cachebuild.inputs.flight import MAX_FLIGHT_BYTES
+from cachebuild.inputs.flight import looks_like_uuid
+from cachebuild.inputs.flight import flight_from_record
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -85,7 +89,6 @@ def fetch_flight(
     """
     import httpx
 
-    from cachebuild.inputs.flight import flight_record, parse_flight
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(
@@ -152,7 +155,6 @@ def _ask(
     """
     import httpx
 
-    from cachebuild.inputs.flight import MAX_FLIGHT_BYTES
 
     shown = public_url(endpoint)
     last = ""
@@ -196,7 +198,6 @@ def _redact_bytes(body: bytes, token: str | None) -> bytes:
 
 
 def _saved_path(state_dir: Path, flight_id: str) -> Path:
-    from cachebuild.inputs.flight import looks_like_uuid
 
     if not looks_like_uuid(flight_id):  # never a path component we did not check
         raise UsageError(f"not a flight id: {flight_id!r}")
@@ -215,7 +216,6 @@ def save_answer(state_dir: Path, flight_id: str, record: Mapping[str, Any]) -> P
 
 def load_saved_answer(state_dir: Path, flight_id: str) -> tuple[Any, dict[str, Any]]:
     """The answer saved by an earlier online build (``OFFLINE=1``)."""
-    from cachebuild.inputs.flight import flight_from_record
 
     path = _saved_path(state_dir, flight_id)
     try:

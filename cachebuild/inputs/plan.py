@@ -21,6 +21,17 @@ from cachebuild.inputs.config import Settings
 from cachebuild.release.devkey import dev_key_home, refuse_resign
 from cachebuild.errors import UsageError
 from cachebuild.release.signing import LEGACY_PASSPHRASE_ENV, PASSPHRASE_ENV
+from cachebuild.inputs.flight import load_flight_file, looks_like_uuid
+from cachebuild.inputs.flights_api import TOKEN_ENV, fetch_flight, load_saved_answer, save_answer
+from cachebuild.providers.pushed import pushed_dir
+from cachebuild.engine.backends import engine_environment as resolve
+from cachebuild._util.statcache import stat_key, still_valid
+from cachebuild.release.signing import keyid, load_private_key
+from cachebuild.release.signing import ensure_dev_key
+from cachebuild.inputs.flight import flight_area, flight_record
+from cachebuild.inputs.area import check_area
+from cachebuild.engine.model import DEFAULT_MODEL_VERSION
+from cachebuild.engine.backends import select_backend
 
 #: The compiled engine's file name per backend.
 ENGINE_FILES = {"onnxruntime": "engine.onnx", "tensorrt": "engine.plan"}
@@ -67,7 +78,6 @@ def resolve_flight(settings: Settings) -> tuple[Any, str]:
 
     Returns ``(Flight, source)`` with source ``file``, ``api`` or ``offline``.
     """
-    from cachebuild.inputs.flight import load_flight_file, looks_like_uuid
 
     raw = settings.flight
     if not raw:
@@ -82,7 +92,6 @@ def resolve_flight(settings: Settings) -> tuple[Any, str]:
             f"FLIGHT={raw!r} is neither an existing flight file nor a flight id (a UUID)",
             remedy="give the path of a flight plan file, or the flight's UUID",
         )
-    from cachebuild.inputs.flights_api import TOKEN_ENV, fetch_flight, load_saved_answer, save_answer
 
     flight_id = raw.lower()
     if len(flight_id) == 32:
@@ -117,7 +126,6 @@ def provider_key(spec: str) -> str:
     placeholder, never its value).
     """
     if spec.startswith("pushed:"):  # companion mode: what the workstation pushed
-        from cachebuild.providers.pushed import pushed_dir
 
         d = pushed_dir(spec)
         try:
@@ -137,7 +145,6 @@ def provider_key(spec: str) -> str:
 
 def engine_environment(backend: str) -> dict[str, str]:
     """Backend (``auto`` resolved), version and device, read without importing the backend."""
-    from cachebuild.engine.backends import engine_environment as resolve
 
     return resolve(backend)
 
@@ -147,7 +154,6 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
 
     Only the public id is cached, never key material.
     """
-    from cachebuild._util.statcache import stat_key, still_valid
 
     st = key_path.stat()
     stamp = {"path": str(key_path), "stat": stat_key(st)}  # ctime too: a key rotated in place is seen
@@ -157,7 +163,6 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
             return str(cached["keyid"])
     except (OSError, ValueError, KeyError):
         pass
-    from cachebuild.release.signing import keyid, load_private_key
 
     kid = keyid(load_private_key(key_path).public_key())
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
@@ -190,7 +195,6 @@ def _signing_key(settings: Settings, warn: Any) -> tuple[Path, str]:
     path = dev_key_home(settings)
     if not path.exists():
         refuse_resign(settings, path, None)
-        from cachebuild.release.signing import ensure_dev_key
 
         _, created = ensure_dev_key(path)
         if created:
@@ -214,18 +218,15 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     flight = record = bbox = None
     source = None
     if with_flight:
-        from cachebuild.inputs.flight import flight_area, flight_record
 
         flight, source = resolve_flight(settings)
         record = flight_record(flight)
         bbox = tuple(flight_area(flight, settings.buffer_m))
-        from cachebuild.inputs.area import check_area
 
         check_area(settings, bbox)  # MAX_TILES and free disk, before the lock and any download
     if settings.model is not None:
         model_path, builtin = settings.model, False
     else:
-        from cachebuild.engine.model import DEFAULT_MODEL_VERSION
 
         model_path = settings.paths.build / "model" / f"{DEFAULT_MODEL_VERSION}.onnx"
         builtin = True
@@ -234,7 +235,6 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     if with_flight and settings.companion is None:  # with COMPANION, the companion signs
         key_path, keyid = _signing_key(settings, warn)
     if with_flight and settings.companion is None and settings.backend == "tensorrt":
-        from cachebuild.engine.backends import select_backend
 
         select_backend("tensorrt")  # exit 21 naming what is missing, before any tile is fetched
     return BuildPlan(

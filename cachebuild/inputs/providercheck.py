@@ -10,6 +10,10 @@ correct build is a no-op.  Nothing is opened or fetched here.
 from __future__ import annotations
 
 from typing import Any
+from cachebuild.providers import provider_kind
+from cachebuild.providers.base import template_placeholders
+from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
+from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
 
 __all__ = ["check_provider"]
 
@@ -20,19 +24,15 @@ def check_provider(settings: Any) -> None:
     ``settings`` is a :class:`~cachebuild.inputs.config.Settings`.  Raises
     :class:`~cachebuild.errors.UsageError` (exit 2, phase ``arguments``).
     """
-    from cachebuild.providers import provider_kind
-    from cachebuild.providers.base import template_placeholders
 
     kind, spec = provider_kind(settings.provider), settings.provider.strip()
     if kind == "dir":  # (a directory that does not exist is refused before any task runs)
-        from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
 
         text = spec[4:] if spec.lower().startswith("dir:") else spec
         if "{" in text:
             template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
     if kind != "xyz":
         return
-    from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
 
     env = {**settings.env, **settings.http}
     check_template(

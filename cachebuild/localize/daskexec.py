@@ -74,6 +74,11 @@ from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.store.objects import TileStore
+from cachebuild.localize.decode import tile_zxy
+from cachebuild.store.s3 import CELL_SHIFT, StoreUnavailable, _cell_part, _decode_pack, open_store
+from cachebuild.localize.decode import checked_unit, decode_batch
+from cachebuild.store.thumbs import THUMB_PX
+from cachebuild._util.cpus import usable_cpus
 
 try:
     from distributed import Client, KilledWorker, LocalCluster, wait
@@ -189,7 +194,6 @@ class EnginePlugin(WorkerPlugin):
                 shutil.rmtree(tmp, ignore_errors=True)
         threads = self.threads
         if threads is None:  # share the worker's CPUs among its task threads
-            from cachebuild._util.cpus import usable_cpus
 
             threads = max(1, usable_cpus() // max(1, int(worker.state.nthreads)))
         _ENGINE_DIRS[self.key] = (target, threads)
@@ -283,8 +287,6 @@ def _worker_store() -> TileStore:
 
 def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
     """Each image's path in this worker's store, the cells' packs read from the bucket first where it lacks one."""
-    from cachebuild.localize.decode import tile_zxy
-    from cachebuild.store.s3 import CELL_SHIFT, StoreUnavailable, _cell_part, _decode_pack, open_store
 
     local = _worker_store()
     hexes = [bytes(d).hex() for d in digests]
@@ -337,7 +339,6 @@ def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
 
 def _tile_paths(store_root: str | BucketSource, ids: Any, digests: Any) -> list[Path]:
     """Where this worker reads each image: the build's store at the same path, or the bucket."""
-    from cachebuild.localize.decode import tile_zxy
 
     if isinstance(store_root, BucketSource):
         return _bucket_paths(store_root, ids, digests)
@@ -407,8 +408,6 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
     """
     import numpy as np
 
-    from cachebuild.localize.decode import checked_unit, decode_batch
-    from cachebuild.store.thumbs import THUMB_PX
 
     runner = engine_runner(key)
     size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
@@ -489,7 +488,6 @@ class DaskExecutor:
         if self.kind == "local":
             n = int(self._target)
             if threads is None:  # this machine's CPUs shared by every task thread of every worker
-                from cachebuild._util.cpus import usable_cpus
 
                 threads = max(1, usable_cpus() // (n * _LOCAL_THREADS_PER_WORKER))
             try:
@@ -611,7 +609,6 @@ class DaskExecutor:
                 client.cancel(list(pending))
 
     def _result(self, fut: Any, ids: Any) -> Any:
-        from cachebuild.localize.decode import tile_zxy
 
         try:
             return fut.result()

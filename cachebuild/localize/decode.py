@@ -16,6 +16,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 from cachebuild.errors import BuildError
 from cachebuild.store.objects import read_object
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.store.thumbs import thumbnail_of
 
 __all__ = ["checked_unit", "decode_batch", "decode_tile", "default_decode_threads", "tile_zxy"]
 
@@ -48,7 +50,6 @@ def default_decode_threads(cpus: int | None = None) -> int:
     a GPU, that is all of it.
     """
     if cpus is None:
-        from cachebuild._util.cpus import usable_cpus
 
         cpus = usable_cpus()
     return max(1, cpus)
@@ -123,7 +124,6 @@ def decode_batch(
     """
     import numpy as np
 
-    from cachebuild.store.thumbs import thumbnail_of
 
     scratch = np.empty((3, *size), dtype=np.uint8)
     for i, path in enumerate(paths):

@@ -51,6 +51,10 @@ from cachebuild.store.objects import TileStore
 from cachebuild.tileset import TILES_FILE, read_tiles
 from cachebuild._util.fs import atomic_save_npy
 from cachebuild.localize.decode import _lower_decoder_priority, checked_unit, decode_batch, default_decode_threads, decode_tile, tile_zxy
+from cachebuild.store.thumbs import THUMB_PX
+from cachebuild._util.npyio import NpyRowWriter
+from cachebuild.store.descriptors import DescriptorStore
+from cachebuild.store.thumbs import ThumbStore
 
 if TYPE_CHECKING:
     import numpy as np
@@ -129,7 +133,6 @@ def _engine_batches(
     """
     import numpy as np
 
-    from cachebuild.store.thumbs import THUMB_PX
 
     chunk = -(-max_rows // workers)  # each batch is split among all decoders
     # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
@@ -201,7 +204,6 @@ class _ThumbKeeper:
     _ROWS = 2048
 
     def __init__(self, store_root: Path):
-        from cachebuild.store.thumbs import ThumbStore
 
         self.store = ThumbStore(store_root)
         self.rows: list[tuple[bytes, bytes]] = []
@@ -299,7 +301,6 @@ def describe_tiles(
     """
     import numpy as np
 
-    from cachebuild._util.npyio import NpyRowWriter
 
     start = time.perf_counter()
     if batch_size < 1:
@@ -394,8 +395,6 @@ def _describe_with_store(
     """
     import numpy as np
 
-    from cachebuild.store.descriptors import DescriptorStore
-    from cachebuild._util.npyio import NpyRowWriter
 
     key = read_engine_json(engine_dir).get("key")
     if not isinstance(key, str):

@@ -97,6 +97,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachebuild.errors import BuildError, UsageError
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild._util.npyio import npy_shape
+from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -217,7 +221,6 @@ def _faiss() -> Any:
             remedy="pip install faiss-cpu",
             phase=_PHASE,
         ) from exc
-    from cachebuild._util.cpus import usable_cpus
 
     # OpenMP sizes its pool from the machine's CPU count, not the container's
     # quota; spinning threads over the quota slow faiss down many times.
@@ -229,8 +232,6 @@ def _check_inputs(src: Path) -> tuple[int, int, Any]:
     """``(N, D, ids)`` after checking descriptors.npy and descriptor_ids.npy agree."""
     import numpy as np
 
-    from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
-    from cachebuild._util.npyio import npy_shape
 
     vec_path, ids_path = src / DESCRIPTORS_FILE, src / DESCRIPTOR_IDS_FILE
     for path in (vec_path, ids_path):
@@ -460,7 +461,6 @@ def build_index(
     import numpy as np
 
     from cachebuild.localize.describe import DESCRIPTORS_FILE
-    from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
 
     faiss = faiss if faiss is not None else _faiss()
     src = Path(descriptors_dir)

@@ -36,6 +36,10 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cachebuild.store.s3 import CELL_SHIFT, S3Store, StoreUnavailable, _cell_part, _sha, phase_error
+from cachebuild.store.thumbs import THUMB_PX
+from cachebuild.tileset import read_tiles
+from cachebuild.store.descriptors import DescriptorStore
+from cachebuild.store.thumbs import ThumbStore
 
 __all__ = ["pull_descriptors", "push_descriptors"]
 
@@ -61,7 +65,6 @@ class _Seen(dict):  # type: ignore[type-arg]
 
 
 def _encode_thumbs(digests: list[bytes], pixels: list[bytes]) -> bytes:
-    from cachebuild.store.thumbs import THUMB_PX
 
     return b"".join(
         (_THUMB_MAGIC, struct.pack("<II", THUMB_PX, len(pixels)), b"".join(bytes(d) for d in digests), *pixels)
@@ -126,7 +129,6 @@ class _FlightDescriptors(NamedTuple):
 def _flight(build_dir: Path) -> _FlightDescriptors:
     import numpy as np
 
-    from cachebuild.tileset import read_tiles
 
     engine = json.loads((build_dir / "engine" / "engine.json").read_text())
     tiles = read_tiles(build_dir)
@@ -179,7 +181,6 @@ def pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict
 def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict[int, set[bytes]]:
     import numpy as np
 
-    from cachebuild.store.descriptors import DescriptorStore
 
     f = _flight(build_dir)
     have = _Seen()
@@ -235,7 +236,6 @@ def _pull_thumbs(
     lacks a thumbnail of one of the cell's images (otherwise ``seen[cell]``
     is None: the bucket has some there, which ones is not known).
     """
-    from cachebuild.store.thumbs import ThumbStore
 
     with ThumbStore(store_root) as ts:
         mine = ts.present(f.raw[i].tobytes() for i in range(len(f.raw)))
@@ -291,7 +291,6 @@ def push_descriptors(
 def _push_descriptors(remote: S3Store, store_root: Path, build_dir: Path, have: Mapping[int, set[bytes]]) -> int:
     import numpy as np
 
-    from cachebuild.store.descriptors import DescriptorStore
 
     f = _flight(build_dir)
     todo: list[tuple[int, Any]] = []
@@ -330,7 +329,6 @@ def _push_thumbs(
     remote: S3Store, store_root: Path, f: _FlightDescriptors, seen: Mapping[int, set[bytes] | None]
 ) -> int:
     """Upload, one batch per cell, the flight's thumbnails the bucket lacks; returns how many."""
-    from cachebuild.store.thumbs import ThumbStore
 
     if not len(f.raw):
         return 0

@@ -53,6 +53,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachebuild.errors import CoverageError
+from cachebuild.engine.interface import read_engine_json
+from cachebuild.tileset import read_tiles
+from cachebuild._util.fs import atomic_write
 
 if TYPE_CHECKING:
     pass
@@ -386,10 +389,8 @@ def run_selftest(
 
     from cachebuild.localize.decode import default_decode_threads
     from cachebuild.engine.compile import load_engine
-    from cachebuild.engine.interface import read_engine_json
     from cachebuild.localize.index import load_index
     from cachebuild.store.objects import TileStore
-    from cachebuild.tileset import read_tiles
 
     build = Path(build_dir)
     tiles = read_tiles(build)
@@ -515,6 +516,5 @@ def check_recall(info: dict[str, Any] | None, min_recall: float | None) -> None:
 
 def write_selftest(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write ``selftest.json`` atomically."""
-    from cachebuild._util.fs import atomic_write
 
     atomic_write(Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode(), durable=False)

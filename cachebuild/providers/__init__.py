@@ -39,6 +39,7 @@ from cachebuild.providers.geotiff import GEOTIFF_EXTENSIONS, GeoTiffProvider, ge
 from cachebuild.providers.local import DEFAULT_MBTILES_CONCURRENCY, DirectoryProvider, MBTilesProvider, SyntheticProvider, mbtiles_stamp, tree_stamp
 from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, HttpConfig, parse_headers
 from cachebuild.providers.xyz import XyzProvider, _key_forms
+from cachebuild.providers.local import _template_root
 
 if TYPE_CHECKING:
     import httpx
@@ -144,7 +145,6 @@ def source_stamp(spec: str) -> str | None:
     if kind == "dir":
         from pathlib import Path
 
-        from cachebuild.providers.local import _template_root
 
         path = os.path.abspath(os.path.expanduser(_local_path(spec)))
         root = _template_root(path) if "{" in path else Path(path)

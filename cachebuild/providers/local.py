@@ -18,6 +18,10 @@ from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
 from cachebuild.tilemath import Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
+from cachebuild.providers.mbtilesfile import connect_readonly
+from cachebuild.providers.synthetic import SYNTHETIC_VERSION
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.providers.mbtilesfile import read_tile
 
 if TYPE_CHECKING:
     import sqlite3
@@ -49,13 +53,11 @@ class SyntheticProvider:
     """The built-in offline imagery; no network, never missing a tile."""
 
     def __init__(self) -> None:
-        from cachebuild.providers.synthetic import SYNTHETIC_VERSION
 
         self.identity = f"synthetic:v{SYNTHETIC_VERSION}"
         self.concurrency = usable_cpus()
 
     def fetch(self, tile: Tile) -> bytes | None:
-        from cachebuild.providers.synthetic import synthetic_tile_bytes
 
         return synthetic_tile_bytes(tile)
 
@@ -120,7 +122,6 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     """
     import sqlite3
 
-    from cachebuild.providers.mbtilesfile import connect_readonly
 
     conn = connect_readonly(path, check_same_thread=False)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
@@ -184,7 +185,6 @@ class MBTilesProvider:
     def fetch(self, tile: Tile) -> bytes | None:
         import sqlite3
 
-        from cachebuild.providers.mbtilesfile import read_tile
 
         name = f"tile {tile.z}/{tile.x}/{tile.y}"
         conn, budget = self._conn()

@@ -20,6 +20,8 @@ from pathlib import Path
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
 from cachebuild.tilemath import Tile
+from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
+from cachebuild.tilemath import tile_id
 
 __all__ = ["PREFIX", "PUSH_FILE", "PushedProvider", "open_pushed", "pushed_dir"]
 
@@ -54,7 +56,6 @@ class PushedProvider:
     """
 
     def __init__(self, directory: Path):
-        from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
 
         self.directory = Path(directory)
         try:
@@ -75,7 +76,6 @@ class PushedProvider:
 
     def fetch(self, tile: Tile) -> bytes | None:
         """The pushed image of ``tile``; None for a tile the workstation found missing."""
-        from cachebuild.tilemath import tile_id
 
         tid = tile_id(tile)
         digest = self._digests.get(tid)

@@ -32,6 +32,7 @@ from cachebuild._util.retry import FailFast, failure_kind, retry_after_s
 from cachebuild.tilemath import Tile
 from cachebuild.providers.base import USER_AGENT, TileFetchError, check_image, fill_template
 from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_DEADLINE_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, MAX_RATE_LIMIT, MAX_TILE_BYTES, PUBLIC_HEADERS, HttpConfig, check_template, header_secrets, key_forms, parse_headers, parse_rate_limit, parse_subdomains, quote_key, refuse_userinfo
+from cachebuild.providers.ratelimit import TokenBucket
 
 if TYPE_CHECKING:
     import httpx
@@ -148,7 +149,6 @@ class XyzProvider:
         self._fatal: DownloadError | None = None
         self.limiter = limiter
         if limiter is None and self.config.rate_limit:
-            from cachebuild.providers.ratelimit import TokenBucket
 
             self.limiter = TokenBucket(self.config.rate_limit, sleep=self._guard.sleep)
         self._own_client = client is None

@@ -55,6 +55,19 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.store.descriptors import SHARD_ROWS, DescriptorStore, engine_store_dirs
+from cachebuild.store.lock import registered_caches
+from cachebuild.store.actioncache import OUTPUTS, file_sha256
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild._util.hashing import is_sha256_hex
+from cachebuild.store.thumbs import THUMBS_DIR, ThumbStore
+from cachebuild.store.objects import TileStore
+from cachebuild.store.actioncache import ACTIONS_DIR
+from cachebuild.inputs.config import load_settings
+from cachebuild.errors import CacheBuildError
+from cachebuild.release.lock import CacheLock
+from cachebuild._util.report import Report, redact
+from cachebuild.store.lock import StoreLock
+from cachebuild._util.report import human_size as hs
 
 __all__ = [
     "known_caches",
@@ -68,7 +81,6 @@ __all__ = [
 
 def known_caches(store_root: Path, cache_dir: Path | None = None, home: Path | None = None) -> list[Path]:
     """Every cache directory that may use the store (see the module notes)."""
-    from cachebuild.store.lock import registered_caches
 
     found = set(registered_caches(store_root, prune=True))
     if cache_dir is not None and cache_dir.is_dir():
@@ -109,8 +121,6 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
     does not list, and the staged build's files, are hashed, the latter
     through the build's hash cache.
     """
-    from cachebuild.store.actioncache import OUTPUTS, file_sha256
-    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
     names = sorted({n for outputs in OUTPUTS.values() for n in outputs})
     found: set[str] = set()
@@ -131,7 +141,6 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
 
 def _manifest_hashes(path: Path) -> dict[str, str]:
     """``{artifact name: sha256}`` of a manifest (unverified: gc only keeps more for a wrong one); {} if unreadable."""
-    from cachebuild._util.hashing import is_sha256_hex
 
     try:
         targets = json.loads(path.read_bytes())["signed"]["targets"]
@@ -364,7 +373,6 @@ def _drop_refs(store_root: Path, gone: list[str]) -> None:
 
 def _drop_thumbs(store_root: Path, gone: list[str]) -> int:
     """Drop the coverage-map thumbnails of removed images (:mod:`cachebuild.store.thumbs`)."""
-    from cachebuild.store.thumbs import THUMBS_DIR, ThumbStore
 
     if not gone or not (store_root / THUMBS_DIR / "thumbs.sqlite").is_file():
         return 0
@@ -405,7 +413,6 @@ def collect_garbage(
     """
     import numpy as np
 
-    from cachebuild.store.objects import TileStore
 
     root = Path(store_root)
     caches = list(caches)
@@ -434,7 +441,6 @@ def collect_garbage(
             removed["garbage_bytes"] += _clean_engine(ds)
         engines[d.name] = d
     # the action cache's temp files, damaged records, objects no record names
-    from cachebuild.store.actioncache import ACTIONS_DIR
 
     actions = root / ACTIONS_DIR
     removed["garbage_bytes"] += _tree_bytes(actions / "tmp")
@@ -527,11 +533,6 @@ def collect_garbage(
 
 def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit gc-store [MAX_STORE_BYTES=20G]``: collect under the locks, report, exit code."""
-    from cachebuild.inputs.config import load_settings
-    from cachebuild.errors import CacheBuildError
-    from cachebuild.release.lock import CacheLock
-    from cachebuild._util.report import Report, redact
-    from cachebuild.store.lock import StoreLock
 
     raw = vars.get("REPORT") or (env if env is not None else os.environ).get("CACHEBUILD_REPORT") or "text"
     fmt = "json" if raw.lower() == "json" else "text"
@@ -558,7 +559,6 @@ def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) 
         report.exit_code = 0
         if fmt == "text":
             r = result["removed"]
-            from cachebuild._util.report import human_size as hs
 
             bound = "no bound" if result["max_bytes"] is None else f"bound {hs(result['max_bytes'])}"
             sys.stderr.write(

@@ -43,6 +43,7 @@ from cachebuild.release.signing import keyid, sign_envelope, write_public_key
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, doit_file_checker
 from cachebuild.release.verify import _RESERVED, MANIFEST_NAME, MANIFEST_TYPE, SIGNER_PUB_NAME, SPEC_VERSION, TIME_FORMAT, VERIFY_REASONS, _escapes, _format_time, _relpath_problem, canonical_value, read_manifest, verify_cache
 from cachebuild._util.fs import atomic_write
+from cachebuild._util.cpus import usable_cpus
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -309,7 +310,6 @@ def _hash_all(paths: list[Path], cache_file: str | os.PathLike[str] | None) -> l
     """``(sha256, size)`` of each file, in order; remembered ones from ``cache_file``, others in threads."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from cachebuild._util.cpus import usable_cpus
 
     cache = HashCache(cache_file) if cache_file is not None else None
     hash_one = cache.sha256 if cache is not None else sha256_file

@@ -39,6 +39,7 @@ from typing import Any
 
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import VerifyError
+from cachebuild._util.fs import atomic_write, fsync_dir
 
 __all__ = [
     "ACCEPTED_NAME",
@@ -176,7 +177,6 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
     """
     import filelock
 
-    from cachebuild._util.fs import atomic_write, fsync_dir
 
     version = int(signed["version"])
     path = accepted_path(cache_dir)

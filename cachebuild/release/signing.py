@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
+from cachebuild._util.fs import atomic_write
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -456,7 +457,6 @@ def write_public_key(path: str | os.PathLike[str], pub: Ed25519PublicKey) -> Non
     The line is ``ssh-ed25519 AAAA… cachebuild-<first 16 hex of keyid>``;
     the file is written to a temporary name and renamed over ``path``.
     """
-    from cachebuild._util.fs import atomic_write
 
     atomic_write(Path(path), _openssh_line(pub).encode("ascii"), durable=True)
 

@@ -63,6 +63,10 @@ from typing import Any
 
 from cachebuild._util.hashing import is_sha256_hex
 from cachebuild.errors import CacheBuildWarning
+from cachebuild._util.hashing import sha256_file
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild._util.fs import atomic_write
+from cachebuild.store.s3 import StoreUnavailable
 
 __all__ = [
     "ACTIONS_DIR",
@@ -88,7 +92,6 @@ RECORD_FORMAT = 1
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex SHA-256 of a file's bytes (:func:`cachebuild._util.hashing.sha256_file`)."""
-    from cachebuild._util.hashing import sha256_file
 
     return sha256_file(path)[0]
 
@@ -163,7 +166,6 @@ class Action:
         """The inputs' SHA-256, through the build's hash cache: the manifest and
         doit's file checker then find them remembered instead of reading the files again."""
         if not self._digests:
-            from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
             cache = HashCache(self.build / HASH_CACHE_NAME)
             self._digests.update({n: cache.sha256(p)[0] for n, p in sorted(self.inputs.items())})
@@ -257,7 +259,6 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = Non
 
 def _remember(build: Path, digests: Mapping[str, str]) -> None:
     """Tell the build's hash cache what the outputs hash to, so the manifest does not read them again."""
-    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 
     cache = HashCache(build / HASH_CACHE_NAME)
     for name, digest in digests.items():
@@ -268,7 +269,6 @@ def _remember(build: Path, digests: Mapping[str, str]) -> None:
 
 def _materialize(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` durably and atomically (a temp name the next build sweeps if killed)."""
-    from cachebuild._util.fs import atomic_write
 
     atomic_write(path, data, durable=True)
 
@@ -352,7 +352,6 @@ class ActionCache:
         return got
 
     def _bucket_lookup(self, key: str, names: tuple[str, ...], action: str) -> dict[str, bytes] | None:
-        from cachebuild.store.s3 import StoreUnavailable
 
         try:
             raw = self.remote.get(self._remote_record(key))
@@ -415,7 +414,6 @@ class ActionCache:
 
     def record(self, action: Action, key: str | None = None) -> None:
         """Store the outputs now in ``action.build`` under ``key`` (best effort: warnings only)."""
-        from cachebuild.store.s3 import StoreUnavailable
 
         key = key or action_key(action)
         datas: dict[str, bytes] = {}

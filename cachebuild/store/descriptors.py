@@ -40,6 +40,7 @@ from typing import Any
 
 from cachebuild._util.hashing import is_sha256_hex
 from cachebuild.store.objects import write_rows
+from cachebuild.errors import CacheBuildWarning
 
 __all__ = [
     "DESCRIPTORS_DIR",
@@ -211,7 +212,6 @@ class DescriptorStore:
         if lost:
             import warnings
 
-            from cachebuild.errors import CacheBuildWarning
 
             what = ", ".join(f"{n} in shard {name}" for name, n in sorted(lost.items()))
             warnings.warn(

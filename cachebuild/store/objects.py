@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
+from cachebuild.errors import StoreObjectError
 
 __all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object", "pid_alive", "write_rows"]
 
@@ -101,7 +102,6 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
     StoreObjectError
         When the object is missing or corrupt (removed by then).
     """
-    from cachebuild.errors import StoreObjectError
 
     path = Path(path)
     digest = path.name

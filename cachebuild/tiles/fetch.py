@@ -37,6 +37,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from cachebuild.errors import DownloadError, UsageError
 from cachebuild.tilemath import LngLatBbox, Tile
+from cachebuild.store.objects import sha256_hex
+from cachebuild.providers.nodata import NoDataRule
+from cachebuild._util.progress import Progress
+from cachebuild.store.objects import TileStore
+from cachebuild.tilemath import count_tiles, tile_from_id, tiles
+from cachebuild.tileset import tile_dtype, write_tileset
+from cachebuild.store.s3 import TileSync
+from cachebuild.providers import open_provider
+from cachebuild.providers.nodata import UNIFORM_CHECK
+from cachebuild.tilemath import tile_id
+from cachebuild.providers.base import TileFetchError
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
@@ -104,7 +115,6 @@ def _work(
     data = provider.fetch(t)
     if data is None:
         return _Outcome(t, None, False, False)
-    from cachebuild.store.objects import sha256_hex
 
     digest = sha256_hex(data)
     if rule.active and rule.matches(data, digest):
@@ -140,7 +150,6 @@ class _Run:
     def __init__(
         self, provider: Provider, store: TileStore, bar: Progress, rule: NoDataRule, sync: TileSync | None = None
     ):
-        from cachebuild.providers.nodata import UNIFORM_CHECK
 
         self.provider = provider
         self.store = store
@@ -176,7 +185,6 @@ class _Run:
         }
 
     def _blank(self, t: Tile) -> None:
-        from cachebuild.tilemath import tile_id
 
         self.missing.append(tile_id(t))
         self.nodata += 1
@@ -186,7 +194,6 @@ class _Run:
 
         Stored tiles that need no check are counted as reused here.
         """
-        from cachebuild.tilemath import tile_id
 
         for chunk in _chunks(planned, LOOKUP_BATCH):
             self.planned += len(chunk)
@@ -218,8 +225,6 @@ class _Run:
 
     def done(self, future: Future[_Outcome]) -> None:
         """Account for one finished piece of work; re-raises what is not a tile failure."""
-        from cachebuild.providers.base import TileFetchError
-        from cachebuild.tilemath import tile_id
 
         exc = future.exception()
         if isinstance(exc, TileFetchError):
@@ -291,11 +296,6 @@ def fetch_with_provider(
 
     import numpy as np
 
-    from cachebuild.providers.nodata import NoDataRule
-    from cachebuild._util.progress import Progress
-    from cachebuild.store.objects import TileStore
-    from cachebuild.tilemath import count_tiles, tile_from_id, tiles
-    from cachebuild.tileset import tile_dtype, write_tileset
 
     if concurrency < 1:
         raise UsageError(f"CONCURRENCY={concurrency} must be at least 1")
@@ -316,7 +316,6 @@ def fetch_with_provider(
         journal = store.open_journal(provider.identity)
         sync = None
         if shared is not None:
-            from cachebuild.store.s3 import TileSync
 
             sync = TileSync(shared, store, provider.identity)
         run = _Run(provider, store, bar, rule, sync)
@@ -444,8 +443,6 @@ def fetch_tiles(
         every tile fetched before is kept in the store.  Or when the shared
         bucket failed, naming its URL (never credentials).
     """
-    from cachebuild.providers.nodata import NoDataRule
-    from cachebuild.providers import open_provider
 
     rule = NoDataRule.from_env(env)
     provider = open_provider(provider_spec, env=env)

@@ -32,6 +32,16 @@ from typing import TYPE_CHECKING, Any
 
 from cachebuild.errors import BuildError
 from cachebuild.tilemath import LngLatBbox, Tile
+from cachebuild.tilemath import MAX_LAT
+from cachebuild.store.objects import TileStore
+from cachebuild.tileset import read_tiles
+from cachebuild._util.statcache import HashCache
+from cachebuild.tileset import tile_dtype
+from cachebuild._util.fs import atomic_write
+from cachebuild._util.hashing import sha256_file
+from cachebuild.errors import CacheBuildWarning
+from cachebuild.tilemath import tile_from_id
+from cachebuild.tileset import hex_digests
 
 if TYPE_CHECKING:
     import sqlite3
@@ -89,7 +99,6 @@ def _bounds_and_center(bbox: LngLatBbox, zoom: int) -> tuple[str, str]:
     its bounds span every longitude; its centre is the middle of the box
     across the antimeridian.
     """
-    from cachebuild.tilemath import MAX_LAT
 
     west, south, east, north = bbox
     south, north = max(south, -MAX_LAT), min(north, MAX_LAT)
@@ -172,8 +181,6 @@ def write_mbtiles(
         When a tile's object is missing from the store or corrupt, or the
         tiles do not all have the one format.
     """
-    from cachebuild.store.objects import TileStore
-    from cachebuild.tileset import read_tiles
 
     if image_format is not None and image_format not in _FORMATS:
         raise BuildError(f"image format {image_format!r} is not one of {', '.join(_FORMATS)}")
@@ -224,7 +231,6 @@ def write_mbtiles(
     how = {"mode": mode, "inserted": inserted, "deleted": deleted or 0}
     _write_record(out_path, tiles, fmt, st, digest, pages, free, how)
     if hash_cache is not None:
-        from cachebuild._util.statcache import HashCache
 
         cache = HashCache(hash_cache)
         cache.remember(out_path, digest, st)
@@ -337,7 +343,6 @@ def _read_record(out_path: Path) -> tuple[dict[str, Any], Any] | None:
 
     import numpy as np
 
-    from cachebuild.tileset import tile_dtype
 
     try:
         raw = _record_path(out_path).read_bytes()
@@ -363,8 +368,6 @@ def _write_record(
 
     import numpy as np
 
-    from cachebuild._util.fs import atomic_write
-    from cachebuild.tileset import tile_dtype
 
     rows = np.ascontiguousarray(tiles, dtype=tile_dtype()).tobytes()
     head = {
@@ -406,8 +409,6 @@ def _update_copy(
     """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
     import warnings
 
-    from cachebuild._util.hashing import sha256_file
-    from cachebuild.errors import CacheBuildWarning
 
     if len(tiles) == 0:
         return None
@@ -467,10 +468,8 @@ def _update_copy(
 
 def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata: Any) -> _Written | None:
     """Delete ``gone``'s rows from the copy at ``tmp``, insert ``new``'s; None when it must be written in full."""
-    from cachebuild.tilemath import tile_from_id
 
     def inserted() -> Iterator[tuple[int, int, int, bytes]]:
-        from cachebuild.tileset import hex_digests
 
         for tid, hexdigest in zip(new["id"].tolist(), hex_digests(new)):
             t = tile_from_id(tid)
@@ -536,7 +535,6 @@ def _hash_and_write_back(path: Path) -> str:
     current (:mod:`cachebuild.release.publish`); asking the kernel to start writing
     it now means that fsync finds little left to write.
     """
-    from cachebuild._util.hashing import sha256_file
 
     digest = sha256_file(path, _CHUNK)[0]
     _write_back_path(path)
@@ -592,8 +590,6 @@ def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
 
 def _tile_rows(tiles: Any, store: Any) -> Iterator[tuple[int, int, int, bytes]]:
     """``(zoom_level, tile_column, tile_row, data)`` per tile, read one at a time."""
-    from cachebuild.tilemath import tile_from_id
-    from cachebuild.tileset import hex_digests
 
     for tid, hexdigest in zip(tiles["id"].tolist(), hex_digests(tiles)):
         t = tile_from_id(tid)

@@ -37,6 +37,7 @@ from typing import Any
 from cachebuild.errors import BuildError
 from cachebuild.providers.mbtilesfile import connect_readonly
 from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
+from cachebuild._util.fs import atomic_write
 
 __all__ = ["CELLS_FILE", "DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
 
@@ -409,7 +410,6 @@ def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, diges
     """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
     import numpy as np
 
-    from cachebuild._util.fs import atomic_write
 
     head = np.array([_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64)
     check = np.frombuffer(_cells_sha256(head, cells, digests), dtype=np.uint8)

@@ -55,6 +55,8 @@ from typing import TYPE_CHECKING, Any
 from cachebuild.errors import EngineError
 from cachebuild.engine.gpu import CudaApi, cuda_api
 from cachebuild.engine.tensorrt.policy import PROFILE_BATCH, check_environment, model_precision, parser_errors, precision_plan, profile_shapes, timing_cache_path
+from cachebuild.engine.interface import EngineInfo
+from cachebuild.engine.interface import read_engine_json
 
 if TYPE_CHECKING:
     import numpy as np
@@ -139,7 +141,6 @@ def _onnx_io(model: Any, model_path: Path, engine_file: str) -> EngineInfo:
     """The network's signature from the ONNX graph: one [n, 3, H, W] input, one [n, D] output."""
     from onnx import TensorProto
 
-    from cachebuild.engine.interface import EngineInfo
 
     init = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in init]
@@ -376,7 +377,6 @@ class TensorRTBackend:
         """Parse, build with the profile, workspace and timing cache; write ``engine.plan``."""
         import onnx
 
-        from cachebuild.engine.interface import EngineInfo
 
         trt = self.trt
         model_path, out_dir = Path(model_path), Path(out_dir)
@@ -458,7 +458,6 @@ class TensorRTBackend:
 
     def load(self, engine_dir: Path, threads: int | None = None) -> Any:
         """Deserialize ``engine.plan`` after checking it was built for this machine."""
-        from cachebuild.engine.interface import read_engine_json
 
         engine_dir = Path(engine_dir)
         record = read_engine_json(engine_dir)
