@@ -52,13 +52,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_describe import build_world  # noqa: E402
 
 from cachebuild._util.cpus import usable_cpus  # noqa: E402
-from cachebuild.localize.daskexec import DaskExecutor  # noqa: E402
-from cachebuild.localize.describe import DESCRIPTORS_FILE, describe_tiles  # noqa: E402
 from cachebuild.engine.compile import compile_engine  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
+from cachebuild.localize.daskexec import DaskExecutor  # noqa: E402
+from cachebuild.localize.describe import DESCRIPTORS_FILE, describe_tiles  # noqa: E402
 
 
-def run(root: Path, store: Path, batch: int, scheduler: str | None, threads: int | None) -> tuple[float, np.ndarray]:
+def run(
+    root: Path, store: Path, batch: int, scheduler: str | None, threads: int | None
+) -> tuple[float, np.ndarray]:
     """Seconds of one describe with an empty descriptor store, and its descriptors."""
     shutil.rmtree(store / "descriptors", ignore_errors=True)
     result = describe_tiles(
@@ -108,7 +110,10 @@ def fill_bucket(bucket: str, tileset: Path, store: Path, identity: str) -> str:
     ns = hashlib.sha256(identity.encode()).hexdigest()[:32]
     for cell, tiles in cells.items():
         data = _encode_pack(identity, cell[0], time.time(), tiles)
-        remote.put(url.key("tiles", ns, _cell_part(cell)) + f"{hashlib.sha256(data).hexdigest()}.pack", data)
+        remote.put(
+            url.key("tiles", ns, _cell_part(cell)) + f"{hashlib.sha256(data).hexdigest()}.pack",
+            data,
+        )
     return str(url)
 
 
@@ -119,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", default="2", help="Dask worker counts, comma-separated (2)")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs of each row (3)")
     parser.add_argument("--no-cold", action="store_true", help="skip the local:N all-in rows")
-    parser.add_argument("--bucket", action="store_true", help="add workers reading tiles from a bucket (moto)")
+    parser.add_argument(
+        "--bucket", action="store_true", help="add workers reading tiles from a bucket (moto)"
+    )
     args = parser.parse_args(argv)
     counts = [int(c) for c in args.workers.split(",") if c.strip()]
 
@@ -139,14 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"building {args.tiles} JPEG tiles ...", file=sys.stderr)
         _, store, _, mean_size = build_world(root, args.tiles)
         model = write_default_model(root / "model.onnx")
-        compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=root / "engine")
+        compile_engine(
+            model_path=model, calibration_path=None, precision="fp32", out_dir=root / "engine"
+        )
 
         _, ref = run(root, store, args.batch, None, None)  # warm-up; the reference descriptors
         identity = "bench:synthetic"
-        url = fill_bucket("bench-dask", root / "tileset", store, identity) if moto is not None else ""
+        url = (
+            fill_bucket("bench-dask", root / "tileset", store, identity) if moto is not None else ""
+        )
         # each worker count: its rows alternate with local runs, so the ratio
         # compares runs made under the same load (the machine may be shared)
-        groups: list[tuple[int, list[float], list[tuple[str, list[float], float]], float | None]] = []
+        groups: list[
+            tuple[int, list[float], list[tuple[str, list[float], float]], float | None]
+        ] = []
         for n in counts:
             start = None
             if not args.no_cold:
@@ -160,7 +173,9 @@ def main(argv: list[str] | None = None) -> int:
                 silence_logs=logging.CRITICAL,
             ) as cluster:  # fmt: skip
                 threads = max(1, usable_cpus() // (2 * n))
-                run(root, store, args.batch, cluster.scheduler_address, threads)  # warm-up: engine loaded
+                run(
+                    root, store, args.batch, cluster.scheduler_address, threads
+                )  # warm-up: engine loaded
                 local: list[float] = []
                 cold: list[float] = []
                 standing: list[float] = []
@@ -179,12 +194,16 @@ def main(argv: list[str] | None = None) -> int:
                         with Client(cluster.scheduler_address, set_as_default=False) as client:
                             client.run(forget_bucket_copies)
                         with workers_read_bucket(url, identity):
-                            seconds, d = run(root, store, args.batch, cluster.scheduler_address, threads)
+                            seconds, d = run(
+                                root, store, args.batch, cluster.scheduler_address, threads
+                            )
                         from_bucket.append(seconds)
                         diff = max(diff, float(np.abs(d - ref).max()))
                 rows = [(f"{n} workers, standing cluster (tcp://)", standing, diff)]
                 if from_bucket:
-                    rows.append((f"{n} workers, standing, tiles from the bucket", from_bucket, diff))
+                    rows.append(
+                        (f"{n} workers, standing, tiles from the bucket", from_bucket, diff)
+                    )
                 if cold:
                     rows.insert(0, (f"DASK_SCHEDULER=local:{n} (cold, all-in)", cold, diff))
                 groups.append((n, local, rows, start))
@@ -200,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"|{'-' * 46}|{'-' * 10}|{'-' * 10}|{'-' * 12}|")
     for _, local, rows, _ in groups:
         base = n / statistics.median(local)
-        print(f"| {'local (in the build process), same turns':<44} | {base:>8.0f} | {1:>7.2f}x | {0:>10.1e} |")
+        print(
+            f"| {'local (in the build process), same turns':<44} | {base:>8.0f} | {1:>7.2f}x | {0:>10.1e} |"
+        )
         for name, times, diff in rows:
             rate = n / statistics.median(times)
             print(f"| {name:<44} | {rate:>8.0f} | {rate / base:>7.2f}x | {diff:>10.1e} |")
@@ -208,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         moto.close()
     for workers, _, _, start in groups:
         if start is not None:
-            print(f"local:{workers}: starting the cluster, sending the engine and stopping it alone: {start:.1f} s")
+            print(
+                f"local:{workers}: starting the cluster, sending the engine and stopping it alone: {start:.1f} s"
+            )
     return 0
 
 

@@ -36,9 +36,9 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from cachebuild.localize.describe import DESCRIPTORS_FILE, default_decode_threads, describe_tiles
 from cachebuild.engine.compile import compile_engine
 from cachebuild.engine.model import write_default_model
+from cachebuild.localize.describe import DESCRIPTORS_FILE, default_decode_threads, describe_tiles
 from cachebuild.store.objects import TileStore
 from cachebuild.tileset import tile_dtype, write_tileset
 

@@ -78,7 +78,9 @@ def serve(latency_s: float, share_429: float, retry_after: str) -> None:
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/stats":
                 with lock:
-                    self._send(200, json.dumps(stats).encode(), {"Content-Type": "application/json"})
+                    self._send(
+                        200, json.dumps(stats).encode(), {"Content-Type": "application/json"}
+                    )
                 return
             with lock:
                 n = attempts[self.path]
@@ -153,7 +155,9 @@ def area_of(n_tiles: int) -> Any:
     return box, count_tiles(box, [17])
 
 
-def naive(server: ServerProcess, wanted: list[Any], out: Path, *, pooled: bool = False) -> dict[str, Any]:
+def naive(
+    server: ServerProcess, wanted: list[Any], out: Path, *, pooled: bool = False
+) -> dict[str, Any]:
     import httpx
 
     from cachebuild.providers.base import check_image
@@ -181,9 +185,11 @@ def naive(server: ServerProcess, wanted: list[Any], out: Path, *, pooled: bool =
     return {"tiles": len(wanted), "seconds": seconds, "lost": len(wanted) - got, "retries": retries}
 
 
-def cachebuild_fetch(server: ServerProcess, box: Any, n: int, tmp: Path, concurrency: int) -> dict[str, Any]:
-    from cachebuild.tiles.fetch import fetch_tiles
+def cachebuild_fetch(
+    server: ServerProcess, box: Any, n: int, tmp: Path, concurrency: int
+) -> dict[str, Any]:
     from cachebuild.store.objects import TileStore
+    from cachebuild.tiles.fetch import fetch_tiles
 
     env = {"HTTP_TIMEOUT": "20", "HTTP_RETRIES": "3", "HTTP_BACKOFF": "0.2"}
     t0 = time.perf_counter()
@@ -205,7 +211,9 @@ def cachebuild_fetch(server: ServerProcess, box: Any, n: int, tmp: Path, concurr
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiles", type=int, default=5000)
     ap.add_argument(
         "--naive-tiles",
@@ -251,7 +259,10 @@ def main() -> None:
                 finally:
                     srv.close()
             rows.append((f"(b) cachebuild fetch_tiles, CONCURRENCY={c}", label, r, base))
-            print(f"cachebuild c={c} {label}: {r['tiles'] / r['seconds']:.1f} tiles/s", file=sys.stderr)
+            print(
+                f"cachebuild c={c} {label}: {r['tiles'] / r['seconds']:.1f} tiles/s",
+                file=sys.stderr,
+            )
 
     print(
         f"Loopback server in its own process, {args.latency_ms:g} ms latency per request, "

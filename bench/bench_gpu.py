@@ -47,12 +47,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_describe import make_jpeg  # noqa: E402
 
-from cachebuild.localize.decode import decode_batch as _decode_batch, default_decode_threads
-from cachebuild.localize.describe import describe_tiles  # noqa: E402
 from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.engine.interface import read_engine_json  # noqa: E402
-from cachebuild.localize.index import build_index  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
+from cachebuild.localize.decode import decode_batch as _decode_batch
+from cachebuild.localize.decode import default_decode_threads
+from cachebuild.localize.describe import describe_tiles  # noqa: E402
+from cachebuild.localize.index import build_index  # noqa: E402
 from cachebuild.store.objects import TileStore  # noqa: E402
 from cachebuild.tileset import tile_dtype, write_tileset  # noqa: E402
 
@@ -66,7 +67,10 @@ def build_world(root: Path, n: int, distinct: int) -> tuple[Path, Path, list[Pat
         data = make_jpeg(rng)
         size += len(data)
         digests.append(bytes.fromhex(store.put(data)))
-    rows = [((17 << 58) | ((60000 + i % 1024) << 29) | (40000 + i // 1024), digests[i % len(digests)]) for i in range(n)]
+    rows = [
+        ((17 << 58) | ((60000 + i % 1024) << 29) | (40000 + i // 1024), digests[i % len(digests)])
+        for i in range(n)
+    ]
     tiles = np.sort(np.array(rows, dtype=tile_dtype()), order="id")
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
     paths = [store.path(raw[i].tobytes().hex()) for i in range(n)]
@@ -84,7 +88,9 @@ def decode_pillow(paths: list[Path], batch: int, workers: int, size: tuple[int, 
         for s in range(0, len(paths), batch):
             part = paths[s : s + batch]
             futures = [
-                pool.submit(_decode_batch, part[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk])
+                pool.submit(
+                    _decode_batch, part[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk]
+                )
                 for c in range(0, len(part), chunk)
             ]
             for f in futures:
@@ -106,14 +112,20 @@ def gpu_decoder() -> tuple[Any, str]:
     def run(paths: list[Path], batch: int, size: tuple[int, int]) -> float:
         start = time.perf_counter()
         for s in range(0, len(paths), batch):
-            datas = [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in paths[s : s + batch]]
+            datas = [
+                torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8)
+                for p in paths[s : s + batch]
+            ]
             imgs = decode_jpeg(datas, device="cuda")
             x = torch.stack(imgs).float().div_(255.0).sub_(0.5)
             assert x.shape[1:] == (3, *size)
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    return run, f"torchvision {torchvision.__version__} decode_jpeg on {torch.cuda.get_device_name(0)}"
+    return (
+        run,
+        f"torchvision {torchvision.__version__} decode_jpeg on {torch.cuda.get_device_name(0)}",
+    )
 
 
 def infer(runner: Any, n: int, batch: int) -> float:
@@ -130,11 +142,17 @@ def infer(runner: Any, n: int, batch: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, default=100_000, help="tiles (100000)")
-    parser.add_argument("--distinct", type=int, default=4096, help="distinct JPEG images among them (4096)")
+    parser.add_argument(
+        "--distinct", type=int, default=4096, help="distinct JPEG images among them (4096)"
+    )
     parser.add_argument("--batch", type=int, default=256, help="tiles per engine call (256)")
     parser.add_argument("--backend", default="auto", help="auto | tensorrt | onnxruntime (auto)")
-    parser.add_argument("--threads", type=int, default=None, help="engine threads (ONNX Runtime; default all)")
-    parser.add_argument("--check", action="store_true", help="exit 1 when end to end < 0.8 of the slowest stage")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="engine threads (ONNX Runtime; default all)"
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 when end to end < 0.8 of the slowest stage"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     n, batch = args.tiles, args.batch
@@ -200,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
         shown = f"{rate:>9.0f}" if rate else f"{'-':>9}"
         rel = f"{rate / base:>15.2f}x" if rate else f"{'-':>16}"
         print(f"| {name[:64]:<64} | {shown} | {rel} | {note[:26]:<26} |")
-    print(f"slowest stage alone: {slowest} ({base:.0f} tiles/s); end to end / slowest = {ratio:.2f} (target >= 0.8)")
+    print(
+        f"slowest stage alone: {slowest} ({base:.0f} tiles/s); end to end / slowest = {ratio:.2f} (target >= 0.8)"
+    )
     if record["backend"] == "onnxruntime" and not str(record["device"]).startswith("cuda:"):
         seq = n / (s_pil + s_inf + s_idx)
         print(

@@ -46,7 +46,9 @@ from bench_noop import REPO, run_measured
 LAT, LON = 47.30, 8.45
 
 
-def time_functions(snap: Path, before: Path | None, store: Path, scratch: Path) -> tuple[float, float]:
+def time_functions(
+    snap: Path, before: Path | None, store: Path, scratch: Path
+) -> tuple[float, float]:
     """``(index s, selftest s)``: build_index and run_selftest on a build's inputs, in this process."""
     from cachebuild.localize.index import QUANTIZER_FILE, build_index
     from cachebuild.localize.selftest import FRAMES_FILE, run_selftest
@@ -59,7 +61,9 @@ def time_functions(snap: Path, before: Path | None, store: Path, scratch: Path) 
             shutil.copy(before / name, scratch / name)
     key = json.loads((snap / "engine" / "engine.json").read_text())["key"]
     t = time.perf_counter()
-    build_index(descriptors_dir=scratch, out_path=scratch / "index.faiss", reuse=True, engine_key=key)
+    build_index(
+        descriptors_dir=scratch, out_path=scratch / "index.faiss", reuse=True, engine_key=key
+    )
     t_index = time.perf_counter() - t
     t = time.perf_counter()
     run_selftest(
@@ -70,10 +74,14 @@ def time_functions(snap: Path, before: Path | None, store: Path, scratch: Path) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiles", type=int, default=20_000)
     ap.add_argument("--shifts", type=int, default=4)
-    ap.add_argument("--shift", type=float, default=0.1, help="each shift, as a fraction of the area's width")
+    ap.add_argument(
+        "--shift", type=float, default=0.1, help="each shift, as a fraction of the area's width"
+    )
     args = ap.parse_args()
     doit = [sys.executable, "-m", "doit"]
     load0 = os.getloadavg()[0]
@@ -86,9 +94,13 @@ def main() -> None:
 
         def build(home: str, k: int) -> dict:
             f = Path(tmp) / f"flight-{k}.json"
-            f.write_text(json.dumps({"waypoints": [{"lat": LAT, "lon": LON + k * dlon, "alt_m": 100}]}))
+            f.write_text(
+                json.dumps({"waypoints": [{"lat": LAT, "lon": LON + k * dlon, "alt_m": 100}]})
+            )
             env = dict(os.environ, CACHEBUILD_HOME=str(Path(tmp) / home))
-            seconds, _, out, _ = run_measured([*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO)
+            seconds, _, out, _ = run_measured(
+                [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
+            )
             b = Path(tmp) / home / "cache" / "state" / "build"
             index = json.loads((b / "index.json").read_text())
             selftest = json.loads((b / "selftest.json").read_text())
@@ -104,21 +116,31 @@ def main() -> None:
         rows.append(("cold, empty store", 0, build("a", 0)))
         for k in range(1, args.shifts + 1):
             rows.append((f"shift {k} x {args.shift:.0%}, same home", k, build("a", k)))
-        rows.append((f"cold, empty store (flight of shift {args.shifts})", args.shifts, build("b", args.shifts)))
+        rows.append(
+            (
+                f"cold, empty store (flight of shift {args.shifts})",
+                args.shifts,
+                build("b", args.shifts),
+            )
+        )
         print("timing the functions on each build's inputs ...", file=sys.stderr, flush=True)
         for i, (_, _, r) in enumerate(rows):
             before = rows[i - 1][2]["snap"] if 0 < i < len(rows) - 1 else None
             r["fn"] = time_functions(r["snap"], before, r["store"], Path(tmp) / f"fn-{i}")
 
     cold_of = {0: rows[0][2]["s"], args.shifts: rows[-1][2]["s"]}
-    print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs")
+    print(
+        f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs"
+    )
     print()
     print(
         "| build | tiles | s | index s | selftest s | (index + selftest) / cold build | fn: index s "
         "| fn: selftest s | fn: (index + selftest) / cold build | quantizer "
         "| trained-on share | frames described / reused | recall@10 | self-test r@1 / r@5 |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    print(
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |"
+    )
     for name, k, r in rows:
         ph = r["report"]["phases"]
         q = r["index"].get("quantizer") or {}
@@ -137,7 +159,10 @@ def main() -> None:
         )
     print()
     shifted = rows[1:-1]
-    mean = sum(r["report"]["phases"].get("index", 0) + r["report"]["phases"].get("selftest", 0) for _, _, r in shifted)
+    mean = sum(
+        r["report"]["phases"].get("index", 0) + r["report"]["phases"].get("selftest", 0)
+        for _, _, r in shifted
+    )
     cold_is = rows[0][2]["report"]["phases"]
     fn_mean = sum(sum(r["fn"]) for _, _, r in shifted) / max(len(shifted), 1)
     print(

@@ -70,7 +70,9 @@ def _time(argv: list[str], env: dict[str, str], cwd: Path) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--keep", type=Path, help="build the homes under this folder and keep them")
@@ -80,12 +82,22 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
-    with (contextlib.nullcontext(str(args.keep)) if args.keep else tempfile.TemporaryDirectory(prefix="bench-noop-")) as tmp:
+    with (
+        contextlib.nullcontext(str(args.keep))
+        if args.keep
+        else tempfile.TemporaryDirectory(prefix="bench-noop-")
+    ) as tmp:
         for n in (int(s) for s in args.sizes.split(",")):
             home = Path(tmp) / f"home-{n}"
             env = dict(os.environ, CACHEBUILD_HOME=str(home))
             flight = Path(tmp) / f"flight-{n}.json"
-            build = [*doit, "build-cache", f"FLIGHT={flight}", _flight_for(n, flight), "REPORT=json"]
+            build = [
+                *doit,
+                "build-cache",
+                f"FLIGHT={flight}",
+                _flight_for(n, flight),
+                "REPORT=json",
+            ]
             print(f"cold build, about {n} tiles ...", file=sys.stderr, flush=True)
             cold, rss, out, _ = run_measured(build, env, REPO)
             report = json.loads(out.splitlines()[-1])
@@ -94,7 +106,9 @@ def main() -> None:
             index_bytes = (staged / "index.faiss").stat().st_size
             index_kind = json.loads((staged / "index.json").read_text())["type"]
             phases = report["phases"]
-            cold_rows.append((planned, cold, phases, rss, index_bytes, index_kind, report["selftest"]))
+            cold_rows.append(
+                (planned, cold, phases, rss, index_bytes, index_kind, report["selftest"])
+            )
             noop, listing = [], []
             for _ in range(args.repeat):
                 noop.append(_time(build, env, REPO))
@@ -107,7 +121,9 @@ def main() -> None:
                   f"doit list {noop_rows[-1][2]:.3f} s; load {os.getloadavg()[0]:.1f}",
                   file=sys.stderr, flush=True)  # fmt: skip
     mib = 1 << 20
-    print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs")
+    print(
+        f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs"
+    )
     print()
     print("| tiles | no-op s | `doit list` s | ratio |")
     print("| ---: | ---: | ---: | ---: |")
@@ -119,12 +135,16 @@ def main() -> None:
               f"{noop_rows[-1][2] / noop_rows[0][2]:.2f}x: the machine's load)")  # fmt: skip
     print()
     stage_cols = " | ".join(f"{s} tiles/s" for s in STAGES)
-    print(f"| tiles | cold build s | {stage_cols} | selftest s | peak RSS MiB | index | index MiB | RSS - index MiB |")
-    print("| ---: | ---: | " + " | ".join("---:" for _ in STAGES) + " | ---: | ---: | --- | ---: | ---: |")
+    print(
+        f"| tiles | cold build s | {stage_cols} | selftest s | peak RSS MiB | index | index MiB | RSS - index MiB |"
+    )
+    print(
+        "| ---: | ---: | "
+        + " | ".join("---:" for _ in STAGES)
+        + " | ---: | ---: | --- | ---: | ---: |"
+    )
     for planned, cold, phases, rss, index_bytes, kind, _ in cold_rows:
-        rates = " | ".join(
-            f"{planned / phases[s]:,.0f}" if phases.get(s) else "-" for s in STAGES
-        )
+        rates = " | ".join(f"{planned / phases[s]:,.0f}" if phases.get(s) else "-" for s in STAGES)
         print(
             f"| {planned:,} | {cold:.1f} | {rates} | {phases.get('selftest', 0):.1f} | {rss / mib:.0f} | {kind} | "
             f"{index_bytes / mib:.1f} | {(rss - index_bytes) / mib:.0f} |"

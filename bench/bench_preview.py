@@ -49,12 +49,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_describe import make_jpeg  # noqa: E402  (the same distinct ~20 KiB tiles)
 
-from cachebuild.localize.describe import describe_tiles  # noqa: E402
 from cachebuild.engine.compile import compile_engine  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
-from cachebuild.tiles.preview import _geometry, render_preview  # noqa: E402
+from cachebuild.localize.describe import describe_tiles  # noqa: E402
 from cachebuild.store.objects import TileStore  # noqa: E402
 from cachebuild.tilemath import LngLatBbox, Tile, bounds, tile, tile_id  # noqa: E402
+from cachebuild.tiles.preview import _geometry, render_preview  # noqa: E402
 from cachebuild.tileset import tile_dtype  # noqa: E402
 
 
@@ -68,8 +68,12 @@ def make_cache(root: Path, n: int) -> tuple[LngLatBbox, int]:
     rng = np.random.default_rng(0)
     store = TileStore(root / "objects-store")
     conn = sqlite3.connect(root / "tiles.mbtiles")
-    conn.execute("CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)")
-    conn.execute("CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)")  # as MBTiles files have
+    conn.execute(
+        "CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)"
+    )
+    conn.execute(
+        "CREATE UNIQUE INDEX tile_index ON tiles (zoom_level, tile_column, tile_row)"
+    )  # as MBTiles files have
     rows = []
     for i in range(side):
         for j in range(side):
@@ -83,10 +87,20 @@ def make_cache(root: Path, n: int) -> tuple[LngLatBbox, int]:
     np.save(root / "tiles.npy", np.sort(np.array(rows, dtype=tile_dtype()), order="id"))
     np.save(root / "missing.npy", np.zeros(0, dtype="<i8"))
     (root / "tileset.json").write_text(
-        json.dumps({"bbox": list(bbox), "zooms": [17], "planned": len(rows), "present": len(rows), "missing": 0})
+        json.dumps(
+            {
+                "bbox": list(bbox),
+                "zooms": [17],
+                "planned": len(rows),
+                "present": len(rows),
+                "missing": 0,
+            }
+        )
     )
     wp = [{"lat": 47.37, "lon": 8.54, "alt_m": 100.0}, {"lat": 47.36, "lon": 8.56, "alt_m": 100.0}]
-    (root / "flight.json").write_text(json.dumps({"flight_id": None, "takeoff_origin": None, "waypoints": wp}))
+    (root / "flight.json").write_text(
+        json.dumps({"flight_id": None, "takeoff_origin": None, "waypoints": wp})
+    )
     return bbox, len(rows)
 
 
@@ -119,7 +133,10 @@ def thumb_cost(root: Path, k: int = 2000) -> float:
     from cachebuild.store.thumbs import thumbnail_of
 
     conn = sqlite3.connect(root / "tiles.mbtiles")
-    images = [_decode_image(io.BytesIO(d), (256, 256)) for (d,) in conn.execute(f"SELECT tile_data FROM tiles LIMIT {k}")]
+    images = [
+        _decode_image(io.BytesIO(d), (256, 256))
+        for (d,) in conn.execute(f"SELECT tile_data FROM tiles LIMIT {k}")
+    ]
     conn.close()
     best = math.inf
     for _ in range(3):
@@ -137,7 +154,9 @@ def timed(fn):  # type: ignore[no-untyped-def]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiles", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
@@ -148,9 +167,14 @@ def main() -> None:
         bbox, n = make_cache(root, args.tiles)
         engine = root / "engine"
         compile_engine(
-            model_path=write_default_model(root / "model.onnx"), calibration_path=None, precision="fp32", out_dir=engine
+            model_path=write_default_model(root / "model.onnx"),
+            calibration_path=None,
+            precision="fp32",
+            out_dir=engine,
         )
-        print(f"setup: {n:,} distinct tiles, {time.perf_counter() - t_setup:.0f} s", file=sys.stderr)
+        print(
+            f"setup: {n:,} distinct tiles, {time.perf_counter() - t_setup:.0f} s", file=sys.stderr
+        )
 
         def describe(store: Path, thumbnails: bool) -> dict:
             return describe_tiles(
@@ -167,7 +191,7 @@ def main() -> None:
         warm: list[float] = []
         for k in range(args.repeat):
             # describe, both ways, alternating which goes first (the machine may be shared)
-            for thumbnails in ((False, True) if k % 2 == 0 else (True, False)):
+            for thumbnails in (False, True) if k % 2 == 0 else (True, False):
                 store = fresh_store(root, f"store-{'on' if thumbnails else 'off'}")
                 cpu = time.process_time()
                 s, r = timed(lambda store=store, on=thumbnails: describe(store, on))
@@ -195,7 +219,9 @@ def main() -> None:
             diff = np.abs(np.asarray(ci, dtype=int) - np.asarray(ai, dtype=int))
 
     off, on = statistics.median(d_off), statistics.median(d_on)
-    print(f"describe, {n:,} tiles, batch {args.batch}, medians of {args.repeat}, load {os.getloadavg()[0]:.1f}")
+    print(
+        f"describe, {n:,} tiles, batch {args.batch}, medians of {args.repeat}, load {os.getloadavg()[0]:.1f}"
+    )
     print(f"{'describe':<36} {'tiles/s':>8} {'vs off':>7}")
     print(f"{'thumbnails off':<36} {off:>8.0f} {1:>7.3f}")
     print(f"{'thumbnails on (a build)':<36} {on:>8.0f} {on / off:>7.3f}")
@@ -207,7 +233,9 @@ def main() -> None:
     )
     print()
     b, c0 = statistics.median(base), statistics.median(cold)
-    print(f"preview {a['width']}x{a['height']}, {n:,} tiles, mode {a['mode']}, medians of {args.repeat}")
+    print(
+        f"preview {a['width']}x{a['height']}, {n:,} tiles, mode {a['mode']}, medians of {args.repeat}"
+    )
     print(f"{'render':<36} {'s':>7} {'vs naive':>9} {'vs old cold':>12}")
     for name, xs in (
         ("naive (full decode, resize)", base),
@@ -218,7 +246,9 @@ def main() -> None:
         m = statistics.median(xs)
         print(f"{name:<36} {m:>7.2f} {m / b:>9.3f} {m / c0:>12.3f}")
     print(f"  after describe, per run: {' '.join(f'{x:.2f}' for x in after)} s")
-    print(f"map after describe vs old cold path: mean |diff| {diff.mean():.2f}, max {diff.max()} (of 255)")
+    print(
+        f"map after describe vs old cold path: mean |diff| {diff.mean():.2f}, max {diff.max()} (of 255)"
+    )
 
 
 if __name__ == "__main__":

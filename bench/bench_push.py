@@ -52,15 +52,17 @@ def _flight(n_tiles: int, path: Path) -> float:
 
 def _stage(tmp: Path, n_tiles: int) -> tuple[Path, Path, Path, float]:
     """The workstation's half: flight.json and the tile set in a fresh store."""
-    from cachebuild.tiles.fetch import fetch_tiles
     from cachebuild.inputs.flight import flight_area, flight_record, load_flight_file
+    from cachebuild.tiles.fetch import fetch_tiles
 
     flight = tmp / "flight-src.json"
     buffer_m = _flight(n_tiles, flight)
     build, store = tmp / "ws" / "build", tmp / "ws" / "store"
     build.mkdir(parents=True)
     f = load_flight_file(flight)
-    (build / "flight.json").write_text(json.dumps(flight_record(f), indent=1, sort_keys=True) + "\n")
+    (build / "flight.json").write_text(
+        json.dumps(flight_record(f), indent=1, sort_keys=True) + "\n"
+    )
     fetch_tiles(
         bbox=flight_area(f, buffer_m),
         zooms=[17],
@@ -177,11 +179,15 @@ def _full(
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiles", type=int, default=10_000)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument(
-        "--no-full", action="store_true", help="skip the whole build-cache no-op (needs a cold remote build)"
+        "--no-full",
+        action="store_true",
+        help="skip the whole build-cache no-op (needs a cold remote build)",
     )
     ap.add_argument("--no-naive", action="store_true", help="skip one-SFTP-file-per-object")
     args = ap.parse_args()

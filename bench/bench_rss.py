@@ -121,7 +121,9 @@ def measured_build(argv: list[str], env: dict[str, str], interval: float) -> dic
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="10000,100000")
     ap.add_argument("--interval", type=float, default=0.02, help="seconds between RSS samples")
     args = ap.parse_args()
@@ -171,7 +173,9 @@ def main() -> None:
     for r in rows:
         by = {s["stage"]: s for s in r["stages"]}
         cells = " | ".join(
-            f"{by[s]['max_rss'] / mib:.0f} ({by[s]['hwm_end'] / mib:.0f})" if by.get(s, {}).get("max_rss") else "-"
+            f"{by[s]['max_rss'] / mib:.0f} ({by[s]['hwm_end'] / mib:.0f})"
+            if by.get(s, {}).get("max_rss")
+            else "-"
             for s in names
         )
         print(f"| {r['planned']:,} | {cells} |")
@@ -189,7 +193,17 @@ def main() -> None:
 
 
 #: The build's stages, in order, as its JSON report names them.
-PHASES = ("tiles", "mbtiles", "engine", "describe", "preview", "index", "selftest", "manifest", "publish")
+PHASES = (
+    "tiles",
+    "mbtiles",
+    "engine",
+    "describe",
+    "preview",
+    "index",
+    "selftest",
+    "manifest",
+    "publish",
+)
 
 
 if __name__ == "__main__":

@@ -55,7 +55,15 @@ class MotoProcess:
     def __init__(self, bucket: str) -> None:
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from moto.server import main; main()", "-H", "127.0.0.1", "-p", str(self.port)],
+            [
+                sys.executable,
+                "-c",
+                "from moto.server import main; main()",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -95,7 +103,9 @@ class MotoProcess:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--tiles", type=int, default=3000)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     args = ap.parse_args()
@@ -114,7 +124,14 @@ def main() -> None:
 
             def build(name: str, home: str, store: str | None) -> None:
                 env = dict(os.environ, CACHEBUILD_HOME=str(Path(tmp) / home), **moto.env())
-                argv = [*doit, "build-cache", f"FLIGHT={f}", buffer, f"PROVIDER={server.template()}", "REPORT=json"]
+                argv = [
+                    *doit,
+                    "build-cache",
+                    f"FLIGHT={f}",
+                    buffer,
+                    f"PROVIDER={server.template()}",
+                    "REPORT=json",
+                ]
                 if store:
                     argv.append(f"STORE={store}")
                 print(f"{name} ...", file=sys.stderr, flush=True)
@@ -139,10 +156,16 @@ def main() -> None:
         + " | ".join(phases)
         + " | rest |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in phases) + " | ---: |")
+    print(
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | "
+        + " | ".join("---:" for _ in phases)
+        + " | ---: |"
+    )
     for name, seconds, rep in rows:
         ph = " | ".join(f"{rep['phases'].get(p, 0):.2f}" for p in phases)
-        rest = seconds - sum(rep["phases"].get(p, 0) for p in phases)  # process start, imports, doit
+        rest = seconds - sum(
+            rep["phases"].get(p, 0) for p in phases
+        )  # process start, imports, doit
         st = rep["store"]
         print(
             f"| {name} ({rep['tiles']['planned']:,} tiles) | {seconds:.1f} | {rep['tiles']['fetched']:,} | "
@@ -155,7 +178,9 @@ def main() -> None:
     print(f"second machine, warm bucket / cold, empty bucket = {warm / empty:.3f} (target <= 0.2)")
     print(f"  the phases the bucket shares (tiles + describe): {shared[2] / shared[1]:.3f}")
     served = [sum(r[2]["phases"].get(p, 0) for p in ACTIONS) for r in rows]
-    print(f"  the phases the action cache serves (index + selftest + preview): {served[2] / served[1]:.3f}")
+    print(
+        f"  the phases the action cache serves (index + selftest + preview): {served[2] / served[1]:.3f}"
+    )
     print(f"second machine, warm bucket / cold, local store  = {warm / local:.3f}")
     print(f"cold, empty bucket / cold, local store (the cost of uploading) = {empty / local:.3f}")
 

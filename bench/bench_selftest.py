@@ -48,7 +48,9 @@ def v1_model(path: Path) -> Path | None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--large", type=int, default=10_000, help="tiles of the larger flight")
     ap.add_argument("--queries", type=int, default=500, help="frames per offset")
     args = ap.parse_args()
@@ -75,7 +77,9 @@ def main() -> None:
                 cache = Path(tmp) / f"cache-{fname}-{len(rows)}"
                 print(f"{fname}, {mname}: building ...", file=sys.stderr, flush=True)
                 _, _, out, _ = run_measured(
-                    [*doit, "build-cache", *fargs, *margs, f"CACHE_DIR={cache}", "REPORT=json"], env, REPO
+                    [*doit, "build-cache", *fargs, *margs, f"CACHE_DIR={cache}", "REPORT=json"],
+                    env,
+                    REPO,
                 )
                 rep = json.loads(out.splitlines()[-1])
                 b = cache / "state" / "build"
@@ -89,7 +93,9 @@ def main() -> None:
                     res[off] = (r["recall_at_1"], r["recall_at_5"], r["queries"])
                     a = r["anywhere"]  # a quarter of the frames, centres anywhere in the tile
                     res[0.5] = (a["recall_at_1"], a["recall_at_5"], a["queries"])
-                rows.append((fname, rep["tiles"]["planned"], mname, index["type"], rep["selftest"], res))
+                rows.append(
+                    (fname, rep["tiles"]["planned"], mname, index["type"], rep["selftest"], res)
+                )
     print(f"up to {args.queries} frames at offsets 1/8 and 1/4, a quarter as many at 1/2 (fewer where fewer "
           "tiles have all eight neighbours); rotation +-10 deg, scale +-10 %, brightness x(1 +- 0.2) +- 10")  # fmt: skip
     print()

@@ -46,7 +46,17 @@ from pathlib import Path
 
 from bench_noop import REPO, run_measured
 
-PHASES = ("tiles", "mbtiles", "engine", "describe", "preview", "index", "selftest", "manifest", "publish")
+PHASES = (
+    "tiles",
+    "mbtiles",
+    "engine",
+    "describe",
+    "preview",
+    "index",
+    "selftest",
+    "manifest",
+    "publish",
+)
 LAT, LON = 47.30, 8.45
 
 
@@ -77,10 +87,10 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
 
     import numpy as np
 
-    from cachebuild.tiles.mbtiles import write_mbtiles
-    from cachebuild.store.objects import TileStore
     from cachebuild.providers.synthetic import synthetic_tile_bytes
+    from cachebuild.store.objects import TileStore
     from cachebuild.tilemath import LngLatBbox, Tile, tile_id
+    from cachebuild.tiles.mbtiles import write_mbtiles
     from cachebuild.tileset import write_tileset
 
     side = round(math.sqrt(n))
@@ -94,7 +104,9 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
             with TileStore(root / "store") as store:
                 rows = [
                     (tile_id(t), bytes.fromhex(store.put(synthetic_tile_bytes(t))))
-                    for t in (Tile(i, j, 17) for i in range(x, x + side) for j in range(y0, y0 + side))
+                    for t in (
+                        Tile(i, j, 17) for i in range(x, x + side) for j in range(y0, y0 + side)
+                    )
                 ]
             write_tileset(root / "build", np.array(rows, dtype=[("id", "<i8"), ("sha256", "S32")]),
                           np.array([], dtype="<i8"), {})  # fmt: skip
@@ -113,11 +125,18 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
             if k in (1, steps) or k % max(1, steps // 10) == 0:
                 fresh, fresh_s = write(root / "fresh.mbtiles", False)
                 with sqlite3.connect(root / "build" / "tiles.mbtiles") as db:
-                    pages, free = (db.execute(f"PRAGMA {q}").fetchone()[0] for q in ("page_count", "freelist_count"))
+                    pages, free = (
+                        db.execute(f"PRAGMA {q}").fetchone()[0]
+                        for q in ("page_count", "freelist_count")
+                    )
                 rows_out.append((k, upd, upd_s, fresh, fresh_s, free / pages))
-    print(f"{side * side:,} tiles, {cols} of {side} columns new per shift; load {os.getloadavg()[0]:.1f}")
+    print(
+        f"{side * side:,} tiles, {cols} of {side} columns new per shift; load {os.getloadavg()[0]:.1f}"
+    )
     print()
-    print("| shift | written | updated MB | fresh MB | size / fresh | free pages | seconds / fresh write |")
+    print(
+        "| shift | written | updated MB | fresh MB | size / fresh | free pages | seconds / fresh write |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for k, upd, upd_s, fresh, fresh_s, free in rows_out:
         print(f"| {k} | {upd['mode']} ({upd['inserted']:,} in, {upd['deleted']:,} out) | "
@@ -126,11 +145,19 @@ def mbtiles_steps(n: int, steps: int, shift: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--sizes", default="5000,20000")
-    ap.add_argument("--shift", type=float, default=0.1, help="shift as a fraction of the area's width")
-    ap.add_argument("--steps", type=int, default=1, help="shifted builds in a row (the last is the table's)")
-    ap.add_argument("--mbtiles-steps", type=int, default=0, help="only the MBTiles writer, this many shifts")
+    ap.add_argument(
+        "--shift", type=float, default=0.1, help="shift as a fraction of the area's width"
+    )
+    ap.add_argument(
+        "--steps", type=int, default=1, help="shifted builds in a row (the last is the table's)"
+    )
+    ap.add_argument(
+        "--mbtiles-steps", type=int, default=0, help="only the MBTiles writer, this many shifts"
+    )
     args = ap.parse_args()
     if args.mbtiles_steps:
         for n in (int(s) for s in args.sizes.split(",")):
@@ -155,7 +182,12 @@ def main() -> None:
                 seconds, rss, out, _ = run_measured(
                     [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
                 )
-                return seconds, rss, json.loads(out.splitlines()[-1]), mbtiles_record(Path(tmp) / home)
+                return (
+                    seconds,
+                    rss,
+                    json.loads(out.splitlines()[-1]),
+                    mbtiles_record(Path(tmp) / home),
+                )
 
             print(f"about {n} tiles: filling the store ...", file=sys.stderr, flush=True)
             build(f"a-{n}", base)
@@ -168,7 +200,9 @@ def main() -> None:
                 print(f"  shifted rebuild {step}: {shifted[0]:.1f} s, mbtiles {rec['mode']}, "
                       f"{rec['size'] / 1e6:.1f} MB, {rec['free']:.1%} free pages; load {os.getloadavg()[0]:.1f}",
                       file=sys.stderr, flush=True)  # fmt: skip
-            print("  cold build of the shifted flight, empty store ...", file=sys.stderr, flush=True)
+            print(
+                "  cold build of the shifted flight, empty store ...", file=sys.stderr, flush=True
+            )
             cold = build(f"b-{n}", moved)
             rows.append((n, shifts, cold))
             print(f"  shifted {shifted[0]:.1f} s, cold {cold[0]:.1f} s: {shifted[0] / cold[0]:.3f}; "
@@ -177,7 +211,9 @@ def main() -> None:
     print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs; "
           f"shift {args.shift:.0%} of the width")  # fmt: skip
     print()
-    print("| tiles | build | s | fetched | described | MBTiles written | " + " | ".join(PHASES) + " |")
+    print(
+        "| tiles | build | s | fetched | described | MBTiles written | " + " | ".join(PHASES) + " |"
+    )
     print("| ---: | --- | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in PHASES) + " |")
     for _, shifts, cold in rows:
         named = [(f"shifted {k}, warm store" if len(shifts) > 1 else "shifted, warm store", s)

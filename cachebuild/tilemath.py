@@ -347,7 +347,12 @@ def bbox_of_points(points: Iterable[tuple[float, float]]) -> LngLatBbox:
     lats: list[float] = []
     lons: list[float] = []
     for lat, lon in points:
-        if not (math.isfinite(lat) and math.isfinite(lon) and -90.0 <= lat <= 90.0 and -180.0 <= lon <= 180.0):
+        if not (
+            math.isfinite(lat)
+            and math.isfinite(lon)
+            and -90.0 <= lat <= 90.0
+            and -180.0 <= lon <= 180.0
+        ):
             raise ValueError(f"point (lat={lat!r}, lon={lon!r}) is out of range")
         lats.append(float(lat))
         lons.append(float(lon))

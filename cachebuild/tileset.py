@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
+
 from cachebuild._util.fs import atomic_save_npy, atomic_write
 
 __all__ = [
@@ -78,11 +78,9 @@ def aggregate_sha256(tiles: Any, missing: Any) -> str:
     return h.hexdigest()
 
 
-
-
-
-
-def write_tileset(out_dir: Path, tiles: Any, missing: Any, summary: dict[str, Any]) -> dict[str, Any]:
+def write_tileset(
+    out_dir: Path, tiles: Any, missing: Any, summary: dict[str, Any]
+) -> dict[str, Any]:
     """Write the three files atomically; returns the summary as written.
 
     ``tiles`` and ``missing`` are sorted here; ``summary`` gains
@@ -104,7 +102,9 @@ def write_tileset(out_dir: Path, tiles: Any, missing: Any, summary: dict[str, An
     atomic_save_npy(out_dir / TILES_FILE, tiles)
     atomic_save_npy(out_dir / MISSING_FILE, missing)
     # the summary last: its presence means the set is complete
-    atomic_write(out_dir / SUMMARY_FILE, json.dumps(full, indent=1, sort_keys=True).encode(), durable=False)
+    atomic_write(
+        out_dir / SUMMARY_FILE, json.dumps(full, indent=1, sort_keys=True).encode(), durable=False
+    )
     return full
 
 

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from targets import actions
 from cachebuild.release import produced
+from targets import actions
 
 from . import descriptors, engine, flight, index, manifest, mbtiles, model, preview, selftest, tiles
 
 __all__ = ["TASK_MODULES", "task_dicts", "FINAL_TASK"]
 
 #: In build order (doit orders by dependencies; this order is for `doit list`).
-TASK_MODULES = (flight, tiles, mbtiles, preview, model, engine, descriptors, index, selftest, manifest)
+TASK_MODULES = (
+    flight,
+    tiles,
+    mbtiles,
+    preview,
+    model,
+    engine,
+    descriptors,
+    index,
+    selftest,
+    manifest,
+)
 FINAL_TASK = "manifest"
 
 
@@ -37,7 +48,9 @@ def task_dicts(plan: Any) -> list[dict[str, Any]]:
             targets = list(d.get("targets", []))
             if targets:
                 first = d["actions"][0]
-                phase = getattr(first[0] if isinstance(first, tuple) else first, "__name__", d["name"])
+                phase = getattr(
+                    first[0] if isinstance(first, tuple) else first, "__name__", d["name"]
+                )
                 record = actions.phase_action(phase.removesuffix("_action"), produced.record)
                 d["actions"] = [*d["actions"], (record, [], {"build": build, "targets": targets})]
                 d["uptodate"] = [*d.get("uptodate", []), (produced.intact, [build, targets])]

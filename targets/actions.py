@@ -13,25 +13,24 @@ from __future__ import annotations
 import json
 import sys
 import traceback
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from cachebuild.errors import BuildError, CacheBuildError, UsageError
-from cachebuild.store.lock import store_user
-from targets.cached import cached
 from cachebuild._util.fs import atomic_write
-from cachebuild.engine.model import write_default_model
-from cachebuild.tilemath import LngLatBbox
 from cachebuild._util.statcache import HASH_CACHE_NAME
-from cachebuild.tileset import read_summary
 from cachebuild.engine.interface import read_engine_json
+from cachebuild.engine.model import write_default_model
+from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.localize.selftest import FRAMES_FILE, SELFTEST_FILE, run_selftest, write_selftest
-from cachebuild.tiles.preview import render_preview
 from cachebuild.release.rollback import highest_accepted
 from cachebuild.release.signing import load_private_key
+from cachebuild.store.lock import store_user
+from cachebuild.tilemath import LngLatBbox
+from cachebuild.tiles.preview import render_preview
+from cachebuild.tileset import read_summary
+from targets.cached import cached
 
 __all__ = [
     "ACTIVE",
@@ -120,8 +119,6 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
     action.__name__ = f"{phase}_action"
     action.__qualname__ = action.__name__
     return action
-
-
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
@@ -245,7 +242,9 @@ def describe(
     from contextlib import nullcontext
 
     workers_read: Any = nullcontext()
-    if remote is not None and dask_scheduler is not None:  # tcp:// workers read tiles from the bucket
+    if (
+        remote is not None and dask_scheduler is not None
+    ):  # tcp:// workers read tiles from the bucket
         from cachebuild.localize.daskexec import workers_read_bucket
 
         workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
@@ -335,7 +334,9 @@ def _previous_version(current: Path) -> int:
         return accepted
 
 
-def manifest(*, build: str, current: str, key: str, expires_days: float, artifacts: list[str]) -> None:
+def manifest(
+    *, build: str, current: str, key: str, expires_days: float, artifacts: list[str]
+) -> None:
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
@@ -362,7 +363,9 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         "missing_examples": summary.get("missing_examples", []),
         "provider": summary["provider"],
         "descriptors": n_desc,
-        "engine": {k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")},
+        "engine": {
+            k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")
+        },
         "index": {k: v for k, v in index_info.items() if k != "seconds"},
         # None when no frame could be made (no tile with all eight neighbours, or
         # SELFTEST_QUERIES=0): selftest.json, in the cache, says why
@@ -378,7 +381,7 @@ def manifest(*, build: str, current: str, key: str, expires_days: float, artifac
         key=load_private_key(Path(key)),
         version=_previous_version(Path(current)) + 1,
         expires_at=now + timedelta(days=expires_days),
-        hash_cache=b / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
+        hash_cache=b
+        / HASH_CACHE_NAME,  # an artifact unchanged since it was hashed is not read again
         check_produced=True,  # sign only what the build's tasks wrote (cachebuild.release.produced)
     )
-

@@ -17,13 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.localize.selftest import SELFTEST_VERSION
-from cachebuild.store.actioncache import OUTPUTS, Action, ActionCache, _dist_version, action_key, code_version
+from cachebuild.store.actioncache import (
+    OUTPUTS,
+    Action,
+    ActionCache,
+    _dist_version,
+    action_key,
+    code_version,
+)
 from cachebuild.store.lock import store_user
 from cachebuild.store.s3 import open_store
 from cachebuild.tiles.preview import DEFAULT_SIZE, PREVIEW_VERSION
 
 __all__ = ["SPECS", "action_for", "cached", "index_action", "preview_action", "selftest_action"]
-
 
 
 def _engine_key(build: Path) -> str | None:

@@ -38,7 +38,9 @@ def task(plan: Any) -> dict[str, Any]:
             str(build / "engine" / "engine.json"),
             str(build / "engine" / plan.engine_file),
         ],
-        "targets": [str(build / n) for n in ("descriptors.npy", "descriptor_ids.npy", "describe.json")],
+        "targets": [
+            str(build / n) for n in ("descriptors.npy", "descriptor_ids.npy", "describe.json")
+        ],
         "clean": True,
     }
     if s.shared_store:  # the bucket gets the descriptors it lacks when it is first used

@@ -6,8 +6,8 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from targets import actions
 from cachebuild.engine.modelfiles import external_data_files_cached
+from targets import actions
 
 
 def task(plan: Any) -> dict[str, Any]:

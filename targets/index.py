@@ -15,7 +15,9 @@ def task(plan: Any) -> dict[str, Any]:
     return {
         "name": "index",
         "doc": "build the FAISS index over the descriptors (index.faiss, index.json)",
-        "actions": [(actions.phase_action("index", actions.index), [], {"build": str(build), "kind": kind})],
+        "actions": [
+            (actions.phase_action("index", actions.index), [], {"build": str(build), "kind": kind})
+        ],
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "targets": [str(build / "index.faiss"), str(build / "index.json")],
         # the version: how a kind is built and tuned (cachebuild.localize.index); the saved quantizer

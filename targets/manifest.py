@@ -32,6 +32,8 @@ def task(plan: Any) -> dict[str, Any]:
         "file_dep": [str(build / name) for name in artifacts],
         "targets": [str(build / "manifest.json"), str(build / "signer.pub")],
         # the key's public id, never its bytes, is the dependency
-        "uptodate": [config_changed({"keyid": plan.keyid, "expires_days": s.expires_days, "form": 2})],
+        "uptodate": [
+            config_changed({"keyid": plan.keyid, "expires_days": s.expires_days, "form": 2})
+        ],
         "clean": True,
     }

@@ -16,7 +16,11 @@ def task(plan: Any) -> dict[str, Any] | None:
         "name": "model",
         "doc": "the built-in descriptor network (ONNX), made from code",
         "actions": [
-            (actions.phase_action("engine", actions.write_model), [], {"path": str(plan.model_path)})
+            (
+                actions.phase_action("engine", actions.write_model),
+                [],
+                {"path": str(plan.model_path)},
+            )
         ],
         "targets": [str(plan.model_path)],
         "uptodate": [config_changed({"model": plan.model_path.stem})],

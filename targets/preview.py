@@ -6,8 +6,8 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from targets import actions
 from cachebuild.tiles.preview import DEFAULT_SIZE, PREVIEW_VERSION
+from targets import actions
 
 
 def task(plan: Any) -> dict[str, Any]:
@@ -17,14 +17,19 @@ def task(plan: Any) -> dict[str, Any]:
         "name": "preview",
         "doc": "draw the coverage map: imagery, holes, route, origin, area (preview.png)",
         "actions": [
-            (actions.phase_action("preview", actions.preview), [], {"build": str(build), "store": str(s.store)})
+            (
+                actions.phase_action("preview", actions.preview),
+                [],
+                {"build": str(build), "store": str(s.store)},
+            )
         ],
         # exactly what it draws: the tiles and holes (tiles.npy, missing.npy,
         # tiles.mbtiles), the area and zooms (tileset.json), the route, origin
         # and flight id (flight.json); the thumbnails in the store are a pure
         # function of the images already named in tiles.npy
         "file_dep": [
-            str(build / n) for n in ("tiles.npy", "missing.npy", "tileset.json", "tiles.mbtiles", "flight.json")
+            str(build / n)
+            for n in ("tiles.npy", "missing.npy", "tileset.json", "tiles.mbtiles", "flight.json")
         ],
         # order only, not a dependency (doit's task_dep never makes a task out of
         # date): describe runs first, so it has kept the thumbnail of every image it

@@ -6,8 +6,8 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from targets import actions
 from cachebuild.localize.selftest import SELFTEST_VERSION
+from targets import actions
 
 
 def task(plan: Any) -> dict[str, Any]:
@@ -20,7 +20,12 @@ def task(plan: Any) -> dict[str, Any]:
             (
                 actions.phase_action("selftest", actions.selftest),
                 [],
-                {"build": str(build), "store": str(s.store), "queries": s.selftest_queries, "threads": s.threads},
+                {
+                    "build": str(build),
+                    "store": str(s.store),
+                    "queries": s.selftest_queries,
+                    "threads": s.threads,
+                },
             )
         ],
         "file_dep": [

@@ -6,9 +6,9 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from targets import actions
 from cachebuild.providers import source_stamp
 from cachebuild.tileset import read_summary
+from targets import actions
 
 
 def _no_retry_needed(summary_path: str, retry_missing: bool) -> Any:
@@ -29,7 +29,12 @@ def task(plan: Any) -> dict[str, Any]:
     build = plan.paths.build
     s = plan.settings
     # the store too: tiles.npy names objects in it
-    value = {"bbox": plan.bbox, "zooms": list(s.zooms), "provider": plan.provider_key, "store": str(s.store)}
+    value = {
+        "bbox": plan.bbox,
+        "zooms": list(s.zooms),
+        "provider": plan.provider_key,
+        "store": str(s.store),
+    }
     # what changes which tiles end up in the cache (not headers, subdomains,
     # rate limit or retries); keys only when set, so older states stay valid
     source = source_stamp(s.provider)

@@ -109,7 +109,9 @@ def write_flight(
     }
     if flight_id is not None:
         doc["flight_id"] = flight_id
-    doc["takeoff_origin"] = None if origin is None else {"lat": origin[0], "lon": origin[1], "alt_m": 400.0}
+    doc["takeoff_origin"] = (
+        None if origin is None else {"lat": origin[0], "lon": origin[1], "alt_m": 400.0}
+    )
     path.write_text(json.dumps(doc))
     return path
 

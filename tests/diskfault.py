@@ -65,7 +65,9 @@ class DiskFault:
         while f is not None:
             name = f.f_code.co_filename
             # the one atomic writer (_util/fs.py) is a helper: the site is its caller
-            if any(part in name for part in _OURS) and not name.endswith(("diskfault.py", f"_util{os.sep}fs.py")):
+            if any(part in name for part in _OURS) and not name.endswith(
+                ("diskfault.py", f"_util{os.sep}fs.py")
+            ):
                 # the path from the package root on: cachebuild/store/objects.py
                 start = max(name.rfind(part) for part in _OURS)
                 rel = name[start + 1 :].replace(os.sep, "/")
@@ -94,7 +96,10 @@ class DiskFault:
     def active(self) -> Iterator[DiskFault]:
         fault = self
         real_open, real_io_open, real_fdopen = builtins.open, io.open, os.fdopen
-        real = {n: getattr(os, n) for n in ("write", "fsync", "fdatasync", "link", "symlink", "mkdir", "copy_file_range")}
+        real = {
+            n: getattr(os, n)
+            for n in ("write", "fsync", "fdatasync", "link", "symlink", "mkdir", "copy_file_range")
+        }
         real_copy2 = shutil.copy2
         real_connect = sqlite3.connect
 
@@ -160,7 +165,10 @@ class DiskFault:
                 object.__setattr__(self, "_conn", conn)
 
             def _check(self, sql: str) -> None:
-                if sql.lstrip().upper().startswith(_WRITE_SQL) or sql.strip().upper() in ("COMMIT", "END"):
+                if sql.lstrip().upper().startswith(_WRITE_SQL) or sql.strip().upper() in (
+                    "COMMIT",
+                    "END",
+                ):
                     fault._hit("sqlite", sql=True)
 
             def execute(self, sql: str, *args: Any) -> Any:

@@ -110,8 +110,13 @@ def make(version: str = "10.3.0") -> types.ModuleType:
             for i, node in enumerate(proto.graph.node):
                 if node.op_type in trt.unsupported_ops:
                     self.errors.append(
-                        ParserError("UNSUPPORTED_NODE", f"No importer registered for op: {node.op_type}",
-                                    i, node.name, node.op_type)
+                        ParserError(
+                            "UNSUPPORTED_NODE",
+                            f"No importer registered for op: {node.op_type}",
+                            i,
+                            node.name,
+                            node.op_type,
+                        )
                     )
             if self.errors:
                 return False
@@ -148,7 +153,7 @@ def make(version: str = "10.3.0") -> types.ModuleType:
                 return TimingCache([])
             if not data.startswith(TC_MAGIC):
                 raise RuntimeError("timing cache: bad magic")
-            return TimingCache(json.loads(data[len(TC_MAGIC):]))
+            return TimingCache(json.loads(data[len(TC_MAGIC) :]))
 
         def set_timing_cache(self, cache: TimingCache, ignore_mismatch: bool) -> bool:
             self.cache = cache
@@ -178,8 +183,16 @@ def make(version: str = "10.3.0") -> types.ModuleType:
             return Profile()
 
         def build_serialized_network(self, network: Network, config: Config) -> bytes | None:
-            trt.log.append(("build", network.flags, list(config.flags), dict(config.pools),
-                            [p.shapes for p in config.profiles], config.int8_calibrator is not None))
+            trt.log.append(
+                (
+                    "build",
+                    network.flags,
+                    list(config.flags),
+                    dict(config.pools),
+                    [p.shapes for p in config.profiles],
+                    config.int8_calibrator is not None,
+                )
+            )
             if trt.fail_build or network.model is None:
                 return None
             if config.int8_calibrator is not None:  # TensorRT drains the calibrator while building
@@ -189,8 +202,11 @@ def make(version: str = "10.3.0") -> types.ModuleType:
             tactic = hashlib.sha256(network.model).hexdigest()[:12]
             if config.cache is not None and tactic not in config.cache.entries:
                 config.cache.entries.append(tactic)
-            header = {"flags": network.flags, "builder_flags": config.flags,
-                      "profile": [p.shapes for p in config.profiles][0]}
+            header = {
+                "flags": network.flags,
+                "builder_flags": config.flags,
+                "profile": [p.shapes for p in config.profiles][0],
+            }
             return MAGIC + json.dumps(header).encode() + b"\n" + network.model
 
     class Context:
@@ -213,7 +229,9 @@ def make(version: str = "10.3.0") -> types.ModuleType:
             e = self.engine
             shape = self.shapes[e.input]
             nbytes = int(np.prod(shape)) * 4
-            x = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(self.addr[e.input]), np.float32).reshape(shape)
+            x = np.frombuffer(
+                (ctypes.c_uint8 * nbytes).from_address(self.addr[e.input]), np.float32
+            ).reshape(shape)
             y = np.ascontiguousarray(e.session.run([e.output], {e.input: x.copy()})[0], np.float32)
             ctypes.memmove(self.addr[e.output], y.ctypes.data, y.nbytes)
             trt.log.append(("execute", stream, shape[0]))
@@ -245,7 +263,7 @@ def make(version: str = "10.3.0") -> types.ModuleType:
         def deserialize_cuda_engine(self, blob: bytes) -> Engine | None:
             if not blob.startswith(MAGIC):
                 return None
-            header, _, model = blob[len(MAGIC):].partition(b"\n")
+            header, _, model = blob[len(MAGIC) :].partition(b"\n")
             return Engine(json.loads(header), model)
 
     class IInt8EntropyCalibrator2:

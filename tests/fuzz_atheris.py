@@ -53,7 +53,11 @@ def one_input(data: bytes) -> None:
         elif which == 3:
             parse_headers(fdp.ConsumeUnicodeNoSurrogates(fdp.remaining_bytes()))
         else:
-            env = {name: fdp.ConsumeUnicodeNoSurrogates(12) for name in _HTTP_NAMES if fdp.ConsumeBool()}
+            env = {
+                name: fdp.ConsumeUnicodeNoSurrogates(12)
+                for name in _HTTP_NAMES
+                if fdp.ConsumeBool()
+            }
             HttpConfig.from_env(env)
     except CacheBuildError:
         pass

@@ -46,11 +46,29 @@ from cachebuild.release.lock import CacheLock
 from .conftest import Cb, write_flight
 from .tileserver import TileServer
 
-__all__ = ["KillPoint", "KillOutcome", "KillHarness", "CompanionKillHarness", "PHASE_MARKERS", "store_problems"]
+__all__ = [
+    "KillPoint",
+    "KillOutcome",
+    "KillHarness",
+    "CompanionKillHarness",
+    "PHASE_MARKERS",
+    "store_problems",
+]
 
 #: The stderr lines the recording reporter prints as each task starts, in
 #: build order; ``publish`` is seen on disk instead.
-PHASE_MARKERS = ("flight", "tiles", "mbtiles", "model", "engine", "describe", "index", "preview", "selftest", "manifest")
+PHASE_MARKERS = (
+    "flight",
+    "tiles",
+    "mbtiles",
+    "model",
+    "engine",
+    "describe",
+    "index",
+    "preview",
+    "selftest",
+    "manifest",
+)
 PUBLISH = "publish"
 
 ARGS = ("BUFFER_M=200", "ZOOM=17")
@@ -135,7 +153,9 @@ def store_problems(store: Path) -> list[str]:
                 path = engine / "shards" / f"{shards.get(sid)}.f32"
                 have = path.stat().st_size // row_bytes if path.exists() else 0
                 if top >= have:
-                    problems.append(f"descriptor index names row {top} of {path}, which holds {have}")
+                    problems.append(
+                        f"descriptor index names row {top} of {path}, which holds {have}"
+                    )
         finally:
             db.close()
     return problems
@@ -152,7 +172,9 @@ def _missing_descriptors(store: Path, engine_key: str, digests: list[str]) -> in
         shards = dict(db.execute("SELECT id, name FROM shards"))
         missing = 0
         for d in digests:
-            row = db.execute("SELECT shard, row FROM descriptors WHERE sha256 = ?", (bytes.fromhex(d),)).fetchone()
+            row = db.execute(
+                "SELECT shard, row FROM descriptors WHERE sha256 = ?", (bytes.fromhex(d),)
+            ).fetchone()
             if row is None:
                 missing += 1
                 continue
@@ -198,7 +220,13 @@ class KillHarness:
 
     def _b_args(self) -> tuple[str, ...]:
         """The NAME=value of B's builds, killed and resumed."""
-        return (f"FLIGHT={self.flight_b}", *ARGS, *self.extra_args, self.provider, *self._link_args())
+        return (
+            f"FLIGHT={self.flight_b}",
+            *ARGS,
+            *self.extra_args,
+            self.provider,
+            *self._link_args(),
+        )
 
     def _releases(self, home: Path) -> Path | None:
         """Where publish assembles a release, watched for the publish step (None: not watched)."""
@@ -222,7 +250,9 @@ class KillHarness:
         home.mkdir(parents=True)
         r = self.build(home, self.flight_a)
         self.old_id = r.report["build_id"]
-        self.engine_key = json.loads((home / "cache/state/build/engine/engine.json").read_text())["key"]
+        self.engine_key = json.loads((home / "cache/state/build/engine/engine.json").read_text())[
+            "key"
+        ]
         self.measure()
 
     def restore(self) -> Path:
@@ -230,7 +260,9 @@ class KillHarness:
         if self.work.exists():
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
-        subprocess.run(["cp", "-a", str(self.snapshot / "home"), str(self.work / "home")], check=True)
+        subprocess.run(
+            ["cp", "-a", str(self.snapshot / "home"), str(self.work / "home")], check=True
+        )
         return self.work / "home"
 
     def _run(self, home: Path, point: KillPoint | None = None) -> _Run:
@@ -313,17 +345,23 @@ class KillHarness:
         releases = self._releases(home)
         if not run.killed:
             phase = "finished"
-        elif phase == "manifest" and releases is not None and (
-            _publishing(releases)
-            or len([n for n in os.listdir(releases) if not n.startswith(".")]) > 1
+        elif (
+            phase == "manifest"
+            and releases is not None
+            and (
+                _publishing(releases)
+                or len([n for n in os.listdir(releases) if not n.startswith(".")]) > 1
+            )
         ):
             phase = PUBLISH  # a release of B was being (or had been) assembled
         return self.check(home, point, run.killed, phase)
 
     def _published(self, v: Any, problems: list[str], whose: str = "") -> str:
-        """"old", "new" or "?" from a verify-cache result ``v``; what is wrong goes to ``problems``."""
+        """ "old", "new" or "?" from a verify-cache result ``v``; what is wrong goes to ``problems``."""
         if v.code != 0:
-            problems.append(f"{whose}verify-cache exit {v.code} after the kill: {v.report.get('error')}")
+            problems.append(
+                f"{whose}verify-cache exit {v.code} after the kill: {v.report.get('error')}"
+            )
             return "?"
         bid = v.report["build_id"]
         published = "old" if bid == self.old_id else "new" if bid == self.new_id else "?"
@@ -374,7 +412,9 @@ class KillHarness:
                 )
             v2 = cb.run("verify-cache")
             if v2.code != 0 or v2.report["build_id"] != self.new_id:
-                problems.append(f"after the resume verify-cache says {v2.code}: {v2.report.get('error')}")
+                problems.append(
+                    f"after the resume verify-cache says {v2.code}: {v2.report.get('error')}"
+                )
             leftovers = [
                 *(home / "cache").glob(".current.tmp-*"),
                 *(home / "cache" / "releases").glob(".tmp-*"),
@@ -416,7 +456,9 @@ class KillHarness:
         for i, (name, start) in enumerate(order):
             end = order[i + 1][1] if i + 1 < len(order) else self.duration_s
             span = max(end - start, 0.0)
-            points += [KillPoint(marker=name, offset_s=span * k / per_phase) for k in range(per_phase)]
+            points += [
+                KillPoint(marker=name, offset_s=span * k / per_phase) for k in range(per_phase)
+            ]
         return points
 
 
@@ -479,7 +521,9 @@ class CompanionKillHarness(KillHarness):
             d.mkdir(parents=True)
         r = self.build(self.work_root / "home", self.flight_a)
         self.old_id = r.report["build_id"]
-        self.engine_key = json.loads((self.companion_dir / "cache/state/build/engine/engine.json").read_text())["key"]
+        self.engine_key = json.loads(
+            (self.companion_dir / "cache/state/build/engine/engine.json").read_text()
+        )["key"]
         subprocess.run(["cp", "-a", str(self.work_root), str(self.snap_root)], check=True)
         self.measure()
 
@@ -539,7 +583,9 @@ class CompanionKillHarness(KillHarness):
         if r is not None:
             pushed = int(r.report.get("push", {}).get("tile_objects", 0))
             if pushed != expected_push:
-                problems.append(f"the resume pushed {pushed} tile objects; the companion lacked {expected_push}")
+                problems.append(
+                    f"the resume pushed {pushed} tile objects; the companion lacked {expected_push}"
+                )
             v2 = self._companion_verify()
             if v2.code != 0 or v2.report["build_id"] != self.new_id:
                 problems.append(f"after the resume the companion's verify-cache says {v2.code}")

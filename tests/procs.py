@@ -12,7 +12,11 @@ __all__ = ["sigkill_when"]
 
 
 def sigkill_when(
-    proc: subprocess.Popen[Any], until: Callable[[], bool], *, timeout_s: float, poll_s: float = 0.01
+    proc: subprocess.Popen[Any],
+    until: Callable[[], bool],
+    *,
+    timeout_s: float,
+    poll_s: float = 0.01,
 ) -> None:
     """SIGKILL ``proc`` once ``until()`` holds (or ``timeout_s`` has passed); it must still be running then.
 

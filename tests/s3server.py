@@ -80,7 +80,11 @@ class S3Server:
         )
 
     def keys(self, prefix: str = "") -> list[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        pages = (
+            self.client()
+            .get_paginator("list_objects_v2")
+            .paginate(Bucket=self.bucket, Prefix=prefix)
+        )
         return [o["Key"] for page in pages for o in page.get("Contents", ())]
 
     def read(self, key: str) -> bytes:

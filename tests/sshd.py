@@ -132,14 +132,18 @@ class Sshd:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise SshdUnavailable(f"sshd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}")
+                raise SshdUnavailable(
+                    f"sshd exited {self.proc.returncode}: {self.log.read_text()[-2000:]}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                     if s.recv(4).startswith(b"SSH-"):
                         return self
             except OSError:
                 time.sleep(0.02)
-        raise SshdUnavailable(f"sshd did not answer on port {self.port}: {self.log.read_text()[-2000:]}")
+        raise SshdUnavailable(
+            f"sshd did not answer on port {self.port}: {self.log.read_text()[-2000:]}"
+        )
 
     def kill(self) -> None:
         """SIGKILL the server and every process it forked: connections drop at once.

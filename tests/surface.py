@@ -56,6 +56,8 @@ def own_public_names(module: ModuleType) -> set[str]:
 
 def heavy_imports(*modules: str, heavy: tuple[str, ...] = HEAVY) -> list[str]:
     """Which of ``heavy`` a fresh interpreter has loaded after importing ``modules``, sorted."""
-    code = f"import sys, {', '.join(modules)}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    code = (
+        f"import sys, {', '.join(modules)}; print(sorted(m for m in {heavy!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return ast.literal_eval(out.stdout.strip())

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cachebuild.release.gc import collect_garbage
 from cachebuild.store import actioncache
 from cachebuild.store.actioncache import Action, ActionCache, action_key, file_sha256
 from targets.cached import cached
-from cachebuild.release.gc import collect_garbage
 
 from .conftest import Cb, write_flight
 from .surface import assert_public_surface
@@ -217,9 +217,7 @@ def test_cached_serves_a_second_run_and_runs_the_action_when_an_input_is_missing
         compute(Path(kw["build"]))
 
     stats: dict[str, list[str]] = {"hits": [], "misses": [], "from_bucket": []}
-    run = cached(
-        "index", index, lambda: {"store": str(tmp_path / "store"), "action_cache": stats}
-    )
+    run = cached("index", index, lambda: {"store": str(tmp_path / "store"), "action_cache": stats})
     run(build=str(build), kind="flat")
     (build / "index.faiss").unlink()
     run(build=str(build), kind="flat")

@@ -23,4 +23,6 @@ def test_bench_gpu_prints_every_stage_and_names_the_slowest(tmp_path: Path) -> N
     assert figures["slowest"] in figures["rates"] and figures["tiles"] == 48
     assert min(figures["rates"].values()) == figures["rates"][figures["slowest"]]
     assert f"slowest stage alone: {figures['slowest']}" in out.stdout
-    assert abs(figures["ratio"] - figures["end_to_end"] / figures["rates"][figures["slowest"]]) < 1e-9
+    assert (
+        abs(figures["ratio"] - figures["end_to_end"] / figures["rates"][figures["slowest"]]) < 1e-9
+    )

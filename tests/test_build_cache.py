@@ -15,7 +15,18 @@ from cachebuild.release.lock import CacheLock
 from .conftest import Cb, write_flight
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
-ALL_TASKS = {"flight", "tiles", "mbtiles", "preview", "model", "engine", "describe", "index", "selftest", "manifest"}
+ALL_TASKS = {
+    "flight",
+    "tiles",
+    "mbtiles",
+    "preview",
+    "model",
+    "engine",
+    "describe",
+    "index",
+    "selftest",
+    "manifest",
+}
 
 
 def manifest_bytes(cb: Cb) -> bytes:
@@ -74,7 +85,9 @@ def test_rebuild_exactly_what_depends_on_the_change(
     cb: Cb, tmp_path: Path, change: str, expected: set[str]
 ) -> None:
     wps = [(47.3700, 8.5400), (47.3720, 8.5430)]
-    base = dict(waypoints=wps, origin=(47.3705, 8.5405), flight_id="11111111-1111-4111-8111-111111111111")
+    base = dict(
+        waypoints=wps, origin=(47.3705, 8.5405), flight_id="11111111-1111-4111-8111-111111111111"
+    )
     f = write_flight(tmp_path / "f.json", **base)
     first = cb.build(f"FLIGHT={f}", *SMALL)
     assert first.code == 0, first.stderr
@@ -226,7 +239,10 @@ def test_xyz_provider_is_fetched_once(cb: Cb, tmp_path: Path, tile_server) -> No
     assert n == r.report["tiles"]["planned"]
     # another cache, same store: nothing fetched again
     r2 = cb.build(
-        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", f"CACHE_DIR={tmp_path / 'other'}"
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template()}",
+        f"CACHE_DIR={tmp_path / 'other'}",
     )
     assert r2.code == 0, r2.stderr
     assert len(tile_server.requests) == n
@@ -294,7 +310,11 @@ def test_secrets_never_reach_anything_written(cb: Cb, tmp_path: Path, tile_serve
     f = write_flight(tmp_path / "f.json")
     env = cb.env(CACHEBUILD_API_KEY=api_key)
     r = cb.build(
-        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", f"KEY={key_path}", env=env
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template('?key={key}')}",
+        f"KEY={key_path}",
+        env=env,
     )
     assert r.code == 0, r.stderr
     # a refused key: the error names the template, never the key
@@ -350,7 +370,9 @@ def test_verify_cache_refuses_another_signer(cb: Cb, tmp_path: Path) -> None:
     assert cb.build(f"FLIGHT={f}", *SMALL).code == 0
     other = Ed25519PrivateKey.generate().public_key()
     pub = tmp_path / "other.pub"
-    pub.write_bytes(other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    pub.write_bytes(
+        other.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    )
     v = cb.run("verify-cache", f"PUBKEY={pub}")
     assert v.code == 23
     assert "trusted" in v.report["error"]

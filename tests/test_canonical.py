@@ -26,7 +26,9 @@ def test_docstring_examples() -> None:
 
 
 def test_all_is_complete() -> None:
-    public = {n for n in vars(canonical) if not n.startswith("_") and callable(getattr(canonical, n))}
+    public = {
+        n for n in vars(canonical) if not n.startswith("_") and callable(getattr(canonical, n))
+    }
     public = {n for n in public if getattr(canonical, n).__module__ == canonical.__name__}
     assert public == set(canonical.__all__)
 
@@ -129,7 +131,7 @@ def test_unicode_is_utf8_not_escaped() -> None:
 
 
 def test_string_escapes() -> None:
-    s = "\"\\\b\f\n\r\t\x00\x1f\x7f\u2028/"
+    s = '"\\\b\f\n\r\t\x00\x1f\x7f\u2028/'
     assert canonical_json(s) == b'"\\"\\\\\\b\\f\\n\\r\\t\\u0000\\u001f\x7f\xe2\x80\xa8/"'
 
 
@@ -195,8 +197,9 @@ json_values = st.recursive(
     | st.integers(min_value=-(2**53), max_value=2**53)
     | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(),
-    lambda children: st.lists(children, max_size=5)
-    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5)
+    ),
     max_leaves=25,
 )
 
@@ -238,7 +241,9 @@ def test_es_number_round_trips_exactly(x: float) -> None:
     assert len(mantissa) <= 17
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node (the ECMAScript oracle) is not installed")
+@pytest.mark.skipif(
+    shutil.which("node") is None, reason="node (the ECMAScript oracle) is not installed"
+)
 def test_es_number_matches_javascript() -> None:
     rng = random.Random(8785)
     values = [_double(bits) for bits in RFC8785_NUMBERS]
@@ -259,7 +264,11 @@ def test_es_number_matches_javascript() -> None:
     )
     assert res.returncode == 0, res.stderr
     js = json.loads(res.stdout)
-    mismatches = [(v, ours, theirs) for v, ours, theirs in zip(values, map(es_number, values), js) if ours != theirs]
+    mismatches = [
+        (v, ours, theirs)
+        for v, ours, theirs in zip(values, map(es_number, values), js)
+        if ours != theirs
+    ]
     assert mismatches == []
 
 

@@ -28,11 +28,22 @@ from .conftest import Cb, CbResult, write_flight
 from .sshd import SSHD, Sshd, free_port, keygen
 
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it"
+    not os.path.exists(SSHD),
+    reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it",
 )
 
 SMALL = ("BUFFER_M=200", "ZOOM=17")
-REMOTE_TASKS = {"flight", "tiles", "mbtiles", "preview", "model", "engine", "describe", "index", "manifest"}
+REMOTE_TASKS = {
+    "flight",
+    "tiles",
+    "mbtiles",
+    "preview",
+    "model",
+    "engine",
+    "describe",
+    "index",
+    "manifest",
+}
 
 
 @dataclass
@@ -69,14 +80,18 @@ class Companion:
         v.update(over)
         return v
 
-    def build(self, flight: Path, *args: str, env: dict[str, str] | None = None, **over: str) -> CbResult:
+    def build(
+        self, flight: Path, *args: str, env: dict[str, str] | None = None, **over: str
+    ) -> CbResult:
         extra = [f"{k}={v}" for k, v in self.vars(**over).items()]
         return self.cb.build(f"FLIGHT={flight}", *SMALL, *args, *extra, env=env)
 
     def verify(self) -> CbResult:
         """verify-cache of the companion's published cache, with its own key."""
         return self.cb.run(
-            "verify-cache", f"CACHE_DIR={self.dir / 'cache'}", env=self.cb.env(CACHEBUILD_HOME=str(self.home), XDG_DATA_HOME=str(self.home / "data"))
+            "verify-cache",
+            f"CACHE_DIR={self.dir / 'cache'}",
+            env=self.cb.env(CACHEBUILD_HOME=str(self.home), XDG_DATA_HOME=str(self.home / "data")),
         )
 
     @property
@@ -104,7 +119,9 @@ def local_digests(cb: Cb) -> set[str]:
 def assert_store_sound(c: Companion) -> None:
     """Every object is whole, under its true name; no half file anywhere but *.part."""
     for name, path in c.objects().items():
-        assert hashlib.sha256(path.read_bytes()).hexdigest() == name, f"{path} is not what its name says"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == name, (
+            f"{path} is not what its name says"
+        )
     for path in (c.dir / "store" / "tmp").iterdir():
         pytest.fail(f"leftover in the store's tmp/: {path}")
 
@@ -147,7 +164,9 @@ def test_cold_build_on_the_companion_then_an_unchanged_rerun_pushes_nothing(
     assert rep2["push"]["objects"] == rep2["push"]["bytes"] == rep2["push"]["tile_bytes"] == 0
     assert rep2["push"]["already_there"] == len(digests)
     assert rep2["companion"]["tasks"]["run"] == []
-    assert rep2["build_id"] == rep["build_id"] and rep2["manifest_version"] == rep["manifest_version"]
+    assert (
+        rep2["build_id"] == rep["build_id"] and rep2["manifest_version"] == rep["manifest_version"]
+    )
     assert not list((companion.dir / "incoming").iterdir())
 
 
@@ -178,12 +197,16 @@ def test_a_bigger_area_and_a_new_calibration_push_only_what_changed(
     assert push["objects"] == len(new) + 1, "the new calibration; the model was there"
     assert push["already_there"] == len(before & local_digests(companion.cb)) + 1
     assert r.report["outcome"] == "success"
-    assert {"tiles", "engine", "describe", "index", "manifest"} <= set(r.report["companion"]["tasks"]["run"])
+    assert {"tiles", "engine", "describe", "index", "manifest"} <= set(
+        r.report["companion"]["tasks"]["run"]
+    )
     assert "model" not in r.report["companion"]["tasks"]["run"]  # MODEL given: no built-in model
     assert companion.verify().code == 0
 
 
-def test_unknown_host_key_is_refused_unless_accept_new(companion: Companion, tmp_path: Path) -> None:
+def test_unknown_host_key_is_refused_unless_accept_new(
+    companion: Companion, tmp_path: Path
+) -> None:
     f = write_flight(tmp_path / "f.json")
     known = tmp_path / "ssh" / "known_hosts"  # not there yet
     r = companion.build(f, KNOWN_HOSTS=str(known))
@@ -208,7 +231,9 @@ def test_unknown_host_key_is_refused_unless_accept_new(companion: Companion, tmp
     assert "CHANGED" in bad.report["error"]
 
 
-def test_a_key_the_companion_does_not_accept_is_exit_30(companion: Companion, tmp_path: Path) -> None:
+def test_a_key_the_companion_does_not_accept_is_exit_30(
+    companion: Companion, tmp_path: Path
+) -> None:
     f = write_flight(tmp_path / "f.json")
     stranger = keygen(tmp_path / "stranger")
     r = companion.build(f, SSH_KEY=str(stranger))
@@ -232,7 +257,9 @@ def test_unreachable_companion_and_missing_cachebuild_are_exit_30(
     assert "did not answer" in r.report["error"]
 
 
-def test_a_build_holding_the_companions_lock_is_exit_50(companion: Companion, tmp_path: Path) -> None:
+def test_a_build_holding_the_companions_lock_is_exit_50(
+    companion: Companion, tmp_path: Path
+) -> None:
     f = write_flight(tmp_path / "f.json")
     lock = companion.dir / "cache" / "build.lock"
     with CacheLock(lock):
@@ -251,9 +278,9 @@ def test_a_build_holding_the_companions_lock_is_exit_50(companion: Companion, tm
 
 def _inprocess(c: Companion, flight: Path, **over: str) -> tuple[Any, Any, list[str]]:
     """The settings and plan of a companion build, resolved in this process."""
+    from cachebuild._util.report import Report
     from cachebuild.inputs.config import load_settings
     from cachebuild.inputs.plan import resolve_plan
-    from cachebuild._util.report import Report
 
     vars = {"FLIGHT": str(flight), "BUFFER_M": "200", "ZOOM": "17", **c.vars(**over)}
     plan = resolve_plan(load_settings(vars, c.cb.env()))
@@ -331,7 +358,9 @@ def test_link_lost_mid_push_then_a_clean_resume(companion: Companion, tmp_path: 
     assert companion.verify().code == 0
 
 
-def test_link_lost_mid_build_leaves_the_companions_cache_intact(companion: Companion, tmp_path: Path) -> None:
+def test_link_lost_mid_build_leaves_the_companions_cache_intact(
+    companion: Companion, tmp_path: Path
+) -> None:
     import io
 
     from cachebuild.companion import build_on_companion
@@ -365,7 +394,9 @@ def test_link_lost_mid_build_leaves_the_companions_cache_intact(companion: Compa
     assert companion.verify().code == 0
 
 
-def test_secrets_reach_no_output_and_no_file(companion: Companion, tmp_path: Path, tile_server: Any) -> None:
+def test_secrets_reach_no_output_and_no_file(
+    companion: Companion, tmp_path: Path, tile_server: Any
+) -> None:
     api_key = "sk-Very-Secret-4f9a2c"
     token = "flights-token-9b7e1d"
     tile_server.key = api_key
@@ -374,7 +405,9 @@ def test_secrets_reach_no_output_and_no_file(companion: Companion, tmp_path: Pat
     provider = f"PROVIDER={tile_server.template('?key={key}')}"
     r = companion.build(f, provider, env=env)
     assert r.code == 0, r.stderr
-    r2 = companion.build(f, provider, env=env, COMPANION_CMD="/opt/nowhere/doit")  # an error path too
+    r2 = companion.build(
+        f, provider, env=env, COMPANION_CMD="/opt/nowhere/doit"
+    )  # an error path too
     assert r2.code == 0 or r2.code == 30
     needles = [api_key, token]
     for text in (r.stdout, r.stderr, r2.stdout, r2.stderr):
@@ -406,7 +439,10 @@ def test_cache_info_reads_the_companions_cache_and_says_whether_it_matches(
     signed = json.loads(companion.manifest.read_text())["signed"]
     assert c["host"] == companion.sshd.target and c["dir"] == str(companion.dir)
     assert c["build_id"] == c["cache"]["build_id"] == signed["build_id"] == built.report["build_id"]
-    assert c["cache"]["manifest_version"] == signed["version"] and c["cache"]["expires"] == signed["expires"]
+    assert (
+        c["cache"]["manifest_version"] == signed["version"]
+        and c["cache"]["expires"] == signed["expires"]
+    )
     assert c["cache"]["artifacts"]["preview.png"] == signed["targets"]["preview.png"]["length"]
     assert c["cache"]["verify"] == {"ok": True, "reason": None}
     # nothing is published on this workstation: the reference is the build it ran there
@@ -434,12 +470,16 @@ def test_cache_info_reads_the_companions_cache_and_says_whether_it_matches(
     target.unlink()
     target.write_bytes(bytes(data))
     bad = companion.cb.run("cache-info", *args).report["companion"]
-    assert bad["cache"]["verify"]["ok"] is False and "index.faiss" in bad["cache"]["verify"]["reason"]
+    assert (
+        bad["cache"]["verify"]["ok"] is False and "index.faiss" in bad["cache"]["verify"]["reason"]
+    )
 
     # a companion with no cache, and one that cannot be reached
     empty = companion.cb.run("cache-info", *args, f"COMPANION_DIR={tmp_path / 'fresh'}")
     assert empty.code == 0, empty.stderr
     c = empty.report["companion"]
     assert c["status"] == "no cache" and c["cache"] is None and "no published cache" in c["error"]
-    down = companion.cb.run("cache-info", *args, f"COMPANION={companion.sshd.user}@127.0.0.1:{free_port()}")
+    down = companion.cb.run(
+        "cache-info", *args, f"COMPANION={companion.sshd.user}@127.0.0.1:{free_port()}"
+    )
     assert down.code == 30 and "cannot connect" in down.report["error"]

@@ -7,7 +7,6 @@ tests/test_companion.py (whose :class:`Companion` helper this reuses).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,8 @@ from .sshd import SSHD
 from .test_companion import Companion, companion  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it"
+    not os.path.exists(SSHD),
+    reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it",
 )
 
 #: ``KEY`` as a variable name of its own (not COMPANION_KEY, CACHEBUILD_KEY, KEY_PASSPHRASE).
@@ -41,7 +41,9 @@ def test_a_missing_companion_key_names_companion_key_keeps_exit_2_and_says_what_
     assert "ERROR [" in r.stderr and not BARE_KEY.search(r.stderr.split("ERROR [", 1)[1])
 
 
-def test_the_companions_dev_key_warning_says_companion_key(companion: Companion, tmp_path: Path) -> None:
+def test_the_companions_dev_key_warning_says_companion_key(
+    companion: Companion, tmp_path: Path
+) -> None:
     f = write_flight(tmp_path / "f.json")
     r = companion.build(f)
     assert r.code == 0, r.stderr
@@ -49,7 +51,9 @@ def test_the_companions_dev_key_warning_says_companion_key(companion: Companion,
     assert dev, r.report["warnings"]
     for w in dev:
         assert w.startswith("companion: ") and "COMPANION_KEY" in w and not BARE_KEY.search(w), w
-    streamed = [ln for ln in r.stderr.splitlines() if ln.startswith("companion| ") and "development" in ln]
+    streamed = [
+        ln for ln in r.stderr.splitlines() if ln.startswith("companion| ") and "development" in ln
+    ]
     assert streamed and not any(BARE_KEY.search(ln) for ln in streamed), streamed
 
 
@@ -90,9 +94,9 @@ def test_cache_info_compares_with_the_last_build_made_for_that_companion_and_dir
     # another workstation (another home) publishes a new build there: this one's record differs
     elsewhere = companion.cb.__class__(home=tmp_path / "home2")
     elsewhere.home.mkdir()
-    theirs = Companion(cb=elsewhere, sshd=companion.sshd, dir=companion.dir, home=companion.home).build(
-        write_flight(tmp_path / "h.json", origin=(47.3705, 8.5405))
-    )
+    theirs = Companion(
+        cb=elsewhere, sshd=companion.sshd, dir=companion.dir, home=companion.home
+    ).build(write_flight(tmp_path / "h.json", origin=(47.3705, 8.5405)))
     assert theirs.code == 0, theirs.stderr
     stale = companion.cb.run("cache-info", *args).report["companion"]
     assert stale["status"] == "stale" and stale["build_id"] == theirs.report["build_id"]
@@ -108,7 +112,9 @@ def test_cache_info_compares_with_the_last_build_made_for_that_companion_and_dir
 
 
 def _push_lines(stderr: str) -> tuple[str, str]:
-    lines = [ln for ln in stderr.splitlines() if ln.startswith("push: ") and "/" not in ln.split(",")[0]]
+    lines = [
+        ln for ln in stderr.splitlines() if ln.startswith("push: ") and "/" not in ln.split(",")[0]
+    ]
     before = [ln for ln in lines if "missing there" in ln]
     after = [ln for ln in lines if ln.startswith("push: sent")]
     assert len(before) == 1 and len(after) == 1, stderr
@@ -160,7 +166,12 @@ def _ssh_home(tmp_path: Path, companion: Companion, jump: object | None) -> Path
     ]
     known = s.known_hosts_line()
     if isinstance(jump, Sshd):
-        lines += ["  ProxyJump bastion", "Host bastion", "  HostName localhost", f"  Port {jump.port}"]
+        lines += [
+            "  ProxyJump bastion",
+            "Host bastion",
+            "  HostName localhost",
+            f"  Port {jump.port}",
+        ]
         lines += [f"  User {jump.user}", f"  IdentityFile {jump.client_key}"]
         known += jump.known_hosts_line().replace("[127.0.0.1]", "[localhost]")
     (ssh / "config").write_text("\n".join(lines) + "\n")
@@ -185,15 +196,23 @@ def test_companion_is_a_host_of_the_operators_ssh_config_through_a_jump_host(
         r = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=jetson", *args, env=env)
         assert r.code == 0, r.stderr
         assert r.report["companion"]["host"] == companion.sshd.target
-        assert "Accepted publickey" in jump.log.read_text(), "the companion was reached through the jump host"
+        assert "Accepted publickey" in jump.log.read_text(), (
+            "the companion was reached through the jump host"
+        )
         info = companion.cb.run("cache-info", "COMPANION=jetson", *args, env=env)
         assert info.code == 0, info.stderr
         assert info.report["companion"]["status"] == "matches"
 
         # explicit variables win over the config: SSH_KEY over IdentityFile, the port over Port
         stranger = keygen(tmp_path / "stranger")
-        bad = companion.cb.build(f"FLIGHT={f}", *SMALL, "COMPANION=jetson", f"SSH_KEY={stranger}", *args, env=env)
-        assert bad.code == 30 and "refused the key" in bad.report["error"] and str(stranger) in bad.report["error"]
+        bad = companion.cb.build(
+            f"FLIGHT={f}", *SMALL, "COMPANION=jetson", f"SSH_KEY={stranger}", *args, env=env
+        )
+        assert (
+            bad.code == 30
+            and "refused the key" in bad.report["error"]
+            and str(stranger) in bad.report["error"]
+        )
         from .sshd import free_port
 
         port = free_port()
@@ -204,7 +223,9 @@ def test_companion_is_a_host_of_the_operators_ssh_config_through_a_jump_host(
         jump.stop()
 
 
-def test_ssh_config_without_a_jump_and_the_user_in_companion_wins(companion: Companion, tmp_path: Path) -> None:
+def test_ssh_config_without_a_jump_and_the_user_in_companion_wins(
+    companion: Companion, tmp_path: Path
+) -> None:
     home = _ssh_home(tmp_path, companion, None)
     env = companion.cb.env(HOME=str(home))
     f = write_flight(tmp_path / "f.json")

@@ -36,7 +36,9 @@ def sparse_pack(path: Path, name: str, size: int, head: bytes = b"x") -> Path:
     member = work / name
     member.write_bytes(head)
     os.truncate(member, size)
-    subprocess.run([TAR, "--sparse", "--format=gnu", "-C", str(work), "-cf", str(path), name], check=True)
+    subprocess.run(
+        [TAR, "--sparse", "--format=gnu", "-C", str(work), "-cf", str(path), name], check=True
+    )
     shutil.rmtree(work)
     assert path.stat().st_size < 64 << 10
     return path
@@ -66,7 +68,9 @@ def tar_with(path: Path, info: tarfile.TarInfo, data: bytes = b"") -> Path:
 
 
 @needs_gnu_tar
-def test_a_sparse_member_is_refused_quarantined_and_the_good_packs_still_unpack(tmp_path: Path) -> None:
+def test_a_sparse_member_is_refused_quarantined_and_the_good_packs_still_unpack(
+    tmp_path: Path,
+) -> None:
     incoming = tmp_path / "incoming"
     incoming.mkdir()
     size = 8 << 20
@@ -82,7 +86,9 @@ def test_a_sparse_member_is_refused_quarantined_and_the_good_packs_still_unpack(
     assert all("sparse" in line for line in counts["quarantined"]), counts["quarantined"]
     quarantined = sorted(p.name for p in (incoming / packs.QUARANTINE_DIR).iterdir())
     assert [n.split("-", 1)[1] for n in quarantined] == ["a-000000.tar", "b-000000.tar"]
-    assert not [p for p in incoming.iterdir() if p.name != packs.QUARANTINE_DIR], "nothing left to claim"
+    assert not [p for p in incoming.iterdir() if p.name != packs.QUARANTINE_DIR], (
+        "nothing left to claim"
+    )
     with TileStore(tmp_path / "store") as store:  # the next settle finds nothing to do
         again = packs.settle_incoming(incoming, store)
     assert again["corrupt"] == 0 and again["quarantined"] == []
@@ -143,12 +149,16 @@ def test_quarantine_keeps_only_the_newest(tmp_path: Path) -> None:
             (incoming / f"s{i:03d}-000000.tar").write_bytes(b"not a tar" * 100)
             packs.settle_incoming(incoming, store, now=1_000_000 + i)
     kept = sorted(p.name for p in (incoming / packs.QUARANTINE_DIR).iterdir())
-    assert len(kept) == packs.QUARANTINE_KEEP and kept[-1].endswith(f"s{packs.QUARANTINE_KEEP + 3:03d}-000000.tar")
+    assert len(kept) == packs.QUARANTINE_KEEP and kept[-1].endswith(
+        f"s{packs.QUARANTINE_KEEP + 3:03d}-000000.tar"
+    )
 
 
 @needs_gnu_tar
 @pytest.mark.skipif(not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed")
-def test_sparse_packs_on_the_companion_never_wedge_a_build(companion: Companion, tmp_path: Path) -> None:
+def test_sparse_packs_on_the_companion_never_wedge_a_build(
+    companion: Companion, tmp_path: Path
+) -> None:
     """The attack of issue 19: sparse packs left in the companion's ``incoming/``
     (one named by its true 8 MiB content, one declaring 1 TiB)."""
     incoming = companion.dir / "incoming"
@@ -156,7 +166,9 @@ def test_sparse_packs_on_the_companion_never_wedge_a_build(companion: Companion,
     size = 8 << 20
     digest = zeros_digest(b"x", size)
     sparse_pack(incoming / "0-000000.tar", digest, size)
-    sparse_pack(incoming / "0-000001.tar.claimed-999999999", "e" * 64, 1 << 40)  # its unpacker died on it
+    sparse_pack(
+        incoming / "0-000001.tar.claimed-999999999", "e" * 64, 1 << 40
+    )  # its unpacker died on it
     f = write_flight(tmp_path / "f.json")
     r = companion.build(f)
     assert r.code == 0, r.stderr

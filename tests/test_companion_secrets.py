@@ -25,7 +25,8 @@ from .sshd import SSHD
 from .test_companion import Companion, companion  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(
-    not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it"
+    not os.path.exists(SSHD),
+    reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it",
 )
 
 PASSPHRASE = "pass-Phrase-7c1e93 with spaces\\and a backslash"
@@ -85,7 +86,9 @@ def test_an_encrypted_companion_key_gets_its_passphrase_over_the_channel_never_a
 
     # cache-info reads that cache with the same key, the passphrase sent the same way
     info = companion.cb.run(
-        "cache-info", *[f"{k}={v}" for k, v in companion.vars(COMPANION_KEY=str(key)).items()], env=env
+        "cache-info",
+        *[f"{k}={v}" for k, v in companion.vars(COMPANION_KEY=str(key)).items()],
+        env=env,
     )
     assert info.code == 0, info.stderr
     assert info.report["companion"]["cache"]["verify"]["ok"] is True
@@ -94,13 +97,18 @@ def test_an_encrypted_companion_key_gets_its_passphrase_over_the_channel_never_a
     # without it: the companion's error, naming this workstation's variable
     bad = companion.build(f, "ZOOM=16", COMPANION_KEY=str(key))
     assert bad.code != 0
-    assert "CACHEBUILD_COMPANION_KEY_PASSPHRASE" in (bad.report["error"] or "") + (bad.report["remedy"] or "")
+    assert "CACHEBUILD_COMPANION_KEY_PASSPHRASE" in (bad.report["error"] or "") + (
+        bad.report["remedy"] or ""
+    )
 
 
 def test_companion_cmd_is_masked_in_errors(companion: Companion, tmp_path: Path) -> None:
     secret = "hunter2-Zq81"
     f = write_flight(tmp_path / "f.json")
-    for cmd in (f"env KEY_PASSPHRASE={secret} /opt/nowhere/doit", f"env KEY_PASSPHRASE={secret} true"):
+    for cmd in (
+        f"env KEY_PASSPHRASE={secret} /opt/nowhere/doit",
+        f"env KEY_PASSPHRASE={secret} true",
+    ):
         r = companion.build(f, COMPANION_CMD=cmd)
         assert r.code == 30, r.stderr
         assert "KEY_PASSPHRASE=***" in r.report["error"]
@@ -113,7 +121,9 @@ def test_the_ssh_and_companion_key_passphrases_are_secrets() -> None:
         assert redact(f"oops: {PASSPHRASE}", {name: PASSPHRASE}) == "oops: ***"
 
 
-def test_a_malformed_companion_cmd_is_refused_without_echoing_it(companion: Companion, tmp_path: Path) -> None:
+def test_a_malformed_companion_cmd_is_refused_without_echoing_it(
+    companion: Companion, tmp_path: Path
+) -> None:
     secret = "hunter2-Zq81"
     f = write_flight(tmp_path / "f.json")
     r = companion.build(f, COMPANION_CMD=f"env KEY_PASSPHRASE={secret}\ndoit")

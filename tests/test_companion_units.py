@@ -6,6 +6,7 @@ The real OpenSSH end to end tests are in test_companion.py.
 
 from __future__ import annotations
 
+import getpass
 import importlib
 import io
 import json
@@ -18,10 +19,18 @@ from typing import Any
 import pytest
 
 from cachebuild.companion import agent, flow, packs, push, remote, ssh
-from cachebuild.providers import pushed
-from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError, RemoteBuildError, RemoteReportError
-from cachebuild.inputs.config import load_settings
+from cachebuild.companion.errors import (
+    AuthenticationError,
+    CompanionNotReadyError,
+    CompanionUnreachableError,
+    ConnectionDroppedError,
+    HostKeyError,
+    RemoteBuildError,
+    RemoteReportError,
+)
 from cachebuild.errors import DownloadError, UsageError
+from cachebuild.inputs.config import load_settings
+from cachebuild.providers import pushed
 from cachebuild.store.objects import TileStore, sha256_hex
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
@@ -31,7 +40,17 @@ ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
     "module",
     [
         "cachebuild.companion." + m
-        for m in ("agent", "errors", "flow", "messages", "packs", "push", "remote", "ssh", "sshconfig")
+        for m in (
+            "agent",
+            "errors",
+            "flow",
+            "messages",
+            "packs",
+            "push",
+            "remote",
+            "ssh",
+            "sshconfig",
+        )
     ],
 )
 def test_all_is_complete(module: str) -> None:
@@ -51,7 +70,9 @@ def test_importing_companion_does_not_import_paramiko() -> None:
     import sys
 
     code = "import sys, cachebuild.cli.runner, cachebuild.companion.flow; print('paramiko' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "False"
 
 
@@ -145,11 +166,15 @@ def test_remote_variables_carry_what_the_build_depends_on() -> None:
         "calibration": None,
     }
     v = flow.remote_variables(s, remote_paths)
-    assert v["PROVIDER"] == "pushed:/c/inbox/k" and v["ZOOM"] == "16,17" and v["BUFFER_M"] == "250.0"
+    assert (
+        v["PROVIDER"] == "pushed:/c/inbox/k" and v["ZOOM"] == "16,17" and v["BUFFER_M"] == "250.0"
+    )
     assert v["STRICT"] == "0" and v["REPORT"] == "json" and v["KEY"] is None and v["MODEL"] is None
     cmd = remote.remote_command("doit", "build-cache", v)
     words = cmd.split()
-    assert "PROVIDER=pushed:/c/inbox/k" in words and not any(w.startswith(("KEY=", "MODEL=")) for w in words)
+    assert "PROVIDER=pushed:/c/inbox/k" in words and not any(
+        w.startswith(("KEY=", "MODEL=")) for w in words
+    )
     assert (
         remote.remote_command("doit", "x", {"FLIGHT": "/a b/it's.json"})
         == "doit x 'FLIGHT=/a b/it'\"'\"'s.json'"
@@ -195,11 +220,27 @@ def test_connect_translates_paramiko_errors(tmp_path: Path) -> None:
     target = ssh.parse_companion("nvidia@jetson:2222")
     key = paramiko.Ed25519Key.from_private_key_file  # noqa: F841 (the class exists)
     cases: list[tuple[BaseException, type, str]] = [
-        (paramiko.AuthenticationException("Authentication failed."), AuthenticationError, "authorized_keys"),
-        (ConnectionRefusedError(111, "Connection refused"), CompanionUnreachableError, "Connection refused"),
+        (
+            paramiko.AuthenticationException("Authentication failed."),
+            AuthenticationError,
+            "authorized_keys",
+        ),
+        (
+            ConnectionRefusedError(111, "Connection refused"),
+            CompanionUnreachableError,
+            "Connection refused",
+        ),
         (TimeoutError("timed out"), CompanionUnreachableError, "jetson"),
-        (socket.gaierror(-2, "Name or service not known"), CompanionUnreachableError, "Name or service"),
-        (paramiko.SSHException("Error reading SSH protocol banner"), CompanionUnreachableError, "banner"),
+        (
+            socket.gaierror(-2, "Name or service not known"),
+            CompanionUnreachableError,
+            "Name or service",
+        ),
+        (
+            paramiko.SSHException("Error reading SSH protocol banner"),
+            CompanionUnreachableError,
+            "banner",
+        ),
     ]
     for exc, cls, needle in cases:
         with pytest.raises(cls) as info:
@@ -219,7 +260,9 @@ def test_a_changed_host_key_is_refused_naming_both_fingerprints(tmp_path: Path) 
     b = paramiko.PKey.from_path(str(keygen(tmp_path / "b")))
     exc = paramiko.BadHostKeyException("[jetson]:2222", a, b)
     with pytest.raises(HostKeyError) as info:
-        ssh.connect(ssh.parse_companion("nvidia@jetson:2222"), _options(tmp_path), factory=_raising(exc))
+        ssh.connect(
+            ssh.parse_companion("nvidia@jetson:2222"), _options(tmp_path), factory=_raising(exc)
+        )
     msg = info.value.message
     assert "CHANGED" in msg and ssh.fingerprint(a) in msg and ssh.fingerprint(b) in msg
     assert "ssh-keygen -R" in info.value.remedy
@@ -242,7 +285,9 @@ def test_key_problems_are_named(tmp_path: Path) -> None:
     with pytest.raises(AuthenticationError) as info:
         ssh.load_key(ssh.SshOptions(key_path=enc, known_hosts=tmp_path / "kh"))
     assert ssh.PASSPHRASE_ENV in info.value.remedy
-    assert ssh.load_key(ssh.SshOptions(key_path=enc, known_hosts=tmp_path / "kh", passphrase="s3cret-pass"))
+    assert ssh.load_key(
+        ssh.SshOptions(key_path=enc, known_hosts=tmp_path / "kh", passphrase="s3cret-pass")
+    )
     assert "s3cret-pass" not in repr(
         ssh.SshOptions(key_path=enc, known_hosts=tmp_path, passphrase="s3cret-pass")
     )
@@ -250,7 +295,9 @@ def test_key_problems_are_named(tmp_path: Path) -> None:
 
 def test_no_ssh_key_anywhere_is_exit_30(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
-    s = load_settings({"COMPANION": "u@h"}, {"CACHEBUILD_HOME": str(tmp_path), "HOME": str(tmp_path)})
+    s = load_settings(
+        {"COMPANION": "u@h"}, {"CACHEBUILD_HOME": str(tmp_path), "HOME": str(tmp_path)}
+    )
     with pytest.raises(AuthenticationError, match="SSH_KEY"):
         flow.companion_options(s)
 
@@ -275,7 +322,9 @@ class FakeConn:
         self.target = ssh.parse_companion("nvidia@jetson:22")
         self.commands: list[tuple[str, bytes]] = []
 
-    def pump(self, command: str, *, stdin: bytes = b"", on_stdout: Any, on_stderr: Any, during: str) -> int:
+    def pump(
+        self, command: str, *, stdin: bytes = b"", on_stdout: Any, on_stderr: Any, during: str
+    ) -> int:
         self.commands.append((command, stdin))
         for i in range(0, max(len(self.stderr), len(self.stdout)), self.chunk):
             on_stderr(self.stderr[i : i + self.chunk])
@@ -324,10 +373,14 @@ def test_the_agent_answer_or_what_went_wrong() -> None:
     command, stdin = ok.commands[0]
     assert command == "doit companion-agent OP=probe DIR=/c WANT=stdin" and stdin == b"a\nb\n"
     with pytest.raises(CompanionNotReadyError, match="was not found") as info:
-        remote.call_agent(FakeConn(127, stderr=b"bash: doit: command not found\n"), "doit", "probe", "/c")
+        remote.call_agent(
+            FakeConn(127, stderr=b"bash: doit: command not found\n"), "doit", "probe", "/c"
+        )
     assert "command not found" in info.value.message and info.value.exit_code == 30
     with pytest.raises(CompanionNotReadyError, match="did not answer"):
-        remote.call_agent(FakeConn(3, stderr=b"ERROR: could not find dodo file\n"), "doit", "probe", "/c")
+        remote.call_agent(
+            FakeConn(3, stderr=b"ERROR: could not find dodo file\n"), "doit", "probe", "/c"
+        )
     refusing = FakeConn(1, stdout=b'{"error": "cannot write under /c", "remedy": "fix it"}\n')
     with pytest.raises(CompanionNotReadyError, match="cannot write") as info:
         remote.call_agent(refusing, "doit", "probe", "/c")
@@ -363,7 +416,9 @@ def test_remote_outcomes_map_to_exit_codes() -> None:
         with pytest.raises(cls) as info:
             flow._merge_remote(
                 FakeReport(),
-                json.loads(_report(outcome="failure", exit_code=code, failure_phase=phase, error="boom")),
+                json.loads(
+                    _report(outcome="failure", exit_code=code, failure_phase=phase, error="boom")
+                ),
                 code,
                 target,
             )
@@ -447,7 +502,11 @@ def test_probe_answers_what_is_absent_and_prepares_the_layout(tmp_path: Path) ->
     stale = root / "inbox" / "old"
     stale.mkdir(parents=True)
     os.utime(stale, (time.time() - 2 * agent.INBOX_KEEP_S,) * 2)
-    wanted = [f"store/objects/{d1[:2]}/{d1}", f"store/objects/{d2[:2]}/{d2}", "inbox/k/tileset.json"]
+    wanted = [
+        f"store/objects/{d1[:2]}/{d1}",
+        f"store/objects/{d2[:2]}/{d2}",
+        "inbox/k/tileset.json",
+    ]
     ans = agent.probe(root, wanted, backend="onnxruntime")
     assert ans["absent"] == wanted[1:] and ans["protocol"] == agent.PROTOCOL_VERSION
     assert ans["free_bytes"] > 0 and ans["pruned_inbox"] == 1 and not stale.exists()
@@ -498,7 +557,10 @@ def _staged(tmp_path: Path, n: int = 6, missing: int = 2) -> tuple[Path, Path, d
         ids[tid] = digest
     miss = [tile_id(Tile(300 + i, 200, 17)) for i in range(missing)]
     write_tileset(
-        build, np.array(rows, dtype=tile_dtype()), np.array(miss, dtype="<i8"), {"provider": "synthetic:v1"}
+        build,
+        np.array(rows, dtype=tile_dtype()),
+        np.array(miss, dtype="<i8"),
+        {"provider": "synthetic:v1"},
     )
     (build / "flight.json").write_text('{"flight_id": null}\n')
     return build, store_root, ids
@@ -508,14 +570,20 @@ def test_plan_push_lists_each_object_once_and_names_inputs_by_content(tmp_path: 
     build, store_root, ids = _staged(tmp_path)
     model = tmp_path / "net.onnx"
     model.write_bytes(b"model bytes")
-    p = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    p = push.plan_push(
+        build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path
+    )
     assert set(p.tiles) == set(ids.values()) and len(p.tiles) == 4
     rel = f"inputs/{sha256_hex(b'model bytes')}.onnx"
     assert p.inputs == {rel: (model, 11)} and p.remote["model"] == f"/c/{rel}"
-    assert p.remote["tileset_dir"] == f"/c/{p.inbox}" and p.wanted()[-1] == f"{p.inbox}/tileset.json"
+    assert (
+        p.remote["tileset_dir"] == f"/c/{p.inbox}" and p.wanted()[-1] == f"{p.inbox}/tileset.json"
+    )
     assert json.loads(p.inbox_files["push.json"])["store"] == "/c/store"
     assert p.bytes_for(set()) == 0 and p.bytes_for(set(p.wanted())) > p.tile_bytes
-    again = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    again = push.plan_push(
+        build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path
+    )
     assert again.inbox == p.inbox  # same flight, same tiles: same inbox
 
 
@@ -650,7 +718,9 @@ def test_a_silent_link_is_declared_dead_after_unanswered_keepalives() -> None:
         def get_transport(self) -> SilentTransport:
             return transport
 
-    options = ssh.SshOptions(key_path=Path("k"), known_hosts=Path("kh"), keepalive_s=0.1, dead_after_s=1.2)
+    options = ssh.SshOptions(
+        key_path=Path("k"), known_hosts=Path("kh"), keepalive_s=0.1, dead_after_s=1.2
+    )
     conn = ssh.Connection(Client(), ssh.parse_companion("nvidia@jetson"), options)
     chan = SilentChannel()
     import threading
@@ -678,7 +748,9 @@ def test_a_watching_unpacker_takes_packs_as_they_arrive_until_done(tmp_path: Pat
     objs = list(_objects(6).items())
     wanted = [f"store/objects/{d[:2]}/{d}" for d, _ in objs]
     answers: list[dict[str, Any]] = []
-    watcher = threading.Thread(target=lambda: answers.append(agent.unpack(root, wanted, watch="s1")))
+    watcher = threading.Thread(
+        target=lambda: answers.append(agent.unpack(root, wanted, watch="s1"))
+    )
     watcher.start()
     incoming = root / "incoming"
     for n in range(3):
@@ -752,10 +824,14 @@ def test_a_cut_off_model_upload_resumes_where_it_stopped(tmp_path: Path) -> None
     build, store_root, _ = _staged(tmp_path)
     model = tmp_path / "big.onnx"
     model.write_bytes(os.urandom(3 * push.CHUNK_BYTES + 123))
-    p = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    p = push.plan_push(
+        build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path
+    )
     (rel,) = p.inputs
     sftp = MemSftp()
-    sftp.files[f"/c/{rel}.part"] = bytearray(model.read_bytes()[: push.CHUNK_BYTES + 7])  # what arrived
+    sftp.files[f"/c/{rel}.part"] = bytearray(
+        model.read_bytes()[: push.CHUNK_BYTES + 7]
+    )  # what arrived
     result = push.push(FakeConn(0), sftp, p, {rel}, root="/c")
     assert bytes(sftp.files[f"/c/{rel}"]) == model.read_bytes()
     assert sftp.written == result.bytes == model.stat().st_size - (push.CHUNK_BYTES + 7)
@@ -771,7 +847,10 @@ def test_the_text_report_says_what_was_pushed_and_built_there() -> None:
     rep.extra["companion"] = {"host": "nvidia@jetson:22", "tasks": {"run": ["describe", "index"]}}
     out = io.StringIO()
     rep.emit("text", out=out, err=io.StringIO())
-    assert "companion nvidia@jetson:22: pushed 3 objects (2.5 MB), built describe, index" in out.getvalue()
+    assert (
+        "companion nvidia@jetson:22: pushed 3 objects (2.5 MB), built describe, index"
+        in out.getvalue()
+    )
 
 
 def test_every_variable_is_either_local_or_passed_to_the_companion() -> None:
@@ -781,9 +860,13 @@ def test_every_variable_is_either_local_or_passed_to_the_companion() -> None:
     given = {name: "x" for name in VARIABLES}
     s = load_settings({"COMPANION": "u@h", "ZOOM": "17", "BUFFER_M": "100"}, ENV)
     s = type(s)(**{**vars(s), "given": given})
-    paths = {k: f"/c/{k}" for k in ("flight", "tileset_dir", "store", "cache", "model", "calibration")}
+    paths = {
+        k: f"/c/{k}" for k in ("flight", "tileset_dir", "store", "cache", "model", "calibration")
+    }
     v = flow.remote_variables(s, paths)
-    for name in set(VARIABLES) - flow.LOCAL_ONLY - {"ZOOM", "BUFFER_M", "PRECISION", "BACKEND", "BATCH"}:
+    for name in (
+        set(VARIABLES) - flow.LOCAL_ONLY - {"ZOOM", "BUFFER_M", "PRECISION", "BACKEND", "BATCH"}
+    ):
         if name in ("THREADS", "EXPIRES_DAYS", "STRICT"):
             continue  # passed on, normalised from the settings
         assert v.get(name) == "x", name  # e.g. INDEX, MIN_RECALL: the remote build depends on them
@@ -813,11 +896,19 @@ def test_ssh_config_resolution_explicit_values_win(tmp_path: Path) -> None:
     )
     r = resolve_target("jetson", None, home=tmp_path)
     assert r.target == ssh.CompanionTarget("nv", "10.1.2.3", 2222) and r.key_path == key
-    assert [str(h) for h in r.jumps] == ["op@bastion:2200", f"{ssh.getpass.getuser()}@10.9.9.9:22022"]
+    assert [str(h) for h in r.jumps] == [
+        "op@bastion:2200",
+        f"{getpass.getuser()}@10.9.9.9:22022",
+    ]
     r = resolve_target("me@jetson:23", tmp_path / "explicit", home=tmp_path)
-    assert r.target == ssh.CompanionTarget("me", "10.1.2.3", 23) and r.key_path == tmp_path / "explicit"
+    assert (
+        r.target == ssh.CompanionTarget("me", "10.1.2.3", 23)
+        and r.key_path == tmp_path / "explicit"
+    )
     r = resolve_target("other.local", None, home=tmp_path)
-    assert r.target.host == "other.local" and r.target.port == 22 and not r.jumps and r.config is None
+    assert (
+        r.target.host == "other.local" and r.target.port == 22 and not r.jumps and r.config is None
+    )
     (tmp_path / ".ssh" / "config").write_text("Host jetson\n  Port many\n")
     with pytest.raises(UsageError, match="Port 'many'"):
         resolve_target("jetson", None, home=tmp_path)

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.errors import UsageError
+from cachebuild.inputs.config import VARIABLES, load_settings
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
 
@@ -23,7 +23,9 @@ def test_home_falls_back_to_xdg_cache() -> None:
 
 
 def test_command_line_beats_environment() -> None:
-    s = load_settings({"ZOOM": "16,17,16"}, {**ENV, "CACHEBUILD_ZOOM": "12", "CACHEBUILD_BUFFER_M": "800"})
+    s = load_settings(
+        {"ZOOM": "16,17,16"}, {**ENV, "CACHEBUILD_ZOOM": "12", "CACHEBUILD_BUFFER_M": "800"}
+    )
     assert s.zooms == (16, 17) and s.buffer_m == 800
 
 
@@ -58,11 +60,19 @@ def test_every_variable_is_documented() -> None:
 
 
 def test_index_selftest_and_store_variables() -> None:
-    s = load_settings({"INDEX": "HNSW", "MIN_RECALL": "0.9", "SELFTEST_QUERIES": "0", "MAX_STORE_BYTES": "1.5G"}, ENV)
+    s = load_settings(
+        {"INDEX": "HNSW", "MIN_RECALL": "0.9", "SELFTEST_QUERIES": "0", "MAX_STORE_BYTES": "1.5G"},
+        ENV,
+    )
     assert (s.index_kind, s.min_recall, s.selftest_queries) == ("hnsw", 0.9, 0)
     assert s.max_store_bytes == 1536 * 1024 * 1024
     d = load_settings({}, ENV)
-    assert (d.index_kind, d.min_recall, d.selftest_queries, d.max_store_bytes) == ("auto", None, 200, None)
+    assert (d.index_kind, d.min_recall, d.selftest_queries, d.max_store_bytes) == (
+        "auto",
+        None,
+        200,
+        None,
+    )
     for vars, needle in [
         ({"INDEX": "lsh"}, "INDEX"),
         ({"MIN_RECALL": "1.5"}, "MIN_RECALL"),
@@ -76,7 +86,15 @@ def test_index_selftest_and_store_variables() -> None:
 
 
 @pytest.mark.parametrize(
-    "raw, expected", [("0", 0), ("4096", 4096), ("500M", 500 << 20), ("20G", 20 << 30), ("2TiB", 2 << 40), ("1k", 1024)]
+    "raw, expected",
+    [
+        ("0", 0),
+        ("4096", 4096),
+        ("500M", 500 << 20),
+        ("20G", 20 << 30),
+        ("2TiB", 2 << 40),
+        ("1k", 1024),
+    ],
 )
 def test_parse_size(raw: str, expected: int) -> None:
     from cachebuild.inputs.config import parse_size

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.errors import UsageError
+from cachebuild.inputs.config import VARIABLES, load_settings
 
 ENV = {"CACHEBUILD_HOME": "/tmp/cb-home"}
 TOKEN = "tok-abcdef-123456"
@@ -52,7 +52,8 @@ def test_bad_values_are_refused_before_anything_runs(vars: dict[str, str], needl
 
 
 @pytest.mark.parametrize(
-    "name, env_name", [("HTTP_HEADERS", "CACHEBUILD_HTTP_HEADERS"), ("API_KEY", "CACHEBUILD_API_KEY")]
+    "name, env_name",
+    [("HTTP_HEADERS", "CACHEBUILD_HTTP_HEADERS"), ("API_KEY", "CACHEBUILD_API_KEY")],
 )
 def test_secrets_on_the_command_line_are_refused_without_echo(name: str, env_name: str) -> None:
     with pytest.raises(UsageError, match=env_name) as info:
@@ -86,7 +87,9 @@ def test_the_tiles_task_gets_them_and_depends_on_what_changes_tiles() -> None:
     base = tiles_task({})
     kwargs = base["actions"][0][2]
     assert kwargs["nodata"] == {} and kwargs["http"] == {}
-    assert "nodata" not in dependency(base) and "source" not in dependency(base)  # older states stay valid
+    assert "nodata" not in dependency(base) and "source" not in dependency(
+        base
+    )  # older states stay valid
 
     # how tiles are asked for: not a dependency
     polite = tiles_task(

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
+from cachebuild.cli.repair import check_doit_db, check_staged, run_repairing
 from cachebuild.inputs.config import Paths
 from cachebuild.providers.mbtilesfile import read_mbtiles_tile
-from cachebuild.cli.repair import check_doit_db, check_staged, run_repairing
 from cachebuild.store.objects import sha256_hex
 from cachebuild.tilemath import tile_from_id
 from cachebuild.tileset import hex_digests, read_tiles
@@ -52,7 +52,9 @@ class Setup:
         self.published = self.manifest()
 
     def build(self, *args: str) -> CbResult:
-        return self.cb.build(f"FLIGHT={self.flight}", *SMALL, f"PROVIDER={self.server.template(query='')}", *args)
+        return self.cb.build(
+            f"FLIGHT={self.flight}", *SMALL, f"PROVIDER={self.server.template(query='')}", *args
+        )
 
     @property
     def build_dir(self) -> Path:
@@ -68,7 +70,9 @@ class Setup:
         """The ``i``-th tile of the cache and its object in the store."""
         tiles = read_tiles(self.build_dir)
         digest = hex_digests(tiles)[i]
-        return tile_from_id(int(tiles["id"][i])), self.cb.home / "store" / "objects" / digest[:2] / digest
+        return tile_from_id(int(tiles["id"][i])), self.cb.home / "store" / "objects" / digest[
+            :2
+        ] / digest
 
 
 @pytest.fixture
@@ -314,7 +318,9 @@ def test_run_repairing_runs_again_once_after_a_store_object_error(tmp_path: Path
         runs.append((paths.build / "tileset.json").exists())
         if len(runs) <= 2:  # fails twice: the second failure is final
             reporter.ran.append("tiles")
-            failures.append(StoreObjectError("tile 1/2/3: store object x is corrupt", digest="ab" * 32))
+            failures.append(
+                StoreObjectError("tile 1/2/3: store object x is corrupt", digest="ab" * 32)
+            )
             return 1
         return 0
 
@@ -359,5 +365,7 @@ def test_long_every_artifact_truncated_and_every_object_flipped(setup: Setup) ->
         assert ok, (str(obj), r.report.get("error"))
         assert setup.server.count() - before == 1
         _warned(r, str(obj), "corrupt")
-        print(f"flipped {obj.name[:12]} (tile {tile.z}/{tile.x}/{tile.y}): fetched again", flush=True)
+        print(
+            f"flipped {obj.name[:12]} (tile {tile.z}/{tile.x}/{tile.y}): fetched again", flush=True
+        )
     print(f"{tried} corruptions tried, {published_bad} published")

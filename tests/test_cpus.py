@@ -59,5 +59,7 @@ def test_usable_cpus_never_exceeds_affinity() -> None:
 def test_override(value: str, expected: int | None) -> None:
     code = "from cachebuild._util.cpus import usable_cpus; print(usable_cpus())"
     env = {**os.environ, "CACHEBUILD_CPUS": value}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert int(out.stdout) == (expected if expected is not None else usable_cpus())

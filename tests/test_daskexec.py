@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachebuild.errors import CacheBuildError, UsageError
 from cachebuild.inputs.config import load_settings, parse_dask_scheduler
 from cachebuild.localize.describe import describe_tiles
-from cachebuild.errors import CacheBuildError, UsageError
 from cachebuild.release.lock import CacheLock
 
 from .conftest import REPO, Cb, write_flight
@@ -56,12 +56,25 @@ def free_port() -> int:
 )
 def test_scheduler_values(raw: str, parsed: tuple[str, object]) -> None:
     assert parse_dask_scheduler(raw) == parsed
-    assert load_settings({"DASK_SCHEDULER": raw}, {"CACHEBUILD_HOME": "/tmp/cb"}).dask_scheduler == raw
+    assert (
+        load_settings({"DASK_SCHEDULER": raw}, {"CACHEBUILD_HOME": "/tmp/cb"}).dask_scheduler == raw
+    )
     assert load_settings({}, {"CACHEBUILD_HOME": "/tmp/cb"}).dask_scheduler is None
 
 
 @pytest.mark.parametrize(
-    "raw", ["local:0", "local:", "local:x", "tcp://host", "tcp://:8786", "tcp://h:0", "tcp://h:70000", "udp://h:1", "h:8786"]
+    "raw",
+    [
+        "local:0",
+        "local:",
+        "local:x",
+        "tcp://host",
+        "tcp://:8786",
+        "tcp://h:0",
+        "tcp://h:70000",
+        "udp://h:1",
+        "h:8786",
+    ],
 )
 def test_bad_scheduler_values_name_the_variable(raw: str) -> None:
     with pytest.raises(UsageError) as e:
@@ -76,18 +89,24 @@ def test_unreachable_scheduler_fails_with_21_before_any_work(cb: Cb, tmp_path: P
     r = cb.build(f"FLIGHT={f}", *SMALL, f"DASK_SCHEDULER={address}")
     assert r.code == 21, r.stderr
     rep = r.report
-    assert rep["failure_phase"] == "describe" and address in rep["error"] and "dask scheduler" in rep["remedy"]
+    assert (
+        rep["failure_phase"] == "describe"
+        and address in rep["error"]
+        and "dask scheduler" in rep["remedy"]
+    )
     assert address in r.stderr
     assert rep["tasks"]["run"] == []  # nothing fetched, nothing built
     assert not cb.current.exists()
-    assert not (cb.home / "store" / "objects").exists() or not any((cb.home / "store" / "objects").rglob("*.*"))
+    assert not (cb.home / "store" / "objects").exists() or not any(
+        (cb.home / "store" / "objects").rglob("*.*")
+    )
     with CacheLock(cb.cache_dir / "build.lock"):  # the lock is free
         pass
 
 
 def test_a_worker_that_cannot_see_the_store_names_its_host_and_the_tile(tmp_path: Path) -> None:
-    from cachebuild.localize import daskexec
     from cachebuild.errors import BuildError
+    from cachebuild.localize import daskexec
 
     missing = tmp_path / "elsewhere" / "store"
     tile = (17 << 58) | (68000 << 29) | 45000
@@ -121,12 +140,18 @@ def _check_against_local(cb: Cb, tmp_path: Path) -> int:
         out_dir=tmp_path / "local", progress=False,
     )  # fmt: skip
     assert local["executor"] == "local" and local["workers"] == 1
-    np.testing.assert_array_equal(np.load(build / "descriptor_ids.npy"), np.load(tmp_path / "local" / "descriptor_ids.npy"))
+    np.testing.assert_array_equal(
+        np.load(build / "descriptor_ids.npy"), np.load(tmp_path / "local" / "descriptor_ids.npy")
+    )
     np.testing.assert_allclose(
-        np.load(build / "descriptors.npy"), np.load(tmp_path / "local" / "descriptors.npy"), atol=1e-5
+        np.load(build / "descriptors.npy"),
+        np.load(tmp_path / "local" / "descriptors.npy"),
+        atol=1e-5,
     )
     tiles = np.load(build / "tiles.npy")
-    images = len({bytes(t) for t in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)})
+    images = len(
+        {bytes(t) for t in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)}
+    )
     assert _store_counts(cb.home / "store") == (images, images, images)
     return len(tiles)
 
@@ -195,14 +220,25 @@ class Cluster:
     ):
         self.tmp = tmp
         tmp.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, "PYTHONPATH": str(REPO), "DASK_DISTRIBUTED__WORKER__DAEMON": "False"}
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "DASK_DISTRIBUTED__WORKER__DAEMON": "False",
+        }
         self.worker_env = {**self.env, **(worker_env or {})}
         self.worker_cwd = worker_cwd or REPO
         self.hide = hide
         self.procs: list[subprocess.Popen[bytes]] = []
         info = tmp / "scheduler.json"
         self.scheduler = self._start(
-            "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(info)
+            "scheduler",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-dashboard",
+            "--scheduler-file",
+            str(info),
         )
         deadline = time.monotonic() + 60
         while not info.exists() or not info.read_text().strip():
@@ -214,8 +250,18 @@ class Cluster:
         for i in range(workers):
             self.workers.append(
                 self._start(
-                    "worker", self.address, "--no-nanny", "--nthreads", "1", "--host", "127.0.0.1",
-                    "--no-dashboard", "--local-directory", str(tmp / f"w{i}"), "--name", f"w{i}",
+                    "worker",
+                    self.address,
+                    "--no-nanny",
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(tmp / f"w{i}"),
+                    "--name",
+                    f"w{i}",
                 )  # fmt: skip
             )
 
@@ -224,7 +270,17 @@ class Cluster:
         worker = args[0] == "worker"
         if worker and self.hide is not None:
             mount = 'mount -t tmpfs none "$0" && exec "$@"'
-            argv = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, str(self.hide), *argv]
+            argv = [
+                "unshare",
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                mount,
+                str(self.hide),
+                *argv,
+            ]
         with open(self.tmp / f"{args[0]}-{len(self.procs)}.log", "wb") as log:
             p = subprocess.Popen(
                 argv, cwd=self.worker_cwd if worker else REPO, env=self.worker_env if worker else self.env,
@@ -283,14 +339,18 @@ def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
         from cachebuild.localize import daskexec
 
         loads = client.run(daskexec.engine_loads)
-        key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())["key"]
+        key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())[
+            "key"
+        ]
         assert list(loads.values()) == [{key: 1}]
 
     # a damaged tile image fails a worker's batch with the error a local describe
     # raises: same class, message and fields (they cross the wire intact)
     build, store = cb.cache_dir / "state" / "build", cb.home / "store"
     tiles = np.load(build / "tiles.npy")
-    victim = store / "objects" / bytes(tiles["sha256"][0]).hex()[:2] / bytes(tiles["sha256"][0]).hex()
+    victim = (
+        store / "objects" / bytes(tiles["sha256"][0]).hex()[:2] / bytes(tiles["sha256"][0]).hex()
+    )
     errors = []
     for where in (cluster.address, None):
         shutil.rmtree(store / "descriptors")  # every image is described again
@@ -314,8 +374,8 @@ def test_workers_read_tiles_from_the_bucket_and_never_the_build_s_store(tmp_path
     """STORE=s3:// and a tcp:// cluster whose workers have their own home, working directory and
     credentials, and (where a mount namespace can be had) see the build's home as an empty directory."""
     pytest.importorskip("moto.server")
-    from cachebuild.localize import daskexec
     from cachebuild.errors import BuildError
+    from cachebuild.localize import daskexec
 
     from .s3server import S3Server
 
@@ -336,16 +396,25 @@ def test_workers_read_tiles_from_the_bucket_and_never_the_build_s_store(tmp_path
             client.wait_for_workers(2, timeout=60)
         f = write_flight(tmp_path / "f.json")
         url = f"s3://{s3.bucket}/fleet"
-        r = cb.build(f"FLIGHT={f}", *SMALL, "BATCH=2", f"DASK_SCHEDULER={cluster.address}", f"STORE={url}")
-        assert r.code == 0, r.stderr + "".join(p.read_text() for p in (tmp_path / "dask").glob("*.log"))
+        r = cb.build(
+            f"FLIGHT={f}", *SMALL, "BATCH=2", f"DASK_SCHEDULER={cluster.address}", f"STORE={url}"
+        )
+        assert r.code == 0, r.stderr + "".join(
+            p.read_text() for p in (tmp_path / "dask").glob("*.log")
+        )
         rep = r.report
-        n = _check_against_local(cb, tmp_path)  # the same descriptors as a local describe, each stored once
+        n = _check_against_local(
+            cb, tmp_path
+        )  # the same descriptors as a local describe, each stored once
         assert rep["descriptors"] == {"computed": n, "reused": 0}
         assert rep["describe"]["executor"] == "dask" and rep["describe"]["workers"] == 2
 
         # every image the workers decoded came from the bucket's packs into their own stores
         tiles = np.load(cb.cache_dir / "state" / "build" / "tiles.npy")
-        want = {bytes(d).hex() for d in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)}
+        want = {
+            bytes(d).hex()
+            for d in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)
+        }
         got = {p.name for p in (tmp_path / "dask").glob("w*/**/cachebuild-tiles/objects/*/*")}
         assert want <= got
         assert not (tmp_path / "worker-home" / "store").exists()

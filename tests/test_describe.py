@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cachebuild.engine.compile import compile_engine, load_engine
+from cachebuild.engine.model import write_default_model
+from cachebuild.errors import BuildError, StoreObjectError, UsageError
 from cachebuild.localize import describe
 from cachebuild.localize.decode import decode_tile, default_decode_threads, tile_zxy
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
-from cachebuild.engine.compile import compile_engine, load_engine
-from cachebuild.errors import BuildError, StoreObjectError, UsageError
 from cachebuild.localize.index import build_index, search
-from cachebuild.engine.model import write_default_model
 from cachebuild.store.objects import TileStore
 from cachebuild.tilemath import Tile
 from cachebuild.tilemath import tile_id as tiles_tile_id
@@ -509,7 +509,9 @@ def test_describe_keeps_a_thumbnail_per_described_image_equal_to_the_decode_fall
     from cachebuild.store.thumbs import ThumbStore
 
     images = {zxy: encode(rgb) for zxy, rgb in tiles_images.items()}
-    images[(Z, 70010, 42010)] = images[(Z, 70000, 42000)]  # one image under two tiles: one thumbnail
+    images[(Z, 70010, 42010)] = images[
+        (Z, 70000, 42000)
+    ]  # one image under two tiles: one thumbnail
     w = store_world(tmp_path, images)
     first = run(w, engine_dir, tmp_path / "a", reuse=True, batch_size=5, decode_threads=2)
     assert first["engine_runs"] == first["thumbnails"] == 12
@@ -546,7 +548,9 @@ def test_thumbnail_of_a_png_tile_and_an_engine_of_another_size(tmp_path: Path) -
     png = encode(rgb, "PNG")
     exact = make_thumbnail(png)
     same = thumbnail_of(decode_tile(io.BytesIO(png), (256, 256))).astype(int)
-    assert np.abs(same - exact.astype(int)).max() <= 1  # both an 8x8 box mean of the same pixels; rounding
+    assert (
+        np.abs(same - exact.astype(int)).max() <= 1
+    )  # both an 8x8 box mean of the same pixels; rounding
     small = thumbnail_of(decode_tile(io.BytesIO(png), (200, 224)))
     assert small.shape == (THUMB_PX, THUMB_PX, 3) and small.dtype == np.uint8
     assert np.abs(small.astype(int) - exact.astype(int)).mean() < 6
@@ -563,7 +567,9 @@ def test_dask_workers_return_the_thumbnails_the_wrapper_keeps(
     here = store_world(tmp_path / "here", images)
     there = store_world(tmp_path / "there", images)
     run(here, engine_dir, tmp_path / "a", reuse=True, batch_size=4)
-    result = run(there, engine_dir, tmp_path / "b", reuse=True, batch_size=4, dask_scheduler="local:1")
+    result = run(
+        there, engine_dir, tmp_path / "b", reuse=True, batch_size=4, dask_scheduler="local:1"
+    )
     assert result["executor"] == "dask" and result["engine_runs"] == result["thumbnails"] == 6
     digests = [bytes.fromhex(TileStore(here[1]).put(data)) for data in images.values()]
     with ThumbStore(here[1]) as a, ThumbStore(there[1]) as b:

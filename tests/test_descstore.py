@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachebuild.errors import CacheBuildWarning
 from cachebuild.store import descriptors as descstore
 from cachebuild.store.descriptors import COMMIT_ROWS, DescriptorStore, engine_store_dirs
-from cachebuild.errors import CacheBuildWarning
 
 from .surface import assert_public_surface, heavy_imports
 
@@ -65,7 +65,7 @@ def test_rows_are_visible_to_others_only_once_committed(tmp_path: Path) -> None:
     w.append(d[:5], v[:5])
     assert (reader.lookup(d[:5])[0] == -1).all(), "not committed yet"
     w.append(d[5:], v[5:])  # crosses COMMIT_ROWS: committed
-    assert (reader.lookup(d[: COMMIT_ROWS])[0] >= 0).all()
+    assert (reader.lookup(d[:COMMIT_ROWS])[0] >= 0).all()
     w.close()
     shard, row = reader.lookup(d)
     np.testing.assert_array_equal(reader.read(shard, row), v)
@@ -134,7 +134,9 @@ def test_shards_roll_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_import_is_light() -> None:
-    assert heavy_imports("cachebuild.store.descriptors", heavy=("numpy", "onnxruntime", "faiss")) == []
+    assert (
+        heavy_imports("cachebuild.store.descriptors", heavy=("numpy", "onnxruntime", "faiss")) == []
+    )
 
 
 def test_public_surface() -> None:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,14 +65,23 @@ class World:
         if self.home.exists():
             shutil.rmtree(self.home.parent)
         self.home.parent.mkdir(parents=True)
-        subprocess.run(["cp", "-a", str(self.root / "snapshot" / "home"), str(self.home)], check=True)
+        subprocess.run(
+            ["cp", "-a", str(self.root / "snapshot" / "home"), str(self.home)], check=True
+        )
         return self.home
 
     def vars(self, flight: Path) -> dict[str, str]:
-        return {"FLIGHT": str(flight), "PROVIDER": self.server.template(query=""), "REPORT": "json", **ARGS}
+        return {
+            "FLIGHT": str(flight),
+            "PROVIDER": self.server.template(query=""),
+            "REPORT": "json",
+            **ARGS,
+        }
 
 
-def _in_process(command: Any, vars: dict[str, str], fault: DiskFault | None = None) -> tuple[int, dict, str]:
+def _in_process(
+    command: Any, vars: dict[str, str], fault: DiskFault | None = None
+) -> tuple[int, dict, str]:
     """Run a runner command in this process; ``(exit code, report, stderr)``."""
     from cachebuild._util.report import Report
 
@@ -175,7 +183,14 @@ def _check_failure(world: World, n: int, site: str) -> dict[str, Any]:
     left = list((world.home / "store" / "tmp").iterdir())
     if left:
         problems.append(f"temp files left in the store: {left}")
-    return {"site": site, "n": n, "code": code, "phase": rep["failure_phase"], "error": rep["error"], "problems": problems}
+    return {
+        "site": site,
+        "n": n,
+        "code": code,
+        "phase": rep["failure_phase"],
+        "error": rep["error"],
+        "problems": problems,
+    }
 
 
 def _resume(world: World) -> None:
@@ -214,17 +229,25 @@ def test_enospc_at_every_write_site(world: World, monkeypatch: pytest.MonkeyPatc
             _resume(world)  # space is back: the build finishes
     if LONG:
         for o in outcomes:
-            print(f"{o['site']:<40} exit {o['code']:>2}  {o['phase'] or '-':<10} {'; '.join(o['problems']) or 'ok'}")
-        print(f"{len(outcomes)} ENOSPC sites ({world.writes} writes), {sum(bool(o['problems']) for o in outcomes)} damaged")
+            print(
+                f"{o['site']:<40} exit {o['code']:>2}  {o['phase'] or '-':<10} {'; '.join(o['problems']) or 'ok'}"
+            )
+        print(
+            f"{len(outcomes)} ENOSPC sites ({world.writes} writes), {sum(bool(o['problems']) for o in outcomes)} damaged"
+        )
     bad = [o for o in outcomes if o["problems"]]
     assert bad == []
     assert sum(o["code"] == 24 for o in outcomes) >= len(outcomes) - 2, outcomes
 
 
-def test_a_failed_sqlite_write_is_a_disk_full_too(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_sqlite_write_is_a_disk_full_too(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """doit's database is written last, by doit itself: its SQLITE_FULL is exit 24, not a bug."""
     monkeypatch.setenv("CACHEBUILD_HOME", str(world.home))
-    n = next(n for n, site in world.sites if site.startswith("doit/dependency.py") and "commit" in site)
+    n = next(
+        n for n, site in world.sites if site.startswith("doit/dependency.py") and "commit" in site
+    )
     o = _check_failure(world, n, next(s for m, s in world.sites if m == n))
     assert o["problems"] == [] and o["code"] == 24
     assert "SQLite" in o["error"]
@@ -252,9 +275,15 @@ def test_is_disk_full_knows_enospc_edquot_and_sqlite_full() -> None:
 
 
 def test_disk_full_error_names_the_file_phase_and_space(tmp_path: Path) -> None:
-    err = disk_full_error(full(tmp_path / "a.npy"), "describe", {"STORE": tmp_path, "CACHE_DIR": tmp_path / "no" / "such"})
+    err = disk_full_error(
+        full(tmp_path / "a.npy"),
+        "describe",
+        {"STORE": tmp_path, "CACHE_DIR": tmp_path / "no" / "such"},
+    )
     assert isinstance(err, DiskFullError) and err.exit_code == 24 and err.phase == "describe"
-    assert err.message.startswith(f"disk full during describe (writing {tmp_path / 'a.npy'}: No space left on device)")
+    assert err.message.startswith(
+        f"disk full during describe (writing {tmp_path / 'a.npy'}: No space left on device)"
+    )
     assert f"free space: STORE {tmp_path} " in err.message and "CACHE_DIR" in err.message
     assert "STORE and CACHE_DIR" in err.remedy
     assert free_space_note({"X": tmp_path}).startswith(f"free space: X {tmp_path} ")
@@ -268,7 +297,9 @@ def _mount_tmpfs(path: Path, size: str) -> bool:
     if os.geteuid() != 0 or not shutil.which("mount"):
         return False
     path.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
     return r.returncode == 0
 
 
@@ -299,7 +330,10 @@ def test_a_real_full_filesystem(tmp_path: Path) -> None:
         b = cb.build(f"FLIGHT={fb}", "BUFFER_M=200", "ZOOM=17", provider)
         assert b.code == 24, b.stderr
         rep = b.report
-        assert rep["error"].startswith("disk full during ") and f"STORE {home / 'store'}" in rep["error"]
+        assert (
+            rep["error"].startswith("disk full during ")
+            and f"STORE {home / 'store'}" in rep["error"]
+        )
         assert "Traceback" not in b.stderr
         print(f"real ENOSPC: phase {rep['failure_phase']}: {rep['error']}")
         v = cb.run("verify-cache")
@@ -311,7 +345,9 @@ def test_a_real_full_filesystem(tmp_path: Path) -> None:
         before = server.count()
         b2 = cb.build(f"FLIGHT={fb}", "BUFFER_M=200", "ZOOM=17", provider)
         assert b2.code == 0, b2.stderr
-        assert server.count() - before == b2.report["tiles"]["fetched"] < b2.report["tiles"]["planned"]
+        assert (
+            server.count() - before == b2.report["tiles"]["fetched"] < b2.report["tiles"]["planned"]
+        )
         assert cb.run("verify-cache").code == 0
     finally:
         server.close()

@@ -9,14 +9,13 @@ project's dodo file keeps doit's own ``clean``.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 
 from cachebuild.release.lock import CacheLock
 
@@ -33,17 +32,23 @@ def entry_points(tmp_path: Path) -> Path:
     a doit process see exactly what pyproject.toml declares (an install from
     it gives the same), so ``doit clean`` outside the project root is ours.
     """
-    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["doit.COMMAND"]
+    table = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"][
+        "doit.COMMAND"
+    ]
     site = tmp_path / "ep-site"
     info = site / "cachebuild_entry_points-0.dist-info"
     info.mkdir(parents=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: cachebuild-entry-points\nVersion: 0\n")
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: cachebuild-entry-points\nVersion: 0\n"
+    )
     lines = "".join(f"{name} = {target}\n" for name, target in table.items())
     (info / "entry_points.txt").write_text("[doit.COMMAND]\n" + lines)
     return site
 
 
-def _doit(cb: Cb, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _doit(
+    cb: Cb, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "doit", *args],
         cwd=cwd or cb.cwd,
@@ -71,7 +76,9 @@ def test_ignore_is_refused_and_an_ignored_task_stops_build_cache(cb: Cb, tmp_pat
 
     ig = cb.run("ignore", "selftest")
     assert ig.code == 2, ig.stderr
-    assert "doit ignore selftest" in ig.report["error"] and "SELFTEST_QUERIES=0" in ig.report["remedy"]
+    assert (
+        "doit ignore selftest" in ig.report["error"] and "SELFTEST_QUERIES=0" in ig.report["remedy"]
+    )
 
     dep_file = cb.cache_dir / "state" / "doit.sqlite3"
     assert dep_file.exists()
@@ -115,7 +122,9 @@ def test_info_judges_a_task_as_build_cache_does(cb: Cb, tmp_path: Path) -> None:
         assert "status     : up-to-date" in same.stdout
         assert "checker changed" not in same.stdout
     listed = _doit(cb, "list", "--status", f"FLIGHT={f}", *SMALL)
-    assert listed.returncode == 0 and all(ln.startswith("U ") for ln in listed.stdout.splitlines()), listed.stdout
+    assert listed.returncode == 0 and all(
+        ln.startswith("U ") for ln in listed.stdout.splitlines()
+    ), listed.stdout
     dump = _doit(cb, "dumpdb")
     assert dump.returncode == 0 and "Traceback" not in dump.stderr
     assert dump.stdout.startswith("describe: {") and '"checker:": "HashCacheChecker"' in dump.stdout
@@ -137,9 +146,15 @@ def test_bare_doit_and_a_task_name_say_one_clear_line(cb: Cb, tmp_path: Path) ->
     task = _doit(cb, "tiles", f"FLIGHT={f}", "REPORT=text")
     assert task.returncode == 2
     assert "TaskFailed" not in task.stdout + task.stderr
-    assert task.stderr.startswith("ERROR [arguments, exit 2]: task 'tiles' runs only inside `doit build-cache`")
+    assert task.stderr.startswith(
+        "ERROR [arguments, exit 2]: task 'tiles' runs only inside `doit build-cache`"
+    )
     st = _doit(cb, "strace", "tiles", f"FLIGHT={f}", "REPORT=text")
-    assert st.returncode == 2 and "TaskFailed" not in st.stdout + st.stderr and "doit build-cache" in st.stderr
+    assert (
+        st.returncode == 2
+        and "TaskFailed" not in st.stdout + st.stderr
+        and "doit build-cache" in st.stderr
+    )
     typo = _doit(cb, "biuld-cache", "REPORT=text")
     assert typo.returncode == 2 and "did you mean build-cache?" in typo.stderr
 
@@ -159,7 +174,9 @@ def test_clean_works_outside_the_project_root(cb: Cb, tmp_path: Path, entry_poin
     assert cb.run("clean-cache", env=env).code == 0
 
 
-def test_another_projects_dodo_keeps_doits_own_clean(cb: Cb, tmp_path: Path, entry_points: Path) -> None:
+def test_another_projects_dodo_keeps_doits_own_clean(
+    cb: Cb, tmp_path: Path, entry_points: Path
+) -> None:
     project = tmp_path / "other"
     project.mkdir()
     (project / "dodo.py").write_text(
@@ -171,5 +188,7 @@ def test_another_projects_dodo_keeps_doits_own_clean(cb: Cb, tmp_path: Path, ent
     assert (project / "hello.txt").exists()
     c = _doit(cb, "clean", cwd=project, env=env)
     assert c.returncode == 0, c.stderr
-    assert not (project / "hello.txt").exists(), "doit's own clean removed the other project's target"
+    assert not (project / "hello.txt").exists(), (
+        "doit's own clean removed the other project's target"
+    )
     assert not (cb.cache_dir / "state").exists()

@@ -14,14 +14,13 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
-from cachebuild.engine import compile as engine
-from cachebuild.engine.interface import ENGINE_JSON, cpu_device, engine_key, read_engine_json
-from cachebuild.engine.ort import OnnxRuntimeBackend
-from cachebuild.engine.compile import compile_engine, get_backend, load_engine
 from cachebuild._util.hashing import sha256_file
-from cachebuild.errors import EngineError
-from cachebuild.errors import BuildError
+from cachebuild.engine import compile as engine
+from cachebuild.engine.compile import compile_engine, get_backend, load_engine
+from cachebuild.engine.interface import ENGINE_JSON, cpu_device, engine_key, read_engine_json
 from cachebuild.engine.model import DESCRIPTOR_DIM, write_default_model
+from cachebuild.engine.ort import OnnxRuntimeBackend
+from cachebuild.errors import BuildError, EngineError
 
 from .surface import assert_public_surface, heavy_imports
 

@@ -15,12 +15,23 @@ from pathlib import Path
 import pytest
 
 from cachebuild.engine import backends
-from cachebuild.engine.backends import BACKEND_CHOICES, MachineProbes, engine_environment, probe_machine, select_backend
+from cachebuild.engine.backends import (
+    BACKEND_CHOICES,
+    MachineProbes,
+    engine_environment,
+    probe_machine,
+    select_backend,
+)
+from cachebuild.engine.compile import get_backend
+from cachebuild.engine.gpu import (
+    cuda_version_here,
+    gpu_name_here,
+    gpu_present,
+    tensorrt_version_here,
+)
 from cachebuild.engine.interface import DEFAULT_BACKEND, cpu_device
 from cachebuild.engine.ort import OnnxRuntimeBackend
-from cachebuild.engine.compile import get_backend
 from cachebuild.errors import EngineError
-from cachebuild.engine.gpu import cuda_version_here, gpu_name_here, gpu_present, tensorrt_version_here
 from tests.conftest import Cb, write_flight
 
 CPU = MachineProbes(tensorrt=None, gpu=False, onnxruntime="1.20.0", ort_cuda=False)
@@ -61,7 +72,9 @@ def test_selection(requested: str, probes: MachineProbes, backend: str, provider
         (GPU_NO_TRT, ["`tensorrt` Python package is not installed"]),
     ],
 )
-def test_tensorrt_where_it_is_missing_exits_21_naming_what(probes: MachineProbes, names: list[str]) -> None:
+def test_tensorrt_where_it_is_missing_exits_21_naming_what(
+    probes: MachineProbes, names: list[str]
+) -> None:
     with pytest.raises(EngineError) as info:
         select_backend("tensorrt", probes)
     assert info.value.exit_code == 21 and info.value.phase == "engine"
@@ -81,7 +94,11 @@ def test_engine_environment_resolves_auto_without_importing() -> None:
     env = engine_environment("auto", CPU)
     assert env == {"backend": "onnxruntime", "version": "1.20.0", "device": cpu_device()}
     assert env == engine_environment("onnxruntime", CPU)  # same engine, same dependencies
-    assert engine_environment("tensorrt", CPU) == {"backend": "tensorrt", "version": "missing", "device": "none"}
+    assert engine_environment("tensorrt", CPU) == {
+        "backend": "tensorrt",
+        "version": "missing",
+        "device": "none",
+    }
     assert engine_environment("auto", JETSON)["backend"] == "tensorrt"
     assert engine_environment("auto", ORT_GPU)["device"].startswith("cuda:")
 
@@ -102,7 +119,13 @@ def test_a_cuda_engine_where_onnxruntime_has_no_cuda_is_refused(tmp_path: Path) 
 
     assert "CUDAExecutionProvider" not in ort.get_available_providers()  # the CPU build here
     model = write_default_model(tmp_path / "m.onnx")
-    record = compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=tmp_path / "e", probes=ORT_GPU)
+    record = compile_engine(
+        model_path=model,
+        calibration_path=None,
+        precision="fp32",
+        out_dir=tmp_path / "e",
+        probes=ORT_GPU,
+    )
     assert record["device"].startswith("cuda:")
     with pytest.raises(EngineError, match="CUDA provider, which this ONNX Runtime lacks"):
         load_engine(tmp_path / "e")
@@ -162,11 +185,15 @@ def test_gpu_probes_without_a_gpu(tmp_path: Path) -> None:
     assert not gpu_present(str(tmp_path)) and gpu_name_here(str(tmp_path)) is None
 
 
-def test_tensorrt_version_from_a_package_without_pip_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_version_from_a_package_without_pip_metadata(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """JetPack installs the bindings from a Debian package: the version is read from __init__.py, not imported."""
     pkg = tmp_path / "tensorrt"
     pkg.mkdir()
-    (pkg / "__init__.py").write_text('raise ImportError("must not be imported")\n__version__ = "10.3.0.30"\n')
+    (pkg / "__init__.py").write_text(
+        'raise ImportError("must not be imported")\n__version__ = "10.3.0.30"\n'
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "tensorrt", raising=False)
     assert tensorrt_version_here() == "10.3.0.30"
@@ -207,9 +234,14 @@ def test_auto_is_onnxruntime_on_the_cpu_here_and_the_same_engine(cb: Cb, tmp_pat
     r = cb.build(f"FLIGHT={flight}", *small)  # BACKEND unset: auto
     assert r.code == 0, r.stderr
     eng = r.report["engine"]
-    assert eng["backend"] == "onnxruntime" and eng["device"] == cpu_device() and len(eng["key"]) == 64
+    assert (
+        eng["backend"] == "onnxruntime" and eng["device"] == cpu_device() and len(eng["key"]) == 64
+    )
     signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
-    assert signed["info"]["engine"]["key"] == eng["key"] and signed["info"]["engine"]["backend"] == "onnxruntime"
+    assert (
+        signed["info"]["engine"]["key"] == eng["key"]
+        and signed["info"]["engine"]["backend"] == "onnxruntime"
+    )
     # naming the backend changes nothing: the same engine, nothing to do
     again = cb.build(f"FLIGHT={flight}", *small, "BACKEND=onnxruntime")
     assert again.code == 0, again.stderr

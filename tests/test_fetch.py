@@ -19,13 +19,13 @@ from typing import Any
 
 import pytest
 
-from cachebuild.tiles import fetch as fetch_module
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
-from cachebuild.tiles.fetch import fetch_tiles, fetch_with_provider
 from cachebuild.providers.local import SyntheticProvider
-from cachebuild.store.objects import TileStore, sha256_hex
 from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.store.objects import TileStore, sha256_hex
 from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tiles import fetch as fetch_module
+from cachebuild.tiles.fetch import fetch_tiles, fetch_with_provider
 from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
 from tests.procs import sigkill_when
 from tests.surface import own_public_names
@@ -215,7 +215,9 @@ def test_a_live_line_with_retries_and_eta_on_a_terminal(
 # ------------------------------------------------------------------ failures
 
 
-def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(tmp_path: Path, server: TileServer) -> None:
+def test_broken_tiles_fail_the_phase_and_the_rest_is_kept(
+    tmp_path: Path, server: TileServer
+) -> None:
     bad = PLANNED[2]
     server.script(bad, html(), html(), html())
     with pytest.raises(DownloadError) as info:
@@ -257,7 +259,9 @@ def test_a_failing_provider_is_given_up_on(
     assert server.count() < 10
 
 
-def test_unknown_placeholder_is_refused_before_any_request(tmp_path: Path, server: TileServer) -> None:
+def test_unknown_placeholder_is_refused_before_any_request(
+    tmp_path: Path, server: TileServer
+) -> None:
     with pytest.raises(UsageError, match=r"\{t\}"):
         run(tmp_path, server.template(query="?key={key}&sub={t}"))
     assert server.count() == 0
@@ -364,17 +368,31 @@ KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def start_killable_fetch(server: TileServer, area: LngLatBbox, store_root: Path, out: Path, *more: str) -> Any:
+def start_killable_fetch(
+    server: TileServer, area: LngLatBbox, store_root: Path, out: Path, *more: str
+) -> Any:
     """KILL_SCRIPT's fetch of ``area`` from ``server`` into ``store_root``, as a child process."""
     return subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, server.template(), *map(str, area), str(store_root), str(out), KEY, *more],
+        [
+            sys.executable,
+            "-c",
+            KILL_SCRIPT,
+            server.template(),
+            *map(str, area),
+            str(store_root),
+            str(out),
+            KEY,
+            *more,
+        ],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
 
 
-def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server: TileServer) -> None:
+def test_a_killed_fetch_leaves_a_sound_store_and_resumes(
+    tmp_path: Path, server: TileServer
+) -> None:
     area = LngLatBbox(8.50, 47.35, 8.53, 47.37)  # ~150 tiles
     server.latency_s = 0.01
     store_root, out = tmp_path / "store", tmp_path / "out"
@@ -383,7 +401,9 @@ def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server:
     def ten_refs() -> bool:
         nonlocal refs
         try:
-            with closing(sqlite3.connect(f"file:{store_root / 'refs.sqlite'}?mode=ro", uri=True)) as db:
+            with closing(
+                sqlite3.connect(f"file:{store_root / 'refs.sqlite'}?mode=ro", uri=True)
+            ) as db:
                 refs = db.execute("SELECT count(*) FROM tile_refs").fetchone()[0]
         except sqlite3.Error:
             refs = 0
@@ -410,7 +430,9 @@ def test_a_killed_fetch_leaves_a_sound_store_and_resumes(tmp_path: Path, server:
     assert s["fetched"] + s["reused"] == s["planned"] == count_tiles(area, [17])
     assert server.count() - before == s["fetched"]
     assert_store_sound(store_root)
-    assert s["aggregate_sha256"] == run(tmp_path / "clean", "synthetic", area=area)["aggregate_sha256"]
+    assert (
+        s["aggregate_sha256"] == run(tmp_path / "clean", "synthetic", area=area)["aggregate_sha256"]
+    )
 
 
 def test_a_sigkilled_fetch_resumes_from_its_journal(tmp_path: Path, server: TileServer) -> None:
@@ -466,7 +488,9 @@ def test_under_every_fault_each_good_tile_arrives_once_and_nothing_bad_is_stored
     assert {str(t): server.served(t) for t in planned} == {str(t): 1 for t in planned}
     with TileStore(tmp_path / "store") as store:
         objects = {obj.name for obj in store.iter_objects()}
-    assert objects == {sha256_hex(synthetic_tile_bytes(t)) for t in planned}  # no HTML, no half image
+    assert objects == {
+        sha256_hex(synthetic_tile_bytes(t)) for t in planned
+    }  # no HTML, no half image
     assert_store_sound(tmp_path / "store")
 
 
@@ -505,9 +529,9 @@ def test_two_fetches_into_one_store_at_once(tmp_path: Path, server: TileServer) 
     assert all(1 <= server.served(t) <= 2 for t in planned)
     assert_store_sound(store_root)
     with TileStore(store_root) as store:
-        assert len(store.lookup_refs("xyz:" + server.template(), [(t.z, t.x, t.y) for t in planned])) == len(
-            planned
-        )
+        assert len(
+            store.lookup_refs("xyz:" + server.template(), [(t.z, t.x, t.y) for t in planned])
+        ) == len(planned)
     # and a third comes after: nothing to fetch
     before = server.count()
     assert run(tmp_path, server.template(), area=area)["reused"] == len(planned)
@@ -525,15 +549,21 @@ def _flat(colour: tuple[int, int, int], fmt: str = "JPEG") -> bytes:
     return buf.getvalue()
 
 
-def test_blank_tiles_count_as_missing_with_nodata_uniform(tmp_path: Path, server: TileServer) -> None:
+def test_blank_tiles_count_as_missing_with_nodata_uniform(
+    tmp_path: Path, server: TileServer
+) -> None:
     blank = sorted(PLANNED, key=tile_id)[:3]
-    server.answers = {t: Reply(200, _flat((240, 240, 240)), {"Content-Type": "image/jpeg"}) for t in blank}
+    server.answers = {
+        t: Reply(200, _flat((240, 240, 240)), {"Content-Type": "image/jpeg"}) for t in blank
+    }
     s = run(tmp_path, server.template(), env=fast_env(NODATA="uniform"))
     assert s["missing"] == s["nodata"] == 3
     assert s["nodata_rule"] == {"uniform": True, "sha256": []}
     assert s["missing_examples"] == [f"{t.z}/{t.x}/{t.y}" for t in blank]
     with TileStore(tmp_path / "store") as store:
-        assert sha256_hex(_flat((240, 240, 240))) not in {o.name for o in store.iter_objects()}  # not stored
+        assert sha256_hex(_flat((240, 240, 240))) not in {
+            o.name for o in store.iter_objects()
+        }  # not stored
     # like a 404: asked again next time, and now the provider has them
     server.answers = {}
     before = server.count()
@@ -558,11 +588,15 @@ def test_nodata_by_hash(tmp_path: Path, server: TileServer) -> None:
     placeholder = buf.getvalue()
     server.script(PLANNED[1], Reply(200, placeholder, {"Content-Type": "image/png"}))
     server.script(PLANNED[2], Reply(200, _flat((5, 5, 5)), {"Content-Type": "image/jpeg"}))
-    s = run(tmp_path, server.template(), env=fast_env(NODATA_SHA256=sha256_hex(placeholder).upper()))
+    s = run(
+        tmp_path, server.template(), env=fast_env(NODATA_SHA256=sha256_hex(placeholder).upper())
+    )
     assert s["missing"] == s["nodata"] == 1  # the flat one is a tile: NODATA is off
 
 
-def test_turning_the_rule_on_later_catches_stored_blank_tiles(tmp_path: Path, server: TileServer) -> None:
+def test_turning_the_rule_on_later_catches_stored_blank_tiles(
+    tmp_path: Path, server: TileServer
+) -> None:
     blank = _flat((30, 60, 90))
     server.script(PLANNED[0], Reply(200, blank, {"Content-Type": "image/jpeg"}))
     first = run(tmp_path, server.template())
@@ -575,7 +609,9 @@ def test_turning_the_rule_on_later_catches_stored_blank_tiles(tmp_path: Path, se
 
     with TileStore(tmp_path / "store") as store:
         verdicts = store.lookup_checks(UNIFORM_CHECK, [o.name for o in store.iter_objects()])
-    assert len(verdicts) == len(PLANNED) and sum(verdicts.values()) == 1  # cached: not decoded again
+    assert (
+        len(verdicts) == len(PLANNED) and sum(verdicts.values()) == 1
+    )  # cached: not decoded again
     by_hash = run(tmp_path, server.template(), env=fast_env(NODATA_SHA256=sha256_hex(blank)))
     assert by_hash["missing"] == 1 and server.count() == before
 

@@ -14,9 +14,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cachebuild.errors import (
+    FlightError,
+    FlightFileInvalidError,
+    FlightFileMissingError,
+    FlightInvalidAnswerError,
+)
 from cachebuild.inputs import flight as F
-from cachebuild.errors import FlightError, FlightFileInvalidError, FlightFileMissingError, FlightInvalidAnswerError
-from cachebuild.inputs.flight import MAX_WAYPOINTS, Flight, flight_area, flight_from_record, flight_record, load_flight_file, looks_like_uuid, parse_flight
+from cachebuild.inputs.flight import (
+    MAX_WAYPOINTS,
+    Flight,
+    flight_area,
+    flight_from_record,
+    flight_record,
+    load_flight_file,
+    looks_like_uuid,
+    parse_flight,
+)
 from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LatLonAlt, bbox_contains, count_tiles
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "flights"
@@ -28,7 +42,11 @@ def wp(lat: float = 47.37, lon: float = 8.54, alt_m: float = 120.0) -> dict[str,
 
 
 def doc(**overrides: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {"flight_id": DEMO_ID, "takeoff_origin": wp(alt_m=0.0), "waypoints": [wp(), wp(47.38)]}
+    d: dict[str, Any] = {
+        "flight_id": DEMO_ID,
+        "takeoff_origin": wp(alt_m=0.0),
+        "waypoints": [wp(), wp(47.38)],
+    }
     d.update(overrides)
     return d
 
@@ -71,7 +89,11 @@ def test_docstring_examples() -> None:
 
 
 def test_all_is_complete() -> None:
-    public = {n for n in dir(F) if not n.startswith("_") and getattr(getattr(F, n), "__module__", "") == F.__name__}
+    public = {
+        n
+        for n in dir(F)
+        if not n.startswith("_") and getattr(getattr(F, n), "__module__", "") == F.__name__
+    }
     assert public <= set(F.__all__)
     for name in F.__all__:
         assert hasattr(F, name)
@@ -80,7 +102,9 @@ def test_all_is_complete() -> None:
 def test_imports_no_numpy() -> None:
     import subprocess
 
-    code = "import sys, cachebuild.inputs.flight, cachebuild.tilemath; print('numpy' in sys.modules)"
+    code = (
+        "import sys, cachebuild.inputs.flight, cachebuild.tilemath; print('numpy' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -138,7 +162,9 @@ def test_flight_id_optional_and_normalised() -> None:
     assert parse_flight(json.dumps(d), "x").flight_id is None
     assert parse_flight(json.dumps(doc(flight_id=None)), "x").flight_id is None
     assert parse_flight(json.dumps(doc(flight_id=DEMO_ID.upper())), "x").flight_id == DEMO_ID
-    assert parse_flight(json.dumps(doc(flight_id=DEMO_ID.replace("-", ""))), "x").flight_id == DEMO_ID
+    assert (
+        parse_flight(json.dumps(doc(flight_id=DEMO_ID.replace("-", ""))), "x").flight_id == DEMO_ID
+    )
 
 
 def test_integers_bytes_and_bom() -> None:
@@ -268,7 +294,10 @@ def test_null_is_not_a_number(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals(tmp_path: Path, literal: str) -> None:
-    text = '{"waypoints": [{"lat": 1, "lon": 2, "alt_m": 3}, {"lat": 1, "lon": %s, "alt_m": 3}]}' % literal
+    text = (
+        '{"waypoints": [{"lat": 1, "lon": 2, "alt_m": 3}, {"lat": 1, "lon": %s, "alt_m": 3}]}'
+        % literal
+    )
     p, e = invalid(tmp_path, text)
     assert e.message.startswith(f"{p}: waypoints[1].lon: {literal} is not allowed")
 
@@ -316,7 +345,9 @@ def test_duplicate_key(tmp_path: Path) -> None:
     assert 'duplicate key "lat"' in e.message
 
 
-@pytest.mark.parametrize("bad", ["not-a-uuid", DEMO_ID[:-1], DEMO_ID + "0", "{" + DEMO_ID + "}", " " + DEMO_ID, ""])
+@pytest.mark.parametrize(
+    "bad", ["not-a-uuid", DEMO_ID[:-1], DEMO_ID + "0", "{" + DEMO_ID + "}", " " + DEMO_ID, ""]
+)
 def test_bad_uuid(tmp_path: Path, bad: str) -> None:
     p, e = invalid(tmp_path, doc(flight_id=bad))
     assert e.message.startswith(f"{p}: flight_id: {json.dumps(bad)} is not a UUID")
@@ -347,11 +378,17 @@ def test_api_answers_raise_the_given_class() -> None:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 point_like = st.fixed_dictionaries(
-    {"lat": json_values | st.floats(-100, 100), "lon": json_values | st.floats(-200, 200), "alt_m": json_values},
+    {
+        "lat": json_values | st.floats(-100, 100),
+        "lon": json_values | st.floats(-200, 200),
+        "alt_m": json_values,
+    },
     optional={"x": json_values},
 )
 
@@ -363,7 +400,11 @@ point_like = st.fixed_dictionaries(
         json_values.map(lambda v: json.dumps(v).encode()),
         st.fixed_dictionaries(
             {"waypoints": st.lists(point_like, max_size=3)},
-            optional={"flight_id": json_values, "takeoff_origin": point_like | json_values, "y": json_values},
+            optional={
+                "flight_id": json_values,
+                "takeoff_origin": point_like | json_values,
+                "y": json_values,
+            },
         ).map(lambda v: json.dumps(v).encode()),
     )
 )
@@ -393,15 +434,15 @@ def test_record_round_trip() -> None:
 
 
 def test_flight_from_record_validates() -> None:
-    with pytest.raises(FlightFileInvalidError, match=r"flight record: waypoints\[0\].lat: NaN is not a finite"):
+    with pytest.raises(
+        FlightFileInvalidError, match=r"flight record: waypoints\[0\].lat: NaN is not a finite"
+    ):
         flight_from_record({"waypoints": [{"lat": math.nan, "lon": 0.0, "alt_m": 0.0}]})
 
 
 @given(
     st.lists(
-        st.builds(
-            LatLonAlt, st.floats(-90, 90), st.floats(-180, 180), st.floats(-1000, 100_000)
-        ),
+        st.builds(LatLonAlt, st.floats(-90, 90), st.floats(-180, 180), st.floats(-1000, 100_000)),
         min_size=1,
         max_size=5,
     ),
@@ -434,7 +475,11 @@ def test_single_waypoint_box_is_twice_the_buffer() -> None:
 
 
 def test_area_includes_origin_outside_waypoints() -> None:
-    f = Flight(None, LatLonAlt(47.30, 8.40, 0.0), (LatLonAlt(47.37, 8.54, 100.0), LatLonAlt(47.38, 8.55, 100.0)))
+    f = Flight(
+        None,
+        LatLonAlt(47.30, 8.40, 0.0),
+        (LatLonAlt(47.37, 8.54, 100.0), LatLonAlt(47.38, 8.55, 100.0)),
+    )
     area = flight_area(f, 100.0)
     assert bbox_contains(area, 47.30, 8.40)
     assert area.south < 47.30 < area.south + 0.002 and area.west < 8.40 < area.west + 0.002

@@ -12,7 +12,12 @@ from typing import Any
 
 import pytest
 
-from cachebuild.errors import FlightInvalidAnswerError, FlightNetworkError, FlightNotFoundError, FlightUnauthorizedError
+from cachebuild.errors import (
+    FlightInvalidAnswerError,
+    FlightNetworkError,
+    FlightNotFoundError,
+    FlightUnauthorizedError,
+)
 from cachebuild.inputs.flights_api import fetch_flight, load_saved_answer, public_url, save_answer
 
 from .conftest import Cb
@@ -44,7 +49,9 @@ class FlightsApi:
             def log_message(self, *a: Any) -> None:
                 pass
 
-            def _send(self, status: int, body: bytes = b"", ctype: str = "application/json") -> None:
+            def _send(
+                self, status: int, body: bytes = b"", ctype: str = "application/json"
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
@@ -120,7 +127,11 @@ def test_answer_without_id_takes_the_asked_one(api: FlightsApi) -> None:
         (("html", None), FlightInvalidAnswerError, "text/html"),
         (("raw", b"{not json"), FlightInvalidAnswerError, "line 1"),
         (("json", {"waypoints": []}), FlightInvalidAnswerError, "waypoints"),
-        (("json", {**FLIGHT, "waypoints": [{"lat": 91, "lon": 0, "alt_m": 1}]}), FlightInvalidAnswerError, "waypoints[0].lat"),
+        (
+            ("json", {**FLIGHT, "waypoints": [{"lat": 91, "lon": 0, "alt_m": 1}]}),
+            FlightInvalidAnswerError,
+            "waypoints[0].lat",
+        ),
         (("json", {**FLIGHT, "flight_id": _id(9)}), FlightInvalidAnswerError, "asked for flight"),
         (("status", 418), FlightInvalidAnswerError, "HTTP 418"),
     ],
@@ -171,8 +182,12 @@ def test_a_dripping_answer_is_cut_at_the_timeout() -> None:
         conn, _ = listener.accept()
         with conn:
             conn.recv(65536)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9999\r\n\r\n")
-            for _ in range(50):  # 10 s at most: without the deadline the client would wait that long
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9999\r\n\r\n"
+            )
+            for _ in range(
+                50
+            ):  # 10 s at most: without the deadline the client would wait that long
                 if done.wait(0.2):
                     return
                 try:
@@ -251,7 +266,9 @@ def test_build_by_id_unauthorised(cb: Cb, api: FlightsApi) -> None:
     assert not (cb.cache_dir / "build.lock").exists()
 
 
-def test_build_by_id_then_unchanged_answer_rebuilds_nothing_then_offline(cb: Cb, api: FlightsApi) -> None:
+def test_build_by_id_then_unchanged_answer_rebuilds_nothing_then_offline(
+    cb: Cb, api: FlightsApi
+) -> None:
     env = _cb_env(cb, api)
     r = cb.build(f"FLIGHT={GOOD}", "BUFFER_M=200", env=env)
     assert r.code == 0, r.stderr
@@ -262,7 +279,10 @@ def test_build_by_id_then_unchanged_answer_rebuilds_nothing_then_offline(cb: Cb,
 
     # the API changes the takeoff origin: the flight record, the coverage map (it
     # marks the origin) and the manifest rebuild
-    api.routes[GOOD] = ("json", {**FLIGHT, "takeoff_origin": {"lat": 47.3705, "lon": 8.5405, "alt_m": 410.0}})
+    api.routes[GOOD] = (
+        "json",
+        {**FLIGHT, "takeoff_origin": {"lat": 47.3705, "lon": 8.5405, "alt_m": 410.0}},
+    )
     changed = cb.build(f"FLIGHT={GOOD}", "BUFFER_M=200", env=env)
     assert set(changed.report["tasks"]["run"]) == {"flight", "preview", "manifest"}
 
@@ -272,7 +292,9 @@ def test_build_by_id_then_unchanged_answer_rebuilds_nothing_then_offline(cb: Cb,
     assert down.code == 92
     offline = cb.build(f"FLIGHT={GOOD}", "BUFFER_M=200", "OFFLINE=1", env=env)
     assert offline.code == 0, offline.stderr
-    assert offline.report["outcome"] == "up_to_date" and offline.report["flight_source"] == "offline"
+    assert (
+        offline.report["outcome"] == "up_to_date" and offline.report["flight_source"] == "offline"
+    )
     for path in cb.home.rglob("*"):
         if path.is_file():
             assert TOKEN.encode() not in path.read_bytes(), path

@@ -24,13 +24,18 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from cachebuild.errors import CacheBuildError, FlightFileInvalidError, UsageError
-from cachebuild.inputs.flight import MAX_WAYPOINTS, Flight, flight_area, flight_from_record, flight_record, parse_flight
-from cachebuild.providers.xyzconfig import HttpConfig, parse_headers
+from cachebuild.inputs.flight import (
+    MAX_WAYPOINTS,
+    Flight,
+    flight_area,
+    flight_from_record,
+    flight_record,
+    parse_flight,
+)
 from cachebuild.providers import open_provider, provider_kind
-from cachebuild.providers.base import template_placeholders
-from cachebuild.providers.base import PLACEHOLDERS, fill_template
+from cachebuild.providers.base import PLACEHOLDERS, fill_template, template_placeholders
 from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
-from cachebuild.providers.xyzconfig import parse_subdomains
+from cachebuild.providers.xyzconfig import HttpConfig, parse_headers, parse_subdomains
 from cachebuild.tilemath import MAX_ZOOM, Tile
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
@@ -39,7 +44,11 @@ EXAMPLES = 20_000 if LONG else 300
 fuzz = settings(
     max_examples=EXAMPLES,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.filter_too_much,
+        HealthCheck.data_too_large,
+    ],
     derandomize=not LONG,  # CI: the same inputs every run; the long run explores
 )
 
@@ -67,7 +76,9 @@ SCALARS = (
 )
 JSON = st.recursive(
     SCALARS,
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
     max_leaves=12,
 )
 COORD = st.floats(min_value=-200, max_value=200) | st.integers(-200, 200) | JSON
@@ -81,16 +92,22 @@ POINT = st.fixed_dictionaries(
     },
 )
 UUIDISH = st.uuids().map(str) | st.uuids().map(lambda u: u.hex.upper()) | st.text(max_size=40)
-FLIGHT_DOC = st.fixed_dictionaries(
-    {"waypoints": st.lists(POINT | JSON, max_size=6) | JSON},
-    optional={"flight_id": UUIDISH | JSON, "takeoff_origin": POINT | JSON, "nope": JSON},
-) | JSON
+FLIGHT_DOC = (
+    st.fixed_dictionaries(
+        {"waypoints": st.lists(POINT | JSON, max_size=6) | JSON},
+        optional={"flight_id": UUIDISH | JSON, "takeoff_origin": POINT | JSON, "nope": JSON},
+    )
+    | JSON
+)
 
 VALID = json.dumps(
     {
         "flight_id": "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b",
         "takeoff_origin": {"lat": 47.37, "lon": 8.54, "alt_m": 410.0},
-        "waypoints": [{"lat": 47.371, "lon": 8.541, "alt_m": 120}, {"lat": 47.372, "lon": 8.543, "alt_m": 120}],
+        "waypoints": [
+            {"lat": 47.371, "lon": 8.541, "alt_m": 120},
+            {"lat": 47.372, "lon": 8.543, "alt_m": 120},
+        ],
     }
 )
 
@@ -102,7 +119,10 @@ def mutated(draw: Any, base: str = VALID) -> str:
     for _ in range(draw(st.integers(1, 4))):
         i = draw(st.integers(0, len(text)))
         op = draw(st.sampled_from(("del", "ins", "rep")))
-        piece = draw(st.text(max_size=4) | st.sampled_from(['"', "{", "]", ",", "1e999", "NaN", "-", "\\u", "\ufeff"]))
+        piece = draw(
+            st.text(max_size=4)
+            | st.sampled_from(['"', "{", "]", ",", "1e999", "NaN", "-", "\\u", "\ufeff"])
+        )
         if op == "del":
             text = text[:i] + text[i + draw(st.integers(1, 8)) :]
         elif op == "ins":
@@ -166,7 +186,9 @@ def test_flight_bytes(data: bytes) -> None:
 @fuzz
 @given(FLIGHT_DOC)
 def test_flight_records(doc: Any) -> None:
-    f = only_project_errors(flight_from_record, doc if isinstance(doc, dict) else {"waypoints": doc})
+    f = only_project_errors(
+        flight_from_record, doc if isinstance(doc, dict) else {"waypoints": doc}
+    )
     if f is not None:
         check_flight(f)
 
@@ -186,17 +208,30 @@ def plan_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @fuzz
 @given(
     doc=FLIGHT_DOC | mutated(),
-    buffer_m=st.sampled_from(["0", "200", "1e6", "-1", "nan", "inf", "1e400", "", "x"]) | st.text(max_size=8),
-    zoom=st.sampled_from(["0", "17", "22", "23", "16,17", ",", "-1", "1" * 5000]) | st.text(max_size=8),
+    buffer_m=st.sampled_from(["0", "200", "1e6", "-1", "nan", "inf", "1e400", "", "x"])
+    | st.text(max_size=8),
+    zoom=st.sampled_from(["0", "17", "22", "23", "16,17", ",", "-1", "1" * 5000])
+    | st.text(max_size=8),
     max_tiles=st.sampled_from([None, "1", "1000000", "0", "1e3", "9" * 30]),
 )
-def test_resolve_plan(plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_tiles: str | None) -> None:
+def test_resolve_plan(
+    plan_home: Path, doc: Any, buffer_m: str, zoom: str, max_tiles: str | None
+) -> None:
     from cachebuild.inputs.config import load_settings
     from cachebuild.inputs.plan import resolve_plan
 
     path = plan_home / "flight.json"
-    path.write_text(doc if isinstance(doc, str) else json.dumps(doc, allow_nan=True), encoding="utf-8", errors="surrogatepass")
-    vars = {"FLIGHT": str(path), "BUFFER_M": buffer_m, "ZOOM": zoom, "KEY": str(plan_home / "key.pem")}
+    path.write_text(
+        doc if isinstance(doc, str) else json.dumps(doc, allow_nan=True),
+        encoding="utf-8",
+        errors="surrogatepass",
+    )
+    vars = {
+        "FLIGHT": str(path),
+        "BUFFER_M": buffer_m,
+        "ZOOM": zoom,
+        "KEY": str(plan_home / "key.pem"),
+    }
     if max_tiles is not None:
         vars["MAX_TILES"] = max_tiles
     env = {"CACHEBUILD_HOME": str(plan_home / "home")}
@@ -222,7 +257,9 @@ def test_flight_values(plan_home: Path, raw: str) -> None:
     from cachebuild.inputs.plan import resolve_flight
 
     for offline in ("0", "1"):
-        settings_ = load_settings({"FLIGHT": raw, "OFFLINE": offline}, {"CACHEBUILD_HOME": str(plan_home / "h")})
+        settings_ = load_settings(
+            {"FLIGHT": raw, "OFFLINE": offline}, {"CACHEBUILD_HOME": str(plan_home / "h")}
+        )
         only_project_errors(resolve_flight, settings_)
 
 
@@ -231,7 +268,9 @@ def test_flight_values(plan_home: Path, raw: str) -> None:
 @example("../../x")
 @example("/abs/path")
 @example("3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b")
-def test_saved_answers_stay_in_their_directory(tmp_path_factory: pytest.TempPathFactory, flight_id: str) -> None:
+def test_saved_answers_stay_in_their_directory(
+    tmp_path_factory: pytest.TempPathFactory, flight_id: str
+) -> None:
     """A flight id becomes a file name only as a checked UUID, under state/flights."""
     from cachebuild.inputs.flights_api import _saved_path
 
@@ -244,7 +283,9 @@ def test_saved_answers_stay_in_their_directory(tmp_path_factory: pytest.TempPath
 # -- provider specs, templates, headers ------------------------------------------------------------
 
 TEMPLATE_TEXT = st.lists(
-    st.sampled_from([*(f"{{{p}}}" for p in PLACEHOLDERS), "{", "}", "{zz}", "/", ".", "..", "?", "&", "%", ":"])
+    st.sampled_from(
+        [*(f"{{{p}}}" for p in PLACEHOLDERS), "{", "}", "{zz}", "/", ".", "..", "?", "&", "%", ":"]
+    )
     | st.text(max_size=6),
     max_size=10,
 ).map("".join)
@@ -285,7 +326,9 @@ def test_url_templates(scheme: str, rest: str, key: str | None) -> None:
 
 @fuzz
 @given(TEMPLATE_TEXT, st.integers(0, MAX_ZOOM), st.data())
-@example("{q}..", 0, None)  # found by the long run: the quadkey of zoom 0 is empty, so this was ".."
+@example(
+    "{q}..", 0, None
+)  # found by the long run: the quadkey of zoom 0 is empty, so this was ".."
 @example("{z}/../../{x}/{y}", 3, None)
 def test_directory_templates_never_leave_their_root(
     tmp_path_factory: pytest.TempPathFactory, rest: str, z: int, data: Any
@@ -303,7 +346,11 @@ def test_directory_templates_never_leave_their_root(
     if provider is None:  # the directory above the first placeholder does not exist
         return
     n = 1 << z
-    t = Tile(data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)), z) if data else Tile(0, 0, z)
+    t = (
+        Tile(data.draw(st.integers(0, n - 1)), data.draw(st.integers(0, n - 1)), z)
+        if data
+        else Tile(0, 0, z)
+    )
     path = os.path.normpath(fill_template(provider.template, t))
     inside = path.startswith(os.path.normpath(str(provider.root)) + os.sep)
     try:
@@ -316,7 +363,10 @@ def test_directory_templates_never_leave_their_root(
 
 
 @fuzz
-@given(st.text(max_size=80) | st.sampled_from(["synthetic", "x.mbtiles", "dir:", "geotiff:", "ftp://x", "pushed:"]))
+@given(
+    st.text(max_size=80)
+    | st.sampled_from(["synthetic", "x.mbtiles", "dir:", "geotiff:", "ftp://x", "pushed:"])
+)
 @example("~\x00")  # found by the long run: os.path.expanduser raised on the NUL
 @example("~\x00.mbtiles")
 @example("dir:/nowhere/{z}/{x}/{y}\x00")
@@ -371,7 +421,9 @@ def _header_parts(raw: str) -> tuple[list[str], list[str]]:
 @fuzz
 @given(
     st.dictionaries(
-        st.sampled_from(["HTTP_TIMEOUT", "HTTP_RETRIES", "HTTP_BACKOFF", "RATE_LIMIT", "SUBDOMAINS"]),
+        st.sampled_from(
+            ["HTTP_TIMEOUT", "HTTP_RETRIES", "HTTP_BACKOFF", "RATE_LIMIT", "SUBDOMAINS"]
+        ),
         st.text(max_size=12) | st.sampled_from(["nan", "inf", "-0", "1e400", "3.5", "a,,b", " "]),
     )
 )
@@ -388,7 +440,9 @@ def test_atheris_finds_nothing() -> None:
     import subprocess
     import sys
 
-    pytest.importorskip("atheris", reason="atheris is not installed (pip install 'cachebuild[fuzz]')")
+    pytest.importorskip(
+        "atheris", reason="atheris is not installed (pip install 'cachebuild[fuzz]')"
+    )
     runs = 1_000_000 if LONG else 5_000
     script = Path(__file__).with_name("fuzz_atheris.py")
     p = subprocess.run(

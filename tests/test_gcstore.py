@@ -11,11 +11,17 @@ import numpy as np
 import pytest
 
 from cachebuild.release import gc as gcstore
-from cachebuild.store.descriptors import DescriptorStore, engine_store_dirs
-from cachebuild.release.gc import collect_garbage, gc_store_cmd, known_caches, referenced, store_bytes
+from cachebuild.release.gc import (
+    collect_garbage,
+    gc_store_cmd,
+    known_caches,
+    referenced,
+    store_bytes,
+)
 from cachebuild.release.lock import CacheLock
-from cachebuild.store.objects import TileStore
+from cachebuild.store.descriptors import DescriptorStore, engine_store_dirs
 from cachebuild.store.lock import StoreLock, register_cache
+from cachebuild.store.objects import TileStore
 from cachebuild.tileset import tile_dtype
 
 from .surface import assert_public_surface
@@ -169,6 +175,8 @@ def test_thumbnails_follow_their_images(world: dict) -> None:
     result = collect_garbage(store_root, [world["cache"]], None)
     assert result["removed"]["tiles"] == 12 and result["removed"]["thumbnails"] == 12
     with ThumbStore(store_root) as ts:
-        assert set(ts.lookup(bytes.fromhex(d) for d in digests)) == {bytes.fromhex(d) for d in digests[:8]}
+        assert set(ts.lookup(bytes.fromhex(d) for d in digests)) == {
+            bytes.fromhex(d) for d in digests[:8]
+        }
     assert (store_root / "thumbs" / "thumbs.sqlite").stat().st_size < size_before
     assert result["bytes_after"] == store_bytes(store_root)

@@ -24,15 +24,19 @@ def objects(store: Path) -> set[str]:
     return {p.name for p in (store / "objects").glob("*/*") if p.is_file()}
 
 
-def test_gc_after_two_caches_were_deleted_finishes_and_keeps_what_the_third_uses(cb: Any, tmp_path: Path) -> None:
+def test_gc_after_two_caches_were_deleted_finishes_and_keeps_what_the_third_uses(
+    cb: Any, tmp_path: Path
+) -> None:
     store = cb.home / "store"
     caches = {name: tmp_path / name for name in ("A", "B", "C")}
     for (name, cache), lat in zip(caches.items(), (47.30, 47.40, 47.50)):
-        built = cb.build(f"FLIGHT={write_flight(tmp_path / f'{name}.json', lat=lat)}", f"CACHE_DIR={cache}", *ARGS)
+        built = cb.build(
+            f"FLIGHT={write_flight(tmp_path / f'{name}.json', lat=lat)}",
+            f"CACHE_DIR={cache}",
+            *ARGS,
+        )
         assert built.code == 0, built.stderr
-    used = {
-        name: set(hex_digests(read_tiles(cache / "current"))) for name, cache in caches.items()
-    }
+    used = {name: set(hex_digests(read_tiles(cache / "current"))) for name, cache in caches.items()}
     assert used["C"] and not used["C"] & (used["A"] | used["B"])
     assert (used["A"] | used["B"] | used["C"]) <= objects(store)
     for name in ("A", "B"):

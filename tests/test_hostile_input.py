@@ -20,9 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cachebuild.errors import AreaTooLargeError, FlightInvalidAnswerError, UsageError
 from cachebuild.inputs.area import BYTES_PER_TILE, STORE_BYTES_PER_TILE, check_area, estimate_area
 from cachebuild.inputs.config import DEFAULT_MAX_TILES, load_settings
-from cachebuild.errors import AreaTooLargeError, FlightInvalidAnswerError, UsageError
 
 from .conftest import REPO, Cb, TileServer, write_flight
 from .test_flights_api import TOKEN, FlightsApi
@@ -40,10 +40,19 @@ GARBAGE_FILES = [
     ("huge-int", b'{"waypoints": [{"lat": 1' + b"0" * 10_000 + b', "lon": 0, "alt_m": 0}]}'),
     ("1e999", b'{"waypoints": [{"lat": 1e999, "lon": 0, "alt_m": 0}]}'),
     ("dup-key", b'{"waypoints": [], "waypoints": []}'),
-    ("traversal-id", b'{"flight_id": "../../../etc/passwd", "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]}'),
-    ("absolute-id", b'{"flight_id": "/etc/passwd", "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]}'),
+    (
+        "traversal-id",
+        b'{"flight_id": "../../../etc/passwd", "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]}',
+    ),
+    (
+        "absolute-id",
+        b'{"flight_id": "/etc/passwd", "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]}',
+    ),
     ("array", b"[1, 2, 3]"),
-    ("many-waypoints", json.dumps({"waypoints": [{"lat": 0, "lon": 0, "alt_m": 0}] * 10_001}).encode()),
+    (
+        "many-waypoints",
+        json.dumps({"waypoints": [{"lat": 0, "lon": 0, "alt_m": 0}] * 10_001}).encode(),
+    ),
 ]
 
 #: FLIGHT values that are no flight at all.
@@ -55,7 +64,7 @@ GARBAGE_VALUES = [
     "../../../../../../etc/shadow",
     "/",
     "/dev/null",
-    "{\"waypoints\": []}",
+    '{"waypoints": []}',
 ]
 
 
@@ -89,7 +98,14 @@ def test_garbage_flight_value(cb: Cb, value: str) -> None:
 
 
 def test_flight_argument_that_is_not_utf8(cb: Cb) -> None:
-    argv = [sys.executable.encode(), b"-m", b"doit", b"build-cache", b"FLIGHT=\xff\xfe.json", b"REPORT=json"]
+    argv = [
+        sys.executable.encode(),
+        b"-m",
+        b"doit",
+        b"build-cache",
+        b"FLIGHT=\xff\xfe.json",
+        b"REPORT=json",
+    ]
     p = subprocess.run(argv, cwd=REPO, env=cb.env(), capture_output=True)
     out, err = p.stdout.decode("utf-8", "replace"), p.stderr.decode("utf-8", "replace")
     assert "Traceback" not in out + err
@@ -106,7 +122,20 @@ def test_random_garbage_files_through_real_builds(cb: Cb, tmp_path: Path) -> Non
         if i % 2:
             data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400)))
         else:
-            pieces = ['{"waypoints": [', '{"lat": ', "1e308", "-0", '"x"', "null", "}", "]", ",", "{", "[", "NaN"]
+            pieces = [
+                '{"waypoints": [',
+                '{"lat": ',
+                "1e308",
+                "-0",
+                '"x"',
+                "null",
+                "}",
+                "]",
+                ",",
+                "{",
+                "[",
+                "NaN",
+            ]
             data = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 40))).encode()
         path = tmp_path / f"rand{i}.json"
         path.write_bytes(data)
@@ -123,11 +152,20 @@ def api() -> Any:
     srv.close()
 
 
-@pytest.mark.parametrize("bad_id", ["../../../etc/passwd", "/etc/passwd", "..", "a/b", "3f2b8c1e-5a7d-4e6f-9b0a"])
-def test_api_answer_with_a_hostile_flight_id_is_refused(api: FlightsApi, cb: Cb, bad_id: str) -> None:
+@pytest.mark.parametrize(
+    "bad_id", ["../../../etc/passwd", "/etc/passwd", "..", "a/b", "3f2b8c1e-5a7d-4e6f-9b0a"]
+)
+def test_api_answer_with_a_hostile_flight_id_is_refused(
+    api: FlightsApi, cb: Cb, bad_id: str
+) -> None:
     asked = "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b"
-    api.routes[asked] = ("json", {"flight_id": bad_id, "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]})
-    r = cb.build(f"FLIGHT={asked}", f"FLIGHTS_API_URL={api.url}", env=cb.env(FLIGHTS_API_TOKEN=TOKEN))
+    api.routes[asked] = (
+        "json",
+        {"flight_id": bad_id, "waypoints": [{"lat": 1, "lon": 1, "alt_m": 1}]},
+    )
+    r = cb.build(
+        f"FLIGHT={asked}", f"FLIGHTS_API_URL={api.url}", env=cb.env(FLIGHTS_API_TOKEN=TOKEN)
+    )
     rep = assert_clean(r, {93})
     assert "flight_id" in rep["error"] and "not a UUID" in rep["error"]
     flights = cb.cache_dir / "state" / "flights"
@@ -171,7 +209,10 @@ def test_offline_flight_id_is_only_a_checked_file_name(cb: Cb) -> None:
     """OFFLINE=1 reads state/flights/<uuid>.json and nothing else."""
     r = cb.build("FLIGHT=3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b", "OFFLINE=1")
     rep = assert_clean(r, {92})
-    assert str(cb.cache_dir / "state" / "flights" / "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b.json") in rep["error"]
+    assert (
+        str(cb.cache_dir / "state" / "flights" / "3f2b8c1e-5a7d-4e6f-9b0a-1c2d3e4f5a6b.json")
+        in rep["error"]
+    )
 
 
 def test_companion_agent_refuses_paths_outside_its_dir(tmp_path: Path) -> None:
@@ -212,7 +253,9 @@ def test_absurd_area_is_refused_before_the_lock_and_any_download(
     assert "MAX_TILES" in rep["remedy"]
     assert tile_server.requests == []  # not one tile asked for
     assert not (cb.cache_dir / "build.lock").exists()  # refused before the lock
-    assert not (cb.home / "store" / "objects").exists() or not any((cb.home / "store" / "objects").iterdir())
+    assert not (cb.home / "store" / "objects").exists() or not any(
+        (cb.home / "store" / "objects").iterdir()
+    )
 
 
 def test_max_tiles_is_a_limit_the_operator_sets(cb: Cb, tmp_path: Path) -> None:
@@ -235,7 +278,9 @@ def test_max_tiles_is_validated(cb: Cb, tmp_path: Path, value: str) -> None:
     assert rep["failure_phase"] == "arguments" and "MAX_TILES" in rep["error"]
 
 
-def test_an_area_larger_than_the_free_disk_is_refused(cb: Cb, tmp_path: Path, tile_server: TileServer) -> None:
+def test_an_area_larger_than_the_free_disk_is_refused(
+    cb: Cb, tmp_path: Path, tile_server: TileServer
+) -> None:
     """No disk is filled: the zoom is chosen so that the estimate exceeds what is free."""
     from cachebuild.inputs.area import free_bytes
     from cachebuild.tilemath import LngLatBbox, count_tiles
@@ -244,7 +289,13 @@ def test_an_area_larger_than_the_free_disk_is_refused(cb: Cb, tmp_path: Path, ti
     bbox = LngLatBbox(8.0, 47.0, 9.0, 48.0)
     z = next(z for z in range(10, 23) if count_tiles(bbox, [z]) * BYTES_PER_TILE > free)
     f = write_flight(tmp_path / "f.json", waypoints=[(47.0, 8.0), (48.0, 9.0)])
-    r = cb.build(f"FLIGHT={f}", f"ZOOM={z}", "BUFFER_M=0", "MAX_TILES=1000000000000", f"PROVIDER={tile_server.template()}")
+    r = cb.build(
+        f"FLIGHT={f}",
+        f"ZOOM={z}",
+        "BUFFER_M=0",
+        "MAX_TILES=1000000000000",
+        f"PROVIDER={tile_server.template()}",
+    )
     rep = assert_clean(r, {2})
     assert rep["failure_phase"] == "area" and "free" in rep["error"] and "STORE=" in rep["error"]
     assert "gc-store" in rep["remedy"]
@@ -272,7 +323,10 @@ def test_check_area_counts_bytes_per_disk(tmp_path: Path) -> None:
     assert info.value.exit_code == 2 and info.value.phase == "area"
     check_area(s, bbox, free=lambda p: (est.bytes, 1))  # exactly enough
     # on two disks, each is checked for its own part
-    per_dir = {str(tmp_path / "store"): (est.store_bytes, 1), str(tmp_path / "cache"): (est.cache_bytes, 2)}
+    per_dir = {
+        str(tmp_path / "store"): (est.store_bytes, 1),
+        str(tmp_path / "cache"): (est.cache_bytes, 2),
+    }
     check_area(s, bbox, free=lambda p: per_dir[str(p)])
 
 

@@ -40,9 +40,24 @@ TIME = "/usr/bin/time"
 
 def measured_build(cb: Any, *args: str, timeout: float = 240) -> tuple[CbResult, int]:
     """A real ``doit build-cache``, and its peak RSS in bytes (GNU time's %M)."""
-    argv = [TIME, "-f", "maxrss-kb=%M", sys.executable, "-m", "doit", "build-cache", *args, "REPORT=json"]
+    argv = [
+        TIME,
+        "-f",
+        "maxrss-kb=%M",
+        sys.executable,
+        "-m",
+        "doit",
+        "build-cache",
+        *args,
+        "REPORT=json",
+    ]
     p = subprocess.Popen(
-        argv, cwd=cb.cwd, env=cb.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        argv,
+        cwd=cb.cwd,
+        env=cb.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -126,11 +141,15 @@ def test_a_view_of_a_900_mb_blob_allocates_nothing(cb: Any, tmp_path: Path, flig
             "zeroblob(900000000) AS tile_data FROM cells"
         )
     c.close()
-    result, rss = measured_build(cb, f"FLIGHT={flight}", f"PROVIDER={tmp_path / 'blob.mbtiles'}", *ARGS)
+    result, rss = measured_build(
+        cb, f"FLIGHT={flight}", f"PROVIDER={tmp_path / 'blob.mbtiles'}", *ARGS
+    )
     assert_refused(result, rss, says="bytes")
 
 
-def test_mbtiles_tiles_of_the_wrong_pixel_size_are_refused(cb: Any, tmp_path: Path, flight: Path) -> None:
+def test_mbtiles_tiles_of_the_wrong_pixel_size_are_refused(
+    cb: Any, tmp_path: Path, flight: Path
+) -> None:
     big = png(12000)
     evil = mbtiles(
         tmp_path / "huge.mbtiles",
@@ -142,7 +161,9 @@ def test_mbtiles_tiles_of_the_wrong_pixel_size_are_refused(cb: Any, tmp_path: Pa
     assert not (cb.cache_dir / "current").exists()
 
 
-def test_directory_tiles_of_the_wrong_pixel_size_are_refused(cb: Any, tmp_path: Path, flight: Path) -> None:
+def test_directory_tiles_of_the_wrong_pixel_size_are_refused(
+    cb: Any, tmp_path: Path, flight: Path
+) -> None:
     big = png(12000)
     for z, x, row in grid():
         path = tmp_path / "tree" / str(z) / str(x) / f"{(1 << z) - 1 - row}.png"
@@ -171,24 +192,51 @@ def test_a_geotiff_far_finer_than_the_zoom_is_refused_before_it_is_read(
     rasterio = pytest.importorskip("rasterio", reason="the GeoTIFF provider needs rasterio")
     n = 100_000  # 1 cm pixels over 1 km: 10^10 pixels, written sparse (a small file)
     with rasterio.open(
-        tmp_path / "fine.tif", "w", driver="GTiff", width=n, height=n, count=3, dtype="uint8",
-        crs="EPSG:3857", transform=merc_grid(1000 / n), tiled=True,
-        blockxsize=512, blockysize=512, compress="deflate", sparse_ok=True, BIGTIFF="YES",
+        tmp_path / "fine.tif",
+        "w",
+        driver="GTiff",
+        width=n,
+        height=n,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=merc_grid(1000 / n),
+        tiled=True,
+        blockxsize=512,
+        blockysize=512,
+        compress="deflate",
+        sparse_ok=True,
+        BIGTIFF="YES",
     ):
         pass
     result, rss = measured_build(cb, f"FLIGHT={flight}", f"PROVIDER={tmp_path / 'fine.tif'}", *ARGS)
     assert_refused(result, rss, says="source pixels")
 
 
-def test_a_geotiff_of_one_giant_block_is_refused_when_opened(cb: Any, tmp_path: Path, flight: Path) -> None:
+def test_a_geotiff_of_one_giant_block_is_refused_when_opened(
+    cb: Any, tmp_path: Path, flight: Path
+) -> None:
     rasterio = pytest.importorskip("rasterio", reason="the GeoTIFF provider needs rasterio")
     with rasterio.open(
-        tmp_path / "block.tif", "w", driver="GTiff", width=20_000, height=20_000, count=3, dtype="uint8",
-        crs="EPSG:3857", transform=merc_grid(0.05), tiled=True,
-        blockxsize=16384, blockysize=16384, compress="deflate", sparse_ok=True,
+        tmp_path / "block.tif",
+        "w",
+        driver="GTiff",
+        width=20_000,
+        height=20_000,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:3857",
+        transform=merc_grid(0.05),
+        tiled=True,
+        blockxsize=16384,
+        blockysize=16384,
+        compress="deflate",
+        sparse_ok=True,
     ):
         pass
-    result, rss = measured_build(cb, f"FLIGHT={flight}", f"PROVIDER={tmp_path / 'block.tif'}", *ARGS)
+    result, rss = measured_build(
+        cb, f"FLIGHT={flight}", f"PROVIDER={tmp_path / 'block.tif'}", *ARGS
+    )
     assert_refused(result, rss, says="blocks of", code=2)
 
 
@@ -216,14 +264,20 @@ def test_a_change_left_in_the_wal_is_refused_then_used_once_checkpointed(
     provider = mbtiles(
         tmp_path / "wal.mbtiles",
         "CREATE TABLE tiles (zoom_level integer, tile_column integer, tile_row integer, tile_data blob)",
-        rows=[(z, x, row, synthetic_tile_bytes(Tile(x, (1 << z) - 1 - row, z))) for z, x, row in grid()],
+        rows=[
+            (z, x, row, synthetic_tile_bytes(Tile(x, (1 << z) - 1 - row, z)))
+            for z, x, row in grid()
+        ],
         wal=True,
     )
     first = cb.build(f"FLIGHT={flight}", f"PROVIDER={provider}", *ARGS)
     assert first.code == 0, first.stderr
     stat = provider.stat()
     commit_in_wal_and_vanish(provider, png(256))
-    assert (provider.stat().st_size, provider.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    assert (provider.stat().st_size, provider.stat().st_mtime_ns) == (
+        stat.st_size,
+        stat.st_mtime_ns,
+    )
 
     refused = cb.build(f"FLIGHT={flight}", f"PROVIDER={provider}", *ARGS)
     assert refused.code == 2, refused.stderr
@@ -232,7 +286,11 @@ def test_a_change_left_in_the_wal_is_refused_then_used_once_checkpointed(
 
     sqlite = shutil.which("sqlite3")
     if sqlite:  # the remedy as printed
-        subprocess.run([sqlite, str(provider), "PRAGMA wal_checkpoint(TRUNCATE)"], check=True, capture_output=True)
+        subprocess.run(
+            [sqlite, str(provider), "PRAGMA wal_checkpoint(TRUNCATE)"],
+            check=True,
+            capture_output=True,
+        )
     else:
         with sqlite3.connect(provider) as c:
             c.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -95,12 +95,20 @@ def assert_no_secret(r: CbResult, *secrets: str) -> None:
 def test_tile_bomb_is_refused_in_bounded_memory(cb: Cb, tmp_path: Path) -> None:
     srv = tileserver.TileServer()
     try:
-        reply = tileserver.Reply(200, bomb(), {"Content-Encoding": "gzip", "Content-Type": "image/jpeg"})
+        reply = tileserver.Reply(
+            200, bomb(), {"Content-Encoding": "gzip", "Content-Type": "image/jpeg"}
+        )
         srv.fault_rate(reply, 1.0, attempts=1000)
         flight = write_flight(tmp_path / "f.json")
         r, rss = run_measured(
-            cb, tmp_path, f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={srv.template(query='')}",
-            "CONCURRENCY=2", "STRICT=0", env=cb.env(),
+            cb,
+            tmp_path,
+            f"FLIGHT={flight}",
+            "BUFFER_M=100",
+            f"PROVIDER={srv.template(query='')}",
+            "CONCURRENCY=2",
+            "STRICT=0",
+            env=cb.env(),
         )
     finally:
         srv.close()
@@ -182,7 +190,9 @@ class DripServer:
             try:
                 conn.recv(65536)
                 self.requests += 1
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n"
+                )
                 while not self.closing.wait(self.every):
                     conn.sendall(b"\xff")
             except OSError:
@@ -206,8 +216,13 @@ def drip() -> Iterator[DripServer]:
 def test_drip_is_cut_by_the_overall_deadline(cb: Cb, tmp_path: Path, drip: DripServer) -> None:
     flight = write_flight(tmp_path / "f.json")
     r = cb.build(
-        f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={drip.template()}", "HTTP_DEADLINE=1.5",
-        "HTTP_RETRIES=0", "HTTP_TIMEOUT=20", timeout=120,
+        f"FLIGHT={flight}",
+        "BUFFER_M=100",
+        f"PROVIDER={drip.template()}",
+        "HTTP_DEADLINE=1.5",
+        "HTTP_RETRIES=0",
+        "HTTP_TIMEOUT=20",
+        timeout=120,
     )
     assert r.code == 20, r.stderr[-3000:]
     assert "HTTP_DEADLINE=1.5" in r.report["error"]
@@ -256,9 +271,13 @@ def test_cross_origin_redirect_carries_no_credential(cb: Cb, tmp_path: Path) -> 
         home.target = other_origin
         flight = write_flight(tmp_path / "f.json")
         env = cb.env(CACHEBUILD_HTTP_HEADERS=f"{SECRET_HEADER}: {SECRET_VALUE}")
-        r = cb.build(f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={home.template(query='')}", env=env)
+        r = cb.build(
+            f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={home.template(query='')}", env=env
+        )
         assert r.code == 0, r.stderr[-3000:]
-        assert home.headers and all(h.get(SECRET_HEADER.lower()) == SECRET_VALUE for h in home.headers)
+        assert home.headers and all(
+            h.get(SECRET_HEADER.lower()) == SECRET_VALUE for h in home.headers
+        )
         assert other.headers, "the redirect was not followed"
         assert all(SECRET_HEADER.lower() not in h for h in other.headers)
         assert not any(SECRET_VALUE in json.dumps(h) for h in other.headers)
@@ -281,7 +300,9 @@ def test_same_origin_redirect_keeps_the_headers(cb: Cb, tmp_path: Path) -> None:
         srv._answer = answer  # type: ignore[method-assign]
         flight = write_flight(tmp_path / "f.json")
         env = cb.env(CACHEBUILD_HTTP_HEADERS=f"{SECRET_HEADER}: {SECRET_VALUE}")
-        r = cb.build(f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={srv.template(query='')}", env=env)
+        r = cb.build(
+            f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={srv.template(query='')}", env=env
+        )
         assert r.code == 0, r.stderr[-3000:]
         moved = [h for p, h in zip(srv.requests, srv.headers) if p.startswith("/moved/")]
         assert moved and all(h.get(SECRET_HEADER.lower()) == SECRET_VALUE for h in moved)
@@ -336,13 +357,18 @@ def test_dead_provider_fails_fast_naming_the_host(cb: Cb, tmp_path: Path, kind: 
             template = f"https://{host}/{{z}}/{{x}}/{{y}}.jpg?key={{key}}"
         flight = write_flight(tmp_path / "f.json")
         r = cb.build(
-            f"FLIGHT={flight}", "BUFFER_M=300", f"PROVIDER={template}", env=cb.env(CACHEBUILD_API_KEY=key)
+            f"FLIGHT={flight}",
+            "BUFFER_M=300",
+            f"PROVIDER={template}",
+            env=cb.env(CACHEBUILD_API_KEY=key),
         )
     finally:
         plain.close()
     assert r.code == 20, r.stderr[-3000:]
     rep = r.report
     assert rep["failure_phase"] == "tiles" and host in rep["error"] and "stopped" in rep["error"]
-    assert {"refused": "connection refused", "dns": "does not resolve", "tls": "TLS"}[kind] in rep["error"]
+    assert {"refused": "connection refused", "dns": "does not resolve", "tls": "TLS"}[kind] in rep[
+        "error"
+    ]
     assert _retries(r.stderr) <= 8  # was 345 retries over 22 s
     assert_no_secret(r, key)

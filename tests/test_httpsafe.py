@@ -47,7 +47,11 @@ def test_read_body_decodes_within_the_limit_and_refuses_past_it(
     server: tileserver.TileServer, encoding: str
 ) -> None:
     data = bytes(range(256)) * 1000
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS, "deflate-raw": -zlib.MAX_WBITS}[encoding]
+    wbits = {
+        "gzip": 16 + zlib.MAX_WBITS,
+        "deflate": zlib.MAX_WBITS,
+        "deflate-raw": -zlib.MAX_WBITS,
+    }[encoding]
     c = zlib.compressobj(6, zlib.DEFLATED, wbits)
     body = c.compress(data) + c.flush()
     server.fault_rate(
@@ -61,12 +65,16 @@ def test_read_body_decodes_within_the_limit_and_refuses_past_it(
 
 
 def test_an_encoding_not_asked_for_is_refused(server: tileserver.TileServer) -> None:
-    server.fault_rate(tileserver.Reply(200, b"\x1b\x00", {"Content-Encoding": "br"}), 1.0, attempts=100)
+    server.fault_rate(
+        tileserver.Reply(200, b"\x1b\x00", {"Content-Encoding": "br"}), 1.0, attempts=100
+    )
     with httpx.Client() as client, pytest.raises(httpsafe.BadEncoding, match="br"):
         _get(client, f"http://127.0.0.1:{server.port}/17/1/1.jpg", 1 << 20)
 
 
-def test_a_declared_length_over_the_limit_is_refused_before_reading(server: tileserver.TileServer) -> None:
+def test_a_declared_length_over_the_limit_is_refused_before_reading(
+    server: tileserver.TileServer,
+) -> None:
     with httpx.Client() as client, pytest.raises(httpsafe.BodyTooLarge, match="body of"):
         _get(client, f"http://127.0.0.1:{server.port}/17/1/1.jpg", 10)
 
@@ -101,7 +109,9 @@ def test_stop_wakes_a_blocked_read() -> None:
 
 def test_fail_fast_needs_the_same_dead_kind_from_the_start() -> None:
     ff = retrypolicy.FailFast(after=3)
-    assert ff.failed("h", "refused") is None and ff.failed("h", "dns") is None  # not all the same way
+    assert (
+        ff.failed("h", "refused") is None and ff.failed("h", "dns") is None
+    )  # not all the same way
     assert ff.failed("h", "dns") is None and ff.failed("h", "dns") is None
     ff = retrypolicy.FailFast(after=2)
     ff.answered()  # the server answered once: retries decide

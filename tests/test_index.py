@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 import pytest
 
+from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize import index
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
-from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize.index import FLAT_MAX, RECALL_TARGET, build_index, plan_index, search
 
 from .surface import assert_public_surface, heavy_imports
@@ -178,7 +178,10 @@ def test_auto_picks_the_index_by_size(n: int, kind: str, description: str) -> No
 
 def test_hnsw_when_asked_for() -> None:
     plan = plan_index(50_000, "hnsw")
-    assert plan.description == "IDMap2,HNSW32,Flat" and plan.params == {"M": 32, "efConstruction": 40}
+    assert plan.description == "IDMap2,HNSW32,Flat" and plan.params == {
+        "M": 32,
+        "efConstruction": 40,
+    }
     assert plan_index(50_000, gpus=1).kind == "ivf" and "GPU" in plan_index(50_000, gpus=1).reason
 
 
@@ -196,18 +199,24 @@ def clustered(n: int, d: int, seed: int = 0) -> np.ndarray:
     """Unit vectors in clusters, like descriptors of similar tiles (harder than uniform)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((max(1, n // 50), d)).astype(np.float32)
-    v = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, d)).astype(np.float32)
+    v = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.standard_normal((n, d)).astype(
+        np.float32
+    )
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize("kind, param", [("hnsw", "efSearch"), ("ivf", "nprobe")])
-def test_approximate_index_reports_its_measured_recall(tmp_path: Path, kind: str, param: str) -> None:
+def test_approximate_index_reports_its_measured_recall(
+    tmp_path: Path, kind: str, param: str
+) -> None:
     n = 4_000
     vectors = clustered(n, 32)
     ids = np.arange(n, dtype=np.int64) * 7 + 3
     src = write_descriptors(tmp_path / "d", vectors, ids)
     out = tmp_path / "i.faiss"
-    info = build_index(descriptors_dir=src, out_path=out, kind=kind, recall_queries=300, chunk_rows=999)
+    info = build_index(
+        descriptors_dir=src, out_path=out, kind=kind, recall_queries=300, chunk_rows=999
+    )
     assert info["kind"] == kind and info["ntotal"] == n and info["recall_queries"] == 300
     assert info["recall_at_10"] >= RECALL_TARGET
     assert param in info["params"]
@@ -242,7 +251,9 @@ def test_recall_of_a_starved_index_is_reported_honestly(tmp_path: Path) -> None:
 
 def test_recall_measurement_can_be_skipped(tmp_path: Path) -> None:
     src = write_descriptors(tmp_path / "d", clustered(2_000, 16), np.arange(2_000, dtype=np.int64))
-    info = build_index(descriptors_dir=src, out_path=tmp_path / "i.faiss", kind="hnsw", recall_queries=0)
+    info = build_index(
+        descriptors_dir=src, out_path=tmp_path / "i.faiss", kind="hnsw", recall_queries=0
+    )
     assert info["recall_at_10"] is None and info["params"]["efSearch"] == 64
 
 
@@ -264,7 +275,9 @@ def shifted_sets(
 
 
 def reindex(src: Path, out: Path, **kw: object) -> dict:
-    return build_index(descriptors_dir=src, out_path=out, kind="ivf", recall_queries=400, reuse=True, **kw)  # type: ignore[arg-type]
+    return build_index(
+        descriptors_dir=src, out_path=out, kind="ivf", recall_queries=400, reuse=True, **kw
+    )  # type: ignore[arg-type]
 
 
 def exact_recall(path: Path, vectors: np.ndarray) -> float:
@@ -279,7 +292,10 @@ def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: P
     first, second, vectors = shifted_sets(tmp_path)
     out = tmp_path / "build" / "index.faiss"
     a = reindex(first, out, engine_key=KEY_A)
-    assert a["quantizer"]["reused"] is False and a["quantizer"]["reason"] == "trained: no saved quantizer"
+    assert (
+        a["quantizer"]["reused"] is False
+        and a["quantizer"]["reason"] == "trained: no saved quantizer"
+    )
     assert a["quantizer"]["trained_on_share"] == 1.0 and a["seconds"]["train"] > 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["index-quantizer.npz", "index.faiss"]
     trained = faiss.read_index(str(out))  # kept: the quantizer belongs to it
@@ -287,17 +303,27 @@ def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: P
 
     b = reindex(second, out, engine_key=KEY_A)
     assert b["quantizer"]["reused"] is True and b["seconds"]["train"] == 0
-    assert b["quantizer"]["trained_on_share"] == 0.9 and "10% of the vectors are new" in b["quantizer"]["reason"]
+    assert (
+        b["quantizer"]["trained_on_share"] == 0.9
+        and "10% of the vectors are new" in b["quantizer"]["reason"]
+    )
     assert b["type"] == a["type"] and b["ntotal"] == 4_000
     index = faiss.read_index(str(out))
-    np.testing.assert_array_equal(faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist), centroids)
+    np.testing.assert_array_equal(
+        faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist), centroids
+    )
     # every vector is in, under its id, and the search quality holds
     assert b["recall_at_10"] >= RECALL_TARGET
     mine = exact_recall(out, vectors[400:])
     assert mine >= RECALL_TARGET - 0.02 and abs(mine - b["recall_at_10"]) < 0.03
-    fresh = build_index(descriptors_dir=second, out_path=tmp_path / "fresh.faiss", kind="ivf", recall_queries=400)
+    fresh = build_index(
+        descriptors_dir=second, out_path=tmp_path / "fresh.faiss", kind="ivf", recall_queries=400
+    )
     # a quantizer trained on these very vectors needs no fewer than half the probes
-    assert fresh["recall_at_10"] >= RECALL_TARGET and b["params"]["nprobe"] <= 2 * fresh["params"]["nprobe"]
+    assert (
+        fresh["recall_at_10"] >= RECALL_TARGET
+        and b["params"]["nprobe"] <= 2 * fresh["params"]["nprobe"]
+    )
     _, found = search(out, vectors[400:][:50], 1)
     np.testing.assert_array_equal(found[:, 0], (np.arange(400, 450) * 5 + 11))
 
@@ -325,20 +351,35 @@ def test_another_engine_key_or_kind_trains_again(tmp_path: Path) -> None:
     out = tmp_path / "build" / "index.faiss"
     reindex(first, out, engine_key=KEY_A)
     other = reindex(second, out, engine_key=KEY_B)
-    assert other["quantizer"]["reused"] is False and "another engine key" in other["quantizer"]["reason"]
+    assert (
+        other["quantizer"]["reused"] is False
+        and "another engine key" in other["quantizer"]["reason"]
+    )
     assert other["seconds"]["train"] > 0
     # no engine key: never reused
     assert "no engine key" in reindex(second, out, engine_key=None)["quantizer"]["reason"]
     # a flat index has nothing to train and leaves no quantizer behind ...
-    flat = build_index(descriptors_dir=second, out_path=out, kind="flat", reuse=True, engine_key=KEY_A)
+    flat = build_index(
+        descriptors_dir=second, out_path=out, kind="flat", reuse=True, engine_key=KEY_A
+    )
     assert flat["quantizer"] == {
         "reused": False, "trained_on_share": None, "trained_points": None,
         "max_untrained_share": 0.3, "reason": "nothing to train",
     }  # fmt: skip
     assert not (out.parent / "index-quantizer.npz").exists()
     # ... so the next IVF trains; HNSW is rebuilt and says why
-    assert reindex(first, out, engine_key=KEY_A)["quantizer"]["reason"] == "trained: no saved quantizer"
-    hnsw = build_index(descriptors_dir=second, out_path=out, kind="hnsw", recall_queries=100, reuse=True, engine_key=KEY_A)
+    assert (
+        reindex(first, out, engine_key=KEY_A)["quantizer"]["reason"]
+        == "trained: no saved quantizer"
+    )
+    hnsw = build_index(
+        descriptors_dir=second,
+        out_path=out,
+        kind="hnsw",
+        recall_queries=100,
+        reuse=True,
+        engine_key=KEY_A,
+    )
     assert "faiss cannot remove" in hnsw["quantizer"]["reason"] and not hnsw["quantizer"]["reused"]
 
 
@@ -347,10 +388,15 @@ def test_too_many_new_vectors_or_another_size_trains_again(tmp_path: Path) -> No
     out = tmp_path / "build" / "index.faiss"
     reindex(first, out, engine_key=KEY_A)
     r = reindex(second, out, engine_key=KEY_A)
-    assert r["quantizer"]["reused"] is False and "40% of the vectors are new" in r["quantizer"]["reason"]
+    assert (
+        r["quantizer"]["reused"] is False
+        and "40% of the vectors are new" in r["quantizer"]["reason"]
+    )
     assert r["quantizer"]["trained_on_share"] == 1.0
     # the plan family: four times the vectors ask for another number of lists
-    big = write_descriptors(tmp_path / "big", clustered(16_000, 32, seed=5), np.arange(16_000, dtype=np.int64))
+    big = write_descriptors(
+        tmp_path / "big", clustered(16_000, 32, seed=5), np.arange(16_000, dtype=np.int64)
+    )
     r = reindex(big, out, engine_key=KEY_A)
     assert not r["quantizer"]["reused"] and "lists" in r["quantizer"]["reason"]
 
@@ -360,7 +406,12 @@ def test_too_many_new_vectors_or_another_size_trains_again(tmp_path: Path) -> No
     [
         (lambda p: p.write_bytes(p.read_bytes()[:300]), "unreadable"),
         (lambda p: p.write_bytes(b"not a zip"), "unreadable"),
-        (lambda p: np.savez(p, meta=np.array("{}"), centroids=np.zeros((2, 2)), population=np.zeros(1, "<u8")), "unreadable"),
+        (
+            lambda p: np.savez(
+                p, meta=np.array("{}"), centroids=np.zeros((2, 2)), population=np.zeros(1, "<u8")
+            ),
+            "unreadable",
+        ),
     ],
 )
 def test_a_damaged_saved_quantizer_is_not_used(tmp_path: Path, damage: object, reason: str) -> None:
@@ -373,7 +424,11 @@ def test_a_damaged_saved_quantizer_is_not_used(tmp_path: Path, damage: object, r
     (tmp_path / "again" / "index-quantizer.npz").rename(qf)
     damage(qf)  # type: ignore[operator]
     r = reindex(second, out, engine_key=KEY_A)
-    assert not r["quantizer"]["reused"] and reason in r["quantizer"]["reason"] and r["recall_at_10"] >= RECALL_TARGET
+    assert (
+        not r["quantizer"]["reused"]
+        and reason in r["quantizer"]["reason"]
+        and r["recall_at_10"] >= RECALL_TARGET
+    )
     # and the file written now is whole again
     assert reindex(second, out, engine_key=KEY_A)["quantizer"]["reused"]
 
@@ -384,9 +439,17 @@ def test_a_quantizer_that_needs_far_more_probes_is_trained_again(tmp_path: Path)
     assert reindex(first, out, engine_key=KEY_A)["params"]["nprobe"] > 2
     qf = out.parent / "index-quantizer.npz"
     with np.load(qf) as z:
-        meta, centroids, population = json.loads(str(z["meta"][()])), z["centroids"], z["population"]
+        meta, centroids, population = (
+            json.loads(str(z["meta"][()])),
+            z["centroids"],
+            z["population"],
+        )
     meta["nprobe"] = 1  # as if it had been tuned to one probe when trained
     index._save_quantizer(qf, centroids, population, meta)
     r = reindex(second, out, engine_key=KEY_A)
     assert not r["quantizer"]["reused"] and "needed nprobe" in r["quantizer"]["reason"]
-    assert r["params"]["nprobe"] > 2 and r["recall_at_10"] >= RECALL_TARGET and r["seconds"]["train"] > 0
+    assert (
+        r["params"]["nprobe"] > 2
+        and r["recall_at_10"] >= RECALL_TARGET
+        and r["seconds"]["train"] > 0
+    )

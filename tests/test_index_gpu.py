@@ -59,9 +59,13 @@ class GpuFaiss:
 
     def index_cpu_to_gpu(self, res: Any, device: int, index: Any) -> _OnGpu:
         assert isinstance(res, GpuFaiss.StandardGpuResources)
-        self.calls.append(("to_gpu", device, type(index).__name__, int(index.ntotal), bool(index.is_trained)))
+        self.calls.append(
+            ("to_gpu", device, type(index).__name__, int(index.ntotal), bool(index.is_trained))
+        )
         if self.fail:
-            raise RuntimeError("Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: out of memory")
+            raise RuntimeError(
+                "Error in virtual void* faiss::gpu::StandardGpuResourcesImpl: out of memory"
+            )
         return _OnGpu(faiss.clone_index(index), self.calls)
 
     def index_gpu_to_cpu(self, index: _OnGpu) -> Any:
@@ -83,10 +87,14 @@ def descriptors(tmp_path: Path) -> Path:
 
 
 def _build(src: Path, out: Path, kind: str, fake: Any = None) -> dict[str, Any]:
-    return build_index(descriptors_dir=src, out_path=out, kind=kind, recall_queries=200, chunk_rows=400, faiss=fake)
+    return build_index(
+        descriptors_dir=src, out_path=out, kind=kind, recall_queries=200, chunk_rows=400, faiss=fake
+    )
 
 
-def test_ivf_is_trained_and_filled_on_the_gpu_and_written_as_a_cpu_index(descriptors: Path, tmp_path: Path) -> None:
+def test_ivf_is_trained_and_filled_on_the_gpu_and_written_as_a_cpu_index(
+    descriptors: Path, tmp_path: Path
+) -> None:
     fake = GpuFaiss()
     info = _build(descriptors, tmp_path / "gpu.faiss", "ivf", fake)
     cpu_info = _build(descriptors, tmp_path / "cpu.faiss", "ivf")
@@ -105,7 +113,9 @@ def test_ivf_is_trained_and_filled_on_the_gpu_and_written_as_a_cpu_index(descrip
     assert info["params"] == cpu_info["params"] and info["recall_at_10"] == cpu_info["recall_at_10"]
 
 
-def test_a_failing_gpu_falls_back_to_the_cpu_and_says_why(descriptors: Path, tmp_path: Path) -> None:
+def test_a_failing_gpu_falls_back_to_the_cpu_and_says_why(
+    descriptors: Path, tmp_path: Path
+) -> None:
     fake = GpuFaiss(fail=True)
     info = _build(descriptors, tmp_path / "gpu.faiss", "ivf", fake)
     _build(descriptors, tmp_path / "cpu.faiss", "ivf")

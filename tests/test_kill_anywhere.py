@@ -34,8 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from .tileserver import TileServer
 from .killharness import CompanionKillHarness, KillHarness, KillOutcome, KillPoint
+from .tileserver import TileServer
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
 
@@ -59,7 +59,10 @@ def _table(outcomes: list[KillOutcome]) -> str:
     by_phase: Counter[str] = Counter(o.phase for o in outcomes)
     damaged: Counter[str] = Counter(o.phase for o in outcomes if o.problems)
     new: Counter[str] = Counter(o.phase for o in outcomes if o.published == "new")
-    lines = ["| phase at the kill | kill points | published new | damaged |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "| phase at the kill | kill points | published new | damaged |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for phase, n in by_phase.most_common():
         lines.append(f"| {phase} | {n} | {new[phase]} | {damaged[phase]} |")
     lines.append(f"| all | {len(outcomes)} | {sum(new.values())} | {sum(damaged.values())} |")
@@ -68,7 +71,17 @@ def _table(outcomes: list[KillOutcome]) -> str:
 
 def test_the_harness_measured_every_phase(harness: KillHarness) -> None:
     # the kill points below are placed by these
-    for phase in ("tiles", "mbtiles", "engine", "describe", "index", "preview", "selftest", "manifest", "publish"):
+    for phase in (
+        "tiles",
+        "mbtiles",
+        "engine",
+        "describe",
+        "index",
+        "preview",
+        "selftest",
+        "manifest",
+        "publish",
+    ):
         assert phase in harness.phase_starts, harness.phase_starts
     assert harness.old_id and harness.new_id and harness.old_id != harness.new_id
     # B shares some tiles with A, and needs some A did not have
@@ -76,7 +89,9 @@ def test_the_harness_measured_every_phase(harness: KillHarness) -> None:
     assert 0 < sum(d in objects for d in harness.b_digests) < len(harness.b_digests)
 
 
-@pytest.mark.parametrize("phase", ["mbtiles", "describe", "preview", "selftest", "manifest", "publish"])
+@pytest.mark.parametrize(
+    "phase", ["mbtiles", "describe", "preview", "selftest", "manifest", "publish"]
+)
 def test_kill_in_phase(harness: KillHarness, phase: str) -> None:
     outcome = harness.kill_at(KillPoint(marker=phase))
     assert outcome.problems == [], outcome
@@ -92,7 +107,9 @@ def test_kill_mid_download_keeps_fetched_tiles(harness: KillHarness) -> None:
         before = harness.server.count()
         # killed once the server has begun answering a second tile: the first
         # has then been in the client's hands for a whole answer's latency
-        landed = KillPoint(marker="tiles", offset_s=0.0, until=lambda: harness.server.count() - before >= 2)
+        landed = KillPoint(
+            marker="tiles", offset_s=0.0, until=lambda: harness.server.count() - before >= 2
+        )
         outcome = harness.kill_at(landed)
         asked = harness.server.count() - before - outcome.requests_resume
     finally:
@@ -101,7 +118,12 @@ def test_kill_mid_download_keeps_fetched_tiles(harness: KillHarness) -> None:
     assert outcome.problems == [], outcome
     if outcome.killed and outcome.phase == "tiles":
         # the kill came after some tiles had landed: they were not asked for again
-        assert outcome.requests_resume == outcome.requests_expected < 3 <= asked + outcome.requests_resume
+        assert (
+            outcome.requests_resume
+            == outcome.requests_expected
+            < 3
+            <= asked + outcome.requests_resume
+        )
 
 
 @pytest.mark.skipif(not LONG, reason="the long kill-anywhere run: set CACHEBUILD_LONG=1")
@@ -159,7 +181,10 @@ def test_long_kill_companion(tmp_path_factory: pytest.TempPathFactory) -> None:
         push = h.phase_starts["push"]
         remote = min(v for k, v in h.phase_starts.items() if k.startswith("remote "))
         # spread over the push (bring-up done, packs going up), then two in the companion's build
-        points = [KillPoint(marker="push", offset_s=(remote - push) * i / max(n - 2, 1)) for i in range(max(n - 2, 1))]
+        points = [
+            KillPoint(marker="push", offset_s=(remote - push) * i / max(n - 2, 1))
+            for i in range(max(n - 2, 1))
+        ]
         points += [KillPoint(marker="remote describe"), KillPoint(marker="remote manifest")]
         outcomes = []
         for i, point in enumerate(points):

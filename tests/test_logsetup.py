@@ -12,7 +12,8 @@ from .sshd import SSHD, Sshd
 from .test_companion import Companion
 
 needs_sshd = pytest.mark.skipif(
-    not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it"
+    not os.path.exists(SSHD),
+    reason=f"{SSHD} (openssh-server) is not installed; .ci/run installs it",
 )
 
 
@@ -25,7 +26,9 @@ def test_log_level_debug_shows_paramikos_records(cb: Cb, sshd: Sshd, tmp_path: P
     r = cb.run("cache-info", *args, "LOG_LEVEL=debug")
     assert r.code == 0, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if " paramiko.transport: " in ln]
-    assert any(" DEBUG paramiko.transport: " in ln or " INFO paramiko.transport: " in ln for ln in lines), r.stderr
+    assert any(
+        " DEBUG paramiko.transport: " in ln or " INFO paramiko.transport: " in ln for ln in lines
+    ), r.stderr
 
 
 def test_redact_filter_cleans_messages_args_and_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,9 +8,9 @@ import hashlib
 import json
 import logging
 import os
-import time
 import random
 import re
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -23,8 +23,8 @@ import cachebuild.release.manifest as manifest
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import EXIT_VERIFY, BuildError, UsageError, VerifyError
 from cachebuild.release.manifest import build_identity, write_manifest
-from cachebuild.release.verify import read_manifest, verify_cache
 from cachebuild.release.signing import keyid, load_public_key, public_key_raw, sign_envelope
+from cachebuild.release.verify import read_manifest, verify_cache
 
 ARTIFACTS = ["tiles.mbtiles", "engine/engine.onnx", "index/descriptors.faiss"]
 TIME_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
@@ -98,7 +98,9 @@ def test_all_is_complete() -> None:
     defined = {
         n
         for n, v in vars(manifest).items()
-        if not n.startswith("_") and callable(v) and getattr(v, "__module__", None) == manifest.__name__
+        if not n.startswith("_")
+        and callable(v)
+        and getattr(v, "__module__", None) == manifest.__name__
     }
     assert defined <= set(manifest.__all__)
     assert all(hasattr(manifest, n) for n in manifest.__all__)
@@ -116,7 +118,13 @@ def test_build_id_is_sha256_of_canonical_identity() -> None:
 
 
 def test_build_id_normalizes_equivalent_inputs() -> None:
-    common = dict(takeoff_origin=None, flight_id=None, calibration_sha256=None, tiles_sha256="a" * 64, engine_key="k")
+    common = dict(
+        takeoff_origin=None,
+        flight_id=None,
+        calibration_sha256=None,
+        tiles_sha256="a" * 64,
+        engine_key="k",
+    )
     a, _ = build_identity(bbox=(8, 47, 9, 48), zooms=[18, 17, 17], **common)  # type: ignore[arg-type]
     b, _ = build_identity(bbox=[8.0, 47.0, 9.0, 48.0], zooms=(17, 18), **common)  # type: ignore[arg-type]
     assert a == b
@@ -184,7 +192,10 @@ def test_write_then_verify(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
     assert sorted(signed["targets"]) == sorted(ARTIFACTS)
     for rel in ARTIFACTS:
         data = (cache / rel).read_bytes()
-        assert signed["targets"][rel] == {"length": len(data), "hashes": {"sha256": hashlib.sha256(data).hexdigest()}}
+        assert signed["targets"][rel] == {
+            "length": len(data),
+            "hashes": {"sha256": hashlib.sha256(data).hexdigest()},
+        }
     assert env["signatures"][0]["keyid"] == keyid(key.public_key())
 
 
@@ -202,7 +213,9 @@ def test_manifest_file_layout(cache: Path, key: ed25519.Ed25519PrivateKey) -> No
     assert left == sorted(ARTIFACTS + ["manifest.json", "signer.pub"])
 
 
-def test_independent_verification_of_written_manifest(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
+def test_independent_verification_of_written_manifest(
+    cache: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
     """What the drone does, written out without verify_cache."""
     _publish(cache, key)
     env = json.loads((cache / "manifest.json").read_bytes())
@@ -248,14 +261,21 @@ def test_flipped_byte_names_the_file(cache: Path, key: ed25519.Ed25519PrivateKey
     got = hashlib.sha256(data).hexdigest()
     with pytest.raises(VerifyError) as info:
         verify_cache(cache, [key.public_key()])
-    assert info.value.message == f"tiles.mbtiles: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…)"
+    assert (
+        info.value.message
+        == f"tiles.mbtiles: sha256 mismatch (manifest {want[:12]}…, file {got[:12]}…)"
+    )
     assert info.value.exit_code == EXIT_VERIFY and info.value.phase == "verify"
 
 
 def test_first_mismatch_in_sorted_order(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
     _publish(cache, key)
     # list the targets in the file in reverse order: the check must still sort
-    _resign(cache, key, lambda s: s.__setitem__("targets", dict(sorted(s["targets"].items(), reverse=True))))
+    _resign(
+        cache,
+        key,
+        lambda s: s.__setitem__("targets", dict(sorted(s["targets"].items(), reverse=True))),
+    )
     assert next(iter(read_manifest(cache)["signed"]["targets"])) == "tiles.mbtiles"
     for rel in ["tiles.mbtiles", "index/descriptors.faiss", "engine/engine.onnx"]:
         p = cache / rel
@@ -271,9 +291,14 @@ def test_truncated_and_grown_artifacts(cache: Path, key: ed25519.Ed25519PrivateK
     p.write_bytes(original[:150_000])
     with pytest.raises(VerifyError) as info:
         verify_cache(cache, [key.public_key()])
-    assert info.value.message == "tiles.mbtiles: length mismatch (manifest 200000 bytes, file 150000 bytes)"
+    assert (
+        info.value.message
+        == "tiles.mbtiles: length mismatch (manifest 200000 bytes, file 150000 bytes)"
+    )
     p.write_bytes(original + b"\0")
-    with pytest.raises(VerifyError, match="length mismatch .manifest 200000 bytes, file 200001 bytes"):
+    with pytest.raises(
+        VerifyError, match="length mismatch .manifest 200000 bytes, file 200001 bytes"
+    ):
         verify_cache(cache, [key.public_key()])
     p.write_bytes(original)
     verify_cache(cache, [key.public_key()])
@@ -282,7 +307,9 @@ def test_truncated_and_grown_artifacts(cache: Path, key: ed25519.Ed25519PrivateK
 def test_missing_artifact(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
     _publish(cache, key)
     (cache / "engine" / "engine.onnx").unlink()
-    with pytest.raises(VerifyError, match=r"^engine/engine\.onnx: missing \(manifest lists 5000 bytes\)"):
+    with pytest.raises(
+        VerifyError, match=r"^engine/engine\.onnx: missing \(manifest lists 5000 bytes\)"
+    ):
         verify_cache(cache, [key.public_key()])
 
 
@@ -305,7 +332,9 @@ def test_artifact_replaced_by_directory(cache: Path, key: ed25519.Ed25519Private
         lambda e: e["signed"]["info"].__setitem__("note", "edited"),
     ],
 )
-def test_changed_manifest_field_breaks_signature(cache: Path, key: ed25519.Ed25519PrivateKey, change: Any) -> None:
+def test_changed_manifest_field_breaks_signature(
+    cache: Path, key: ed25519.Ed25519PrivateKey, change: Any
+) -> None:
     _publish(cache, key)
     _edit_manifest(cache, change)
     with pytest.raises(VerifyError, match="bad signature"):
@@ -317,12 +346,16 @@ def test_other_key(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
     other = ed25519.Ed25519PrivateKey.generate()
     with pytest.raises(VerifyError, match="no signature by a trusted key") as info:
         verify_cache(cache, [other.public_key()])
-    assert keyid(key.public_key()) in str(info.value) and keyid(other.public_key()) in str(info.value)
+    assert keyid(key.public_key()) in str(info.value) and keyid(other.public_key()) in str(
+        info.value
+    )
     # trusting both keys is fine
     verify_cache(cache, [other.public_key(), key.public_key()])
 
 
-def test_signer_pub_in_the_cache_is_not_trusted(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
+def test_signer_pub_in_the_cache_is_not_trusted(
+    cache: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
     attacker = ed25519.Ed25519PrivateKey.generate()
     _publish(cache, attacker)  # an attacker can ship their own signer.pub
     with pytest.raises(VerifyError, match="no signature by a trusted key"):
@@ -333,7 +366,9 @@ def test_expired(cache: Path, key: ed25519.Ed25519PrivateKey) -> None:
     expires = datetime(2099, 6, 1, 12, 0, 0, tzinfo=timezone.utc)
     _publish(cache, key, expires_at=expires)
     assert verify_cache(cache, [key.public_key()], now=expires - timedelta(seconds=1))
-    with pytest.raises(VerifyError, match=r"manifest expired at 2099-06-01T12:00:00Z \(now 2099-06-01T12:00:00Z\)"):
+    with pytest.raises(
+        VerifyError, match=r"manifest expired at 2099-06-01T12:00:00Z \(now 2099-06-01T12:00:00Z\)"
+    ):
         verify_cache(cache, [key.public_key()], now=expires)
     with pytest.raises(VerifyError, match="expired at 2099-06-01T12:00:00Z"):
         verify_cache(cache, [key.public_key()], now=expires + timedelta(days=400))
@@ -363,11 +398,16 @@ def test_min_version_refuses_replay(cache: Path, key: ed25519.Ed25519PrivateKey)
         (lambda s: s.__setitem__("expires", "tomorrow"), "'expires' is not a UTC time"),
         (lambda s: s.__setitem__("version", 0), "invalid version"),
         (lambda s: s.__setitem__("targets", []), "no 'targets'"),
-        (lambda s: s["targets"].__setitem__("tiles.mbtiles", {"length": -1, "hashes": {}}), "malformed target"),
+        (
+            lambda s: s["targets"].__setitem__("tiles.mbtiles", {"length": -1, "hashes": {}}),
+            "malformed target",
+        ),
         (lambda s: s["targets"]["tiles.mbtiles"].__setitem__("length", True), "malformed target"),
     ],
 )
-def test_signed_but_invalid_manifest(cache: Path, key: ed25519.Ed25519PrivateKey, change: Any, match: str) -> None:
+def test_signed_but_invalid_manifest(
+    cache: Path, key: ed25519.Ed25519PrivateKey, change: Any, match: str
+) -> None:
     _publish(cache, key)
     _resign(cache, key, change)
     with pytest.raises(VerifyError, match=match):
@@ -392,7 +432,9 @@ def test_no_manifest(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> None:
         (b'{"signatures": []}', "malformed signed envelope"),
     ],
 )
-def test_unreadable_manifest(tmp_path: Path, key: ed25519.Ed25519PrivateKey, content: bytes, match: str) -> None:
+def test_unreadable_manifest(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey, content: bytes, match: str
+) -> None:
     (tmp_path / "manifest.json").write_bytes(content)
     with pytest.raises(VerifyError, match=match):
         verify_cache(tmp_path, [key.public_key()])
@@ -400,7 +442,17 @@ def test_unreadable_manifest(tmp_path: Path, key: ed25519.Ed25519PrivateKey, con
 
 # -- paths -----------------------------------------------------------------------------
 
-BAD_PATHS = ["../outside.bin", "/etc/passwd", "engine/../../x", "a/./b", "a//b", "", "C:/x", "a\\b", "."]
+BAD_PATHS = [
+    "../outside.bin",
+    "/etc/passwd",
+    "engine/../../x",
+    "a/./b",
+    "a//b",
+    "",
+    "C:/x",
+    "a\\b",
+    ".",
+]
 
 
 @pytest.mark.parametrize("rel", BAD_PATHS)
@@ -422,13 +474,17 @@ def test_write_refuses_bad_paths(cache: Path, key: ed25519.Ed25519PrivateKey, re
         (["signer.pub"], "reserved"),
     ],
 )
-def test_write_refuses_bad_artifacts(cache: Path, key: ed25519.Ed25519PrivateKey, artifacts: list[str], match: str) -> None:
+def test_write_refuses_bad_artifacts(
+    cache: Path, key: ed25519.Ed25519PrivateKey, artifacts: list[str], match: str
+) -> None:
     with pytest.raises(BuildError, match=match) as info:
         _publish(cache, key, artifacts=artifacts)
     assert info.value.phase == "manifest"
 
 
-def test_write_refuses_symlink_escape(cache: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_write_refuses_symlink_escape(
+    cache: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path
+) -> None:
     (tmp_path / "secret.txt").write_text("outside")
     (cache / "leak.txt").symlink_to(tmp_path / "secret.txt")
     with pytest.raises(BuildError, match="leak.txt resolves outside"):
@@ -438,7 +494,9 @@ def test_write_refuses_symlink_escape(cache: Path, key: ed25519.Ed25519PrivateKe
         _publish(cache, key, artifacts=["sub/secret.txt"])
 
 
-@pytest.mark.parametrize("rel", ["../outside.bin", "/etc/hostname", "engine/../../outside.bin", "a\\b"])
+@pytest.mark.parametrize(
+    "rel", ["../outside.bin", "/etc/hostname", "engine/../../outside.bin", "a\\b"]
+)
 def test_verify_refuses_traversal_even_if_signed(
     cache: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path, rel: str
 ) -> None:
@@ -450,7 +508,9 @@ def test_verify_refuses_traversal_even_if_signed(
         verify_cache(cache, [key.public_key()])
 
 
-def test_verify_refuses_symlink_escape(cache: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path) -> None:
+def test_verify_refuses_symlink_escape(
+    cache: Path, key: ed25519.Ed25519PrivateKey, tmp_path: Path
+) -> None:
     _publish(cache, key)
     p = cache / "tiles.mbtiles"
     outside = tmp_path / "copy.mbtiles"
@@ -476,7 +536,9 @@ def test_verify_refuses_symlink_escape(cache: Path, key: ed25519.Ed25519PrivateK
         ({"info": {"x": object()}}, "not JSON-representable"),
     ],
 )
-def test_write_refuses_bad_arguments(cache: Path, key: ed25519.Ed25519PrivateKey, kw: dict[str, Any], match: str) -> None:
+def test_write_refuses_bad_arguments(
+    cache: Path, key: ed25519.Ed25519PrivateKey, kw: dict[str, Any], match: str
+) -> None:
     with pytest.raises((BuildError, UsageError), match=match):
         _publish(cache, key, **kw)
     assert not (cache / "manifest.json").exists()
@@ -556,7 +618,10 @@ def test_hash_cache_reuses_only_unchanged_files(
         assert "hashed 1 artifacts, 2 remembered" in caplog.text
     hc.unlink()  # a build directory's file, never published
     signed = verify_cache(cache, [key.public_key()])  # the true hashes, re-hashed by verify
-    assert signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(bytes(data)).hexdigest()
+    assert (
+        signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"]
+        == hashlib.sha256(bytes(data)).hexdigest()
+    )
 
 
 def test_a_remembered_hash_needs_the_same_file(tmp_path: Path) -> None:
@@ -604,7 +669,9 @@ def test_a_racy_entry_is_hashed_again(tmp_path: Path) -> None:
         b'{"format": "cachebuild/sha256-cache-v2", "entries": {"a": [1, 2, 3, 4, 5, 6, "beef"]}}',
     ],
 )
-def test_a_damaged_hash_cache_is_ignored(cache: Path, key: ed25519.Ed25519PrivateKey, content: bytes) -> None:
+def test_a_damaged_hash_cache_is_ignored(
+    cache: Path, key: ed25519.Ed25519PrivateKey, content: bytes
+) -> None:
     hc = cache / manifest.HASH_CACHE_NAME
     hc.write_bytes(content)
     _publish(cache, key, hash_cache=hc)
@@ -619,7 +686,10 @@ def test_a_rewritten_file_is_hashed_again(cache: Path, key: ed25519.Ed25519Priva
     _publish(cache, key, hash_cache=hc)
     (cache / "tiles.mbtiles").write_bytes(b"new tiles")
     env = _publish(cache, key, hash_cache=hc, version=4)
-    assert env["signed"]["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(b"new tiles").hexdigest()
+    assert (
+        env["signed"]["targets"]["tiles.mbtiles"]["hashes"]["sha256"]
+        == hashlib.sha256(b"new tiles").hexdigest()
+    )
 
 
 def _digest(state: list) -> str:
@@ -633,7 +703,9 @@ def test_doit_file_checker_hashes_once_and_sees_every_change(tmp_path: Path) -> 
     _settle(f)
     checker = manifest.doit_file_checker(hc)()
     state = checker.get_state(str(f), None)
-    assert state[2] == 1000 and _digest(state) == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
+    assert (
+        state[2] == 1000 and _digest(state) == "sha256:" + hashlib.sha256(b"a" * 1000).hexdigest()
+    )
     assert checker.get_state(str(f), state) is None  # same stat, settled: unchanged, nothing read
     assert not checker.check_modified(str(f), f.stat(), state)
     # the same bytes written again (a new mtime, the same size): not modified
@@ -648,7 +720,9 @@ def test_doit_file_checker_hashes_once_and_sees_every_change(tmp_path: Path) -> 
     old = (0.0, 1000, "sha256:" + hashlib.sha256(b"b" * 1000).hexdigest())
     assert not checker.check_modified(str(f), f.stat(), old)
     # a state of doit's md5 checker (an older database) means modified, once
-    assert checker.check_modified(str(f), f.stat(), (0.0, 1000, hashlib.md5(b"b" * 1000).hexdigest()))
+    assert checker.check_modified(
+        str(f), f.stat(), (0.0, 1000, hashlib.md5(b"b" * 1000).hexdigest())
+    )
     assert checker.check_modified(str(f), f.stat(), 12.5)  # doit's timestamp checker
 
 
@@ -687,4 +761,7 @@ def test_doit_file_checker_takes_the_writers_hash(tmp_path: Path) -> None:
     checker = manifest.doit_file_checker(hc)()
     assert _digest(checker.get_state(str(f), None)) == "sha256:" + "0" * 64
     f.write_bytes(b"y" * 100)  # rewritten: the ctime moved, the remembered hash is dropped
-    assert _digest(checker.get_state(str(f), None)) == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()
+    assert (
+        _digest(checker.get_state(str(f), None))
+        == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()
+    )

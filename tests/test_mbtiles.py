@@ -27,16 +27,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.tiles import mbtiles
 from cachebuild.errors import BuildError, CacheBuildWarning, StoreObjectError
-from cachebuild.tiles.fetch import fetch_tiles
 from cachebuild.providers.mbtilesfile import connect_readonly, read_mbtiles_tile, read_tile
-from tests.surface import own_public_names
-from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, detect_format, write_mbtiles
-from cachebuild.store.objects import TileStore
 from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.store.objects import TileStore
 from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tiles import mbtiles
+from cachebuild.tiles.fetch import fetch_tiles
+from cachebuild.tiles.mbtiles import MBTILES_APPLICATION_ID, detect_format, write_mbtiles
 from cachebuild.tileset import hex_digests, read_tiles, write_tileset
+from tests.surface import own_public_names
 
 AREA = LngLatBbox(8.540, 47.370, 8.548, 47.374)
 RECORD = ".tiles.mbtiles.rows"  # the writer's record beside the file
@@ -47,17 +47,31 @@ def public_names(mod: types.ModuleType) -> set[str]:
     return own_public_names(mod)
 
 
-def fetched(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None, spec: str = "synthetic") -> dict[str, Any]:
+def fetched(
+    tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None, spec: str = "synthetic"
+) -> dict[str, Any]:
     return fetch_tiles(
-        bbox=area, zooms=zooms or [17], provider_spec=spec, store_root=tmp / "store",
-        out_dir=tmp / "build", env={}, progress=False,
+        bbox=area,
+        zooms=zooms or [17],
+        provider_spec=spec,
+        store_root=tmp / "store",
+        out_dir=tmp / "build",
+        env={},
+        progress=False,
     )
 
 
-def write(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None, **kw: Any) -> dict[str, int]:
+def write(
+    tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None, **kw: Any
+) -> dict[str, int]:
     return write_mbtiles(
-        tileset_dir=tmp / "build", store_root=tmp / "store", out_path=tmp / "build" / "tiles.mbtiles",
-        name="test cache", bbox=area, zooms=zooms or [17], **kw,
+        tileset_dir=tmp / "build",
+        store_root=tmp / "store",
+        out_path=tmp / "build" / "tiles.mbtiles",
+        name="test cache",
+        bbox=area,
+        zooms=zooms or [17],
+        **kw,
     )
 
 
@@ -76,8 +90,12 @@ def handmade_tileset(tmp: Path, images: dict[Tile, bytes]) -> None:
     """A tile set whose images are whatever we say, straight into the store."""
     with TileStore(tmp / "store") as store:
         rows = [(tile_id(t), bytes.fromhex(store.put(data))) for t, data in images.items()]
-    write_tileset(tmp / "build", np.array(rows, dtype=[("id", "<i8"), ("sha256", "S32")]),
-                  np.array([], dtype="<i8"), {})
+    write_tileset(
+        tmp / "build",
+        np.array(rows, dtype=[("id", "<i8"), ("sha256", "S32")]),
+        np.array([], dtype="<i8"),
+        {},
+    )
 
 
 def test_all_is_complete() -> None:
@@ -96,8 +114,12 @@ def test_schema_metadata_and_tms_rows(tmp_path: Path) -> None:
     out = write(tmp_path)
     path = tmp_path / "build" / "tiles.mbtiles"
     assert out == {
-        "tiles": len(PLANNED), "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "mode": "full", "inserted": len(PLANNED), "deleted": 0,
+        "tiles": len(PLANNED),
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "mode": "full",
+        "inserted": len(PLANNED),
+        "deleted": 0,
     }
 
     with closing(sqlite3.connect(path)) as db:
@@ -106,7 +128,11 @@ def test_schema_metadata_and_tms_rows(tmp_path: Path) -> None:
         assert [r[1] for r in db.execute("PRAGMA table_info(metadata)")] == ["name", "value"]
         index = {r[1]: r[2] for r in db.execute("PRAGMA index_list(tiles)")}
         assert index == {"tile_index": 1}  # unique
-        assert [r[2] for r in db.execute("PRAGMA index_info(tile_index)")] == ["zoom_level", "tile_column", "tile_row"]
+        assert [r[2] for r in db.execute("PRAGMA index_info(tile_index)")] == [
+            "zoom_level",
+            "tile_column",
+            "tile_row",
+        ]
         assert db.execute("PRAGMA application_id").fetchone()[0] == MBTILES_APPLICATION_ID
         rows = {(z, x, r): bytes(d) for z, x, r, d in db.execute("SELECT * FROM tiles")}
     assert len(rows) == len(PLANNED)
@@ -165,7 +191,9 @@ def test_png_tiles_are_detected(tmp_path: Path) -> None:
 
 
 def test_mixed_formats_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
-    handmade_tileset(tmp_path, {Tile(0, 0, 1): synthetic_tile_bytes(Tile(0, 0, 1)), Tile(1, 0, 1): png()})
+    handmade_tileset(
+        tmp_path, {Tile(0, 0, 1): synthetic_tile_bytes(Tile(0, 0, 1)), Tile(1, 0, 1): png()}
+    )
     with pytest.raises(BuildError, match="1/1/0 is png"):
         write(tmp_path, LngLatBbox(-180, 0, 180, 85), [1])
     assert list((tmp_path / "build").glob("*mbtiles*")) == []
@@ -212,7 +240,10 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     path.write_bytes(b"the old file")
     write(tmp_path)
     assert metadata(path)["name"] == "test cache"
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [RECORD, "tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [
+        RECORD,
+        "tiles.mbtiles",
+    ]
 
     # a failed write leaves the previous file as it was
     old = path.read_bytes()
@@ -222,13 +253,18 @@ def test_the_file_is_replaced_atomically(tmp_path: Path) -> None:
     with pytest.raises(BuildError):
         write(tmp_path, incremental=False)  # an update would not read the unchanged tile
     assert path.read_bytes() == old
-    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [RECORD, "tiles.mbtiles"]
+    assert sorted(p.name for p in path.parent.iterdir() if "mbtiles" in p.name) == [
+        RECORD,
+        "tiles.mbtiles",
+    ]
 
 
 def test_tiles_are_streamed_not_held(tmp_path: Path) -> None:
     area = LngLatBbox(8.50, 47.35, 8.53, 47.37)
     fetched(tmp_path, area)
-    total = sum(p.stat().st_size for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file())
+    total = sum(
+        p.stat().st_size for p in (tmp_path / "store" / "objects").rglob("*") if p.is_file()
+    )
     tracemalloc.start()
     try:
         out = write(tmp_path, area)
@@ -262,9 +298,16 @@ def test_sqlite3_cli_finds_the_file_sound(written: Path) -> None:
     exe = shutil.which("sqlite3")
     if exe is None:
         pytest.skip("the sqlite3 command-line tool is not installed")
-    ok = subprocess.run([exe, str(written), "PRAGMA integrity_check"], capture_output=True, text=True, check=True)
+    ok = subprocess.run(
+        [exe, str(written), "PRAGMA integrity_check"], capture_output=True, text=True, check=True
+    )
     assert ok.stdout.strip() == "ok"
-    n = subprocess.run([exe, str(written), "SELECT count(*) FROM tiles"], capture_output=True, text=True, check=True)
+    n = subprocess.run(
+        [exe, str(written), "SELECT count(*) FROM tiles"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert int(n.stdout) == len(PLANNED)
 
 
@@ -339,13 +382,20 @@ def scratch(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None) 
     """The same tile set written from scratch elsewhere: what an update must equal."""
     out = tmp / "scratch" / "tiles.mbtiles"
     write_mbtiles(
-        tileset_dir=tmp / "build", store_root=tmp / "store", out_path=out, name="test cache",
-        bbox=area, zooms=zooms or [17], incremental=False,
+        tileset_dir=tmp / "build",
+        store_root=tmp / "store",
+        out_path=out,
+        name="test cache",
+        bbox=area,
+        zooms=zooms or [17],
+        incremental=False,
     )
     return out
 
 
-def assert_same_as_scratch(tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None) -> None:
+def assert_same_as_scratch(
+    tmp: Path, area: LngLatBbox = AREA, zooms: list[int] | None = None
+) -> None:
     path = tmp / "build" / "tiles.mbtiles"
     ref = scratch(tmp, area, zooms)
     assert all_rows(path) == all_rows(ref)
@@ -371,7 +421,9 @@ def test_an_update_equals_a_write_from_scratch(tmp_path: Path) -> None:
 
     shifted = grid(X0 + 1, Y0, 10, 8)  # one column gone, one new
     changed = set(shifted[20:23])
-    handmade_tileset(tmp_path, {t: other_image(t) if t in changed else synthetic_tile_bytes(t) for t in shifted})
+    handmade_tileset(
+        tmp_path, {t: other_image(t) if t in changed else synthetic_tile_bytes(t) for t in shifted}
+    )
     area = LngLatBbox(8.541, 47.370, 8.549, 47.374)
     out = write(tmp_path, area)
     assert out["mode"] == "updated"
@@ -419,7 +471,9 @@ def _damage_keeping_stat(path: Path, where: str = "blob") -> None:
 @pytest.mark.parametrize(
     "damage", ["truncated", "same-stat", "same-stat-pages", "foreign", "no-record", "bad-record"]
 )
-def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, damage: str) -> None:
+def test_a_file_that_is_not_the_recorded_one_is_written_in_full(
+    tmp_path: Path, damage: str
+) -> None:
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 6, 6)})
     write(tmp_path)
     path = tmp_path / "build" / "tiles.mbtiles"
@@ -448,7 +502,9 @@ def test_a_file_that_is_not_the_recorded_one_is_written_in_full(tmp_path: Path, 
     assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
 
 
-def test_an_update_without_copy_file_range_copies_through_python(tmp_path: Path, monkeypatch) -> None:
+def test_an_update_without_copy_file_range_copies_through_python(
+    tmp_path: Path, monkeypatch
+) -> None:
     """A filesystem without copy_file_range (ENOSYS, EXDEV...): the update copies by read and write."""
     import errno
 
@@ -527,10 +583,14 @@ def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> No
     handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0, Y0, 8, 8)})
     write(tmp_path)
     for step in range(1, 13):
-        handmade_tileset(tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + step, Y0 + step % 2, 8, 8)})
+        handmade_tileset(
+            tmp_path, {t: synthetic_tile_bytes(t) for t in grid(X0 + step, Y0 + step % 2, 8, 8)}
+        )
         assert write(tmp_path)["mode"] == "updated"
         with closing(sqlite3.connect(path)) as db:
-            pages, free = (db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count"))
+            pages, free = (
+                db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "freelist_count")
+            )
         assert free <= mbtiles.MAX_FREE_SHARE * pages
     assert_same_as_scratch(tmp_path)
     fresh = (tmp_path / "scratch" / "tiles.mbtiles").stat().st_size
@@ -538,8 +598,7 @@ def test_many_shifts_keep_the_file_the_size_of_a_fresh_one(tmp_path: Path) -> No
 
 
 def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
-    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
-    from cachebuild._util.statcache import stat_key
+    from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
 
     fetched(tmp_path)
     cache_file = tmp_path / "build" / HASH_CACHE_NAME
@@ -550,7 +609,9 @@ def test_the_hash_is_remembered_for_the_manifest(tmp_path: Path) -> None:
     entry = json.loads(cache_file.read_text())["entries"]["tiles.mbtiles"]
     assert entry[6] == want and entry[:5] == stat_key(path.stat())
     st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))  # settled (a new ctime: hashed once more)
+    os.utime(
+        path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10)
+    )  # settled (a new ctime: hashed once more)
     cache = HashCache(cache_file)
     cache.sha256(path)
     cache.save()
@@ -566,7 +627,9 @@ def test_gdal_and_sqlite3_read_an_updated_file(tmp_path: Path) -> None:
     assert write(tmp_path)["mode"] == "updated"
     path = tmp_path / "build" / "tiles.mbtiles"
     if exe := shutil.which("sqlite3"):
-        ok = subprocess.run([exe, str(path), "PRAGMA integrity_check"], capture_output=True, text=True, check=True)
+        ok = subprocess.run(
+            [exe, str(path), "PRAGMA integrity_check"], capture_output=True, text=True, check=True
+        )
         assert ok.stdout.strip() == "ok"
     if exe := shutil.which("gdalinfo"):
         info = subprocess.run([exe, str(path)], capture_output=True, text=True, check=True).stdout
@@ -578,7 +641,9 @@ def test_gdal_and_sqlite3_read_an_updated_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ in a real build
 
 
-def test_a_shifted_build_updates_the_file_and_publishes_a_cache_that_verifies(cb: Any, tmp_path: Path) -> None:
+def test_a_shifted_build_updates_the_file_and_publishes_a_cache_that_verifies(
+    cb: Any, tmp_path: Path
+) -> None:
     from .conftest import write_flight
 
     args = ("BUFFER_M=300", "ZOOM=17", "REPORT=json")
@@ -599,15 +664,23 @@ def test_a_shifted_build_updates_the_file_and_publishes_a_cache_that_verifies(cb
     # the manifest took the writer's hash: the signed hash is the file's
     signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
     current = cb.current / "tiles.mbtiles"
-    assert signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"] == hashlib.sha256(current.read_bytes()).hexdigest()
+    assert (
+        signed["targets"]["tiles.mbtiles"]["hashes"]["sha256"]
+        == hashlib.sha256(current.read_bytes()).hexdigest()
+    )
 
 
 def assert_same_as_scratch_of(build: Path, store: Path, tmp: Path) -> None:
     summary = json.loads((build / "tileset.json").read_text())
     out = tmp / "scratch" / "tiles.mbtiles"
     write_mbtiles(
-        tileset_dir=build, store_root=store, out_path=out, name="cachebuild tiles",
-        bbox=LngLatBbox(*summary["bbox"]), zooms=summary["zooms"], incremental=False,
+        tileset_dir=build,
+        store_root=store,
+        out_path=out,
+        name="cachebuild tiles",
+        bbox=LngLatBbox(*summary["bbox"]),
+        zooms=summary["zooms"],
+        incremental=False,
     )
     assert all_rows(build / "tiles.mbtiles") == all_rows(out)
     assert metadata(build / "tiles.mbtiles") == metadata(out)

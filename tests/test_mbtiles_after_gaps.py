@@ -92,9 +92,13 @@ def empty_server() -> Iterator[_EmptyAtFirst]:
     srv.close()
 
 
-def test_an_xyz_server_without_the_tiles_then_with_them(cb: Any, tmp_path: Path, empty_server: Any) -> None:
+def test_an_xyz_server_without_the_tiles_then_with_them(
+    cb: Any, tmp_path: Path, empty_server: Any
+) -> None:
     template = f"http://127.0.0.1:{empty_server.port}/{{z}}/{{x}}/{{y}}.jpg"
     flight = write_flight(tmp_path / "flight.json")
     first_build_finds_nothing(cb, flight, template)
     empty_server.filled = True
-    assert_published(cb.build(f"FLIGHT={flight}", f"PROVIDER={template}", "RETRY_MISSING=1", *ARGS), cb)
+    assert_published(
+        cb.build(f"FLIGHT={flight}", f"PROVIDER={template}", "RETRY_MISSING=1", *ARGS), cb
+    )

@@ -16,13 +16,12 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from cachebuild.providers.mbtilesfile import read_mbtiles_tile
-from cachebuild.providers.local import MBTilesProvider
 from cachebuild._util.sqliteuri import sqlite_uri
+from cachebuild.providers.local import MBTilesProvider
+from cachebuild.providers.mbtilesfile import read_mbtiles_tile
 from cachebuild.tilemath import Tile
 
 from .conftest import write_flight
@@ -61,7 +60,11 @@ def plant_hot_journal(path: Path, work: Path) -> tuple[Tile, bytes, bytes]:
     )
     subprocess.run([sys.executable, "-c", code, str(copy)], check=True)
     shutil.copyfile(copy.with_name(copy.name + "-journal"), path.with_name(path.name + "-journal"))
-    return Tile(x, (1 << z) - 1 - row, z), bytes(data), bytes(data[:start] + bytes(64) + data[start + 64 :])
+    return (
+        Tile(x, (1 << z) - 1 - row, z),
+        bytes(data),
+        bytes(data[:start] + bytes(64) + data[start + 64 :]),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +90,10 @@ def test_the_planted_journal_is_a_real_attack(published: Path, tmp_path: Path) -
     shutil.copyfile(published / "cache" / "current" / "tiles.mbtiles", victim)
     tile, _, attacked = plant_hot_journal(victim, tmp_path)
     with sqlite3.connect(victim) as c:
-        got = c.execute("SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
-                        (tile.z, tile.x, (1 << tile.z) - 1 - tile.y)).fetchone()[0]
+        got = c.execute(
+            "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+            (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
+        ).fetchone()[0]
     assert got == attacked
 
 
@@ -112,7 +117,9 @@ def test_readers_ignore_a_hot_journal(published: Path, tmp_path: Path, reader: s
     assert (digest(victim), digest(journal)) == before
 
 
-def test_preview_cache_reads_the_published_file_not_a_journal_beside_it(published: Path, tmp_path: Path) -> None:
+def test_preview_cache_reads_the_published_file_not_a_journal_beside_it(
+    published: Path, tmp_path: Path
+) -> None:
     from .conftest import Cb
 
     cb = Cb(home=published)
@@ -122,7 +129,9 @@ def test_preview_cache_reads_the_published_file_not_a_journal_beside_it(publishe
     before = digest(current), digest(journal)
     try:
         # an empty store: no thumbnail to reuse, every tile is read from the file
-        shown = cb.run("preview-cache", f"STORE={tmp_path / 'empty store #?'}", f"OUT={tmp_path / 'p.png'}")
+        shown = cb.run(
+            "preview-cache", f"STORE={tmp_path / 'empty store #?'}", f"OUT={tmp_path / 'p.png'}"
+        )
         assert shown.code == 0, shown.stderr
         preview = shown.report["preview"]
         assert preview["mode"] == "decoded" or preview["thumbnails_made"] > 0, preview

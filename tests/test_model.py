@@ -12,7 +12,15 @@ import pytest
 from PIL import Image
 
 from cachebuild.engine import model
-from cachebuild.engine.model import DEFAULT_MODEL_VERSION, DESCRIPTOR_DIM, INPUT_NAME, OUTPUT_NAME, TILE_SIZE, build_default_model, write_default_model
+from cachebuild.engine.model import (
+    DEFAULT_MODEL_VERSION,
+    DESCRIPTOR_DIM,
+    INPUT_NAME,
+    OUTPUT_NAME,
+    TILE_SIZE,
+    build_default_model,
+    write_default_model,
+)
 
 from .surface import assert_public_surface, heavy_imports
 

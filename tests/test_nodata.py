@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.providers import nodata
 from cachebuild.errors import UsageError
+from cachebuild.providers import nodata
 from cachebuild.providers.nodata import NoDataRule, is_uniform
-from cachebuild.store.objects import sha256_hex
 from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.store.objects import sha256_hex
 from cachebuild.tilemath import Tile
 from tests.test_providers import public_names
 

@@ -33,11 +33,19 @@ def _op_key(tmp_path: Path, mode: int) -> Path:
     return path
 
 
-def test_interrupt_names_the_signal_and_counts_the_tiles_fetched(cb: Cb, tmp_path: Path, tile_server) -> None:
+def test_interrupt_names_the_signal_and_counts_the_tiles_fetched(
+    cb: Cb, tmp_path: Path, tile_server
+) -> None:
     tile_server.latency_s = 0.05
     f = write_flight(tmp_path / "f.json")
-    p = cb.popen("build-cache", f"FLIGHT={f}", "BUFFER_M=1500", "ZOOM=17", "CONCURRENCY=2",
-                 f"PROVIDER={tile_server.template()}")
+    p = cb.popen(
+        "build-cache",
+        f"FLIGHT={f}",
+        "BUFFER_M=1500",
+        "ZOOM=17",
+        "CONCURRENCY=2",
+        f"PROVIDER={tile_server.template()}",
+    )
     deadline = time.monotonic() + 60
     while len(tile_server.requests) < 10 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -69,7 +77,9 @@ def test_warnings_are_one_line_without_source(cb: Cb, tmp_path: Path) -> None:
 
     tif = tmp_path / "plain.tif"
     Image.new("RGB", (64, 64), "red").save(tif)
-    g = cb.build(f"FLIGHT={f}", *SMALL, f"KEY={key}", f"PROVIDER={tif}", f"CACHE_DIR={tmp_path / 'c2'}")
+    g = cb.build(
+        f"FLIGHT={f}", *SMALL, f"KEY={key}", f"PROVIDER={tif}", f"CACHE_DIR={tmp_path / 'c2'}"
+    )
     assert g.code == 2
     assert "NotGeoreferencedWarning" not in g.stderr and ".py:" not in g.stderr
     assert "WARNING: Dataset has no geotransform" in g.stderr
@@ -108,7 +118,11 @@ def test_sizes_typos_and_preview_size(cb: Cb, tmp_path: Path) -> None:
 def test_console_script_help_and_version(cb: Cb) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "cachebuild.cli.console", *args], env=cb.env(), capture_output=True, text=True, cwd=REPO
+            [sys.executable, "-m", "cachebuild.cli.console", *args],
+            env=cb.env(),
+            capture_output=True,
+            text=True,
+            cwd=REPO,
         )
 
     h = run("build-cache", "--help")
@@ -123,29 +137,51 @@ def test_log_level_shows_records_with_secrets_redacted(cb: Cb, tmp_path: Path, t
     tile_server.key = api_key
     f = write_flight(tmp_path / "f.json")
     env = cb.env(CACHEBUILD_API_KEY=api_key)
-    r = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", "LOG_LEVEL=debug", env=env)
+    r = cb.build(
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template('?key={key}')}",
+        "LOG_LEVEL=debug",
+        env=env,
+    )
     assert r.code == 0, r.stderr
     assert " INFO cachebuild.release.manifest: " in r.stderr  # the project's own records
     assert " INFO httpx: HTTP Request: GET " in r.stderr  # and the libraries'
     assert "key=***" in r.stderr and api_key not in r.stderr + r.stdout
-    quiet = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", env=env)
+    quiet = cb.build(
+        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template('?key={key}')}", env=env
+    )
     assert "INFO" not in quiet.stderr
     env_level = cb.env(CACHEBUILD_API_KEY=api_key, CACHEBUILD_LOG_LEVEL="info")
-    again = cb.build(f"FLIGHT={f}", "BUFFER_M=600", "ZOOM=17", f"PROVIDER={tile_server.template('?key={key}')}",
-                     env=env_level)
+    again = cb.build(
+        f"FLIGHT={f}",
+        "BUFFER_M=600",
+        "ZOOM=17",
+        f"PROVIDER={tile_server.template('?key={key}')}",
+        env=env_level,
+    )
     assert again.code == 0 and " INFO httpx: " in again.stderr and api_key not in again.stderr
     bad = cb.build(f"FLIGHT={f}", "LOG_LEVEL=verbose")
     assert bad.code == 2 and "LOG_LEVEL" in bad.report["error"]
 
 
-def test_ci_log_closes_each_phase_and_the_summary_gives_times_and_recall(cb: Cb, tmp_path: Path) -> None:
+def test_ci_log_closes_each_phase_and_the_summary_gives_times_and_recall(
+    cb: Cb, tmp_path: Path
+) -> None:
     f = write_flight(tmp_path / "f.json")
     r = cb.build(f"FLIGHT={f}", *SMALL, "REPORT=text")
     assert r.code == 0, r.stderr
     err = r.stderr.splitlines()
-    for phase, unit in (("describe", "tiles described"), ("index", "vectors"), ("selftest", "frames"),
-                        ("mbtiles", "tiles"), ("preview", "tiles")):
-        assert any(ln.startswith(f"{phase}: ") and f" {unit} in " in ln and ln.endswith("/s") for ln in err), phase
+    for phase, unit in (
+        ("describe", "tiles described"),
+        ("index", "vectors"),
+        ("selftest", "frames"),
+        ("mbtiles", "tiles"),
+        ("preview", "tiles"),
+    ):
+        assert any(
+            ln.startswith(f"{phase}: ") and f" {unit} in " in ln and ln.endswith("/s") for ln in err
+        ), phase
     for phase in ("engine", "manifest", "flight", "model"):
         assert any(ln.startswith(f"{phase}: done in ") for ln in err), phase
     assert sum(ln.startswith("tiles: ") for ln in err) == 1

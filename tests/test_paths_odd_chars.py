@@ -20,7 +20,9 @@ NAMES = ["with space", "hash#1", "query?mode=rw", "percent%41", "nön-ascii ün�
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_a_build_in_a_cache_dir_and_store_with_odd_characters(cb: Any, tmp_path: Path, name: str) -> None:
+def test_a_build_in_a_cache_dir_and_store_with_odd_characters(
+    cb: Any, tmp_path: Path, name: str
+) -> None:
     top = tmp_path / "top"
     top.mkdir()
     cache, store = top / f"cache {name}", top / f"store {name}"

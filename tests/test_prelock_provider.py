@@ -31,7 +31,12 @@ def server() -> tileserver.TileServer:
     ids=["unknown-placeholder", "key-without-api-key"],
 )
 def test_bad_provider_is_refused_before_the_lock_and_keeps_the_no_op(
-    cb: Cb, tmp_path: Path, server: tileserver.TileServer, bad_template: str, env_key: bool, needle: str
+    cb: Cb,
+    tmp_path: Path,
+    server: tileserver.TileServer,
+    bad_template: str,
+    env_key: bool,
+    needle: str,
 ) -> None:
     flight = write_flight(tmp_path / "f.json")
     good = server.template()
@@ -43,7 +48,9 @@ def test_bad_provider_is_refused_before_the_lock_and_keeps_the_no_op(
 
     path, _, query = bad_template.partition("?")
     bad = cb.build(
-        *args, f"PROVIDER={server.template(path, '?' + query)}", env=with_key if env_key else cb.env()
+        *args,
+        f"PROVIDER={server.template(path, '?' + query)}",
+        env=with_key if env_key else cb.env(),
     )
     assert bad.code == 2, bad.stderr[-3000:]
     rep = bad.report
@@ -60,10 +67,14 @@ def test_bad_provider_is_refused_before_the_lock_and_keeps_the_no_op(
     assert server.count() == requests
 
 
-def test_directory_template_with_a_url_placeholder_is_refused_before_the_lock(cb: Cb, tmp_path: Path) -> None:
+def test_directory_template_with_a_url_placeholder_is_refused_before_the_lock(
+    cb: Cb, tmp_path: Path
+) -> None:
     flight = write_flight(tmp_path / "f.json")
     (tmp_path / "tiles").mkdir()
-    r = cb.build(f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={tmp_path}/tiles/{{z}}/{{x}}/{{s}}.png")
+    r = cb.build(
+        f"FLIGHT={flight}", "BUFFER_M=100", f"PROVIDER={tmp_path}/tiles/{{z}}/{{x}}/{{s}}.png"
+    )
     assert r.code == 2, r.stderr[-3000:]
     rep = r.report
     assert rep["failure_phase"] == "arguments" and "{s}" in rep["error"]

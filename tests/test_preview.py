@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.tiles.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
 from cachebuild.tilemath import tile_from_id
+from cachebuild.tiles.preview import MISSING_RGB, ORIGIN_RGB, ROUTE_RGB, render_preview
 
 from .conftest import Cb, write_flight
 
@@ -24,7 +24,12 @@ def holey_cache(cb: Cb, tmp_path: Path, tile_server) -> tuple[Cb, Path, list]:
     from cachebuild.inputs.flight import flight_area, load_flight_file
     from cachebuild.tilemath import tiles
 
-    f = write_flight(tmp_path / "f.json", waypoints=WPS, origin=(47.3702, 8.5401), flight_id="0f0f0f0f-1111-4111-8111-111111111111")
+    f = write_flight(
+        tmp_path / "f.json",
+        waypoints=WPS,
+        origin=(47.3702, 8.5401),
+        flight_id="0f0f0f0f-1111-4111-8111-111111111111",
+    )
     planned = sorted(tiles(flight_area(load_flight_file(f), 200), [17]))
     holes = [planned[0], planned[len(planned) // 2]]
     tile_server.missing = {(t.z, t.x, t.y) for t in holes}
@@ -46,7 +51,9 @@ def _region(img: np.ndarray, box: tuple[int, int, int, int], inset: int = 2) -> 
         (150, "thumbnails"),  # 30 px a tile, as a 1,200-tile cache at 1024 px: from thumbnails
     ],
 )
-def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size: int, mode: str) -> None:
+def test_preview_shows_holes_imagery_and_route(
+    holey_cache, tmp_path: Path, size: int, mode: str
+) -> None:
     cb, f, holes = holey_cache
     release = cb.current.resolve()
     out = tmp_path / "preview.png"
@@ -68,7 +75,9 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
 
         with ThumbStore(store) as ts:
             shas = np.ascontiguousarray(np.load(release / "tiles.npy")["sha256"][:2]).view(np.uint8)
-            assert ts.drop(bytes(shas[k * 32 : (k + 1) * 32]) for k in range(2)) == 2  # not .tolist(): it strips NULs
+            assert (
+                ts.drop(bytes(shas[k * 32 : (k + 1) * 32]) for k in range(2)) == 2
+            )  # not .tolist(): it strips NULs
         third = render_preview(release, tmp_path / "third.png", size=size, store=store)
         assert third["thumbnails_made"] == 2 and third["thumbnails_reused"] == r["present"] - 2
         assert (tmp_path / "third.png").read_bytes() == out.read_bytes()
@@ -89,14 +98,18 @@ def test_preview_shows_holes_imagery_and_route(holey_cache, tmp_path: Path, size
     for tid in ids.tolist():
         t = tile_from_id(tid)
         box = geo.tile_box(t.x, t.y)
-        if (box[2] > geo.width - 36 and box[1] < 52) or (box[0] < geo.width / 5 + 20 and box[3] > geo.height - 36):
+        if (box[2] > geo.width - 36 and box[1] < 52) or (
+            box[0] < geo.width / 5 + 20 and box[3] > geo.height - 36
+        ):
             continue
         (data,) = conn.execute(
             "SELECT tile_data FROM tiles WHERE zoom_level=? AND tile_column=? AND tile_row=?",
             (t.z, t.x, 2**t.z - 1 - t.y),
         ).fetchone()
         with Image.open(io.BytesIO(data)) as tile_img:
-            own = np.asarray(tile_img.convert("RGB").resize((box[2] - box[0], box[3] - box[1]))).astype(int)
+            own = np.asarray(
+                tile_img.convert("RGB").resize((box[2] - box[0], box[3] - box[1]))
+            ).astype(int)
         shown = img[box[1] : box[3], box[0] : box[2]]
         # overlays (route, bbox) may cover a few pixels: compare the median difference
         assert np.median(np.abs(shown - own)) < 12, f"tile {t} does not show its imagery"
@@ -127,8 +140,8 @@ def test_kept_cells_draw_the_same_map_and_only_changed_tiles_are_looked_up(
 ) -> None:
     import shutil
 
-    from cachebuild.tiles.preview import CELLS_FILE
     from cachebuild.store.thumbs import ThumbStore
+    from cachebuild.tiles.preview import CELLS_FILE
 
     cb, _, _ = holey_cache
     cache = tmp_path / "cache"
@@ -137,15 +150,25 @@ def test_kept_cells_draw_the_same_map_and_only_changed_tiles_are_looked_up(
     kept.mkdir()
     asked: list[int] = []
     real_lookup = ThumbStore.lookup
-    monkeypatch.setattr(ThumbStore, "lookup", lambda self, d: asked.append(len(d := list(d))) or real_lookup(self, d))
+    monkeypatch.setattr(
+        ThumbStore,
+        "lookup",
+        lambda self, d: asked.append(len(d := list(d))) or real_lookup(self, d),
+    )
 
     def draw(name: str, cells: bool) -> tuple[dict, bytes]:
         asked.clear()
-        r = render_preview(cache, tmp_path / name, size=150, store=store, cells_dir=kept if cells else None)
+        r = render_preview(
+            cache, tmp_path / name, size=150, store=store, cells_dir=kept if cells else None
+        )
         return r, (tmp_path / name).read_bytes()
 
     first, png = draw("first.png", True)
-    assert first["mode"] == "thumbnails" and sum(asked) == first["present"] and (kept / CELLS_FILE).exists()
+    assert (
+        first["mode"] == "thumbnails"
+        and sum(asked) == first["present"]
+        and (kept / CELLS_FILE).exists()
+    )
     again, png2 = draw("again.png", True)
     assert sum(asked) == 0 and png2 == png and again["present"] == first["present"]
     # two tiles now show each other's image (a changed tile, as after a new fetch): only they are looked up
@@ -284,7 +307,9 @@ def _probe_build(cb: Cb, *args: str) -> dict:
 
 
 def _digests(cache: Path) -> list[bytes]:
-    raw = np.ascontiguousarray(np.load(cache / "tiles.npy")["sha256"]).view(np.uint8).reshape(-1, 32)
+    raw = (
+        np.ascontiguousarray(np.load(cache / "tiles.npy")["sha256"]).view(np.uint8).reshape(-1, 32)
+    )
     return list(dict.fromkeys(r.tobytes() for r in raw))
 
 
@@ -293,8 +318,8 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
 ) -> None:
     import shutil
 
-    from cachebuild.tiles.preview import CELLS_FILE
     from cachebuild.store.thumbs import ThumbStore
+    from cachebuild.tiles.preview import CELLS_FILE
 
     f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS, origin=(47.3700, 8.5401))
     args = (f"FLIGHT={f}", *LONG, f"PROVIDER={tile_server.template()}")
@@ -314,10 +339,20 @@ def test_a_builds_preview_decodes_no_tile_after_describe_and_falls_back_for_reus
 
     # descriptors reused, thumbnails gone (a store from before them): the preview decodes, once
     shutil.rmtree(store / "thumbs")
-    (cb.home / "cache" / "state" / "build" / CELLS_FILE).unlink()  # and no cells kept from the last map
-    write_flight(f, waypoints=LONG_WPS, origin=(47.3700, 8.5401), flight_id="33333333-3333-4333-8333-333333333333")
+    (
+        cb.home / "cache" / "state" / "build" / CELLS_FILE
+    ).unlink()  # and no cells kept from the last map
+    write_flight(
+        f,
+        waypoints=LONG_WPS,
+        origin=(47.3700, 8.5401),
+        flight_id="33333333-3333-4333-8333-333333333333",
+    )
     moved = _probe_build(cb, *args)
-    assert "describe" not in moved["report"]["tasks"]["run"] and "preview" in moved["report"]["tasks"]["run"]
+    assert (
+        "describe" not in moved["report"]["tasks"]["run"]
+        and "preview" in moved["report"]["tasks"]["run"]
+    )
     assert moved["preview"] == n and moved["other"] == 0
     with ThumbStore(store) as ts:
         assert ts.present(_digests(cb.current)) == set(_digests(cb.current))
@@ -337,7 +372,12 @@ def test_a_second_machine_gets_the_thumbnails_from_the_bucket(tmp_path: Path, ti
     s3 = S3Server(tmp_path, bucket=f"maps-{secrets.token_hex(4)}")
     try:
         f = write_flight(tmp_path / "f.json", waypoints=LONG_WPS)
-        args = (f"FLIGHT={f}", *LONG, f"PROVIDER={tile_server.template()}", f"STORE=s3://{s3.bucket}/team")
+        args = (
+            f"FLIGHT={f}",
+            *LONG,
+            f"PROVIDER={tile_server.template()}",
+            f"STORE=s3://{s3.bucket}/team",
+        )
         machines = []
         for name in ("a", "b"):
             (tmp_path / name).mkdir()
@@ -365,6 +405,10 @@ def test_a_second_machine_gets_the_thumbnails_from_the_bucket(tmp_path: Path, ti
             with ThumbStore(a.home / "store") as ta:  # the same thumbnails, byte for byte
                 assert ts.lookup(digests) == ta.lookup(digests)
         r = render_preview(b.current.resolve(), tmp_path / "b.png", store=store)
-        assert r["mode"] == "thumbnails" and r["thumbnails_made"] == 0 and r["thumbnails_reused"] == r["present"]
+        assert (
+            r["mode"] == "thumbnails"
+            and r["thumbnails_made"] == 0
+            and r["thumbnails_reused"] == r["present"]
+        )
     finally:
         s3.close()

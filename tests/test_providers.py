@@ -19,13 +19,19 @@ from PIL import Image
 
 from cachebuild import __version__, providers
 from cachebuild.errors import EXIT_USAGE, CacheBuildError, DownloadError, UsageError
-from cachebuild.providers.xyzconfig import API_KEY_ENV, HttpConfig
-from cachebuild.providers.base import USER_AGENT, Provider, TileFetchError, check_image, template_placeholders
-from cachebuild.providers.local import SyntheticProvider
-from cachebuild.providers.xyz import XyzProvider
 from cachebuild.providers import base, geotiff, local, open_provider, provider_kind
 from cachebuild.providers import xyz as xyz_module
+from cachebuild.providers.base import (
+    USER_AGENT,
+    Provider,
+    TileFetchError,
+    check_image,
+    template_placeholders,
+)
+from cachebuild.providers.local import SyntheticProvider
 from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.providers.xyz import XyzProvider
+from cachebuild.providers.xyzconfig import API_KEY_ENV, HttpConfig
 from cachebuild.tilemath import Tile
 from tests.surface import defined_names
 from tests.tileserver import (
@@ -41,7 +47,13 @@ TOKEN = "tok-9f8e7d6c5b4a-secret"
 
 def fast_env(**extra: str) -> dict[str, str]:
     """The key, and retries with no waiting."""
-    return {API_KEY_ENV: KEY, "HTTP_BACKOFF": "0", "HTTP_RETRIES": "2", "HTTP_TIMEOUT": "5", **extra}
+    return {
+        API_KEY_ENV: KEY,
+        "HTTP_BACKOFF": "0",
+        "HTTP_RETRIES": "2",
+        "HTTP_TIMEOUT": "5",
+        **extra,
+    }
 
 
 def xyz(server: TileServer, **config: Any) -> XyzProvider:
@@ -87,7 +99,9 @@ def test_the_package_exports_its_own_names_and_the_providers() -> None:
         assert cls in providers.__all__
 
 
-@pytest.mark.parametrize("mod", [providers, base, xyz_module, local, geotiff], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "mod", [providers, base, xyz_module, local, geotiff], ids=lambda m: m.__name__
+)
 def test_doctests(mod: types.ModuleType) -> None:
     assert doctest.testmod(mod).failed == 0
 
@@ -117,7 +131,9 @@ def test_synthetic_is_the_default(server: TileServer) -> None:
         p.close()
 
 
-@pytest.mark.parametrize("spec", ["ftp://host/{z}/{x}/{y}", "no-such-dir/", "bing", "C:/maps/area.sqlite"])
+@pytest.mark.parametrize(
+    "spec", ["ftp://host/{z}/{x}/{y}", "no-such-dir/", "bing", "C:/maps/area.sqlite"]
+)
 def test_unknown_spec_lists_the_accepted_forms(spec: str) -> None:
     with pytest.raises(UsageError) as info:
         open_provider(spec, env={})

@@ -22,13 +22,14 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import UsageError
-from cachebuild.providers.geotiff import GeoTiffProvider
-from cachebuild.providers.base import Provider
 from cachebuild.providers import open_provider
-from cachebuild.providers.geotiff import mercator_bounds
+from cachebuild.providers.base import Provider
+from cachebuild.providers.geotiff import GeoTiffProvider, mercator_bounds
 from cachebuild.tilemath import LngLatBbox, Tile, tile, tiles
 
-rasterio = pytest.importorskip("rasterio", reason="the GeoTIFF provider needs rasterio (the geotiff extra)")
+rasterio = pytest.importorskip(
+    "rasterio", reason="the GeoTIFF provider needs rasterio (the geotiff extra)"
+)
 from affine import Affine  # noqa: E402
 from rasterio.warp import transform  # noqa: E402
 
@@ -110,7 +111,9 @@ INSIDE = tile(CORNER[0] + 0.0025, CORNER[1] - 0.0018, 17)  # in the middle of th
 def test_mercator_bounds_agree_with_mercantile() -> None:
     mercantile = pytest.importorskip("mercantile")
     for t in (INSIDE, Tile(0, 0, 0), Tile(3, 5, 4)):
-        assert mercator_bounds(t) == pytest.approx(tuple(mercantile.xy_bounds(t.x, t.y, t.z)), abs=1e-6)
+        assert mercator_bounds(t) == pytest.approx(
+            tuple(mercantile.xy_bounds(t.x, t.y, t.z)), abs=1e-6
+        )
 
 
 def test_a_tile_matches_the_source_pixel_for_pixel(ortho: Path) -> None:
@@ -154,7 +157,9 @@ def test_same_file_same_bytes_and_identity(ortho: Path, tmp_path: Path) -> None:
     a, b = GeoTiffProvider(ortho), GeoTiffProvider(ortho)
     with closing(a), closing(b):
         assert a.fetch(INSIDE) == b.fetch(INSIDE)
-        assert a.identity == b.identity and a.identity.startswith("geotiff:v1:256px:bilinear:jpeg90:sha256=")
+        assert a.identity == b.identity and a.identity.startswith(
+            "geotiff:v1:256px:bilinear:jpeg90:sha256="
+        )
     other = write_geotiff(tmp_path / "other.tif", bands=1)
     with closing(GeoTiffProvider(other)) as c:
         assert c.identity != a.identity
@@ -180,7 +185,9 @@ def test_alpha_and_nodata_are_not_coverage(tmp_path: Path, bands: int, nodata: i
 def test_threads_share_nothing(ortho: Path) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    wanted = list(tiles(LngLatBbox(CORNER[0], CORNER[1] - 0.0036, CORNER[0] + 0.0054, CORNER[1]), [17]))
+    wanted = list(
+        tiles(LngLatBbox(CORNER[0], CORNER[1] - 0.0036, CORNER[0] + 0.0054, CORNER[1]), [17])
+    )
     with closing(GeoTiffProvider(ortho)) as p:
         serial = [p.fetch(t) for t in wanted]
         with ThreadPoolExecutor(4) as pool:
@@ -209,7 +216,9 @@ def test_unusable_files_are_refused(tmp_path: Path, kind: str, message: str) -> 
     assert info.value.exit_code == 2
 
 
-def test_without_rasterio_the_error_says_how_to_get_it(ortho: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_rasterio_the_error_says_how_to_get_it(
+    ortho: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(sys.modules, "rasterio", None)
     with pytest.raises(UsageError, match="needs rasterio") as info:
         open_provider(str(ortho), env={})
@@ -221,7 +230,9 @@ def test_through_the_cache_mbtiles_gdal_sees_the_source(ortho: Path, tmp_path: P
     from cachebuild.tiles.fetch import fetch_tiles
     from cachebuild.tiles.mbtiles import write_mbtiles
 
-    area = LngLatBbox(CORNER[0] + 0.0005, CORNER[1] - 0.0031, CORNER[0] + 0.0049, CORNER[1] - 0.0005)
+    area = LngLatBbox(
+        CORNER[0] + 0.0005, CORNER[1] - 0.0031, CORNER[0] + 0.0049, CORNER[1] - 0.0005
+    )
     s = fetch_tiles(
         bbox=area,
         zooms=[17],

@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import UsageError
-from cachebuild.providers.local import DirectoryProvider, MBTilesProvider
-from cachebuild.providers.base import Provider, TileFetchError
 from cachebuild.providers import open_provider, source_stamp
+from cachebuild.providers.base import Provider, TileFetchError
+from cachebuild.providers.local import DirectoryProvider, MBTilesProvider
 from cachebuild.providers.synthetic import synthetic_tile_bytes
 from cachebuild.tilemath import Tile
 from tests.tileserver import tile_bytes
@@ -51,7 +51,9 @@ def make_mbtiles(path: Path, rows: dict[Tile, bytes]) -> Path:
 
 
 def test_mbtiles_provider_reads_tms_rows(tmp_path: Path) -> None:
-    path = make_mbtiles(tmp_path / "a.mbtiles", {T: tile_bytes(T), Tile(0, 0, 1): tile_bytes(Tile(0, 0, 1))})
+    path = make_mbtiles(
+        tmp_path / "a.mbtiles", {T: tile_bytes(T), Tile(0, 0, 1): tile_bytes(Tile(0, 0, 1))}
+    )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     mtime = path.stat().st_mtime_ns
     with closing(open_provider(str(path), env={})) as p:
@@ -69,7 +71,10 @@ def test_mbtiles_provider_reads_tms_rows(tmp_path: Path) -> None:
 
 def test_mbtiles_provider_refuses_a_broken_tile(tmp_path: Path) -> None:
     path = make_mbtiles(tmp_path / "a.mbtiles", {T: b"<html>oops</html>"})
-    with closing(open_provider(str(path), env={})) as p, pytest.raises(TileFetchError, match="not an image"):
+    with (
+        closing(open_provider(str(path), env={})) as p,
+        pytest.raises(TileFetchError, match="not an image"),
+    ):
         p.fetch(T)
 
 
@@ -99,7 +104,9 @@ def test_mbtiles_provider_no_tiles_table(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ directory trees
 
 
-def write_tree(root: Path, tiles: dict[Tile, bytes], *, tms: bool = False, ext: str = "jpg") -> Path:
+def write_tree(
+    root: Path, tiles: dict[Tile, bytes], *, tms: bool = False, ext: str = "jpg"
+) -> Path:
     for t, data in tiles.items():
         y = (1 << t.z) - 1 - t.y if tms else t.y
         path = root / str(t.z) / str(t.x) / f"{y}.{ext}"
@@ -153,7 +160,8 @@ def test_quadkey_file_names(tmp_path: Path) -> None:
 
 def test_an_empty_file_is_no_tile_and_a_broken_one_fails(tmp_path: Path) -> None:
     root = write_tree(
-        tmp_path / "t", {T: b"", NEIGHBOURS[1]: b"<html>404</html>", NEIGHBOURS[2]: tile_bytes(T)[:999]}
+        tmp_path / "t",
+        {T: b"", NEIGHBOURS[1]: b"<html>404</html>", NEIGHBOURS[2]: tile_bytes(T)[:999]},
     )
     with closing(open_provider(str(root), env={})) as p:
         assert p.fetch(T) is None
@@ -173,7 +181,9 @@ def test_an_empty_file_is_no_tile_and_a_broken_one_fails(tmp_path: Path) -> None
         ("{z}/{x}.png", "names no tile"),
     ],
 )
-def test_directory_templates_take_only_tile_placeholders(tmp_path: Path, template: str, message: str) -> None:
+def test_directory_templates_take_only_tile_placeholders(
+    tmp_path: Path, template: str, message: str
+) -> None:
     with pytest.raises(UsageError, match=message):
         open_provider(f"dir:{tmp_path}/{template}", env={})
 
@@ -193,7 +203,10 @@ def test_the_identity_follows_the_tree(tmp_path: Path) -> None:
     write_tree(root, {T: tile_bytes(other)})  # a tile rewritten in place
     os.utime(root / "17" / str(T.x) / f"{T.y}.jpg", ns=(1, 1))
     assert DirectoryProvider(root).identity != first
-    assert DirectoryProvider(f"{root}/{{z}}/{{x}}/{{y}}.jpg").identity != DirectoryProvider(root).identity
+    assert (
+        DirectoryProvider(f"{root}/{{z}}/{{x}}/{{y}}.jpg").identity
+        != DirectoryProvider(root).identity
+    )
 
 
 # ------------------------------------------------------------------ stamps

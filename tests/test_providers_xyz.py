@@ -23,11 +23,17 @@ import pytest
 from PIL import Image
 
 from cachebuild.errors import EXIT_DOWNLOAD, DownloadError, UsageError
-from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig
+from cachebuild.providers import open_provider
 from cachebuild.providers.base import USER_AGENT, TileFetchError
 from cachebuild.providers.xyz import XyzProvider
-from cachebuild.providers import open_provider
-from cachebuild.providers.xyzconfig import parse_headers, parse_rate_limit, parse_subdomains
+from cachebuild.providers.xyzconfig import (
+    API_KEY_ENV,
+    HEADERS_ENV,
+    HttpConfig,
+    parse_headers,
+    parse_rate_limit,
+    parse_subdomains,
+)
 from cachebuild.tilemath import Tile, quadkey
 from tests.test_providers import TOKEN, T, _png, assert_no_key, fast_env, full_text, xyz
 from tests.tileserver import (
@@ -190,7 +196,10 @@ def test_a_png_of_the_right_size_is_a_tile(server: TileServer) -> None:
 @pytest.mark.parametrize("status", [401, 403])
 def test_refused_credentials_fail_at_once_without_the_key(server: TileServer, status: int) -> None:
     server.script(T, Reply(status, b"invalid api key"))
-    with closing(open_provider(server.template(), env=fast_env())) as p, pytest.raises(DownloadError) as info:
+    with (
+        closing(open_provider(server.template(), env=fast_env())) as p,
+        pytest.raises(DownloadError) as info,
+    ):
         p.fetch(T)
     err = info.value
     assert not isinstance(err, TileFetchError)  # fatal: the fetch stops
@@ -214,7 +223,10 @@ def test_a_wrong_key_is_refused_without_showing_either_key(server: TileServer) -
 
 
 def test_credentials_wanted_without_a_key_placeholder(server: TileServer) -> None:
-    with closing(open_provider(server.template(query=""), env={})) as p, pytest.raises(DownloadError) as info:
+    with (
+        closing(open_provider(server.template(query=""), env={})) as p,
+        pytest.raises(DownloadError) as info,
+    ):
         p.fetch(T)
     assert "{key}" in info.value.remedy
 
@@ -231,7 +243,9 @@ def test_connection_refused_is_retried_then_fails() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     template = f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.jpg?key={{key}}"
-    with closing(XyzProvider(template, api_key=KEY, config=HttpConfig(retries=1, backoff_s=0.0))) as p:
+    with closing(
+        XyzProvider(template, api_key=KEY, config=HttpConfig(retries=1, backoff_s=0.0))
+    ) as p:
         with pytest.raises(TileFetchError, match="ConnectError") as info:
             p.fetch(T)
     assert "2 attempt" in str(info.value)
@@ -249,7 +263,9 @@ def test_timeouts_are_retried_then_fail(server: TileServer) -> None:
     assert_no_key(full_text(info.value))
 
 
-def test_the_key_never_reaches_the_log(server: TileServer, caplog: pytest.LogCaptureFixture) -> None:
+def test_the_key_never_reaches_the_log(
+    server: TileServer, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     server.script(T, Reply(500))
     with closing(open_provider(server.template(), env=fast_env())) as p:
@@ -297,10 +313,15 @@ def test_fetch_is_thread_safe(server: TileServer) -> None:
     ],
     ids=["drop", "drop-mid-body", "truncated", "html-200", "503", "408", "429"],
 )
-def test_each_fault_is_retried_then_the_tile_arrives(server: TileServer, fault: Any, message: str) -> None:
+def test_each_fault_is_retried_then_the_tile_arrives(
+    server: TileServer, fault: Any, message: str
+) -> None:
     server.script(T, fault)
     with closing(
-        xyz(server, backoff_s=30.0 if isinstance(fault, Reply) and "Retry-After" in fault.headers else 0.0)
+        xyz(
+            server,
+            backoff_s=30.0 if isinstance(fault, Reply) and "Retry-After" in fault.headers else 0.0,
+        )
     ) as p:
         assert p.fetch(T) == tile_bytes(T)
         assert p.retries == 1
@@ -424,7 +445,8 @@ def test_a_refused_token_fails_at_once_and_is_never_shown(
 def test_a_token_written_into_the_template_is_refused(server: TileServer) -> None:
     with pytest.raises(UsageError, match=HEADERS_ENV) as info:
         open_provider(
-            server.template(query=f"?t={TOKEN}"), env={HEADERS_ENV: f"Authorization: Bearer {TOKEN}"}
+            server.template(query=f"?t={TOKEN}"),
+            env={HEADERS_ENV: f"Authorization: Bearer {TOKEN}"},
         )
     assert TOKEN not in full_text(info.value)
 
@@ -432,7 +454,10 @@ def test_a_token_written_into_the_template_is_refused(server: TileServer) -> Non
 def test_token_and_key_are_redacted_from_failures(server: TileServer) -> None:
     server.script(T, html(), html(), html())
     env = fast_env(**{HEADERS_ENV: f"X-Api-Key: {TOKEN}"})
-    with closing(open_provider(server.template(), env=env)) as p, pytest.raises(TileFetchError) as info:
+    with (
+        closing(open_provider(server.template(), env=env)) as p,
+        pytest.raises(TileFetchError) as info,
+    ):
         p.fetch(T)
     assert TOKEN not in full_text(info.value)
     assert_no_key(full_text(info.value))
@@ -481,7 +506,9 @@ class CountingLimiter:
 def test_every_request_takes_a_token_retries_included(server: TileServer) -> None:
     limiter = CountingLimiter()
     server.script(T, Reply(500), too_many("0"))
-    p = XyzProvider(server.template(), api_key=KEY, config=HttpConfig(backoff_s=0.0), limiter=limiter)
+    p = XyzProvider(
+        server.template(), api_key=KEY, config=HttpConfig(backoff_s=0.0), limiter=limiter
+    )
     with closing(p):
         assert p.fetch(T) == tile_bytes(T)
         assert p.fetch(Tile(T.x + 1, T.y, T.z)) is not None

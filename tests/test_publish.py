@@ -5,13 +5,24 @@ import os
 from pathlib import Path
 
 from cachebuild.inputs.config import Paths
-from cachebuild.release.publish import KEEP_RELEASES, clean_leftovers, current_release, publish, published_manifest_bytes, release_intact
+from cachebuild.release.publish import (
+    KEEP_RELEASES,
+    clean_leftovers,
+    current_release,
+    publish,
+    published_manifest_bytes,
+    release_intact,
+)
 
 
 def _stage(paths: Paths, build_id: str, version: int, payload: bytes) -> list[str]:
     paths.build.mkdir(parents=True, exist_ok=True)
     (paths.build / "a.bin").write_bytes(payload)
-    signed = {"build_id": build_id, "version": version, "targets": {"a.bin": {"length": len(payload)}}}
+    signed = {
+        "build_id": build_id,
+        "version": version,
+        "targets": {"a.bin": {"length": len(payload)}},
+    }
     (paths.build / "manifest.json").write_text(json.dumps({"signed": signed}))
     (paths.build / "signer.pub").write_text("ssh-ed25519 AAAA test\n")
     return ["manifest.json", "signer.pub", "a.bin"]
@@ -52,7 +63,9 @@ def test_leftovers_of_a_killed_publish_are_removed(tmp_path: Path) -> None:
     (paths.releases / ".tmp-half-123" / "a.bin").write_bytes(b"d")
     os.symlink("releases/nowhere", paths.cache_dir / ".current.tmp-99")
     (paths.build / ".tiles.npy.tmp-77").write_bytes(b"partial")
-    (paths.build / ".model.onnx.78-0123abcd.tmp").write_bytes(b"partial")  # manifest.atomic_write's temp name
+    (paths.build / ".model.onnx.78-0123abcd.tmp").write_bytes(
+        b"partial"
+    )  # manifest.atomic_write's temp name
     removed = clean_leftovers(paths)
     assert len(removed) == 4
     assert current_release(paths) is not None

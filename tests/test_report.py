@@ -3,8 +3,8 @@ from __future__ import annotations
 import io
 import json
 
-from cachebuild.errors import DownloadError
 from cachebuild._util.report import Report, redact
+from cachebuild.errors import DownloadError
 
 
 def test_json_report_is_the_last_stdout_line() -> None:
@@ -13,7 +13,15 @@ def test_json_report_is_the_last_stdout_line() -> None:
     out, err = io.StringIO(), io.StringIO()
     r.emit("json", out, err)
     d = json.loads(out.getvalue().splitlines()[-1])
-    for key in ("outcome", "exit_code", "failure_phase", "build_id", "manifest_path", "tiles", "phases"):
+    for key in (
+        "outcome",
+        "exit_code",
+        "failure_phase",
+        "build_id",
+        "manifest_path",
+        "tiles",
+        "phases",
+    ):
         assert key in d
     assert set(d["tiles"]) == {"planned", "fetched", "reused", "missing"}
     assert "total" in d["phases"]
@@ -54,18 +62,30 @@ def test_redact_header_values_and_passphrases() -> None:
     text = "sent Authorization: Bearer tok-abc-123 and plain-value-9; passphrase pass-phrase-1"
     out = redact(text, env)
     assert "tok-abc-123" not in out and "plain-value-9" not in out and "pass-phrase-1" not in out
-    assert redact("x json-secret-1", {"CACHEBUILD_HTTP_HEADERS": '{"X-Api-Key": "json-secret-1"}'}) == "x ***"
+    assert (
+        redact("x json-secret-1", {"CACHEBUILD_HTTP_HEADERS": '{"X-Api-Key": "json-secret-1"}'})
+        == "x ***"
+    )
 
 
 def test_text_summary_gives_phase_times_in_order_and_recall() -> None:
     r = Report("build-cache", outcome="success", exit_code=0)
-    for name, secs in (("flight", 0.01), ("lock", 0.0), ("coverage", 0.0), ("publish", 0.1), ("tiles", 1.5)):
+    for name, secs in (
+        ("flight", 0.01),
+        ("lock", 0.0),
+        ("coverage", 0.0),
+        ("publish", 0.1),
+        ("tiles", 1.5),
+    ):
         r.timed(name, secs)
     r.extra["selftest"] = {"recall_at_1": 0.98, "recall_at_5": 1.0, "queries": 200}
     out = io.StringIO()
     r.emit("text", out, io.StringIO())
     text = out.getvalue()
-    assert "  phases   flight 0.01 s, lock 0.00 s, tiles 1.50 s, coverage 0.00 s, publish 0.10 s" in text
+    assert (
+        "  phases   flight 0.01 s, lock 0.00 s, tiles 1.50 s, coverage 0.00 s, publish 0.10 s"
+        in text
+    )
     assert "  self-test recall@1 0.980, recall@5 1.000 (200 frames)" in text
 
 
@@ -73,5 +93,9 @@ def test_human_size() -> None:
     from cachebuild._util.report import human_size
 
     assert [human_size(n) for n in (0, 1023, 1024, 20 * 2**30, 3 * 2**40)] == [
-        "0 B", "1023 B", "1.0 KiB", "20.0 GiB", "3.0 TiB"
+        "0 B",
+        "1023 B",
+        "1.0 KiB",
+        "20.0 GiB",
+        "3.0 TiB",
     ]

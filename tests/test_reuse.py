@@ -43,10 +43,14 @@ def test_shifted_bbox_describes_only_the_new_tiles_and_the_noop_reads_no_tile_da
     n = rep["tiles"]["planned"]
     assert rep["descriptors"] == {"computed": n, "reused": 0}
     st = rep["selftest"]
-    assert st["queries"] > 0 and 0 <= st["recall_at_5"] <= 1 and st["recall_at_1"] <= st["recall_at_5"]
+    assert (
+        st["queries"] > 0 and 0 <= st["recall_at_5"] <= 1 and st["recall_at_1"] <= st["recall_at_5"]
+    )
     signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
     assert signed["info"]["selftest"]["recall_at_1"] == st["recall_at_1"]
-    assert signed["info"]["index"]["recall_at_10"] == 1.0 and signed["info"]["index"]["kind"] == "flat"
+    assert (
+        signed["info"]["index"]["recall_at_10"] == 1.0 and signed["info"]["index"]["kind"] == "flat"
+    )
     assert "selftest.json" in signed["targets"]
 
     # the warm no-op opens no per-tile file and never imports numpy
@@ -92,12 +96,16 @@ def test_another_model_invalidates_exactly_its_descriptors(cb: Cb, tmp_path: Pat
     assert {"engine", "describe"} <= set(back.report["tasks"]["run"])
     # the coverage map draws imagery and route, not descriptors: the engine leaves it alone
     assert "preview" not in set(swapped.report["tasks"]["run"]) | set(back.report["tasks"]["run"])
-    assert back.report["descriptors"] == {"computed": 0, "reused": n}, "the first engine's are still stored"
+    assert back.report["descriptors"] == {"computed": 0, "reused": n}, (
+        "the first engine's are still stored"
+    )
     engines = sorted(p.name for p in (cb.home / "store" / "descriptors").iterdir())
     assert len(engines) == 2
 
 
-def test_min_recall_gate_exits_22_and_keeps_the_published_cache(cb: Cb, tmp_path: Path, tile_server) -> None:
+def test_min_recall_gate_exits_22_and_keeps_the_published_cache(
+    cb: Cb, tmp_path: Path, tile_server
+) -> None:
     from cachebuild.inputs.flight import flight_area, load_flight_file
     from cachebuild.tilemath import tiles
 

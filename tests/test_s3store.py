@@ -19,7 +19,14 @@ import pytest
 
 from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize.s3desc import _DESC_MAGIC, _decode_batch, _encode_batch, pull_descriptors
-from cachebuild.store.s3 import S3Store, StoreURL, _decode_pack, _encode_pack, is_remote, parse_store_url
+from cachebuild.store.s3 import (
+    S3Store,
+    StoreURL,
+    _decode_pack,
+    _encode_pack,
+    is_remote,
+    parse_store_url,
+)
 
 from .conftest import REPO, Cb, TileServer, write_flight
 
@@ -115,7 +122,12 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     tmp_path: Path, s3: Any, tile_server: TileServer
 ) -> None:
     f = write_flight(tmp_path / "f.json")
-    args = (f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", f"STORE=s3://{s3.bucket}/team")
+    args = (
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template()}",
+        f"STORE=s3://{s3.bucket}/team",
+    )
     a, b, c = (machine(tmp_path, n, s3) for n in ("a", "b", "c"))
 
     first = a.build(*args)
@@ -155,7 +167,11 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     )  # fmt: skip
     probe, noop = json.loads(p.stdout.splitlines()[-1]), json.loads(p.stdout.splitlines()[-2])
     assert probe == {"code": 0, "boto3": False} and noop["outcome"] == "up_to_date"
-    assert noop["store"] == {"url": f"s3://{s3.bucket}/team", "objects_read": 0, "objects_written": 0}
+    assert noop["store"] == {
+        "url": f"s3://{s3.bucket}/team",
+        "objects_read": 0,
+        "objects_written": 0,
+    }
 
     # damage one tile pack and every descriptor batch in the bucket: never used, replaced
     victim = min(s3.keys("team/tiles/"))
@@ -164,14 +180,20 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     batches = s3.keys("team/descriptors/")
     for key in batches:
         s3.write(key, _DESC_MAGIC + b"garbage")
-    index_obj = f"team/actions/cas/{hashlib.sha256((a.current / 'index.faiss').read_bytes()).hexdigest()}"
+    index_obj = (
+        f"team/actions/cas/{hashlib.sha256((a.current / 'index.faiss').read_bytes()).hexdigest()}"
+    )
     s3.write(index_obj, s3.read(index_obj)[:-7])  # and truncate the shared index
     third = c.build(*args)
     assert third.code == 0, third.stderr
     rc = third.report
-    assert "index" in rc["action_cache"]["misses"] and "selftest" in rc["action_cache"]["from_bucket"]
+    assert (
+        "index" in rc["action_cache"]["misses"] and "selftest" in rc["action_cache"]["from_bucket"]
+    )
     assert (c.current / "index.faiss").read_bytes() == (a.current / "index.faiss").read_bytes()
-    assert hashlib.sha256(s3.read(index_obj)).hexdigest() == index_obj.rsplit("/", 1)[1]  # shared anew
+    assert (
+        hashlib.sha256(s3.read(index_obj)).hexdigest() == index_obj.rsplit("/", 1)[1]
+    )  # shared anew
     assert rc["tiles"]["fetched"] == lost > 0 and tile_server.count() == asked + lost
     assert rc["descriptors"]["computed"] == n
     assert rc["build_id"] == ra["build_id"]
@@ -183,7 +205,9 @@ def test_a_second_machine_fetches_and_describes_nothing_and_a_corrupt_object_is_
     fresh = s3.keys("team/descriptors/")  # computed again: the same bytes, so the same names
     assert sorted(fresh) == sorted(batches)
     for key in fresh:
-        assert hashlib.sha256(s3.read(key)).hexdigest() == key.rsplit("/", 1)[1].removesuffix(".bin")
+        assert hashlib.sha256(s3.read(key)).hexdigest() == key.rsplit("/", 1)[1].removesuffix(
+            ".bin"
+        )
 
     # no credential in anything printed, reported or written (doit DB, manifest, store, state)
     outputs = [r.stdout + r.stderr for r in (first, second, third)]
@@ -221,7 +245,9 @@ def test_the_bucket_stopping_mid_build_fails_clearly_publishes_nothing_and_the_n
     assert again.code == 0, again.stderr
     n = again.report["tiles"]["planned"]
     assert again.report["tiles"]["fetched"] == 0  # the tiles fetched before the failure were kept
-    assert sum(len(_decode_pack(s3.read(k))[1]) for k in s3.keys("ci/tiles/")) == n  # now in the bucket
+    assert (
+        sum(len(_decode_pack(s3.read(k))[1]) for k in s3.keys("ci/tiles/")) == n
+    )  # now in the bucket
     assert m.current.exists()
     assert_no_secrets(s3, [failed.stdout + failed.stderr, again.stdout + again.stderr], [m.home])
 
@@ -233,7 +259,9 @@ def test_describe_with_the_bucket_gone_is_exit_21_naming_the_url(tmp_path: Path,
 
     build = tmp_path / "build"
     (build / "engine").mkdir(parents=True)
-    (build / "engine" / "engine.json").write_text(json.dumps({"key": "ab" * 32, "descriptor_dim": 8}))
+    (build / "engine" / "engine.json").write_text(
+        json.dumps({"key": "ab" * 32, "descriptor_dim": 8})
+    )
     tiles = np.array([(1 << 58 | 1, b"\1" * 32)], dtype=tile_dtype())
     write_tileset(build, tiles, np.zeros(0, "<i8"), {})
     remote = S3Store(StoreURL(s3.bucket, "p"), client=s3.client())

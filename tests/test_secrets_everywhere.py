@@ -87,11 +87,21 @@ def key_forms(key_file: Path) -> list[bytes]:
     raw = load_private_key(key_file).private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
     )
-    pem_body = [ln for ln in key_file.read_bytes().splitlines() if ln and not ln.startswith(b"-----")]
-    return [raw, raw.hex().encode(), base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"="), *pem_body]
+    pem_body = [
+        ln for ln in key_file.read_bytes().splitlines() if ln and not ln.startswith(b"-----")
+    ]
+    return [
+        raw,
+        raw.hex().encode(),
+        base64.b64encode(raw),
+        base64.urlsafe_b64encode(raw).rstrip(b"="),
+        *pem_body,
+    ]
 
 
-def assert_nowhere(needles: list[bytes], *, texts: list[str], roots: list[Path], cmdlines: set[str]) -> int:
+def assert_nowhere(
+    needles: list[bytes], *, texts: list[str], roots: list[Path], cmdlines: set[str]
+) -> int:
     """No needle in any text, file under ``roots`` or command line; returns the files scanned."""
     for text in texts:
         data = text.encode("utf-8", "surrogateescape")
@@ -100,7 +110,9 @@ def assert_nowhere(needles: list[bytes], *, texts: list[str], roots: list[Path],
     for cmd in cmdlines:
         data = cmd.encode("utf-8", "surrogateescape")
         for n in needles:
-            assert n not in data, f"secret {n[:6]!r}… in a process's arguments: {cmd.replace(chr(0), ' ')[:200]}"
+            assert n not in data, (
+                f"secret {n[:6]!r}… in a process's arguments: {cmd.replace(chr(0), ' ')[:200]}"
+            )
     files = 0
     for root in roots:
         for path in root.rglob("*"):
@@ -122,7 +134,9 @@ def servers() -> Iterator[tuple[tileserver.TileServer, FlightsApi]]:
     api.close()
 
 
-def sampled_build(cb: Cb, *args: str, env: dict[str, str], extra_roots: list[int] = ()) -> tuple[CbResult, ProcSampler]:
+def sampled_build(
+    cb: Cb, *args: str, env: dict[str, str], extra_roots: list[int] = ()
+) -> tuple[CbResult, ProcSampler]:
     p = cb.popen("build-cache", *args, env=env)
     with ProcSampler([p.pid, *extra_roots]) as sampler:
         out, err = p.communicate(timeout=600)
@@ -138,11 +152,18 @@ def test_a_real_build_leaks_no_secret(cb: Cb, tmp_path: Path, servers: Any) -> N
         CACHEBUILD_HTTP_HEADERS=f"X-Tile-Token: {HEADER_TOKEN}",
         FLIGHTS_API_TOKEN=TOKEN,
     )
-    common = (f"FLIGHT={GOOD}", f"FLIGHTS_API_URL={api.url}", f"PROVIDER={tiles.template()}", f"KEY={key_file}")
+    common = (
+        f"FLIGHT={GOOD}",
+        f"FLIGHTS_API_URL={api.url}",
+        f"PROVIDER={tiles.template()}",
+        f"KEY={key_file}",
+    )
     runs = []
     r, sampler = sampled_build(cb, *common, *SMALL, env=env)
     assert r.code == 0, r.stderr
-    assert r.report["tiles"]["fetched"] > 0 and len(tiles.requests) > 0  # the key and header were used
+    assert (
+        r.report["tiles"]["fetched"] > 0 and len(tiles.requests) > 0
+    )  # the key and header were used
     runs.append((r, sampler))
     verify = cb.run("verify-cache", f"KEY={key_file}", env=env)
     assert verify.code == 0, verify.stderr
@@ -153,19 +174,28 @@ def test_a_real_build_leaks_no_secret(cb: Cb, tmp_path: Path, servers: Any) -> N
     assert r2.code == 20 and "refused" in r2.report["error"], r2.stderr
     r3, s3 = sampled_build(cb, *common, *SMALL, env=dict(env, FLIGHTS_API_TOKEN=TOKEN + "x"))
     assert r3.code == 91, r3.stderr
-    r4, s4 = sampled_build(cb, *common, *SMALL, env=dict(env, CACHEBUILD_HTTP_HEADERS=f"Bad Name: {HEADER_TOKEN}"))
+    r4, s4 = sampled_build(
+        cb, *common, *SMALL, env=dict(env, CACHEBUILD_HTTP_HEADERS=f"Bad Name: {HEADER_TOKEN}")
+    )
     assert r4.code == 2, r4.stderr
     runs += [(r2, s2), (r3, s3), (r4, s4)]
 
     cmdlines = set().union(*(s.cmdlines for _, s in runs))
     assert any("build-cache" in c for c in cmdlines), "the sampler never saw the build"
     assert all(s.samples > 0 for _, s in runs)
-    needles = secret_forms(API_KEY, API_KEY + "-wrong", HEADER_TOKEN, TOKEN, TOKEN + "x") + key_forms(key_file)
-    texts = [t for res, _ in runs for t in (res.stdout, res.stderr)] + [verify.stdout, verify.stderr]
+    needles = secret_forms(
+        API_KEY, API_KEY + "-wrong", HEADER_TOKEN, TOKEN, TOKEN + "x"
+    ) + key_forms(key_file)
+    texts = [t for res, _ in runs for t in (res.stdout, res.stderr)] + [
+        verify.stdout,
+        verify.stderr,
+    ]
     files = assert_nowhere(needles, texts=texts, roots=[cb.home], cmdlines=cmdlines)
     assert files > 20  # the cache, its state (doit's database), the store
     samples = sum(s.samples for _, s in runs)
-    print(f"local: {samples} process-table samples, {len(cmdlines)} command lines, {files} files, {len(texts)} outputs")
+    print(
+        f"local: {samples} process-table samples, {len(cmdlines)} command lines, {files} files, {len(texts)} outputs"
+    )
     assert (cb.cache_dir / "state" / "doit.sqlite3").is_file()
 
 
@@ -177,7 +207,9 @@ from .sshd import Sshd  # noqa: E402
 from .test_companion import Companion  # noqa: E402
 
 
-def test_a_companion_build_leaks_no_secret(cb: Cb, sshd: Sshd, tmp_path: Path, servers: Any) -> None:
+def test_a_companion_build_leaks_no_secret(
+    cb: Cb, sshd: Sshd, tmp_path: Path, servers: Any
+) -> None:
     tiles, api = servers
     c = Companion.under(tmp_path, cb, sshd)
     remote_key = tmp_path / "on-the-companion" / "signing.pem"
@@ -203,7 +235,9 @@ def test_a_companion_build_leaks_no_secret(cb: Cb, sshd: Sshd, tmp_path: Path, s
         roots=[cb.home, c.dir, c.home],
         cmdlines=sampler.cmdlines,
     )
-    print(f"companion: {sampler.samples} samples, {len(sampler.cmdlines)} command lines, {files} files, 2 outputs")
+    print(
+        f"companion: {sampler.samples} samples, {len(sampler.cmdlines)} command lines, {files} files, 2 outputs"
+    )
 
 
 def test_the_sampler_sees_a_childs_arguments(tmp_path: Path) -> None:

@@ -10,14 +10,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachebuild.engine.compile import compile_engine
+from cachebuild.engine.model import write_default_model
 from cachebuild.localize import selftest
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, describe_tiles
-from cachebuild.engine.compile import compile_engine
 from cachebuild.localize.index import build_index
-from cachebuild.engine.model import write_default_model
-from cachebuild.localize.selftest import MAX_OFFSET, SelfTestError, check_recall, interior_tiles, make_frame, run_selftest, summary
-from cachebuild.store.objects import TileStore
+from cachebuild.localize.selftest import (
+    MAX_OFFSET,
+    SelfTestError,
+    check_recall,
+    interior_tiles,
+    make_frame,
+    run_selftest,
+    summary,
+)
 from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.store.objects import TileStore
 from cachebuild.tilemath import Tile, tile_id
 from cachebuild.tileset import tile_dtype, write_tileset
 
@@ -44,9 +52,15 @@ def area(root: Path, build: Path, x0: int) -> None:
     model = root / "model.onnx"
     if not model.exists():
         write_default_model(model)
-    compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=build / "engine")
+    compile_engine(
+        model_path=model, calibration_path=None, precision="fp32", out_dir=build / "engine"
+    )
     describe_tiles(
-        tileset_dir=build, store_root=root / "store", engine_dir=build / "engine", out_dir=build, progress=False
+        tileset_dir=build,
+        store_root=root / "store",
+        engine_dir=build / "engine",
+        out_dir=build,
+        progress=False,
     )
     build_index(descriptors_dir=build, out_path=build / "index.faiss")
 
@@ -71,7 +85,9 @@ def run(world: dict[str, Path], index: Path | None = None, **kw: object) -> dict
 
 
 def test_interior_tiles_have_all_eight_neighbours() -> None:
-    ids = np.sort(np.array([tid(x, y) for x in range(10, 14) for y in range(20, 23)], dtype=np.int64))
+    ids = np.sort(
+        np.array([tid(x, y) for x in range(10, 14) for y in range(20, 23)], dtype=np.int64)
+    )
     inner = {int(ids[i]) for i in interior_tiles(ids)}
     assert inner == {tid(11, 21), tid(12, 21)}
     # a hole removes the tiles around it
@@ -132,7 +148,9 @@ def test_recall_on_synthetic_terrain(world: dict[str, Path]) -> None:
     assert run(world) == r
 
 
-def test_a_cache_whose_ids_are_scrambled_fails_the_test(world: dict[str, Path], tmp_path: Path) -> None:
+def test_a_cache_whose_ids_are_scrambled_fails_the_test(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
     """The self-test catches a broken cache: descriptors filed under the wrong tiles."""
     b = world["build"]
     bad = tmp_path / "bad"
@@ -186,7 +204,9 @@ def test_import_is_light() -> None:
 # -- frames kept between builds ------------------------------------------------
 
 
-def test_kept_frames_are_reused_and_give_the_same_figures(world: dict[str, Path], tmp_path: Path) -> None:
+def test_kept_frames_are_reused_and_give_the_same_figures(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
     kept = tmp_path / "frames.npy"
     first = run(world, frames_file=kept)
     n = first["queries"] + first["anywhere"]["queries"]
@@ -221,7 +241,10 @@ def test_a_moved_area_describes_only_its_new_frames(world: dict[str, Path], tmp_
     assert r["recall_at_1"] >= 0.85
     # searched in the new index: the same as describing every frame afresh
     fresh = run_selftest(
-        build_dir=moved, store_root=world["store"], engine_dir=moved / "engine", index_path=moved / "index.faiss"
+        build_dir=moved,
+        store_root=world["store"],
+        engine_dir=moved / "engine",
+        index_path=moved / "index.faiss",
     )
     assert fresh["recall_at_1"] == r["recall_at_1"] and fresh["recall_at_5"] == r["recall_at_5"]
     # the kept file was replaced, never written in place
@@ -267,7 +290,10 @@ def test_a_damaged_frames_file_is_described_again(world: dict[str, Path], tmp_pa
         kept.unlink()
         kept.write_bytes(damage)
         r = run(world, frames_file=kept)
-        assert r["frames"] == {"described": n, "reused": 0} and r["recall_at_1"] == first["recall_at_1"]
+        assert (
+            r["frames"] == {"described": n, "reused": 0}
+            and r["recall_at_1"] == first["recall_at_1"]
+        )
     # descriptors of another dimension are not ours
     np.save(kept, np.zeros(3, dtype=[("key", "u1", (32,)), ("d", "<f4", (8,))]))
     assert run(world, frames_file=kept)["frames"]["reused"] == 0

@@ -26,10 +26,22 @@ import cachebuild
 import cachebuild.release.signing as signing
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
-from cachebuild.release.signing import KeyPermissionWarning, ensure_dev_key, keyid, load_private_key, load_public_key, public_key_raw, sign_envelope, verify_envelope, write_public_key
+from cachebuild.release.signing import (
+    KeyPermissionWarning,
+    ensure_dev_key,
+    keyid,
+    load_private_key,
+    load_public_key,
+    public_key_raw,
+    sign_envelope,
+    verify_envelope,
+    write_public_key,
+)
 
 SSH_KEYGEN = shutil.which("ssh-keygen")
-needs_ssh_keygen = pytest.mark.skipif(SSH_KEYGEN is None, reason="ssh-keygen (OpenSSH client) is not installed")
+needs_ssh_keygen = pytest.mark.skipif(
+    SSH_KEYGEN is None, reason="ssh-keygen (OpenSSH client) is not installed"
+)
 REPO_ROOT = Path(cachebuild.__file__).resolve().parent.parent
 
 # RFC 8032, section 7.1, test 1.
@@ -48,7 +60,9 @@ def _write(path: Path, data: bytes, mode: int = 0o600) -> Path:
 
 def _pem(key: object, password: bytes | None = None) -> bytes:
     enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
     )
     return key.private_bytes(  # type: ignore[attr-defined]
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc
@@ -57,17 +71,26 @@ def _pem(key: object, password: bytes | None = None) -> bytes:
 
 def _openssh(key: ed25519.Ed25519PrivateKey) -> bytes:
     return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
     )
 
 
-def _secret_markers(data: bytes, key: object | None = None, passphrase: str | None = None) -> list[str]:
+def _secret_markers(
+    data: bytes, key: object | None = None, passphrase: str | None = None
+) -> list[str]:
     """Fragments of a key file that must never appear outside it."""
     lines = [ln.decode() for ln in data.splitlines() if ln and not ln.startswith(b"-----")]
     markers = [ln[8:40] for ln in lines if len(ln) >= 40]
     if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.private_bytes_raw()
-        markers += [raw.hex(), raw.hex().upper(), base64.b64encode(raw).decode()[:30], repr(raw)[2:40]]
+        markers += [
+            raw.hex(),
+            raw.hex().upper(),
+            base64.b64encode(raw).decode()[:30],
+            repr(raw)[2:40],
+        ]
     if passphrase:
         markers.append(passphrase)
     assert markers
@@ -86,7 +109,9 @@ def _assert_no_secret(text: str, markers: list[str]) -> None:
 
 def _ssh_keygen(path: Path, *args: str) -> Path:
     assert SSH_KEYGEN is not None
-    subprocess.run([SSH_KEYGEN, "-q", "-C", "test@cachebuild", "-f", str(path), *args], check=True, timeout=30)
+    subprocess.run(
+        [SSH_KEYGEN, "-q", "-C", "test@cachebuild", "-f", str(path), *args], check=True, timeout=30
+    )
     return path
 
 
@@ -113,7 +138,12 @@ def test_all_is_complete() -> None:
 def test_import_does_not_load_cryptography() -> None:
     code = "import sys, cachebuild.release.manifest; print(any(m.startswith('cryptography') for m in sys.modules))"
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=30, check=True
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=30,
+        check=True,
     )
     assert out.stdout.strip() == "False"
 
@@ -150,12 +180,16 @@ def test_load_ssh_keygen_key_and_its_pub(tmp_path: Path) -> None:
 
 
 @needs_ssh_keygen
-def test_write_public_key_is_read_by_ssh_keygen(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> None:
+def test_write_public_key_is_read_by_ssh_keygen(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
     path = tmp_path / "signer.pub"
     write_public_key(path, key.public_key())
     text = path.read_text()
     assert text.count("\n") == 1 and text.startswith("ssh-ed25519 AAAA")
-    out = subprocess.run([SSH_KEYGEN, "-l", "-f", str(path)], capture_output=True, text=True, check=True)  # type: ignore[list-item]
+    out = subprocess.run(
+        [SSH_KEYGEN, "-l", "-f", str(path)], capture_output=True, text=True, check=True
+    )  # type: ignore[list-item]
     blob = base64.b64decode(text.split()[1])
     expected = "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
     assert expected in out.stdout and "ED25519" in out.stdout
@@ -174,7 +208,9 @@ def test_load_public_key_formats(tmp_path: Path, key: ed25519.Ed25519PrivateKey)
     pub = key.public_key()
     raw = public_key_raw(pub)
     line = pub.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    spki = pub.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = pub.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     files = {
         "plain.pub": line + b"\n",
         "comment.pub": line + b" operator@ground station\n",
@@ -235,13 +271,17 @@ def test_missing_and_directory(tmp_path: Path) -> None:
 def test_not_a_key_and_public_key_given(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> None:
     with pytest.raises(UsageError, match="not a PEM or OpenSSH private key"):
         load_private_key(_write(tmp_path / "notes.txt", b"just some text\n"))
-    pub_line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    pub_line = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
     with pytest.raises(UsageError, match="is a public key, not a private key"):
         load_private_key(_write(tmp_path / "id.pub", pub_line + b"\n"))
 
 
 @pytest.mark.parametrize("fmt", ["pem", "openssh"])
-def test_damaged_key_message_has_no_key_bytes(tmp_path: Path, key: ed25519.Ed25519PrivateKey, fmt: str) -> None:
+def test_damaged_key_message_has_no_key_bytes(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey, fmt: str
+) -> None:
     data = _pem(key) if fmt == "pem" else _openssh(key)
     lines = data.splitlines(keepends=True)
     lines[1] = lines[1][:10] + lines[1][10:20][::-1].swapcase() + lines[1][20:]
@@ -262,7 +302,9 @@ def test_encrypted_pem_uses_cachebuild_key_passphrase(
 
     monkeypatch.delenv("KEY_PASSPHRASE", raising=False)
     monkeypatch.delenv("CACHEBUILD_KEY_PASSPHRASE", raising=False)
-    with pytest.raises(UsageError, match="encrypted and CACHEBUILD_KEY_PASSPHRASE is not set") as info:
+    with pytest.raises(
+        UsageError, match="encrypted and CACHEBUILD_KEY_PASSPHRASE is not set"
+    ) as info:
         load_private_key(path)
     _assert_no_secret(_full_text(info.value), markers)
 
@@ -280,7 +322,10 @@ def test_passphrase_set_for_plain_key_is_ignored(
 ) -> None:
     monkeypatch.setenv("CACHEBUILD_KEY_PASSPHRASE", "unused")
     for name, data in {"k.pem": _pem(key), "id_ed25519": _openssh(key)}.items():
-        assert load_private_key(_write(tmp_path / name, data)).private_bytes_raw() == key.private_bytes_raw()
+        assert (
+            load_private_key(_write(tmp_path / name, data)).private_bytes_raw()
+            == key.private_bytes_raw()
+        )
 
 
 @needs_ssh_keygen
@@ -470,7 +515,12 @@ def test_sign_verify_round_trip(key: ed25519.Ed25519PrivateKey) -> None:
     assert verify_envelope(env, [key.public_key()]) == signed
     # and survives a trip through a file with a different layout
     reread = json.loads(json.dumps(env, indent=3))
-    assert verify_envelope(reread, [ed25519.Ed25519PrivateKey.generate().public_key(), key.public_key()]) == signed
+    assert (
+        verify_envelope(
+            reread, [ed25519.Ed25519PrivateKey.generate().public_key(), key.public_key()]
+        )
+        == signed
+    )
 
 
 def test_signature_made_elsewhere_verifies(key: ed25519.Ed25519PrivateKey) -> None:
@@ -540,7 +590,10 @@ def test_one_good_trusted_signature_suffices(key: ed25519.Ed25519PrivateKey) -> 
         ({"signed": {}, "signatures": [{"keyid": "ab", "sig": "00" * 64}]}, "keyid"),
         ({"signed": {}, "signatures": [{"keyid": "a" * 64, "sig": "zz" * 64}]}, "'sig'"),
         ({"signed": {}, "signatures": [{"keyid": "a" * 64, "sig": "00" * 10}]}, "'sig'"),
-        ({"signed": {"x": float("nan")}, "signatures": [{"keyid": "a" * 64, "sig": "00" * 64}]}, "canonical"),
+        (
+            {"signed": {"x": float("nan")}, "signatures": [{"keyid": "a" * 64, "sig": "00" * 64}]},
+            "canonical",
+        ),
     ],
 )
 def test_malformed_envelopes(key: ed25519.Ed25519PrivateKey, envelope: object, why: str) -> None:
@@ -563,7 +616,9 @@ def test_sign_refuses_other_keys_and_payloads(key: ed25519.Ed25519PrivateKey) ->
         sign_envelope([1], key)  # type: ignore[arg-type]
 
 
-def test_verify_errors_carry_no_key_material(tmp_path: Path, key: ed25519.Ed25519PrivateKey) -> None:
+def test_verify_errors_carry_no_key_material(
+    tmp_path: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
     data = _pem(key)
     markers = _secret_markers(data, key)
     texts = []

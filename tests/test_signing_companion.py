@@ -19,14 +19,18 @@ from cachebuild.release.signing import keyid
 from .conftest import Cb, write_flight
 from .sshd import SSHD, Sshd
 
-pytestmark = pytest.mark.skipif(not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed")
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(SSHD), reason=f"{SSHD} (openssh-server) is not installed"
+)
 
 pytest.importorskip("paramiko")
 
 from .test_companion import Companion  # noqa: E402
 
 
-def test_the_companion_refuses_to_resign_an_operator_cache(cb: Cb, sshd: Sshd, tmp_path: Path) -> None:
+def test_the_companion_refuses_to_resign_an_operator_cache(
+    cb: Cb, sshd: Sshd, tmp_path: Path
+) -> None:
     if sshd.proc is None:
         sshd.start()
     c = Companion.under(tmp_path, cb, sshd)
@@ -39,7 +43,11 @@ def test_the_companion_refuses_to_resign_an_operator_cache(cb: Cb, sshd: Sshd, t
     op_path = tmp_path / "on-the-companion" / "sign.pem"
     op_path.parent.mkdir()
     op_path.write_bytes(
-        op.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        op.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
     op_path.chmod(0o600)
     f = write_flight(tmp_path / "f.json")
@@ -60,4 +68,6 @@ def test_the_companion_refuses_to_resign_an_operator_cache(cb: Cb, sshd: Sshd, t
     allowed = c.build(f, "SELFTEST_QUERIES=0", "BUFFER_M=250", "ALLOW_DEV_KEY=1", COMPANION_CMD=cmd)
     assert allowed.code == 0, allowed.stderr
     dev_pub = (data / "cachebuild" / "keys" / "dev_ed25519.pem").is_file()
-    assert dev_pub and json.loads(c.manifest.read_bytes())["signatures"][0]["keyid"] != keyid(op.public_key())
+    assert dev_pub and json.loads(c.manifest.read_bytes())["signatures"][0]["keyid"] != keyid(
+        op.public_key()
+    )

@@ -66,7 +66,9 @@ def test_rebuild_without_key_refuses_to_resign_an_operator_cache(cbd: Cb, tmp_pa
         r = cbd.build(f"FLIGHT={f}", *SMALL, "ZOOM=16")
     assert r.code == 2, r.stderr
     assert "ALLOW_DEV_KEY=1" in r.report["remedy"] and "KEY=" in r.report["remedy"]
-    assert keyid(op.public_key())[:16] in r.report["error"] and "development key" in r.report["error"]
+    assert (
+        keyid(op.public_key())[:16] in r.report["error"] and "development key" in r.report["error"]
+    )
     assert r.report["tasks"]["run"] == [] and "lock" not in r.report["phases"]
     assert len([ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")]) == 1
     assert (cbd.current / "manifest.json").read_bytes() == published
@@ -141,7 +143,9 @@ def test_data_home_rule() -> None:
 
     assert cachebuild_data_home({"XDG_DATA_HOME": "/d", "HOME": "/h"}) == Path("/d/cachebuild")
     # a relative XDG_DATA_HOME is invalid (XDG Base Directory spec) and ignored
-    assert cachebuild_data_home({"XDG_DATA_HOME": "rel", "HOME": "/h"}) == Path("/h/.local/share/cachebuild")
+    assert cachebuild_data_home({"XDG_DATA_HOME": "rel", "HOME": "/h"}) == Path(
+        "/h/.local/share/cachebuild"
+    )
     assert cachebuild_data_home({"HOME": "/h"}) == Path("/h/.local/share/cachebuild")
     s = load_settings({}, {"CACHEBUILD_HOME": "/c", "XDG_DATA_HOME": "/d"})
     assert s.dev_key == Path("/d/cachebuild/keys/dev_ed25519.pem")

@@ -11,8 +11,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from cachebuild.release.lock import CacheLock
 from cachebuild._util.report import redact
+from cachebuild.release.lock import CacheLock
 from cachebuild.release.signing import keyid
 
 from .conftest import Cb, CbResult, write_flight
@@ -57,7 +57,9 @@ def test_the_passphrase_comes_from_cachebuild_key_passphrase(
 ) -> None:
     path, key = enc_key
     f = write_flight(tmp_path / "f.json")
-    r = cbd.build(f"FLIGHT={f}", *SMALL, f"KEY={path}", env=cbd.env(CACHEBUILD_KEY_PASSPHRASE=PASSPHRASE))
+    r = cbd.build(
+        f"FLIGHT={f}", *SMALL, f"KEY={path}", env=cbd.env(CACHEBUILD_KEY_PASSPHRASE=PASSPHRASE)
+    )
     assert r.code == 0, r.stderr
     signed = json.loads((cbd.current / "manifest.json").read_bytes())
     assert signed["signatures"][0]["keyid"] == keyid(key.public_key())
@@ -77,7 +79,9 @@ def test_a_missing_or_wrong_passphrase_names_the_variable_before_the_lock(
     assert missing.code == 2, missing.stderr
     assert "CACHEBUILD_KEY_PASSPHRASE is not set" in missing.report["error"]
     assert "export CACHEBUILD_KEY_PASSPHRASE=" in missing.report["remedy"]
-    assert wrong.code == 2 and "wrong passphrase in CACHEBUILD_KEY_PASSPHRASE" in wrong.report["error"]
+    assert (
+        wrong.code == 2 and "wrong passphrase in CACHEBUILD_KEY_PASSPHRASE" in wrong.report["error"]
+    )
     assert_nowhere("wrong-9x7q", [wrong], [cbd.home])
 
 
@@ -103,7 +107,9 @@ def test_the_old_bare_variable_still_works_with_a_warning(
     r = cbd.build(f"FLIGHT={f}", *SMALL, f"KEY={path}", env=cbd.env(KEY_PASSPHRASE=PASSPHRASE))
     assert r.code == 0, r.stderr
     warnings = r.report["warnings"]
-    assert any("KEY_PASSPHRASE is deprecated" in w and "CACHEBUILD_KEY_PASSPHRASE" in w for w in warnings)
+    assert any(
+        "KEY_PASSPHRASE is deprecated" in w and "CACHEBUILD_KEY_PASSPHRASE" in w for w in warnings
+    )
     assert_nowhere(PASSPHRASE, [r], [cbd.home])
 
 
@@ -115,7 +121,8 @@ def test_passphrases_are_redacted(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["COMPANION_KEY_PASSPHRASE", "CACHEBUILD_COMPANION_KEY_PASSPHRASE", "SSH_KEY_PASSPHRASE"]
+    "name",
+    ["COMPANION_KEY_PASSPHRASE", "CACHEBUILD_COMPANION_KEY_PASSPHRASE", "SSH_KEY_PASSPHRASE"],
 )
 def test_other_passphrases_on_the_command_line_are_refused_by_name(
     cbd: Cb, tmp_path: Path, name: str

@@ -54,7 +54,9 @@ def test_refs_point_only_at_objects_that_exist(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("layout", ["block", "scattered"])
-def test_lookup_refs_by_range_scan_and_by_join_agree(tmp_path: Path, layout: str, monkeypatch) -> None:
+def test_lookup_refs_by_range_scan_and_by_join_agree(
+    tmp_path: Path, layout: str, monkeypatch
+) -> None:
     """An area's block of tiles is read by one range scan, scattered tiles by a join: the same answer."""
     with TileStore(tmp_path) as store:
         d = [store.put(f"tile {i}".encode()) for i in range(3)]
@@ -63,14 +65,19 @@ def test_lookup_refs_by_range_scan_and_by_join_agree(tmp_path: Path, layout: str
         store.record_refs(PROVIDER, refs)
         store.record_refs("other", [((17, 100, 200), d[2])])
         if layout == "block":  # 8x8 inside the 10x10 block, and two more at other zooms
-            wanted = [(17, x, y) for x in range(101, 109) for y in range(201, 209)] + [(16, 50, 100), (15, 1, 1)]
+            wanted = [(17, x, y) for x in range(101, 109) for y in range(201, 209)] + [
+                (16, 50, 100),
+                (15, 1, 1),
+            ]
         else:  # far apart: their rectangle is mostly empty
             wanted = [(17, 100, 200), (17, 109, 209), (17, 5000, 7000), (17, 99, 205)]
         expect = {t: dict(refs)[t] for t in wanted if t in dict(refs)}
         assert store.lookup_refs(PROVIDER, wanted) == expect
         monkeypatch.setattr(store_module, "_RANGE_SLACK", 0)  # always the join
         assert store.lookup_refs(PROVIDER, wanted) == expect
-        assert store.lookup_refs("other", wanted) == ({(17, 100, 200): d[2]} if (17, 100, 200) in wanted else {})
+        assert store.lookup_refs("other", wanted) == (
+            {(17, 100, 200): d[2]} if (17, 100, 200) in wanted else {}
+        )
 
 
 def test_a_journal_of_a_dead_process_is_replayed(tmp_path: Path) -> None:
@@ -170,7 +177,9 @@ def test_processes_opening_a_new_store_at_the_same_instant(tmp_path: Path) -> No
         start = time.time() + 0.5
         procs = [
             subprocess.Popen(
-                [sys.executable, "-c", RACE, str(root), str(start), str(i)], stderr=subprocess.PIPE, text=True
+                [sys.executable, "-c", RACE, str(root), str(start), str(i)],
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for i in range(4)
         ]

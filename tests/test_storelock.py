@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.store import lock as storelock
 from cachebuild.errors import LockHeldError
+from cachebuild.store import lock as storelock
 from cachebuild.store.lock import StoreLock, register_cache, registered_caches
 
 from .surface import assert_public_surface

@@ -52,7 +52,9 @@ def test_bytes_are_deterministic_jpeg_256() -> None:
 
 
 def test_quality_changes_bytes() -> None:
-    assert len(synthetic_tile_bytes(ZURICH, quality=50)) < len(synthetic_tile_bytes(ZURICH, quality=95))
+    assert len(synthetic_tile_bytes(ZURICH, quality=50)) < len(
+        synthetic_tile_bytes(ZURICH, quality=95)
+    )
 
 
 def test_image_has_texture_and_colour() -> None:
@@ -95,7 +97,11 @@ def border_ratio(t: Tile, size: int = 256) -> tuple[float, float, float]:
     b = render_tile(Tile((t.x + 1) % (1 << t.z), t.y, t.z), size).astype(np.int16)
     across = col_diff(a[:, -1], b[:, 0])
     inside = max(float(np.abs(np.diff(img, axis=1)).mean(axis=(0, 2)).max()) for img in (a, b))
-    unrelated = float(np.mean([col_diff(a[:, i], b[:, j]) for i, j in ((3, 200 % size), (100, 30), (250 % size, 5))]))
+    unrelated = float(
+        np.mean(
+            [col_diff(a[:, i], b[:, j]) for i, j in ((3, 200 % size), (100, 30), (250 % size, 5))]
+        )
+    )
     return across, inside, unrelated
 
 
@@ -129,7 +135,9 @@ def test_the_world_wraps_at_the_antimeridian() -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(z=st.integers(1, 20), fx=st.floats(0, 1, exclude_max=True), fy=st.floats(0, 1, exclude_max=True))
+@given(
+    z=st.integers(1, 20), fx=st.floats(0, 1, exclude_max=True), fy=st.floats(0, 1, exclude_max=True)
+)
 @example(z=1, fx=0.0, fy=0.0)
 @example(z=9, fx=0.390625, fy=0.39453125)  # a road along the border
 def test_continuity_holds_everywhere(z: int, fx: float, fy: float) -> None:

@@ -20,14 +20,22 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from cachebuild.inputs.config import load_settings
 from cachebuild.errors import EXIT_VERIFY, VerifyError
-from cachebuild.release.rollback import accepted_path, check_not_rolled_back, highest_accepted, read_record, record_accepted, signed_digest
+from cachebuild.inputs.config import load_settings
+from cachebuild.release.rollback import (
+    accepted_path,
+    check_not_rolled_back,
+    highest_accepted,
+    read_record,
+    record_accepted,
+    signed_digest,
+)
 from cachebuild.release.signing import keyid, load_private_key, sign_envelope
 
 from .conftest import Cb, CbResult, write_flight
 
 SMALL = ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=0")
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -67,16 +75,22 @@ def point_current_at(cb: Cb, release: Path) -> None:
 
 
 def dev_key(cb: Cb) -> ed25519.Ed25519PrivateKey:
-    key = load_private_key(load_settings({}, cb.env()).dev_key)  # in the data dir (cachebuild.release.devkey)
+    key = load_private_key(
+        load_settings({}, cb.env()).dev_key
+    )  # in the data dir (cachebuild.release.devkey)
     assert isinstance(key, ed25519.Ed25519PrivateKey)
     return key
 
 
-def resign(manifest: Path, key: ed25519.Ed25519PrivateKey, change: Callable[[dict[str, Any]], None]) -> None:
+def resign(
+    manifest: Path, key: ed25519.Ed25519PrivateKey, change: Callable[[dict[str, Any]], None]
+) -> None:
     """Rewrite ``manifest`` with ``change`` applied to its signed part, validly signed by ``key``."""
     signed = json.loads(manifest.read_text())["signed"]
     change(signed)
-    replace_file(manifest, json.dumps(sign_envelope(signed, key), indent=1, sort_keys=True).encode())
+    replace_file(
+        manifest, json.dumps(sign_envelope(signed, key), indent=1, sort_keys=True).encode()
+    )
 
 
 def replace_file(path: Path, data: bytes) -> None:
@@ -116,7 +130,9 @@ def test_untouched_cache_verifies_and_is_recorded(cb: Cb) -> None:
 # -- a changed artifact, a changed manifest, another key -----------------------------------------
 
 
-@pytest.mark.parametrize("artifact", ["tiles.mbtiles", "index.faiss", "engine/engine.onnx", "flight.json"])
+@pytest.mark.parametrize(
+    "artifact", ["tiles.mbtiles", "index.faiss", "engine/engine.onnx", "flight.json"]
+)
 def test_changed_artifact(cb: Cb, artifact: str) -> None:
     path = cb.current / artifact
     data = bytearray(path.read_bytes())
@@ -156,12 +172,16 @@ def test_manifest_signed_by_another_key(cb: Cb) -> None:
     assert_refused(verify(cb), "untrusted-key", "no signature by a trusted key")
 
 
-def test_cache_built_with_another_key_is_refused_with_the_operators_pubkey(cb: Cb, tmp_path: Path) -> None:
+def test_cache_built_with_another_key_is_refused_with_the_operators_pubkey(
+    cb: Cb, tmp_path: Path
+) -> None:
     from cachebuild.release.signing import write_public_key
 
     operator = tmp_path / "operator.pub"
     write_public_key(operator, ed25519.Ed25519PrivateKey.generate().public_key())
-    assert_refused(verify(cb, f"PUBKEY={operator}"), "untrusted-key", "no signature by a trusted key")
+    assert_refused(
+        verify(cb, f"PUBKEY={operator}"), "untrusted-key", "no signature by a trusted key"
+    )
 
 
 def test_malformed_manifest(cb: Cb) -> None:
@@ -211,7 +231,9 @@ def test_rollback_after_verify_accepted_the_newer(cb: Cb) -> None:
 
 def test_older_manifest_copied_over_the_current_release(cb: Cb) -> None:
     rel = releases(cb)
-    for f in rel[1].rglob("*"):  # the whole old cache, files and all, copied into the current release
+    for f in rel[1].rglob(
+        "*"
+    ):  # the whole old cache, files and all, copied into the current release
         if f.is_file():
             dst = rel[2] / f.relative_to(rel[1])
             dst.unlink(missing_ok=True)
@@ -316,7 +338,13 @@ def test_record_never_goes_down_and_keeps_the_first_of_a_version(tmp_path: Path)
 
 @pytest.mark.parametrize(
     "content",
-    [b"", b"[]", b'{"format": 2, "keys": {}}', b'{"format": 1, "keys": {"k": {"version": 0}}}', b"\xff"],
+    [
+        b"",
+        b"[]",
+        b'{"format": 2, "keys": {}}',
+        b'{"format": 1, "keys": {"k": {"version": 0}}}',
+        b"\xff",
+    ],
 )
 def test_damaged_record(tmp_path: Path, content: bytes) -> None:
     accepted_path(tmp_path).parent.mkdir(parents=True)
@@ -334,7 +362,10 @@ def test_concurrent_recorders_keep_the_highest(tmp_path: Path) -> None:
     import threading
 
     kid = "k" * 64
-    threads = [threading.Thread(target=record_accepted, args=(tmp_path, kid, _signed(v))) for v in range(1, 21)]
+    threads = [
+        threading.Thread(target=record_accepted, args=(tmp_path, kid, _signed(v)))
+        for v in range(1, 21)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -362,9 +393,13 @@ def test_rollback_on_the_companion_is_refused_there(sshd: Sshd, tmp_path: Path) 
     assert highest_accepted(cache) == 2  # recorded on the companion by its own build
     assert c.verify().code == 0
     old = next(
-        d for d in (cache / "releases").iterdir() if json.loads((d / "manifest.json").read_text())["signed"]["version"] == 1
+        d
+        for d in (cache / "releases").iterdir()
+        if json.loads((d / "manifest.json").read_text())["signed"]["version"] == 1
     )
     tmp = cache / "current.tmp"
     os.symlink(os.path.relpath(old, cache), tmp)
     os.replace(tmp, cache / "current")
-    assert_refused(c.verify(), "rollback", "manifest version 1 is older than version 2 already accepted")
+    assert_refused(
+        c.verify(), "rollback", "manifest version 1 is older than version 2 already accepted"
+    )

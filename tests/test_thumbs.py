@@ -102,11 +102,15 @@ def test_thumbnails_travel_through_the_bucket(tmp_path: Path) -> None:
 
     build = tmp_path / "build"
     (build / "engine").mkdir(parents=True)
-    (build / "engine" / "engine.json").write_text(json.dumps({"key": "ab" * 32, "descriptor_dim": 8}))
+    (build / "engine" / "engine.json").write_text(
+        json.dumps({"key": "ab" * 32, "descriptor_dim": 8})
+    )
     # three images in two cells (cells are 32 x 32 tiles)
     digests = [hashlib.sha256(b"img%d" % i).digest() for i in range(3)]
     ids = [(17 << 58) | (x << 29) | 7 for x in (1, 2, 40)]
-    write_tileset(build, np.array(list(zip(ids, digests)), dtype=tile_dtype()), np.zeros(0, "<i8"), {})
+    write_tileset(
+        build, np.array(list(zip(ids, digests)), dtype=tile_dtype()), np.zeros(0, "<i8"), {}
+    )
     pixels = {d: make_thumbnail(_image("PNG", i)[0]).tobytes() for i, d in enumerate(digests)}
 
     s3 = S3Server(tmp_path, bucket=f"maps-{secrets.token_hex(4)}")
@@ -139,9 +143,15 @@ def test_thumbnails_travel_through_the_bucket(tmp_path: Path) -> None:
         cycle(tmp_path / "d")
         with ThumbStore(tmp_path / "d") as ts:
             got = ts.lookup(digests)
-        assert lost and set(got) == set(digests) - lost and all(pixels[d] == px for d, px in got.items())
+        assert (
+            lost
+            and set(got) == set(digests) - lost
+            and all(pixels[d] == px for d, px in got.items())
+        )
         assert batches[0] not in s3.keys("p/thumbs/")
         cycle(tmp_path / "a")
-        assert sorted(s3.keys("p/thumbs/")) == sorted(batches)  # the same thumbnails, the same names
+        assert sorted(s3.keys("p/thumbs/")) == sorted(
+            batches
+        )  # the same thumbnails, the same names
     finally:
         s3.close()

@@ -11,7 +11,26 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from cachebuild import tilemath as T
-from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LngLat, LngLatBbox, Tile, bbox_contains, bbox_of_points, bounds, buffer_bbox, count_tiles, ground_resolution_m, quadkey, tile, tile_from_id, tile_id, tile_ranges, tiles, ul
+from cachebuild.tilemath import (
+    EARTH_RADIUS_M,
+    MAX_LAT,
+    LngLat,
+    LngLatBbox,
+    Tile,
+    bbox_contains,
+    bbox_of_points,
+    bounds,
+    buffer_bbox,
+    count_tiles,
+    ground_resolution_m,
+    quadkey,
+    tile,
+    tile_from_id,
+    tile_id,
+    tile_ranges,
+    tiles,
+    ul,
+)
 
 # ---------------------------------------------------------------- helpers
 
@@ -49,7 +68,9 @@ def haversine_m(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_M * math.asin(min(1.0, math.sqrt(h)))
 
 
-def distance_to_meridian_m(lat: float, lon: float, meridian: float, lat_lo: float, lat_hi: float) -> float:
+def distance_to_meridian_m(
+    lat: float, lon: float, meridian: float, lat_lo: float, lat_hi: float
+) -> float:
     """Least haversine distance from a point to a meridian segment (ternary search).
 
     Independent of the formula buffer_bbox uses: distance along a meridian
@@ -126,7 +147,11 @@ def test_docstring_examples() -> None:
 
 
 def test_all_is_complete() -> None:
-    public = {n for n in dir(T) if not n.startswith("_") and getattr(getattr(T, n), "__module__", "") == T.__name__}
+    public = {
+        n
+        for n in dir(T)
+        if not n.startswith("_") and getattr(getattr(T, n), "__module__", "") == T.__name__
+    }
     assert public <= set(T.__all__)
     for name in T.__all__:
         assert hasattr(T, name)
@@ -182,7 +207,8 @@ def test_tile_clamps_poles(z: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("lon", "lat", "z"), [(math.nan, 0.0, 1), (0.0, math.inf, 1), (0.0, 0.0, -1), (0.0, 0.0, 30), (0.0, 0.0, True)]
+    ("lon", "lat", "z"),
+    [(math.nan, 0.0, 1), (0.0, math.inf, 1), (0.0, 0.0, -1), (0.0, 0.0, 30), (0.0, 0.0, True)],
 )
 def test_tile_rejects_bad_input(lon: float, lat: float, z: int) -> None:
     with pytest.raises(ValueError):
@@ -232,7 +258,12 @@ def test_tiles_of_a_tiles_bounds_is_that_tile(t: Tile) -> None:
 def test_block_of_tiles_edges_exactly() -> None:
     nw, se = bounds(Tile(10, 20, 6)), bounds(Tile(11, 21, 6))
     box = LngLatBbox(nw.west, se.south, se.east, nw.north)
-    assert set(tiles(box, [6])) == {Tile(10, 20, 6), Tile(10, 21, 6), Tile(11, 20, 6), Tile(11, 21, 6)}
+    assert set(tiles(box, [6])) == {
+        Tile(10, 20, 6),
+        Tile(10, 21, 6),
+        Tile(11, 20, 6),
+        Tile(11, 21, 6),
+    }
 
 
 # ---------------------------------------------------------------- tiles / ranges
@@ -362,7 +393,9 @@ def test_ground_resolution() -> None:
 
 
 def test_bbox_of_points_ordinary() -> None:
-    assert bbox_of_points([(47.0, 8.5), (47.2, 8.4), (46.9, 8.6)]) == LngLatBbox(8.4, 46.9, 8.6, 47.2)
+    assert bbox_of_points([(47.0, 8.5), (47.2, 8.4), (46.9, 8.6)]) == LngLatBbox(
+        8.4, 46.9, 8.6, 47.2
+    )
 
 
 def test_bbox_of_points_straddling_180() -> None:
@@ -421,7 +454,9 @@ def test_buffer_zero_is_identity() -> None:
 @example(84.9, 0.1, 10.0, 0.1, 500.0)
 @example(-84.0, 0.5, 0.0, 1.0, 50_000.0)
 @example(0.0, 0.0, 0.0, 0.0, 1.0)
-def test_buffer_is_at_least_the_distance(south: float, height: float, west: float, width: float, m: float) -> None:
+def test_buffer_is_at_least_the_distance(
+    south: float, height: float, west: float, width: float, m: float
+) -> None:
     box = LngLatBbox(west, south, west + width, south + height)
     b = buffer_bbox(box, m)
     assert b.west <= b.east  # nothing here reaches the antimeridian
@@ -476,7 +511,9 @@ def test_buffer_reaching_round_the_world_is_full_width() -> None:
     assert buffer_bbox(LngLatBbox(-170.0, 0.0, 170.0, 1.0), 2_000_000.0)[::2] == (-180.0, 180.0)
     assert buffer_bbox(LngLatBbox(179.0, 0.0, 178.99999, 1.0), 10.0)[::2] == (-180.0, 180.0)
     assert buffer_bbox(LngLatBbox(179.0, 0.0, 178.99, 1.0), 10.0)[::2] != (-180.0, 180.0)
-    assert buffer_bbox(LngLatBbox(0.0, 0.0, 1.0, 1.0), 30_000_000.0) == LngLatBbox(-180.0, -MAX_LAT, 180.0, MAX_LAT)
+    assert buffer_bbox(LngLatBbox(0.0, 0.0, 1.0, 1.0), 30_000_000.0) == LngLatBbox(
+        -180.0, -MAX_LAT, 180.0, MAX_LAT
+    )
 
 
 def test_buffer_east_edge_exactly_on_180_stays_ordinary() -> None:

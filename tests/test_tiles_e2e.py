@@ -54,7 +54,11 @@ def test_sigkill_mid_download_then_restart_fetches_each_tile_once(
     t = r.report["tiles"]
     assert t["planned"] == len(wanted) and t["missing"] == 0
     # what was on the wire at the kill (2 requests) is all that is asked for twice
-    assert len(tile_server.requests) - requests_before == t["fetched"] <= len(wanted) - served_before + 2
+    assert (
+        len(tile_server.requests) - requests_before
+        == t["fetched"]
+        <= len(wanted) - served_before + 2
+    )
     assert t["reused"] >= served_before - 2
     assert all(tile_server.served(x) <= 2 for x in wanted)
     assert sum(tile_server.served_ok.values()) <= len(wanted) + 2
@@ -129,7 +133,11 @@ def test_retries_run_out_exit_20_naming_the_count_and_a_tile(
     bad = sorted(planned(f, 200))[2]
     tile_server.script(bad, *[Reply(502)] * 3)
     r = cb.build(
-        f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", "HTTP_RETRIES=2", "HTTP_BACKOFF=0"
+        f"FLIGHT={f}",
+        *SMALL,
+        f"PROVIDER={tile_server.template()}",
+        "HTTP_RETRIES=2",
+        "HTTP_BACKOFF=0",
     )
     assert r.code == 20
     rep = r.report
@@ -154,11 +162,15 @@ def test_bad_template_exit_2_names_the_placeholder_and_asks_nothing(
     assert tile_server.requests == []
 
 
-def test_bearer_token_and_key_never_show_anywhere(cb: Cb, tmp_path: Path, tile_server: TileServer) -> None:
+def test_bearer_token_and_key_never_show_anywhere(
+    cb: Cb, tmp_path: Path, tile_server: TileServer
+) -> None:
     f = write_flight(tmp_path / "f.json")
     tile_server.key = API_KEY
     tile_server.require_headers = {"Authorization": f"Bearer {TOKEN}"}
-    env = cb.env(CACHEBUILD_API_KEY=API_KEY, CACHEBUILD_HTTP_HEADERS=f"Authorization: Bearer {TOKEN}")
+    env = cb.env(
+        CACHEBUILD_API_KEY=API_KEY, CACHEBUILD_HTTP_HEADERS=f"Authorization: Bearer {TOKEN}"
+    )
     template = tile_server.template("?key={key}")
     ok = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={template}", env=env)
     assert ok.code == 0, ok.stderr
@@ -273,7 +285,9 @@ def test_a_directory_of_tiles_is_a_provider(cb: Cb, tmp_path: Path) -> None:
     assert r.report["tiles"]["missing"] == 1
     # the missing tile appears in the tree: the tiles task sees the change
     x = wanted[0]
-    (tmp_path / "tree" / str(x.z) / str(x.x) / f"{(1 << x.z) - 1 - x.y}.jpg").write_bytes(tile_bytes(x))
+    (tmp_path / "tree" / str(x.z) / str(x.x) / f"{(1 << x.z) - 1 - x.y}.jpg").write_bytes(
+        tile_bytes(x)
+    )
     r2 = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={spec}")
     assert r2.code == 0, r2.stderr
     assert "tiles" in r2.report["tasks"]["run"] and r2.report["tiles"]["missing"] == 0

@@ -27,15 +27,25 @@ from onnx import TensorProto, helper
 
 from cachebuild.engine import backends
 from cachebuild.engine import compile as engine
+from cachebuild.engine.backends import MachineProbes
+from cachebuild.engine.compile import compile_engine, load_engine
+from cachebuild.engine.interface import ENGINE_JSON, engine_key, read_engine_json
+from cachebuild.engine.model import write_default_model
 from cachebuild.engine.tensorrt import backend as trt
 from cachebuild.engine.tensorrt import policy as trtplan
-from cachebuild.engine.backends import MachineProbes
-from cachebuild.engine.interface import ENGINE_JSON, engine_key, read_engine_json
-from cachebuild.engine.compile import compile_engine, load_engine
-from cachebuild.errors import EngineError
-from cachebuild.engine.model import write_default_model
 from cachebuild.engine.tensorrt.backend import TensorRTBackend
-from cachebuild.engine.tensorrt.policy import PROFILE_BATCH, TrtBuildPlan, check_environment, model_precision, parser_errors, precision_plan, profile_shapes, timing_cache_path, trt_major
+from cachebuild.engine.tensorrt.policy import (
+    PROFILE_BATCH,
+    TrtBuildPlan,
+    check_environment,
+    model_precision,
+    parser_errors,
+    precision_plan,
+    profile_shapes,
+    timing_cache_path,
+    trt_major,
+)
+from cachebuild.errors import EngineError
 from tests import fake_tensorrt
 
 from .surface import assert_public_surface, heavy_imports
@@ -70,7 +80,9 @@ def conv_model(path: Path, *, kind: str = "fp32", batch: int | str = "N") -> Pat
         helper.make_node("Flatten", ["p"], ["y"], axis=1),
     ]
     proto = helper.make_model(
-        helper.make_graph(nodes, "conv", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)], ir_version=8
+        helper.make_graph(nodes, "conv", [x], [y], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+        ir_version=8,
     )
     onnx.checker.check_model(proto)
     path.write_bytes(proto.SerializeToString())
@@ -136,7 +148,13 @@ def test_precision_plan_per_version(
 @pytest.mark.parametrize(
     "version, precision, carried, calibration, needles",
     [
-        ("11.4.1", "fp16", "fp32", False, ["TensorRT 11 removed", "modelopt.onnx.autocast", "PRECISION=fp32"]),
+        (
+            "11.4.1",
+            "fp16",
+            "fp32",
+            False,
+            ["TensorRT 11 removed", "modelopt.onnx.autocast", "PRECISION=fp32"],
+        ),
         ("11.0.0", "int8", "fp32", True, ["TensorRT 11 removed", "Q/DQ"]),
         ("11.4.1", "fp32", "fp16", False, ["carries fp16", "PRECISION=fp16"]),
         ("10.3.0", "fp32", "int8", False, ["carries int8", "PRECISION=int8"]),
@@ -149,7 +167,9 @@ def test_precision_plan_errors_say_what_to_do(
     version: str, precision: str, carried: str, calibration: bool, needles: list[str]
 ) -> None:
     with pytest.raises(EngineError) as info:
-        precision_plan(version, precision, carried, has_calibration=calibration, model="model m.onnx")
+        precision_plan(
+            version, precision, carried, has_calibration=calibration, model="model m.onnx"
+        )
     text = f"{info.value.message} {info.value.remedy}"
     for needle in needles:
         assert needle in text, text
@@ -165,13 +185,20 @@ def test_model_precision_of_real_models(tmp_path: Path) -> None:
 def test_model_precision_sees_fp16_initializers_and_io(tmp_path: Path) -> None:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT16, ["N", 3])
-    io = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y]))
+    io = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    )
     assert model_precision(io) == "fp16"
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])
     b = helper.make_tensor("b", TensorProto.FLOAT16, [3], [0.0, 1.0, 2.0])
-    nodes = [helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.FLOAT), helper.make_node("Add", ["x", "b32"], ["y"])]
-    assert model_precision(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [b]))) == "fp16"
+    nodes = [
+        helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["x", "b32"], ["y"]),
+    ]
+    assert (
+        model_precision(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [b]))) == "fp16"
+    )
 
 
 def test_profile_shapes() -> None:
@@ -195,7 +222,13 @@ def test_parser_errors_are_one_line_each_with_node_and_code() -> None:
     class Parser:
         num_errors = 3
         errs = [
-            fake_tensorrt.ParserError("UNSUPPORTED_NODE", "No importer registered for op: GridSample", 12, "gs_1", "GridSample"),
+            fake_tensorrt.ParserError(
+                "UNSUPPORTED_NODE",
+                "No importer registered for op: GridSample",
+                12,
+                "gs_1",
+                "GridSample",
+            ),
             fake_tensorrt.ParserError("INVALID_NODE", "Invalid attribute", 3, "", "Conv"),
             Bare(),
         ]
@@ -214,7 +247,10 @@ def test_parser_errors_are_one_line_each_with_node_and_code() -> None:
 LIVE = {"tensorrt": "10.3.0", "cuda": "12.6", "gpu": "Orin", "compute_capability": "8.7"}
 
 
-@pytest.mark.parametrize("field, other", [("tensorrt", "10.4.0"), ("cuda", "12.8"), ("gpu", "Thor"), ("compute_capability", "11.0")])
+@pytest.mark.parametrize(
+    "field, other",
+    [("tensorrt", "10.4.0"), ("cuda", "12.8"), ("gpu", "Thor"), ("compute_capability", "11.0")],
+)
 def test_check_environment_refuses_another_machine(tmp_path: Path, field: str, other: str) -> None:
     check_environment({"environment": LIVE}, LIVE, tmp_path)  # the same: loads
     with pytest.raises(EngineError) as info:
@@ -230,15 +266,28 @@ def test_timing_cache_file_is_per_environment(tmp_path: Path) -> None:
         assert timing_cache_path(tmp_path, {**LIVE, field: "other"}) != a
 
 
-BUILD = {"profile": profile_shapes([None, 3, 64, 64]), "workspace": 1 << 30, "flags": ["builder:FP16"]}
+BUILD = {
+    "profile": profile_shapes([None, 3, 64, 64]),
+    "workspace": 1 << 30,
+    "flags": ["builder:FP16"],
+}
 TRT_KEY = ("a" * 64, None, "fp16", "tensorrt", "10.3.0 (CUDA 12.6)", "gpu:Orin:sm_87")
 
 
 @pytest.mark.parametrize(
     "position, value",
-    [(4, "11.4.1 (CUDA 12.6)"), (4, "10.3.0 (CUDA 12.8)"), (5, "gpu:Thor:sm_87"), (5, "gpu:Orin:sm_86"), (2, "fp32"), (0, "b" * 64)],
+    [
+        (4, "11.4.1 (CUDA 12.6)"),
+        (4, "10.3.0 (CUDA 12.8)"),
+        (5, "gpu:Thor:sm_87"),
+        (5, "gpu:Orin:sm_86"),
+        (2, "fp32"),
+        (0, "b" * 64),
+    ],
 )
-def test_tensorrt_key_changes_with_version_cuda_gpu_capability_precision_model(position: int, value: str) -> None:
+def test_tensorrt_key_changes_with_version_cuda_gpu_capability_precision_model(
+    position: int, value: str
+) -> None:
     args = list(TRT_KEY)
     args[position] = value
     assert engine_key(*args, build=BUILD) != engine_key(*TRT_KEY, build=BUILD)
@@ -276,10 +325,20 @@ def test_compile_records_key_fields_and_builds_with_profile_workspace_and_no_fla
     fake: Any, tmp_path: Path
 ) -> None:
     model = conv_model(tmp_path / "m.onnx")
-    record = compile_trt(model, tmp_path / "e", workspace=256 << 20, timing_cache_dir=tmp_path / "tc")
+    record = compile_trt(
+        model, tmp_path / "e", workspace=256 << 20, timing_cache_dir=tmp_path / "tc"
+    )
     assert record["backend"] == "tensorrt" and record["engine_file"] == "engine.plan"
-    assert record["backend_version"] == "10.3.0 (CUDA 12.6)" and record["device"] == "gpu:Fake Orin:sm_87"
-    assert record["environment"] == {"tensorrt": "10.3.0", "cuda": "12.6", "gpu": "Fake Orin", "compute_capability": "8.7"}
+    assert (
+        record["backend_version"] == "10.3.0 (CUDA 12.6)"
+        and record["device"] == "gpu:Fake Orin:sm_87"
+    )
+    assert record["environment"] == {
+        "tensorrt": "10.3.0",
+        "cuda": "12.6",
+        "gpu": "Fake Orin",
+        "compute_capability": "8.7",
+    }
     assert record["build"] == {
         "profile": {"min": [1, 3, 16, 16], "opt": [64, 3, 16, 16], "max": [256, 3, 16, 16]},
         "workspace": 256 << 20,
@@ -287,11 +346,26 @@ def test_compile_records_key_fields_and_builds_with_profile_workspace_and_no_fla
         "model_precision": "fp32",
     }
     assert record["key"] == engine_key(
-        record["model_sha256"], None, "fp32", "tensorrt", record["backend_version"], record["device"], record["build"]
+        record["model_sha256"],
+        None,
+        "fp32",
+        "tensorrt",
+        record["backend_version"],
+        record["device"],
+        record["build"],
     )
     assert read_engine_json(tmp_path / "e") == record
     builds = [e for e in fake.log if e[0] == "build"]
-    assert builds == [("build", 0, [], {0: 256 << 20}, [{"x": ([1, 3, 16, 16], [64, 3, 16, 16], [256, 3, 16, 16])}], False)]
+    assert builds == [
+        (
+            "build",
+            0,
+            [],
+            {0: 256 << 20},
+            [{"x": ([1, 3, 16, 16], [64, 3, 16, 16], [256, 3, 16, 16])}],
+            False,
+        )
+    ]
     # the bytes hashed for the key are what the parser got, with the path for external weights
     assert [e for e in fake.log if e[0] == "parse"] == [("parse", model.stat().st_size, str(model))]
 
@@ -309,7 +383,9 @@ def test_fp16_on_10_sets_the_builder_flag(fake: Any, tmp_path: Path) -> None:
     assert [e[2] for e in fake.log if e[0] == "build"] == [["FP16"]]
 
 
-def test_a_model_carrying_fp16_is_built_strongly_typed_on_11(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_model_carrying_fp16_is_built_strongly_typed_on_11(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     mod = install(monkeypatch, "11.4.1", fake_tensorrt.HostCuda())
     record = compile_trt(conv_model(tmp_path / "m.onnx", kind="fp16"), tmp_path / "e", "fp16")
     assert record["build"]["flags"] == ["network:STRONGLY_TYPED"]
@@ -320,7 +396,9 @@ def test_fp16_of_an_fp32_model_on_11_is_a_clear_error_and_leaves_no_engine(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     mod = install(monkeypatch, "11.4.1", fake_tensorrt.HostCuda())
-    with pytest.raises(EngineError, match="TensorRT 11 removed the FP16/INT8 builder flags") as info:
+    with pytest.raises(
+        EngineError, match="TensorRT 11 removed the FP16/INT8 builder flags"
+    ) as info:
         compile_trt(conv_model(tmp_path / "m.onnx"), tmp_path / "e", "fp16")
     assert info.value.exit_code == 21 and info.value.phase == "engine"
     assert not (tmp_path / "e" / ENGINE_JSON).exists()
@@ -330,7 +408,9 @@ def test_fp16_of_an_fp32_model_on_11_is_a_clear_error_and_leaves_no_engine(
 def test_int8_on_10_calibrates_from_npy_tiles(fake: Any, tmp_path: Path) -> None:
     tiles = np.random.default_rng(0).random((130, 3, 16, 16), dtype=np.float32)
     np.save(tmp_path / "cal.npy", tiles)
-    record = compile_trt(conv_model(tmp_path / "m.onnx"), tmp_path / "e", "int8", calibration=tmp_path / "cal.npy")
+    record = compile_trt(
+        conv_model(tmp_path / "m.onnx"), tmp_path / "e", "int8", calibration=tmp_path / "cal.npy"
+    )
     assert record["build"]["flags"] == ["builder:INT8", "builder:FP16"]
     assert record["calibration_sha256"] is not None
     assert [e[5] for e in fake.log if e[0] == "build"] == [True]
@@ -341,7 +421,12 @@ def test_int8_on_10_calibrates_from_npy_tiles(fake: Any, tmp_path: Path) -> None
 def test_int8_calibration_file_of_the_wrong_shape_is_named(fake: Any, tmp_path: Path) -> None:
     np.save(tmp_path / "cal.npy", np.zeros((10, 16, 16), np.float32))
     with pytest.raises(EngineError, match=r"cal\.npy holds float32 \[10, 16, 16\]"):
-        compile_trt(conv_model(tmp_path / "m.onnx"), tmp_path / "e", "int8", calibration=tmp_path / "cal.npy")
+        compile_trt(
+            conv_model(tmp_path / "m.onnx"),
+            tmp_path / "e",
+            "int8",
+            calibration=tmp_path / "cal.npy",
+        )
 
 
 def test_every_parser_error_is_reported(fake: Any, tmp_path: Path) -> None:
@@ -350,7 +435,9 @@ def test_every_parser_error_is_reported(fake: Any, tmp_path: Path) -> None:
         compile_trt(conv_model(tmp_path / "m.onnx"), tmp_path / "e")
     msg = info.value.message
     assert "cannot parse model" in msg and "(2 error(s))" in msg
-    assert "[node 0, name conv0, op Conv] UNSUPPORTED_NODE: No importer registered for op: Conv" in msg
+    assert (
+        "[node 0, name conv0, op Conv] UNSUPPORTED_NODE: No importer registered for op: Conv" in msg
+    )
     assert "[node 1, name relu0, op Relu] UNSUPPORTED_NODE" in msg
     assert "BACKEND=onnxruntime" in (info.value.remedy or "") and info.value.exit_code == 21
 
@@ -360,7 +447,10 @@ def test_a_failed_build_names_precision_and_workspace(fake: Any, tmp_path: Path)
     with pytest.raises(EngineError, match=r"PRECISION=fp32, WORKSPACE=1073741824 bytes") as info:
         compile_trt(conv_model(tmp_path / "m.onnx"), tmp_path / "e")
     assert "raise WORKSPACE" in (info.value.remedy or "")
-    assert not (tmp_path / "e" / ENGINE_JSON).exists() and not (tmp_path / "e" / "engine.plan").exists()
+    assert (
+        not (tmp_path / "e" / ENGINE_JSON).exists()
+        and not (tmp_path / "e" / "engine.plan").exists()
+    )
 
 
 def test_timing_cache_persists_and_is_reused_across_builds(fake: Any, tmp_path: Path) -> None:
@@ -369,11 +459,13 @@ def test_timing_cache_persists_and_is_reused_across_builds(fake: Any, tmp_path: 
     assert first["timing_cache_reused"] is False
     (cache_file,) = tc.iterdir()
     assert cache_file == timing_cache_path(tc, first["environment"])
-    one = json.loads(cache_file.read_bytes()[len(fake_tensorrt.TC_MAGIC):])
+    one = json.loads(cache_file.read_bytes()[len(fake_tensorrt.TC_MAGIC) :])
     # another model, another cache directory: the first model's timings come along
-    second = compile_trt(conv_model(tmp_path / "m2.onnx", kind="fp16"), tmp_path / "e2", "fp16", timing_cache_dir=tc)
+    second = compile_trt(
+        conv_model(tmp_path / "m2.onnx", kind="fp16"), tmp_path / "e2", "fp16", timing_cache_dir=tc
+    )
     assert second["timing_cache_reused"] is True
-    both = json.loads(cache_file.read_bytes()[len(fake_tensorrt.TC_MAGIC):])
+    both = json.loads(cache_file.read_bytes()[len(fake_tensorrt.TC_MAGIC) :])
     assert len(one) == 1 and len(both) == 2 and both[0] == one[0]
     # a torn cache file is not fatal: the build starts from an empty cache and rewrites it
     cache_file.write_bytes(b"garbage")
@@ -396,7 +488,9 @@ def test_runs_through_pinned_buffers_and_matches_onnxruntime(fake: Any, tmp_path
         got = runner.run(x)
         np.testing.assert_allclose(got, ref.run(["y"], {"x": x})[0], rtol=1e-5, atol=1e-6)
         chunks = [min(256, n)] + ([n - 256] if n > 256 else [])
-        assert fake.cuda.copies == [c for k in chunks for c in (("h2d", k * 3 * 16 * 16 * 4), ("d2h", k * 4 * 4))]
+        assert fake.cuda.copies == [
+            c for k in chunks for c in (("h2d", k * 3 * 16 * 16 * 4), ("d2h", k * 4 * 4))
+        ]
     assert [e[2] for e in fake.log if e[0] == "execute"][-2:] == [256, 44]
     # input and output staging buffers are pinned, sized for the profile's max batch
     assert fake.cuda.pinned == [256 * 3 * 16 * 16 * 4, 256 * 4 * 4]
@@ -413,7 +507,12 @@ def test_a_fixed_batch_engine_pads_the_last_batch(fake: Any, tmp_path: Path) -> 
     x = np.random.default_rng(2).random((6, 3, 16, 16), dtype=np.float32)
     got = load_engine(tmp_path / "e").run(x)
     ref = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    want = np.concatenate([ref.run(["y"], {"x": x[:4]})[0], ref.run(["y"], {"x": np.concatenate([x[4:], np.zeros_like(x[:2])])})[0][:2]])
+    want = np.concatenate(
+        [
+            ref.run(["y"], {"x": x[:4]})[0],
+            ref.run(["y"], {"x": np.concatenate([x[4:], np.zeros_like(x[:2])])})[0][:2],
+        ]
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -459,7 +558,11 @@ def test_a_swapped_plan_file_is_refused(fake: Any, tmp_path: Path) -> None:
 
 def test_backend_is_found_by_name_with_options(fake: Any, tmp_path: Path) -> None:
     be = engine.get_backend("tensorrt", PROBES, workspace=123 << 20, timing_cache_dir=tmp_path)
-    assert isinstance(be, TensorRTBackend) and be.workspace == 123 << 20 and be.timing_cache_dir == tmp_path
+    assert (
+        isinstance(be, TensorRTBackend)
+        and be.workspace == 123 << 20
+        and be.timing_cache_dir == tmp_path
+    )
     assert be.precisions == ("fp32", "fp16", "int8") and be.portable is False
     auto = engine.get_backend("auto", PROBES)
     assert isinstance(auto, TensorRTBackend)
@@ -467,7 +570,12 @@ def test_backend_is_found_by_name_with_options(fake: Any, tmp_path: Path) -> Non
 
 
 def test_importing_the_backend_loads_no_gpu_library() -> None:
-    modules = ("cachebuild.engine.tensorrt.backend", "cachebuild.engine.tensorrt.policy", "cachebuild.engine.backends", "cachebuild.engine.gpu")
+    modules = (
+        "cachebuild.engine.tensorrt.backend",
+        "cachebuild.engine.tensorrt.policy",
+        "cachebuild.engine.backends",
+        "cachebuild.engine.gpu",
+    )
     gpu = ("numpy", "onnx", "onnxruntime", "tensorrt", "cupy", "torch", "cuda")
     assert heavy_imports(*modules, heavy=gpu) == []
 
@@ -484,30 +592,51 @@ def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
 
     printed = io.StringIO()  # Report.emit's default stream is bound at import: hand it ours
     emit = Report.emit
-    monkeypatch.setattr(Report, "emit", lambda self, fmt, out=None, err=None: emit(self, fmt, printed, io.StringIO()))
+    monkeypatch.setattr(
+        Report,
+        "emit",
+        lambda self, fmt, out=None, err=None: emit(self, fmt, printed, io.StringIO()),
+    )
 
     def last_report() -> dict[str, Any]:
         return json.loads(printed.getvalue().strip().splitlines()[-1])
 
     flight = write_flight(tmp_path / "f.json")
     env = {"CACHEBUILD_HOME": str(tmp_path / "home")}
-    code = build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env)
+    code = build_cache(
+        {"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env
+    )
     report = last_report()
     assert code == 0, report
-    assert report["engine"]["backend"] == "tensorrt" and report["engine"]["device"] == "gpu:Fake Orin:sm_87"
+    assert (
+        report["engine"]["backend"] == "tensorrt"
+        and report["engine"]["device"] == "gpu:Fake Orin:sm_87"
+    )
     current = tmp_path / "home" / "cache" / "current"
     signed = json.loads((current / "manifest.json").read_text())["signed"]
-    assert "engine/engine.plan" in signed["targets"] and "engine/engine.onnx" not in signed["targets"]
+    assert (
+        "engine/engine.plan" in signed["targets"] and "engine/engine.onnx" not in signed["targets"]
+    )
     assert signed["info"]["engine"]["key"] == report["engine"]["key"]
     record = json.loads((current / "engine" / ENGINE_JSON).read_text())
     assert record["build"]["workspace"] == 1 << 30 and record["timing_cache_reused"] is False
     assert any((tmp_path / "home" / "tensorrt").glob("timing-*.cache"))
     # describe ran the engine through execute_async_v3, and so did the self-test when it had frames
     runs = [e[2] for e in fake.log if e[0] == "execute"]
-    assert sum(runs) >= report["descriptors"]["computed"] > 0, (runs, report["descriptors"], report["selftest"])
+    assert sum(runs) >= report["descriptors"]["computed"] > 0, (
+        runs,
+        report["descriptors"],
+        report["selftest"],
+    )
     assert report["selftest"]["queries"] > 0 and len(runs) >= 2  # the self-test's frames too
     # the same again: nothing to do
-    assert build_cache({"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"}, env) == 0
+    assert (
+        build_cache(
+            {"FLIGHT": str(flight), "BUFFER_M": "200", "REPORT": "json", "SELFTEST_QUERIES": "20"},
+            env,
+        )
+        == 0
+    )
     again = last_report()
     assert again["outcome"] == "up_to_date" and again["engine"] == report["engine"]
 

@@ -38,10 +38,16 @@ SMALL = ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=0")
 def write_key(path: Path) -> str:
     """A fresh Ed25519 key (unencrypted PKCS8 PEM: always the same size); returns its public raw hex."""
     k = ed25519.Ed25519PrivateKey.generate()
-    pem = k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    pem = k.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.write_bytes(pem)
     path.chmod(0o600)
-    return k.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    return (
+        k.public_key()
+        .public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        .hex()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +111,9 @@ def plant(path: Path, data: bytes) -> None:
 # -- 1. what a verified cache promises ----------------------------------------------------
 
 
-@pytest.mark.parametrize("rel", ["tiles.mbtiles-journal", "engine/engine.plan", "index2.faiss", "extra/x"])
+@pytest.mark.parametrize(
+    "rel", ["tiles.mbtiles-journal", "engine/engine.plan", "index2.faiss", "extra/x"]
+)
 def test_an_unlisted_file_in_current_is_refused(cb: Cb, rel: str) -> None:
     assert verify(cb).code == 0
     # a SQLite hot journal header, padded to 21 KB: replayed by a read-write open of the MBTiles
@@ -132,7 +140,9 @@ def test_old_releases_are_removed_though_read_only(cb: Cb) -> None:
     assert len(names) == 2, names
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root and setpriv"
+)
 def test_remove_tree_removes_a_read_only_tree_as_its_owner(tmp_path: Path) -> None:
     """Read-only directories stop an ordinary user's rmtree; publish.remove_tree makes them writable first."""
     base = Path(os.environ.get("TMPDIR", "/tmp")) / f"cb-i19-{os.getpid()}"
@@ -149,8 +159,16 @@ def test_remove_tree_removes_a_read_only_tree_as_its_owner(tmp_path: Path) -> No
             os.chown(p, 65534, 65534, follow_symlinks=False)
         code = "import sys, shutil; from cachebuild.release.publish import remove_tree; remove_tree(sys.argv[1])"
         env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-        plain = [*_as_nobody(), sys.executable, "-c", "import sys, shutil; shutil.rmtree(sys.argv[1])", str(rel)]
-        assert subprocess.run(plain, env=env, capture_output=True).returncode != 0  # the ordinary way fails
+        plain = [
+            *_as_nobody(),
+            sys.executable,
+            "-c",
+            "import sys, shutil; shutil.rmtree(sys.argv[1])",
+            str(rel),
+        ]
+        assert (
+            subprocess.run(plain, env=env, capture_output=True).returncode != 0
+        )  # the ordinary way fails
         ours = [*_as_nobody(), sys.executable, "-c", code, str(rel)]
         r = subprocess.run(ours, env=env, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
@@ -207,7 +225,8 @@ def test_the_build_never_signs_a_substituted_artifact(warm: Cb, tmp_path: Path) 
     with con:
         con.execute("PRAGMA journal_mode=DELETE")
         n = con.execute(
-            "UPDATE tiles SET tile_data = ? WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?", (evil, *key)
+            "UPDATE tiles SET tile_data = ? WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+            (evil, *key),
         ).rowcount
     con.close()
     assert n == 1 and fake.stat().st_size == st.st_size
@@ -247,7 +266,9 @@ def test_a_key_rotated_in_place_with_its_mtime_restored_re_signs(warm: Cb, tmp_p
 
 
 @pytest.mark.parametrize("how", ["same-size-touch-r", "other-size-cp-p"])
-def test_a_changed_model_with_its_mtime_restored_rebuilds_the_engine(warm: Cb, tmp_path: Path, how: str) -> None:
+def test_a_changed_model_with_its_mtime_restored_rebuilds_the_engine(
+    warm: Cb, tmp_path: Path, how: str
+) -> None:
     """MODEL retrained: the same size and ``touch -r``, or ``cp -p`` of another size with the same mtime."""
     from cachebuild.engine.model import write_default_model
 

@@ -14,9 +14,9 @@ import pytest
 
 from cachebuild.companion import push
 from cachebuild.engine.compile import compile_engine
-from cachebuild.errors import EngineError
 from cachebuild.engine.model import build_default_model
 from cachebuild.engine.modelfiles import external_data_files, model_sha256
+from cachebuild.errors import EngineError
 
 from .conftest import Cb, write_flight
 from .test_companion_units import _staged
@@ -52,7 +52,9 @@ def flip_weights(data: Path) -> None:
     os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
-def test_a_model_with_external_data_builds_and_its_data_keys_the_engine(cb: Cb, tmp_path: Path) -> None:
+def test_a_model_with_external_data_builds_and_its_data_keys_the_engine(
+    cb: Cb, tmp_path: Path
+) -> None:
     model = external_model(tmp_path / "net")
     flight = write_flight(tmp_path / "f.json")
     args = (f"FLIGHT={flight}", f"MODEL={model}", *SMALL)
@@ -67,7 +69,9 @@ def test_a_model_with_external_data_builds_and_its_data_keys_the_engine(cb: Cb, 
     assert cb.run("verify-cache").code == 0
 
 
-def test_the_identity_hashes_the_data_and_a_model_in_one_file_keeps_its_plain_hash(tmp_path: Path) -> None:
+def test_the_identity_hashes_the_data_and_a_model_in_one_file_keeps_its_plain_hash(
+    tmp_path: Path,
+) -> None:
     import hashlib
 
     model = external_model(tmp_path / "net")
@@ -103,14 +107,20 @@ def test_external_data_that_is_missing_or_outside_is_refused(tmp_path: Path, how
         words = "outside its directory"
     with pytest.raises(EngineError, match=words):
         compile_engine(
-            model_path=model, calibration_path=None, precision="fp32", out_dir=tmp_path / "e", backend="onnxruntime"
+            model_path=model,
+            calibration_path=None,
+            precision="fp32",
+            out_dir=tmp_path / "e",
+            backend="onnxruntime",
         )
 
 
 def test_the_push_sends_the_data_beside_the_model(tmp_path: Path) -> None:
     build, store_root, _ = _staged(tmp_path)
     model = external_model(tmp_path / "net")
-    p = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    p = push.plan_push(
+        build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path
+    )
     rels = sorted(r for r in p.inputs if r.startswith("inputs/"))
     assert len(rels) == 2, rels
     folder = rels[0].rsplit("/", 1)[0]
@@ -118,11 +128,15 @@ def test_the_push_sends_the_data_beside_the_model(tmp_path: Path) -> None:
     assert p.inputs[f"{folder}/weights.bin"][0] == model.parent / "weights.bin"
     assert p.remote["model"] == f"/c/{folder}/model.onnx"
     flip_weights(model.parent / "weights.bin")
-    again = push.plan_push(build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path)
+    again = push.plan_push(
+        build_dir=build, store_root=store_root, root="/c", model=model, state_dir=tmp_path
+    )
     assert not set(again.inputs) & set(rels)  # changed data: a new folder, sent again
 
 
-def test_a_model_with_external_data_builds_on_the_companion(cb: Cb, sshd: object, tmp_path: Path) -> None:
+def test_a_model_with_external_data_builds_on_the_companion(
+    cb: Cb, sshd: object, tmp_path: Path
+) -> None:
     """Through a real sshd: the data file is pushed beside the model, and the companion's build uses it."""
     from .test_companion import SSHD, Companion
 
@@ -137,6 +151,8 @@ def test_a_model_with_external_data_builds_on_the_companion(cb: Cb, sshd: object
     push_report = r.report["push"]
     assert push_report["objects"] == push_report["tile_objects"] + 2  # model.onnx and weights.bin
     pushed = list((c.dir / "inputs").glob("*/weights.bin"))
-    assert len(pushed) == 1 and pushed[0].read_bytes() == (model.parent / "weights.bin").read_bytes()
+    assert (
+        len(pushed) == 1 and pushed[0].read_bytes() == (model.parent / "weights.bin").read_bytes()
+    )
     assert (pushed[0].parent / "model.onnx").read_bytes() == model.read_bytes()
     assert c.verify().code == 0

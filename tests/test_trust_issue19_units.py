@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.release import produced
 from cachebuild.companion.push import file_sha256_cached
 from cachebuild.errors import BuildError
+from cachebuild.release import produced
 
 
 def _settle(p: Path) -> None:

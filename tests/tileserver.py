@@ -90,7 +90,9 @@ Fault = Union[Reply, Slow, str]
 
 def html(status: int = 200) -> Reply:
     return Reply(
-        status, b"<html><body>Too many requests, slow down</body></html>", {"Content-Type": "text/html"}
+        status,
+        b"<html><body>Too many requests, slow down</body></html>",
+        {"Content-Type": "text/html"},
     )
 
 

@@ -108,7 +108,9 @@ def _encode(obj: Any, out: list[str]) -> None:
     elif isinstance(obj, Mapping):
         for name in obj:
             if not isinstance(name, str):
-                raise TypeError(f"canonical JSON object names must be str, not {type(name).__name__}")
+                raise TypeError(
+                    f"canonical JSON object names must be str, not {type(name).__name__}"
+                )
         out.append("{")
         for i, name in enumerate(sorted(obj, key=_utf16_key)):
             if i:

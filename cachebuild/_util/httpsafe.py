@@ -190,9 +190,13 @@ class _Stream:
     def close(self) -> None:
         self._inner.close()
 
-    def start_tls(self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None) -> Any:
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> Any:
         try:
-            inner = self._inner.start_tls(ssl_context, server_hostname, self._guard._timeout(timeout))
+            inner = self._inner.start_tls(
+                ssl_context, server_hostname, self._guard._timeout(timeout)
+            )
         except (Stopped, DeadlineExceeded):
             raise
         except Exception as exc:
@@ -273,7 +277,9 @@ def _decoder(encoding: str) -> Any:
         return zlib.decompressobj(16 + zlib.MAX_WBITS)
     if enc == "deflate":
         return "deflate"  # zlib-wrapped or raw: decided on the first bytes
-    raise BadEncoding(f"Content-Encoding {encoding.strip()[:40]!r}, which was not asked for ({ACCEPT_ENCODING})")
+    raise BadEncoding(
+        f"Content-Encoding {encoding.strip()[:40]!r}, which was not asked for ({ACCEPT_ENCODING})"
+    )
 
 
 def read_body(response: httpx.Response, limit: int) -> bytes:

@@ -50,9 +50,15 @@ class NpyRowWriter:
         self.dtype = np.dtype(dtype)
         self.shape = tuple(int(s) for s in shape)
         self.rows = 0
-        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self._tmp = self.path.with_name(
+            f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        )
         self._fh: Any = open(self._tmp, "wb")
-        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        header = {
+            "descr": np.lib.format.dtype_to_descr(self.dtype),
+            "fortran_order": False,
+            "shape": self.shape,
+        }
         try:
             np.lib.format.write_array_header_1_0(self._fh, header)
         except BaseException:
@@ -134,7 +140,9 @@ def npy_shape(path: str | os.PathLike[str]) -> tuple[tuple[int, ...], Any]:
     return shape, dtype
 
 
-def iter_npy_rows(path: str | os.PathLike[str], chunk_rows: int | None = None) -> Iterator[tuple[int, Any]]:
+def iter_npy_rows(
+    path: str | os.PathLike[str], chunk_rows: int | None = None
+) -> Iterator[tuple[int, Any]]:
     """Yield ``(first row, rows)`` of a .npy file, ``chunk_rows`` rows at a time.
 
     The yielded array is a view of one reused buffer: it is valid until the
@@ -161,7 +169,9 @@ def iter_npy_rows(path: str | os.PathLike[str], chunk_rows: int | None = None) -
             view = buf[:k]
             got = fh.readinto(memoryview(view).cast("B"))
             if got != k * row_bytes:
-                raise ValueError(f"{path} is truncated: row {start + got // max(row_bytes, 1)} of {n}")
+                raise ValueError(
+                    f"{path} is truncated: row {start + got // max(row_bytes, 1)} of {n}"
+                )
             yield start, view
             start += k
 

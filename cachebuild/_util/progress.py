@@ -33,6 +33,7 @@ def forget_counts() -> None:
     """Drop every label's counts (a new run starts)."""
     _FINISHED.clear()
 
+
 #: Seconds of history the rate behind the ETA is measured over: recent
 #: enough to follow a change of pace, long enough to be steady.
 RATE_WINDOW_S = 10.0
@@ -129,7 +130,10 @@ class Progress:
         width = 24
         frac = min(self.done / self.total, 1.0) if self.total else 1.0
         bar = "#" * int(frac * width)
-        parts = [f"{self.label:>9} [{bar:<{width}}] {self.done}/{self.total}", f"{self.rate(now):,.0f}/s"]
+        parts = [
+            f"{self.label:>9} [{bar:<{width}}] {self.done}/{self.total}",
+            f"{self.rate(now):,.0f}/s",
+        ]
         parts += [f"{v} {k}" for k, v in self.counters.items() if v]
         eta = self.eta_s(now)
         if self.done < self.total:

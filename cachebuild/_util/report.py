@@ -159,7 +159,12 @@ class Report:
             )
             ran = ", ".join(self.tasks["run"]) or "nothing (all up to date)"
             lines.append(f"  ran      {ran}")
-            order = {"flight": 0, "lock": 1, "coverage": 3, "publish": 4}  # doit's tasks (2) between
+            order = {
+                "flight": 0,
+                "lock": 1,
+                "coverage": 3,
+                "publish": 4,
+            }  # doit's tasks (2) between
             phases = sorted((k for k in d["phases"] if k != "total"), key=lambda k: order.get(k, 2))
             times = ", ".join(f"{k} {d['phases'][k]:.2f} s" for k in phases)
             lines.append(f"  phases   {times}")
@@ -174,7 +179,10 @@ class Report:
             companion = self.extra.get("companion")
             if companion:  # COMPANION=...: what was pushed and built there
                 pushed = self.extra.get("push") or {}
-                there = ", ".join((companion.get("tasks") or {}).get("run") or []) or "nothing (all up to date)"
+                there = (
+                    ", ".join((companion.get("tasks") or {}).get("run") or [])
+                    or "nothing (all up to date)"
+                )
                 lines.append(
                     f"  companion {companion['host']}: pushed {pushed.get('objects', 0)} objects "
                     f"({pushed.get('bytes', 0) / 1e6:.1f} MB), built {there}"

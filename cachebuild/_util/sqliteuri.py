@@ -34,7 +34,9 @@ def sqlite_uri(path: str | os.PathLike[str], **params: str) -> str:
     return f"{uri}?{urlencode(params)}" if params else uri
 
 
-def connect_immutable(path: str | os.PathLike[str], *, check_same_thread: bool = True) -> sqlite3.Connection:
+def connect_immutable(
+    path: str | os.PathLike[str], *, check_same_thread: bool = True
+) -> sqlite3.Connection:
     """Open an SQLite file read-only and immutable (``mode=ro&immutable=1``).
 
     Nothing can be written through the connection, and no journal or WAL
@@ -44,4 +46,6 @@ def connect_immutable(path: str | os.PathLike[str], *, check_same_thread: bool =
     """
     import sqlite3
 
-    return sqlite3.connect(sqlite_uri(path, mode="ro", immutable="1"), uri=True, check_same_thread=check_same_thread)
+    return sqlite3.connect(
+        sqlite_uri(path, mode="ro", immutable="1"), uri=True, check_same_thread=check_same_thread
+    )

@@ -114,7 +114,9 @@ class HashCache:
         self._lock = threading.Lock()  # sha256() may run in several threads
         self._entries: dict[str, list[Any]] = {}
         self._mine: dict[str, list[Any]] = {}  # remembered here, not saved yet
-        self._seen: tuple[int, int, int, int] | None = None  # the cache file as last read or written
+        self._seen: tuple[int, int, int, int] | None = (
+            None  # the cache file as last read or written
+        )
         #: how many lookups were answered from the cache, and how many hashed
         self.hits = 0
         self.misses = 0
@@ -254,7 +256,11 @@ class HashCache:
             if not self._mine:
                 return
             self._refresh()
-            keep = {k: v for k, v in self._entries.items() if os.path.lexists(os.path.join(self.root, k))}
+            keep = {
+                k: v
+                for k, v in self._entries.items()
+                if os.path.lexists(os.path.join(self.root, k))
+            }
             doc = {"format": _HASH_CACHE_FORMAT, "entries": keep}
             tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
             try:
@@ -288,7 +294,11 @@ def doit_file_checker(cache_file: str | os.PathLike[str]) -> type:
         return "sha256:" + value
 
     def fresh(st: os.stat_result, state: Any) -> bool:
-        return isinstance(state, (list, tuple)) and len(state) == 7 and still_valid(st, list(state[:5]), state[5])
+        return (
+            isinstance(state, (list, tuple))
+            and len(state) == 7
+            and still_valid(st, list(state[:5]), state[5])
+        )
 
     class HashCacheChecker:
         CheckerError = OSError

@@ -30,7 +30,9 @@ def warning_line(message: Any) -> str:
 
 
 @contextmanager
-def operator_warnings(record: Callable[[str], None] | None = None, stream: TextIO | None = None) -> Iterator[None]:
+def operator_warnings(
+    record: Callable[[str], None] | None = None, stream: TextIO | None = None
+) -> Iterator[None]:
     """Within the block, every shown warning is one :func:`warning_line` on ``stream`` (stderr).
 
     ``record`` also gets each message (the report's ``warnings``).  A message
@@ -40,7 +42,9 @@ def operator_warnings(record: Callable[[str], None] | None = None, stream: TextI
     previous = warnings.showwarning
     shown: set[str] = set()
 
-    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    def show(
+        message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+    ) -> None:
         text = warning_line(message)
         if text in shown:  # the same warning from another place (the key, read twice): said once
             return

@@ -11,13 +11,18 @@ import sys
 from collections.abc import Callable, Mapping
 
 from cachebuild import __version__
-from cachebuild.errors import UsageError, did_you_mean
-from cachebuild.cli.logsetup import configure_logging
 from cachebuild._util.report import Report
 from cachebuild._util.warn import operator_warnings
-from cachebuild.cli.doitcmds import CacheInfoCmd, CompanionAgentCmd, GcStoreCmd, PreviewCacheCmd
+from cachebuild.cli.doitcmds import (
+    _VARS_HELP,
+    CacheInfoCmd,
+    CompanionAgentCmd,
+    GcStoreCmd,
+    PreviewCacheCmd,
+)
+from cachebuild.cli.logsetup import configure_logging
 from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
-from cachebuild.cli.doitcmds import _VARS_HELP
+from cachebuild.errors import UsageError, did_you_mean
 
 __all__ = ["main", "usage"]
 

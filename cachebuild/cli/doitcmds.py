@@ -23,18 +23,16 @@ from typing import Any
 
 from doit.cmd_base import Command
 
-from cachebuild.inputs.config import VARIABLES, load_settings
-from cachebuild.cli.doitrun import PlanLoader, cmdline_vars
-from cachebuild.errors import CacheBuildError, UsageError, did_you_mean
-from cachebuild.release.lock import CacheLock
-from cachebuild.cli.logsetup import configure_logging
 from cachebuild._util.report import Report
 from cachebuild._util.warn import operator_warnings
+from cachebuild.cli.doitrun import PlanLoader, cmdline_vars
+from cachebuild.cli.logsetup import configure_logging
+from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
+from cachebuild.errors import CacheBuildError, UsageError, did_you_mean
+from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.inputs.plan import resolve_plan
+from cachebuild.release.lock import CacheLock
 from targets import task_dicts
-from cachebuild.cli.runner import build_cache
-from cachebuild.cli.runner import verify_cache_cmd
-from cachebuild.cli.runner import clean_cache
 
 __all__ = [
     "foreign_dodo",
@@ -62,8 +60,17 @@ _VARS_HELP = "\n".join(f"  {name:<14} {text}" for name, text in VARIABLES.items(
 
 #: The commands a cachebuild project offers (for "did you mean").
 COMMAND_NAMES = (
-    "build-cache", "verify-cache", "clean", "clean-cache", "cache-info", "preview-cache", "gc-store",
-    "forget", "info", "list", "help",
+    "build-cache",
+    "verify-cache",
+    "clean",
+    "clean-cache",
+    "cache-info",
+    "preview-cache",
+    "gc-store",
+    "forget",
+    "info",
+    "list",
+    "help",
 )
 
 
@@ -110,7 +117,9 @@ class _CacheCommand(Command):
     """
 
     doc_usage = "[NAME=value ...]"
-    doc_description = "Variables (also read from the environment as CACHEBUILD_<NAME>):\n" + _VARS_HELP
+    doc_description = (
+        "Variables (also read from the environment as CACHEBUILD_<NAME>):\n" + _VARS_HELP
+    )
     cmd_options = ()
     impl: Any = None
     builtin: Any = None
@@ -118,7 +127,9 @@ class _CacheCommand(Command):
 
     def __init__(self, **kwargs: Any):
         self._doit_kwargs = dict(kwargs)
-        super().__init__(**{k: v for k, v in kwargs.items() if k in ("config", "bin_name", "opt_vals")})
+        super().__init__(
+            **{k: v for k, v in kwargs.items() if k in ("config", "bin_name", "opt_vals")}
+        )
 
     def parse_execute(self, in_args: list[str]) -> int:
         if self.builtin is not None and foreign_dodo(self.opt_vals, self.config):
@@ -134,7 +145,11 @@ class _CacheCommand(Command):
             return _fail(self.get_name(), fmt, exc)
         with operator_warnings():
             if args and not self.takes_args:
-                return _fail(self.get_name(), fmt, UsageError(f"unexpected argument(s): {' '.join(args)}; use NAME=value"))
+                return _fail(
+                    self.get_name(),
+                    fmt,
+                    UsageError(f"unexpected argument(s): {' '.join(args)}; use NAME=value"),
+                )
             if self.takes_args:
                 return int(type(self).impl(vars, args))
             return int(type(self).impl(vars))
@@ -170,7 +185,9 @@ class CleanCacheCmd(_CacheCommand):
     """``doit clean-cache`` (any directory): :func:`cachebuild.cli.runner.clean_cache`."""
 
     name = "clean-cache"
-    doc_purpose = "forget the build state (under the lock); the next build-cache does the work again"
+    doc_purpose = (
+        "forget the build state (under the lock); the next build-cache does the work again"
+    )
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:
@@ -249,7 +266,10 @@ def _task_names(plan: Any) -> list[str]:
 def _unknown_task(name: str, tasks: list[str], commands: bool = False) -> UsageError:
     kind = "no command or task" if commands else "no task"
     hint = did_you_mean(name, [*tasks, *(COMMAND_NAMES if commands else ())])
-    return UsageError(f"{kind} '{name}'{hint}", remedy=f"tasks: {', '.join(tasks)}; `doit help` lists the commands")
+    return UsageError(
+        f"{kind} '{name}'{hint}",
+        remedy=f"tasks: {', '.join(tasks)}; `doit help` lists the commands",
+    )
 
 
 class RunCmd(_CacheCommand):
@@ -287,7 +307,9 @@ class RunCmd(_CacheCommand):
 
 class IgnoreCmd(_CacheCommand):
     name = "ignore"
-    doc_purpose = "refused: a skipped task would leave a signed cache claiming settings it was not built with"
+    doc_purpose = (
+        "refused: a skipped task would leave a signed cache claiming settings it was not built with"
+    )
     takes_args = True
     builtin = property(lambda self: _doit_builtin("ignore"))  # type: ignore[assignment]
 
@@ -343,7 +365,10 @@ class ForgetCmd(_CacheCommand):
             plan = _plan(vars, with_flight=False)
             tasks = _task_names(plan)
             if not args:
-                raise UsageError("name the tasks to forget", remedy="doit forget selftest; `doit clean` forgets all")
+                raise UsageError(
+                    "name the tasks to forget",
+                    remedy="doit forget selftest; `doit clean` forgets all",
+                )
             for name in args:
                 if name not in tasks:
                     raise _unknown_task(name, tasks)
@@ -358,7 +383,9 @@ class ForgetCmd(_CacheCommand):
             report.outcome, report.exit_code = "success", 0
             if fmt == "text":
                 them = "it" if len(args) == 1 else "them"
-                sys.stderr.write(f"forgot {', '.join(args)}: the next build-cache runs {them} again\n")
+                sys.stderr.write(
+                    f"forgot {', '.join(args)}: the next build-cache runs {them} again\n"
+                )
         except CacheBuildError as exc:
             report.fail(exc)
         report.emit(fmt)
@@ -367,7 +394,9 @@ class ForgetCmd(_CacheCommand):
 
 class InfoCmd(_CacheCommand):
     name = "info"
-    doc_purpose = "a task's dependencies and whether build-cache would run it (give the build's variables)"
+    doc_purpose = (
+        "a task's dependencies and whether build-cache would run it (give the build's variables)"
+    )
     doc_usage = "TASK FLIGHT=... [NAME=value ...]"
     takes_args = True
     builtin = property(lambda self: _doit_builtin("info"))  # type: ignore[assignment]
@@ -380,7 +409,9 @@ class InfoCmd(_CacheCommand):
         try:
             with_flight = bool(vars.get("FLIGHT"))
             if len(args) != 1:
-                raise UsageError("name one task: doit info TASK FLIGHT=...", remedy="`doit list` shows the tasks")
+                raise UsageError(
+                    "name one task: doit info TASK FLIGHT=...", remedy="`doit list` shows the tasks"
+                )
             plan = _plan(vars, with_flight=with_flight)
             tasks = _task_names(plan)
             if args[0] not in tasks:
@@ -423,13 +454,20 @@ class DumpDbCmd(_CacheCommand):
         if not dep_file.exists():
             sys.stderr.write(f"no build state at {dep_file}: nothing built yet, or cleaned\n")
             return 0
-        conn = sqlite3.connect(dep_file.absolute().as_uri() + "?mode=ro", uri=True)  # '#', '?' in a path
+        conn = sqlite3.connect(
+            dep_file.absolute().as_uri() + "?mode=ro", uri=True
+        )  # '#', '?' in a path
         try:
-            for task_id, data in conn.execute("select task_id, task_data from doit order by task_id"):
+            for task_id, data in conn.execute(
+                "select task_id, task_data from doit order by task_id"
+            ):
                 sys.stdout.write(f"{task_id}: {data}\n")
         except sqlite3.DatabaseError as exc:
-            return _fail("dumpdb", _report_format(vars), UsageError(f"{dep_file} is unreadable: {exc}",
-                                                                    remedy="doit clean"))
+            return _fail(
+                "dumpdb",
+                _report_format(vars),
+                UsageError(f"{dep_file} is unreadable: {exc}", remedy="doit clean"),
+            )
         finally:
             conn.close()
         return 0

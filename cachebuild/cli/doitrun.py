@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from doit.cmd_base import TaskLoader2
+
 from cachebuild._util.statcache import HASH_CACHE_NAME, doit_file_checker
-from targets import FINAL_TASK
-from targets import task_dicts
+from targets import FINAL_TASK, task_dicts
 
 __all__ = [
     "RecordingReporter",
@@ -176,14 +176,12 @@ class PlanLoader(TaskLoader2):
     def load_tasks(self, cmd: Any, pos_args: Any) -> list[Any]:
         from doit.task import dict_to_task
 
-
         return [dict_to_task(d) for d in task_dicts(self.plan)]
 
 
 def run_doit(plan: Any, reporter: RecordingReporter, tasks: list[str] | None = None) -> int:
     """Run the build's tasks with doit; returns doit's exit code."""
     from doit.cmd_run import Run
-
 
     plan.paths.state.mkdir(parents=True, exist_ok=True)
     cmd = Run(task_loader=PlanLoader(plan, reporter), config={}, bin_name="doit")

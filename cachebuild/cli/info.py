@@ -17,22 +17,25 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cachebuild.inputs.config import Settings, load_settings
-from cachebuild.errors import CacheBuildError, UsageError, VerifyError
-from cachebuild.release.publish import current_release
 from cachebuild._util.report import Report, human_size
-from cachebuild.release.signing import load_public_key
-from cachebuild.release.verify import read_manifest, verify_cache
-from cachebuild.release.rollback import check_not_rolled_back
-from cachebuild.release.signing import keyid
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
-from cachebuild.companion.flow import companion_options, resolve_root
+from cachebuild.companion.flow import (
+    LAST_BUILD_FILE,
+    companion_options,
+    last_companion_build,
+    resolve_root,
+)
 from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, command_values, shown_command
 from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
 from cachebuild.companion.ssh import connect
-from cachebuild.companion.flow import LAST_BUILD_FILE, last_companion_build
-from cachebuild.tiles.preview import render_preview
+from cachebuild.errors import CacheBuildError, UsageError, VerifyError
+from cachebuild.inputs.config import Settings, load_settings
+from cachebuild.release.publish import current_release
+from cachebuild.release.rollback import check_not_rolled_back
+from cachebuild.release.signing import keyid, load_public_key
+from cachebuild.release.verify import read_manifest, verify_cache
 from cachebuild.store.lock import store_user
+from cachebuild.tiles.preview import render_preview
 
 __all__ = [
     "cache_info",
@@ -102,7 +105,9 @@ def cache_info(release: Path, trusted: list[Any], cache_dir: Path | None = None)
         "expires": signed.get("expires"),
         "tiles": info.get("tiles"),
         "tiles_per_zoom": _per_zoom(release),
-        "artifacts": {rel: meta["length"] for rel, meta in sorted(signed.get("targets", {}).items())},
+        "artifacts": {
+            rel: meta["length"] for rel, meta in sorted(signed.get("targets", {}).items())
+        },
         "engine": info.get("engine"),
         "index": info.get("index"),
         "selftest": info.get("selftest"),
@@ -131,13 +136,18 @@ def format_info(d: Mapping[str, Any]) -> str:
         ("built at", d.get("built_at") or "?"),
         ("signer", (d.get("signer_keyid") or "?")[:16]),
         ("manifest", f"v{d.get('manifest_version')}, expires {d.get('expires')}"),
-        ("engine", f"{engine.get('backend')} {engine.get('backend_version')} {engine.get('precision')}, "
-         f"key {str(engine.get('key'))[:16]}"),
+        (
+            "engine",
+            f"{engine.get('backend')} {engine.get('backend_version')} {engine.get('precision')}, "
+            f"key {str(engine.get('key'))[:16]}",
+        ),
         ("index", f"{index.get('type')} ({index.get('ntotal')} vectors)"),
         (
             "self-test",
             f"recall@1 {selftest['recall_at_1']:.3f}, recall@5 {selftest['recall_at_5']:.3f} "
-            f"({selftest['queries']} queries)" if selftest else "not run",
+            f"({selftest['queries']} queries)"
+            if selftest
+            else "not run",
         ),
         ("verify", "passes" if v["ok"] else f"FAILS: {v['reason']}"),
     ]
@@ -163,7 +173,9 @@ def _release(settings: Settings) -> Path:
     return release
 
 
-def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = None) -> dict[str, Any]:
+def companion_cache(
+    settings: Settings, *, factory: Any = None, stream: Any = None
+) -> dict[str, Any]:
     """The companion's published cache, read by running ``cache-info`` there over SSH.
 
     Returns ``host``, ``dir`` (``COMPANION_DIR`` there), ``cache`` (its
@@ -198,13 +210,19 @@ def companion_cache(settings: Settings, *, factory: Any = None, stream: Any = No
                 "or set COMPANION_CMD to its doit",
             ) from exc
     cache = remote.get("cache") if remote.get("exit_code") == 0 else None
-    out: dict[str, Any] = {"host": str(target), "dir": root, "cache": cache if isinstance(cache, dict) else None}
+    out: dict[str, Any] = {
+        "host": str(target),
+        "dir": root,
+        "cache": cache if isinstance(cache, dict) else None,
+    }
     if out["cache"] is None:
         out["error"] = remote.get("error") or f"cache-info there exited {remote.get('exit_code')}"
     return out
 
 
-def compare(companion: dict[str, Any], last: Mapping[str, Any] | None, record: Path | None = None) -> dict[str, Any]:
+def compare(
+    companion: dict[str, Any], last: Mapping[str, Any] | None, record: Path | None = None
+) -> dict[str, Any]:
     """Is the companion's cache the one this workstation last built there?  Adds
     ``reference``, ``build_id``, ``matches`` and ``status`` to ``companion``.
 
@@ -216,7 +234,10 @@ def compare(companion: dict[str, Any], last: Mapping[str, Any] | None, record: P
     """
     remote = companion.get("cache")
     ref: dict[str, Any] | None = None
-    if last is not None and (last.get("host"), last.get("dir")) == (companion["host"], companion["dir"]):
+    if last is not None and (last.get("host"), last.get("dir")) == (
+        companion["host"],
+        companion["dir"],
+    ):
         ref = {
             "source": "last companion build",
             "host": last.get("host"),
@@ -282,7 +303,6 @@ def cache_info_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None
         report.extra["cache"] = d
         text = [format_info(d)] if d is not None else []
         if settings.companion is not None:
-
             c = companion_cache(settings)
             last = last_companion_build(settings.paths.state, c["host"], c["dir"])
             c = compare(c, last, settings.paths.state / LAST_BUILD_FILE)
@@ -327,7 +347,9 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         target = Path(out) if out else settings.cache_dir / "preview.png"
 
         with store_user(str(settings.store)):  # thumbnails in the store; gc-store waits
-            r = render_preview(release, target, built_at=signed.get("built_at"), store=settings.store)
+            r = render_preview(
+                release, target, built_at=signed.get("built_at"), store=settings.store
+            )
         report.build_id = signed.get("build_id")
         width, height, nbytes = _png_size(target)  # the file's, legend included
         report.extra["preview"] = {
@@ -341,7 +363,9 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         }
         report.outcome, report.exit_code = "success", 0
         if fmt == "text":
-            sys.stdout.write(f"preview: {target} ({width}x{height} px, {human_size(nbytes)}, z{r['zoom']})\n")
+            sys.stdout.write(
+                f"preview: {target} ({width}x{height} px, {human_size(nbytes)}, z{r['zoom']})\n"
+            )
             return 0
     except CacheBuildError as exc:
         report.fail(exc)

@@ -14,12 +14,17 @@ import os
 import sys
 from collections.abc import Mapping
 
-from cachebuild.errors import UsageError, did_you_mean
 from cachebuild._util.report import redact
+from cachebuild.errors import UsageError, did_you_mean
 
 __all__ = ["LEVELS", "RedactFilter", "configure_logging"]
 
-LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -42,7 +47,9 @@ class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
     """The one handler cachebuild installs (recognised to be replaced, not stacked)."""
 
 
-def configure_logging(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> dict[str, str]:
+def configure_logging(
+    vars: Mapping[str, str], env: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Take ``LOG_LEVEL`` off ``vars`` and set logging up for it; returns the other variables.
 
     Without ``LOG_LEVEL`` (or ``CACHEBUILD_LOG_LEVEL``) logging is left as it is.

@@ -35,10 +35,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cachebuild.inputs.config import Paths
-from cachebuild.errors import CacheBuildWarning, StoreObjectError
 from cachebuild._util.sqliteuri import sqlite_uri
+from cachebuild.errors import CacheBuildWarning, StoreObjectError
 from cachebuild.errors import StoreObjectError as _Bad
+from cachebuild.inputs.config import Paths
 from cachebuild.store.objects import read_object
 from cachebuild.tileset import hex_digests, read_tiles
 
@@ -58,7 +58,9 @@ def _db_problem(path: Path) -> str | None:
         verdict = conn.execute("PRAGMA quick_check").fetchone()
         if verdict is None or verdict[0] != "ok":
             return f"integrity check: {verdict[0] if verdict else 'no answer'}"
-        has_table = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'doit'").fetchone()
+        has_table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'doit'"
+        ).fetchone()
         if not has_table:
             return None  # doit creates it
         for task_id, data in conn.execute("SELECT task_id, task_data FROM doit"):
@@ -117,7 +119,9 @@ def check_staged(paths: Paths, warn: Callable[[str], None]) -> list[str]:
         lengths = {str(rel): int(meta["length"]) for rel, meta in targets.items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         manifest.unlink(missing_ok=True)
-        warn(f"the staged manifest {manifest} is damaged ({type(exc).__name__}); it is signed again")
+        warn(
+            f"the staged manifest {manifest} is damaged ({type(exc).__name__}); it is signed again"
+        )
         return ["manifest.json"]
     damaged = []
     for rel, length in sorted(lengths.items()):
@@ -162,7 +166,11 @@ def _stale_tileset(paths: Paths, err: StoreObjectError, warn: Callable[[str], No
     others: list[str] = []
     if err.path:
         others = [d for d in _scan_tileset(paths, Path(err.path).parent.parent) if d != err.digest]
-    more = f"; {len(others)} more of the tile set's images were missing or corrupt ({others[0][:12]}…)" if others else ""
+    more = (
+        f"; {len(others)} more of the tile set's images were missing or corrupt ({others[0][:12]}…)"
+        if others
+        else ""
+    )
     warn(f"{err.message}{more}; fetching {'them' if others else 'it'} again")
     (paths.build / STALE_TILESET).unlink(missing_ok=True)
 

@@ -22,28 +22,43 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from targets import actions
-from cachebuild.companion import LOCAL_TASKS
-from cachebuild.inputs.config import VARIABLES, Settings, load_settings
-from cachebuild.cli.doitrun import PlanLoader, RecordingReporter, cmdline_vars, doit_config, ignored_tasks, run_doit, sigterm_as_interrupt
-from cachebuild.errors import BuildError, CacheBuildError, CoverageError, UsageError, VerifyError
-from cachebuild.release.lock import CacheLock
+from cachebuild._util.progress import finished_counts, forget_counts
 from cachebuild._util.report import Report, redact
 from cachebuild._util.warn import operator_warnings
-from cachebuild.tileset import read_summary
-from cachebuild.errors import DiskFullError
-from cachebuild._util.progress import finished_counts
-from cachebuild.inputs.plan import resolve_plan
-from cachebuild.release.publish import clean_leftovers, publish, published_manifest_bytes
-from cachebuild._util.progress import forget_counts
+from cachebuild.cli.doitrun import (
+    PlanLoader,
+    RecordingReporter,
+    cmdline_vars,
+    doit_config,
+    ignored_tasks,
+    run_doit,
+    sigterm_as_interrupt,
+)
 from cachebuild.cli.repair import run_repairing
+from cachebuild.companion import LOCAL_TASKS, build_on_companion
+from cachebuild.errors import (
+    BuildError,
+    CacheBuildError,
+    CoverageError,
+    DiskFullError,
+    UsageError,
+    VerifyError,
+)
+from cachebuild.inputs.config import VARIABLES, Settings, load_settings
+from cachebuild.inputs.plan import resolve_plan
 from cachebuild.localize.selftest import check_recall, summary
-from cachebuild.companion import build_on_companion
-from cachebuild.release.publish import current_release, release_intact
+from cachebuild.release.lock import CacheLock
+from cachebuild.release.publish import (
+    clean_leftovers,
+    current_release,
+    publish,
+    published_manifest_bytes,
+    release_intact,
+)
 from cachebuild.release.rollback import check_not_rolled_back, record_accepted
-from cachebuild.release.signing import load_public_key
-from cachebuild.release.signing import keyid, verify_envelope
-from targets import task_dicts
+from cachebuild.release.signing import keyid, load_public_key, verify_envelope
+from cachebuild.tileset import read_summary
+from targets import actions, task_dicts
 
 __all__ = [
     "build_cache",
@@ -86,7 +101,12 @@ def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
     s = read_summary(build)
     fetched = int(s.get("fetched", 0)) if "tiles" in ran else 0
     reused = int(s["present"]) - fetched
-    return {"planned": int(s["planned"]), "fetched": fetched, "reused": reused, "missing": int(s["missing"])}
+    return {
+        "planned": int(s["planned"]),
+        "fetched": fetched,
+        "reused": reused,
+        "missing": int(s["missing"]),
+    }
 
 
 def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
@@ -128,7 +148,9 @@ def check_coverage(signed: Mapping[str, Any], strict: bool, warn: Any) -> None:
     problems = []
     if tiles["missing"]:
         examples = ", ".join(info.get("missing_examples", [])[:5])
-        problems.append(f"{tiles['missing']} of {tiles['planned']} planned tiles missing (e.g. {examples})")
+        problems.append(
+            f"{tiles['missing']} of {tiles['planned']} planned tiles missing (e.g. {examples})"
+        )
     if info["descriptors"] != tiles["present"]:
         problems.append(f"{tiles['present']} tiles present but {info['descriptors']} described")
     if not problems:
@@ -144,7 +166,9 @@ def _note_free_space(exc: CacheBuildError, settings: Settings | None) -> None:
     from cachebuild._util.diskspace import free_space_note
 
     if isinstance(exc, DiskFullError) and settings is not None and "free space:" not in exc.message:
-        exc.message += "; " + free_space_note({"STORE": settings.store, "CACHE_DIR": settings.cache_dir})
+        exc.message += "; " + free_space_note(
+            {"STORE": settings.store, "CACHE_DIR": settings.cache_dir}
+        )
         exc.args = (exc.message,)
 
 
@@ -198,7 +222,9 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             if settings.dask_scheduler is not None and settings.companion is None:
                 from cachebuild.localize.daskexec import probe_scheduler
 
-                probe_scheduler(settings.dask_scheduler)  # exit 21 naming it, before the lock and any work
+                probe_scheduler(
+                    settings.dask_scheduler
+                )  # exit 21 naming it, before the lock and any work
             report.flight_id = plan.record["flight_id"] if plan.record else None
             report.extra["flight_source"] = plan.flight_source
             report.timed("flight", time.monotonic() - t)
@@ -209,7 +235,14 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
                 _refuse_ignored(plan)
                 with sigterm_as_interrupt():
                     _locked_build(
-                        plan, settings, report, reporter, warn, clean_leftovers, publish, published_manifest_bytes
+                        plan,
+                        settings,
+                        report,
+                        reporter,
+                        warn,
+                        clean_leftovers,
+                        publish,
+                        published_manifest_bytes,
                     )
         except CacheBuildError as exc:
             _note_free_space(exc, settings)
@@ -217,7 +250,9 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             if getattr(exc, "traceback", None):
                 sys.stderr.write(redact(exc.traceback))  # type: ignore[attr-defined]
         except KeyboardInterrupt as exc:
-            err = Interrupted(f"interrupted ({str(exc) or 'SIGINT'}) during {reporter.current or 'the build'}")
+            err = Interrupted(
+                f"interrupted ({str(exc) or 'SIGINT'}) during {reporter.current or 'the build'}"
+            )
             err.phase = reporter.current or "build"
             report.fail(err)
             report.tiles = _tiles_so_far(settings, reporter) or report.tiles
@@ -278,7 +313,9 @@ def _locked_build(
 
     tasks = list(LOCAL_TASKS) if on_companion else None
     # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
-    code = run_repairing(paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES)
+    code = run_repairing(
+        paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES
+    )
     actions.ACTIVE["locked"] = False
     if code != 0:
         if actions.FAILURES:
@@ -288,7 +325,6 @@ def _locked_build(
 
     report.tiles = _tile_counts(paths.build, reporter.ran)
     if on_companion:
-
         build_on_companion(plan, report, warn)  # push, build there, merge its report
         return
     t = time.monotonic()
@@ -307,7 +343,9 @@ def _locked_build(
     check_recall(signed["info"].get("selftest"), settings.min_recall)  # exit 22, phase selftest
     report.timed("coverage", time.monotonic() - t)
 
-    _publish_staged(paths, staged, signed, report, reporter, warn, publish, published_manifest_bytes)
+    _publish_staged(
+        paths, staged, signed, report, reporter, warn, publish, published_manifest_bytes
+    )
 
 
 def _publish_staged(
@@ -322,7 +360,6 @@ def _publish_staged(
 ) -> None:
     """Publish the staged, checked cache (unless it is the published one, intact) and record it."""
     t = time.monotonic()
-
 
     signer = json.loads(staged)["signatures"][0]["keyid"]
     # never publish what verify-cache would refuse as a rollback (a stale staged manifest)
@@ -369,8 +406,8 @@ def _trusted_key(settings: Settings) -> Any:
 
 def verify_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit verify-cache``: the signature, expiry, rollback and every artifact's hash."""
-    from cachebuild.release.verify import read_manifest, verify_cache
     from cachebuild.release.publish import current_release
+    from cachebuild.release.verify import read_manifest, verify_cache
 
     report = Report("verify-cache")
     fmt = _report_format(vars)
@@ -468,7 +505,6 @@ def dodo_namespace() -> dict[str, Any]:
     (:class:`cachebuild.cli.doitcmds.RunCmd`, and the action itself: it would
     bypass the lock): use ``doit build-cache``.
     """
-
 
     vars = {k: v for k, v in cmdline_vars().items() if k in VARIABLES}
     settings = load_settings(vars)

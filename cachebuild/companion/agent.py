@@ -44,11 +44,12 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-from cachebuild.store.lock import StoreLock
-from cachebuild.store.objects import TileStore
+
 from cachebuild import __version__
 from cachebuild.companion.packs import settle_incoming
 from cachebuild.inputs.plan import engine_environment
+from cachebuild.store.lock import StoreLock
+from cachebuild.store.objects import TileStore
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -116,7 +117,10 @@ def _gpus() -> list[str]:
         return []
     try:
         p = subprocess.run(
-            [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            [smi, "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
     except (OSError, subprocess.SubprocessError):
         return []
@@ -125,7 +129,13 @@ def _gpus() -> list[str]:
 
 def _jetson_model() -> str | None:
     try:
-        text = Path("/proc/device-tree/model").read_bytes().rstrip(b"\0").decode("utf-8", "replace").strip()
+        text = (
+            Path("/proc/device-tree/model")
+            .read_bytes()
+            .rstrip(b"\0")
+            .decode("utf-8", "replace")
+            .strip()
+        )
     except OSError:
         return None
     return text or None
@@ -217,7 +227,6 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     device = device_info()
     engine = None
     if backend:
-
         engine = engine_environment(backend)
     return {
         "protocol": PROTOCOL_VERSION,
@@ -264,7 +273,9 @@ def unpack(
     with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
         last = time.monotonic()
         while True:
-            finished = done or marker.exists()  # before settling: packs renamed before it are settled now
+            finished = (
+                done or marker.exists()
+            )  # before settling: packs renamed before it are settled now
             counts = settle_incoming(dirs["incoming"], store)
             for k, v in counts.items():
                 total[k] += v
@@ -299,7 +310,8 @@ def main(vars: Mapping[str, str]) -> int:
         return _answer(
             {
                 "error": "usage: companion-agent OP=probe|unpack DIR=<absolute path> [WANT=stdin] "
-                "[BACKEND=name] [WATCH=session]" + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
+                "[BACKEND=name] [WATCH=session]"
+                + (f"; unknown: {', '.join(unknown)}" if unknown else ""),
                 "remedy": "this command is run by `doit build-cache COMPANION=…` on the workstation",
             },
             2,
@@ -328,7 +340,11 @@ def main(vars: Mapping[str, str]) -> int:
         )
     except OSError as exc:
         return _answer(
-            {"error": f"{root}: {exc.strerror or exc} ({exc.filename})", "remedy": "check COMPANION_DIR"}, 1
+            {
+                "error": f"{root}: {exc.strerror or exc} ({exc.filename})",
+                "remedy": "check COMPANION_DIR",
+            },
+            1,
         )
     except ValueError as exc:
         return _answer({"error": str(exc), "remedy": "check COMPANION_DIR"}, 1)

@@ -31,7 +31,9 @@ class CompanionError(CacheBuildError):
 class CompanionUnreachableError(CompanionError):
     """No SSH connection could be made (refused, timed out, no route, name unknown)."""
 
-    remedy = "check that the companion is powered and on the network, and the COMPANION host and port"
+    remedy = (
+        "check that the companion is powered and on the network, and the COMPANION host and port"
+    )
 
 
 class HostKeyError(CompanionError):
@@ -79,6 +81,8 @@ class RemoteBuildError(CacheBuildError):
         The remote build's remedy.
     """
 
-    def __init__(self, message: str, *, exit_code: int, phase: str | None, remedy: str | None = None):
+    def __init__(
+        self, message: str, *, exit_code: int, phase: str | None, remedy: str | None = None
+    ):
         super().__init__(message, remedy=remedy or "", phase=phase or "companion")
         self.exit_code = exit_code

@@ -22,19 +22,38 @@ import sys
 import time
 from typing import Any, TextIO
 
-from cachebuild.errors import EXIT_USAGE
-from cachebuild.companion.errors import CompanionNotReadyError, RemoteBuildError
-from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, as_workstation, command_values, names_companion_key
-from cachebuild.companion.ssh import PASSPHRASE_ENV, Factory, SshOptions, connect
-from cachebuild.inputs.companion import CompanionTarget
-from cachebuild.companion.sshconfig import resolve_target
-from cachebuild.companion.ssh import default_key_path, default_known_hosts
-from cachebuild.companion.errors import AuthenticationError
 from cachebuild import __version__
 from cachebuild.companion.agent import PROTOCOL_VERSION
+from cachebuild.companion.errors import (
+    AuthenticationError,
+    CompanionNotReadyError,
+    RemoteBuildError,
+)
+from cachebuild.companion.messages import (
+    COMPANION_PASSPHRASE_ENV,
+    as_workstation,
+    command_values,
+    names_companion_key,
+)
 from cachebuild.companion.push import plan_push, push
-from cachebuild.companion.remote import call_agent, start_agent
-from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
+from cachebuild.companion.remote import (
+    call_agent,
+    remote_command,
+    run_remote_build,
+    start_agent,
+    with_passphrase,
+)
+from cachebuild.companion.ssh import (
+    PASSPHRASE_ENV,
+    Factory,
+    SshOptions,
+    connect,
+    default_key_path,
+    default_known_hosts,
+)
+from cachebuild.companion.sshconfig import resolve_target
+from cachebuild.errors import EXIT_USAGE
+from cachebuild.inputs.companion import CompanionTarget
 
 __all__ = [
     "DEFAULT_COMPANION_DIR",
@@ -65,7 +84,6 @@ def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
     resolved = resolve_target(settings.companion, settings.ssh_key)
     key = resolved.key_path or default_key_path()
     if key is None:
-
         raise AuthenticationError(
             "no SSH key: SSH_KEY is not set, ~/.ssh/config names no IdentityFile for "
             f"{settings.companion}, and there is no ~/.ssh/id_ed25519, id_ecdsa or id_rsa",
@@ -176,7 +194,12 @@ def _device_line(info: dict[str, Any]) -> str:
 
 
 def _check_ready(
-    info: dict[str, Any], need: int, comfortable: int, settings: Any, target: CompanionTarget, warn: Any
+    info: dict[str, Any],
+    need: int,
+    comfortable: int,
+    settings: Any,
+    target: CompanionTarget,
+    warn: Any,
 ) -> None:
 
     if info.get("protocol") != PROTOCOL_VERSION:
@@ -237,9 +260,13 @@ def _missing_line(plan: Any, absent: set[str]) -> str:
     tiles = sum(plan.tile_rel(d) in absent for d in plan.tiles)
     parts = [f"{tiles:,} of {_n(len(plan.tiles), 'tile image')}"]
     if plan.inputs:
-        parts.append(f"{sum(rel in absent for rel in plan.inputs):,} of {_n(len(plan.inputs), 'input file')}")
+        parts.append(
+            f"{sum(rel in absent for rel in plan.inputs):,} of {_n(len(plan.inputs), 'input file')}"
+        )
     inbox = len(plan.inbox_files)
-    parts.append(f"{inbox if f'{plan.inbox}/tileset.json' in absent else 0:,} of {_n(inbox, 'flight file')}")
+    parts.append(
+        f"{inbox if f'{plan.inbox}/tileset.json' in absent else 0:,} of {_n(inbox, 'flight file')}"
+    )
     return ", ".join(parts)
 
 
@@ -253,7 +280,9 @@ def _sent_line(plan: Any, result: Any, seconds: float) -> str:
         parts.append(_n(inputs, "input file"))
     if result.files - inputs:
         parts.append(_n(result.files - inputs, "flight file"))
-    sent = f"sent {', '.join(parts) if parts else 'nothing'}: {_mb(result.bytes)} in {seconds:.1f} s"
+    sent = (
+        f"sent {', '.join(parts) if parts else 'nothing'}: {_mb(result.bytes)} in {seconds:.1f} s"
+    )
     there = len(plan.tiles) - result.tile_objects
     return f"{sent}; {there:,} of {_n(len(plan.tiles), 'tile image')} were there already"
 
@@ -285,7 +314,9 @@ def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: Compan
     # the companion refusing to re-sign another key's cache with its dev key: its remedy is the right one
     if (remote_code == EXIT_USAGE or 90 <= remote_code <= 99) and "ALLOW_DEV_KEY" not in remedy:
         if names_companion_key(remote.get("error")):
-            if not remedy or "no such file" in error:  # else the companion's own remedy, in our terms
+            if (
+                not remedy or "no such file" in error
+            ):  # else the companion's own remedy, in our terms
                 remedy = (
                     f"COMPANION_KEY is a path on the companion {target.host}: check that the signing key "
                     "is there, or leave COMPANION_KEY unset to sign with the companion's development key"
@@ -360,14 +391,21 @@ def build_on_companion(
             state_dir=plan.paths.state,
         )
         info = call_agent(
-            conn, settings.companion_cmd, "probe", root, wanted=wanted_plan.wanted(), backend=settings.backend
+            conn,
+            settings.companion_cmd,
+            "probe",
+            root,
+            wanted=wanted_plan.wanted(),
+            backend=settings.backend,
         )
         absent = set(info.get("absent") or [])
         sending = wanted_plan.bytes_for(absent)
         tiles_absent = sum(
             size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent
         )
-        need = sending + tiles_absent + DISK_RESERVE_BYTES  # packs and the objects unpacked from them
+        need = (
+            sending + tiles_absent + DISK_RESERVE_BYTES
+        )  # packs and the objects unpacked from them
         comfortable = need + wanted_plan.tile_bytes + 4096 * len(wanted_plan.tiles)
         companion.update(
             device=info.get("device"),
@@ -385,7 +423,9 @@ def build_on_companion(
         if settled.get("objects"):
             out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
         _warn_quarantined(settled, target, warn)
-        out.write(f"push: {_missing_line(wanted_plan, absent)} missing there, about {_mb(sending)} to send\n")
+        out.write(
+            f"push: {_missing_line(wanted_plan, absent)} missing there, about {_mb(sending)} to send\n"
+        )
         out.flush()
         report.timed("bringup", time.monotonic() - t)
 
@@ -418,7 +458,9 @@ def build_on_companion(
             record_companion_build(plan.paths.state, str(target), root, report)
 
 
-def _remote_build(conn: Any, settings: Any, pushed: dict[str, str | None], out: TextIO, report: Any) -> None:
+def _remote_build(
+    conn: Any, settings: Any, pushed: dict[str, str | None], out: TextIO, report: Any
+) -> None:
     """``COMPANION_CMD build-cache`` on what was pushed; its report merged into ``report``.
 
     An encrypted ``COMPANION_KEY``'s passphrase goes over the channel's
@@ -427,11 +469,15 @@ def _remote_build(conn: Any, settings: Any, pushed: dict[str, str | None], out: 
     """
 
     t = time.monotonic()
-    command = remote_command(settings.companion_cmd, "build-cache", remote_variables(settings, pushed))
+    command = remote_command(
+        settings.companion_cmd, "build-cache", remote_variables(settings, pushed)
+    )
     command, stdin = with_passphrase(command, settings.env.get(COMPANION_PASSPHRASE_ENV))
     hide = tuple(command_values(settings.companion_cmd))
     try:
-        code, remote = run_remote_build(conn, command, out=out, env=settings.env, stdin=stdin, hide=hide)
+        code, remote = run_remote_build(
+            conn, command, out=out, env=settings.env, stdin=stdin, hide=hide
+        )
     finally:
         report.timed("remote", time.monotonic() - t)
     _merge_remote(report, remote, code, conn.target)

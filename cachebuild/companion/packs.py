@@ -39,8 +39,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from cachebuild.store.objects import pid_alive
-from cachebuild.store.objects import sha256_hex
+from cachebuild.store.objects import pid_alive, sha256_hex
 
 __all__ = [
     "DEFAULT_PACK_BYTES",
@@ -120,7 +119,11 @@ def _member(path: Path, info: tarfile.TarInfo, file_size: int) -> str:
     if len(name) != 64 or not set(name) <= _HEX:
         return f"unexpected member {name!r}"
     if info.type not in _PLAIN or info.sparse is not None:
-        kind = "sparse" if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE else repr(info.type)
+        kind = (
+            "sparse"
+            if info.sparse is not None or info.type == tarfile.GNUTYPE_SPARSE
+            else repr(info.type)
+        )
         return f"member {name[:12]}… is not a plain regular file ({kind})"
     if info.size > MAX_MEMBER_BYTES:
         return f"member {name[:12]}… declares {info.size:,} bytes (at most {MAX_MEMBER_BYTES:,})"
@@ -245,12 +248,18 @@ def settle_incoming(incoming: Path, store: Any, *, now: float | None = None) -> 
                 raise PackCorruptError(f"{base}: not a regular file")
             n, size = unpack_into(claimed, store)
         except (PackCorruptError, MemoryError) as exc:
-            why = str(exc).replace(claimed.name, base) if isinstance(exc, PackCorruptError) else f"{base}: too large"
+            why = (
+                str(exc).replace(claimed.name, base)
+                if isinstance(exc, PackCorruptError)
+                else f"{base}: too large"
+            )
             counts["corrupt"] += 1
             counts["quarantined"].append(f"{why} -> {_quarantine(incoming, claimed, base, now)}")
             continue
         except OSError:
-            os.replace(claimed, incoming / base)  # the store failed (disk full): the next run tries again
+            os.replace(
+                claimed, incoming / base
+            )  # the store failed (disk full): the next run tries again
             raise
         counts["packs"] += 1
         counts["objects"] += n

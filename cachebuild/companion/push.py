@@ -35,13 +35,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachebuild.engine.modelfiles import external_data_files_cached
-from cachebuild.companion.errors import CompanionNotReadyError, ConnectionDroppedError
-from cachebuild.companion.agent import DONE_SUFFIX
-from cachebuild.companion.packs import DEFAULT_PACK_BYTES, MAX_MEMBER_BYTES, PACK_SUFFIX, PART_SUFFIX, build_pack, group_into_packs
-from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild._util.hashing import canonical_json
-from cachebuild.tileset import MISSING_FILE, SUMMARY_FILE, TILES_FILE, hex_digests, read_summary, read_tiles
+from cachebuild._util.statcache import stat_key, still_valid
+from cachebuild.companion.agent import DONE_SUFFIX
+from cachebuild.companion.errors import CompanionNotReadyError, ConnectionDroppedError
+from cachebuild.companion.packs import (
+    DEFAULT_PACK_BYTES,
+    MAX_MEMBER_BYTES,
+    PACK_SUFFIX,
+    PART_SUFFIX,
+    build_pack,
+    group_into_packs,
+)
+from cachebuild.engine.modelfiles import external_data_files_cached
+from cachebuild.tileset import (
+    MISSING_FILE,
+    SUMMARY_FILE,
+    TILES_FILE,
+    hex_digests,
+    read_summary,
+    read_tiles,
+)
 
 __all__ = [
     "INBOX_FILES",
@@ -144,7 +158,11 @@ def file_sha256_cached(path: Path, cache_file: Path) -> str:
     except (OSError, ValueError):
         cache = {}
     entry = cache.get(str(path))
-    if isinstance(entry, dict) and entry.get("stamp") == stamp and still_valid(st, stamp[1:], entry.get("recorded_ns")):
+    if (
+        isinstance(entry, dict)
+        and entry.get("stamp") == stamp
+        and still_valid(st, stamp[1:], entry.get("recorded_ns"))
+    ):
         return str(entry["sha256"])
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -163,7 +181,9 @@ def _input_rel(path: Path, digest: str) -> str:
     return f"inputs/{digest}{suffix}"
 
 
-def _model_dir_inputs(model: Path, data: list[str], cache: Path, inputs: dict[str, tuple[Path, int]]) -> str:
+def _model_dir_inputs(
+    model: Path, data: list[str], cache: Path, inputs: dict[str, tuple[Path, int]]
+) -> str:
     """Add ``model``'s external data files to ``inputs`` under ``inputs/<identity>/``; returns the model's rel.
 
     The directory is named by the hash of the model and every data file, so
@@ -210,7 +230,9 @@ def plan_push(
     objects = os.path.join(store_root, "objects")
     for digest in hex_digests(read_tiles(build_dir)):
         if digest not in tiles:
-            path = f"{objects}/{digest[:2]}/{digest}"  # str, not Path: 10k of them on the no-op path
+            path = (
+                f"{objects}/{digest[:2]}/{digest}"  # str, not Path: 10k of them on the no-op path
+            )
             try:
                 tiles[digest] = (path, os.stat(path).st_size)
             except FileNotFoundError:
@@ -286,7 +308,9 @@ class _Uploader:
 
     def fail(self, what: str, exc: BaseException) -> Exception:
         arrived = (
-            f"; {self.result.objects} of {self.total} objects had arrived and are kept" if self.total else ""
+            f"; {self.result.objects} of {self.total} objects had arrived and are kept"
+            if self.total
+            else ""
         )
         if self._link_down(exc):
             return ConnectionDroppedError(
@@ -302,7 +326,9 @@ class _Uploader:
     def write(self, rel: str, data: bytes | Path, *, resume: bool = False) -> int:
         """Write ``data`` to ``root/rel`` via a temp name; returns bytes sent."""
         final = f"{self.root}/{rel}"
-        part = f"{final}{PART_SUFFIX}" if resume else f"{final}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        part = (
+            f"{final}{PART_SUFFIX}" if resume else f"{final}.{uuid.uuid4().hex[:12]}{PART_SUFFIX}"
+        )
         try:
             offset = 0
             if resume:
@@ -416,7 +442,11 @@ def push(
 
     session = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     groups = list(group_into_packs(tiles, pack_bytes))
-    pending = start_unpack([plan.tile_rel(d) for d, _ in tiles], session) if groups and start_unpack else None
+    pending = (
+        start_unpack([plan.tile_rel(d) for d, _ in tiles], session)
+        if groups and start_unpack
+        else None
+    )
     try:
         for n, group in enumerate(groups):
             data = build_pack((d, _read(plan.tiles[d][0])) for d, _ in group)

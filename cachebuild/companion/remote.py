@@ -24,10 +24,14 @@ from typing import Any, TextIO
 
 from cachebuild._util.report import redact
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
-from cachebuild.companion.messages import as_workstation, command_values, shown_command
+from cachebuild.companion.messages import (
+    COMPANION_PASSPHRASE_ENV,
+    as_workstation,
+    command_values,
+    shown_command,
+)
 from cachebuild.errors import UsageError
 from cachebuild.release.signing import PASSPHRASE_ENV
-from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV
 
 __all__ = [
     "MAX_LINE",
@@ -204,7 +208,9 @@ def call_agent(
     out = LineSplitter(on_out, max_line=MAX_REPORT)
     err = LineSplitter(lambda ln: tail.append(clean(ln)))
     extra = {"cancel": cancel} if cancel is not None else {}
-    code = conn.pump(command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during, **extra)
+    code = conn.pump(
+        command, stdin=stdin, on_stdout=out.feed, on_stderr=err.feed, during=during, **extra
+    )
     out.close()
     err.close()
     answer = _json_object(last[0] if last else None)
@@ -226,7 +232,8 @@ def call_agent(
         )
     if "error" in answer:
         raise CompanionNotReadyError(
-            f"{conn.target}: {clean(str(answer['error']))}", remedy=answer.get("remedy") or "see docs/companion.md"
+            f"{conn.target}: {clean(str(answer['error']))}",
+            remedy=answer.get("remedy") or "see docs/companion.md",
         )
     return answer
 
@@ -243,7 +250,9 @@ class Pending:
         self._cancel = threading.Event()
         self._answer: dict[str, Any] | None = None
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True, name="cachebuild-agent")
+        self._thread = threading.Thread(
+            target=self._run, args=(fn,), daemon=True, name="cachebuild-agent"
+        )
         self._thread.start()
 
     def _run(self, fn: Callable[[threading.Event], dict[str, Any]]) -> None:
@@ -316,7 +325,13 @@ def run_remote_build(
 
     stdout = LineSplitter(on_out, max_line=MAX_REPORT)
     stderr = LineSplitter(show)
-    code = conn.pump(command, stdin=stdin, on_stdout=stdout.feed, on_stderr=stderr.feed, during="the remote build")
+    code = conn.pump(
+        command,
+        stdin=stdin,
+        on_stdout=stdout.feed,
+        on_stderr=stderr.feed,
+        during="the remote build",
+    )
     stdout.close()
     stderr.close()
     report = parse_report(last[0] if last else None)

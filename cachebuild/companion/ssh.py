@@ -17,10 +17,8 @@ default); tests inject their own.  paramiko is imported when connecting.
 from __future__ import annotations
 
 import base64
-import getpass
 import hashlib
 import os
-import re
 import select
 import socket
 import threading
@@ -28,12 +26,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
-from cachebuild.errors import CacheBuildError, UsageError
-from cachebuild.companion.errors import AuthenticationError, CompanionNotReadyError, CompanionUnreachableError, ConnectionDroppedError, HostKeyError
-from cachebuild.inputs.companion import DEFAULT_PORT, CompanionTarget, parse_companion
+from cachebuild.companion.errors import (
+    AuthenticationError,
+    CompanionNotReadyError,
+    CompanionUnreachableError,
+    ConnectionDroppedError,
+    HostKeyError,
+)
 from cachebuild.companion.sshconfig import open_jumps
+from cachebuild.errors import CacheBuildError
+from cachebuild.inputs.companion import DEFAULT_PORT, CompanionTarget, parse_companion
 
 __all__ = [
     "DEFAULT_PORT",
@@ -146,7 +150,9 @@ def load_key(options: SshOptions) -> Any:
         secret = options.passphrase.encode() if options.passphrase else None
         return paramiko.PKey.from_path(str(path), secret)
     except (paramiko.PasswordRequiredException, TypeError) as exc:
-        if isinstance(exc, TypeError) and "password" not in str(exc):  # cryptography's way of saying it
+        if isinstance(exc, TypeError) and "password" not in str(
+            exc
+        ):  # cryptography's way of saying it
             raise
         raise AuthenticationError(
             f"SSH_KEY={path} is encrypted",
@@ -205,13 +211,14 @@ def _policies(target: CompanionTarget, options: SshOptions, warn: Callable[[str]
 Factory = Callable[[CompanionTarget, SshOptions, Callable[[str], None]], Any]
 
 
-def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callable[[str], None]) -> Any:
+def paramiko_factory(
+    target: CompanionTarget, options: SshOptions, warn: Callable[[str], None]
+) -> Any:
     """Connect with paramiko: key auth only, host key checked against known_hosts;
     through the ``ProxyJump`` hosts of ``options.jumps`` first, if any."""
     if not options.jumps:
         return _client(target, options, warn, load_key(options))
     from dataclasses import replace
-
 
     def hop(hop_target: CompanionTarget, sock: Any, key_path: Path | None) -> Any:
         hop_options = replace(options, key_path=key_path or options.key_path, jumps=())
@@ -235,7 +242,11 @@ def paramiko_factory(target: CompanionTarget, options: SshOptions, warn: Callabl
 
 
 def _client(
-    target: CompanionTarget, options: SshOptions, warn: Callable[[str], None], pkey: Any, sock: Any = None
+    target: CompanionTarget,
+    options: SshOptions,
+    warn: Callable[[str], None],
+    pkey: Any,
+    sock: Any = None,
 ) -> Any:
     import paramiko
 
@@ -289,7 +300,9 @@ def connect(
     return Connection(client, target, options)
 
 
-def translate(exc: BaseException, target: CompanionTarget, options: SshOptions, *, what: str = "") -> Exception:
+def translate(
+    exc: BaseException, target: CompanionTarget, options: SshOptions, *, what: str = ""
+) -> Exception:
     """A paramiko or socket error met connecting to ``target`` (``what``: "the jump host "),
     as the :class:`~.errors.CompanionError` that says what to do; ``exc`` itself when it is none of those."""
     import paramiko
@@ -311,7 +324,11 @@ def translate(exc: BaseException, target: CompanionTarget, options: SshOptions, 
             "or check the user name, SSH_KEY and IdentityFile in ~/.ssh/config",
         )
     if isinstance(exc, (socket.gaierror, paramiko.ssh_exception.NoValidConnectionsError, OSError)):
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        why = (
+            exc.strerror
+            if isinstance(exc, OSError) and exc.strerror
+            else str(exc) or type(exc).__name__
+        )
         return CompanionUnreachableError(f"cannot connect to {what}{target}: {why}")
     if isinstance(exc, paramiko.ChannelException):  # a jump host could not reach the next one
         return CompanionUnreachableError(
@@ -378,7 +395,9 @@ class Connection:
     def dropped(self, during: str, exc: BaseException | None = None) -> ConnectionDroppedError:
         """The error to raise when the link went away ``during`` something."""
         why = f" ({type(exc).__name__}: {exc})" if exc is not None and str(exc) else ""
-        return ConnectionDroppedError(f"the connection to {self.target} was lost during {during}{why}")
+        return ConnectionDroppedError(
+            f"the connection to {self.target} was lost during {during}{why}"
+        )
 
     def open_sftp(self) -> Any:
         """An SFTP client on this connection."""
@@ -491,7 +510,9 @@ class Connection:
             silent = time.monotonic() - last_data
             if silent >= self.options.keepalive_s and checking is None:
                 checking = _LivenessCheck(self.transport)
-            if checking is not None and checking.dead(self.options.dead_after_s - self.options.keepalive_s):
+            if checking is not None and checking.dead(
+                self.options.dead_after_s - self.options.keepalive_s
+            ):
                 self.transport.close()
                 raise self.dropped(during, TimeoutError(f"no answer for {silent:.0f} s"))
             if checking is not None and checking.answered:

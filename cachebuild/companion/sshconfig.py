@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild.errors import UsageError
-from cachebuild.inputs.companion import _TARGET_RE, DEFAULT_PORT, CompanionTarget
-from cachebuild.inputs.companion import parse_companion
+from cachebuild.inputs.companion import _TARGET_RE, DEFAULT_PORT, CompanionTarget, parse_companion
 
 __all__ = ["SSH_CONFIG", "Hop", "Resolved", "resolve_target", "open_jumps"]
 
@@ -65,10 +64,14 @@ def _load(home: Path) -> tuple[Any, Path | None]:
     try:
         return paramiko.SSHConfig.from_path(str(path)), path
     except (OSError, UnicodeError, ValueError) as exc:  # paramiko.ConfigParseError is an Exception
-        raise UsageError(f"{path} cannot be read ({type(exc).__name__}: {exc})", remedy=f"fix {path}") from None
+        raise UsageError(
+            f"{path} cannot be read ({type(exc).__name__}: {exc})", remedy=f"fix {path}"
+        ) from None
     except Exception as exc:
         if type(exc).__module__.startswith("paramiko"):
-            raise UsageError(f"{path}: {exc}", remedy=f"fix {path} (as `ssh -G HOST` reads it)") from None
+            raise UsageError(
+                f"{path}: {exc}", remedy=f"fix {path} (as `ssh -G HOST` reads it)"
+            ) from None
         raise
 
 

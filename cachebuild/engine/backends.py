@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cachebuild.errors import EngineError
 from cachebuild.engine import gpu as gpu_probes
 from cachebuild.engine.interface import cpu_device
+from cachebuild.errors import EngineError
 
 __all__ = [
     "BACKENDS",
@@ -93,7 +93,12 @@ def probe_machine() -> MachineProbes:
             ort_cuda = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
         except Exception:  # a broken install: the CPU then
             ort_cuda = False
-    return MachineProbes(tensorrt=gpu_probes.tensorrt_version_here(), gpu=gpu, onnxruntime=ort_version, ort_cuda=ort_cuda)
+    return MachineProbes(
+        tensorrt=gpu_probes.tensorrt_version_here(),
+        gpu=gpu,
+        onnxruntime=ort_version,
+        ort_cuda=ort_cuda,
+    )
 
 
 def _missing_tensorrt(probes: MachineProbes) -> EngineError | None:
@@ -101,7 +106,9 @@ def _missing_tensorrt(probes: MachineProbes) -> EngineError | None:
     if probes.tensorrt is None:
         missing.append("the `tensorrt` Python package is not installed")
     if not probes.gpu:
-        missing.append("no CUDA GPU is visible (no /dev/nvidia0, /dev/nvhost-ctrl-gpu or driver entry)")
+        missing.append(
+            "no CUDA GPU is visible (no /dev/nvidia0, /dev/nvhost-ctrl-gpu or driver entry)"
+        )
     if not missing:
         return None
     return EngineError(
@@ -141,7 +148,11 @@ def select_backend(requested: str, probes: MachineProbes | None = None) -> Backe
         return BackendChoice("tensorrt", "tensorrt", "BACKEND=tensorrt")
     if requested == "auto" and probes.tensorrt is not None and probes.gpu:
         return BackendChoice("tensorrt", "tensorrt", f"auto: TensorRT {probes.tensorrt} and a GPU")
-    why = "auto: " + ("no GPU" if not probes.gpu else "no TensorRT") if requested == "auto" else "BACKEND=onnxruntime"
+    why = (
+        "auto: " + ("no GPU" if not probes.gpu else "no TensorRT")
+        if requested == "auto"
+        else "BACKEND=onnxruntime"
+    )
     if probes.ort_cuda:
         return BackendChoice("onnxruntime", "cuda", f"{why}; onnxruntime-gpu's CUDA provider")
     return BackendChoice("onnxruntime", "cpu", f"{why}; ONNX Runtime on the CPU")
@@ -164,10 +175,17 @@ def engine_environment(requested: str, probes: MachineProbes | None = None) -> d
     except EngineError:
         return {"backend": requested, "version": probes.tensorrt or "missing", "device": "none"}
     if choice.backend == "tensorrt":
-
         version = f"{probes.tensorrt} (CUDA {gpu_probes.cuda_version_here() or 'unknown'})"
-        return {"backend": "tensorrt", "version": version, "device": f"gpu:{gpu_probes.gpu_name_here() or 'unknown'}"}
+        return {
+            "backend": "tensorrt",
+            "version": version,
+            "device": f"gpu:{gpu_probes.gpu_name_here() or 'unknown'}",
+        }
     version = probes.onnxruntime or "missing"
     if choice.provider == "cuda":
-        return {"backend": "onnxruntime", "version": version, "device": f"cuda:{gpu_probes.gpu_name_here() or 'unknown'}"}
+        return {
+            "backend": "onnxruntime",
+            "version": version,
+            "device": f"cuda:{gpu_probes.gpu_name_here() or 'unknown'}",
+        }
     return {"backend": "onnxruntime", "version": version, "device": cpu_device()}

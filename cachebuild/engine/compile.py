@@ -31,15 +31,23 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.engine.backends import BACKEND_CHOICES, BACKENDS, MachineProbes, select_backend
-from cachebuild._util.hashing import sha256_file
-from cachebuild.engine.interface import check_precision, DEFAULT_BACKEND, ENGINE_JSON, PRECISIONS, EngineBackend, EngineInfo, EngineRunner, cpu_device, engine_key, read_engine_json
-from cachebuild.engine.ort import OnnxRuntimeBackend
-from cachebuild.errors import EngineError
-from cachebuild.engine.modelfiles import external_data_files, model_sha256
 from cachebuild._util.fs import atomic_write
+from cachebuild._util.hashing import sha256_file
+from cachebuild.engine.backends import BACKEND_CHOICES, BACKENDS, MachineProbes, select_backend
+from cachebuild.engine.interface import (
+    DEFAULT_BACKEND,
+    ENGINE_JSON,
+    EngineBackend,
+    EngineRunner,
+    check_precision,
+    engine_key,
+    read_engine_json,
+)
+from cachebuild.engine.modelfiles import external_data_files, model_sha256
+from cachebuild.engine.ort import OnnxRuntimeBackend
 from cachebuild.engine.tensorrt.backend import TensorRTBackend
 from cachebuild.engine.tensorrt.policy import check_environment
+from cachebuild.errors import EngineError
 
 if TYPE_CHECKING:
     pass
@@ -78,8 +86,9 @@ def get_backend(name: str, probes: MachineProbes | None = None, **options: Any) 
         )
     choice = select_backend(name, probes)
     if choice.backend == "tensorrt":
-
-        kw = {k: options[k] for k in ("workspace", "timing_cache_dir") if options.get(k) is not None}
+        kw = {
+            k: options[k] for k in ("workspace", "timing_cache_dir") if options.get(k) is not None
+        }
         return TensorRTBackend(**kw)
     if importlib.util.find_spec("onnxruntime") is None:
         raise EngineError(
@@ -163,7 +172,9 @@ def compile_engine(
             f"calibration file {calibration} does not exist",
             remedy="set CALIBRATION to an existing file, or leave it unset",
         )
-    external_data_files(model_path)  # missing or escaping external data: named before the checker's words
+    external_data_files(
+        model_path
+    )  # missing or escaping external data: named before the checker's words
     _check_onnx(model_path)
     model_digest = model_sha256(model_path)  # external data files included
     calibration_sha256 = sha256_file(calibration)[0] if calibration is not None else None
@@ -174,7 +185,9 @@ def compile_engine(
     # its absence marks the directory as incomplete until the new engine is in
     (out / ENGINE_JSON).unlink(missing_ok=True)
     info = be.compile(model_path, calibration, precision, out)
-    key = engine_key(model_digest, calibration_sha256, precision, be.name, version, device, info.build)
+    key = engine_key(
+        model_digest, calibration_sha256, precision, be.name, version, device, info.build
+    )
     record: dict[str, Any] = {
         "key": key,
         "backend": be.name,
@@ -193,7 +206,9 @@ def compile_engine(
     if info.environment is not None:
         record["environment"] = info.environment
     record.update(info.extra)
-    atomic_write(out / ENGINE_JSON, json.dumps(record, indent=1, sort_keys=True).encode(), durable=False)
+    atomic_write(
+        out / ENGINE_JSON, json.dumps(record, indent=1, sort_keys=True).encode(), durable=False
+    )
     return record
 
 
@@ -233,7 +248,6 @@ def _check_key(be: EngineBackend, record: dict[str, Any], engine_dir: Path) -> N
     """
     check = getattr(be, "environment", None)
     if callable(check) and record.get("environment") is not None:
-
         check_environment(record, check(), engine_dir)  # the readable message first
     here = engine_key(
         str(record.get("model_sha256")), record.get("calibration_sha256"), str(record.get("precision")),

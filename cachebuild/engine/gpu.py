@@ -129,7 +129,9 @@ def gpu_name_here(root: str = "/") -> str | None:
     if names:
         return ", ".join(names)
     try:
-        model = (base / "proc/device-tree/model").read_bytes().rstrip(b"\0").decode("utf-8", "replace")
+        model = (
+            (base / "proc/device-tree/model").read_bytes().rstrip(b"\0").decode("utf-8", "replace")
+        )
     except OSError:
         return None
     return model.strip() or None
@@ -333,7 +335,11 @@ class _Torch:
         self._stream.synchronize()
 
 
-_CUDA_LIBS = (("cuda-python", "cuda", _CudaPython), ("cupy", "cupy", _CuPy), ("torch", "torch", _Torch))
+_CUDA_LIBS = (
+    ("cuda-python", "cuda", _CudaPython),
+    ("cupy", "cupy", _CuPy),
+    ("torch", "torch", _Torch),
+)
 
 
 def cuda_api(prefer: str | None = None) -> CudaApi:
@@ -359,7 +365,8 @@ def cuda_api(prefer: str | None = None) -> CudaApi:
             tried.append(f"{label}: {type(exc).__name__}: {exc}")
     raise EngineError(
         "BACKEND=tensorrt needs a CUDA GPU reachable from Python, and none was found ("
-        + "; ".join(tried) + ")",
+        + "; ".join(tried)
+        + ")",
         remedy="install cuda-python (pip install cuda-python) or CuPy on the machine with the GPU, "
         "check the NVIDIA driver (nvidia-smi, or tegrastats on a Jetson), or use BACKEND=onnxruntime",
     )

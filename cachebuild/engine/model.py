@@ -56,6 +56,7 @@ import math
 import os
 from pathlib import Path
 from typing import Any
+
 from cachebuild._util.fs import atomic_write
 
 __all__ = [

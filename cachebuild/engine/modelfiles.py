@@ -20,8 +20,8 @@ import uuid
 from pathlib import Path
 
 from cachebuild._util.hashing import canonical_json, sha256_file
-from cachebuild.errors import EngineError
 from cachebuild._util.statcache import stat_key, still_valid
+from cachebuild.errors import EngineError
 
 __all__ = ["external_data_files", "external_data_files_cached", "model_sha256", "self_contained"]
 
@@ -54,18 +54,27 @@ def external_data_files(model_path: str | os.PathLike[str]) -> list[str]:
         ) from None
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
-    locations = sorted({ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)})
+    locations = sorted(
+        {ExternalDataInfo(t).location for t in _get_all_tensors(model) if uses_external_data(t)}
+    )
     root = os.path.realpath(model_path.parent)
     for loc in locations:
         full = os.path.realpath(model_path.parent / loc)
         if os.path.isabs(loc) or os.path.commonpath([root, full]) != root:
-            raise EngineError(f"model {model_path} names external data {loc!r} outside its directory", remedy=_REMEDY)
+            raise EngineError(
+                f"model {model_path} names external data {loc!r} outside its directory",
+                remedy=_REMEDY,
+            )
         if not os.path.isfile(full):
-            raise EngineError(f"model {model_path} names external data {loc!r}, which is missing", remedy=_REMEDY)
+            raise EngineError(
+                f"model {model_path} names external data {loc!r}, which is missing", remedy=_REMEDY
+            )
     return locations
 
 
-def external_data_files_cached(model_path: str | os.PathLike[str], cache_file: str | os.PathLike[str]) -> list[str]:
+def external_data_files_cached(
+    model_path: str | os.PathLike[str], cache_file: str | os.PathLike[str]
+) -> list[str]:
     """:func:`external_data_files`, remembered in ``cache_file`` while the model's stat holds.
 
     A model that cannot be listed gives an empty list here: the engine
@@ -79,7 +88,9 @@ def external_data_files_cached(model_path: str | os.PathLike[str], cache_file: s
     key = str(model_path.absolute())
     try:
         cached = json.loads(Path(cache_file).read_text()).get(key)
-        if isinstance(cached, dict) and still_valid(st, cached.get("stat"), cached.get("recorded_ns")):
+        if isinstance(cached, dict) and still_valid(
+            st, cached.get("stat"), cached.get("recorded_ns")
+        ):
             return [str(x) for x in cached["files"]]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
@@ -88,7 +99,9 @@ def external_data_files_cached(model_path: str | os.PathLike[str], cache_file: s
     except EngineError:
         return []
     entry = {"stat": stat_key(st), "recorded_ns": time.time_ns(), "files": files}
-    tmp = Path(cache_file).with_name(f".{Path(cache_file).name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = Path(cache_file).with_name(
+        f".{Path(cache_file).name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
     try:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({key: entry}))

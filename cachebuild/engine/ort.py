@@ -10,11 +10,17 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.engine.interface import EngineInfo, EngineRunner, check_precision, cpu_device, read_engine_json
+from cachebuild._util.cpus import usable_cpus
+from cachebuild.engine.gpu import gpu_name_here
+from cachebuild.engine.interface import (
+    EngineInfo,
+    EngineRunner,
+    check_precision,
+    cpu_device,
+    read_engine_json,
+)
 from cachebuild.engine.modelfiles import self_contained
 from cachebuild.errors import EngineError
-from cachebuild.engine.gpu import gpu_name_here
-from cachebuild._util.cpus import usable_cpus
 
 if TYPE_CHECKING:
     import numpy as np
@@ -101,7 +107,6 @@ class OnnxRuntimeBackend:
 
     def device(self) -> str:
         if self.provider == "cuda":
-
             return f"cuda:{gpu_name_here() or 'unknown GPU'}"
         return cpu_device()
 
@@ -167,7 +172,6 @@ class OnnxRuntimeBackend:
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if not threads:
-
             # ONNX Runtime's own default counts the machine's cores, not a
             # container's CPU quota (see cachebuild/_util/cpus.py).
             threads = usable_cpus()

@@ -40,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachebuild.inputs.config import DEFAULT_MAX_TILES
 from cachebuild.errors import AreaTooLargeError
+from cachebuild.inputs.config import DEFAULT_MAX_TILES
 from cachebuild.inputs.providercheck import check_provider
-from cachebuild.tilemath import LngLatBbox, count_tiles
 from cachebuild.providers import provider_kind
+from cachebuild.tilemath import LngLatBbox, count_tiles
 
 __all__ = [
     "DEFAULT_MAX_TILES",
@@ -92,7 +92,9 @@ def _human(n: float) -> str:
 def _staged_planned(cache_dir: Path) -> int:
     """Tiles the cache's staged build planned (its small tileset.json), 0 if none."""
     try:
-        return int(json.loads((cache_dir / "state" / "build" / "tileset.json").read_text())["planned"])
+        return int(
+            json.loads((cache_dir / "state" / "build" / "tileset.json").read_text())["planned"]
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return 0
 
@@ -111,7 +113,9 @@ def free_bytes(path: Path) -> tuple[int, int]:
     return shutil.disk_usage(p).free, os.stat(p).st_dev
 
 
-def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = False) -> AreaEstimate:
+def estimate_area(
+    bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = False
+) -> AreaEstimate:
     """Tiles in ``bbox`` at ``zooms`` and the bytes a build of them would write."""
 
     n = count_tiles(LngLatBbox(*bbox), zooms)
@@ -124,7 +128,9 @@ def estimate_area(bbox: Any, zooms: Any, *, cache_dir: Path, store_only: bool = 
     )
 
 
-def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, int]] | None = None) -> AreaEstimate:
+def check_area(
+    settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, int]] | None = None
+) -> AreaEstimate:
     """Refuse the area of ``bbox`` if it has more than ``MAX_TILES`` tiles or does not fit on disk,
     and a provider spec the arguments already show is wrong
     (:func:`~cachebuild.inputs.providercheck.check_provider`).
@@ -154,7 +160,10 @@ def check_area(settings: Any, bbox: Any, *, free: Callable[[Path], tuple[int, in
 
     pushed = provider_kind(settings.provider) == "pushed"  # its tiles are in the store already
     est = estimate_area(
-        bbox, settings.zooms, cache_dir=settings.cache_dir, store_only=settings.companion is not None
+        bbox,
+        settings.zooms,
+        cache_dir=settings.cache_dir,
+        store_only=settings.companion is not None,
     )
     zooms = ",".join(str(z) for z in settings.zooms)
     what = (

@@ -20,10 +20,8 @@ from typing import Any
 
 from cachebuild.errors import UsageError, did_you_mean
 from cachebuild.inputs.companion import parse_companion
-from cachebuild.providers.xyzconfig import parse_subdomains
-from cachebuild.providers.xyzconfig import refuse_userinfo
 from cachebuild.providers.nodata import NoDataRule
-from cachebuild.providers.xyzconfig import parse_headers
+from cachebuild.providers.xyzconfig import parse_headers, parse_subdomains, refuse_userinfo
 from cachebuild.store.s3 import parse_store_url
 
 __all__ = [
@@ -321,7 +319,9 @@ def _companion(get: Any) -> dict[str, Any]:
     for name in ("COMPANION_DIR", "COMPANION_CMD", "COMPANION_KEY"):
         raw = get(name)
         if raw is not None and (not raw.strip() or "\n" in raw or "\0" in raw):
-            shown = "" if name == "COMPANION_CMD" else f"={raw!r}"  # COMPANION_CMD may hold anything: never echoed
+            shown = (
+                "" if name == "COMPANION_CMD" else f"={raw!r}"
+            )  # COMPANION_CMD may hold anything: never echoed
             raise UsageError(f"{name}{shown} must be one non-empty line")
         if raw is not None:
             out[name.lower()] = raw.strip()
@@ -330,7 +330,6 @@ def _companion(get: Any) -> dict[str, Any]:
         raise UsageError(f"HOST_KEY_POLICY={policy!r} must be reject or accept-new")
     companion = get("COMPANION")
     if companion is not None:
-
         parse_companion(companion)
         if get("KEY") is not None:
             raise UsageError(
@@ -415,7 +414,6 @@ def _http(get: Any) -> dict[str, str]:
         out[name] = raw
     subdomains = get("SUBDOMAINS")
     if subdomains is not None:
-
         parse_subdomains(subdomains)
         out["SUBDOMAINS"] = subdomains
     return out
@@ -424,7 +422,6 @@ def _http(get: Any) -> dict[str, str]:
 def _provider(raw: str | None) -> str:
     """PROVIDER; a URL with user:password in it is refused here, for every command."""
     if raw is not None and "://" in raw:
-
         refuse_userinfo(raw)
     return raw or DEFAULT_PROVIDER
 
@@ -449,7 +446,6 @@ def _nodata(get: Any) -> dict[str, str]:
 def _check_env_secrets(env: Mapping[str, str]) -> None:
     """Refuse malformed extra headers before the lock; never echo their values."""
     if env.get(ENV_ONLY["HTTP_HEADERS"], "").strip():
-
         parse_headers(env[ENV_ONLY["HTTP_HEADERS"]])
 
 
@@ -483,12 +479,16 @@ def _quality(get: Any) -> dict[str, Any]:
     return {
         "index_kind": kind,
         "selftest_queries": _int("SELFTEST_QUERIES", get("SELFTEST_QUERIES"), 200, 0, 100_000),
-        "min_recall": None if raw_recall is None else _float("MIN_RECALL", raw_recall, 0.0, 0.0, 1.0),
+        "min_recall": None
+        if raw_recall is None
+        else _float("MIN_RECALL", raw_recall, 0.0, 0.0, 1.0),
         "max_store_bytes": None if raw_bytes is None else parse_size("MAX_STORE_BYTES", raw_bytes),
     }
 
 
-def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None) -> Settings:
+def load_settings(
+    vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Read and validate every variable; raise :class:`UsageError` on a bad one.
 
     >>> s = load_settings({"ZOOM": "16,17"}, {"CACHEBUILD_HOME": "/tmp/cb"})
@@ -498,7 +498,9 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     vars = dict(vars or {})
     env = dict(os.environ if env is None else env)
     home = cachebuild_home(env)
-    secret = sorted(k for k in vars if k in ENV_ONLY or k in ENV_ONLY.values())  # named, never the value
+    secret = sorted(
+        k for k in vars if k in ENV_ONLY or k in ENV_ONLY.values()
+    )  # named, never the value
     if secret:
         raise UsageError(
             f"{secret[0]} is a secret: it is read from the environment only, never the command line",
@@ -515,7 +517,6 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
     cache_dir = Path(get("CACHE_DIR") or home / "cache").expanduser().absolute()
     raw_store, shared_store = get("STORE"), None
     if raw_store is not None and "://" in raw_store:
-
         shared_store, raw_store = str(parse_store_url(raw_store)), None
     store = Path(raw_store or home / "store").expanduser().absolute()
     precision = (get("PRECISION") or DEFAULT_PRECISION).lower()
@@ -561,12 +562,16 @@ def load_settings(vars: Mapping[str, str] | None = None, env: Mapping[str, str] 
         key=_path("KEY", get("KEY"), must_exist=True),
         pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
         allow_dev_key=_bool("ALLOW_DEV_KEY", get("ALLOW_DEV_KEY"), False),
-        expires_days=_float("EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0),
+        expires_days=_float(
+            "EXPIRES_DAYS", get("EXPIRES_DAYS"), DEFAULT_EXPIRES_DAYS, 0.001, 3650.0
+        ),
         strict=_bool("STRICT", get("STRICT"), True),
         **_quality(get),
         report=report,
         flights_api_url=get("FLIGHTS_API_URL"),
-        flights_api_timeout=_float("FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0),
+        flights_api_timeout=_float(
+            "FLIGHTS_API_TIMEOUT", get("FLIGHTS_API_TIMEOUT"), 10.0, 0.001, 600.0
+        ),
         offline=_bool("OFFLINE", get("OFFLINE"), False),
         **_companion(get),
         shared_store=shared_store,

@@ -192,7 +192,9 @@ def _flight_from_obj(obj: Any) -> Flight:
         if not isinstance(flight_id, str):
             raise _Invalid("flight_id", _wrong_type(flight_id, "a UUID string"))
         if not looks_like_uuid(flight_id):
-            raise _Invalid("flight_id", f"{_describe(flight_id)} is not a UUID (8-4-4-4-12 hex digits)")
+            raise _Invalid(
+                "flight_id", f"{_describe(flight_id)} is not a UUID (8-4-4-4-12 hex digits)"
+            )
         flight_id = _normalise_uuid(flight_id)
 
     origin_value = obj.get("takeoff_origin")
@@ -229,14 +231,18 @@ def _decode_json(text: str | bytes | bytearray | memoryview) -> Any:
     if isinstance(text, (bytes, bytearray, memoryview)):
         raw = bytes(text)
         if len(raw) > MAX_FLIGHT_BYTES:
-            raise _Invalid("", f"{len(raw)} bytes; a flight may be at most {MAX_FLIGHT_BYTES} bytes")
+            raise _Invalid(
+                "", f"{len(raw)} bytes; a flight may be at most {MAX_FLIGHT_BYTES} bytes"
+            )
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
             bad = raw[exc.start : exc.start + 1].hex()
             raise _Invalid("", f"not UTF-8 text (byte 0x{bad} at offset {exc.start})") from None
     elif len(text) > MAX_FLIGHT_BYTES:
-        raise _Invalid("", f"{len(text)} characters; a flight may be at most {MAX_FLIGHT_BYTES} bytes")
+        raise _Invalid(
+            "", f"{len(text)} characters; a flight may be at most {MAX_FLIGHT_BYTES} bytes"
+        )
     if text.startswith("\ufeff"):  # a byte-order mark, as some editors write
         text = text[1:]
     try:
@@ -247,7 +253,9 @@ def _decode_json(text: str | bytes | bytearray | memoryview) -> Any:
             object_pairs_hook=_reject_duplicates,
         )
     except json.JSONDecodeError as exc:
-        raise _Invalid("", f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+        raise _Invalid(
+            "", f"line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}"
+        ) from None
     except RecursionError:
         raise _Invalid("", "invalid JSON: nested too deeply") from None
 
@@ -301,7 +309,9 @@ def parse_flight(
         where = f"{exc.path}: " if exc.path else ""
         raise error_cls(f"{source}: {where}{exc.problem}") from None
     except Exception as exc:  # never a traceback for any input
-        raise error_cls(f"{source}: could not be read as a flight: {type(exc).__name__}: {exc}") from exc
+        raise error_cls(
+            f"{source}: could not be read as a flight: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def load_flight_file(path: str | os.PathLike[str]) -> Flight:
@@ -330,7 +340,9 @@ def load_flight_file(path: str | os.PathLike[str]) -> Flight:
         raise FlightFileMissingError(f"flight file not found: {name}") from None
     except (OSError, ValueError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise FlightFileMissingError(f"flight file not found: {name} (cannot read it: {reason})") from exc
+        raise FlightFileMissingError(
+            f"flight file not found: {name} (cannot read it: {reason})"
+        ) from exc
     return parse_flight(data, name)
 
 
@@ -370,7 +382,9 @@ def flight_from_record(
         where = f"{exc.path}: " if exc.path else ""
         raise error_cls(f"{source}: {where}{exc.problem}") from None
     except Exception as exc:
-        raise error_cls(f"{source}: could not be read as a flight: {type(exc).__name__}: {exc}") from exc
+        raise error_cls(
+            f"{source}: could not be read as a flight: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def flight_area(f: Flight, buffer_m: float) -> LngLatBbox:

@@ -23,11 +23,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cachebuild import __version__
 from cachebuild._util import httpsafe
-from cachebuild.errors import FlightInvalidAnswerError, FlightNetworkError, FlightNotFoundError, FlightUnauthorizedError, UsageError
-from cachebuild.inputs.flight import flight_record, parse_flight
-from cachebuild.inputs.flight import MAX_FLIGHT_BYTES
-from cachebuild.inputs.flight import looks_like_uuid
-from cachebuild.inputs.flight import flight_from_record
+from cachebuild.errors import (
+    FlightInvalidAnswerError,
+    FlightNetworkError,
+    FlightNotFoundError,
+    FlightUnauthorizedError,
+    UsageError,
+)
+from cachebuild.inputs.flight import (
+    MAX_FLIGHT_BYTES,
+    flight_from_record,
+    flight_record,
+    looks_like_uuid,
+    parse_flight,
+)
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -88,7 +97,6 @@ def fetch_flight(
     FlightNetworkError (92), FlightInvalidAnswerError (93)
     """
     import httpx
-
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(
@@ -155,7 +163,6 @@ def _ask(
     """
     import httpx
 
-
     shown = public_url(endpoint)
     last = ""
     for attempt in range(retries + 1):
@@ -182,7 +189,9 @@ def _ask(
             # the exception text may hold the full URL; name the type only
             last = f"cannot connect ({type(exc).__name__})"
         except (httpsafe.BodyTooLarge, httpsafe.BadEncoding) as exc:
-            raise FlightInvalidAnswerError(f"Flights API {shown} answered {exc}, not a flight") from None
+            raise FlightInvalidAnswerError(
+                f"Flights API {shown} answered {exc}, not a flight"
+            ) from None
     raise FlightNetworkError(
         f"Flights API {shown}: {last} after {retries + 1} attempts",
         remedy="check FLIGHTS_API_URL and the network (FLIGHTS_API_TIMEOUT sets the timeout), "
@@ -229,5 +238,3 @@ def load_saved_answer(state_dir: Path, flight_id: str) -> tuple[Any, dict[str, A
         raise FlightInvalidAnswerError(f"saved flight {path} is unreadable: {exc}") from None
     flight = flight_from_record(record, source=str(path), error_cls=FlightInvalidAnswerError)
     return flight, record
-
-

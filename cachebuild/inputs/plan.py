@@ -17,21 +17,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cachebuild.inputs.config import Settings
-from cachebuild.release.devkey import dev_key_home, refuse_resign
+from cachebuild._util.statcache import stat_key, still_valid
+from cachebuild.engine.backends import engine_environment as resolve
+from cachebuild.engine.backends import select_backend
+from cachebuild.engine.model import DEFAULT_MODEL_VERSION
 from cachebuild.errors import UsageError
-from cachebuild.release.signing import LEGACY_PASSPHRASE_ENV, PASSPHRASE_ENV
-from cachebuild.inputs.flight import load_flight_file, looks_like_uuid
+from cachebuild.inputs.area import check_area
+from cachebuild.inputs.config import Settings
+from cachebuild.inputs.flight import flight_area, flight_record, load_flight_file, looks_like_uuid
 from cachebuild.inputs.flights_api import TOKEN_ENV, fetch_flight, load_saved_answer, save_answer
 from cachebuild.providers.pushed import pushed_dir
-from cachebuild.engine.backends import engine_environment as resolve
-from cachebuild._util.statcache import stat_key, still_valid
-from cachebuild.release.signing import keyid, load_private_key
-from cachebuild.release.signing import ensure_dev_key
-from cachebuild.inputs.flight import flight_area, flight_record
-from cachebuild.inputs.area import check_area
-from cachebuild.engine.model import DEFAULT_MODEL_VERSION
-from cachebuild.engine.backends import select_backend
+from cachebuild.release.devkey import dev_key_home, refuse_resign
+from cachebuild.release.signing import (
+    LEGACY_PASSPHRASE_ENV,
+    PASSPHRASE_ENV,
+    ensure_dev_key,
+    keyid,
+    load_private_key,
+)
 
 #: The compiled engine's file name per backend.
 ENGINE_FILES = {"onnxruntime": "engine.onnx", "tensorrt": "engine.plan"}
@@ -126,7 +129,6 @@ def provider_key(spec: str) -> str:
     placeholder, never its value).
     """
     if spec.startswith("pushed:"):  # companion mode: what the workstation pushed
-
         d = pushed_dir(spec)
         try:
             st = (d / "tileset.json").stat()
@@ -156,10 +158,15 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
     """
 
     st = key_path.stat()
-    stamp = {"path": str(key_path), "stat": stat_key(st)}  # ctime too: a key rotated in place is seen
+    stamp = {
+        "path": str(key_path),
+        "stat": stat_key(st),
+    }  # ctime too: a key rotated in place is seen
     try:
         cached = json.loads(cache_file.read_text())
-        if cached.get("stamp") == stamp and still_valid(st, stamp["stat"], cached.get("recorded_ns")):
+        if cached.get("stamp") == stamp and still_valid(
+            st, stamp["stat"], cached.get("recorded_ns")
+        ):
             return str(cached["keyid"])
     except (OSError, ValueError, KeyError):
         pass
@@ -190,7 +197,9 @@ def _signing_key(settings: Settings, warn: Any) -> tuple[Path, str]:
     """
     if settings.key is not None:
         if settings.env.get(LEGACY_PASSPHRASE_ENV) and not settings.env.get(PASSPHRASE_ENV):
-            warn(f"{LEGACY_PASSPHRASE_ENV} is deprecated: set {PASSPHRASE_ENV} in the environment instead")
+            warn(
+                f"{LEGACY_PASSPHRASE_ENV} is deprecated: set {PASSPHRASE_ENV} in the environment instead"
+            )
         return settings.key, _keyid(settings, settings.key)
     path = dev_key_home(settings)
     if not path.exists():
@@ -218,7 +227,6 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     flight = record = bbox = None
     source = None
     if with_flight:
-
         flight, source = resolve_flight(settings)
         record = flight_record(flight)
         bbox = tuple(flight_area(flight, settings.buffer_m))
@@ -227,7 +235,6 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     if settings.model is not None:
         model_path, builtin = settings.model, False
     else:
-
         model_path = settings.paths.build / "model" / f"{DEFAULT_MODEL_VERSION}.onnx"
         builtin = True
     keyid = None
@@ -235,7 +242,6 @@ def resolve_plan(settings: Settings, *, with_flight: bool = True, warn: Any = No
     if with_flight and settings.companion is None:  # with COMPANION, the companion signs
         key_path, keyid = _signing_key(settings, warn)
     if with_flight and settings.companion is None and settings.backend == "tensorrt":
-
         select_backend("tensorrt")  # exit 21 naming what is missing, before any tile is fetched
     return BuildPlan(
         settings=settings,

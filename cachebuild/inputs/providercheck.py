@@ -10,10 +10,17 @@ correct build is a no-op.  Nothing is opened or fetched here.
 from __future__ import annotations
 
 from typing import Any
+
 from cachebuild.providers import provider_kind
 from cachebuild.providers.base import template_placeholders
-from cachebuild.providers.xyzconfig import API_KEY_ENV, HEADERS_ENV, HttpConfig, check_template, parse_headers
 from cachebuild.providers.local import DIRECTORY_PLACEHOLDERS
+from cachebuild.providers.xyzconfig import (
+    API_KEY_ENV,
+    HEADERS_ENV,
+    HttpConfig,
+    check_template,
+    parse_headers,
+)
 
 __all__ = ["check_provider"]
 
@@ -27,7 +34,6 @@ def check_provider(settings: Any) -> None:
 
     kind, spec = provider_kind(settings.provider), settings.provider.strip()
     if kind == "dir":  # (a directory that does not exist is refused before any task runs)
-
         text = spec[4:] if spec.lower().startswith("dir:") else spec
         if "{" in text:
             template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")

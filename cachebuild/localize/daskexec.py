@@ -69,16 +69,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cachebuild.inputs.config import parse_dask_scheduler
+from cachebuild._util.cpus import usable_cpus
 from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
+from cachebuild.inputs.config import parse_dask_scheduler
+from cachebuild.localize.decode import checked_unit, decode_batch, tile_zxy
 from cachebuild.store.objects import TileStore
-from cachebuild.localize.decode import tile_zxy
 from cachebuild.store.s3 import CELL_SHIFT, StoreUnavailable, _cell_part, _decode_pack, open_store
-from cachebuild.localize.decode import checked_unit, decode_batch
 from cachebuild.store.thumbs import THUMB_PX
-from cachebuild._util.cpus import usable_cpus
 
 try:
     from distributed import Client, KilledWorker, LocalCluster, wait
@@ -194,7 +193,6 @@ class EnginePlugin(WorkerPlugin):
                 shutil.rmtree(tmp, ignore_errors=True)
         threads = self.threads
         if threads is None:  # share the worker's CPUs among its task threads
-
             threads = max(1, usable_cpus() // max(1, int(worker.state.nthreads)))
         _ENGINE_DIRS[self.key] = (target, threads)
 
@@ -278,7 +276,9 @@ def _worker_store() -> TileStore:
         from distributed import get_worker
 
         base = Path(get_worker().local_directory)
-    except ValueError:  # not in a worker (a unit test, a direct call): this process's temp directory
+    except (
+        ValueError
+    ):  # not in a worker (a unit test, a direct call): this process's temp directory
         import tempfile
 
         base = Path(tempfile.gettempdir()) / f"cachebuild-worker-{os.getpid()}"
@@ -299,7 +299,9 @@ def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
     )
     try:
         with _BUCKET_LOCK:
-            remote = _REMOTES.get(source.url) or _REMOTES.setdefault(source.url, open_store(source.url))
+            remote = _REMOTES.get(source.url) or _REMOTES.setdefault(
+                source.url, open_store(source.url)
+            )
         for cell in cells:
             prefix = remote.url.key("tiles", source.namespace, _cell_part(cell))
             with _BUCKET_LOCK:
@@ -312,7 +314,9 @@ def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
                     data = remote.get_verified(key, name[: -len(".pack")])
                     pack = _decode_pack(data) if data is not None else None
                     for _x, _y, d, image in pack[1] if pack is not None else ():
-                        if not local.has(d):  # each image checked against its SHA-256 by _decode_pack
+                        if not local.has(
+                            d
+                        ):  # each image checked against its SHA-256 by _decode_pack
                             local.put(image)
                     if pack is not None:
                         _PACKS_READ.add(key)
@@ -408,7 +412,6 @@ def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
     """
     import numpy as np
 
-
     runner = engine_runner(key)
     size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
     paths = _tile_paths(store_root, ids, digests)
@@ -488,7 +491,6 @@ class DaskExecutor:
         if self.kind == "local":
             n = int(self._target)
             if threads is None:  # this machine's CPUs shared by every task thread of every worker
-
                 threads = max(1, usable_cpus() // (n * _LOCAL_THREADS_PER_WORKER))
             try:
                 self._cluster = LocalCluster(
@@ -513,7 +515,9 @@ class DaskExecutor:
         try:
             self.client = _connect(self.address, self.connect_timeout)
             files = {name: (self.engine_dir / name).read_bytes() for name in self._files}
-            self.client.register_plugin(EnginePlugin(self.key, files, threads), name=_plugin_name(self.key))
+            self.client.register_plugin(
+                EnginePlugin(self.key, files, threads), name=_plugin_name(self.key)
+            )
             self.workers = len(self.client.nthreads())
         except BaseException:
             self.__exit__(None, None, None)
@@ -574,7 +578,9 @@ class DaskExecutor:
             while pending:
                 try:
                     with client.as_current():
-                        done, _ = wait(list(pending), timeout=_POLL_S, return_when="FIRST_COMPLETED")
+                        done, _ = wait(
+                            list(pending), timeout=_POLL_S, return_when="FIRST_COMPLETED"
+                        )
                 except TimeoutError:
                     nthreads = client.nthreads()
                     self.workers = max(self.workers, len(nthreads))

@@ -14,9 +14,9 @@ import threading
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import BuildError
 from cachebuild.store.objects import read_object
-from cachebuild._util.cpus import usable_cpus
 from cachebuild.store.thumbs import thumbnail_of
 
 __all__ = ["checked_unit", "decode_batch", "decode_tile", "default_decode_threads", "tile_zxy"]
@@ -50,7 +50,6 @@ def default_decode_threads(cpus: int | None = None) -> int:
     a GPU, that is all of it.
     """
     if cpus is None:
-
         cpus = usable_cpus()
     return max(1, cpus)
 
@@ -114,7 +113,11 @@ def _preprocess_into(rgb: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> N
 
 
 def decode_batch(
-    paths: list[Path], ids: Any, size: tuple[int, int], out: np.ndarray, thumbs: np.ndarray | None = None
+    paths: list[Path],
+    ids: Any,
+    size: tuple[int, int],
+    out: np.ndarray,
+    thumbs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Decode and preprocess ``paths`` into ``out[:len(paths)]``; returns that view.
 
@@ -123,7 +126,6 @@ def decode_batch(
     (:func:`cachebuild.store.thumbs.thumbnail_of`) into ``thumbs[i]``.
     """
     import numpy as np
-
 
     scratch = np.empty((3, *size), dtype=np.uint8)
     for i, path in enumerate(paths):

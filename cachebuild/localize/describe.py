@@ -43,18 +43,23 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.fs import atomic_save_npy
+from cachebuild._util.npyio import NpyRowWriter
+from cachebuild._util.progress import Progress
 from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, UsageError
-from cachebuild._util.progress import Progress
-from cachebuild.store.objects import TileStore
-from cachebuild.tileset import TILES_FILE, read_tiles
-from cachebuild._util.fs import atomic_save_npy
-from cachebuild.localize.decode import _lower_decoder_priority, checked_unit, decode_batch, default_decode_threads, decode_tile, tile_zxy
-from cachebuild.store.thumbs import THUMB_PX
-from cachebuild._util.npyio import NpyRowWriter
+from cachebuild.localize.decode import (
+    _lower_decoder_priority,
+    checked_unit,
+    decode_batch,
+    default_decode_threads,
+    tile_zxy,
+)
 from cachebuild.store.descriptors import DescriptorStore
-from cachebuild.store.thumbs import ThumbStore
+from cachebuild.store.objects import TileStore
+from cachebuild.store.thumbs import THUMB_PX, ThumbStore
+from cachebuild.tileset import TILES_FILE, read_tiles
 
 if TYPE_CHECKING:
     import numpy as np
@@ -133,13 +138,17 @@ def _engine_batches(
     """
     import numpy as np
 
-
     chunk = -(-max_rows // workers)  # each batch is split among all decoders
     # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
     ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
-    tring = [np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None for _ in ring]
+    tring = [
+        np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None
+        for _ in ring
+    ]
     with ThreadPoolExecutor(
-        max_workers=workers, thread_name_prefix="describe-decode", initializer=_lower_decoder_priority
+        max_workers=workers,
+        thread_name_prefix="describe-decode",
+        initializer=_lower_decoder_priority,
     ) as pool:
         pending: deque[tuple[Any, Any, int, list[Future[np.ndarray]]]] = deque()
         free = deque(range(len(ring)))
@@ -154,7 +163,11 @@ def _engine_batches(
             paths = [store.path(bytes(d).hex()) for d in digests]
             parts = [
                 pool.submit(
-                    decode_batch, paths[c : c + chunk], ids[c : c + chunk], size, buf[c : c + chunk],
+                    decode_batch,
+                    paths[c : c + chunk],
+                    ids[c : c + chunk],
+                    size,
+                    buf[c : c + chunk],
                     *(() if tbuf is None else (tbuf[c : c + chunk],)),
                 )  # fmt: skip
                 for c in range(0, len(paths), chunk)
@@ -301,7 +314,6 @@ def describe_tiles(
     """
     import numpy as np
 
-
     start = time.perf_counter()
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
@@ -341,11 +353,14 @@ def describe_tiles(
             thumbnails=made if thumbnails else None,
         )  # fmt: skip
     else:
-        with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink, Progress(
-            _PHASE, total=n, stream=stream
-        ) as bar:
+        with (
+            NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink,
+            Progress(_PHASE, total=n, stream=stream) as bar,
+        ):
             work = _batches(np.arange(n), ids, raw, batch_size)
-            for _, d, _ in _engine_batches(runner, store, work, size=size, max_rows=max_rows, workers=workers):
+            for _, d, _ in _engine_batches(
+                runner, store, work, size=size, max_rows=max_rows, workers=workers
+            ):
                 sink.write(d)
                 bar.advance(len(d))
         computed = runs = n
@@ -395,7 +410,6 @@ def _describe_with_store(
     """
     import numpy as np
 
-
     key = read_engine_json(engine_dir).get("key")
     if not isinstance(key, str):
         raise BuildError(
@@ -429,16 +443,29 @@ def _describe_with_store(
                     from cachebuild.localize.daskexec import DaskExecutor
 
                     cluster = stack.enter_context(
-                        DaskExecutor(dask_scheduler, engine_dir=engine_dir, store_root=store.root, threads=threads)
+                        DaskExecutor(
+                            dask_scheduler,
+                            engine_dir=engine_dir,
+                            store_root=store.root,
+                            threads=threads,
+                        )
                     )
                     results = cluster.run(work)
                 stack.callback(results.close)  # on an error: cancel what is in flight first
                 writer = stack.enter_context(ds.writer())
-                keep = stack.enter_context(_ThumbKeeper(store.root)) if thumbnails is not None else None
+                keep = (
+                    stack.enter_context(_ThumbKeeper(store.root))
+                    if thumbnails is not None
+                    else None
+                )
                 bar = stack.enter_context(Progress(_PHASE, total=runs, stream=stream))
                 for uidx, *got in results:
                     # local: (descriptors, thumbnails); Dask: one value, a pair or (older workers) an array
-                    d, th = got if len(got) == 2 else (got[0] if isinstance(got[0], tuple) else (got[0], None))
+                    d, th = (
+                        got
+                        if len(got) == 2
+                        else (got[0] if isinstance(got[0], tuple) else (got[0], None))
+                    )
                     digests = raw[todo[first[uidx]]]
                     ushard[uidx], urow[uidx] = writer.append(digests, d)
                     if keep is not None and th is not None:

@@ -96,11 +96,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.errors import BuildError, UsageError
 from cachebuild._util.cpus import usable_cpus
+from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows, npy_shape
+from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
-from cachebuild._util.npyio import npy_shape
-from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
 
 if TYPE_CHECKING:
     import numpy as np
@@ -232,7 +231,6 @@ def _check_inputs(src: Path) -> tuple[int, int, Any]:
     """``(N, D, ids)`` after checking descriptors.npy and descriptor_ids.npy agree."""
     import numpy as np
 
-
     vec_path, ids_path = src / DESCRIPTORS_FILE, src / DESCRIPTOR_IDS_FILE
     for path in (vec_path, ids_path):
         if not path.is_file():
@@ -337,7 +335,11 @@ def _load_quantizer(
     import numpy as np
 
     if plan.kind != "ivf":
-        why = "HNSW is rebuilt (faiss cannot remove vectors from it)" if plan.kind == "hnsw" else "nothing to train"
+        why = (
+            "HNSW is rebuilt (faiss cannot remove vectors from it)"
+            if plan.kind == "hnsw"
+            else "nothing to train"
+        )
         return None, None, {}, why
     if engine_key is None:
         return None, None, {}, "no engine key given"
@@ -356,13 +358,28 @@ def _load_quantizer(
         if population.ndim != 1 or not len(population) or np.any(population[1:] < population[:-1]):
             raise ValueError("population fingerprints are not a sorted list")
     except Exception as exc:  # truncated, garbage, a zip that is not ours: train again
-        return None, None, {}, f"saved quantizer unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-    for field_, want in (("engine_key", engine_key), ("kind", plan.kind), ("metric", INDEX_METRIC), ("dim", dim)):
+        return (
+            None,
+            None,
+            {},
+            f"saved quantizer unreadable ({type(exc).__name__}: {str(exc)[:120]})",
+        )
+    for field_, want in (
+        ("engine_key", engine_key),
+        ("kind", plan.kind),
+        ("metric", INDEX_METRIC),
+        ("dim", dim),
+    ):
         if meta.get(field_) != want:
             return None, None, {}, f"saved quantizer is of another {field_.replace('_', ' ')}"
     ratio = plan.params["nlist"] / nlist
     if not 1 / _FAMILY <= ratio <= _FAMILY:
-        return None, None, {}, f"saved quantizer has {nlist} lists, these vectors ask for {plan.params['nlist']}"
+        return (
+            None,
+            None,
+            {},
+            f"saved quantizer has {nlist} lists, these vectors ask for {plan.params['nlist']}",
+        )
     return centroids, population, meta, ""
 
 
@@ -562,7 +579,9 @@ def build_index(
         value, recall = _tune(faiss, index, plan, queries, kth, k, hint=saved.get("nprobe"))
         if centroids is not None and value > _NPROBE_GROWTH * int(saved["nprobe"]):
             # the new vectors crowd lists the quantizer was not trained for: train afresh
-            why = f"the saved quantizer needed nprobe {value} > {_NPROBE_GROWTH} x {saved['nprobe']}"
+            why = (
+                f"the saved quantizer needed nprobe {value} > {_NPROBE_GROWTH} x {saved['nprobe']}"
+            )
             centroids = population = None
             trained_share = None
             plan = plan_index(n, kind, gpus=gpus)
@@ -661,7 +680,10 @@ def _tune(
     if plan.kind == "ivf":
         nlist = plan.params["nlist"]
         ladder = tuple(v for v in _NPROBE_LADDER if v < nlist) + (nlist,)
-        lo, hi = 0, len(ladder) - 1  # the answer is in ladder[lo..hi]; ladder[hi] reaches the target
+        lo, hi = (
+            0,
+            len(ladder) - 1,
+        )  # the answer is in ladder[lo..hi]; ladder[hi] reaches the target
         if hint is not None and int(hint) in ladder:
             # most rebuilds need the hint's value again: two searches tell
             h = ladder.index(int(hint))
@@ -696,7 +718,9 @@ def load_index(index_path: str | os.PathLike[str]) -> Any:
     faiss = _faiss()
     path = Path(index_path)
     if not path.is_file():
-        raise BuildError(f"index {path} does not exist", remedy="build the index first", phase=_PHASE)
+        raise BuildError(
+            f"index {path} does not exist", remedy="build the index first", phase=_PHASE
+        )
     return faiss.read_index(str(path))
 
 

@@ -35,11 +35,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cachebuild.store.s3 import CELL_SHIFT, S3Store, StoreUnavailable, _cell_part, _sha, phase_error
-from cachebuild.store.thumbs import THUMB_PX
-from cachebuild.tileset import read_tiles
 from cachebuild.store.descriptors import DescriptorStore
-from cachebuild.store.thumbs import ThumbStore
+from cachebuild.store.s3 import CELL_SHIFT, S3Store, StoreUnavailable, _cell_part, _sha, phase_error
+from cachebuild.store.thumbs import THUMB_PX, ThumbStore
+from cachebuild.tileset import read_tiles
 
 __all__ = ["pull_descriptors", "push_descriptors"]
 
@@ -67,7 +66,12 @@ class _Seen(dict):  # type: ignore[type-arg]
 def _encode_thumbs(digests: list[bytes], pixels: list[bytes]) -> bytes:
 
     return b"".join(
-        (_THUMB_MAGIC, struct.pack("<II", THUMB_PX, len(pixels)), b"".join(bytes(d) for d in digests), *pixels)
+        (
+            _THUMB_MAGIC,
+            struct.pack("<II", THUMB_PX, len(pixels)),
+            b"".join(bytes(d) for d in digests),
+            *pixels,
+        )
     )
 
 
@@ -83,7 +87,10 @@ def _decode_thumbs(data: bytes) -> list[tuple[bytes, bytes]] | None:
         return None
     at = head + 32 * n
     return [
-        (data[head + 32 * i : head + 32 * (i + 1)], data[at + THUMB_BYTES * i : at + THUMB_BYTES * (i + 1)])
+        (
+            data[head + 32 * i : head + 32 * (i + 1)],
+            data[at + THUMB_BYTES * i : at + THUMB_BYTES * (i + 1)],
+        )
         for i in range(n)
     ]
 
@@ -128,7 +135,6 @@ class _FlightDescriptors(NamedTuple):
 
 def _flight(build_dir: Path) -> _FlightDescriptors:
     import numpy as np
-
 
     engine = json.loads((build_dir / "engine" / "engine.json").read_text())
     tiles = read_tiles(build_dir)
@@ -181,7 +187,6 @@ def pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict
 def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dict[int, set[bytes]]:
     import numpy as np
 
-
     f = _flight(build_dir)
     have = _Seen()
     if not len(f.raw):
@@ -228,7 +233,11 @@ def _thumb_prefix(remote: S3Store, cell: tuple[int, int, int]) -> str:
 
 
 def _pull_thumbs(
-    remote: S3Store, store_root: Path, f: _FlightDescriptors, cell_ids: list[int], seen: dict[int, set[bytes] | None]
+    remote: S3Store,
+    store_root: Path,
+    f: _FlightDescriptors,
+    cell_ids: list[int],
+    seen: dict[int, set[bytes] | None],
 ) -> None:
     """Import the thumbnails of the flight's images the local thumbnail store lacks.
 
@@ -245,7 +254,11 @@ def _pull_thumbs(
         }
 
         def read_cell(packed: int) -> tuple[bool, list[tuple[bytes, bytes]]]:
-            keys = [k for k in remote.list(_thumb_prefix(remote, _cell_of(packed))) if k.endswith(".bin")]
+            keys = [
+                k
+                for k in remote.list(_thumb_prefix(remote, _cell_of(packed)))
+                if k.endswith(".bin")
+            ]
             if not lacking[packed]:
                 return bool(keys), []
             out: list[tuple[bytes, bytes]] = []
@@ -288,9 +301,10 @@ def push_descriptors(
         raise phase_error(exc, "describe") from None
 
 
-def _push_descriptors(remote: S3Store, store_root: Path, build_dir: Path, have: Mapping[int, set[bytes]]) -> int:
+def _push_descriptors(
+    remote: S3Store, store_root: Path, build_dir: Path, have: Mapping[int, set[bytes]]
+) -> int:
     import numpy as np
-
 
     f = _flight(build_dir)
     todo: list[tuple[int, Any]] = []
@@ -336,10 +350,15 @@ def _push_thumbs(
     with ThumbStore(store_root) as ts:
         for s in range(0, len(f.bounds) - 1, _CELLS_AT_ONCE):
             batches = []
-            for a, e in zip(f.bounds[s : s + _CELLS_AT_ONCE].tolist(), f.bounds[s + 1 : s + 1 + _CELLS_AT_ONCE].tolist()):
+            for a, e in zip(
+                f.bounds[s : s + _CELLS_AT_ONCE].tolist(),
+                f.bounds[s + 1 : s + 1 + _CELLS_AT_ONCE].tolist(),
+            ):
                 packed = int(f.cells[f.order[a]])
                 there = seen.get(packed, set())
-                if there is None:  # the bucket has thumbnails here this machine did not need to read
+                if (
+                    there is None
+                ):  # the bucket has thumbnails here this machine did not need to read
                     continue
                 want = {f.raw[i].tobytes() for i in f.order[a:e].tolist()} - there
                 found = ts.lookup(want)
@@ -347,7 +366,9 @@ def _push_thumbs(
                     continue
                 digests = sorted(found)  # the same thumbnails make the same batch, so the same name
                 data = _encode_thumbs(digests, [found[d] for d in digests])
-                batches.append((_thumb_prefix(remote, _cell_of(packed)) + f"{_sha(data)}.bin", data))
+                batches.append(
+                    (_thumb_prefix(remote, _cell_of(packed)) + f"{_sha(data)}.bin", data)
+                )
                 pushed += len(digests)
             remote.map(lambda kd: remote.put(*kd), batches)
     return pushed

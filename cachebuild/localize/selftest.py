@@ -52,10 +52,10 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.errors import CoverageError
-from cachebuild.engine.interface import read_engine_json
-from cachebuild.tileset import read_tiles
 from cachebuild._util.fs import atomic_write
+from cachebuild.engine.interface import read_engine_json
+from cachebuild.errors import CoverageError
+from cachebuild.tileset import read_tiles
 
 if TYPE_CHECKING:
     pass
@@ -220,13 +220,17 @@ def _frame_hashes(ids: Any, digests: Any, seed: int) -> Any:
     return _mix(_mix(np.asarray(ids, dtype=np.int64).view(np.uint64) ^ salt) ^ head)
 
 
-def _frame_key(engine_key: str, size: tuple[int, int], block: list[bytes], params: tuple[float, ...]) -> bytes:
+def _frame_key(
+    engine_key: str, size: tuple[int, int], block: list[bytes], params: tuple[float, ...]
+) -> bytes:
     """What a frame's descriptor is a function of, hashed."""
     import hashlib
 
     import numpy as np
 
-    h = hashlib.sha256(f"cachebuild-selftest-frame\0{RENDER_VERSION}\0{engine_key}\0{size[0]}x{size[1]}\0".encode())
+    h = hashlib.sha256(
+        f"cachebuild-selftest-frame\0{RENDER_VERSION}\0{engine_key}\0{size[0]}x{size[1]}\0".encode()
+    )
     for digest in block:
         h.update(digest)
     h.update(np.asarray(params, dtype="<f8").tobytes())
@@ -315,7 +319,9 @@ def _describe_frames(
                 for k in range(9):
                     r, c = divmod(k, 3)
                     mosaic[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = images[block[k]]
-                _preprocess_into(_render(mosaic, params, tile), batch[i], np.empty((3, *size), dtype=np.uint8))
+                _preprocess_into(
+                    _render(mosaic, params, tile), batch[i], np.empty((3, *size), dtype=np.uint8)
+                )
 
             list(pool.map(frame, range(len(part))))
             del images
@@ -387,8 +393,8 @@ def run_selftest(
     """
     import numpy as np
 
-    from cachebuild.localize.decode import default_decode_threads
     from cachebuild.engine.compile import load_engine
+    from cachebuild.localize.decode import default_decode_threads
     from cachebuild.localize.index import load_index
     from cachebuild.store.objects import TileStore
 
@@ -437,14 +443,24 @@ def run_selftest(
 
     # each frame: its block (ids and content hashes, row by row), parameters and key
     block_pos = np.stack(
-        [np.searchsorted(ids, _neighbour_ids(ids[centres], dx, dy)[0]) for dy in (-1, 0, 1) for dx in (-1, 0, 1)],
+        [
+            np.searchsorted(ids, _neighbour_ids(ids[centres], dx, dy)[0])
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        ],
         axis=1,
     )
     engine_key = str(record.get("key") or "")
-    tests: list[tuple[Any, list[tuple[list[int], tuple[float, ...], bytes]]]] = [(centres, []), (centres[anywhere], [])]
+    tests: list[tuple[Any, list[tuple[list[int], tuple[float, ...], bytes]]]] = [
+        (centres, []),
+        (centres[anywhere], []),
+    ]
     for i, h in enumerate(hashes):
         rng = np.random.default_rng(int(h))
-        params = (_draw(rng, max_offset), _draw(rng, 0.5))  # both drawn: a frame never depends on the other test
+        params = (
+            _draw(rng, max_offset),
+            _draw(rng, 0.5),
+        )  # both drawn: a frame never depends on the other test
         block = [int(ids[p]) for p in block_pos[i]]
         contents = [digests[p].tobytes() for p in block_pos[i]]
         for t, (_, jobs) in enumerate(tests):
@@ -462,8 +478,14 @@ def run_selftest(
         if runner is None:
             runner = load_engine(engine_dir, threads=threads)
         store = TileStore(store_root)
-        paths = {t: store.path(digests[np.searchsorted(ids, t)].tobytes().hex()) for b, _, _ in todo for t in b}
-        described = _describe_frames([(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), runner.run)
+        paths = {
+            t: store.path(digests[np.searchsorted(ids, t)].tobytes().hex())
+            for b, _, _ in todo
+            for t in b
+        }
+        described = _describe_frames(
+            [(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), runner.run
+        )
         have.update((job[2], d) for job, d in zip(todo, described))
     result["frames"] = {"described": len(todo), "reused": len(wanted) - len(todo)}
     index = load_index(index_path)
@@ -517,4 +539,6 @@ def check_recall(info: dict[str, Any] | None, min_recall: float | None) -> None:
 def write_selftest(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
     """Write ``selftest.json`` atomically."""
 
-    atomic_write(Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode(), durable=False)
+    atomic_write(
+        Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode(), durable=False
+    )

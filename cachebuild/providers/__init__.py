@@ -34,12 +34,40 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cachebuild.errors import UsageError
-from cachebuild.providers.base import DEFAULT_TILE_SIZE, PLACEHOLDERS, USER_AGENT, Provider, TileFetchError, check_image, fill_template, template_placeholders
+from cachebuild.providers.base import (
+    DEFAULT_TILE_SIZE,
+    PLACEHOLDERS,
+    USER_AGENT,
+    Provider,
+    TileFetchError,
+    check_image,
+    fill_template,
+    template_placeholders,
+)
 from cachebuild.providers.geotiff import GEOTIFF_EXTENSIONS, GeoTiffProvider, geotiff_stamp
-from cachebuild.providers.local import DEFAULT_MBTILES_CONCURRENCY, DirectoryProvider, MBTilesProvider, SyntheticProvider, mbtiles_stamp, tree_stamp
-from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, HttpConfig, parse_headers
+from cachebuild.providers.local import (
+    DEFAULT_MBTILES_CONCURRENCY,
+    DirectoryProvider,
+    MBTilesProvider,
+    SyntheticProvider,
+    _template_root,
+    mbtiles_stamp,
+    tree_stamp,
+)
 from cachebuild.providers.xyz import XyzProvider, _key_forms
-from cachebuild.providers.local import _template_root
+from cachebuild.providers.xyzconfig import (
+    API_KEY_ENV,
+    DEFAULT_BACKOFF_MAX_S,
+    DEFAULT_BACKOFF_S,
+    DEFAULT_HTTP_CONCURRENCY,
+    DEFAULT_RETRIES,
+    DEFAULT_RETRY_AFTER_MAX_S,
+    DEFAULT_SUBDOMAINS,
+    DEFAULT_TIMEOUT_S,
+    HEADERS_ENV,
+    HttpConfig,
+    parse_headers,
+)
 
 if TYPE_CHECKING:
     import httpx
@@ -145,14 +173,15 @@ def source_stamp(spec: str) -> str | None:
     if kind == "dir":
         from pathlib import Path
 
-
         path = os.path.abspath(os.path.expanduser(_local_path(spec)))
         root = _template_root(path) if "{" in path else Path(path)
         return f"dir:{path}:{tree_stamp(root)}"
     return None
 
 
-def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | None = None) -> Provider:
+def open_provider(
+    spec: str, *, env: Mapping[str, str], client: httpx.Client | None = None
+) -> Provider:
     """The provider a ``PROVIDER`` spec names.
 
     Parameters
@@ -203,4 +232,6 @@ def open_provider(spec: str, *, env: Mapping[str, str], client: httpx.Client | N
     for s in _key_forms(env.get(API_KEY_ENV)):
         shown = shown.replace(s, "***")
     why = "" if "://" in spec or not spec.strip() else " (no such file or directory)"
-    raise UsageError(f"PROVIDER={shown!r} is not a tile provider{why}", remedy=f"use {_ACCEPTED_SPECS}")
+    raise UsageError(
+        f"PROVIDER={shown!r} is not a tile provider{why}", remedy=f"use {_ACCEPTED_SPECS}"
+    )

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tilemath import EARTH_RADIUS_M, Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, TileFetchError
 from cachebuild.providers.local import file_sha256
+from cachebuild.tilemath import EARTH_RADIUS_M, Tile
 
 if TYPE_CHECKING:
     import numpy as np
@@ -112,7 +112,9 @@ class GeoTiffProvider:
     ):
         self.path = Path(path).expanduser().absolute()
         if not self.path.is_file():
-            raise UsageError(f"PROVIDER={self.path}: no such GeoTIFF file", remedy="check the PROVIDER path")
+            raise UsageError(
+                f"PROVIDER={self.path}: no such GeoTIFF file", remedy="check the PROVIDER path"
+            )
         try:
             import rasterio
             from rasterio.warp import transform_bounds
@@ -126,7 +128,9 @@ class GeoTiffProvider:
                 dtypes, colorinterp, nodata = set(src.dtypes), src.colorinterp, src.nodata
                 width, height, blocks = src.width, src.height, src.block_shapes
         except rasterio.errors.RasterioError as exc:
-            raise UsageError(f"PROVIDER={self.path} is not a raster GDAL can read ({exc})") from None
+            raise UsageError(
+                f"PROVIDER={self.path} is not a raster GDAL can read ({exc})"
+            ) from None
         block = max((bh * bw for bh, bw in blocks), default=0) * count
         if block > MAX_BLOCK_BYTES:
             raise UsageError(
@@ -233,7 +237,9 @@ class GeoTiffProvider:
 
         colour = pixels[:-1]
         colour[:, pixels[-1] == 0] = 0  # uncovered: black, whatever the warper left
-        img = Image.fromarray(colour[0] if colour.shape[0] == 1 else colour.transpose(1, 2, 0).copy())
+        img = Image.fromarray(
+            colour[0] if colour.shape[0] == 1 else colour.transpose(1, 2, 0).copy()
+        )
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=self.quality)
         return buf.getvalue()

@@ -13,15 +13,20 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cachebuild._util.hashing import sha256_file
 from cachebuild._util.cpus import usable_cpus
+from cachebuild._util.hashing import sha256_file
 from cachebuild.errors import DownloadError, UsageError
+from cachebuild.providers.base import (
+    DEFAULT_TILE_SIZE,
+    MAX_TILE_BYTES,
+    TileFetchError,
+    check_image,
+    fill_template,
+    template_placeholders,
+)
+from cachebuild.providers.mbtilesfile import connect_readonly, read_tile
+from cachebuild.providers.synthetic import SYNTHETIC_VERSION, synthetic_tile_bytes
 from cachebuild.tilemath import Tile
-from cachebuild.providers.base import DEFAULT_TILE_SIZE, MAX_TILE_BYTES, TileFetchError, check_image, fill_template, template_placeholders
-from cachebuild.providers.mbtilesfile import connect_readonly
-from cachebuild.providers.synthetic import SYNTHETIC_VERSION
-from cachebuild.providers.synthetic import synthetic_tile_bytes
-from cachebuild.providers.mbtilesfile import read_tile
 
 if TYPE_CHECKING:
     import sqlite3
@@ -122,7 +127,6 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     """
     import sqlite3
 
-
     conn = connect_readonly(path, check_same_thread=False)
     conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
     for pragma in ("trusted_schema = OFF", "query_only = ON", "temp_store = FILE"):
@@ -146,7 +150,9 @@ class MBTilesProvider:
 
         self.path = Path(path).expanduser().absolute()
         if not self.path.is_file():
-            raise UsageError(f"PROVIDER={self.path}: no such MBTiles file", remedy="check the PROVIDER path")
+            raise UsageError(
+                f"PROVIDER={self.path}: no such MBTiles file", remedy="check the PROVIDER path"
+            )
         if mbtiles_stamp(self.path) is not None:
             # the file is read immutable, as hashed: a change still in the WAL would be neither
             raise UsageError(
@@ -185,14 +191,15 @@ class MBTilesProvider:
     def fetch(self, tile: Tile) -> bytes | None:
         import sqlite3
 
-
         name = f"tile {tile.z}/{tile.x}/{tile.y}"
         conn, budget = self._conn()
         budget.reset()
         try:
             data = read_tile(conn, tile)
         except sqlite3.DataError as exc:  # "string or blob too big": SQLite refused to make it
-            raise TileFetchError(f"{name} in {self.path}: over {MAX_TILE_BYTES} bytes ({exc})", tile=tile) from None
+            raise TileFetchError(
+                f"{name} in {self.path}: over {MAX_TILE_BYTES} bytes ({exc})", tile=tile
+            ) from None
         except sqlite3.Error as exc:
             if budget.tripped:  # every tile would take as long: stop the fetch
                 raise DownloadError(
@@ -204,7 +211,11 @@ class MBTilesProvider:
             raise TileFetchError(f"{name}: {self.path}: {exc}", tile=tile) from exc
         if data is None:
             return None
-        why = "over the size limit" if len(data) > MAX_TILE_BYTES else check_image(data, DEFAULT_TILE_SIZE)
+        why = (
+            "over the size limit"
+            if len(data) > MAX_TILE_BYTES
+            else check_image(data, DEFAULT_TILE_SIZE)
+        )
         if why is not None:
             raise TileFetchError(f"{name} in {self.path}: {why}", tile=tile)
         return data
@@ -310,7 +321,9 @@ class DirectoryProvider:
 
     def __init__(self, template: str | os.PathLike[str]):
         if "\0" in os.fspath(template):
-            raise UsageError("PROVIDER directory template has a NUL byte", remedy="check the PROVIDER path")
+            raise UsageError(
+                "PROVIDER directory template has a NUL byte", remedy="check the PROVIDER path"
+            )
         text = os.path.expanduser(os.fspath(template))
         if "{" in text:
             template_placeholders(text, DIRECTORY_PLACEHOLDERS, what="PROVIDER directory template")
@@ -336,7 +349,8 @@ class DirectoryProvider:
         if not _inside(self.root, base):
             # a template like {q}.. makes ".." of the empty quadkey at zoom 0: a tile never leaves the tree
             raise TileFetchError(
-                f"tile {tile.z}/{tile.x}/{tile.y}: {base} is outside the tile directory {self.root}", tile=tile
+                f"tile {tile.z}/{tile.x}/{tile.y}: {base} is outside the tile directory {self.root}",
+                tile=tile,
             )
         for ext in self.extensions:
             path = base + ext
@@ -350,7 +364,11 @@ class DirectoryProvider:
                 ) from None
             if not data:
                 return None  # tile tools write empty files for "nothing here"
-            why = f"over {MAX_TILE_BYTES} bytes" if len(data) > MAX_TILE_BYTES else check_image(data, DEFAULT_TILE_SIZE)
+            why = (
+                f"over {MAX_TILE_BYTES} bytes"
+                if len(data) > MAX_TILE_BYTES
+                else check_image(data, DEFAULT_TILE_SIZE)
+            )
             if why is not None:
                 raise TileFetchError(f"tile {tile.z}/{tile.x}/{tile.y}: {path}: {why}", tile=tile)
             return data

@@ -16,7 +16,9 @@ from cachebuild.tilemath import Tile
 __all__ = ["connect_readonly", "read_mbtiles_tile", "read_tile"]
 
 
-def connect_readonly(path: str | os.PathLike[str], *, check_same_thread: bool = True) -> sqlite3.Connection:
+def connect_readonly(
+    path: str | os.PathLike[str], *, check_same_thread: bool = True
+) -> sqlite3.Connection:
     """Open an MBTiles file read-only and immutable: no journal beside it is ever replayed (:mod:`.sqliteuri`)."""
     return connect_immutable(path, check_same_thread=check_same_thread)
 

@@ -44,7 +44,6 @@ UNIFORM_MAX_STDDEV = 1.0
 UNIFORM_CHECK = f"uniform-sd{UNIFORM_MAX_STDDEV:g}-v1"
 
 
-
 def is_uniform(data: bytes, max_stddev: float = UNIFORM_MAX_STDDEV) -> bool:
     """True when the image in ``data`` is one flat colour or fully transparent.
 

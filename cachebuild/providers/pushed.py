@@ -19,9 +19,8 @@ from pathlib import Path
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tilemath import Tile
+from cachebuild.tilemath import Tile, tile_id
 from cachebuild.tileset import hex_digests, read_missing, read_summary, read_tiles
-from cachebuild.tilemath import tile_id
 
 __all__ = ["PREFIX", "PUSH_FILE", "PushedProvider", "open_pushed", "pushed_dir"]
 

@@ -107,7 +107,9 @@ def _weights(cell: int, size: int, phase: int) -> Any:
 
 
 @functools.lru_cache(maxsize=64)
-def _weights_all(size: int, phases: tuple[int, ...]) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[int, ...]]:
+def _weights_all(
+    size: int, phases: tuple[int, ...]
+) -> tuple[tuple[Any, ...], tuple[Any, ...], tuple[int, ...]]:
     """Every octave's weights side by side, for each field's octaves.
 
     Returns ``(W, W.T, block widths)``: per field the ``size x n`` matrix of
@@ -134,7 +136,9 @@ def _weights_all(size: int, phases: tuple[int, ...]) -> tuple[tuple[Any, ...], t
 
 
 @functools.lru_cache(maxsize=64)
-def _lattice_layout(widths_x: tuple[int, ...], widths_y: tuple[int, ...]) -> tuple[Any, Any, Any, tuple[Any, ...]]:
+def _lattice_layout(
+    widths_x: tuple[int, ...], widths_y: tuple[int, ...]
+) -> tuple[Any, Any, Any, tuple[Any, ...]]:
     """Every lattice point under a tile, all octaves in one flat list.
 
     Returns ``(octave, col, row, per_field)``: for each point its octave and
@@ -245,7 +249,9 @@ def _fields(t: Tile, size: int) -> Any:
     for f, (count, ny, nx, dest) in enumerate(per_field):
         lattice = np.zeros(ny * nx, dtype=np.float32)
         lattice[dest] = values[f, :count]
-        left = _matmul_by_rows(wy[f], lattice.reshape(ny, nx), _scratch("left", (size, nx), "float32"))
+        left = _matmul_by_rows(
+            wy[f], lattice.reshape(ny, nx), _scratch("left", (size, nx), "float32")
+        )
         _matmul_by_rows(left, wx_t[f], out[f])
     return out
 
@@ -362,7 +368,9 @@ def _render_planes(t: Tile, size: int) -> Any:
     return out
 
 
-def synthetic_tile_bytes(t: Tile, quality: int = DEFAULT_QUALITY, size: int = DEFAULT_TILE_SIZE) -> bytes:
+def synthetic_tile_bytes(
+    t: Tile, quality: int = DEFAULT_QUALITY, size: int = DEFAULT_TILE_SIZE
+) -> bytes:
     """The synthetic tile ``t`` encoded as JPEG.
 
     The same bytes on every call with the same numpy and Pillow.

@@ -27,12 +27,25 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from cachebuild._util import httpsafe
-from cachebuild.errors import DownloadError
 from cachebuild._util.retry import FailFast, failure_kind, retry_after_s
-from cachebuild.tilemath import Tile
+from cachebuild.errors import DownloadError
 from cachebuild.providers.base import USER_AGENT, TileFetchError, check_image, fill_template
-from cachebuild.providers.xyzconfig import API_KEY_ENV, DEFAULT_BACKOFF_MAX_S, DEFAULT_BACKOFF_S, DEFAULT_DEADLINE_S, DEFAULT_HTTP_CONCURRENCY, DEFAULT_RETRIES, DEFAULT_RETRY_AFTER_MAX_S, DEFAULT_SUBDOMAINS, DEFAULT_TIMEOUT_S, HEADERS_ENV, MAX_RATE_LIMIT, MAX_TILE_BYTES, PUBLIC_HEADERS, HttpConfig, check_template, header_secrets, key_forms, parse_headers, parse_rate_limit, parse_subdomains, quote_key, refuse_userinfo
 from cachebuild.providers.ratelimit import TokenBucket
+from cachebuild.providers.xyzconfig import (
+    API_KEY_ENV,
+    DEFAULT_BACKOFF_MAX_S,
+    DEFAULT_HTTP_CONCURRENCY,
+    DEFAULT_SUBDOMAINS,
+    HEADERS_ENV,
+    MAX_TILE_BYTES,
+    PUBLIC_HEADERS,
+    HttpConfig,
+    check_template,
+    header_secrets,
+    key_forms,
+    quote_key,
+)
+from cachebuild.tilemath import Tile
 
 if TYPE_CHECKING:
     import httpx
@@ -46,7 +59,13 @@ _key_forms = key_forms  # the name cachebuild.providers imports
 # A logger's filters see only the records made on that logger, not its
 # children's: name each.  httpx logs every request URL at INFO; httpcore
 # logs no URL today, but its trace messages include request details.
-_LOGGERS_WITH_URLS = ("httpx", "httpcore.connection", "httpcore.http11", "httpcore.http2", "httpcore.proxy")
+_LOGGERS_WITH_URLS = (
+    "httpx",
+    "httpcore.connection",
+    "httpcore.http11",
+    "httpcore.http2",
+    "httpcore.proxy",
+)
 
 
 class _Limiter(Protocol):
@@ -130,30 +149,39 @@ class XyzProvider:
 
         headers = dict(headers or {})
         self.config = config or HttpConfig()
-        placeholders = check_template(template, api_key=api_key, headers=headers, config=self.config)
+        placeholders = check_template(
+            template, api_key=api_key, headers=headers, config=self.config
+        )
         self.template = template
         self.identity = f"xyz:{template}"
         self.concurrency = DEFAULT_HTTP_CONCURRENCY
-        self.subdomains = (self.config.subdomains or DEFAULT_SUBDOMAINS) if "s" in placeholders else ()
+        self.subdomains = (
+            (self.config.subdomains or DEFAULT_SUBDOMAINS) if "s" in placeholders else ()
+        )
         self.retries = 0
         self._count_lock = threading.Lock()
         self._key = api_key or ""
         self._key_in_url = quote_key(self._key)
-        self._secrets = tuple(sorted({*key_forms(api_key), *header_secrets(headers)}, key=len, reverse=True))
+        self._secrets = tuple(
+            sorted({*key_forms(api_key), *header_secrets(headers)}, key=len, reverse=True)
+        )
         self._has_headers = bool(headers)
         self._headers = {"User-Agent": USER_AGENT, **headers}
         if not any(k.lower() == "accept-encoding" for k in headers):
-            self._headers["Accept-Encoding"] = httpsafe.ACCEPT_ENCODING  # what read_body decodes, bounded
+            self._headers["Accept-Encoding"] = (
+                httpsafe.ACCEPT_ENCODING
+            )  # what read_body decodes, bounded
         self._guard = httpsafe.HttpGuard()
         self._failfast = FailFast()
         self._fatal: DownloadError | None = None
         self.limiter = limiter
         if limiter is None and self.config.rate_limit:
-
             self.limiter = TokenBucket(self.config.rate_limit, sleep=self._guard.sleep)
         self._own_client = client is None
         self._client = client or httpx.Client(
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=DEFAULT_HTTP_CONCURRENCY),
+            limits=httpx.Limits(
+                max_connections=256, max_keepalive_connections=DEFAULT_HTTP_CONCURRENCY
+            ),
             follow_redirects=False,  # httpsafe.get follows them, credentials kept at home
         )
         if self._own_client:
@@ -190,7 +218,9 @@ class XyzProvider:
 
     def _refused(self, status: int, tile: Tile) -> DownloadError:
         if self._has_headers and self._key:
-            remedy = f"check {API_KEY_ENV} and the credentials in {HEADERS_ENV}: the server refused them"
+            remedy = (
+                f"check {API_KEY_ENV} and the credentials in {HEADERS_ENV}: the server refused them"
+            )
         elif self._has_headers:
             remedy = f"check the credentials in {HEADERS_ENV}: the server refused them"
         elif self._key:
@@ -237,9 +267,13 @@ class XyzProvider:
                     problem = f"no whole answer within HTTP_DEADLINE={self.config.deadline_s:g} s"
                 else:
                     problem = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
-            except (httpsafe.BodyTooLarge, httpsafe.BadEncoding) as exc:  # hostile or broken: not retried
+            except (
+                httpsafe.BodyTooLarge,
+                httpsafe.BadEncoding,
+            ) as exc:  # hostile or broken: not retried
                 raise TileFetchError(
-                    f"tile {name}: refused {self._redact(str(exc))} from {self.shown_url(tile)}", tile=tile
+                    f"tile {name}: refused {self._redact(str(exc))} from {self.shown_url(tile)}",
+                    tile=tile,
                 ) from None
             else:
                 self._failfast.answered()
@@ -257,19 +291,26 @@ class XyzProvider:
                     problem = f"HTTP {status}"
                     delay = retry_after_s(retry_after, self.config.retry_after_max_s)
                 else:
-                    raise TileFetchError(f"tile {name}: HTTP {status} from {self.shown_url(tile)}", tile=tile)
+                    raise TileFetchError(
+                        f"tile {name}: HTTP {status} from {self.shown_url(tile)}", tile=tile
+                    )
             if attempt + 1 < attempts:
                 with self._count_lock:
                     self.retries += 1
                 self._guard.sleep(self._backoff_s(attempt) if delay is None else delay)
         raise TileFetchError(
-            f"tile {name}: {problem} after {attempts} attempt(s) from {self.shown_url(tile)}", tile=tile
+            f"tile {name}: {problem} after {attempts} attempt(s) from {self.shown_url(tile)}",
+            tile=tile,
         )
 
     def _get(self, url: str) -> tuple[int, str, str | None, bytes | None]:
         """One GET (redirects followed): status, content type, Retry-After, and the body of a 2xx."""
         response = httpsafe.get(
-            self._client, url, headers=self._headers, public=PUBLIC_HEADERS, timeout=self.config.timeout_s
+            self._client,
+            url,
+            headers=self._headers,
+            public=PUBLIC_HEADERS,
+            timeout=self.config.timeout_s,
         )
         try:
             status = response.status_code

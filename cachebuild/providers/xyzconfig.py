@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cachebuild.errors import UsageError
-from cachebuild.tilemath import Tile
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, fill_template, template_placeholders
+from cachebuild.tilemath import Tile
 
 __all__ = [
     "API_KEY_ENV",
@@ -71,7 +71,15 @@ _SUBDOMAIN_RE = re.compile(r"[A-Za-z0-9._-]+")
 # Header values that are not secrets; every other header's value is treated
 # as one (an Authorization, a Cookie, an X-Api-Key, anything unknown).
 PUBLIC_HEADERS = frozenset(
-    {"accept", "accept-language", "accept-encoding", "cache-control", "origin", "referer", "user-agent"}
+    {
+        "accept",
+        "accept-language",
+        "accept-encoding",
+        "cache-control",
+        "origin",
+        "referer",
+        "user-agent",
+    }
 )
 _FORBIDDEN_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 
@@ -83,7 +91,9 @@ def _env_number(env: Mapping[str, str], name: str, default: float, lo: float, hi
     try:
         value = float(raw)
     except ValueError:
-        raise UsageError(f"{name}={raw!r} is not a number", remedy=f"set {name} to a number") from None
+        raise UsageError(
+            f"{name}={raw!r} is not a number", remedy=f"set {name} to a number"
+        ) from None
     if not (math.isfinite(value) and lo <= value <= hi):
         raise UsageError(
             f"{name}={raw} is outside {lo:g}..{hi:g}", remedy=f"set {name} within {lo:g}..{hi:g}"
@@ -140,7 +150,8 @@ def parse_headers(raw: str | None) -> dict[str, str]:
         except ValueError as exc:
             # the position, not the message: json's message quotes the text
             raise UsageError(
-                f"{HEADERS_ENV} is not valid JSON (at character {getattr(exc, 'pos', '?')})", remedy=remedy
+                f"{HEADERS_ENV} is not valid JSON (at character {getattr(exc, 'pos', '?')})",
+                remedy=remedy,
             ) from None
         if not isinstance(obj, dict):
             raise UsageError(f"{HEADERS_ENV} must be a JSON object", remedy=remedy)
@@ -152,16 +163,22 @@ def parse_headers(raw: str | None) -> dict[str, str]:
                 continue
             name, sep, value = line.partition(":")
             if not sep:
-                raise UsageError(f"{HEADERS_ENV} line {n} has no ':' between name and value", remedy=remedy)
+                raise UsageError(
+                    f"{HEADERS_ENV} line {n} has no ':' between name and value", remedy=remedy
+                )
             items.append((name.strip(), value.strip()))
     headers: dict[str, str] = {}
     for name, value in items:
         if not isinstance(name, str) or not _HEADER_NAME_RE.fullmatch(name):
-            raise UsageError(f"{HEADERS_ENV}: {str(name)[:40]!r} is not a header name", remedy=remedy)
+            raise UsageError(
+                f"{HEADERS_ENV}: {str(name)[:40]!r} is not a header name", remedy=remedy
+            )
         if name.lower() in _FORBIDDEN_HEADERS:
             raise UsageError(f"{HEADERS_ENV}: cachebuild sets {name} itself", remedy=remedy)
         if not isinstance(value, str) or any(c in value for c in "\r\n\0"):
-            raise UsageError(f"{HEADERS_ENV}: the value of {name} must be one line of text", remedy=remedy)
+            raise UsageError(
+                f"{HEADERS_ENV}: the value of {name} must be one line of text", remedy=remedy
+            )
         if any(k.lower() == name.lower() for k in headers):
             raise UsageError(f"{HEADERS_ENV} names {name} twice", remedy=remedy)
         headers[name] = value
@@ -292,7 +309,9 @@ def check_template(
     secrets = tuple(sorted({*forms, *header_secrets(headers)}, key=len, reverse=True))
     if any(len(s) >= _MIN_LITERAL_SECRET_LEN and s in template for s in secrets):
         # checked first: every later message shows the template
-        literal = "the value of " + (API_KEY_ENV if any(k in template for k in forms) else HEADERS_ENV)
+        literal = "the value of " + (
+            API_KEY_ENV if any(k in template for k in forms) else HEADERS_ENV
+        )
         raise UsageError(
             f"PROVIDER holds {literal} literally",
             remedy="write {key} where the key goes; cachebuild fills it in from the environment",
@@ -310,7 +329,9 @@ def check_template(
         )
     s = (config.subdomains or DEFAULT_SUBDOMAINS)[0] if "s" in placeholders else ""
     try:
-        host = httpx.URL(fill_template(template, Tile(0, 0, 0), key="{key}", s=s)).host  # decodes xn--
+        host = httpx.URL(
+            fill_template(template, Tile(0, 0, 0), key="{key}", s=s)
+        ).host  # decodes xn--
     except (httpx.InvalidURL, ValueError) as exc:  # ValueError: a host IDNA refuses (UnicodeError)
         text = str(exc)
         for secret in secrets:

@@ -20,11 +20,11 @@ import os
 import sys
 from pathlib import Path
 
-from cachebuild.inputs.config import DEV_KEY_NAME, Settings, cachebuild_data_home
+from cachebuild._util.warn import warning_line
 from cachebuild.errors import UsageError
+from cachebuild.inputs.config import DEV_KEY_NAME, Settings, cachebuild_data_home
 from cachebuild.release.publish import published_manifest_bytes
 from cachebuild.release.signing import write_exclusive
-from cachebuild._util.warn import warning_line
 
 __all__ = ["dev_key_home", "published_signer", "refuse_resign"]
 
@@ -95,7 +95,9 @@ def refuse_resign(settings: Settings, path: Path, dev_keyid: str | None) -> None
     signer = published_signer(settings)
     if signer is None or signer == dev_keyid:
         return
-    on_companion = settings.provider.startswith("pushed:")  # the companion's build: its key is COMPANION_KEY
+    on_companion = settings.provider.startswith(
+        "pushed:"
+    )  # the companion's build: its key is COMPANION_KEY
     if on_companion:
         key_var = "COMPANION_KEY=<path of that key on the companion>"
     else:

@@ -54,20 +54,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cachebuild.store.descriptors import SHARD_ROWS, DescriptorStore, engine_store_dirs
-from cachebuild.store.lock import registered_caches
-from cachebuild.store.actioncache import OUTPUTS, file_sha256
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild._util.hashing import is_sha256_hex
-from cachebuild.store.thumbs import THUMBS_DIR, ThumbStore
-from cachebuild.store.objects import TileStore
-from cachebuild.store.actioncache import ACTIONS_DIR
-from cachebuild.inputs.config import load_settings
-from cachebuild.errors import CacheBuildError
-from cachebuild.release.lock import CacheLock
 from cachebuild._util.report import Report, redact
-from cachebuild.store.lock import StoreLock
 from cachebuild._util.report import human_size as hs
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild.errors import CacheBuildError
+from cachebuild.inputs.config import load_settings
+from cachebuild.release.lock import CacheLock
+from cachebuild.store.actioncache import ACTIONS_DIR, OUTPUTS, file_sha256
+from cachebuild.store.descriptors import SHARD_ROWS, DescriptorStore, engine_store_dirs
+from cachebuild.store.lock import StoreLock, registered_caches
+from cachebuild.store.objects import TileStore
+from cachebuild.store.thumbs import THUMBS_DIR, ThumbStore
 
 __all__ = [
     "known_caches",
@@ -79,7 +77,9 @@ __all__ = [
 ]
 
 
-def known_caches(store_root: Path, cache_dir: Path | None = None, home: Path | None = None) -> list[Path]:
+def known_caches(
+    store_root: Path, cache_dir: Path | None = None, home: Path | None = None
+) -> list[Path]:
     """Every cache directory that may use the store (see the module notes)."""
 
     found = set(registered_caches(store_root, prune=True))
@@ -133,7 +133,9 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
                     found.add(listed[name])
                     continue
                 try:
-                    found.add(hashes.sha256(d / name)[0] if hashes is not None else file_sha256(d / name))
+                    found.add(
+                        hashes.sha256(d / name)[0] if hashes is not None else file_sha256(d / name)
+                    )
                 except OSError:
                     continue
     return found
@@ -153,7 +155,9 @@ def _manifest_hashes(path: Path) -> dict[str, str]:
         return {}
 
 
-def _scan_actions(root: Path) -> tuple[dict[Path, list[str] | None], dict[str, tuple[int, float, Path]]]:
+def _scan_actions(
+    root: Path,
+) -> tuple[dict[Path, list[str] | None], dict[str, tuple[int, float, Path]]]:
     """``({record path: its object digests, or None when damaged}, {digest: (size, mtime, path)})``."""
     records: dict[Path, list[str] | None] = {}
     objects: dict[str, tuple[int, float, Path]] = {}
@@ -336,8 +340,17 @@ def _compact(ds: DescriptorStore, keep: Any) -> tuple[int, int]:
         db.execute("DELETE FROM shards")
         ids = []
         for name, count in new:
-            ids.append(int(db.execute("INSERT INTO shards (name, rows) VALUES (?, ?)", (name, count)).lastrowid or 0))
-        db.executemany("INSERT INTO descriptors VALUES (?, ?, ?)", ((d, ids[s], r) for d, s, r in records))
+            ids.append(
+                int(
+                    db.execute(
+                        "INSERT INTO shards (name, rows) VALUES (?, ?)", (name, count)
+                    ).lastrowid
+                    or 0
+                )
+            )
+        db.executemany(
+            "INSERT INTO descriptors VALUES (?, ?, ?)", ((d, ids[s], r) for d, s, r in records)
+        )
         db.execute("COMMIT")
     except BaseException:
         if fh is not None:
@@ -412,7 +425,6 @@ def collect_garbage(
         ``engines``, ``action_outputs``}.
     """
     import numpy as np
-
 
     root = Path(store_root)
     caches = list(caches)
@@ -534,7 +546,11 @@ def collect_garbage(
 def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:
     """``doit gc-store [MAX_STORE_BYTES=20G]``: collect under the locks, report, exit code."""
 
-    raw = vars.get("REPORT") or (env if env is not None else os.environ).get("CACHEBUILD_REPORT") or "text"
+    raw = (
+        vars.get("REPORT")
+        or (env if env is not None else os.environ).get("CACHEBUILD_REPORT")
+        or "text"
+    )
     fmt = "json" if raw.lower() == "json" else "text"
     report = Report("gc-store")
 
@@ -560,7 +576,9 @@ def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) 
         if fmt == "text":
             r = result["removed"]
 
-            bound = "no bound" if result["max_bytes"] is None else f"bound {hs(result['max_bytes'])}"
+            bound = (
+                "no bound" if result["max_bytes"] is None else f"bound {hs(result['max_bytes'])}"
+            )
             sys.stderr.write(
                 f"gc-store {result['store']} ({bound}, {len(result['caches'])} cache(s) kept): "
                 f"{hs(result['bytes_before'])} -> {hs(result['bytes_after'])}; removed {r['tiles']} tile "

@@ -30,20 +30,33 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.cpus import usable_cpus
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import canonical_json, is_sha256_hex, sha256_file
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, doit_file_checker
 from cachebuild.errors import BuildError, UsageError
 from cachebuild.release.produced import check_signable
 from cachebuild.release.signing import keyid, sign_envelope, write_public_key
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, doit_file_checker
-from cachebuild.release.verify import _RESERVED, MANIFEST_NAME, MANIFEST_TYPE, SIGNER_PUB_NAME, SPEC_VERSION, TIME_FORMAT, VERIFY_REASONS, _escapes, _format_time, _relpath_problem, canonical_value, read_manifest, verify_cache
-from cachebuild._util.fs import atomic_write
-from cachebuild._util.cpus import usable_cpus
+from cachebuild.release.verify import (
+    _RESERVED,
+    MANIFEST_NAME,
+    MANIFEST_TYPE,
+    SIGNER_PUB_NAME,
+    SPEC_VERSION,
+    TIME_FORMAT,
+    VERIFY_REASONS,
+    _escapes,
+    _format_time,
+    _relpath_problem,
+    canonical_value,
+    read_manifest,
+    verify_cache,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -136,7 +149,9 @@ def build_identity(
     if not zooms or any(isinstance(z, bool) or not isinstance(z, int) or z < 0 for z in zooms):
         raise UsageError(f"zooms must be a non-empty list of non-negative integers, got {zooms!r}")
     if takeoff_origin is not None and not isinstance(takeoff_origin, dict):
-        raise UsageError(f"takeoff_origin must be a dict or None, got {type(takeoff_origin).__name__}")
+        raise UsageError(
+            f"takeoff_origin must be a dict or None, got {type(takeoff_origin).__name__}"
+        )
     if flight_id is not None and not isinstance(flight_id, str):
         raise UsageError(f"flight_id must be a string or None, got {type(flight_id).__name__}")
     _check_sha256("calibration_sha256", calibration_sha256, optional=True)
@@ -157,8 +172,6 @@ def build_identity(
     except (ValueError, TypeError) as exc:
         raise UsageError(f"takeoff_origin is not JSON-representable: {exc}") from exc
     return hashlib.sha256(payload).hexdigest(), identity
-
-
 
 
 # -- writing -----------------------------------------------------------------
@@ -270,7 +283,9 @@ def write_manifest(
         checked.append(rel)
     targets = {
         rel: {"length": size, "hashes": {"sha256": digest}}
-        for rel, (digest, size) in zip(checked, _hash_all([cache_dir / rel for rel in checked], hash_cache))
+        for rel, (digest, size) in zip(
+            checked, _hash_all([cache_dir / rel for rel in checked], hash_cache)
+        )
     }
 
     if check_produced:
@@ -306,10 +321,11 @@ def write_manifest(
     return envelope
 
 
-def _hash_all(paths: list[Path], cache_file: str | os.PathLike[str] | None) -> list[tuple[str, int]]:
+def _hash_all(
+    paths: list[Path], cache_file: str | os.PathLike[str] | None
+) -> list[tuple[str, int]]:
     """``(sha256, size)`` of each file, in order; remembered ones from ``cache_file``, others in threads."""
     from concurrent.futures import ThreadPoolExecutor
-
 
     cache = HashCache(cache_file) if cache_file is not None else None
     hash_one = cache.sha256 if cache is not None else sha256_file
@@ -324,7 +340,7 @@ def _hash_all(paths: list[Path], cache_file: str | os.PathLike[str] | None) -> l
     if cache is not None:
         cache.settle()  # files written moments ago: hashed once more now, not by the next run
         cache.save()
-        log.info("hashed %d artifacts, %d remembered from %s", cache.misses, cache.hits, cache.path.name)
+        log.info(
+            "hashed %d artifacts, %d remembered from %s", cache.misses, cache.hits, cache.path.name
+        )
     return [done[i] for i in range(len(paths))]
-
-

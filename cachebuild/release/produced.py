@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from cachebuild._util.hashing import is_sha256_hex
-from cachebuild.errors import BuildError
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild.errors import BuildError
 
 __all__ = ["PRODUCED_NAME", "record", "intact", "check_signable", "forget"]
 

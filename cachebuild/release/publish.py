@@ -29,9 +29,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cachebuild.inputs.config import Paths
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
 from cachebuild._util.fs import fsync_dir
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
+from cachebuild.inputs.config import Paths
 
 __all__ = [
     "publish",
@@ -79,8 +79,6 @@ def published_manifest_bytes(paths: Paths) -> bytes | None:
         return (release / "manifest.json").read_bytes()
     except OSError:
         return None
-
-
 
 
 def make_tree_read_only(root: Path) -> None:

@@ -37,9 +37,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fs import atomic_write, fsync_dir
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import VerifyError
-from cachebuild._util.fs import atomic_write, fsync_dir
 
 __all__ = [
     "ACCEPTED_NAME",
@@ -125,7 +125,12 @@ def signed_digest(signed: dict[str, Any]) -> str:
 
 
 def check_not_rolled_back(
-    cache_dir: Path, keyid: str, signed: dict[str, Any], *, remedy: str | None = None, tolerant: bool = False
+    cache_dir: Path,
+    keyid: str,
+    signed: dict[str, Any],
+    *,
+    remedy: str | None = None,
+    tolerant: bool = False,
 ) -> int | None:
     """Refuse ``signed`` (already signature-checked) if it is older than what was accepted.
 
@@ -177,7 +182,6 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
     """
     import filelock
 
-
     version = int(signed["version"])
     path = accepted_path(cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +202,9 @@ def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool
             "build_id": signed.get("build_id"),
             "accepted_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         }
-        data = (json.dumps({"format": FORMAT, "keys": keys}, indent=1, sort_keys=True) + "\n").encode()
+        data = (
+            json.dumps({"format": FORMAT, "keys": keys}, indent=1, sort_keys=True) + "\n"
+        ).encode()
         atomic_write(path, data, durable=True)
         fsync_dir(path.parent)
     return True

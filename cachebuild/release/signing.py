@@ -27,9 +27,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
-from cachebuild._util.fs import atomic_write
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -90,7 +90,9 @@ def _read_key_file(path: Path, what: str, remedy: str) -> bytes:
     except IsADirectoryError as exc:
         raise UsageError(f"{what} {path} is a directory, not a key file", remedy=remedy) from exc
     except PermissionError as exc:
-        raise UsageError(f"{what} {path} cannot be read (permission denied)", remedy=remedy) from exc
+        raise UsageError(
+            f"{what} {path} cannot be read (permission denied)", remedy=remedy
+        ) from exc
     except OSError as exc:
         raise UsageError(f"{what} {path} cannot be read ({exc.strerror})", remedy=remedy) from exc
 
@@ -177,7 +179,9 @@ def _load_private_bytes(data: bytes, path: Path) -> Any:
         loader = serialization.load_pem_private_key
         fmt = "PEM"
     elif stripped.startswith((b"ssh-", b"ecdsa-", b"sk-", _PEM_PUBLIC)):
-        raise UsageError(f"signing key {path} is a public key, not a private key", remedy=_KEY_REMEDY)
+        raise UsageError(
+            f"signing key {path} is a public key, not a private key", remedy=_KEY_REMEDY
+        )
     else:
         raise UsageError(
             f"signing key {path} is not a PEM or OpenSSH private key", remedy=_KEY_REMEDY
@@ -211,7 +215,9 @@ def _load_private_bytes(data: bytes, path: Path) -> Any:
         ) from exc
     except ValueError as exc:
         if password is not None:
-            problem = f"cannot be decrypted: wrong passphrase in {_passphrase_env()}, or a damaged file"
+            problem = (
+                f"cannot be decrypted: wrong passphrase in {_passphrase_env()}, or a damaged file"
+            )
         else:
             problem = f"is not a valid {fmt} private key (damaged or unsupported)"
         raise UsageError(f"signing key {path} {problem}", remedy=_KEY_REMEDY) from exc
@@ -518,7 +524,9 @@ def _is_hex(value: object, length: int) -> bool:
     )
 
 
-def verify_envelope(envelope: dict[str, Any], trusted: Sequence[Ed25519PublicKey]) -> dict[str, Any]:
+def verify_envelope(
+    envelope: dict[str, Any], trusted: Sequence[Ed25519PublicKey]
+) -> dict[str, Any]:
     """Return ``envelope["signed"]`` if a trusted key signed it.
 
     Parameters

@@ -74,7 +74,6 @@ def _format_time(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).strftime(TIME_FORMAT)
 
 
-
 # -- what was signed ----------------------------------------------------------
 
 
@@ -177,7 +176,9 @@ def _parse_time(value: object, field: str) -> datetime:
             raise ValueError
         return datetime.strptime(value, TIME_FORMAT).replace(tzinfo=timezone.utc)
     except ValueError:
-        raise VerifyError(f"manifest field {field!r} is not a UTC time like 2030-01-01T00:00:00Z") from None
+        raise VerifyError(
+            f"manifest field {field!r} is not a UTC time like 2030-01-01T00:00:00Z"
+        ) from None
 
 
 def _check_target(cache_dir: Path, root_real: str, rel: str, meta: object) -> None:
@@ -210,7 +211,9 @@ def _check_target(cache_dir: Path, root_real: str, rel: str, meta: object) -> No
         )
     got_hash, got_len = sha256_file(path)
     if got_len != want_len:
-        raise VerifyError(f"{rel}: length mismatch (manifest {want_len} bytes, file {got_len} bytes)")
+        raise VerifyError(
+            f"{rel}: length mismatch (manifest {want_len} bytes, file {got_len} bytes)"
+        )
     if got_hash != want_hash:
         raise VerifyError(
             f"{rel}: sha256 mismatch (manifest {want_hash[:12]}…, file {got_hash[:12]}…)"
@@ -283,7 +286,9 @@ def verify_cache(
         )
 
     if signed.get("_type") != MANIFEST_TYPE:
-        raise _refuse("malformed", f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})")
+        raise _refuse(
+            "malformed", f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})"
+        )
     spec = signed.get("spec_version")
     if spec != SPEC_VERSION or isinstance(spec, bool):
         raise _refuse(
@@ -347,7 +352,9 @@ def _check_release_holds_only(cache_dir: Path, targets: dict[str, Any], name: st
     try:
         extra = _unlisted(cache_dir, targets, name)
     except OSError as exc:
-        raise _refuse("artifact", f"cannot list {cache_dir} ({exc.strerror or type(exc).__name__})") from None
+        raise _refuse(
+            "artifact", f"cannot list {cache_dir} ({exc.strerror or type(exc).__name__})"
+        ) from None
     if extra is not None:
         raise _refuse(
             "unlisted",

@@ -61,11 +61,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.hashing import is_sha256_hex
-from cachebuild.errors import CacheBuildWarning
-from cachebuild._util.hashing import sha256_file
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild._util.fs import atomic_write
+from cachebuild._util.hashing import is_sha256_hex, sha256_file
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild.errors import CacheBuildWarning
 from cachebuild.store.s3 import StoreUnavailable
 
 __all__ = [
@@ -166,7 +165,6 @@ class Action:
         """The inputs' SHA-256, through the build's hash cache: the manifest and
         doit's file checker then find them remembered instead of reading the files again."""
         if not self._digests:
-
             cache = HashCache(self.build / HASH_CACHE_NAME)
             self._digests.update({n: cache.sha256(p)[0] for n, p in sorted(self.inputs.items())})
             cache.save()
@@ -351,7 +349,9 @@ class ActionCache:
             got[name] = data
         return got
 
-    def _bucket_lookup(self, key: str, names: tuple[str, ...], action: str) -> dict[str, bytes] | None:
+    def _bucket_lookup(
+        self, key: str, names: tuple[str, ...], action: str
+    ) -> dict[str, bytes] | None:
 
         try:
             raw = self.remote.get(self._remote_record(key))
@@ -359,7 +359,9 @@ class ActionCache:
                 return None
             outputs = _parse_record(raw, key, names)
             if outputs is None:
-                self.warn(f"action cache record {key[:16]}… in {self.remote.url} is damaged; removed it")
+                self.warn(
+                    f"action cache record {key[:16]}… in {self.remote.url} is damaged; removed it"
+                )
                 self.remote.delete(self._remote_record(key))
                 return None
             items = sorted(outputs.items())
@@ -369,7 +371,9 @@ class ActionCache:
             )
             got: dict[str, bytes] = {}
             for (name, (digest, size)), data in zip(items, datas):
-                if data is None or len(data) != size:  # missing, or corrupt (get_verified removed it)
+                if (
+                    data is None or len(data) != size
+                ):  # missing, or corrupt (get_verified removed it)
                     self.warn(
                         f"action cache object {digest[:16]}… in {self.remote.url} is missing or corrupt; "
                         "computing it again"
@@ -390,7 +394,9 @@ class ActionCache:
                 self.tmp,
             )
         except OSError as exc:
-            self.warn(f"action cache: could not keep a local copy in {self.root}: {exc.strerror or exc}")
+            self.warn(
+                f"action cache: could not keep a local copy in {self.root}: {exc.strerror or exc}"
+            )
         return got
 
     def lookup(self, action: Action, key: str | None = None) -> bool:
@@ -421,7 +427,9 @@ class ActionCache:
             for name in action.outputs:
                 datas[name] = (action.build / name).read_bytes()
         except OSError as exc:
-            self.warn(f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}")
+            self.warn(
+                f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}"
+            )
             return
         outputs = {n: (_sha(d), len(d)) for n, d in datas.items()}
         _remember(action.build, {n: digest for n, (digest, _) in outputs.items()})
@@ -431,7 +439,9 @@ class ActionCache:
                 _write_once(self.object_path(outputs[name][0]), data, self.tmp, outputs[name][0])
             _write_once(self.record_path(key), record, self.tmp)
         except OSError as exc:
-            self.warn(f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}")
+            self.warn(
+                f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}"
+            )
         if self.remote is None:
             return
         try:

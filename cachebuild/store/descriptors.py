@@ -39,8 +39,8 @@ from types import TracebackType
 from typing import Any
 
 from cachebuild._util.hashing import is_sha256_hex
-from cachebuild.store.objects import write_rows
 from cachebuild.errors import CacheBuildWarning
+from cachebuild.store.objects import write_rows
 
 __all__ = [
     "DESCRIPTORS_DIR",
@@ -186,7 +186,8 @@ class DescriptorStore:
             part = digests[s : s + _LOOKUP_CHUNK]
             db.execute("DELETE FROM q")
             db.executemany(
-                "INSERT INTO q VALUES (?, ?)", ((s + i, part[i].tobytes()) for i in range(len(part)))
+                "INSERT INTO q VALUES (?, ?)",
+                ((s + i, part[i].tobytes()) for i in range(len(part))),
             )
             found = db.execute(
                 "SELECT q.i, d.shard, d.row FROM q JOIN descriptors d ON d.sha256 = q.sha256"
@@ -212,7 +213,6 @@ class DescriptorStore:
         if lost:
             import warnings
 
-
             what = ", ".join(f"{n} in shard {name}" for name, n in sorted(lost.items()))
             warnings.warn(
                 CacheBuildWarning(
@@ -232,7 +232,9 @@ class DescriptorStore:
         recorded (``INSERT OR IGNORE`` would keep the dead row).
         """
         write_rows(
-            self.conn(), "DELETE FROM descriptors WHERE sha256 = ? AND shard = ?", ((bytes(d), shard) for d in digests)
+            self.conn(),
+            "DELETE FROM descriptors WHERE sha256 = ? AND shard = ?",
+            ((bytes(d), shard) for d in digests),
         )
 
     def read(self, shard: Any, row: Any, out: Any | None = None) -> Any:
@@ -318,7 +320,9 @@ class ShardWriter:
         digests = np.ascontiguousarray(digests, dtype=np.uint8).reshape(-1, 32)
         vectors = np.ascontiguousarray(vectors, dtype="<f4")
         if vectors.shape != (len(digests), self.store.dim):
-            raise ValueError(f"vectors {vectors.shape} for {len(digests)} digests of dim {self.store.dim}")
+            raise ValueError(
+                f"vectors {vectors.shape} for {len(digests)} digests of dim {self.store.dim}"
+            )
         shard = np.empty(len(digests), dtype=np.int32)
         row = np.empty(len(digests), dtype=np.int32)
         done = 0
@@ -328,7 +332,9 @@ class ShardWriter:
             k = min(len(digests) - done, SHARD_ROWS - self._shard_rows)
             self._fh.write(vectors[done : done + k].data)
             for i in range(k):
-                self._pending.append((digests[done + i].tobytes(), self._shard_id, self._shard_rows + i))
+                self._pending.append(
+                    (digests[done + i].tobytes(), self._shard_id, self._shard_rows + i)
+                )
             shard[done : done + k] = self._shard_id
             row[done : done + k] = np.arange(self._shard_rows, self._shard_rows + k)
             self._shard_rows += k
@@ -355,7 +361,9 @@ class ShardWriter:
                 time.sleep(0.5)
         try:
             db.executemany("INSERT OR IGNORE INTO descriptors VALUES (?, ?, ?)", self._pending)
-            db.execute("UPDATE shards SET rows = ? WHERE id = ?", (self._shard_rows, self._shard_id))
+            db.execute(
+                "UPDATE shards SET rows = ? WHERE id = ?", (self._shard_rows, self._shard_id)
+            )
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # SQLite ends it itself on some errors (a full disk)

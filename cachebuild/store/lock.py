@@ -29,7 +29,14 @@ from typing import TextIO
 
 from cachebuild.errors import LockHeldError
 
-__all__ = ["LOCK_NAME", "CACHES_DIR", "StoreLock", "register_cache", "registered_caches", "store_user"]
+__all__ = [
+    "LOCK_NAME",
+    "CACHES_DIR",
+    "StoreLock",
+    "register_cache",
+    "registered_caches",
+    "store_user",
+]
 
 LOCK_NAME = "gc.lock"
 CACHES_DIR = "caches"
@@ -142,6 +149,7 @@ def registered_caches(store_root: str | os.PathLike[str], *, prune: bool = False
         elif prune:
             entry.unlink(missing_ok=True)
     return out
+
 
 @contextmanager
 def store_user(store: str, cache_dir: str | None = None) -> Iterator[None]:

@@ -44,7 +44,16 @@ from typing import Any
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild.errors import StoreObjectError
 
-__all__ = ["DB_TIMEOUT_S", "TileStore", "RefJournal", "sha256_hex", "read_object", "pid_alive", "write_rows"]
+__all__ = [
+    "DB_TIMEOUT_S",
+    "TileStore",
+    "RefJournal",
+    "sha256_hex",
+    "read_object",
+    "pid_alive",
+    "write_rows",
+]
+
 
 def _is_file(path: str) -> bool:
     try:
@@ -108,7 +117,9 @@ def read_object(path: str | os.PathLike[str], *, what: str) -> bytes:
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise StoreObjectError(f"{what}: store object {path} is missing", digest=digest, path=str(path)) from None
+        raise StoreObjectError(
+            f"{what}: store object {path} is missing", digest=digest, path=str(path)
+        ) from None
     actual = sha256_hex(data)
     if actual == digest:
         return data
@@ -295,7 +306,9 @@ class TileStore:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            db = sqlite3.connect(self.root / "refs.sqlite", timeout=DB_TIMEOUT_S, isolation_level=None)
+            db = sqlite3.connect(
+                self.root / "refs.sqlite", timeout=DB_TIMEOUT_S, isolation_level=None
+            )
             try:
                 # switching a new database to WAL fails at once with "database
                 # is locked" while another process does the same (SQLite's
@@ -351,7 +364,9 @@ class TileStore:
                     found[(zz, x, y)] = digest
         # one stat per planned tile: string paths, not Path objects (3x faster at 20k tiles)
         root = os.fspath(self.objects)
-        return {t: d for t, d in found.items() if is_sha256_hex(d) and _is_file(f"{root}/{d[:2]}/{d}")}
+        return {
+            t: d for t, d in found.items() if is_sha256_hex(d) and _is_file(f"{root}/{d[:2]}/{d}")
+        }
 
     def record_refs(self, provider: str, refs: Iterable[tuple[tuple[int, int, int], str]]) -> None:
         """Remember which object ``provider`` served for each tile."""
@@ -386,7 +401,9 @@ class TileStore:
                 try:
                     provider, z, x, y, digest = json.loads(line)
                     if self.has(digest):
-                        by_provider.setdefault(str(provider), []).append(((int(z), int(x), int(y)), digest))
+                        by_provider.setdefault(str(provider), []).append(
+                            ((int(z), int(x), int(y)), digest)
+                        )
                 except (ValueError, TypeError):
                     continue
             for provider, refs in by_provider.items():

@@ -214,7 +214,10 @@ def _describe_exc(exc: BaseException) -> tuple[str, str]:
             return f"access refused ({code}, HTTP {status})", (
                 "check the AWS credentials and the bucket policy (read, write and list on the prefix)"
             )
-        return f"the server answered {code} (HTTP {status})", "check the S3 service, then build again"
+        return (
+            f"the server answered {code} (HTTP {status})",
+            "check the S3 service, then build again",
+        )
     if isinstance(exc, (ConnectionError, HTTPClientError)):
         return f"no connection ({type(exc).__name__})", (
             "check AWS_ENDPOINT_URL and the network, then build again (what was fetched is kept locally)"
@@ -236,7 +239,9 @@ class S3Store:
         Requests in flight at once.
     """
 
-    def __init__(self, url: StoreURL, *, client: Any = None, connections: int = DEFAULT_CONNECTIONS):
+    def __init__(
+        self, url: StoreURL, *, client: Any = None, connections: int = DEFAULT_CONNECTIONS
+    ):
         self.url = url
         self.connections = connections
         self._given = client
@@ -332,7 +337,9 @@ class S3Store:
         items = list(items)
         if len(items) <= 1:
             return [fn(i) for i in items]
-        with ThreadPoolExecutor(min(self.connections, len(items)), thread_name_prefix="cachebuild-s3") as pool:
+        with ThreadPoolExecutor(
+            min(self.connections, len(items)), thread_name_prefix="cachebuild-s3"
+        ) as pool:
             return list(pool.map(fn, items))
 
     # -- verified, named-by-hash objects -----------------------------------------
@@ -372,7 +379,9 @@ def _cell_part(cell: tuple[int, int, int]) -> str:
 # -- tiles ---------------------------------------------------------------------
 
 
-def _encode_pack(identity: str, z: int, t: float, tiles: list[tuple[int, int, str, bytes]]) -> bytes:
+def _encode_pack(
+    identity: str, z: int, t: float, tiles: list[tuple[int, int, str, bytes]]
+) -> bytes:
     """A pack: a JSON header (provider, zoom, time, ``[x, y, sha256, length]`` rows), then the images."""
     header = {
         "format": 1,
@@ -382,7 +391,9 @@ def _encode_pack(identity: str, z: int, t: float, tiles: list[tuple[int, int, st
         "tiles": [[x, y, d, len(data)] for x, y, d, data in tiles],
     }
     head = json.dumps(header, separators=(",", ":")).encode()
-    return b"".join((_PACK_MAGIC, struct.pack("<I", len(head)), head, *(data for *_, data in tiles)))
+    return b"".join(
+        (_PACK_MAGIC, struct.pack("<I", len(head)), head, *(data for *_, data in tiles))
+    )
 
 
 def _decode_pack(data: bytes) -> tuple[dict[str, Any], list[tuple[int, int, str, bytes]]] | None:

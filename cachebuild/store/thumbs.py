@@ -35,7 +35,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["THUMB_PX", "THUMB_BYTES", "THUMBS_DIR", "ThumbStore", "make_thumbnail", "thumbnail_of", "downsample"]
+__all__ = [
+    "THUMB_PX",
+    "THUMB_BYTES",
+    "THUMBS_DIR",
+    "ThumbStore",
+    "make_thumbnail",
+    "thumbnail_of",
+    "downsample",
+]
 
 #: Side of a stored thumbnail in pixels: 1/8 of a 256-px tile, what a JPEG
 #: decodes to with DCT scaling (no resize needed).
@@ -101,7 +109,11 @@ def thumbnail_of(rgb: Any) -> Any:
     import numpy as np
     from PIL import Image
 
-    img = rgb if isinstance(rgb, Image.Image) else Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    img = (
+        rgb
+        if isinstance(rgb, Image.Image)
+        else Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    )
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size
@@ -168,7 +180,9 @@ class ThumbStore:
 
     def present(self, digests: Iterable[bytes]) -> set[bytes]:
         """Which of ``digests`` have a thumbnail (the keys only: no pixels read)."""
-        return {bytes(sha) for sha, n in self._select("sha256, length(px)", digests) if n == THUMB_BYTES}
+        return {
+            bytes(sha) for sha, n in self._select("sha256, length(px)", digests) if n == THUMB_BYTES
+        }
 
     def _select(self, columns: str, digests: Iterable[bytes]) -> Iterable[tuple[Any, ...]]:
         keys = list(dict.fromkeys(bytes(d) for d in digests))

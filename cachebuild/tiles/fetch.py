@@ -35,28 +35,24 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from cachebuild.errors import DownloadError, UsageError
-from cachebuild.tilemath import LngLatBbox, Tile
-from cachebuild.store.objects import sha256_hex
-from cachebuild.providers.nodata import NoDataRule
 from cachebuild._util.progress import Progress
-from cachebuild.store.objects import TileStore
-from cachebuild.tilemath import count_tiles, tile_from_id, tiles
-from cachebuild.tileset import tile_dtype, write_tileset
-from cachebuild.store.s3 import TileSync
+from cachebuild.errors import DownloadError, UsageError
 from cachebuild.providers import open_provider
-from cachebuild.providers.nodata import UNIFORM_CHECK
-from cachebuild.tilemath import tile_id
 from cachebuild.providers.base import TileFetchError
+from cachebuild.providers.nodata import UNIFORM_CHECK, NoDataRule
+from cachebuild.store.objects import TileStore, sha256_hex
+from cachebuild.store.s3 import TileSync
+from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tileset import tile_dtype, write_tileset
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
 
-    from cachebuild.providers.nodata import NoDataRule
     from cachebuild._util.progress import Progress
     from cachebuild.providers.base import Provider
-    from cachebuild.store.s3 import S3Store, TileSync
+    from cachebuild.providers.nodata import NoDataRule
     from cachebuild.store.objects import RefJournal, TileStore
+    from cachebuild.store.s3 import S3Store, TileSync
 
 __all__ = [
     "REF_BATCH",
@@ -107,7 +103,12 @@ class _Outcome(NamedTuple):
 
 
 def _work(
-    provider: Provider, store: TileStore, journal: RefJournal, rule: NoDataRule, t: Tile, known: str | None
+    provider: Provider,
+    store: TileStore,
+    journal: RefJournal,
+    rule: NoDataRule,
+    t: Tile,
+    known: str | None,
 ) -> _Outcome:
     """Fetch ``t`` and store it; or, with ``known``, check a stored object against the rule."""
     if known is not None:
@@ -133,9 +134,7 @@ def summary_line(counts: Mapping[str, int], seconds: float) -> str:
     'tiles: 10 planned, 8 fetched, 1 reused, 1 missing, 2 retries, 2.0 s, 4 tiles/s'
     """
     c = counts
-    text = (
-        f"tiles: {c['planned']} planned, {c['fetched']} fetched, {c['reused']} reused, {c['missing']} missing"
-    )
+    text = f"tiles: {c['planned']} planned, {c['fetched']} fetched, {c['reused']} reused, {c['missing']} missing"
     if c.get("nodata"):
         text += f" ({c['nodata']} no data)"
     if c.get("failed"):
@@ -148,7 +147,12 @@ class _Run:
     """The counts and pending refs of one fetch; used from the main thread only."""
 
     def __init__(
-        self, provider: Provider, store: TileStore, bar: Progress, rule: NoDataRule, sync: TileSync | None = None
+        self,
+        provider: Provider,
+        store: TileStore,
+        bar: Progress,
+        rule: NoDataRule,
+        sync: TileSync | None = None,
     ):
 
         self.provider = provider
@@ -199,7 +203,9 @@ class _Run:
             self.planned += len(chunk)
             zxy = [(t.z, t.x, t.y) for t in chunk]
             known = self.store.lookup_refs(self.provider.identity, zxy)
-            if self.sync is not None:  # what another machine fetched: from the bucket, not the provider
+            if (
+                self.sync is not None
+            ):  # what another machine fetched: from the bucket, not the provider
                 known.update(self.sync.pull(zxy, known))
             verdicts: dict[str, bool] = {}
             if self.rule.uniform:
@@ -296,7 +302,6 @@ def fetch_with_provider(
 
     import numpy as np
 
-
     if concurrency < 1:
         raise UsageError(f"CONCURRENCY={concurrency} must be at least 1")
     rule = nodata or NoDataRule()
@@ -316,7 +321,6 @@ def fetch_with_provider(
         journal = store.open_journal(provider.identity)
         sync = None
         if shared is not None:
-
             sync = TileSync(shared, store, provider.identity)
         run = _Run(provider, store, bar, rule, sync)
         todo = run.to_do(planned)
@@ -327,12 +331,18 @@ def fetch_with_provider(
                 try:
                     exhausted = False
                     while True:
-                        while not exhausted and len(pending) < in_flight_max and run.failed < MAX_FAILURES:
+                        while (
+                            not exhausted
+                            and len(pending) < in_flight_max
+                            and run.failed < MAX_FAILURES
+                        ):
                             item = next(todo, None)
                             if item is None:
                                 exhausted = True
                             else:
-                                pending.add(pool.submit(_work, provider, store, journal, rule, *item))
+                                pending.add(
+                                    pool.submit(_work, provider, store, journal, rule, *item)
+                                )
                         if not pending:
                             break
                         done, pending = wait(pending, return_when=FIRST_COMPLETED)

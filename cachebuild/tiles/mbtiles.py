@@ -30,18 +30,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.errors import BuildError
-from cachebuild.tilemath import LngLatBbox, Tile
-from cachebuild.tilemath import MAX_LAT
-from cachebuild.store.objects import TileStore
-from cachebuild.tileset import read_tiles
-from cachebuild._util.statcache import HashCache
-from cachebuild.tileset import tile_dtype
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import sha256_file
-from cachebuild.errors import CacheBuildWarning
-from cachebuild.tilemath import tile_from_id
-from cachebuild.tileset import hex_digests
+from cachebuild._util.statcache import HashCache
+from cachebuild.errors import BuildError, CacheBuildWarning
+from cachebuild.store.objects import TileStore
+from cachebuild.tilemath import MAX_LAT, LngLatBbox, tile_from_id
+from cachebuild.tileset import hex_digests, read_tiles, tile_dtype
 
 if TYPE_CHECKING:
     import sqlite3
@@ -231,7 +226,6 @@ def write_mbtiles(
     how = {"mode": mode, "inserted": inserted, "deleted": deleted or 0}
     _write_record(out_path, tiles, fmt, st, digest, pages, free, how)
     if hash_cache is not None:
-
         cache = HashCache(hash_cache)
         cache.remember(out_path, digest, st)
         cache.save()
@@ -285,7 +279,9 @@ def _open_tmp(tmp: Path) -> sqlite3.Connection:
 
 
 def _pages(conn: sqlite3.Connection) -> tuple[int, int]:
-    return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
+    return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute(
+        "PRAGMA freelist_count"
+    ).fetchone()[0]
 
 
 def _write_full(
@@ -305,7 +301,9 @@ def _write_full(
         conn.execute(f"PRAGMA application_id = {MBTILES_APPLICATION_ID}")
         conn.execute("BEGIN")
         _execute_all(conn, _SCHEMA)
-        conn.executemany("INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items()))
+        conn.executemany(
+            "INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items())
+        )
         if first is not None:
             conn.executemany(
                 "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
@@ -343,14 +341,16 @@ def _read_record(out_path: Path) -> tuple[dict[str, Any], Any] | None:
 
     import numpy as np
 
-
     try:
         raw = _record_path(out_path).read_bytes()
         line, rows = raw.split(b"\n", 1)
         head = json.loads(line)
         if not isinstance(head, dict) or head.get("format") != _ROWS_FORMAT:
             return None
-        if hashlib.sha256(rows).hexdigest() != head["rows_sha256"] or len(rows) != head["rows"] * tile_dtype().itemsize:
+        if (
+            hashlib.sha256(rows).hexdigest() != head["rows_sha256"]
+            or len(rows) != head["rows"] * tile_dtype().itemsize
+        ):
             return None
         if head["image_format"] not in _FORMATS or not isinstance(head["file"], dict):
             return None
@@ -360,7 +360,14 @@ def _read_record(out_path: Path) -> tuple[dict[str, Any], Any] | None:
 
 
 def _write_record(
-    out_path: Path, tiles: Any, fmt: str, st: os.stat_result, digest: str, pages: int, free: int, how: dict[str, Any]
+    out_path: Path,
+    tiles: Any,
+    fmt: str,
+    st: os.stat_result,
+    digest: str,
+    pages: int,
+    free: int,
+    how: dict[str, Any],
 ) -> None:
     """Record which tiles the file at ``out_path`` holds, its identity and hash, and how it was written."""
     import hashlib
@@ -368,19 +375,28 @@ def _write_record(
 
     import numpy as np
 
-
     rows = np.ascontiguousarray(tiles, dtype=tile_dtype()).tobytes()
     head = {
         "format": _ROWS_FORMAT,
         "image_format": fmt,
         "rows": len(tiles),
         "rows_sha256": hashlib.sha256(rows).hexdigest(),
-        "file": {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest},
+        "file": {
+            "dev": st.st_dev,
+            "ino": st.st_ino,
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+            "sha256": digest,
+        },
         "pages": pages,
         "free_pages": free,
         "written": how,
     }
-    atomic_write(_record_path(out_path), json.dumps(head, sort_keys=True).encode() + b"\n" + rows, durable=False)
+    atomic_write(
+        _record_path(out_path),
+        json.dumps(head, sort_keys=True).encode() + b"\n" + rows,
+        durable=False,
+    )
 
 
 def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
@@ -409,7 +425,6 @@ def _update_copy(
     """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
     import warnings
 
-
     if len(tiles) == 0:
         return None
     record = _read_record(out_path)
@@ -424,7 +439,9 @@ def _update_copy(
         st = out_path.stat()
     except OSError:
         return None
-    if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] != [want.get(k) for k in ("dev", "ino", "size", "mtime_ns")]:
+    if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns] != [
+        want.get(k) for k in ("dev", "ino", "size", "mtime_ns")
+    ]:
         return None  # another file (written in full elsewhere, restored, truncated): not the one recorded
     diff = _diff(old, tiles)
     if diff is None:
@@ -466,7 +483,9 @@ def _update_copy(
     return done
 
 
-def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata: Any) -> _Written | None:
+def _update_rows(
+    tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata: Any
+) -> _Written | None:
     """Delete ``gone``'s rows from the copy at ``tmp``, insert ``new``'s; None when it must be written in full."""
 
     def inserted() -> Iterator[tuple[int, int, int, bytes]]:
@@ -485,13 +504,18 @@ def _update_rows(tmp: Path, new: Any, gone: Any, store: Any, fmt: str, metadata:
         conn = _open_tmp(tmp)
         try:
             conn.execute("BEGIN")
-            conn.executemany("DELETE FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?", deleted())
+            conn.executemany(
+                "DELETE FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+                deleted(),
+            )
             conn.executemany(
                 "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
                 _checked(inserted(), fmt, strict=False),
             )
             conn.execute("DELETE FROM metadata")
-            conn.executemany("INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items()))
+            conn.executemany(
+                "INSERT INTO metadata (name, value) VALUES (?, ?)", sorted(metadata(fmt).items())
+            )
             conn.execute("COMMIT")
             pages, free = _pages(conn)
         finally:
@@ -522,7 +546,13 @@ def _copy_file(src: Path, dst: Path) -> None:
         except OSError as exc:
             # no copy_file_range here (old kernel, some network or FUSE filesystems):
             # copy what is left by read and write; anything else (ENOSPC) is an error
-            if exc.errno not in (errno.ENOSYS, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+            if exc.errno not in (
+                errno.ENOSYS,
+                errno.EXDEV,
+                errno.EINVAL,
+                errno.EOPNOTSUPP,
+                errno.EPERM,
+            ):
                 raise
         shutil.copyfileobj(fi, fo, _CHUNK)
 

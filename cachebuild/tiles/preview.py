@@ -34,12 +34,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild.errors import BuildError
 from cachebuild.providers.mbtilesfile import connect_readonly
 from cachebuild.tilemath import EARTH_RADIUS_M, MAX_LAT, LngLatBbox, tile_from_id, tile_ranges
-from cachebuild._util.fs import atomic_write
 
-__all__ = ["CELLS_FILE", "DEFAULT_SIZE", "PREVIEW_VERSION", "PreviewGeometry", "render_preview", "MISSING_RGB", "ROUTE_RGB"]
+__all__ = [
+    "CELLS_FILE",
+    "DEFAULT_SIZE",
+    "PREVIEW_VERSION",
+    "PreviewGeometry",
+    "render_preview",
+    "MISSING_RGB",
+    "ROUTE_RGB",
+]
 
 DEFAULT_SIZE = 1024
 #: Bumped when the drawing changes: the build's preview task then runs again.
@@ -154,7 +162,14 @@ def _nice_length(metres: float) -> float:
 
 
 def _scale_bar(draw: Any, geo: PreviewGeometry, lat: float, font: Any) -> None:
-    m_per_px = 2 * math.pi * EARTH_RADIUS_M * math.cos(math.radians(lat)) / (TILE_PX * 2**geo.zoom) / geo.scale
+    m_per_px = (
+        2
+        * math.pi
+        * EARTH_RADIUS_M
+        * math.cos(math.radians(lat))
+        / (TILE_PX * 2**geo.zoom)
+        / geo.scale
+    )
     length_m = _nice_length(geo.width / 5 * m_per_px)
     if length_m <= 0:
         return
@@ -217,7 +232,9 @@ def _make_thumbs(mbtiles: Path, zoom: int, ids: Any, part: list[tuple[int, bytes
             out.append(make_thumbnail(data))
         except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
             tid = int(ids[i])
-            raise _undecodable(mbtiles, zoom, (tid >> 29) & ((1 << 29) - 1), tid & ((1 << 29) - 1), exc) from exc
+            raise _undecodable(
+                mbtiles, zoom, (tid >> 29) & ((1 << 29) - 1), tid & ((1 << 29) - 1), exc
+            ) from exc
     return out
 
 
@@ -251,7 +268,11 @@ def _lacking_rows(conn: Any, zoom: int, ids: Any, lack: Any) -> Iterator[tuple[i
 
 
 def _thumb_mosaic(
-    cache_dir: Path, geo: PreviewGeometry, store: Path | None, stats: dict[str, int], cells_dir: Path | None = None
+    cache_dir: Path,
+    geo: PreviewGeometry,
+    store: Path | None,
+    stats: dict[str, int],
+    cells_dir: Path | None = None,
 ) -> tuple[Any, int]:
     """The mosaic from per-tile thumbnails, scaled to the preview; and tiles drawn.
 
@@ -286,7 +307,11 @@ def _thumb_mosaic(
     drawn_digests = np.zeros((geo.rows, geo.cols, 32), dtype=np.uint8)
     drawn = 0
     # the cells the last map drew for the same images: copied, not looked up and scaled again
-    same = _reuse_cells(cells_dir, geo, t, ids, raw, (row, col, inside), cells) if cells_dir else np.zeros(len(ids), bool)
+    same = (
+        _reuse_cells(cells_dir, geo, t, ids, raw, (row, col, inside), cells)
+        if cells_dir
+        else np.zeros(len(ids), bool)
+    )
     drawn += int(np.count_nonzero(same))
     stats["thumbnails_reused"] += drawn
     todo = inside & ~same
@@ -295,7 +320,9 @@ def _thumb_mosaic(
         nonlocal drawn
         if not at:
             return
-        block = np.frombuffer(b"".join(pixels), dtype=np.uint8).reshape(len(at), THUMB_PX, THUMB_PX, 3)
+        block = np.frombuffer(b"".join(pixels), dtype=np.uint8).reshape(
+            len(at), THUMB_PX, THUMB_PX, 3
+        )
         idx = np.asarray(at)
         cells[row[idx], col[idx]] = downsample(block, t)
         drawn_digests[row[idx], col[idx]] = raw[idx]
@@ -355,7 +382,13 @@ _CELLS_FORMAT = 1
 
 
 def _reuse_cells(
-    cells_dir: Path, geo: PreviewGeometry, t: int, ids: Any, raw: Any, where: tuple[Any, Any, Any], cells: Any
+    cells_dir: Path,
+    geo: PreviewGeometry,
+    t: int,
+    ids: Any,
+    raw: Any,
+    where: tuple[Any, Any, Any],
+    cells: Any,
 ) -> Any:
     """Copy into ``cells`` what the kept mosaic drew for the same images; which tiles (a mask over ``ids``).
 
@@ -375,12 +408,22 @@ def _reuse_cells(
         with np.load(cells_dir / CELLS_FILE, allow_pickle=False) as kept:
             head = kept["head"]
             old_cells, old_digests, check = kept["cells"], kept["digests"], kept["sha256"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing, torn or damaged
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        zipfile.BadZipFile,
+    ):  # missing, torn or damaged
         return none
     if head.shape != (5,) or [int(v) for v in head[:3]] != [_CELLS_FORMAT, geo.zoom, t]:
         return none
     rows, cols = old_digests.shape[:2] if old_digests.ndim == 3 else (0, 0)
-    if old_cells.shape != (rows, cols, t, t, 3) or old_digests.shape != (rows, cols, 32) or not rows * cols:
+    if (
+        old_cells.shape != (rows, cols, t, t, 3)
+        or old_digests.shape != (rows, cols, 32)
+        or not rows * cols
+    ):
         return none
     if check.tobytes() != _cells_sha256(head, old_cells, old_digests):
         return none
@@ -410,8 +453,9 @@ def _keep_cells(cells_dir: Path, geo: PreviewGeometry, t: int, cells: Any, diges
     """Keep the mosaic's cells for the next map (:data:`CELLS_FILE`); a failure only costs the next map time."""
     import numpy as np
 
-
-    head = np.array([_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64)
+    head = np.array(
+        [_CELLS_FORMAT, geo.zoom, t, geo.x0 // TILE_PX, geo.y0 // TILE_PX], dtype=np.int64
+    )
     check = np.frombuffer(_cells_sha256(head, cells, digests), dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, head=head, cells=cells, digests=digests, sha256=check)
@@ -450,7 +494,9 @@ def _decoded_mosaic(canvas: Any, cache_dir: Path, geo: PreviewGeometry) -> int:
             img.draft("RGB", (w, h))  # JPEG: decode at 1/2, 1/4 or 1/8 size
             return box, img.convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
         except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError...
-            raise _undecodable(cache_dir / "tiles.mbtiles", zoom, col, 2**zoom - 1 - tms_row, exc) from exc
+            raise _undecodable(
+                cache_dir / "tiles.mbtiles", zoom, col, 2**zoom - 1 - tms_row, exc
+            ) from exc
 
     # decoding releases the GIL: threads over bounded chunks of rows, pasted in order
     present = 0
@@ -508,7 +554,9 @@ def render_preview(
     if TILE_PX * geo.scale <= THUMB_PX:
         mode = "thumbnails"
         store_path = Path(store) if store is not None else None
-        mosaic, present = _thumb_mosaic(cache_dir, geo, store_path, stats, Path(cells_dir) if cells_dir else None)
+        mosaic, present = _thumb_mosaic(
+            cache_dir, geo, store_path, stats, Path(cells_dir) if cells_dir else None
+        )
         canvas.paste(mosaic, (0, 0))
     else:
         mode = "decoded"
@@ -533,7 +581,9 @@ def render_preview(
     origin = record.get("takeoff_origin")
     if origin:
         ox, oy = geo.project(origin["lat"], origin["lon"])
-        draw.polygon([(ox, oy - 8), (ox - 7, oy + 6), (ox + 7, oy + 6)], fill=ORIGIN_RGB, outline=(0, 0, 0))
+        draw.polygon(
+            [(ox, oy - 8), (ox - 7, oy + 6), (ox + 7, oy + 6)], fill=ORIGIN_RGB, outline=(0, 0, 0)
+        )
 
     font = ImageFont.load_default()
     mid_lat = (bbox.south + bbox.north) / 2
@@ -554,7 +604,9 @@ def render_preview(
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    canvas.save(tmp, format="PNG", optimize=False, compress_level=1, compress_type=3)  # zlib Z_RLE: 0.6x the time of the default strategy, and smaller on imagery
+    canvas.save(
+        tmp, format="PNG", optimize=False, compress_level=1, compress_type=3
+    )  # zlib Z_RLE: 0.6x the time of the default strategy, and smaller on imagery
     os.replace(tmp, out_path)
     return {
         "zoom": zoom,

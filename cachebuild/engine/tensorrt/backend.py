@@ -52,11 +52,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild.errors import EngineError
 from cachebuild.engine.gpu import CudaApi, cuda_api
-from cachebuild.engine.tensorrt.policy import PROFILE_BATCH, check_environment, model_precision, parser_errors, precision_plan, profile_shapes, timing_cache_path
-from cachebuild.engine.interface import EngineInfo
-from cachebuild.engine.interface import read_engine_json
+from cachebuild.engine.interface import EngineInfo, read_engine_json
+from cachebuild.engine.tensorrt.policy import (
+    PROFILE_BATCH,
+    check_environment,
+    model_precision,
+    parser_errors,
+    precision_plan,
+    profile_shapes,
+    timing_cache_path,
+)
+from cachebuild.errors import EngineError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -141,7 +148,6 @@ def _onnx_io(model: Any, model_path: Path, engine_file: str) -> EngineInfo:
     """The network's signature from the ONNX graph: one [n, 3, H, W] input, one [n, D] output."""
     from onnx import TensorProto
 
-
     init = {t.name for t in model.graph.initializer}
     inputs = [v for v in model.graph.input if v.name not in init]
     outputs = list(model.graph.output)
@@ -153,11 +159,17 @@ def _onnx_io(model: Any, model_path: Path, engine_file: str) -> EngineInfo:
     dtypes = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16"}
 
     def shape(v: Any) -> list[int | None]:
-        return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in v.type.tensor_type.shape.dim]
+        return [
+            d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None
+            for d in v.type.tensor_type.shape.dim
+        ]
 
     inp, out = inputs[0], outputs[0]
     in_shape, out_shape = shape(inp), shape(out)
-    in_t, out_t = dtypes.get(inp.type.tensor_type.elem_type), dtypes.get(out.type.tensor_type.elem_type)
+    in_t, out_t = (
+        dtypes.get(inp.type.tensor_type.elem_type),
+        dtypes.get(out.type.tensor_type.elem_type),
+    )
     if in_t is None or len(in_shape) != 4 or in_shape[1] != 3 or None in in_shape[2:]:
         raise EngineError(
             f"model {model_path} input {inp.name!r} must be float32/float16 [batch, 3, H, W] with "
@@ -213,7 +225,9 @@ def _calibrator(trt: Any, cuda: CudaApi, calibration: Path, input_name: str, bat
         def get_batch(self, names: list[str]) -> list[int] | None:
             if tiles is None or self.pos >= len(tiles):
                 return None
-            chunk = np.ascontiguousarray(tiles[self.pos : self.pos + self.get_batch_size()], np.float32)
+            chunk = np.ascontiguousarray(
+                tiles[self.pos : self.pos + self.get_batch_size()], np.float32
+            )
             if len(chunk) < self.get_batch_size():
                 return None
             self.pos += len(chunk)
@@ -335,7 +349,9 @@ class TensorRTBackend:
         cuda: CudaApi | None = None,
     ):
         if workspace < 1:
-            raise EngineError(f"WORKSPACE must be positive, got {workspace}", remedy="set WORKSPACE=1G")
+            raise EngineError(
+                f"WORKSPACE must be positive, got {workspace}", remedy="set WORKSPACE=1G"
+            )
         self.workspace = int(workspace)
         self.timing_cache_dir = Path(timing_cache_dir) if timing_cache_dir is not None else None
         self.profile_batch = profile_batch
@@ -376,7 +392,6 @@ class TensorRTBackend:
     ) -> EngineInfo:
         """Parse, build with the profile, workspace and timing cache; write ``engine.plan``."""
         import onnx
-
 
         trt = self.trt
         model_path, out_dir = Path(model_path), Path(out_dir)
@@ -420,11 +435,15 @@ class TensorRTBackend:
         calibrator = None  # held here until the build is done: the bindings may not keep it alive
         if plan.calibrate:
             assert calibration_path is not None
-            calibrator = _calibrator(trt, self.cuda, Path(calibration_path), info.input["name"], profile["opt"][0])
+            calibrator = _calibrator(
+                trt, self.cuda, Path(calibration_path), info.input["name"], profile["opt"][0]
+            )
             config.int8_calibrator = calibrator
             if hasattr(config, "set_calibration_profile"):
                 config.set_calibration_profile(prof)
-        cache_file = timing_cache_path(self.timing_cache_dir, live) if self.timing_cache_dir else None
+        cache_file = (
+            timing_cache_path(self.timing_cache_dir, live) if self.timing_cache_dir else None
+        )
         _, self.timing_cache_reused = _load_timing_cache(config, cache_file)
         serialized = builder.build_serialized_network(network, config)
         if serialized is None:
@@ -447,7 +466,12 @@ class TensorRTBackend:
             input=info.input,
             output=info.output,
             descriptor_dim=info.descriptor_dim,
-            build={"profile": profile, "workspace": self.workspace, "flags": plan.flags(), "model_precision": carried},
+            build={
+                "profile": profile,
+                "workspace": self.workspace,
+                "flags": plan.flags(),
+                "model_precision": carried,
+            },
             environment=live,
             extra={
                 "engine_sha256": hashlib.sha256(blob).hexdigest(),
@@ -486,4 +510,3 @@ class TensorRTBackend:
         runner = _TrtRunner(self.trt, self.cuda, engine, record)
         runner._runtime = runtime  # type: ignore[attr-defined]  # outlives the engine
         return runner
-

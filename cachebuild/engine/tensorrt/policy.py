@@ -61,7 +61,9 @@ class TrtBuildPlan:
 
     def flags(self) -> list[str]:
         """Every flag, as the engine key records them."""
-        return [f"network:{f}" for f in self.network_flags] + [f"builder:{f}" for f in self.builder_flags]
+        return [f"network:{f}" for f in self.network_flags] + [
+            f"builder:{f}" for f in self.builder_flags
+        ]
 
 
 def trt_major(version: str) -> int:
@@ -114,7 +116,12 @@ def model_precision(model: Any) -> str:
 
 
 def precision_plan(
-    trt_version: str, precision: str, carried: str, *, has_calibration: bool, model: str = "the model"
+    trt_version: str,
+    precision: str,
+    carried: str,
+    *,
+    has_calibration: bool,
+    model: str = "the model",
 ) -> TrtBuildPlan:
     """Map ``PRECISION`` onto TensorRT's network and builder flags.
 
@@ -250,8 +257,13 @@ def check_environment(record: Mapping[str, Any], live: Mapping[str, str], engine
         Naming both environments and the engine directory to delete.
     """
     built = record.get("environment") or {}
-    diff = [k for k in ("tensorrt", "cuda", "gpu", "compute_capability") if str(built.get(k)) != str(live.get(k))]
+    diff = [
+        k
+        for k in ("tensorrt", "cuda", "gpu", "compute_capability")
+        if str(built.get(k)) != str(live.get(k))
+    ]
     if diff:
+
         def show(env: Mapping[str, Any]) -> str:
             return (
                 f"{env.get('gpu')} (sm {env.get('compute_capability')}), TensorRT {env.get('tensorrt')}, "
