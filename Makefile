@@ -10,29 +10,37 @@ UV     ?= $(shell command -v uv 2>/dev/null || echo .uv/bin/uv)
 EXTRAS  = --extra geotiff --extra s3 --extra dask
 export UV_PROJECT_ENVIRONMENT = $(VENV)
 
-.PHONY: demo test bench upgrade test-latest companion-bundle clean-venv
+.PHONY: demo test bench lint upgrade test-latest companion-bundle clean-venv
 
 .uv/bin/uv:
 	$(PYTHON) -m venv .uv
 	.uv/bin/pip install -q uv
 
+# --inexact: the demo's install never removes what `make test` added
 $(VENV)/.installed-demo: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --python $(PYTHON) --no-default-groups -q
+	$(UV) sync --locked --inexact --python $(PYTHON) --no-default-groups -q
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml uv.lock | $(UV)
-	$(UV) sync --locked --python $(PYTHON) $(EXTRAS) --group test -q
+# tests and lint share one install (uv sync is exact: two sets would undo each other)
+$(VENV)/.installed-dev: pyproject.toml uv.lock | $(UV)
+	$(UV) sync --locked --python $(PYTHON) $(EXTRAS) --group test --group lint -q
 	touch $@
 
 demo: $(VENV)/.installed-demo   ## set up and build the demo cache
 	$(BIN)/doit build-cache FLIGHT=examples/flights/demo.json
 
-test: $(VENV)/.installed-test   ## set up and run every test
+test: $(VENV)/.installed-dev    ## set up and run every test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
-bench: $(VENV)/.installed-test  ## print the benchmark tables
+bench: $(VENV)/.installed-dev   ## print the benchmark tables
 	$(BIN)/python bench/bench_noop.py
 	$(BIN)/python bench/bench_describe.py
+
+SOURCES = cachebuild targets tests bench dodo.py
+lint: $(VENV)/.installed-dev   ## format, lint and import contracts (CI runs it before the tests)
+	$(BIN)/ruff format --check $(SOURCES)
+	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/lint-imports
 
 upgrade: | $(UV)                ## refresh uv.lock to the newest releases (review the diff)
 	$(UV) lock --upgrade
@@ -43,9 +51,7 @@ LATEST = .venv-latest
 test-latest: | $(UV)            ## run every test against the newest releases, unlocked
 	rm -rf $(LATEST)
 	$(UV) venv -q --python $(PYTHON) $(LATEST)
-	VIRTUAL_ENV=$(LATEST) $(UV) pip install -q --upgrade --reinstall-package cachebuild \
-	    -e ".[geotiff,s3,dask]" --group test
-	$(LATEST)/bin/python -m pip --version >/dev/null 2>&1 || true
+	VIRTUAL_ENV=$(LATEST) $(UV) pip install -q --upgrade -e ".[geotiff,s3,dask]" --group test
 	$(LATEST)/bin/python -c "import importlib.metadata as m; print('test-latest:', ', '.join(f'{d}=={m.version(d)}' for d in ['cryptography','numpy','faiss-cpu','onnxruntime','doit','httpx','paramiko','pillow','rasterio','boto3','dask','moto','hypothesis','pytest']))"
 	$(LATEST)/bin/python -m pytest -q -n 2 --dist loadfile -p no:cacheprovider
 	rm -rf $(LATEST)

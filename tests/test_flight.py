@@ -294,10 +294,7 @@ def test_null_is_not_a_number(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
 def test_non_finite_literals(tmp_path: Path, literal: str) -> None:
-    text = (
-        '{"waypoints": [{"lat": 1, "lon": 2, "alt_m": 3}, {"lat": 1, "lon": %s, "alt_m": 3}]}'
-        % literal
-    )
+    text = f'{{"waypoints": [{{"lat": 1, "lon": 2, "alt_m": 3}}, {{"lat": 1, "lon": {literal}, "alt_m": 3}}]}}'
     p, e = invalid(tmp_path, text)
     assert e.message.startswith(f"{p}: waypoints[1].lon: {literal} is not allowed")
 

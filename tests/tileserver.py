@@ -32,7 +32,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Union
+from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from cachebuild.providers.synthetic import synthetic_tile_bytes
@@ -85,7 +85,7 @@ DROP = "drop"
 DROP_MID_BODY = "drop-mid-body"
 TRUNCATED = "truncated"
 HTML = "html"
-Fault = Union[Reply, Slow, str]
+Fault = Reply | Slow | str
 
 
 def html(status: int = 200) -> Reply:

@@ -150,7 +150,7 @@ class Progress:
         self.stream.write("\r" + self.line(now).ljust(79))
         self.stream.flush()
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -475,7 +475,7 @@ def push(
         if pending is not None:  # the upload failed: stop the unpacker (what arrived stays)
             pending.cancel()
     made: set[str] = set()
-    for rel, path, size in inputs:
+    for rel, path, _size in inputs:
         parts = rel.split("/")
         for i in range(2, len(parts)):  # a model's directory (external data): inputs/<identity>/...
             if "/".join(parts[:i]) not in made:

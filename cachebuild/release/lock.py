@@ -25,7 +25,7 @@ class CacheLock:
         self.pid_file = self.path.with_name(self.path.name + ".pid")
         self._lock = None
 
-    def acquire(self) -> "CacheLock":
+    def acquire(self) -> CacheLock:
         import filelock
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -66,7 +66,7 @@ class CacheLock:
             self._lock.release()
             self._lock = None
 
-    def __enter__(self) -> "CacheLock":
+    def __enter__(self) -> CacheLock:
         return self.acquire()
 
     def __exit__(

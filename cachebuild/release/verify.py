@@ -272,11 +272,11 @@ def verify_cache(
     try:
         envelope = read_manifest(cache_dir, name=name)
     except VerifyError as exc:
-        raise _tag(exc, "malformed" if "JSON" in exc.message else "no-manifest")
+        raise _tag(exc, "malformed" if "JSON" in exc.message else "no-manifest")  # noqa: B904 (exc itself, tagged)
     try:
         signed = verify_envelope(envelope, trusted)
     except VerifyError as exc:
-        raise _tag(exc, "signature")
+        raise _tag(exc, "signature")  # noqa: B904 (exc itself, tagged)
     changed = _changed_type(signed, canonical_value(signed))
     if changed is not None:
         raise _refuse(
@@ -299,7 +299,7 @@ def verify_cache(
     try:
         expires = _parse_time(signed.get("expires"), "expires")
     except VerifyError as exc:
-        raise _tag(exc, "malformed")
+        raise _tag(exc, "malformed")  # noqa: B904 (exc itself, tagged)
     if now >= expires:
         raise _refuse(
             "expired",
@@ -325,7 +325,7 @@ def verify_cache(
         try:
             _check_target(cache_dir, root_real, rel, targets[rel])
         except VerifyError as exc:
-            raise _tag(exc, "malformed" if "malformed" in exc.message else "artifact")
+            raise _tag(exc, "malformed" if "malformed" in exc.message else "artifact")  # noqa: B904
     return signed
 
 

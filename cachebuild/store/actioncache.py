@@ -386,7 +386,7 @@ class ActionCache:
             return None
         # keep a local copy: the next build on this machine needs no bucket
         try:
-            for name, data in got.items():
+            for data in got.values():
                 _write_once(self.object_path(_sha(data)), data, self.tmp, _sha(data))
             _write_once(
                 self.record_path(key),

@@ -449,7 +449,7 @@ class TileStore:
             self._db.close()
             self._db = None
 
-    def __enter__(self) -> "TileStore":
+    def __enter__(self) -> TileStore:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -347,11 +347,11 @@ def _thumb_mosaic(
             workers = min(8, os.cpu_count() or 1)
             try:
                 rows = _lacking_rows(conn, geo.zoom, ids, lack)
+                mbtiles = cache_dir / "tiles.mbtiles"
                 with ThreadPoolExecutor(max_workers=workers) as pool:
                     while chunk := list(islice(rows, 1024)):
                         step = -(-len(chunk) // workers)  # one task per worker: little overhead
                         parts = [chunk[k : k + step] for k in range(0, len(chunk), step)]
-                        mbtiles = cache_dir / "tiles.mbtiles"
                         made = pool.map(lambda p: _make_thumbs(mbtiles, geo.zoom, ids, p), parts)
                         at = [i for p in parts for i, _ in p]
                         pixels = [m.tobytes() for ms in made for m in ms]
