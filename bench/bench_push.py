@@ -1,6 +1,6 @@
 """Companion push of a ~10k-tile flight: first time and unchanged re-run, vs rsync.
 
-Everything goes through a real OpenSSH sshd on 127.0.0.1 (tests/sshd.py:
+Everything goes through a real OpenSSH sshd on 127.0.0.1 (tests/_harness/sshd.py:
 throwaway keys, key auth only), to a "companion" directory on this
 machine.  The tile set is made first, untimed, with the built-in synthetic
 provider (the workstation's half: flight and tiles).
@@ -192,7 +192,7 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip one-SFTP-file-per-object")
     args = ap.parse_args()
 
-    from tests.sshd import Sshd
+    from tests._harness.sshd import Sshd
 
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -5,7 +5,7 @@ mercantile: :func:`tile` finds the tile under a point, :func:`bounds` the box
 of a tile, :func:`tiles` lazily lists the tiles a box touches and
 :func:`count_tiles` counts them without listing.  :func:`tile` and
 :func:`tiles` agree with ``mercantile.tile`` and ``mercantile.tiles``
-(tests/test_tiles.py uses mercantile as the oracle); where mercantile returns
+(tests/unit/tiles/test_tiles.py uses mercantile as the oracle); where mercantile returns
 an impossible tile or nothing at all, this module says so and does better.
 
 Longitudes are degrees in [-180, 180], latitudes degrees in [-90, 90].  A box

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from cachebuild.tilemath import Tile
-from tests import tileserver
+from tests._harness import tileserver
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -117,7 +117,7 @@ def write_flight(
 
 
 class TileServer(tileserver.TileServer):
-    """The shared server (tests/tileserver.py) with this module's original interface.
+    """The shared server (tests/_harness/tileserver.py) with this module's original interface.
 
     ``missing`` holds ``(z, x, y)`` tuples; a wrong ``key`` (given as
     ``?key=``) answers 403; ``requests`` lists every path asked for;
@@ -144,7 +144,7 @@ def tile_server() -> Iterator[TileServer]:
 
 @pytest.fixture
 def server() -> Iterator[tileserver.TileServer]:
-    """The shared tile server, wanting ``?key=`` :data:`tests.tileserver.KEY` (else 401)."""
+    """The shared tile server, wanting ``?key=`` :data:`tests._harness.tileserver.KEY` (else 401)."""
     srv = tileserver.TileServer(key=tileserver.KEY)
     yield srv
     srv.close()
@@ -152,8 +152,8 @@ def server() -> Iterator[tileserver.TileServer]:
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """A real OpenSSH sshd on 127.0.0.1 (tests/sshd.py) for the module; skips where none can run."""
-    from tests.sshd import start_or_skip
+    """A real OpenSSH sshd on 127.0.0.1 (tests/_harness/sshd.py) for the module; skips where none can run."""
+    from tests._harness.sshd import start_or_skip
 
     srv = start_or_skip(tmp_path_factory.mktemp("sshd"))
     yield srv

@@ -10,7 +10,7 @@ file when known, and how much room ``STORE`` and ``CACHE_DIR`` have left.
 
 Every write goes to a temporary name first and is renamed into place, so a
 full disk leaves the published cache and the store as they were
-(tests/test_disk_full.py fails each write of a build in turn).
+(tests/scenarios/test_disk_full.py fails each write of a build in turn).
 """
 
 from __future__ import annotations

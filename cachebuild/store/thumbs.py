@@ -100,7 +100,7 @@ def thumbnail_of(rgb: Any) -> Any:
     box-resized.  It differs from :func:`make_thumbnail` of the same JPEG
     (DCT-scaled decode: each 8x8 block's DC term) by rounding and chroma
     upsampling only: measured on synthetic tiles, 0.3-0.7 levels on average,
-    at most 2-7 of 255 (tests/test_describe.py holds them to 1.5 and 12).
+    at most 2-7 of 255 (tests/unit/localize/test_describe.py holds them to 1.5 and 12).
 
     >>> import numpy as np
     >>> thumbnail_of(np.full((256, 256, 3), 9, np.uint8)).shape
