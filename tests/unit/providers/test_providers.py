@@ -79,7 +79,9 @@ def public_names(mod: types.ModuleType) -> set[str]:
 # ------------------------------------------------------------------ module
 
 
-@pytest.mark.parametrize("mod", [base, xyz_module, local, geotiff, pushed], ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+    "mod", [base, xyz_module, local, geotiff, pushed], ids=lambda m: m.__name__
+)
 def test_all_is_complete(mod: types.ModuleType) -> None:
     assert set(mod.__all__) == public_names(mod)
 
