@@ -99,7 +99,9 @@ def _warn(report: Report) -> Any:
 def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
 
     s = read_summary(build)
-    fetched = int(s.get("fetched", 0)) if "tiles" in ran else 0
+    # tileset.json holds no history: this run's count is the tiles phase's own
+    counts = finished_counts("tiles") if "tiles" in ran else None
+    fetched = int(counts.get("fetched", 0)) if counts else 0
     reused = int(s["present"]) - fetched
     return {
         "planned": int(s["planned"]),

@@ -380,9 +380,9 @@ def fetch_with_provider(
         )
 
     missing = sorted(run.missing)
+    # what the tile set holds, never how this run got it (fetched, reused: the
+    # report's): the same inputs give the same tileset.json on any machine
     summary: dict[str, Any] = {
-        "fetched": run.fetched,
-        "reused": run.reused,
         "zooms": zooms,
         "bbox": [float(v) for v in bbox],
         "provider": provider.identity,
@@ -392,7 +392,8 @@ def fetch_with_provider(
         summary["nodata"] = run.nodata
         summary["nodata_rule"] = rule.as_value()
     present = np.array(run.present, dtype=tile_dtype())
-    return write_tileset(Path(out_dir), present, np.array(missing, dtype="<i8"), summary)
+    written = write_tileset(Path(out_dir), present, np.array(missing, dtype="<i8"), summary)
+    return {**written, "fetched": run.fetched, "reused": run.reused}
 
 
 def fetch_tiles(
@@ -439,10 +440,11 @@ def fetch_tiles(
     -------
     dict
         The tile set summary as written: ``planned``, ``present``,
-        ``missing``, ``fetched``, ``reused``, ``zooms``, ``bbox``,
-        ``provider``, ``missing_examples``, ``aggregate_sha256``; with a
-        no-data rule also ``nodata`` (how many of the missing are no-data
-        tiles) and ``nodata_rule``.
+        ``missing``, ``zooms``, ``bbox``, ``provider``,
+        ``missing_examples``, ``aggregate_sha256``; with a no-data rule
+        also ``nodata`` (how many of the missing are no-data tiles) and
+        ``nodata_rule``.  Plus this run's ``fetched`` and ``reused``, which
+        are not written: ``tileset.json`` describes content, not history.
 
     Raises
     ------

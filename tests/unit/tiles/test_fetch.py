@@ -88,7 +88,10 @@ def test_synthetic_fetch_writes_the_tileset_and_reuses_it(tmp_path: Path) -> Non
     assert first["zooms"] == [17]
     assert first["bbox"] == list(AREA)
     assert first["missing_examples"] == []
-    assert read_summary(tmp_path / "out") == first
+    # the file describes content, not history: no fetched/reused counts
+    written = read_summary(tmp_path / "out")
+    assert "fetched" not in written and "reused" not in written
+    assert written == {k: v for k, v in first.items() if k not in ("fetched", "reused")}
 
     present = read_tiles(tmp_path / "out")
     assert sorted(present["id"].tolist()) == sorted(tile_id(t) for t in PLANNED)
@@ -525,7 +528,7 @@ def test_two_fetches_into_one_store_at_once(tmp_path: Path, server: TileServer) 
     a, b = read_summary(tmp_path / "out0"), read_summary(tmp_path / "out1")
     assert a["aggregate_sha256"] == b["aggregate_sha256"]
     assert a["present"] == b["present"] == len(planned)
-    assert a["fetched"] + a["reused"] == b["fetched"] + b["reused"] == len(planned)
+    assert a == b  # content only: which process fetched what is not in it
     assert all(1 <= server.served(t) <= 2 for t in planned)
     assert_store_sound(store_root)
     with TileStore(store_root) as store:
