@@ -19,10 +19,9 @@ The faiss wiki would take HNSW while it fits in memory: it answers a query
 fastest.  Here a query is one camera frame at a time, which either index
 answers in well under a millisecond at these sizes, while the *build*
 matters: a shifted bbox rebuilds the index.  HNSW adds a vector by a graph
-search that slows as the graph grows (measured on two cores with the
-cache's descriptors: 3.2 s for 20k, 25 s for 100k), IVF trains k-means on
-a sample and then adds cheaply (1.6 s for 20k, 10 s for 100k), at a
-recall@10 tuned to the same target; and IVF also runs on GPUs.  So ``auto``
+search that slows as the graph grows, IVF trains k-means on a sample and
+then adds cheaply, at a recall@10 tuned to the same target; and IVF also
+runs on GPUs.  So ``auto``
 takes IVF above the exact range; ``INDEX=hnsw`` builds HNSW, and
 ``INDEX=flat|ivf`` force the others.
 
@@ -39,7 +38,7 @@ Everything is streamed from ``descriptors.npy`` in chunks
 
 Rebuilds reuse the trained quantizer.  Training the IVF k-means is the
 index's one whole-area cost (adding a vector is one search among K
-centroids; measured at 20k tiles: train 0.38 s, add 0.06 s).  A build
+centroids).  A build
 (``reuse=True``) keeps the IVF centroids beside the index in
 :data:`QUANTIZER_FILE`, with the 64-bit fingerprints (blake2b of the
 vector's bytes) of the vectors the k-means was trained from.  The next
@@ -58,21 +57,11 @@ the share that was in the population the k-means was trained from),
 ``trained_points`` and ``reason``.  Recall@10 is measured on the index as
 built either way, so reuse cannot hide a worse index.  Flat indexes have
 nothing to train; HNSW is rebuilt, as faiss cannot remove vectors from an
-HNSW graph.
+HNSW graph.  The exact top 10 that recall is measured against comes from
+faiss's flat search, chunk by chunk, and IVF's nprobe is bisected.
 
-The 30% limit, measured on the descriptors of a 20k-tile flight
-(cbnet-v2, IVF520): an IVF trained without a contiguous strip of a share
-s of the area, then given all of it, keeps recall@10 at nprobe 32 within
-0.002 of a fresh one up to s = 0.3 (0.9689 against 0.9706), its lists
-only 3% less even (the mean list length a probe scans: 47.1 against 45.8);
-at s = 0.5 recall falls by 0.01 and the scan grows 9%, at 0.7 by 0.012
-and 23%.  Real imagery changes more across an area than this synthetic
-terrain, so the limit sits where the synthetic data still shows no loss;
-a retrain costs what a cold build's index costs, once every third 10%
-shift.  The nprobe rule catches a quantizer that goes stale sooner.
-Also the recall measurement itself is cheap: the exact top 10 of the
-1000 query descriptors comes from faiss's flat search chunk by chunk
-(0.07 s at 20k, against 0.26 s with numpy), and IVF's nprobe is bisected.
+Why IVF and not HNSW, with figures: docs/design/index-choice.md; why the
+quantizer is reused up to 30% new vectors: docs/design/quantizer-reuse.md.
 
 Where faiss sees a GPU (faiss-gpu, ``faiss.get_num_gpus() > 0``), an IVF
 index is trained and filled on GPU 0 (``index_cpu_to_gpu``) and copied
