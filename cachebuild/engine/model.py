@@ -20,20 +20,17 @@ What it is for: a camera frame never lines up with the tile grid.  The
 localisation self-test (:mod:`cachebuild.localize.selftest`) describes frames cut
 across tile borders, rotated, rescaled and re-lit, and searches them
 against the tiles.  ``cbnet-v1`` (four convolutions, a hard 4x4 grid of
-64-pixel cells) found the right tile for 1.0 of frames aligned with it but
-only 0.84 of frames shifted by up to 32 px, because a shift of half a cell
-moves every feature into the neighbouring cell.  v2 keeps only the two
+64-pixel cells) missed many frames shifted off the grid, because a shift of
+half a cell moves every feature into the neighbouring cell.  v2 keeps only the two
 shallow layers (9-pixel receptive field: colour and edge detail, which is
 what tells synthetic and real terrain apart) and pools them through
 overlapping windows: each of the 8x8 cells averages the feature map under
 a biweight window of radius 0.3 tile (77 px), so a shift moves weight
 smoothly between neighbouring cells instead of across a hard border.  The
 signed square root damps the few strong responses (roads, patch borders)
-that would otherwise dominate the cosine.  Measured on the demo flight's
-synthetic tiles (docs/benchmarks.md): recall@1 0.97 for frames shifted by
-up to 1/8 tile (v1: 0.84).  Frames shifted by up to half a tile are beyond
-any one-descriptor-per-tile index on that imagery (v2: 0.1); see the
-benchmarks for the curve.
+that would otherwise dominate the cosine.  Frames shifted by up to half a
+tile are beyond any one-descriptor-per-tile index.  The recall of v2
+against v1, measured: docs/design/builtin-model.md.
 
 Why the grid is centred: ReLU features are all positive, so every tile's
 raw grid shares a large common component.  Subtracting the per-channel
