@@ -24,9 +24,9 @@ among all decoder threads; the engine uses every core.
 
 On Linux the decoder threads run at a lower priority (nice +5): when the
 engine runs on the same CPUs, its threads then get the cores the moment
-they have work, and the decoders fill the gaps.  On two cores, measured
-against equal-priority decoders, this was 10-15% faster; without it an
-engine thread that loses its core to a decoder stalls the whole batch.
+they have work, and the decoders fill the gaps; without it an engine
+thread that loses its core to a decoder stalls the whole batch.  Measured:
+docs/design/describe-pipeline.md.
 
 numpy, Pillow and the engine's backend are imported inside the functions.
 """
