@@ -15,7 +15,7 @@ again: a record beside the file (``.tiles.mbtiles.rows``: each row's tile id
 and image hash, the file's identity and SHA-256) says what the last file
 holds, so the new one is a copy of it with only the changed rows deleted
 and inserted (see :func:`write_mbtiles`).  Anything that does not match the
-record means a write in full.
+record means a write in full.  Why, with figures: docs/design/mbtiles-update.md.
 
 sqlite3 and numpy are imported inside the functions.
 """
