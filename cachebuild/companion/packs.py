@@ -24,9 +24,8 @@ any check is *quarantined*: moved to ``incoming/quarantine/`` (the newest
 :data:`QUARANTINE_KEEP` are kept for a look) and reported, never retried,
 so it cannot wedge later pushes; its objects, if wanted, are sent again.
 
-Measured on loopback (docs/benchmarks.md): one object per SFTP file costs
-four round trips and about 2.5 ms each; a pack moves the same objects at the
-link's bulk rate.
+One object per SFTP file costs several round trips each; a pack moves the
+same objects at the link's bulk rate (bench/bench_push.py, docs/benchmarks.md).
 """
 
 from __future__ import annotations
