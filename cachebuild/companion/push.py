@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.hashing import canonical_json
+from cachebuild._util.hashing import canonical_json, sha256_file
 from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild.companion.agent import DONE_SUFFIX
 from cachebuild.companion.errors import CompanionNotReadyError, ConnectionDroppedError
@@ -164,16 +164,13 @@ def file_sha256_cached(path: Path, cache_file: Path) -> str:
         and still_valid(st, stamp[1:], entry.get("recorded_ns"))
     ):
         return str(entry["sha256"])
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    cache[str(path)] = {"stamp": stamp, "sha256": h.hexdigest(), "recorded_ns": time.time_ns()}
+    digest = sha256_file(path)[0]
+    cache[str(path)] = {"stamp": stamp, "sha256": digest, "recorded_ns": time.time_ns()}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(cache))
     os.replace(tmp, cache_file)
-    return h.hexdigest()
+    return digest
 
 
 def _input_rel(path: Path, digest: str) -> str:

@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.cpus import usable_cpus
+from cachebuild._util.hashing import sha256_file
 from cachebuild.errors import DownloadError, UsageError
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, TileFetchError
-from cachebuild.providers.local import file_sha256
 from cachebuild.tilemath import EARTH_RADIUS_M, Tile
 
 if TYPE_CHECKING:
@@ -166,7 +166,7 @@ class GeoTiffProvider:
         fl, fb, fr, ft = self.footprint
         # source pixels per square metre of Web Mercator, for the per-tile bound
         self._density = width * height / max((fr - fl) * (ft - fb), 1e-9)
-        self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={file_sha256(self.path)}"
+        self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={sha256_file(self.path)[0]}"
         self.concurrency = usable_cpus()
         self._local = threading.local()
         self._lock = threading.Lock()

@@ -40,7 +40,6 @@ __all__ = [
     "SyntheticProvider",
     "MBTilesProvider",
     "DirectoryProvider",
-    "file_sha256",
     "mbtiles_stamp",
     "tree_fingerprint",
     "tree_stamp",
@@ -68,11 +67,6 @@ class SyntheticProvider:
 
     def close(self) -> None:
         pass
-
-
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    return sha256_file(path)[0]
 
 
 # -- MBTiles ---------------------------------------------------------------------
@@ -173,7 +167,7 @@ class MBTilesProvider:
         if row is None:
             raise UsageError(f"PROVIDER={self.path} is not an MBTiles file: it has no tiles table")
         self._tiles_kind = row[0]
-        self.identity = f"mbtiles:sha256={file_sha256(self.path)}"
+        self.identity = f"mbtiles:sha256={sha256_file(self.path)[0]}"
         self.concurrency = DEFAULT_MBTILES_CONCURRENCY
         self._local = threading.local()
         self._lock = threading.Lock()

@@ -54,14 +54,14 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.hashing import is_sha256_hex
+from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild._util.report import Report, redact
 from cachebuild._util.report import human_size as hs
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.errors import CacheBuildError
 from cachebuild.inputs.config import load_settings
 from cachebuild.release.lock import CacheLock
-from cachebuild.store.actioncache import ACTIONS_DIR, OUTPUTS, file_sha256
+from cachebuild.store.actioncache import ACTIONS_DIR, OUTPUTS
 from cachebuild.store.descriptors import SHARD_ROWS, DescriptorStore, engine_store_dirs
 from cachebuild.store.lock import StoreLock, registered_caches
 from cachebuild.store.objects import TileStore
@@ -134,7 +134,9 @@ def referenced_actions(caches: Iterable[Path]) -> set[str]:
                     continue
                 try:
                     found.add(
-                        hashes.sha256(d / name)[0] if hashes is not None else file_sha256(d / name)
+                        hashes.sha256(d / name)[0]
+                        if hashes is not None
+                        else sha256_file(d / name)[0]
                     )
                 except OSError:
                     continue

@@ -75,7 +75,6 @@ __all__ = [
     "ActionCache",
     "action_key",
     "code_version",
-    "file_sha256",
 ]
 
 #: Each cached action's output files, in the build directory.
@@ -87,12 +86,6 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 #: Under the store root (and the bucket's prefix).
 ACTIONS_DIR = "actions"
 RECORD_FORMAT = 1
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """Hex SHA-256 of a file's bytes (:func:`cachebuild._util.hashing.sha256_file`)."""
-
-    return sha256_file(path)[0]
 
 
 def _canonical(obj: Any) -> bytes:
@@ -244,7 +237,7 @@ def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = Non
         try:
             os.link(tmp, path)
         except FileExistsError:
-            if digest is not None and file_sha256(path) != digest:
+            if digest is not None and sha256_file(path)[0] != digest:
                 os.replace(tmp, path)
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):

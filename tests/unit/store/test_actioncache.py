@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from cachebuild._util.hashing import sha256_file
 from cachebuild.release.gc import collect_garbage
 from cachebuild.store import actioncache
-from cachebuild.store.actioncache import Action, ActionCache, action_key, file_sha256
+from cachebuild.store.actioncache import Action, ActionCache, action_key
 from targets.cached import cached
 from tests._harness.surface import assert_public_surface
 from tests.conftest import Cb, write_flight
@@ -97,7 +98,7 @@ def test_a_damaged_object_is_never_used(build: Path, tmp_path: Path, damage: str
     a = action(build)
     compute(build)
     cache.record(a)
-    obj = cache.object_path(file_sha256(build / "index.faiss"))
+    obj = cache.object_path(sha256_file(build / "index.faiss")[0])
     data = obj.read_bytes()
     if damage == "flip":
         obj.write_bytes(data[:10] + bytes([data[10] ^ 1]) + data[11:])
@@ -118,7 +119,7 @@ def test_a_damaged_object_is_never_used(build: Path, tmp_path: Path, damage: str
 def test_recording_replaces_a_damaged_object_of_the_same_name(build: Path, tmp_path: Path) -> None:
     cache = ActionCache(tmp_path / "store", warn=lambda m: None)
     compute(build)
-    obj = cache.object_path(file_sha256(build / "index.faiss"))
+    obj = cache.object_path(sha256_file(build / "index.faiss")[0])
     obj.parent.mkdir(parents=True)
     obj.write_bytes(b"damaged before anyone recorded it")
     cache.record(action(build))
@@ -141,7 +142,7 @@ def test_a_damaged_record_is_never_used(build: Path, tmp_path: Path, damage: str
         rec.write_text(raw[: len(raw) // 2])
     else:  # a hash edited to name another object: the record's checksum no longer matches
         body = json.loads(raw)
-        body["outputs"]["index.json"]["sha256"] = file_sha256(build / "index.faiss")
+        body["outputs"]["index.json"]["sha256"] = sha256_file(build / "index.faiss")[0]
         rec.write_text(json.dumps(body))
     assert not cache.lookup(a)
     assert any("damaged" in n for n in notes) and not rec.exists()
@@ -191,7 +192,7 @@ def test_gc_takes_a_releases_hashes_from_its_manifest(build: Path, tmp_path: Pat
     a = action(build)
     compute(build, b"the published index")
     cache.record(a)
-    digest = file_sha256(build / "index.faiss")
+    digest = sha256_file(build / "index.faiss")[0]
     release = tmp_path / "cache" / "releases" / "r1"
     release.mkdir(parents=True)
     # the manifest names the index; the file there is not read (here: another file's bytes)
@@ -265,7 +266,7 @@ def test_a_second_cache_on_one_store_is_served_and_a_corrupt_output_is_rebuilt(
 
     # a flipped byte in the stored index: never served; computed again, the build succeeds
     obj = store / "actions" / "cas"
-    digest = file_sha256(a.current / "index.faiss")
+    digest = sha256_file(a.current / "index.faiss")[0]
     path = obj / digest[:2] / digest
     data = path.read_bytes()
     path.write_bytes(data[:-1] + bytes([data[-1] ^ 0xFF]))
@@ -274,5 +275,5 @@ def test_a_second_cache_on_one_store_is_served_and_a_corrupt_output_is_rebuilt(
     rc = third.report
     assert "index" in rc["action_cache"]["misses"] and "selftest" in rc["action_cache"]["hits"]
     assert any("corrupt" in w for w in rc["warnings"])
-    assert file_sha256(c.current / "index.faiss") == file_sha256(path) == digest
+    assert sha256_file(c.current / "index.faiss")[0] == sha256_file(path)[0] == digest
     assert c.run("verify-cache").code == 0
