@@ -21,9 +21,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from cachebuild._util.sizes import human_bytes
 from cachebuild.errors import DiskFullError
 
-__all__ = ["is_disk_full", "disk_full_error", "free_space_note", "human_bytes"]
+__all__ = ["is_disk_full", "disk_full_error", "free_space_note"]
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 _SQLITE_FULL = 13
@@ -59,19 +60,6 @@ def _find(exc: BaseException) -> BaseException:
             return cur
         cur, seen = cur.__cause__ or cur.__context__, seen + 1
     return exc
-
-
-def human_bytes(n: float) -> str:
-    """``1536`` -> ``'1.5 KiB'``.
-
-    >>> human_bytes(0), human_bytes(1536), human_bytes(3 * 1024**3)
-    ('0 B', '1.5 KiB', '3.0 GiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 def _free(path: Path) -> int | None:

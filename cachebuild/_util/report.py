@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-__all__ = ["Report", "redact", "human_size", "SECRET_ENV_VARS"]
+__all__ = ["Report", "redact", "SECRET_ENV_VARS"]
 
 #: Environment variables whose values are secrets.
 SECRET_ENV_VARS = (
@@ -61,19 +61,6 @@ def redact(text: str, env: Mapping[str, str] | None = None) -> str:
         if value and len(value) >= 4:
             text = text.replace(value, "***")
     return text
-
-
-def human_size(n: float) -> str:
-    """Bytes for people, in powers of 1024 as ``MAX_STORE_BYTES`` reads them.
-
-    >>> human_size(21474836480), human_size(512), human_size(1536)
-    ('20.0 GiB', '512 B', '1.5 KiB')
-    """
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
 
 
 @dataclass
@@ -169,7 +156,9 @@ class Report:
             times = ", ".join(f"{k} {d['phases'][k]:.2f} s" for k in phases)
             lines.append(f"  phases   {times}")
             selftest = self.extra.get("selftest")
-            if selftest and selftest.get("recall_at_1") is not None:
+            if selftest and selftest.get("text"):  # cachebuild.localize.selftest.summary's line
+                lines.append(f"  self-test {selftest['text']}")
+            elif selftest and selftest.get("recall_at_1") is not None:
                 lines.append(
                     f"  self-test recall@1 {selftest['recall_at_1']:.3f}, recall@5 "
                     f"{selftest['recall_at_5']:.3f} ({selftest['queries']} frames)"

@@ -17,7 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.report import Report, human_size
+from cachebuild._util.report import Report
+from cachebuild._util.sizes import human_bytes
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
 from cachebuild.companion.flow import (
     LAST_BUILD_FILE,
@@ -30,6 +31,7 @@ from cachebuild.companion.remote import remote_command, run_remote_build, with_p
 from cachebuild.companion.ssh import connect
 from cachebuild.errors import CacheBuildError, UsageError, VerifyError
 from cachebuild.inputs.config import Settings, load_settings
+from cachebuild.localize.selftest_score import headline
 from cachebuild.release.publish import current_release
 from cachebuild.release.rollback import check_not_rolled_back
 from cachebuild.release.signing import keyid, load_public_key
@@ -115,14 +117,6 @@ def cache_info(release: Path, trusted: list[Any], cache_dir: Path | None = None)
     }
 
 
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024  # type: ignore[assignment]
-    return str(n)
-
-
 def format_info(d: Mapping[str, Any]) -> str:
     """A plain-text table of :func:`cache_info`'s result."""
     engine = d.get("engine") or {}
@@ -142,13 +136,7 @@ def format_info(d: Mapping[str, Any]) -> str:
             f"key {str(engine.get('key'))[:16]}",
         ),
         ("index", f"{index.get('type')} ({index.get('ntotal')} vectors)"),
-        (
-            "self-test",
-            f"recall@1 {selftest['recall_at_1']:.3f}, recall@5 {selftest['recall_at_5']:.3f} "
-            f"({selftest['queries']} queries)"
-            if selftest
-            else "not run",
-        ),
+        ("self-test", headline(selftest) if selftest else "not run"),
         ("verify", "passes" if v["ok"] else f"FAILS: {v['reason']}"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -159,7 +147,7 @@ def format_info(d: Mapping[str, Any]) -> str:
         out.append(f"{z:>6} {row['planned']:>9} {row['present']:>9} {row['missing']:>9}")
     out.append("")
     for rel, n in d["artifacts"].items():
-        out.append(f"  {rel:<24} {_size(n):>10}")
+        out.append(f"  {rel:<24} {human_bytes(n):>10}")
     return "\n".join(out)
 
 
@@ -364,7 +352,7 @@ def preview_cache_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = N
         report.outcome, report.exit_code = "success", 0
         if fmt == "text":
             sys.stdout.write(
-                f"preview: {target} ({width}x{height} px, {human_size(nbytes)}, z{r['zoom']})\n"
+                f"preview: {target} ({width}x{height} px, {human_bytes(nbytes)}, z{r['zoom']})\n"
             )
             return 0
     except CacheBuildError as exc:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.sizes import human_bytes
 from cachebuild.errors import AreaTooLargeError
 from cachebuild.inputs.config import DEFAULT_MAX_TILES
 from cachebuild.inputs.providercheck import check_provider
@@ -79,14 +80,6 @@ class AreaEstimate:
     @property
     def bytes(self) -> int:
         return self.store_bytes + self.cache_bytes
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
-        n /= 1024
-    return f"{n:,.1f} PiB"  # pragma: no cover
 
 
 def _staged_planned(cache_dir: Path) -> int:
@@ -168,7 +161,7 @@ def check_area(
     zooms = ",".join(str(z) for z in settings.zooms)
     what = (
         f"the area ({', '.join(f'{v:.6f}' for v in bbox)}) at zoom {zooms} has {est.tiles:,} tiles, "
-        f"about {_human(est.tiles * BYTES_PER_TILE)} at {BYTES_PER_TILE // 1024} KiB a tile"
+        f"about {human_bytes(est.tiles * BYTES_PER_TILE)} at {BYTES_PER_TILE // 1024} KiB a tile"
     )
     limit = getattr(settings, "max_tiles", DEFAULT_MAX_TILES)
     if est.tiles > limit:
@@ -191,8 +184,8 @@ def check_area(
     for avail, need, names in needs.values():
         if need > avail:
             raise AreaTooLargeError(
-                f"{what}; the {est.new_tiles:,} tiles not built yet need about {_human(need)} on the disk of "
-                f"{' and '.join(names)}, which has {_human(avail)} free; nothing was downloaded",
+                f"{what}; the {est.new_tiles:,} tiles not built yet need about {human_bytes(need)} on the disk of "
+                f"{' and '.join(names)}, which has {human_bytes(avail)} free; nothing was downloaded",
                 remedy="free disk space (`doit gc-store` removes tiles no cache uses), put STORE or "
                 "CACHE_DIR on a larger disk, or make the area smaller (BUFFER_M, ZOOM)",
             )

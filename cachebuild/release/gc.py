@@ -56,7 +56,7 @@ from typing import Any
 
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild._util.report import Report, redact
-from cachebuild._util.report import human_size as hs
+from cachebuild._util.sizes import human_bytes
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.errors import CacheBuildError
 from cachebuild.inputs.config import load_settings
@@ -579,13 +579,15 @@ def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) 
             r = result["removed"]
 
             bound = (
-                "no bound" if result["max_bytes"] is None else f"bound {hs(result['max_bytes'])}"
+                "no bound"
+                if result["max_bytes"] is None
+                else f"bound {human_bytes(result['max_bytes'])}"
             )
             sys.stderr.write(
                 f"gc-store {result['store']} ({bound}, {len(result['caches'])} cache(s) kept): "
-                f"{hs(result['bytes_before'])} -> {hs(result['bytes_after'])}; removed {r['tiles']} tile "
+                f"{human_bytes(result['bytes_before'])} -> {human_bytes(result['bytes_after'])}; removed {r['tiles']} tile "
                 f"images, {r['engines']} engine(s), {r['descriptors']} descriptors, "
-                f"{hs(r['garbage_bytes'])} of garbage\n"
+                f"{human_bytes(r['garbage_bytes'])} of garbage\n"
             )
     except CacheBuildError as exc:
         report.fail(exc)

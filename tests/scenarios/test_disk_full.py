@@ -32,7 +32,8 @@ from typing import Any
 
 import pytest
 
-from cachebuild._util.diskspace import disk_full_error, free_space_note, human_bytes, is_disk_full
+from cachebuild._util.diskspace import disk_full_error, free_space_note, is_disk_full
+from cachebuild._util.sizes import human_bytes
 from cachebuild.errors import DiskFullError
 from tests._harness.diskfault import DiskFault, full
 from tests._harness.killharness import store_problems

@@ -90,9 +90,9 @@ def test_text_summary_gives_phase_times_in_order_and_recall() -> None:
 
 
 def test_human_size() -> None:
-    from cachebuild._util.report import human_size
+    from cachebuild._util.sizes import human_bytes
 
-    assert [human_size(n) for n in (0, 1023, 1024, 20 * 2**30, 3 * 2**40)] == [
+    assert [human_bytes(n) for n in (0, 1023, 1024, 20 * 2**30, 3 * 2**40)] == [
         "0 B",
         "1023 B",
         "1.0 KiB",
