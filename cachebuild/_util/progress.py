@@ -1,7 +1,8 @@
 """Progress on stderr: a live line on a terminal, one summary line elsewhere.
 
-On a terminal the line shows done/total, the rate, any counters the caller
-keeps (retries) and the time left, redrawn at most 10 times a second.  When
+On a terminal the line shows done/total, the rate, any counters and notes
+the caller keeps (retries; the flow control's concurrency and rate) and the
+time left, redrawn at most 10 times a second.  When
 the stream is not a terminal (CI logs, pipes) nothing is drawn while the
 work runs, so the JSON report on stdout and captured logs stay clean; a
 caller that sets a :meth:`Progress.summary` gets that one line at the end,
@@ -75,6 +76,7 @@ class Progress:
         self.done = 0
         self.stream = stream
         self.counters: dict[str, int] = {}
+        self.notes: dict[str, str] = {}
         self.enabled = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
         self._summary: str | None = None
         self._last = 0.0
@@ -98,6 +100,10 @@ class Progress:
     def count(self, name: str, value: int) -> None:
         """Set a counter shown after the rate (``12 retries``); 0 is not shown."""
         self.counters[name] = value
+
+    def note(self, name: str, text: str) -> None:
+        """Set a short text shown after the counters (the flow control's concurrency and rate)."""
+        self.notes[name] = text
 
     def summary(self, line: str, counts: Mapping[str, int] | None = None) -> None:
         """The one line written when the work ends (on a terminal too, under the bar).
@@ -135,6 +141,7 @@ class Progress:
             f"{self.rate(now):,.0f}/s",
         ]
         parts += [f"{v} {k}" for k, v in self.counters.items() if v]
+        parts += [text for text in self.notes.values() if text]
         eta = self.eta_s(now)
         if self.done < self.total:
             parts.append(f"ETA {format_duration(eta)}" if eta is not None else "ETA --")

@@ -1,6 +1,17 @@
-"""When to give up on a server: the decisions of the HTTP retry policy.
+"""The HTTP retry and flow-control policy of every client cachebuild has.
 
-Today one decision lives here: **fail fast when nothing answers**.  When
+Tile providers and the Flights API use it (S3 keeps boto3's own).  Three
+decisions live here:
+
+- **Backoff** (:func:`backoff_s`): exponential with jitter, capped; a
+  ``Retry-After`` (:func:`retry_after_s`) replaces it.
+- **Flow control** (:class:`FlowControl`): a 429 or 503 is the server
+  saying "slower", not a failure.  It lowers the client-wide concurrency
+  and request rate (additive increase, multiplicative decrease, as TCP
+  does), holds every worker until its ``Retry-After``, and success raises
+  both back toward their ceilings.  A throttled request does not spend the
+  tile's retry budget; the build's deadline bounds the total wait.
+- **Fail fast when nothing answers**.  When
 the first requests of a run all fail the same way, before the server ever
 answered (connection refused, a host name that does not resolve, a TLS
 handshake that fails), retrying every tile only makes the operator wait:
@@ -8,22 +19,44 @@ handshake that fails), retrying every tile only makes the operator wait:
 naming the host (never a key) and what went wrong.  Once any answer came
 back (any HTTP status), it stands aside and the per-request retries decide.
 
-The client-wide flow control of 429/503 answers is meant to grow here too
-(docs/providers.md, "Retries").
+The policy is written as plain functions and one small class, so a library
+such as ``stamina`` or ``tenacity`` could take over the backoff loop later;
+neither does client-wide AIMD, which is why that part is here.
 """
 
 from __future__ import annotations
 
 import errno
 import math
+import random
 import socket
 import ssl
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
-__all__ = ["FAIL_FAST_AFTER", "DEAD_KINDS", "failure_kind", "FailFast", "retry_after_s"]
+__all__ = [
+    "FAIL_FAST_AFTER",
+    "DEAD_KINDS",
+    "THROTTLE_STATUSES",
+    "FREE_THROTTLE_WINDOW_S",
+    "BACKOFF_MAX_S",
+    "failure_kind",
+    "FailFast",
+    "FlowControl",
+    "backoff_s",
+    "retry_after_s",
+]
 
+#: Answers that mean "slow down": flow control, not a failure.
+THROTTLE_STATUSES = frozenset({429, 503})
+
+#: A throttled answer is free (spends no retry) while the server gave a good
+#: answer to anyone within this many seconds: it is busy, not down.
+FREE_THROTTLE_WINDOW_S = 30.0
+#: Backoff never waits longer than this.
+BACKOFF_MAX_S = 30.0
 #: Requests that must fail, all before any answer, before the run stops.
 FAIL_FAST_AFTER = 4
 
@@ -142,3 +175,177 @@ def retry_after_s(value: str | None, cap: float) -> float | None:
     if not math.isfinite(seconds):
         return None
     return min(max(seconds, 0.0), cap)
+
+
+def backoff_s(
+    attempt: int, first_s: float, rng: random.Random | None = None, cap: float = BACKOFF_MAX_S
+) -> float:
+    """The wait before retry ``attempt + 1``: ``first_s * 2**attempt`` times jitter in [0.5, 1.5), capped.
+
+    >>> backoff_s(2, 0.5, random.Random(0)) == 0.5 * 4 * (0.5 + random.Random(0).random())
+    True
+    """
+    base = first_s * (2.0 ** min(attempt, 30))
+    return min(base * (0.5 + (rng or random).random()), cap)
+
+
+class FlowControl:
+    """Client-wide concurrency and rate that 429/503 lower and success raises (AIMD).
+
+    Every request goes between :meth:`start` (which waits for a hold to end,
+    a free slot under the current concurrency and a token at the current
+    rate) and :meth:`finish`.  A throttled answer halves the concurrency
+    and cuts the rate to 90 % of what the server was seen to serve, at
+    most once per round trip (answers to requests sent before the last
+    cut do not cut again), and holds every worker until its
+    ``Retry-After``; each good answer adds back ``1/concurrency`` slots and
+    a twentieth of the rate per second, up to ``max_concurrency`` and
+    ``max_rate`` (``RATE_LIMIT``; None: no ceiling).  Before the first
+    throttle, and with no ``max_rate``, requests are not paced at all.
+
+    ``sleep`` must raise to stop a waiting worker (an interrupt): the
+    provider passes its guard's.
+
+    >>> fc = FlowControl(8, None, sleep=lambda s: None)
+    >>> t = fc.start(); fc.finish(t, throttled=True, retry_after=None)
+    >>> fc.concurrency, fc.lowest_concurrency, fc.throttled
+    (4, 4, 1)
+    """
+
+    #: Multiplicative decrease of the concurrency and of the rate.
+    CONCURRENCY_CUT = 0.5
+    RATE_CUT = 0.9
+    #: Requests a second the rate never goes below.
+    MIN_RATE = 0.5
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_rate: float | None,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.max_concurrency = max(1, int(max_concurrency))
+        self.max_rate = max_rate
+        self._sleep = sleep
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._limit = float(self.max_concurrency)
+        self._rate: float | None = max_rate
+        self._step = max(self.MIN_RATE, 0.05 * max_rate) if max_rate else 1.0
+        self._tat = clock()
+        self._in_flight = 0
+        self._hold_until = 0.0
+        self._last_cut = -math.inf
+        self._epoch_start = clock()
+        self._epoch_ok = 0
+        self.last_ok = -math.inf
+        self.throttled = 0
+        self.lowest_concurrency = self.max_concurrency
+        self.active = False  # set by the first throttle: progress shows the figures
+
+    @property
+    def concurrency(self) -> int:
+        """Requests that may be in flight now."""
+        return max(1, int(self._limit))
+
+    @property
+    def rate(self) -> float | None:
+        """Requests a second now; None: not paced."""
+        return self._rate
+
+    def start(self) -> float:
+        """Wait for a hold, a slot and a token; returns the request's ticket for :meth:`finish`."""
+        while True:
+            self._wait_hold()
+            with self._cond:
+                while self._in_flight >= self.concurrency:
+                    self._cond.wait(0.05)
+                    self._sleep(0)  # raises when stopped
+                self._in_flight += 1
+                now = self._clock()
+                wait = 0.0
+                if self._rate:
+                    tat = max(self._tat, now)
+                    self._tat = tat + 1.0 / self._rate
+                    wait = tat - now
+            try:
+                if wait > 0:
+                    self._sleep(wait)
+            except BaseException:
+                self._release()
+                raise
+            if self._clock() >= self._hold_until:
+                return self._clock()
+            self._release()  # a hold began while this one waited its turn
+
+    def _wait_hold(self) -> None:
+        while (left := self._hold_until - self._clock()) > 0:
+            self._sleep(left)
+
+    def _release(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify()
+
+    def set_ceiling(self, max_concurrency: int) -> None:
+        """The most requests in flight (the fetch's worker count), and where the concurrency starts."""
+        with self._cond:
+            self.max_concurrency = max(1, int(max_concurrency))
+            self._limit = min(self._limit, float(self.max_concurrency))
+            self.lowest_concurrency = min(self.lowest_concurrency, self.max_concurrency)
+
+    def finish(
+        self,
+        ticket: float,
+        *,
+        throttled: bool = False,
+        retry_after: float | None = None,
+        answered: bool = True,
+    ) -> None:
+        """Account for the request :meth:`start` let through.
+
+        ``throttled``: a 429/503; else ``answered``: any other HTTP answer
+        (raises the figures); neither: a transport error (changes nothing).
+        """
+        now = self._clock()
+        with self._cond:
+            self._in_flight -= 1
+            if throttled:
+                self._throttle(ticket, now, retry_after)
+            elif answered:
+                self._good(now)
+            self._cond.notify_all()
+
+    def _good(self, now: float) -> None:
+        self.last_ok = now
+        self._epoch_ok += 1
+        self._limit = min(float(self.max_concurrency), self._limit + 1.0 / self._limit)
+        if self._rate is not None:
+            ceiling = self.max_rate or math.inf
+            self._rate = min(ceiling, self._rate + self._step / self._rate)
+
+    def _throttle(self, ticket: float, now: float, retry_after: float | None) -> None:
+        self.throttled += 1
+        self.active = True
+        if retry_after:
+            self._hold_until = max(self._hold_until, now + retry_after)
+            self._tat = max(self._tat, self._hold_until)
+        if ticket < self._last_cut:  # sent before the last cut: that cut answered it
+            return
+        self._last_cut = now
+        self._limit = max(1.0, self._limit * self.CONCURRENCY_CUT)
+        self.lowest_concurrency = min(self.lowest_concurrency, self.concurrency)
+        elapsed = now - self._epoch_start
+        seen = self._epoch_ok / elapsed if elapsed >= 0.25 and self._epoch_ok >= 4 else None
+        base = min((r for r in (self._rate, seen) if r), default=None)
+        if base is not None:
+            self._rate = max(self.MIN_RATE, self.RATE_CUT * base)
+            self._step = max(self.MIN_RATE, 0.05 * self._rate)
+        self._epoch_start = max(now, self._hold_until)
+        self._epoch_ok = 0
+
+    def busy_not_down(self, window_s: float = FREE_THROTTLE_WINDOW_S) -> bool:
+        """Whether the server gave a good answer within ``window_s``: a throttle is then free."""
+        return self._clock() - self.last_ok <= window_s

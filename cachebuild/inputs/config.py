@@ -21,7 +21,12 @@ from typing import Any
 from cachebuild.errors import UsageError, did_you_mean
 from cachebuild.inputs.companion import parse_companion
 from cachebuild.providers.nodata import NoDataRule
-from cachebuild.providers.xyzconfig import parse_headers, parse_subdomains, refuse_userinfo
+from cachebuild.providers.xyzconfig import (
+    parse_duration,
+    parse_headers,
+    parse_subdomains,
+    refuse_userinfo,
+)
 from cachebuild.store.s3 import parse_store_url
 
 __all__ = [
@@ -79,6 +84,8 @@ VARIABLES: dict[str, str] = {
     "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
     "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
     "RATE_LIMIT": "at most this many tile requests a second, retries included; 0: no limit [default: 0]",
+    "FETCH_DEADLINE": "how long the tiles phase may keep asking, e.g. 6h (429/503 answers are waited "
+    "out, not failed); past it, exit 20 naming the tiles left; 0: no limit [default: 6h]",
     "SUBDOMAINS": "values {s} in the URL template rotates through, e.g. a,b,c [default: a,b,c]",
     "NODATA": "off | uniform: a one-colour or fully transparent tile counts as missing [default: off]",
     "NODATA_SHA256": "SHA-256s of a provider's blank tiles, comma-separated: they count as missing "
@@ -104,6 +111,7 @@ VARIABLES: dict[str, str] = {
     "SELFTEST_QUERIES": "camera-like frames the localisation self-test searches; 0: no self-test "
     "[default: 200]",
     "MIN_RECALL": "self-test recall@1 below this fails the build (exit 22), e.g. 0.9 [default: no gate]",
+    "RECALL_WARN": "self-test recall@1 below this warns (stderr and report) [default: 0.9]",
     "MAX_STORE_BYTES": "gc-store: shrink the store to this size (e.g. 20G), keeping what every cache "
     "uses [default: remove everything unused]",
     "REPORT": "text | json: json prints one JSON object as the last stdout line [default: text]",
@@ -214,6 +222,7 @@ class Settings:
     index_kind: str = "auto"
     selftest_queries: int = 200
     min_recall: float | None = None
+    recall_warn: float = 0.9
     max_store_bytes: int | None = None
     report: str = "text"
     flights_api_url: str | None = None
@@ -412,6 +421,10 @@ def _http(get: Any) -> dict[str, str]:
         else:
             _float(name, raw, 0.0, lo, hi)
         out[name] = raw
+    for name in ("FETCH_DEADLINE", "TILE_MAX_AGE"):
+        if (raw := get(name)) is not None and name in VARIABLES:
+            parse_duration(name, raw)
+            out[name] = raw
     subdomains = get("SUBDOMAINS")
     if subdomains is not None:
         parse_subdomains(subdomains)
@@ -482,22 +495,13 @@ def _quality(get: Any) -> dict[str, Any]:
         "min_recall": None
         if raw_recall is None
         else _float("MIN_RECALL", raw_recall, 0.0, 0.0, 1.0),
+        "recall_warn": _float("RECALL_WARN", get("RECALL_WARN"), 0.9, 0.0, 1.0),
         "max_store_bytes": None if raw_bytes is None else parse_size("MAX_STORE_BYTES", raw_bytes),
     }
 
 
-def load_settings(
-    vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
-) -> Settings:
-    """Read and validate every variable; raise :class:`UsageError` on a bad one.
-
-    >>> s = load_settings({"ZOOM": "16,17"}, {"CACHEBUILD_HOME": "/tmp/cb"})
-    >>> s.zooms, str(s.cache_dir)
-    ((16, 17), '/tmp/cb/cache')
-    """
-    vars = dict(vars or {})
-    env = dict(os.environ if env is None else env)
-    home = cachebuild_home(env)
+def _refuse_names(vars: Mapping[str, str]) -> None:
+    """A secret on the command line, or a variable no command reads: refused."""
     secret = sorted(
         k for k in vars if k in ENV_ONLY or k in ENV_ONLY.values()
     )  # named, never the value
@@ -513,6 +517,21 @@ def load_settings(
             f"unknown variable(s): {', '.join(unknown)}{did_you_mean(unknown[0], VARIABLES)}",
             remedy="known: " + ", ".join(VARIABLES),
         )
+
+
+def load_settings(
+    vars: Mapping[str, str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate every variable; raise :class:`UsageError` on a bad one.
+
+    >>> s = load_settings({"ZOOM": "16,17"}, {"CACHEBUILD_HOME": "/tmp/cb"})
+    >>> s.zooms, str(s.cache_dir)
+    ((16, 17), '/tmp/cb/cache')
+    """
+    vars = dict(vars or {})
+    env = dict(os.environ if env is None else env)
+    home = cachebuild_home(env)
+    _refuse_names(vars)
     get = lambda name: _get(name, vars, env)  # noqa: E731
     cache_dir = Path(get("CACHE_DIR") or home / "cache").expanduser().absolute()
     raw_store, shared_store = get("STORE"), None

@@ -1,10 +1,11 @@
 """Tiles from an XYZ/TMS/quadkey URL template over HTTP(S), politely.
 
-One pooled ``httpx.Client``; at most ``RATE_LIMIT`` requests a second
-(a token bucket shared by the worker threads); a User-Agent that names
-cachebuild; per-request timeouts; retries with exponential backoff and
-jitter after connection errors, timeouts, HTTP 5xx and 429 (``Retry-After``
-honoured), and after a body that is not a whole image.  The server is not
+One pooled ``httpx.Client``; client-wide flow control
+(:class:`cachebuild._util.retry.FlowControl`): a 429 or 503 slows every
+worker and holds them until its ``Retry-After``, at most ``RATE_LIMIT``
+requests a second; a User-Agent that names cachebuild; per-request
+timeouts; retries with exponential backoff and jitter after connection
+errors, timeouts, HTTP 5xx, and after a body that is not a whole image.  The server is not
 trusted (:mod:`cachebuild._util.httpsafe`): bodies are capped at
 :data:`MAX_TILE_BYTES` decoded, each request has an overall deadline,
 credentials never follow a redirect to another origin, and a server that
@@ -24,13 +25,19 @@ import logging
 import random
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from cachebuild._util import httpsafe
-from cachebuild._util.retry import FailFast, failure_kind, retry_after_s
+from cachebuild._util.retry import (
+    THROTTLE_STATUSES,
+    FailFast,
+    FlowControl,
+    backoff_s,
+    failure_kind,
+    retry_after_s,
+)
 from cachebuild.errors import DownloadError
 from cachebuild.providers.base import USER_AGENT, TileFetchError, check_image, fill_template
-from cachebuild.providers.ratelimit import TokenBucket
 from cachebuild.providers.xyzconfig import (
     API_KEY_ENV,
     DEFAULT_BACKOFF_MAX_S,
@@ -66,6 +73,16 @@ _LOGGERS_WITH_URLS = (
     "httpcore.http2",
     "httpcore.proxy",
 )
+
+
+class _Got(NamedTuple):
+    data: bytes | None  # None: no tile here (404, 204)
+
+
+class _Retry(NamedTuple):
+    problem: str
+    throttled: bool = False  # 429/503: flow control
+    retry_after: float | None = None
 
 
 class _Limiter(Protocol):
@@ -115,9 +132,8 @@ class XyzProvider:
         Extra request headers (e.g. ``Authorization``); their values are
         secrets.
     limiter
-        Anything with an ``acquire()`` called before every request; by
-        default a :class:`~cachebuild.providers.ratelimit.TokenBucket` at
-        ``config.rate_limit``, or none.
+        Anything with an ``acquire()`` called before every request (a
+        test's counter); none by default: :attr:`flow` paces requests.
     client
         An ``httpx.Client`` to use (and leave open); by default one pooled
         client is made and closed by :meth:`close`.
@@ -126,6 +142,10 @@ class XyzProvider:
     ----------
     retries
         Requests repeated so far, over all threads.
+    flow
+        The client-wide flow control (:class:`~cachebuild._util.retry.FlowControl`):
+        429/503 answers lower its concurrency and rate, success raises them
+        back toward ``CONCURRENCY`` and ``RATE_LIMIT``.
 
     Raises
     ------
@@ -175,8 +195,10 @@ class XyzProvider:
         self._failfast = FailFast()
         self._fatal: DownloadError | None = None
         self.limiter = limiter
-        if limiter is None and self.config.rate_limit:
-            self.limiter = TokenBucket(self.config.rate_limit, sleep=self._guard.sleep)
+        # client-wide AIMD over concurrency and rate; RATE_LIMIT is its ceiling
+        self.flow = FlowControl(
+            DEFAULT_HTTP_CONCURRENCY, self.config.rate_limit, sleep=self._guard.sleep
+        )
         self._own_client = client is None
         self._client = client or httpx.Client(
             limits=httpx.Limits(
@@ -213,8 +235,7 @@ class XyzProvider:
         return text
 
     def _backoff_s(self, attempt: int) -> float:
-        base = self.config.backoff_s * (2.0**attempt)
-        return min(base * (0.5 + self._rng.random()), DEFAULT_BACKOFF_MAX_S)
+        return backoff_s(attempt, self.config.backoff_s, self._rng, DEFAULT_BACKOFF_MAX_S)
 
     def _refused(self, status: int, tile: Tile) -> DownloadError:
         if self._has_headers and self._key:
@@ -245,61 +266,89 @@ class XyzProvider:
             raise self._fatal or DownloadError("the fetch was stopped") from None
 
     def _fetch(self, tile: Tile) -> bytes | None:
+        url = self._url(tile, self._key_in_url)
+        counted = free = 0
+        while True:
+            answer = self._attempt(url, tile)
+            if not isinstance(answer, _Retry):
+                return answer.data
+            if answer.throttled and self.flow.busy_not_down():
+                free += 1  # flow control: the server is busy, not failing this tile
+            else:
+                counted += 1
+            if counted > self.config.retries:
+                raise TileFetchError(
+                    f"tile {tile.z}/{tile.x}/{tile.y}: {answer.problem} after {counted + free} "
+                    f"attempt(s) from {self.shown_url(tile)}",
+                    tile=tile,
+                )
+            with self._count_lock:
+                self.retries += 1
+            if answer.throttled and answer.retry_after is not None:
+                continue  # the flow control holds every worker until then
+            if answer.retry_after is not None:
+                self._guard.sleep(answer.retry_after)
+            else:
+                self._guard.sleep(self._backoff_s(max(counted, min(free, 3)) - 1))
+
+    def _attempt(self, url: str, tile: Tile) -> _Got | _Retry:
+        """One request through the flow control: the tile (or None), or why to ask again."""
         import httpx
 
-        url = self._url(tile, self._key_in_url)
-        name = f"{tile.z}/{tile.x}/{tile.y}"
-        attempts = self.config.retries + 1
-        problem = ""
-        for attempt in range(attempts):
-            delay: float | None = None
-            self._guard.check()
-            if self.limiter is not None:
-                self.limiter.acquire()
-            try:
-                with self._guard.deadline(self.config.deadline_s):
-                    status, ctype, retry_after, data = self._get(url)
-            except (httpx.RequestError, httpsafe.DeadlineExceeded) as exc:
-                self._dead_server(exc, tile)
-                # the exception's text and its request hold the URL, key
-                # included: keep neither (no `from exc`)
-                if isinstance(exc, httpsafe.DeadlineExceeded):
-                    problem = f"no whole answer within HTTP_DEADLINE={self.config.deadline_s:g} s"
-                else:
-                    problem = f"{type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}"
-            except (
-                httpsafe.BodyTooLarge,
-                httpsafe.BadEncoding,
-            ) as exc:  # hostile or broken: not retried
-                raise TileFetchError(
-                    f"tile {name}: refused {self._redact(str(exc))} from {self.shown_url(tile)}",
-                    tile=tile,
-                ) from None
-            else:
-                self._failfast.answered()
-                if status in (204, 404):
-                    return None
-                if 200 <= status < 300:
-                    assert data is not None
-                    why = check_image(data, self.config.tile_size)
-                    if why is None:
-                        return data
-                    problem = f"HTTP {status} with {self._redact(why)} ({self._redact(ctype)})"
-                elif status in (401, 403, 407):
-                    raise self._refused(status, tile)
-                elif status in (408, 429) or status >= 500:
-                    problem = f"HTTP {status}"
-                    delay = retry_after_s(retry_after, self.config.retry_after_max_s)
-                else:
-                    raise TileFetchError(
-                        f"tile {name}: HTTP {status} from {self.shown_url(tile)}", tile=tile
-                    )
-            if attempt + 1 < attempts:
-                with self._count_lock:
-                    self.retries += 1
-                self._guard.sleep(self._backoff_s(attempt) if delay is None else delay)
+        self._guard.check()
+        if self.limiter is not None:
+            self.limiter.acquire()
+        ticket = self.flow.start()
+        try:
+            with self._guard.deadline(self.config.deadline_s):
+                status, ctype, retry_after, data = self._get(url)
+        except (httpx.RequestError, httpsafe.DeadlineExceeded) as exc:
+            self.flow.finish(ticket, answered=False)
+            self._dead_server(exc, tile)
+            # the exception's text and its request hold the URL, key
+            # included: keep neither (no `from exc`)
+            if isinstance(exc, httpsafe.DeadlineExceeded):
+                return _Retry(f"no whole answer within HTTP_DEADLINE={self.config.deadline_s:g} s")
+            return _Retry(f"{type(exc).__name__}: {self._redact(str(exc)) or 'no detail'}")
+        except (
+            httpsafe.BodyTooLarge,
+            httpsafe.BadEncoding,
+        ) as exc:  # hostile or broken: not retried
+            self.flow.finish(ticket)
+            raise TileFetchError(
+                f"tile {tile.z}/{tile.x}/{tile.y}: refused {self._redact(str(exc))} "
+                f"from {self.shown_url(tile)}",
+                tile=tile,
+            ) from None
+        self._failfast.answered()
+        delay = retry_after_s(retry_after, self.config.retry_after_max_s)
+        throttled = status in THROTTLE_STATUSES
+        self.flow.finish(ticket, throttled=throttled, retry_after=delay)
+        return self._judge(tile, status, ctype, data, delay, throttled)
+
+    def _judge(
+        self,
+        tile: Tile,
+        status: int,
+        ctype: str,
+        data: bytes | None,
+        delay: float | None,
+        throttled: bool,
+    ) -> _Got | _Retry:
+        if status in (204, 404):
+            return _Got(None)
+        if 200 <= status < 300:
+            assert data is not None
+            why = check_image(data, self.config.tile_size)
+            if why is None:
+                return _Got(data)
+            return _Retry(f"HTTP {status} with {self._redact(why)} ({self._redact(ctype)})")
+        if status in (401, 403, 407):
+            raise self._refused(status, tile)
+        if status == 408 or status >= 500 or throttled:
+            return _Retry(f"HTTP {status}", throttled=throttled, retry_after=delay)
         raise TileFetchError(
-            f"tile {name}: {problem} after {attempts} attempt(s) from {self.shown_url(tile)}",
+            f"tile {tile.z}/{tile.x}/{tile.y}: HTTP {status} from {self.shown_url(tile)}",
             tile=tile,
         )
 

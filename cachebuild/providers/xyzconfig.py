@@ -37,6 +37,8 @@ __all__ = [
     "parse_headers",
     "parse_subdomains",
     "parse_rate_limit",
+    "parse_duration",
+    "DEFAULT_FETCH_DEADLINE_S",
     "check_template",
     "refuse_userinfo",
     "header_secrets",
@@ -60,6 +62,11 @@ DEFAULT_HTTP_CONCURRENCY = 64
 #: What ``{s}`` rotates through unless ``SUBDOMAINS`` says otherwise (Leaflet's default).
 DEFAULT_SUBDOMAINS = ("a", "b", "c")
 MAX_RATE_LIMIT = 100_000.0
+#: How long the fetch of one build may go on (``FETCH_DEADLINE``): bounds the
+#: waiting a server's 429/503 answers cause, which spends no tile's retries.
+DEFAULT_FETCH_DEADLINE_S = 6 * 3600.0
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smhdw]?)\s*")
+_DURATION_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 _REDACTED = "***"
 # Secrets shorter than this are not looked for in templates: a short one
@@ -109,6 +116,21 @@ def parse_rate_limit(raw: str | None) -> float | None:
     """
     value = _env_number({"RATE_LIMIT": raw or ""}, "RATE_LIMIT", 0.0, 0.0, MAX_RATE_LIMIT)
     return value or None
+
+
+def parse_duration(name: str, raw: str) -> float:
+    """A duration in seconds: ``90``, ``90s``, ``15m``, ``6h``, ``30d``, ``2w``; ``0`` is zero.
+
+    >>> parse_duration("TILE_MAX_AGE", "30d"), parse_duration("FETCH_DEADLINE", "1.5h")
+    (2592000.0, 5400.0)
+    """
+    m = _DURATION_RE.fullmatch(raw.lower())
+    if m is None:
+        raise UsageError(
+            f"{name}={raw!r} is not a duration",
+            remedy=f"set {name} to a number and a unit: 90s, 15m, 6h, 30d, 2w (a bare number is seconds)",
+        )
+    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
 
 
 def parse_subdomains(raw: str | None) -> tuple[str, ...] | None:

@@ -40,6 +40,7 @@ from cachebuild.errors import DownloadError, UsageError
 from cachebuild.providers import open_provider
 from cachebuild.providers.base import TileFetchError
 from cachebuild.providers.nodata import UNIFORM_CHECK, NoDataRule
+from cachebuild.providers.xyzconfig import DEFAULT_FETCH_DEADLINE_S, parse_duration
 from cachebuild.store.objects import TileStore, sha256_hex
 from cachebuild.store.s3 import TileSync
 from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
@@ -132,6 +133,9 @@ def summary_line(counts: Mapping[str, int], seconds: float) -> str:
 
     >>> summary_line({"planned": 10, "fetched": 8, "reused": 1, "missing": 1, "retries": 2}, 2.0)
     'tiles: 10 planned, 8 fetched, 1 reused, 1 missing, 2 retries, 2.0 s, 4 tiles/s'
+    >>> summary_line({"planned": 4, "fetched": 4, "reused": 0, "missing": 0, "retries": 3,
+    ...               "throttled": 3, "lowest_concurrency": 2}, 1.0)
+    'tiles: 4 planned, 4 fetched, 0 reused, 0 missing, 3 retries, 3 throttled (concurrency down to 2), 1.0 s, 4 tiles/s'
     """
     c = counts
     text = f"tiles: {c['planned']} planned, {c['fetched']} fetched, {c['reused']} reused, {c['missing']} missing"
@@ -140,7 +144,10 @@ def summary_line(counts: Mapping[str, int], seconds: float) -> str:
     if c.get("failed"):
         text += f", {c['failed']} failed"
     rate = c["fetched"] / seconds if seconds > 0 else 0.0
-    return text + f", {c.get('retries', 0)} retries, {seconds:.1f} s, {rate:,.0f} tiles/s"
+    text += f", {c.get('retries', 0)} retries"
+    if c.get("throttled"):
+        text += f", {c['throttled']} throttled (concurrency down to {c['lowest_concurrency']})"
+    return text + f", {seconds:.1f} s, {rate:,.0f} tiles/s"
 
 
 class _Run:
@@ -169,6 +176,8 @@ class _Run:
         self.nodata = 0
         self.failed = 0
         self.first_failure: tuple[int, str] | None = None
+        self.out_of_time = False  # FETCH_DEADLINE passed
+        self.flow = getattr(provider, "flow", None)  # an HTTP provider's flow control
         self._refs: list[tuple[tuple[int, int, int], str]] = []
         self._verdicts: list[tuple[str, bool]] = []
         self._flushed_at = time.monotonic()
@@ -186,7 +195,22 @@ class _Run:
             "nodata": self.nodata,
             "failed": self.failed,
             "retries": self.retries,
+            **self.flow_counts(),
         }
+
+    def flow_counts(self) -> dict[str, int]:
+        """``throttled`` (429/503 answers) and ``lowest_concurrency``, once flow control acted."""
+        flow = self.flow
+        if flow is None or not flow.throttled:
+            return {}
+        return {"throttled": flow.throttled, "lowest_concurrency": flow.lowest_concurrency}
+
+    def _show_flow(self) -> None:
+        flow = self.flow
+        if flow is None or not flow.active:
+            return
+        rate = f", {flow.rate:,.1f} req/s" if flow.rate else ""
+        self.bar.note("flow", f"{flow.throttled} throttled, {flow.concurrency} in flight{rate}")
 
     def _blank(self, t: Tile) -> None:
 
@@ -264,6 +288,7 @@ class _Run:
             ):
                 self.flush()
         self.bar.count("retries", self.retries)
+        self._show_flow()
         self.bar.advance(1)
 
     def flush(self) -> None:
@@ -287,30 +312,32 @@ def fetch_with_provider(
     progress: bool = True,
     nodata: NoDataRule | None = None,
     shared: S3Store | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """:func:`fetch_tiles` with an open provider (left open).
+
+    ``deadline_s`` bounds the whole fetch (``FETCH_DEADLINE``): past it,
+    no more tiles are asked for and the phase fails naming how many are left.
 
     Raises
     ------
     DownloadError
-        When tiles failed after retries (the fetched ones are kept), or the
-        provider refused the credentials.
+        When tiles failed after retries (the fetched ones are kept), the
+        provider refused the credentials, or the deadline passed.
     UsageError
         When ``concurrency`` is below 1.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    import numpy as np
-
     if concurrency < 1:
         raise UsageError(f"CONCURRENCY={concurrency} must be at least 1")
     rule = nodata or NoDataRule()
     zooms = sorted({int(z) for z in zooms})
-    planned = tiles(bbox, zooms)
     total = count_tiles(bbox, zooms)
     workers = max(1, min(concurrency, provider.concurrency))
-    in_flight_max = 2 * workers
+    flow = getattr(provider, "flow", None)
+    if flow is not None:
+        flow.set_ceiling(workers)  # CONCURRENCY is what success raises it back to
     started = time.monotonic()
+    ends = None if not deadline_s else started + deadline_s
 
     with (
         TileStore(store_root) as store,
@@ -318,70 +345,19 @@ def fetch_with_provider(
     ):
         store.clean_tmp()
         store.replay_journals()
-        journal = store.open_journal(provider.identity)
-        sync = None
-        if shared is not None:
-            sync = TileSync(shared, store, provider.identity)
+        sync = TileSync(shared, store, provider.identity) if shared is not None else None
         run = _Run(provider, store, bar, rule, sync)
-        todo = run.to_do(planned)
-        pending: set[Future[_Outcome]] = set()
-        finished: list[Future[_Outcome]] = []
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="cachebuild-fetch") as pool:
-                try:
-                    exhausted = False
-                    while True:
-                        while (
-                            not exhausted
-                            and len(pending) < in_flight_max
-                            and run.failed < MAX_FAILURES
-                        ):
-                            item = next(todo, None)
-                            if item is None:
-                                exhausted = True
-                            else:
-                                pending.add(
-                                    pool.submit(_work, provider, store, journal, rule, *item)
-                                )
-                        if not pending:
-                            break
-                        done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                        finished.extend(done)
-                        while finished:
-                            run.done(finished.pop())
-                        if sync is not None and sync.due():
-                            run.flush()
-                            sync.push()
-                finally:
-                    # interrupted or failed: keep the tiles that were fetched,
-                    # drop the requests that had not started, and stop the
-                    # ones on the wire (a dripping server must not hold the lock)
-                    if pending and callable(cancel := getattr(provider, "cancel", None)):
-                        cancel()
-                    for future in pending:
-                        future.cancel()
-                    wait(pending)
-                    for future in [*finished, *pending]:
-                        if not future.cancelled() and future.exception() is None:
-                            run.done(future)
-                    run.flush()
-                    journal.close()  # every ref is committed (else the next fetch replays it)
+            _pump(run, run.to_do(tiles(bbox, zooms)), workers, ends)
         finally:
             bar.summary(summary_line(counts := run.counts(), time.monotonic() - started), counts)
         if sync is not None:
             sync.push()  # objects, then refs: another machine finds these tiles in the bucket
 
-    if run.failed:
-        assert run.first_failure is not None
-        stopped = " (stopped early)" if run.failed >= MAX_FAILURES else ""
-        # the example's message starts "tile z/x/y: ..."
-        raise DownloadError(
-            f"{run.failed} tile(s) could not be fetched{stopped}; e.g. {run.first_failure[1]}"
-        )
-
+    _raise_failures(run, total - bar.done, deadline_s)
     missing = sorted(run.missing)
-    # what the tile set holds, never how this run got it (fetched, reused: the
-    # report's): the same inputs give the same tileset.json on any machine
+    # what the tile set holds, never how this run got it (fetched, reused,
+    # throttled: the report's): the same inputs give the same tileset.json
     summary: dict[str, Any] = {
         "zooms": zooms,
         "bbox": [float(v) for v in bbox],
@@ -391,9 +367,91 @@ def fetch_with_provider(
     if rule.active:
         summary["nodata"] = run.nodata
         summary["nodata_rule"] = rule.as_value()
-    present = np.array(run.present, dtype=tile_dtype())
-    written = write_tileset(Path(out_dir), present, np.array(missing, dtype="<i8"), summary)
-    return {**written, "fetched": run.fetched, "reused": run.reused}
+    written = _write(out_dir, run.present, missing, summary)
+    return {**written, "fetched": run.fetched, "reused": run.reused, **run.flow_counts()}
+
+
+def _write(
+    out_dir: Path, present: list[tuple[int, bytes]], missing: list[int], summary: dict[str, Any]
+) -> dict[str, Any]:
+    import numpy as np
+
+    rows = np.array(present, dtype=tile_dtype())
+    return write_tileset(Path(out_dir), rows, np.array(missing, dtype="<i8"), summary)
+
+
+def _pump(
+    run: _Run, todo: Iterator[tuple[Tile, str | None]], workers: int, ends: float | None
+) -> None:
+    """Run the work on ``workers`` threads, ``2 * workers`` in flight, until done or ``ends``.
+
+    Whatever stops it (an interrupt, a failure, the deadline), the tiles
+    fetched are kept, the work not started is dropped and the requests on
+    the wire are stopped (a dripping server must not hold the lock).
+    """
+    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+    provider, store, rule = run.provider, run.store, run.rule
+    journal = store.open_journal(provider.identity)
+    pending: set[Future[_Outcome]] = set()
+    finished: list[Future[_Outcome]] = []
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="cachebuild-fetch") as pool:
+            try:
+                exhausted = False
+                while True:
+                    if ends is not None and time.monotonic() >= ends:
+                        run.out_of_time = True
+                        break
+                    while (
+                        not exhausted and len(pending) < 2 * workers and run.failed < MAX_FAILURES
+                    ):
+                        item = next(todo, None)
+                        if item is None:
+                            exhausted = True
+                        else:
+                            pending.add(pool.submit(_work, provider, store, journal, rule, *item))
+                    if not pending:
+                        break
+                    left = None if ends is None else max(0.0, ends - time.monotonic())
+                    done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
+                    finished.extend(done)
+                    while finished:
+                        run.done(finished.pop())
+                    if run.sync is not None and run.sync.due():
+                        run.flush()
+                        run.sync.push()
+            finally:
+                if pending and callable(cancel := getattr(provider, "cancel", None)):
+                    cancel()
+                for future in pending:
+                    future.cancel()
+                wait(pending)
+                for future in [*finished, *pending]:
+                    if not future.cancelled() and future.exception() is None:
+                        run.done(future)
+    finally:
+        run.flush()
+        journal.close()  # every ref is committed (else the next fetch replays it)
+
+
+def _raise_failures(run: _Run, left: int, deadline_s: float | None) -> None:
+    """The phase's error, if any: the deadline passed, or tiles failed."""
+    if run.out_of_time and left > 0:
+        throttled = run.flow_counts().get("throttled", 0)
+        why = f", {throttled} answer(s) were 429/503" if throttled else ""
+        raise DownloadError(
+            f"FETCH_DEADLINE={deadline_s:g} s passed with {left} tile(s) left to fetch{why}; "
+            f"the {run.fetched} fetched are kept",
+            remedy="build again later (only the tiles left are asked for), or raise FETCH_DEADLINE",
+        )
+    if run.failed:
+        assert run.first_failure is not None
+        stopped = " (stopped early)" if run.failed >= MAX_FAILURES else ""
+        # the example's message starts "tile z/x/y: ..."
+        raise DownloadError(
+            f"{run.failed} tile(s) could not be fetched{stopped}; e.g. {run.first_failure[1]}"
+        )
 
 
 def fetch_tiles(
@@ -425,7 +483,8 @@ def fetch_tiles(
     env
         The environment: the API key and headers, the HTTP settings
         (see :func:`cachebuild.providers.open_provider`), and ``NODATA``
-        and ``NODATA_SHA256`` (:class:`cachebuild.providers.nodata.NoDataRule`).
+        and ``NODATA_SHA256`` (:class:`cachebuild.providers.nodata.NoDataRule`),
+        and ``FETCH_DEADLINE`` (a duration; ``0``: none).
     concurrency
         Requests in flight at most.
     progress
@@ -457,6 +516,10 @@ def fetch_tiles(
     """
 
     rule = NoDataRule.from_env(env)
+    raw_deadline = env.get("FETCH_DEADLINE", "").strip()
+    deadline_s = (
+        parse_duration("FETCH_DEADLINE", raw_deadline) if raw_deadline else DEFAULT_FETCH_DEADLINE_S
+    )
     provider = open_provider(provider_spec, env=env)
     try:
         return fetch_with_provider(
@@ -469,6 +532,7 @@ def fetch_tiles(
             progress=progress,
             nodata=rule,
             shared=shared,
+            deadline_s=deadline_s,
         )
     finally:
         provider.close()

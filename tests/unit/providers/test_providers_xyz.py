@@ -523,14 +523,12 @@ def test_every_request_takes_a_token_retries_included(server: TileServer) -> Non
     assert limiter.calls == server.count() == 4
 
 
-def test_rate_limit_variable_makes_a_shared_bucket(server: TileServer) -> None:
-    from cachebuild.providers.ratelimit import TokenBucket
-
+def test_rate_limit_variable_sets_the_shared_flow_control_rate(server: TileServer) -> None:
     with closing(open_provider(server.template(), env=fast_env(RATE_LIMIT="12.5"))) as p:
         assert isinstance(p, XyzProvider)
-        assert isinstance(p.limiter, TokenBucket) and p.limiter.rate == 12.5
+        assert p.flow.rate == p.flow.max_rate == 12.5
     with closing(open_provider(server.template(), env=fast_env(RATE_LIMIT="0"))) as p:
-        assert p.limiter is None  # type: ignore[attr-defined]
+        assert p.flow.rate is None  # type: ignore[attr-defined]
     for bad in ("fast", "-1", "inf"):
         with pytest.raises(UsageError, match="RATE_LIMIT"):
             parse_rate_limit(bad)
