@@ -103,12 +103,17 @@ def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
     counts = finished_counts("tiles") if "tiles" in ran else None
     fetched = int(counts.get("fetched", 0)) if counts else 0
     reused = int(s["present"]) - fetched
-    return {
+    out = {
         "planned": int(s["planned"]),
         "fetched": fetched,
         "reused": reused,
         "missing": int(s["missing"]),
     }
+    # flow control (429/503 answers) and revalidation, when they happened
+    for k in ("throttled", "lowest_concurrency", "not_modified", "refreshed"):
+        if counts and k in counts:
+            out[k] = int(counts[k])
+    return out
 
 
 def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
