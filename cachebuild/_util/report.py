@@ -1,7 +1,7 @@
 """The run report: outcome, exit code, phase timings and counts.
 
 With ``REPORT=json`` the last line of stdout is one JSON object (the
-contract in docs/report.md); otherwise a short human summary.  Every
+contract in docs/exit-codes.md); otherwise a short human summary.  Every
 message passes through :func:`redact` first, so a secret that slipped into
 an exception from a third-party library is still never printed.
 """
