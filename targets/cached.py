@@ -16,12 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.dists import installed_version
 from cachebuild.localize.selftest import SELFTEST_VERSION
 from cachebuild.store.actioncache import (
     OUTPUTS,
     Action,
     ActionCache,
-    _dist_version,
     action_key,
     code_version,
 )
@@ -46,7 +46,7 @@ def index_action(build: Path, kind: str = "auto", **_: Any) -> Action:
         version="index:"
         + code_version("cachebuild.localize.index")
         + ":"
-        + _dist_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss"),
+        + " ".join(installed_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss") or ()),
         inputs={
             "descriptors.npy": build / "descriptors.npy",
             "descriptor_ids.npy": build / "descriptor_ids.npy",
@@ -65,7 +65,7 @@ def selftest_action(build: Path, queries: int = 0, **_: Any) -> Action:
         version=f"selftest {SELFTEST_VERSION}:"
         + code_version("cachebuild.localize.selftest")
         + ":"
-        + _dist_version("numpy"),
+        + " ".join(installed_version("numpy") or ()),
         inputs={"tiles.npy": build / "tiles.npy", "index.faiss": build / "index.faiss"},
         values={"queries": int(queries)},
         engine_key=_engine_key(build),
@@ -84,7 +84,7 @@ def preview_action(build: Path, **_: Any) -> Action:
         version=f"preview {PREVIEW_VERSION}:"
         + code_version("cachebuild.tiles.preview", "cachebuild.store.thumbs")
         + ":"
-        + _dist_version("pillow"),
+        + " ".join(installed_version("pillow") or ()),
         # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
         inputs={"tiles.npy": build / "tiles.npy", "missing.npy": build / "missing.npy"},
         values={

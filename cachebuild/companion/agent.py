@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild import __version__
+from cachebuild._util.dists import installed_version
 from cachebuild.companion.packs import settle_incoming
 from cachebuild.inputs.plan import engine_environment
 from cachebuild.store.lock import StoreLock
@@ -78,25 +79,15 @@ def layout(root: Path) -> dict[str, Path]:
     return {name: root / name for name in _DIRS}
 
 
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _tensorrt_version() -> str | None:
     # JetPack installs TensorRT's Python bindings from a Debian package, with
     # no pip metadata: ask the module itself, in a child so a broken CUDA
     # install cannot take the agent down.
     import importlib.util
 
-    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt_lean"):
-        v = _version(dist)
-        if v:
-            return v
+    found = installed_version("tensorrt", "tensorrt-cu12", "tensorrt_lean")
+    if found:
+        return found[1]
     if importlib.util.find_spec("tensorrt") is None:
         return None
     try:
@@ -147,11 +138,12 @@ def device_info() -> dict[str, Any]:
     Every field may be None (no GPU: ONNX Runtime on the CPU builds).
     """
     gpus = _gpus()
+    ort = installed_version("onnxruntime", "onnxruntime-gpu")
     return {
         "gpu": gpus[0] if gpus else None,
         "gpus": gpus,
         "tensorrt": _tensorrt_version(),
-        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxruntime": ort[1] if ort else None,
         "jetson": _jetson_model(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -225,6 +217,7 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
             os.utime(dirs["inbox"] / name)  # in use: keep it
     pruned = _prune_inbox(dirs["inbox"], inboxes, now)
     device = device_info()
+    doit = installed_version("doit")
     engine = None
     if backend:
         engine = engine_environment(backend)
@@ -232,7 +225,7 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
         "protocol": PROTOCOL_VERSION,
         "cachebuild": __version__,
         "python": platform.python_version(),
-        "doit": _version("doit"),
+        "doit": doit[1] if doit else None,
         "dir": str(root),
         "free_bytes": shutil.disk_usage(root).free,
         "device": device,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from cachebuild._util.dists import installed_version
 from cachebuild.engine import gpu as gpu_probes
 from cachebuild.engine.interface import cpu_device
 from cachebuild.errors import EngineError
@@ -64,17 +65,6 @@ class BackendChoice:
     reason: str
 
 
-def _dist_version(*names: str) -> str | None:
-    from importlib import metadata
-
-    for name in names:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return None
-
-
 def probe_machine() -> MachineProbes:
     """:class:`MachineProbes` for this machine.
 
@@ -84,9 +74,10 @@ def probe_machine() -> MachineProbes:
     """
 
     gpu = gpu_probes.gpu_present()
-    ort_version = _dist_version("onnxruntime", "onnxruntime-gpu")
+    ort = installed_version("onnxruntime", "onnxruntime-gpu")
+    ort_version = ort[1] if ort else None
     ort_cuda = False
-    if gpu and _dist_version("onnxruntime-gpu"):
+    if gpu and installed_version("onnxruntime-gpu"):
         try:
             import onnxruntime
 

@@ -23,6 +23,7 @@ import re
 from pathlib import Path
 from typing import Any, Protocol
 
+from cachebuild._util.dists import installed_version
 from cachebuild.errors import EngineError
 
 __all__ = [
@@ -42,13 +43,10 @@ def tensorrt_version_here() -> str | None:
     package) from the ``__version__`` line of the package's ``__init__.py``.
     """
     import importlib.util
-    from importlib import metadata
 
-    for dist in ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    found = installed_version("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu12")
+    if found:
+        return found[1]
     try:
         spec = importlib.util.find_spec("tensorrt")
     except (ImportError, ValueError):
@@ -74,13 +72,12 @@ def cuda_version_here(root: str = "/") -> str | None:
     or ``version.txt``.
     """
     import json
-    from importlib import metadata
 
-    for dist in ("nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
+    found = installed_version(
+        "nvidia-cuda-runtime-cu13", "nvidia-cuda-runtime-cu12", "nvidia-cuda-runtime"
+    )
+    if found:
+        return found[1]
     base = Path(root) / "usr/local/cuda"
     try:
         return str(json.loads((base / "version.json").read_text())["cuda"]["version"])

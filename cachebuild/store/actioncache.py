@@ -111,18 +111,6 @@ def code_version(*modules: str) -> str:
     return h.hexdigest()
 
 
-def _dist_version(*names: str) -> str:
-    """The installed version of the first of ``names`` (distribution names) that is installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    for name in names:
-        try:
-            return f"{name} {version(name)}"
-        except PackageNotFoundError:
-            continue
-    return ""
-
-
 @dataclass(frozen=True)
 class Action:
     """One cacheable action over a build directory.
