@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cachebuild import __version__
 from cachebuild._util import httpsafe
+from cachebuild._util.retry import THROTTLE_STATUSES, retry_after_s
+from cachebuild._util.retry import backoff_s as backoff_s_for
 from cachebuild.errors import (
     FlightInvalidAnswerError,
     FlightNetworkError,
@@ -51,6 +52,10 @@ __all__ = [
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_RETRIES = 2
 DEFAULT_BACKOFF_S = 0.5
+#: 429 answers ("slow down") waited out, as their Retry-After says, on top of the retries.
+MAX_THROTTLED = 5
+#: The longest Retry-After honoured.
+RETRY_AFTER_MAX_S = 30.0
 TOKEN_ENV = "FLIGHTS_API_TOKEN"
 USER_AGENT = f"cachebuild/{__version__}"
 
@@ -158,6 +163,11 @@ def _ask(
 ) -> tuple[int, str, bytes | None]:
     """GET ``endpoint`` with retries: ``(status, content type, body of a 200)``.
 
+    The policy is the tile providers' (:mod:`cachebuild._util.retry`): a 429
+    or 5xx waits its ``Retry-After`` (capped), else backs off with jitter; a
+    429 spends no retry, up to :data:`MAX_THROTTLED` of them (a lone client
+    has no concurrency to lower).
+
     The body is read with a bound (:data:`~cachebuild.inputs.flight.MAX_FLIGHT_BYTES`
     decoded), so a compressed bomb is refused (exit 93) without inflating it.
     """
@@ -165,9 +175,12 @@ def _ask(
 
     shown = public_url(endpoint)
     last = ""
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(backoff_s * 2 ** (attempt - 1) * (0.5 + random.random()))
+    counted = throttled = 0
+    wait: float | None = None
+    while counted <= retries and throttled <= MAX_THROTTLED:
+        if counted or throttled:
+            time.sleep(backoff_s_for(counted - 1, backoff_s) if wait is None else wait)
+        wait = None
         try:
             with guard.deadline(timeout_s):
                 response = httpsafe.get(
@@ -175,8 +188,12 @@ def _ask(
                 )
                 try:
                     status = response.status_code
-                    if status >= 500:
+                    if status in THROTTLE_STATUSES or status >= 500:
+                        # "slow down": wait as told; a 429 spends no retry (503 may be an outage)
+                        throttled += status == 429
+                        counted += status != 429
                         last = f"HTTP {status}"
+                        wait = retry_after_s(response.headers.get("retry-after"), RETRY_AFTER_MAX_S)
                         continue
                     ctype = response.headers.get("content-type", "").split(";")[0].strip().lower()
                     body = httpsafe.read_body(response, MAX_FLIGHT_BYTES) if status == 200 else None
@@ -192,8 +209,9 @@ def _ask(
             raise FlightInvalidAnswerError(
                 f"Flights API {shown} answered {exc}, not a flight"
             ) from None
+        counted += 1
     raise FlightNetworkError(
-        f"Flights API {shown}: {last} after {retries + 1} attempts",
+        f"Flights API {shown}: {last} after {counted + throttled} attempts",
         remedy="check FLIGHTS_API_URL and the network (FLIGHTS_API_TIMEOUT sets the timeout), "
         "or rebuild from the saved answer with OFFLINE=1",
     )

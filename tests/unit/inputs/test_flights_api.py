@@ -72,6 +72,14 @@ class FlightsApi:
                     if api.hits[fid] <= arg[0]:
                         return self._send(500, b"oops")
                     return self._send(200, json.dumps(arg[1]).encode())
+                if kind == "throttle_then":  # arg = (429s, Retry-After, then-flight)
+                    if api.hits[fid] <= arg[0]:
+                        self.send_response(429)
+                        self.send_header("Retry-After", arg[1])
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return None
+                    return self._send(200, json.dumps(arg[2]).encode())
                 if kind == "hang":
                     time.sleep(arg)
                     return self._send(200, json.dumps(FLIGHT).encode())
@@ -153,6 +161,23 @@ def test_500_then_success_is_retried(api: FlightsApi) -> None:
     api.routes[_id(3)] = ("fail_then", (2, {**FLIGHT, "flight_id": _id(3)}))
     flight, _ = fetch_flight(_id(3), url=api.url, token=TOKEN, retries=2, backoff_s=0.01)
     assert flight.flight_id == _id(3) and api.hits[_id(3)] == 3
+
+
+def test_429_with_retry_after_is_waited_and_spends_no_retry(api: FlightsApi) -> None:
+    api.routes[_id(6)] = ("throttle_then", (2, "0", {**FLIGHT, "flight_id": _id(6)}))
+    # no retries at all: only the 429s' own allowance lets the third request happen
+    flight, _ = fetch_flight(_id(6), url=api.url, token=TOKEN, retries=0, backoff_s=30.0)
+    assert flight.flight_id == _id(6) and api.hits[_id(6)] == 3
+
+
+def test_429_forever_is_a_network_error_after_its_allowance(api: FlightsApi) -> None:
+    from cachebuild.inputs.flights_api import MAX_THROTTLED
+
+    api.routes[_id(7)] = ("throttle_then", (100, "0", FLIGHT))
+    with pytest.raises(FlightNetworkError) as info:
+        fetch_flight(_id(7), url=api.url, token=TOKEN, retries=1, backoff_s=0.01)
+    assert info.value.exit_code == 92 and "HTTP 429" in str(info.value)
+    assert api.hits[_id(7)] == MAX_THROTTLED + 1  # the allowance, then it gives up
 
 
 def test_persistent_500_and_hang_are_network_errors(api: FlightsApi) -> None:
