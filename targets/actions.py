@@ -72,6 +72,7 @@ CACHE_ARTIFACTS = (
     "descriptor_ids.npy",
     "index.faiss",
     "index.json",
+    "positions.npy",
     "selftest.json",
     "preview.png",
 )

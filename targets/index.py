@@ -14,14 +14,14 @@ def task(plan: Any) -> dict[str, Any]:
     kind = plan.settings.index_kind
     return {
         "name": "index",
-        "doc": "build the FAISS index over the descriptors (index.faiss, index.json)",
+        "doc": "build the FAISS index over the descriptors (index.faiss, index.json, positions.npy)",
         "actions": [
             (actions.phase_action("index", actions.index), [], {"build": str(build), "kind": kind})
         ],
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
-        "targets": [str(build / "index.faiss"), str(build / "index.json")],
+        "targets": [str(build / n) for n in ("index.faiss", "index.json", "positions.npy")],
         # the version: how a kind is built and tuned (cachebuild.localize.index); the saved quantizer
         # (index-quantizer.npz) is not a target: it is a cache, checked before it is reused
-        "uptodate": [config_changed({"index": kind, "version": 5})],
+        "uptodate": [config_changed({"index": kind, "version": 6})],
         "clean": True,
     }

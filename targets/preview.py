@@ -29,7 +29,14 @@ def task(plan: Any) -> dict[str, Any]:
         # function of the images already named in tiles.npy
         "file_dep": [
             str(build / n)
-            for n in ("tiles.npy", "missing.npy", "tileset.json", "tiles.mbtiles", "flight.json")
+            for n in (
+                "tiles.npy",
+                "missing.npy",
+                "tileset.json",
+                "tiles.mbtiles",
+                "flight.json",
+                "selftest.json",  # the legend gives its recall and error
+            )
         ],
         # order only, not a dependency (doit's task_dep never makes a task out of
         # date): describe runs first, so it has kept the thumbnail of every image it

@@ -46,7 +46,8 @@ from cachebuild.errors import (
 )
 from cachebuild.inputs.config import VARIABLES, Settings, load_settings
 from cachebuild.inputs.plan import resolve_plan
-from cachebuild.localize.selftest import check_recall, summary
+from cachebuild.localize.selftest import check_recall, read_run, summary
+from cachebuild.localize.selftest_score import low_recall_warning
 from cachebuild.release.lock import CacheLock
 from cachebuild.release.publish import (
     clean_leftovers,
@@ -344,6 +345,12 @@ def _locked_build(
     report.extra["action_cache"] = actions.ACTIVE.get("action_cache") or {"hits": [], "misses": []}
     report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))
+    # history stays out of selftest.json: what this run described, from the run file
+    run = read_run(paths.build) if "selftest" in reporter.ran else None
+    report.extra["selftest_frames"] = (run or {}).get("frames") or {"described": 0}
+    low = low_recall_warning(signed["info"].get("selftest"), settings.recall_warn)
+    if low:
+        warn(low)
     engine = signed["info"].get("engine") or {}  # which backend ran, on what device
     report.extra["engine"] = {k: engine.get(k) for k in ("backend", "device", "key")}
     check_coverage(signed, settings.strict, warn)

@@ -40,6 +40,7 @@ from cachebuild.engine.interface import (
     EngineBackend,
     EngineRunner,
     check_precision,
+    documented_input,
     engine_key,
     read_engine_json,
 )
@@ -197,7 +198,7 @@ def compile_engine(
         "model_sha256": model_digest,
         "calibration_sha256": calibration_sha256,
         "engine_file": info.engine_file,
-        "input": info.input,
+        "input": documented_input(info.input),  # size, channel order, scaling, layout
         "output": info.output,
         "descriptor_dim": info.descriptor_dim,
     }

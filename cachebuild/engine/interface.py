@@ -28,14 +28,28 @@ __all__ = [
     "EngineBackend",
     "EngineInfo",
     "EngineRunner",
+    "INPUT_PREPARATION",
     "check_precision",
     "cpu_device",
+    "documented_input",
     "engine_key",
     "read_engine_json",
 ]
 
 
 ENGINE_JSON = "engine.json"
+
+#: How every frame and tile is prepared for the engine (cachebuild.localize.decode does
+#: exactly this); ``engine.json``'s ``input`` carries it so an onboard client needs no source.
+INPUT_PREPARATION: dict[str, Any] = {
+    "channel_order": "RGB",
+    "layout": "NCHW",
+    "dtype": "float32",
+    "scaling": "x / 255 - 0.5",
+    "scale": 1 / 255,
+    "offset": -0.5,
+    "resize": "bilinear, to size",
+}
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -253,3 +267,15 @@ def check_precision(backend: EngineBackend, precision: str) -> None:
             f"BACKEND=tensorrt on a machine with TensorRT",
             remedy=f"set PRECISION={backend.precisions[0]}, or build on a machine with TensorRT",
         )
+
+
+def documented_input(inp: dict[str, Any]) -> dict[str, Any]:
+    """A backend's ``input`` record with ``size`` ([H, W], None when dynamic) and the preparation.
+
+    >>> documented_input({"name": "tiles", "shape": [None, 3, 256, 256], "dtype": "float32"})["size"]
+    [256, 256]
+    """
+    shape = list(inp.get("shape") or [])
+    hw = shape[2:4] if len(shape) == 4 else []
+    size = [int(v) for v in hw] if len(hw) == 2 and all(isinstance(v, int) for v in hw) else None
+    return {**inp, "size": size, **INPUT_PREPARATION}

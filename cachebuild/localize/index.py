@@ -89,6 +89,7 @@ from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows, npy_shape
 from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.localize.places import POSITIONS_FILE, write_positions
 
 if TYPE_CHECKING:
     import numpy as np
@@ -597,6 +598,7 @@ def build_index(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    write_positions(out.with_name(POSITIONS_FILE), ids)  # where each id lies on the ground
     info: dict[str, Any] = {
         "type": plan.description,
         "kind": plan.kind,
@@ -609,6 +611,7 @@ def build_index(
         "recall_queries": int(q),
         "recall_target": RECALL_TARGET,
         "device": device,
+        "positions": POSITIONS_FILE,
         **({"gpu_error": gpu_error} if gpu_error else {}),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }

@@ -2,11 +2,22 @@
 
 After the index is built, sample tiles, cut from the mosaic of each sampled
 tile and its eight neighbours a 256-pixel *frame* the way a downward camera
-would see that ground, describe it with the same engine, search the index,
-and count a hit when a result is the tile under the frame's centre or one
-of its eight neighbours.  The numbers go to ``selftest.json``, the signed
-manifest's ``info`` and the JSON report; ``MIN_RECALL`` turns recall@1 into
-a gate (exit 22, failure phase ``selftest``).
+would see that ground, describe it with the same engine and search the
+index.  A result is a hit when at least half the frame's ground lies in
+the place it names, and the position error is the ground distance from
+the frame's centre to that place's centre
+(:mod:`cachebuild.localize.selftest_score`).
+
+The headline is frames centred *anywhere* in the sampled tile (offsets up
+to half a tile on each axis), as a drone's frame is: recall@1, recall@5,
+median and p95 position error in metres, with the frame count (fewer than
+:data:`~cachebuild.localize.selftest_score.MIN_FRAMES` give no figure).
+About a quarter as many frames (the sampled tiles whose hash is 0 mod 4)
+are also cut within :data:`MAX_OFFSET` of a tile centre and reported as
+``near_centre``.  The numbers go to ``selftest.json``, the signed
+manifest's ``info`` and the JSON report; ``MIN_RECALL`` turns the
+headline recall@1 into a gate (exit 22, failure phase ``selftest``) and
+``RECALL_WARN`` into a warning.
 
 A frame, around a tile T among the tiles whose eight neighbours are
 present: the candidates are ranked by a 64-bit hash of (tile id, the
@@ -16,8 +27,8 @@ sample while it stays a candidate with the same image, so after a 10%
 shift about 90% of the frames are the same frames).  Each frame's
 parameters are drawn from a generator seeded by that hash:
 
-- centre: T's centre moved by up to :data:`MAX_OFFSET` of a tile on each
-  axis (uniform), so the frame straddles one or two tile borders;
+- centre: T's centre moved by up to half a tile (headline) or
+  :data:`MAX_OFFSET` of a tile (near-centre) on each axis, uniform;
 - rotation: uniform in +-:data:`ROTATION_DEG` degrees;
 - scale: ground size x uniform in 1 +- :data:`SCALE`;
 - brightness: x uniform in 1 +- :data:`GAIN`, then + uniform in
@@ -30,39 +41,40 @@ keeps each in :data:`FRAMES_FILE` (build directory) under the SHA-256 of
 the parameters), so a rebuild renders and describes only the frames it
 has not described before and loads the engine only then.  Every frame is
 searched in the new index every time: the recall is always that of the
-index being published.
-
-About a quarter as many frames are also drawn, from the sampled tiles
-whose hash is 0 mod 4, with the centre *anywhere* in T (offsets up to half
-a tile) and reported as ``anywhere``: a frame centred
-near a tile corner shares only a quarter of its ground with any one tile,
-and no index of one descriptor per tile finds those reliably (see
-docs/benchmarks.md); the figure is there so nobody mistakes the gated one
-for it.
+index being published.  ``selftest.json`` holds only what the figures
+are a function of; how many frames this run described or reused goes to
+:data:`RUN_FILE` and from there to the build report.
 
 numpy, Pillow and the engine's backend are imported inside the functions.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cachebuild._util.fs import atomic_write
+from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import CoverageError
+from cachebuild.localize.index import load_index
+from cachebuild.localize.selftest_frames import (
+    _describe_frames,
+    _read_frames,
+    _render,
+    _write_frames,
+)
+from cachebuild.localize.selftest_score import MIN_FRAMES, MIN_OVERLAP, headline, score
 from cachebuild.tileset import read_tiles
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "SELFTEST_FILE",
     "SELFTEST_VERSION",
+    "RUN_FILE",
+    "read_run",
     "FRAMES_FILE",
     "RENDER_VERSION",
     "DEFAULT_QUERIES",
@@ -82,7 +94,7 @@ __all__ = [
 
 SELFTEST_FILE = "selftest.json"
 #: Bump when the frames change: it is a dependency of the selftest task.
-SELFTEST_VERSION = 3
+SELFTEST_VERSION = 4
 #: The frame descriptors a build keeps for the next (build directory; not part of the cache).
 FRAMES_FILE = "selftest-frames.npy"
 #: Part of each kept frame's key: bump when _render or the engine input preprocessing changes.
@@ -96,14 +108,9 @@ SCALE = 0.1
 GAIN = 0.2
 BIAS = 10.0
 _K = 5
-#: A sampled tile whose hash is 0 mod this also gives an "anywhere" frame.
-_ANYWHERE_EVERY = 4
+#: A sampled tile whose hash is 0 mod this also gives a near-centre frame.
+_NEAR_EVERY = 4
 _MASK = (1 << 29) - 1
-#: Frames rendered and described at a time.  A batch holds up to nine
-#: decoded tiles per frame (the sample is sparse on a large area, so the
-#: blocks rarely share tiles): 16 frames keep that under ~30 MB for 256 px
-#: tiles, where 64 put ~110 MB on the build's peak RSS.
-_BATCH = 16
 
 
 class SelfTestError(CoverageError):
@@ -158,26 +165,6 @@ def _draw(rng: Any, max_offset: float) -> tuple[float, ...]:
         rng.uniform(1 - GAIN, 1 + GAIN),
         rng.uniform(-BIAS, BIAS),
     )
-
-
-def _render(mosaic: Any, params: tuple[float, ...], size: int) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    dx, dy, theta, scale, gain, bias = params
-    tile = mosaic.shape[0] // 3
-    cx, cy = 1.5 * tile + dx * tile, 1.5 * tile + dy * tile
-    s = scale * tile / size
-    a, b = s * math.cos(theta), -s * math.sin(theta)
-    d, e = s * math.sin(theta), s * math.cos(theta)
-    h = size / 2
-    # output pixel (u, v) samples the mosaic at centre + R * s * (u - h, v - h)
-    coeffs = (a, b, cx - a * h - b * h, d, e, cy - d * h - e * h)
-    frame = Image.fromarray(mosaic).transform(
-        (size, size), Image.Transform.AFFINE, coeffs, resample=Image.Resampling.BILINEAR
-    )
-    out = np.asarray(frame, dtype=np.float32) * np.float32(gain) + np.float32(bias)
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def make_frame(mosaic: Any, rng: Any, max_offset: float, size: int = 256) -> Any:
@@ -237,109 +224,74 @@ def _frame_key(
     return h.digest()
 
 
-def _frames_dtype(dim: int) -> Any:
-    import numpy as np
-
-    return np.dtype([("key", "u1", (32,)), ("d", "<f4", (dim,))])
-
-
-def _read_frames(path: Path | None, dim: int) -> dict[bytes, Any]:
-    """The kept frame descriptors (key -> row); empty when there are none or they are unusable."""
-    import numpy as np
-
-    if path is None or not path.is_file():
-        return {}
-    try:
-        with open(path, "rb") as fh:
-            kept = np.load(fh, allow_pickle=False)
-        if kept.dtype != _frames_dtype(dim) or kept.ndim != 1 or not np.all(np.isfinite(kept["d"])):
-            return {}
-    except Exception:  # truncated or garbage: describe the frames again  # noqa: BLE001
-        return {}
-    return {row["key"].tobytes(): row["d"] for row in kept}
+def _engine_input(
+    engine_dir: Any, threads: int | None
+) -> tuple[dict[str, Any], tuple[int, int], Any]:
+    """``(engine.json, frame size, runner or None)``: the runner is loaded only for dynamic axes."""
+    record = read_engine_json(engine_dir)
+    shape = record["input"].get("shape") or []
+    if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
+        return record, (int(shape[2]), int(shape[3])), None
+    runner = load_engine(engine_dir, threads=threads)  # dynamic spatial axes: it knows its input
+    return record, (int(runner.input_hw[0]), int(runner.input_hw[1])), runner
 
 
-def _write_frames(path: Path, rows: dict[bytes, Any], dim: int) -> None:
-    """Write the frame descriptors through a temp file and a rename (never in place)."""
-    import uuid
+def _plan_frames(
+    ids: Any,
+    digests: Any,
+    centres: Any,
+    hashes: Any,
+    near: Any,
+    engine_key: str,
+    size: Any,
+    max_offset: float,
+) -> list[tuple[Any, list[tuple[list[int], tuple[float, ...], bytes]]]]:
+    """The two tests' frames: ``[(middle tiles' positions, [(block, params, key)])]``.
 
-    import numpy as np
-
-    out = np.empty(len(rows), dtype=_frames_dtype(dim))
-    for i, (key, d) in enumerate(sorted(rows.items())):
-        out[i]["key"] = np.frombuffer(key, dtype=np.uint8)
-        out[i]["d"] = d
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, out, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _describe_frames(
-    jobs: list[tuple[list[int], tuple[float, ...]]],
-    paths: dict[int, Path],
-    size: tuple[int, int],
-    workers: int,
-    run: Any,
-) -> Any:
-    """Render and describe frames: each job is (the 3x3 block's tile ids, row by row; parameters).
-
-    Jobs go ``_BATCH`` at a time: the block tiles of a batch are decoded
-    once each (hash-checked reads), the frames rendered in threads, and the
-    batch run through the engine.  Returns L2-normalised float32 ``[len(jobs), D]``.
+    The first test is the headline (centres anywhere in the tile), the second
+    the near-centre frames of the tiles flagged ``near``.  Both parameter sets
+    are drawn for every tile, near-centre first, so a frame never depends on
+    the other test.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
     import numpy as np
 
-    from cachebuild.localize.decode import _preprocess_into, decode_tile, tile_zxy
-    from cachebuild.store.objects import read_object
-
-    tile = size[0]
-
-    def load(tid: int) -> Any:
-        # hash checked (StoreObjectError: the build fetches the image again)
-        data = read_object(paths[tid], what="tile z={} x={} y={}".format(*tile_zxy(tid)))
-        return decode_tile(io.BytesIO(data), size)
-
-    out = []
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selftest") as pool:
-        for s in range(0, len(jobs), _BATCH):
-            part = jobs[s : s + _BATCH]
-            unique = sorted({t for block, _ in part for t in block})
-            images = dict(zip(unique, pool.map(load, unique)))
-            batch = np.empty((len(part), 3, *size), dtype=np.float32)
-
-            def frame(i: int, part: Any = part, images: Any = images, batch: Any = batch) -> None:
-                block, params = part[i]
-                mosaic = np.empty((3 * tile, 3 * tile, 3), dtype=np.uint8)
-                for k in range(9):
-                    r, c = divmod(k, 3)
-                    mosaic[r * tile : (r + 1) * tile, c * tile : (c + 1) * tile] = images[block[k]]
-                _preprocess_into(
-                    _render(mosaic, params, tile), batch[i], np.empty((3, *size), dtype=np.uint8)
-                )
-
-            list(pool.map(frame, range(len(part))))
-            del images
-            d = np.asarray(run(batch), dtype=np.float32)
-            d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), np.float32(1e-12))
-            out.append(d)
-    return np.concatenate(out) if out else None
-
-
-def _hits(found: Any, centres: Any, ids: Any) -> tuple[float, float]:
-    """recall@1 and recall@5: a result in the centre tile's 3x3 block counts."""
-    import numpy as np
-
-    block = np.stack(
-        [_neighbour_ids(ids[centres], dx, dy)[0] for dy in (-1, 0, 1) for dx in (-1, 0, 1)], axis=1
+    block_pos = np.stack(
+        [
+            np.searchsorted(ids, _neighbour_ids(ids[centres], dx, dy)[0])
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+        ],
+        axis=1,
     )
-    hit = (found[:, :, None] == block[:, None, :]).any(axis=2)
-    return float(np.mean(hit[:, 0])), float(np.mean(hit.any(axis=1)))
+    tests: list[tuple[Any, list[tuple[list[int], tuple[float, ...], bytes]]]] = [
+        (centres, []),
+        (centres[near], []),
+    ]
+    for i, h in enumerate(hashes):
+        rng = np.random.default_rng(int(h))
+        params = (_draw(rng, max_offset), _draw(rng, 0.5))
+        block = [int(ids[p]) for p in block_pos[i]]
+        contents = [digests[p].tobytes() for p in block_pos[i]]
+        for t, (_, jobs) in enumerate(tests):
+            if t == 1 and not near[i]:
+                continue
+            p = params[1 - t]  # test 0 (anywhere) takes the second draw, as it always has
+            jobs.append((block, p, _frame_key(engine_key, size, contents, p)))
+    return tests
+
+
+def _score_test(
+    index: Any, which: Any, jobs: list[Any], have: dict[bytes, Any], ids: Any
+) -> dict[str, Any]:
+    """Search one test's frames and score them (:func:`selftest_score.score`)."""
+    import numpy as np
+
+    if not jobs:
+        return score(np.zeros((0, _K), np.int64), [], [], [], np.zeros((0, 6)))
+    queries_d = np.ascontiguousarray(np.stack([have[k] for _, _, k in jobs]), dtype=np.float32)
+    _, found = index.search(queries_d, _K)
+    tid = ids[which]
+    return score(found, (tid >> 29) & _MASK, tid & _MASK, tid >> 58, [p for _, p, _ in jobs])
 
 
 def run_selftest(
@@ -354,7 +306,7 @@ def run_selftest(
     max_offset: float = MAX_OFFSET,
     frames_file: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the self-test over a built cache; returns what ``selftest.json`` holds.
+    """Run the self-test over a built cache; returns what ``selftest.json`` holds, and ``frames``.
 
     Parameters
     ----------
@@ -367,14 +319,15 @@ def run_selftest(
     index_path
         The index to search.
     queries
-        Frames per test (0: skip the test).
+        Frames centred anywhere (0: skip the test); about a quarter as many
+        near-centre frames are added.
     seed
         Seed of the sample and the frames (``None``: 0).
     threads
         Engine threads (``None``: every core).
     max_offset
-        Largest shift of a frame's centre from its tile's centre, per axis,
-        as a fraction of the tile (the build uses :data:`MAX_OFFSET`).
+        Largest shift of a near-centre frame's centre from its tile's
+        centre, per axis, as a fraction of the tile (:data:`MAX_OFFSET`).
     frames_file
         Where frame descriptors are kept between runs (the build passes
         :data:`FRAMES_FILE` in the build directory): frames found there
@@ -384,88 +337,35 @@ def run_selftest(
     Returns
     -------
     dict
-        ``recall_at_1``, ``recall_at_5`` (None without frames), ``queries``,
-        ``candidates`` (tiles with all eight neighbours), ``max_offset_px``,
+        The headline, over frames centred anywhere: ``recall_at_1``,
+        ``recall_at_5``, ``median_error_m``, ``p95_error_m`` (None without
+        frames or when unbounded), ``queries``, ``too_few_frames``; then
+        ``candidates``, ``max_offset_px``, ``min_overlap``,
         ``rotation_deg``, ``scale``, ``gain``, ``bias``, ``seed``,
-        ``version``, ``frames`` {``described``, ``reused``} (over both
-        tests), and ``anywhere`` (the same for centres anywhere in the
-        tile).
+        ``version``, ``near_centre`` (the same figures for frames within
+        ``max_offset``), and ``frames`` {``described``, ``reused``}: this
+        run's history, which :func:`write_selftest` keeps out of
+        ``selftest.json``.
     """
     import numpy as np
 
-    from cachebuild.engine.compile import load_engine
-    from cachebuild.localize.decode import default_decode_threads
-    from cachebuild.localize.index import load_index
-    from cachebuild.store.objects import TileStore
-
-    build = Path(build_dir)
-    tiles = read_tiles(build)
+    tiles = read_tiles(Path(build_dir))
     ids = np.ascontiguousarray(tiles["id"], dtype=np.int64)
     digests = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(len(tiles), 32)
     seed = 0 if seed is None else int(seed)
     candidates = interior_tiles(ids)
     q = min(int(queries), len(candidates))
-    result: dict[str, Any] = {
-        "version": SELFTEST_VERSION,
-        "queries": q,
-        "candidates": int(len(candidates)),
-        "seed": seed,
-        "rotation_deg": ROTATION_DEG,
-        "scale": SCALE,
-        "gain": GAIN,
-        "bias": BIAS,
-        "recall_at_1": None,
-        "recall_at_5": None,
-        "frames": {"described": 0, "reused": 0},
-    }
-    record = read_engine_json(engine_dir)
-    shape = record["input"].get("shape") or []
-    runner = None
-    if len(shape) == 4 and all(isinstance(v, int) and v > 0 for v in shape[2:]):
-        size = (int(shape[2]), int(shape[3]))
-    else:  # dynamic spatial axes: the loaded engine knows its input
-        runner = load_engine(engine_dir, threads=threads)
-        size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
-    result["max_offset_px"] = round(max_offset * size[0], 1)
+    record, size, runner = _engine_input(engine_dir, threads)
+    result = _empty_result(q, len(candidates), seed, size, max_offset)
+    if q == 0:
+        return result
     # the sample: candidates in order of their hash; the first q
     hashes = _frame_hashes(ids[candidates], digests[candidates], seed)
     order = np.argsort(hashes, kind="stable")[:q]
     centres, hashes = candidates[order], hashes[order]
-    anywhere = _mix(hashes) % np.uint64(_ANYWHERE_EVERY) == 0
-    result["anywhere"] = {
-        "queries": int(anywhere.sum()),
-        "max_offset_px": round(0.5 * size[0], 1),
-        "recall_at_1": None,
-        "recall_at_5": None,
-    }
-    if q == 0:
-        return result
-
-    # each frame: its block (ids and content hashes, row by row), parameters and key
-    block_pos = np.stack(
-        [
-            np.searchsorted(ids, _neighbour_ids(ids[centres], dx, dy)[0])
-            for dy in (-1, 0, 1)
-            for dx in (-1, 0, 1)
-        ],
-        axis=1,
-    )
+    near = _mix(hashes) % np.uint64(_NEAR_EVERY) == 0
     engine_key = str(record.get("key") or "")
-    tests: list[tuple[Any, list[tuple[list[int], tuple[float, ...], bytes]]]] = [
-        (centres, []),
-        (centres[anywhere], []),
-    ]
-    for i, h in enumerate(hashes):
-        rng = np.random.default_rng(int(h))
-        params = (
-            _draw(rng, max_offset),
-            _draw(rng, 0.5),
-        )  # both drawn: a frame never depends on the other test
-        block = [int(ids[p]) for p in block_pos[i]]
-        contents = [digests[p].tobytes() for p in block_pos[i]]
-        for t, (_, jobs) in enumerate(tests):
-            if t == 0 or anywhere[i]:
-                jobs.append((block, params[t], _frame_key(engine_key, size, contents, params[t])))
+    tests = _plan_frames(ids, digests, centres, hashes, near, engine_key, size, max_offset)
 
     dim = int(record["descriptor_dim"])
     # without an engine key nothing says whose descriptors they are: none kept
@@ -477,42 +377,95 @@ def run_selftest(
     if todo:
         if runner is None:
             runner = load_engine(engine_dir, threads=threads)
-        store = TileStore(store_root)
-        paths = {
-            t: store.path(digests[np.searchsorted(ids, t)].tobytes().hex())
-            for b, _, _ in todo
-            for t in b
-        }
-        described = _describe_frames(
-            [(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), runner.run
-        )
-        have.update((job[2], d) for job, d in zip(todo, described))
+        have.update(_describe_todo(todo, ids, digests, store_root, size, runner))
     result["frames"] = {"described": len(todo), "reused": len(wanted) - len(todo)}
     index = load_index(index_path)
-    for target, (which, jobs) in zip((result, result["anywhere"]), tests):
-        if not jobs:
-            continue
-        queries_d = np.ascontiguousarray(np.stack([have[k] for _, _, k in jobs]), dtype=np.float32)
-        _, found = index.search(queries_d, _K)
-        r1, r5 = _hits(found, which, ids)
-        target["recall_at_1"], target["recall_at_5"] = round(r1, 4), round(r5, 4)
+    result.update(_headline_fields(_score_test(index, *tests[0], have, ids)))
+    result["near_centre"].update(_headline_fields(_score_test(index, *tests[1], have, ids)))
     if keep is not None and (todo or set(kept) != {k for _, _, k in wanted}):
         _write_frames(keep, {k: have[k] for _, _, k in wanted}, dim)  # this run's frames only
     return result
 
 
+def _headline_fields(scored: dict[str, Any]) -> dict[str, Any]:
+    out = dict(scored)
+    out["queries"] = out.pop("frames")
+    out["too_few_frames"] = out["queries"] < MIN_FRAMES
+    return out
+
+
+def _empty_result(
+    q: int, candidates: int, seed: int, size: tuple[int, int], max_offset: float
+) -> dict[str, Any]:
+    """``selftest.json`` before any frame: the parameters, no figures."""
+    none = {
+        "recall_at_1": None,
+        "recall_at_5": None,
+        "median_error_m": None,
+        "p95_error_m": None,
+    }
+    return {
+        "version": SELFTEST_VERSION,
+        "queries": q,
+        "too_few_frames": q < MIN_FRAMES,
+        "candidates": int(candidates),
+        "seed": seed,
+        "max_offset_px": round(0.5 * size[0], 1),
+        "min_overlap": MIN_OVERLAP,
+        "rotation_deg": ROTATION_DEG,
+        "scale": SCALE,
+        "gain": GAIN,
+        "bias": BIAS,
+        **none,
+        "near_centre": {
+            "queries": 0,
+            "too_few_frames": True,
+            "max_offset_px": round(max_offset * size[0], 1),
+            **none,
+        },
+        "frames": {"described": 0, "reused": 0},
+    }
+
+
+def _describe_todo(
+    todo: list[Any], ids: Any, digests: Any, store_root: Any, size: tuple[int, int], runner: Any
+) -> Any:
+    """``(key, descriptor)`` of each frame to describe, read from the tile store."""
+    import numpy as np
+
+    from cachebuild.localize.decode import default_decode_threads
+    from cachebuild.store.objects import TileStore
+
+    store = TileStore(store_root)
+    paths = {
+        t: store.path(digests[np.searchsorted(ids, t)].tobytes().hex())
+        for b, _, _ in todo
+        for t in b
+    }
+    described = _describe_frames(
+        [(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), runner.run
+    )
+    return [(job[2], d) for job, d in zip(todo, described)]
+
+
 def summary(info: dict[str, Any] | None) -> dict[str, Any]:
-    """The report's ``selftest`` object: ``recall_at_1``, ``recall_at_5``, ``queries``."""
+    """The report's ``selftest`` object: the headline figures, the frame count and its line."""
     info = info or {}
     return {
         "recall_at_1": info.get("recall_at_1"),
         "recall_at_5": info.get("recall_at_5"),
+        "median_error_m": info.get("median_error_m"),
+        "p95_error_m": info.get("p95_error_m"),
         "queries": int(info.get("queries") or 0),
+        "too_few_frames": bool(
+            info.get("too_few_frames", int(info.get("queries") or 0) < MIN_FRAMES)
+        ),
+        "text": headline(info),
     }
 
 
 def check_recall(info: dict[str, Any] | None, min_recall: float | None) -> None:
-    """Raise :class:`SelfTestError` when recall@1 is below ``min_recall``.
+    """Raise :class:`SelfTestError` when recall@1 (frames centred anywhere) is below ``min_recall``.
 
     Without ``min_recall`` nothing is checked.  A self-test without frames
     (an area with no tile whose eight neighbours are present, or
@@ -532,13 +485,31 @@ def check_recall(info: dict[str, Any] | None, min_recall: float | None) -> None:
     if float(r1) < min_recall:
         raise SelfTestError(
             f"self-test recall@1 {float(r1):.3f} is below MIN_RECALL={min_recall:g} "
-            f"({info.get('queries')} frames; recall@5 {info.get('recall_at_5')})"
+            f"({headline(info)})"
         )
 
 
-def write_selftest(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
-    """Write ``selftest.json`` atomically."""
+#: Beside ``selftest.json``: what this run described and reused (history, for the build report).
+RUN_FILE = "selftest-run.json"
 
+
+def write_selftest(path: str | os.PathLike[str], result: dict[str, Any]) -> None:
+    """Write ``selftest.json`` (content only) and :data:`RUN_FILE` (this run's ``frames``) atomically."""
+    path = Path(path)
+    content = {k: v for k, v in result.items() if k != "frames"}
     atomic_write(
-        Path(path), (json.dumps(result, indent=1, sort_keys=True) + "\n").encode(), durable=False
+        path, (json.dumps(content, indent=1, sort_keys=True) + "\n").encode(), durable=False
     )
+    run = {"frames": result.get("frames") or {"described": 0, "reused": 0}}
+    atomic_write(
+        path.with_name(RUN_FILE), (json.dumps(run, sort_keys=True) + "\n").encode(), durable=False
+    )
+
+
+def read_run(build_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last run's :data:`RUN_FILE` (None when absent or unreadable)."""
+    try:
+        run = json.loads((Path(build_dir) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return run if isinstance(run, dict) else None

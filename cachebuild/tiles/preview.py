@@ -51,7 +51,7 @@ __all__ = [
 
 DEFAULT_SIZE = 1024
 #: Bumped when the drawing changes: the build's preview task then runs again.
-PREVIEW_VERSION = 2
+PREVIEW_VERSION = 3
 TILE_PX = 256
 MISSING_RGB = (220, 30, 30)
 ROUTE_RGB = (255, 0, 255)
@@ -510,6 +510,23 @@ def _decoded_mosaic(canvas: Any, cache_dir: Path, geo: PreviewGeometry) -> int:
     return present
 
 
+def _selftest_legend(path: Path) -> str:
+    """The self-test's headline for the legend (frames centred anywhere), or nothing without one."""
+    try:
+        st = json.loads(path.read_text())
+        n, r1 = int(st.get("queries") or 0), st.get("recall_at_1")
+    except (OSError, ValueError, AttributeError, TypeError):
+        return ""
+    if not n or r1 is None:
+        return ""
+    if n < 50:  # cachebuild.localize.selftest_score.MIN_FRAMES
+        return f"  |  self-test: too few frames ({n})"
+    med = st.get("median_error_m")
+    return f"  |  recall@1 {float(r1):.2f}, median error " + (
+        f"{float(med):.0f} m" if med is not None else "inf"
+    )
+
+
 def render_preview(
     cache_dir: Path,
     out_path: Path,
@@ -598,6 +615,7 @@ def render_preview(
     )
     if summary["missing"]:
         legend += f"  |  {summary['missing']} missing (red)"
+    legend += _selftest_legend(Path(cache_dir) / "selftest.json")
     draw.rectangle([0, geo.height, geo.width, geo.height + LEGEND_PX], fill=(255, 255, 255))
     draw.text((6, geo.height + 5), legend, fill=(0, 0, 0), font=font)
 

@@ -256,7 +256,15 @@ def test_engine_json_is_written(compiled: tuple, model_path: Path) -> None:
     assert record["backend"] == "onnxruntime" and record["backend_version"] == ort.__version__
     assert record["model_sha256"] == sha256_file(model_path)[0]
     assert record["engine_file"] == "engine.onnx" and (out / "engine.onnx").is_file()
-    assert record["input"] == {"name": "tiles", "shape": [None, 3, 256, 256], "dtype": "float32"}
+    inp = record["input"]
+    assert {k: inp[k] for k in ("name", "shape", "dtype")} == {
+        "name": "tiles",
+        "shape": [None, 3, 256, 256],
+        "dtype": "float32",
+    }
+    # how a frame is prepared, so an onboard client needs no source (issue 21)
+    assert inp["size"] == [256, 256] and inp["channel_order"] == "RGB" and inp["layout"] == "NCHW"
+    assert (inp["scale"], inp["offset"]) == (1 / 255, -0.5)
     assert record["output"] == {"name": "descriptor", "shape": [None, 256], "dtype": "float32"}
     assert record["descriptor_dim"] == DESCRIPTOR_DIM
     fields = {k: record[k] for k in KEY_FIELDS}

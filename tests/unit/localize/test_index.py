@@ -51,7 +51,10 @@ def test_summary_and_file(built: tuple) -> None:
     assert loaded.metric_type == faiss.METRIC_INNER_PRODUCT
     # IDMap2 keeps the vectors reachable by tile id
     np.testing.assert_array_equal(loaded.reconstruct(int(ids[17])), vectors[17])
-    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index.faiss", "positions.npy"]
+    # every id the index answers has its ground position beside it
+    pos = np.load(path.parent / "positions.npy", allow_pickle=False)
+    assert info["positions"] == "positions.npy" and pos["id"].tolist() == sorted(ids.tolist())
 
 
 def test_each_tile_finds_itself_first(built: tuple) -> None:
@@ -96,7 +99,7 @@ def test_rebuild_replaces_the_index(built: tuple, tmp_path: Path) -> None:
     src = write_descriptors(tmp_path / "d2", unit_vectors(2, 64), np.array([1, 2], np.int64))
     build_index(descriptors_dir=src, out_path=path)
     assert faiss.read_index(str(path)).ntotal == 2
-    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]
+    assert sorted(p.name for p in path.parent.iterdir()) == ["index.faiss", "positions.npy"]
 
 
 @pytest.mark.parametrize(
@@ -296,7 +299,11 @@ def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: P
         and a["quantizer"]["reason"] == "trained: no saved quantizer"
     )
     assert a["quantizer"]["trained_on_share"] == 1.0 and a["seconds"]["train"] > 0
-    assert sorted(p.name for p in out.parent.iterdir()) == ["index-quantizer.npz", "index.faiss"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "index-quantizer.npz",
+        "index.faiss",
+        "positions.npy",
+    ]
     trained = faiss.read_index(str(out))  # kept: the quantizer belongs to it
     centroids = faiss.downcast_index(trained.quantizer).reconstruct_n(0, a["params"]["nlist"])
 

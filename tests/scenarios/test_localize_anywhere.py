@@ -1,0 +1,138 @@
+"""End to end (issue 21): the self-test in front of the operator, and an onboard client that
+localizes frames through only the published cache's documented files.
+
+The client reads ``engine/engine.json`` (how to prepare a frame), runs
+``engine/engine.onnx`` with onnxruntime, searches ``index.faiss`` with faiss
+and turns the id into latitude and longitude with ``positions.npy``; it cuts
+its own frames from imagery it fetches itself (the synthetic provider's
+images: no real orthophoto is available offline here).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from cachebuild.providers.synthetic import synthetic_tile_bytes
+from cachebuild.tilemath import Tile, tile, tile_from_id
+from tests.conftest import Cb, write_flight
+
+SMALL = ("BUFFER_M=200", "ZOOM=17")
+#: 11 x 12 tiles at z17: 90 tiles have all eight neighbours.
+WIDE = ("BUFFER_M=1000", "ZOOM=17")
+
+
+def test_the_self_test_headline_is_frames_centred_anywhere_and_warns_below_recall_warn(
+    cb: Cb, tmp_path: Path
+) -> None:
+    f = write_flight(tmp_path / "f.json")
+    r = cb.build(f"FLIGHT={f}", *WIDE, "SELFTEST_QUERIES=60")
+    assert r.code == 0, r.stderr
+    st = r.report["selftest"]
+    assert st["queries"] == 60 and st["too_few_frames"] is False
+    assert st["median_error_m"] is not None and "frames centred anywhere (60 frames)" in st["text"]
+    # one descriptor per tile does not find frames centred anywhere: the build says so
+    assert st["recall_at_1"] < 0.9
+    warning = [w for w in r.report["warnings"] if "RECALL_WARN=0.9" in w]
+    assert warning and "WARNING: self-test: recall@1" in r.stderr
+    # selftest.json is content; what this run described is in the report
+    doc = json.loads((cb.current / "selftest.json").read_text())
+    assert "frames" not in doc and doc["recall_at_1"] == st["recall_at_1"]
+    assert doc["near_centre"]["recall_at_1"] >= 0.85
+    assert r.report["selftest_frames"]["described"] == 60 + doc["near_centre"]["queries"]
+    info = cb.run("cache-info", "REPORT=text")
+    assert info.code == 0 and f"recall@1 {st['recall_at_1']:.3f}" in info.stdout
+    assert "error median" in info.stdout
+    # a lower threshold: no warning; the gate is MIN_RECALL's alone
+    quiet = cb.build(f"FLIGHT={f}", *WIDE, "SELFTEST_QUERIES=60", "RECALL_WARN=0.05")
+    assert quiet.code == 0 and not any("RECALL_WARN" in w for w in quiet.report["warnings"])
+    assert quiet.report["selftest_frames"] == {"described": 0}
+
+
+def test_too_few_frames_give_no_figure(cb: Cb, tmp_path: Path) -> None:
+    f = write_flight(tmp_path / "f.json")
+    r = cb.build(f"FLIGHT={f}", *SMALL, "REPORT=text")
+    assert r.code == 0, r.stderr
+    assert "  self-test too few frames for a figure (" in r.stdout
+    assert "1.000" not in r.stdout and "RECALL_WARN" not in r.stderr
+
+
+def _prepare(rgb: np.ndarray, spec: dict) -> np.ndarray:
+    """A frame as engine.json's ``input`` says: size, channel order, scaling, layout."""
+    from PIL import Image
+
+    assert spec["channel_order"] == "RGB" and spec["layout"] == "NCHW"
+    h, w = spec["size"]
+    im = Image.fromarray(rgb).resize((w, h), Image.Resampling.BILINEAR)
+    x = np.asarray(im, dtype=np.float32) * np.float32(spec["scale"]) + np.float32(spec["offset"])
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.dtype(spec["dtype"]))
+
+
+def _mosaic(x0: int, y0: int, n: int, z: int) -> np.ndarray:
+    """The client's own imagery: n x n tiles from (x0, y0), as one RGB array."""
+    from PIL import Image
+
+    rows = []
+    for y in range(y0, y0 + n):
+        row = [
+            np.asarray(Image.open(io.BytesIO(synthetic_tile_bytes(Tile(x, y, z)))).convert("RGB"))
+            for x in range(x0, x0 + n)
+        ]
+        rows.append(np.concatenate(row, axis=1))
+    return np.concatenate(rows, axis=0)
+
+
+def _ground(x: float, y: float, z: int) -> tuple[float, float]:
+    n = 2.0**z
+    return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * y / n)))), x / n * 360 - 180
+
+
+def test_an_onboard_client_localizes_frames_with_only_the_documented_files(
+    cb: Cb, tmp_path: Path
+) -> None:
+    import faiss
+    import onnxruntime as ort
+
+    f = write_flight(tmp_path / "f.json")
+    r = cb.build(f"FLIGHT={f}", *WIDE, "SELFTEST_QUERIES=0")
+    assert r.code == 0, r.stderr
+    c = cb.current
+    spec = json.loads((c / "engine" / "engine.json").read_text())["input"]
+    session = ort.InferenceSession(
+        str(c / "engine" / "engine.onnx"), providers=["CPUExecutionProvider"]
+    )
+    index = faiss.read_index(str(c / "index.faiss"))
+    pos = np.load(c / "positions.npy", allow_pickle=False)
+    assert len(pos) == index.ntotal and set(pos.dtype.names) >= {"id", "lat", "lon", "west"}
+
+    z = 17
+    centre = tile(8.5405, 47.3705, z)
+    x0, y0, n = centre.x - 3, centre.y - 3, 7
+    ground = _mosaic(x0, y0, n, z)
+    t = ground.shape[0] // n
+    rng = np.random.default_rng(7)
+    errors, hits = [], 0
+    for _ in range(40):
+        # a frame near a tile centre (the cache's places today are the tile grid)
+        tx, ty = rng.integers(1, n - 1, 2)
+        cx = (tx + 0.5 + rng.uniform(-0.1, 0.1)) * t
+        cy = (ty + 0.5 + rng.uniform(-0.1, 0.1)) * t
+        frame = ground[int(cy - t / 2) : int(cy + t / 2), int(cx - t / 2) : int(cx + t / 2)]
+        d = session.run(None, {session.get_inputs()[0].name: _prepare(frame, spec)})[0]
+        d = d / np.linalg.norm(d, axis=1, keepdims=True)
+        _, found = index.search(np.ascontiguousarray(d, dtype=np.float32), 1)
+        row = pos[np.searchsorted(pos["id"], found[0, 0])]
+        assert row["id"] == found[0, 0]
+        lat, lon = _ground(x0 + cx / t, y0 + cy / t, z)
+        dy = (row["lat"] - lat) * 111_320
+        dx = (row["lon"] - lon) * 111_320 * math.cos(math.radians(lat))
+        errors.append(math.hypot(dx, dy))
+        want = Tile(int(x0 + tx), int(y0 + ty), z)
+        hits += tile_from_id(int(found[0, 0])) == want
+    frame_m = 2 * math.pi * 6_378_137 * math.cos(math.radians(47.37)) / 2**z
+    assert hits >= 0.85 * 40
+    assert float(np.median(errors)) <= frame_m / 4
