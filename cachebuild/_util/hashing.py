@@ -35,7 +35,7 @@ from typing import Any
 
 __all__ = ["canonical_json", "es_number", "is_sha256_hex", "sha256_file"]
 
-_encode_string = json.encoder.encode_basestring  # type: ignore[attr-defined]
+_encode_string = json.encoder.encode_basestring
 
 
 def es_number(value: float) -> str:

@@ -167,7 +167,7 @@ def iter_npy_rows(
         while start < n:
             k = min(chunk_rows, n - start)
             view = buf[:k]
-            got = fh.readinto(memoryview(view).cast("B"))
+            got = fh.readinto(view.data.cast("B"))
             if got != k * row_bytes:
                 raise ValueError(
                     f"{path} is truncated: row {start + got // max(row_bytes, 1)} of {n}"

@@ -133,7 +133,7 @@ class _CacheCommand(Command):
 
     def parse_execute(self, in_args: list[str]) -> int:
         if self.builtin is not None and foreign_dodo(self.opt_vals, self.config):
-            return self.builtin(**self._doit_kwargs).parse_execute(in_args)  # type: ignore[no-any-return]
+            return self.builtin(**self._doit_kwargs).parse_execute(in_args)
         return int(super().parse_execute(in_args))
 
     def execute(self, params: Any, args: list[str]) -> int:
@@ -199,7 +199,7 @@ class CleanCmd(CleanCacheCmd):
     """``doit clean``: ours outside any project and in a cachebuild one; doit's in another project."""
 
     name = "clean"
-    builtin = property(lambda self: _doit_builtin("clean"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("clean"))
 
 
 class CacheInfoCmd(_CacheCommand):
@@ -279,7 +279,7 @@ class RunCmd(_CacheCommand):
     doc_purpose = "refused in a cachebuild project: build-cache runs the tasks, under the lock"
     doc_usage = "(use doit build-cache FLIGHT=...)"
     takes_args = True
-    builtin = property(lambda self: _doit_builtin("run"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("run"))
 
     @staticmethod
     def impl(vars: Mapping[str, str], args: list[str]) -> int:
@@ -311,7 +311,7 @@ class IgnoreCmd(_CacheCommand):
         "refused: a skipped task would leave a signed cache claiming settings it was not built with"
     )
     takes_args = True
-    builtin = property(lambda self: _doit_builtin("ignore"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("ignore"))
 
     @staticmethod
     def impl(vars: Mapping[str, str], args: list[str]) -> int:
@@ -332,7 +332,7 @@ class ResetDepCmd(_CacheCommand):
     name = "reset-dep"
     doc_purpose = "refused: it would record files as built without running the tasks"
     takes_args = True
-    builtin = property(lambda self: _doit_builtin("reset-dep"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("reset-dep"))
 
     @staticmethod
     def impl(vars: Mapping[str, str], args: list[str]) -> int:
@@ -353,7 +353,7 @@ class ForgetCmd(_CacheCommand):
     doc_purpose = "forget tasks' state (under the cache lock): the next build-cache runs them again"
     doc_usage = "TASK ... [NAME=value ...]"
     takes_args = True
-    builtin = property(lambda self: _doit_builtin("forget"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("forget"))
 
     @staticmethod
     def impl(vars: Mapping[str, str], args: list[str]) -> int:
@@ -399,7 +399,7 @@ class InfoCmd(_CacheCommand):
     )
     doc_usage = "TASK FLIGHT=... [NAME=value ...]"
     takes_args = True
-    builtin = property(lambda self: _doit_builtin("info"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("info"))
 
     @staticmethod
     def impl(vars: Mapping[str, str], args: list[str]) -> int:
@@ -432,7 +432,7 @@ class StraceCmd(RunCmd):
     """``doit strace <task>`` would run the task outside build-cache: refused like ``doit <task>``."""
 
     name = "strace"
-    builtin = property(lambda self: _doit_builtin("strace"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("strace"))
 
 
 class DumpDbCmd(_CacheCommand):
@@ -440,7 +440,7 @@ class DumpDbCmd(_CacheCommand):
 
     name = "dumpdb"
     doc_purpose = "print the build's doit database, one task a line (read only)"
-    builtin = property(lambda self: _doit_builtin("dumpdb"))  # type: ignore[assignment]
+    builtin = property(lambda self: _doit_builtin("dumpdb"))
 
     @staticmethod
     def impl(vars: Mapping[str, str]) -> int:

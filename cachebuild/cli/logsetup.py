@@ -43,7 +43,7 @@ class RedactFilter(logging.Filter):
         return True
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """The one handler cachebuild installs (recognised to be replaced, not stacked)."""
 
 

@@ -52,7 +52,9 @@ def as_workstation(text: str | None) -> str:
 
 def names_companion_key(text: str | None) -> bool:
     """Whether a remote message is about its ``KEY`` (the operator's ``COMPANION_KEY``)."""
-    return bool(text) and (_KEY.search(text) is not None or "signing key" in text)  # type: ignore[arg-type]
+    if not text:
+        return False
+    return _KEY.search(text) is not None or "signing key" in text
 
 
 def _words(command: str) -> list[str]:

@@ -227,11 +227,9 @@ def plan_push(
     objects = os.path.join(store_root, "objects")
     for digest in hex_digests(read_tiles(build_dir)):
         if digest not in tiles:
-            path = (
-                f"{objects}/{digest[:2]}/{digest}"  # str, not Path: 10k of them on the no-op path
-            )
+            obj = f"{objects}/{digest[:2]}/{digest}"  # str, not Path: 10k of them on the no-op path
             try:
-                tiles[digest] = (path, os.stat(path).st_size)
+                tiles[digest] = (obj, os.stat(obj).st_size)
             except FileNotFoundError:
                 raise CompanionNotReadyError(
                     f"tile object {digest[:12]}… named by {build_dir / TILES_FILE} is not in the store {store_root}",

@@ -122,7 +122,8 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     import sqlite3
 
     conn = connect_readonly(path, check_same_thread=False)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
+    # Connection.setlimit is new in Python 3.11 (mypy checks against 3.10)
+    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)  # type: ignore[attr-defined]
     for pragma in ("trusted_schema = OFF", "query_only = ON", "temp_store = FILE"):
         conn.execute(f"PRAGMA {pragma}")
     budget = _Budget()

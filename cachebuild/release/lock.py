@@ -11,8 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from cachebuild.errors import LockHeldError
+
+if TYPE_CHECKING:
+    import filelock
 
 __all__ = ["CacheLock"]
 
@@ -23,7 +27,7 @@ class CacheLock:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.pid_file = self.path.with_name(self.path.name + ".pid")
-        self._lock = None
+        self._lock: filelock.BaseFileLock | None = None
 
     def acquire(self) -> CacheLock:
         import filelock

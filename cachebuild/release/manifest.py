@@ -281,7 +281,7 @@ def write_manifest(
             what = "is not a regular file" if path.exists() else "is missing"
             raise fail(f"artifact {rel} {what} in {cache_dir}")
         checked.append(rel)
-    targets = {
+    targets: dict[str, dict[str, Any]] = {
         rel: {"length": size, "hashes": {"sha256": digest}}
         for rel, (digest, size) in zip(
             checked, _hash_all([cache_dir / rel for rel in checked], hash_cache)

@@ -25,9 +25,10 @@ import os
 import shutil
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from cachebuild._util.fs import fsync_dir
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
@@ -56,7 +57,7 @@ def current_release(paths: Paths) -> Path | None:
     return release if release.is_dir() else None
 
 
-def release_intact(release: Path, signed: dict) -> bool:
+def release_intact(release: Path, signed: Mapping[str, Any]) -> bool:
     """Every target of the manifest is there with its recorded length.
 
     A stat per artifact (a dozen files), not a hash: cheap enough for the

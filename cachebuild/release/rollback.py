@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,7 @@ def accepted_path(cache_dir: Path) -> Path:
 
 def _refused(message: str, remedy: str | None = None) -> VerifyError:
     err = VerifyError(message, remedy=remedy)
-    err.reason = "rollback"  # type: ignore[attr-defined]
+    err.reason = "rollback"
     return err
 
 
@@ -119,7 +120,7 @@ def highest_accepted(cache_dir: Path, *, tolerant: bool = False) -> int:
     return max((int(e["version"]) for e in keys.values()), default=0)
 
 
-def signed_digest(signed: dict[str, Any]) -> str:
+def signed_digest(signed: Mapping[str, Any]) -> str:
     """Hex SHA-256 of the canonical JSON of a manifest's ``signed`` part."""
     return hashlib.sha256(canonical_json(signed)).hexdigest()
 
@@ -127,7 +128,7 @@ def signed_digest(signed: dict[str, Any]) -> str:
 def check_not_rolled_back(
     cache_dir: Path,
     keyid: str,
-    signed: dict[str, Any],
+    signed: Mapping[str, Any],
     *,
     remedy: str | None = None,
     tolerant: bool = False,
@@ -174,7 +175,7 @@ def check_not_rolled_back(
     return floor
 
 
-def record_accepted(cache_dir: Path, keyid: str, signed: dict[str, Any]) -> bool:
+def record_accepted(cache_dir: Path, keyid: str, signed: Mapping[str, Any]) -> bool:
     """Record ``signed`` as accepted for ``keyid``, unless this or a higher version already is.
 
     Atomic and serialised (see the module docstring).  A damaged record is

@@ -23,7 +23,7 @@ import stat
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -172,6 +172,7 @@ def _load_private_bytes(data: bytes, path: Path) -> Any:
     from cryptography.hazmat.primitives import serialization
 
     stripped = data.lstrip()
+    loader: Callable[..., Any]
     if stripped.startswith(_OPENSSH_PRIVATE):
         loader = serialization.load_ssh_private_key
         fmt = "OpenSSH"
@@ -512,7 +513,7 @@ def sign_envelope(signed: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, A
 
 def _malformed(why: str) -> VerifyError:
     err = VerifyError(f"malformed signed envelope: {why}")
-    err.reason = "malformed"  # type: ignore[attr-defined]
+    err.reason = "malformed"
     return err
 
 
@@ -595,12 +596,12 @@ def verify_envelope(
             f"bad signature by trusted key {', '.join(bad)}: "
             "the signed content was modified after signing, or the signature is corrupt"
         )
-        err.reason = "signature"  # type: ignore[attr-defined]
+        err.reason = "signature"
         raise err
     found = ", ".join(sorted({e["keyid"] for e in signatures}))
     err = VerifyError(
         f"no signature by a trusted key: signed by [{found}], trusted [{', '.join(sorted(by_id))}]",
         remedy="rebuild the cache with the operator's key, or trust the key that signed it",
     )
-    err.reason = "untrusted-key"  # type: ignore[attr-defined]
+    err.reason = "untrusted-key"
     raise err

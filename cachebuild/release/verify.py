@@ -368,7 +368,7 @@ def _check_release_holds_only(cache_dir: Path, targets: dict[str, Any], name: st
 def _tag(exc: VerifyError, reason: str) -> VerifyError:
     """``exc`` with its ``reason`` set, unless the raiser set a more precise one."""
     if getattr(exc, "reason", None) is None:
-        exc.reason = reason  # type: ignore[attr-defined]
+        exc.reason = reason
     return exc
 
 

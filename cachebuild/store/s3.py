@@ -47,6 +47,7 @@ the report.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
 import os
@@ -332,7 +333,7 @@ class S3Store:
 
         return self._call(walk)
 
-    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> builtins.list[Any]:
         """``fn`` over ``items`` with :attr:`connections` in flight; in order."""
         items = list(items)
         if len(items) <= 1:

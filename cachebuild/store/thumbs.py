@@ -31,7 +31,7 @@ from __future__ import annotations
 import io
 import os
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -215,7 +215,7 @@ class ThumbStore:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return dropped
 
-    def _write(self, sql: str, rows: list[tuple[bytes, ...]]) -> None:
+    def _write(self, sql: str, rows: Sequence[tuple[bytes, ...]]) -> None:
         """``sql`` over ``rows`` in one write transaction (all or nothing)."""
         if not rows:
             return

@@ -211,7 +211,7 @@ def _calibrator(trt: Any, cuda: CudaApi, calibration: Path, input_name: str, bat
                 remedy="set CALIBRATION to a .npy of float32 [n, 3, H, W] input tiles",
             )
 
-    class Calibrator(trt.IInt8EntropyCalibrator2):  # type: ignore[misc, name-defined]
+    class Calibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             super().__init__()
             self.pos = 0
