@@ -99,7 +99,8 @@ class HttpGuard:
         for transport in transports:
             pool = getattr(transport, "_pool", None)
             if isinstance(pool, httpcore.ConnectionPool):
-                pool._network_backend = _Backend(pool._network_backend, self)  # noqa: SLF001
+                guarded = _Backend(pool._network_backend, self)  # noqa: SLF001
+                pool._network_backend = guarded  # type: ignore[assignment]  # duck-typed backend
 
     @contextmanager
     def deadline(self, seconds: float | None) -> Iterator[None]:

@@ -268,9 +268,9 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             from cachebuild._util.diskspace import disk_full_error, is_disk_full
 
             if is_disk_full(exc):  # publishing, doit's database: exit 24, not a bug
-                err = disk_full_error(exc, reporter.current or "build")
-                _note_free_space(err, settings)
-                report.fail(err)
+                full = disk_full_error(exc, reporter.current or "build")
+                _note_free_space(full, settings)
+                report.fail(full)
             else:
                 sys.stderr.write(redact(traceback.format_exc()))
                 report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))

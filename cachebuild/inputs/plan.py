@@ -72,7 +72,7 @@ class BuildPlan:
         return ENGINE_FILES.get(self.engine_env.get("backend", self.settings.backend), "engine.bin")
 
     @property
-    def paths(self):  # type: ignore[no-untyped-def]
+    def paths(self):
         return self.settings.paths
 
 
