@@ -5,12 +5,7 @@ descriptors (1 KiB each, per engine).  Collection keeps everything a *known
 cache* references and removes the rest, oldest first, until the store fits
 in ``MAX_STORE_BYTES`` (without a bound: everything unreferenced).
 
-Known caches: those registered with the store (:mod:`cachebuild.store.lock`),
-the command's own ``CACHE_DIR``, and any cache directory directly under
-``$CACHEBUILD_HOME``.  A cache references, for its published releases (the
-current one and the one kept before it) and its staged build alike, the
-image of every tile in ``tiles.npy`` and, for the engine in
-``engine/engine.json``, the descriptor of each of those images.
+Which caches are known, and what each references: :mod:`cachebuild.release.gcrefs`.
 
 In order, while the store is over the bound:
 
@@ -54,107 +49,23 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild._util.report import Report, redact
 from cachebuild._util.sizes import human_bytes
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.errors import CacheBuildError
 from cachebuild.inputs.config import load_settings
+from cachebuild.release.gcrefs import known_caches, referenced, referenced_actions
 from cachebuild.release.lock import CacheLock
-from cachebuild.store.actioncache import ACTIONS_DIR, OUTPUTS
+from cachebuild.store.actioncache import ACTIONS_DIR
 from cachebuild.store.descriptors import SHARD_ROWS, DescriptorStore, engine_store_dirs
-from cachebuild.store.lock import StoreLock, registered_caches
+from cachebuild.store.lock import StoreLock
 from cachebuild.store.objects import TileStore
 from cachebuild.store.thumbs import THUMBS_DIR, ThumbStore
 
 __all__ = [
-    "known_caches",
-    "referenced",
-    "referenced_actions",
     "store_bytes",
     "collect_garbage",
     "gc_store_cmd",
 ]
-
-
-def known_caches(
-    store_root: Path, cache_dir: Path | None = None, home: Path | None = None
-) -> list[Path]:
-    """Every cache directory that may use the store (see the module notes)."""
-
-    found = set(registered_caches(store_root, prune=True))
-    if cache_dir is not None and cache_dir.is_dir():
-        found.add(cache_dir.absolute())
-    if home is not None and home.is_dir():
-        for d in home.iterdir():
-            if d.is_dir() and ((d / "releases").is_dir() or (d / "state" / "build").is_dir()):
-                found.add(d.absolute())
-    return sorted(found)
-
-
-def _unique_rows(parts: list[Any]) -> Any:
-    """Sorted unique rows of uint8 ``[k, 32]`` arrays, as a void ``[k]`` array."""
-    import numpy as np
-
-    if not parts:
-        return np.zeros(0, dtype=np.dtype((np.void, 32)))
-    allrows = np.ascontiguousarray(np.concatenate(parts)).view(np.dtype((np.void, 32))).ravel()
-    return np.unique(allrows)
-
-
-def _cache_dirs(cache: Path) -> list[Path]:
-    """The staged build and every release directory of a cache."""
-    dirs = [cache / "state" / "build"]
-    releases = cache / "releases"
-    if releases.is_dir():
-        dirs += [r for r in sorted(releases.iterdir()) if r.is_dir() and not r.name.startswith(".")]
-    return dirs
-
-
-def referenced_actions(caches: Iterable[Path]) -> set[str]:
-    """SHA-256 of every action-cache output (index, self-test, preview) the caches hold.
-
-    Those artifacts are the action cache's objects (:mod:`cachebuild.store.actioncache`)
-    by content, so an object is referenced when a cache has a file with its hash.
-    A release's hashes come from its manifest (the index alone can be hundreds
-    of MB: gc-store does not read every release's again); a file the manifest
-    does not list, and the staged build's files, are hashed, the latter
-    through the build's hash cache.
-    """
-
-    names = sorted({n for outputs in OUTPUTS.values() for n in outputs})
-    found: set[str] = set()
-    for cache in caches:
-        for d in _cache_dirs(cache):
-            listed = _manifest_hashes(d / "manifest.json") if d.parent.name == "releases" else {}
-            hashes = HashCache(d / HASH_CACHE_NAME) if d.name == "build" else None
-            for name in names:
-                if name in listed:
-                    found.add(listed[name])
-                    continue
-                try:
-                    found.add(
-                        hashes.sha256(d / name)[0]
-                        if hashes is not None
-                        else sha256_file(d / name)[0]
-                    )
-                except OSError:
-                    continue
-    return found
-
-
-def _manifest_hashes(path: Path) -> dict[str, str]:
-    """``{artifact name: sha256}`` of a manifest (unverified: gc only keeps more for a wrong one); {} if unreadable."""
-
-    try:
-        targets = json.loads(path.read_bytes())["signed"]["targets"]
-        return {
-            str(name): str(t["hashes"]["sha256"])
-            for name, t in targets.items()
-            if is_sha256_hex(t["hashes"]["sha256"])
-        }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return {}
 
 
 def _scan_actions(
@@ -178,31 +89,6 @@ def _scan_actions(
             continue
         objects[sub.name] = (st.st_size, st.st_mtime, sub)
     return records, objects
-
-
-def referenced(caches: Iterable[Path]) -> tuple[Any, dict[str, Any]]:
-    """``(tile digests, {engine key: digests})`` referenced by ``caches``.
-
-    Digests are sorted unique ``numpy.void`` (32 bytes) arrays.
-    """
-    import numpy as np
-
-    tiles: list[Any] = []
-    per_engine: dict[str, list[Any]] = {}
-    for cache in caches:
-        for d in _cache_dirs(cache):
-            try:
-                arr = np.load(d / "tiles.npy", allow_pickle=False)
-            except (OSError, ValueError):
-                continue
-            digests = np.ascontiguousarray(arr["sha256"]).view(np.uint8).reshape(len(arr), 32)
-            tiles.append(digests)
-            try:
-                key = json.loads((d / "engine" / "engine.json").read_text())["key"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            per_engine.setdefault(str(key), []).append(digests)
-    return _unique_rows(tiles), {k: _unique_rows(v) for k, v in per_engine.items()}
 
 
 def _tree_bytes(path: Path) -> int:
@@ -426,20 +312,58 @@ def collect_garbage(
         ``action_bytes``, ``thumbnails``} and ``kept`` {``tiles``,
         ``engines``, ``action_outputs``}.
     """
-    import numpy as np
-
     root = Path(store_root)
     caches = list(caches)
     target = 0 if max_bytes is None else int(max_bytes)
     live_tiles, live_desc = referenced(caches)
     live_actions = referenced_actions(caches)
-    before = total = store_bytes(root)
+    before = store_bytes(root)
     removed = {
         "garbage_bytes": 0, "tiles": 0, "tile_bytes": 0, "engines": 0, "descriptors": 0, "descriptor_bytes": 0,
         "action_outputs": 0, "action_bytes": 0,
     }  # fmt: skip
 
     # 1. garbage
+    engines, records, action_objects = _remove_garbage(root, live_actions, removed)
+    total = before - removed["garbage_bytes"]
+    # 2. unreferenced images and engines, oldest first
+    live = (live_tiles, live_desc, live_actions)
+    total, images = _remove_unreferenced(
+        root, total, target, live, engines, records, action_objects, removed
+    )
+    # 3. unreferenced descriptors of referenced engines
+    _compact_engines(root, total, target, engines, live, removed)
+
+    after = store_bytes(root)
+    if after > target and max_bytes is not None and warn is not None:
+        warn(
+            f"the store holds {after} bytes, above MAX_STORE_BYTES={max_bytes}: what the "
+            f"{len(caches)} known cache(s) reference is kept"
+        )
+    return {
+        "store": str(root),
+        "max_bytes": max_bytes,
+        "caches": [str(c) for c in caches],
+        "bytes_before": before,
+        "bytes_after": after,
+        "removed": removed,
+        "kept": {
+            "tiles": int(images - removed["tiles"]),
+            "engines": len(engines),
+            "action_outputs": len(action_objects) - removed["action_outputs"],
+        },
+    }
+
+
+def _remove_garbage(
+    root: Path, live_actions: set[str], removed: dict[str, int]
+) -> tuple[dict[str, Path], dict[Path, list[str] | None], dict[str, tuple[int, float, Path]]]:
+    """Step 1: what nothing can use, always; ``(engines, action records, action objects)`` left.
+
+    Temp files of dead writers, engines that never finished creating, their
+    unreachable shard rows, and the action cache's temp files, damaged
+    records and objects no record names.  Counts into ``removed``.
+    """
     with TileStore(root) as store:
         tmp_before = _tree_bytes(store.tmp)
         store.clean_tmp(older_than_s=0.0)
@@ -467,9 +391,27 @@ def collect_garbage(
             del records[rec]
     for digest in [d for d in action_objects if d not in named and d not in live_actions]:
         removed["garbage_bytes"] += _unlink_size(action_objects.pop(digest)[2])
-    total -= removed["garbage_bytes"]
+    return engines, records, action_objects
 
-    # 2. unreferenced images and engines, oldest first
+
+def _remove_unreferenced(
+    root: Path,
+    total: int,
+    target: int,
+    live: tuple[Any, dict[str, Any], set[str]],
+    engines: dict[str, Path],
+    records: dict[Path, list[str] | None],
+    action_objects: dict[str, tuple[int, float, Path]],
+    removed: dict[str, int],
+) -> tuple[int, int]:
+    """Step 2: unreferenced images, engines and action outputs, oldest first, while over ``target``.
+
+    ``live`` is ``(tile digests, {engine key: digests}, action digests)``.
+    Returns ``(store bytes left, images the store held)``; counts into ``removed``.
+    """
+    import numpy as np
+
+    live_tiles, live_desc, live_actions = live
     digests, sizes, mtimes = _scan_objects(root / "objects")
     unref = np.flatnonzero(~_in(live_tiles, digests))
     candidates: list[tuple[float, str, Any]] = [(float(mtimes[i]), "tile", int(i)) for i in unref]
@@ -512,8 +454,22 @@ def collect_garbage(
             removed["descriptor_bytes"] += size
     _drop_refs(root, gone)
     removed["thumbnails"] = _drop_thumbs(root, gone)
+    return total, len(digests)
 
-    # 3. unreferenced descriptors of referenced engines
+
+def _compact_engines(
+    root: Path,
+    total: int,
+    target: int,
+    engines: dict[str, Path],
+    live: tuple[Any, dict[str, Any], set[str]],
+    removed: dict[str, int],
+) -> None:
+    """Step 3: referenced engines' shards rewritten with only referenced rows, oldest engine first.
+
+    Stops once the store fits ``target``; counts into ``removed``.
+    """
+    live_tiles, live_desc, _ = live
     for key in sorted(engines, key=lambda k: os.stat(engines[k] / "meta.json").st_mtime):
         if total <= target:
             break
@@ -523,26 +479,6 @@ def collect_garbage(
         total -= freed
         removed["descriptors"] += rows
         removed["descriptor_bytes"] += freed
-
-    after = store_bytes(root)
-    if after > target and max_bytes is not None and warn is not None:
-        warn(
-            f"the store holds {after} bytes, above MAX_STORE_BYTES={max_bytes}: what the "
-            f"{len(caches)} known cache(s) reference is kept"
-        )
-    return {
-        "store": str(root),
-        "max_bytes": max_bytes,
-        "caches": [str(c) for c in caches],
-        "bytes_before": before,
-        "bytes_after": after,
-        "removed": removed,
-        "kept": {
-            "tiles": int(len(digests) - removed["tiles"]),
-            "engines": len(engines),
-            "action_outputs": len(action_objects) - removed["action_outputs"],
-        },
-    }
 
 
 def gc_store_cmd(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -> int:

@@ -11,13 +11,9 @@ import numpy as np
 import pytest
 
 from cachebuild.release import gc as gcstore
-from cachebuild.release.gc import (
-    collect_garbage,
-    gc_store_cmd,
-    known_caches,
-    referenced,
-    store_bytes,
-)
+from cachebuild.release import gcrefs
+from cachebuild.release.gc import collect_garbage, gc_store_cmd, store_bytes
+from cachebuild.release.gcrefs import known_caches, referenced
 from cachebuild.release.lock import CacheLock
 from cachebuild.store.descriptors import DescriptorStore, engine_store_dirs
 from cachebuild.store.lock import StoreLock, register_cache
@@ -161,6 +157,7 @@ def test_the_command_refuses_while_a_build_runs(world: dict, tmp_path: Path) -> 
 def test_public_surface() -> None:
     """``__all__`` lists exactly the public names the module defines."""
     assert_public_surface(gcstore)
+    assert_public_surface(gcrefs)
 
 
 def test_thumbnails_follow_their_images(world: dict) -> None:
