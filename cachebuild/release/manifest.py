@@ -90,6 +90,35 @@ def _check_sha256(name: str, value: object, *, optional: bool = False) -> None:
         raise UsageError(f"{name} must be a 64-character lower-case hex SHA-256, got {value!r}")
 
 
+def _check_identity(
+    bbox: Sequence[float],
+    zooms: Sequence[int],
+    takeoff_origin: dict[str, Any] | None,
+    flight_id: str | None,
+    calibration_sha256: str | None,
+    tiles_sha256: str,
+    engine_key: str,
+) -> None:
+    """Raise :class:`UsageError` naming the first malformed field of :func:`build_identity`."""
+    if isinstance(bbox, (str, bytes)) or len(bbox) != 4:
+        raise UsageError(f"bbox must be 4 numbers (west, south, east, north), got {bbox!r}")
+    for v in bbox:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise UsageError(f"bbox must hold finite numbers, got {bbox!r}")
+    if not zooms or any(isinstance(z, bool) or not isinstance(z, int) or z < 0 for z in zooms):
+        raise UsageError(f"zooms must be a non-empty list of non-negative integers, got {zooms!r}")
+    if takeoff_origin is not None and not isinstance(takeoff_origin, dict):
+        raise UsageError(
+            f"takeoff_origin must be a dict or None, got {type(takeoff_origin).__name__}"
+        )
+    if flight_id is not None and not isinstance(flight_id, str):
+        raise UsageError(f"flight_id must be a string or None, got {type(flight_id).__name__}")
+    _check_sha256("calibration_sha256", calibration_sha256, optional=True)
+    _check_sha256("tiles_sha256", tiles_sha256)
+    if not isinstance(engine_key, str) or not engine_key:
+        raise UsageError(f"engine_key must be a non-empty string, got {engine_key!r}")
+
+
 def build_identity(
     *,
     bbox: Sequence[float],
@@ -141,23 +170,9 @@ def build_identity(
     >>> ident["zooms"], len(bid)
     ([16, 17], 64)
     """
-    if isinstance(bbox, (str, bytes)) or len(bbox) != 4:
-        raise UsageError(f"bbox must be 4 numbers (west, south, east, north), got {bbox!r}")
-    for v in bbox:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise UsageError(f"bbox must hold finite numbers, got {bbox!r}")
-    if not zooms or any(isinstance(z, bool) or not isinstance(z, int) or z < 0 for z in zooms):
-        raise UsageError(f"zooms must be a non-empty list of non-negative integers, got {zooms!r}")
-    if takeoff_origin is not None and not isinstance(takeoff_origin, dict):
-        raise UsageError(
-            f"takeoff_origin must be a dict or None, got {type(takeoff_origin).__name__}"
-        )
-    if flight_id is not None and not isinstance(flight_id, str):
-        raise UsageError(f"flight_id must be a string or None, got {type(flight_id).__name__}")
-    _check_sha256("calibration_sha256", calibration_sha256, optional=True)
-    _check_sha256("tiles_sha256", tiles_sha256)
-    if not isinstance(engine_key, str) or not engine_key:
-        raise UsageError(f"engine_key must be a non-empty string, got {engine_key!r}")
+    _check_identity(
+        bbox, zooms, takeoff_origin, flight_id, calibration_sha256, tiles_sha256, engine_key
+    )
     identity: dict[str, Any] = {
         "bbox": [float(v) for v in bbox],
         "zooms": sorted(set(zooms)),
