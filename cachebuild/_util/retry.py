@@ -33,7 +33,7 @@ import socket
 import ssl
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 
 __all__ = [
@@ -195,11 +195,12 @@ class FlowControl:
     Every request goes between :meth:`start` (which waits for a hold to end,
     a free slot under the current concurrency and a token at the current
     rate) and :meth:`finish`.  A throttled answer halves the concurrency
-    and cuts the rate to 90 % of what the server was seen to serve, at
-    most once per round trip (answers to requests sent before the last
-    cut do not cut again), and holds every worker until its
+    and cuts the rate to 90 % of what the server was seen to serve (over
+    the last seconds, holds left out), at most once per round trip and per
+    :data:`CUT_INTERVAL_S` (answers to requests sent before the last cut,
+    or in the same burst, do not cut again), and holds every worker until its
     ``Retry-After``; each good answer adds back ``1/concurrency`` slots and
-    a twentieth of the rate per second, up to ``max_concurrency`` and
+    a tenth of the rate before the cut per second, up to ``max_concurrency`` and
     ``max_rate`` (``RATE_LIMIT``; None: no ceiling).  Before the first
     throttle, and with no ``max_rate``, requests are not paced at all.
 
@@ -217,6 +218,12 @@ class FlowControl:
     RATE_CUT = 0.9
     #: Requests a second the rate never goes below.
     MIN_RATE = 0.5
+    #: Additive increase: the rate grows by this share of itself (at the last cut) each second.
+    RATE_STEP = 0.1
+    #: Seconds the served rate is measured over (holds left out).
+    RATE_WINDOW_S = 2.0
+    #: At most one cut this often: answers arriving in a burst are one signal.
+    CUT_INTERVAL_S = 0.5
 
     def __init__(
         self,
@@ -233,13 +240,15 @@ class FlowControl:
         self._cond = threading.Condition()
         self._limit = float(self.max_concurrency)
         self._rate: float | None = max_rate
-        self._step = max(self.MIN_RATE, 0.05 * max_rate) if max_rate else 1.0
+        self._step = max(self.MIN_RATE, self.RATE_STEP * max_rate) if max_rate else 1.0
         self._tat = clock()
         self._in_flight = 0
         self._hold_until = 0.0
         self._last_cut = -math.inf
-        self._epoch_start = clock()
-        self._epoch_ok = 0
+        self._started: float | None = None  # the first request: the measure starts there
+        self._oks: deque[float] = deque()  # good answers in the last RATE_WINDOW_S
+        self._sent: deque[float] = deque()  # requests let through in the last RATE_WINDOW_S
+        self._holds: deque[tuple[float, float]] = deque()  # recent holds, to leave out
         self.last_ok = -math.inf
         self.throttled = 0
         self.lowest_concurrency = self.max_concurrency
@@ -265,6 +274,9 @@ class FlowControl:
                     self._sleep(0)  # raises when stopped
                 self._in_flight += 1
                 now = self._clock()
+                if self._started is None:
+                    self._started = now
+                self._sent.append(now)
                 wait = 0.0
                 if self._rate:
                     tat = max(self._tat, now)
@@ -320,7 +332,7 @@ class FlowControl:
 
     def _good(self, now: float) -> None:
         self.last_ok = now
-        self._epoch_ok += 1
+        self._oks.append(now)
         self._limit = min(float(self.max_concurrency), self._limit + 1.0 / self._limit)
         if self._rate is not None:
             ceiling = self.max_rate or math.inf
@@ -330,21 +342,41 @@ class FlowControl:
         self.throttled += 1
         self.active = True
         if retry_after:
+            start = max(now, self._hold_until)
             self._hold_until = max(self._hold_until, now + retry_after)
+            if self._hold_until > start:
+                self._holds.append((start, self._hold_until))
             self._tat = max(self._tat, self._hold_until)
-        if ticket < self._last_cut:  # sent before the last cut: that cut answered it
-            return
+        if ticket < self._last_cut or now - self._last_cut < self.CUT_INTERVAL_S:
+            return  # sent before the last cut, or in the same burst: that cut answered it
         self._last_cut = now
         self._limit = max(1.0, self._limit * self.CONCURRENCY_CUT)
         self.lowest_concurrency = min(self.lowest_concurrency, self.concurrency)
-        elapsed = now - self._epoch_start
-        seen = self._epoch_ok / elapsed if elapsed >= 0.25 and self._epoch_ok >= 4 else None
-        base = min((r for r in (self._rate, seen) if r), default=None)
+        served, sent = self._measured(now)
+        base = min((r for r in (self._rate, served) if r), default=None)
+        if base is None and sent:
+            base = 0.5 * sent  # nothing good came back lately: half what was sent
         if base is not None:
             self._rate = max(self.MIN_RATE, self.RATE_CUT * base)
-            self._step = max(self.MIN_RATE, 0.05 * self._rate)
-        self._epoch_start = max(now, self._hold_until)
-        self._epoch_ok = 0
+            self._step = max(self.MIN_RATE, self.RATE_STEP * base)  # back to base in ~1 s
+
+    def _measured(self, now: float) -> tuple[float | None, float | None]:
+        """Good answers and requests a second over the last window, the time held left out."""
+        since = now - self.RATE_WINDOW_S
+        for q in (self._oks, self._sent):
+            while q and q[0] < since:
+                q.popleft()
+        while self._holds and self._holds[0][1] < since:
+            self._holds.popleft()
+        held = sum(
+            min(e, now) - max(b, since) for b, e in self._holds if min(e, now) > max(b, since)
+        )
+        start = now if self._started is None else self._started
+        span = min(self.RATE_WINDOW_S, now - start) - held
+        if span < 0.2:
+            return None, None
+        served = len(self._oks) / span if len(self._oks) >= 3 else None
+        return served, (len(self._sent) / span if self._sent else None)
 
     def busy_not_down(self, window_s: float = FREE_THROTTLE_WINDOW_S) -> bool:
         """Whether the server gave a good answer within ``window_s``: a throttle is then free."""
