@@ -206,96 +206,47 @@ def write_manifest(
     hash_cache: str | os.PathLike[str] | None = None,
     check_produced: bool = False,
 ) -> dict[str, Any]:
-    """Hash the artifacts, sign the manifest and publish it in ``cache_dir``.
+    """Hash the artifacts, sign the manifest and publish it in ``cache_dir``; returns the envelope.
 
     ``signer.pub`` is written first, ``out_name`` last; both atomically
     (temporary file, then ``os.replace``), so a reader sees either the old
-    manifest or the complete new one.
+    manifest or the complete new one.  The signed part is stored as its
+    canonical value (``17.0`` becomes ``17``), so the stored manifest parses
+    to exactly the value whose canonical JSON was signed (see
+    :func:`cachebuild.release.verify.verify_cache`).
 
     Parameters
     ----------
-    cache_dir
-        The cache directory.
     artifacts
-        Paths relative to ``cache_dir`` (``"tiles.mbtiles"``,
-        ``"engine/engine.onnx"``), ``/``-separated.
+        Paths relative to ``cache_dir`` (``"engine/engine.onnx"``), ``/``-separated.
     identity, build_id
-        From :func:`build_identity`.
-    info
-        Free-form JSON-able facts for the operator (counts, versions).
-    key
-        The Ed25519 signing key.
-    version
-        Manifest version, >= 1; the drone can refuse one lower than it saw.
-    expires_at
-        Timezone-aware expiry, in the future; written in whole UTC seconds.
-    out_name
-        File name of the manifest.
+        From :func:`build_identity`; ``info``: free-form JSON-able facts for the operator.
+    key, version, expires_at
+        The Ed25519 signing key; the manifest version, >= 1 (the drone can
+        refuse one lower than it saw); a timezone-aware expiry in the future,
+        written in whole UTC seconds.
     hash_cache
-        A :class:`HashCache` file (the build passes
-        ``<build>/.sha256-cache.json``): an artifact whose stat is unchanged
-        since it was hashed is not read again, and the others' hashes are
-        remembered there.  None (the default) hashes every artifact and
-        writes nothing but the manifest and ``signer.pub``.  Artifacts that
-        must be read are hashed in parallel threads (hashlib releases the
-        GIL).
+        A :class:`HashCache` file (the build's ``<build>/.sha256-cache.json``):
+        an artifact whose stat is unchanged since it was hashed is not read
+        again, and the others' hashes are remembered there.  None hashes every
+        artifact.  Artifacts that must be read are hashed in parallel threads.
     check_produced
         Refuse (and forget, so the next build makes it again) an artifact
         whose hash is not the one its task recorded when it wrote it
-        (:func:`cachebuild.release.produced.check_signable`): the build signs only
-        what it made.
-
-    The signed part is stored as its canonical value (``17.0`` becomes
-    ``17``), so that the stored manifest parses to exactly the value whose
-    canonical JSON was signed (see :func:`cachebuild.release.verify.verify_cache`).
-
-    Returns
-    -------
-    dict
-        The envelope as written.
+        (:func:`cachebuild.release.produced.check_signable`).
 
     Raises
     ------
     BuildError
         ``phase="manifest"``: a path is absolute, contains ``..``, escapes
-        through a symlink, is missing or is not a file; or an argument is
-        malformed.
+        through a symlink, is missing or is not a file; or an argument is malformed.
     UsageError
         ``key`` is not an Ed25519 private key.
     """
     cache_dir = Path(cache_dir)
-
-    def fail(message: str) -> BuildError:
-        return BuildError(message, phase="manifest")
-
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        raise fail(f"manifest version must be an integer >= 1, got {version!r}")
-    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
-        raise fail(f"manifest expiry must be a timezone-aware datetime, got {expires_at!r}")
     now = datetime.now(timezone.utc)
-    if expires_at <= now:
-        raise fail(f"manifest expiry {_format_time(expires_at)} is not in the future")
-    _check_sha256("build_id", build_id)
-    if not cache_dir.is_dir():
-        raise fail(f"cache directory {cache_dir} does not exist")
-
-    root_real = os.path.realpath(cache_dir)
-    checked: list[str] = []
-    for rel in artifacts:
-        problem = _relpath_problem(rel)
-        if problem is not None:
-            raise fail(f"artifact path {rel!r} {problem}")
-        if rel in _RESERVED:
-            raise fail(f"artifact path {rel!r} is reserved for the manifest itself")
-        if rel in checked:
-            raise fail(f"artifact path {rel!r} is listed twice")
-        path = cache_dir / rel
-        if _escapes(root_real, path):
-            raise fail(f"artifact {rel} resolves outside {cache_dir} (symlink)")
-        if not path.is_file():
-            what = "is not a regular file" if path.exists() else "is missing"
-            raise fail(f"artifact {rel} {what} in {cache_dir}")
-        checked.append(rel)
+    _check_manifest_args(cache_dir, version, expires_at, build_id, now)
+    checked = _checked_artifacts(cache_dir, artifacts)
     targets: dict[str, dict[str, Any]] = {
         rel: {"length": size, "hashes": {"sha256": digest}}
         for rel, (digest, size) in zip(
@@ -317,20 +268,68 @@ def write_manifest(
         "targets": targets,
         "info": info,
     }
+    return _sign_and_publish(cache_dir, out_name, signed, key)
+
+
+def _fail(message: str) -> BuildError:
+    return BuildError(message, phase="manifest")
+
+
+def _check_manifest_args(
+    cache_dir: Path, version: int, expires_at: datetime, build_id: str, now: datetime
+) -> None:
+    """Raise a manifest-phase :class:`BuildError` for the first malformed argument of :func:`write_manifest`."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise _fail(f"manifest version must be an integer >= 1, got {version!r}")
+    if not isinstance(expires_at, datetime) or expires_at.tzinfo is None:
+        raise _fail(f"manifest expiry must be a timezone-aware datetime, got {expires_at!r}")
+    if expires_at <= now:
+        raise _fail(f"manifest expiry {_format_time(expires_at)} is not in the future")
+    _check_sha256("build_id", build_id)
+    if not cache_dir.is_dir():
+        raise _fail(f"cache directory {cache_dir} does not exist")
+
+
+def _checked_artifacts(cache_dir: Path, artifacts: Sequence[str]) -> list[str]:
+    """``artifacts``, each a safe relative path to a regular file inside ``cache_dir``, listed once."""
+    root_real = os.path.realpath(cache_dir)
+    checked: list[str] = []
+    for rel in artifacts:
+        problem = _relpath_problem(rel)
+        if problem is not None:
+            raise _fail(f"artifact path {rel!r} {problem}")
+        if rel in _RESERVED:
+            raise _fail(f"artifact path {rel!r} is reserved for the manifest itself")
+        if rel in checked:
+            raise _fail(f"artifact path {rel!r} is listed twice")
+        path = cache_dir / rel
+        if _escapes(root_real, path):
+            raise _fail(f"artifact {rel} resolves outside {cache_dir} (symlink)")
+        if not path.is_file():
+            what = "is not a regular file" if path.exists() else "is missing"
+            raise _fail(f"artifact {rel} {what} in {cache_dir}")
+        checked.append(rel)
+    return checked
+
+
+def _sign_and_publish(
+    cache_dir: Path, out_name: str, signed: dict[str, Any], key: Ed25519PrivateKey
+) -> dict[str, Any]:
+    """Sign ``signed``; write ``signer.pub``, then the manifest ``out_name``; the envelope."""
     try:
         envelope = sign_envelope(canonical_value(signed), key)
         text = json.dumps(envelope, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
     except (ValueError, TypeError) as exc:
-        raise fail(f"manifest identity or info is not JSON-representable: {exc}") from exc
+        raise _fail(f"manifest identity or info is not JSON-representable: {exc}") from exc
 
     write_public_key(cache_dir / SIGNER_PUB_NAME, key.public_key())
     atomic_write(cache_dir / out_name, (text + "\n").encode("utf-8"), durable=True)
     log.info(
         "wrote %s: version %d, %d targets, build %s, keyid %s",
         cache_dir / out_name,
-        version,
-        len(targets),
-        build_id[:12],
+        signed["version"],
+        len(signed["targets"]),
+        signed["build_id"][:12],
         keyid(key.public_key()),
     )
     return envelope
