@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import functools
 import os
-import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild._util.fs import atomic_write
+from cachebuild._util.fileio import copy_file, start_writeback_of
+from cachebuild._util.fs import atomic_write, temp_name
 from cachebuild._util.hashing import sha256_file
 from cachebuild._util.statcache import HashCache
 from cachebuild.errors import BuildError, CacheBuildWarning
@@ -123,37 +123,25 @@ def write_mbtiles(
 ) -> dict[str, Any]:
     """Write the tile set's tiles, from the store, as an MBTiles 1.3 file.
 
-    When ``out_path`` is the file this function wrote last time (its
-    record, :data:`ROWS_SUFFIX`, says which tiles it holds and what it
-    hashes to), the new file is that one updated: copied to a temporary
-    file beside it (the old file is hashed meanwhile: one that does not
-    hash to the record drops the update, and the file is written in full),
-    the rows no longer in the tile set or whose image changed deleted, the
-    new ones inserted from the store, the metadata written again; then
-    renamed, as a file written in full is.  Neither is fsynced here: as for
-    every staged artifact, ``publish`` fsyncs each file of a release before
-    it becomes current; the kernel is asked to start writing the file back
-    at once, so that fsync has little left to do.  The old file is never
-    modified: a published release hard-links it.  The result holds the same rows and metadata as
-    a file written from scratch.  It is written in full instead when there
-    is no usable record, when more than half the tiles are new
-    (:data:`MAX_UPDATE_SHARE`), when an inserted tile has another format,
-    or when the update would leave more than :data:`MAX_FREE_SHARE` of the
-    file's pages free (an area that shrank: the file would stay large).
+    When ``out_path`` is the file this function wrote last time, the new
+    file is that one updated (:func:`_update_copy` says when and how), else
+    it is written in full; either way at a temporary name, then renamed.
+    Neither is fsynced here: as for every staged artifact, ``publish``
+    fsyncs each file of a release before it becomes current; the kernel is
+    asked to start writing the file back at once, so that fsync has little
+    left to do.  The old file is never modified: a published release
+    hard-links it.
 
     Parameters
     ----------
-    tileset_dir
-        Holds ``tiles.npy`` (see :mod:`cachebuild.tileset`).
-    store_root
-        The tile store the images are read from (their hashes are checked).
+    tileset_dir, store_root
+        Holds ``tiles.npy`` (:mod:`cachebuild.tileset`); the tile store the
+        images are read from (their hashes are checked).
     out_path
         The file to write; replaced atomically.
-    name
-        The tileset's ``name`` metadata.
-    bbox, zooms
-        The area and zoom levels, for ``bounds``, ``center``, ``minzoom``
-        and ``maxzoom``.
+    name, bbox, zooms
+        The tileset's ``name`` metadata; the area and zoom levels, for
+        ``bounds``, ``center``, ``minzoom`` and ``maxzoom``.
     image_format
         ``jpg``, ``png`` or ``webp``; by default the first tile's format.
     incremental
@@ -163,20 +151,12 @@ def write_mbtiles(
         A :class:`cachebuild.release.manifest.HashCache` file: the new file's
         SHA-256, computed here anyway, is remembered there for the manifest.
 
-    Returns
-    -------
-    dict
-        ``{"tiles": n, "bytes": file size, "sha256": hex digest, "mode":
-        "full" or "updated", "inserted": rows inserted, "deleted": rows
-        deleted}`` (a full write inserts every row and deletes none).
-
-    Raises
-    ------
-    BuildError
-        When a tile's object is missing from the store or corrupt, or the
-        tiles do not all have the one format.
+    Returns ``{"tiles": n, "bytes": file size, "sha256": hex digest,
+    "mode": "full" or "updated", "inserted": rows inserted, "deleted": rows
+    deleted}`` (a full write inserts every row and deletes none).  Raises
+    :class:`BuildError` when a tile's object is missing from the store or
+    corrupt, or the tiles do not all have the one format.
     """
-
     if image_format is not None and image_format not in _FORMATS:
         raise BuildError(f"image format {image_format!r} is not one of {', '.join(_FORMATS)}")
     zooms = sorted({int(z) for z in zooms})
@@ -185,41 +165,11 @@ def write_mbtiles(
     tiles = read_tiles(tileset_dir)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-    def metadata(fmt: str) -> dict[str, str]:
-        bounds, center = _bounds_and_center(bbox, zooms[0])
-        return {
-            "name": name,
-            "format": fmt,
-            "bounds": bounds,
-            "center": center,
-            "minzoom": str(zooms[0]),
-            "maxzoom": str(zooms[-1]),
-            "type": "baselayer",
-            # the spec: "the version of the tileset [...] not of the MBTiles
-            # specification"
-            "version": "1",
-            "scheme": "tms",
-            "description": "satellite tiles of a cachebuild map cache",
-        }
-
+    metadata = functools.partial(_metadata, name, bbox, zooms)
     with TileStore(store_root) as store:
-        try:
-            done = None
-            if incremental:
-                done = _update_copy(out_path, tmp, tiles, store, image_format, metadata)
-            if done is None:
-                done = _write_full(tmp, tiles, store, image_format, metadata)
-            fmt, inserted, deleted, pages, free = done
-            digest = _hash_and_write_back(tmp)
-            os.replace(tmp, out_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        fmt, inserted, deleted, pages, free, digest = _write_and_rename(
+            out_path, tiles, store, image_format, metadata, incremental
+        )
     st = out_path.stat()
     mode = "full" if deleted is None else "updated"
     # after the rename: the record names the file as it now is
@@ -237,6 +187,56 @@ def write_mbtiles(
         "inserted": inserted,
         "deleted": deleted or 0,
     }
+
+
+def _metadata(name: str, bbox: LngLatBbox, zooms: Sequence[int], fmt: str) -> dict[str, str]:
+    """The ``metadata`` table of the file (``zooms`` sorted)."""
+    bounds, center = _bounds_and_center(bbox, zooms[0])
+    return {
+        "name": name,
+        "format": fmt,
+        "bounds": bounds,
+        "center": center,
+        "minzoom": str(zooms[0]),
+        "maxzoom": str(zooms[-1]),
+        "type": "baselayer",
+        # the spec: "the version of the tileset [...] not of the MBTiles
+        # specification"
+        "version": "1",
+        "scheme": "tms",
+        "description": "satellite tiles of a cachebuild map cache",
+    }
+
+
+def _write_and_rename(
+    out_path: Path,
+    tiles: Any,
+    store: TileStore,
+    image_format: str | None,
+    metadata: Callable[[str], dict[str, str]],
+    incremental: bool,
+) -> tuple[str, int, int | None, int, int, str]:
+    """Update or write the file at a temporary name, hash it, rename it onto ``out_path``.
+
+    Returns :data:`_Written` and the file's SHA-256; the temporary file is
+    removed on any failure.
+    """
+    tmp = temp_name(out_path)
+    try:
+        done = None
+        if incremental:
+            done = _update_copy(out_path, tmp, tiles, store, image_format, metadata)
+        if done is None:
+            done = _write_full(tmp, tiles, store, image_format, metadata)
+        digest = _hash_and_write_back(tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return (*done, digest)
 
 
 #: The record of what an MBTiles file written here holds: ``.<name>.rows``
@@ -422,7 +422,20 @@ def _diff(old: Any, new: Any) -> tuple[Any, Any] | None:
 def _update_copy(
     out_path: Path, tmp: Path, tiles: Any, store: Any, image_format: str | None, metadata: Any
 ) -> _Written | None:
-    """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full."""
+    """Write at ``tmp`` the previous file updated to ``tiles``; None when it must be written in full.
+
+    The previous file's record (:data:`ROWS_SUFFIX`) says which tiles it
+    holds and what it hashes to.  The file is copied to ``tmp`` (the old
+    file is hashed meanwhile: one that does not hash to the record drops
+    the update, and the file is written in full), the rows no longer in the
+    tile set or whose image changed deleted, the new ones inserted from the
+    store, the metadata written again.  The result holds the same rows and
+    metadata as a file written from scratch.  None (write in full) when
+    there is no usable record, when more than half the tiles are new
+    (:data:`MAX_UPDATE_SHARE`), when an inserted tile has another format, or
+    when the update would leave more than :data:`MAX_FREE_SHARE` of the
+    file's pages free (an area that shrank: the file would stay large).
+    """
     import warnings
 
     if len(tiles) == 0:
@@ -454,11 +467,11 @@ def _update_copy(
     # one thread hashes the old file (bytes that changed under an unchanged
     # stat are caught: the update is dropped) and another has the kernel
     # start writing the copy to disk, for publish's fsync to find done.
-    _copy_file(out_path, tmp)
+    copy_file(out_path, tmp, _CHUNK)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mbtiles-update") as pool:
         old_hash = pool.submit(sha256_file, out_path, _CHUNK)
         # queueing 300 MB for writeback blocks for a while (~0.08 s): not on this thread
-        queued = pool.submit(_write_back_path, tmp)
+        queued = pool.submit(start_writeback_of, tmp)
         failure: Exception | None = None
         try:
             done = _update_rows(tmp, new, gone, store, fmt, metadata)
@@ -488,13 +501,6 @@ def _update_rows(
 ) -> _Written | None:
     """Delete ``gone``'s rows from the copy at ``tmp``, insert ``new``'s; None when it must be written in full."""
 
-    def inserted() -> Iterator[tuple[int, int, int, bytes]]:
-
-        for tid, hexdigest in zip(new["id"].tolist(), hex_digests(new)):
-            t = tile_from_id(tid)
-            data = store.get_checked(hexdigest, what=f"tile {t.z}/{t.x}/{t.y}")
-            yield (t.z, t.x, (1 << t.z) - 1 - t.y, data)
-
     def deleted() -> Iterator[tuple[int, int, int]]:
         for tid in gone["id"].tolist():
             t = tile_from_id(tid)
@@ -510,7 +516,7 @@ def _update_rows(
             )
             conn.executemany(
                 "INSERT INTO tiles (zoom_level, tile_column, tile_row, tile_data) VALUES (?, ?, ?, ?)",
-                _checked(inserted(), fmt, strict=False),
+                _checked(_tile_rows(new, store), fmt, strict=False),
             )
             conn.execute("DELETE FROM metadata")
             conn.executemany(
@@ -527,36 +533,6 @@ def _update_rows(
     return fmt, len(new), len(gone), pages, free
 
 
-def _copy_file(src: Path, dst: Path) -> None:
-    """Copy ``src`` to a new file ``dst`` in the kernel (``copy_file_range``), or through Python where it cannot."""
-    import errno
-    import shutil
-
-    copy_range = getattr(os, "copy_file_range", None)  # Linux only
-    with open(src, "rb", buffering=0) as fi, open(dst, "xb", buffering=0) as fo:
-        left = os.fstat(fi.fileno()).st_size
-        try:
-            while left > 0 and copy_range is not None:
-                n = copy_range(fi.fileno(), fo.fileno(), min(left, 1 << 30))
-                if n == 0:  # the file shrank under us: the hash check drops the copy
-                    return
-                left -= n
-            if copy_range is not None:
-                return
-        except OSError as exc:
-            # no copy_file_range here (old kernel, some network or FUSE filesystems):
-            # copy what is left by read and write; anything else (ENOSPC) is an error
-            if exc.errno not in (
-                errno.ENOSYS,
-                errno.EXDEV,
-                errno.EINVAL,
-                errno.EOPNOTSUPP,
-                errno.EPERM,
-            ):
-                raise
-        shutil.copyfileobj(fi, fo, _CHUNK)
-
-
 def _hash_and_write_back(path: Path) -> str:
     """The SHA-256 of the file at ``path`` (one read, from the page cache); its writeback is started, not awaited.
 
@@ -567,43 +543,8 @@ def _hash_and_write_back(path: Path) -> str:
     """
 
     digest = sha256_file(path, _CHUNK)[0]
-    _write_back_path(path)
+    start_writeback_of(path)
     return digest
-
-
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of the dirty pages, do not wait
-
-
-@functools.cache
-def _sync_file_range() -> Any:
-    import ctypes
-
-    try:  # the interpreter's own symbols hold libc's (find_library would run ldconfig: 15 ms)
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):  # not Linux
-        return None
-    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def _write_back_path(path: Path) -> bool:
-    """:func:`_start_writeback` of the file at ``path``."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return _start_writeback(fd)
-    finally:
-        os.close(fd)
-
-
-def _start_writeback(fd: int) -> bool:
-    """Ask the kernel to start writing ``fd``'s dirty pages to disk now, without waiting for them.
-
-    Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: advice, not durability
-    (that is an fsync).  Returns False where it is not available.
-    """
-    fn = _sync_file_range()
-    return fn is not None and fn(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 def _execute_all(conn: sqlite3.Connection, script: str) -> None:

@@ -690,11 +690,11 @@ def test_writeback_is_started_not_awaited(tmp_path: Path) -> None:
     """Linux: sync_file_range(WRITE) is there and takes the file; publish's fsync makes it durable."""
     import sys
 
-    from cachebuild.tiles.mbtiles import _start_writeback
+    from cachebuild._util.fileio import start_writeback
 
     path = tmp_path / "f"
     with open(path, "wb") as fh:
         fh.write(b"x" * 100_000)
         fh.flush()
-        assert _start_writeback(fh.fileno()) is sys.platform.startswith("linux")
-    assert _start_writeback(-1) is False  # a bad descriptor: advice refused, no exception
+        assert start_writeback(fh.fileno()) is sys.platform.startswith("linux")
+    assert start_writeback(-1) is False  # a bad descriptor: advice refused, no exception
