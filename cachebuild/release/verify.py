@@ -269,6 +269,23 @@ def verify_cache(
         now = datetime.now(timezone.utc)
     elif now.tzinfo is None:
         raise UsageError("verify_cache: `now` must be timezone-aware")
+    signed = _signed_as_stored(cache_dir, trusted, name)
+    targets = _checked_header(signed, name, now, min_version)
+    _check_release_holds_only(cache_dir, targets, name)
+
+    root_real = os.path.realpath(cache_dir)
+    for rel in sorted(targets):
+        try:
+            _check_target(cache_dir, root_real, rel, targets[rel])
+        except VerifyError as exc:
+            raise _tag(exc, "malformed" if "malformed" in exc.message else "artifact")  # noqa: B904
+    return signed
+
+
+def _signed_as_stored(
+    cache_dir: Path, trusted: Sequence[Ed25519PublicKey], name: str
+) -> dict[str, Any]:
+    """The manifest's ``signed`` part: it parses, a trusted key signed it, it is stored as the value signed."""
     try:
         envelope = read_manifest(cache_dir, name=name)
     except VerifyError as exc:
@@ -284,7 +301,13 @@ def verify_cache(
             f"{name} is not the value that was signed: {changed} (a number changed type after signing?)",
             remedy="never use this cache; rebuild and re-sign it with `doit build-cache`",
         )
+    return signed
 
+
+def _checked_header(
+    signed: dict[str, Any], name: str, now: datetime, min_version: int | None
+) -> dict[str, Any]:
+    """``signed``'s targets, once its type, spec version, expiry and version are acceptable."""
     if signed.get("_type") != MANIFEST_TYPE:
         raise _refuse(
             "malformed", f"{name} is not a cachebuild manifest (_type {signed.get('_type')!r})"
@@ -318,15 +341,7 @@ def verify_cache(
     targets = signed.get("targets")
     if not isinstance(targets, dict):
         raise _refuse("malformed", f"{name} has no 'targets' object")
-    _check_release_holds_only(cache_dir, targets, name)
-
-    root_real = os.path.realpath(cache_dir)
-    for rel in sorted(targets):
-        try:
-            _check_target(cache_dir, root_real, rel, targets[rel])
-        except VerifyError as exc:
-            raise _tag(exc, "malformed" if "malformed" in exc.message else "artifact")  # noqa: B904
-    return signed
+    return targets
 
 
 #: Why ``verify_cache`` refused, as its VerifyError's ``reason`` (and the
