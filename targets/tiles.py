@@ -68,6 +68,8 @@ def task(plan: Any) -> dict[str, Any]:
         "uptodate": [
             config_changed(value),
             _no_retry_needed(str(build / "tileset.json"), s.retry_missing),
+            # TILE_MAX_AGE: the phase runs and asks only the tiles due (conditionally)
+            "TILE_MAX_AGE" not in s.http,
         ],
         "clean": True,
     }

@@ -84,6 +84,8 @@ VARIABLES: dict[str, str] = {
     "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
     "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
     "RATE_LIMIT": "at most this many tile requests a second, retries included; 0: no limit [default: 0]",
+    "TILE_MAX_AGE": "revalidate stored tiles fetched longer ago than this, e.g. 30d, with conditional "
+    "requests (a 304 downloads nothing); 0: every tile [default: never]",
     "FETCH_DEADLINE": "how long the tiles phase may keep asking, e.g. 6h (429/503 answers are waited "
     "out, not failed); past it, exit 20 naming the tiles left; 0: no limit [default: 6h]",
     "SUBDOMAINS": "values {s} in the URL template rotates through, e.g. a,b,c [default: a,b,c]",

@@ -59,7 +59,9 @@ if TYPE_CHECKING:
 
 
 # the settings' names (xyzconfig) are importable from here too, as before
-__all__ = ["XyzProvider"]
+__all__ = ["XyzProvider", "Fetched"]
+#: A validator longer than this, or not printable ASCII, is not kept.
+_MAX_VALIDATOR_LEN = 256
 
 _REDACTED = "***"
 _key_forms = key_forms  # the name cachebuild.providers imports
@@ -75,8 +77,33 @@ _LOGGERS_WITH_URLS = (
 )
 
 
+class Fetched(NamedTuple):
+    """What :meth:`XyzProvider.fetch_validated` got: the tile, or "not modified", and its validators."""
+
+    data: bytes | None  # None: no tile here (404, 204), or not modified
+    not_modified: bool = False  # a 304: the stored tile is current
+    etag: str | None = None
+    last_modified: str | None = None
+
+
 class _Got(NamedTuple):
-    data: bytes | None  # None: no tile here (404, 204)
+    fetched: Fetched
+
+
+class _Answer(NamedTuple):
+    status: int
+    ctype: str
+    retry_after: str | None
+    data: bytes | None
+    etag: str | None
+    last_modified: str | None
+
+
+def _validator(value: str | None) -> str | None:
+    """An ``ETag`` or ``Last-Modified`` worth keeping: short printable ASCII, else None."""
+    if not value or len(value) > _MAX_VALIDATOR_LEN or not value.isascii():
+        return None
+    return value if value.isprintable() else None
 
 
 class _Retry(NamedTuple):
@@ -259,19 +286,36 @@ class XyzProvider:
 
     def fetch(self, tile: Tile) -> bytes | None:
         """GET the tile; see :class:`~cachebuild.providers.Provider`.  404 and 204 mean no tile."""
+        return self.fetch_validated(tile).data
+
+    def fetch_validated(
+        self, tile: Tile, *, etag: str | None = None, last_modified: str | None = None
+    ) -> Fetched:
+        """GET the tile, conditionally when a validator of the stored copy is given.
+
+        With ``etag`` the request carries ``If-None-Match``, else with
+        ``last_modified`` ``If-Modified-Since``: a 304 answer is
+        ``Fetched(None, not_modified=True)`` and costs no download.  The
+        answer's own ``ETag`` and ``Last-Modified`` come back for the store.
+        """
+        cond: dict[str, str] = {}
+        if etag:
+            cond["If-None-Match"] = etag
+        elif last_modified:
+            cond["If-Modified-Since"] = last_modified
         try:
-            return self._fetch(tile)
+            return self._fetch(tile, cond)
         except httpsafe.Stopped:
             # stopped by cancel() (an interrupt: nobody reads this) or by a dead server
             raise self._fatal or DownloadError("the fetch was stopped") from None
 
-    def _fetch(self, tile: Tile) -> bytes | None:
+    def _fetch(self, tile: Tile, cond: Mapping[str, str]) -> Fetched:
         url = self._url(tile, self._key_in_url)
         counted = free = 0
         while True:
-            answer = self._attempt(url, tile)
+            answer = self._attempt(url, tile, cond)
             if not isinstance(answer, _Retry):
-                return answer.data
+                return answer.fetched
             if answer.throttled and self.flow.busy_not_down():
                 free += 1  # flow control: the server is busy, not failing this tile
             else:
@@ -291,7 +335,7 @@ class XyzProvider:
             else:
                 self._guard.sleep(self._backoff_s(max(counted, min(free, 3)) - 1))
 
-    def _attempt(self, url: str, tile: Tile) -> _Got | _Retry:
+    def _attempt(self, url: str, tile: Tile, cond: Mapping[str, str]) -> _Got | _Retry:
         """One request through the flow control: the tile (or None), or why to ask again."""
         import httpx
 
@@ -301,7 +345,7 @@ class XyzProvider:
         ticket = self.flow.start()
         try:
             with self._guard.deadline(self.config.deadline_s):
-                status, ctype, retry_after, data = self._get(url)
+                a = self._get(url, cond)
         except (httpx.RequestError, httpsafe.DeadlineExceeded) as exc:
             self.flow.finish(ticket, answered=False)
             self._dead_server(exc, tile)
@@ -321,28 +365,23 @@ class XyzProvider:
                 tile=tile,
             ) from None
         self._failfast.answered()
-        delay = retry_after_s(retry_after, self.config.retry_after_max_s)
-        throttled = status in THROTTLE_STATUSES
+        delay = retry_after_s(a.retry_after, self.config.retry_after_max_s)
+        throttled = a.status in THROTTLE_STATUSES
         self.flow.finish(ticket, throttled=throttled, retry_after=delay)
-        return self._judge(tile, status, ctype, data, delay, throttled)
+        if a.status == 304 and cond:
+            return _Got(Fetched(None, True, a.etag, a.last_modified))
+        return self._judge(tile, a, delay, throttled)
 
-    def _judge(
-        self,
-        tile: Tile,
-        status: int,
-        ctype: str,
-        data: bytes | None,
-        delay: float | None,
-        throttled: bool,
-    ) -> _Got | _Retry:
+    def _judge(self, tile: Tile, a: _Answer, delay: float | None, throttled: bool) -> _Got | _Retry:
+        status = a.status
         if status in (204, 404):
-            return _Got(None)
+            return _Got(Fetched(None))
         if 200 <= status < 300:
-            assert data is not None
-            why = check_image(data, self.config.tile_size)
+            assert a.data is not None
+            why = check_image(a.data, self.config.tile_size)
             if why is None:
-                return _Got(data)
-            return _Retry(f"HTTP {status} with {self._redact(why)} ({self._redact(ctype)})")
+                return _Got(Fetched(a.data, False, a.etag, a.last_modified))
+            return _Retry(f"HTTP {status} with {self._redact(why)} ({self._redact(a.ctype)})")
         if status in (401, 403, 407):
             raise self._refused(status, tile)
         if status == 408 or status >= 500 or throttled:
@@ -352,24 +391,31 @@ class XyzProvider:
             tile=tile,
         )
 
-    def _get(self, url: str) -> tuple[int, str, str | None, bytes | None]:
-        """One GET (redirects followed): status, content type, Retry-After, and the body of a 2xx."""
+    def _get(self, url: str, cond: Mapping[str, str]) -> _Answer:
+        """One GET (redirects followed): the status, headers that matter, and the body of a 2xx."""
         response = httpsafe.get(
             self._client,
             url,
-            headers=self._headers,
+            headers={**self._headers, **cond},
             public=PUBLIC_HEADERS,
             timeout=self.config.timeout_s,
         )
         try:
             status = response.status_code
-            ctype = response.headers.get("content-type", "no content-type")
+            h = response.headers
             if 200 <= status < 300:
                 data: bytes | None = httpsafe.read_body(response, MAX_TILE_BYTES)
             else:
                 data = None
                 httpsafe.drain(response)
-            return status, ctype, response.headers.get("retry-after"), data
+            return _Answer(
+                status,
+                h.get("content-type", "no content-type"),
+                h.get("retry-after"),
+                data,
+                _validator(h.get("etag")),
+                _validator(h.get("last-modified")),
+            )
         finally:
             response.close()
 

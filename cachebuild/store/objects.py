@@ -75,6 +75,16 @@ CREATE TABLE IF NOT EXISTS tile_refs (
     sha256 TEXT NOT NULL,
     PRIMARY KEY (provider, z, x, y)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tile_validators (
+    provider TEXT NOT NULL,
+    z INTEGER NOT NULL,
+    x INTEGER NOT NULL,
+    y INTEGER NOT NULL,
+    etag TEXT,
+    last_modified TEXT,
+    fetched_at REAL NOT NULL,
+    PRIMARY KEY (provider, z, x, y)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS object_checks (
     sha256 TEXT NOT NULL,
     check_name TEXT NOT NULL,
@@ -375,6 +385,46 @@ class TileStore:
         if not rows:
             return
         write_rows(db, "INSERT OR REPLACE INTO tile_refs VALUES (?, ?, ?, ?, ?)", rows)
+
+    # -- validators: when a tile was fetched, and how to ask if it changed ---
+
+    def lookup_validators(
+        self, provider: str, tiles: Iterable[tuple[int, int, int]]
+    ) -> dict[tuple[int, int, int], tuple[str | None, str | None, float]]:
+        """``(etag, last_modified, fetched_at)`` of the tiles that have them.
+
+        A tile fetched before the store kept validators (an older store, or
+        a ref replayed from a journal) has none: it is as old as can be.
+        """
+        db = self._conn()
+        out: dict[tuple[int, int, int], tuple[str | None, str | None, float]] = {}
+        wanted = list(tiles)
+        for i in range(0, len(wanted), 5000):
+            db.execute("CREATE TEMP TABLE IF NOT EXISTS qv (z INTEGER, x INTEGER, y INTEGER)")
+            db.execute("DELETE FROM qv")
+            db.executemany("INSERT INTO qv VALUES (?, ?, ?)", wanted[i : i + 5000])
+            rows = db.execute(
+                "SELECT v.z, v.x, v.y, v.etag, v.last_modified, v.fetched_at FROM qv "
+                "JOIN tile_validators v ON v.provider = ? AND v.z = qv.z AND v.x = qv.x "
+                "AND v.y = qv.y",
+                (provider,),
+            )
+            for z, x, y, etag, modified, at in rows:
+                out[(z, x, y)] = (etag, modified, float(at))
+        return out
+
+    def record_validators(
+        self,
+        provider: str,
+        rows: Iterable[tuple[tuple[int, int, int], str | None, str | None, float]],
+    ) -> None:
+        """Remember each tile's ``ETag``, ``Last-Modified`` and when it was fetched or revalidated."""
+        db = self._conn()
+        flat = [(provider, z, x, y, e, m, at) for (z, x, y), e, m, at in rows]
+        if flat:
+            write_rows(
+                db, "INSERT OR REPLACE INTO tile_validators VALUES (?, ?, ?, ?, ?, ?, ?)", flat
+            )
 
     # -- the journal ---------------------------------------------------------
 

@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.progress import Progress
 from cachebuild.errors import DownloadError, UsageError
@@ -41,9 +41,10 @@ from cachebuild.providers import open_provider
 from cachebuild.providers.base import TileFetchError
 from cachebuild.providers.nodata import UNIFORM_CHECK, NoDataRule
 from cachebuild.providers.xyzconfig import DEFAULT_FETCH_DEADLINE_S, parse_duration
-from cachebuild.store.objects import TileStore, sha256_hex
+from cachebuild.store.objects import TileStore
 from cachebuild.store.s3 import TileSync
 from cachebuild.tilemath import LngLatBbox, Tile, count_tiles, tile_from_id, tile_id, tiles
+from cachebuild.tiles.work import NOT_MODIFIED, REFRESHED, Outcome, Validators, work
 from cachebuild.tileset import tile_dtype, write_tileset
 
 if TYPE_CHECKING:
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
     from cachebuild._util.progress import Progress
     from cachebuild.providers.base import Provider
     from cachebuild.providers.nodata import NoDataRule
-    from cachebuild.store.objects import RefJournal, TileStore
+    from cachebuild.store.objects import TileStore
     from cachebuild.store.s3 import S3Store, TileSync
 
 __all__ = [
@@ -94,40 +95,6 @@ def _chunks(items: Iterable[Tile], n: int) -> Iterator[list[Tile]]:
         yield chunk
 
 
-class _Outcome(NamedTuple):
-    """What a worker found for one tile."""
-
-    tile: Tile
-    digest: str | None  # None: the provider has no image for it
-    blank: bool  # the no-data rule matched: missing, not stored
-    reused: bool  # a stored object checked against the rule, not fetched
-
-
-def _work(
-    provider: Provider,
-    store: TileStore,
-    journal: RefJournal,
-    rule: NoDataRule,
-    t: Tile,
-    known: str | None,
-) -> _Outcome:
-    """Fetch ``t`` and store it; or, with ``known``, check a stored object against the rule."""
-    if known is not None:
-        return _Outcome(t, known, rule.matches(store.get(known), known), True)
-    data = provider.fetch(t)
-    if data is None:
-        return _Outcome(t, None, False, False)
-
-    digest = sha256_hex(data)
-    if rule.active and rule.matches(data, digest):
-        return _Outcome(t, digest, True, False)
-    # journal first: a replay keeps only refs whose object is there, so a kill
-    # between the two never leaves a stored object without its ref (refetched)
-    journal.append((t.z, t.x, t.y), digest)
-    store.put(data)
-    return _Outcome(t, digest, False, False)
-
-
 def summary_line(counts: Mapping[str, int], seconds: float) -> str:
     """The one line the tiles phase prints when stderr is not a terminal.
 
@@ -160,6 +127,7 @@ class _Run:
         bar: Progress,
         rule: NoDataRule,
         sync: TileSync | None = None,
+        max_age_s: float | None = None,
     ):
 
         self.provider = provider
@@ -177,6 +145,10 @@ class _Run:
         self.failed = 0
         self.first_failure: tuple[int, str] | None = None
         self.out_of_time = False  # FETCH_DEADLINE passed
+        self.max_age_s = max_age_s  # TILE_MAX_AGE: None, never revalidate
+        self.not_modified = 0
+        self.refreshed = 0
+        self._validators: list[tuple[tuple[int, int, int], str | None, str | None, float]] = []
         self.flow = getattr(provider, "flow", None)  # an HTTP provider's flow control
         self._refs: list[tuple[tuple[int, int, int], str]] = []
         self._verdicts: list[tuple[str, bool]] = []
@@ -199,11 +171,16 @@ class _Run:
         }
 
     def flow_counts(self) -> dict[str, int]:
-        """``throttled`` (429/503 answers) and ``lowest_concurrency``, once flow control acted."""
+        """``throttled`` (429/503 answers) and ``lowest_concurrency`` once flow control
+        acted; ``not_modified`` and ``refreshed`` with ``TILE_MAX_AGE``."""
+        out = {}
+        if self.max_age_s is not None:
+            out = {"not_modified": self.not_modified, "refreshed": self.refreshed}
         flow = self.flow
-        if flow is None or not flow.throttled:
-            return {}
-        return {"throttled": flow.throttled, "lowest_concurrency": flow.lowest_concurrency}
+        if flow is not None and flow.throttled:
+            out["throttled"] = flow.throttled
+            out["lowest_concurrency"] = flow.lowest_concurrency
+        return out
 
     def _show_flow(self) -> None:
         flow = self.flow
@@ -217,8 +194,22 @@ class _Run:
         self.missing.append(tile_id(t))
         self.nodata += 1
 
-    def to_do(self, planned: Iterable[Tile]) -> Iterator[tuple[Tile, str | None]]:
-        """Work for the pool: ``(tile, None)`` to fetch, ``(tile, digest)`` to check.
+    def _due(
+        self, known: Mapping[tuple[int, int, int], str]
+    ) -> dict[tuple[int, int, int], Validators]:
+        """The stored tiles to revalidate (``TILE_MAX_AGE``), with their validators."""
+        if self.max_age_s is None or not hasattr(self.provider, "fetch_validated"):
+            return {}
+        have = self.store.lookup_validators(self.provider.identity, known)
+        now = time.time()
+        never: Validators = (None, None, 0.0)  # fetched before validators were kept
+        return {zxy: v for zxy in known if now - (v := have.get(zxy, never))[2] >= self.max_age_s}
+
+    def to_do(
+        self, planned: Iterable[Tile]
+    ) -> Iterator[tuple[Tile, str | None, Validators | None]]:
+        """Work for the pool: ``(tile, None, None)`` to fetch, ``(tile, digest, None)``
+        to check, ``(tile, digest, validators)`` to revalidate.
 
         Stored tiles that need no check are counted as reused here.
         """
@@ -234,17 +225,21 @@ class _Run:
             verdicts: dict[str, bool] = {}
             if self.rule.uniform:
                 verdicts = self.store.lookup_checks(self.check, set(known.values()))
-            todo: list[tuple[Tile, str | None]] = []
+            due = self._due(known)
+            todo: list[tuple[Tile, str | None, Validators | None]] = []
             done = 0
             for t in chunk:
                 digest = known.get((t.z, t.x, t.y))
                 if digest is None:
-                    todo.append((t, None))
+                    todo.append((t, None, None))
                     continue
                 if digest in self.rule.sha256 or verdicts.get(digest) is True:
                     self._blank(t)
+                elif (t.z, t.x, t.y) in due:  # older than TILE_MAX_AGE: ask if it changed
+                    todo.append((t, digest, due[(t.z, t.x, t.y)]))
+                    continue
                 elif self.rule.uniform and digest not in verdicts:
-                    todo.append((t, digest))
+                    todo.append((t, digest, None))
                     continue
                 else:
                     self.present.append((tile_id(t), bytes.fromhex(digest)))
@@ -253,7 +248,7 @@ class _Run:
             self.bar.advance(done)
             yield from todo
 
-    def done(self, future: Future[_Outcome]) -> None:
+    def done(self, future: Future[Outcome]) -> None:
         """Account for one finished piece of work; re-raises what is not a tile failure."""
 
         exc = future.exception()
@@ -265,7 +260,14 @@ class _Run:
         elif exc is not None:
             raise exc
         else:
-            t, digest, blank, reused = future.result()
+            out = future.result()
+            t, digest, blank, reused = out.tile, out.digest, out.blank, out.reused
+            if out.validated and digest is not None and not blank:
+                self._validators.append(((t.z, t.x, t.y), out.etag, out.last_modified, time.time()))
+            if out.revalidated == NOT_MODIFIED:
+                self.not_modified += 1
+            elif out.revalidated == REFRESHED:
+                self.refreshed += 1
             if digest is not None and self.rule.uniform:
                 self._verdicts.append((digest, blank))
             if digest is None or blank:
@@ -283,7 +285,7 @@ class _Run:
                     if self.sync is not None:
                         self.sync.fetched((t.z, t.x, t.y), digest)
             if (
-                len(self._refs) + len(self._verdicts) >= REF_BATCH
+                len(self._refs) + len(self._verdicts) + len(self._validators) >= REF_BATCH
                 or time.monotonic() - self._flushed_at >= REF_FLUSH_S
             ):
                 self.flush()
@@ -295,6 +297,9 @@ class _Run:
         if self._refs:
             self.store.record_refs(self.provider.identity, self._refs)
             self._refs = []
+        if self._validators:
+            self.store.record_validators(self.provider.identity, self._validators)
+            self._validators = []
         if self._verdicts:
             self.store.record_checks(self.check, self._verdicts)
             self._verdicts = []
@@ -313,8 +318,12 @@ def fetch_with_provider(
     nodata: NoDataRule | None = None,
     shared: S3Store | None = None,
     deadline_s: float | None = None,
+    max_age_s: float | None = None,
 ) -> dict[str, Any]:
     """:func:`fetch_tiles` with an open provider (left open).
+
+    ``max_age_s`` (``TILE_MAX_AGE``): stored tiles fetched longer ago than
+    this are revalidated with conditional requests (an HTTP provider only).
 
     ``deadline_s`` bounds the whole fetch (``FETCH_DEADLINE``): past it,
     no more tiles are asked for and the phase fails naming how many are left.
@@ -346,7 +355,7 @@ def fetch_with_provider(
         store.clean_tmp()
         store.replay_journals()
         sync = TileSync(shared, store, provider.identity) if shared is not None else None
-        run = _Run(provider, store, bar, rule, sync)
+        run = _Run(provider, store, bar, rule, sync, max_age_s)
         try:
             _pump(run, run.to_do(tiles(bbox, zooms)), workers, ends)
         finally:
@@ -393,8 +402,8 @@ def _pump(
 
     provider, store, rule = run.provider, run.store, run.rule
     journal = store.open_journal(provider.identity)
-    pending: set[Future[_Outcome]] = set()
-    finished: list[Future[_Outcome]] = []
+    pending: set[Future[Outcome]] = set()
+    finished: list[Future[Outcome]] = []
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="cachebuild-fetch") as pool:
             try:
@@ -410,7 +419,7 @@ def _pump(
                         if item is None:
                             exhausted = True
                         else:
-                            pending.add(pool.submit(_work, provider, store, journal, rule, *item))
+                            pending.add(pool.submit(work, provider, store, journal, rule, *item))
                     if not pending:
                         break
                     left = None if ends is None else max(0.0, ends - time.monotonic())
@@ -484,7 +493,8 @@ def fetch_tiles(
         The environment: the API key and headers, the HTTP settings
         (see :func:`cachebuild.providers.open_provider`), and ``NODATA``
         and ``NODATA_SHA256`` (:class:`cachebuild.providers.nodata.NoDataRule`),
-        and ``FETCH_DEADLINE`` (a duration; ``0``: none).
+        ``FETCH_DEADLINE`` (a duration; ``0``: none) and ``TILE_MAX_AGE``
+        (a duration: revalidate stored tiles older than that; unset: never).
     concurrency
         Requests in flight at most.
     progress
@@ -520,6 +530,8 @@ def fetch_tiles(
     deadline_s = (
         parse_duration("FETCH_DEADLINE", raw_deadline) if raw_deadline else DEFAULT_FETCH_DEADLINE_S
     )
+    raw_age = env.get("TILE_MAX_AGE", "").strip()
+    max_age_s = parse_duration("TILE_MAX_AGE", raw_age) if raw_age else None
     provider = open_provider(provider_spec, env=env)
     try:
         return fetch_with_provider(
@@ -533,6 +545,7 @@ def fetch_tiles(
             nodata=rule,
             shared=shared,
             deadline_s=deadline_s,
+            max_age_s=max_age_s,
         )
     finally:
         provider.close()
