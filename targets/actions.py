@@ -285,6 +285,7 @@ def _action_cached(name: str) -> Callable[[Callable[..., None]], Callable[..., N
 def index(*, build: str, kind: str = "auto") -> None:
     """The index over the staged descriptors; the last build's trained IVF quantizer is reused when it fits."""
     from cachebuild.localize.index import build_index
+    from cachebuild.localize.index_files import write_index_json
 
     b = Path(build)
     info = build_index(
@@ -294,7 +295,7 @@ def index(*, build: str, kind: str = "auto") -> None:
         reuse=True,
         engine_key=read_engine_json(b / "engine").get("key"),
     )
-    _atomic_json(b / "index.json", info)
+    write_index_json(b, info)  # index.json: content; index-run.json: this build's history
 
 
 @_action_cached("selftest")

@@ -86,7 +86,12 @@ def preview_action(build: Path, **_: Any) -> Action:
         + ":"
         + " ".join(installed_version("pillow") or ()),
         # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
-        inputs={"tiles.npy": build / "tiles.npy", "missing.npy": build / "missing.npy"},
+        # selftest.json: the legend gives the self-test's recall and error
+        inputs={
+            "tiles.npy": build / "tiles.npy",
+            "missing.npy": build / "missing.npy",
+            "selftest.json": build / "selftest.json",
+        },
         values={
             "size": DEFAULT_SIZE,
             "tileset": drawn,

@@ -46,6 +46,7 @@ from cachebuild.errors import (
 )
 from cachebuild.inputs.config import VARIABLES, Settings, load_settings
 from cachebuild.inputs.plan import resolve_plan
+from cachebuild.localize.index_files import read_index_run
 from cachebuild.localize.selftest import check_recall, read_run, summary
 from cachebuild.localize.selftest_score import low_recall_warning
 from cachebuild.release.lock import CacheLock
@@ -345,9 +346,12 @@ def _locked_build(
     report.extra["action_cache"] = actions.ACTIVE.get("action_cache") or {"hits": [], "misses": []}
     report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))
-    # history stays out of selftest.json: what this run described, from the run file
-    run = read_run(paths.build) if "selftest" in reporter.ran else None
+    # history stays out of selftest.json and index.json: what this run did, from the run files
+    # (an action served from the action cache ran nothing)
+    did = set(reporter.ran) - set(report.extra["action_cache"].get("hits") or [])
+    run = read_run(paths.build) if "selftest" in did else None
     report.extra["selftest_frames"] = (run or {}).get("frames") or {"described": 0}
+    report.extra["index_run"] = (read_index_run(paths.build) or {}) if "index" in did else {}
     low = low_recall_warning(signed["info"].get("selftest"), settings.recall_warn)
     if low:
         warn(low)

@@ -76,19 +76,27 @@ faiss is imported inside the functions that use it.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.cpus import usable_cpus
-from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows, npy_shape
+from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.localize import index_quantizer as _quantizer
+from cachebuild.localize import index_tune as _tuning
+from cachebuild.localize.describe import DESCRIPTORS_FILE
+from cachebuild.localize.index_files import _check_inputs, _write_faiss
+from cachebuild.localize.index_quantizer import (
+    _QUANTIZER_FORMAT,
+    _fingerprints,
+    _load_quantizer,
+    _save_quantizer,
+)
+from cachebuild.localize.index_tune import _exact_top, _set_search_param, _tune
 from cachebuild.localize.places import POSITIONS_FILE, write_positions
 
 if TYPE_CHECKING:
@@ -112,29 +120,21 @@ __all__ = [
 ]
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf")
-INDEX_METRIC = "inner_product"
+INDEX_METRIC = _quantizer.INDEX_METRIC
 #: ``auto``: exact search below this many vectors.
 FLAT_MAX = 10_000
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 40
 #: The recall@10 the search parameter is tuned to reach.
-RECALL_TARGET = 0.95
+RECALL_TARGET = _tuning.RECALL_TARGET
 #: Descriptors of the cache used as queries to measure recall@10.
 RECALL_QUERIES = 1000
 #: Beside the index: the trained IVF centroids and the population they came from.
-QUANTIZER_FILE = "index-quantizer.npz"
+QUANTIZER_FILE = _quantizer.QUANTIZER_FILE
 #: Retrain when more than this share of the vectors is new to the quantizer.
-MAX_UNTRAINED_SHARE = 0.3
-_QUANTIZER_FORMAT = 1
-#: The plan family: a saved quantizer of K lists serves N vectors whose plan asks for K' lists,
-#: 1/_FAMILY <= K' / K <= _FAMILY.
-_FAMILY = 1.25
+MAX_UNTRAINED_SHARE = _quantizer.MAX_UNTRAINED_SHARE
 #: Retrain when the reused quantizer needs more than this times the nprobe it was trained with.
 _NPROBE_GROWTH = 2
-#: Exact recall passes (queries x N x D multiply-adds) below this run on one thread.
-_ONE_THREAD_FLOPS = 2 * 10**10
-_EF_LADDER = (16, 32, 64, 128, 256, 512, 1024)
-_NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _TRAIN_PER_LIST = 64
 _MIN_TRAIN_PER_LIST = 39
 _PHASE = "index"
@@ -217,48 +217,6 @@ def _faiss() -> Any:
     return faiss
 
 
-def _check_inputs(src: Path) -> tuple[int, int, Any]:
-    """``(N, D, ids)`` after checking descriptors.npy and descriptor_ids.npy agree."""
-    import numpy as np
-
-    vec_path, ids_path = src / DESCRIPTORS_FILE, src / DESCRIPTOR_IDS_FILE
-    for path in (vec_path, ids_path):
-        if not path.is_file():
-            raise BuildError(
-                f"{path} does not exist",
-                remedy="run the describe phase first (doit build-cache does)",
-                phase=_PHASE,
-            )
-    try:
-        shape, dtype = npy_shape(vec_path)
-        ids = np.load(ids_path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise BuildError(
-            f"{src} holds an unreadable .npy file: {exc}",
-            remedy="delete descriptors.npy and descriptor_ids.npy and run build-cache again",
-            phase=_PHASE,
-        ) from exc
-    if len(shape) != 2 or shape[1] < 1 or dtype != np.float32:
-        raise BuildError(
-            f"{vec_path} must be float32 [N, D], is {dtype} {list(shape)}",
-            remedy="delete it and run the describe phase again",
-            phase=_PHASE,
-        )
-    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != shape[0]:
-        raise BuildError(
-            f"{ids_path} ({ids.dtype} {list(ids.shape)}) does not match {vec_path} ({shape[0]} rows)",
-            remedy="delete both and run the describe phase again",
-            phase=_PHASE,
-        )
-    if len(np.unique(ids)) != len(ids):
-        raise BuildError(
-            f"{ids_path} holds duplicate tile ids",
-            remedy="delete it and run the describe phase again",
-            phase=_PHASE,
-        )
-    return int(shape[0]), int(shape[1]), ids
-
-
 def _new_index(faiss: Any, plan: IndexPlan, dim: int) -> Any:
     ip = faiss.METRIC_INNER_PRODUCT
     if plan.kind == "flat":
@@ -268,141 +226,6 @@ def _new_index(faiss: Any, plan: IndexPlan, dim: int) -> Any:
         hnsw.hnsw.efConstruction = plan.params["efConstruction"]
         return faiss.IndexIDMap2(hnsw)
     return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, plan.params["nlist"], ip)
-
-
-def _set_search_param(faiss: Any, index: Any, kind: str, value: int) -> None:
-    if kind == "hnsw":
-        faiss.downcast_index(index.index).hnsw.efSearch = int(value)
-    elif kind == "ivf":
-        index.nprobe = int(value)
-
-
-def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> Any:
-    """The k-th best exact similarity of each query, by one pass over the descriptors.
-
-    Each chunk is searched exactly (faiss's flat search: BLAS and a heap)
-    and the k best kept across chunks.  A pass of under
-    :data:`_ONE_THREAD_FLOPS` runs on one thread: on two shared, busy cores
-    the threaded pass over 20k descriptors took 0.42-0.73 s and the
-    single-threaded one 0.13-0.16 s (thread start and barriers cost more
-    than the arithmetic).
-    """
-    import numpy as np
-
-    from cachebuild._util.npyio import iter_npy_rows, npy_shape
-
-    shape, _ = npy_shape(path)
-    threads = faiss.omp_get_max_threads()
-    if len(queries) * shape[0] * shape[1] < _ONE_THREAD_FLOPS:
-        faiss.omp_set_num_threads(1)
-    try:
-        best = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        for _, chunk in iter_npy_rows(path, chunk_rows=16_384):
-            flat = faiss.IndexFlatIP(chunk.shape[1])
-            flat.add(np.ascontiguousarray(chunk))
-            sims, _ = flat.search(queries, min(k, len(chunk)))
-            both = np.concatenate([best, sims], axis=1)
-            best = -np.sort(-both, axis=1)[:, :k]
-    finally:
-        faiss.omp_set_num_threads(threads)
-    return best[:, k - 1]
-
-
-def _fingerprints(chunk: Any) -> Any:
-    """A 64-bit fingerprint of each row's bytes (blake2b): which vectors a quantizer has seen."""
-    import hashlib
-
-    import numpy as np
-
-    raw = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in chunk)
-    return np.frombuffer(raw, dtype="<u8")
-
-
-def _load_quantizer(
-    path: Path, *, engine_key: str | None, plan: IndexPlan, dim: int
-) -> tuple[Any, Any, dict[str, Any], str]:
-    """``(centroids, population, meta, "")`` of a saved quantizer that fits, else ``(None, None, {}, why not)``."""
-    import numpy as np
-
-    if plan.kind != "ivf":
-        why = (
-            "HNSW is rebuilt (faiss cannot remove vectors from it)"
-            if plan.kind == "hnsw"
-            else "nothing to train"
-        )
-        return None, None, {}, why
-    if engine_key is None:
-        return None, None, {}, "no engine key given"
-    if not path.is_file():
-        return None, None, {}, "no saved quantizer"
-    try:
-        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
-            meta = json.loads(str(z["meta"][()]))
-            centroids = np.ascontiguousarray(z["centroids"], dtype=np.float32)
-            population = np.ascontiguousarray(z["population"], dtype="<u8")
-        if not isinstance(meta, dict) or meta.get("format") != _QUANTIZER_FORMAT:
-            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else meta!r}")
-        nlist = int(meta["nlist"])
-        if centroids.shape != (nlist, int(meta["dim"])) or not np.all(np.isfinite(centroids)):
-            raise ValueError(f"centroids {list(centroids.shape)} do not match nlist {nlist}")
-        if population.ndim != 1 or not len(population) or np.any(population[1:] < population[:-1]):
-            raise ValueError("population fingerprints are not a sorted list")
-    except Exception as exc:  # truncated, garbage, a zip that is not ours: train again
-        return (
-            None,
-            None,
-            {},
-            f"saved quantizer unreadable ({type(exc).__name__}: {str(exc)[:120]})",
-        )
-    for field_, want in (
-        ("engine_key", engine_key),
-        ("kind", plan.kind),
-        ("metric", INDEX_METRIC),
-        ("dim", dim),
-    ):
-        if meta.get(field_) != want:
-            return None, None, {}, f"saved quantizer is of another {field_.replace('_', ' ')}"
-    ratio = plan.params["nlist"] / nlist
-    if not 1 / _FAMILY <= ratio <= _FAMILY:
-        return (
-            None,
-            None,
-            {},
-            f"saved quantizer has {nlist} lists, these vectors ask for {plan.params['nlist']}",
-        )
-    return centroids, population, meta, ""
-
-
-def _save_quantizer(path: Path, centroids: Any, population: Any, meta: dict[str, Any]) -> None:
-    """Write the quantizer file through a temp file and a rename (never in place)."""
-    import numpy as np
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(
-                fh,
-                meta=np.array(json.dumps(meta, sort_keys=True)),
-                centroids=np.ascontiguousarray(centroids, dtype=np.float32),
-                population=np.ascontiguousarray(population, dtype="<u8"),
-            )
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _recall(index: Any, queries: Any, kth: Any, k: int) -> float:
-    """recall@k: the share of results at least as similar as the exact k-th best.
-
-    The returned scores of Flat, HNSW-Flat and IVF-Flat are exact inner
-    products (the vectors are stored uncompressed), so ties at the k-th
-    place count as hits whichever tied tile the index returned.
-    """
-    import numpy as np
-
-    scores, ids = index.search(queries, k)
-    hits = (ids >= 0) & (scores >= kth[:, None] - 1e-5)
-    return float(np.mean(np.sum(hits, axis=1) / k))
 
 
 def build_index(
@@ -467,142 +290,37 @@ def build_index(
     """
     import numpy as np
 
-    from cachebuild.localize.describe import DESCRIPTORS_FILE
-
     faiss = faiss if faiss is not None else _faiss()
-    src = Path(descriptors_dir)
-    out = Path(out_path)
+    src, out = Path(descriptors_dir), Path(out_path)
     n, dim, ids = _check_inputs(src)
-    vec_path = src / DESCRIPTORS_FILE
     gpus = _gpus(faiss)
-    plan = plan_index(n, kind, gpus=gpus)
-    rng = np.random.default_rng(seed)
-    seconds = {"read": 0.0, "train": 0.0, "add": 0.0, "tune": 0.0}
-
-    # one pass: every vector finite, and (for the quantizer) its fingerprint
-    t = time.perf_counter()
-    keep_prints = reuse and plan.kind == "ivf"
-    prints = np.empty(n if keep_prints else 0, dtype="<u8")
-    for start, chunk in iter_npy_rows(vec_path, chunk_rows=chunk_rows):
-        if not bool(np.all(np.isfinite(chunk))):
-            raise BuildError(
-                f"{vec_path} holds non-finite values (row {start + int(np.flatnonzero(~np.isfinite(chunk).all(1))[0])})",
-                remedy="check the model, recompile the engine and describe again",
-                phase=_PHASE,
-            )
-        if keep_prints:
-            prints[start : start + len(chunk)] = _fingerprints(chunk)
-    seconds["read"] = time.perf_counter() - t
-
+    run = _Run(
+        faiss=faiss,
+        vec_path=src / DESCRIPTORS_FILE,
+        n=n,
+        dim=dim,
+        ids=ids,
+        plan=plan_index(n, kind, gpus=gpus),
+        gpus=gpus,
+        chunk_rows=chunk_rows,
+        rng=np.random.default_rng(seed),
+    )
+    run.scan(reuse)
     quantizer_path = out.with_name(QUANTIZER_FILE)
-    centroids = population = None
-    saved: dict[str, Any] = {}
-    why = "not asked to (reuse=False)"
-    trained_share = None
     if reuse and n:
-        centroids, population, saved, why = _load_quantizer(
-            quantizer_path, engine_key=engine_key, plan=plan, dim=dim
-        )
-        if centroids is not None:
-            pos = np.clip(np.searchsorted(population, prints), 0, len(population) - 1)
-            trained_share = float(np.mean(population[pos] == prints))
-            if 1 - trained_share > MAX_UNTRAINED_SHARE:
-                why = f"{1 - trained_share:.0%} of the vectors are new to the saved quantizer (> {MAX_UNTRAINED_SHARE:.0%})"
-                centroids = population = None
-                trained_share = None
-    if centroids is not None:
-        plan = IndexPlan(
-            "ivf",
-            f"IVF{len(centroids)},Flat",
-            {"nlist": len(centroids), "train_points": int(saved["trained_points"])},
-            plan.reason,
-        )
-
-    sample = None  # the training sample, the same whichever device trains
-    if plan.kind == "ivf" and n and centroids is None:
-        sample = np.sort(rng.choice(n, size=plan.params["train_points"], replace=False))
-
-    def new_index() -> Any:
-        if centroids is None:
-            return _new_index(faiss, plan, dim)
-        quantizer = faiss.IndexFlatIP(dim)
-        quantizer.add(centroids)
-        return faiss.IndexIVFFlat(quantizer, dim, len(centroids), faiss.METRIC_INNER_PRODUCT)
-
-    def fill(index: Any) -> Any:
-        """Train (IVF, unless the quantizer is reused) and add every descriptor."""
-        if sample is not None:
-            t = time.perf_counter()
-            index.train(np.ascontiguousarray(gather_npy_rows(vec_path, sample)))
-            seconds["train"] = time.perf_counter() - t
-        t = time.perf_counter()
-        for start, chunk in iter_npy_rows(vec_path, chunk_rows=chunk_rows):
-            index.add_with_ids(chunk, np.ascontiguousarray(ids[start : start + len(chunk)]))
-        seconds["add"] = time.perf_counter() - t
-        return index
-
-    def build() -> tuple[Any, str, str | None]:
-        if gpus and n and plan.kind in _GPU_KINDS:
-            try:
-                res = faiss.StandardGpuResources()
-                on_gpu = fill(faiss.index_cpu_to_gpu(res, 0, new_index()))
-                cpu = faiss.index_gpu_to_cpu(on_gpu)  # a CPU index: the file loads anywhere
-                del on_gpu, res
-                return cpu, "gpu", None
-            except BuildError:
-                raise
-            except Exception as exc:  # out of GPU memory, a driver error: the CPU can still do it
-                return fill(new_index()), "cpu", f"{type(exc).__name__}: {exc}"[:300]
-        return fill(new_index()), "cpu", None
-
-    index, device, gpu_error = build()
-
-    params: dict[str, int] = dict(plan.params)
-    recall = None
-    q = min(recall_queries, n)
-    if q > 0:
-        t = time.perf_counter()
-        rows = np.sort(rng.choice(n, size=q, replace=False))
-        queries = np.ascontiguousarray(gather_npy_rows(vec_path, rows))
-        k = min(10, n)
-        kth = _exact_top(faiss, vec_path, queries, k)
-        value, recall = _tune(faiss, index, plan, queries, kth, k, hint=saved.get("nprobe"))
-        if centroids is not None and value > _NPROBE_GROWTH * int(saved["nprobe"]):
-            # the new vectors crowd lists the quantizer was not trained for: train afresh
-            why = (
-                f"the saved quantizer needed nprobe {value} > {_NPROBE_GROWTH} x {saved['nprobe']}"
-            )
-            centroids = population = None
-            trained_share = None
-            plan = plan_index(n, kind, gpus=gpus)
-            params = dict(plan.params)
-            sample = np.sort(rng.choice(n, size=plan.params["train_points"], replace=False))
-            index, device, gpu_error = build()
-            value, recall = _tune(faiss, index, plan, queries, kth, k, hint=None)
-        if plan.kind == "hnsw":
-            params["efSearch"] = int(value)
-        elif plan.kind == "ivf":
-            params["nprobe"] = int(value)
-        seconds["tune"] = time.perf_counter() - t
-    elif plan.kind == "hnsw":
-        params["efSearch"] = 64
-        _set_search_param(faiss, index, "hnsw", 64)
-    elif plan.kind == "ivf":
-        params["nprobe"] = min(16, plan.params["nlist"])
-        _set_search_param(faiss, index, "ivf", params["nprobe"])
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        faiss.write_index(index, str(tmp))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+        run.pick_quantizer(quantizer_path, engine_key)
+    if run.plan.kind == "ivf" and n and run.centroids is None:
+        run.draw_sample()
+    index, device, gpu_error = run.build()
+    index, device, gpu_error, params, recall, q = _tune_or_default(
+        run, index, (device, gpu_error), recall_queries, kind
+    )
+    _write_faiss(faiss, index, out)
     write_positions(out.with_name(POSITIONS_FILE), ids)  # where each id lies on the ground
     info: dict[str, Any] = {
-        "type": plan.description,
-        "kind": plan.kind,
-        "reason": plan.reason,
+        "type": run.plan.description,
+        "kind": run.plan.kind,
+        "reason": run.plan.reason,
         "ntotal": int(index.ntotal),
         "dim": dim,
         "metric": INDEX_METRIC,
@@ -613,96 +331,209 @@ def build_index(
         "device": device,
         "positions": POSITIONS_FILE,
         **({"gpu_error": gpu_error} if gpu_error else {}),
-        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
     }
     if reuse:
-        reused = centroids is not None
-        if plan.kind == "ivf" and n:
-            if not reused:  # trained here: this population, these centroids
-                quantizer = faiss.downcast_index(index.quantizer)
-                centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
-                population = np.unique(prints)
-                trained_share = 1.0
-                saved = {
-                    "format": _QUANTIZER_FORMAT,
-                    "engine_key": engine_key,
-                    "kind": plan.kind,
-                    "metric": INDEX_METRIC,
-                    "dim": dim,
-                    "nlist": len(centroids),
-                    "trained_points": int(plan.params["train_points"]),
-                    "population": int(n),
-                    "nprobe": int(params["nprobe"]),
-                }
-            _save_quantizer(quantizer_path, centroids, population, saved)
-        else:
-            quantizer_path.unlink(missing_ok=True)  # nothing to reuse: no stale one either
-        info["quantizer"] = {
-            "reused": reused,
-            "trained_on_share": None if trained_share is None else round(trained_share, 4),
-            "trained_points": params.get("train_points"),
-            "max_untrained_share": MAX_UNTRAINED_SHARE,
-            "reason": (
-                f"reused: {1 - trained_share:.0%} of the vectors are new to it"
-                if reused
-                else (f"trained: {why}" if plan.kind == "ivf" else why)
-            ),
-        }
+        info["quantizer"] = run.keep_quantizer(index, params, quantizer_path, engine_key)
     return info
 
 
-def _tune(
-    faiss: Any, index: Any, plan: IndexPlan, queries: Any, kth: Any, k: int, hint: int | None
-) -> tuple[int, float]:
-    """The smallest search parameter on the ladder whose recall@k reaches the target, and that recall.
+@dataclass
+class _Run:
+    """One index build's state: the vectors, the plan, the quantizer it starts from, timings."""
 
-    IVF-Flat's recall grows with nprobe (more lists probed, exact scores: a
-    result is never lost), so its ladder is bisected, starting at ``hint``
-    (the last build's nprobe); ``nprobe = nlist`` is exhaustive and always
-    reaches it.  HNSW's efSearch is walked up from the bottom.
-    """
-    measured: dict[int, float] = {}
+    faiss: Any
+    vec_path: Path
+    n: int
+    dim: int
+    ids: Any
+    plan: IndexPlan
+    gpus: int
+    chunk_rows: int
+    rng: Any
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.0, "train": 0.0, "add": 0.0, "tune": 0.0}
+    )
+    prints: Any = None
+    centroids: Any = None
+    population: Any = None
+    saved: dict[str, Any] = field(default_factory=dict)
+    why: str = "not asked to (reuse=False)"
+    trained_share: float | None = None
+    sample: Any = None
 
-    def recall_at(value: int) -> float:
-        if value not in measured:
-            _set_search_param(faiss, index, plan.kind, value)
-            measured[value] = _recall(index, queries, kth, k)
-        return measured[value]
+    def scan(self, reuse: bool) -> None:
+        """One pass: every vector finite, and (for the quantizer) its fingerprint."""
+        import numpy as np
 
-    if plan.kind == "ivf":
-        nlist = plan.params["nlist"]
-        ladder = tuple(v for v in _NPROBE_LADDER if v < nlist) + (nlist,)
-        lo, hi = (
-            0,
-            len(ladder) - 1,
-        )  # the answer is in ladder[lo..hi]; ladder[hi] reaches the target
-        if hint is not None and int(hint) in ladder:
-            # most rebuilds need the hint's value again: two searches tell
-            h = ladder.index(int(hint))
-            if recall_at(ladder[h]) >= RECALL_TARGET:
-                hi = h
-                if h > 0 and recall_at(ladder[h - 1]) >= RECALL_TARGET:
-                    hi = h - 1
-                else:
-                    lo = h
-            else:
-                lo = h + 1
-                if lo < hi and recall_at(ladder[lo]) >= RECALL_TARGET:
-                    hi = lo
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if recall_at(ladder[mid]) >= RECALL_TARGET:
-                hi = mid
-            else:
-                lo = mid + 1
-        value = ladder[lo]
-    else:
-        for value in {"hnsw": _EF_LADDER}.get(plan.kind, (0,)):
-            if recall_at(value) >= RECALL_TARGET:
-                break
-    recall = recall_at(value)  # also leaves the index set to it
-    _set_search_param(faiss, index, plan.kind, value)
-    return int(value), recall
+        t = time.perf_counter()
+        keep = reuse and self.plan.kind == "ivf"
+        self.prints = np.empty(self.n if keep else 0, dtype="<u8")
+        for start, chunk in iter_npy_rows(self.vec_path, chunk_rows=self.chunk_rows):
+            if not bool(np.all(np.isfinite(chunk))):
+                row = start + int(np.flatnonzero(~np.isfinite(chunk).all(1))[0])
+                raise BuildError(
+                    f"{self.vec_path} holds non-finite values (row {row})",
+                    remedy="check the model, recompile the engine and describe again",
+                    phase=_PHASE,
+                )
+            if keep:
+                self.prints[start : start + len(chunk)] = _fingerprints(chunk)
+        self.seconds["read"] = time.perf_counter() - t
+
+    def pick_quantizer(self, path: Path, engine_key: str | None) -> None:
+        """Start from the saved quantizer when it fits and knows most of the vectors."""
+        import numpy as np
+
+        self.centroids, self.population, self.saved, self.why = _load_quantizer(
+            path, engine_key=engine_key, plan=self.plan, dim=self.dim
+        )
+        if self.centroids is None:
+            return
+        pos = np.clip(np.searchsorted(self.population, self.prints), 0, len(self.population) - 1)
+        share = float(np.mean(self.population[pos] == self.prints))
+        if 1 - share > MAX_UNTRAINED_SHARE:
+            self.why = (
+                f"{1 - share:.0%} of the vectors are new to the saved quantizer "
+                f"(> {MAX_UNTRAINED_SHARE:.0%})"
+            )
+            self.centroids = self.population = None
+            return
+        self.trained_share = share
+        nlist = len(self.centroids)
+        train = int(self.saved["trained_points"])
+        params = {"nlist": nlist, "train_points": train}
+        self.plan = IndexPlan("ivf", f"IVF{nlist},Flat", params, self.plan.reason)
+
+    def draw_sample(self) -> None:
+        """The training sample, the same whichever device trains."""
+        import numpy as np
+
+        size = self.plan.params["train_points"]
+        self.sample = np.sort(self.rng.choice(self.n, size=size, replace=False))
+
+    def new_index(self) -> Any:
+        faiss = self.faiss
+        if self.centroids is None:
+            return _new_index(faiss, self.plan, self.dim)
+        quantizer = faiss.IndexFlatIP(self.dim)
+        quantizer.add(self.centroids)
+        return faiss.IndexIVFFlat(
+            quantizer, self.dim, len(self.centroids), faiss.METRIC_INNER_PRODUCT
+        )
+
+    def fill(self, index: Any) -> Any:
+        """Train (IVF, unless the quantizer is reused) and add every descriptor."""
+        import numpy as np
+
+        if self.sample is not None:
+            t = time.perf_counter()
+            index.train(np.ascontiguousarray(gather_npy_rows(self.vec_path, self.sample)))
+            self.seconds["train"] = time.perf_counter() - t
+        t = time.perf_counter()
+        for start, chunk in iter_npy_rows(self.vec_path, chunk_rows=self.chunk_rows):
+            index.add_with_ids(chunk, np.ascontiguousarray(self.ids[start : start + len(chunk)]))
+        self.seconds["add"] = time.perf_counter() - t
+        return index
+
+    def build(self) -> tuple[Any, str, str | None]:
+        """``(index, device, gpu error)``: IVF on GPU 0 where faiss has one, else the CPU."""
+        faiss = self.faiss
+        if self.gpus and self.n and self.plan.kind in _GPU_KINDS:
+            try:
+                res = faiss.StandardGpuResources()
+                on_gpu = self.fill(faiss.index_cpu_to_gpu(res, 0, self.new_index()))
+                cpu = faiss.index_gpu_to_cpu(on_gpu)  # a CPU index: the file loads anywhere
+                del on_gpu, res
+                return cpu, "gpu", None
+            except BuildError:
+                raise
+            except Exception as exc:  # out of GPU memory, a driver error: the CPU can still do it
+                return self.fill(self.new_index()), "cpu", f"{type(exc).__name__}: {exc}"[:300]
+        return self.fill(self.new_index()), "cpu", None
+
+    def keep_quantizer(
+        self, index: Any, params: dict[str, int], path: Path, engine_key: str | None
+    ) -> dict[str, Any]:
+        """Save the quantizer for the next build (IVF) and say whether this one was reused."""
+        import numpy as np
+
+        reused = self.centroids is not None
+        if self.plan.kind == "ivf" and self.n:
+            if not reused:  # trained here: this population, these centroids
+                quantizer = self.faiss.downcast_index(index.quantizer)
+                self.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
+                self.population = np.unique(self.prints)
+                self.trained_share = 1.0
+                self.saved = {
+                    "format": _QUANTIZER_FORMAT,
+                    "engine_key": engine_key,
+                    "kind": self.plan.kind,
+                    "metric": INDEX_METRIC,
+                    "dim": self.dim,
+                    "nlist": len(self.centroids),
+                    "trained_points": int(self.plan.params["train_points"]),
+                    "population": int(self.n),
+                    "nprobe": int(params["nprobe"]),
+                }
+            _save_quantizer(path, self.centroids, self.population, self.saved)
+        else:
+            path.unlink(missing_ok=True)  # nothing to reuse: no stale one either
+        share = self.trained_share
+        return {
+            "reused": reused,
+            "trained_on_share": None if share is None else round(share, 4),
+            "trained_points": params.get("train_points"),
+            "max_untrained_share": MAX_UNTRAINED_SHARE,
+            "reason": (
+                f"reused: {1 - share:.0%} of the vectors are new to it"
+                if reused and share is not None
+                else (f"trained: {self.why}" if self.plan.kind == "ivf" else self.why)
+            ),
+        }
+
+
+def _tune_or_default(
+    run: _Run, index: Any, where: tuple[str, str | None], recall_queries: int, kind: str
+) -> tuple[Any, str, str | None, dict[str, int], float | None, int]:
+    """Measure recall@10 and tune the search parameter (retraining a quantizer that went stale)."""
+    import numpy as np
+
+    faiss, plan = run.faiss, run.plan
+    device, gpu_error = where
+    params: dict[str, int] = dict(plan.params)
+    recall = None
+    q = min(recall_queries, run.n)
+    if q > 0:
+        t = time.perf_counter()
+        rows = np.sort(run.rng.choice(run.n, size=q, replace=False))
+        queries = np.ascontiguousarray(gather_npy_rows(run.vec_path, rows))
+        k = min(10, run.n)
+        kth = _exact_top(faiss, run.vec_path, queries, k)
+        value, recall = _tune(faiss, index, plan, queries, kth, k, hint=run.saved.get("nprobe"))
+        if run.centroids is not None and value > _NPROBE_GROWTH * int(run.saved["nprobe"]):
+            # the new vectors crowd lists the quantizer was not trained for: train afresh
+            run.why = (
+                f"the saved quantizer needed nprobe {value} > "
+                f"{_NPROBE_GROWTH} x {run.saved['nprobe']}"
+            )
+            run.centroids = run.population = None
+            run.trained_share = None
+            run.plan = plan = plan_index(run.n, kind, gpus=run.gpus)
+            params = dict(plan.params)
+            run.draw_sample()
+            index, device, gpu_error = run.build()
+            value, recall = _tune(faiss, index, plan, queries, kth, k, hint=None)
+        if plan.kind in ("hnsw", "ivf"):
+            params["efSearch" if plan.kind == "hnsw" else "nprobe"] = int(value)
+        run.seconds["tune"] = time.perf_counter() - t
+    elif plan.kind == "hnsw":
+        params["efSearch"] = 64
+        _set_search_param(faiss, index, "hnsw", 64)
+    elif plan.kind == "ivf":
+        params["nprobe"] = min(16, plan.params["nlist"])
+        _set_search_param(faiss, index, "ivf", params["nprobe"])
+    return index, device, gpu_error, params, recall, q
 
 
 def load_index(index_path: str | os.PathLike[str]) -> Any:

@@ -79,7 +79,7 @@ __all__ = [
 
 #: Each cached action's output files, in the build directory.
 OUTPUTS: dict[str, tuple[str, ...]] = {
-    "index": ("index.faiss", "index.json"),
+    "index": ("index.faiss", "index.json", "positions.npy"),
     "selftest": ("selftest.json",),
     "preview": ("preview.png",),
 }

@@ -44,6 +44,9 @@ def test_the_self_test_headline_is_frames_centred_anywhere_and_warns_below_recal
     assert "frames" not in doc and doc["recall_at_1"] == st["recall_at_1"]
     assert doc["near_centre"]["recall_at_1"] >= 0.85
     assert r.report["selftest_frames"]["described"] == 60 + doc["near_centre"]["queries"]
+    index_doc = json.loads((cb.current / "index.json").read_text())
+    assert not {"seconds", "quantizer"} & set(index_doc) and "seconds" in r.report["index_run"]
+    assert index_doc["positions"] == "positions.npy"
     info = cb.run("cache-info", "REPORT=text")
     assert info.code == 0 and f"recall@1 {st['recall_at_1']:.3f}" in info.stdout
     assert "error median" in info.stdout

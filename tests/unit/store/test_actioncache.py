@@ -46,6 +46,7 @@ def build(tmp_path: Path) -> Path:
 def compute(b: Path, tag: bytes = b"") -> None:
     (b / "index.faiss").write_bytes(b"faiss index " * 1000 + tag)
     (b / "index.json").write_text('{"kind": "flat"}\n')
+    (b / "positions.npy").write_bytes(b"positions " + tag)
 
 
 def test_the_key_follows_every_input_setting_and_version(build: Path) -> None:

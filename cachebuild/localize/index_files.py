@@ -1,0 +1,104 @@
+"""The index's files: its inputs checked (descriptors.npy, descriptor_ids.npy), its outputs written.
+
+``index.json`` says what the index is; :data:`INDEX_RUN_FILE` says how this
+build made it (timings, quantizer reuse): history, which the build report
+carries and the signed cache does not.
+
+numpy is imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from cachebuild._util.fs import atomic_write
+from cachebuild._util.npyio import npy_shape
+from cachebuild.errors import BuildError
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+
+__all__ = ["INDEX_RUN_FILE", "write_index_json", "read_index_run"]
+
+_PHASE = "index"
+
+
+def _check_inputs(src: Path) -> tuple[int, int, Any]:
+    """``(N, D, ids)`` after checking descriptors.npy and descriptor_ids.npy agree."""
+    import numpy as np
+
+    vec_path, ids_path = src / DESCRIPTORS_FILE, src / DESCRIPTOR_IDS_FILE
+    for path in (vec_path, ids_path):
+        if not path.is_file():
+            raise BuildError(
+                f"{path} does not exist",
+                remedy="run the describe phase first (doit build-cache does)",
+                phase=_PHASE,
+            )
+    try:
+        shape, dtype = npy_shape(vec_path)
+        ids = np.load(ids_path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise BuildError(
+            f"{src} holds an unreadable .npy file: {exc}",
+            remedy="delete descriptors.npy and descriptor_ids.npy and run build-cache again",
+            phase=_PHASE,
+        ) from exc
+    if len(shape) != 2 or shape[1] < 1 or dtype != np.float32:
+        raise BuildError(
+            f"{vec_path} must be float32 [N, D], is {dtype} {list(shape)}",
+            remedy="delete it and run the describe phase again",
+            phase=_PHASE,
+        )
+    if ids.ndim != 1 or ids.dtype != np.int64 or len(ids) != shape[0]:
+        raise BuildError(
+            f"{ids_path} ({ids.dtype} {list(ids.shape)}) does not match {vec_path} ({shape[0]} rows)",
+            remedy="delete both and run the describe phase again",
+            phase=_PHASE,
+        )
+    if len(np.unique(ids)) != len(ids):
+        raise BuildError(
+            f"{ids_path} holds duplicate tile ids",
+            remedy="delete it and run the describe phase again",
+            phase=_PHASE,
+        )
+    return int(shape[0]), int(shape[1]), ids
+
+
+def _write_faiss(faiss: Any, index: Any, out: Path) -> None:
+    """Write the index through a temp file and a rename."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        faiss.write_index(index, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+#: Beside ``index.json``: what this build did (timings, quantizer reuse): history, for the report.
+INDEX_RUN_FILE = "index-run.json"
+#: Keys of :func:`build_index`'s result that are this run's history, not the index's content.
+_HISTORY = ("seconds", "quantizer")
+
+
+def write_index_json(build_dir: str | os.PathLike[str], info: dict[str, Any]) -> None:
+    """``index.json`` (what the index is) and :data:`INDEX_RUN_FILE` (how this build made it)."""
+    b = Path(build_dir)
+    content = {k: v for k, v in info.items() if k not in _HISTORY}
+    history = {k: info[k] for k in _HISTORY if k in info}
+    for name, doc in (("index.json", content), (INDEX_RUN_FILE, history)):
+        atomic_write(
+            b / name, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), durable=False
+        )
+
+
+def read_index_run(build_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The last build's :data:`INDEX_RUN_FILE` (None when absent or unreadable)."""
+    try:
+        doc = json.loads((Path(build_dir) / INDEX_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
