@@ -126,16 +126,13 @@ def compile_engine(
 
     Parameters
     ----------
-    model_path
-        The ONNX network.
-    calibration_path
-        Calibration data for int8 (hashed into the key whatever the
-        precision), or ``None``.
-    precision
-        ``fp32``, ``fp16`` or ``int8``; the backend must support it.
-    backend
-        A name from :data:`cachebuild.engine.backends.BACKEND_CHOICES` (``auto``: see
-        :func:`cachebuild.engine.backends.select_backend`).
+    model_path, calibration_path
+        The ONNX network; calibration data for int8 (hashed into the key
+        whatever the precision), or ``None``.
+    precision, backend
+        ``fp32``, ``fp16`` or ``int8``, which the backend must support; a
+        name from :data:`cachebuild.engine.backends.BACKEND_CHOICES`
+        (``auto``: see :func:`cachebuild.engine.backends.select_backend`).
     out_dir
         The engine directory (created).  ``engine.json`` is removed first
         and written last, atomically.
@@ -145,38 +142,16 @@ def compile_engine(
     probes
         :class:`MachineProbes`; probed here when omitted.
 
-    Returns
-    -------
-    dict
-        The contents of ``engine.json``: ``key``, ``backend``,
-        ``backend_version``, ``device``, ``precision``, ``model_sha256``,
-        ``calibration_sha256``, ``engine_file``, ``input``, ``output``,
-        ``descriptor_dim``; TensorRT adds ``build`` (in the key),
-        ``environment`` (checked at load) and ``engine_sha256``.
-
-    Raises
-    ------
-    EngineError
-        Naming the file, precision or backend at fault.
+    Returns the contents of ``engine.json``: ``key``, ``backend``,
+    ``backend_version``, ``device``, ``precision``, ``model_sha256``,
+    ``calibration_sha256``, ``engine_file``, ``input``, ``output``,
+    ``descriptor_dim``; TensorRT adds ``build`` (in the key),
+    ``environment`` (checked at load) and ``engine_sha256``.  Raises
+    :class:`EngineError` naming the file, precision or backend at fault.
     """
     be = get_backend(backend, probes, workspace=workspace, timing_cache_dir=timing_cache_dir)
     check_precision(be, precision)
-    model_path = Path(model_path)
-    if not model_path.is_file():
-        raise EngineError(
-            f"model file {model_path} does not exist",
-            remedy="set MODEL to an ONNX file (or leave it unset for the default network)",
-        )
-    calibration = Path(calibration_path) if calibration_path is not None else None
-    if calibration is not None and not calibration.is_file():
-        raise EngineError(
-            f"calibration file {calibration} does not exist",
-            remedy="set CALIBRATION to an existing file, or leave it unset",
-        )
-    external_data_files(
-        model_path
-    )  # missing or escaping external data: named before the checker's words
-    _check_onnx(model_path)
+    model_path, calibration = _checked_inputs(model_path, calibration_path)
     model_digest = model_sha256(model_path)  # external data files included
     calibration_sha256 = sha256_file(calibration)[0] if calibration is not None else None
     version, device = be.version(), be.device()
@@ -211,6 +186,30 @@ def compile_engine(
         out / ENGINE_JSON, json.dumps(record, indent=1, sort_keys=True).encode(), durable=False
     )
     return record
+
+
+def _checked_inputs(
+    model_path: str | os.PathLike[str], calibration_path: str | os.PathLike[str] | None
+) -> tuple[Path, Path | None]:
+    """The model and calibration files as paths, once they exist and the model checks out.
+
+    Missing or escaping external data is named before the ONNX checker's words.
+    """
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise EngineError(
+            f"model file {model_path} does not exist",
+            remedy="set MODEL to an ONNX file (or leave it unset for the default network)",
+        )
+    calibration = Path(calibration_path) if calibration_path is not None else None
+    if calibration is not None and not calibration.is_file():
+        raise EngineError(
+            f"calibration file {calibration} does not exist",
+            remedy="set CALIBRATION to an existing file, or leave it unset",
+        )
+    external_data_files(model_path)
+    _check_onnx(model_path)
+    return model_path, calibration
 
 
 def load_engine(engine_dir: str | os.PathLike[str], threads: int | None = None) -> EngineRunner:
