@@ -14,6 +14,10 @@ segment), after ``--latency-ms``, and answers 429 by a policy:
     >= 10 x the naive loop (one ``httpx.get`` per tile, one at a time).
 (4) nothing listening: ``doit build-cache`` exits 20 within 5 s.
 (5) a Flights API answering 429 with ``Retry-After: 1`` twice, then the flight.
+(6) revalidation: ``doit build-cache`` cold, then the server's imagery
+    changes for a third of the tiles, then a rebuild with ``TILE_MAX_AGE=0``.
+    Target: it downloads exactly those (the rest 304), describes only
+    them, and takes at most half the cold build's time.
 
 Rows (1) and (3) run the code at ``--before`` too, in the same run.
 
@@ -368,6 +372,71 @@ def row_flights() -> list[str]:
     ]
 
 
+def row_revalidate(tmp: Path, buffer_m: float) -> list[str]:
+    from cachebuild.inputs.flight import flight_area, load_flight_file
+    from cachebuild.tilemath import tiles
+    from tests._harness.etagserver import EtagServer
+
+    flight = tmp / "reval.json"
+    flight.write_text(
+        json.dumps(
+            {
+                "takeoff_origin": {"lat": 47.37, "lon": 8.54, "alt_m": 400},
+                "waypoints": [
+                    {"lat": 47.37, "lon": 8.54, "alt_m": 100},
+                    {"lat": 47.375, "lon": 8.55, "alt_m": 100},
+                ],
+            }
+        )
+    )
+    wanted = sorted(tiles(flight_area(load_flight_file(flight), buffer_m), [17]))
+    srv = EtagServer()
+    env = {**os.environ, "CACHEBUILD_HOME": str(tmp / "reval-home")}
+    doit = str(Path(sys.executable).parent / "doit")
+    args = [
+        doit,
+        "build-cache",
+        f"FLIGHT={flight}",
+        f"BUFFER_M={buffer_m:g}",
+        "ZOOM=17",
+        f"PROVIDER={srv.template(query='')}",
+        "REPORT=json",
+    ]
+
+    def build(*extra: str) -> tuple[float, dict[str, Any]]:
+        t0 = time.perf_counter()
+        p = subprocess.run([*args, *extra], capture_output=True, text=True, env=env, cwd=REPO)
+        sec = time.perf_counter() - t0
+        if p.returncode:
+            raise SystemExit(p.stderr[-2000:])
+        return sec, json.loads(p.stdout.strip().splitlines()[-1])
+
+    try:
+        cold, cold_rep = build()
+        changed = wanted[::3]
+        for t in changed:
+            srv.change(t)
+        srv.downloads.clear()
+        warm, rep = build("TILE_MAX_AGE=0")
+        down = sum(srv.downloads.values())
+        exact = set(srv.downloads) == set(changed)
+        n304 = sum(srv.not_modified.values())
+    finally:
+        srv.close()
+    described = rep["descriptors"]["computed"]
+    ok = exact and described == len(changed) and warm <= 0.5 * cold
+    phases = ", ".join(
+        f"{k} {rep['phases'].get(k, 0):.1f}/{cold_rep['phases'].get(k, 0):.1f}"
+        for k in ("tiles", "describe", "selftest")
+    )
+    return [
+        f"| (6) a third of {len(wanted)} tiles changed, TILE_MAX_AGE=0 | now | "
+        f"{down} downloaded ({'exactly the changed' if exact else 'NOT the changed'}), {n304} 304, "
+        f"{described} described; {warm:.1f} s vs cold {cold:.1f} s ({warm / cold:.2f}x; "
+        f"s rebuild/cold: {phases}) | {'PASS' if ok else 'FAIL'} |"
+    ]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -378,7 +447,8 @@ def main() -> None:
     ap.add_argument("--rate-seconds", type=float, default=15.0)
     ap.add_argument("--share-tiles", type=int, default=100)
     ap.add_argument("--tiles", type=int, default=2000, help="tiles of row (3)")
-    ap.add_argument("--rows", default="1,2,3,4,5")
+    ap.add_argument("--reval-buffer-m", type=float, default=500.0)
+    ap.add_argument("--rows", default="1,2,3,4,5,6")
     args = ap.parse_args()
     latency = args.latency_ms / 1000
     rows = set(args.rows.split(","))
@@ -396,6 +466,8 @@ def main() -> None:
             lines += row_dead(tmp)
         if "5" in rows:
             lines += row_flights()
+        if "6" in rows:
+            lines += row_revalidate(tmp, args.reval_buffer_m)
     print(f"before = {args.before}; loopback latency {args.latency_ms:g} ms\n")
     print("\n".join(lines))
 
