@@ -47,11 +47,11 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild.engine.gpu import CudaApi, cuda_api
 from cachebuild.engine.interface import EngineInfo, read_engine_json
 from cachebuild.engine.tensorrt.policy import (
@@ -136,12 +136,7 @@ def _save_timing_cache(config: Any, path: Path | None) -> None:
         return
     data = bytes(memoryview(cache.serialize()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, data, durable=False)
 
 
 def _onnx_io(model: Any, model_path: Path, engine_file: str) -> EngineInfo:
@@ -407,40 +402,9 @@ class TensorRTBackend:
         profile = profile_shapes(info.input["shape"], self.profile_batch)
 
         builder = trt.Builder(self._log())
-        flags = 0
-        for name in plan.network_flags:
-            flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
-            if flag is not None:  # 11: strong typing is always on, the flag may be gone
-                flags |= 1 << int(flag)
-        network = builder.create_network(flags)
-        parser = trt.OnnxParser(network, self._log())
-        # the bytes hashed for the key, not a second read of the file; the path only
-        # locates external weights
-        ok = parser.parse(data, str(model_path))
-        if not ok:
-            errors = parser_errors(parser) or ["(the parser gave no details)"]
-            raise EngineError(
-                f"TensorRT {trt.__version__} cannot parse model {model_path} ({len(errors)} "
-                "error(s)):\n  " + "\n  ".join(errors),
-                remedy="check that MODEL is an ONNX model TensorRT supports (opset, operators); "
-                "BACKEND=onnxruntime runs more operators",
-            )
-        config = builder.create_builder_config()
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
-        for name in plan.builder_flags:
-            config.set_flag(getattr(trt.BuilderFlag, name))
-        prof = builder.create_optimization_profile()
-        prof.set_shape(info.input["name"], profile["min"], profile["opt"], profile["max"])
-        config.add_optimization_profile(prof)
-        calibrator = None  # held here until the build is done: the bindings may not keep it alive
-        if plan.calibrate:
-            assert calibration_path is not None
-            calibrator = _calibrator(
-                trt, self.cuda, Path(calibration_path), info.input["name"], profile["opt"][0]
-            )
-            config.int8_calibrator = calibrator
-            if hasattr(config, "set_calibration_profile"):
-                config.set_calibration_profile(prof)
+        # the parser keeps the network's weights: it lives until the engine is built
+        network, parser = self._parse(builder, plan, data, model_path)
+        config, calibrator = self._config(builder, plan, info, profile, calibration_path)
         cache_file = (
             timing_cache_path(self.timing_cache_dir, live) if self.timing_cache_dir else None
         )
@@ -455,12 +419,7 @@ class TensorRTBackend:
         del calibrator
         _save_timing_cache(config, cache_file)
         blob = bytes(memoryview(serialized))
-        tmp = out_dir / f".{self.engine_file}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            tmp.write_bytes(blob)
-            os.replace(tmp, out_dir / self.engine_file)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(out_dir / self.engine_file, blob, durable=False)
         return EngineInfo(
             engine_file=info.engine_file,
             input=info.input,
@@ -479,6 +438,61 @@ class TensorRTBackend:
                 "cuda_library": self.cuda.name,
             },
         )
+
+    def _parse(self, builder: Any, plan: Any, data: bytes, model_path: Path) -> tuple[Any, Any]:
+        """``(network, parser)``: the ONNX bytes parsed into a network with the plan's flags."""
+        trt = self.trt
+        flags = 0
+        for name in plan.network_flags:
+            flag = getattr(trt.NetworkDefinitionCreationFlag, name, None)
+            if flag is not None:  # 11: strong typing is always on, the flag may be gone
+                flags |= 1 << int(flag)
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, self._log())
+        # the bytes hashed for the key, not a second read of the file; the path only
+        # locates external weights
+        ok = parser.parse(data, str(model_path))
+        if not ok:
+            errors = parser_errors(parser) or ["(the parser gave no details)"]
+            raise EngineError(
+                f"TensorRT {trt.__version__} cannot parse model {model_path} ({len(errors)} "
+                "error(s)):\n  " + "\n  ".join(errors),
+                remedy="check that MODEL is an ONNX model TensorRT supports (opset, operators); "
+                "BACKEND=onnxruntime runs more operators",
+            )
+        return network, parser
+
+    def _config(
+        self,
+        builder: Any,
+        plan: Any,
+        info: EngineInfo,
+        profile: dict[str, Any],
+        calibration_path: Path | None,
+    ) -> tuple[Any, Any]:
+        """``(builder config, calibrator or None)``: workspace, the plan's flags, the shape profile.
+
+        The calibrator must be held until the build is done: the bindings may
+        not keep it alive.
+        """
+        trt = self.trt
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, self.workspace)
+        for name in plan.builder_flags:
+            config.set_flag(getattr(trt.BuilderFlag, name))
+        prof = builder.create_optimization_profile()
+        prof.set_shape(info.input["name"], profile["min"], profile["opt"], profile["max"])
+        config.add_optimization_profile(prof)
+        calibrator = None
+        if plan.calibrate:
+            assert calibration_path is not None
+            calibrator = _calibrator(
+                trt, self.cuda, Path(calibration_path), info.input["name"], profile["opt"][0]
+            )
+            config.int8_calibrator = calibrator
+            if hasattr(config, "set_calibration_profile"):
+                config.set_calibration_profile(prof)
+        return config, calibrator
 
     def load(self, engine_dir: Path, threads: int | None = None) -> Any:
         """Deserialize ``engine.plan`` after checking it was built for this machine."""
