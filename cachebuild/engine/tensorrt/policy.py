@@ -115,6 +115,30 @@ def model_precision(model: Any) -> str:
     return "fp32"
 
 
+def _typed_mismatch(
+    trt_version: str, major: int, precision: str, carried: str, model: str
+) -> EngineError:
+    """Why a strongly typed build cannot give ``precision``: the model carries ``carried``."""
+    if major >= 11 and carried == "fp32":
+        tool = (
+            "python -m modelopt.onnx.autocast --onnx_path MODEL (fp16)"
+            if precision == "fp16"
+            else "ModelOpt's ONNX quantization (Q/DQ nodes) for int8"
+        )
+        return EngineError(
+            f"PRECISION={precision} on TensorRT {trt_version} needs a model that carries "
+            f"{precision}: TensorRT 11 removed the FP16/INT8 builder flags and INT8 "
+            f"calibration, and {model} is fp32 throughout",
+            remedy=f"convert the model with {tool} and set MODEL to the result, "
+            "or set PRECISION=fp32",
+        )
+    return EngineError(
+        f"{model} carries {carried} (strongly typed: its own types decide), "
+        f"but PRECISION={precision}",
+        remedy=f"set PRECISION={carried}, or give a model exported in {precision}",
+    )
+
+
 def precision_plan(
     trt_version: str,
     precision: str,
@@ -171,24 +195,7 @@ def precision_plan(
         )
     if carried != "fp32" or major >= 11:
         if carried != precision:
-            if major >= 11 and carried == "fp32":
-                tool = (
-                    "python -m modelopt.onnx.autocast --onnx_path MODEL (fp16)"
-                    if precision == "fp16"
-                    else "ModelOpt's ONNX quantization (Q/DQ nodes) for int8"
-                )
-                raise EngineError(
-                    f"PRECISION={precision} on TensorRT {trt_version} needs a model that carries "
-                    f"{precision}: TensorRT 11 removed the FP16/INT8 builder flags and INT8 "
-                    f"calibration, and {model} is fp32 throughout",
-                    remedy=f"convert the model with {tool} and set MODEL to the result, "
-                    "or set PRECISION=fp32",
-                )
-            raise EngineError(
-                f"{model} carries {carried} (strongly typed: its own types decide), "
-                f"but PRECISION={precision}",
-                remedy=f"set PRECISION={carried}, or give a model exported in {precision}",
-            )
+            raise _typed_mismatch(trt_version, major, precision, carried, model)
         return TrtBuildPlan(("STRONGLY_TYPED",), ())
     # TensorRT 10, fp32 model: weak typing with builder flags
     if precision == "fp32":
