@@ -35,7 +35,7 @@ from cachebuild.companion.messages import (
     command_values,
     names_companion_key,
 )
-from cachebuild.companion.push import plan_push, push
+from cachebuild.companion.push import PushPlan, plan_push, push
 from cachebuild.companion.remote import (
     call_agent,
     remote_command,
@@ -381,52 +381,7 @@ def build_on_companion(
     t = time.monotonic()
     with connect(target, options, factory=factory, warn=warn) as conn:
         sftp = conn.open_sftp()
-        root = resolve_root(sftp, settings.companion_dir)
-        wanted_plan = plan_push(
-            build_dir=plan.paths.build,
-            store_root=settings.store,
-            root=root,
-            model=settings.model,
-            calibration=settings.calibration,
-            state_dir=plan.paths.state,
-        )
-        info = call_agent(
-            conn,
-            settings.companion_cmd,
-            "probe",
-            root,
-            wanted=wanted_plan.wanted(),
-            backend=settings.backend,
-        )
-        absent = set(info.get("absent") or [])
-        sending = wanted_plan.bytes_for(absent)
-        tiles_absent = sum(
-            size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent
-        )
-        need = (
-            sending + tiles_absent + DISK_RESERVE_BYTES
-        )  # packs and the objects unpacked from them
-        comfortable = need + wanted_plan.tile_bytes + 4096 * len(wanted_plan.tiles)
-        companion.update(
-            device=info.get("device"),
-            engine=info.get("engine"),
-            cachebuild=info.get("cachebuild"),
-            dir=root,
-            free_bytes=info.get("free_bytes"),
-        )
-        _check_ready(info, need, comfortable, settings, target, warn)
-        settled = info.get("settled") or {}
-        out.write(
-            f"companion {target}: cachebuild {info.get('cachebuild')}, {_device_line(info)}, "
-            f"{_mb(int(info.get('free_bytes') or 0))} free in {root}\n"
-        )
-        if settled.get("objects"):
-            out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
-        _warn_quarantined(settled, target, warn)
-        out.write(
-            f"push: {_missing_line(wanted_plan, absent)} missing there, about {_mb(sending)} to send\n"
-        )
-        out.flush()
+        root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn)
         report.timed("bringup", time.monotonic() - t)
 
         t = time.monotonic()
@@ -456,6 +411,68 @@ def build_on_companion(
         _remote_build(conn, settings, wanted_plan.remote, out, report)
         if report.exit_code == 0 and report.build_id:
             record_companion_build(plan.paths.state, str(target), root, report)
+
+
+def _bring_up(
+    conn: Any,
+    sftp: Any,
+    plan: Any,
+    target: CompanionTarget,
+    companion: dict[str, Any],
+    out: TextIO,
+    warn: Any,
+) -> tuple[str, PushPlan, set[str]]:
+    """Probe the companion: ``(its root, what to push, what of it is absent there)``.
+
+    Fills ``companion`` (device, engine, version, free space), refuses a
+    companion that is not ready or lacks the disk, and says what will be sent.
+    """
+    settings = plan.settings
+    root = resolve_root(sftp, settings.companion_dir)
+    wanted_plan = plan_push(
+        build_dir=plan.paths.build,
+        store_root=settings.store,
+        root=root,
+        model=settings.model,
+        calibration=settings.calibration,
+        state_dir=plan.paths.state,
+    )
+    info = call_agent(
+        conn,
+        settings.companion_cmd,
+        "probe",
+        root,
+        wanted=wanted_plan.wanted(),
+        backend=settings.backend,
+    )
+    absent = set(info.get("absent") or [])
+    sending = wanted_plan.bytes_for(absent)
+    tiles_absent = sum(
+        size for d, (_, size) in wanted_plan.tiles.items() if wanted_plan.tile_rel(d) in absent
+    )
+    need = sending + tiles_absent + DISK_RESERVE_BYTES  # packs and the objects unpacked from them
+    comfortable = need + wanted_plan.tile_bytes + 4096 * len(wanted_plan.tiles)
+    companion.update(
+        device=info.get("device"),
+        engine=info.get("engine"),
+        cachebuild=info.get("cachebuild"),
+        dir=root,
+        free_bytes=info.get("free_bytes"),
+    )
+    _check_ready(info, need, comfortable, settings, target, warn)
+    settled = info.get("settled") or {}
+    out.write(
+        f"companion {target}: cachebuild {info.get('cachebuild')}, {_device_line(info)}, "
+        f"{_mb(int(info.get('free_bytes') or 0))} free in {root}\n"
+    )
+    if settled.get("objects"):
+        out.write(f"companion: kept {settled['objects']:,} objects a cut-off push had sent\n")
+    _warn_quarantined(settled, target, warn)
+    out.write(
+        f"push: {_missing_line(wanted_plan, absent)} missing there, about {_mb(sending)} to send\n"
+    )
+    out.flush()
+    return root, wanted_plan, absent
 
 
 def _remote_build(
