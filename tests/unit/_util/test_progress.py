@@ -48,6 +48,16 @@ def test_on_a_terminal_the_line_has_counts_rate_counters_and_eta() -> None:
     assert "#" * 24 in last
 
 
+def test_notes_follow_the_counters_and_an_empty_one_is_not_shown() -> None:
+    p = Progress("tiles", 10, stream=None)
+    p.count("retries", 3)
+    p.note("flow", "")
+    assert "throttled" not in p.line()
+    p.note("flow", "4 throttled, 2 in flight, 48.5 req/s")
+    line = p.line()
+    assert line.index("3 retries") < line.index("4 throttled, 2 in flight, 48.5 req/s")
+
+
 def test_eta_follows_the_rate() -> None:
     p = Progress("tiles", 1000, stream=None)
     start = p._samples[0][0]

@@ -44,6 +44,9 @@ def test_command_line_beats_environment() -> None:
         ({"KEY": "/no/such.pem"}, "KEY"),
         ({"CONCURRENCY": "0"}, "CONCURRENCY"),
         ({"FLIHGT": "x.json"}, "FLIHGT"),
+        ({"FETCH_DEADLINE": "soon"}, "FETCH_DEADLINE"),
+        ({"TILE_MAX_AGE": "-1d"}, "TILE_MAX_AGE"),
+        ({"TILE_MAX_AGE": "30 days"}, "TILE_MAX_AGE"),
     ],
 )
 def test_bad_values_name_the_variable(vars: dict[str, str], needle: str) -> None:
@@ -100,3 +103,9 @@ def test_parse_size(raw: str, expected: int) -> None:
     from cachebuild.inputs.config import parse_size
 
     assert parse_size("MAX_STORE_BYTES", raw) == expected
+
+
+def test_fetch_deadline_and_tile_max_age_reach_the_tiles_phase_as_given() -> None:
+    s = load_settings({"FETCH_DEADLINE": "2h", "TILE_MAX_AGE": "30d"}, ENV)
+    assert s.http["FETCH_DEADLINE"] == "2h" and s.http["TILE_MAX_AGE"] == "30d"
+    assert "TILE_MAX_AGE" not in load_settings({}, ENV).http

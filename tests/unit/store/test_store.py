@@ -212,3 +212,26 @@ def test_a_locked_database_is_retried_other_errors_are_not() -> None:
     with pytest.raises(sqlite3.OperationalError, match="no such table"):
         _retry_locked(broken)
     assert len(calls) == 4
+
+
+def test_validators_round_trip_and_an_older_store_gains_their_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    root = tmp_path / "store"
+    with TileStore(root) as store:
+        digest = store.put(b"tile")
+        store.record_refs("xyz:t", [((17, 1, 2), digest)])
+    # an older cachebuild's database: no tile_validators table
+    with sqlite3.connect(root / "refs.sqlite") as db:
+        db.execute("DROP TABLE tile_validators")
+    with TileStore(root) as store:
+        assert store.lookup_refs("xyz:t", [(17, 1, 2)]) == {(17, 1, 2): digest}
+        assert store.lookup_validators("xyz:t", [(17, 1, 2)]) == {}
+        store.record_validators("xyz:t", [((17, 1, 2), '"e1"', None, 100.0)])
+        store.record_validators("xyz:t", [((17, 1, 3), None, "Tue, 14 Nov 2023 22:13:20 GMT", 5.0)])
+        got = store.lookup_validators("xyz:t", [(17, 1, 2), (17, 1, 3), (17, 9, 9)])
+        assert got == {
+            (17, 1, 2): ('"e1"', None, 100.0),
+            (17, 1, 3): (None, "Tue, 14 Nov 2023 22:13:20 GMT", 5.0),
+        }
+        assert store.lookup_validators("xyz:other", [(17, 1, 2)]) == {}
