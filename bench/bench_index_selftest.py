@@ -102,8 +102,15 @@ def main() -> None:
                 [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
             )
             b = Path(tmp) / home / "cache" / "state" / "build"
-            index = json.loads((b / "index.json").read_text())
-            selftest = json.loads((b / "selftest.json").read_text())
+            # what the index and self-test are (content), with how this build made them (history)
+            index = {
+                **json.loads((b / "index.json").read_text()),
+                **json.loads((b / "index-run.json").read_text()),
+            }
+            selftest = {
+                **json.loads((b / "selftest.json").read_text()),
+                **json.loads((b / "selftest-run.json").read_text()),
+            }
             print(f"  {home} shift {k}: {seconds:.1f} s", file=sys.stderr, flush=True)
             snap = Path(tmp) / f"snap-{home}-{k}"
             subprocess.run(["cp", "-al", str(b), str(snap)], check=True)

@@ -149,7 +149,10 @@ def low_recall_warning(info: dict[str, Any] | None, warn_at: float | None) -> st
         return None
     if float(r1) >= warn_at:
         return None
+    med = info.get("median_error_m")
     return (
-        f"self-test: recall@1 {float(r1):.3f} is below RECALL_WARN={warn_at:g} for frames centred "
-        f"anywhere ({headline(info)}): the drone may not find where it is over this area"
+        f"self-test: recall@1 {float(r1):.3f} is below RECALL_WARN={warn_at:g} "
+        f"({info.get('queries')} frames centred anywhere, median error "
+        f"{'inf' if med is None else f'{float(med):.0f} m'}): the drone may not find where it "
+        "is over this area"
     )

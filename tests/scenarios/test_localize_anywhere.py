@@ -139,3 +139,14 @@ def test_an_onboard_client_localizes_frames_with_only_the_documented_files(
     frame_m = 2 * math.pi * 6_378_137 * math.cos(math.radians(47.37)) / 2**z
     assert hits >= 0.85 * 40
     assert float(np.median(errors)) <= frame_m / 4
+
+
+def test_the_coverage_maps_legend_gives_the_headline(tmp_path: Path) -> None:
+    from cachebuild.tiles.preview import _selftest_legend
+
+    st = tmp_path / "selftest.json"
+    assert _selftest_legend(st) == ""  # no self-test: nothing said
+    st.write_text(json.dumps({"queries": 200, "recall_at_1": 0.9312, "median_error_m": 21.4}))
+    assert _selftest_legend(st) == "  |  recall@1 0.93, median error 21 m"
+    st.write_text(json.dumps({"queries": 12, "recall_at_1": 1.0, "median_error_m": 3.0}))
+    assert "too few frames (12)" in _selftest_legend(st) and "1.0" not in _selftest_legend(st)

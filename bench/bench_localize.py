@@ -1,0 +1,234 @@
+"""Frames centred anywhere: recall and position error of the tile grid against overlapping windows.
+
+One run measures, on the same synthetic area and the same frames (centred
+anywhere, rotated +-10 degrees, rescaled +-10%, re-lit, as the self-test
+cuts them), with the built-in model:
+
+- ``grid``: today's index, one descriptor per tile (the baseline);
+- ``win/2``, ``win/4``: windows every half and every quarter tile, each
+  window cut from the imagery and run through the engine;
+- ``pooled/4``: windows every quarter tile pooled from feature maps the
+  network's two convolutions compute once per tile (the head of the
+  network -- pooling, centring, signed root, projection -- in numpy per
+  window).  A prototype of the issue-21 cost path: not what a build does.
+
+It prints windows, describe seconds, windows/s and the cost against the
+grid, then recall@1, recall@5 (a hit: the window overlaps half the frame's
+ground) and the median position error in metres.  No figure is asserted.
+
+    .venv/bin/python bench/bench_localize.py [--tiles 144 1024] [--frames 200] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cachebuild.engine.compile import compile_engine, load_engine  # noqa: E402
+from cachebuild.engine.model import _weights, build_default_model, write_default_model  # noqa: E402
+from cachebuild.localize.decode import _preprocess_into  # noqa: E402
+from cachebuild.localize.places import metres_per_unit, unit_to_lonlat  # noqa: E402
+from cachebuild.localize.selftest import _draw  # noqa: E402
+from cachebuild.localize.selftest_frames import _render  # noqa: E402
+from cachebuild.localize.selftest_score import frame_points  # noqa: E402
+from cachebuild.providers.synthetic import synthetic_tile_bytes  # noqa: E402
+from cachebuild.tilemath import Tile  # noqa: E402
+
+Z, X0, Y0, T = 17, 68640, 45890, 256
+
+
+def mosaic(n: int) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty((n * T, n * T, 3), np.uint8)
+    for j in range(n):
+        for i in range(n):
+            raw = synthetic_tile_bytes(Tile(X0 + i, Y0 + j, Z))
+            out[j * T : (j + 1) * T, i * T : (i + 1) * T] = np.asarray(
+                Image.open(io.BytesIO(raw)).convert("RGB")
+            )
+    return out
+
+
+def run_engine(engine, images: list[np.ndarray]) -> np.ndarray:
+    out = []
+    scratch = np.empty((3, T, T), np.uint8)
+    for s in range(0, len(images), 64):
+        part = images[s : s + 64]
+        batch = np.empty((len(part), 3, T, T), np.float32)
+        for k, im in enumerate(part):
+            _preprocess_into(im, batch[k], scratch)
+        d = np.asarray(engine.run(batch), np.float32)
+        out.append(d / np.linalg.norm(d, axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def windows(n: int, k: int) -> np.ndarray:
+    """Top-left corners (tile units) of windows every 1/k tile over an n x n area."""
+    steps = np.arange((n - 1) * k + 1) / k
+    xs, ys = np.meshgrid(steps, steps)
+    return np.stack([xs.ravel(), ys.ravel()], axis=1)
+
+
+def engine_windows(engine, ground: np.ndarray, corners: np.ndarray) -> np.ndarray:
+    images = [
+        np.ascontiguousarray(ground[int(y * T) : int(y * T) + T, int(x * T) : int(x * T) + T])
+        for x, y in corners
+    ]
+    return run_engine(engine, images)
+
+
+def features_session(tmp: Path):
+    """An ONNX Runtime session of the built-in model cut after its second convolution."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load_from_string(build_default_model())
+    g = model.graph
+    keep = []
+    for node in g.node:
+        keep.append(node)
+        if node.output[0] == "conv2.r":
+            break
+    del g.node[:]
+    g.node.extend(keep)
+    del g.output[:]
+    g.output.extend([onnx.helper.make_tensor_value_info("conv2.r", onnx.TensorProto.FLOAT, None)])
+    path = tmp / "features.onnx"
+    onnx.save(model, str(path))
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def pooled_windows(session, ground: np.ndarray, n: int, corners: np.ndarray) -> np.ndarray:
+    """Per-tile feature maps (64 x 64 each) once, then every window's head in numpy."""
+    w = _weights(20240917)
+    tiles = [ground[j * T : (j + 1) * T, i * T : (i + 1) * T] for j in range(n) for i in range(n)]
+    scratch = np.empty((3, T, T), np.uint8)
+    cell = T // 4
+    fmap = np.empty((48, n * cell, n * cell), np.float32)
+    for s in range(0, len(tiles), 64):
+        part = tiles[s : s + 64]
+        batch = np.empty((len(part), 3, T, T), np.float32)
+        for k, im in enumerate(part):
+            _preprocess_into(im, batch[k], scratch)
+        f = session.run(None, {"tiles": batch})[0]
+        for k in range(len(part)):
+            j, i = divmod(s + k, n)
+            fmap[:, j * cell : (j + 1) * cell, i * cell : (i + 1) * cell] = f[k]
+    rows, cols, proj = w["pool.rows"], w["pool.cols"], w["proj.w"]
+    # the pooling is separable: pool the columns once per window column, then rows per window
+    step = int(round((corners[1, 0] - corners[0, 0]) * cell)) if len(corners) > 1 else cell
+    nx = (fmap.shape[2] - cell) // step + 1
+    grids = np.empty((nx, nx, 48, 8, 8), np.float32)  # [window row, window column, ...]
+    for ix in range(nx):
+        xcol = fmap[:, :, ix * step : ix * step + cell] @ cols  # [48, H, 8]
+        bands = np.lib.stride_tricks.sliding_window_view(xcol, cell, axis=1)[:, ::step]
+        # bands: [48, ny, 8, cell]; each band times rows.T is a window's grid, transposed
+        grids[:, ix] = np.matmul(np.ascontiguousarray(bands), rows.T).transpose(1, 0, 3, 2)
+    order = np.rint(corners * (cell / step)).astype(int)
+    grid = grids[order[:, 1], order[:, 0]]
+    mean = grid.mean(axis=(2, 3), keepdims=True)
+    c = grid - mean
+    s_ = c / np.sqrt(np.abs(c) + np.float32(1e-4))
+    feat = np.concatenate([s_.reshape(len(grid), -1), mean.reshape(len(grid), -1) * 0.25], 1)
+    raw = feat @ proj
+    return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+
+
+def score(frames_d, centres, params, descs, corners) -> tuple[float, float, float]:
+    import faiss
+
+    index = faiss.IndexFlatIP(descs.shape[1])
+    index.add(np.ascontiguousarray(descs))
+    _, found = index.search(np.ascontiguousarray(frames_d), 5)
+    tx, ty = (
+        np.floor(centres[:, 0] - params[:, 0] - 0.5),
+        np.floor(centres[:, 1] - params[:, 1] - 0.5),
+    )
+    cx, cy, px, py = frame_points(tx, ty, params)
+    box = corners[found]  # [n, 5, 2]
+    inside = (
+        (px[:, None, :] >= box[:, :, 0:1])
+        & (px[:, None, :] < box[:, :, 0:1] + 1)
+        & (py[:, None, :] >= box[:, :, 1:2])
+        & (py[:, None, :] < box[:, :, 1:2] + 1)
+    ).mean(axis=2) >= 0.5
+    d = np.hypot(box[:, 0, 0] + 0.5 - cx, box[:, 0, 1] + 0.5 - cy)
+    lat = unit_to_lonlat(X0 + cx, Y0 + cy, Z)[1]
+    err = d * metres_per_unit(lat, Z)
+    return float(inside[:, 0].mean()), float(inside.any(axis=1).mean()), float(np.median(err))
+
+
+def one_area(n: int, nframes: int, engine, session, repeat: int) -> None:
+    ground = mosaic(n)
+    rng = np.random.default_rng(0)
+    frames, centres, params = [], [], []
+    for _ in range(nframes):
+        tx, ty = (int(v) for v in rng.integers(1, n - 1, 2))
+        p = _draw(rng, 0.5)
+        block = np.ascontiguousarray(
+            ground[(ty - 1) * T : (ty + 2) * T, (tx - 1) * T : (tx + 2) * T]
+        )
+        frames.append(_render(block, p, T))
+        centres.append((tx + 0.5 + p[0], ty + 0.5 + p[1]))
+        params.append(p)
+    fd = run_engine(engine, frames)
+    centres_a, params_a = np.array(centres), np.array(params)
+    print(f"\n{n * n} tiles ({n} x {n}), {nframes} frames centred anywhere, built-in model")
+    print(
+        f"{'method':<10} {'windows':>8} {'seconds':>8} {'win/s':>7} {'cost':>6} {'r@1':>6} {'r@5':>6} {'median m':>9}"
+    )
+    base = None
+    for name, k, how in (
+        ("grid", 1, "engine"),
+        ("win/2", 2, "engine"),
+        ("win/4", 4, "engine"),
+        ("pooled/4", 4, "pooled"),
+    ):
+        corners = windows(n, k)
+        dt = math.inf
+        for _ in range(repeat):  # the best of a few: two shared cores are noisy
+            t = time.perf_counter()
+            if how == "engine":
+                d = engine_windows(engine, ground, corners)
+            else:
+                d = pooled_windows(session, ground, n, corners)
+            dt = min(dt, time.perf_counter() - t)
+        base = base or dt
+        r1, r5, med = score(fd, centres_a, params_a, d, corners)
+        print(
+            f"{name:<10} {len(corners):>8} {dt:>8.2f} {len(corners) / dt:>7.0f} {dt / base:>5.2f}x {r1:>6.3f} {r5:>6.3f} {med:>9.1f}"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[144, 1024])
+    ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument("--repeat", type=int, default=3, help="timings: the best of this many runs")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_default_model(root / "m.onnx")
+        compile_engine(
+            model_path=root / "m.onnx", calibration_path=None, precision="fp32", out_dir=root / "e"
+        )
+        engine = load_engine(root / "e")
+        session = features_session(root)
+        for tiles in args.tiles:
+            one_area(
+                max(3, int(round(math.sqrt(tiles)))), args.frames, engine, session, args.repeat
+            )
+
+
+if __name__ == "__main__":
+    main()
