@@ -6,6 +6,8 @@ it becomes current.  ``durable=True`` also fsyncs the file before the rename,
 for what must survive a power cut by itself (the model, the manifest, the
 accepted-version record, keys).  A caller that needs the rename itself to
 survive a power cut fsyncs the directory too (:func:`fsync_dir`).
+:func:`write_exclusive` creates a file once, fsynced, among concurrent
+creators (the development signing key).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_save_npy", "atomic_write", "fsync_dir", "temp_name"]
+__all__ = ["atomic_save_npy", "atomic_write", "fsync_dir", "temp_name", "write_exclusive"]
 
 
 def temp_name(path: Path) -> Path:
@@ -59,3 +61,45 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_exclusive(path: Path, data: bytes) -> bool:
+    """Create ``path`` (mode 0600) holding ``data``, unless it exists.
+
+    The bytes go to a private temporary file first, which is then hard-linked
+    to ``path``: ``link`` fails if ``path`` exists, so exactly one of several
+    concurrent creators wins and no one ever sees a half-written key.
+
+    Returns
+    -------
+    bool
+        True if this call created ``path``.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        _write_synced(os.open(tmp, flags, 0o600), data)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        except OSError:
+            # No hard links on this file system: create in place (O_EXCL
+            # still elects one winner; losers wait for complete content).
+            pass
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            return False
+        _write_synced(fd, data)
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_synced(fd: int, data: bytes) -> None:
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())

@@ -20,11 +20,11 @@ import os
 import sys
 from pathlib import Path
 
+from cachebuild._util.fs import write_exclusive
 from cachebuild._util.warn import warning_line
 from cachebuild.errors import UsageError
 from cachebuild.inputs.config import DEV_KEY_NAME, Settings, cachebuild_data_home
 from cachebuild.release.publish import published_manifest_bytes
-from cachebuild.release.signing import write_exclusive
 
 __all__ = ["dev_key_home", "published_signer", "refuse_resign"]
 

@@ -21,13 +21,12 @@ import logging
 import os
 import stat
 import time
-import uuid
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cachebuild._util.fs import atomic_write
+from cachebuild._util.fs import atomic_write, write_exclusive
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
 
@@ -43,7 +42,6 @@ __all__ = [
     "KeyPermissionWarning",
     "load_private_key",
     "ensure_dev_key",
-    "write_exclusive",
     "load_public_key",
     "public_key_raw",
     "keyid",
@@ -272,48 +270,6 @@ def _private_pem(key: Ed25519PrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def write_exclusive(path: Path, data: bytes) -> bool:
-    """Create ``path`` (mode 0600) holding ``data``, unless it exists.
-
-    The bytes go to a private temporary file first, which is then hard-linked
-    to ``path``: ``link`` fails if ``path`` exists, so exactly one of several
-    concurrent creators wins and no one ever sees a half-written key.
-
-    Returns
-    -------
-    bool
-        True if this call created ``path``.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        _write_synced(os.open(tmp, flags, 0o600), data)
-        try:
-            os.link(tmp, path)
-            return True
-        except FileExistsError:
-            return False
-        except OSError:
-            # No hard links on this file system: create in place (O_EXCL
-            # still elects one winner; losers wait for complete content).
-            pass
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileExistsError:
-            return False
-        _write_synced(fd, data)
-        return True
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _write_synced(fd: int, data: bytes) -> None:
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, bool]:
