@@ -28,11 +28,14 @@ from cachebuild._util.warn import operator_warnings
 from cachebuild.cli.doitrun import PlanLoader, cmdline_vars
 from cachebuild.cli.logsetup import configure_logging
 from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
+from cachebuild.cli.startup import started
 from cachebuild.errors import CacheBuildError, UsageError, did_you_mean
 from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.inputs.plan import resolve_plan
 from cachebuild.release.lock import CacheLock
 from targets import task_dicts
+
+started()  # loaded: Ctrl-C is each command's KeyboardInterrupt again (cachebuild.cli.startup)
 
 __all__ = [
     "foreign_dodo",

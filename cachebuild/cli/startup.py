@@ -1,0 +1,51 @@
+"""A Ctrl-C while a doit command is still loading: one line and exit 130, not a traceback.
+
+Loading cachebuild's commands imports numpy, faiss and the rest, which takes
+a noticeable moment; Python's default SIGINT handler would print a
+KeyboardInterrupt traceback from inside an import.  Until the command
+starts (:func:`started`), SIGINT ends the process with the documented exit
+130, the usual error and remedy lines on stderr, and the JSON report when
+one was asked for.  Nothing has been read or written yet, so nothing needs
+undoing.  Installed only in a ``doit`` process, never in an importer's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["guard", "started"]
+
+
+def _in_doit() -> bool:
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", "") == "doit.__main__" or Path(sys.argv[0]).name == "doit"
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "doit")
+    error = "interrupted (SIGINT) while starting; nothing was read or changed"
+    remedy = "run the command again"
+    os.write(2, f"ERROR [start, exit 130]: {error}\n  remedy: {remedy}\n".encode())
+    fmt = os.environ.get("CACHEBUILD_REPORT", "")
+    if "REPORT=json" in sys.argv or fmt.lower() == "json":
+        report = {"command": command, "outcome": "failure", "exit_code": 130}
+        report.update(failure_phase="start", error=error, remedy=remedy)
+        os.write(1, (json.dumps(report, sort_keys=True) + "\n").encode())
+    os._exit(130)
+
+
+def guard() -> None:
+    """In a doit process still at Python's default handler: SIGINT ends it quietly until :func:`started`."""
+    if _in_doit() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _interrupted)
+
+
+def started() -> None:
+    """The command is loaded: Ctrl-C is a KeyboardInterrupt again, which each command handles."""
+    if signal.getsignal(signal.SIGINT) is _interrupted:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
