@@ -1,57 +1,17 @@
-"""Describe on a Dask distributed cluster (``DASK_SCHEDULER``).
+"""Describe on a Dask distributed cluster (``DASK_SCHEDULER``: ``tcp://host:port`` or ``local:N``).
 
-The build's describe step (:func:`cachebuild.localize.describe.describe_tiles`) finds
-the images the descriptor store lacks; with ``DASK_SCHEDULER`` set, this
-module runs them through the engine on a cluster instead of this process:
-
-- ``tcp://host:port``: an existing scheduler (``dask scheduler``) and its
-  workers (``dask worker tcp://host:port``);
-- ``local:N``: a :class:`distributed.LocalCluster` of ``N`` worker
-  processes on this machine, started for the describe step and stopped
-  after it.
-
-What runs where:
-
-- **the wrapper** (the build's process) owns the lock, the tile set, the
-  descriptor store's index and every write to it, the coverage check, the
-  index, the manifest and the publish.  It cuts the work into batches of
-  tile hashes, keeps a bounded window of them submitted, and appends each
-  batch's descriptors to the store as it arrives;
-- **each worker** receives the compiled engine once (a worker plugin,
-  :class:`EnginePlugin`, carries its files and is applied to every worker,
-  including one that joins or is restarted later), loads it once per
-  process on first use (:func:`engine_runner`, keyed by the engine key),
-  reads the batch's tiles from the store by hash, and returns their
-  descriptors.
-
-Exactly once: a worker that dies mid-batch loses nothing that was stored,
-because workers store nothing; Dask reschedules the batch on another worker
-(up to ``distributed.scheduler.allowed-failures`` times), and the wrapper
-appends the one result it receives per batch, and skips a batch it has
-already stored.  The descriptor store's ``INSERT OR IGNORE`` would keep the
-first of two descriptors for an image anyway; this keeps its shards free of
-duplicate rows too.
-
-Where a worker reads each image:
-
-- by default, from the build's store at the same path: the workers run on
-  the build's machine, or see its store through a shared file system
-  mounted at that path (docs/scale.md); one that does not fails the batch
-  with a message naming its host and the tile;
-- with ``STORE=s3://...`` and a ``tcp://`` cluster (:func:`workers_read_bucket`),
-  from the bucket: the worker reads the tile packs of the batch's cells,
-  checks every image against its SHA-256, keeps them in a store of its own
-  under its Dask local directory (each pack is read once per worker
-  process), and never opens the build's store path.  Its AWS credentials
-  are its own (the standard variables or files on the worker's machine);
-  the build sends only the bucket's URL.  The descriptors come back to
-  the build, which writes them to its store and uploads the batches the
-  bucket lacks, as without a cluster (it needs them for the index anyway).
-  A ``local:N`` cluster runs on the build's machine and reads the store
-  path.
-
-distributed is imported by this module, which is imported only when
-``DASK_SCHEDULER`` is set.
+The build's process keeps the lock, the tile set and every write to the
+descriptor store: it submits batches of tile hashes (a bounded window of
+them) and appends each batch's descriptors as they arrive, skipping a
+batch it has already stored, so a batch Dask reschedules after a worker
+died is stored exactly once.  Each worker gets the compiled engine once
+(:class:`EnginePlugin`, applied to late joiners too), loads it once per
+process (:func:`engine_runner`), reads the batch's tiles by hash -- from
+the build's store path, or with ``STORE=s3://...`` and a ``tcp://``
+cluster from the bucket's tile packs, checked and kept per worker
+(:func:`workers_read_bucket`) -- and returns descriptors; it stores
+nothing.  docs/scale.md says how to run it and what each side needs.
+distributed is imported here; this module is imported only with ``DASK_SCHEDULER``.
 """
 
 from __future__ import annotations
@@ -227,10 +187,9 @@ def engine_loads() -> dict[str, int]:
 
 
 def _store(root: Path) -> TileStore:
-    store = _STORES.get(str(root))
-    if store is None:
-        store = _STORES[str(root)] = TileStore(root)
-    return store
+    if str(root) not in _STORES:
+        _STORES[str(root)] = TileStore(root)
+    return _STORES[str(root)]
 
 
 class BucketSource(NamedTuple):
