@@ -435,6 +435,34 @@ def push(
     up = _Uploader(conn, sftp, root, result, total_objects)
     report = on_progress or (lambda r, n, b: None)
 
+    def progress() -> None:
+        report(result, total_objects, total_bytes)
+
+    _send_packs(up, plan, tiles, pack_bytes, start_unpack, progress)
+    _send_inputs(up, inputs, progress)
+    if inbox_needed:
+        up.mkdir(plan.inbox)
+        for name in INBOX_FILES:
+            result.bytes += up.write(f"{plan.inbox}/{name}", plan.inbox_files[name])
+            result.files += 1
+        progress()
+    return result
+
+
+def _send_packs(
+    up: _Uploader,
+    plan: PushPlan,
+    tiles: list[tuple[str, int]],
+    pack_bytes: int,
+    start_unpack: Callable[[list[str], str], Any] | None,
+    progress: Callable[[], None],
+) -> None:
+    """Upload ``tiles`` in packs while the companion unpacks them; wait for its answer.
+
+    Raises :class:`CompanionNotReadyError` when objects are still absent
+    after the unpack; on any failure the unpacker is stopped (what arrived stays).
+    """
+    result = up.result
     session = f"{int(time.time())}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     groups = list(group_into_packs(tiles, pack_bytes))
     pending = (
@@ -452,7 +480,7 @@ def push(
             result.tile_objects += len(group)
             result.tile_bytes += sum(size for _, size in group)
             result.bytes += len(data)
-            report(result, total_objects, total_bytes)
+            progress()
         if pending is not None:
             up.write(f"incoming/{session}{DONE_SUFFIX}", b"")
             answer = pending.result()
@@ -461,7 +489,7 @@ def push(
             still = answer.get("absent") or []
             if still:
                 raise CompanionNotReadyError(
-                    f"after the push, {len(still)} tile object(s) are still absent on {conn.target} "
+                    f"after the push, {len(still)} tile object(s) are still absent on {up.conn.target} "
                     f"(e.g. {still[0]}); {result.settled.get('corrupt', 0)} pack(s) were corrupt",
                     remedy="run build-cache again: the missing objects are sent again",
                     phase="push",
@@ -469,6 +497,13 @@ def push(
     finally:
         if pending is not None:  # the upload failed: stop the unpacker (what arrived stays)
             pending.cancel()
+
+
+def _send_inputs(
+    up: _Uploader, inputs: list[tuple[str, Path, int]], progress: Callable[[], None]
+) -> None:
+    """Upload the input files (model, its external data, calibration), resuming cut-off ones."""
+    result = up.result
     made: set[str] = set()
     for rel, path, _size in inputs:
         parts = rel.split("/")
@@ -479,11 +514,4 @@ def push(
         result.bytes += up.write(rel, path, resume=True)
         result.objects += 1
         result.files += 1
-        report(result, total_objects, total_bytes)
-    if inbox_needed:
-        up.mkdir(plan.inbox)
-        for name in INBOX_FILES:
-            result.bytes += up.write(f"{plan.inbox}/{name}", plan.inbox_files[name])
-            result.files += 1
-        report(result, total_objects, total_bytes)
-    return result
+        progress()
