@@ -307,7 +307,11 @@ def _checked_artifacts(cache_dir: Path, artifacts: Sequence[str]) -> list[str]:
             raise _fail(f"artifact {rel} resolves outside {cache_dir} (symlink)")
         if not path.is_file():
             what = "is not a regular file" if path.exists() else "is missing"
-            raise _fail(f"artifact {rel} {what} in {cache_dir}")
+            err = _fail(f"artifact {rel} {what} in {cache_dir}")
+            err.remedy = (
+                "doit clean, then build-cache again (the store is kept: nothing is fetched again)"
+            )
+            raise err
         checked.append(rel)
     return checked
 

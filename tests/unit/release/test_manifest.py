@@ -765,3 +765,12 @@ def test_doit_file_checker_takes_the_writers_hash(tmp_path: Path) -> None:
         _digest(checker.get_state(str(f), None))
         == "sha256:" + hashlib.sha256(b"y" * 100).hexdigest()
     )
+
+
+def test_a_missing_staged_artifact_comes_with_a_remedy(
+    cache: Path, key: ed25519.Ed25519PrivateKey
+) -> None:
+    """Found by tests/scenarios/test_sequences.py: exit 21 with no remedy."""
+    with pytest.raises(BuildError, match="nope.bin is missing") as info:
+        _publish(cache, key, artifacts=["tiles.mbtiles", "nope.bin"])
+    assert "doit clean" in info.value.remedy
