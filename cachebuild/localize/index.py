@@ -272,67 +272,33 @@ def build_index(
     -------
     dict
         ``type`` (faiss name), ``kind``, ``ntotal``, ``dim``, ``metric``,
-        ``params`` (build and search parameters), ``reason``,
-        ``recall_at_10`` (None when not measured), ``recall_queries``,
-        ``recall_target``, ``device`` (``gpu`` or ``cpu``: where it was
-        trained and filled; ``gpu_error`` when the GPU failed), with
-        ``reuse``: ``quantizer`` {``reused``, ``trained_on_share``,
-        ``trained_points``, ``max_untrained_share``, ``reason``}; and
-        ``seconds`` (``read``, ``train``, ``add``, ``tune``).
-
-    Raises
-    ------
-    BuildError
-        ``phase="index"``: missing or inconsistent inputs, non-finite
-        descriptors, or no faiss.
-    UsageError
-        For an unknown ``kind``.
+        ``params``, ``reason``, ``recall_at_10`` (None when not measured),
+        ``recall_queries``, ``recall_target``, ``device`` (``gpu_error``
+        when the GPU failed), ``positions``; and this run's history:
+        ``seconds`` and (``reuse``) ``quantizer`` {``reused``,
+        ``trained_on_share``, ``trained_points``, ``max_untrained_share``,
+        ``reason``}.  Writes :data:`POSITIONS_FILE` beside ``out_path``.
+        Raises BuildError (``phase="index"``) for missing or inconsistent
+        inputs, non-finite descriptors or no faiss; UsageError for an
+        unknown ``kind``.
     """
-    import numpy as np
 
     faiss = faiss if faiss is not None else _faiss()
-    src, out = Path(descriptors_dir), Path(out_path)
-    n, dim, ids = _check_inputs(src)
-    gpus = _gpus(faiss)
-    run = _Run(
-        faiss=faiss,
-        vec_path=src / DESCRIPTORS_FILE,
-        n=n,
-        dim=dim,
-        ids=ids,
-        plan=plan_index(n, kind, gpus=gpus),
-        gpus=gpus,
-        chunk_rows=chunk_rows,
-        rng=np.random.default_rng(seed),
-    )
+    out = Path(out_path)
+    run = _Run.start(faiss, Path(descriptors_dir), kind, chunk_rows, seed)
     run.scan(reuse)
     quantizer_path = out.with_name(QUANTIZER_FILE)
-    if reuse and n:
+    if reuse and run.n:
         run.pick_quantizer(quantizer_path, engine_key)
-    if run.plan.kind == "ivf" and n and run.centroids is None:
+    if run.plan.kind == "ivf" and run.n and run.centroids is None:
         run.draw_sample()
     index, device, gpu_error = run.build()
     index, device, gpu_error, params, recall, q = _tune_or_default(
         run, index, (device, gpu_error), recall_queries, kind
     )
     _write_faiss(faiss, index, out)
-    write_positions(out.with_name(POSITIONS_FILE), ids)  # where each id lies on the ground
-    info: dict[str, Any] = {
-        "type": run.plan.description,
-        "kind": run.plan.kind,
-        "reason": run.plan.reason,
-        "ntotal": int(index.ntotal),
-        "dim": dim,
-        "metric": INDEX_METRIC,
-        "params": params,
-        "recall_at_10": None if recall is None else round(recall, 4),
-        "recall_queries": int(q),
-        "recall_target": RECALL_TARGET,
-        "device": device,
-        "positions": POSITIONS_FILE,
-        **({"gpu_error": gpu_error} if gpu_error else {}),
-        "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
-    }
+    write_positions(out.with_name(POSITIONS_FILE), run.ids)  # where each id lies on the ground
+    info = _summary(run, index, device, gpu_error, params, recall, q)
     if reuse:
         info["quantizer"] = run.keep_quantizer(index, params, quantizer_path, engine_key)
     return info
@@ -361,6 +327,17 @@ class _Run:
     why: str = "not asked to (reuse=False)"
     trained_share: float | None = None
     sample: Any = None
+
+    @classmethod
+    def start(cls, faiss: Any, src: Path, kind: str, chunk_rows: int, seed: int) -> _Run:
+        """The vectors in ``src`` checked, and the plan for them."""
+        import numpy as np
+
+        n, dim, ids = _check_inputs(src)
+        gpus = _gpus(faiss)
+        plan = plan_index(n, kind, gpus=gpus)
+        rng = np.random.default_rng(seed)
+        return cls(faiss, src / DESCRIPTORS_FILE, n, dim, ids, plan, gpus, chunk_rows, rng)
 
     def scan(self, reuse: bool) -> None:
         """One pass: every vector finite, and (for the quantizer) its fingerprint."""
@@ -491,6 +468,34 @@ class _Run:
                 else (f"trained: {self.why}" if self.plan.kind == "ivf" else self.why)
             ),
         }
+
+
+def _summary(
+    run: _Run,
+    index: Any,
+    device: str,
+    gpu_error: str | None,
+    params: dict[str, int],
+    recall: float | None,
+    q: int,
+) -> dict[str, Any]:
+    """What :func:`build_index` returns, but the quantizer's story."""
+    return {
+        "type": run.plan.description,
+        "kind": run.plan.kind,
+        "reason": run.plan.reason,
+        "ntotal": int(index.ntotal),
+        "dim": run.dim,
+        "metric": INDEX_METRIC,
+        "params": params,
+        "recall_at_10": None if recall is None else round(recall, 4),
+        "recall_queries": int(q),
+        "recall_target": RECALL_TARGET,
+        "device": device,
+        "positions": POSITIONS_FILE,
+        **({"gpu_error": gpu_error} if gpu_error else {}),
+        "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
+    }
 
 
 def _tune_or_default(

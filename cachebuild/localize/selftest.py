@@ -308,44 +308,23 @@ def run_selftest(
 ) -> dict[str, Any]:
     """Run the self-test over a built cache; returns what ``selftest.json`` holds, and ``frames``.
 
-    Parameters
-    ----------
-    build_dir
-        Holds ``tiles.npy``.
-    store_root
-        The tile store the images are read from.
-    engine_dir
-        The engine that described the tiles.
-    index_path
-        The index to search.
-    queries
-        Frames centred anywhere (0: skip the test); about a quarter as many
-        near-centre frames are added.
-    seed
-        Seed of the sample and the frames (``None``: 0).
-    threads
-        Engine threads (``None``: every core).
-    max_offset
-        Largest shift of a near-centre frame's centre from its tile's
-        centre, per axis, as a fraction of the tile (:data:`MAX_OFFSET`).
-    frames_file
-        Where frame descriptors are kept between runs (the build passes
-        :data:`FRAMES_FILE` in the build directory): frames found there
-        are not rendered and described again; the file is then replaced by
-        this run's frames.  ``None``: describe every frame, keep nothing.
+    ``build_dir`` holds ``tiles.npy``; images come from ``store_root``,
+    descriptors from the engine in ``engine_dir``, results from the index
+    at ``index_path``.  ``queries`` frames are centred anywhere (0: no
+    test), about a quarter as many within ``max_offset`` of a tile centre
+    (:data:`MAX_OFFSET`); ``seed`` (None: 0) draws sample and frames;
+    ``threads``: the engine's (None: every core).  With ``frames_file``
+    (the build passes :data:`FRAMES_FILE`) frame descriptors kept there
+    are reused and the file replaced by this run's; None keeps nothing.
 
-    Returns
-    -------
-    dict
-        The headline, over frames centred anywhere: ``recall_at_1``,
-        ``recall_at_5``, ``median_error_m``, ``p95_error_m`` (None without
-        frames or when unbounded), ``queries``, ``too_few_frames``; then
-        ``candidates``, ``max_offset_px``, ``min_overlap``,
-        ``rotation_deg``, ``scale``, ``gain``, ``bias``, ``seed``,
-        ``version``, ``near_centre`` (the same figures for frames within
-        ``max_offset``), and ``frames`` {``described``, ``reused``}: this
-        run's history, which :func:`write_selftest` keeps out of
-        ``selftest.json``.
+    Returns the headline over frames centred anywhere -- ``recall_at_1``,
+    ``recall_at_5``, ``median_error_m``, ``p95_error_m`` (None without
+    frames or when unbounded), ``queries``, ``too_few_frames`` -- then
+    ``candidates``, ``max_offset_px``, ``min_overlap``, ``rotation_deg``,
+    ``scale``, ``gain``, ``bias``, ``seed``, ``version``, ``near_centre``
+    (the same figures for the near-centre frames) and ``frames``
+    {``described``, ``reused``}: this run's history, which
+    :func:`write_selftest` keeps out of ``selftest.json``.
     """
     import numpy as np
 
