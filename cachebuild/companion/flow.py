@@ -23,6 +23,7 @@ import time
 from typing import Any, TextIO
 
 from cachebuild import __version__
+from cachebuild._util.fs import atomic_write
 from cachebuild.companion.agent import PROTOCOL_VERSION
 from cachebuild.companion.errors import (
     AuthenticationError,
@@ -522,7 +523,6 @@ def _build_records(path: Any) -> dict[str, dict[str, Any]]:
 def record_companion_build(state_dir: Any, host: str, root: str, report: Any) -> None:
     """Remember which cache this workstation last built on ``host`` in ``root``."""
     import json
-    import os
     from pathlib import Path
 
     path = Path(state_dir) / LAST_BUILD_FILE
@@ -535,9 +535,8 @@ def record_companion_build(state_dir: Any, host: str, root: str, report: Any) ->
         "manifest_version": report.manifest_version,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"format": 2, "builds": builds}, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    text = json.dumps({"format": 2, "builds": builds}, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, text.encode(), durable=False)
 
 
 def last_companion_build(state_dir: Any, host: str, root: str) -> dict[str, Any] | None:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import canonical_json, sha256_file
 from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild.companion.agent import DONE_SUFFIX
@@ -167,9 +168,7 @@ def file_sha256_cached(path: Path, cache_file: Path) -> str:
     digest = sha256_file(path)[0]
     cache[str(path)] = {"stamp": stamp, "sha256": digest, "recorded_ns": time.time_ns()}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(cache))
-    os.replace(tmp, cache_file)
+    atomic_write(cache_file, json.dumps(cache).encode(), durable=False)
     return digest
 
 

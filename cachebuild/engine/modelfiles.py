@@ -16,9 +16,9 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from pathlib import Path
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import canonical_json, sha256_file
 from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild.errors import EngineError
@@ -99,15 +99,11 @@ def external_data_files_cached(
     except EngineError:
         return []
     entry = {"stat": stat_key(st), "recorded_ns": time.time_ns(), "files": files}
-    tmp = Path(cache_file).with_name(
-        f".{Path(cache_file).name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    )
     try:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({key: entry}))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps({key: entry}).encode(), durable=False)
     except OSError:  # only a cache
-        tmp.unlink(missing_ok=True)
+        pass
     return files
 
 
