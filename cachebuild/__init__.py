@@ -20,8 +20,9 @@ The rooms, top to bottom; a room imports only from rooms below it
                   thumbnails, S3, the action cache
     providers/    where tiles come from: XYZ, MBTiles, directory, GeoTIFF,
                   synthetic, pushed; no-data rules, rate limit
-    _util/        files (one atomic writer), hashing, statcache, CPUs, .npy,
-                  progress, HTTP safety, retry policy, report, warnings
+    _util/        files (one atomic writer; kernel copy and writeback), hashing,
+                  statcache, CPUs, .npy, progress, HTTP safety, retry policy,
+                  report, byte sizes, installed versions, warnings
     errors.py     the error tree and its exit codes
     tilemath.py   Web-Mercator tile math
     tileset.py    the tile set files of a build (which tiles, by hash)
