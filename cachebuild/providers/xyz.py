@@ -364,6 +364,9 @@ class XyzProvider:
                 f"from {self.shown_url(tile)}",
                 tile=tile,
             ) from None
+        except BaseException:  # stopped, or a bug: the slot is given back all the same
+            self.flow.finish(ticket, answered=False)
+            raise
         self._failfast.answered()
         delay = retry_after_s(a.retry_after, self.config.retry_after_max_s)
         throttled = a.status in THROTTLE_STATUSES
