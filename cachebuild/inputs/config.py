@@ -84,10 +84,8 @@ VARIABLES: dict[str, str] = {
     "HTTP_RETRIES": "retries per tile after a connection error, timeout, 5xx or 429 [default: 3]",
     "HTTP_BACKOFF": "first retry delay in seconds, doubled each retry, with jitter [default: 0.2]",
     "RATE_LIMIT": "at most this many tile requests a second, retries included; 0: no limit [default: 0]",
-    "TILE_MAX_AGE": "revalidate stored tiles fetched longer ago than this, e.g. 30d, with conditional "
-    "requests (a 304 downloads nothing); 0: every tile [default: never]",
-    "FETCH_DEADLINE": "how long the tiles phase may keep asking, e.g. 6h (429/503 answers are waited "
-    "out, not failed); past it, exit 20 naming the tiles left; 0: no limit [default: 6h]",
+    "TILE_MAX_AGE": "ask if stored tiles older than this changed, e.g. 30d; 0: all [default: never]",
+    "FETCH_DEADLINE": "how long the tiles phase may keep asking, e.g. 6h; 0: no limit [default: 6h]",
     "SUBDOMAINS": "values {s} in the URL template rotates through, e.g. a,b,c [default: a,b,c]",
     "NODATA": "off | uniform: a one-colour or fully transparent tile counts as missing [default: off]",
     "NODATA_SHA256": "SHA-256s of a provider's blank tiles, comma-separated: they count as missing "
@@ -424,7 +422,7 @@ def _http(get: Any) -> dict[str, str]:
             _float(name, raw, 0.0, lo, hi)
         out[name] = raw
     for name in ("FETCH_DEADLINE", "TILE_MAX_AGE"):
-        if (raw := get(name)) is not None and name in VARIABLES:
+        if (raw := get(name)) is not None:
             parse_duration(name, raw)
             out[name] = raw
     subdomains = get("SUBDOMAINS")

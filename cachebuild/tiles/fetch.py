@@ -463,6 +463,18 @@ def _raise_failures(run: _Run, left: int, deadline_s: float | None) -> None:
         )
 
 
+def _durations(env: Mapping[str, str]) -> tuple[float, float | None]:
+    """``FETCH_DEADLINE`` (default 6 h) and ``TILE_MAX_AGE`` (None: never) in seconds."""
+    raw_deadline = env.get("FETCH_DEADLINE", "").strip()
+    raw_age = env.get("TILE_MAX_AGE", "").strip()
+    return (
+        parse_duration("FETCH_DEADLINE", raw_deadline)
+        if raw_deadline
+        else DEFAULT_FETCH_DEADLINE_S,
+        parse_duration("TILE_MAX_AGE", raw_age) if raw_age else None,
+    )
+
+
 def fetch_tiles(
     *,
     bbox: LngLatBbox,
@@ -526,12 +538,7 @@ def fetch_tiles(
     """
 
     rule = NoDataRule.from_env(env)
-    raw_deadline = env.get("FETCH_DEADLINE", "").strip()
-    deadline_s = (
-        parse_duration("FETCH_DEADLINE", raw_deadline) if raw_deadline else DEFAULT_FETCH_DEADLINE_S
-    )
-    raw_age = env.get("TILE_MAX_AGE", "").strip()
-    max_age_s = parse_duration("TILE_MAX_AGE", raw_age) if raw_age else None
+    deadline_s, max_age_s = _durations(env)
     provider = open_provider(provider_spec, env=env)
     try:
         return fetch_with_provider(

@@ -25,7 +25,7 @@ def test_a_fifth_answered_429_retry_after_1_builds_and_reports_it(
     f = write_flight(tmp_path / "f.json")
     wanted = planned(f, 200)
     tile_server.fault_rate(too_many("1"), 0.2, seed=11, attempts=10_000)
-    r = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", "HTTP_RETRIES=1")
+    r = cb.build(f"FLIGHT={f}", *SMALL, f"PROVIDER={tile_server.template()}", "HTTP_RETRIES=2")
     assert r.code == 0, r.stderr
     t = r.report["tiles"]
     assert t["fetched"] == len(wanted) and t["missing"] == 0
