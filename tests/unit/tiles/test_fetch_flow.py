@@ -94,3 +94,22 @@ def test_durations_parse_and_a_bad_one_is_named() -> None:
     assert parse_duration("TILE_MAX_AGE", "0") == 0.0
     with pytest.raises(UsageError, match="FETCH_DEADLINE='soon' is not a duration"):
         parse_duration("FETCH_DEADLINE", "soon")
+
+
+def test_the_progress_line_shows_the_flow_control_once_it_acts(
+    tmp_path: Path, server: TileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import io
+    import sys
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    server.script(PLANNED[-1], *[too_many("0")] * 3)
+    run(tmp_path, server.template(query=""), env=fast_env(HTTP_RETRIES="0"), progress=True)
+    drawn = term.getvalue()
+    assert "3 throttled, " in drawn and " in flight" in drawn
+    assert "3 throttled (concurrency down to" in drawn.splitlines()[-1]
