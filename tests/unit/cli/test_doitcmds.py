@@ -93,10 +93,10 @@ def test_ignore_is_refused_and_an_ignored_task_stops_build_cache(cb: Cb, tmp_pat
     again = cb.build(f"FLIGHT={f}", *SMALL, "SELFTEST_QUERIES=50")
     assert again.code == 0, again.stderr
     assert again.report["outcome"] == "success" and "selftest" in again.report["tasks"]["run"]
-    signed = json.loads((cb.current / "manifest.json").read_text())["signed"]
-    assert (cb.current / "manifest.json").read_bytes() != before
     assert json.loads((cb.current / "selftest.json").read_text())["queries"] <= 50
-    assert signed["version"] == first.report["manifest_version"] + 1
+    # the same frames give the same selftest.json (content, no history: issue 24), so the
+    # signed cache is the one already published
+    assert (cb.current / "manifest.json").read_bytes() == before
 
 
 def test_forget_takes_the_lock_and_reset_dep_is_refused(cb: Cb, tmp_path: Path) -> None:
