@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["copy_file", "start_writeback", "start_writeback_of"]
+__all__ = ["CHUNK", "copy_file", "start_writeback", "start_writeback_of"]
 
 #: Bytes read at a time when a file is copied through Python: memory stays flat.
 CHUNK = 1 << 17
