@@ -42,6 +42,7 @@ from hypothesis.stateful import (
 from cachebuild.release.publish import remove_tree
 from tests._harness.sequences import (
     FLIGHTS,
+    SHORTCUTS,
     VARIANTS,
     Config,
     World,
@@ -75,13 +76,19 @@ class CacheModel:
 class Sequences(RuleBasedStateMachine):
     world: World  # set by the test
 
-    @initialize()
-    def start(self) -> None:
+    @initialize(s3=st.sampled_from([False, False, False, True]))
+    def start(self, s3: bool = False) -> None:
         w = self.world
         w.sequences += 1
         self.home = w.root / "seq" / str(w.sequences)
         self.home.mkdir(parents=True)
         self.cb = Cb(home=self.home)
+        if s3:  # the store is a bucket shared by every machine; $CACHEBUILD_HOME/store its copy
+            w.ops["sequence on the S3 store"] += 1
+            self.cb.env_extra = {
+                **w.s3().env,
+                "CACHEBUILD_STORE": f"s3://{w.s3().bucket}/seq-{w.sequences}",
+            }
         self.caches = {name: CacheModel() for name in CACHES}
         self.flipped: set[str] = set()
         self.config = Config("demo", "base")
@@ -334,6 +341,7 @@ class Sequences(RuleBasedStateMachine):
         self.caches["cache"].signer, self.caches["cache"].config = key or "dev", self.config
         self.verify("cache")
         ref = self.world.reference(self.config)
+        self.world.convergences += 1
         assert target_differences(self.home / "cache" / "current", ref) == []
 
     def teardown(self) -> None:
@@ -367,6 +375,8 @@ def _figures(world: World) -> dict[str, Any]:
         "sequences": world.sequences,
         "steps": world.steps,
         "operations": dict(world.ops.most_common()),
+        "convergence checks": world.convergences,
+        "equal content, other bytes": dict(SHORTCUTS),
     }
 
 
@@ -444,3 +454,27 @@ def test_a_ctrl_c_while_the_command_loads_is_exit_130_without_a_traceback(
     assert "Traceback" not in err, err
     rep = check_result(CbResult(proc.returncode, out, err), "build-cache after SIGINT")
     assert proc.returncode == 130 and "interrupted" in rep["error"], err
+
+
+def test_a_sequence_on_the_s3_store_converges(world: World) -> None:
+    """The S3 share of the machine, as one fixed sequence: two caches, one deleted, gc, a kill."""
+    Sequences.world = world
+    state = Sequences()
+    state.start(s3=True)
+    state.build_flight_from_the_good_provider(
+        cache="cache2", config=Config("shifted", "base"), key=None
+    )
+    state.build_flight(
+        cache="cache",
+        config=Config("demo", "base"),
+        provider="holes",
+        strict=False,
+        key="k1",
+        allow_dev=False,
+    )
+    state.delete_cache_dir(cache="cache2")
+    state.gc_store(bound=None)
+    state.store_is_sound()
+    state.signal_a_build(sig="SIGKILL", delay=0.8, config=Config("demo", "widened"))
+    state.store_is_sound()
+    state.teardown()
