@@ -83,11 +83,13 @@ class Sequences(RuleBasedStateMachine):
         self.home = w.root / "seq" / str(w.sequences)
         self.home.mkdir(parents=True)
         self.cb = Cb(home=self.home)
-        if s3:  # the store is a bucket shared by every machine; $CACHEBUILD_HOME/store its copy
-            w.ops["sequence on the S3 store"] += 1
+        if s3:  # the store is a bucket shared by every machine ($CACHEBUILD_HOME/store its
+            # copy), and describe runs on a Dask local cluster
+            w.ops["sequence on the S3 store and Dask"] += 1
             self.cb.env_extra = {
                 **w.s3().env,
                 "CACHEBUILD_STORE": f"s3://{w.s3().bucket}/seq-{w.sequences}",
+                "CACHEBUILD_DASK_SCHEDULER": "local:1",
             }
         self.caches = {name: CacheModel() for name in CACHES}
         self.flipped: set[str] = set()
@@ -153,7 +155,7 @@ class Sequences(RuleBasedStateMachine):
         return self.cb.build(self.cache_arg(cache), *config.args(self.world), *extra)
 
     def after_build(self, cache: str, r: CbResult, key: str | None, config: Config) -> None:
-        rep = check_result(r, "build-cache")
+        rep = self.last_report = check_result(r, "build-cache")
         model = self.caches[cache]
         if r.code == 0:
             model.signer, model.config = key or "dev", config
@@ -464,6 +466,8 @@ def test_a_sequence_on_the_s3_store_converges(world: World) -> None:
     state.build_flight_from_the_good_provider(
         cache="cache2", config=Config("shifted", "base"), key=None
     )
+    assert state.last_report["describe"]["executor"] == "dask"
+    assert state.last_report["store"]["url"].startswith("s3://")
     state.build_flight(
         cache="cache",
         config=Config("demo", "base"),
