@@ -349,6 +349,8 @@ class Sequences(RuleBasedStateMachine):
     def teardown(self) -> None:
         if hasattr(self, "home"):
             self.check_convergence()
+            if out := os.environ.get("CACHEBUILD_SEQ_REPORT"):  # so far: a long run may be cut
+                Path(out).write_text(json.dumps(_figures(self.world), indent=1))
 
 
 _NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
