@@ -249,6 +249,7 @@ class FlowControl:
         self._oks: deque[float] = deque()  # good answers in the last RATE_WINDOW_S
         self._sent: deque[float] = deque()  # requests let through in the last RATE_WINDOW_S
         self._holds: deque[tuple[float, float]] = deque()  # recent holds, to leave out
+        self._limited = False  # the concurrency went below the ceiling once: wake waiters
         self.last_ok = -math.inf
         self.throttled = 0
         self.lowest_concurrency = self.max_concurrency
@@ -277,6 +278,8 @@ class FlowControl:
                 if self._started is None:
                     self._started = now
                 self._sent.append(now)
+                if len(self._sent) > 4096:  # keep the window's history bounded
+                    self._prune(now)
                 wait = 0.0
                 if self._rate:
                     tat = max(self._tat, now)
@@ -328,11 +331,14 @@ class FlowControl:
                 self._throttle(ticket, now, retry_after)
             elif answered:
                 self._good(now)
-            self._cond.notify_all()
+            if self._limited:
+                self._cond.notify_all()  # waiters only exist once the limit fell
 
     def _good(self, now: float) -> None:
         self.last_ok = now
         self._oks.append(now)
+        if len(self._oks) > 4096:
+            self._prune(now)
         self._limit = min(float(self.max_concurrency), self._limit + 1.0 / self._limit)
         if self._rate is not None:
             ceiling = self.max_rate or math.inf
@@ -352,6 +358,7 @@ class FlowControl:
         self._last_cut = now
         self._limit = max(1.0, self._limit * self.CONCURRENCY_CUT)
         self.lowest_concurrency = min(self.lowest_concurrency, self.concurrency)
+        self._limited = True
         served, sent = self._measured(now)
         base = min((r for r in (self._rate, served) if r), default=None)
         if base is None and sent:
@@ -362,12 +369,7 @@ class FlowControl:
 
     def _measured(self, now: float) -> tuple[float | None, float | None]:
         """Good answers and requests a second over the last window, the time held left out."""
-        since = now - self.RATE_WINDOW_S
-        for q in (self._oks, self._sent):
-            while q and q[0] < since:
-                q.popleft()
-        while self._holds and self._holds[0][1] < since:
-            self._holds.popleft()
+        since = self._prune(now)
         held = sum(
             min(e, now) - max(b, since) for b, e in self._holds if min(e, now) > max(b, since)
         )
@@ -377,6 +379,15 @@ class FlowControl:
             return None, None
         served = len(self._oks) / span if len(self._oks) >= 3 else None
         return served, (len(self._sent) / span if self._sent else None)
+
+    def _prune(self, now: float) -> float:
+        since = now - self.RATE_WINDOW_S
+        for q in (self._oks, self._sent):
+            while q and q[0] < since:
+                q.popleft()
+        while self._holds and self._holds[0][1] < since:
+            self._holds.popleft()
+        return since
 
     def busy_not_down(self, window_s: float = FREE_THROTTLE_WINDOW_S) -> bool:
         """Whether the server gave a good answer within ``window_s``: a throttle is then free."""
