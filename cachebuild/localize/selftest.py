@@ -275,7 +275,7 @@ def _plan_frames(
         for t, (_, jobs) in enumerate(tests):
             if t == 1 and not near[i]:
                 continue
-            p = params[1 - t]  # test 0 (anywhere) takes the second draw, as it always has
+            p = params[1 - t]  # anywhere: the second draw, as before, so kept frames stay valid
             jobs.append((block, p, _frame_key(engine_key, size, contents, p)))
     return tests
 
