@@ -24,7 +24,7 @@ from cachebuild.providers.base import (
     fill_template,
     template_placeholders,
 )
-from cachebuild.providers.mbtilesfile import connect_readonly, read_tile
+from cachebuild.providers.mbtilesfile import connect_readonly, read_tile, tile_length
 from cachebuild.providers.synthetic import SYNTHETIC_VERSION, synthetic_tile_bytes
 from cachebuild.tilemath import Tile
 
@@ -122,8 +122,11 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     import sqlite3
 
     conn = connect_readonly(path, check_same_thread=False)
-    # Connection.setlimit is new in Python 3.11 (mypy checks against 3.10)
-    conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)  # type: ignore[attr-defined]
+    # Connection.setlimit is new in Python 3.11: on 3.10 each tile's length is
+    # asked first (tile_length), which bounds plain and zeroblob values too
+    setlimit = getattr(conn, "setlimit", None)
+    if setlimit is not None:
+        setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
     for pragma in ("trusted_schema = OFF", "query_only = ON", "temp_store = FILE"):
         conn.execute(f"PRAGMA {pragma}")
     budget = _Budget()
@@ -190,6 +193,8 @@ class MBTilesProvider:
         conn, budget = self._conn()
         budget.reset()
         try:
+            if not hasattr(conn, "setlimit") and (tile_length(conn, tile) or 0) > MAX_TILE_BYTES:
+                raise sqlite3.DataError("string or blob too big")
             data = read_tile(conn, tile)
         except sqlite3.DataError as exc:  # "string or blob too big": SQLite refused to make it
             raise TileFetchError(

@@ -13,7 +13,7 @@ import sqlite3
 from cachebuild._util.sqliteuri import connect_immutable
 from cachebuild.tilemath import Tile
 
-__all__ = ["connect_readonly", "read_mbtiles_tile", "read_tile"]
+__all__ = ["connect_readonly", "read_mbtiles_tile", "read_tile", "tile_length"]
 
 
 def connect_readonly(
@@ -36,6 +36,15 @@ def read_tile(conn: sqlite3.Connection, tile: Tile) -> bytes | None:
         return None
     data = row[0]
     return data.encode() if isinstance(data, str) else bytes(data)
+
+
+def tile_length(conn: sqlite3.Connection, tile: Tile) -> int | None:
+    """The byte length of XYZ ``tile``'s data, without reading it (None: no such tile)."""
+    row = conn.execute(
+        "SELECT length(tile_data) FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+        (tile.z, tile.x, (1 << tile.z) - 1 - tile.y),
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def read_mbtiles_tile(path: str | os.PathLike[str], tile: Tile) -> bytes | None:

@@ -236,3 +236,30 @@ def test_source_stamps_are_cheap_and_change_with_the_source(tmp_path: Path) -> N
 def test_synthetic_tiles_come_from_the_synthetic_module() -> None:
     with closing(open_provider("synthetic", env={})) as p:
         assert p.fetch(T) == synthetic_tile_bytes(T)
+
+
+def test_tile_length_of_a_huge_view_value_allocates_nothing(tmp_path: Path) -> None:
+    """Python 3.10 has no Connection.setlimit: the provider asks each tile's length first.
+
+    ``length(zeroblob(n))`` is computed without making the blob, so a hostile
+    view's 900 MB value is measured, not allocated, and refused by size.
+    """
+    import sqlite3
+
+    from cachebuild.providers.mbtilesfile import connect_readonly, tile_length
+    from cachebuild.tilemath import Tile
+
+    path = tmp_path / "view.mbtiles"
+    db = sqlite3.connect(path)
+    db.executescript(
+        "CREATE TABLE metadata (name TEXT, value TEXT);"
+        "CREATE VIEW tiles AS SELECT 17 AS zoom_level, 1 AS tile_column, 131070 AS tile_row,"
+        " zeroblob(900000000) AS tile_data;"
+    )
+    db.close()
+    conn = connect_readonly(path)
+    try:
+        assert tile_length(conn, Tile(1, 1, 17)) == 900_000_000
+        assert tile_length(conn, Tile(2, 1, 17)) is None
+    finally:
+        conn.close()
