@@ -126,7 +126,7 @@ def _connect_guarded(path: Path) -> tuple[sqlite3.Connection, _Budget]:
     # asked first (tile_length), which bounds plain and zeroblob values too
     setlimit = getattr(conn, "setlimit", None)
     if setlimit is not None:
-        setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)
+        setlimit(sqlite3.SQLITE_LIMIT_LENGTH, MAX_TILE_BYTES + 1024)  # type: ignore[attr-defined]
     for pragma in ("trusted_schema = OFF", "query_only = ON", "temp_store = FILE"):
         conn.execute(f"PRAGMA {pragma}")
     budget = _Budget()
