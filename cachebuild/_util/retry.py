@@ -360,12 +360,14 @@ class FlowControl:
         self.lowest_concurrency = min(self.lowest_concurrency, self.concurrency)
         self._limited = True
         served, sent = self._measured(now)
-        base = min((r for r in (self._rate, served) if r), default=None)
-        if base is None and sent:
-            base = 0.5 * sent  # nothing good came back lately: half what was sent
-        if base is not None:
-            self._rate = max(self.MIN_RATE, self.RATE_CUT * base)
-            self._step = max(self.MIN_RATE, self.RATE_STEP * base)  # back to base in ~1 s
+        if sent is None:
+            return  # too little time sending to judge a rate: the hold and the cut above answer
+        if served is not None:
+            base = min(served, self._rate or math.inf)
+        else:  # nothing good came back lately: keep falling, or half what was sent
+            base = self._rate or 0.5 * sent
+        self._rate = max(self.MIN_RATE, self.RATE_CUT * base)
+        self._step = max(self.MIN_RATE, self.RATE_STEP * base)  # back to base in ~1 s
 
     def _measured(self, now: float) -> tuple[float | None, float | None]:
         """Good answers and requests a second over the last window, the time held left out."""
