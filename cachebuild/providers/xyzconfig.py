@@ -165,7 +165,7 @@ def parse_headers(raw: str | None) -> dict[str, str]:
     if raw is None or not raw.strip():
         return {}
     remedy = f"set {HEADERS_ENV} to 'Name: value' lines or a JSON object of strings"
-    items: list[tuple[str, object]]
+    items: list[tuple[object, object]]  # JSON gives any types: each is checked below
     if raw.lstrip().startswith("{"):
         try:
             obj = json.loads(raw)
@@ -183,12 +183,12 @@ def parse_headers(raw: str | None) -> dict[str, str]:
         for n, line in enumerate(raw.splitlines(), 1):
             if not line.strip():
                 continue
-            name, sep, value = line.partition(":")
+            left, sep, right = line.partition(":")
             if not sep:
                 raise UsageError(
                     f"{HEADERS_ENV} line {n} has no ':' between name and value", remedy=remedy
                 )
-            items.append((name.strip(), value.strip()))
+            items.append((left.strip(), right.strip()))
     headers: dict[str, str] = {}
     for name, value in items:
         if not isinstance(name, str) or not _HEADER_NAME_RE.fullmatch(name):

@@ -390,7 +390,10 @@ def _write(
 
 
 def _pump(
-    run: _Run, todo: Iterator[tuple[Tile, str | None]], workers: int, ends: float | None
+    run: _Run,
+    todo: Iterator[tuple[Tile, str | None, tuple[str | None, str | None, float] | None]],
+    workers: int,
+    ends: float | None,
 ) -> None:
     """Run the work on ``workers`` threads, ``2 * workers`` in flight, until done or ``ends``.
 
