@@ -16,7 +16,7 @@ It prints windows, describe seconds, windows/s and the cost against the
 grid, then recall@1, recall@5 (a hit: the window overlaps half the frame's
 ground) and the median position error in metres.  No figure is asserted.
 
-    .venv/bin/python bench/bench_localize.py [--tiles 144 1024] [--frames 200] [--repeat 3]
+    .venv/bin/python bench/bench_localize.py [--tiles 144 1024] [--frames 200] [--repeat 3] [--methods grid pooled/4]
 """
 
 from __future__ import annotations
@@ -80,11 +80,14 @@ def windows(n: int, k: int) -> np.ndarray:
 
 
 def engine_windows(engine, ground: np.ndarray, corners: np.ndarray) -> np.ndarray:
-    images = [
-        np.ascontiguousarray(ground[int(y * T) : int(y * T) + T, int(x * T) : int(x * T) + T])
-        for x, y in corners
-    ]
-    return run_engine(engine, images)
+    out = []
+    for s in range(0, len(corners), 1024):  # a bounded number of window images at a time
+        images = [
+            np.ascontiguousarray(ground[int(y * T) : int(y * T) + T, int(x * T) : int(x * T) + T])
+            for x, y in corners[s : s + 1024]
+        ]
+        out.append(run_engine(engine, images))
+    return np.concatenate(out)
 
 
 def features_session(tmp: Path):
@@ -103,45 +106,62 @@ def features_session(tmp: Path):
     g.node.extend(keep)
     del g.output[:]
     g.output.extend([onnx.helper.make_tensor_value_info("conv2.r", onnx.TensorProto.FLOAT, None)])
+    used = {i for node in keep for i in node.input}
+    kept = [t for t in g.initializer if t.name in used]  # no unused weights (ORT would warn)
+    del g.initializer[:]
+    g.initializer.extend(kept)
     path = tmp / "features.onnx"
     onnx.save(model, str(path))
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def pooled_windows(session, ground: np.ndarray, n: int, corners: np.ndarray) -> np.ndarray:
-    """Per-tile feature maps (64 x 64 each) once, then every window's head in numpy."""
-    w = _weights(20240917)
-    tiles = [ground[j * T : (j + 1) * T, i * T : (i + 1) * T] for j in range(n) for i in range(n)]
+def features_row(session, ground: np.ndarray, j: int, n: int) -> np.ndarray:
+    """The feature maps of tile row ``j``, side by side: [48, 64, n * 64]."""
     scratch = np.empty((3, T, T), np.uint8)
-    cell = T // 4
-    fmap = np.empty((48, n * cell, n * cell), np.float32)
-    for s in range(0, len(tiles), 64):
-        part = tiles[s : s + 64]
-        batch = np.empty((len(part), 3, T, T), np.float32)
-        for k, im in enumerate(part):
-            _preprocess_into(im, batch[k], scratch)
-        f = session.run(None, {"tiles": batch})[0]
-        for k in range(len(part)):
-            j, i = divmod(s + k, n)
-            fmap[:, j * cell : (j + 1) * cell, i * cell : (i + 1) * cell] = f[k]
+    batch = np.empty((n, 3, T, T), np.float32)
+    for i in range(n):
+        _preprocess_into(ground[j * T : (j + 1) * T, i * T : (i + 1) * T], batch[i], scratch)
+    f = np.concatenate(
+        [session.run(None, {"tiles": batch[s : s + 64]})[0] for s in range(0, n, 64)]
+    )
+    return np.concatenate(list(f), axis=2)
+
+
+def pooled_windows(session, ground: np.ndarray, n: int, corners: np.ndarray) -> np.ndarray:
+    """Per-tile feature maps (64 x 64 each) once, then every window's head in numpy.
+
+    One row of windows at a time: the feature maps of the (at most two) tile
+    rows it covers, the columns pooled for every window of the row, then the
+    rows; windows come out in ``corners``' order (row by row).
+    """
+    w = _weights(20240917)
     rows, cols, proj = w["pool.rows"], w["pool.cols"], w["proj.w"]
-    # the pooling is separable: pool the columns once per window column, then rows per window
+    cell = T // 4
     step = int(round((corners[1, 0] - corners[0, 0]) * cell)) if len(corners) > 1 else cell
-    nx = (fmap.shape[2] - cell) // step + 1
-    grids = np.empty((nx, nx, 48, 8, 8), np.float32)  # [window row, window column, ...]
-    for ix in range(nx):
-        xcol = fmap[:, :, ix * step : ix * step + cell] @ cols  # [48, H, 8]
-        bands = np.lib.stride_tricks.sliding_window_view(xcol, cell, axis=1)[:, ::step]
-        # bands: [48, ny, 8, cell]; each band times rows.T is a window's grid, transposed
-        grids[:, ix] = np.matmul(np.ascontiguousarray(bands), rows.T).transpose(1, 0, 3, 2)
-    order = np.rint(corners * (cell / step)).astype(int)
-    grid = grids[order[:, 1], order[:, 0]]
-    mean = grid.mean(axis=(2, 3), keepdims=True)
-    c = grid - mean
-    s_ = c / np.sqrt(np.abs(c) + np.float32(1e-4))
-    feat = np.concatenate([s_.reshape(len(grid), -1), mean.reshape(len(grid), -1) * 0.25], 1)
-    raw = feat @ proj
-    return raw / np.linalg.norm(raw, axis=1, keepdims=True)
+    nwin = (n * cell - cell) // step + 1
+    colpooled: dict[int, np.ndarray] = {}  # tile row -> its columns pooled: [48, cell, nwin, 8]
+    out = []
+    for iy in range(nwin):
+        y0 = iy * step
+        j = y0 // cell
+        for need in (j, j + 1):
+            if need < n and need not in colpooled:
+                f = features_row(session, ground, need, n)  # [48, cell, W]
+                colpooled[need] = np.stack(
+                    [f[:, :, ix * step : ix * step + cell] @ cols for ix in range(nwin)], axis=2
+                )
+        for old in [k for k in colpooled if k < j]:
+            del colpooled[old]
+        strip = np.concatenate([colpooled[k] for k in (j, j + 1) if k in colpooled], axis=1)
+        band = strip[:, y0 - j * cell : y0 - j * cell + cell]  # [48, cell, nwin, 8]
+        grid = np.tensordot(rows, band, axes=([1], [1])).transpose(2, 1, 0, 3)  # [nwin, 48, 8, 8]
+        mean = grid.mean(axis=(2, 3), keepdims=True)
+        c = grid - mean
+        s_ = c / np.sqrt(np.abs(c) + np.float32(1e-4))
+        feat = np.concatenate([s_.reshape(len(grid), -1), mean.reshape(len(grid), -1) * 0.25], 1)
+        raw = feat @ proj
+        out.append(raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    return np.concatenate(out).astype(np.float32)
 
 
 def score(frames_d, centres, params, descs, corners) -> tuple[float, float, float]:
@@ -168,7 +188,7 @@ def score(frames_d, centres, params, descs, corners) -> tuple[float, float, floa
     return float(inside[:, 0].mean()), float(inside.any(axis=1).mean()), float(np.median(err))
 
 
-def one_area(n: int, nframes: int, engine, session, repeat: int) -> None:
+def one_area(n: int, nframes: int, engine, session, repeat: int, methods: list[str]) -> None:
     ground = mosaic(n)
     rng = np.random.default_rng(0)
     frames, centres, params = [], [], []
@@ -189,10 +209,14 @@ def one_area(n: int, nframes: int, engine, session, repeat: int) -> None:
     )
     base = None
     for name, k, how in (
-        ("grid", 1, "engine"),
-        ("win/2", 2, "engine"),
-        ("win/4", 4, "engine"),
-        ("pooled/4", 4, "pooled"),
+        m
+        for m in (
+            ("grid", 1, "engine"),
+            ("win/2", 2, "engine"),
+            ("win/4", 4, "engine"),
+            ("pooled/4", 4, "pooled"),
+        )
+        if m[0] in methods
     ):
         corners = windows(n, k)
         dt = math.inf
@@ -214,6 +238,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, nargs="+", default=[144, 1024])
     ap.add_argument("--frames", type=int, default=200)
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        default=["grid", "win/2", "win/4", "pooled/4"],
+        help="indexes to build",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="timings: the best of this many runs")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -225,9 +255,8 @@ def main() -> None:
         engine = load_engine(root / "e")
         session = features_session(root)
         for tiles in args.tiles:
-            one_area(
-                max(3, int(round(math.sqrt(tiles)))), args.frames, engine, session, args.repeat
-            )
+            n = max(3, int(round(math.sqrt(tiles))))
+            one_area(n, args.frames, engine, session, args.repeat, args.methods)
 
 
 if __name__ == "__main__":
