@@ -21,7 +21,8 @@ def task(plan: Any) -> dict[str, Any]:
     if s.calibration is not None:
         deps.append(str(s.calibration))
     backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
-    depends = {"precision": s.precision, **plan.engine_env}
+    # engine_json: what engine.json records (2: the input's preparation, issue 21); not in the key
+    depends = {"precision": s.precision, **plan.engine_env, "engine_json": 2}
     if backend == "tensorrt":  # part of a TensorRT engine's key; ONNX Runtime has no workspace
         depends["workspace"] = s.workspace
     return {
