@@ -107,7 +107,7 @@ def probe_scheduler(raw: str, timeout: float = DEFAULT_CONNECT_TIMEOUT_S) -> Non
 
     url = urlsplit(str(address))
     try:  # a refused connection fails at once; Dask would retry it until the timeout
-        socket.create_connection((url.hostname, url.port), timeout=timeout).close()
+        socket.create_connection((url.hostname, url.port or 0), timeout=timeout).close()
     except OSError as exc:
         raise _unreachable(str(address), exc) from exc
     _connect(str(address), timeout).close()
@@ -360,7 +360,7 @@ def describe_batch(key: str, store_root: str | BucketSource, ids: Any, digests: 
         raise WorkerError.of(exc) from None
 
 
-def _describe_batch(key: str, store_root: str, ids: Any, digests: Any) -> Any:
+def _describe_batch(key: str, store_root: str | BucketSource, ids: Any, digests: Any) -> Any:
     """On a worker: ``(descriptors, thumbnails)`` of one batch of images.
 
     Descriptors float32 ``[k, dim]``, unit rows; thumbnails uint8

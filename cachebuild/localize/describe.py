@@ -434,6 +434,7 @@ def _describe_with_store(
             with ExitStack() as stack:
                 work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
                         for p in [work_pos[s : s + batch_size]])  # fmt: skip
+                results: Any  # local: (uidx, descriptors, thumbnails); Dask: (uidx, value)
                 if dask_scheduler is None:
                     results = _engine_batches(
                         runner, store, work, size=size, max_rows=max_rows, workers=workers,
@@ -471,7 +472,7 @@ def _describe_with_store(
                     if keep is not None and th is not None:
                         keep.add(digests, th)
                     bar.advance(len(d))
-                if keep is not None:
+                if keep is not None and thumbnails is not None:
                     keep.flush()
                     thumbnails["thumbnails"] = keep.kept
                 if dask_scheduler is not None and executor is not None:

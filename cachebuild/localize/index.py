@@ -578,7 +578,7 @@ def search(
 
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    index = index_path if hasattr(index_path, "search") else load_index(index_path)
+    index: Any = index_path if hasattr(index_path, "search") else load_index(index_path)
     q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
     if q.ndim != 2 or q.shape[1] != index.d:
         raise ValueError(f"queries must be [q, {index.d}], got {list(np.shape(queries))}")

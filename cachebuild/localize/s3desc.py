@@ -46,7 +46,7 @@ _DESC_MAGIC = b"CBDESC1\n"
 _THUMB_MAGIC = b"CBTHMB1\n"
 
 
-class _Seen(dict):  # type: ignore[type-arg]
+class _Seen(dict):
     """cell (packed) -> image digests the bucket has descriptors for there; :attr:`thumbs` likewise.
 
     What :func:`pull_descriptors` returns and :func:`push_descriptors` takes:
