@@ -37,9 +37,10 @@ bench: $(VENV)/.installed-dev   ## print the benchmark tables
 	$(BIN)/python bench/bench_describe.py
 
 SOURCES = cachebuild targets tests bench dodo.py
-lint: $(VENV)/.installed-dev   ## format, lint and import contracts (CI runs it before the tests)
+lint: $(VENV)/.installed-dev   ## format, lint, types and import contracts (CI runs it before the tests)
 	$(BIN)/ruff format --check $(SOURCES)
 	$(BIN)/ruff check $(SOURCES)
+	$(BIN)/mypy
 	$(BIN)/lint-imports
 
 upgrade: | $(UV)                ## refresh uv.lock to the newest releases (review the diff)
