@@ -516,19 +516,18 @@ def fetch_tiles(
         Draw a progress line on stderr (when it is a terminal).
     shared
         ``STORE=s3://...``: the bucket shared with other machines; tiles it
-        has are downloaded instead of fetched, and the ones it lacks are
-        uploaded (:class:`cachebuild.store.s3.TileSync`).  ``store_root`` is
-        then the local read-through copy.
+        has are downloaded, the ones it lacks uploaded
+        (:class:`cachebuild.store.s3.TileSync`); ``store_root`` is then the
+        local read-through copy.
 
     Returns
     -------
     dict
-        The tile set summary as written: ``planned``, ``present``,
-        ``missing``, ``zooms``, ``bbox``, ``provider``,
-        ``missing_examples``, ``aggregate_sha256``; with a no-data rule
-        also ``nodata`` (how many of the missing are no-data tiles) and
-        ``nodata_rule``.  Plus this run's ``fetched`` and ``reused``, which
-        are not written: ``tileset.json`` describes content, not history.
+        The tile set summary as written: ``planned``, ``present``, ``missing``,
+        ``zooms``, ``bbox``, ``provider``, ``missing_examples``, ``aggregate_sha256``;
+        with a no-data rule also ``nodata`` (how many of the missing are no-data
+        tiles) and ``nodata_rule``.  Plus this run's ``fetched`` and ``reused``,
+        which are not written: ``tileset.json`` describes content, not history.
 
     Raises
     ------
@@ -539,7 +538,6 @@ def fetch_tiles(
         every tile fetched before is kept in the store.  Or when the shared
         bucket failed, naming its URL (never credentials).
     """
-
     rule = NoDataRule.from_env(env)
     deadline_s, max_age_s = _durations(env)
     provider = open_provider(provider_spec, env=env)
