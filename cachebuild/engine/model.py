@@ -203,13 +203,50 @@ def build_default_model(seed: int = DEFAULT_MODEL_SEED) -> bytes:
     True
     """
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
+
+    inits = _initializers(seed)
+    nodes = _graph_nodes()
+    graph = helper.make_graph(
+        nodes,
+        DEFAULT_MODEL_VERSION,
+        [
+            helper.make_tensor_value_info(
+                INPUT_NAME, TensorProto.FLOAT, ["N", 3, TILE_SIZE, TILE_SIZE]
+            )
+        ],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", DESCRIPTOR_DIM])],
+        initializer=inits,
+    )
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
+        producer_name="cachebuild",
+        producer_version=DEFAULT_MODEL_VERSION,
+        ir_version=DEFAULT_IR_VERSION,
+        doc_string=f"{DEFAULT_MODEL_VERSION} tile descriptor, seed {seed}",
+    )
+    model.model_version = 1
+    onnx.checker.check_model(model, full_check=True)
+    data: bytes = model.SerializeToString(deterministic=True)
+    return data
+
+
+def _initializers(seed: int) -> list[Any]:
+    """The network's constant tensors: the seeded weights, then the fixed scalars."""
+    from onnx import numpy_helper
 
     w = _weights(seed)
     inits = [numpy_helper.from_array(v, name=k) for k, v in sorted(w.items())]
     inits.append(numpy_helper.from_array(_np_f32(_MEAN_WEIGHT), name="mean.weight"))
     inits.append(numpy_helper.from_array(_np_f32(_EPSILON), name="l2.eps"))
     inits.append(numpy_helper.from_array(_np_f32(_SQRT_EPSILON), name="ssqrt.eps"))
+    return inits
+
+
+def _graph_nodes() -> list[Any]:
+    """The network's nodes in order: two strided convolutions, the grid pool, the head."""
+    from onnx import helper
 
     def conv(name: str, x: str, k: int, pad: int) -> list[Any]:
         return [
@@ -248,29 +285,7 @@ def build_default_model(seed: int = DEFAULT_MODEL_SEED) -> bytes:
         helper.make_node("Max", ["norm", "l2.eps"], ["norm.c"], name="l2.clamp"),
         helper.make_node("Div", ["raw", "norm.c"], [OUTPUT_NAME], name="l2.div"),
     ]
-    graph = helper.make_graph(
-        nodes,
-        DEFAULT_MODEL_VERSION,
-        [
-            helper.make_tensor_value_info(
-                INPUT_NAME, TensorProto.FLOAT, ["N", 3, TILE_SIZE, TILE_SIZE]
-            )
-        ],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", DESCRIPTOR_DIM])],
-        initializer=inits,
-    )
-    model = helper.make_model(
-        graph,
-        opset_imports=[helper.make_opsetid("", DEFAULT_OPSET)],
-        producer_name="cachebuild",
-        producer_version=DEFAULT_MODEL_VERSION,
-        ir_version=DEFAULT_IR_VERSION,
-        doc_string=f"{DEFAULT_MODEL_VERSION} tile descriptor, seed {seed}",
-    )
-    model.model_version = 1
-    onnx.checker.check_model(model, full_check=True)
-    data: bytes = model.SerializeToString(deterministic=True)
-    return data
+    return nodes
 
 
 def _np_f32(value: float) -> Any:
