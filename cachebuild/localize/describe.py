@@ -139,12 +139,7 @@ def _engine_batches(
     import numpy as np
 
     chunk = -(-max_rows // workers)  # each batch is split among all decoders
-    # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
-    ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
-    tring = [
-        np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None
-        for _ in ring
-    ]
+    ring, tring = _rings(max_rows, size, thumbs)
     with ThreadPoolExecutor(
         max_workers=workers,
         thread_name_prefix="describe-decode",
@@ -182,16 +177,7 @@ def _engine_batches(
                 meta, ids, slot, parts = pending.popleft()
                 for part in parts:
                     part.result()  # in order: the first bad tile is the one reported
-                try:
-                    out = runner.run(ring[slot][: len(ids)])
-                except Exception as exc:
-                    z0, x0, y0 = tile_zxy(ids[0])
-                    raise BuildError(
-                        f"the engine failed on {len(ids)} tiles starting at z={z0} x={x0} y={y0}: "
-                        f"{type(exc).__name__}: {exc}",
-                        remedy="recompile the engine (delete the engine directory) and retry",
-                        phase=_PHASE,
-                    ) from exc
+                out = _run_engine(runner, ring[slot][: len(ids)], ids)
                 tb = tring[slot]
                 th = None if tb is None else tb[: len(ids)].copy()
                 free.append(slot)
@@ -202,6 +188,33 @@ def _engine_batches(
                 for part in parts:
                     part.cancel()
             raise
+
+
+def _rings(max_rows: int, size: tuple[int, int], thumbs: bool) -> tuple[list[Any], list[Any]]:
+    """The engine's input buffers and (with ``thumbs``) the thumbnail buffers, one per batch in flight."""
+    import numpy as np
+
+    # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
+    ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
+    tring = [
+        np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None
+        for _ in ring
+    ]
+    return ring, tring
+
+
+def _run_engine(runner: Any, batch: Any, ids: Any) -> Any:
+    """``runner.run(batch)``; a failure is a BuildError naming the batch's first tile."""
+    try:
+        return runner.run(batch)
+    except Exception as exc:
+        z0, x0, y0 = tile_zxy(ids[0])
+        raise BuildError(
+            f"the engine failed on {len(ids)} tiles starting at z={z0} x={x0} y={y0}: "
+            f"{type(exc).__name__}: {exc}",
+            remedy="recompile the engine (delete the engine directory) and retry",
+            phase=_PHASE,
+        ) from exc
 
 
 def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
