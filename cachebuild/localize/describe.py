@@ -321,21 +321,33 @@ def describe_tiles(
 
     Notes
     -----
-    ``descriptor_ids.npy`` is removed before ``descriptors.npy`` is
-    replaced and written after it, both through a temp file and a rename:
-    if the ids file exists, the pair is complete and consistent.
+    ``descriptor_ids.npy`` is written last, after ``descriptors.npy``: if it
+    exists, the pair is complete and consistent (see :func:`_describe`).
     """
-    import numpy as np
+    _check_args(batch_size, decode_threads, dask_scheduler, reuse)
+    return _describe(
+        Path(tileset_dir), store_root, engine_dir, Path(out_dir), batch_size=batch_size,
+        threads=threads, progress=progress, decode_threads=decode_threads, reuse=reuse,
+        dask_scheduler=dask_scheduler, thumbnails=thumbnails,
+    )  # fmt: skip
 
-    start = time.perf_counter()
+
+def _check_args(
+    batch_size: int, decode_threads: int | None, dask_scheduler: str | None, reuse: bool
+) -> None:
+    """Refuse settings :func:`describe_tiles` cannot honour, before any file is read."""
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if decode_threads is not None and decode_threads < 1:
         raise UsageError(f"decode_threads must be at least 1, got {decode_threads}")
     if dask_scheduler is not None and not reuse:
         raise UsageError("describing on a Dask cluster needs reuse=True (the descriptor store)")
-    tileset_dir, out = Path(tileset_dir), Path(out_dir)
-    tiles = _read_sorted_tiles(tileset_dir)
+
+
+def _open_engine(
+    engine_dir: str | os.PathLike[str], dask_scheduler: str | None, threads: int | None
+) -> tuple[Any, int, tuple[int, int]]:
+    """``(runner, descriptor dim, input size)``; no runner with Dask (the workers load it)."""
     if dask_scheduler is None:
         runner = load_engine(engine_dir, threads=threads)
         dim = int(runner.descriptor_dim)
@@ -345,6 +357,34 @@ def describe_tiles(
         record = read_engine_json(engine_dir)
         dim = int(record["descriptor_dim"])
         size = (int(record["input"]["shape"][2]), int(record["input"]["shape"][3]))
+    return runner, dim, size
+
+
+def _describe(
+    tileset_dir: Path,
+    store_root: str | os.PathLike[str],
+    engine_dir: str | os.PathLike[str],
+    out: Path,
+    *,
+    batch_size: int,
+    threads: int | None,
+    progress: bool,
+    decode_threads: int | None,
+    reuse: bool,
+    dask_scheduler: str | None,
+    thumbnails: bool,
+) -> dict[str, Any]:
+    """:func:`describe_tiles` once its settings are checked.
+
+    ``descriptor_ids.npy`` is removed before ``descriptors.npy`` is
+    replaced and written after it, both through a temp file and a rename:
+    if the ids file exists, the pair is complete and consistent.
+    """
+    import numpy as np
+
+    start = time.perf_counter()
+    tiles = _read_sorted_tiles(tileset_dir)
+    runner, dim, size = _open_engine(engine_dir, dask_scheduler, threads)
     n = len(tiles)
     # S32 items lose trailing NUL bytes when read one by one: go through raw bytes
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
