@@ -463,6 +463,27 @@ def _describe_with_store(
     """
     import numpy as np
 
+    key = _engine_key(engine_dir)
+    with DescriptorStore(store.root, key, dim) as ds:
+        shard, row = ds.lookup(raw)
+        todo = np.flatnonzero(shard < 0)
+        runs = 0
+        if len(todo):
+            runs = _describe_missing(
+                ds, store, engine_dir, raw, ids, todo, shard, row, size=size,
+                batch_size=batch_size, max_rows=max_rows, workers=workers, runner=runner,
+                stream=stream, dask_scheduler=dask_scheduler, threads=threads,
+                executor=executor, thumbnails=thumbnails,
+            )  # fmt: skip
+        elif executor is not None:  # every image was in the store: no engine ran
+            executor["workers"] = 0
+        ds.touch()
+        _assemble(ds, shard, row, ids, out, dim)
+    return len(todo), runs
+
+
+def _engine_key(engine_dir: str | os.PathLike[str]) -> str:
+    """The engine's key from its ``engine.json``: the descriptor store's namespace."""
     key = read_engine_json(engine_dir).get("key")
     if not isinstance(key, str):
         raise BuildError(
@@ -470,84 +491,126 @@ def _describe_with_store(
             remedy="recompile the engine (delete the engine directory) and retry",
             phase=_PHASE,
         )
-    n = len(ids)
-    with DescriptorStore(store.root, key, dim) as ds:
-        shard, row = ds.lookup(raw)
-        todo = np.flatnonzero(shard < 0)
-        runs = 0
-        if len(todo):
-            # one engine run per distinct image; its location serves every tile showing it
-            keys = np.ascontiguousarray(raw[todo]).view(np.dtype((np.void, 32))).ravel()
-            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-            ushard = np.empty(len(first), dtype=np.int32)
-            urow = np.empty(len(first), dtype=np.int32)
-            order = np.argsort(first, kind="stable")  # describe in tile order
-            work_pos = todo[first[order]]
-            runs = len(work_pos)
-            with ExitStack() as stack:
-                work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
-                        for p in [work_pos[s : s + batch_size]])  # fmt: skip
-                results: Any  # local: (uidx, descriptors, thumbnails); Dask: (uidx, value)
-                if dask_scheduler is None:
-                    results = _engine_batches(
-                        runner, store, work, size=size, max_rows=max_rows, workers=workers,
-                        thumbs=thumbnails is not None,
-                    )  # fmt: skip
-                else:  # results arrive in any order: each carries its positions
-                    from cachebuild.localize.daskexec import DaskExecutor
+    return key
 
-                    cluster = stack.enter_context(
-                        DaskExecutor(
-                            dask_scheduler,
-                            engine_dir=engine_dir,
-                            store_root=store.root,
-                            threads=threads,
-                        )
-                    )
-                    results = cluster.run(work)
-                stack.callback(results.close)  # on an error: cancel what is in flight first
-                writer = stack.enter_context(ds.writer())
-                keep = (
-                    stack.enter_context(_ThumbKeeper(store.root))
-                    if thumbnails is not None
-                    else None
+
+def _describe_missing(
+    ds: DescriptorStore,
+    store: TileStore,
+    engine_dir: str | os.PathLike[str],
+    raw: Any,
+    ids: Any,
+    todo: Any,
+    shard: Any,
+    row: Any,
+    *,
+    size: tuple[int, int],
+    batch_size: int,
+    max_rows: int,
+    workers: int,
+    runner: Any,
+    stream: Any,
+    dask_scheduler: str | None,
+    threads: int | None,
+    executor: dict[str, Any] | None,
+    thumbnails: dict[str, int] | None,
+) -> int:
+    """Run the engine once per distinct image of ``todo``, keep the results in ``ds``.
+
+    Fills ``shard`` and ``row`` at ``todo``; returns the engine runs.
+    """
+    import numpy as np
+
+    # one engine run per distinct image; its location serves every tile showing it
+    keys = np.ascontiguousarray(raw[todo]).view(np.dtype((np.void, 32))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    ushard = np.empty(len(first), dtype=np.int32)
+    urow = np.empty(len(first), dtype=np.int32)
+    order = np.argsort(first, kind="stable")  # describe in tile order
+    work_pos = todo[first[order]]
+    runs = len(work_pos)
+    with ExitStack() as stack:
+        work = ((order[s : s + batch_size], ids[p], raw[p]) for s in range(0, runs, batch_size)
+                for p in [work_pos[s : s + batch_size]])  # fmt: skip
+        results, cluster = _open_results(
+            stack, work, store, engine_dir, size=size, max_rows=max_rows, workers=workers,
+            runner=runner, dask_scheduler=dask_scheduler, threads=threads,
+            thumbs=thumbnails is not None,
+        )  # fmt: skip
+        stack.callback(results.close)  # on an error: cancel what is in flight first
+        writer = stack.enter_context(ds.writer())
+        keep = stack.enter_context(_ThumbKeeper(store.root)) if thumbnails is not None else None
+        bar = stack.enter_context(Progress(_PHASE, total=runs, stream=stream))
+        for uidx, *got in results:
+            # local: (descriptors, thumbnails); Dask: one value, a pair or (older workers) an array
+            d, th = (
+                got if len(got) == 2 else (got[0] if isinstance(got[0], tuple) else (got[0], None))
+            )
+            digests = raw[todo[first[uidx]]]
+            ushard[uidx], urow[uidx] = writer.append(digests, d)
+            if keep is not None and th is not None:
+                keep.add(digests, th)
+            bar.advance(len(d))
+        if keep is not None and thumbnails is not None:
+            keep.flush()
+            thumbnails["thumbnails"] = keep.kept
+        if cluster is not None and executor is not None:
+            executor["workers"] = cluster.workers
+    shard[todo] = ushard[inverse]
+    row[todo] = urow[inverse]
+    return runs
+
+
+def _open_results(
+    stack: ExitStack,
+    work: Iterator[tuple[Any, Any, Any]],
+    store: TileStore,
+    engine_dir: str | os.PathLike[str],
+    *,
+    size: tuple[int, int],
+    max_rows: int,
+    workers: int,
+    runner: Any,
+    dask_scheduler: str | None,
+    threads: int | None,
+    thumbs: bool,
+) -> tuple[Any, Any]:
+    """``(results, cluster)``: the engine's results over ``work``, here or on the Dask cluster.
+
+    Local results are ``(uidx, descriptors, thumbnails)`` in order; Dask's are
+    ``(uidx, value)`` in any order, each carrying its positions.  The cluster
+    (None when local) is entered on ``stack``.
+    """
+    if dask_scheduler is None:
+        results = _engine_batches(
+            runner, store, work, size=size, max_rows=max_rows, workers=workers, thumbs=thumbs
+        )
+        return results, None
+    from cachebuild.localize.daskexec import DaskExecutor
+
+    cluster = stack.enter_context(
+        DaskExecutor(dask_scheduler, engine_dir=engine_dir, store_root=store.root, threads=threads)
+    )
+    return cluster.run(work), cluster
+
+
+def _assemble(ds: DescriptorStore, shard: Any, row: Any, ids: Any, out: Path, dim: int) -> None:
+    """Write ``descriptors.npy`` from the store, in tile order; refuse a non-finite row."""
+    import numpy as np
+
+    n = len(ids)
+    with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
+        buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
+        for s in range(0, n, _ASSEMBLE_ROWS):
+            e = min(s + _ASSEMBLE_ROWS, n)
+            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
+            if not bool(np.all(np.isfinite(part))):
+                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+                z, x, y = tile_zxy(ids[bad])
+                raise BuildError(
+                    f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
+                    f"z={z} x={x} y={y}",
+                    remedy=f"delete {ds.root} (its descriptors are computed again)",
+                    phase=_PHASE,
                 )
-                bar = stack.enter_context(Progress(_PHASE, total=runs, stream=stream))
-                for uidx, *got in results:
-                    # local: (descriptors, thumbnails); Dask: one value, a pair or (older workers) an array
-                    d, th = (
-                        got
-                        if len(got) == 2
-                        else (got[0] if isinstance(got[0], tuple) else (got[0], None))
-                    )
-                    digests = raw[todo[first[uidx]]]
-                    ushard[uidx], urow[uidx] = writer.append(digests, d)
-                    if keep is not None and th is not None:
-                        keep.add(digests, th)
-                    bar.advance(len(d))
-                if keep is not None and thumbnails is not None:
-                    keep.flush()
-                    thumbnails["thumbnails"] = keep.kept
-                if dask_scheduler is not None and executor is not None:
-                    executor["workers"] = cluster.workers
-            shard[todo] = ushard[inverse]
-            row[todo] = urow[inverse]
-        elif executor is not None:  # every image was in the store: no engine ran
-            executor["workers"] = 0
-        ds.touch()
-        with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
-            buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
-            for s in range(0, n, _ASSEMBLE_ROWS):
-                e = min(s + _ASSEMBLE_ROWS, n)
-                part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
-                if not bool(np.all(np.isfinite(part))):
-                    bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
-                    z, x, y = tile_zxy(ids[bad])
-                    raise BuildError(
-                        f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
-                        f"z={z} x={x} y={y}",
-                        remedy=f"delete {ds.root} (its descriptors are computed again)",
-                        phase=_PHASE,
-                    )
-                sink.write(part)
-    return len(todo), runs
+            sink.write(part)
