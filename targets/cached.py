@@ -82,7 +82,11 @@ def preview_action(build: Path, **_: Any) -> Action:
     return Action(
         name="preview",
         version=f"preview {PREVIEW_VERSION}:"
-        + code_version("cachebuild.tiles.preview", "cachebuild.store.thumbs")
+        + code_version(
+            "cachebuild.tiles.preview",
+            "cachebuild.tiles.preview_geometry",
+            "cachebuild.store.thumbs",
+        )
         + ":"
         + " ".join(installed_version("pillow") or ()),
         # tiles.npy: every tile's image hash (tiles.mbtiles holds the same images)
