@@ -28,7 +28,7 @@ import io
 import json
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -196,9 +196,6 @@ def _thumb_mosaic(
     scale.  Memory: ``t * t * 3`` bytes a tile, plus one chunk of
     thumbnails.
     """
-    from concurrent.futures import ThreadPoolExecutor
-    from itertools import islice
-
     import numpy as np
     from PIL import Image
 
@@ -241,37 +238,11 @@ def _thumb_mosaic(
 
     thumbs = ThumbStore(store) if store is not None else None
     try:
-        # the thumbnails the store has
-        lacking = np.zeros(len(ids), dtype=bool)
-        for s in range(0, len(ids), _CHUNK):
-            sel = (np.flatnonzero(todo[s : s + _CHUNK]) + s).tolist()
-            digests = [raw[i].tobytes() for i in sel]
-            have = thumbs.lookup(digests) if thumbs is not None else {}
-            got = [(i, have[d]) for i, d in zip(sel, digests) if d in have]
-            place([i for i, _ in got], [px for _, px in got])
-            stats["thumbnails_reused"] += len(got)
-            lacking[[i for i, d in zip(sel, digests) if d not in have]] = True
+        lacking = _place_stored(thumbs, raw, todo, place, stats)
         # the rest, made from the MBTiles rows and kept
         lack = np.flatnonzero(lacking)
         if len(lack):
-            conn = connect_readonly(cache_dir / "tiles.mbtiles")
-            workers = min(8, os.cpu_count() or 1)
-            try:
-                rows = _lacking_rows(conn, geo.zoom, ids, lack)
-                mbtiles = cache_dir / "tiles.mbtiles"
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    while chunk := list(islice(rows, 1024)):
-                        step = -(-len(chunk) // workers)  # one task per worker: little overhead
-                        parts = [chunk[k : k + step] for k in range(0, len(chunk), step)]
-                        made = pool.map(lambda p: _make_thumbs(mbtiles, geo.zoom, ids, p), parts)
-                        at = [i for p in parts for i, _ in p]
-                        pixels = [m.tobytes() for ms in made for m in ms]
-                        if thumbs is not None:
-                            thumbs.put((raw[i].tobytes(), px) for i, px in zip(at, pixels))
-                        place(at, pixels)
-                        stats["thumbnails_made"] += len(at)
-            finally:
-                conn.close()
+            _place_made(cache_dir, geo, ids, raw, lack, thumbs, place, stats)
     finally:
         if thumbs is not None:
             thumbs.close()
@@ -283,6 +254,62 @@ def _thumb_mosaic(
     if img.size != (geo.width, geo.height):
         img = img.resize((geo.width, geo.height), Image.Resampling.BILINEAR)
     return img, drawn
+
+
+def _place_stored(
+    thumbs: Any,
+    raw: Any,
+    todo: Any,
+    place: Callable[[list[int], list[bytes]], None],
+    stats: dict[str, int],
+) -> Any:
+    """Place the thumbnails the store has for the tiles in ``todo``; returns the lacking (a mask)."""
+    import numpy as np
+
+    lacking = np.zeros(len(raw), dtype=bool)
+    for s in range(0, len(raw), _CHUNK):
+        sel = (np.flatnonzero(todo[s : s + _CHUNK]) + s).tolist()
+        digests = [raw[i].tobytes() for i in sel]
+        have = thumbs.lookup(digests) if thumbs is not None else {}
+        got = [(i, have[d]) for i, d in zip(sel, digests) if d in have]
+        place([i for i, _ in got], [px for _, px in got])
+        stats["thumbnails_reused"] += len(got)
+        lacking[[i for i, d in zip(sel, digests) if d not in have]] = True
+    return lacking
+
+
+def _place_made(
+    cache_dir: Path,
+    geo: PreviewGeometry,
+    ids: Any,
+    raw: Any,
+    lack: Any,
+    thumbs: Any,
+    place: Callable[[list[int], list[bytes]], None],
+    stats: dict[str, int],
+) -> None:
+    """Make the thumbnails of the tiles at ``lack`` from the MBTiles rows, keep and place them."""
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import islice
+
+    conn = connect_readonly(cache_dir / "tiles.mbtiles")
+    workers = min(8, os.cpu_count() or 1)
+    try:
+        rows = _lacking_rows(conn, geo.zoom, ids, lack)
+        mbtiles = cache_dir / "tiles.mbtiles"
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            while chunk := list(islice(rows, 1024)):
+                step = -(-len(chunk) // workers)  # one task per worker: little overhead
+                parts = [chunk[k : k + step] for k in range(0, len(chunk), step)]
+                made = pool.map(lambda p: _make_thumbs(mbtiles, geo.zoom, ids, p), parts)
+                at = [i for p in parts for i, _ in p]
+                pixels = [m.tobytes() for ms in made for m in ms]
+                if thumbs is not None:
+                    thumbs.put((raw[i].tobytes(), px) for i, px in zip(at, pixels))
+                place(at, pixels)
+                stats["thumbnails_made"] += len(at)
+    finally:
+        conn.close()
 
 
 #: The last thumbnail mosaic's cells and the image each shows, kept in the
