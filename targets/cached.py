@@ -85,6 +85,7 @@ def preview_action(build: Path, **_: Any) -> Action:
         + code_version(
             "cachebuild.tiles.preview",
             "cachebuild.tiles.preview_geometry",
+            "cachebuild.tiles.preview_cells",
             "cachebuild.store.thumbs",
         )
         + ":"
