@@ -56,9 +56,10 @@ from cachebuild.localize.decode import (
     default_decode_threads,
     tile_zxy,
 )
+from cachebuild.localize.describe_store import _assemble, _engine_key, _ThumbKeeper
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.objects import TileStore
-from cachebuild.store.thumbs import THUMB_PX, ThumbStore
+from cachebuild.store.thumbs import THUMB_PX
 from cachebuild.tileset import TILES_FILE, read_tiles
 
 if TYPE_CHECKING:
@@ -77,8 +78,6 @@ DESCRIPTOR_IDS_FILE = "descriptor_ids.npy"
 #: What the last describe run did (written by the build's action; read by the report).
 DESCRIBE_SUMMARY = "describe.json"
 DEFAULT_BATCH_SIZE = 64
-#: Rows assembled from the descriptor store per step.
-_ASSEMBLE_ROWS = 16_384
 
 # Batches that exist at once: one in the engine, the rest being decoded.
 _IN_FLIGHT = 3
@@ -222,33 +221,6 @@ def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[
     for s in range(0, len(index), batch_size):
         part = index[s : s + batch_size]
         yield part, ids[part], raw[part]
-
-
-class _ThumbKeeper:
-    """Thumbnails made in describe, written to the thumbnail store in a few transactions."""
-
-    _ROWS = 2048
-
-    def __init__(self, store_root: Path):
-
-        self.store = ThumbStore(store_root)
-        self.rows: list[tuple[bytes, bytes]] = []
-        self.kept = 0
-
-    def add(self, digests: Any, thumbs: Any) -> None:
-        self.rows.extend((digests[i].tobytes(), thumbs[i].tobytes()) for i in range(len(digests)))
-        if len(self.rows) >= self._ROWS:
-            self.flush()
-
-    def flush(self) -> None:
-        self.kept += self.store.put(self.rows)
-        self.rows = []
-
-    def __enter__(self) -> _ThumbKeeper:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.store.close()
 
 
 def describe_tiles(
@@ -478,20 +450,8 @@ def _describe_with_store(
         elif executor is not None:  # every image was in the store: no engine ran
             executor["workers"] = 0
         ds.touch()
-        _assemble(ds, shard, row, ids, out, dim)
+        _assemble(ds, shard, row, ids, out / DESCRIPTORS_FILE, dim)
     return len(todo), runs
-
-
-def _engine_key(engine_dir: str | os.PathLike[str]) -> str:
-    """The engine's key from its ``engine.json``: the descriptor store's namespace."""
-    key = read_engine_json(engine_dir).get("key")
-    if not isinstance(key, str):
-        raise BuildError(
-            f"{Path(engine_dir) / 'engine.json'} has no engine key",
-            remedy="recompile the engine (delete the engine directory) and retry",
-            phase=_PHASE,
-        )
-    return key
 
 
 def _describe_missing(
@@ -592,25 +552,3 @@ def _open_results(
         DaskExecutor(dask_scheduler, engine_dir=engine_dir, store_root=store.root, threads=threads)
     )
     return cluster.run(work), cluster
-
-
-def _assemble(ds: DescriptorStore, shard: Any, row: Any, ids: Any, out: Path, dim: int) -> None:
-    """Write ``descriptors.npy`` from the store, in tile order; refuse a non-finite row."""
-    import numpy as np
-
-    n = len(ids)
-    with NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink:
-        buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
-        for s in range(0, n, _ASSEMBLE_ROWS):
-            e = min(s + _ASSEMBLE_ROWS, n)
-            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
-            if not bool(np.all(np.isfinite(part))):
-                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
-                z, x, y = tile_zxy(ids[bad])
-                raise BuildError(
-                    f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
-                    f"z={z} x={x} y={y}",
-                    remedy=f"delete {ds.root} (its descriptors are computed again)",
-                    phase=_PHASE,
-                )
-            sink.write(part)

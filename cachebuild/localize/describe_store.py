@@ -1,0 +1,87 @@
+"""What describe keeps in and reads back from the store.
+
+The engine's key (the descriptor store's namespace), the thumbnails made
+from the pixels decoded for the engine (:mod:`cachebuild.store.thumbs`),
+and ``descriptors.npy`` assembled from the descriptor store in tile order.
+Used by :mod:`cachebuild.localize.describe`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from cachebuild._util.npyio import NpyRowWriter
+from cachebuild.engine.interface import read_engine_json
+from cachebuild.errors import BuildError
+from cachebuild.localize.decode import tile_zxy
+from cachebuild.store.descriptors import DescriptorStore
+from cachebuild.store.thumbs import ThumbStore
+
+__all__: list[str] = []
+
+#: Rows assembled from the descriptor store per step.
+_ASSEMBLE_ROWS = 16_384
+_PHASE = "describe"
+
+
+class _ThumbKeeper:
+    """Thumbnails made in describe, written to the thumbnail store in a few transactions."""
+
+    _ROWS = 2048
+
+    def __init__(self, store_root: Path):
+
+        self.store = ThumbStore(store_root)
+        self.rows: list[tuple[bytes, bytes]] = []
+        self.kept = 0
+
+    def add(self, digests: Any, thumbs: Any) -> None:
+        self.rows.extend((digests[i].tobytes(), thumbs[i].tobytes()) for i in range(len(digests)))
+        if len(self.rows) >= self._ROWS:
+            self.flush()
+
+    def flush(self) -> None:
+        self.kept += self.store.put(self.rows)
+        self.rows = []
+
+    def __enter__(self) -> _ThumbKeeper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.store.close()
+
+
+def _engine_key(engine_dir: str | os.PathLike[str]) -> str:
+    """The engine's key from its ``engine.json``: the descriptor store's namespace."""
+    key = read_engine_json(engine_dir).get("key")
+    if not isinstance(key, str):
+        raise BuildError(
+            f"{Path(engine_dir) / 'engine.json'} has no engine key",
+            remedy="recompile the engine (delete the engine directory) and retry",
+            phase=_PHASE,
+        )
+    return key
+
+
+def _assemble(ds: DescriptorStore, shard: Any, row: Any, ids: Any, path: Path, dim: int) -> None:
+    """Write ``path`` (``descriptors.npy``) from the store, in tile order; refuse a non-finite row."""
+    import numpy as np
+
+    n = len(ids)
+    with NpyRowWriter(path, "<f4", (n, dim)) as sink:
+        buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
+        for s in range(0, n, _ASSEMBLE_ROWS):
+            e = min(s + _ASSEMBLE_ROWS, n)
+            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
+            if not bool(np.all(np.isfinite(part))):
+                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+                z, x, y = tile_zxy(ids[bad])
+                raise BuildError(
+                    f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
+                    f"z={z} x={x} y={y}",
+                    remedy=f"delete {ds.root} (its descriptors are computed again)",
+                    phase=_PHASE,
+                )
+            sink.write(part)
