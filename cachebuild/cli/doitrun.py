@@ -185,7 +185,14 @@ def run_doit(plan: Any, reporter: RecordingReporter, tasks: list[str] | None = N
 
     plan.paths.state.mkdir(parents=True, exist_ok=True)
     cmd = Run(task_loader=PlanLoader(plan, reporter), config={}, bin_name="doit")
-    return int(cmd.parse_execute(tasks or [FINAL_TASK]))
+    try:
+        return int(cmd.parse_execute(tasks or [FINAL_TASK]))
+    finally:
+        # a commit that failed (a full disk) leaves doit's transaction, and the
+        # database's lock, open until the connection goes: close it now
+        conn = getattr(getattr(getattr(cmd, "dep_manager", None), "backend", None), "_conn", None)
+        if conn is not None:
+            conn.close()
 
 
 def ignored_tasks(dep_file: Path) -> list[str]:

@@ -128,10 +128,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         home = root / "snapshot" / "home"
         home.mkdir(parents=True)
         mp.setenv("CACHEBUILD_HOME", str(home))
+        mp.setenv("XDG_DATA_HOME", str(home / "data"))  # the dev key, inside the home
         code, rep, err = _build(w, w.flight_a)
         assert code == 0, err
         w.old_id = rep["build_id"]
         mp.setenv("CACHEBUILD_HOME", str(w.home))
+        mp.setenv("XDG_DATA_HOME", str(w.home / "data"))
         w.restore()
         recorder = DiskFault()
         code, rep, err = _build(w, w.flight_b, recorder)
@@ -221,6 +223,7 @@ def test_enospc_at_every_write_site(world: World, monkeypatch: pytest.MonkeyPatc
     for name in [k for k in os.environ if k.startswith("CACHEBUILD_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("CACHEBUILD_HOME", str(world.home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(world.home / "data"))
     sites = world.sites if LONG else _ci_sample(world.sites)
     outcomes = []
     for i, (n, site) in enumerate(sites):
@@ -245,6 +248,7 @@ def test_a_failed_sqlite_write_is_a_disk_full_too(
 ) -> None:
     """doit's database is written last, by doit itself: its SQLITE_FULL is exit 24, not a bug."""
     monkeypatch.setenv("CACHEBUILD_HOME", str(world.home))
+    monkeypatch.setenv("XDG_DATA_HOME", str(world.home / "data"))
     n = next(
         n for n, site in world.sites if site.startswith("doit/dependency.py") and "commit" in site
     )
