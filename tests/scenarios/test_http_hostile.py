@@ -65,22 +65,39 @@ def _vm_rss(pid: int) -> int:
     return 0
 
 
+#: Runs the command from a small process and writes its wait4 ru_maxrss (KiB):
+#: Linux carries a process's peak RSS across fork and exec, so a child of the
+#: (large) pytest worker would report the worker's size, not its own.
+_LAUNCHER = """
+import os, sys
+out = sys.argv[1]
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[2], sys.argv[2:])
+with open(out + ".pid", "w") as f:
+    f.write(str(pid))
+_, status, usage = os.wait4(pid, 0)
+with open(out, "w") as f:
+    f.write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_measured(cb: Cb, tmp_path: Path, *args: str, env: dict[str, str]) -> tuple[CbResult, int]:
     """Run ``doit build-cache`` and return its result and its peak RSS in bytes (wait4's ru_maxrss)."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    argv = [sys.executable, "-m", "doit", "build-cache", *args, "REPORT=json"]
+    out, err, rss = tmp_path / "stdout", tmp_path / "stderr", tmp_path / "maxrss"
+    argv = [sys.executable, "-c", _LAUNCHER, str(rss), sys.executable, "-m", "doit", "build-cache"]
+    argv += [*args, "REPORT=json"]
     with out.open("w") as o, err.open("w") as e:
         p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=o, stderr=e)
     deadline = time.monotonic() + 300
-    while True:
-        pid, status, usage = os.wait4(p.pid, os.WNOHANG)
-        if pid:
-            break
-        if _vm_rss(p.pid) > RSS_KILL or time.monotonic() > deadline:
-            os.kill(p.pid, signal.SIGKILL)
+    while p.poll() is None:
+        pidfile = Path(f"{rss}.pid")
+        child = int(pidfile.read_text() or 0) if pidfile.exists() else 0
+        if child and (_vm_rss(child) > RSS_KILL or time.monotonic() > deadline):
+            os.kill(child, signal.SIGKILL)
         time.sleep(0.02)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    return CbResult(p.returncode, out.read_text(), err.read_text()), usage.ru_maxrss * 1024
+    return CbResult(p.returncode, out.read_text(), err.read_text()), int(rss.read_text()) * 1024
 
 
 def assert_no_secret(r: CbResult, *secrets: str) -> None:
