@@ -28,10 +28,10 @@ import os
 import stat
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
 
 __all__ = [
@@ -262,12 +262,7 @@ class HashCache:
                 if os.path.lexists(os.path.join(self.root, k))
             }
             doc = {"format": _HASH_CACHE_FORMAT, "entries": keep}
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-            try:
-                tmp.write_text(json.dumps(doc, sort_keys=True))
-                os.replace(tmp, self.path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            atomic_write(self.path, json.dumps(doc, sort_keys=True).encode(), durable=False)
             self._entries, self._mine, self._seen = keep, {}, self._file_sig()
 
 

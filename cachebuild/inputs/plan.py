@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild.engine.backends import engine_environment as resolve
 from cachebuild.engine.backends import select_backend
@@ -172,13 +173,12 @@ def cached_keyid(key_path: Path, cache_file: Path) -> str:
         pass
 
     kid = keyid(load_private_key(key_path).public_key())
-    tmp = cache_file.with_name(f".{cache_file.name}.tmp-{os.getpid()}")
+    record = {"stamp": stamp, "keyid": kid, "recorded_ns": time.time_ns()}
     try:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"stamp": stamp, "keyid": kid, "recorded_ns": time.time_ns()}))
-        os.replace(tmp, cache_file)
+        atomic_write(cache_file, json.dumps(record).encode(), durable=False)
     except OSError:  # only a cache (a full disk, say): the key was read; the build says the rest
-        tmp.unlink(missing_ok=True)
+        pass
     return kid
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from cachebuild._util.fs import atomic_save_npy
 
 __all__: list[str] = []
 
@@ -68,7 +69,6 @@ def _read_frames(path: Path | None, dim: int) -> dict[bytes, Any]:
 
 def _write_frames(path: Path, rows: dict[bytes, Any], dim: int) -> None:
     """Write the frame descriptors through a temp file and a rename (never in place)."""
-    import uuid
 
     import numpy as np
 
@@ -76,13 +76,7 @@ def _write_frames(path: Path, rows: dict[bytes, Any], dim: int) -> None:
     for i, (key, d) in enumerate(sorted(rows.items())):
         out[i]["key"] = np.frombuffer(key, dtype=np.uint8)
         out[i]["d"] = d
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, out, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_save_npy(path, out)
 
 
 def _describe_frames(

@@ -20,10 +20,10 @@ from __future__ import annotations
 import json
 import os
 import threading
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import is_sha256_hex
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.errors import BuildError
@@ -72,12 +72,8 @@ def _read(build: Path) -> dict[str, str]:
 
 def _write(build: Path, entries: Mapping[str, str]) -> None:
     path = build / PRODUCED_NAME
-    tmp = path.with_name(f".{PRODUCED_NAME}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.write_text(json.dumps({"format": _FORMAT, "entries": dict(entries)}, sort_keys=True))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    doc = {"format": _FORMAT, "entries": dict(entries)}
+    atomic_write(path, json.dumps(doc, sort_keys=True).encode(), durable=False)
     _ledgers[str(build)] = (_sig(path), dict(entries))
 
 
