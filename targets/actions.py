@@ -83,6 +83,19 @@ def cache_artifacts(engine_file: str) -> list[str]:
     return [a.format(engine=engine_file) for a in CACHE_ARTIFACTS]
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` wraps a KeyboardInterrupt (pybind11 turns one raised while a
+    module initialises into ``ImportError: initialization failed``, its cause)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, KeyboardInterrupt):
+            return True
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
 def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
     """Wrap ``fn`` as a doit python-action for ``phase``."""
 
@@ -106,6 +119,8 @@ def phase_action(phase: str, fn: Callable[..., Any]) -> Callable[..., bool]:
         except Exception as exc:  # a bug, or a library error not translated yet
             from cachebuild._util.diskspace import disk_full_error, is_disk_full
 
+            if _interrupted(exc):  # Ctrl-C inside a C extension's import: an interrupt
+                raise KeyboardInterrupt from exc
             if is_disk_full(exc):  # ENOSPC, EDQUOT, SQLITE_FULL: exit 24, not a bug
                 FAILURES.append(disk_full_error(exc, phase))
                 return False
