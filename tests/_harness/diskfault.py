@@ -7,7 +7,8 @@ buffered writers too: each ``write`` and ``flush``), ``os.fsync`` /
 ``os.fdatasync``, ``os.link``, ``os.symlink``, ``os.mkdir``, ``shutil.copy2``
 and SQLite connections (every data-changing statement and ``commit``: the
 store's refs, the descriptor index, the MBTiles file, doit's database).  Each
-call is one *write*; its *site* is the first caller inside ``cachebuild/``,
+call is one *write* (``os.write`` to a pipe or a socket is none: paramiko's
+and the process pools' wake-up pipes are not the disk); its *site* is the first caller inside ``cachebuild/``,
 ``targets/`` or doit (``cachebuild/store/objects.py:187 os.write``).
 
 Recording mode (no ``fail_at``, no ``fail_site``) lists every write of a
@@ -19,6 +20,11 @@ later write fails too, as on a full disk.  Writes
 the C libraries make themselves (ONNX Runtime saving an engine, faiss
 writing an index) are not seen: the real run on a small filesystem
 (tests/scenarios/test_disk_full.py) covers those.
+
+As a program, ``python -m tests._harness.diskfault N COMMAND ARGS...`` runs
+``doit COMMAND ARGS...`` (a real doit process) with its N-th write failing,
+and every one after it: a disk that fills during the command
+(tests/scenarios/test_sequences.py).
 """
 
 from __future__ import annotations
@@ -29,16 +35,25 @@ import io
 import os
 import shutil
 import sqlite3
+import stat
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["DiskFault", "full"]
+__all__ = ["DiskFault", "full", "main"]
 
 _OURS = (f"{os.sep}cachebuild{os.sep}", f"{os.sep}targets{os.sep}", f"{os.sep}doit{os.sep}")
 _WRITE_SQL = ("INSERT", "UPDATE", "DELETE", "REPLACE", "CREATE", "DROP", "ALTER", "VACUUM")
+
+
+def _regular(fd: int) -> bool:
+    """Whether ``fd`` is a file on a disk (a write to a pipe, a socket or a tty never fills one)."""
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return True  # a closed descriptor: the real write says so
 
 
 def full(path: Any = None) -> OSError:
@@ -149,6 +164,8 @@ class DiskFault:
             fn = real[name]
 
             def call(*args: Any, **kw: Any) -> Any:
+                if name == "write" and not _regular(args[0]):
+                    return fn(*args, **kw)  # a pipe or a socket: a full disk does not fail those
                 fault._hit(name, args[0] if args and not isinstance(args[0], int) else None)
                 return fn(*args, **kw)
 
@@ -224,3 +241,17 @@ class DiskFault:
         for i, site in enumerate(self.sites, 1):
             seen.setdefault(site, i)
         return sorted((n, s) for s, n in seen.items())
+
+
+def main(argv: list[str]) -> int:
+    """``N COMMAND ARGS...``: run ``doit COMMAND ARGS...`` here with the N-th write failing."""
+    from doit.doit_cmd import DoitMain
+
+    fail_at, rest = int(argv[0]), argv[1:]
+    sys.argv = ["doit", *rest]  # a doit process, as cachebuild's start-up code sees it
+    with DiskFault(fail_at=fail_at).active():
+        return int(DoitMain().run(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
