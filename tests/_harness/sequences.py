@@ -12,8 +12,11 @@ same content where a documented incremental shortcut makes bytes differ).
 from __future__ import annotations
 
 import json
+import shlex
 import socket
 import sqlite3
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,8 @@ from cachebuild.tileset import hex_digests, read_tiles
 from tests._harness import tileserver
 from tests._harness.killharness import store_problems
 from tests._harness.s3server import S3Server
-from tests.conftest import Cb, CbResult, write_flight
+from tests._harness.sshd import Sshd
+from tests.conftest import REPO, Cb, CbResult, write_flight
 
 __all__ = [
     "DOCUMENTED_CODES",
@@ -35,7 +39,9 @@ __all__ = [
     "FLIGHTS",
     "VARIANTS",
     "Config",
+    "Companion",
     "World",
+    "popen_disk_full",
     "Reference",
     "check_result",
     "target_differences",
@@ -61,7 +67,13 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "widened": ("BUFFER_M=250", "ZOOM=17", "SELFTEST_QUERIES=4"),
     "zoom16": ("BUFFER_M=150", "ZOOM=16", "SELFTEST_QUERIES=4"),
     "queries": ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=6"),
+    # an operator's ONNX file: cbnet-v2's network with other weights (MODEL=@name: a model
+    # file of the World's)
+    "other-model": ("BUFFER_M=150", "ZOOM=17", "SELFTEST_QUERIES=4", "MODEL=@seed7"),
 }
+
+#: MODEL=@name -> the seed of the model file's weights
+MODEL_SEEDS = {"seed7": 7}
 
 #: keys of index.json and selftest.json that record how a build went, not
 #: what it holds (the issue-21 change removes them from the artifacts)
@@ -78,7 +90,13 @@ class Config:
     variant: str
 
     def args(self, world: World) -> tuple[str, ...]:
-        return (f"FLIGHT={world.flight_file(self.flight)}", *VARIANTS[self.variant])
+        return (
+            f"FLIGHT={world.flight_file(self.flight)}",
+            *(
+                f"MODEL={world.model_file(a[7:])}" if a.startswith("MODEL=@") else a
+                for a in VARIANTS[self.variant]
+            ),
+        )
 
 
 @dataclass
@@ -144,11 +162,15 @@ class World:
         self.keys = {name: _write_key(self.root / f"{name}.pem") for name in ("k1", "k2")}
         self.references: dict[Config, Reference] = {}
         self.ops: Counter[str] = Counter()
+        self.exits: Counter[str] = (
+            Counter()
+        )  # "operation: exit code" of the rules that allow several
         self.sequences = 0
         self.steps = 0
         self.convergences = 0
         self._runs = 0
         self._s3: S3Server | None = None
+        self._sshd: Sshd | None = None
 
     def s3(self) -> S3Server:
         """A real S3-compatible server (moto's), started the first time a sequence asks for it."""
@@ -156,11 +178,29 @@ class World:
             self._s3 = S3Server(self.root / "s3")
         return self._s3
 
+    def sshd(self) -> Sshd:
+        """A real OpenSSH sshd on 127.0.0.1 (the companion's), started the first time it is needed."""
+        if self._sshd is None:
+            self._sshd = Sshd(self.root / "sshd").start()
+        return self._sshd
+
     def close(self) -> None:
         for srv in (self.good, self.holes, self.flaky, self.slow, self.empty):
             srv.close()
         if self._s3 is not None:
             self._s3.stop()
+        if self._sshd is not None:
+            self._sshd.stop()
+
+    def model_file(self, name: str) -> Path:
+        """An operator's ONNX model file (``MODEL=``): cbnet-v2's graph with seeded weights."""
+        path = self.root / "models" / f"{name}.onnx"
+        if not path.exists():
+            from cachebuild.engine.model import build_default_model
+
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(build_default_model(seed=MODEL_SEEDS[name]))
+        return path
 
     def flight_file(self, name: str) -> Path:
         path = self.root / "flights" / f"{name}.json"
@@ -197,6 +237,61 @@ class World:
                 signed["build_id"], signed["targets"], home / "cache" / "current"
             )
         return self.references[config]
+
+
+class Companion:
+    """A sequence's companion, reached through the World's sshd: one directory per cache
+    (``COMPANION_DIR``), a home of its own, this checkout's doit (docs/companion.md)."""
+
+    def __init__(self, world: World, root: Path):
+        self.world = world
+        self.root = root
+        self.home = root / "companion-home"
+        self.home.mkdir(parents=True)
+
+    def dir(self, cache: str) -> Path:
+        return self.root / f"companion-{cache}"
+
+    def cmd(self, fail_at: int | None = None) -> str:
+        """``COMPANION_CMD``; with ``fail_at``, the companion's disk fills at that write of each command."""
+        run = ["-m", "tests._harness.diskfault", str(fail_at)] if fail_at else ["-m", "doit"]
+        words = [
+            "env",
+            f"CACHEBUILD_HOME={self.home}",
+            f"XDG_DATA_HOME={self.home / 'data'}",
+            f"PYTHONPATH={REPO}",  # this checkout's cachebuild, not the installed one
+            sys.executable,
+            *run,
+        ]
+        return " ".join(shlex.quote(w) for w in words)
+
+    def args(self, cache: str, fail_at: int | None = None) -> list[str]:
+        sshd = self.world.sshd()
+        return [
+            f"COMPANION={sshd.target}",
+            f"SSH_KEY={sshd.client_key}",
+            f"KNOWN_HOSTS={sshd.known_hosts}",
+            f"COMPANION_DIR={self.dir(cache)}",
+            f"COMPANION_CMD={self.cmd(fail_at)}",
+        ]
+
+    def env(self, cb: Cb) -> dict[str, str]:
+        """The environment of a command run on the companion (here: its home)."""
+        return cb.env(CACHEBUILD_HOME=str(self.home), XDG_DATA_HOME=str(self.home / "data"))
+
+
+def popen_disk_full(cb: Cb, fail_at: int, command: str, *args: str) -> subprocess.Popen:
+    """``doit command args`` as a real process whose ``fail_at``-th write, and every later one,
+    fails with ENOSPC (tests/_harness/diskfault.py)."""
+    argv = [sys.executable, "-m", "tests._harness.diskfault", str(fail_at), command, *args]
+    return subprocess.Popen(
+        [*argv, "REPORT=json"],
+        cwd=cb.cwd,
+        env=cb.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def check_result(r: CbResult, what: str) -> dict[str, Any]:
@@ -239,13 +334,23 @@ def _faiss_ids(path: Path) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
-def target_differences(current: Path, ref: Reference) -> list[str]:
+def _pushed_tileset(mine: Path, theirs: Path) -> bool:
+    """A companion's ``tileset.json``: the clean build's, but the provider named ``pushed:<aggregate>``."""
+    a, b = json.loads(mine.read_text()), json.loads(theirs.read_text())
+    pushed = a.pop("provider", None) == f"pushed:{a.get('aggregate_sha256')}"
+    b.pop("provider", None)
+    return pushed and a == b
+
+
+def target_differences(current: Path, ref: Reference, companion: bool = False) -> list[str]:
     """Invariant 3: the artifacts of ``current`` against the clean build's.
 
     Byte-identical, except the documented shortcuts, checked by content:
     ``tiles.mbtiles`` (an update in place: the same rows and metadata),
     ``index.faiss`` (a reused quantizer: the same ids), and the history
-    fields of ``index.json``/``selftest.json``.
+    fields of ``index.json``/``selftest.json``; a ``companion`` build's
+    ``tileset.json`` names the push as its provider
+    (``test_a_companion_publishes_the_workstations_tileset_json``).
     """
     signed = json.loads((current / "manifest.json").read_text())["signed"]
     problems = []
@@ -263,6 +368,9 @@ def target_differences(current: Path, ref: Reference) -> list[str]:
             continue
         if name == "index.faiss" and _faiss_ids(mine) == _faiss_ids(theirs):
             SHORTCUTS[name] += 1
+            continue
+        if name == "tileset.json" and companion and _pushed_tileset(mine, theirs):
+            SHORTCUTS["tileset.json (companion)"] += 1
             continue
         if name in HISTORY_KEYS:
             a = _strip(json.loads(mine.read_text()), HISTORY_KEYS[name])
