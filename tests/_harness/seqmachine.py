@@ -50,7 +50,9 @@ __all__ = ["CACHES", "CacheModel", "Sequences", "figures"]
 
 CACHES = ("cache", "cache2")
 configs = st.builds(Config, st.sampled_from(sorted(FLIGHTS)), st.sampled_from(sorted(VARIANTS)))
-providers = st.sampled_from(["good", "good", "wrong-area", "holes", "flaky", "dead", "empty"])
+# "good" last: hypothesis favours a list's first elements, and the good provider has a rule
+# of its own (build_flight_from_the_good_provider)
+providers = st.sampled_from(["wrong-area", "holes", "flaky", "dead", "empty", "good"])
 keys = st.sampled_from([None, None, "k1", "k2"])
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 
@@ -241,6 +243,7 @@ class Sequences(RuleBasedStateMachine):
             "HTTP_BACKOFF=0.01",
             *self.key_args(key, allow_dev),
         )
+        self.world.exits[f"build ({provider}): {r.code}"] += 1
         assert r.code in want, (
             f"build with {provider}: exit {r.code}, expected {want}\n{r.stderr[-3000:]}"
         )
@@ -392,7 +395,7 @@ class Sequences(RuleBasedStateMachine):
     @rule(
         cache=st.sampled_from(CACHES),
         config=configs,
-        at=st.integers(1, 250),
+        at=st.integers(1, 450),  # a build here makes 13 (up to date) to about 420 (cold) writes
         there=st.booleans(),
     )
     def disk_fills_during_a_build(self, cache: str, config: Config, at: int, there: bool) -> None:
