@@ -63,6 +63,16 @@ shares = st.sampled_from(["local", "s3", "companion", "local"])
 #: Until that is fixed, a companion sequence flips bytes in the companion's stores only.
 PUSH_SENDS_CORRUPT_OBJECTS = True
 
+#: A full disk while the development key is created is exit 2, "make … writable", not
+#: exit 24: test_a_full_disk_while_the_development_key_is_created_is_exit_24 (xfail).
+DEV_KEY_ENOSPC_IS_EXIT_2 = True
+
+
+def _dev_key_not_written(rep: dict[str, Any]) -> bool:
+    error = rep.get("error") or ""
+    return "cannot create signing key" in error and "No space left on device" in error
+
+
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 
 
@@ -427,7 +437,10 @@ class Sequences(RuleBasedStateMachine):
             r = CbResult(p.returncode, out, err)
         rep = check_result(r, "build-cache on a full disk")
         self.world.exits[f"disk full {'on the companion' if there else 'here'}: {r.code}"] += 1
-        assert r.code in ({0, 24, 30} if there else {0, 24}), r.stderr[-3000:]
+        if r.code == 2 and DEV_KEY_ENOSPC_IS_EXIT_2 and _dev_key_not_written(rep):
+            self.world.exits["disk full: the development key not written (exit 2, known)"] += 1
+        else:
+            assert r.code in ({0, 24, 30} if there else {0, 24}), r.stderr[-3000:]
         if r.code == 24:
             assert "disk full" in rep["error"], rep
         # a disk that fills after the swap fails the bookkeeping, not the publish: either release
