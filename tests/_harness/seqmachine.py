@@ -73,6 +73,21 @@ def _dev_key_not_written(rep: dict[str, Any]) -> bool:
     return "cannot create signing key" in error and "No space left on device" in error
 
 
+#: A Ctrl-C while describe's Dask local cluster starts: exit 130, then distributed's own
+#: tracebacks at exit (close_clusters: "AssertionError: Status.init"; "Nanny failed to
+#: start"): test_a_ctrl_c_while_the_dask_cluster_starts_prints_no_traceback (xfail).
+DASK_INTERRUPT_PRINTS_TRACEBACKS = True
+
+
+def _dask_noise(tail: str) -> bool:
+    """Tracebacks after the exit-130 error, all of them distributed's (none of cachebuild's)."""
+    return (
+        "Traceback" in tail
+        and "/distributed/" in tail
+        and not re.search(r'File "[^"]*/(cachebuild|targets)/', tail)
+    )
+
+
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 
 
@@ -96,6 +111,7 @@ class Sequences(RuleBasedStateMachine):
         w = self.world
         w.sequences += 1
         s3, companion = share == "s3", share == "companion" and os.path.exists(SSHD)
+        self.dask = s3
         self.since_converge = 0
         self.home = w.root / "seq" / str(w.sequences)
         self.home.mkdir(parents=True)
@@ -157,6 +173,14 @@ class Sequences(RuleBasedStateMachine):
                 time.sleep(0.2)
         if waited:
             self.world.ops["waited for a cut-off build on the companion"] += 1
+
+    def interrupted(self, code: int, out: str, err: str) -> CbResult:
+        """The result of an interrupted build, less Dask's known noise after its exit-130 error."""
+        head, sep, tail = err.partition("exit 130]")
+        if DASK_INTERRUPT_PRINTS_TRACEBACKS and self.dask and code == 130 and _dask_noise(tail):
+            self.world.exits["SIGINT on Dask: distributed's traceback at exit (known)"] += 1
+            err = head + sep + "\n".join(tail.split("\n")[:2])  # the error and its remedy line
+        return CbResult(code, out, err)
 
     def remote_env(self) -> dict[str, str] | None:
         """The environment of a command run on the companion; None: here."""
@@ -362,7 +386,7 @@ class Sequences(RuleBasedStateMachine):
             frames = re.findall(r'File "([^"]+)"', err)
             assert not [f for f in frames if "/cachebuild/" in f or "/targets/" in f], err[-3000:]
         else:
-            check_result(CbResult(proc.returncode, out, err), f"build after {sig}")
+            check_result(self.interrupted(proc.returncode, out, err), f"build after {sig}")
             assert proc.returncode in (0, 130), err[-3000:]
         self.wait_for_the_companion("cache")
         self.verify("cache", *dict.fromkeys([prior, key or "dev"]))
@@ -393,7 +417,7 @@ class Sequences(RuleBasedStateMachine):
         assert second.code == 50 and rep["failure_phase"] == "lock", second.stderr[-3000:]
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=120)
-        check_result(CbResult(first.returncode, out, err), "the interrupted first build")
+        check_result(self.interrupted(first.returncode, out, err), "the interrupted first build")
         assert first.returncode in (0, 130), err[-3000:]
         self.wait_for_the_companion("cache")
         self.verify("cache")
