@@ -7,16 +7,15 @@ cuts them), with the built-in model:
 - ``grid``: today's index, one descriptor per tile (the baseline);
 - ``win/2``, ``win/4``: windows every half and every quarter tile, each
   window cut from the imagery and run through the engine;
-- ``pooled/4``: windows every quarter tile pooled from feature maps the
-  network's two convolutions compute once per tile (the head of the
-  network -- pooling, centring, signed root, projection -- in numpy per
-  window).  A prototype of the issue-21 cost path: not what a build does.
+- ``build/4``: what a build does (``WINDOW_STRIDE=4``): windows every
+  quarter tile pooled from feature maps the feature engine computes once
+  per tile, by the build's own code (:mod:`cachebuild.localize.windows`).
 
 It prints windows, describe seconds, windows/s and the cost against the
 grid, then recall@1, recall@5 (a hit: the window overlaps half the frame's
 ground) and the median position error in metres.  No figure is asserted.
 
-    .venv/bin/python bench/bench_localize.py [--tiles 144 1024] [--frames 200] [--repeat 3] [--methods grid pooled/4]
+    .venv/bin/python bench/bench_localize.py [--tiles 144 1024] [--frames 200] [--repeat 3] [--methods grid build/4]
 """
 
 from __future__ import annotations
@@ -34,13 +33,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cachebuild.engine.compile import compile_engine, load_engine  # noqa: E402
-from cachebuild.engine.model import _weights, build_default_model, write_default_model  # noqa: E402
+from cachebuild.engine.features import compile_features  # noqa: E402
+from cachebuild.engine.model import write_default_model  # noqa: E402
 from cachebuild.localize.decode import _preprocess_into  # noqa: E402
 from cachebuild.localize.places import metres_per_unit, unit_to_lonlat  # noqa: E402
 from cachebuild.localize.selftest import _draw  # noqa: E402
 from cachebuild.localize.selftest_frames import _render  # noqa: E402
 from cachebuild.localize.selftest_score import frame_points  # noqa: E402
+from cachebuild.localize.windows import WindowDescriber  # noqa: E402
 from cachebuild.providers.synthetic import synthetic_tile_bytes  # noqa: E402
+from cachebuild.store.windowkeys import window_valid  # noqa: E402
 from cachebuild.tilemath import Tile  # noqa: E402
 
 Z, X0, Y0, T = 17, 68640, 45890, 256
@@ -90,78 +92,43 @@ def engine_windows(engine, ground: np.ndarray, corners: np.ndarray) -> np.ndarra
     return np.concatenate(out)
 
 
-def features_session(tmp: Path):
-    """An ONNX Runtime session of the built-in model cut after its second convolution."""
-    import onnx
-    import onnxruntime as ort
+def build_windows(
+    describer: WindowDescriber, ground: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The build's windows (cachebuild.localize.windows) over an n x n area: (descriptors, corners).
 
-    model = onnx.load_from_string(build_default_model())
-    g = model.graph
-    keep = []
-    for node in g.node:
-        keep.append(node)
-        if node.output[0] == "conv2.r":
-            break
-    del g.node[:]
-    g.node.extend(keep)
-    del g.output[:]
-    g.output.extend([onnx.helper.make_tensor_value_info("conv2.r", onnx.TensorProto.FLOAT, None)])
-    used = {i for node in keep for i in node.input}
-    kept = [t for t in g.initializer if t.name in used]  # no unused weights (ORT would warn)
-    del g.initializer[:]
-    g.initializer.extend(kept)
-    path = tmp / "features.onnx"
-    onnx.save(model, str(path))
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def features_row(session, ground: np.ndarray, j: int, n: int) -> np.ndarray:
-    """The feature maps of tile row ``j``, side by side: [48, 64, n * 64]."""
-    scratch = np.empty((3, T, T), np.uint8)
-    batch = np.empty((n, 3, T, T), np.float32)
-    for i in range(n):
-        _preprocess_into(ground[j * T : (j + 1) * T, i * T : (i + 1) * T], batch[i], scratch)
-    f = np.concatenate(
-        [session.run(None, {"tiles": batch[s : s + 64]})[0] for s in range(0, n, 64)]
-    )
-    return np.concatenate(list(f), axis=2)
-
-
-def pooled_windows(session, ground: np.ndarray, n: int, corners: np.ndarray) -> np.ndarray:
-    """Per-tile feature maps (64 x 64 each) once, then every window's head in numpy.
-
-    One row of windows at a time: the feature maps of the (at most two) tile
-    rows it covers, the columns pooled for every window of the row, then the
-    rows; windows come out in ``corners``' order (row by row).
+    Two tile rows of feature maps at a time (the feature engine, once per
+    tile), each anchor row's blocks pooled by the production code; windows
+    that would cover a tile outside the area are left out, as the build does.
     """
-    w = _weights(20240917)
-    rows, cols, proj = w["pool.rows"], w["pool.cols"], w["proj.w"]
-    cell = T // 4
-    step = int(round((corners[1, 0] - corners[0, 0]) * cell)) if len(corners) > 1 else cell
-    nwin = (n * cell - cell) // step + 1
-    colpooled: dict[int, np.ndarray] = {}  # tile row -> its columns pooled: [48, cell, nwin, 8]
-    out = []
-    for iy in range(nwin):
-        y0 = iy * step
-        j = y0 // cell
-        for need in (j, j + 1):
-            if need < n and need not in colpooled:
-                f = features_row(session, ground, need, n)  # [48, cell, W]
-                colpooled[need] = np.stack(
-                    [f[:, :, ix * step : ix * step + cell] @ cols for ix in range(nwin)], axis=2
-                )
-        for old in [k for k in colpooled if k < j]:
-            del colpooled[old]
-        strip = np.concatenate([colpooled[k] for k in (j, j + 1) if k in colpooled], axis=1)
-        band = strip[:, y0 - j * cell : y0 - j * cell + cell]  # [48, cell, nwin, 8]
-        grid = np.tensordot(rows, band, axes=([1], [1])).transpose(2, 1, 0, 3)  # [nwin, 48, 8, 8]
-        mean = grid.mean(axis=(2, 3), keepdims=True)
-        c = grid - mean
-        s_ = c / np.sqrt(np.abs(c) + np.float32(1e-4))
-        feat = np.concatenate([s_.reshape(len(grid), -1), mean.reshape(len(grid), -1) * 0.25], 1)
-        raw = feat @ proj
-        out.append(raw / np.linalg.norm(raw, axis=1, keepdims=True))
-    return np.concatenate(out).astype(np.float32)
+    s = describer.stride
+    scratch = np.empty((3, T, T), np.uint8)
+
+    def row_features(j: int) -> np.ndarray:
+        batch = np.empty((n, 3, T, T), np.float32)
+        for i in range(n):
+            _preprocess_into(ground[j * T : (j + 1) * T, i * T : (i + 1) * T], batch[i], scratch)
+        return np.concatenate([describer.run(batch[k : k + 64]) for k in range(0, n, 64)])
+
+    o = np.arange(s) / s
+    ox, oy = (a.ravel() for a in np.meshgrid(o, o))
+    out, corners = [], []
+    below = row_features(0)
+    for j in range(n):
+        here, below = below, (row_features(j + 1) if j + 1 < n else None)
+        feats = here if below is None else np.concatenate([here, below])
+        i = np.arange(n)
+        right = np.where(i + 1 < n, i + 1, -1)
+        none = np.full(n, -1)
+        lower = none if below is None else i + n
+        diag = none if below is None else np.where(i + 1 < n, i + 1 + n, -1)
+        cover = np.stack([i, right, lower, diag], axis=1)
+        blocks = describer.blocks(feats, cover).reshape(n, s * s, -1)
+        valid = window_valid(cover, s)
+        out.append(blocks[valid])
+        c = np.stack(np.broadcast_arrays(i[:, None] + ox[None, :], j + oy[None, :]), axis=2)
+        corners.append(c[valid])
+    return np.concatenate(out), np.concatenate(corners)
 
 
 def score(frames_d, centres, params, descs, corners) -> tuple[float, float, float]:
@@ -188,7 +155,7 @@ def score(frames_d, centres, params, descs, corners) -> tuple[float, float, floa
     return float(inside[:, 0].mean()), float(inside.any(axis=1).mean()), float(np.median(err))
 
 
-def one_area(n: int, nframes: int, engine, session, repeat: int, methods: list[str]) -> None:
+def one_area(n: int, nframes: int, engine, describer, repeat: int, methods: list[str]) -> None:
     ground = mosaic(n)
     rng = np.random.default_rng(0)
     frames, centres, params = [], [], []
@@ -214,7 +181,7 @@ def one_area(n: int, nframes: int, engine, session, repeat: int, methods: list[s
             ("grid", 1, "engine"),
             ("win/2", 2, "engine"),
             ("win/4", 4, "engine"),
-            ("pooled/4", 4, "pooled"),
+            ("build/4", 4, "build"),
         )
         if m[0] in methods
     ):
@@ -225,7 +192,7 @@ def one_area(n: int, nframes: int, engine, session, repeat: int, methods: list[s
             if how == "engine":
                 d = engine_windows(engine, ground, corners)
             else:
-                d = pooled_windows(session, ground, n, corners)
+                d, corners = build_windows(describer, ground, n)
             dt = min(dt, time.perf_counter() - t)
         base = base or dt
         r1, r5, med = score(fd, centres_a, params_a, d, corners)
@@ -241,7 +208,7 @@ def main() -> None:
     ap.add_argument(
         "--methods",
         nargs="+",
-        default=["grid", "win/2", "win/4", "pooled/4"],
+        default=["grid", "win/2", "win/4", "build/4"],
         help="indexes to build",
     )
     ap.add_argument("--repeat", type=int, default=3, help="timings: the best of this many runs")
@@ -252,11 +219,15 @@ def main() -> None:
         compile_engine(
             model_path=root / "m.onnx", calibration_path=None, precision="fp32", out_dir=root / "e"
         )
+        compile_features(
+            model_path=root / "m.onnx", calibration_path=None, precision="fp32",
+            backend="auto", engine_dir=root / "e",
+        )  # fmt: skip
         engine = load_engine(root / "e")
-        session = features_session(root)
+        describer = WindowDescriber(root / "e", 4, threads=None)
         for tiles in args.tiles:
             n = max(3, int(round(math.sqrt(tiles))))
-            one_area(n, args.frames, engine, session, args.repeat, args.methods)
+            one_area(n, args.frames, engine, describer, args.repeat, args.methods)
 
 
 if __name__ == "__main__":

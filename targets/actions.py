@@ -70,6 +70,7 @@ CACHE_ARTIFACTS = (
     "engine/{engine}",
     "descriptors.npy",
     "descriptor_ids.npy",
+    "windows.json",
     "index.faiss",
     "index.json",
     "positions.npy",
@@ -216,17 +217,19 @@ def build_engine(
     workspace: int | None = None,
     timing_cache_dir: str | None = None,
 ) -> None:
+    """The engine, then (a poolable network) its feature half, which describes windows."""
     from cachebuild.engine.compile import compile_engine
+    from cachebuild.engine.features import compile_features
 
-    compile_engine(
-        model_path=Path(model),
-        calibration_path=Path(calibration) if calibration else None,
-        precision=precision,
-        backend=backend,
-        out_dir=Path(out_dir),
-        workspace=workspace,
-        timing_cache_dir=timing_cache_dir,
-    )
+    common: dict[str, Any] = {
+        "calibration_path": Path(calibration) if calibration else None,
+        "precision": precision,
+        "backend": backend,
+        "workspace": workspace,
+        "timing_cache_dir": timing_cache_dir,
+    }
+    compile_engine(model_path=Path(model), out_dir=Path(out_dir), **common)
+    compile_features(model_path=Path(model), engine_dir=Path(out_dir), **common)
 
 
 def describe(
@@ -238,8 +241,9 @@ def describe(
     cache_dir: str | None = None,
     shared: str | None = None,
     dask_scheduler: str | None = None,
+    stride: int = 1,
 ) -> None:
-    """Describe the tiles the descriptor store lacks; write the descriptors and describe.json.
+    """Describe the windows the descriptor store lacks; write the descriptors, windows.json and describe.json.
 
     With ``dask_scheduler`` (``DASK_SCHEDULER``) the engine runs on that Dask
     cluster; this process still writes every descriptor (docs/scale.md).
@@ -248,6 +252,8 @@ def describe(
     imported first and the ones it lacks uploaded after.
     """
     from cachebuild.localize.describe import DESCRIBE_SUMMARY, describe_tiles
+    from cachebuild.localize.describe_windows import WINDOWS_FILE
+    from cachebuild.localize.windows import window_record
 
     remote = None
     if shared:
@@ -265,6 +271,7 @@ def describe(
 
         workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
     with store_user(store, cache_dir), workers_read:
+        _atomic_json(Path(build) / WINDOWS_FILE, window_record(Path(build) / "engine", stride))
         have = pull_descriptors(remote, Path(store), Path(build)) if remote is not None else None
         result = describe_tiles(
             tileset_dir=Path(build),
@@ -275,11 +282,12 @@ def describe(
             threads=threads,
             reuse=True,
             dask_scheduler=dask_scheduler,
+            window_stride=stride,
         )
         if remote is not None and have is not None:
             push_descriptors(remote, Path(store), Path(build), have)
     result["seconds"] = round(result["seconds"], 3)
-    for key in ("tiles_per_s", "computed_per_s"):
+    for key in ("tiles_per_s", "computed_per_s", "windows_per_s"):
         result[key] = round(result[key], 1)
     _atomic_json(Path(build) / DESCRIBE_SUMMARY, result)
 
@@ -357,7 +365,9 @@ def manifest(
     """Sign the manifest over every artifact of the staged cache."""
     import numpy as np
 
+    from cachebuild.localize.describe_windows import WINDOWS_FILE
     from cachebuild.release.manifest import build_identity, write_manifest
+    from cachebuild.store.windowkeys import tile_windows
 
     b = Path(build)
     record = json.loads((b / "flight.json").read_text())
@@ -365,7 +375,9 @@ def manifest(
     engine = json.loads((b / "engine" / "engine.json").read_text())
     index_info = json.loads((b / "index.json").read_text())
     selftest_info = json.loads((b / "selftest.json").read_text())
-    n_desc = int(np.load(b / "descriptor_ids.npy", mmap_mode="r").shape[0])
+    places = np.load(b / "descriptor_ids.npy", mmap_mode="r")
+    n_desc = int(tile_windows(places).sum())  # every present tile's own window is indexed
+    windows = json.loads((b / WINDOWS_FILE).read_text())
     build_id, identity = build_identity(
         bbox=summary["bbox"],
         zooms=summary["zooms"],
@@ -380,6 +392,7 @@ def manifest(
         "missing_examples": summary.get("missing_examples", []),
         "provider": summary["provider"],
         "descriptors": n_desc,
+        "windows": {"count": int(len(places)), **windows},
         "engine": {
             k: engine.get(k) for k in ("backend", "backend_version", "device", "precision", "key")
         },

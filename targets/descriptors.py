@@ -1,4 +1,4 @@
-"""Descriptors: one L2-normalised vector per present tile, reused by content."""
+"""Descriptors: one L2-normalised vector per indexed window (WINDOW_STRIDE per tile side), reused by content."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def task(plan: Any) -> dict[str, Any]:
     build = plan.paths.build
     d: dict[str, Any] = {
         "name": "describe",
-        "doc": "describe the tiles the descriptor store lacks (descriptors.npy, describe.json)",
+        "doc": "describe the windows the descriptor store lacks (descriptors.npy, describe.json)",
         "actions": [
             (
                 actions.phase_action("describe", actions.describe),
@@ -26,6 +26,7 @@ def task(plan: Any) -> dict[str, Any]:
                     "threads": s.threads,
                     "cache_dir": str(plan.paths.cache_dir),
                     "shared": s.shared_store,
+                    "stride": s.window_stride,
                     # where the engine runs is not a dependency: the descriptors are the same
                     "dask_scheduler": s.dask_scheduler,
                 },
@@ -39,10 +40,14 @@ def task(plan: Any) -> dict[str, Any]:
             str(build / "engine" / plan.engine_file),
         ],
         "targets": [
-            str(build / n) for n in ("descriptors.npy", "descriptor_ids.npy", "describe.json")
+            str(build / n)
+            for n in ("descriptors.npy", "descriptor_ids.npy", "windows.json", "describe.json")
         ],
         "clean": True,
     }
+    # one config_changed per task: doit keeps a single value for it
+    config: dict[str, Any] = {"window_stride": s.window_stride}
     if s.shared_store:  # the bucket gets the descriptors it lacks when it is first used
-        d["uptodate"] = [config_changed({"shared": s.shared_store})]
+        config["shared"] = s.shared_store
+    d["uptodate"] = [config_changed(config)]
     return d

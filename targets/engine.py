@@ -22,7 +22,8 @@ def task(plan: Any) -> dict[str, Any]:
         deps.append(str(s.calibration))
     backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
     # engine_json: what engine.json records (2: the input's preparation, issue 21); not in the key
-    depends = {"precision": s.precision, **plan.engine_env, "engine_json": 2}
+    # features: 1 -- the feature half that describes windows (issue 21) is compiled too
+    depends = {"precision": s.precision, **plan.engine_env, "engine_json": 2, "features": 1}
     if backend == "tensorrt":  # part of a TensorRT engine's key; ONNX Runtime has no workspace
         depends["workspace"] = s.workspace
     return {
@@ -44,7 +45,8 @@ def task(plan: Any) -> dict[str, Any]:
             )
         ],
         "file_dep": deps,
-        "targets": [str(out / "engine.json"), str(out / plan.engine_file)],
+        "targets": [str(out / "engine.json"), str(out / plan.engine_file)]
+        + ([str(out / "features" / "engine.json")] if plan.builtin_model else []),
         "uptodate": [config_changed(depends)],
         "clean": True,
     }

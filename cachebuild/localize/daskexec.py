@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild.engine.compile import load_engine
+from cachebuild.engine.features import HEAD_FILE, HEAD_MODEL
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.inputs.config import parse_dask_scheduler
@@ -235,9 +236,7 @@ def _worker_store() -> TileStore:
         from distributed import get_worker
 
         base = Path(get_worker().local_directory)
-    except (
-        ValueError
-    ):  # not in a worker (a unit test, a direct call): this process's temp directory
+    except ValueError:  # not in a worker (a unit test, a direct call): this process's temp dir
         import tempfile
 
         base = Path(tempfile.gettempdir()) / f"cachebuild-worker-{os.getpid()}"
@@ -273,9 +272,7 @@ def _bucket_paths(source: BucketSource, ids: Any, digests: Any) -> list[Path]:
                     data = remote.get_verified(key, name[: -len(".pack")])
                     pack = _decode_pack(data) if data is not None else None
                     for _x, _y, d, image in pack[1] if pack is not None else ():
-                        if not local.has(
-                            d
-                        ):  # each image checked against its SHA-256 by _decode_pack
+                        if not local.has(d):  # each image checked against its hash by _decode_pack
                             local.put(image)
                     if pack is not None:
                         _PACKS_READ.add(key)
@@ -443,7 +440,8 @@ class DaskExecutor:
         self.address = str(target) if self.kind == "tcp" else ""
         record = read_engine_json(self.engine_dir)
         self.key = str(record["key"])
-        self._files = ["engine.json", str(record["engine_file"])]
+        extra = [n for n in (HEAD_FILE, HEAD_MODEL) if (self.engine_dir / n).is_file()]
+        self._files = ["engine.json", str(record["engine_file"]), *extra]
 
     def __enter__(self) -> DaskExecutor:
         threads = self.threads
@@ -499,11 +497,11 @@ class DaskExecutor:
         threads = sum(self.client.nthreads().values())
         return max(2, _WINDOW_PER_THREAD * max(1, threads))
 
-    def run(self, work: Iterator[tuple[Any, Any, Any]]) -> Iterator[tuple[Any, Any]]:
-        """Yield ``(meta, result)`` for each ``(meta, ids, digests)`` of ``work``.
+    def run(self, work: Iterator[tuple[Any, ...]], task: Any = None) -> Iterator[tuple[Any, Any]]:
+        """Yield ``(meta, result)`` for each ``(meta, ids, digests, *extra)`` of ``work``.
 
-        ``result``: what :func:`describe_batch` returned, ``(descriptors, thumbnails)``.
-
+        ``result``: what ``task(key, source, ids, digests, *extra)`` returned on
+        a worker (default :func:`describe_batch`: ``(descriptors, thumbnails)``).
         Results come in the order they finish, each batch exactly once.
         """
         import numpy as np
@@ -519,12 +517,12 @@ class DaskExecutor:
             item = next(work, None)
             if item is None:
                 return False
-            meta, ids, digests = item
+            meta, ids, digests, *extra = item
             b = next(counter)
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             fut = client.submit(
-                describe_batch, self.key, self.source, ids,
-                np.ascontiguousarray(digests, dtype=np.uint8),
+                task or describe_batch, self.key, self.source, ids,
+                np.ascontiguousarray(digests, dtype=np.uint8), *extra,
                 key=f"{_KEY_PREFIX}-{run_id}-{b}",
             )  # fmt: skip
             pending[fut] = (b, meta, ids)

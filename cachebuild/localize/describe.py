@@ -36,9 +36,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,21 +47,17 @@ from cachebuild._util.progress import Progress
 from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, UsageError
-from cachebuild.localize.decode import (
-    _lower_decoder_priority,
-    checked_unit,
-    decode_batch,
-    default_decode_threads,
-    tile_zxy,
-)
+from cachebuild.localize.decode import default_decode_threads, tile_zxy
+from cachebuild.localize.decode_ahead import _engine_batches
 from cachebuild.localize.describe_store import _assemble, _engine_key, _ThumbKeeper
+from cachebuild.localize.describe_windows import describe_windows
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.objects import TileStore
-from cachebuild.store.thumbs import THUMB_PX
+from cachebuild.store.windowkeys import STRIDES, tile_place_ids
 from cachebuild.tileset import TILES_FILE, read_tiles
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 __all__ = [
     "DESCRIPTORS_FILE",
@@ -79,8 +73,6 @@ DESCRIPTOR_IDS_FILE = "descriptor_ids.npy"
 DESCRIBE_SUMMARY = "describe.json"
 DEFAULT_BATCH_SIZE = 64
 
-# Batches that exist at once: one in the engine, the rest being decoded.
-_IN_FLIGHT = 3
 _PHASE = "describe"
 
 
@@ -116,106 +108,6 @@ def _read_sorted_tiles(tileset_dir: Path) -> Any:
     return tiles
 
 
-def _engine_batches(
-    runner: Any,
-    store: TileStore,
-    work: Iterator[tuple[Any, Any, Any]],
-    *,
-    size: tuple[int, int],
-    max_rows: int,
-    workers: int,
-    thumbs: bool = False,
-) -> Iterator[tuple[Any, Any, Any]]:
-    """Run the engine over ``work``, decoding ahead; yields ``(meta, descriptors, thumbnails)`` in order.
-
-    ``work`` yields ``(meta, ids, digests)`` batches (uint8 ``[k, 32]``
-    digests, ``k <= max_rows``); ``meta`` is passed through.  Batch k is
-    decoded into ``ring[k % R]`` while the engine runs earlier ones; batch
-    k + R is submitted once batch k has run.  With ``thumbs``, each
-    batch's thumbnails (uint8 ``[k, THUMB_PX, THUMB_PX, 3]``, a copy) made
-    from the decoded pixels; otherwise None.
-    """
-    import numpy as np
-
-    chunk = -(-max_rows // workers)  # each batch is split among all decoders
-    ring, tring = _rings(max_rows, size, thumbs)
-    with ThreadPoolExecutor(
-        max_workers=workers,
-        thread_name_prefix="describe-decode",
-        initializer=_lower_decoder_priority,
-    ) as pool:
-        pending: deque[tuple[Any, Any, int, list[Future[np.ndarray]]]] = deque()
-        free = deque(range(len(ring)))
-
-        def submit() -> bool:
-            item = next(work, None)
-            if item is None:
-                return False
-            meta, ids, digests = item
-            slot = free.popleft()
-            buf, tbuf = ring[slot], tring[slot]
-            paths = [store.path(bytes(d).hex()) for d in digests]
-            parts = [
-                pool.submit(
-                    decode_batch,
-                    paths[c : c + chunk],
-                    ids[c : c + chunk],
-                    size,
-                    buf[c : c + chunk],
-                    *(() if tbuf is None else (tbuf[c : c + chunk],)),
-                )  # fmt: skip
-                for c in range(0, len(paths), chunk)
-            ]
-            pending.append((meta, ids, slot, parts))
-            return True
-
-        try:
-            while free and submit():
-                pass
-            while pending:
-                meta, ids, slot, parts = pending.popleft()
-                for part in parts:
-                    part.result()  # in order: the first bad tile is the one reported
-                out = _run_engine(runner, ring[slot][: len(ids)], ids)
-                tb = tring[slot]
-                th = None if tb is None else tb[: len(ids)].copy()
-                free.append(slot)
-                submit()
-                yield meta, checked_unit(np.array(out, dtype=np.float32), ids), th
-        except BaseException:
-            for *_, parts in pending:
-                for part in parts:
-                    part.cancel()
-            raise
-
-
-def _rings(max_rows: int, size: tuple[int, int], thumbs: bool) -> tuple[list[Any], list[Any]]:
-    """The engine's input buffers and (with ``thumbs``) the thumbnail buffers, one per batch in flight."""
-    import numpy as np
-
-    # a ring of input buffers, reused: fresh 50 MB arrays would page-fault each batch
-    ring = [np.empty((max_rows, 3, *size), dtype=np.float32) for _ in range(_IN_FLIGHT)]
-    tring = [
-        np.empty((max_rows, THUMB_PX, THUMB_PX, 3), dtype=np.uint8) if thumbs else None
-        for _ in ring
-    ]
-    return ring, tring
-
-
-def _run_engine(runner: Any, batch: Any, ids: Any) -> Any:
-    """``runner.run(batch)``; a failure is a BuildError naming the batch's first tile."""
-    try:
-        return runner.run(batch)
-    except Exception as exc:
-        z0, x0, y0 = tile_zxy(ids[0])
-        raise BuildError(
-            f"the engine failed on {len(ids)} tiles starting at z={z0} x={x0} y={y0}: "
-            f"{type(exc).__name__}: {exc}",
-            remedy="recompile the engine (delete the engine directory) and retry",
-            phase=_PHASE,
-        ) from exc
-
-
 def _batches(index: Any, ids: Any, raw: Any, batch_size: int) -> Iterator[tuple[Any, Any, Any]]:
     """``(positions, ids, digests)`` of ``index`` in batches (meta = the positions)."""
     for s in range(0, len(index), batch_size):
@@ -236,6 +128,7 @@ def describe_tiles(
     reuse: bool = False,
     dask_scheduler: str | None = None,
     thumbnails: bool = True,
+    window_stride: int = 1,
 ) -> dict[str, Any]:
     """Describe every present tile of a tile set with the compiled engine.
 
@@ -270,18 +163,18 @@ def describe_tiles(
         With ``reuse``: keep, for every image run through the engine, its
         coverage-map thumbnail (:mod:`cachebuild.store.thumbs`) made from the
         pixels decoded for the engine, so the preview need not decode it.
+    window_stride
+        Windows per tile side (1: one per tile; more needs ``reuse``,
+        :mod:`cachebuild.localize.describe_windows`).
 
     Returns
     -------
     dict
-        ``tiles`` (N), ``dim``, ``computed`` (tiles the store had no
-        descriptor for), ``reused`` (N - computed), ``engine_runs`` (images
-        run through the engine: an image shared by several tiles once),
-        ``seconds``, ``tiles_per_s`` (N / seconds), ``computed_per_s``,
-        ``executor`` (``local`` or ``dask``) and ``workers`` (processes that
-        ran the engine: 1 here; the Dask workers, 0 when none was needed),
-        ``thumbnails`` (thumbnails kept: one per engine run with
-        ``reuse`` and ``thumbnails``, else 0).
+        ``tiles`` (N), ``window_stride``, ``windows`` (rows written),
+        ``windows_per_s``, ``dim``, ``computed`` (tiles described, not
+        reused), ``reused``, ``engine_runs``, ``seconds``, ``tiles_per_s``,
+        ``computed_per_s``, ``executor`` (``local``/``dask``), ``workers``
+        (0 when none was needed), ``thumbnails`` (thumbnails kept).
 
     Raises
     ------
@@ -291,16 +184,16 @@ def describe_tiles(
     EngineError
         The engine cannot be loaded.
 
-    Notes
-    -----
-    ``descriptor_ids.npy`` is written last, after ``descriptors.npy``: if it
-    exists, the pair is complete and consistent (see :func:`_describe`).
+    ``descriptor_ids.npy`` (place ids) is written last: if it exists, the
+    pair is complete and consistent (see :func:`_describe`).
     """
     _check_args(batch_size, decode_threads, dask_scheduler, reuse)
+    if window_stride not in STRIDES or (window_stride > 1 and not reuse):
+        raise UsageError(f"window_stride must be one of {STRIDES} (more than 1 needs reuse=True)")
     return _describe(
         Path(tileset_dir), store_root, engine_dir, Path(out_dir), batch_size=batch_size,
         threads=threads, progress=progress, decode_threads=decode_threads, reuse=reuse,
-        dask_scheduler=dask_scheduler, thumbnails=thumbnails,
+        dask_scheduler=dask_scheduler, thumbnails=thumbnails, stride=window_stride,
     )  # fmt: skip
 
 
@@ -317,10 +210,10 @@ def _check_args(
 
 
 def _open_engine(
-    engine_dir: str | os.PathLike[str], dask_scheduler: str | None, threads: int | None
+    engine_dir: str | os.PathLike[str], load: bool, threads: int | None
 ) -> tuple[Any, int, tuple[int, int]]:
-    """``(runner, descriptor dim, input size)``; no runner with Dask (the workers load it)."""
-    if dask_scheduler is None:
+    """``(runner, descriptor dim, input size)``; without ``load`` no runner (Dask workers or windows load theirs)."""
+    if load:
         runner = load_engine(engine_dir, threads=threads)
         dim = int(runner.descriptor_dim)
         size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
@@ -345,6 +238,7 @@ def _describe(
     reuse: bool,
     dask_scheduler: str | None,
     thumbnails: bool,
+    stride: int = 1,
 ) -> dict[str, Any]:
     """:func:`describe_tiles` once its settings are checked.
 
@@ -356,7 +250,8 @@ def _describe(
 
     start = time.perf_counter()
     tiles = _read_sorted_tiles(tileset_dir)
-    runner, dim, size = _open_engine(engine_dir, dask_scheduler, threads)
+    load = dask_scheduler is None and stride == 1  # windows load their own describer
+    runner, dim, size = _open_engine(engine_dir, load, threads)
     n = len(tiles)
     # S32 items lose trailing NUL bytes when read one by one: go through raw bytes
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(n, 32)
@@ -370,7 +265,17 @@ def _describe(
     (out / DESCRIPTOR_IDS_FILE).unlink(missing_ok=True)
     executor = {"executor": "local" if dask_scheduler is None else "dask", "workers": 1}
     made = {"thumbnails": 0}
-    if reuse:
+    windows = n
+    if stride > 1:
+        got = describe_windows(
+            store, engine_dir, raw, ids, out, stride=stride, batch_size=batch_size,
+            workers=workers, threads=threads,
+            stream=stream, dask_scheduler=dask_scheduler, executor=executor,
+            thumbnails=made if thumbnails else None, descriptors_file=DESCRIPTORS_FILE,
+            ids_file=DESCRIPTOR_IDS_FILE,
+        )  # fmt: skip
+        computed, runs, windows = got["computed"], got["engine_runs"], got["windows"]
+    elif reuse:
         computed, runs = _describe_with_store(
             store, engine_dir, raw, ids, out, dim=dim, size=size, batch_size=batch_size,
             max_rows=max_rows, workers=workers, runner=runner, stream=stream,
@@ -378,21 +283,16 @@ def _describe(
             thumbnails=made if thumbnails else None,
         )  # fmt: skip
     else:
-        with (
-            NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink,
-            Progress(_PHASE, total=n, stream=stream) as bar,
-        ):
-            work = _batches(np.arange(n), ids, raw, batch_size)
-            for _, d, _ in _engine_batches(
-                runner, store, work, size=size, max_rows=max_rows, workers=workers
-            ):
-                sink.write(d)
-                bar.advance(len(d))
+        _describe_all(runner, store, raw, ids, out, dim, size, batch_size, workers, stream)
         computed = runs = n
-    atomic_save_npy(out / DESCRIPTOR_IDS_FILE, ids)
+    if stride == 1:  # one place per tile (describe_windows wrote the windows' ids)
+        atomic_save_npy(out / DESCRIPTOR_IDS_FILE, tile_place_ids(ids))
     seconds = time.perf_counter() - start
     return {
         "tiles": n,
+        "window_stride": stride,
+        "windows": int(windows),
+        "windows_per_s": windows / seconds if seconds > 0 else 0.0,
         "dim": dim,
         "computed": int(computed),
         "reused": int(n - computed),
@@ -403,6 +303,27 @@ def _describe(
         **executor,
         **made,
     }
+
+
+def _describe_all(
+    runner: Any, store: TileStore, raw: Any, ids: Any, out: Path, dim: int,
+    size: tuple[int, int], batch_size: int, workers: int, stream: Any,
+) -> None:  # fmt: skip
+    """Without the descriptor store: run every tile through the engine into ``descriptors.npy``."""
+    import numpy as np
+
+    n = len(ids)
+    with (
+        NpyRowWriter(out / DESCRIPTORS_FILE, "<f4", (n, dim)) as sink,
+        Progress(_PHASE, total=n, stream=stream) as bar,
+    ):
+        work = _batches(np.arange(n), ids, raw, batch_size)
+        max_rows = max(1, min(batch_size, n))
+        for _, d, _ in _engine_batches(
+            runner, store, work, size=size, max_rows=max_rows, workers=workers
+        ):
+            sink.write(d)
+            bar.advance(len(d))
 
 
 def _describe_with_store(

@@ -1,8 +1,8 @@
 """Where each index entry lies on the ground, and how far a search result is from the truth.
 
-An index id names a place: today a Web-Mercator tile (``z << 58 | x << 29 |
-y``, :func:`cachebuild.tilemath.tile_id`), whose footprint is the tile's
-square.  Geometry is done in *tile units* at the place's zoom (``x`` and
+An index id names a place: a tile-sized square of Web-Mercator ground whose
+top-left corner is on the 1/8-tile grid (``z << 58 | X << 29 | Y``,
+:mod:`cachebuild.store.windowkeys`): a tile, or an overlapping window.  Geometry is done in *tile units* at the place's zoom (``x`` and
 ``y`` as floats, one tile = 1), so it does not depend on the tile's pixel
 size; :func:`metres_per_unit` turns a distance into metres at a latitude.
 
@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild._util.fs import atomic_write
+from cachebuild.store.windowkeys import PLACE_UNITS
 
 __all__ = [
     "POSITIONS_FILE",
@@ -62,7 +63,8 @@ def place_boxes(ids: Any) -> tuple[Any, Any, Any]:
     import numpy as np
 
     ids = np.asarray(ids, dtype=np.int64)
-    return ids >> 58, ((ids >> 29) & _MASK).astype(np.float64), (ids & _MASK).astype(np.float64)
+    x0 = ((ids >> 29) & _MASK).astype(np.float64) / PLACE_UNITS
+    return ids >> 58, x0, (ids & _MASK).astype(np.float64) / PLACE_UNITS
 
 
 def unit_to_lonlat(x: Any, y: Any, z: Any) -> tuple[Any, Any]:

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from cachebuild.localize.describe_windows import WINDOWS_FILE, window_plan
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.s3 import CELL_SHIFT, S3Store, StoreUnavailable, _cell_part, _sha, phase_error
 from cachebuild.store.thumbs import THUMB_PX, ThumbStore
@@ -128,6 +129,9 @@ class _FlightDescriptors(NamedTuple):
     key: str
     dim: int
     raw: Any  # uint8 [n, 32], the tiles' image digests
+    desc: (
+        Any  # uint8 [n, 32], what each tile's descriptors are stored under (image or window block)
+    )
     cells: Any  # int64 [n], the cell of each tile (packed)
     order: Any  # tile indices sorted by cell
     bounds: Any  # where each cell's run starts in ``order`` (and the end)
@@ -148,9 +152,20 @@ def _flight(build_dir: Path) -> _FlightDescriptors:
     order = np.argsort(cells, kind="stable")
     sc = cells[order]
     starts = np.flatnonzero(np.r_[True, sc[1:] != sc[:-1]]) if n else np.zeros(0, dtype=np.int64)
-    return _FlightDescriptors(
-        str(engine["key"]), int(engine["descriptor_dim"]), raw, cells, order, np.r_[starts, n]
-    )
+    key, dim, desc = str(engine["key"]), int(engine["descriptor_dim"]), raw
+    stride = _stride(build_dir)
+    if stride > 1:  # windows: one block per anchor tile, under its own keys
+        plan = window_plan(build_dir / "engine", raw, ids, stride)
+        key, dim, desc = plan["key"], plan["dim"], plan["digests"]
+    return _FlightDescriptors(key, dim, raw, desc, cells, order, np.r_[starts, n])
+
+
+def _stride(build_dir: Path) -> int:
+    """The build's ``WINDOW_STRIDE``, from the windows.json its describe wrote first."""
+    try:
+        return int(json.loads((build_dir / WINDOWS_FILE).read_text())["stride"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
 
 
 def _cell_of(packed: int) -> tuple[int, int, int]:
@@ -192,8 +207,8 @@ def _pull_descriptors(remote: S3Store, store_root: Path, build_dir: Path) -> dic
     if not len(f.raw):
         return have
     with DescriptorStore(store_root, f.key, f.dim) as ds:
-        shard, _ = ds.lookup(f.raw)
-        lacking = {f.raw[i].tobytes() for i in np.flatnonzero(shard < 0).tolist()}
+        shard, _ = ds.lookup(f.desc)
+        lacking = {f.desc[i].tobytes() for i in np.flatnonzero(shard < 0).tolist()}
         cell_ids = [int(f.cells[f.order[s]]) for s in f.bounds[:-1].tolist()]
 
         def read_cell(packed: int) -> list[tuple[Any, Any]]:
@@ -313,7 +328,7 @@ def _push_descriptors(
         seen = have.get(packed, set())
         rows: dict[bytes, int] = {}
         for i in f.order[s:e].tolist():
-            d = f.raw[i].tobytes()
+            d = f.desc[i].tobytes()
             if d not in seen and d not in rows:
                 rows[d] = i
         if rows:
@@ -326,7 +341,7 @@ def _push_descriptors(
         for s in range(0, len(todo), _CELLS_AT_ONCE):
             batches = []
             for packed, idx in todo[s : s + _CELLS_AT_ONCE]:
-                digests = f.raw[idx]
+                digests = f.desc[idx]
                 shard, row = ds.lookup(digests)
                 ok = shard >= 0
                 if not ok.any():

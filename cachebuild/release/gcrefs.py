@@ -5,8 +5,10 @@ the command's own ``CACHE_DIR``, and any cache directory directly under
 ``$CACHEBUILD_HOME``.  A cache references, for its published releases (the
 current one and the one kept before it) and its staged build alike, the
 image of every tile in ``tiles.npy`` and, for the engine in
-``engine/engine.json``, the descriptor of each of those images; and, by
-content, every action-cache output it holds a file of.
+``engine/engine.json``, the descriptor of each of those images (built with
+windows, ``windows.json``: each anchor's block of window descriptors,
+:mod:`cachebuild.store.windowkeys`); and, by content, every action-cache
+output it holds a file of.
 
 numpy is imported inside the functions.  The collection itself is
 :mod:`cachebuild.release.gc`.
@@ -23,6 +25,7 @@ from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.store.actioncache import OUTPUTS
 from cachebuild.store.lock import registered_caches
+from cachebuild.store.windowkeys import MODES, STRIDES, block_digests, namespace, neighbours
 
 __all__ = ["known_caches", "referenced", "referenced_actions"]
 
@@ -129,4 +132,24 @@ def referenced(caches: Iterable[Path]) -> tuple[Any, dict[str, Any]]:
             except (OSError, ValueError, KeyError, TypeError):
                 continue
             per_engine.setdefault(str(key), []).append(digests)
+            blocks = _window_blocks(d, str(key), arr)
+            if blocks is not None:
+                per_engine.setdefault(blocks[0], []).append(blocks[1])
     return _unique_rows(tiles), {k: _unique_rows(v) for k, v in per_engine.items()}
+
+
+def _window_blocks(d: Path, engine_key: str, tiles: Any) -> tuple[str, Any] | None:
+    """``(store key, block digests)`` of a cache built with windows (its windows.json), else None."""
+    import numpy as np
+
+    try:
+        rec = json.loads((d / "windows.json").read_text())
+        stride, mode = int(rec["stride"]), str(rec["mode"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stride == 1 or mode not in MODES or stride not in STRIDES or not is_sha256_hex(engine_key):
+        return None
+    tiles = tiles[np.argsort(tiles["id"], kind="stable")]
+    raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(len(tiles), 32)
+    nb = neighbours(tiles["id"])
+    return namespace(engine_key, stride, mode), block_digests(raw, nb, stride, mode)

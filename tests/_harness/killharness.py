@@ -160,6 +160,22 @@ def store_problems(store: Path) -> list[str]:
     return problems
 
 
+def _window_blocks(build: Path, tiles: Any) -> tuple[str, list[str]] | None:
+    """``(store namespace, block digests)`` of a build made with windows, else None."""
+    import numpy as np
+
+    from cachebuild.store.windowkeys import block_digests, namespace, neighbours
+
+    rec = json.loads((build / "windows.json").read_text())
+    if int(rec["stride"]) == 1:
+        return None
+    key = json.loads((build / "engine/engine.json").read_text())["key"]
+    tiles = tiles[np.argsort(tiles["id"], kind="stable")]
+    raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(len(tiles), 32)
+    digests = block_digests(raw, neighbours(tiles["id"]), rec["stride"], rec["mode"])
+    return namespace(key, rec["stride"], rec["mode"]), [bytes(d).hex() for d in digests]
+
+
 def _missing_descriptors(store: Path, engine_key: str, digests: list[str]) -> int:
     """How many of ``digests`` (tile order, repeats counted) lack a whole descriptor."""
     engine = store / "descriptors" / engine_key
@@ -201,6 +217,7 @@ class KillHarness:
         self.new_id = ""
         self.engine_key = ""
         self.b_digests: list[str] = []  # tile order, from B's tiles.npy
+        self.b_blocks: tuple[str, list[str]] | None = None  # B's window blocks, by id
         self.b_tiles: dict[str, Any] = {}  # digest -> a tile showing it
         self.duration_s = 0.0
         self.phase_starts: dict[str, float] = {}
@@ -333,6 +350,7 @@ class KillHarness:
         self.b_digests = hex_digests(tiles)
         for tid, d in zip(tiles["id"].tolist(), self.b_digests):
             self.b_tiles.setdefault(d, tile_from_id(tid))
+        self.b_blocks = _window_blocks(home / "cache/state/build", tiles)
 
     # -- one kill point --------------------------------------------------
 
@@ -400,7 +418,9 @@ class KillHarness:
         objects = {p.name for p in (store / "objects").glob("*/*")}
         # every tile whose image is not stored is asked for (tiles showing one image, each)
         expected_requests = sum(1 for d in self.b_digests if d not in objects)
-        expected_computed = _missing_descriptors(store, self.engine_key, self.b_digests)
+        # with windows (the default) the store keeps one block per anchor tile
+        ns, blocks = self.b_blocks or (self.engine_key, self.b_digests)
+        expected_computed = _missing_descriptors(store, ns, blocks)
         r, requests = self._resume(home, expected_requests, problems)
         computed = -1
         if r is not None:

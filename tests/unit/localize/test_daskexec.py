@@ -24,6 +24,7 @@ from cachebuild.errors import CacheBuildError, UsageError
 from cachebuild.inputs.config import load_settings, parse_dask_scheduler
 from cachebuild.localize.describe import describe_tiles
 from cachebuild.release.lock import CacheLock
+from cachebuild.store.windowkeys import block_digests, neighbours
 from tests.conftest import REPO, Cb, write_flight
 
 # about 12 tiles; one or two per batch, so a cluster gets several batches
@@ -132,13 +133,17 @@ def _store_counts(store: Path) -> tuple[int, int, int]:
 
 
 def _check_against_local(cb: Cb, tmp_path: Path) -> int:
-    """The staged descriptors equal a local describe's; each image stored once. Returns N."""
+    """The staged descriptors equal a local describe's (in a store with the same images and no
+    descriptors); each window block stored once. Returns N (tiles)."""
     build = cb.cache_dir / "state" / "build"
+    stride = json.loads((build / "windows.json").read_text())["stride"]
+    shutil.copytree(cb.home / "store" / "objects", tmp_path / "local-store" / "objects")
     local = describe_tiles(
-        tileset_dir=build, store_root=cb.home / "store", engine_dir=build / "engine",
-        out_dir=tmp_path / "local", progress=False,
+        tileset_dir=build, store_root=tmp_path / "local-store", engine_dir=build / "engine",
+        out_dir=tmp_path / "local", progress=False, reuse=True, window_stride=stride,
     )  # fmt: skip
     assert local["executor"] == "local" and local["workers"] == 1
+    assert local["computed"] == local["tiles"]
     np.testing.assert_array_equal(
         np.load(build / "descriptor_ids.npy"), np.load(tmp_path / "local" / "descriptor_ids.npy")
     )
@@ -148,10 +153,11 @@ def _check_against_local(cb: Cb, tmp_path: Path) -> int:
         atol=1e-5,
     )
     tiles = np.load(build / "tiles.npy")
-    images = len(
-        {bytes(t) for t in np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)}
-    )
-    assert _store_counts(cb.home / "store") == (images, images, images)
+    tiles = tiles[np.argsort(tiles["id"])]
+    raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)
+    blocks = block_digests(raw, neighbours(tiles["id"]), stride, "pooled")
+    n = len({bytes(b) for b in blocks})
+    assert _store_counts(cb.home / "store") == (n, n, n)
     return len(tiles)
 
 
@@ -338,9 +344,10 @@ def test_worker_killed_mid_describe_is_retried_and_each_descriptor_stored_once(
         from cachebuild.localize import daskexec
 
         loads = client.run(daskexec.engine_loads)
-        key = json.loads((cb.cache_dir / "state" / "build" / "engine" / "engine.json").read_text())[
+        engine = cb.cache_dir / "state" / "build" / "engine"
+        key = json.loads((engine / "features" / "engine.json").read_text())[
             "key"
-        ]
+        ]  # windows: the feature engine
         assert list(loads.values()) == [{key: 1}]
 
     # a damaged tile image fails a worker's batch with the error a local describe

@@ -16,11 +16,12 @@ from PIL import Image
 from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.engine.model import write_default_model
 from cachebuild.errors import BuildError, StoreObjectError, UsageError
-from cachebuild.localize import describe
+from cachebuild.localize import decode_ahead, describe
 from cachebuild.localize.decode import decode_tile, default_decode_threads, tile_zxy
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
 from cachebuild.localize.index import build_index, search
 from cachebuild.store.objects import TileStore
+from cachebuild.store.windowkeys import PLACE_UNITS
 from cachebuild.tilemath import Tile
 from cachebuild.tilemath import tile_id as tiles_tile_id
 from cachebuild.tileset import TILES_FILE, tile_dtype, write_tileset
@@ -31,6 +32,14 @@ Z = 17
 
 def tile_id(z: int, x: int, y: int) -> int:
     return (z << 58) | (x << 29) | y
+
+
+def tiles_of(places: np.ndarray) -> np.ndarray:
+    """The tile ids of tiles' own windows' place ids (descriptor_ids.npy at WINDOW_STRIDE=1)."""
+    m = (1 << 29) - 1
+    z, x, y = places >> 58, (places >> 29) & m, places & m
+    assert not (x % PLACE_UNITS).any() and not (y % PLACE_UNITS).any()
+    return (z << 58) | ((x // PLACE_UNITS) << 29) | (y // PLACE_UNITS)
 
 
 def tile_image(seed: int, size: int = 256) -> np.ndarray:
@@ -138,14 +147,14 @@ def test_decoders_yield_to_the_engine(
     world: tuple[Path, Path], engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: set[tuple[str, int]] = set()
-    real = describe.decode_batch
+    real = decode_ahead.decode_batch
 
     def spy(*args: Any) -> Any:
         tid = threading.get_native_id()
         seen.add((threading.current_thread().name, os.getpriority(os.PRIO_PROCESS, tid)))
         return real(*args)
 
-    monkeypatch.setattr(describe, "decode_batch", spy)
+    monkeypatch.setattr(decode_ahead, "decode_batch", spy)
     run(world, engine_dir, tmp_path, batch_size=4, decode_threads=2)
     main = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert seen and all(name.startswith("describe-decode") for name, _ in seen)
@@ -155,7 +164,7 @@ def test_decoders_yield_to_the_engine(
 def test_shapes_norms_ids(described: tuple[Path, dict], tiles_images: dict) -> None:
     out, result = described
     d = np.load(out / DESCRIPTORS_FILE)
-    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    ids = tiles_of(np.load(out / DESCRIPTOR_IDS_FILE))
     n = len(tiles_images)
     assert d.shape == (n, 256) and d.dtype == np.float32
     assert ids.dtype == np.int64
@@ -171,7 +180,7 @@ def test_row_i_describes_tile_i(
 ) -> None:
     out, _ = described
     d = np.load(out / DESCRIPTORS_FILE)
-    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    ids = tiles_of(np.load(out / DESCRIPTOR_IDS_FILE))
     tiles = np.load(world[0] / TILES_FILE)
     store = TileStore(world[1])
     runner = load_engine(engine_dir, threads=1)
@@ -193,10 +202,10 @@ def test_each_tile_matches_itself_through_the_index(
     out, _ = described
     info = build_index(descriptors_dir=out, out_path=tmp_path / "index.faiss")
     d = np.load(out / DESCRIPTORS_FILE)
-    ids = np.load(out / DESCRIPTOR_IDS_FILE)
+    ids = tiles_of(np.load(out / DESCRIPTOR_IDS_FILE))
     assert info["ntotal"] == len(ids)
     scores, found = search(tmp_path / "index.faiss", d, 2)
-    assert found[:, 0].tolist() == ids.tolist()
+    assert tiles_of(found[:, 0]).tolist() == ids.tolist()
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     assert np.all(scores[:, 1] < scores[:, 0] - 0.05)
 
@@ -262,7 +271,7 @@ def test_zero_tiles(tmp_path: Path, engine_dir: Path, reuse: bool) -> None:
     )
     assert result["tiles"] == 0 and result["dim"] == 256 and result["computed"] == 0
     d = np.load(tmp_path / "out" / DESCRIPTORS_FILE)
-    ids = np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE)
+    ids = tiles_of(np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE))
     assert d.shape == (0, 256) and d.dtype == np.float32
     assert ids.shape == (0,) and ids.dtype == np.int64
 
@@ -294,7 +303,7 @@ def test_unsorted_tiles_file_is_described_in_id_order(
     (tmp_path / "ts").mkdir()
     np.save(tmp_path / "ts" / TILES_FILE, tiles[::-1])
     run((tmp_path / "ts", world[1]), engine_dir, tmp_path / "out")
-    assert np.array_equal(np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE), tiles["id"])
+    assert np.array_equal(tiles_of(np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE)), tiles["id"])
     np.testing.assert_allclose(
         np.load(tmp_path / "out" / DESCRIPTORS_FILE),
         np.load(described[0] / DESCRIPTORS_FILE),

@@ -15,6 +15,7 @@ from cachebuild.localize.places import (
     write_positions,
 )
 from cachebuild.localize.selftest_score import score
+from cachebuild.store.windowkeys import tile_place_ids
 from cachebuild.tilemath import Tile, tile_id
 from cachebuild.tilemath import bounds as tile_bounds
 from tests._harness.surface import assert_public_surface
@@ -24,12 +25,13 @@ STILL = (0.0, 0.0, 0.0, 1.0, 1.0, 0.0)  # no shift, turn, scale or light change
 
 
 def tid(x: int, y: int, z: int = Z) -> int:
-    return tile_id(Tile(x, y, z))
+    """The place id of a tile (its own window)."""
+    return int(tile_place_ids([tile_id(Tile(x, y, z))])[0])
 
 
 def test_positions_are_the_tile_centres_and_footprints() -> None:
     t = Tile(68640, 45890, Z)
-    rec = positions([tile_id(t)])[0]
+    rec = positions(tile_place_ids([tile_id(t)]))[0]
     b = tile_bounds(t)
     assert math.isclose(rec["west"], b.west) and math.isclose(rec["east"], b.east)
     assert math.isclose(rec["south"], b.south) and math.isclose(rec["north"], b.north)
@@ -95,6 +97,15 @@ def test_a_frame_across_the_antimeridian_is_found() -> None:
     side = 2**Z
     r = _one([tid(side - 1, 45890)], (0.3, 0.0, 0.0, 1.0, 1.0, 0.0), x=side - 1)
     assert r["recall_at_1"] == 1.0
+
+
+def test_a_frame_on_a_tile_corner_is_found_by_the_window_centred_there() -> None:
+    """A frame centred on a tile corner: the window half a tile on is a hit with no error, the tile is not."""
+    shifted = (0.5, 0.5, 0.0, 1.0, 1.0, 0.0)
+    window = tid(100, 45890) + (4 << 29) + 4  # X and Y in eighths of a tile: half a tile on
+    r = _one([window], shifted)
+    assert r["recall_at_1"] == 1.0 and r["median_error_m"] == 0.0
+    assert _one([tid(100, 45890)], shifted)["recall_at_1"] == 0.0
 
 
 def test_public_surface() -> None:

@@ -1,0 +1,194 @@
+"""Tests for overlapping windows: keys and ids (store.windowkeys), pooling (localize.windows), describe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cachebuild.engine.compile import compile_engine, load_engine
+from cachebuild.engine.features import compile_features, load_head_model, poolable, read_head
+from cachebuild.engine.model import write_default_model
+from cachebuild.errors import UsageError
+from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
+from cachebuild.localize.places import place_boxes, positions
+from cachebuild.localize.windows import WindowDescriber, engine_blocks, pooled_blocks
+from cachebuild.store.windowkeys import (
+    block_digests,
+    namespace,
+    neighbours,
+    tile_place_ids,
+    tile_windows,
+    window_ids,
+    window_valid,
+)
+from tests.unit.localize.test_describe import encode, make_tileset, tile_id, tile_image
+
+Z = 17
+X0, Y0 = 70000, 42000
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("wengine")
+    model = write_default_model(root / "model.onnx")
+    out = root / "engine"
+    compile_engine(model_path=model, calibration_path=None, precision="fp32", out_dir=out)
+    assert compile_features(
+        model_path=model, calibration_path=None, precision="fp32", backend="auto", engine_dir=out
+    )
+    return out
+
+
+def grid_images(n: int, seed: int = 0) -> dict[tuple[int, int, int], bytes]:
+    return {
+        (Z, X0 + i, Y0 + j): encode(tile_image(seed + j * n + i), "PNG")
+        for i in range(n)
+        for j in range(n)
+    }
+
+
+# -- names and keys -------------------------------------------------------------
+
+
+def test_neighbours_and_valid_windows() -> None:
+    ids = np.sort(
+        np.array([tile_id(Z, X0 + i, Y0 + j) for i, j in [(0, 0), (1, 0), (0, 1)]], np.int64)
+    )
+    nb = neighbours(ids)
+    a = int(np.flatnonzero(ids == tile_id(Z, X0, Y0))[0])
+    assert nb[a, 0] == a and ids[nb[a, 1]] == tile_id(Z, X0 + 1, Y0)
+    assert ids[nb[a, 2]] == tile_id(Z, X0, Y0 + 1) and nb[a, 3] == -1  # no lower-right tile
+    valid = window_valid(nb, 4).reshape(-1, 4, 4)
+    # the anchor lacks its lower-right neighbour: only the first row and column of windows
+    assert valid[a, 0].all() and valid[a, :, 0].all() and not valid[a, 1:, 1:].any()
+    lone = int(np.flatnonzero(ids == tile_id(Z, X0 + 1, Y0))[0])
+    assert valid[lone].sum() == 1  # its own window only
+
+
+def test_place_ids_name_the_window_footprints() -> None:
+    ids = np.array([tile_id(Z, X0, Y0)], np.int64)
+    w = window_ids(ids, 4)[0]
+    z, x0, y0 = place_boxes(w)
+    assert set(z.tolist()) == {Z}
+    assert sorted(set(x0.tolist())) == [X0, X0 + 0.25, X0 + 0.5, X0 + 0.75]
+    # k = oy * stride + ox
+    assert (x0[5], y0[5]) == (X0 + 0.25, Y0 + 0.25) and (x0[2], y0[2]) == (X0 + 0.5, Y0)
+    assert tile_place_ids(ids)[0] == w[0] and tile_windows(w).tolist() == [True] + [False] * 15
+    p = positions(w[:1])
+    assert p["west"][0] < p["lon"][0] < p["east"][0] and p["south"][0] < p["lat"][0] < p["north"][0]
+
+
+def test_block_keys_follow_the_covered_images_only() -> None:
+    rng = np.random.default_rng(1)
+    ids = np.sort(np.array([tile_id(Z, X0 + i, Y0 + j) for i in range(3) for j in range(3)]))
+    raw = rng.integers(0, 256, (9, 32), dtype=np.uint8)
+    nb = neighbours(ids)
+    before = block_digests(raw, nb, 4, "pooled")
+    changed = raw.copy()
+    far = int(np.flatnonzero(ids == tile_id(Z, X0 + 2, Y0 + 2))[0])
+    changed[far] ^= 1
+    after = block_digests(changed, nb, 4, "pooled")
+    covers = (nb == far).any(axis=1)
+    assert covers.sum() == 4  # itself, left, above, above-left
+    assert (before != after).any(axis=1).tolist() == covers.tolist()
+    assert (block_digests(raw, nb, 2, "pooled") != before).any(axis=1).all()  # stride is keyed
+    assert (block_digests(raw, nb, 4, "engine") != before).any(axis=1).all()  # so is the mode
+    assert namespace("a" * 64, 4, "pooled") != namespace("a" * 64, 4, "engine")
+    with pytest.raises(ValueError):
+        namespace("a" * 64, 3, "pooled")
+
+
+# -- describing -------------------------------------------------------------------
+
+
+def test_builtin_model_is_poolable_and_an_edited_one_is_not(tmp_path: Path) -> None:
+    import onnx
+
+    model = write_default_model(tmp_path / "m.onnx")
+    assert poolable(model)
+    m = onnx.load(str(model))
+    m.producer_name = "someone-else"
+    onnx.save(m, str(tmp_path / "other.onnx"))
+    assert not poolable(tmp_path / "other.onnx")
+    assert not poolable(tmp_path / "missing.onnx")
+
+
+def test_pooled_windows_match_the_whole_network(engine_dir: Path) -> None:
+    """Offset 0 is the tile's own descriptor; other windows agree with the engine run on their pixels."""
+    images = [tile_image(i) for i in range(4)]
+    x = np.stack([im.astype(np.float32).transpose(2, 0, 1) / 255.0 - 0.5 for im in images])
+    full = load_engine(engine_dir).run(x)
+    describer = WindowDescriber(engine_dir, 4, threads=1)
+    assert describer.mode == "pooled"
+    cover = np.array([[0, 1, 2, 3], [1, -1, 3, -1]])
+    pooled = describer.blocks(describer.run(x), cover).reshape(2, 16, -1)
+    assert np.allclose(pooled[0, 0], full[0], atol=1e-5)
+    assert np.allclose(pooled[1, 0], full[1], atol=1e-5)
+    assert np.allclose(np.linalg.norm(pooled[0], axis=1), 1.0, atol=1e-5)
+    assert not pooled[1, 1].any() and pooled[1, 4].any()  # no right tile; a lower one
+    run = engine_blocks(load_engine(engine_dir), x, cover[:1], 4).reshape(16, -1)
+    cos = np.sum(run * pooled[0], axis=1)
+    assert cos.min() > 0.95, cos  # the maps are cut per tile, the pixels across tiles
+
+
+def test_pooled_blocks_for_every_stride_and_the_same_bits_in_any_batch(engine_dir: Path) -> None:
+    """A stored block is reused by later builds: its bits must not depend on its batch."""
+    head = read_head(engine_dir / "features" / "head.npz")
+    run_head = load_head_model(engine_dir / "features" / "head.onnx", threads=2)
+    rng = np.random.default_rng(0)
+    maps = rng.random((12, 48, 64, 64), dtype=np.float32)
+    for stride in (1, 2, 4, 8):
+        b = pooled_blocks(maps[:4], np.array([[0, 1, 2, 3]]), stride, head, run_head)
+        assert b.shape == (1, stride * stride * 256) and np.isfinite(b).all()
+    cover = rng.integers(-1, 12, (20, 4))
+    cover[:, 0] = np.arange(20) % 12
+    every = pooled_blocks(maps, cover, 4, head, run_head)
+    for pick in (np.array([7]), np.array([3, 19, 0]), np.arange(20)[::-1]):
+        perm = rng.permutation(12)  # the same tiles in another order
+        inv = np.argsort(perm)
+        part = pooled_blocks(
+            maps[perm], np.where(cover[pick] >= 0, inv[cover[pick]], -1), 4, head, run_head
+        )
+        assert np.array_equal(part, every[pick])
+
+
+def test_describe_windows_reuses_blocks_and_redescribes_only_what_a_tile_covers(
+    tmp_path: Path, engine_dir: Path
+) -> None:
+    images = grid_images(4)
+    store_root = tmp_path / "store"
+    ts = make_tileset(tmp_path, images, store_root)
+    kw = dict(
+        tileset_dir=ts, store_root=store_root, engine_dir=engine_dir, out_dir=tmp_path / "out",
+        progress=False, reuse=True, window_stride=4,
+    )  # fmt: skip
+    first = describe_tiles(**kw)  # type: ignore[arg-type]
+    # 9 anchors with all 16 windows, 3 + 3 on the last column and row with 4, the corner 1
+    assert first["computed"] == 16 and first["windows"] == 9 * 16 + 6 * 4 + 1
+    d = np.load(tmp_path / "out" / DESCRIPTORS_FILE)
+    places = np.load(tmp_path / "out" / DESCRIPTOR_IDS_FILE)
+    assert len(d) == len(places) == first["windows"] and len(np.unique(places)) == len(places)
+    assert int(tile_windows(places).sum()) == 16
+    again = describe_tiles(**kw)  # type: ignore[arg-type]
+    assert again["computed"] == 0
+    assert np.array_equal(np.load(tmp_path / "out" / DESCRIPTORS_FILE), d)
+    # one tile's imagery changes: the anchors whose windows cover it, and nothing else
+    images[(Z, X0 + 2, Y0 + 2)] = encode(tile_image(999), "PNG")
+    ts2 = make_tileset(tmp_path / "b", images, store_root)
+    third = describe_tiles(**{**kw, "tileset_dir": ts2})  # type: ignore[arg-type]
+    assert third["computed"] == 4
+
+
+def test_window_stride_needs_the_store(tmp_path: Path, engine_dir: Path) -> None:
+    with pytest.raises(UsageError, match="window_stride"):
+        describe_tiles(
+            tileset_dir=tmp_path, store_root=tmp_path, engine_dir=engine_dir, out_dir=tmp_path,
+            window_stride=4, reuse=False,
+        )  # fmt: skip
+    with pytest.raises(UsageError, match="window_stride"):
+        describe_tiles(
+            tileset_dir=tmp_path, store_root=tmp_path, engine_dir=engine_dir, out_dir=tmp_path,
+            window_stride=3, reuse=True,
+        )  # fmt: skip
