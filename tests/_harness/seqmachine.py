@@ -88,6 +88,12 @@ def _dask_noise(tail: str) -> bool:
     )
 
 
+#: A corrupt object in a companion's store: its build removes it, cannot fetch it (the
+#: pushed provider has only the store), and fails with exit 20 "run build-cache from the
+#: workstation again"; the next run pushes it and converges:
+#: test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build (xfail).
+COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS = True
+
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 
 
@@ -181,6 +187,15 @@ class Sequences(RuleBasedStateMachine):
             self.world.exits["SIGINT on Dask: distributed's traceback at exit (known)"] += 1
             err = head + sep + "\n".join(tail.split("\n")[:2])  # the error and its remedy line
         return CbResult(code, out, err)
+
+    def corrupt_on_the_companion(self, r: CbResult) -> bool:
+        """Whether ``r`` failed of the known bug COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS (counted)."""
+        if not (COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS and self.remote and r.code == 20):
+            return False
+        if "was not pushed" not in (r.report.get("error") or ""):
+            return False
+        self.world.exits["a corrupt object on the companion: exit 20 (known)"] += 1
+        return True
 
     def remote_env(self) -> dict[str, str] | None:
         """The environment of a command run on the companion; None: here."""
@@ -288,7 +303,7 @@ class Sequences(RuleBasedStateMachine):
             *self.key_args(key, allow_dev),
         )
         self.world.exits[f"build ({provider}): {r.code}"] += 1
-        assert r.code in want, (
+        assert r.code in want or self.corrupt_on_the_companion(r), (
             f"build with {provider}: exit {r.code}, expected {want}\n{r.stderr[-3000:]}"
         )
         self.after_build(cache, r, key, config)
@@ -386,8 +401,9 @@ class Sequences(RuleBasedStateMachine):
             frames = re.findall(r'File "([^"]+)"', err)
             assert not [f for f in frames if "/cachebuild/" in f or "/targets/" in f], err[-3000:]
         else:
-            check_result(self.interrupted(proc.returncode, out, err), f"build after {sig}")
-            assert proc.returncode in (0, 130), err[-3000:]
+            r = self.interrupted(proc.returncode, out, err)
+            check_result(r, f"build after {sig}")
+            assert proc.returncode in (0, 130) or self.corrupt_on_the_companion(r), err[-3000:]
         self.wait_for_the_companion("cache")
         self.verify("cache", *dict.fromkeys([prior, key or "dev"]))
         if proc.returncode == 0:
@@ -464,7 +480,8 @@ class Sequences(RuleBasedStateMachine):
         if r.code == 2 and DEV_KEY_ENOSPC_IS_EXIT_2 and _dev_key_not_written(rep):
             self.world.exits["disk full: the development key not written (exit 2, known)"] += 1
         else:
-            assert r.code in ({0, 24, 30} if there else {0, 24}), r.stderr[-3000:]
+            want = {0, 24, 30} if there else {0, 24}
+            assert r.code in want or self.corrupt_on_the_companion(r), r.stderr[-3000:]
         if r.code == 24:
             assert "disk full" in rep["error"], rep
         # a disk that fills after the swap fails the bookkeeping, not the publish: either release
@@ -496,6 +513,9 @@ class Sequences(RuleBasedStateMachine):
         key = self.signer_key("cache")
         r = self.build("cache", self.config, self.world.provider("good"), *self.key_args(key))
         check_result(r, "the converging build")
+        if self.corrupt_on_the_companion(r):  # the known bug: the second run converges
+            r = self.build("cache", self.config, self.world.provider("good"), *self.key_args(key))
+            check_result(r, "the converging build, again")
         assert r.code == 0, f"the converging build failed: {r.stderr[-3000:]}"
         self.caches["cache"].signer, self.caches["cache"].config = key or "dev", self.config
         self.verify("cache")
