@@ -96,7 +96,9 @@ def pooled_blocks(
     offset, as the left and as the right part of a window (one matrix
     product), and each anchor's windows add up their tiles' parts.
 
-    Every matrix product has the same shape whatever the batch
+    The products are ONNX Runtime's, not numpy's BLAS (whose kernels follow
+    ``OPENBLAS_CORETYPE`` and friends: a companion's shell made other
+    bits); every one has the same shape whatever the batch
     (:data:`_CHUNK` tiles or anchors, padded): BLAS may round a row
     differently in a product of another height, and a block must have the
     same bits whichever batch described it (a stored block is reused by
@@ -130,7 +132,7 @@ def pooled_blocks(
         np.add(part[cv[:, 0], 0], part[cv[:, 1], 1], out=both[:n, ..., :h])  # upper tiles
         np.add(part[cv[:, 2], 0], part[cv[:, 3], 1], out=both[:n, ..., h:])  # lower tiles
         both[n:] = 0.0
-        grid = (both.reshape(-1, 2 * h) @ rows).reshape(
+        grid = mm(both.reshape(-1, 2 * h), rows).reshape(
             _CHUNK, s, c, g, s, g
         )  # [k, ox, C, b, oy, a]
         grids = np.ascontiguousarray(grid[:n].transpose(0, 4, 1, 2, 5, 3))  # [k, oy, ox, C, a, b]

@@ -377,8 +377,24 @@ def target_differences(current: Path, ref: Reference, companion: bool = False) -
             if a == _strip(json.loads(theirs.read_text()), HISTORY_KEYS[name]):
                 SHORTCUTS[name] += 1
                 continue
-        problems.append(f"{name} differs from the clean build's")
+        problems.append(f"{name} differs from the clean build's{_npy_difference(mine, theirs)}")
     return problems
+
+
+def _npy_difference(mine: Path, theirs: Path) -> str:
+    """For a .npy artifact: how it differs (shapes; rows that differ, the largest difference)."""
+    if mine.suffix != ".npy":
+        return ""
+    import numpy as np
+
+    a, b = np.load(mine, allow_pickle=False), np.load(theirs, allow_pickle=False)
+    if a.shape != b.shape or a.dtype != b.dtype or a.dtype.names:
+        return f" ({a.dtype} {a.shape} against {b.dtype} {b.shape})"
+    rows = np.flatnonzero((a != b).reshape(len(a), -1).any(axis=1))
+    worst = float(np.abs(a.astype(np.float64) - b).max()) if len(rows) else 0.0
+    return (
+        f" ({len(rows)} of {len(a)} rows, e.g. {rows[:5].tolist()}; largest difference {worst:.3g})"
+    )
 
 
 def store_damage(store: Path, flipped: set[str]) -> list[str]:

@@ -192,3 +192,38 @@ def test_window_stride_needs_the_store(tmp_path: Path, engine_dir: Path) -> None
             tileset_dir=tmp_path, store_root=tmp_path, engine_dir=engine_dir, out_dir=tmp_path,
             window_stride=3, reuse=True,
         )  # fmt: skip
+
+
+_BLOCKS_IN_A_CHILD = """
+import sys, numpy as np
+from pathlib import Path
+from cachebuild.engine.features import load_head_model, read_head
+from cachebuild.localize.windows import pooled_blocks
+d = Path(sys.argv[1])
+maps = np.random.default_rng(5).random((4, 48, 64, 64), dtype=np.float32)
+b = pooled_blocks(maps, np.array([[0, 1, 2, 3]]), 4, read_head(d / "head.npz"),
+                  load_head_model(d / "head.onnx", 1))
+np.save(sys.argv[2], b)
+"""
+
+
+@pytest.mark.parametrize("coretype", ["Prescott", "Haswell"])
+def test_blocks_do_not_depend_on_the_shells_blas_settings(
+    engine_dir: Path, tmp_path: Path, coretype: str
+) -> None:
+    """A companion's shell lacked the OPENBLAS_* variables of the workstation's: other bits (found
+    by the sequence test). The products do not go through numpy's BLAS."""
+    import os
+    import subprocess
+    import sys
+
+    out = []
+    for env in ({"OPENBLAS_CORETYPE": coretype, "OPENBLAS_L2_SIZE": "512"}, {}):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("OPENBLAS")}
+        path = tmp_path / f"b{len(out)}.npy"
+        subprocess.run(
+            [sys.executable, "-c", _BLOCKS_IN_A_CHILD, str(engine_dir / "features"), str(path)],
+            env={**clean, **env}, check=True, timeout=120,
+        )  # fmt: skip
+        out.append(np.load(path))
+    assert np.array_equal(out[0], out[1])
