@@ -48,17 +48,43 @@ from cachebuild.tilemath import Tile  # noqa: E402
 Z, X0, Y0, T = 17, 68640, 45890, 256
 
 
-def mosaic(n: int) -> np.ndarray:
-    from PIL import Image
+class Ground:
+    """An n x n synthetic area, sliced as one image (``ground[y0:y1, x0:x1]``), made tile by tile.
 
-    out = np.empty((n * T, n * T, 3), np.uint8)
-    for j in range(n):
-        for i in range(n):
-            raw = synthetic_tile_bytes(Tile(X0 + i, Y0 + j, Z))
-            out[j * T : (j + 1) * T, i * T : (i + 1) * T] = np.asarray(
-                Image.open(io.BytesIO(raw)).convert("RGB")
-            )
-    return out
+    Tiles are decoded from the synthetic provider's PNGs on demand and the
+    most recent rows kept, so a 100k-tile area never sits in memory whole.
+    """
+
+    def __init__(self, n: int):
+        from functools import lru_cache
+
+        self.n = n
+        self.shape = (n * T, n * T, 3)
+        self.tile = lru_cache(maxsize=4 * n + 64)(self._tile)
+
+    @staticmethod
+    def _tile(i: int, j: int) -> np.ndarray:
+        from PIL import Image
+
+        raw = synthetic_tile_bytes(Tile(X0 + i, Y0 + j, Z))
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        ys, xs = key
+        y0, y1, x0, x1 = ys.start, ys.stop, xs.start, xs.stop
+        out = np.empty((y1 - y0, x1 - x0, 3), np.uint8)
+        for j in range(y0 // T, (y1 - 1) // T + 1):
+            for i in range(x0 // T, (x1 - 1) // T + 1):
+                a, b = max(y0, j * T), min(y1, (j + 1) * T)
+                c, d = max(x0, i * T), min(x1, (i + 1) * T)
+                out[a - y0 : b - y0, c - x0 : d - x0] = self.tile(i, j)[
+                    a - j * T : b - j * T, c - i * T : d - i * T
+                ]
+        return out
+
+
+def mosaic(n: int) -> Ground:
+    return Ground(n)
 
 
 def run_engine(engine, images: list[np.ndarray]) -> np.ndarray:
@@ -81,7 +107,7 @@ def windows(n: int, k: int) -> np.ndarray:
     return np.stack([xs.ravel(), ys.ravel()], axis=1)
 
 
-def engine_windows(engine, ground: np.ndarray, corners: np.ndarray) -> np.ndarray:
+def engine_windows(engine, ground: Ground, corners: np.ndarray) -> np.ndarray:
     out = []
     for s in range(0, len(corners), 1024):  # a bounded number of window images at a time
         images = [
@@ -201,6 +227,49 @@ def one_area(n: int, nframes: int, engine, describer, repeat: int, methods: list
         )
 
 
+def stage(n: int, engine_dir: Path, tmp: Path, repeat: int) -> None:
+    """The build's describe stage (decode included), WINDOW_STRIDE=1 against 4, on the same store."""
+    import shutil
+
+    from cachebuild.localize.describe import describe_tiles
+    from cachebuild.store.objects import TileStore
+    from cachebuild.tilemath import tile_id
+    from cachebuild.tileset import tile_dtype, write_tileset
+
+    store_root = tmp / f"store-{n}"
+    store = TileStore(store_root)
+    rows = [
+        (
+            tile_id(Tile(X0 + i, Y0 + j, Z)),
+            bytes.fromhex(store.put(synthetic_tile_bytes(Tile(X0 + i, Y0 + j, Z)))),
+        )
+        for i in range(n)
+        for j in range(n)
+    ]
+    store.close()
+    ts = tmp / f"tiles-{n}"
+    write_tileset(ts, np.array(rows, dtype=tile_dtype()), np.zeros(0, np.int64), {})
+    print(f"\ndescribe stage, {n * n} tiles (decode, engine or feature engine + pooling, store)")
+    print(
+        f"{'stride':<7} {'windows':>9} {'seconds':>8} {'windows/s':>10} {'tiles/s':>8} {'cost':>6}"
+    )
+    base = None
+    for stride in (1, 4):
+        best, got = math.inf, {}
+        for _ in range(repeat):
+            shutil.rmtree(store_root / "descriptors", ignore_errors=True)
+            got = describe_tiles(
+                tileset_dir=ts, store_root=store_root, engine_dir=engine_dir, out_dir=tmp / "out",
+                progress=False, reuse=True, window_stride=stride, thumbnails=False,
+            )  # fmt: skip
+            best = min(best, got["seconds"])
+        base = base or best
+        print(
+            f"{stride:<7} {got['windows']:>9} {best:>8.2f} {got['windows'] / best:>10.0f} "
+            f"{n * n / best:>8.0f} {best / base:>5.2f}x"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiles", type=int, nargs="+", default=[144, 1024])
@@ -212,6 +281,13 @@ def main() -> None:
         help="indexes to build",
     )
     ap.add_argument("--repeat", type=int, default=3, help="timings: the best of this many runs")
+    ap.add_argument(
+        "--stage",
+        type=int,
+        nargs="*",
+        default=[1024],
+        help="describe-stage cost at these tile counts",
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -225,6 +301,8 @@ def main() -> None:
         )  # fmt: skip
         engine = load_engine(root / "e")
         describer = WindowDescriber(root / "e", 4, threads=None)
+        for tiles in args.stage:
+            stage(max(3, int(round(math.sqrt(tiles)))), root / "e", root, args.repeat)
         for tiles in args.tiles:
             n = max(3, int(round(math.sqrt(tiles))))
             one_area(n, args.frames, engine, describer, args.repeat, args.methods)
