@@ -131,11 +131,14 @@ def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
 def _describe_entry(build: Path, ran: list[str], dask_scheduler: str | None) -> dict[str, Any]:
     """The report's ``describe``: where the engine ran, on how many workers, how fast.
 
-    ``workers`` and ``tiles_per_s`` (tiles described per second) are this
-    run's: 0 when describe was up to date.
+    ``workers``, ``tiles_per_s`` (tiles described per second), ``windows``
+    (places written) and ``windows_per_s`` are this run's: 0 when describe
+    was up to date; ``window_stride`` is WINDOW_STRIDE's.
     """
     executor = "local" if dask_scheduler is None else "dask"
-    entry: dict[str, Any] = {"executor": executor, "workers": 0, "tiles_per_s": 0.0}
+    entry: dict[str, Any] = {
+        "executor": executor, "workers": 0, "tiles_per_s": 0.0, "windows": 0, "windows_per_s": 0.0,
+    }  # fmt: skip
     if "describe" not in ran:
         return entry
     try:
@@ -146,6 +149,9 @@ def _describe_entry(build: Path, ran: list[str], dask_scheduler: str | None) -> 
         executor=str(s.get("executor", entry["executor"])),
         workers=int(s.get("workers", 1)),
         tiles_per_s=float(s.get("computed_per_s", 0.0)),
+        windows=int(s.get("windows", 0)),
+        windows_per_s=float(s.get("windows_per_s", 0.0)),
+        window_stride=int(s.get("window_stride", 1)),
     )
     return entry
 
