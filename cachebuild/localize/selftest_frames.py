@@ -107,11 +107,19 @@ def _describe_frames(
         return decode_tile(io.BytesIO(data), size)
 
     out = []
+    # frames in the order of their centre tile: a batch's blocks overlap, and
+    # the tiles the last batch decoded are handed on, so a tile is decoded
+    # about once (not once per batch that needs it); results in job order
+    order = sorted(range(len(jobs)), key=lambda i: jobs[i][0][4])
+    kept: dict[int, Any] = {}
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selftest") as pool:
-        for s in range(0, len(jobs), _BATCH):
-            part = jobs[s : s + _BATCH]
+        for s in range(0, len(order), _BATCH):
+            part = [jobs[i] for i in order[s : s + _BATCH]]
             unique = sorted({t for block, _ in part for t in block})
-            images = dict(zip(unique, pool.map(load, unique)))
+            new = [t for t in unique if t not in kept]
+            images = {t: kept[t] for t in unique if t in kept}
+            images.update(zip(new, pool.map(load, new)))
+            kept = images
             batch = np.empty((len(part), 3, *size), dtype=np.float32)
 
             def frame(i: int, part: Any = part, images: Any = images, batch: Any = batch) -> None:
@@ -125,8 +133,11 @@ def _describe_frames(
                 )
 
             list(pool.map(frame, range(len(part))))
-            del images
             d = np.asarray(run(batch), dtype=np.float32)
             d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), np.float32(1e-12))
             out.append(d)
-    return np.concatenate(out) if out else None
+    if not out:
+        return None
+    result = np.empty_like(np.concatenate(out))
+    result[order] = np.concatenate(out)
+    return result
