@@ -620,6 +620,11 @@ def test_a_whole_build_with_backend_tensorrt_against_the_stand_ins(
     record = json.loads((current / "engine" / ENGINE_JSON).read_text())
     assert record["build"]["workspace"] == 1 << 30 and record["timing_cache_reused"] is False
     assert any((tmp_path / "home" / "tensorrt").glob("timing-*.cache"))
+    # windows were pooled from the feature half, compiled by TensorRT as the engine was
+    build = tmp_path / "home" / "cache" / "state" / "build"
+    assert json.loads((current / "windows.json").read_text())["mode"] == "pooled"
+    features = json.loads((build / "engine" / "features" / ENGINE_JSON).read_text())
+    assert features["backend"] == "tensorrt" and features["engine_file"] == "engine.plan"
     # describe ran the engine through execute_async_v3, and so did the self-test when it had frames
     runs = [e[2] for e in fake.log if e[0] == "execute"]
     assert sum(runs) >= report["descriptors"]["computed"] > 0, (
