@@ -94,6 +94,12 @@ def _dask_noise(tail: str) -> bool:
 #: test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build (xfail).
 COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS = True
 
+#: A companion's build stages its tile set before it registers its cache with the store,
+#: so gc-store there removes the staged tiles of a build that stopped after the tiles phase:
+#: test_gc_on_a_companion_keeps_what_a_failed_build_staged (xfail).  Until the fix, gc-store
+#: on a companion names the cache (CACHE_DIR), as an operator would to keep it.
+COMPANION_STAGES_UNREGISTERED = True
+
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 
 
@@ -347,9 +353,11 @@ class Sequences(RuleBasedStateMachine):
         args = [f"MAX_STORE_BYTES={bound}"] if bound else []
         r = self.cb.run("gc-store", *args)
         assert check_result(r, "gc-store")["exit_code"] == 0, r.stderr
-        for store, _ in self.stores()[1:]:  # the companion's stores, there
+        for store, caches in self.stores()[1:]:  # the companion's stores, there
             if store.exists():
-                r = self.cb.run("gc-store", f"STORE={store}", *args, env=self.remote_env())
+                # naming the cache keeps what it stages: the known bug works around it
+                named = [f"CACHE_DIR={caches[0]}"] if COMPANION_STAGES_UNREGISTERED else []
+                r = self.cb.run("gc-store", f"STORE={store}", *args, *named, env=self.remote_env())
                 assert check_result(r, "gc-store on the companion")["exit_code"] == 0, r.stderr
         for cache in CACHES:
             self.verify(cache)

@@ -328,3 +328,27 @@ def test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build(wor
     state.flip_a_byte_in_the_store(index=0)
     r = state.build("cache", Config("demo", "base"), world.provider("good"))
     assert r.code == 0, r.report
+
+
+@needs_sshd
+@pytest.mark.xfail(
+    strict=True,
+    reason="found by the long run: a companion's build stages its tile set (state/build/tiles.npy) "
+    "before it registers its cache with the companion's store, so when it stops after the tiles "
+    "phase (here: PRECISION=fp16, exit 21), gc-store there removes every tile object the staged "
+    "build names (reported to the lead)",
+)
+def test_gc_on_a_companion_keeps_what_a_failed_build_staged(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests._harness import seqmachine
+
+    monkeypatch.setattr(seqmachine, "COMPANION_STAGES_UNREGISTERED", False)  # gc as it comes
+    Sequences.world = world
+    state = Sequences()
+    state.start(share="companion")
+    state.build_at_a_precision_the_backend_lacks(
+        cache="cache", config=Config("demo", "base"), key=None
+    )
+    state.gc_store(bound=None)
+    state.store_is_sound()
