@@ -39,6 +39,7 @@ __all__ = [
     "write_flight",
     "write_model",
     "fetch",
+    "stop_describe_ahead",
     "write_tiles_mbtiles",
     "build_engine",
     "describe",
@@ -177,18 +178,60 @@ def fetch(
         from cachebuild.store.s3 import open_store
 
         remote = open_store(shared)
+    ahead = _describe_ahead(bbox, zooms, store)
     with store_user(store, cache_dir):
-        fetch_tiles(
-            bbox=LngLatBbox(*bbox),
-            zooms=zooms,
-            provider_spec=provider,
-            store_root=Path(store),
-            out_dir=Path(out_dir),
-            # secrets (API key, headers) come from the environment, never through doit
-            env={**os.environ, **http, **(nodata or {})},
-            concurrency=concurrency,
-            shared=remote,
-        )
+        try:
+            fetch_tiles(
+                bbox=LngLatBbox(*bbox),
+                zooms=zooms,
+                provider_spec=provider,
+                store_root=Path(store),
+                out_dir=Path(out_dir),
+                # secrets (API key, headers) come from the environment, never through doit
+                env={**os.environ, **http, **(nodata or {})},
+                concurrency=concurrency,
+                shared=remote,
+                observer=ahead,
+            )
+        except BaseException:
+            if ahead is not None:  # what it described is kept; the rest is describe's
+                ahead.abort()
+            raise
+    if ahead is not None:
+        ahead.finish()  # it describes the last anchors while the next tasks run
+
+
+def _describe_ahead(bbox: list[float] | None, zooms: list[int], store: str) -> Any:
+    """The tiles phase's background describer (``PIPELINE``, docs/design/pipeline.md), or None.
+
+    Set up by the wrapper in ``ACTIVE["describe_ahead"]``, and only once this
+    run's engine task is done (it runs first then): the describer uses it.
+    """
+    stop_describe_ahead()  # a run repaired and run again starts afresh
+    cfg = ACTIVE.get("describe_ahead")
+    if not cfg or bbox is None or not cfg["engine_ready"]():
+        return None
+    from cachebuild.localize.describe_ahead import DescribeAhead
+
+    ahead = DescribeAhead(
+        store, cfg["engine_dir"], bbox=bbox, zooms=zooms, stride=cfg["stride"],
+        batch_size=cfg["batch"], threads=cfg["threads"],
+    )  # fmt: skip
+    ACTIVE["ahead"] = ahead
+    return ahead
+
+
+def stop_describe_ahead(wait: bool = False) -> dict[str, Any] | None:
+    """End the background describer, if one runs: let it finish (``wait``) or stop it; its stats."""
+    ahead = ACTIVE.pop("ahead", None)
+    if ahead is None:
+        return None
+    if not wait:
+        ahead.abort()
+    waited = ahead.join()
+    stats = dict(ahead.stats, describe_waited_s=round(waited, 3) if wait else 0.0)
+    ACTIVE["ahead_stats"] = stats
+    return stats
 
 
 def write_tiles_mbtiles(*, build: str, store: str, bbox: list[float], zooms: list[int]) -> None:
@@ -270,6 +313,7 @@ def describe(
         from cachebuild.localize.daskexec import workers_read_bucket
 
         workers_read = workers_read_bucket(str(remote.url), read_summary(Path(build))["provider"])
+    stop_describe_ahead(wait=True)  # the blocks it is describing are then in the store
     with store_user(store, cache_dir), workers_read:
         _atomic_json(Path(build) / WINDOWS_FILE, window_record(Path(build) / "engine", stride))
         have = pull_descriptors(remote, Path(store), Path(build)) if remote is not None else None

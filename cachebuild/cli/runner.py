@@ -34,6 +34,12 @@ from cachebuild.cli.doitrun import (
     run_doit,
     sigterm_as_interrupt,
 )
+from cachebuild.cli.pipeline import (
+    describe_ahead_config,
+    doit_tasks,
+    pipeline_entry,
+    pipeline_on,
+)
 from cachebuild.cli.repair import run_repairing
 from cachebuild.companion import LOCAL_TASKS, build_on_companion
 from cachebuild.errors import (
@@ -118,14 +124,19 @@ def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
     return out
 
 
-def _descriptor_counts(build: Path, ran: list[str]) -> dict[str, int]:
-    """``computed``/``reused`` descriptors of this run, from describe.json (a small file)."""
+def _descriptor_counts(build: Path, ran: list[str], ahead: int = 0) -> dict[str, int]:
+    """``computed``/``reused`` descriptors of this run, from describe.json (a small file).
+
+    ``ahead``: blocks the background describer computed while the tiles
+    arrived (``PIPELINE``): computed by this run too, before describe found them.
+    """
     try:
         s = json.loads((build / "describe.json").read_text())
     except (OSError, ValueError):
         return {"computed": 0, "reused": 0}
-    computed = int(s.get("computed", 0)) if "describe" in ran else 0
-    return {"computed": computed, "reused": int(s.get("tiles", 0)) - computed}
+    tiles = int(s.get("tiles", 0))
+    computed = min(tiles, int(s.get("computed", 0)) + ahead) if "describe" in ran else 0
+    return {"computed": computed, "reused": tiles - computed}
 
 
 def _describe_entry(build: Path, ran: list[str], dask_scheduler: str | None) -> dict[str, Any]:
@@ -325,12 +336,22 @@ def _locked_build(
         action_cache={"hits": [], "misses": [], "from_bucket": []},
     )
     on_companion = settings.companion is not None  # then only flight and tiles run here
+    # PIPELINE: the tiles phase describes as tiles arrive, with the engine compiled first
+    actions.ACTIVE["describe_ahead"] = describe_ahead_config(settings, plan, reporter)
+    actions.ACTIVE.pop("ahead_stats", None)
 
-    tasks = list(LOCAL_TASKS) if on_companion else None
-    # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
-    code = run_repairing(
-        paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES
-    )
+    tasks = list(LOCAL_TASKS) if on_companion else doit_tasks(settings)
+    started = time.monotonic()
+    try:
+        # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
+        code = run_repairing(
+            paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES
+        )
+    finally:  # a describer still running (describe did not run, or failed) is stopped
+        stats = actions.stop_describe_ahead() or actions.ACTIVE.pop("ahead_stats", None)
+        report.extra["pipeline"] = pipeline_entry(
+            pipeline_on(settings), dict(reporter.seconds), stats, time.monotonic() - started
+        )
     actions.ACTIVE["locked"] = False
     if code != 0:
         if actions.FAILURES:
@@ -348,7 +369,8 @@ def _locked_build(
     report.build_id = signed["build_id"]
     report.manifest_version = signed["version"]
 
-    report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran)
+    ahead = int(report.extra["pipeline"]["described_ahead"])
+    report.extra["descriptors"] = _descriptor_counts(paths.build, reporter.ran, ahead)
     report.extra["action_cache"] = actions.ACTIVE.get("action_cache") or {"hits": [], "misses": []}
     report.extra["describe"] = _describe_entry(paths.build, reporter.ran, settings.dask_scheduler)
     report.extra["selftest"] = summary(signed["info"].get("selftest"))

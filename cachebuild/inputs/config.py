@@ -150,6 +150,8 @@ class Settings:
     batch: int = DEFAULT_BATCH
     threads: int | None = None
     dask_scheduler: str | None = None
+    #: ``PIPELINE``: describe the tiles while they are fetched (docs/design/pipeline.md).
+    pipeline: bool = True
     key: Path | None = None
     pubkey: Path | None = None
     allow_dev_key: bool = False
@@ -519,6 +521,7 @@ def load_settings(
         batch=_int("BATCH", get("BATCH"), DEFAULT_BATCH, 1, 4096),
         threads=None if threads_raw is None else _int("THREADS", threads_raw, 0, 1, 1024),
         dask_scheduler=dask,
+        pipeline=_bool("PIPELINE", get("PIPELINE"), True),
         key=_path("KEY", get("KEY"), must_exist=True),
         pubkey=_path("PUBKEY", get("PUBKEY"), must_exist=True),
         allow_dev_key=_bool("ALLOW_DEV_KEY", get("ALLOW_DEV_KEY"), False),

@@ -46,6 +46,8 @@ VARIABLES: dict[str, str] = {
     "THREADS": "inference threads [default: all cores]",
     "DASK_SCHEDULER": "tcp://host:port: describe on that Dask cluster; local:N: on N worker processes "
     "here (docs/scale.md) [default: in the build's process]",
+    "PIPELINE": "1: describe the tiles while they are fetched (the engine is compiled first); "
+    "0: one phase after another (docs/design/pipeline.md) [default: 1]",
     "KEY": "Ed25519 signing key (PEM or OpenSSH) [default: a per-user development key]",
     "PUBKEY": "public key verify-cache trusts [default: the public half of KEY]",
     "ALLOW_DEV_KEY": "1: sign with the development key a cache whose published release another key "

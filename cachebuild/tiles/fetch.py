@@ -128,9 +128,11 @@ class _Run:
         rule: NoDataRule,
         sync: TileSync | None = None,
         max_age_s: float | None = None,
+        observer: Any = None,
     ):
 
         self.provider = provider
+        self.observer = observer  # told each tile settled: present(id, digest) / absent(id)
         self.store = store
         self.sync = sync  # STORE=s3://...: the bucket's refs and objects
         self.bar = bar
@@ -191,8 +193,19 @@ class _Run:
 
     def _blank(self, t: Tile) -> None:
 
-        self.missing.append(tile_id(t))
+        self._lacks(tile_id(t))
         self.nodata += 1
+
+    def _has(self, tid: int, digest: str) -> None:
+        raw = bytes.fromhex(digest)
+        self.present.append((tid, raw))
+        if self.observer is not None:
+            self.observer.present(tid, raw)
+
+    def _lacks(self, tid: int) -> None:
+        self.missing.append(tid)
+        if self.observer is not None:
+            self.observer.absent(tid)
 
     def _due(
         self, known: Mapping[tuple[int, int, int], str]
@@ -242,7 +255,7 @@ class _Run:
                     todo.append((t, digest, None))
                     continue
                 else:
-                    self.present.append((tile_id(t), bytes.fromhex(digest)))
+                    self._has(tile_id(t), digest)
                     self.reused += 1
                 done += 1
             self.bar.advance(done)
@@ -274,9 +287,9 @@ class _Run:
                 if blank:
                     self._blank(t)
                 else:
-                    self.missing.append(tile_id(t))
+                    self._lacks(tile_id(t))
             else:
-                self.present.append((tile_id(t), bytes.fromhex(digest)))
+                self._has(tile_id(t), digest)
                 if reused:
                     self.reused += 1
                 else:
@@ -319,8 +332,13 @@ def fetch_with_provider(
     shared: S3Store | None = None,
     deadline_s: float | None = None,
     max_age_s: float | None = None,
+    observer: Any = None,
 ) -> dict[str, Any]:
     """:func:`fetch_tiles` with an open provider (left open).
+
+    ``observer``: told, from this thread, each tile as it is settled:
+    ``observer.present(tile id, image hash bytes)`` or ``observer.absent(tile id)``
+    (the describe-ahead of docs/design/pipeline.md).
 
     ``max_age_s`` (``TILE_MAX_AGE``): stored tiles fetched longer ago than
     this are revalidated with conditional requests (an HTTP provider only).
@@ -355,7 +373,7 @@ def fetch_with_provider(
         store.clean_tmp()
         store.replay_journals()
         sync = TileSync(shared, store, provider.identity) if shared is not None else None
-        run = _Run(provider, store, bar, rule, sync, max_age_s)
+        run = _Run(provider, store, bar, rule, sync, max_age_s, observer)
         try:
             _pump(run, run.to_do(tiles(bbox, zooms)), workers, ends)
         finally:
@@ -489,15 +507,14 @@ def fetch_tiles(
     concurrency: int = 8,
     progress: bool = True,
     shared: S3Store | None = None,
+    observer: Any = None,
 ) -> dict[str, Any]:
     """Fetch every tile of ``bbox`` at ``zooms`` into the store; write the tile set.
 
     Parameters
     ----------
-    bbox
-        The area; ``west > east`` crosses the antimeridian.
-    zooms
-        Zoom levels.
+    bbox, zooms
+        The area (``west > east`` crosses the antimeridian) and its zoom levels.
     provider_spec
         ``PROVIDER``: see :func:`cachebuild.providers.open_provider`.
     store_root
@@ -510,15 +527,15 @@ def fetch_tiles(
         and ``NODATA_SHA256`` (:class:`cachebuild.providers.nodata.NoDataRule`),
         ``FETCH_DEADLINE`` (a duration; ``0``: none) and ``TILE_MAX_AGE``
         (a duration: revalidate stored tiles older than that; unset: never).
-    concurrency
-        Requests in flight at most.
-    progress
-        Draw a progress line on stderr (when it is a terminal).
+    concurrency, progress
+        Requests in flight at most; draw a progress line on stderr (a terminal's).
     shared
         ``STORE=s3://...``: the bucket shared with other machines; tiles it
         has are downloaded, the ones it lacks uploaded
         (:class:`cachebuild.store.s3.TileSync`); ``store_root`` is then the
         local read-through copy.
+    observer
+        Told each tile settled (:func:`fetch_with_provider`).
 
     Returns
     -------
@@ -554,6 +571,7 @@ def fetch_tiles(
             shared=shared,
             deadline_s=deadline_s,
             max_age_s=max_age_s,
+            observer=observer,
         )
     finally:
         provider.close()
