@@ -60,6 +60,13 @@ class _Stopped(Exception):
     """Raised in the describer thread when the run is aborted."""
 
 
+def _import_first() -> None:
+    """Import numpy and Pillow here, before the thread: two threads importing a C extension
+    at once can find it half initialised (numpy then fails with an ImportError)."""
+    import numpy  # noqa: F401
+    import PIL.Image  # noqa: F401
+
+
 def _tid(z: int, x: int, y: int) -> int:
     return (z << 58) | (x << 29) | y
 
@@ -98,7 +105,9 @@ class DescribeAhead:
         self.engine_dir = Path(engine_dir)
         self.stride = int(stride)
         self.batch = max(1, int(batch_size))
-        self.max_rows = self.batch * 3 // 2 if self.stride > 1 else self.batch
+        # tiles a batch decodes at most: a full band's, as in the describe stage (85 for 64 anchors)
+        rows = -(-self.batch // _BAND)
+        self.max_rows = (_BAND + 1) * (rows + 1) if self.stride > 1 else self.batch
         self.threads = threads
         box = LngLatBbox(*bbox)
         self._ranges = {int(z): tile_ranges(box, int(z)) for z in zooms}
@@ -117,6 +126,7 @@ class DescribeAhead:
             "fetch_waited_s": 0.0,  # the fetch waiting for room in the queue
             "error": None,
         }
+        _import_first()
         self._thread = threading.Thread(
             target=self._main, name="cachebuild-describe-ahead", daemon=True
         )

@@ -276,7 +276,9 @@ def test_sigterm_records_completed_tasks(cb: Cb, tmp_path: Path) -> None:
     deadline = time.monotonic() + 60
     err = ""
     while time.monotonic() < deadline:
-        if (cb.cache_dir / "state" / "build" / "engine" / "engine.json").exists():
+        build = cb.cache_dir / "state" / "build"
+        # the engine is compiled before the tiles (PIPELINE); mbtiles follows the tiles task
+        if (build / "engine" / "engine.json").exists() and (build / "tiles.mbtiles").exists():
             break
         time.sleep(0.02)
     p.send_signal(signal.SIGTERM)
