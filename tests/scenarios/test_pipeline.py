@@ -96,7 +96,7 @@ def test_interrupted_fetch_keeps_what_was_described(
     cb = Cb(home=tmp_path / "home")
     cb.home.mkdir()
     store = cb.home / "store"
-    p = cb.popen("build-cache", *args)
+    p = cb.popen("build-cache", *args, "PIPELINE=1")
     deadline = time.monotonic() + 120
     while _stored(store) == 0 and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
