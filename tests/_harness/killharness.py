@@ -143,6 +143,8 @@ def store_problems(store: Path) -> list[str]:
                     problems.append(f"store object {obj} does not hash to its name")
     base = store / "descriptors"
     for engine in base.iterdir() if base.is_dir() else []:
+        if not (engine / "index.sqlite").exists():
+            continue  # opened (meta.json), nothing stored yet: a build that described nothing
         meta = json.loads((engine / "meta.json").read_text())
         row_bytes = 4 * int(meta["dim"])
         db = sqlite3.connect(f"file:{engine / 'index.sqlite'}?mode=ro", uri=True)
