@@ -121,6 +121,7 @@ class DescribeAhead:
         self._finished = False
         self._idle = 0.0
         self._hungry = False  # the describer waits for work (read by the fetch's thread)
+        self._first: Any = None  # the batch that opened the descriptor store
         self.stats: dict[str, Any] = {
             "blocks": 0,  # blocks described and stored
             "found": 0,  # blocks the store already had
@@ -298,6 +299,10 @@ class DescribeAhead:
 
     def _describe(self) -> None:
         runner, key, dim, post, mode = self._describer()
+        first = self._get()
+        if first is None:  # no anchor (every tile failed): the descriptor store is not touched
+            return
+        self._first = first
         store = TileStore(self.store_root)
         size = (int(runner.input_hw[0]), int(runner.input_hw[1]))
         with (
@@ -322,13 +327,15 @@ class DescribeAhead:
 
     def _work(self, ds: DescriptorStore, mode: str) -> Iterator[tuple[Any, Any, Any]]:
         """``((keys, cover, anchor digests), ids, digests)`` of each batch, blocks the store has left out."""
-        while (item := self._get()) is not None:
+        item, self._first = self._first, None
+        while item is not None:
             covers, digests = item
             got = _batch(covers, digests, self.stride, mode, ds)
             self.stats["found"] += got[1]
             if got[0] is not None:
                 self.stats["engine_runs"] += len(got[0][1])
                 yield got[0]
+            item = self._get()
 
 
 def _batch(
