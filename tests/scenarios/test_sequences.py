@@ -41,7 +41,7 @@ from tests._harness.sshd import SSHD
 from tests.conftest import Cb, CbResult
 
 LONG = os.environ.get("CACHEBUILD_LONG") == "1"
-SEQUENCES = int(os.environ.get("CACHEBUILD_SEQUENCES", "1000")) if LONG else 14
+SEQUENCES = int(os.environ.get("CACHEBUILD_SEQUENCES", "1000")) if LONG else 10
 STEPS = 8
 
 _NO_SHRINK = [Phase.explicit, Phase.reuse, Phase.generate]
