@@ -182,7 +182,11 @@ def test_local_cluster_describes_the_same_descriptors_once(cb: Cb, tmp_path: Pat
     assert probe == {"code": 0, "dask": []}, p.stderr
     assert noop["outcome"] == "up_to_date"
     assert noop["describe"] == {
-        "executor": "local", "workers": 0, "tiles_per_s": 0.0, "windows": 0, "windows_per_s": 0.0
+        "executor": "local",
+        "workers": 0,
+        "tiles_per_s": 0.0,
+        "windows": 0,
+        "windows_per_s": 0.0,
     }
 
     # a shifted flight with an unreachable scheduler: exit 21, the published cache stays
