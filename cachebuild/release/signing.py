@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.diskspace import disk_full_error, is_disk_full
 from cachebuild._util.fs import atomic_write, write_exclusive
 from cachebuild._util.hashing import canonical_json
 from cachebuild.errors import UsageError, VerifyError
@@ -297,6 +298,8 @@ def ensure_dev_key(path: str | os.PathLike[str]) -> tuple[Ed25519PrivateKey, boo
         key = Ed25519PrivateKey.generate()
         created = write_exclusive(p, _private_pem(key))
     except OSError as exc:
+        if is_disk_full(exc):  # a full disk is exit 24 with its own remedy, not a usage error
+            raise disk_full_error(exc, "signing-key", {"the key directory": parent}) from exc
         raise UsageError(
             f"cannot create signing key {p} ({exc.strerror or type(exc).__name__})",
             remedy=f"make {parent} writable, or give an existing key",

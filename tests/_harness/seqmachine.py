@@ -63,9 +63,9 @@ shares = st.sampled_from(["local", "s3", "companion", "local"])
 #: Until that is fixed, a companion sequence flips bytes in the companion's stores only.
 PUSH_SENDS_CORRUPT_OBJECTS = True
 
-#: A full disk while the development key is created is exit 2, "make … writable", not
-#: exit 24: test_a_full_disk_while_the_development_key_is_created_is_exit_24 (xfail).
-DEV_KEY_ENOSPC_IS_EXIT_2 = True
+#: A full disk while the development key is created was exit 2, "make … writable"; fixed
+#: (exit 24): test_a_full_disk_while_the_development_key_is_created_is_exit_24.
+DEV_KEY_ENOSPC_IS_EXIT_2 = False
 
 
 def _dev_key_not_written(rep: dict[str, Any]) -> bool:

@@ -270,14 +270,9 @@ def test_a_corrupt_tile_object_on_the_workstation_does_not_block_companion_build
     state.check_convergence()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the long run: ENOSPC while the development key is created is a UsageError "
-    "(exit 2, 'make … writable, or give an existing key'), not exit 24 with the disk-full remedy "
-    "(cachebuild/release/signing.py, ensure_dev_key's except OSError; reported to the lead)",
-)
 def test_a_full_disk_while_the_development_key_is_created_is_exit_24(world: World) -> None:
-    """The first build in a fresh home, without KEY, on a disk that is already full."""
+    """Found by the long run (was exit 2, 'make … writable'): the first build in a fresh home,
+    without KEY, on a disk that is already full."""
     state = _machine(world)
     p = popen_disk_full(state.cb, 1, "build-cache", *Config("demo", "base").args(world))
     out, err = p.communicate(timeout=300)
