@@ -61,6 +61,10 @@ def task(plan: Any) -> dict[str, Any]:
                     "http": dict(s.http),
                     "nodata": dict(s.nodata),
                     "shared": s.shared_store,
+                    # registered with the store from the first phase on: a build that stops
+                    # after it has staged tiles gc-store must keep (a companion's COMPANION_DIR
+                    # is not under its home)
+                    "cache_dir": str(plan.paths.cache_dir),
                 },
             )
         ],

@@ -94,11 +94,10 @@ def _dask_noise(tail: str) -> bool:
 #: test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build (xfail).
 COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS = True
 
-#: A companion's build stages its tile set before it registers its cache with the store,
-#: so gc-store there removes the staged tiles of a build that stopped after the tiles phase:
-#: test_gc_on_a_companion_keeps_what_a_failed_build_staged (xfail).  Until the fix, gc-store
-#: on a companion names the cache (CACHE_DIR), as an operator would to keep it.
-COMPANION_STAGES_UNREGISTERED = True
+#: A companion's build staged its tile set before it registered its cache with the store, so
+#: gc-store there removed the staged tiles of a build that stopped after the tiles phase; fixed
+#: (the tiles phase registers the cache): test_gc_on_a_companion_keeps_what_a_failed_build_staged.
+COMPANION_STAGES_UNREGISTERED = False
 
 TASKS = ("tiles", "mbtiles", "describe", "index", "selftest", "manifest")
 

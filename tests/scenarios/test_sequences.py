@@ -326,13 +326,6 @@ def test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build(wor
 
 
 @needs_sshd
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by the long run: a companion's build stages its tile set (state/build/tiles.npy) "
-    "before it registers its cache with the companion's store, so when it stops after the tiles "
-    "phase (here: PRECISION=fp16, exit 21), gc-store there removes every tile object the staged "
-    "build names (reported to the lead)",
-)
 def test_gc_on_a_companion_keeps_what_a_failed_build_staged(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
