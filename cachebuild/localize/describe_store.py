@@ -65,18 +65,28 @@ def _engine_key(engine_dir: str | os.PathLike[str]) -> str:
     return key
 
 
-def _assemble(ds: DescriptorStore, shard: Any, row: Any, ids: Any, path: Path, dim: int) -> None:
-    """Write ``path`` (``descriptors.npy``) from the store, in tile order; refuse a non-finite row."""
+def _assemble(
+    ds: DescriptorStore, shard: Any, row: Any, ids: Any, path: Path, dim: int, valid: Any = None
+) -> int:
+    """Write ``path`` (``descriptors.npy``) from the store, in tile order; refuse a non-finite row.
+
+    A stored row holds ``ds.dim // dim`` descriptors (a block of windows);
+    with ``valid`` (bool ``[N, ds.dim // dim]``) only those are written.
+    Returns the rows written.
+    """
     import numpy as np
 
-    n = len(ids)
-    with NpyRowWriter(path, "<f4", (n, dim)) as sink:
-        buf = np.empty((min(_ASSEMBLE_ROWS, max(n, 1)), dim), dtype=np.float32)
-        for s in range(0, n, _ASSEMBLE_ROWS):
-            e = min(s + _ASSEMBLE_ROWS, n)
-            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s])
-            if not bool(np.all(np.isfinite(part))):
-                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=1))[0])
+    n, per = len(ids), ds.dim // dim
+    chunk = max(1, _ASSEMBLE_ROWS // per)
+    total = n * per if valid is None else int(valid.sum())
+    with NpyRowWriter(path, "<f4", (total, dim)) as sink:
+        buf = np.empty((min(chunk, max(n, 1)), ds.dim), dtype=np.float32)
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s]).reshape(e - s, per, dim)
+            rows = part.reshape(-1, dim) if valid is None else part[valid[s:e]]
+            if not bool(np.all(np.isfinite(rows))):
+                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=(1, 2)))[0])
                 z, x, y = tile_zxy(ids[bad])
                 raise BuildError(
                     f"the descriptor store {ds.root} holds a non-finite descriptor for tile "
@@ -84,4 +94,5 @@ def _assemble(ds: DescriptorStore, shard: Any, row: Any, ids: Any, path: Path, d
                     remedy=f"delete {ds.root} (its descriptors are computed again)",
                     phase=_PHASE,
                 )
-            sink.write(part)
+            sink.write(rows)
+    return total

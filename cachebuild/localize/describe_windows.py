@@ -24,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild._util.fs import atomic_save_npy
-from cachebuild._util.npyio import NpyRowWriter
 from cachebuild._util.progress import Progress
 from cachebuild.engine.features import HEAD_FILE, HEAD_MODEL, load_head_model, read_head
-from cachebuild.errors import BuildError, CacheBuildError
-from cachebuild.localize.decode import decode_batch, tile_zxy
+from cachebuild.errors import CacheBuildError
+from cachebuild.localize.decode import decode_batch
 from cachebuild.localize.decode_ahead import _engine_batches
-from cachebuild.localize.describe_store import _engine_key, _ThumbKeeper
+from cachebuild.localize.describe_store import _assemble, _engine_key, _ThumbKeeper
 from cachebuild.localize.windows import (
     WindowDescriber,
     describer_dir,
@@ -57,7 +56,6 @@ _PHASE = "describe"
 _BAND = 16
 #: A Dask worker's head models, by engine key (loaded once per process).
 _HEADS: dict[str, Any] = {}
-_ASSEMBLE_ANCHORS = 1024
 
 
 def window_plan(
@@ -115,8 +113,9 @@ def describe_windows(
         else:
             executor["workers"] = 0
         ds.touch()
-        n = _assemble_windows(ds, shard, row, ids, plan, stride, out / descriptors_file)
-    valid = window_valid(plan["nb"], stride)
+        d = plan["dim"] // (stride * stride)
+        valid = window_valid(plan["nb"], stride)
+        n = _assemble(ds, shard, row, ids, out / descriptors_file, d, valid)
     atomic_save_npy(out / ids_file, window_ids(ids, stride)[valid])
     return {"computed": int(len(todo)), "engine_runs": int(runs), "windows": int(n)}
 
@@ -271,37 +270,3 @@ def describe_window_batch(
         return blocks, thumbs[np.asarray(cover)[:, 0]]
     except CacheBuildError as exc:
         raise dx.WorkerError.of(exc) from None
-
-
-def _assemble_windows(
-    ds: DescriptorStore,
-    shard: Any,
-    row: Any,
-    ids: Any,
-    plan: dict[str, Any],
-    stride: int,
-    path: Path,
-) -> int:
-    """Write the valid windows' rows from the store's blocks, in anchor order; returns the rows."""
-    import numpy as np
-
-    valid = window_valid(plan["nb"], stride)
-    d = plan["dim"] // (stride * stride)
-    n = int(valid.sum())
-    with NpyRowWriter(path, "<f4", (n, d)) as sink:
-        buf = np.empty((min(_ASSEMBLE_ANCHORS, max(len(ids), 1)), plan["dim"]), dtype=np.float32)
-        for s in range(0, len(ids), _ASSEMBLE_ANCHORS):
-            e = min(s + _ASSEMBLE_ANCHORS, len(ids))
-            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s]).reshape(e - s, -1, d)
-            rows = part[valid[s:e]]
-            if not bool(np.all(np.isfinite(rows))):
-                bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=(1, 2)))[0])
-                z, x, y = tile_zxy(ids[bad])
-                raise BuildError(
-                    f"the descriptor store {ds.root} holds a non-finite window descriptor for the "
-                    f"windows of tile z={z} x={x} y={y}",
-                    remedy=f"delete {ds.root} (its descriptors are computed again)",
-                    phase=_PHASE,
-                )
-            sink.write(rows)
-    return n
