@@ -8,7 +8,7 @@ after the faiss wiki's "Guidelines to choose an index" and autofaiss:
 N           index                       parameters
 ==========  ==========================  ===================================
 < 10k       ``IDMap2,Flat`` (exact)     none: exact, and as fast as anything
->= 10k      ``IVF{K},Flat``             K = 4 sqrt(N) lists, trained on
+>= 10k      ``IVF{K},Flat``             K = sqrt(N) lists, trained on
                                         min(N, 64 K) >= 39 K sampled
                                         vectors; nprobe tuned (below)
 ``hnsw``    ``IDMap2,HNSW32,Flat``      M = 32, efConstruction = 40;
@@ -58,7 +58,8 @@ the share that was in the population the k-means was trained from),
 built either way, so reuse cannot hide a worse index.  Flat indexes have
 nothing to train; HNSW is rebuilt, as faiss cannot remove vectors from an
 HNSW graph.  The exact top 10 that recall is measured against comes from
-faiss's flat search, chunk by chunk, and IVF's nprobe is bisected.
+faiss's flat search, chunk by chunk; IVF's nprobe is predicted from
+each query's list ranks and confirmed by one search (bisected when short).
 
 Why IVF and not HNSW, with figures: docs/design/index-choice.md; why the
 quantizer is reused up to 30% new vectors: docs/design/quantizer-reuse.md.
@@ -135,6 +136,8 @@ QUANTIZER_FILE = _quantizer.QUANTIZER_FILE
 MAX_UNTRAINED_SHARE = _quantizer.MAX_UNTRAINED_SHARE
 #: Retrain when the reused quantizer needs more than this times the nprobe it was trained with.
 _NPROBE_GROWTH = 2
+#: IVF lists per sqrt(N): 1, not faiss's 4-16 (k-means cost grows as K squared; design/index-choice.md).
+_LISTS_PER_ROOT = 1
 _TRAIN_PER_LIST = 64
 _MIN_TRAIN_PER_LIST = 39
 _PHASE = "index"
@@ -178,9 +181,9 @@ def plan_index(n: int, kind: str = "auto", *, gpus: int = 0) -> IndexPlan:
     """The index to build for ``n`` vectors.
 
     >>> plan_index(5_000).kind, plan_index(50_000, "hnsw").kind, plan_index(1_000_000).description
-    ('flat', 'hnsw', 'IVF4000,Flat')
+    ('flat', 'hnsw', 'IVF1000,Flat')
     >>> plan_index(1_000_000).params
-    {'nlist': 4000, 'train_points': 256000}
+    {'nlist': 1000, 'train_points': 64000}
     """
     if kind not in INDEX_KINDS:
         raise UsageError(f"INDEX={kind!r} must be one of {', '.join(INDEX_KINDS)}")
@@ -196,7 +199,7 @@ def plan_index(n: int, kind: str = "auto", *, gpus: int = 0) -> IndexPlan:
         params = {"M": HNSW_M, "efConstruction": HNSW_EF_CONSTRUCTION}
         return IndexPlan("hnsw", f"IDMap2,HNSW{HNSW_M},Flat", params, reason)
     # k-means needs >= 39 points a list to be trained without a warning
-    nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), n // _MIN_TRAIN_PER_LIST))
+    nlist = max(1, min(int(_LISTS_PER_ROOT * math.sqrt(max(n, 1))), n // _MIN_TRAIN_PER_LIST))
     train = min(n, _TRAIN_PER_LIST * nlist)
     return IndexPlan("ivf", f"IVF{nlist},Flat", {"nlist": nlist, "train_points": train}, reason)
 
@@ -514,8 +517,15 @@ def _tune_or_default(
         rows = np.sort(run.rng.choice(run.n, size=q, replace=False))
         queries = np.ascontiguousarray(gather_npy_rows(run.vec_path, rows))
         k = min(10, run.n)
-        kth = _exact_top(faiss, run.vec_path, queries, k)
-        value, recall = _tune(faiss, index, plan, queries, kth, k, hint=run.saved.get("nprobe"))
+        kth, top = _exact_top(faiss, run.vec_path, queries, k)
+        near = (
+            gather_npy_rows(run.vec_path, top.ravel()).reshape(q, k, -1)
+            if plan.kind == "ivf"
+            else None
+        )
+        value, recall = _tune(
+            faiss, index, plan, queries, kth, k, hint=run.saved.get("nprobe"), neighbours=near
+        )
         if run.centroids is not None and value > _NPROBE_GROWTH * int(run.saved["nprobe"]):
             # the new vectors crowd lists the quantizer was not trained for: train afresh
             run.why = (
@@ -528,7 +538,7 @@ def _tune_or_default(
             params = dict(plan.params)
             run.draw_sample()
             index, device, gpu_error = run.build()
-            value, recall = _tune(faiss, index, plan, queries, kth, k, hint=None)
+            value, recall = _tune(faiss, index, plan, queries, kth, k, hint=None, neighbours=near)
         if plan.kind in ("hnsw", "ivf"):
             params["efSearch" if plan.kind == "hnsw" else "nprobe"] = int(value)
         run.seconds["tune"] = time.perf_counter() - t

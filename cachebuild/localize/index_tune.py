@@ -15,7 +15,7 @@ from typing import Any
 
 from cachebuild._util.npyio import iter_npy_rows, npy_shape
 
-__all__ = ["RECALL_TARGET"]
+__all__ = ["RECALL_TARGET", "predict_nprobe"]
 
 #: The recall@10 the search parameter is tuned to reach.
 RECALL_TARGET = 0.95
@@ -32,15 +32,15 @@ def _set_search_param(faiss: Any, index: Any, kind: str, value: int) -> None:
         index.nprobe = int(value)
 
 
-def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> Any:
-    """The k-th best exact similarity of each query, by one pass over the descriptors.
+def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]:
+    """``(kth, rows)``: each query's k-th best exact similarity and the rows of its exact top k.
 
-    Each chunk is searched exactly (faiss's flat search: BLAS and a heap)
-    and the k best kept across chunks.  A pass of under
-    :data:`_ONE_THREAD_FLOPS` runs on one thread: on two shared, busy cores
-    the threaded pass over 20k descriptors took 0.42-0.73 s and the
-    single-threaded one 0.13-0.16 s (thread start and barriers cost more
-    than the arithmetic).
+    One pass over the descriptors: each chunk is searched exactly (faiss's
+    flat search: BLAS and a heap) and the k best kept across chunks.  A
+    pass of under :data:`_ONE_THREAD_FLOPS` runs on one thread: on two
+    shared, busy cores the threaded pass over 20k descriptors took
+    0.42-0.73 s and the single-threaded one 0.13-0.16 s (thread start and
+    barriers cost more than the arithmetic).
     """
     import numpy as np
 
@@ -50,15 +50,47 @@ def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> Any:
         faiss.omp_set_num_threads(1)
     try:
         best = np.full((len(queries), k), -np.inf, dtype=np.float32)
-        for _, chunk in iter_npy_rows(path, chunk_rows=16_384):
+        rows = np.full((len(queries), k), -1, dtype=np.int64)
+        for start, chunk in iter_npy_rows(path, chunk_rows=16_384):
             flat = faiss.IndexFlatIP(chunk.shape[1])
             flat.add(np.ascontiguousarray(chunk))
-            sims, _ = flat.search(queries, min(k, len(chunk)))
+            sims, ids = flat.search(queries, min(k, len(chunk)))
             both = np.concatenate([best, sims], axis=1)
-            best = -np.sort(-both, axis=1)[:, :k]
+            both_rows = np.concatenate([rows, np.where(ids >= 0, ids + start, -1)], axis=1)
+            order = np.argsort(-both, axis=1, kind="stable")[:, :k]
+            best = np.take_along_axis(both, order, axis=1)
+            rows = np.take_along_axis(both_rows, order, axis=1)
     finally:
         faiss.omp_set_num_threads(threads)
-    return best[:, k - 1]
+    return best[:, k - 1], rows
+
+
+def predict_nprobe(
+    faiss: Any, index: Any, queries: Any, neighbours: Any, ladder: tuple[int, ...]
+) -> int:
+    """The smallest ``nprobe`` on the ladder whose recall@k should reach the target, without searching.
+
+    A true neighbour is found once its list is probed, and a query probes
+    its lists in the order of the quantizer's scores: so the ``nprobe`` a
+    query needs for each neighbour is that list's rank for the query.  One
+    quantizer search and one assignment give the whole recall curve; the
+    caller still measures recall at the value chosen (ties at the k-th
+    score can differ).  ``neighbours`` are the vectors of each query's
+    exact top k, shape ``(queries, k, dim)``.
+    """
+    import numpy as np
+
+    q, k, dim = neighbours.shape
+    nlist = int(index.nlist)
+    _, order = index.quantizer.search(queries, nlist)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(q, axis=0), axis=1)
+    _, lists = index.quantizer.search(np.ascontiguousarray(neighbours.reshape(q * k, dim)), 1)
+    need = np.take_along_axis(rank, lists.reshape(q, k), axis=1) + 1
+    for value in ladder:
+        if float(np.mean(np.sum(need <= value, axis=1) / k)) >= RECALL_TARGET:
+            return value
+    return ladder[-1]
 
 
 def _recall(index: Any, queries: Any, kth: Any, k: int) -> float:
@@ -76,12 +108,21 @@ def _recall(index: Any, queries: Any, kth: Any, k: int) -> float:
 
 
 def _tune(
-    faiss: Any, index: Any, plan: Any, queries: Any, kth: Any, k: int, hint: int | None
+    faiss: Any,
+    index: Any,
+    plan: Any,
+    queries: Any,
+    kth: Any,
+    k: int,
+    hint: int | None,
+    neighbours: Any = None,
 ) -> tuple[int, float]:
     """The smallest search parameter on the ladder whose recall@k reaches the target, and that recall.
 
     IVF-Flat's recall grows with nprobe (more lists probed, exact scores: a
-    result is never lost), so its ladder is bisected, starting at ``hint``
+    result is never lost).  Given the exact neighbours' vectors, the value
+    is predicted (:func:`predict_nprobe`) and measured; else, or when the
+    measurement falls short, the ladder is bisected, starting at ``hint``
     (the last build's nprobe); ``nprobe = nlist`` is exhaustive and always
     reaches it.  HNSW's efSearch is walked up from the bottom.
     """
@@ -100,7 +141,15 @@ def _tune(
             0,
             len(ladder) - 1,
         )  # the answer is in ladder[lo..hi]; ladder[hi] reaches the target
-        if hint is not None and int(hint) in ladder:
+        guess = (
+            predict_nprobe(faiss, index, queries, neighbours, ladder)
+            if neighbours is not None
+            else None
+        )
+        if guess is not None:  # exact but for ties: one search confirms it
+            g = ladder.index(guess)
+            lo, hi = (g, g) if recall_at(guess) >= RECALL_TARGET else (g + 1, hi)
+        elif hint is not None and int(hint) in ladder:
             # most rebuilds need the hint's value again: two searches tell
             h = ladder.index(int(hint))
             if recall_at(ladder[h]) >= RECALL_TARGET:

@@ -163,9 +163,9 @@ def test_import_is_light() -> None:
     [
         (0, "flat", "IDMap2,Flat"),
         (FLAT_MAX - 1, "flat", "IDMap2,Flat"),
-        (FLAT_MAX, "ivf", "IVF256,Flat"),  # 4 sqrt(N) = 400 lists would get < 39 points each
-        (100_000, "ivf", "IVF1264,Flat"),
-        (1_000_000, "ivf", "IVF4000,Flat"),
+        (FLAT_MAX, "ivf", "IVF100,Flat"),
+        (100_000, "ivf", "IVF316,Flat"),
+        (1_000_000, "ivf", "IVF1000,Flat"),
     ],
 )
 def test_auto_picks_the_index_by_size(n: int, kind: str, description: str) -> None:
@@ -173,8 +173,8 @@ def test_auto_picks_the_index_by_size(n: int, kind: str, description: str) -> No
     assert (plan.kind, plan.description) == (kind, description)
     assert plan.reason.startswith("auto")
     if kind == "ivf":
-        # K = 4 sqrt(N) lists, fewer where N cannot give every list 39 training points
-        assert plan.params["nlist"] == min(int(4 * n**0.5), n // 39)
+        # K = sqrt(N) lists, fewer where N cannot give every list 39 training points
+        assert plan.params["nlist"] == min(int(n**0.5), n // 39)
         assert plan.params["train_points"] >= 39 * plan.params["nlist"]
 
 
@@ -459,3 +459,31 @@ def test_a_quantizer_that_needs_far_more_probes_is_trained_again(tmp_path: Path)
         and r["recall_at_10"] >= RECALL_TARGET
         and r["seconds"]["train"] > 0
     )
+
+
+def test_predicted_nprobe_is_the_smallest_that_reaches_the_target(tmp_path: Path) -> None:
+    """The nprobe predicted from list ranks is the one a search-by-search walk finds."""
+    from cachebuild.localize.index_tune import _NPROBE_LADDER, predict_nprobe
+
+    n = 6_000
+    vectors = unit_vectors(n, 16)  # neighbours spread over lists: nprobe 1 is not enough
+    src = write_descriptors(tmp_path / "d", vectors, np.arange(n, dtype=np.int64))
+    out = tmp_path / "i.faiss"
+    info = build_index(descriptors_dir=src, out_path=out, kind="ivf", recall_queries=400)
+    ivf = faiss.read_index(str(out))
+    q = vectors[:400]
+    sims = q @ vectors.T
+    top = np.argsort(-sims, axis=1)[:, :10]
+    kth = np.take_along_axis(sims, top, axis=1)[:, -1]
+    nlist = ivf.nlist
+    ladder = tuple(v for v in _NPROBE_LADDER if v < nlist) + (nlist,)
+
+    def measured(nprobe: int) -> float:
+        ivf.nprobe = nprobe
+        scores, _ = ivf.search(q, 10)
+        return float(np.mean(np.sum(scores >= kth[:, None] - 1e-5, axis=1) / 10))
+
+    walked = next(v for v in ladder if measured(v) >= RECALL_TARGET)
+    assert predict_nprobe(faiss, ivf, q, vectors[top], ladder) == walked
+    assert ladder[0] < walked < nlist  # the data make the prediction non-trivial
+    assert info["recall_at_10"] >= RECALL_TARGET
