@@ -11,11 +11,11 @@ searches ``index.faiss`` and turns the ids into ground with
 The imagery is not in this repository (tests/data/real/README.md says where
 it comes from and where to put it); without it these tests skip, saying so.
 
-The floors are the figures measured on this imagery with the built-in model
-(docs/benchmarks.md, "Real imagery": recall@1 0.75, recall@5 0.90, median
-error 27 m, over 200 frames from the orthophoto; the build's own self-test
-0.771 / 0.914) less a margin; they are below issue 21's targets (0.85 /
-0.95), which this imagery does not reach.
+The floors are what these 200 frames measured with the built-in model
+(recall@1 0.81, recall@5 0.935, median error 22 m; the build's own
+self-test 0.771 / 0.914 over 105 frames) less a margin of about 0.1.
+Issue 21's targets (0.85 / 0.95) are not reached on this imagery
+(docs/benchmarks.md, "Real imagery").
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def test_an_onboard_client_localizes_frames_cut_from_a_real_orthophoto(
     r1, r5 = float(hits[:, 0].mean()), float(hits.any(axis=1).mean())
 
     frame_m = 2 * math.pi * 6_378_137 * math.cos(math.radians(47.02)) / 2**Z
-    assert r1 >= 0.65 and r5 >= 0.82, (r1, r5)
+    assert r1 >= 0.7 and r5 >= 0.85, (r1, r5)
     assert float(np.median(errors)) <= frame_m / 4
     # the build's self-test says what an independent client measures
     assert abs(st["recall_at_1"] - r1) <= 0.12, (st["recall_at_1"], r1)
