@@ -46,12 +46,12 @@ from tests._harness import realimagery as ri  # noqa: E402
 Z = 17
 
 
-def build(home: Path, ortho_rgb: Path, flight: Path, buffer_m: int, stride: int) -> dict[str, Any]:
+def build(home: Path, ortho: Path, flight: Path, buffer_m: int, stride: int) -> dict[str, Any]:
     """One build in ``home`` (a real ``doit build-cache`` process); its JSON report."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEBUILD_")}
     env.update(CACHEBUILD_HOME=str(home), XDG_DATA_HOME=str(home / "data"))
     argv = [sys.executable, "-m", "doit", "build-cache", f"FLIGHT={flight}"]
-    argv += [f"PROVIDER={ortho_rgb}", f"ZOOM={Z}", f"BUFFER_M={buffer_m}"]
+    argv += [f"PROVIDER={ortho}", f"ZOOM={Z}", f"BUFFER_M={buffer_m}"]
     argv += [f"WINDOW_STRIDE={stride}", "SELFTEST_QUERIES=400", "REPORT=json"]
     p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if p.returncode != 0:
@@ -105,14 +105,13 @@ def main() -> None:
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     with tempfile.TemporaryDirectory(prefix="bench-real-") as tmp:
-        rgb = ri.rgb_geotiff(ortho, Path(tmp) / "ortho-rgb.tif")
         flight = ri.write_flight(Path(tmp) / "flight.json")
         for buffer_m in args.buffers:
             home = Path(tmp) / f"home-{buffer_m}"  # one store per area: tiles cut once
             home.mkdir()
             for stride in args.strides:
                 t0 = time.perf_counter()
-                report = build(home, rgb, flight, buffer_m, stride)
+                report = build(home, ortho, flight, buffer_m, stride)
                 seconds = time.perf_counter() - t0
                 client = ri.OnboardClient(home / "cache" / "current")
                 tiles, places = report["tiles"]["planned"], client.index.ntotal

@@ -8,7 +8,10 @@ where the orthophoto ends.  The same file always gives the same bytes, so
 tiles are stored and hashed like any provider's.
 
 The source must be 8-bit: 1 band (grey), 2 (grey + alpha), 3 (RGB) or 4
-(RGB + alpha); its nodata value, if any, counts as "not covered".
+(RGB + alpha); its nodata value, if any, counts as "not covered".  A last
+band not marked as alpha is taken as alpha only when its pixels are almost
+all 0 or 255; otherwise (a 4-band NAIP raster's near-infrared) it is left
+out, with a warning, and the tile set's identity says which bands it used.
 
 rasterio and numpy are imported when a GeoTIFF is opened; rasterio is the
 optional ``geotiff`` extra (``pip install 'cachebuild[geotiff]'``).
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.hashing import sha256_file
-from cachebuild.errors import DownloadError, UsageError
+from cachebuild.errors import CacheBuildWarning, DownloadError, UsageError
 from cachebuild.providers.base import DEFAULT_TILE_SIZE, TileFetchError
 from cachebuild.tilemath import EARTH_RADIUS_M, Tile
 
@@ -82,6 +85,28 @@ def geotiff_stamp(path: str | os.PathLike[str]) -> str:
     except OSError:
         return f"geotiff:{p}:missing"
     return f"geotiff:{p}:{st.st_size}:{st.st_mtime_ns}:v{GEOTIFF_CUT_VERSION}"
+
+
+def _looks_like_alpha(path: Path, band: int) -> bool:
+    """Whether ``band`` reads as a mask: at least 99% of sampled pixels are 0 or 255.
+
+    Samples a 3 x 3 grid of 64-pixel windows (blocks are bounded by
+    MAX_BLOCK_BYTES, so this reads at most nine blocks).
+    """
+    import numpy as np
+    import rasterio
+    from rasterio.windows import Window
+
+    with rasterio.open(path) as src:
+        size = 64
+        samples = []
+        for fy in (0.2, 0.5, 0.8):
+            for fx in (0.2, 0.5, 0.8):
+                col = max(0, min(src.width - size, int(src.width * fx)))
+                row = max(0, min(src.height - size, int(src.height * fy)))
+                samples.append(src.read(band, window=Window(col, row, size, size)).ravel())
+    values = np.concatenate(samples)
+    return bool(np.mean((values == 0) | (values == 255)) >= 0.99)
 
 
 class GeoTiffProvider:
@@ -152,10 +177,24 @@ class GeoTiffProvider:
         from rasterio.enums import ColorInterp
 
         alpha = [i + 1 for i, ci in enumerate(colorinterp) if ci == ColorInterp.alpha]
+        dropped = ""
         if not alpha and count in (2, 4):
-            alpha = [count]  # grey+alpha, RGBA without the colour interpretation set
+            if _looks_like_alpha(self.path, count):  # RGBA without the colour interpretation set
+                alpha = [count]
+            else:
+                dropped = f":bands=1-{count - 1}"
+                import warnings
+
+                warnings.warn(
+                    CacheBuildWarning(
+                        f"PROVIDER={self.path}: band {count} is not marked alpha and its values vary "
+                        f"(near-infrared?): tiles use band(s) 1-{count - 1} only"
+                    ),
+                    stacklevel=2,
+                )
         self._alpha_band = alpha[0] if alpha else 0
-        self._colour_bands = [b for b in range(1, count + 1) if b != self._alpha_band]
+        last = count - 1 if dropped else count
+        self._colour_bands = [b for b in range(1, last + 1) if b != self._alpha_band]
         self._nodata = nodata
         self.tile_size = tile_size
         self.quality = quality
@@ -166,7 +205,7 @@ class GeoTiffProvider:
         fl, fb, fr, ft = self.footprint
         # source pixels per square metre of Web Mercator, for the per-tile bound
         self._density = width * height / max((fr - fl) * (ft - fb), 1e-9)
-        self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}:sha256={sha256_file(self.path)[0]}"
+        self.identity = f"geotiff:v{GEOTIFF_CUT_VERSION}:{tile_size}px:bilinear:jpeg{quality}{dropped}:sha256={sha256_file(self.path)[0]}"
         self.concurrency = usable_cpus()
         self._local = threading.local()
         self._lock = threading.Lock()

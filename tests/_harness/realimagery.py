@@ -35,7 +35,6 @@ __all__ = [
     "SHA256",
     "FLIGHT",
     "find_imagery",
-    "rgb_geotiff",
     "write_flight",
     "Area",
     "Ground",
@@ -84,20 +83,6 @@ def find_imagery(name: str) -> Path | None:
                 raise AssertionError(f"{p}: SHA-256 {digest}, not the {SHA256[name]} expected")
             return p
     return None
-
-
-def rgb_geotiff(src: Path, dst: Path) -> Path:
-    """The orthophoto's red, green and blue bands as an RGB GeoTIFF (NAIP's 4th band is near-infrared)."""
-    import rasterio
-
-    with rasterio.open(src) as s:
-        profile = s.profile
-        profile.update(count=3, photometric="RGB", compress="deflate", tiled=True, nodata=0)
-        for key in ("blockxsize", "blockysize"):
-            profile.pop(key, None)
-        with rasterio.open(dst, "w", **profile) as d:
-            d.write(s.read([1, 2, 3]))
-    return dst
 
 
 def write_flight(path: Path, waypoints: list[tuple[float, float]] = FLIGHT) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import sys
+import warnings
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cachebuild.errors import UsageError
+from cachebuild.errors import CacheBuildWarning, UsageError
 from cachebuild.providers import open_provider
 from cachebuild.providers.base import Provider
 from cachebuild.providers.geotiff import GeoTiffProvider, mercator_bounds
@@ -262,3 +263,39 @@ def test_through_the_cache_mbtiles_gdal_sees_the_source(ortho: Path, tmp_path: P
     red, green = expected(es, ns)
     assert np.abs(got[:, 0] - red).max() < 6
     assert np.abs(got[:, 1] - green).max() < 6
+
+
+@pytest.mark.parametrize("bands", [4, 2])
+def test_a_last_band_that_is_not_a_mask_is_left_out(tmp_path: Path, bands: int) -> None:
+    """A NAIP-like raster (RGB + near-infrared, no colour interpretation): not read as alpha."""
+    path = write_geotiff(tmp_path / "rgbn.tif", bands=3 if bands == 4 else 1)
+    with rasterio.open(path) as src:
+        data, profile = src.read(), dict(src.profile)
+    nir = (np.add.outer(np.arange(SIZE_PX), np.arange(SIZE_PX)) % 200 + 20).astype("uint8")
+    profile.update(count=bands, photometric="RGB" if bands == 4 else "MINISBLACK")
+    out = tmp_path / "with-nir.tif"
+    ci = rasterio.enums.ColorInterp
+    with rasterio.open(out, "w", **profile) as ds:
+        ds.write(np.concatenate([data, nir[None]]))
+        # as NAIP files carry it: colour band(s), then an undefined one
+        colour = [ci.red, ci.green, ci.blue] if bands == 4 else [ci.gray]
+        ds.colorinterp = [*colour, ci.undefined]
+    with rasterio.open(out) as src:
+        assert ci.alpha not in src.colorinterp
+    with pytest.warns(CacheBuildWarning, match=f"band {bands} is not marked alpha"):
+        p = GeoTiffProvider(out)
+    with closing(p), closing(GeoTiffProvider(path)) as plain:
+        assert p.identity != plain.identity and f":bands=1-{bands - 1}:" in p.identity
+        got, want = p.fetch(INSIDE), plain.fetch(INSIDE)
+        assert got is not None and want is not None
+        # the same picture as the raster without the band: opaque, the same colours
+        assert np.abs(decode(got) - decode(want)).max() <= 2
+
+
+def test_an_unmarked_mask_band_is_still_alpha(tmp_path: Path) -> None:
+    path = write_geotiff(tmp_path / "rgba.tif", bands=4, hole_west_half=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CacheBuildWarning)
+        p = GeoTiffProvider(path)
+    with closing(p):
+        assert ":bands=" not in p.identity
