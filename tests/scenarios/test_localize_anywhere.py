@@ -5,7 +5,8 @@ The client reads ``engine/engine.json`` (how to prepare a frame), runs
 ``engine/engine.onnx`` with onnxruntime, searches ``index.faiss`` with faiss
 and turns the id into latitude and longitude with ``positions.npy``; it cuts
 its own frames from imagery it fetches itself (the synthetic provider's
-images: no real orthophoto is available offline here).
+images; the same on a real NAIP orthophoto, where one is placed:
+test_localize_real.py).
 """
 
 from __future__ import annotations
