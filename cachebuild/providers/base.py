@@ -55,7 +55,9 @@ class Provider(Protocol):
 
     A provider may also have an ``int`` attribute ``retries``, the number of
     requests it repeated so far; the tiles phase shows it in its progress
-    line and summary.
+    line and summary; and a ``str`` attribute ``published``, the provider
+    ``tileset.json`` names when that is not ``identity`` (the pushed tiles
+    on a companion name the workstation's provider).
     """
 
     identity: str

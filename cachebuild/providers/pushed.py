@@ -9,7 +9,11 @@ missing is missing here too (None); a tile the workstation never planned
 means the two disagree about the area — an error, not a gap.
 
 The identity is ``pushed:<aggregate_sha256>``: the same pushed tile set is
-the same provider, wherever it was pushed to.
+the same provider, wherever it was pushed to (it keys the store's refs).
+What the companion's ``tileset.json`` names as its provider is
+:attr:`PushedProvider.published`, the workstation's provider as the pushed
+``tileset.json`` names it: the same flight gives the same cache on a
+companion as on the workstation.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class PushedProvider:
                 remedy="run build-cache with COMPANION=… from the workstation: it pushes the tile set",
             ) from None
         self.identity = f"pushed:{summary['aggregate_sha256']}"
+        #: the provider the workstation fetched these tiles from, as its tileset.json names it
+        self.published = str(summary.get("provider") or self.identity)
         self.concurrency = min(8, usable_cpus())
         self.store_root = Path(meta["store"])
         self._digests = dict(zip(tiles["id"].tolist(), hex_digests(tiles)))

@@ -388,7 +388,8 @@ def fetch_with_provider(
     summary: dict[str, Any] = {
         "zooms": zooms,
         "bbox": [float(v) for v in bbox],
-        "provider": provider.identity,
+        # a companion's pushed tiles name the workstation's provider, not the push
+        "provider": getattr(provider, "published", provider.identity),
         "missing_examples": [_name(tile_from_id(i)) for i in missing[:MISSING_EXAMPLES]],
     }
     if rule.active:

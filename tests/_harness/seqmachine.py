@@ -540,7 +540,7 @@ class Sequences(RuleBasedStateMachine):
         ref = self.world.reference(self.config)
         self.world.convergences += 1
         current = self.published("cache") / "current"
-        diffs = target_differences(current, ref, companion=self.remote is not None)
+        diffs = target_differences(current, ref)
         assert diffs == [], f"{current} did not converge to {ref.current}: {diffs}"
 
     def teardown(self) -> None:

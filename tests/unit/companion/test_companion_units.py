@@ -613,6 +613,29 @@ def test_pushed_provider_serves_the_pushed_tiles_and_only_those(tmp_path: Path) 
         pushed.open_pushed(f"pushed:{tmp_path / 'nothing'}")
 
 
+def test_the_tiles_phase_on_pushed_tiles_writes_the_workstations_tileset_json(
+    tmp_path: Path,
+) -> None:
+    """Issue 24: the tile set a companion builds from the push names the workstation's provider,
+    byte for byte the workstation's tileset.json (the same flight, the same cache); the store's
+    refs stay under the push's own identity."""
+    from cachebuild.tilemath import LngLatBbox, tiles
+    from cachebuild.tiles.fetch import fetch_tiles, fetch_with_provider
+
+    area, store_root = LngLatBbox(8.540, 47.370, 8.548, 47.374), tmp_path / "store"
+    here, there = tmp_path / "workstation", tmp_path / "companion"
+    kw: dict[str, Any] = {"bbox": area, "zooms": [17], "store_root": store_root, "progress": False}
+    fetch_tiles(provider_spec="synthetic", out_dir=here, env={}, **kw)
+    (here / "push.json").write_text(json.dumps({"format": 1, "store": str(store_root)}))
+    prov = pushed.open_pushed(f"pushed:{here}")
+    assert prov.published == "synthetic:v1" != prov.identity
+    fetch_with_provider(prov, out_dir=there, **kw)
+    assert (there / "tileset.json").read_bytes() == (here / "tileset.json").read_bytes()
+    planned = [(t.z, t.x, t.y) for t in tiles(area, [17])]
+    with TileStore(store_root) as store:
+        assert len(store.lookup_refs(prov.identity, planned)) == len(planned)
+
+
 class DroppingSftp:
     """An SFTP client whose link dies after ``ok`` renames."""
 
