@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cachebuild._util.cpus import usable_cpus
+from cachebuild._util.signals import deferred_interrupts
 from cachebuild.engine.compile import load_engine
 from cachebuild.engine.features import HEAD_FILE, HEAD_MODEL
 from cachebuild.engine.interface import read_engine_json
@@ -444,6 +445,15 @@ class DaskExecutor:
         self._files = ["engine.json", str(record["engine_file"]), *extra]
 
     def __enter__(self) -> DaskExecutor:
+        try:  # a Ctrl-C as it starts is taken once it has: a half-made cluster prints tracebacks
+            with deferred_interrupts():
+                self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
         threads = self.threads
         if self.kind == "local":
             n = int(self._target)
@@ -469,29 +479,22 @@ class DaskExecutor:
                     phase=_PHASE,
                 ) from exc
             self.address = self._cluster.scheduler_address
-        try:
-            self.client = _connect(self.address, self.connect_timeout)
-            files = {name: (self.engine_dir / name).read_bytes() for name in self._files}
-            self.client.register_plugin(
-                EnginePlugin(self.key, files, threads), name=_plugin_name(self.key)
-            )
-            self.workers = len(self.client.nthreads())
-        except BaseException:
-            self.__exit__(None, None, None)
-            raise
-        return self
+        self.client = _connect(self.address, self.connect_timeout)
+        files = {name: (self.engine_dir / name).read_bytes() for name in self._files}
+        self.client.register_plugin(
+            EnginePlugin(self.key, files, threads), name=_plugin_name(self.key)
+        )
+        self.workers = len(self.client.nthreads())
 
     def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
+        with deferred_interrupts():  # closed whole, as it started
+            client, cluster, self.client, self._cluster = self.client, self._cluster, None, None
             try:
-                self.client.close()
+                if client is not None:
+                    client.close()
             finally:
-                self.client = None
-        if self._cluster is not None:
-            try:
-                self._cluster.close()
-            finally:
-                self._cluster = None
+                if cluster is not None:
+                    cluster.close()
 
     def _window(self) -> int:
         threads = sum(self.client.nthreads().values())
@@ -572,7 +575,6 @@ class DaskExecutor:
                 client.cancel(list(pending))
 
     def _result(self, fut: Any, ids: Any) -> Any:
-
         try:
             return fut.result()
         except WorkerError as exc:

@@ -73,21 +73,6 @@ def _dev_key_not_written(rep: dict[str, Any]) -> bool:
     return "cannot create signing key" in error and "No space left on device" in error
 
 
-#: A Ctrl-C while describe's Dask local cluster starts: exit 130, then distributed's own
-#: tracebacks at exit (close_clusters: "AssertionError: Status.init"; "Nanny failed to
-#: start"): test_a_ctrl_c_while_the_dask_cluster_starts_prints_no_traceback (xfail).
-DASK_INTERRUPT_PRINTS_TRACEBACKS = True
-
-
-def _dask_noise(tail: str) -> bool:
-    """Tracebacks after the exit-130 error, all of them distributed's (none of cachebuild's)."""
-    return (
-        "Traceback" in tail
-        and "/distributed/" in tail
-        and not re.search(r'File "[^"]*/(cachebuild|targets)/', tail)
-    )
-
-
 #: A corrupt object in a companion's store: its build removes it, cannot fetch it (the
 #: pushed provider has only the store), and fails with exit 20 "run build-cache from the
 #: workstation again"; the next run pushes it and converges:
@@ -122,7 +107,6 @@ class Sequences(RuleBasedStateMachine):
         w = self.world
         w.sequences += 1
         s3, companion = share == "s3", share == "companion" and os.path.exists(SSHD)
-        self.dask = s3
         self.since_converge = 0
         self.home = w.root / "seq" / str(w.sequences)
         self.home.mkdir(parents=True)
@@ -184,14 +168,6 @@ class Sequences(RuleBasedStateMachine):
                 time.sleep(0.2)
         if waited:
             self.world.ops["waited for a cut-off build on the companion"] += 1
-
-    def interrupted(self, code: int, out: str, err: str) -> CbResult:
-        """The result of an interrupted build, less Dask's known noise after its exit-130 error."""
-        head, sep, tail = err.partition("exit 130]")
-        if DASK_INTERRUPT_PRINTS_TRACEBACKS and self.dask and code == 130 and _dask_noise(tail):
-            self.world.exits["SIGINT on Dask: distributed's traceback at exit (known)"] += 1
-            err = head + sep + "\n".join(tail.split("\n")[:2])  # the error and its remedy line
-        return CbResult(code, out, err)
 
     def corrupt_on_the_companion(self, r: CbResult) -> bool:
         """Whether ``r`` failed of the known bug COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS (counted)."""
@@ -416,7 +392,7 @@ class Sequences(RuleBasedStateMachine):
             # itself starts, before any of cachebuild's code, is Python's (exit 1, its traceback)
             self.world.exits["SIGINT while Python starts: Python's own error (documented)"] += 1
         else:
-            r = self.interrupted(proc.returncode, out, err)
+            r = CbResult(proc.returncode, out, err)
             check_result(r, f"build after {sig}")
             assert proc.returncode in (0, 130) or self.corrupt_on_the_companion(r), err[-3000:]
         self.wait_for_the_companion("cache")
@@ -448,7 +424,7 @@ class Sequences(RuleBasedStateMachine):
         assert second.code == 50 and rep["failure_phase"] == "lock", second.stderr[-3000:]
         first.send_signal(signal.SIGINT)
         out, err = first.communicate(timeout=120)
-        check_result(self.interrupted(first.returncode, out, err), "the interrupted first build")
+        check_result(CbResult(first.returncode, out, err), "the interrupted first build")
         assert first.returncode in (0, 130), err[-3000:]
         self.wait_for_the_companion("cache")
         self.verify("cache")
