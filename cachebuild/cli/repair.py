@@ -18,8 +18,9 @@ by rebuilding or fetching again; nothing damaged is ever published.
   publishes a new release.
 - **Tile images** in the store that are missing or do not hash to their
   name (:class:`cachebuild.errors.StoreObjectError`, raised by whichever
-  phase reads them): the object is removed, the tile set is marked stale
-  and doit runs once more, so the tiles phase fetches it again.
+  phase reads them, or by a companion build's push): the object is
+  removed, the tile set is marked stale and doit runs once more, so the
+  tiles phase fetches it again (and the push runs once more).
 
 Library code reports soft problems as :class:`~cachebuild.errors.CacheBuildWarning`;
 :func:`run_repairing` passes them to the report's warnings.
@@ -33,7 +34,7 @@ import sqlite3
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cachebuild._util.sqliteuri import sqlite_uri
 from cachebuild.errors import CacheBuildWarning, StoreObjectError
@@ -42,10 +43,12 @@ from cachebuild.inputs.config import Paths
 from cachebuild.store.objects import read_object
 from cachebuild.tileset import hex_digests, read_tiles
 
-__all__ = ["check_doit_db", "check_staged", "run_repairing", "STALE_TILESET"]
+__all__ = ["check_doit_db", "check_staged", "run_repairing", "push_repairing", "STALE_TILESET"]
 
 #: The tiles task's target removed to make doit fetch again.
 STALE_TILESET = "tileset.json"
+
+_T = TypeVar("_T")
 
 
 def _db_problem(path: Path) -> str | None:
@@ -199,15 +202,46 @@ def run_repairing(
     if code != 0 and failures and isinstance(failures[-1], StoreObjectError):
         _stale_tileset(paths, failures[-1], warn)
         failures.clear()
-        ran = list(reporter.ran)
-        reporter.failed.clear()
-        reporter.errors.clear()
-        reporter.ran.clear()
-        reporter.up_to_date.clear()
-        code = _run_forwarding_warnings(run, warn)
-        reporter.ran[:0] = [t for t in ran if t not in reporter.ran]
-        reporter.up_to_date[:] = [t for t in reporter.up_to_date if t not in reporter.ran]
+        code = _again(reporter, lambda: _run_forwarding_warnings(run, warn))
     return code
+
+
+def _again(reporter: Any, run: Callable[[], _T]) -> _T:
+    """``run()`` doit once more, ``reporter`` then listing each task that ran once."""
+    ran = list(reporter.ran)
+    reporter.failed.clear()
+    reporter.errors.clear()
+    reporter.ran.clear()
+    reporter.up_to_date.clear()
+    code = run()
+    reporter.ran[:0] = [t for t in ran if t not in reporter.ran]
+    reporter.up_to_date[:] = [t for t in reporter.up_to_date if t not in reporter.ran]
+    return code
+
+
+def push_repairing(
+    paths: Paths,
+    warn: Callable[[str], None],
+    push: Callable[[], None],
+    run: Callable[[], None],
+    reporter: Any,
+) -> None:
+    """``push()`` (a companion build: push, build there), repairing the store it reads from.
+
+    The push reads each tile image checked; when it finds one corrupt (a
+    :class:`StoreObjectError`, the object removed by then), the tile set is
+    marked stale as for a phase that read it (:func:`run_repairing`),
+    ``run()`` runs the workstation's tasks once more (the tiles phase
+    fetches the image again; it raises when they fail) and ``push()`` runs
+    once more.
+    """
+    try:
+        push()
+        return
+    except StoreObjectError as err:
+        _stale_tileset(paths, err, warn)
+    _again(reporter, run)
+    push()
 
 
 def _run_forwarding_warnings(run: Callable[[], int], warn: Callable[[str], None]) -> int:

@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from cachebuild.cli.pipeline import (
     pipeline_entry,
     pipeline_on,
 )
-from cachebuild.cli.repair import run_repairing
+from cachebuild.cli.repair import push_repairing, run_repairing
 from cachebuild.companion import LOCAL_TASKS, build_on_companion
 from cachebuild.errors import (
     BuildError,
@@ -105,7 +106,6 @@ def _warn(report: Report) -> Any:
 
 
 def _tile_counts(build: Path, ran: list[str]) -> dict[str, int]:
-
     s = read_summary(build)
     # tileset.json holds no history: this run's count is the tiles phase's own
     counts = finished_counts("tiles") if "tiles" in ran else None
@@ -327,8 +327,6 @@ def _locked_build(
 ) -> None:
     paths = settings.paths
     clean_leftovers(paths)
-    actions.FAILURES.clear()
-    actions.ACTIVE["locked"] = True
     # the action cache's store, bucket and this run's hits and misses (cachebuild.store.actioncache)
     actions.ACTIVE.update(
         store=str(settings.store),
@@ -343,25 +341,16 @@ def _locked_build(
     tasks = list(LOCAL_TASKS) if on_companion else doit_tasks(settings)
     started = time.monotonic()
     try:
-        # a damaged doit database or staged artifact, a missing or corrupt store object: repaired
-        code = run_repairing(
-            paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES
-        )
+        _run_locked(plan, reporter, warn, tasks)
     finally:  # a describer still running (describe did not run, or failed) is stopped
         stats = actions.stop_describe_ahead() or actions.ACTIVE.pop("ahead_stats", None)
         report.extra["pipeline"] = pipeline_entry(
             pipeline_on(settings), dict(reporter.seconds), stats, time.monotonic() - started
         )
-    actions.ACTIVE["locked"] = False
-    if code != 0:
-        if actions.FAILURES:
-            raise actions.FAILURES[-1]
-        detail = "; ".join(reporter.errors) or f"doit exited {code}"
-        raise BuildError(f"build failed: {detail}", phase=(reporter.failed or ["build"])[-1])
 
     report.tiles = _tile_counts(paths.build, reporter.ran)
     if on_companion:
-        build_on_companion(plan, report, warn)  # push, build there, merge its report
+        _on_companion(plan, report, reporter, warn, tasks)
         return
     t = time.monotonic()
     staged = (paths.build / "manifest.json").read_bytes()
@@ -392,6 +381,39 @@ def _locked_build(
     _publish_staged(
         paths, staged, signed, report, reporter, warn, publish, published_manifest_bytes
     )
+
+
+def _run_locked(plan: Any, reporter: RecordingReporter, warn: Any, tasks: Any) -> None:
+    """doit's ``tasks`` under the lock; raises the failed phase's error.
+
+    A damaged doit database or staged artifact, a missing or corrupt store
+    object: repaired (:func:`~cachebuild.cli.repair.run_repairing`).
+    """
+    actions.FAILURES.clear()
+    actions.ACTIVE["locked"] = True
+    code = run_repairing(
+        plan.paths, warn, lambda: run_doit(plan, reporter, tasks=tasks), reporter, actions.FAILURES
+    )
+    actions.ACTIVE["locked"] = False
+    if code != 0:
+        if actions.FAILURES:
+            raise actions.FAILURES[-1]
+        detail = "; ".join(reporter.errors) or f"doit exited {code}"
+        raise BuildError(f"build failed: {detail}", phase=(reporter.failed or ["build"])[-1])
+
+
+def _on_companion(
+    plan: Any, report: Report, reporter: RecordingReporter, warn: Any, tasks: Any
+) -> None:
+    """Push, build on the companion, merge its report; an image the push finds corrupt in the
+    store is fetched again (this machine's tasks once more), then pushed."""
+
+    def push() -> None:
+        report.tiles = _tile_counts(plan.paths.build, reporter.ran)
+        build_on_companion(plan, report, warn)
+
+    rerun = partial(_run_locked, plan, reporter, warn, tasks)
+    push_repairing(plan.paths, warn, push, rerun, reporter)
 
 
 def _publish_staged(

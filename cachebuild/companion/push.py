@@ -19,7 +19,8 @@ sends exactly those over SFTP.  Tile images travel in packs
 (:mod:`.packs`); every file is written to a temporary name and renamed, so
 a cut-off push never leaves a half file under a real name, and the next
 run sends only what did not arrive (a partial model upload resumes where
-it stopped).
+it stopped).  Each tile image is checked against its name as it is read:
+a corrupt one is never sent.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ from cachebuild.companion.packs import (
     group_into_packs,
 )
 from cachebuild.engine.modelfiles import external_data_files_cached
+from cachebuild.errors import StoreObjectError
+from cachebuild.store.objects import read_object
 from cachebuild.tileset import (
     MISSING_FILE,
     SUMMARY_FILE,
@@ -275,8 +278,17 @@ def plan_push(
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
+    """A tile object's bytes, checked against its name as they are read.
+
+    A corrupt one (the companion's agent would refuse its pack, every time)
+    is removed and raises :class:`~cachebuild.errors.StoreObjectError`: the
+    wrapper fetches it again and pushes once more (:mod:`cachebuild.cli.repair`).
+    """
+    try:
+        return read_object(path, what="the push")
+    except StoreObjectError as exc:
+        exc.phase = "push"
+        raise
 
 
 class _Uploader:
@@ -415,6 +427,9 @@ def push(
     CompanionNotReadyError
         The companion refused a write (permissions, disk), or objects are
         still absent after the unpack.
+    StoreObjectError
+        A tile image in this store is corrupt (removed by then; nothing of
+        it was sent): the wrapper fetches it again.
     """
     result = PushResult()
     tiles = sorted((d, size) for d, (_, size) in plan.tiles.items() if plan.tile_rel(d) in absent)

@@ -57,12 +57,6 @@ keys = st.sampled_from([None, None, "k1", "k2"])
 #: half on this machine's store, a quarter each on S3 (with Dask) and on a companion
 shares = st.sampled_from(["local", "s3", "companion", "local"])
 
-#: The push reads the workstation's store objects without checking them, so one corrupt
-#: object there fails every later companion build (exit 30, "run build-cache again"):
-#: test_a_corrupt_tile_object_on_the_workstation_does_not_block_companion_builds (xfail).
-#: Until that is fixed, a companion sequence flips bytes in the companion's stores only.
-PUSH_SENDS_CORRUPT_OBJECTS = True
-
 #: A full disk while the development key is created was exit 2, "make … writable"; fixed
 #: (exit 24): test_a_full_disk_while_the_development_key_is_created_is_exit_24.
 DEV_KEY_ENOSPC_IS_EXIT_2 = False
@@ -348,9 +342,7 @@ class Sequences(RuleBasedStateMachine):
     @rule(index=st.integers(0, 10_000))
     def flip_a_byte_in_the_store(self, index: int) -> None:
         self.step("flip a byte in a store object")
-        stores = self.stores()
-        if self.remote is not None and PUSH_SENDS_CORRUPT_OBJECTS:
-            stores = stores[1:]
+        stores = self.stores()  # on a companion: the workstation's store and the companion's
         objects = [o for store, _ in stores for o in sorted((store / "objects").glob("??/*"))]
         if not objects:
             return

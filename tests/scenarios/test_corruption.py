@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.cli.repair import check_doit_db, check_staged, run_repairing
+from cachebuild.cli.repair import check_doit_db, check_staged, push_repairing, run_repairing
 from cachebuild.inputs.config import Paths
 from cachebuild.providers.mbtilesfile import read_mbtiles_tile
 from cachebuild.store.objects import sha256_hex
@@ -329,6 +329,42 @@ def test_run_repairing_runs_again_once_after_a_store_object_error(tmp_path: Path
     assert reporter.ran == ["tiles"]
     assert any("fetching it again" in w for w in warnings)
     assert isinstance(failures[-1], StoreObjectError)
+
+
+def test_push_repairing_fetches_a_corrupt_image_again_and_pushes_once_more(tmp_path: Path) -> None:
+    """A companion build's push that finds an image corrupt (issue 24): the tile set is marked
+    stale, this machine's tasks run once more, the push runs once more; a second failure is final."""
+    from types import SimpleNamespace
+
+    from cachebuild.errors import StoreObjectError
+
+    paths = Paths(tmp_path)
+    paths.build.mkdir(parents=True)
+    stale = paths.build / "tileset.json"
+    stale.write_text("{}")
+    reporter = SimpleNamespace(ran=["tiles"], up_to_date=["flight"], failed=[], errors=[])
+    pushes: list[bool] = []
+    runs: list[bool] = []
+
+    def push(fails: int) -> None:
+        pushes.append(stale.exists())
+        if len(pushes) <= fails:
+            raise StoreObjectError("the push: store object x is corrupt", digest="ab" * 32)
+
+    def run() -> None:
+        runs.append(stale.exists())
+        reporter.up_to_date.append("flight")
+        reporter.ran.append("tiles")
+
+    warnings: list[str] = []
+    push_repairing(paths, warnings.append, lambda: push(1), run, reporter)
+    assert (pushes, runs) == ([True, False], [False]), "stale before the run, pushed after it"
+    assert (reporter.ran, reporter.up_to_date) == (["tiles"], ["flight"])
+    assert any("is corrupt" in w and "fetching it again" in w for w in warnings)
+    pushes.clear()
+    with pytest.raises(StoreObjectError):
+        push_repairing(paths, warnings.append, lambda: push(2), run, reporter)
+    assert len(pushes) == 2
 
 
 # -- the long sweep: every staged artifact, every store object -----------------------------

@@ -28,7 +28,7 @@ from cachebuild.companion.errors import (
     RemoteBuildError,
     RemoteReportError,
 )
-from cachebuild.errors import DownloadError, UsageError
+from cachebuild.errors import DownloadError, StoreObjectError, UsageError
 from cachebuild.inputs.config import load_settings
 from cachebuild.providers import pushed
 from cachebuild.store.objects import TileStore, sha256_hex
@@ -841,6 +841,26 @@ class MemSftp:
 
     def mkdir(self, path: str) -> None:
         pass
+
+
+def test_the_push_never_sends_a_corrupt_tile_image_and_removes_it(tmp_path: Path) -> None:
+    """Issue 24 (the push read store objects unchecked; the companion refused the pack on every
+    build): each image is checked as it is read; a corrupt one is removed and named, phase push,
+    for the wrapper to fetch again, and no pack holds it."""
+    build, store_root, _ = _staged(tmp_path)
+    p = push.plan_push(build_dir=build, store_root=store_root, root="/c")
+    bad = sorted(p.tiles)[1]  # one image a pack: the first pack goes, then the corrupt one
+    obj = Path(p.tiles[bad][0])
+    obj.write_bytes(b"rot " + obj.read_bytes())
+    sftp = MemSftp()
+    with pytest.raises(StoreObjectError) as info:
+        push.push(FakeConn(0), sftp, p, set(p.wanted()), root="/c", pack_bytes=1)
+    err = info.value
+    assert (err.digest, err.phase, err.path) == (bad, "push", str(obj))
+    assert "is corrupt" in err.message and "removed it" in err.message
+    assert not obj.exists()
+    sent = [bytes(data) for name, data in sftp.files.items() if name.endswith(packs.PACK_SUFFIX)]
+    assert len(sent) == 1 and not any(b"rot " in data for data in sent)
 
 
 def test_a_cut_off_model_upload_resumes_where_it_stopped(tmp_path: Path) -> None:
