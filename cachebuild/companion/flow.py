@@ -53,7 +53,7 @@ from cachebuild.companion.ssh import (
     default_known_hosts,
 )
 from cachebuild.companion.sshconfig import resolve_target
-from cachebuild.errors import EXIT_USAGE
+from cachebuild.errors import EXIT_DOWNLOAD, EXIT_USAGE
 from cachebuild.inputs.companion import CompanionTarget
 
 __all__ = [
@@ -384,34 +384,79 @@ def build_on_companion(
         sftp = conn.open_sftp()
         root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn)
         report.timed("bringup", time.monotonic() - t)
-
-        t = time.monotonic()
-        result = push(
-            conn,
-            sftp,
-            wanted_plan,
-            absent,
-            root=root,
-            on_progress=_Progress(out),
-            start_unpack=lambda rels, session: start_agent(
-                conn,
-                settings.companion_cmd,
-                "unpack",
-                root,
-                wanted=rels,
-                watch=session,
-                during="unpacking the push",
-            ),
-            **({"pack_bytes": pack_bytes} if pack_bytes else {}),
-        )
-        report.extra["push"] = result.to_dict()
-        _warn_quarantined(result.settled, target, warn)
-        report.timed("push", time.monotonic() - t)
-        out.write(f"push: {_sent_line(wanted_plan, result, time.monotonic() - t)}\n")
-        sftp.close()
-        _remote_build(conn, settings, wanted_plan.remote, out, report)
+        _push(conn, sftp, root, wanted_plan, absent, settings, out, report, warn, pack_bytes)
+        try:
+            _remote_build(conn, settings, wanted_plan.remote, out, report)
+        except RemoteBuildError as exc:
+            if exc.exit_code != EXIT_DOWNLOAD:
+                raise
+            # a pushed image it had was corrupt there: its build removed it and could not fetch
+            # it (it reads only what was pushed); ask again what it lacks, push that, build again
+            again = _absent(conn, settings, root, wanted_plan)
+            if not again:
+                raise
+            warn(
+                f"the companion {target} lacked {_n(len(again), 'pushed file')} its build needed "
+                "(found corrupt there and removed): pushing again and building once more"
+            )
+            sftp = conn.open_sftp()
+            _push(conn, sftp, root, wanted_plan, again, settings, out, report, warn, pack_bytes)
+            _remote_build(conn, settings, wanted_plan.remote, out, report)
         if report.exit_code == 0 and report.build_id:
             record_companion_build(plan.paths.state, str(target), root, report)
+
+
+def _absent(conn: Any, settings: Any, root: str, wanted_plan: PushPlan) -> set[str]:
+    """Which of the files the build needs the companion lacks now (the probe's answer)."""
+    info = call_agent(
+        conn, settings.companion_cmd, "probe", root, wanted=wanted_plan.wanted(),
+        backend=settings.backend,
+    )  # fmt: skip
+    return set(info.get("absent") or [])
+
+
+def _push(
+    conn: Any,
+    sftp: Any,
+    root: str,
+    wanted_plan: PushPlan,
+    absent: set[str],
+    settings: Any,
+    out: TextIO,
+    report: Any,
+    warn: Any,
+    pack_bytes: int | None,
+) -> None:
+    """Send what the companion lacks (``absent``); the report's ``push`` adds up what was sent."""
+    t = time.monotonic()
+    result = push(
+        conn,
+        sftp,
+        wanted_plan,
+        absent,
+        root=root,
+        on_progress=_Progress(out),
+        start_unpack=lambda rels, session: start_agent(
+            conn,
+            settings.companion_cmd,
+            "unpack",
+            root,
+            wanted=rels,
+            watch=session,
+            during="unpacking the push",
+        ),
+        **({"pack_bytes": pack_bytes} if pack_bytes else {}),
+    )
+    before = report.extra.get("push") or {}  # pushed once more: the counts add up, but the
+    # objects already there, which are the first answer's
+    report.extra["push"] = {
+        k: before.get(k, v) if k == "already_there" else before.get(k, 0) + v
+        for k, v in result.to_dict().items()
+    }
+    _warn_quarantined(result.settled, conn.target, warn)
+    report.timed("push", time.monotonic() - t)
+    out.write(f"push: {_sent_line(wanted_plan, result, time.monotonic() - t)}\n")
+    sftp.close()
 
 
 def _bring_up(

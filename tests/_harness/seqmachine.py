@@ -67,12 +67,6 @@ def _dev_key_not_written(rep: dict[str, Any]) -> bool:
     return "cannot create signing key" in error and "No space left on device" in error
 
 
-#: A corrupt object in a companion's store: its build removes it, cannot fetch it (the
-#: pushed provider has only the store), and fails with exit 20 "run build-cache from the
-#: workstation again"; the next run pushes it and converges:
-#: test_a_corrupt_tile_object_on_the_companion_does_not_fail_the_next_build (xfail).
-COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS = True
-
 #: A companion's build staged its tile set before it registered its cache with the store, so
 #: gc-store there removed the staged tiles of a build that stopped after the tiles phase; fixed
 #: (the tiles phase registers the cache): test_gc_on_a_companion_keeps_what_a_failed_build_staged.
@@ -162,15 +156,6 @@ class Sequences(RuleBasedStateMachine):
                 time.sleep(0.2)
         if waited:
             self.world.ops["waited for a cut-off build on the companion"] += 1
-
-    def corrupt_on_the_companion(self, r: CbResult) -> bool:
-        """Whether ``r`` failed of the known bug COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS (counted)."""
-        if not (COMPANION_CORRUPT_OBJECT_TAKES_TWO_RUNS and self.remote and r.code == 20):
-            return False
-        if "was not pushed" not in (r.report.get("error") or ""):
-            return False
-        self.world.exits["a corrupt object on the companion: exit 20 (known)"] += 1
-        return True
 
     def remote_env(self) -> dict[str, str] | None:
         """The environment of a command run on the companion; None: here."""
@@ -278,7 +263,7 @@ class Sequences(RuleBasedStateMachine):
             *self.key_args(key, allow_dev),
         )
         self.world.exits[f"build ({provider}): {r.code}"] += 1
-        assert r.code in want or self.corrupt_on_the_companion(r), (
+        assert r.code in want, (
             f"build with {provider}: exit {r.code}, expected {want}\n{r.stderr[-3000:]}"
         )
         if provider == "holes" and strict and r.code in (0, 22):  # 22 exactly where tiles lack
@@ -384,9 +369,8 @@ class Sequences(RuleBasedStateMachine):
             # itself starts, before any of cachebuild's code, is Python's (exit 1, its traceback)
             self.world.exits["SIGINT while Python starts: Python's own error (documented)"] += 1
         else:
-            r = CbResult(proc.returncode, out, err)
-            check_result(r, f"build after {sig}")
-            assert proc.returncode in (0, 130) or self.corrupt_on_the_companion(r), err[-3000:]
+            check_result(CbResult(proc.returncode, out, err), f"build after {sig}")
+            assert proc.returncode in (0, 130), err[-3000:]
         self.wait_for_the_companion("cache")
         self.verify("cache", *dict.fromkeys([prior, key or "dev"]))
         if proc.returncode == 0:
@@ -467,7 +451,7 @@ class Sequences(RuleBasedStateMachine):
             self.world.exits["disk full: the development key not written (exit 2, known)"] += 1
         else:
             want = {0, 24, 30} if there else {0, 24}
-            assert r.code in want or self.corrupt_on_the_companion(r), r.stderr[-3000:]
+            assert r.code in want, r.stderr[-3000:]
         if r.code == 24:
             assert "disk full" in rep["error"], rep
         # a disk that fills after the swap fails the bookkeeping, not the publish: either release
@@ -499,9 +483,6 @@ class Sequences(RuleBasedStateMachine):
         key = self.signer_key("cache")
         r = self.build("cache", self.config, self.world.provider("good"), *self.key_args(key))
         check_result(r, "the converging build")
-        if self.corrupt_on_the_companion(r):  # the known bug: the second run converges
-            r = self.build("cache", self.config, self.world.provider("good"), *self.key_args(key))
-            check_result(r, "the converging build, again")
         assert r.code == 0, f"the converging build failed: {r.stderr[-3000:]}"
         self.caches["cache"].signer, self.caches["cache"].config = key or "dev", self.config
         self.verify("cache")
