@@ -252,8 +252,16 @@ def plan_push(
             remote[name] = f"{root}/{rel}"
     flight = (build_dir / "flight.json").read_bytes()
     summary = read_summary(build_dir)
+    tileset = (build_dir / SUMMARY_FILE).read_bytes()
+    # keyed by tileset.json too: the same tiles from another provider are another inbox, so the
+    # companion's tiles task sees a new PROVIDER and its tileset.json names the new provider
     key = hashlib.sha256(
-        b"cachebuild-inbox-v1\0" + flight + b"\0" + str(summary["aggregate_sha256"]).encode()
+        b"cachebuild-inbox-v2\0"
+        + flight
+        + b"\0"
+        + str(summary["aggregate_sha256"]).encode()
+        + b"\0"
+        + tileset
     ).hexdigest()[:32]
     inbox = f"inbox/{key}"
     push_json = json.dumps(
@@ -266,7 +274,7 @@ def plan_push(
         "tiles.npy": (build_dir / TILES_FILE).read_bytes(),
         "missing.npy": (build_dir / MISSING_FILE).read_bytes(),
         "push.json": push_json,
-        "tileset.json": (build_dir / SUMMARY_FILE).read_bytes(),
+        "tileset.json": tileset,
     }
     remote.update(
         flight=f"{root}/{inbox}/flight.json",

@@ -237,6 +237,25 @@ def test_a_companion_publishes_the_workstations_tileset_json(world: World) -> No
 
 
 @needs_sshd
+def test_a_companion_build_from_another_provider_names_it_in_tileset_json(world: World) -> None:
+    """Found by the sequence test: the same tiles from a flaky provider, then the good one, went to
+    the same inbox, so the companion kept naming the flaky provider and did not converge."""
+    Sequences.world = world
+    state = Sequences()
+    state.start(share="companion")
+    state.build_flight(
+        cache="cache",
+        config=Config("demo", "base"),
+        provider="flaky",
+        strict=False,
+        key=None,
+        allow_dev=False,
+    )
+    state.converge()
+    state.teardown()
+
+
+@needs_sshd
 def test_a_corrupt_tile_object_on_the_workstation_does_not_block_companion_builds(
     world: World,
 ) -> None:
