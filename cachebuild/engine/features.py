@@ -244,28 +244,33 @@ def load_head_model(path: str | os.PathLike[str], threads: int | None = None) ->
     return run
 
 
+#: A one-node ``MatMul`` graph (inputs ``a``, ``b``, output ``y``; opset 17, IR version 8),
+#: serialised: what ``onnx.helper`` makes of it (tests/unit/engine/test_features.py
+#: checks), kept as bytes so that describing windows does not import onnx (about 0.8 s
+#: of ml_dtypes on a rebuild whose engine is up to date).
+_MATMUL_ONNX = (
+    b'\x08\x08:8\n\x11\n\x01a\n\x01b\x12\x01y"\x06MatMul\x12\x02mmZ\t\n\x01a\x12\x04\n\x02\x08\x01'
+    b"Z\t\n\x01b\x12\x04\n\x02\x08\x01b\t\n\x01y\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x11"
+)
+
+
 def matmul_runner(threads: int = 1) -> Any:
     """``mm(a [..., K], b [K, N]) -> a @ b`` by ONNX Runtime's MatMul on ``threads`` threads.
 
     The windows' pooling products are small and many: numpy's BLAS spends
     more starting its threads than computing them (3x slower on two busy
-    cores, measured), and one ONNX Runtime thread does not.
+    cores, measured), and one ONNX Runtime thread does not.  The graph is
+    :data:`_MATMUL_ONNX`.
     """
     import numpy as np
-    import onnx
     import onnxruntime as ort
-    from onnx import helper
 
-    vi = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in "aby"]
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm", vi[:2], vi[2:])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
     session = ort.InferenceSession(
-        model.SerializeToString(), sess_options=so, providers=["CPUExecutionProvider"]
+        _MATMUL_ONNX, sess_options=so, providers=["CPUExecutionProvider"]
     )
 
     def mm(a: Any, b: Any) -> Any:

@@ -227,3 +227,27 @@ def test_blocks_do_not_depend_on_the_shells_blas_settings(
         )  # fmt: skip
         out.append(np.load(path))
     assert np.array_equal(out[0], out[1])
+
+
+def test_pooling_products_need_no_onnx_import(engine_dir: Path, tmp_path: Path) -> None:
+    """The matrix product's graph is kept as bytes (onnx's import is about 0.8 s of a rebuild
+    whose engine is up to date), and they are what onnx.helper makes of it."""
+    import subprocess
+    import sys
+
+    import onnx
+    from onnx import helper
+
+    from cachebuild.engine.features import _MATMUL_ONNX
+
+    vi = [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in "aby"]
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["y"])], "mm", vi[:2], vi[2:])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert model.SerializeToString() == _MATMUL_ONNX
+    code = _BLOCKS_IN_A_CHILD + "\nassert 'onnx' not in sys.modules, 'onnx was imported'\n"
+    path = tmp_path / "b.npy"
+    subprocess.run(
+        [sys.executable, "-c", code, str(engine_dir / "features"), str(path)],
+        check=True, timeout=120,
+    )  # fmt: skip
