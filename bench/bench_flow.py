@@ -17,15 +17,20 @@ segment), after ``--latency-ms``, and answers 429 by a policy:
 (6) revalidation: ``doit build-cache`` cold, then the server's imagery
     changes for a third of the tiles, then a rebuild with ``TILE_MAX_AGE=0``.
     Target: it downloads exactly those (the rest 304), describes only
-    them, and takes at most half the cold build's time: the median over
-    ``--reval-runs`` pairs (at least 3) of rebuild / cold, each cold build
-    in the same pair, with Python's bytecode cached for both (and the
-    median ratio of the builds' CPU seconds, less moved by other load).
+    what depends on them (with windows: the anchors whose block covers a
+    changed tile, counted here from the tile grid), and takes at most half
+    the cold build's time: the median over ``--reval-runs`` pairs (at
+    least 3) of rebuild / cold, each cold build in the same pair, with
+    Python's bytecode cached for both (and the median ratio of the builds'
+    CPU seconds, less moved by other load).
 
-Rows (1) and (3) run the code at ``--before`` too, in the same run.
+Rows (1) and (3) run the code at ``--before`` too, in the same run; row (6)
+the code at ``--reval-before`` when given (its pairs interleaved with this
+tree's).
 
     python bench/bench_flow.py [--before 8759e87] [--rate 100] [--latency-ms 5]
         [--rows 1,2,3,4,5,6] [--reval-buffer-m 500] [--reval-runs 5] [--reval-change pixels]
+        [--reval-before REV]
 """
 
 from __future__ import annotations
@@ -219,8 +224,8 @@ def naive(srv: ServerProcess, box: Any, limit: int) -> float:
     return len(wanted) / (time.perf_counter() - t0)
 
 
-def archive(rev: str, dest: Path) -> Path:
-    tar = subprocess.run(["git", "archive", rev, "cachebuild"], cwd=REPO, capture_output=True)
+def archive(rev: str, dest: Path, paths: tuple[str, ...] = ("cachebuild",)) -> Path:
+    tar = subprocess.run(["git", "archive", rev, *paths], cwd=REPO, capture_output=True)
     if tar.returncode:
         raise SystemExit(tar.stderr.decode())
     subprocess.run(["tar", "-x", "-C", str(dest)], input=tar.stdout, check=True)
@@ -415,10 +420,12 @@ def _reval_flight(tmp: Path) -> Path:
     return flight
 
 
-def _reval_once(home: Path, flight: Path, buffer_m: float, env: dict[str, str]) -> dict[str, Any]:
-    """One cold build in a fresh ``home``, a third of the imagery changed, one rebuild."""
+def _reval_once(
+    home: Path, flight: Path, buffer_m: float, env: dict[str, str], code: Path = REPO
+) -> dict[str, Any]:
+    """One cold build in a fresh ``home``, a third of the imagery changed, one rebuild, by ``code``."""
     from cachebuild.inputs.flight import flight_area, load_flight_file
-    from cachebuild.tilemath import tiles
+    from cachebuild.tilemath import Tile, tiles
     from tests._harness.etagserver import EtagServer
     from tests._harness.tileserver import tile_bytes
 
@@ -436,11 +443,13 @@ def _reval_once(home: Path, flight: Path, buffer_m: float, env: dict[str, str]) 
         "REPORT=json",
     ]
     run_env = {**env, "CACHEBUILD_HOME": str(home)}
+    if code != REPO:
+        run_env["PYTHONPATH"] = str(code)
 
     def build(*extra: str) -> tuple[float, float, dict[str, Any]]:
         """Wall and CPU seconds (the build's process, user + system) and the report."""
         c0, t0 = _children_cpu(), time.perf_counter()
-        p = subprocess.run([*args, *extra], capture_output=True, text=True, env=run_env, cwd=REPO)
+        p = subprocess.run([*args, *extra], capture_output=True, text=True, env=run_env, cwd=code)
         sec, cpu = time.perf_counter() - t0, _children_cpu() - c0
         if p.returncode:
             raise SystemExit(p.stderr[-2000:])
@@ -454,6 +463,16 @@ def _reval_once(home: Path, flight: Path, buffer_m: float, env: dict[str, str]) 
         srv.downloads.clear()
         warm, warm_cpu, rep = build("TILE_MAX_AGE=0")
         exact = set(srv.downloads) == set(changed)
+        hit = set(changed)
+        covering = (
+            sum(  # anchors whose block covers a changed tile (itself, right, lower, diagonal)
+                any(
+                    Tile(t.x + dx, t.y + dy, t.z) in hit
+                    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1))
+                )
+                for t in wanted
+            )
+        )
         down, n304 = sum(srv.downloads.values()), sum(srv.not_modified.values())
     finally:
         srv.close()
@@ -467,6 +486,8 @@ def _reval_once(home: Path, flight: Path, buffer_m: float, env: dict[str, str]) 
         "downloaded": down,
         "not_modified": n304,
         "described": rep["descriptors"]["computed"],
+        "anchors": cold_rep["descriptors"]["computed"],
+        "covering": covering,
         "phases": {k: (rep["phases"].get(k, 0.0), cold_rep["phases"].get(k, 0.0)) for k in PHASES},
     }
 
@@ -482,7 +503,9 @@ def _children_cpu() -> float:
 PHASES = ("tiles", "describe", "index", "selftest", "preview", "total")
 
 
-def row_revalidate(tmp: Path, buffer_m: float, runs: int, change: str) -> list[str]:
+def row_revalidate(
+    tmp: Path, buffer_m: float, runs: int, change: str, before: str | None = None
+) -> list[str]:
     """Row (6): the median of ``runs`` (cold build, rebuild) pairs, each ratio from its own pair.
 
     Python's bytecode is cached (under ``tmp``, never in the repository or
@@ -492,43 +515,67 @@ def row_revalidate(tmp: Path, buffer_m: float, runs: int, change: str) -> list[s
     cold build asks (the synthetic imagery costs the server ~1 ms a tile to
     make, which no real server spends while answering).  ``change``: ``pixels`` paints a square on the
     changed tiles (new descriptors, a new index), ``bytes`` changes only
-    their bytes (a JPEG comment: the same pixels).
+    their bytes (a JPEG comment: the same pixels).  ``before``: a git rev
+    whose code (from a ``git archive``) runs the same pairs, interleaved
+    with this tree's, in the same run.
     """
-    from statistics import median
-
     from tests._harness import etagserver
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
     flight = _reval_flight(tmp)
+    code = {"now": REPO}
+    if before:
+        where = Path(tempfile.mkdtemp(dir=tmp))
+        code = {"before": archive(before, where, _BUILD_PATHS), **code}
     painter = etagserver.changed_bytes
     if change == "pixels":
         etagserver.changed_bytes = _repainted
+    done: dict[str, list[dict[str, Any]]] = {name: [] for name in code}
     try:
-        _reval_once(tmp / "reval-warmup", flight, buffer_m, env)
-        done = [_reval_once(tmp / f"reval-{i}", flight, buffer_m, env) for i in range(runs)]
+        for name, path in code.items():
+            _reval_once(tmp / f"reval-warmup-{name}", flight, buffer_m, env, path)
+        for i in range(runs):
+            for name, path in code.items():
+                home = tmp / f"reval-{name}-{i}"
+                done[name].append(_reval_once(home, flight, buffer_m, env, path))
     finally:
         etagserver.changed_bytes = painter
+    return [_reval_line(name, done[name], change, before) for name in code]
+
+
+#: What a ``doit build-cache`` of another rev needs from its tree.
+_BUILD_PATHS = ("cachebuild", "targets", "dodo.py", "pyproject.toml")
+
+
+def _reval_line(name: str, done: list[dict[str, Any]], change: str, before: str | None) -> str:
+    """One line of row (6): the medians of ``done``."""
+    from statistics import median
+
     ratios = [r["warm"] / r["cold"] for r in done]
     ratio = median(ratios)
-    exact = all(r["exact"] and r["described"] == r["changed"] for r in done)
-    ok = exact and ratio <= 0.5
+    exact = all(r["exact"] for r in done)
+    dependent = all(r["described"] == r["covering"] for r in done)
+    ok = exact and dependent and ratio <= 0.5
     last = done[-1]
     phases = ", ".join(
         f"{k} {median(r['phases'][k][0] for r in done):.2f}/"
         f"{median(r['phases'][k][1] for r in done):.2f}"
         for k in PHASES
     )
-    return [
+    label = before if name == "before" else "now"
+    return (
         f"| (6) {last['changed']} of {last['tiles']} tiles changed ({change}), TILE_MAX_AGE=0 "
-        f"| now | {last['downloaded']} downloaded "
-        f"({'exactly the changed' if exact else 'NOT the changed'}), {last['not_modified']} 304, "
-        f"{last['described']} described; median of {runs}: rebuild "
+        f"| {label} | {last['downloaded']} downloaded "
+        f"({'exactly the changed' if exact else 'NOT the changed'}), {last['not_modified']} 304; "
+        f"{last['described']} of {last['anchors']} anchors described "
+        f"({'exactly' if dependent else 'NOT'} the {last['covering']} covering a changed tile); "
+        f"median of {len(done)}: rebuild "
         f"{median(r['warm'] for r in done):.2f} s vs cold {median(r['cold'] for r in done):.2f} s, "
         f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; CPU seconds "
         f"{median(r['cpu'] for r in done):.2f}x; "
         f"s rebuild/cold: {phases}) | {'PASS' if ok else 'FAIL'} |"
-    ]
+    )
 
 
 def main() -> None:
@@ -544,6 +591,9 @@ def main() -> None:
     ap.add_argument("--reval-buffer-m", type=float, default=500.0)
     ap.add_argument("--reval-runs", type=int, default=5, help="row (6): pairs, the median taken")
     ap.add_argument("--reval-change", choices=("pixels", "bytes"), default="pixels", help="row (6)")
+    ap.add_argument(
+        "--reval-before", default=None, help="row (6): also run this git rev's code, interleaved"
+    )
     ap.add_argument("--rows", default="1,2,3,4,5,6")
     args = ap.parse_args()
     latency = args.latency_ms / 1000
@@ -564,8 +614,9 @@ def main() -> None:
             lines += row_flights()
         if "6" in rows:
             lines += row_revalidate(
-                tmp, args.reval_buffer_m, max(3, args.reval_runs), args.reval_change
-            )
+                tmp, args.reval_buffer_m, max(3, args.reval_runs), args.reval_change,
+                args.reval_before,
+            )  # fmt: skip
     print(f"before = {args.before}; loopback latency {args.latency_ms:g} ms\n")
     print("\n".join(lines))
 
