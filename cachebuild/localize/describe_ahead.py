@@ -38,6 +38,7 @@ from cachebuild.engine.compile import load_engine
 from cachebuild.localize.decode import _lower_decoder_priority, default_decode_threads
 from cachebuild.localize.decode_ahead import _engine_batches
 from cachebuild.localize.describe_store import _engine_key, _ThumbKeeper
+from cachebuild.localize.describe_windows import KEEP_TILES
 from cachebuild.localize.windows import WindowDescriber, window_record
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.lock import store_user
@@ -122,6 +123,7 @@ class DescribeAhead:
         self._idle = 0.0
         self._hungry = False  # the describer waits for work (read by the fetch's thread)
         self._first: Any = None  # the batch that opened the descriptor store
+        self._runs: dict[str, int] = {}  # tiles decoded and run, and taken from kept halos
         self.stats: dict[str, Any] = {
             "blocks": 0,  # blocks described and stored
             "found": 0,  # blocks the store already had
@@ -313,6 +315,7 @@ class DescribeAhead:
             batches = _engine_batches(
                 runner, store, self._work(ds, mode), size=size, max_rows=self.max_rows,
                 workers=default_decode_threads(), thumbs=True, post=post,
+                keep=None if mode == "tile" else _halo, keep_max=KEEP_TILES, stats=self._runs,
             )  # fmt: skip
             try:
                 for (keys, local, anchor_raw), out, th in batches:
@@ -324,6 +327,7 @@ class DescribeAhead:
             finally:
                 batches.close()
                 keep.flush()
+                self.stats["engine_runs"] = self._runs.get("engine_runs", 0)
 
     def _work(self, ds: DescriptorStore, mode: str) -> Iterator[tuple[Any, Any, Any]]:
         """``((keys, cover, anchor digests), ids, digests)`` of each batch, blocks the store has left out."""
@@ -333,9 +337,17 @@ class DescribeAhead:
             got = _batch(covers, digests, self.stride, mode, ds)
             self.stats["found"] += got[1]
             if got[0] is not None:
-                self.stats["engine_runs"] += len(got[0][1])
                 yield got[0]
             item = self._get()
+
+
+def _halo(meta: Any, n: int) -> Any:
+    """bool ``[n]``: a batch's tiles that are not its anchors (``meta``: ``(keys, cover, anchor digests)``)."""
+    import numpy as np
+
+    out = np.ones(n, dtype=bool)
+    out[np.asarray(meta[1])[:, 0]] = False
+    return out
 
 
 def _batch(

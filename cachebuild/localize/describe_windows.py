@@ -54,6 +54,8 @@ __all__ = ["WINDOWS_FILE", "describe_windows", "window_plan", "describe_window_b
 WINDOWS_FILE = "windows.json"
 _PHASE = "describe"
 _BAND = 16
+#: Halo tiles kept for later batches at most (each holds its feature maps: 0.75 MiB with the built-in model).
+KEEP_TILES = 96
 #: A Dask worker's head models, by engine key (loaded once per process).
 _HEADS: dict[str, Any] = {}
 
@@ -168,11 +170,12 @@ def _describe_missing(
     slot = np.full(len(ids), -1, dtype=np.int64)
     slot[todo[first]] = np.arange(len(first))
     batches = _batches(todo[first], ids, plan["nb"], batch_size)
-    runs = sum(len(need) for _, need, _ in batches)
+    runs = {"engine_runs": sum(len(need) for _, need, _ in batches)}  # less what is kept, locally
     with ExitStack() as stack:
         results, cluster = _results(
             stack, batches, store, engine_dir, ids, raw, stride=stride, workers=workers,
             threads=threads, dask_scheduler=dask_scheduler, thumbs=thumbnails is not None,
+            stats=runs,
         )  # fmt: skip
         writer = stack.enter_context(ds.writer())
         keep = stack.enter_context(_ThumbKeeper(store.root)) if thumbnails is not None else None
@@ -190,7 +193,7 @@ def _describe_missing(
             executor["workers"] = cluster.workers
     shard[todo] = ushard[inverse]
     row[todo] = urow[inverse]
-    return runs
+    return int(runs["engine_runs"])
 
 
 def _results(
@@ -206,8 +209,14 @@ def _results(
     threads: int | None,
     dask_scheduler: str | None,
     thumbs: bool,
+    stats: dict[str, int],
 ) -> tuple[Any, Any]:
-    """``(results, cluster)``: ``(anchors, blocks, anchor thumbnails)`` per batch, here or on Dask."""
+    """``(results, cluster)``: ``(anchors, blocks, anchor thumbnails)`` per batch, here or on Dask.
+
+    Here, a batch's halo tiles (the next batches' anchors) are kept for the
+    batches after it (``keep`` of :func:`_engine_batches`); ``stats`` then
+    counts the tiles run.
+    """
     if dask_scheduler is not None:
         from cachebuild.localize.daskexec import DaskExecutor
 
@@ -225,12 +234,22 @@ def _results(
     def post(meta: Any, out: Any, _ids: Any) -> Any:
         return describer.blocks(out, meta[2])
 
+    stats.clear()
     local = _engine_batches(
         describer, store, work, size=describer.input_hw, max_rows=max_rows, workers=workers,
-        thumbs=thumbs, post=post,
+        thumbs=thumbs, post=post, keep=_halo, keep_max=KEEP_TILES, stats=stats,
     )  # fmt: skip
     stack.callback(local.close)
     return ((b[0], blocks, _anchor_thumbs(b, th)) for b, blocks, th in local), None
+
+
+def _halo(meta: Any, n: int) -> Any:
+    """bool ``[n]``: a batch's tiles that are not its anchors (``meta``: ``(anchors, tiles, cover)``)."""
+    import numpy as np
+
+    out = np.ones(n, dtype=bool)
+    out[np.asarray(meta[2])[:, 0]] = False
+    return out
 
 
 def _anchor_thumbs(batch: tuple[Any, Any, Any], th: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -251,3 +252,32 @@ def test_pooling_products_need_no_onnx_import(engine_dir: Path, tmp_path: Path) 
         [sys.executable, "-c", code, str(engine_dir / "features"), str(path)],
         check=True, timeout=120,
     )  # fmt: skip
+
+
+def test_kept_halo_tiles_give_the_same_blocks_and_thumbnails_with_fewer_runs(
+    tmp_path: Path, engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch's halo (the tiles right of and below its anchors) is kept for the batches after it
+    instead of being decoded and run again: the same bits, the same thumbnails, fewer engine runs.
+    Two tiles share an image (a repeated image is one key)."""
+    from cachebuild.localize import describe_windows as dw
+    from cachebuild.store.thumbs import ThumbStore
+
+    images = grid_images(6)
+    images[(Z, X0 + 5, Y0 + 5)] = images[(Z, X0 + 1, Y0 + 1)]
+    got = {}
+    for keep in (0, dw.KEEP_TILES):
+        monkeypatch.setattr(dw, "KEEP_TILES", keep)
+        root = tmp_path / f"keep{keep}"
+        ts = make_tileset(root, images, root / "store")
+        r = describe_tiles(
+            tileset_dir=ts, store_root=root / "store", engine_dir=engine_dir, out_dir=root / "out",
+            progress=False, reuse=True, window_stride=4, batch_size=4,
+        )  # fmt: skip
+        with ThumbStore(root / "store") as th:
+            thumbs = th.lookup(sorted({hashlib.sha256(d).digest() for d in images.values()}))
+        got[keep] = (r, (root / "out" / DESCRIPTORS_FILE).read_bytes(), thumbs)
+    (run, blocks, thumbs), (kept, kept_blocks, kept_thumbs) = got[0], got[dw.KEEP_TILES]
+    assert kept_blocks == blocks and kept_thumbs == thumbs and len(thumbs) == 35
+    assert run["computed"] == kept["computed"] == 36
+    assert kept["engine_runs"] < run["engine_runs"]
