@@ -199,6 +199,13 @@ def _model_dir_inputs(
     return f"inputs/{ident}/model{suffix}"
 
 
+def _inbox_key(flight: bytes, aggregate: str, tileset: bytes) -> str:
+    """The inbox a pushed flight goes to: keyed by ``tileset.json`` too, so the same tiles from
+    another provider are another inbox and the companion's tileset.json names that provider."""
+    parts = (b"cachebuild-inbox-v2", flight, aggregate.encode(), tileset)
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:32]
+
+
 def plan_push(
     *,
     build_dir: Path,
@@ -253,17 +260,7 @@ def plan_push(
     flight = (build_dir / "flight.json").read_bytes()
     summary = read_summary(build_dir)
     tileset = (build_dir / SUMMARY_FILE).read_bytes()
-    # keyed by tileset.json too: the same tiles from another provider are another inbox, so the
-    # companion's tiles task sees a new PROVIDER and its tileset.json names the new provider
-    key = hashlib.sha256(
-        b"cachebuild-inbox-v2\0"
-        + flight
-        + b"\0"
-        + str(summary["aggregate_sha256"]).encode()
-        + b"\0"
-        + tileset
-    ).hexdigest()[:32]
-    inbox = f"inbox/{key}"
+    inbox = f"inbox/{_inbox_key(flight, str(summary['aggregate_sha256']), tileset)}"
     push_json = json.dumps(
         {"format": 1, "store": f"{root}/store", "aggregate_sha256": summary["aggregate_sha256"]},
         indent=1,

@@ -109,6 +109,28 @@ def _looks_like_alpha(path: Path, band: int) -> bool:
     return bool(np.mean((values == 0) | (values == 255)) >= 0.99)
 
 
+def _alpha_band(path: Path, count: int, colorinterp: Any) -> tuple[int, str]:
+    """``(alpha band or 0, identity suffix)``: a last band not marked alpha is one only if it looks
+    like a mask; otherwise (NAIP's near-infrared) it is left out, with a warning."""
+    from rasterio.enums import ColorInterp
+
+    alpha = [i + 1 for i, ci in enumerate(colorinterp) if ci == ColorInterp.alpha]
+    if alpha or count not in (2, 4):
+        return (alpha[0] if alpha else 0), ""
+    if _looks_like_alpha(path, count):  # RGBA without the colour interpretation set
+        return count, ""
+    import warnings
+
+    warnings.warn(
+        CacheBuildWarning(
+            f"PROVIDER={path}: band {count} is not marked alpha and its values vary "
+            f"(near-infrared?): tiles use band(s) 1-{count - 1} only"
+        ),
+        stacklevel=3,
+    )
+    return 0, f":bands=1-{count - 1}"
+
+
 class GeoTiffProvider:
     """Web-Mercator tiles cut from a georeferenced raster.
 
@@ -174,25 +196,7 @@ class GeoTiffProvider:
                 "tiles are cut from 8-bit grey, grey+alpha, RGB or RGBA",
                 remedy="convert it: gdal_translate -ot Byte -scale -b 1 -b 2 -b 3 in.tif out.tif",
             )
-        from rasterio.enums import ColorInterp
-
-        alpha = [i + 1 for i, ci in enumerate(colorinterp) if ci == ColorInterp.alpha]
-        dropped = ""
-        if not alpha and count in (2, 4):
-            if _looks_like_alpha(self.path, count):  # RGBA without the colour interpretation set
-                alpha = [count]
-            else:
-                dropped = f":bands=1-{count - 1}"
-                import warnings
-
-                warnings.warn(
-                    CacheBuildWarning(
-                        f"PROVIDER={self.path}: band {count} is not marked alpha and its values vary "
-                        f"(near-infrared?): tiles use band(s) 1-{count - 1} only"
-                    ),
-                    stacklevel=2,
-                )
-        self._alpha_band = alpha[0] if alpha else 0
+        self._alpha_band, dropped = _alpha_band(self.path, count, colorinterp)
         last = count - 1 if dropped else count
         self._colour_bands = [b for b in range(1, last + 1) if b != self._alpha_band]
         self._nodata = nodata
