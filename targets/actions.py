@@ -34,6 +34,7 @@ from targets.cached import cached
 
 __all__ = [
     "ACTIVE",
+    "OPTIONAL_ARTIFACTS",
     "FAILURES",
     "phase_action",
     "write_flight",
@@ -71,13 +72,18 @@ CACHE_ARTIFACTS = (
     "engine/{engine}",
     "descriptors.npy",
     "descriptor_ids.npy",
+    "cells.npy",
     "windows.json",
     "index.faiss",
     "index.json",
     "positions.npy",
     "selftest.json",
     "preview.png",
+    "engine/cells.onnx",
 )
+#: Artifacts signed only where the build made them: the frame-to-cells model
+#: of the second stage exists for a poolable network only (the built-in one).
+OPTIONAL_ARTIFACTS = ("engine/cells.onnx",)
 
 
 def cache_artifacts(engine_file: str) -> list[str]:
@@ -414,6 +420,7 @@ def manifest(
     from cachebuild.store.windowkeys import tile_windows
 
     b = Path(build)
+    artifacts = [a for a in artifacts if a not in OPTIONAL_ARTIFACTS or (b / a).is_file()]
     record = json.loads((b / "flight.json").read_text())
     summary = read_summary(b)
     engine = json.loads((b / "engine" / "engine.json").read_text())

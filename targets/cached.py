@@ -63,10 +63,16 @@ def selftest_action(build: Path, queries: int = 0, **_: Any) -> Action:
     return Action(
         name="selftest",
         version=f"selftest {SELFTEST_VERSION}:"
-        + code_version("cachebuild.localize.selftest")
+        + code_version("cachebuild.localize.selftest", "cachebuild.localize.rerank")
         + ":"
         + " ".join(installed_version("numpy") or ()),
-        inputs={"tiles.npy": build / "tiles.npy", "index.faiss": build / "index.faiss"},
+        inputs={
+            "tiles.npy": build / "tiles.npy",
+            "index.faiss": build / "index.faiss",
+            "cells.npy": build / "cells.npy",
+            "descriptor_ids.npy": build / "descriptor_ids.npy",
+            "windows.json": build / "windows.json",
+        },
         values={"queries": int(queries)},
         engine_key=_engine_key(build),
         outputs=OUTPUTS["selftest"],

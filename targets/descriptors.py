@@ -41,7 +41,13 @@ def task(plan: Any) -> dict[str, Any]:
         ],
         "targets": [
             str(build / n)
-            for n in ("descriptors.npy", "descriptor_ids.npy", "windows.json", "describe.json")
+            for n in (
+                "descriptors.npy",
+                "descriptor_ids.npy",
+                "cells.npy",
+                "windows.json",
+                "describe.json",
+            )
         ],
         "clean": True,
     }

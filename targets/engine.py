@@ -23,7 +23,8 @@ def task(plan: Any) -> dict[str, Any]:
     backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
     # engine_json: what engine.json records (2: the input's preparation, issue 21); not in the key
     # features: 1 -- the feature half that describes windows (issue 21) is compiled too
-    depends = {"precision": s.precision, **plan.engine_env, "engine_json": 2, "features": 1}
+    # features: 2 -- and the cells models of the second stage (engine/cells.onnx)
+    depends = {"precision": s.precision, **plan.engine_env, "engine_json": 2, "features": 2}
     if backend == "tensorrt":  # part of a TensorRT engine's key; ONNX Runtime has no workspace
         depends["workspace"] = s.workspace
     return {
@@ -46,7 +47,11 @@ def task(plan: Any) -> dict[str, Any]:
         ],
         "file_dep": deps,
         "targets": [str(out / "engine.json"), str(out / plan.engine_file)]
-        + ([str(out / "features" / "engine.json")] if plan.builtin_model else []),
+        + (
+            [str(out / "features" / "engine.json"), str(out / "cells.onnx")]
+            if plan.builtin_model
+            else []
+        ),
         "uptodate": [config_changed(depends)],
         "clean": True,
     }

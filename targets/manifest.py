@@ -29,7 +29,10 @@ def task(plan: Any) -> dict[str, Any]:
                 },
             )
         ],
-        "file_dep": [str(build / name) for name in artifacts],
+        # the optional ones (engine/cells.onnx) are made by the engine task where they exist
+        "file_dep": [
+            str(build / name) for name in artifacts if name not in actions.OPTIONAL_ARTIFACTS
+        ],
         "targets": [str(build / "manifest.json"), str(build / "signer.pub")],
         # the key's public id, never its bytes, is the dependency
         "uptodate": [

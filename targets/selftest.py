@@ -31,6 +31,10 @@ def task(plan: Any) -> dict[str, Any]:
         "file_dep": [
             str(build / "tiles.npy"),
             str(build / "index.faiss"),
+            # the second stage: the places' cells, their ids and windows.json's settings
+            str(build / "cells.npy"),
+            str(build / "descriptor_ids.npy"),
+            str(build / "windows.json"),
             str(build / "engine" / "engine.json"),
             str(build / "engine" / plan.engine_file),
         ],

@@ -28,6 +28,7 @@ from typing import Any
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.fs import atomic_write
+from cachebuild.engine.cells import CELLS_HEAD, CELLS_MODEL, write_cells_head, write_cells_model
 from cachebuild.engine.compile import compile_engine
 from cachebuild.engine.model import DEFAULT_MODEL_VERSION
 
@@ -206,12 +207,16 @@ def compile_features(
 
     Returns False (and removes a stale one) for a network that is not
     :func:`poolable`: its windows are each run through the whole engine.
+    Also writes the cells models (:mod:`cachebuild.engine.cells`): the
+    grid-to-cells head beside the feature engine, the frame-to-cells model
+    as ``engine_dir/cells.onnx`` (published: an onboard client's stage 2).
     """
     import shutil
 
     out = Path(engine_dir) / FEATURES_DIR
     if not poolable(model_path):
         shutil.rmtree(out, ignore_errors=True)
+        (Path(engine_dir) / CELLS_MODEL).unlink(missing_ok=True)
         return False
     out.mkdir(parents=True, exist_ok=True)
     (out / HEAD_FILE).unlink(missing_ok=True)  # its absence marks the directory incomplete
@@ -221,6 +226,8 @@ def compile_features(
         out_dir=out, workspace=workspace, timing_cache_dir=timing_cache_dir,
     )  # fmt: skip
     write_head_model(model_path, out / HEAD_MODEL)
+    write_cells_head(model_path, out / CELLS_HEAD)
+    write_cells_model(model_path, Path(engine_dir) / CELLS_MODEL)
     write_head(model_path, out / HEAD_FILE)  # last: its presence marks the directory complete
     return True
 

@@ -51,6 +51,7 @@ from cachebuild.localize.decode import default_decode_threads, tile_zxy
 from cachebuild.localize.decode_ahead import _engine_batches
 from cachebuild.localize.describe_store import _assemble, _engine_key, _ThumbKeeper
 from cachebuild.localize.describe_windows import describe_windows
+from cachebuild.localize.rerank import CELLS_FILE
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.objects import TileStore
 from cachebuild.store.windowkeys import STRIDES, tile_place_ids
@@ -263,6 +264,7 @@ def _describe(
 
     out.mkdir(parents=True, exist_ok=True)
     (out / DESCRIPTOR_IDS_FILE).unlink(missing_ok=True)
+    (out / CELLS_FILE).unlink(missing_ok=True)
     executor = {"executor": "local" if dask_scheduler is None else "dask", "workers": 1}
     made = {"thumbnails": 0}
     windows = n
@@ -286,6 +288,7 @@ def _describe(
         _describe_all(runner, store, raw, ids, out, dim, size, batch_size, workers, stream)
         computed = runs = n
     if stride == 1:  # one place per tile (describe_windows wrote the windows' ids)
+        atomic_save_npy(out / CELLS_FILE, np.zeros((0, 0, 0, 0), dtype=np.int8))  # no stage 2
         atomic_save_npy(out / DESCRIPTOR_IDS_FILE, tile_place_ids(ids))
     seconds = time.perf_counter() - start
     return {

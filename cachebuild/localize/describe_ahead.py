@@ -39,7 +39,7 @@ from cachebuild.localize.decode import _lower_decoder_priority, default_decode_t
 from cachebuild.localize.decode_ahead import _engine_batches
 from cachebuild.localize.describe_store import _engine_key, _ThumbKeeper
 from cachebuild.localize.describe_windows import KEEP_TILES
-from cachebuild.localize.windows import WindowDescriber, window_record
+from cachebuild.localize.windows import WindowDescriber, stored_dim, window_record
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.lock import store_user
 from cachebuild.store.objects import TileStore
@@ -292,7 +292,7 @@ class DescribeAhead:
         describer = WindowDescriber(self.engine_dir, self.stride, self.threads)
         record = window_record(self.engine_dir, self.stride)
         key = namespace(_engine_key(self.engine_dir), self.stride, record["mode"])
-        dim = self.stride * self.stride * int(record["descriptor_dim"])
+        dim = self.stride * self.stride * stored_dim(record)
 
         def post(meta: Any, out: Any, _ids: Any) -> Any:
             return describer.blocks(out, meta[1])

@@ -9,6 +9,7 @@ Used by :mod:`cachebuild.localize.describe`.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from cachebuild._util.npyio import NpyRowWriter
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError
 from cachebuild.localize.decode import tile_zxy
+from cachebuild.localize.rerank import packed_width, unpack
 from cachebuild.store.descriptors import DescriptorStore
 from cachebuild.store.thumbs import ThumbStore
 
@@ -66,25 +68,40 @@ def _engine_key(engine_dir: str | os.PathLike[str]) -> str:
 
 
 def _assemble(
-    ds: DescriptorStore, shard: Any, row: Any, ids: Any, path: Path, dim: int, valid: Any = None
+    ds: DescriptorStore,
+    shard: Any,
+    row: Any,
+    ids: Any,
+    path: Path,
+    dim: int,
+    valid: Any = None,
+    cells: tuple[Path, tuple[int, ...]] | None = None,
 ) -> int:
     """Write ``path`` (``descriptors.npy``) from the store, in tile order; refuse a non-finite row.
 
-    A stored row holds ``ds.dim // dim`` descriptors (a block of windows);
-    with ``valid`` (bool ``[N, ds.dim // dim]``) only those are written.
+    A stored row holds blocks of windows of ``dim`` columns each, or with
+    ``cells`` (``(cells.npy, per-window shape)``) of ``dim`` plus the packed
+    cells, which go to that file (int8, the same rows);
+    with ``valid`` (bool ``[N, windows a block]``) only those are written.
     Returns the rows written.
     """
     import numpy as np
 
-    n, per = len(ids), ds.dim // dim
+    values = int(np.prod(cells[1])) if cells is not None else 0
+    width = dim + (packed_width(values) if cells is not None else 0)
+    n, per = len(ids), ds.dim // width
     chunk = max(1, _ASSEMBLE_ROWS // per)
     total = n * per if valid is None else int(valid.sum())
-    with NpyRowWriter(path, "<f4", (total, dim)) as sink:
+    with ExitStack() as stack:
+        sink = stack.enter_context(NpyRowWriter(path, "<f4", (total, dim)))
+        cell_sink = None
+        if cells is not None:
+            cell_sink = stack.enter_context(NpyRowWriter(cells[0], "|i1", (total, *cells[1])))
         buf = np.empty((min(chunk, max(n, 1)), ds.dim), dtype=np.float32)
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
-            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s]).reshape(e - s, per, dim)
-            rows = part.reshape(-1, dim) if valid is None else part[valid[s:e]]
+            part = ds.read(shard[s:e], row[s:e], out=buf[: e - s]).reshape(e - s, per, width)
+            rows = part.reshape(-1, width) if valid is None else part[valid[s:e]]
             if not bool(np.all(np.isfinite(rows))):
                 bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=(1, 2)))[0])
                 z, x, y = tile_zxy(ids[bad])
@@ -94,5 +111,7 @@ def _assemble(
                     remedy=f"delete {ds.root} (its descriptors are computed again)",
                     phase=_PHASE,
                 )
-            sink.write(rows)
+            sink.write(np.ascontiguousarray(rows[:, :dim]))
+            if cell_sink is not None and cells is not None:
+                cell_sink.write(unpack(rows[:, dim:], values).reshape(len(rows), *cells[1]))
     return total

@@ -7,7 +7,8 @@ covers.  Only the blocks the store lacks are described
 (:mod:`cachebuild.localize.windows`), here through the decode-ahead ring
 (:mod:`cachebuild.localize.decode_ahead`) or on a Dask cluster; then
 ``descriptors.npy`` gets one row per window whose tiles are all present,
-and ``descriptor_ids.npy`` its place id, in anchor order.
+and ``descriptor_ids.npy`` its place id, in anchor order; ``cells.npy`` the
+same rows' cells for the second stage (:mod:`cachebuild.localize.rerank`).
 
 Anchors are described ``BATCH`` at a time in bands 16 tiles wide, walking
 down the rows, so a batch of 64 anchors (the default) decodes about 85
@@ -25,16 +26,19 @@ from typing import Any
 
 from cachebuild._util.fs import atomic_save_npy
 from cachebuild._util.progress import Progress
+from cachebuild.engine.cells import CELLS_HEAD
 from cachebuild.engine.features import HEAD_FILE, HEAD_MODEL, load_head_model, read_head
 from cachebuild.errors import CacheBuildError
 from cachebuild.localize.decode import decode_batch
 from cachebuild.localize.decode_ahead import _engine_batches
 from cachebuild.localize.describe_store import _assemble, _engine_key, _ThumbKeeper
+from cachebuild.localize.rerank import CELLS_FILE
 from cachebuild.localize.windows import (
     WindowDescriber,
     describer_dir,
     engine_blocks,
     pooled_blocks,
+    stored_dim,
     window_record,
 )
 from cachebuild.store.descriptors import DescriptorStore
@@ -69,7 +73,7 @@ def window_plan(
     nb = neighbours(ids)
     return {
         "key": key,
-        "dim": stride * stride * int(record["descriptor_dim"]),
+        "dim": stride * stride * stored_dim(record),
         "digests": block_digests(raw, nb, stride, record["mode"]),
         "nb": nb,
         "record": record,
@@ -115,9 +119,13 @@ def describe_windows(
         else:
             executor["workers"] = 0
         ds.touch()
-        d = plan["dim"] // (stride * stride)
+        record = plan["record"]
+        d = int(record["descriptor_dim"])
         valid = window_valid(plan["nb"], stride)
-        n = _assemble(ds, shard, row, ids, out / descriptors_file, d, valid)
+        cells = (out / CELLS_FILE, tuple(record["cells"]["shape"])) if record["cells"] else None
+        n = _assemble(ds, shard, row, ids, out / descriptors_file, d, valid, cells)
+    if cells is None:  # no second stage (an operator's own model): an empty cells.npy
+        atomic_save_npy(out / CELLS_FILE, np.zeros((0, 0, 0, 0), dtype=np.int8))
     atomic_save_npy(out / ids_file, window_ids(ids, stride)[valid])
     return {"computed": int(len(todo)), "engine_runs": int(runs), "windows": int(n)}
 
@@ -280,10 +288,11 @@ def describe_window_batch(
             head = read_head(where / HEAD_FILE)
             c = int(head["pool.rows"].shape[1])
             maps = np.asarray(runner.run(x), dtype=np.float32).reshape(len(x), -1, c, c)
-            run_head = _HEADS.get(key) or _HEADS.setdefault(
-                key, load_head_model(where / HEAD_MODEL, 1)
+            run_head, run_cells = _HEADS.get(key) or _HEADS.setdefault(
+                key,
+                (load_head_model(where / HEAD_MODEL, 1), load_head_model(where / CELLS_HEAD, 1)),
             )
-            blocks = pooled_blocks(maps, cover, stride, head, run_head)
+            blocks = pooled_blocks(maps, cover, stride, head, run_head, run_cells)
         else:
             blocks = engine_blocks(runner, x, cover, stride)
         return blocks, thumbs[np.asarray(cover)[:, 0]]

@@ -45,6 +45,13 @@ index being published.  ``selftest.json`` holds only what the figures
 are a function of; how many frames this run described or reused goes to
 :data:`RUN_FILE` and from there to the build report.
 
+Where the cache has a second stage (``windows.json``'s ``cells``), the
+search is the two-stage one an onboard client runs
+(:mod:`cachebuild.localize.rerank`): the index's first
+:data:`~cachebuild.localize.rerank.CANDIDATES` places re-ranked by their
+cells against the frame's (``engine/cells.onnx``); the headline is the
+final order, ``stage1`` the index's order alone.
+
 numpy, Pillow and the engine's backend are imported inside the functions.
 """
 
@@ -61,6 +68,7 @@ from cachebuild.engine.compile import load_engine
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import CoverageError
 from cachebuild.localize.index import load_index
+from cachebuild.localize.rerank import CANDIDATES, OFFSETS, open_stage2, rerank
 from cachebuild.localize.selftest_frames import (
     _describe_frames,
     _read_frames,
@@ -94,7 +102,7 @@ __all__ = [
 
 SELFTEST_FILE = "selftest.json"
 #: Bump when the frames change: it is a dependency of the selftest task.
-SELFTEST_VERSION = 4
+SELFTEST_VERSION = 5
 #: The frame descriptors a build keeps for the next (build directory; not part of the cache).
 FRAMES_FILE = "selftest-frames.npy"
 #: Part of each kept frame's key: bump when _render or the engine input preprocessing changes.
@@ -281,17 +289,36 @@ def _plan_frames(
 
 
 def _score_test(
-    index: Any, which: Any, jobs: list[Any], have: dict[bytes, Any], ids: Any
-) -> dict[str, Any]:
-    """Search one test's frames and score them (:func:`selftest_score.score`)."""
+    index: Any,
+    which: Any,
+    jobs: list[Any],
+    have: dict[bytes, Any],
+    ids: Any,
+    dim: int,
+    stage2: tuple[Any, Any] | None,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Search one test's frames and score them (:func:`selftest_score.score`): ``(final, stage 1)``.
+
+    A frame's row is its descriptor (``dim`` columns), then with ``stage2``
+    its cells; stage 1 alone is None without a second stage.
+    """
     import numpy as np
 
     if not jobs:
-        return score(np.zeros((0, _K), np.int64), [], [], [], np.zeros((0, 6)))
-    queries_d = np.ascontiguousarray(np.stack([have[k] for _, _, k in jobs]), dtype=np.float32)
-    _, found = index.search(queries_d, _K)
+        empty = score(np.zeros((0, _K), np.int64), [], [], [], np.zeros((0, 6)))
+        return empty, (dict(empty) if stage2 is not None else None)
+    rows = np.ascontiguousarray(np.stack([have[k] for _, _, k in jobs]), dtype=np.float32)
+    _, found = index.search(
+        np.ascontiguousarray(rows[:, :dim]), _K if stage2 is None else CANDIDATES
+    )
     tid = ids[which]
-    return score(found, (tid >> 29) & _MASK, tid & _MASK, tid >> 58, [p for _, p, _ in jobs])
+    where = ((tid >> 29) & _MASK, tid & _MASK, tid >> 58, [p for _, p, _ in jobs])
+    first = score(found[:, :_K], *where)
+    if stage2 is None:
+        return first, None
+    cells = stage2[1].get(found)  # [n, K, k, g, g]
+    final = rerank(found, rows[:, dim:].reshape(len(rows), *cells.shape[2:]), cells)
+    return score(final[:, :_K], *where), first
 
 
 def run_selftest(
@@ -344,26 +371,40 @@ def run_selftest(
     centres, hashes = candidates[order], hashes[order]
     near = _mix(hashes) % np.uint64(_NEAR_EVERY) == 0
     engine_key = str(record.get("key") or "")
-    tests = _plan_frames(ids, digests, centres, hashes, near, engine_key, size, max_offset)
-
     dim = int(record["descriptor_dim"])
+    stage2 = open_stage2(Path(build_dir), engine_dir, threads)
+    width = dim + (int(np.prod(stage2[1].cells.shape[1:])) if stage2 is not None else 0)
+    # with a second stage a frame's row is its descriptor, then its cells: kept under other keys
+    frame_key = f"{engine_key}\0cells" if stage2 is not None else engine_key
+    tests = _plan_frames(ids, digests, centres, hashes, near, frame_key, size, max_offset)
     # without an engine key nothing says whose descriptors they are: none kept
     keep = Path(frames_file) if frames_file is not None and engine_key else None
-    kept = _read_frames(keep, dim)
+    kept = _read_frames(keep, width)
     wanted = [job for _, jobs in tests for job in jobs]
     todo = [job for job in wanted if job[2] not in kept]
     have = dict(kept)
     if todo:
         if runner is None:
             runner = load_engine(engine_dir, threads=threads)
-        have.update(_describe_todo(todo, ids, digests, store_root, size, runner))
+        have.update(_describe_todo(todo, ids, digests, store_root, size, runner, stage2, dim))
     result["frames"] = {"described": len(todo), "reused": len(wanted) - len(todo)}
     index = load_index(index_path)
-    result.update(_headline_fields(_score_test(index, *tests[0], have, ids)))
-    result["near_centre"].update(_headline_fields(_score_test(index, *tests[1], have, ids)))
+    if stage2 is not None:
+        result["rerank"] = {"candidates": CANDIDATES, "offsets": OFFSETS}
+    for t, out in ((tests[0], result), (tests[1], result["near_centre"])):
+        final, first = _score_test(index, *t, have, ids, dim, stage2)
+        out.update(_headline_fields(final))
+        out["stage1"] = _figures(first)
     if keep is not None and (todo or set(kept) != {k for _, _, k in wanted}):
-        _write_frames(keep, {k: have[k] for _, _, k in wanted}, dim)  # this run's frames only
+        _write_frames(keep, {k: have[k] for _, _, k in wanted}, width)  # this run's frames only
     return result
+
+
+def _figures(scored: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Stage 1's figures alone (None without a second stage)."""
+    if scored is None:
+        return None
+    return {k: scored[k] for k in ("recall_at_1", "recall_at_5", "median_error_m", "p95_error_m")}
 
 
 def _headline_fields(scored: dict[str, Any]) -> dict[str, Any]:
@@ -396,21 +437,38 @@ def _empty_result(
         "gain": GAIN,
         "bias": BIAS,
         **none,
+        "stage1": None,
+        "rerank": None,
         "near_centre": {
             "queries": 0,
             "too_few_frames": True,
             "max_offset_px": round(max_offset * size[0], 1),
             **none,
+            "stage1": None,
         },
         "frames": {"described": 0, "reused": 0},
     }
 
 
 def _describe_todo(
-    todo: list[Any], ids: Any, digests: Any, store_root: Any, size: tuple[int, int], runner: Any
+    todo: list[Any],
+    ids: Any,
+    digests: Any,
+    store_root: Any,
+    size: tuple[int, int],
+    runner: Any,
+    stage2: tuple[Any, Any] | None,
+    dim: int,
 ) -> Any:
-    """``(key, descriptor)`` of each frame to describe, read from the tile store."""
+    """``(key, row)`` of each frame to describe, read from the tile store: its descriptor, then its cells."""
     import numpy as np
+
+    run = runner.run
+    if stage2 is not None:
+
+        def run(batch: Any) -> Any:
+            cells = np.asarray(stage2[0](batch), dtype=np.float32).reshape(len(batch), -1)
+            return np.concatenate([np.asarray(runner.run(batch), dtype=np.float32), cells], axis=1)
 
     from cachebuild.localize.decode import default_decode_threads
     from cachebuild.store.objects import TileStore
@@ -422,13 +480,13 @@ def _describe_todo(
         for t in b
     }
     described = _describe_frames(
-        [(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), runner.run
+        [(b, p) for b, p, _ in todo], paths, size, default_decode_threads(), run, dim
     )
     return [(job[2], d) for job, d in zip(todo, described)]
 
 
 def summary(info: dict[str, Any] | None) -> dict[str, Any]:
-    """The report's ``selftest`` object: the headline figures, the frame count and its line."""
+    """The report's ``selftest`` object: the headline figures, stage 1's alone, the frame count and its line."""
     info = info or {}
     return {
         "recall_at_1": info.get("recall_at_1"),
@@ -439,6 +497,7 @@ def summary(info: dict[str, Any] | None) -> dict[str, Any]:
         "too_few_frames": bool(
             info.get("too_few_frames", int(info.get("queries") or 0) < MIN_FRAMES)
         ),
+        "stage1": info.get("stage1"),
         "text": headline(info),
     }
 

@@ -85,12 +85,15 @@ def _describe_frames(
     size: tuple[int, int],
     workers: int,
     run: Any,
+    unit: int | None = None,
 ) -> Any:
     """Render and describe frames: each job is (the 3x3 block's tile ids, row by row; parameters).
 
     Jobs go ``_BATCH`` at a time: the block tiles of a batch are decoded
     once each (hash-checked reads), the frames rendered in threads, and the
-    batch run through the engine.  Returns L2-normalised float32 ``[len(jobs), D]``.
+    batch run through the engine.  Returns float32 ``[len(jobs), D]``, its
+    first ``unit`` columns (None: all) L2-normalised: the descriptor, then
+    what else ``run`` gives (the frame's cells).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -134,7 +137,8 @@ def _describe_frames(
 
             list(pool.map(frame, range(len(part))))
             d = np.asarray(run(batch), dtype=np.float32)
-            d /= np.maximum(np.linalg.norm(d, axis=1, keepdims=True), np.float32(1e-12))
+            u = d[:, :unit]
+            u /= np.maximum(np.linalg.norm(u, axis=1, keepdims=True), np.float32(1e-12))
             out.append(d)
     if not out:
         return None

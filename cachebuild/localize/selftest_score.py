@@ -135,10 +135,17 @@ def headline(info: dict[str, Any] | None) -> str:
         if med is not None and p95 is not None
         else f"error median {'inf' if med is None else f'{med:.0f} m'}, p95 inf"
     )
-    return (
+    line = (
         f"recall@1 {float(info['recall_at_1']):.3f}, recall@5 "
         f"{float(info['recall_at_5']):.3f}, {err}, frames centred anywhere ({n} frames)"
     )
+    first = info.get("stage1")
+    if isinstance(first, dict) and first.get("recall_at_1") is not None:
+        line += (
+            f"; the index alone (before re-ranking) recall@1 {float(first['recall_at_1']):.3f}, "
+            f"recall@5 {float(first['recall_at_5']):.3f}"
+        )
+    return line
 
 
 def low_recall_warning(info: dict[str, Any] | None, warn_at: float | None) -> str | None:

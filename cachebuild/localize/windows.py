@@ -11,8 +11,11 @@ describe a block (one anchor's windows), the same for every backend:
 - ``engine`` (any other network, a black box): each valid window is cut
   from the 2 x 2 tiles' pixels and run through the engine.
 
-A block is float32 ``[stride * stride * D]``, window ``k = oy * stride +
+A block is float32 ``[stride * stride * W]``, window ``k = oy * stride +
 ox``; a window that covers an absent tile is left zero (never indexed).
+``W`` is the descriptor's ``D``, and in ``pooled`` mode then the window's
+cells for the second stage, packed (:mod:`cachebuild.localize.rerank`):
+:func:`stored_dim`.
 
 numpy is imported inside the functions.
 """
@@ -23,6 +26,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cachebuild.engine.cells import CELLS_HEAD, CELLS_MODEL, CHANNELS
 from cachebuild.engine.compile import load_engine
 from cachebuild.engine.features import (
     FEATURES_DIR,
@@ -34,9 +38,17 @@ from cachebuild.engine.features import (
 )
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError
+from cachebuild.localize.rerank import CANDIDATES, CELLS_FILE, OFFSETS, pack, packed_width, quantise
 from cachebuild.store.windowkeys import window_valid
 
-__all__ = ["WindowDescriber", "describer_dir", "pooled_blocks", "engine_blocks", "window_record"]
+__all__ = [
+    "WindowDescriber",
+    "describer_dir",
+    "pooled_blocks",
+    "engine_blocks",
+    "window_record",
+    "stored_dim",
+]
 
 _PHASE = "describe"
 #: Tiles and anchors per matrix product: always this many rows (padded), so a
@@ -47,7 +59,8 @@ _CHUNK = 8
 def describer_dir(engine_dir: str | os.PathLike[str]) -> tuple[Path, str]:
     """``(directory of the engine that describes windows, mode)``: the feature engine when compiled."""
     features = Path(engine_dir) / FEATURES_DIR
-    if (features / "engine.json").is_file() and (features / HEAD_FILE).is_file():
+    done = all((features / n).is_file() for n in ("engine.json", HEAD_FILE, CELLS_HEAD))
+    if done:
         return features, "pooled"
     return Path(engine_dir), "engine"
 
@@ -83,15 +96,17 @@ def _mm() -> Any:
 
 
 def pooled_blocks(
-    features: Any, cover: Any, stride: int, head: dict[str, Any], run_head: Any
+    features: Any, cover: Any, stride: int, head: dict[str, Any], run_head: Any, run_cells: Any
 ) -> Any:
-    """Blocks ``[k, stride**2 * D]`` from tile feature maps ``[m, C, h, w]`` and ``cover`` ``[k, 4]``.
+    """Blocks ``[k, stride**2 * (D + P)]`` from tile feature maps ``[m, C, h, w]`` and ``cover`` ``[k, 4]``.
 
     ``cover[i]``: rows of ``features`` of anchor i, its right, lower and
     lower-right neighbour (-1: absent, zeros; such windows are zeroed).
     ``head``: the pooling weights (:func:`~cachebuild.engine.features.read_head`);
     ``run_head``: the network after its pooling, grids ``[n, C, g, g]`` to
-    descriptors (:func:`~cachebuild.engine.features.load_head_model`).
+    descriptors (:func:`~cachebuild.engine.features.load_head_model`);
+    ``run_cells``: grids to cells (the cells head, loaded the same way),
+    kept quantised and packed in ``P`` columns after each descriptor.
     Pooling is linear, so each tile's columns are pooled once for every
     offset, as the left and as the right part of a window (one matrix
     product), and each anchor's windows add up their tiles' parts.
@@ -124,7 +139,8 @@ def pooled_blocks(
         res = mm(maps.reshape(-1, w), cols).reshape(_CHUNK, c, h, 2, s, g)
         part[t0 : t0 + n] = res[:n].transpose(0, 3, 4, 1, 5, 2)
     cover = np.asarray(cover, dtype=np.int64)
-    out = np.empty((len(cover), s, s, head["proj.w"].shape[1]), dtype=np.float32)  # D: proj.w's
+    d = int(head["proj.w"].shape[1])
+    out = np.empty((len(cover), s, s, d + packed_width(CHANNELS * g * g)), dtype=np.float32)
     both = np.zeros((_CHUNK, s, c, g, 2 * h), dtype=np.float32)
     for a0 in range(0, len(cover), _CHUNK):
         cv = cover[a0 : a0 + _CHUNK]
@@ -136,7 +152,9 @@ def pooled_blocks(
             _CHUNK, s, c, g, s, g
         )  # [k, ox, C, b, oy, a]
         grids = np.ascontiguousarray(grid[:n].transpose(0, 4, 1, 2, 5, 3))  # [k, oy, ox, C, a, b]
-        out[a0 : a0 + n] = run_head(grids.reshape(n * s * s, c, g, g)).reshape(n, s, s, -1)
+        flat = grids.reshape(n * s * s, c, g, g)
+        out[a0 : a0 + n, ..., :d] = run_head(flat).reshape(n, s, s, d)
+        out[a0 : a0 + n, ..., d:] = pack(quantise(run_cells(flat))).reshape(n, s, s, -1)
     valid = window_valid(cover, s).reshape(len(cover), s, s)
     out[~valid] = 0.0
     return out.reshape(len(cover), -1)
@@ -203,6 +221,7 @@ class WindowDescriber:
             self.head = read_head(self.dir / HEAD_FILE)
             # one thread, as the pooling's products: the feature engine is what runs wide
             self.run_head = load_head_model(self.dir / HEAD_MODEL, 1)
+            self.run_cells = load_head_model(self.dir / CELLS_HEAD, 1)
             self.dim = int(self.head["proj.w"].shape[1])
         else:
             self.head = {}
@@ -229,24 +248,48 @@ class WindowDescriber:
             return engine_blocks(self._engine, per_tile, cover, self.stride)
         c = int(self.head["pool.rows"].shape[1])  # the maps are square: rows pool h cells
         maps = np.asarray(per_tile, dtype=np.float32).reshape(len(per_tile), -1, c, c)
-        return pooled_blocks(maps, cover, self.stride, self.head, self.run_head)
+        return pooled_blocks(maps, cover, self.stride, self.head, self.run_head, self.run_cells)
 
 
 def window_record(engine_dir: str | os.PathLike[str], stride: int) -> dict[str, Any]:
-    """What ``windows.json`` says: the stride, the mode and the per-window descriptor size.
+    """What ``windows.json`` says: the stride, the mode, the per-window descriptor size, the cells.
 
     ``mode``: ``tile`` (stride 1: the engine's descriptor of each tile),
-    ``pooled`` or ``engine`` (see the module's text).
+    ``pooled`` or ``engine`` (see the module's text).  ``cells``: the
+    second stage (``pooled`` only, else None): the cells' shape and the
+    files and settings an onboard client's re-ranking uses.
     """
     if stride == 1:
         return {
             "stride": 1,
             "mode": "tile",
             "descriptor_dim": int(read_engine_json(engine_dir)["descriptor_dim"]),
+            "cells": None,
         }
     d, mode = describer_dir(engine_dir)
+    cells = None
     if mode == "pooled":
-        dim = int(read_head(d / HEAD_FILE)["proj.w"].shape[1])
+        head = read_head(d / HEAD_FILE)
+        dim = int(head["proj.w"].shape[1])
+        g = int(head["pool.rows"].shape[0])
+        cells = {
+            "file": CELLS_FILE,
+            "model": f"engine/{CELLS_MODEL}",
+            "shape": [CHANNELS, g, g],
+            "dtype": "int8",
+            "candidates": CANDIDATES,
+            "offsets": OFFSETS,
+        }
     else:
         dim = int(read_engine_json(d)["descriptor_dim"])
-    return {"stride": int(stride), "mode": mode, "descriptor_dim": dim}
+    return {"stride": int(stride), "mode": mode, "descriptor_dim": dim, "cells": cells}
+
+
+def stored_dim(record: dict[str, Any]) -> int:
+    """Float32 columns a window takes in a stored block: its descriptor, then its packed cells."""
+    cells = record.get("cells")
+    extra = 0
+    if cells:
+        k, g, h = cells["shape"]
+        extra = packed_width(int(k) * int(g) * int(h))
+    return int(record["descriptor_dim"]) + extra

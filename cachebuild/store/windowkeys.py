@@ -50,6 +50,8 @@ MODES = ("pooled", "engine")
 _MASK = (1 << 29) - 1
 _ZERO = bytes(32)
 _VERSION = 1
+#: A store namespace's layout version by mode (pooled 2: a block keeps each window's cells too).
+_LAYOUT = {"pooled": 2, "engine": 1}
 
 
 def namespace(engine_key: str, stride: int, mode: str) -> str:
@@ -57,7 +59,7 @@ def namespace(engine_key: str, stride: int, mode: str) -> str:
     if stride not in STRIDES or mode not in MODES:
         raise ValueError(f"no windows for stride {stride!r}, mode {mode!r}")
     return hashlib.sha256(
-        f"cachebuild-windows\0{_VERSION}\0{engine_key}\0{stride}\0{mode}".encode()
+        f"cachebuild-windows\0{_LAYOUT[mode]}\0{engine_key}\0{stride}\0{mode}".encode()
     ).hexdigest()
 
 

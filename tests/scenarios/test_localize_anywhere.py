@@ -2,8 +2,11 @@
 localizes frames through only the published cache's documented files.
 
 The client reads ``engine/engine.json`` (how to prepare a frame), runs
-``engine/engine.onnx`` with onnxruntime, searches ``index.faiss`` with faiss
-and turns the id into latitude and longitude with ``positions.npy``; it cuts
+``engine/engine.onnx`` with onnxruntime, searches ``index.faiss`` with faiss,
+re-ranks the first candidates by their cells (``windows.json``'s ``cells``:
+``engine/cells.onnx``, ``cells.npy``, ``descriptor_ids.npy``; its own code,
+not cachebuild's) and turns the id into latitude and longitude with
+``positions.npy``; it cuts
 its own frames from imagery it fetches itself (the synthetic provider's
 images; the same on a real NAIP orthophoto, where one is placed:
 test_localize_real.py).
@@ -122,6 +125,14 @@ def test_an_onboard_client_localizes_frames_with_only_the_documented_files(
     index = faiss.read_index(str(c / "index.faiss"))
     pos = np.load(c / "positions.npy", allow_pickle=False)
     assert len(pos) == index.ntotal and set(pos.dtype.names) >= {"id", "lat", "lon", "west"}
+    stage2 = json.loads((c / "windows.json").read_text())["cells"]
+    signed = json.loads((c / "manifest.json").read_text())["signed"]["targets"]
+    assert {stage2["file"], stage2["model"], "descriptor_ids.npy"} <= set(signed)
+    cells_session = ort.InferenceSession(
+        str(c / stage2["model"]), providers=["CPUExecutionProvider"]
+    )
+    cells = np.load(c / stage2["file"], mmap_mode="r")
+    row_of = {int(p): i for i, p in enumerate(np.load(c / "descriptor_ids.npy"))}
 
     z = 17
     centre = tile(8.5405, 47.3705, z)
@@ -134,11 +145,16 @@ def test_an_onboard_client_localizes_frames_with_only_the_documented_files(
         # a frame centred anywhere in the middle of the area
         cx, cy = (rng.uniform(1.5, n - 1.5, 2) * t).tolist()
         frame = ground[int(cy - t / 2) : int(cy + t / 2), int(cx - t / 2) : int(cx + t / 2)]
-        d = session.run(None, {session.get_inputs()[0].name: _prepare(frame, spec)})[0]
+        x = _prepare(frame, spec)
+        d = session.run(None, {session.get_inputs()[0].name: x})[0]
         d = d / np.linalg.norm(d, axis=1, keepdims=True)
-        _, found = index.search(np.ascontiguousarray(d, dtype=np.float32), 1)
-        row = pos[np.searchsorted(pos["id"], found[0, 0])]
-        assert row["id"] == found[0, 0]
+        _, found = index.search(np.ascontiguousarray(d, dtype=np.float32), stage2["candidates"])
+        q = cells_session.run(None, {cells_session.get_inputs()[0].name: x})[0][0]
+        best = max(
+            found[0], key=lambda i: _cells_score(q, cells[row_of[int(i)]], stage2["offsets"])
+        )
+        row = pos[np.searchsorted(pos["id"], best)]
+        assert row["id"] == best
         lat, lon = _ground(x0 + cx / t, y0 + cy / t, z)
         dy = (row["lat"] - lat) * 111_320
         dx = (row["lon"] - lon) * 111_320 * math.cos(math.radians(lat))
@@ -151,6 +167,18 @@ def test_an_onboard_client_localizes_frames_with_only_the_documented_files(
     frame_m = 2 * math.pi * 6_378_137 * math.cos(math.radians(47.37)) / 2**z
     assert hits >= 0.85 * 40
     assert float(np.median(errors)) <= frame_m / 4
+
+
+def _cells_score(q: np.ndarray, p: np.ndarray, offsets: int) -> float:
+    """cache-layout.md's stage 2: the best cosine over the shared cells, q moved by up to ``offsets``."""
+    g, best = q.shape[-1], -2.0
+    p = p.astype(np.float32)
+    for dy in range(-offsets, offsets + 1):
+        for dx in range(-offsets, offsets + 1):
+            a = q[:, max(dy, 0) : g + min(dy, 0), max(dx, 0) : g + min(dx, 0)]
+            b = p[:, max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)]
+            best = max(best, float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-12)))
+    return best
 
 
 def _unit_y(lat: float, z: int) -> float:

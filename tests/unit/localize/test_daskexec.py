@@ -152,6 +152,10 @@ def _check_against_local(cb: Cb, tmp_path: Path) -> int:
         np.load(tmp_path / "local" / "descriptors.npy"),
         atol=1e-5,
     )
+    # the second stage's cells come through the workers too (int8: a rounding apart at most)
+    cells, local_cells = np.load(build / "cells.npy"), np.load(tmp_path / "local" / "cells.npy")
+    assert cells.shape == local_cells.shape and (stride == 1) == (cells.size == 0)
+    assert np.abs(cells.astype(np.int16) - local_cells).max(initial=0) <= 1
     tiles = np.load(build / "tiles.npy")
     tiles = tiles[np.argsort(tiles["id"])]
     raw = np.ascontiguousarray(tiles["sha256"]).view(np.uint8).reshape(-1, 32)

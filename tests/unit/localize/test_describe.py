@@ -20,6 +20,7 @@ from cachebuild.localize import decode_ahead, describe
 from cachebuild.localize.decode import decode_tile, default_decode_threads, tile_zxy
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
 from cachebuild.localize.index import build_index, search
+from cachebuild.localize.rerank import CELLS_FILE
 from cachebuild.store.objects import TileStore
 from cachebuild.store.windowkeys import PLACE_UNITS
 from cachebuild.tilemath import Tile
@@ -172,7 +173,12 @@ def test_shapes_norms_ids(described: tuple[Path, dict], tiles_images: dict) -> N
     np.testing.assert_allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
     assert result["tiles"] == n and result["dim"] == 256
     assert result["seconds"] > 0 and result["tiles_per_s"] == pytest.approx(n / result["seconds"])
-    assert sorted(p.name for p in out.iterdir()) == [DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE]
+    # cells.npy: empty, no second stage for the tile grid
+    assert sorted(p.name for p in out.iterdir()) == [
+        CELLS_FILE,
+        DESCRIPTOR_IDS_FILE,
+        DESCRIPTORS_FILE,
+    ]
 
 
 def test_row_i_describes_tile_i(
@@ -368,7 +374,11 @@ def test_outputs_are_replaced_atomically(
         np.load(tmp_path / DESCRIPTORS_FILE).shape[0]
         == np.load(tmp_path / DESCRIPTOR_IDS_FILE).shape[0]
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        CELLS_FILE,
+        DESCRIPTOR_IDS_FILE,
+        DESCRIPTORS_FILE,
+    ]
 
 
 def test_bad_arguments(world: tuple[Path, Path], engine_dir: Path, tmp_path: Path) -> None:

@@ -124,7 +124,7 @@ def test_pooled_windows_match_the_whole_network(engine_dir: Path) -> None:
     describer = WindowDescriber(engine_dir, 4, threads=1)
     assert describer.mode == "pooled"
     cover = np.array([[0, 1, 2, 3], [1, -1, 3, -1]])
-    pooled = describer.blocks(describer.run(x), cover).reshape(2, 16, -1)
+    pooled = describer.blocks(describer.run(x), cover).reshape(2, 16, -1)[..., :256]
     assert np.allclose(pooled[0, 0], full[0], atol=1e-5)
     assert np.allclose(pooled[1, 0], full[1], atol=1e-5)
     assert np.allclose(np.linalg.norm(pooled[0], axis=1), 1.0, atol=1e-5)
@@ -138,20 +138,22 @@ def test_pooled_blocks_for_every_stride_and_the_same_bits_in_any_batch(engine_di
     """A stored block is reused by later builds: its bits must not depend on its batch."""
     head = read_head(engine_dir / "features" / "head.npz")
     run_head = load_head_model(engine_dir / "features" / "head.onnx", threads=2)
+    run_cells = load_head_model(engine_dir / "features" / "cells-head.onnx", threads=2)
     rng = np.random.default_rng(0)
     maps = rng.random((12, 48, 64, 64), dtype=np.float32)
     for stride in (1, 2, 4, 8):
-        b = pooled_blocks(maps[:4], np.array([[0, 1, 2, 3]]), stride, head, run_head)
-        assert b.shape == (1, stride * stride * 256) and np.isfinite(b).all()
+        b = pooled_blocks(maps[:4], np.array([[0, 1, 2, 3]]), stride, head, run_head, run_cells)
+        assert b.shape == (1, stride * stride * (256 + 171)) and np.isfinite(b).all()
     cover = rng.integers(-1, 12, (20, 4))
     cover[:, 0] = np.arange(20) % 12
-    every = pooled_blocks(maps, cover, 4, head, run_head)
+    every = pooled_blocks(maps, cover, 4, head, run_head, run_cells)
     for pick in (np.array([7]), np.array([3, 19, 0]), np.arange(20)[::-1]):
         perm = rng.permutation(12)  # the same tiles in another order
         inv = np.argsort(perm)
         part = pooled_blocks(
-            maps[perm], np.where(cover[pick] >= 0, inv[cover[pick]], -1), 4, head, run_head
-        )
+            maps[perm], np.where(cover[pick] >= 0, inv[cover[pick]], -1), 4, head, run_head,
+            run_cells,
+        )  # fmt: skip
         assert np.array_equal(part, every[pick])
 
 
@@ -203,7 +205,7 @@ from cachebuild.localize.windows import pooled_blocks
 d = Path(sys.argv[1])
 maps = np.random.default_rng(5).random((4, 48, 64, 64), dtype=np.float32)
 b = pooled_blocks(maps, np.array([[0, 1, 2, 3]]), 4, read_head(d / "head.npz"),
-                  load_head_model(d / "head.onnx", 1))
+                  load_head_model(d / "head.onnx", 1), load_head_model(d / "cells-head.onnx", 1))
 np.save(sys.argv[2], b)
 """
 
