@@ -16,6 +16,10 @@ centred anywhere (rotated +-10 degrees, rescaled +-10%, re-lit) three ways:
 - ``other year``: the client's frames cut from the same ground flown in
   another year and season (2014-07-20; the cache is built from 2020-08-31).
 
+Where the cache has a second stage (windows.json's ``cells``) the
+self-test and the client re-rank the index's first candidates by their
+cells; ``stage 1`` rows give the index's order alone.
+
 Stride 1 (one descriptor per tile) is the baseline; 4 is the default.
 Prints tiles, indexed places, frames, recall@1, recall@5, median and p95
 position error in metres.  No figure is asserted.
@@ -59,12 +63,14 @@ def build(home: Path, ortho: Path, flight: Path, buffer_m: int, stride: int) -> 
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def client_figures(client: ri.OnboardClient, ortho: Path, frames: Any) -> dict[str, Any]:
-    """The client's frames cut from ``ortho``, searched and scored by the build's scoring."""
+def client_figures(
+    client: ri.OnboardClient, ortho: Path, frames: Any, stage2: bool = True
+) -> dict[str, Any]:
+    """The client's frames cut from ``ortho``, searched (both stages, or the index's order alone) and scored."""
     area = client.area(Z)
     ground = ri.Ground(ortho, area)
     images = np.stack([ri.cut(ground, f) for f in frames])
-    ids, rows = client.search(images, k=5)
+    ids, rows = client.search(images, k=5, stage2=stage2)
     x, y = np.floor(frames[:, 0]).astype(np.int64), np.floor(frames[:, 1]).astype(np.int64)
     params = np.column_stack([frames[:, 0] - x - 0.5, frames[:, 1] - y - 0.5, frames[:, 2:]])
     out = score(ids, x, y, np.full(len(x), Z), params)
@@ -123,8 +129,14 @@ def main() -> None:
                 }
                 label = f"{buffer_m} m, stride {stride}"
                 print(row(f"{label}: self-test ({seconds:.0f} s build)", tiles, places, own))
+                if st.get("stage1"):
+                    first = {"frames": st["queries"], **st["stage1"]}
+                    print(row(f"{label}: self-test, stage 1", tiles, places, first))
                 frames = ri.draw_frames(client.area(Z), args.frames, args.seed)
                 print(row(f"{label}: client", tiles, places, client_figures(client, ortho, frames)))
+                if client.cells:
+                    f = client_figures(client, ortho, frames, stage2=False)
+                    print(row(f"{label}: client, stage 1", tiles, places, f))
                 if other is not None:
                     f = client_figures(client, other, frames)
                     print(row(f"{label}: client, other year", tiles, places, f))

@@ -241,6 +241,16 @@ class OnboardClient:
         )
         self.index = faiss.read_index(str(cache / "index.faiss"))
         self.positions = np.load(cache / "positions.npy", allow_pickle=False)
+        # the second stage (cache-layout.md), where windows.json names one
+        self.cells = json.loads((cache / "windows.json").read_text()).get("cells")
+        if self.cells:
+            self.cells_session = ort.InferenceSession(
+                str(cache / self.cells["model"]), providers=["CPUExecutionProvider"]
+            )
+            self.place_cells = np.load(cache / self.cells["file"], mmap_mode="r")
+            ids = np.load(cache / "descriptor_ids.npy")
+            self.cell_order = np.argsort(ids)
+            self.cell_ids = ids[self.cell_order]
 
     def area(self, z: int) -> Area:
         """The tiles the cache covers: the places whose footprint is a whole tile."""
@@ -267,21 +277,51 @@ class OnboardClient:
             out[i] = x.transpose(2, 0, 1)
         return out
 
-    def search(self, frames: Any, k: int = 5, batch: int = 32) -> tuple[Any, Any]:
-        """``(ids [n, k], positions rows [n, k])`` of each frame's best k places."""
+    def search(
+        self, frames: Any, k: int = 5, batch: int = 32, stage2: bool = True
+    ) -> tuple[Any, Any]:
+        """``(ids [n, k], positions rows [n, k])`` of each frame's best k places.
+
+        With ``stage2`` and a cache that has one, the index's first
+        ``candidates`` are re-ranked by their cells, as cache-layout.md says.
+        """
         import numpy as np
 
         name = self.session.get_inputs()[0].name
+        two = bool(stage2 and self.cells)
         found = []
         for s in range(0, len(frames), batch):
-            d = self.session.run(None, {name: self.prepare(frames[s : s + batch])})[0]
+            x = self.prepare(frames[s : s + batch])
+            d = self.session.run(None, {name: x})[0]
             d = np.ascontiguousarray(d / np.linalg.norm(d, axis=1, keepdims=True), np.float32)
-            found.append(self.index.search(d, k)[1])
+            got = self.index.search(d, self.cells["candidates"] if two else k)[1]
+            if two:
+                q = self.cells_session.run(None, {self.cells_session.get_inputs()[0].name: x})[0]
+                got = np.stack([self._rerank(q[i], got[i]) for i in range(len(got))])
+            found.append(got[:, :k])
         ids = np.concatenate(found)
         at = np.searchsorted(self.positions["id"], ids)
         rows = self.positions[np.clip(at, 0, len(self.positions) - 1)]
         assert np.array_equal(rows["id"], ids), "an id the index returned is not in positions.npy"
         return ids, rows
+
+    def _rerank(self, q: Any, cand: Any) -> Any:
+        """``cand`` ordered by the best cosine of their cells with ``q`` over shifts of up to ``offsets`` cells."""
+        import numpy as np
+
+        rows = self.cell_order[np.searchsorted(self.cell_ids, cand)]
+        off, g = int(self.cells["offsets"]), q.shape[-1]
+        scores = []
+        for r in rows:
+            p, best = np.asarray(self.place_cells[r], dtype=np.float32), -2.0
+            for dy in range(-off, off + 1):
+                for dx in range(-off, off + 1):
+                    a = q[:, max(dy, 0) : g + min(dy, 0), max(dx, 0) : g + min(dx, 0)]
+                    b = p[:, max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)]
+                    den = float(np.linalg.norm(a) * np.linalg.norm(b)) + 1e-12
+                    best = max(best, float((a * b).sum()) / den)
+            scores.append(best)
+        return cand[np.argsort(-np.asarray(scores), kind="stable")]
 
 
 def footprint_hits(rows: Any, frames: Any, z: int, min_overlap: float = 0.5) -> Any:
