@@ -34,6 +34,7 @@ from cachebuild.engine.model import DEFAULT_MODEL_VERSION
 
 __all__ = [
     "FEATURES_DIR",
+    "HEAD_FILES",
     "HEAD_FILE",
     "HEAD_MODEL",
     "FEATURES_OUTPUT",
@@ -54,6 +55,8 @@ HEAD_FILE = "head.npz"
 #: The head after the pooling (centre, signed root, projection, L2) as an ONNX
 #: model of its own: ``grid`` ``[N, C, g, g]`` -> ``[N, D]``, run by ONNX Runtime.
 HEAD_MODEL = "head.onnx"
+#: The files beside a feature engine that describing windows reads (a worker needs them too).
+HEAD_FILES = (HEAD_FILE, HEAD_MODEL, CELLS_HEAD)
 _GRID = "grid"
 FEATURES_OUTPUT = "features"
 _CUT = "conv2.r"

@@ -31,9 +31,8 @@ from typing import Any, NamedTuple
 
 from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.signals import deferred_interrupts
-from cachebuild.engine.cells import CELLS_HEAD
 from cachebuild.engine.compile import load_engine
-from cachebuild.engine.features import HEAD_FILE, HEAD_MODEL
+from cachebuild.engine.features import HEAD_FILES
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
 from cachebuild.inputs.config import parse_dask_scheduler
@@ -442,7 +441,7 @@ class DaskExecutor:
         self.address = str(target) if self.kind == "tcp" else ""
         record = read_engine_json(self.engine_dir)
         self.key = str(record["key"])
-        extra = [n for n in (HEAD_FILE, HEAD_MODEL, CELLS_HEAD) if (self.engine_dir / n).is_file()]
+        extra = [n for n in HEAD_FILES if (self.engine_dir / n).is_file()]
         self._files = ["engine.json", str(record["engine_file"]), *extra]
 
     def __enter__(self) -> DaskExecutor:
