@@ -6,8 +6,14 @@ from typing import Any
 
 from doit.tools import config_changed
 
-from cachebuild.engine.modelfiles import external_data_files_cached
+from cachebuild.engine.modelfiles import external_data_files_cached, remembered
 from targets import actions
+
+
+def _poolable(path: Any) -> bool:
+    from cachebuild.engine.features import poolable
+
+    return poolable(path)
 
 
 def task(plan: Any) -> dict[str, Any]:
@@ -18,6 +24,11 @@ def task(plan: Any) -> dict[str, Any]:
     if not plan.builtin_model:  # the built-in network is one file
         listed = external_data_files_cached(plan.model_path, plan.paths.build / ".model-files.json")
         deps += [str(plan.model_path.parent / loc) for loc in listed]
+    # a poolable network (the built-in one, or the same graph with other weights) also gets its
+    # feature half and the second stage's engine/cells.onnx: targets, so they are recorded
+    pooled = plan.builtin_model or remembered(
+        plan.model_path, plan.paths.build / ".model-poolable.json", _poolable, False
+    )
     if s.calibration is not None:
         deps.append(str(s.calibration))
     backend = plan.engine_env.get("backend", s.backend)  # BACKEND=auto resolved for this machine
@@ -47,11 +58,7 @@ def task(plan: Any) -> dict[str, Any]:
         ],
         "file_dep": deps,
         "targets": [str(out / "engine.json"), str(out / plan.engine_file)]
-        + (
-            [str(out / "features" / "engine.json"), str(out / "cells.onnx")]
-            if plan.builtin_model
-            else []
-        ),
+        + ([str(out / "features" / "engine.json"), str(out / "cells.onnx")] if pooled else []),
         "uptodate": [config_changed(depends)],
         "clean": True,
     }

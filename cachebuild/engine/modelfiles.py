@@ -16,14 +16,22 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import canonical_json, sha256_file
 from cachebuild._util.statcache import stat_key, still_valid
 from cachebuild.errors import EngineError
 
-__all__ = ["external_data_files", "external_data_files_cached", "model_sha256", "self_contained"]
+__all__ = [
+    "external_data_files",
+    "external_data_files_cached",
+    "model_sha256",
+    "remembered",
+    "self_contained",
+]
 
 #: How an external data entry's key is encoded (StringStringEntryProto field 1, "location"):
 #: a model without these bytes has no external data.
@@ -80,31 +88,48 @@ def external_data_files_cached(
     A model that cannot be listed gives an empty list here: the engine
     task then fails with the error, where it belongs.
     """
+
+    def listed(path: Path) -> list[str]:
+        try:
+            return external_data_files(path)
+        except EngineError:
+            return []
+
+    return [str(x) for x in remembered(model_path, cache_file, listed, [])]
+
+
+def remembered(
+    model_path: str | os.PathLike[str],
+    cache_file: str | os.PathLike[str],
+    probe: Callable[[Path], Any],
+    missing: Any,
+) -> Any:
+    """``probe(model_path)`` (JSON-able), kept in ``cache_file`` while the model's stat holds.
+
+    ``missing`` when the model does not exist.  So the warm no-op reads no model.
+    """
     model_path = Path(model_path)
     try:
         st = os.stat(model_path)
     except OSError:
-        return []
+        return missing
     key = str(model_path.absolute())
     try:
         cached = json.loads(Path(cache_file).read_text()).get(key)
         if isinstance(cached, dict) and still_valid(
             st, cached.get("stat"), cached.get("recorded_ns")
         ):
-            return [str(x) for x in cached["files"]]
+            return cached["value"]
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         pass
-    try:
-        files = external_data_files(model_path)
-    except EngineError:
-        return []
-    entry = {"stat": stat_key(st), "recorded_ns": time.time_ns(), "files": files}
+    value = probe(model_path)
+    entry = {"stat": stat_key(st), "recorded_ns": time.time_ns(), "value": value}
     try:
         Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(cache_file, json.dumps({key: entry}).encode(), durable=False)
     except OSError:  # only a cache
         pass
-    return files
+    return value
 
 
 def model_sha256(model_path: str | os.PathLike[str]) -> str:
