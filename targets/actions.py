@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -185,6 +186,7 @@ def fetch(
 
         remote = open_store(shared)
     ahead = _describe_ahead(bbox, zooms, store)
+    pre = _prepush(store)  # COMPANION with PIPELINE: push while fetching
     with store_user(store, cache_dir):
         try:
             fetch_tiles(
@@ -197,14 +199,19 @@ def fetch(
                 env={**os.environ, **http, **(nodata or {})},
                 concurrency=concurrency,
                 shared=remote,
-                observer=ahead,
+                observer=ahead or pre,
             )
         except BaseException:
             if ahead is not None:  # what it described is kept; the rest is describe's
                 ahead.abort()
+            if pre is not None:  # what arrived there is kept; the rest is the push's
+                pre.abort()
             raise
     if ahead is not None:
         ahead.finish()  # it describes the last anchors while the next tasks run
+    if pre is not None:
+        pre.finish()  # it sends what is left; the companion flow waits for it
+    ACTIVE["fetch_ended"] = time.monotonic()
 
 
 def _describe_ahead(bbox: list[float] | None, zooms: list[int], store: str) -> Any:
@@ -225,6 +232,25 @@ def _describe_ahead(bbox: list[float] | None, zooms: list[int], store: str) -> A
     )  # fmt: skip
     ACTIVE["ahead"] = ahead
     return ahead
+
+
+def _prepush(store: str) -> Any:
+    """The tiles phase's pre-push to the companion (docs/design/pipeline.md), or None.
+
+    Set up by the wrapper in ``ACTIVE["prepush"]`` (the settings) in companion
+    mode with ``PIPELINE`` on; the wrapper hands it to the companion flow.
+    """
+    old = ACTIVE.pop("prepush_run", None)
+    if old is not None:  # a run repaired and run again starts afresh
+        old.abort()
+    settings = ACTIVE.get("prepush")
+    if settings is None:
+        return None
+    from cachebuild.companion.prepush import PrePush
+
+    pre = PrePush.for_settings(settings, store)
+    ACTIVE["prepush_run"] = pre
+    return pre
 
 
 def stop_describe_ahead(wait: bool = False) -> dict[str, Any] | None:

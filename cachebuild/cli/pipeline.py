@@ -1,4 +1,4 @@
-"""Describe while fetching (``PIPELINE``): when it applies, the order doit is asked for, the report's entry.
+"""Describe (or push) while fetching (``PIPELINE``): when it applies, the order doit is asked for, the report's entry.
 
 The tiles phase feeds a background describer
 (:mod:`cachebuild.localize.describe_ahead`) that needs the compiled engine:
@@ -15,7 +15,7 @@ from typing import Any
 
 from targets import FINAL_TASK
 
-__all__ = ["pipeline_on", "describe_ahead_config", "doit_tasks", "pipeline_entry"]
+__all__ = ["pipeline_on", "prepush_on", "describe_ahead_config", "doit_tasks", "pipeline_entry"]
 
 
 def pipeline_on(settings: Any) -> bool:
@@ -30,6 +30,15 @@ def pipeline_on(settings: Any) -> bool:
         and settings.dask_scheduler is None
         and settings.shared_store is None
     )
+
+
+def prepush_on(settings: Any) -> bool:
+    """Whether this build pushes to the companion while it fetches (``COMPANION`` with ``PIPELINE``).
+
+    The tiles action then starts a :class:`~cachebuild.companion.prepush.PrePush`
+    (``ACTIVE["prepush"]`` holds the settings) and the companion flow waits for it.
+    """
+    return bool(settings.pipeline and settings.companion is not None)
 
 
 def describe_ahead_config(settings: Any, plan: Any, reporter: Any) -> dict[str, Any] | None:

@@ -133,6 +133,7 @@ class _Run:
 
         self.provider = provider
         self.observer = observer  # told each tile settled: present(id, digest) / absent(id)
+        self._on_fetched = getattr(observer, "fetched", None)  # and each one downloaded now
         self.store = store
         self.sync = sync  # STORE=s3://...: the bucket's refs and objects
         self.bar = bar
@@ -295,6 +296,8 @@ class _Run:
                 else:
                     self._refs.append(((t.z, t.x, t.y), digest))
                     self.fetched += 1
+                    if self._on_fetched is not None:
+                        self._on_fetched(tile_id(t), bytes.fromhex(digest))
                     if self.sync is not None:
                         self.sync.fetched((t.z, t.x, t.y), digest)
             if (
@@ -338,7 +341,9 @@ def fetch_with_provider(
 
     ``observer``: told, from this thread, each tile as it is settled:
     ``observer.present(tile id, image hash bytes)`` or ``observer.absent(tile id)``
-    (the describe-ahead of docs/design/pipeline.md).
+    (the describe-ahead of docs/design/pipeline.md); and, where it has that
+    method, ``observer.fetched(tile id, image hash bytes)`` for a tile this
+    run downloaded and stored (the companion pre-push).
 
     ``max_age_s`` (``TILE_MAX_AGE``): stored tiles fetched longer ago than
     this are revalidated with conditional requests (an HTTP provider only).
