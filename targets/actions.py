@@ -21,6 +21,7 @@ from typing import Any
 
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.statcache import HASH_CACHE_NAME
+from cachebuild.companion.prepush import PrePush
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.engine.model import write_default_model
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
@@ -246,11 +247,22 @@ def _prepush(store: str) -> Any:
     settings = ACTIVE.get("prepush")
     if settings is None:
         return None
-    from cachebuild.companion.prepush import PrePush
-
     pre = PrePush.for_settings(settings, store)
     ACTIVE["prepush_run"] = pre
     return pre
+
+
+def take_prepush(abort: bool = False) -> dict[str, Any]:
+    """The tiles phase's pre-push and the download's end, for the companion flow (its keywords).
+
+    Taken once: a repaired run's tiles phase starts no other (the flow has
+    waited for this one by then).  ``abort``: a failed build stops it.
+    """
+    ACTIVE["prepush"] = None
+    pre = ACTIVE.pop("prepush_run", None)
+    if pre is not None and abort:  # what it sent stays there: the next push sends less
+        pre.abort()
+    return {"prepush": pre, "download_ended": ACTIVE.pop("fetch_ended", None)}
 
 
 def stop_describe_ahead(wait: bool = False) -> dict[str, Any] | None:

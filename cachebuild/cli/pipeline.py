@@ -15,7 +15,14 @@ from typing import Any
 
 from targets import FINAL_TASK
 
-__all__ = ["pipeline_on", "prepush_on", "describe_ahead_config", "doit_tasks", "pipeline_entry"]
+__all__ = [
+    "pipeline_on",
+    "prepush_on",
+    "arm_pipeline",
+    "describe_ahead_config",
+    "doit_tasks",
+    "pipeline_entry",
+]
 
 
 def pipeline_on(settings: Any) -> bool:
@@ -39,6 +46,19 @@ def prepush_on(settings: Any) -> bool:
     (``ACTIVE["prepush"]`` holds the settings) and the companion flow waits for it.
     """
     return bool(settings.pipeline and settings.companion is not None)
+
+
+def arm_pipeline(active: dict[str, Any], settings: Any, ahead: dict[str, Any] | None) -> None:
+    """Tell the tiles action (``targets.actions.ACTIVE``) what runs beside the fetch this build.
+
+    ``ahead``: :func:`describe_ahead_config`'s; with ``COMPANION``, the
+    settings the pre-push is made from (:func:`prepush_on`).
+    """
+    active["describe_ahead"] = ahead
+    active.pop("ahead_stats", None)
+    active["prepush"] = settings if prepush_on(settings) else None
+    active.pop("prepush_run", None)
+    active.pop("fetch_ended", None)
 
 
 def describe_ahead_config(settings: Any, plan: Any, reporter: Any) -> dict[str, Any] | None:

@@ -36,6 +36,7 @@ from cachebuild.cli.doitrun import (
     sigterm_as_interrupt,
 )
 from cachebuild.cli.pipeline import (
+    arm_pipeline,
     describe_ahead_config,
     doit_tasks,
     pipeline_entry,
@@ -334,14 +335,16 @@ def _locked_build(
         action_cache={"hits": [], "misses": [], "from_bucket": []},
     )
     on_companion = settings.companion is not None  # then only flight and tiles run here
-    # PIPELINE: the tiles phase describes as tiles arrive, with the engine compiled first
-    actions.ACTIVE["describe_ahead"] = describe_ahead_config(settings, plan, reporter)
-    actions.ACTIVE.pop("ahead_stats", None)
+    # PIPELINE: the tiles phase describes (with COMPANION: pushes) as tiles arrive
+    arm_pipeline(actions.ACTIVE, settings, describe_ahead_config(settings, plan, reporter))
 
     tasks = list(LOCAL_TASKS) if on_companion else doit_tasks(settings)
     started = time.monotonic()
     try:
         _run_locked(plan, reporter, warn, tasks)
+    except BaseException:
+        actions.take_prepush(abort=True)  # what it sent stays there: the next push sends less
+        raise
     finally:  # a describer still running (describe did not run, or failed) is stopped
         stats = actions.stop_describe_ahead() or actions.ACTIVE.pop("ahead_stats", None)
         report.extra["pipeline"] = pipeline_entry(
@@ -410,7 +413,7 @@ def _on_companion(
 
     def push() -> None:
         report.tiles = _tile_counts(plan.paths.build, reporter.ran)
-        build_on_companion(plan, report, warn)
+        build_on_companion(plan, report, warn, **actions.take_prepush())  # the first push only
 
     rerun = partial(_run_locked, plan, reporter, warn, tasks)
     push_repairing(plan.paths, warn, push, rerun, reporter)

@@ -16,6 +16,10 @@ Modules:
     Remote commands, output streaming, the remote report.
 :mod:`.flow`
     Bringup, push and remote build, in order.
+:mod:`.prepush`
+    Push while fetching (``PIPELINE``): packs sent as the tiles arrive.
+:mod:`.records`
+    Which cache this workstation last built on each companion.
 :mod:`.agent`
     The companion's side (``doit companion-agent``).
 :mod:`.pushed`

@@ -23,7 +23,6 @@ import time
 from typing import Any, TextIO
 
 from cachebuild import __version__
-from cachebuild._util.fs import atomic_write
 from cachebuild.companion.agent import PROTOCOL_VERSION
 from cachebuild.companion.errors import (
     AuthenticationError,
@@ -37,6 +36,7 @@ from cachebuild.companion.messages import (
     names_companion_key,
 )
 from cachebuild.companion.push import PushPlan, plan_push, push
+from cachebuild.companion.records import record_companion_build
 from cachebuild.companion.remote import (
     call_agent,
     remote_command,
@@ -65,9 +65,6 @@ __all__ = [
     "resolve_root",
     "remote_variables",
     "build_on_companion",
-    "LAST_BUILD_FILE",
-    "record_companion_build",
-    "last_companion_build",
 ]
 
 #: The companion's cache root: cachebuild's own default home there.
@@ -346,6 +343,8 @@ def build_on_companion(
     factory: Factory | None = None,
     stream: TextIO | None = None,
     pack_bytes: int | None = None,
+    prepush: Any = None,
+    download_ended: float | None = None,
 ) -> None:
     """Bring up the companion, push what it lacks, build there, merge its report.
 
@@ -364,6 +363,9 @@ def build_on_companion(
         Makes the SSH connection (tests inject one); paramiko by default.
     stream
         Where progress and the companion's output go (stderr).
+    prepush, download_ended
+        The tiles phase's :class:`~.prepush.PrePush` (push while fetching;
+        waited for first) and ``time.monotonic()`` at the download's end, or None.
 
     Raises
     ------
@@ -378,13 +380,18 @@ def build_on_companion(
     target, options = companion_options(settings)
     companion: dict[str, Any] = {"host": str(target), "device": None}
     report.extra["companion"] = companion
+    since = time.monotonic()
     report.extra["push"] = {"objects": 0, "bytes": 0}
+    if prepush is not None:  # its tail first: what the fetch stored last
+        report.extra["push"] = prepush.settle(report, out)
+        _warn_quarantined(prepush.settled, target, warn)
     t = time.monotonic()
     with connect(target, options, factory=factory, warn=warn) as conn:
         sftp = conn.open_sftp()
         root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn)
         report.timed("bringup", time.monotonic() - t)
         _push(conn, sftp, root, wanted_plan, absent, settings, out, report, warn, pack_bytes)
+        _pipelined(report, download_ended, since)
         try:
             _remote_build(conn, settings, wanted_plan.remote, out, report)
         except RemoteBuildError as exc:
@@ -404,6 +411,35 @@ def build_on_companion(
             _remote_build(conn, settings, wanted_plan.remote, out, report)
         if report.exit_code == 0 and report.build_id:
             record_companion_build(plan.paths.state, str(target), root, report)
+
+
+def _pipelined(report: Any, download_ended: float | None, since: float) -> None:
+    """After the first push: ``push.after_download_s`` (its end after the download's) and the
+    report's ``pipeline`` with the push's stages and the wall time to its end.
+
+    The stages: the workstation's tasks, the pre-push's busy time (push while
+    fetching, docs/design/pipeline.md), bring-up and the final push; ``since``:
+    when this flow started, right after the tasks.
+    """
+    now = time.monotonic()
+    push = report.extra["push"]
+    if download_ended is not None:
+        push["after_download_s"] = round(now - download_ended, 3)
+    entry = report.extra.get("pipeline")
+    if not entry:
+        return
+    stages = dict(entry["stages"])
+    pre = push.get("prepushed")
+    if pre is not None:
+        stages["prepush"] = round(float(pre["busy_s"]), 3)
+    for phase in ("bringup", "push"):
+        stages[phase] = round(float(report.phases.get(phase, 0.0)), 3)
+    total = round(sum(stages.values()), 3)
+    wall = round(float(entry["wall_s"]) + now - since, 3)
+    overlap = round(max(0.0, total - wall), 3)
+    entry.update(
+        enabled=pre is not None, stages=stages, sum_s=total, wall_s=wall, overlap_s=overlap
+    )
 
 
 def _absent(conn: Any, settings: Any, root: str, wanted_plan: PushPlan) -> set[str]:
@@ -447,10 +483,11 @@ def _push(
         ),
         **({"pack_bytes": pack_bytes} if pack_bytes else {}),
     )
-    before = report.extra.get("push") or {}  # pushed once more: the counts add up, but the
-    # objects already there, which are the first answer's
-    report.extra["push"] = {
-        k: before.get(k, v) if k == "already_there" else before.get(k, 0) + v
+    before = report.extra.get("push") or {}  # pushed once more (or after the pre-push): the
+    # counts add up, but the objects already there, which are the first answer's, less the pre-push's
+    pre = int(before.get("prepushed", {}).get("objects", 0))
+    report.extra["push"] = before | {
+        k: before.get(k, max(0, v - pre)) if k == "already_there" else before.get(k, 0) + v
         for k, v in result.to_dict().items()
     }
     _warn_quarantined(result.settled, conn.target, warn)
@@ -544,49 +581,3 @@ def _remote_build(
     finally:
         report.timed("remote", time.monotonic() - t)
     _merge_remote(report, remote, code, conn.target)
-
-
-#: In the workstation's state directory: the cache it last built on each
-#: companion and ``COMPANION_DIR`` (``doit cache-info COMPANION=…`` compares with it).
-LAST_BUILD_FILE = "companion-build.json"
-
-
-def _build_records(path: Any) -> dict[str, dict[str, Any]]:
-    import json
-
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if isinstance(doc, dict) and isinstance(doc.get("builds"), dict):
-        return {k: v for k, v in doc["builds"].items() if isinstance(v, dict)}
-    if isinstance(doc, dict) and "host" in doc and "dir" in doc:  # one record, as written before
-        return {f"{doc['host']} {doc['dir']}": doc}
-    return {}
-
-
-def record_companion_build(state_dir: Any, host: str, root: str, report: Any) -> None:
-    """Remember which cache this workstation last built on ``host`` in ``root``."""
-    import json
-    from pathlib import Path
-
-    path = Path(state_dir) / LAST_BUILD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    builds = _build_records(path)
-    builds[f"{host} {root}"] = {
-        "host": host,
-        "dir": root,
-        "build_id": report.build_id,
-        "manifest_version": report.manifest_version,
-        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    text = json.dumps({"format": 2, "builds": builds}, indent=1, sort_keys=True) + "\n"
-    atomic_write(path, text.encode(), durable=False)
-
-
-def last_companion_build(state_dir: Any, host: str, root: str) -> dict[str, Any] | None:
-    """What :func:`record_companion_build` kept for ``host`` and ``root``, or None."""
-    from pathlib import Path
-
-    record = _build_records(Path(state_dir) / LAST_BUILD_FILE).get(f"{host} {root}")
-    return record if record is not None and isinstance(record.get("build_id"), str) else None

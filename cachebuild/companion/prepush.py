@@ -29,12 +29,13 @@ build succeeds.  Its errors are kept (redacted) in its stats, never raised.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, TextIO
 
 from cachebuild._util.report import redact
 from cachebuild.companion.agent import DONE_SUFFIX, PROTOCOL_VERSION
@@ -119,24 +120,30 @@ class PrePush:
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._finished_at: float | None = None
+        self._idle = 0.0  # the sender waiting for tiles
         self._hide = tuple(command_values(command))
         self.stats: dict[str, Any] = {
-            "state": "idle",  # idle, connecting, sending, done, stopped, failed, skipped
+            "state": "idle",  # idle, connecting, sending, done, disk, stopped, failed, skipped
             "error": None,
-            "busy_s": 0.0,
+            "busy_s": 0.0,  # connecting, reading, packing and sending: not waiting for tiles
+            "during_fetch": 0,  # objects there before the fetch ended
             "tail_s": 0.0,  # from the end of the fetch to the end of the pre-push
             "skipped_corrupt": 0,
-            "settled": {},
         }
+        #: What its agents settled there: objects a cut-off push had left, packs quarantined.
+        self.settled: dict[str, Any] = {"kept": 0, "quarantined": []}
 
     @classmethod
     def for_settings(cls, settings: Any, store_root: str | os.PathLike[str]) -> PrePush | None:
         """A pre-push to ``settings.companion``; None when it cannot be reached so (no SSH key:
-        the flow's bring-up says so with its exit code)."""
+        the flow's bring-up says so with its exit code).  It trusts only host keys already
+        in ``KNOWN_HOSTS``."""
         try:
             target, options = companion_options(settings)
         except Exception:
             return None
+        # a host key not known yet is the flow's to accept (HOST_KEY_POLICY=accept-new), and say so
+        options = dataclasses.replace(options, host_key_policy="reject")
         return cls(
             target, options, command=settings.companion_cmd,
             companion_dir=settings.companion_dir, store_root=store_root,
@@ -172,6 +179,7 @@ class PrePush:
         with self._cv:
             self._finished = True
             self._finished_at = time.monotonic()
+            self.stats["during_fetch"] = self.result.tile_objects
             self._cv.notify()
 
     def abort(self) -> None:
@@ -188,35 +196,39 @@ class PrePush:
     def wait(self) -> dict[str, Any]:
         """Wait for the sender to end (after :meth:`finish` or :meth:`abort`); its stats."""
         self._join(None)
-        if self._finished_at is not None and self._thread is not None:
-            self.stats["tail_s"] = round(max(0.0, time.monotonic() - self._finished_at), 3)
         return self.entry()
+
+    def settle(self, report: Any, out: TextIO) -> dict[str, Any]:
+        """Wait for the tail (interrupted: stop it), time it as phase ``prepush``, say what
+        was sent; the report's ``push`` so far: what was sent, and ``prepushed``."""
+        t = time.monotonic()
+        try:
+            pre = self.wait()
+        except BaseException:
+            self.abort()
+            raise
+        report.timed("prepush", time.monotonic() - t)
+        if self.settled["kept"]:
+            out.write(f"companion: kept {self.settled['kept']:,} objects a cut-off push had sent\n")
+        out.write(f"pre-push: {self.line()}\n")
+        r = self.result
+        return {
+            "objects": r.tile_objects, "bytes": r.bytes, "tile_objects": r.tile_objects,
+            "tile_bytes": r.tile_bytes, "files": 0, "packs": r.packs, "prepushed": pre,
+        }  # fmt: skip
 
     def entry(self) -> dict[str, Any]:
         """The report's ``push.prepushed``: what was sent while fetching, and how it ended."""
-        r = self.result
+        r, s = self.result, self.stats
         return {
             "objects": r.tile_objects,
             "bytes": r.bytes,
             "tile_bytes": r.tile_bytes,
             "packs": r.packs,
-            **{k: self.stats[k] for k in ("state", "busy_s", "tail_s", "skipped_corrupt", "error")},
+            **{k: s[k] for k in ("state", "busy_s", "during_fetch", "tail_s", "skipped_corrupt")},
+            "error": s["error"],
+            "quarantined": len(self.settled["quarantined"]),
         }
-
-    def merged(self, push: dict[str, Any]) -> dict[str, Any]:
-        """The report's ``push``: the final push's counts plus the pre-push's, and ``prepushed``.
-
-        ``already_there`` is what was there before this build: the final
-        push found the pre-pushed objects there; they are not counted twice.
-        """
-        pre = self.entry()
-        out = dict(push, prepushed=pre)
-        for k in ("bytes", "tile_bytes", "packs"):
-            out[k] = int(push.get(k, 0)) + int(pre[k])
-        out["objects"] = int(push.get("objects", 0)) + int(pre["objects"])
-        out["tile_objects"] = int(push.get("tile_objects", 0)) + int(pre["objects"])
-        out["already_there"] = max(0, int(push.get("already_there", 0)) - int(pre["objects"]))
-        return out
 
     def line(self) -> str:
         """What the pre-push did, for the operator (the flow prints it before its own push)."""
@@ -249,10 +261,13 @@ class PrePush:
             self.stats["state"] = "failed"
             self.stats["error"] = self._clean(f"{type(exc).__name__}: {exc}")
         finally:
+            end = time.monotonic()
             with self._cv:
                 self._dead = True
                 self._pending.clear()
-            self.stats["busy_s"] = round(time.monotonic() - t0, 3)
+                if self._finished_at is not None:
+                    self.stats["tail_s"] = round(max(0.0, end - self._finished_at), 3)
+            self.stats["busy_s"] = round(max(0.0, end - t0 - self._idle), 3)
 
     def _clean(self, text: str) -> str:
         for value in self._hide:
@@ -273,6 +288,7 @@ class PrePush:
                     during="the pre-push's probe", cancel=self._stop,
                 )  # fmt: skip
                 self._check_stop()
+                self._settled(info.get("settled"), kept=True)
                 if info.get("protocol") != PROTOCOL_VERSION:  # the flow's bring-up says why
                     self.stats["state"] = "skipped"
                     return
@@ -280,6 +296,14 @@ class PrePush:
                 self._send(conn, sftp, root, room)
             finally:
                 sftp.close()
+
+    def _settled(self, got: dict[str, Any] | None, kept: bool = False) -> None:
+        """Add what an agent settled in ``incoming/`` to :attr:`settled` (``kept``: the probe's,
+        packs a cut-off push had left)."""
+        got = got or {}
+        self.settled["quarantined"].extend(got.get("quarantined") or [])
+        if kept:
+            self.settled["kept"] += int(got.get("objects") or 0)
 
     def _check_stop(self) -> None:
         if self._stop.is_set():
@@ -318,10 +342,7 @@ class PrePush:
             up.write(f"incoming/{session}{DONE_SUFFIX}", b"")
             answer = unpacker.result()
             pending = None
-            self.result.settled = dict(answer.get("settled") or {})
-            self.stats["settled"] = {
-                k: v for k, v in self.result.settled.items() if k != "quarantined"
-            }
+            self._settled(answer.get("settled"))
             if self.stats["state"] == "sending":
                 self.stats["state"] = "done"
         finally:
@@ -344,7 +365,9 @@ class PrePush:
                     return group
                 if self._finished:
                     return None
+                t = time.monotonic()
                 self._cv.wait(SEND_AFTER_S / 2 if self._pending else 1.0)
+                self._idle += time.monotonic() - t
 
     def _read(self, group: list[bytes]) -> list[tuple[str, bytes]]:
         """``(hex digest, bytes)`` of the objects of ``group`` whose bytes match their name."""
