@@ -13,7 +13,18 @@ Each build runs in a fresh home under GNU ``time -v`` (peak RSS).  Prints
 c/a and b/a (target c/a <= 1.15), each build's phases and the pipeline
 report of (c).
 
+With ``--companion``, instead: push while fetching (issue 23's third
+target).  A real OpenSSH sshd on 127.0.0.1 (tests/_harness/sshd.py) and a
+"companion" directory on this machine, as bench_push.py; in one run, on
+the same server and CONCURRENCY, a cold ``doit build-cache COMPANION=…``
+with (d) ``PIPELINE=0`` (the push starts after the download) and (e)
+``PIPELINE=1`` (packs pushed as the tiles arrive), each with a fresh
+workstation home and companion.  From each report: the download's end
+and the push's end, both from the start of the build's tasks, and their
+ratio (target (e) <= 1.10).
+
     python bench/bench_pipeline.py [--tiles 2000] [--latency-ms 300] [--concurrency 8] [--stride 4]
+    python bench/bench_pipeline.py --companion [--tiles 2000] [--latency-ms 40] [--concurrency 8]
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -87,6 +99,80 @@ def build(
     }
 
 
+def companion_build(
+    srv: ServerProcess, flight: Path, tmp: Path, sshd: Any, concurrency: int, pipeline: str
+) -> dict[str, Any]:
+    """A cold companion build in fresh homes: the download's and the push's ends (s from the
+    start of the tasks), their ratio, the report."""
+    home, chome = tmp / f"ws-{pipeline}", tmp / f"companion-home-{pipeline}"
+    chome.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEBUILD_")}
+    env.update(CACHEBUILD_HOME=str(home), XDG_DATA_HOME=str(home / "data"), PYTHONPATH=str(REPO))
+    cmd = (
+        f"env CACHEBUILD_HOME={shlex.quote(str(chome))} XDG_DATA_HOME={shlex.quote(str(chome))} "
+        f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m doit"
+    )
+    argv = [
+        sys.executable, "-m", "doit", "build-cache", f"FLIGHT={flight}", "BUFFER_M=0", "ZOOM=17",
+        f"PROVIDER={srv.template()}", f"CONCURRENCY={concurrency}", f"PIPELINE={pipeline}",
+        f"COMPANION={sshd.target}", f"SSH_KEY={sshd.client_key}", f"KNOWN_HOSTS={sshd.known_hosts}",
+        f"COMPANION_DIR={tmp / f'companion-{pipeline}'}", f"COMPANION_CMD={cmd}", "REPORT=json",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(
+            f"companion build PIPELINE={pipeline} failed ({p.returncode}):\n{p.stderr[-3000:]}"
+        )
+    report = json.loads([ln for ln in p.stdout.splitlines() if ln.strip()][-1])
+    push_end = float(report["pipeline"]["wall_s"])  # from the tasks' start to the push's end
+    download_end = push_end - float(report["push"]["after_download_s"])
+    return {
+        "wall": wall,
+        "download_end": download_end,
+        "push_end": push_end,
+        "ratio": push_end / download_end,
+        "report": report,
+    }
+
+
+def main_companion(args: Any) -> None:
+    """Push while fetching against the real sshd: (d) PIPELINE=0, (e) PIPELINE=1."""
+    from tests._harness.sshd import Sshd
+
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        box, n = area_of(args.tiles)
+        flight = tmp / "flight.json"
+        write_flight(flight, box)
+        sshd = Sshd(tmp / "sshd").start()
+        srv = ServerProcess(args.latency_ms / 1000, 0.0, "1")
+        try:
+            d = companion_build(srv, flight, tmp, sshd, args.concurrency, "0")
+            print(f"(d) PIPELINE=0: push end {d['ratio']:.2f}x download end", file=sys.stderr)
+            e = companion_build(srv, flight, tmp, sshd, args.concurrency, "1")
+            print(f"(e) PIPELINE=1: push end {e['ratio']:.2f}x download end", file=sys.stderr)
+        finally:
+            srv.close()
+            sshd.stop()
+    print(
+        f"Loopback tile server in its own process, {args.latency_ms:g} ms a request, "
+        f"CONCURRENCY={args.concurrency}, {n:,} z17 tiles, a real sshd on 127.0.0.1, "
+        f"{os.cpu_count()} CPUs.\n"
+    )
+    print("| cold companion build | download end s | push end s | push end / download end |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, r in (("(d) `PIPELINE=0`", d), ("(e) `PIPELINE=1`", e)):
+        print(f"| {label} | {r['download_end']:.1f} | {r['push_end']:.1f} | {r['ratio']:.3f} |")
+    print(f"\n(e)/(d) push end: {e['push_end'] / d['push_end']:.2f} (target (e) ratio <= 1.10)")
+    for label, r in (("d", d), ("e", e)):
+        phases = {k: round(v, 2) for k, v in r["report"]["phases"].items()}
+        print(f"\n({label}) phases: {json.dumps(phases)}")
+        print(f"({label}) push: {json.dumps(r['report']['push'])}")
+        print(f"({label}) pipeline: {json.dumps(r['report']['pipeline'])}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -95,7 +181,11 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=300.0)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--stride", type=int, default=4)
+    ap.add_argument("--companion", action="store_true", help="push while fetching: (d), (e)")
     args = ap.parse_args()
+    if args.companion:
+        main_companion(args)
+        return
     from cachebuild.inputs.flight import flight_area, load_flight_file
     from cachebuild.tilemath import count_tiles
 

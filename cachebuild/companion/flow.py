@@ -268,8 +268,9 @@ def _missing_line(plan: Any, absent: set[str]) -> str:
     return ", ".join(parts)
 
 
-def _sent_line(plan: Any, result: Any, seconds: float) -> str:
-    """What :func:`~.push.push` sent, in the kinds and counts of :func:`_missing_line`."""
+def _sent_line(plan: Any, result: Any, seconds: float, pre: int = 0) -> str:
+    """What :func:`~.push.push` sent, in the kinds and counts of :func:`_missing_line`
+    (``pre``: tile images the pre-push sent while fetching)."""
     inputs = result.objects - result.tile_objects
     parts = []
     if result.tile_objects:
@@ -281,8 +282,9 @@ def _sent_line(plan: Any, result: Any, seconds: float) -> str:
     sent = (
         f"sent {', '.join(parts) if parts else 'nothing'}: {_mb(result.bytes)} in {seconds:.1f} s"
     )
-    there = len(plan.tiles) - result.tile_objects
-    return f"{sent}; {there:,} of {_n(len(plan.tiles), 'tile image')} were there already"
+    there = len(plan.tiles) - result.tile_objects - pre
+    early = f", {pre:,} sent while fetching" if pre else ""
+    return f"{sent}; {there:,} of {_n(len(plan.tiles), 'tile image')} were there already{early}"
 
 
 def _merge_remote(report: Any, remote: dict[str, Any], code: int, target: CompanionTarget) -> None:
@@ -375,12 +377,12 @@ def build_on_companion(
         The remote build failed (its exit code), or gave no report (21).
     """
 
+    since = time.monotonic()
     settings = plan.settings
     out = stream or sys.stderr
     target, options = companion_options(settings)
     companion: dict[str, Any] = {"host": str(target), "device": None}
     report.extra["companion"] = companion
-    since = time.monotonic()
     report.extra["push"] = {"objects": 0, "bytes": 0}
     if prepush is not None:  # its tail first: what the fetch stored last
         report.extra["push"] = prepush.settle(report, out)
@@ -485,14 +487,15 @@ def _push(
     )
     before = report.extra.get("push") or {}  # pushed once more (or after the pre-push): the
     # counts add up, but the objects already there, which are the first answer's, less the pre-push's
-    pre = int(before.get("prepushed", {}).get("objects", 0))
+    first = "already_there" not in before
+    pre = int(before.get("prepushed", {}).get("objects", 0)) if first else 0
     report.extra["push"] = before | {
         k: before.get(k, max(0, v - pre)) if k == "already_there" else before.get(k, 0) + v
         for k, v in result.to_dict().items()
     }
     _warn_quarantined(result.settled, conn.target, warn)
     report.timed("push", time.monotonic() - t)
-    out.write(f"push: {_sent_line(wanted_plan, result, time.monotonic() - t)}\n")
+    out.write(f"push: {_sent_line(wanted_plan, result, time.monotonic() - t, pre)}\n")
     sftp.close()
 
 

@@ -129,7 +129,8 @@ def test_the_push_lines_count_the_same_things_and_agree_with_the_report(
     model = tmp_path / "net.onnx"
     model.write_bytes(build_default_model())
     f = write_flight(tmp_path / "f.json")
-    r = companion.build(f, MODEL=str(model))
+    # PIPELINE=0: no push while fetching (its lines: test_companion_prepush.py)
+    r = companion.build(f, MODEL=str(model), PIPELINE="0")
     assert r.code == 0, r.stderr
     push = r.report["push"]
     n = push["tile_objects"]

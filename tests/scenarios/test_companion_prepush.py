@@ -104,7 +104,17 @@ def test_push_while_fetching_sends_during_the_fetch_and_makes_the_same_cache(
     # the final push sent only what was left: every image went once, none was there before
     assert push["tile_objects"] == len(digests) and push["already_there"] == 0
     assert rep0["push"]["tile_objects"] == len(digests) and "prepushed" not in rep0["push"]
-    assert "pre-push: sent" in r.stderr
+    # the lines say it as the report does: sent while fetching, then only what was left
+    pre_line = f"pre-push: sent {pre['objects']} tile images in {pre['packs']} pack"
+    assert pre_line in r.stderr
+    left = len(digests) - pre["objects"]
+    assert (
+        f"push: {left} of {len(digests)} tile images, 5 of 5 flight files missing there" in r.stderr
+    )
+    assert (
+        f"0 of {len(digests)} tile images were there already, {pre['objects']} sent while fetching"
+        in r.stderr
+    )
     # the report: each stage's busy time, the wall time to the push's end, the overlap
     p = rep["pipeline"]
     assert p["enabled"] and not rep0["pipeline"]["enabled"]
