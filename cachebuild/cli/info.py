@@ -20,8 +20,8 @@ from typing import Any
 from cachebuild._util.report import Report
 from cachebuild._util.sizes import human_bytes
 from cachebuild.companion.errors import CompanionNotReadyError, RemoteReportError
-from cachebuild.companion.flow import companion_options, resolve_root
 from cachebuild.companion.messages import COMPANION_PASSPHRASE_ENV, command_values, shown_command
+from cachebuild.companion.reach import companion_options, resolve_root
 from cachebuild.companion.records import LAST_BUILD_FILE, last_companion_build
 from cachebuild.companion.remote import remote_command, run_remote_build, with_passphrase
 from cachebuild.companion.ssh import connect

@@ -18,6 +18,8 @@ Modules:
     Bringup, push and remote build, in order.
 :mod:`.prepush`
     Push while fetching (``PIPELINE``): packs sent as the tiles arrive.
+:mod:`.reach`
+    The companion's address, SSH options and ``COMPANION_DIR``.
 :mod:`.records`
     Which cache this workstation last built on each companion.
 :mod:`.agent`

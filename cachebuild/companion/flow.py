@@ -17,18 +17,13 @@ workstation's lock and runs only the ``flight`` and ``tiles`` tasks; then
 
 from __future__ import annotations
 
-import posixpath
 import sys
 import time
 from typing import Any, TextIO
 
 from cachebuild import __version__
 from cachebuild.companion.agent import PROTOCOL_VERSION
-from cachebuild.companion.errors import (
-    AuthenticationError,
-    CompanionNotReadyError,
-    RemoteBuildError,
-)
+from cachebuild.companion.errors import CompanionNotReadyError, RemoteBuildError
 from cachebuild.companion.messages import (
     COMPANION_PASSPHRASE_ENV,
     as_workstation,
@@ -36,6 +31,12 @@ from cachebuild.companion.messages import (
     names_companion_key,
 )
 from cachebuild.companion.push import PushPlan, plan_push, push
+from cachebuild.companion.reach import (
+    DEFAULT_COMPANION_DIR,
+    DISK_RESERVE_BYTES,
+    companion_options,
+    resolve_root,
+)
 from cachebuild.companion.records import record_companion_build
 from cachebuild.companion.remote import (
     call_agent,
@@ -44,15 +45,7 @@ from cachebuild.companion.remote import (
     start_agent,
     with_passphrase,
 )
-from cachebuild.companion.ssh import (
-    PASSPHRASE_ENV,
-    Factory,
-    SshOptions,
-    connect,
-    default_key_path,
-    default_known_hosts,
-)
-from cachebuild.companion.sshconfig import resolve_target
+from cachebuild.companion.ssh import Factory, connect
 from cachebuild.errors import EXIT_DOWNLOAD, EXIT_USAGE
 from cachebuild.inputs.companion import CompanionTarget
 
@@ -67,45 +60,8 @@ __all__ = [
     "build_on_companion",
 ]
 
-#: The companion's cache root: cachebuild's own default home there.
-DEFAULT_COMPANION_DIR = "~/.cache/cachebuild"
 DEFAULT_COMPANION_CMD = "doit"
-#: Free disk the push must leave on the companion.
-DISK_RESERVE_BYTES = 256 << 20
 _PROGRESS_EVERY_S = 1.0
-
-
-def companion_options(settings: Any) -> tuple[CompanionTarget, SshOptions]:
-    """The companion and how to reach it, from validated settings and ``~/.ssh/config``
-    (:mod:`.sshconfig`: what ``COMPANION`` and ``SSH_KEY`` say explicitly wins)."""
-
-    resolved = resolve_target(settings.companion, settings.ssh_key)
-    key = resolved.key_path or default_key_path()
-    if key is None:
-        raise AuthenticationError(
-            "no SSH key: SSH_KEY is not set, ~/.ssh/config names no IdentityFile for "
-            f"{settings.companion}, and there is no ~/.ssh/id_ed25519, id_ecdsa or id_rsa",
-            remedy="set SSH_KEY=<private key the companion accepts>; docs/companion.md shows how to make one",
-        )
-    return resolved.target, SshOptions(
-        key_path=key,
-        known_hosts=settings.known_hosts or default_known_hosts(),
-        host_key_policy=settings.host_key_policy,
-        passphrase=settings.env.get(PASSPHRASE_ENV) or None,
-        jumps=resolved.jumps,
-    )
-
-
-def resolve_root(sftp: Any, spec: str | None) -> str:
-    """``COMPANION_DIR`` as an absolute path on the companion (``~`` and relative paths
-    are taken from the login directory)."""
-    spec = (spec or DEFAULT_COMPANION_DIR).strip()
-    if spec.startswith("/"):
-        return posixpath.normpath(spec)
-    home = sftp.normalize(".")
-    if spec == "~" or spec.startswith("~/"):
-        spec = spec[2:]
-    return posixpath.normpath(posixpath.join(home, spec))
 
 
 #: Variables that concern only the workstation (its flight lookup, tile
@@ -383,15 +339,16 @@ def build_on_companion(
     target, options = companion_options(settings)
     companion: dict[str, Any] = {"host": str(target), "device": None}
     report.extra["companion"] = companion
-    report.extra["push"] = {"objects": 0, "bytes": 0}
-    if prepush is not None:  # its tail first: what the fetch stored last
-        report.extra["push"] = prepush.settle(report, out)
-        _warn_quarantined(prepush.settled, target, warn)
     t = time.monotonic()
-    with connect(target, options, factory=factory, warn=warn) as conn:
+    try:  # meanwhile the pre-push's tail: what the fetch stored last
+        conn = connect(target, options, factory=factory, warn=warn)
+    finally:
+        waited = _settle(prepush, report, out, target, warn)
+    with conn:
         sftp = conn.open_sftp()
-        root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn)
-        report.timed("bringup", time.monotonic() - t)
+        there = {PushPlan.tile_rel(d.hex()) for d in prepush.there()} if prepush else set()
+        root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn, there)
+        report.timed("bringup", time.monotonic() - t - waited)
         _push(conn, sftp, root, wanted_plan, absent, settings, out, report, warn, pack_bytes)
         _pipelined(report, download_ended, since)
         try:
@@ -413,6 +370,17 @@ def build_on_companion(
             _remote_build(conn, settings, wanted_plan.remote, out, report)
         if report.exit_code == 0 and report.build_id:
             record_companion_build(plan.paths.state, str(target), root, report)
+
+
+def _settle(prepush: Any, report: Any, out: TextIO, target: CompanionTarget, warn: Any) -> float:
+    """Wait for the pre-push, if one ran: its counts start the report's ``push``; the seconds waited."""
+    report.extra["push"] = {"objects": 0, "bytes": 0}
+    if prepush is None:
+        return 0.0
+    t = time.monotonic()
+    report.extra["push"] = prepush.settle(report, out)
+    _warn_quarantined(prepush.settled, target, warn)
+    return time.monotonic() - t
 
 
 def _pipelined(report: Any, download_ended: float | None, since: float) -> None:
@@ -507,11 +475,13 @@ def _bring_up(
     companion: dict[str, Any],
     out: TextIO,
     warn: Any,
+    there: set[str] | None = None,
 ) -> tuple[str, PushPlan, set[str]]:
     """Probe the companion: ``(its root, what to push, what of it is absent there)``.
 
     Fills ``companion`` (device, engine, version, free space), refuses a
     companion that is not ready or lacks the disk, and says what will be sent.
+    ``there``: paths the pre-push saw unpacked there, left out of the probe.
     """
     settings = plan.settings
     root = resolve_root(sftp, settings.companion_dir)
@@ -528,7 +498,7 @@ def _bring_up(
         settings.companion_cmd,
         "probe",
         root,
-        wanted=wanted_plan.wanted(),
+        wanted=[w for w in wanted_plan.wanted() if w not in (there or ())],
         backend=settings.backend,
     )
     absent = set(info.get("absent") or [])

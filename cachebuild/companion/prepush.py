@@ -39,10 +39,10 @@ from typing import Any, TextIO
 
 from cachebuild._util.report import redact
 from cachebuild.companion.agent import DONE_SUFFIX, PROTOCOL_VERSION
-from cachebuild.companion.flow import DISK_RESERVE_BYTES, companion_options, resolve_root
 from cachebuild.companion.messages import command_values
 from cachebuild.companion.packs import MAX_MEMBER_BYTES, PACK_SUFFIX, build_pack
 from cachebuild.companion.push import PushResult, _Uploader
+from cachebuild.companion.reach import DISK_RESERVE_BYTES, companion_options, resolve_root
 from cachebuild.companion.remote import Pending, call_agent, start_agent
 from cachebuild.companion.ssh import Factory, SshOptions, connect
 from cachebuild.inputs.companion import CompanionTarget
@@ -77,7 +77,7 @@ class PrePush:
     Parameters
     ----------
     target, options
-        The companion and how to reach it (:func:`.flow.companion_options`).
+        The companion and how to reach it (:func:`.reach.companion_options`).
     command
         ``COMPANION_CMD``.
     companion_dir
@@ -121,6 +121,7 @@ class PrePush:
         self._conn: Any = None
         self._finished_at: float | None = None
         self._idle = 0.0  # the sender waiting for tiles
+        self._whole = False  # every image it was told of is there (see there())
         self._hide = tuple(command_values(command))
         self.stats: dict[str, Any] = {
             "state": "idle",  # idle, connecting, sending, done, disk, stopped, failed, skipped
@@ -216,6 +217,12 @@ class PrePush:
             "objects": r.tile_objects, "bytes": r.bytes, "tile_objects": r.tile_objects,
             "tile_bytes": r.tile_bytes, "files": 0, "packs": r.packs, "prepushed": pre,
         }  # fmt: skip
+
+    def there(self) -> set[bytes]:
+        """The images it was told of, once it ended ``done`` with every pack unpacked whole:
+        the companion has them (the final probe leaves them out); else none."""
+        with self._cv:
+            return self._seen if self.stats["state"] == "done" and self._whole else set()
 
     def entry(self) -> dict[str, Any]:
         """The report's ``push.prepushed``: what was sent while fetching, and how it ended."""
@@ -342,9 +349,16 @@ class PrePush:
             up.write(f"incoming/{session}{DONE_SUFFIX}", b"")
             answer = unpacker.result()
             pending = None
-            self._settled(answer.get("settled"))
+            settled = answer.get("settled") or {}
+            self._settled(settled)
             if self.stats["state"] == "sending":
                 self.stats["state"] = "done"
+            # every pack it sent was unpacked whole: the final probe need not ask for those
+            self._whole = answer.get("done") is True and not (
+                settled.get("corrupt")
+                or settled.get("quarantined")
+                or self.stats["skipped_corrupt"]
+            )
         finally:
             if pending is not None:  # stopped or failed: end the unpacker (what arrived stays)
                 pending.cancel()

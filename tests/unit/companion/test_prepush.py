@@ -142,6 +142,7 @@ def test_fetched_tiles_go_in_packs_and_a_corrupt_one_is_left_to_the_push(
     assert path.exists(), "the final push meets it (and removes it, and it is fetched again)"
     assert not list((companion["root"] / "incoming").glob("*.tar*"))
     assert "sent 11 tile images" in pre.line()
+    assert pre.there() == set(), "one was not sent: the final probe asks for every image"
 
 
 def test_it_stops_before_the_companions_disk_reserve_and_the_push_sends_the_rest(
@@ -157,6 +158,7 @@ def test_it_stops_before_the_companions_disk_reserve_and_the_push_sends_the_rest
     assert entry["state"] == "disk" and entry["error"] is None
     assert 0 < entry["objects"] < 6 and len(_there(companion)) == entry["objects"]
     assert "the companion's free disk" in pre.line() and "the push sends the rest" in pre.line()
+    assert pre.there() == set()
 
 
 def test_an_abort_stops_it_and_keeps_what_arrived(
@@ -194,3 +196,15 @@ def test_nothing_downloaded_means_no_connection(tmp_path: Path, companion: dict[
     pre.finish()
     assert pre.wait()["state"] == "idle"
     assert pre.line() == "nothing downloaded to send while fetching"
+
+
+def test_what_it_saw_unpacked_whole_is_left_out_of_the_final_probe(
+    tmp_path: Path, companion: dict[str, Any]
+) -> None:
+    objs = _store(tmp_path / "store", 5)
+    pre = _pre(tmp_path, companion, pack_bytes=2 * 16384)
+    for i, name in enumerate(sorted(objs)):
+        pre.fetched(i, bytes.fromhex(name))
+    pre.finish()
+    assert pre.wait()["state"] == "done"
+    assert {d.hex() for d in pre.there()} == set(objs) == _there(companion)
