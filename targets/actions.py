@@ -21,7 +21,6 @@ from typing import Any
 
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.statcache import HASH_CACHE_NAME
-from cachebuild.companion.prepush import PrePush
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.engine.model import write_default_model
 from cachebuild.errors import BuildError, CacheBuildError, UsageError
@@ -247,6 +246,9 @@ def _prepush(store: str) -> Any:
     settings = ACTIVE.get("prepush")
     if settings is None:
         return None
+    # here, not at the top: the warm no-op imports this module, and only companion builds need it
+    from cachebuild.companion.prepush import PrePush
+
     pre = PrePush.for_settings(settings, store)
     ACTIVE["prepush_run"] = pre
     return pre
