@@ -46,6 +46,17 @@ def test_packing_is_exact_for_every_int8_value_and_any_width() -> None:
         assert np.array_equal(pack(q), p)  # float32 through any copy: the same bits
 
 
+def test_a_packed_column_is_its_three_offset_bytes_in_order_padded_with_zero() -> None:
+    # the layout stored blocks hold (the store, the bucket, Dask): b0 + 256 b1 + 65536 b2
+    q = np.array([[-128, -1, 0, 127, 5], [1, 2, 3, 4, -5]], dtype=np.int8)
+    u = np.zeros((2, 6), dtype=np.int64)
+    u[:, :5] = q.astype(np.int64) + 128
+    want = (u[:, 0::3] + 256 * u[:, 1::3] + 65536 * u[:, 2::3]).astype(np.float32)
+    assert pack(q).tobytes() == want.tobytes()
+    strided = np.concatenate([np.zeros((2, 1), np.float32), want], axis=1)[:, 1:]  # as _assemble
+    assert np.array_equal(unpack(strided, 5), q)
+
+
 def test_quantise_scales_each_place_to_127_and_keeps_a_blank_one_zero() -> None:
     x = np.array([[[0.5, -2.0], [1.0, 0.0]], [[0.0, 0.0], [0.0, 0.0]]], dtype=np.float32)
     q = quantise(x)
