@@ -44,7 +44,11 @@ def index_action(build: Path, kind: str = "auto", **_: Any) -> Action:
     return Action(
         name="index",
         version="index:"
-        + code_version("cachebuild.localize.index")
+        + code_version(
+            "cachebuild.localize.index",
+            "cachebuild.localize.index_tune",
+            "cachebuild.localize.index_reference",
+        )
         + ":"
         + " ".join(installed_version("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu", "faiss") or ()),
         inputs={

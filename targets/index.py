@@ -21,7 +21,8 @@ def task(plan: Any) -> dict[str, Any]:
         "file_dep": [str(build / "descriptors.npy"), str(build / "descriptor_ids.npy")],
         "targets": [str(build / n) for n in ("index.faiss", "index.json", "positions.npy")],
         # the version: how a kind is built and tuned (cachebuild.localize.index); the saved quantizer
-        # (index-quantizer.npz) is not a target: it is a cache, checked before it is reused
-        "uptodate": [config_changed({"index": kind, "version": 6})],
+        # (index-quantizer.npz) and recall reference (index-recall.npz) are not targets: they are
+        # caches, checked before they are used.  7: an IVF index's recall queries chosen by content
+        "uptodate": [config_changed({"index": kind, "version": 7})],
         "clean": True,
     }

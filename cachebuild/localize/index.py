@@ -60,6 +60,12 @@ nothing to train; HNSW is rebuilt, as faiss cannot remove vectors from an
 HNSW graph.  The exact top 10 that recall is measured against comes from
 faiss's flat search, chunk by chunk; IVF's nprobe is predicted from
 each query's list ranks and confirmed by one search (bisected when short).
+With ``reuse``, an IVF index's recall queries are the vectors of smallest
+fingerprint (chosen by content), and their exact top lists are kept in
+:data:`~cachebuild.localize.index_reference.REFERENCE_FILE`: the next build
+searches only the vectors new to it for the queries it shares, exactly
+(:mod:`cachebuild.localize.index_reference`); ``recall_reference`` in
+``index-run.json`` says how many.
 
 Why IVF and not HNSW, with figures: docs/design/index-choice.md; why the
 quantizer is reused up to 30% new vectors: docs/design/quantizer-reuse.md.
@@ -90,14 +96,15 @@ from cachebuild.errors import BuildError, UsageError
 from cachebuild.localize import index_quantizer as _quantizer
 from cachebuild.localize import index_tune as _tuning
 from cachebuild.localize.describe import DESCRIPTORS_FILE
-from cachebuild.localize.index_files import _check_inputs, _write_faiss
+from cachebuild.localize.index_files import _check_inputs, _summary, _write_faiss
 from cachebuild.localize.index_quantizer import (
     _QUANTIZER_FORMAT,
     _fingerprints,
     _load_quantizer,
     _save_quantizer,
 )
-from cachebuild.localize.index_tune import _exact_top, _set_search_param, _tune
+from cachebuild.localize.index_reference import REFERENCE_FILE, exact_recall_top, keep_reference
+from cachebuild.localize.index_tune import _set_search_param, _tune
 from cachebuild.localize.places import POSITIONS_FILE, write_positions
 
 if TYPE_CHECKING:
@@ -293,6 +300,7 @@ def build_index(
     quantizer_path = out.with_name(QUANTIZER_FILE)
     if reuse and run.n:
         run.pick_quantizer(quantizer_path, engine_key)
+        run.ref_path = out.with_name(REFERENCE_FILE) if len(run.prints) else None
     if run.plan.kind == "ivf" and run.n and run.centroids is None:
         run.draw_sample()
     index, device, gpu_error = run.build()
@@ -301,9 +309,11 @@ def build_index(
     )
     _write_faiss(faiss, index, out)
     write_positions(out.with_name(POSITIONS_FILE), run.ids)  # where each id lies on the ground
-    info = _summary(run, index, device, gpu_error, params, recall, q)
+    info = _summary(run, index, device, gpu_error, params, recall, q, RECALL_TARGET)
     if reuse:
         info["quantizer"] = run.keep_quantizer(index, params, quantizer_path, engine_key)
+        ref = keep_reference(out.with_name(REFERENCE_FILE), run.prints, run.kept, run.dim)
+        info["recall_reference"] = ref
     return info
 
 
@@ -330,6 +340,8 @@ class _Run:
     why: str = "not asked to (reuse=False)"
     trained_share: float | None = None
     sample: Any = None
+    ref_path: Path | None = None  # the recall reference kept for the next build (reuse)
+    kept: dict[str, Any] | None = None
 
     @classmethod
     def start(cls, faiss: Any, src: Path, kind: str, chunk_rows: int, seed: int) -> _Run:
@@ -473,40 +485,10 @@ class _Run:
         }
 
 
-def _summary(
-    run: _Run,
-    index: Any,
-    device: str,
-    gpu_error: str | None,
-    params: dict[str, int],
-    recall: float | None,
-    q: int,
-) -> dict[str, Any]:
-    """What :func:`build_index` returns, but the quantizer's story."""
-    return {
-        "type": run.plan.description,
-        "kind": run.plan.kind,
-        "reason": run.plan.reason,
-        "ntotal": int(index.ntotal),
-        "dim": run.dim,
-        "metric": INDEX_METRIC,
-        "params": params,
-        "recall_at_10": None if recall is None else round(recall, 4),
-        "recall_queries": int(q),
-        "recall_target": RECALL_TARGET,
-        "device": device,
-        "positions": POSITIONS_FILE,
-        **({"gpu_error": gpu_error} if gpu_error else {}),
-        "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
-    }
-
-
 def _tune_or_default(
     run: _Run, index: Any, where: tuple[str, str | None], recall_queries: int, kind: str
 ) -> tuple[Any, str, str | None, dict[str, int], float | None, int]:
     """Measure recall@10 and tune the search parameter (retraining a quantizer that went stale)."""
-    import numpy as np
-
     faiss, plan = run.faiss, run.plan
     device, gpu_error = where
     params: dict[str, int] = dict(plan.params)
@@ -514,10 +496,10 @@ def _tune_or_default(
     q = min(recall_queries, run.n)
     if q > 0:
         t = time.perf_counter()
-        rows = np.sort(run.rng.choice(run.n, size=q, replace=False))
-        queries = np.ascontiguousarray(gather_npy_rows(run.vec_path, rows))
         k = min(10, run.n)
-        kth, top = _exact_top(faiss, run.vec_path, queries, k)
+        queries, kth, top, run.kept = exact_recall_top(
+            faiss, run.vec_path, run.prints, run.rng, run.n, q, k, run.ref_path
+        )
         near = (
             gather_npy_rows(run.vec_path, top.ravel()).reshape(q, k, -1)
             if plan.kind == "ivf"

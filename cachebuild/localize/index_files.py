@@ -19,6 +19,8 @@ from cachebuild._util.fs import atomic_write
 from cachebuild._util.npyio import npy_shape
 from cachebuild.errors import BuildError
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
+from cachebuild.localize.index_quantizer import INDEX_METRIC
+from cachebuild.localize.places import POSITIONS_FILE
 
 __all__ = ["INDEX_RUN_FILE", "write_index_json", "read_index_run"]
 
@@ -81,7 +83,7 @@ def _write_faiss(faiss: Any, index: Any, out: Path) -> None:
 #: Beside ``index.json``: what this build did (timings, quantizer reuse): history, for the report.
 INDEX_RUN_FILE = "index-run.json"
 #: Keys of :func:`build_index`'s result that are this run's history, not the index's content.
-_HISTORY = ("seconds", "quantizer")
+_HISTORY = ("seconds", "quantizer", "recall_reference")
 
 
 def write_index_json(build_dir: str | os.PathLike[str], info: dict[str, Any]) -> None:
@@ -102,3 +104,32 @@ def read_index_run(build_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return doc if isinstance(doc, dict) else None
+
+
+def _summary(
+    run: Any,
+    index: Any,
+    device: str,
+    gpu_error: str | None,
+    params: dict[str, int],
+    recall: float | None,
+    q: int,
+    recall_target: float,
+) -> dict[str, Any]:
+    """What ``build_index`` returns, but the quantizer's and the recall reference's story."""
+    return {
+        "type": run.plan.description,
+        "kind": run.plan.kind,
+        "reason": run.plan.reason,
+        "ntotal": int(index.ntotal),
+        "dim": run.dim,
+        "metric": INDEX_METRIC,
+        "params": params,
+        "recall_at_10": None if recall is None else round(recall, 4),
+        "recall_queries": int(q),
+        "recall_target": recall_target,
+        "device": device,
+        "positions": POSITIONS_FILE,
+        **({"gpu_error": gpu_error} if gpu_error else {}),
+        "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
+    }

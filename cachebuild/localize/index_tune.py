@@ -15,7 +15,7 @@ from typing import Any
 
 from cachebuild._util.npyio import iter_npy_rows, npy_shape
 
-__all__ = ["RECALL_TARGET", "predict_nprobe"]
+__all__ = ["RECALL_TARGET", "exact_top_k", "predict_nprobe"]
 
 #: The recall@10 the search parameter is tuned to reach.
 RECALL_TARGET = 0.95
@@ -33,7 +33,13 @@ def _set_search_param(faiss: Any, index: Any, kind: str, value: int) -> None:
 
 
 def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]:
-    """``(kth, rows)``: each query's k-th best exact similarity and the rows of its exact top k.
+    """``(kth, rows)``: each query's k-th best exact similarity and the rows of its exact top k."""
+    best, rows = exact_top_k(faiss, path, queries, k)
+    return best[:, k - 1], rows
+
+
+def exact_top_k(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]:
+    """``(sims, rows)``, each ``[queries, k]``: every query's exact top k over ``path``, best first.
 
     One pass over the descriptors: each chunk is searched exactly (faiss's
     flat search: BLAS and a heap) and the k best kept across chunks.  A
@@ -62,7 +68,7 @@ def _exact_top(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]:
             rows = np.take_along_axis(both_rows, order, axis=1)
     finally:
         faiss.omp_set_num_threads(threads)
-    return best[:, k - 1], rows
+    return best, rows
 
 
 def predict_nprobe(

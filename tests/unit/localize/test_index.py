@@ -301,14 +301,19 @@ def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: P
     assert a["quantizer"]["trained_on_share"] == 1.0 and a["seconds"]["train"] > 0
     assert sorted(p.name for p in out.parent.iterdir()) == [
         "index-quantizer.npz",
+        "index-recall.npz",
         "index.faiss",
         "positions.npy",
     ]
+    assert a["recall_reference"] == {"kept": 0, "searched": 400, "new_vectors": -1}
     trained = faiss.read_index(str(out))  # kept: the quantizer belongs to it
     centroids = faiss.downcast_index(trained.quantizer).reconstruct_n(0, a["params"]["nlist"])
 
     b = reindex(second, out, engine_key=KEY_A)
     assert b["quantizer"]["reused"] is True and b["seconds"]["train"] == 0
+    # most recall queries' exact top lists come from the last build's, merged with the new vectors
+    ref = b["recall_reference"]
+    assert ref["new_vectors"] == 400 and ref["kept"] > 200 and ref["kept"] + ref["searched"] == 400
     assert (
         b["quantizer"]["trained_on_share"] == 0.9
         and "10% of the vectors are new" in b["quantizer"]["reason"]
