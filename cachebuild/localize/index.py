@@ -99,7 +99,10 @@ from cachebuild.localize.describe import DESCRIPTORS_FILE
 from cachebuild.localize.index_files import _check_inputs, _summary, _write_faiss
 from cachebuild.localize.index_quantizer import (
     _QUANTIZER_FORMAT,
+    _add_assigned,
+    _assignments,
     _fingerprints,
+    _load_assignments,
     _load_quantizer,
     _save_quantizer,
 )
@@ -341,6 +344,7 @@ class _Run:
     trained_share: float | None = None
     sample: Any = None
     ref_path: Path | None = None  # the recall reference kept for the next build (reuse)
+    lists: Any = None  # the saved quantizer's lists of the last build's vectors
     kept: dict[str, Any] | None = None
 
     @classmethod
@@ -393,6 +397,7 @@ class _Run:
             return
         self.trained_share = share
         nlist = len(self.centroids)
+        self.lists = _load_assignments(path, nlist)
         train = int(self.saved["trained_points"])
         params = {"nlist": nlist, "train_points": train}
         self.plan = IndexPlan("ivf", f"IVF{nlist},Flat", params, self.plan.reason)
@@ -414,8 +419,9 @@ class _Run:
             quantizer, self.dim, len(self.centroids), faiss.METRIC_INNER_PRODUCT
         )
 
-    def fill(self, index: Any) -> Any:
-        """Train (IVF, unless the quantizer is reused) and add every descriptor."""
+    def fill(self, index: Any, cpu: bool = False) -> Any:
+        """Train (IVF, unless the quantizer is reused) and add every descriptor (on the CPU
+        with a reused quantizer: in the lists it saved for the vectors it knows)."""
         import numpy as np
 
         if self.sample is not None:
@@ -423,8 +429,14 @@ class _Run:
             index.train(np.ascontiguousarray(gather_npy_rows(self.vec_path, self.sample)))
             self.seconds["train"] = time.perf_counter() - t
         t = time.perf_counter()
+        saved = self.lists if cpu and self.centroids is not None else None
         for start, chunk in iter_npy_rows(self.vec_path, chunk_rows=self.chunk_rows):
-            index.add_with_ids(chunk, np.ascontiguousarray(self.ids[start : start + len(chunk)]))
+            ids = np.ascontiguousarray(self.ids[start : start + len(chunk)])
+            if saved is None:
+                index.add_with_ids(chunk, ids)
+            else:
+                prints = self.prints[start : start + len(chunk)]
+                _add_assigned(self.faiss, index, chunk, ids, prints, saved)
         self.seconds["add"] = time.perf_counter() - t
         return index
 
@@ -441,8 +453,9 @@ class _Run:
             except BuildError:
                 raise
             except Exception as exc:  # out of GPU memory, a driver error: the CPU can still do it
-                return self.fill(self.new_index()), "cpu", f"{type(exc).__name__}: {exc}"[:300]
-        return self.fill(self.new_index()), "cpu", None
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                return self.fill(self.new_index(), cpu=True), "cpu", error
+        return self.fill(self.new_index(), cpu=True), "cpu", None
 
     def keep_quantizer(
         self, index: Any, params: dict[str, int], path: Path, engine_key: str | None
@@ -468,7 +481,9 @@ class _Run:
                     "population": int(self.n),
                     "nprobe": int(params["nprobe"]),
                 }
-            _save_quantizer(path, self.centroids, self.population, self.saved)
+            ivf = self.faiss.extract_index_ivf(index)
+            lists = _assignments(self.faiss, ivf, self.ids, self.prints)
+            _save_quantizer(path, self.centroids, self.population, self.saved, lists)
         else:
             path.unlink(missing_ok=True)  # nothing to reuse: no stale one either
         share = self.trained_share

@@ -94,11 +94,17 @@ def _load_quantizer(
     return centroids, population, meta, ""
 
 
-def _save_quantizer(path: Path, centroids: Any, population: Any, meta: dict[str, Any]) -> None:
-    """Write the quantizer file through a temp file and a rename (never in place)."""
+def _save_quantizer(
+    path: Path, centroids: Any, population: Any, meta: dict[str, Any], lists: Any = None
+) -> None:
+    """Write the quantizer file through a temp file and a rename (never in place).
+
+    ``lists``: :func:`_assignments`' ``(fingerprints, list numbers)`` of this build's vectors.
+    """
     import numpy as np
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    extra = {} if lists is None else {"assigned": lists[0], "lists": lists[1]}
     try:
         with open(tmp, "wb") as fh:
             np.savez(
@@ -106,7 +112,72 @@ def _save_quantizer(path: Path, centroids: Any, population: Any, meta: dict[str,
                 meta=np.array(json.dumps(meta, sort_keys=True)),
                 centroids=np.ascontiguousarray(centroids, dtype=np.float32),
                 population=np.ascontiguousarray(population, dtype="<u8"),
+                **extra,
             )
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _assignments(faiss: Any, index: Any, ids: Any, prints: Any) -> tuple[Any, Any]:
+    """``(fingerprints, lists)``: the IVF list each of the index's vectors is in (sorted by fingerprint).
+
+    Read from the inverted lists (ids mapped to rows): what the next build adds
+    with :func:`_add_assigned` instead of searching the centroids again.
+    """
+    import numpy as np
+
+    order = np.argsort(ids, kind="stable")
+    lists = np.full(len(ids), -1, dtype=np.int32)
+    inv = index.invlists
+    for lst in range(index.nlist):
+        size = inv.list_size(lst)
+        if size:
+            got = faiss.rev_swig_ptr(inv.get_ids(lst), size)
+            lists[order[np.searchsorted(ids[order], got)]] = lst
+    assigned, first = np.unique(prints, return_index=True)
+    return assigned.astype("<u8"), lists[first]
+
+
+def _load_assignments(path: Path, nlist: int) -> tuple[Any, Any] | None:
+    """The saved ``(fingerprints, lists)`` when present and sound, else None."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as z:
+            assigned = np.asarray(z["assigned"])
+            lists = np.asarray(z["lists"])
+    except Exception:  # absent (an older file) or unreadable: search the centroids
+        return None
+    if (
+        assigned.dtype != np.dtype("<u8")
+        or lists.dtype != np.int32
+        or assigned.shape != lists.shape
+        or assigned.ndim != 1
+        or not bool(np.all(assigned[1:] > assigned[:-1]))
+        or not bool(np.all((lists >= 0) & (lists < nlist)))
+    ):
+        return None
+    return assigned, lists
+
+
+def _add_assigned(
+    faiss: Any, index: Any, chunk: Any, ids: Any, prints: Any, saved: tuple[Any, Any]
+) -> int:
+    """Add ``chunk`` to the CPU IVF ``index`` in the lists saved for its vectors (the same
+    index as ``add_with_ids``: same lists, same order), searching the centroids only for
+    vectors the saved ones lack; returns how many lists were reused."""
+    import numpy as np
+
+    assigned, lists = saved
+    pos = np.clip(np.searchsorted(assigned, prints), 0, max(len(assigned) - 1, 0))
+    known = (assigned[pos] == prints) if len(assigned) else np.zeros(len(prints), dtype=bool)
+    where = np.where(known, lists[pos] if len(assigned) else 0, -1).astype(np.int64)
+    if not known.all():
+        _, found = index.quantizer.search(np.ascontiguousarray(chunk[~known]), 1)
+        where[~known] = found[:, 0]
+    x = np.ascontiguousarray(chunk, dtype=np.float32)
+    xids = np.ascontiguousarray(ids, dtype=np.int64)
+    where = np.ascontiguousarray(where)
+    index.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(xids), faiss.swig_ptr(where))
+    return int(known.sum())

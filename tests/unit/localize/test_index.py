@@ -337,6 +337,15 @@ def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: P
     )
     _, found = search(out, vectors[400:][:50], 1)
     np.testing.assert_array_equal(found[:, 0], (np.arange(400, 450) * 5 + 11))
+    # the vectors the last build had go to the lists it saved: the same index as adding them afresh
+    with np.load(out.with_name("index-quantizer.npz")) as z:
+        assert len(z["assigned"]) == len(z["lists"]) == 4_000
+    coarse = faiss.IndexFlatIP(32)
+    coarse.add(centroids)
+    fresh_add = faiss.IndexIVFFlat(coarse, 32, index.nlist, faiss.METRIC_INNER_PRODUCT)
+    fresh_add.add_with_ids(np.load(second / "descriptors.npy"), np.arange(400, 4_400) * 5 + 11)
+    fresh_add.nprobe = index.nprobe
+    assert bytes(faiss.serialize_index(fresh_add)) == bytes(faiss.serialize_index(index))
 
 
 def test_the_files_of_the_last_build_are_never_changed_in_place(tmp_path: Path) -> None:
