@@ -24,12 +24,17 @@ run), and the updated MBTiles file is seen not to grow; the cold build is of
 the last flight, and the ratios of every shift to it are printed with their
 median.
 
+With ``--before DIR`` (another checkout, e.g. ``git worktree add DIR main``)
+each build runs for both checkouts in turn (fills, then each shift, then
+the cold builds), so that both see the same load; each gets its own
+homes and its own ratios.
+
 With ``--mbtiles-steps K`` (and no builds) only the MBTiles writer runs:
 a square of synthetic z17 tiles moves K times by the shift, each time the
 last file updated, and its size and free pages are compared with a file
 written from scratch for the same tiles: does the updated file grow?
 
-    python bench/bench_shift.py [--sizes 5000,20000] [--shift 0.1] [--steps 1]
+    python bench/bench_shift.py [--sizes 5000,20000] [--shift 0.1] [--steps 1] [--before DIR]
     python bench/bench_shift.py --mbtiles-steps 50 [--sizes 900]
 """
 
@@ -158,11 +163,18 @@ def main() -> None:
     ap.add_argument(
         "--mbtiles-steps", type=int, default=0, help="only the MBTiles writer, this many shifts"
     )
+    ap.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="another checkout: its builds interleaved with this one's (before / after)",
+    )
     args = ap.parse_args()
     if args.mbtiles_steps:
         for n in (int(s) for s in args.sizes.split(",")):
             mbtiles_steps(n, args.mbtiles_steps, args.shift)
         return
+    codes = {"": REPO} if args.before is None else {"before": args.before.resolve(), "this": REPO}
     doit = [sys.executable, "-m", "doit"]
     rows = []
     load0 = os.getloadavg()[0]
@@ -174,13 +186,15 @@ def main() -> None:
             dlon = args.shift * side_m / (111_320.0 * math.cos(math.radians(LAT)))
             base = flight(Path(tmp) / f"base-{n}.json", LON)
 
-            def build(home: str, f: Path, buffer: str = buffer) -> tuple[float, int, dict, dict]:
+            def build(home: str, f: Path, code: Path, buffer: str = buffer) -> tuple:
                 env = dict(os.environ, CACHEBUILD_HOME=str(Path(tmp) / home))
+                if args.before is not None:  # this checkout's code, or the other's
+                    env["PYTHONPATH"] = str(code)
                 # what earlier builds left for the kernel to write back is written now, not
                 # while this one runs (each timed build starts from the same state)
                 os.sync()
                 seconds, rss, out, _ = run_measured(
-                    [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, REPO
+                    [*doit, "build-cache", f"FLIGHT={f}", buffer, "REPORT=json"], env, code
                 )
                 return (
                     seconds,
@@ -189,24 +203,29 @@ def main() -> None:
                     mbtiles_record(Path(tmp) / home),
                 )
 
-            print(f"about {n} tiles: filling the store ...", file=sys.stderr, flush=True)
-            build(f"a-{n}", base)
-            shifts = []
+            shifts: dict[str, list] = {c: [] for c in codes}
+            for c, code in codes.items():
+                print(f"about {n} tiles: filling the store {c}...", file=sys.stderr, flush=True)
+                build(f"a-{n}{c}", base, code)
             for step in range(1, args.steps + 1):
                 moved = flight(Path(tmp) / f"moved-{n}-{step}.json", LON + step * dlon)
-                shifted = build(f"a-{n}", moved)
-                shifts.append(shifted)
-                rec = shifted[3]
-                print(f"  shifted rebuild {step}: {shifted[0]:.1f} s, mbtiles {rec['mode']}, "
-                      f"{rec['size'] / 1e6:.1f} MB, {rec['free']:.1%} free pages; load {os.getloadavg()[0]:.1f}",
-                      file=sys.stderr, flush=True)  # fmt: skip
-            print(
-                "  cold build of the shifted flight, empty store ...", file=sys.stderr, flush=True
-            )
-            cold = build(f"b-{n}", moved)
-            rows.append((n, shifts, cold))
-            print(f"  shifted {shifted[0]:.1f} s, cold {cold[0]:.1f} s: {shifted[0] / cold[0]:.3f}; "
-                  f"load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
+                for c, code in codes.items():  # interleaved: each step, each checkout in turn
+                    shifted = build(f"a-{n}{c}", moved, code)
+                    shifts[c].append(shifted)
+                    rec = shifted[3]
+                    print(f"  shifted rebuild {step} {c}: {shifted[0]:.1f} s, mbtiles {rec['mode']}, "
+                          f"{rec['size'] / 1e6:.1f} MB, {rec['free']:.1%} free pages; load {os.getloadavg()[0]:.1f}",
+                          file=sys.stderr, flush=True)  # fmt: skip
+            for c, code in codes.items():
+                print(
+                    f"  cold build of the shifted flight {c}, empty store ...",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                cold = build(f"b-{n}{c}", moved, code)
+                rows.append((n, c, shifts[c], cold))
+                print(f"  {c} shifted {shifts[c][-1][0]:.1f} s, cold {cold[0]:.1f} s: "
+                      f"{shifts[c][-1][0] / cold[0]:.3f}; load {os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)  # fmt: skip
 
     print(f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at end; {os.cpu_count()} CPUs; "
           f"shift {args.shift:.0%} of the width")  # fmt: skip
@@ -215,10 +234,10 @@ def main() -> None:
         "| tiles | build | s | fetched | described | MBTiles written | " + " | ".join(PHASES) + " |"
     )
     print("| ---: | --- | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in PHASES) + " |")
-    for _, shifts, cold in rows:
-        named = [(f"shifted {k}, warm store" if len(shifts) > 1 else "shifted, warm store", s)
-                 for k, s in enumerate(shifts, 1)]  # fmt: skip
-        for name, (seconds, _, rep, rec) in (*named, ("cold, empty store", cold)):
+    for _, c, shifts_c, cold in rows:
+        named = [(f"{c} shifted {k}, warm store".strip() if len(shifts_c) > 1 else f"{c} shifted, warm store".strip(), s)
+                 for k, s in enumerate(shifts_c, 1)]  # fmt: skip
+        for name, (seconds, _, rep, rec) in (*named, (f"{c} cold, empty store".strip(), cold)):
             ph = " | ".join(f"{rep['phases'].get(p, 0):.2f}" for p in PHASES)
             print(
                 f"| {rep['tiles']['planned']:,} | {name} | {seconds:.1f} | {rep['tiles']['fetched']:,} | "
@@ -226,10 +245,10 @@ def main() -> None:
                 f"{rec['free']:.1%} free | {ph} |"
             )
     print()
-    for n, shifts, cold in rows:
-        each = " / ".join(f"{s[0] / cold[0]:.3f}" for s in shifts)
-        median = statistics.median(s[0] / cold[0] for s in shifts)
-        print(f"about {n:,} tiles: shifted / cold = {each}" + (f" (median {median:.3f})" if len(shifts) > 1 else "")
+    for n, c, shifts_c, cold in rows:
+        each = " / ".join(f"{s[0] / cold[0]:.3f}" for s in shifts_c)
+        median = statistics.median(s[0] / cold[0] for s in shifts_c)
+        print(f"about {n:,} tiles{' ' + c if c else ''}: shifted / cold = {each}" + (f" (median {median:.3f})" if len(shifts_c) > 1 else "")
               + " (target <= 0.15)")  # fmt: skip
 
 
