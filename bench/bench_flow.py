@@ -15,8 +15,11 @@ segment), after ``--latency-ms``, and answers 429 by a policy:
 (4) nothing listening: ``doit build-cache`` exits 20 within 5 s.
 (5) a Flights API answering 429 with ``Retry-After: 1`` twice, then the flight.
 (6) revalidation: ``doit build-cache`` cold, then the server's imagery
-    changes for a third of the tiles, then a rebuild with ``TILE_MAX_AGE=0``.
-    Target: it downloads exactly those (the rest 304), describes only
+    changes for a third of the tiles, then a rebuild with ``TILE_MAX_AGE=0``;
+    a line per ``--reval-pattern``: ``scattered`` (every third tile of the
+    fetch order: nearly every anchor's block holds one, the worst case) and
+    ``block`` (the western third, contiguous, as providers publish survey
+    blocks); code in ``flow_reval.py``.  Target: it downloads exactly those (the rest 304), describes only
     what depends on them (with windows: the anchors whose block covers a
     changed tile, counted here from the tile grid), and takes at most half
     the cold build's time: the median over ``--reval-runs`` pairs (at
@@ -30,13 +33,12 @@ tree's).
 
     python bench/bench_flow.py [--before 8759e87] [--rate 100] [--latency-ms 5]
         [--rows 1,2,3,4,5,6] [--reval-buffer-m 500] [--reval-runs 5] [--reval-change pixels]
-        [--reval-before REV]
+        [--reval-before REV] [--reval-pattern scattered,block]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import subprocess
@@ -48,7 +50,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
+import flow_reval  # noqa: E402  (row 6)
 
 # -- the server (its own process) --------------------------------------------
 
@@ -382,202 +386,6 @@ def row_flights() -> list[str]:
     ]
 
 
-@functools.lru_cache(maxsize=8192)
-def _repainted(t: Any, version: int) -> bytes:
-    """``t``'s imagery at ``version``: new pixels (a painted square), not only new bytes.
-
-    Cached: the server asks for it on every request, 304s included.
-    """
-    import io
-
-    from PIL import Image, ImageDraw
-
-    from tests._harness.tileserver import tile_bytes
-
-    if version == 0:
-        return tile_bytes(t)
-    im = Image.open(io.BytesIO(tile_bytes(t))).convert("RGB")
-    shade = (40 * version) % 256
-    ImageDraw.Draw(im).rectangle([64, 64, 191, 191], fill=(shade, 255 - shade, 128))
-    out = io.BytesIO()
-    im.save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def _reval_flight(tmp: Path) -> Path:
-    flight = tmp / "reval.json"
-    flight.write_text(
-        json.dumps(
-            {
-                "takeoff_origin": {"lat": 47.37, "lon": 8.54, "alt_m": 400},
-                "waypoints": [
-                    {"lat": 47.37, "lon": 8.54, "alt_m": 100},
-                    {"lat": 47.375, "lon": 8.55, "alt_m": 100},
-                ],
-            }
-        )
-    )
-    return flight
-
-
-def _reval_once(
-    home: Path, flight: Path, buffer_m: float, env: dict[str, str], code: Path = REPO
-) -> dict[str, Any]:
-    """One cold build in a fresh ``home``, a third of the imagery changed, one rebuild, by ``code``."""
-    from cachebuild.inputs.flight import flight_area, load_flight_file
-    from cachebuild.tilemath import Tile, tiles
-    from tests._harness.etagserver import EtagServer
-    from tests._harness.tileserver import tile_bytes
-
-    wanted = sorted(tiles(flight_area(load_flight_file(flight), buffer_m), [17]))
-    for t in wanted:  # the server's imagery ready, as a real server's is: not made on first ask
-        tile_bytes(t)
-    srv = EtagServer()
-    args = [
-        str(Path(sys.executable).parent / "doit"),
-        "build-cache",
-        f"FLIGHT={flight}",
-        f"BUFFER_M={buffer_m:g}",
-        "ZOOM=17",
-        f"PROVIDER={srv.template(query='')}",
-        "REPORT=json",
-    ]
-    run_env = {**env, "CACHEBUILD_HOME": str(home)}
-    if code != REPO:
-        run_env["PYTHONPATH"] = str(code)
-
-    def build(*extra: str) -> tuple[float, float, dict[str, Any]]:
-        """Wall and CPU seconds (the build's process, user + system) and the report."""
-        c0, t0 = _children_cpu(), time.perf_counter()
-        p = subprocess.run([*args, *extra], capture_output=True, text=True, env=run_env, cwd=code)
-        sec, cpu = time.perf_counter() - t0, _children_cpu() - c0
-        if p.returncode:
-            raise SystemExit(p.stderr[-2000:])
-        return sec, cpu, json.loads(p.stdout.strip().splitlines()[-1])
-
-    try:
-        cold, cold_cpu, cold_rep = build()
-        changed = wanted[::3]
-        for t in changed:
-            srv.change(t)
-        srv.downloads.clear()
-        warm, warm_cpu, rep = build("TILE_MAX_AGE=0")
-        exact = set(srv.downloads) == set(changed)
-        hit = set(changed)
-        covering = (
-            sum(  # anchors whose block covers a changed tile (itself, right, lower, diagonal)
-                any(
-                    Tile(t.x + dx, t.y + dy, t.z) in hit
-                    for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1))
-                )
-                for t in wanted
-            )
-        )
-        down, n304 = sum(srv.downloads.values()), sum(srv.not_modified.values())
-    finally:
-        srv.close()
-    return {
-        "tiles": len(wanted),
-        "changed": len(changed),
-        "cold": cold,
-        "warm": warm,
-        "cpu": warm_cpu / cold_cpu,
-        "exact": exact,
-        "downloaded": down,
-        "not_modified": n304,
-        "described": rep["descriptors"]["computed"],
-        "anchors": cold_rep["descriptors"]["computed"],
-        "covering": covering,
-        "phases": {k: (rep["phases"].get(k, 0.0), cold_rep["phases"].get(k, 0.0)) for k in PHASES},
-    }
-
-
-def _children_cpu() -> float:
-    import resource
-
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-#: The phases row (6) shows, rebuild / cold seconds (medians).
-PHASES = ("tiles", "describe", "index", "selftest", "preview", "total")
-
-
-def row_revalidate(
-    tmp: Path, buffer_m: float, runs: int, change: str, before: str | None = None
-) -> list[str]:
-    """Row (6): the median of ``runs`` (cold build, rebuild) pairs, each ratio from its own pair.
-
-    Python's bytecode is cached (under ``tmp``, never in the repository or
-    the environment) and one pair runs first untimed, so that neither build
-    pays for compiling the modules it imports, as no installed tool does
-    after its first run; the server has every tile's image made before the
-    cold build asks (the synthetic imagery costs the server ~1 ms a tile to
-    make, which no real server spends while answering).  ``change``: ``pixels`` paints a square on the
-    changed tiles (new descriptors, a new index), ``bytes`` changes only
-    their bytes (a JPEG comment: the same pixels).  ``before``: a git rev
-    whose code (from a ``git archive``) runs the same pairs, interleaved
-    with this tree's, in the same run.
-    """
-    from tests._harness import etagserver
-
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-    env["PYTHONPYCACHEPREFIX"] = str(tmp / "pycache")
-    flight = _reval_flight(tmp)
-    code = {"now": REPO}
-    if before:
-        where = Path(tempfile.mkdtemp(dir=tmp))
-        code = {"before": archive(before, where, _BUILD_PATHS), **code}
-    painter = etagserver.changed_bytes
-    if change == "pixels":
-        etagserver.changed_bytes = _repainted
-    done: dict[str, list[dict[str, Any]]] = {name: [] for name in code}
-    try:
-        for name, path in code.items():
-            _reval_once(tmp / f"reval-warmup-{name}", flight, buffer_m, env, path)
-        for i in range(runs):
-            for name, path in code.items():
-                home = tmp / f"reval-{name}-{i}"
-                done[name].append(_reval_once(home, flight, buffer_m, env, path))
-    finally:
-        etagserver.changed_bytes = painter
-    return [_reval_line(name, done[name], change, before) for name in code]
-
-
-#: What a ``doit build-cache`` of another rev needs from its tree.
-_BUILD_PATHS = ("cachebuild", "targets", "dodo.py", "pyproject.toml")
-
-
-def _reval_line(name: str, done: list[dict[str, Any]], change: str, before: str | None) -> str:
-    """One line of row (6): the medians of ``done``."""
-    from statistics import median
-
-    ratios = [r["warm"] / r["cold"] for r in done]
-    ratio = median(ratios)
-    exact = all(r["exact"] for r in done)
-    dependent = all(r["described"] == r["covering"] for r in done)
-    ok = exact and dependent and ratio <= 0.5
-    last = done[-1]
-    phases = ", ".join(
-        f"{k} {median(r['phases'][k][0] for r in done):.2f}/"
-        f"{median(r['phases'][k][1] for r in done):.2f}"
-        for k in PHASES
-    )
-    label = before if name == "before" else "now"
-    return (
-        f"| (6) {last['changed']} of {last['tiles']} tiles changed ({change}), TILE_MAX_AGE=0 "
-        f"| {label} | {last['downloaded']} downloaded "
-        f"({'exactly the changed' if exact else 'NOT the changed'}), {last['not_modified']} 304; "
-        f"{last['described']} of {last['anchors']} anchors described "
-        f"({'exactly' if dependent else 'NOT'} the {last['covering']} covering a changed tile); "
-        f"median of {len(done)}: rebuild "
-        f"{median(r['warm'] for r in done):.2f} s vs cold {median(r['cold'] for r in done):.2f} s, "
-        f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; CPU seconds "
-        f"{median(r['cpu'] for r in done):.2f}x; "
-        f"s rebuild/cold: {phases}) | {'PASS' if ok else 'FAIL'} |"
-    )
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -593,6 +401,12 @@ def main() -> None:
     ap.add_argument("--reval-change", choices=("pixels", "bytes"), default="pixels", help="row (6)")
     ap.add_argument(
         "--reval-before", default=None, help="row (6): also run this git rev's code, interleaved"
+    )
+    ap.add_argument(
+        "--reval-pattern",
+        default=",".join(flow_reval.PATTERNS),
+        help="row (6): which third changes, comma-separated: scattered (every third tile), "
+        "block (the western third); a line each",
     )
     ap.add_argument("--rows", default="1,2,3,4,5,6")
     args = ap.parse_args()
@@ -613,9 +427,14 @@ def main() -> None:
         if "5" in rows:
             lines += row_flights()
         if "6" in rows:
-            lines += row_revalidate(
+            reval = {"now": REPO}
+            if args.reval_before:
+                where = Path(tempfile.mkdtemp(dir=tmp))
+                before = archive(args.reval_before, where, flow_reval.BUILD_PATHS)
+                reval = {args.reval_before: before, **reval}
+            lines += flow_reval.row_revalidate(
                 tmp, args.reval_buffer_m, max(3, args.reval_runs), args.reval_change,
-                args.reval_before,
+                tuple(args.reval_pattern.split(",")), reval,
             )  # fmt: skip
     print(f"before = {args.before}; loopback latency {args.latency_ms:g} ms\n")
     print("\n".join(lines))
