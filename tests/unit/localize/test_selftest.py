@@ -342,3 +342,42 @@ def test_a_damaged_frames_file_is_described_again(world: dict[str, Path], tmp_pa
     # descriptors of another dimension are not ours
     np.save(kept, np.zeros(3, dtype=[("key", "u1", (32,)), ("d", "<f4", (8,))]))
     assert run(world, frames_file=kept)["frames"]["reused"] == 0
+
+
+def test_frames_in_centre_order_decode_each_tile_once_and_give_the_same_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Frames go in the order of their centre tile, a batch's decoded tiles handed to the next:
+    each tile is decoded once, and every frame's row is the bits it gets described alone."""
+    from cachebuild.localize import decode
+    from cachebuild.localize.selftest_frames import _BATCH, _describe_frames
+
+    store = TileStore(tmp_path / "store")
+    cols, rows_ = 20, 4
+    paths = {}
+    for dx in range(cols):
+        for dy in range(rows_):
+            t = Tile(X0 + dx, Y0 + dy, Z)
+            paths[tile_id(t)] = store.path(store.put(synthetic_tile_bytes(t)))
+    store.close()
+    rng = np.random.default_rng(3)
+    jobs = [
+        ([tid(X0 + x + i, Y0 + y + j) for j in (-1, 0, 1) for i in (-1, 0, 1)], p)
+        for x in range(1, cols - 1)
+        for y in range(1, rows_ - 1)
+        for p in [selftest._draw(rng, 0.5)]
+    ]
+    jobs = [jobs[i] for i in rng.permutation(len(jobs))]  # not in centre order
+    assert len(jobs) > 2 * _BATCH
+
+    def run(batch: np.ndarray) -> np.ndarray:  # row by row: a row's result is its pixels'
+        return np.stack([np.float32(1) + b.reshape(8, -1).sum(axis=1) for b in batch])
+
+    decoded: list[int] = []
+    real = decode.decode_tile
+    monkeypatch.setattr(decode, "decode_tile", lambda *a: decoded.append(1) or real(*a))
+    together = _describe_frames(jobs, paths, (256, 256), 2, run, 4)
+    assert len(decoded) == len(paths)  # once each, not once per batch that needs it
+    alone = np.concatenate([_describe_frames([j], paths, (256, 256), 1, run, 4) for j in jobs])
+    assert together.dtype == np.float32 and together.shape == (len(jobs), 8)
+    assert together.tobytes() == alone.tobytes()
