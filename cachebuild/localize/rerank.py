@@ -97,26 +97,48 @@ def unpack(packed: Any, values: int) -> Any:
     return (b ^ np.uint8(0x80)).view(np.int8)
 
 
+def _shift_masks(g: int, offsets: int) -> Any:
+    """``[(2 o + 1)**2, g * g]`` bool: for each shift ``(dy, dx)``, the candidate's cells the frame covers."""
+    import numpy as np
+
+    masks = []
+    for dy in range(-offsets, offsets + 1):
+        for dx in range(-offsets, offsets + 1):
+            m = np.zeros((g, g), dtype=bool)
+            m[max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)] = True
+            masks.append(m.reshape(-1))
+    return np.stack(masks)
+
+
 def match(query: Any, places: Any, offsets: int = OFFSETS) -> Any:
     """``[n, K]`` scores: frames' cells ``[n, k, g, g]`` against candidates' ``[n, K, k, g, g]``.
 
     Cosine over the overlapping cells, the frame's grid moved by ``-offsets..offsets``
-    cells on each axis; the best shift counts.
+    cells on each axis; the best shift counts.  Every shift at once: the
+    frame moved and zero-filled outside the overlap, one batched product
+    with the candidates for the dot products, the candidates' squared cells
+    summed over each overlap by a mask.
     """
     import numpy as np
 
-    q = np.asarray(query, dtype=np.float32)[:, None]
+    q = np.asarray(query, dtype=np.float32)
     p = np.asarray(places, dtype=np.float32)
-    g = q.shape[-1]
-    best = np.full(p.shape[:2], -np.inf, dtype=np.float32)
+    n, big_k, k, g = p.shape[0], p.shape[1], p.shape[2], p.shape[-1]
+    masks = _shift_masks(g, offsets)
+    moved = np.zeros((n, len(masks), k, g, g), dtype=np.float32)
+    s = 0
     for dy in range(-offsets, offsets + 1):
         for dx in range(-offsets, offsets + 1):
-            qs = q[..., max(dy, 0) : g + min(dy, 0), max(dx, 0) : g + min(dx, 0)]
-            ps = p[..., max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)]
-            num = (qs * ps).sum(axis=(2, 3, 4))
-            den = np.sqrt((qs * qs).sum(axis=(2, 3, 4)) * (ps * ps).sum(axis=(2, 3, 4)))
-            best = np.maximum(best, num / np.maximum(den, np.float32(1e-12)))
-    return best
+            moved[:, s, :, max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)] = q[
+                ..., max(dy, 0) : g + min(dy, 0), max(dx, 0) : g + min(dx, 0)
+            ]
+            s += 1
+    flat = p.reshape(n, big_k, k * g * g)
+    num = np.matmul(flat, moved.reshape(n, len(masks), -1).transpose(0, 2, 1))  # [n, K, S]
+    qq = np.square(moved).reshape(n, len(masks), -1).sum(axis=2)  # [n, S]
+    pp = np.square(p).sum(axis=2).reshape(n, big_k, g * g) @ masks.T.astype(np.float32)
+    den = np.sqrt(qq[:, None, :] * pp)
+    return (num / np.maximum(den, np.float32(1e-12))).max(axis=2)
 
 
 def rerank(found: Any, query: Any, places: Any, offsets: int = OFFSETS) -> Any:

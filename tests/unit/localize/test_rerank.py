@@ -86,6 +86,33 @@ def test_match_finds_a_place_moved_by_a_cell_and_rerank_puts_it_first() -> None:
     assert rerank(np.array([[-1, 11, 12]]), query, places)[0, -1] == -1  # none stays last
 
 
+def _match_by_shift(query: np.ndarray, places: np.ndarray, offsets: int) -> np.ndarray:
+    """The oracle: each shift's overlap cut out and compared, one at a time."""
+    q, p = query[:, None].astype(np.float64), places.astype(np.float64)
+    g = q.shape[-1]
+    best = np.full(p.shape[:2], -np.inf)
+    for dy in range(-offsets, offsets + 1):
+        for dx in range(-offsets, offsets + 1):
+            qs = q[..., max(dy, 0) : g + min(dy, 0), max(dx, 0) : g + min(dx, 0)]
+            ps = p[..., max(-dy, 0) : g + min(-dy, 0), max(-dx, 0) : g + min(-dx, 0)]
+            num = (qs * ps).sum(axis=(2, 3, 4))
+            den = np.sqrt((qs * qs).sum(axis=(2, 3, 4)) * (ps * ps).sum(axis=(2, 3, 4)))
+            best = np.maximum(best, num / np.maximum(den, 1e-12))
+    return best
+
+
+def test_match_is_the_best_cosine_over_each_shifts_overlap() -> None:
+    rng = np.random.default_rng(5)
+    query = rng.standard_normal((7, 8, 8, 8)).astype(np.float32)
+    places = rng.integers(-127, 128, (7, 5, 8, 8, 8)).astype(np.int8)
+    places[0, 0] = 0  # a blank place scores 0, not nan
+    for offsets in (0, 1, 2):
+        got = match(query, places, offsets)
+        assert got.dtype == np.float32 and got.shape == (7, 5)
+        np.testing.assert_allclose(got, _match_by_shift(query, places, offsets), atol=1e-6)
+    assert match(query, places)[0, 0] == 0
+
+
 def test_place_cells_are_read_by_id(tmp_path: Path) -> None:
     ids = np.array([50, 10, 30], dtype=np.int64)
     cells = np.arange(3 * 2 * 1 * 1, dtype=np.int8).reshape(3, 2, 1, 1)
