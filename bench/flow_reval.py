@@ -247,7 +247,7 @@ def _reval_line(name: str, pattern: str, done: list[dict[str, Any]], change: str
         f"({'exactly the changed' if exact else 'NOT the changed'}), {last['not_modified']} 304; "
         f"{last['described']} of {last['anchors']} anchors described "
         f"({'exactly' if dependent else 'NOT'} the {last['covering']} covering a changed tile); "
-        f"self-test frames described {last['frames']} of {last['frames_cold']}; "
+        f"self-test frames described {last['frames']} (cold build {last['frames_cold']}); "
         f"median of {len(done)}: rebuild "
         f"{median(r['warm'] for r in done):.2f} s vs cold {median(r['cold'] for r in done):.2f} s, "
         f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; CPU seconds "
