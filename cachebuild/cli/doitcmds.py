@@ -35,8 +35,6 @@ from cachebuild.inputs.plan import resolve_plan
 from cachebuild.release.lock import CacheLock
 from targets import task_dicts
 
-started()  # loaded: Ctrl-C is each command's KeyboardInterrupt again (cachebuild.cli.startup)
-
 __all__ = [
     "foreign_dodo",
     "BuildCacheCmd",
@@ -136,6 +134,7 @@ class _CacheCommand(Command):
 
     def parse_execute(self, in_args: list[str]) -> int:
         if self.builtin is not None and foreign_dodo(self.opt_vals, self.config):
+            started()  # doit's own command: its Ctrl-C handling from here
             return self.builtin(**self._doit_kwargs).parse_execute(in_args)
         return int(super().parse_execute(in_args))
 
@@ -153,6 +152,9 @@ class _CacheCommand(Command):
                     fmt,
                     UsageError(f"unexpected argument(s): {' '.join(args)}; use NAME=value"),
                 )
+            # the command handles Ctrl-C (KeyboardInterrupt) from here; until now (the module's
+            # imports and classes, doit's parsing) cachebuild.cli.startup's guard ends it: exit 130
+            started()
             if self.takes_args:
                 return int(type(self).impl(vars, args))
             return int(type(self).impl(vars))

@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -139,6 +141,20 @@ def test_a_ctrl_c_while_the_command_loads_is_exit_130_without_a_traceback(
     assert "Traceback" not in err, err
     rep = check_result(CbResult(proc.returncode, out, err), "build-cache after SIGINT")
     assert proc.returncode == 130 and "interrupted" in rep["error"], err
+
+
+def test_the_start_guard_holds_until_the_command_runs() -> None:
+    """Found by the sequence test: a SIGINT while doit still defined cachebuild's command classes
+    (after the guard was lifted at the top of the module) printed a KeyboardInterrupt traceback.
+    The guard now holds through the whole import; the command lifts it when it starts."""
+    code = (
+        "import signal, sys; sys.argv = ['doit']; from cachebuild.cli import startup; "
+        "signal.signal(signal.SIGINT, signal.default_int_handler); startup.guard(); "
+        "import cachebuild.cli.doitcmds; "
+        "print(signal.getsignal(signal.SIGINT) is startup._interrupted)"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "True", p.stdout + p.stderr
 
 
 def test_a_sequence_on_the_s3_store_converges(world: World) -> None:
