@@ -28,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cachebuild._util.fs import atomic_write
+from cachebuild.engine.subgraph import write_subgraph
 
 __all__ = [
     "CHANNELS",
@@ -93,35 +93,16 @@ def _cut(
     channels = next(t.dims[0] for t in g.initializer if t.name == "conv2.w")
     cells = next(t.dims[0] for t in g.initializer if t.name == "pool.rows")
     extra, weights = _cells_nodes(channels)
-    used = {i for node in keep for i in node.input}
-    inits = [t for t in g.initializer if t.name in used] + weights
-    del g.node[:]
-    g.node.extend(keep + extra)
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    if head:
-        del g.input[:]
-        g.input.extend(
-            [
-                helper.make_tensor_value_info(
-                    _GRID_OUT, onnx.TensorProto.FLOAT, ["N", channels, cells, cells]
-                )
-            ]
-        )
-    del g.output[:]
-    g.output.extend(
-        [
-            helper.make_tensor_value_info(
-                CELLS_OUTPUT, onnx.TensorProto.FLOAT, ["N", CHANNELS, cells, cells]
-            )
-        ]
+    grid = helper.make_tensor_value_info(
+        _GRID_OUT, onnx.TensorProto.FLOAT, ["N", channels, cells, cells]
     )
-    del g.value_info[:]
-    onnx.checker.check_model(model)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, model.SerializeToString(deterministic=True), durable=False)
-    return out
+    out = helper.make_tensor_value_info(
+        CELLS_OUTPUT, onnx.TensorProto.FLOAT, ["N", CHANNELS, cells, cells]
+    )
+    return write_subgraph(
+        model, keep + extra, out_path, weights=weights, inputs=[grid] if head else None,
+        outputs=[out],
+    )  # fmt: skip
 
 
 def write_cells_head(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:

@@ -31,6 +31,7 @@ from cachebuild._util.fs import atomic_write
 from cachebuild.engine.cells import CELLS_HEAD, CELLS_MODEL, write_cells_head, write_cells_model
 from cachebuild.engine.compile import compile_engine
 from cachebuild.engine.model import DEFAULT_MODEL_VERSION
+from cachebuild.engine.subgraph import write_subgraph
 
 __all__ = [
     "FEATURES_DIR",
@@ -114,20 +115,8 @@ def write_features_model(
         if node.output[0] == _CUT:
             break
     keep.append(helper.make_node("Flatten", [_CUT], [FEATURES_OUTPUT], name="features", axis=1))
-    used = {i for node in keep for i in node.input}
-    inits = [t for t in g.initializer if t.name in used]  # no unused weights (ORT would warn)
-    del g.node[:]
-    g.node.extend(keep)
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, None)])
-    del g.value_info[:]
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=True)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, inferred.SerializeToString(deterministic=True), durable=False)
-    return out
+    out = helper.make_tensor_value_info(FEATURES_OUTPUT, onnx.TensorProto.FLOAT, None)
+    return write_subgraph(model, keep, out_path, outputs=[out], infer_shapes=True)
 
 
 def write_head(model_path: str | os.PathLike[str], out_path: str | os.PathLike[str]) -> Path:
@@ -164,28 +153,12 @@ def write_head_model(model_path: str | os.PathLike[str], out_path: str | os.Path
     g = model.graph
     names = [n.output[0] for n in g.node]
     head = list(g.node[names.index(_GRID) + 1 :])
-    used = {i for node in head for i in node.input}
-    inits = [t for t in g.initializer if t.name in used]
     channels = next(t.dims[0] for t in g.initializer if t.name == "conv2.w")
     cells = next(t.dims[0] for t in g.initializer if t.name == "pool.rows")
-    del g.node[:]
-    g.node.extend(head)
-    del g.initializer[:]
-    g.initializer.extend(inits)
-    del g.input[:]
-    g.input.extend(
-        [
-            helper.make_tensor_value_info(
-                _GRID, onnx.TensorProto.FLOAT, ["N", channels, cells, cells]
-            )
-        ]
+    grid = helper.make_tensor_value_info(
+        _GRID, onnx.TensorProto.FLOAT, ["N", channels, cells, cells]
     )
-    del g.value_info[:]
-    onnx.checker.check_model(model)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, model.SerializeToString(deterministic=True), durable=False)
-    return out
+    return write_subgraph(model, head, out_path, inputs=[grid])
 
 
 def read_head(path: str | os.PathLike[str]) -> dict[str, Any]:
