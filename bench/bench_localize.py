@@ -89,7 +89,8 @@ def mosaic(n: int) -> Ground:
     return Ground(n)
 
 
-def run_engine(engine, images: list[np.ndarray]) -> np.ndarray:
+def run_batched(run, images: list[np.ndarray]) -> np.ndarray:
+    """``run`` on the images prepared as the engine expects them, 64 at a time."""
     out = []
     scratch = np.empty((3, T, T), np.uint8)
     for s in range(0, len(images), 64):
@@ -97,9 +98,14 @@ def run_engine(engine, images: list[np.ndarray]) -> np.ndarray:
         batch = np.empty((len(part), 3, T, T), np.float32)
         for k, im in enumerate(part):
             _preprocess_into(im, batch[k], scratch)
-        d = np.asarray(engine.run(batch), np.float32)
-        out.append(d / np.linalg.norm(d, axis=1, keepdims=True))
+        out.append(np.asarray(run(batch), np.float32))
     return np.concatenate(out)
+
+
+def run_engine(engine, images: list[np.ndarray]) -> np.ndarray:
+    """The images' descriptors, L2-normalised."""
+    d = run_batched(engine.run, images)
+    return d / np.linalg.norm(d, axis=1, keepdims=True)
 
 
 def windows(n: int, k: int) -> np.ndarray:
@@ -190,19 +196,6 @@ def score(found, centres, params, corners) -> tuple[float, float, float]:
     return float(inside[:, 0].mean()), float(inside.any(axis=1).mean()), float(np.median(err))
 
 
-def run_cells(run, images: list[np.ndarray]) -> np.ndarray:
-    """The frames' cells by engine/cells.onnx (what the self-test and an onboard client run)."""
-    out = []
-    scratch = np.empty((3, T, T), np.uint8)
-    for s in range(0, len(images), 64):
-        part = images[s : s + 64]
-        batch = np.empty((len(part), 3, T, T), np.float32)
-        for k, im in enumerate(part):
-            _preprocess_into(im, batch[k], scratch)
-        out.append(np.asarray(run(batch), np.float32))
-    return np.concatenate(out)
-
-
 def one_area(
     n: int, nframes: int, engine, describer, cells_model, repeat: int, methods: list[str]
 ) -> None:
@@ -219,7 +212,7 @@ def one_area(
         centres.append((tx + 0.5 + p[0], ty + 0.5 + p[1]))
         params.append(p)
     fd = run_engine(engine, frames)
-    fc = run_cells(cells_model, frames)
+    fc = run_batched(cells_model, frames)  # engine/cells.onnx, as the self-test and a client run it
     centres_a, params_a = np.array(centres), np.array(params)
     print(f"\n{n * n} tiles ({n} x {n}), {nframes} frames centred anywhere, built-in model")
     print(
