@@ -364,9 +364,10 @@ class Sequences(RuleBasedStateMachine):
             # (while Python and doit load, or once Python is shutting down: its handler is gone)
             assert proc.returncode == -getattr(signal, sig), err[-3000:]
             assert not ours, err[-3000:]
-        elif sig == "SIGINT" and "Fatal Python error: init_import_site" in err and not ours:
+        elif sig == "SIGINT" and re.search(r"Fatal Python error: init_\w+", err) and not ours:
             # the documented limit (Found and fixed, the first item): an interrupt while Python
-            # itself starts, before any of cachebuild's code, is Python's (exit 1, its traceback)
+            # itself starts (init_import_site, init_sys_streams...), before any of cachebuild's code,
+            # is Python's (exit 1, its traceback)
             self.world.exits["SIGINT while Python starts: Python's own error (documented)"] += 1
         else:
             check_result(CbResult(proc.returncode, out, err), f"build after {sig}")
