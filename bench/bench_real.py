@@ -18,13 +18,15 @@ centred anywhere (rotated +-10 degrees, rescaled +-10%, re-lit) three ways:
 
 Where the cache has a second stage (windows.json's ``cells``) the
 self-test and the client re-rank the index's first candidates by their
-cells; ``stage 1`` rows give the index's order alone.
+cells; ``stage 1`` rows give the index's order alone, and ``--rerank K:S``
+rows the second stage with K candidates and shifts of up to S cells.
 
 Stride 1 (one descriptor per tile) is the baseline; 4 is the default.
 Prints tiles, indexed places, frames, recall@1, recall@5, median and p95
 position error in metres.  No figure is asserted.
 
     .venv/bin/python bench/bench_real.py [--buffers 900 1300] [--strides 1 4 8] [--frames 300] [--imagery DIR]
+        [--rerank 100:1 200:1 50:2]
 """
 
 from __future__ import annotations
@@ -96,6 +98,13 @@ def main() -> None:
     ap.add_argument("--strides", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--frames", type=int, default=300)
     ap.add_argument("--seed", type=int, default=21)
+    ap.add_argument(
+        "--rerank",
+        nargs="*",
+        default=[],
+        metavar="K:S",
+        help="also run the client's second stage with K candidates and shifts of up to S cells",
+    )
     ap.add_argument("--imagery", type=Path, help=f"the imagery directory (else ${ri.IMAGERY_ENV}…)")
     args = ap.parse_args()
     if args.imagery:
@@ -137,6 +146,13 @@ def main() -> None:
                 if client.cells:
                     f = client_figures(client, ortho, frames, stage2=False)
                     print(row(f"{label}: client, stage 1", tiles, places, f))
+                    built = dict(client.cells)
+                    for ks in args.rerank:  # the re-ranking's settings, tried on the same frames
+                        k, shifts = (int(v) for v in ks.split(":"))
+                        client.cells.update(candidates=k, offsets=shifts)
+                        f = client_figures(client, ortho, frames)
+                        print(row(f"{label}: client, {k} candidates, ±{shifts}", tiles, places, f))
+                    client.cells = built
                 if other is not None:
                     f = client_figures(client, other, frames)
                     print(row(f"{label}: client, other year", tiles, places, f))
