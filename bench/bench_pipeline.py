@@ -25,6 +25,7 @@ ratio (target (e) <= 1.10).
 
     python bench/bench_pipeline.py [--tiles 2000] [--latency-ms 300] [--concurrency 8] [--stride 4]
     python bench/bench_pipeline.py --companion [--tiles 2000] [--latency-ms 40] [--concurrency 8]
+        [--rounds 3] [--before DIR]
 """
 
 from __future__ import annotations
@@ -100,30 +101,38 @@ def build(
 
 
 def companion_build(
-    srv: ServerProcess, flight: Path, tmp: Path, sshd: Any, concurrency: int, pipeline: str
+    srv: ServerProcess,
+    flight: Path,
+    tmp: Path,
+    sshd: Any,
+    concurrency: int,
+    pipeline: str,
+    code: Path = REPO,
 ) -> dict[str, Any]:
-    """A cold companion build in fresh homes: the download's and the push's ends (s from the
-    start of the tasks), their ratio, the report."""
-    home, chome = tmp / f"ws-{pipeline}", tmp / f"companion-home-{pipeline}"
+    """A cold companion build in fresh homes (``code``: the checkout that builds, here and
+    there): the download's and the push's ends (s from the start of the tasks), their ratio,
+    the report."""
+    tag = f"{pipeline}-{len(list(tmp.glob('ws-*')))}"
+    home, chome = tmp / f"ws-{tag}", tmp / f"companion-home-{tag}"
     chome.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CACHEBUILD_")}
-    env.update(CACHEBUILD_HOME=str(home), XDG_DATA_HOME=str(home / "data"), PYTHONPATH=str(REPO))
+    env.update(CACHEBUILD_HOME=str(home), XDG_DATA_HOME=str(home / "data"), PYTHONPATH=str(code))
     cmd = (
         f"env CACHEBUILD_HOME={shlex.quote(str(chome))} XDG_DATA_HOME={shlex.quote(str(chome))} "
-        f"PYTHONPATH={shlex.quote(str(REPO))} {shlex.quote(sys.executable)} -m doit"
+        f"PYTHONPATH={shlex.quote(str(code))} {shlex.quote(sys.executable)} -m doit"
     )
     argv = [
         sys.executable, "-m", "doit", "build-cache", f"FLIGHT={flight}", "BUFFER_M=0", "ZOOM=17",
         f"PROVIDER={srv.template()}", f"CONCURRENCY={concurrency}", f"PIPELINE={pipeline}",
         f"COMPANION={sshd.target}", f"SSH_KEY={sshd.client_key}", f"KNOWN_HOSTS={sshd.known_hosts}",
-        f"COMPANION_DIR={tmp / f'companion-{pipeline}'}", f"COMPANION_CMD={cmd}", "REPORT=json",
+        f"COMPANION_DIR={tmp / f'companion-{tag}'}", f"COMPANION_CMD={cmd}", "REPORT=json",
     ]  # fmt: skip
     t0 = time.perf_counter()
-    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    p = subprocess.run(argv, cwd=code, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
         sys.exit(
-            f"companion build PIPELINE={pipeline} failed ({p.returncode}):\n{p.stderr[-3000:]}"
+            f"companion build PIPELINE={pipeline} ({code}) failed ({p.returncode}):\n{p.stderr[-3000:]}"
         )
     report = json.loads([ln for ln in p.stdout.splitlines() if ln.strip()][-1])
     push_end = float(report["pipeline"]["wall_s"])  # from the tasks' start to the push's end
@@ -138,9 +147,15 @@ def companion_build(
 
 
 def main_companion(args: Any) -> None:
-    """Push while fetching against the real sshd: (d) PIPELINE=0, (e) PIPELINE=1."""
+    """Push while fetching against the real sshd: (d) PIPELINE=0, (e) PIPELINE=1, and with
+    ``--before DIR`` (e') PIPELINE=1 from that checkout; ``--rounds`` of them interleaved."""
     from tests._harness.sshd import Sshd
 
+    runs: list[tuple[str, str, Path]] = [("(d) `PIPELINE=0`", "0", REPO)]
+    if args.before is not None:
+        runs.append(("(e') `PIPELINE=1`, --before", "1", args.before.resolve()))
+    runs.append(("(e) `PIPELINE=1`", "1", REPO))
+    got: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in runs}
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         box, n = area_of(args.tiles)
@@ -149,23 +164,34 @@ def main_companion(args: Any) -> None:
         sshd = Sshd(tmp / "sshd").start()
         srv = ServerProcess(args.latency_ms / 1000, 0.0, "1")
         try:
-            d = companion_build(srv, flight, tmp, sshd, args.concurrency, "0")
-            print(f"(d) PIPELINE=0: push end {d['ratio']:.2f}x download end", file=sys.stderr)
-            e = companion_build(srv, flight, tmp, sshd, args.concurrency, "1")
-            print(f"(e) PIPELINE=1: push end {e['ratio']:.2f}x download end", file=sys.stderr)
+            for _ in range(args.rounds):
+                for label, pipeline, code in runs:
+                    r = companion_build(srv, flight, tmp, sshd, args.concurrency, pipeline, code)
+                    got[label].append(r)
+                    print(f"{label}: push end {r['ratio']:.3f}x download end", file=sys.stderr)
         finally:
             srv.close()
             sshd.stop()
     print(
         f"Loopback tile server in its own process, {args.latency_ms:g} ms a request, "
         f"CONCURRENCY={args.concurrency}, {n:,} z17 tiles, a real sshd on 127.0.0.1, "
-        f"{os.cpu_count()} CPUs.\n"
+        f"{os.cpu_count()} CPUs, {args.rounds} round(s) interleaved (median; each run).\n"
     )
-    print("| cold companion build | download end s | push end s | push end / download end |")
-    print("| --- | ---: | ---: | ---: |")
-    for label, r in (("(d) `PIPELINE=0`", d), ("(e) `PIPELINE=1`", e)):
-        print(f"| {label} | {r['download_end']:.1f} | {r['push_end']:.1f} | {r['ratio']:.3f} |")
-    print(f"\n(e)/(d) push end: {e['push_end'] / d['push_end']:.2f} (target (e) ratio <= 1.10)")
+    print(
+        "| cold companion build | download end s | push end s | push end / download end "
+        "| each | push end − download end, each (s) |"
+    )
+    print("| --- | ---: | ---: | ---: | --- | --- |")
+    for label, rs in got.items():
+        m = sorted(rs, key=lambda r: r["ratio"])[len(rs) // 2]
+        each = ", ".join(f"{r['ratio']:.3f}" for r in rs)
+        after = ", ".join(f"{r['push_end'] - r['download_end']:.2f}" for r in rs)
+        print(
+            f"| {label} | {m['download_end']:.1f} | {m['push_end']:.1f} | {m['ratio']:.3f} "
+            f"| {each} | {after} |"
+        )
+    print("\n(target: (e) <= 1.10)")
+    d, e = got[runs[0][0]][-1], got[runs[-1][0]][-1]
     for label, r in (("d", d), ("e", e)):
         phases = {k: round(v, 2) for k, v in r["report"]["phases"].items()}
         print(f"\n({label}) phases: {json.dumps(phases)}")
@@ -182,6 +208,12 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--companion", action="store_true", help="push while fetching: (d), (e)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="companion: rounds of the runs, interleaved"
+    )
+    ap.add_argument(
+        "--before", type=Path, default=None, help="companion: another checkout's (e), interleaved"
+    )
     args = ap.parse_args()
     if args.companion:
         main_companion(args)

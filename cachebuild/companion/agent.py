@@ -18,6 +18,10 @@ and exits 1.
     unpacking packs as they arrive, while the workstation is still sending,
     until ``incoming/<session>.done`` appears (or the workstation is gone:
     its output pipe closed, or nothing arrived for :data:`WATCH_IDLE_S`).
+    A marker that lists paths (one per line) adds them to those asked
+    about, and the answer has ``listed: true`` and ``free_bytes``: the end
+    of a push while fetching is then also the build's probe, with no
+    second agent started (docs/design/pipeline.md).
 
 Layout under ``DIR``::
 
@@ -162,6 +166,15 @@ def _absent(root: Path, wanted: list[str]) -> list[str]:
     return [rel for rel in wanted if not os.path.isfile(os.path.join(base, _checked(rel)))]
 
 
+def _touch_inboxes(inbox: Path, wanted: list[str]) -> set[str]:
+    """The pushed flights ``wanted`` names, marked in use (a probe prunes the unused)."""
+    inboxes = {_checked(w).split("/")[1] for w in wanted if w.startswith("inbox/")}
+    for name in inboxes:
+        if (inbox / name).is_dir():
+            os.utime(inbox / name)
+    return inboxes
+
+
 def _prune_inbox(inbox: Path, keep: set[str], now: float) -> int:
     removed = 0
     for entry in os.scandir(inbox):
@@ -211,10 +224,7 @@ def probe(root: Path, wanted: list[str], backend: str | None = None) -> dict[str
     with _store_shared(dirs["store"]), TileStore(dirs["store"]) as store:
         settled = settle_incoming(dirs["incoming"], store)
     now = time.time()
-    inboxes = {_checked(w).split("/")[1] for w in wanted if w.startswith("inbox/")}
-    for name in inboxes:
-        if (dirs["inbox"] / name).is_dir():
-            os.utime(dirs["inbox"] / name)  # in use: keep it
+    inboxes = _touch_inboxes(dirs["inbox"], wanted)
     pruned = _prune_inbox(dirs["inbox"], inboxes, now)
     device = device_info()
     doit = installed_version("doit")
@@ -280,12 +290,28 @@ def unpack(
                 break
             else:
                 time.sleep(0.05)
+    answer: dict[str, Any] = {"protocol": PROTOCOL_VERSION, "settled": total}
     if watch is not None:
         done = marker.exists()
+        listed = _marker_list(marker) if done else None
         marker.unlink(missing_ok=True)
-    answer = {"protocol": PROTOCOL_VERSION, "settled": total, "done": done}
+        if listed is not None:  # the session's end names what else the build needs
+            wanted = wanted + listed
+            _touch_inboxes(dirs["inbox"], listed)
+            answer.update(listed=True, free_bytes=shutil.disk_usage(root).free)
+    answer["done"] = done
     answer["absent"] = _absent(root, wanted)
     return answer
+
+
+def _marker_list(marker: Path) -> list[str] | None:
+    """The paths a session's end marker lists (one per line), or None when it lists none."""
+    try:
+        text = marker.read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = [_checked(ln.strip()) for ln in text.splitlines() if ln.strip()]
+    return lines or None
 
 
 def _answer(obj: Mapping[str, Any], code: int) -> int:

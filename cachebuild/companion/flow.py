@@ -340,6 +340,7 @@ def build_on_companion(
     companion: dict[str, Any] = {"host": str(target), "device": None}
     report.extra["companion"] = companion
     t = time.monotonic()
+    handed = _hand_over(prepush, plan)
     try:  # meanwhile the pre-push's tail: what the fetch stored last
         conn = connect(target, options, factory=factory, warn=warn)
     finally:
@@ -347,7 +348,11 @@ def build_on_companion(
     with conn:
         sftp = conn.open_sftp()
         there = {PushPlan.tile_rel(d.hex()) for d in prepush.there()} if prepush else set()
-        root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn, there)
+        early = prepush.final_info() if handed is not None else None
+        given = (*handed, early) if handed is not None and early is not None else None
+        root, wanted_plan, absent = _bring_up(
+            conn, sftp, plan, target, companion, out, warn, there, given
+        )
         report.timed("bringup", time.monotonic() - t - waited)
         _push(conn, sftp, root, wanted_plan, absent, settings, out, report, warn, pack_bytes)
         _pipelined(report, download_ended, since)
@@ -410,6 +415,31 @@ def _pipelined(report: Any, download_ended: float | None, since: float) -> None:
     entry.update(
         enabled=pre is not None, stages=stages, sum_s=total, wall_s=wall, overlap_s=overlap
     )
+
+
+def _plan(plan: Any, root: str) -> PushPlan:
+    """What a remote build of the staged tile set needs under ``root`` (:func:`.push.plan_push`)."""
+    settings = plan.settings
+    return plan_push(
+        build_dir=plan.paths.build,
+        store_root=settings.store,
+        root=root,
+        model=settings.model,
+        calibration=settings.calibration,
+        state_dir=plan.paths.state,
+    )
+
+
+def _hand_over(prepush: Any, plan: Any) -> tuple[str, PushPlan] | None:
+    """Tell a pre-push that reached the companion what else the build needs, so that its
+    session's end answers the final probe (no second agent started there): ``(root, plan)``."""
+    root = prepush.root if prepush is not None else None
+    if root is None:
+        return None
+    wanted_plan = _plan(plan, root)
+    told = {PushPlan.tile_rel(d.hex()) for d in prepush.told()}
+    prepush.end_with([w for w in wanted_plan.wanted() if w not in told])
+    return root, wanted_plan
 
 
 def _absent(conn: Any, settings: Any, root: str, wanted_plan: PushPlan) -> set[str]:
@@ -476,31 +506,29 @@ def _bring_up(
     out: TextIO,
     warn: Any,
     there: set[str] | None = None,
+    given: tuple[str, PushPlan, dict[str, Any]] | None = None,
 ) -> tuple[str, PushPlan, set[str]]:
     """Probe the companion: ``(its root, what to push, what of it is absent there)``.
 
     Fills ``companion`` (device, engine, version, free space), refuses a
     companion that is not ready or lacks the disk, and says what will be sent.
     ``there``: paths the pre-push saw unpacked there, left out of the probe.
+    ``given``: the plan and the probe's answer the pre-push's end already got.
     """
     settings = plan.settings
-    root = resolve_root(sftp, settings.companion_dir)
-    wanted_plan = plan_push(
-        build_dir=plan.paths.build,
-        store_root=settings.store,
-        root=root,
-        model=settings.model,
-        calibration=settings.calibration,
-        state_dir=plan.paths.state,
-    )
-    info = call_agent(
-        conn,
-        settings.companion_cmd,
-        "probe",
-        root,
-        wanted=[w for w in wanted_plan.wanted() if w not in (there or ())],
-        backend=settings.backend,
-    )
+    if given is not None:
+        root, wanted_plan, info = given
+    else:
+        root = resolve_root(sftp, settings.companion_dir)
+        wanted_plan = _plan(plan, root)
+        info = call_agent(
+            conn,
+            settings.companion_cmd,
+            "probe",
+            root,
+            wanted=[w for w in wanted_plan.wanted() if w not in (there or ())],
+            backend=settings.backend,
+        )
     absent = set(info.get("absent") or [])
     sending = wanted_plan.bytes_for(absent)
     tiles_absent = sum(

@@ -55,6 +55,9 @@ PACK_BYTES = 2 << 20
 SEND_AFTER_S = 0.5
 #: How long :meth:`PrePush.abort` waits for the thread (a connect in progress may outlast it).
 ABORT_JOIN_S = 10.0
+#: How long the sender, all sent, waits for :meth:`PrePush.end_with` before it ends its session.
+END_WAIT_S = 30.0
+_UNSET: Any = object()
 
 
 class _Stopped(Exception):
@@ -86,9 +89,13 @@ class PrePush:
         The workstation's tile store.
     factory
         Makes the SSH connection (tests inject one); paramiko by default.
+    backend
+        The build's engine backend, asked of the companion in the first probe.
 
     Call :meth:`fetched` from one thread (the fetch's), then :meth:`finish`
-    (no more tiles) or :meth:`abort`, then :meth:`wait`.
+    (no more tiles) or :meth:`abort`, then :meth:`wait`.  Between them
+    :meth:`end_with` may name the rest of what the build needs: the
+    session's end then asks the companion about it (:meth:`final_info`).
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class PrePush:
         store_root: str | os.PathLike[str],
         factory: Factory | None = None,
         pack_bytes: int = PACK_BYTES,
+        backend: str | None = None,
     ):
         self.target = target
         self.options = options
@@ -109,6 +117,11 @@ class PrePush:
         self.objects = os.path.join(os.fspath(store_root), "objects")
         self.factory = factory
         self.pack_bytes = int(pack_bytes)
+        self.backend = backend
+        self.root: str | None = None  # the COMPANION_DIR, once resolved there
+        self._probe: dict[str, Any] | None = None  # the first probe's answer
+        self._final: dict[str, Any] | None = None  # the session's end's, with ``listed``
+        self._rest: Any = _UNSET  # what end_with() named
         self.result = PushResult()
         self._cv = threading.Condition()
         self._pending: list[bytes] = []
@@ -148,6 +161,7 @@ class PrePush:
         return cls(
             target, options, command=settings.companion_cmd,
             companion_dir=settings.companion_dir, store_root=store_root,
+            backend=settings.backend,
         )  # fmt: skip
 
     # -- the fetch's side ----------------------------------------------------
@@ -194,8 +208,35 @@ class PrePush:
             conn.close()
         self._join(ABORT_JOIN_S)
 
+    def told(self) -> set[bytes]:
+        """The images :meth:`fetched` named (after :meth:`finish`, no more come)."""
+        with self._cv:
+            return set(self._seen)
+
+    def end_with(self, rest: list[str] | None) -> None:
+        """After :meth:`finish`: the paths (under ``COMPANION_DIR``) the build needs besides
+        the images it was told of; the session's end asks which are absent (None: ask nothing)."""
+        with self._cv:
+            if self._rest is _UNSET:
+                self._rest = rest
+                self._cv.notify()
+
+    def final_info(self) -> dict[str, Any] | None:
+        """The companion's answer to the final probe, given at the session's end: the first
+        probe's facts, the free disk and which of :meth:`end_with`'s paths are absent; None
+        unless it ended ``done`` with every pack whole (ask the companion then)."""
+        if not self.there() or self._probe is None or self._final is None:
+            return None
+        final = self._final
+        return self._probe | {
+            "free_bytes": final["free_bytes"],
+            "absent": final["absent"],
+            "settled": {},
+        }
+
     def wait(self) -> dict[str, Any]:
         """Wait for the sender to end (after :meth:`finish` or :meth:`abort`); its stats."""
+        self.end_with(None)
         self._join(None)
         return self.entry()
 
@@ -235,6 +276,7 @@ class PrePush:
             **{k: s[k] for k in ("state", "busy_s", "during_fetch", "tail_s", "skipped_corrupt")},
             "error": s["error"],
             "quarantined": len(self.settled["quarantined"]),
+            "answered_probe": self.final_info() is not None,  # the flow started no probe
         }
 
     def line(self) -> str:
@@ -291,9 +333,10 @@ class PrePush:
             try:
                 root = resolve_root(sftp, self.companion_dir)
                 info = call_agent(
-                    conn, self.command, "probe", root, wanted=[],
+                    conn, self.command, "probe", root, wanted=[], backend=self.backend,
                     during="the pre-push's probe", cancel=self._stop,
                 )  # fmt: skip
+                self.root, self._probe = root, info
                 self._check_stop()
                 self._settled(info.get("settled"), kept=True)
                 if info.get("protocol") != PROTOCOL_VERSION:  # the flow's bring-up says why
@@ -346,9 +389,14 @@ class PrePush:
                 self.result.tile_bytes += size
                 self.result.bytes += len(data)
             self._check_stop()
-            up.write(f"incoming/{session}{DONE_SUFFIX}", b"")
+            rest = self._await_rest()
+            up.write(
+                f"incoming/{session}{DONE_SUFFIX}", "".join(f"{r}\n" for r in rest or ()).encode()
+            )
             answer = unpacker.result()
             pending = None
+            if rest and answer.get("listed") is True:
+                self._final = answer
             settled = answer.get("settled") or {}
             self._settled(settled)
             if self.stats["state"] == "sending":
@@ -362,6 +410,18 @@ class PrePush:
         finally:
             if pending is not None:  # stopped or failed: end the unpacker (what arrived stays)
                 pending.cancel()
+
+    def _await_rest(self) -> list[str] | None:
+        """What :meth:`end_with` named (None when it was not called in :data:`END_WAIT_S`)."""
+        with self._cv:
+            end = time.monotonic() + END_WAIT_S
+            while self._rest is _UNSET and time.monotonic() < end:
+                self._check_stop()
+                t = time.monotonic()
+                self._cv.wait(min(1.0, max(0.0, end - t)))
+                self._idle += time.monotonic() - t
+            self._check_stop()
+            return None if self._rest is _UNSET else self._rest
 
     def _next_group(self) -> list[bytes] | None:
         """The next pack's names: when enough wait, the oldest waited long enough, or the fetch

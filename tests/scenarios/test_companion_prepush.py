@@ -99,6 +99,7 @@ def test_push_while_fetching_sends_during_the_fetch_and_makes_the_same_cache(
     digests = local_digests(on.cb)
     push, pre = rep["push"], rep["push"]["prepushed"]
     assert pre["state"] == "done" and pre["error"] is None, pre
+    assert pre["answered_probe"] is True, "its session's end answered the final probe"
     assert pre["during_fetch"] > 0, "objects reached the companion before the fetch ended"
     assert 0 < pre["objects"] <= len(digests) and pre["packs"] > 0
     # the final push sent only what was left: every image went once, none was there before

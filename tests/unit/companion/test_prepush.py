@@ -208,3 +208,50 @@ def test_what_it_saw_unpacked_whole_is_left_out_of_the_final_probe(
     pre.finish()
     assert pre.wait()["state"] == "done"
     assert {d.hex() for d in pre.there()} == set(objs) == _there(companion)
+
+
+def test_its_sessions_end_answers_the_final_probe(
+    tmp_path: Path, companion: dict[str, Any]
+) -> None:
+    objs = _store(tmp_path / "store", 4)
+    pre = _pre(tmp_path, companion, pack_bytes=2 * 16384, backend="onnxruntime")
+    for i, name in enumerate(sorted(objs)):
+        pre.fetched(i, bytes.fromhex(name))
+    pre.finish()
+    assert pre.told() == {bytes.fromhex(n) for n in objs}
+    kept = sha256_hex(b"reused")  # an image the companion has from an earlier push
+    (companion["root"] / "store" / "objects" / kept[:2]).mkdir(parents=True, exist_ok=True)
+    (companion["root"] / "store" / "objects" / kept[:2] / kept).write_bytes(b"reused")
+    (companion["root"] / "inbox" / "k1").mkdir(parents=True)
+    rest = [f"store/objects/{kept[:2]}/{kept}", "inbox/k1/flight.json", "inbox/k1/tileset.json"]
+    pre.end_with(rest)
+    pre.end_with(["inbox/other"])  # the first word stands
+    assert pre.wait()["state"] == "done"
+    info = pre.final_info()
+    assert info is not None
+    assert info["absent"] == ["inbox/k1/flight.json", "inbox/k1/tileset.json"]
+    assert info["free_bytes"] > 0 and info["protocol"] == agent.PROTOCOL_VERSION
+    assert "device" in info and info["settled"] == {}
+    assert not list((companion["root"] / "incoming").glob("*.done"))
+
+
+def test_without_the_rest_named_the_final_probe_is_the_flows(
+    tmp_path: Path, companion: dict[str, Any]
+) -> None:
+    objs = _store(tmp_path / "store", 3)
+    pre = _pre(tmp_path, companion)
+    for i, name in enumerate(sorted(objs)):
+        pre.fetched(i, bytes.fromhex(name))
+    pre.finish()
+    assert pre.wait()["state"] == "done"  # wait() ends the session without a list
+    assert pre.final_info() is None and len(pre.there()) == 3
+
+
+def test_a_marker_naming_a_path_outside_the_companion_dir_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "c"
+    agent.probe(root, [])
+    (root / "incoming" / f"s1{agent.DONE_SUFFIX}").write_text(
+        "inbox/k/flight.json\n../../etc/passwd\n"
+    )
+    with pytest.raises(ValueError, match="not a path under DIR"):
+        agent.unpack(root, [], watch="s1")
