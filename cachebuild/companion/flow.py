@@ -348,11 +348,8 @@ def build_on_companion(
     with conn:
         sftp = conn.open_sftp()
         there = {PushPlan.tile_rel(d.hex()) for d in prepush.there()} if prepush else set()
-        early = prepush.final_info() if handed is not None else None
-        given = (*handed, early) if handed is not None and early is not None else None
-        root, wanted_plan, absent = _bring_up(
-            conn, sftp, plan, target, companion, out, warn, there, given
-        )
+        given = _answered(prepush, handed)
+        root, wanted_plan, absent = _bring_up(conn, sftp, plan, target, companion, out, warn, there, given)  # fmt: skip
         report.timed("bringup", time.monotonic() - t - waited)
         _push(conn, sftp, root, wanted_plan, absent, settings, out, report, warn, pack_bytes)
         _pipelined(report, download_ended, since)
@@ -440,6 +437,14 @@ def _hand_over(prepush: Any, plan: Any) -> tuple[str, PushPlan] | None:
     told = {PushPlan.tile_rel(d.hex()) for d in prepush.told()}
     prepush.end_with([w for w in wanted_plan.wanted() if w not in told])
     return root, wanted_plan
+
+
+def _answered(
+    prepush: Any, handed: tuple[str, PushPlan] | None
+) -> tuple[str, PushPlan, dict[str, Any]] | None:
+    """``(root, plan, the probe's answer)`` when the pre-push's end gave it, else None."""
+    info = prepush.final_info() if handed is not None else None
+    return (*handed, info) if handed is not None and info is not None else None
 
 
 def _absent(conn: Any, settings: Any, root: str, wanted_plan: PushPlan) -> set[str]:
