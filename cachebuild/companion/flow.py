@@ -340,8 +340,8 @@ def build_on_companion(
     companion: dict[str, Any] = {"host": str(target), "device": None}
     report.extra["companion"] = companion
     t = time.monotonic()
-    handed = _hand_over(prepush, plan)
     try:  # meanwhile the pre-push's tail: what the fetch stored last
+        handed = _hand_over(prepush, plan)
         conn = connect(target, options, factory=factory, warn=warn)
     finally:
         waited = _settle(prepush, report, out, target, warn)
