@@ -217,6 +217,9 @@ def load_head_model(path: str | os.PathLike[str], threads: int | None = None) ->
     so.intra_op_num_threads = int(threads or usable_cpus())
     so.inter_op_num_threads = 1
     so.log_severity_level = 3
+    # idle intra-op threads sleep, as the engine's do (cachebuild.engine.ort): the re-ranking's
+    # cells model spinning between runs cost the self-test ~0.2 s of two shared cores
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
 
