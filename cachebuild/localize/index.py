@@ -87,15 +87,15 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
 from cachebuild.errors import BuildError, UsageError
+from cachebuild.localize import index_files as _files
 from cachebuild.localize import index_quantizer as _quantizer
 from cachebuild.localize import index_tune as _tuning
 from cachebuild.localize.describe import DESCRIPTORS_FILE
-from cachebuild.localize.index_files import _check_inputs, _summary, _write_faiss
+from cachebuild.localize.index_files import _check_inputs, _faiss, _summary, _write_faiss
 from cachebuild.localize.index_quantizer import (
     MAX_WARM_SHARE,
     _add_assigned,
@@ -108,11 +108,8 @@ from cachebuild.localize.index_quantizer import (
     _warm_centroids,
 )
 from cachebuild.localize.index_reference import REFERENCE_FILE, exact_recall_top, keep_reference
-from cachebuild.localize.index_tune import _set_search_param, _tune
+from cachebuild.localize.index_tune import _set_search_param, _tune, one_thread_below
 from cachebuild.localize.places import POSITIONS_FILE, write_positions
-
-if TYPE_CHECKING:
-    import numpy as np
 
 __all__ = [
     "INDEX_KINDS",
@@ -143,6 +140,9 @@ RECALL_TARGET = _tuning.RECALL_TARGET
 RECALL_QUERIES = 1000
 #: Beside the index: the trained IVF centroids and the population they came from.
 QUANTIZER_FILE = _quantizer.QUANTIZER_FILE
+#: Read an index file (search parameters included); search it: in index_files, named here too.
+load_index = _files.load_index
+search = _files.search
 #: Retrain when more than this share of the vectors is new to the quantizer.
 MAX_UNTRAINED_SHARE = _quantizer.MAX_UNTRAINED_SHARE
 #: Retrain when the reused quantizer needs more than this times the nprobe it was trained with.
@@ -216,22 +216,6 @@ def plan_index(n: int, kind: str = "auto", *, gpus: int = 0) -> IndexPlan:
     return IndexPlan("ivf", f"IVF{nlist},Flat", {"nlist": nlist, "train_points": train}, reason)
 
 
-def _faiss() -> Any:
-    try:
-        import faiss
-    except ImportError as exc:
-        raise BuildError(
-            f"faiss cannot be imported: {exc}",
-            remedy="pip install faiss-cpu",
-            phase=_PHASE,
-        ) from exc
-
-    # OpenMP sizes its pool from the machine's CPU count, not the container's
-    # quota; spinning threads over the quota slow faiss down many times.
-    faiss.omp_set_num_threads(usable_cpus())
-    return faiss
-
-
 def _new_index(faiss: Any, plan: IndexPlan, dim: int) -> Any:
     ip = faiss.METRIC_INNER_PRODUCT
     if plan.kind == "flat":
@@ -298,18 +282,19 @@ def build_index(
     """
     faiss, out = (faiss if faiss is not None else _faiss()), Path(out_path)
     run = _Run.start(faiss, Path(descriptors_dir), kind, chunk_rows, seed)
-    run.scan(reuse)
-    quantizer_path = out.with_name(QUANTIZER_FILE)
-    if reuse and run.n:
-        run.pick_quantizer(quantizer_path, engine_key)
-        run.ref_path = out.with_name(REFERENCE_FILE) if len(run.prints) else None
-    if run.plan.kind == "ivf" and run.n and run.centroids is None:
-        run.draw_sample()
-        run.warm_start()
-    index, device, gpu_error = run.build()
-    index, device, gpu_error, params, recall, q = _tune_or_default(
-        run, index, (device, gpu_error), recall_queries, kind
-    )
+    with one_thread_below(faiss, run.flops(recall_queries)):  # a small index: one thread
+        run.scan(reuse)
+        quantizer_path = out.with_name(QUANTIZER_FILE)
+        if reuse and run.n:
+            run.pick_quantizer(quantizer_path, engine_key)
+            run.ref_path = out.with_name(REFERENCE_FILE) if len(run.prints) else None
+        if run.plan.kind == "ivf" and run.n and run.centroids is None:
+            run.draw_sample()
+            run.warm_start()
+        index, device, gpu_error = run.build()
+        index, device, gpu_error, params, recall, q = _tune_or_default(
+            run, index, (device, gpu_error), recall_queries, kind
+        )
     _write_faiss(faiss, index, out)
     write_positions(out.with_name(POSITIONS_FILE), run.ids)  # where each id lies on the ground
     info = _summary(run, index, device, gpu_error, params, recall, q, RECALL_TARGET)
@@ -356,6 +341,13 @@ class _Run:
         plan = plan_index(n, kind, gpus=gpus)
         rng = np.random.default_rng(seed)
         return cls(faiss, src / DESCRIPTORS_FILE, n, dim, ids, plan, gpus, chunk_rows, rng)
+
+    def flops(self, queries: int) -> int:
+        """Multiply-adds of the build's largest pass: the training (10 k-means iterations), the
+        adding (a centroid search each) or the exact recall pass, whichever is most."""
+        nlist = self.plan.params.get("nlist", 0)
+        train = 10 * self.plan.params.get("train_points", 0) * nlist
+        return self.dim * max(train, self.n * max(nlist, min(queries, self.n)))
 
     def scan(self, reuse: bool) -> None:
         """One pass: every vector finite, and (for the quantizer) its fingerprint."""
@@ -551,48 +543,3 @@ def _tune_or_default(
         params["nprobe"] = min(16, plan.params["nlist"])
         _set_search_param(faiss, index, "ivf", params["nprobe"])
     return index, device, gpu_error, params, recall, q
-
-
-def load_index(index_path: str | os.PathLike[str]) -> Any:
-    """Read an index written by :func:`build_index` (search parameters included)."""
-    faiss = _faiss()
-    path = Path(index_path)
-    if not path.is_file():
-        raise BuildError(
-            f"index {path} does not exist", remedy="build the index first", phase=_PHASE
-        )
-    return faiss.read_index(str(path))
-
-
-def search(
-    index_path: str | os.PathLike[str] | Any, queries: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best tiles for each query descriptor.
-
-    Parameters
-    ----------
-    index_path
-        A file written by :func:`build_index`, or an index already loaded
-        with :func:`load_index`.
-    queries
-        float32 ``[q, D]`` (or one ``[D]`` vector), L2-normalised.
-    k
-        Results per query.  Where the index holds fewer than ``k`` tiles
-        the extra ids are -1.
-
-    Returns
-    -------
-    tuple of numpy.ndarray
-        ``(scores, ids)``, each ``[q, k]``: cosine similarities, best first,
-        and tile ids (int64).
-    """
-    import numpy as np
-
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    index: Any = index_path if hasattr(index_path, "search") else load_index(index_path)
-    q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
-    if q.ndim != 2 or q.shape[1] != index.d:
-        raise ValueError(f"queries must be [q, {index.d}], got {list(np.shape(queries))}")
-    scores, ids = index.search(q, int(k))
-    return scores, ids

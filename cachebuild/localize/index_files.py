@@ -1,10 +1,11 @@
-"""The index's files: its inputs checked (descriptors.npy, descriptor_ids.npy), its outputs written.
+"""The index's files: its inputs checked (descriptors.npy, descriptor_ids.npy), its outputs
+written, and the index read back and searched (:func:`load_index`, :func:`search`).
 
 ``index.json`` says what the index is; :data:`INDEX_RUN_FILE` says how this
 build made it (timings, quantizer reuse): history, which the build report
 carries and the signed cache does not.
 
-numpy is imported inside the functions.
+numpy and faiss are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from cachebuild._util.cpus import usable_cpus
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.npyio import npy_shape
 from cachebuild.errors import BuildError
@@ -22,7 +24,10 @@ from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
 from cachebuild.localize.index_quantizer import INDEX_METRIC
 from cachebuild.localize.places import POSITIONS_FILE
 
-__all__ = ["INDEX_RUN_FILE", "write_index_json", "read_index_run"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["INDEX_RUN_FILE", "write_index_json", "read_index_run", "load_index", "search"]
 
 _PHASE = "index"
 
@@ -133,3 +138,64 @@ def _summary(
         **({"gpu_error": gpu_error} if gpu_error else {}),
         "seconds": {k: round(v, 3) for k, v in run.seconds.items()},
     }
+
+
+def _faiss() -> Any:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise BuildError(
+            f"faiss cannot be imported: {exc}",
+            remedy="pip install faiss-cpu",
+            phase=_PHASE,
+        ) from exc
+
+    # OpenMP sizes its pool from the machine's CPU count, not the container's
+    # quota; spinning threads over the quota slow faiss down many times.
+    faiss.omp_set_num_threads(usable_cpus())
+    return faiss
+
+
+def load_index(index_path: str | os.PathLike[str]) -> Any:
+    """Read an index written by :func:`build_index` (search parameters included)."""
+    faiss = _faiss()
+    path = Path(index_path)
+    if not path.is_file():
+        raise BuildError(
+            f"index {path} does not exist", remedy="build the index first", phase=_PHASE
+        )
+    return faiss.read_index(str(path))
+
+
+def search(
+    index_path: str | os.PathLike[str] | Any, queries: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best tiles for each query descriptor.
+
+    Parameters
+    ----------
+    index_path
+        A file written by :func:`build_index`, or an index already loaded
+        with :func:`load_index`.
+    queries
+        float32 ``[q, D]`` (or one ``[D]`` vector), L2-normalised.
+    k
+        Results per query.  Where the index holds fewer than ``k`` tiles
+        the extra ids are -1.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``(scores, ids)``, each ``[q, k]``: cosine similarities, best first,
+        and tile ids (int64).
+    """
+    import numpy as np
+
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    index: Any = index_path if hasattr(index_path, "search") else load_index(index_path)
+    q = np.ascontiguousarray(np.atleast_2d(np.asarray(queries, dtype=np.float32)))
+    if q.ndim != 2 or q.shape[1] != index.d:
+        raise ValueError(f"queries must be [q, {index.d}], got {list(np.shape(queries))}")
+    scores, ids = index.search(q, int(k))
+    return scores, ids

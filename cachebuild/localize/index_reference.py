@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild._util.npyio import gather_npy_rows, iter_npy_rows
-from cachebuild.localize.index_tune import exact_top_k
+from cachebuild.localize.index_tune import exact_top_k, one_thread_below
 
 __all__ = [
     "REFERENCE_FILE",
@@ -118,7 +118,8 @@ def _new_vectors_top(faiss: Any, path: Path, queries: Any, new: Any, keep: int) 
             continue
         flat = faiss.IndexFlatIP(chunk.shape[1])
         flat.add(np.ascontiguousarray(chunk[picked]))
-        sims, ids = flat.search(queries, min(keep, len(picked)))
+        with one_thread_below(faiss, len(queries) * len(picked) * chunk.shape[1]):
+            sims, ids = flat.search(queries, min(keep, len(picked)))
         both = np.concatenate([best, sims], axis=1)
         both_rows = np.concatenate([rows, np.where(ids >= 0, picked[ids] + start, -1)], axis=1)
         order = np.argsort(-both, axis=1, kind="stable")[:, :keep]

@@ -10,12 +10,14 @@ numpy is imported inside the functions; faiss is passed in.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cachebuild._util.npyio import iter_npy_rows, npy_shape
 
-__all__ = ["RECALL_TARGET", "exact_top_k", "predict_nprobe"]
+__all__ = ["RECALL_TARGET", "exact_top_k", "one_thread_below", "predict_nprobe"]
 
 #: The recall@10 the search parameter is tuned to reach.
 RECALL_TARGET = 0.95
@@ -51,10 +53,7 @@ def exact_top_k(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]
     import numpy as np
 
     shape, _ = npy_shape(path)
-    threads = faiss.omp_get_max_threads()
-    if len(queries) * shape[0] * shape[1] < _ONE_THREAD_FLOPS:
-        faiss.omp_set_num_threads(1)
-    try:
+    with one_thread_below(faiss, len(queries) * shape[0] * shape[1]):
         best = np.full((len(queries), k), -np.inf, dtype=np.float32)
         rows = np.full((len(queries), k), -1, dtype=np.int64)
         for start, chunk in iter_npy_rows(path, chunk_rows=16_384):
@@ -66,9 +65,20 @@ def exact_top_k(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]
             order = np.argsort(-both, axis=1, kind="stable")[:, :k]
             best = np.take_along_axis(both, order, axis=1)
             rows = np.take_along_axis(both_rows, order, axis=1)
+    return best, rows
+
+
+@contextmanager
+def one_thread_below(faiss: Any, flops: int) -> Iterator[None]:
+    """faiss on one thread meanwhile when ``flops`` (queries x vectors x dim) is under
+    :data:`_ONE_THREAD_FLOPS` (see :func:`exact_top_k`), else as it was."""
+    threads = faiss.omp_get_max_threads()
+    if flops < _ONE_THREAD_FLOPS:
+        faiss.omp_set_num_threads(1)
+    try:
+        yield
     finally:
         faiss.omp_set_num_threads(threads)
-    return best, rows
 
 
 def predict_nprobe(
