@@ -110,11 +110,14 @@ def _reval_once(
     if code != REPO:
         run_env["PYTHONPATH"] = str(code)
 
+    served: list[float] = []  # the server's CPU seconds (this process's) during each build
+
     def build(*extra: str) -> tuple[float, float, dict[str, Any]]:
         """Wall and CPU seconds (the build's process, user + system) and the report."""
-        c0, t0 = _children_cpu(), time.perf_counter()
+        c0, s0, t0 = _children_cpu(), _own_cpu(), time.perf_counter()
         p = subprocess.run([*args, *extra], capture_output=True, text=True, env=run_env, cwd=code)
         sec, cpu = time.perf_counter() - t0, _children_cpu() - c0
+        served.append(_own_cpu() - s0)
         if p.returncode:
             raise SystemExit(p.stderr[-2000:])
         return sec, cpu, json.loads(p.stdout.strip().splitlines()[-1])
@@ -146,6 +149,8 @@ def _reval_once(
         "cold": cold,
         "warm": warm,
         "cpu": warm_cpu / cold_cpu,
+        "cpu_s": (warm_cpu, cold_cpu),
+        "server_cpu_s": (served[1], served[0]),
         "exact": exact,
         "downloaded": down,
         "not_modified": n304,
@@ -162,6 +167,15 @@ def _children_cpu() -> float:
     import resource
 
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def _own_cpu() -> float:
+    """This process's CPU seconds: while a build runs, its loopback server's (a real server's
+    are not spent on the build's machine)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
 
@@ -198,7 +212,11 @@ def row_revalidate(
     index), ``bytes`` changes only their bytes (a JPEG comment: the same
     pixels).  ``code``: name -> tree (default: this one, ``now``); a
     ``before`` tree (an archive of a git rev) runs the same pairs,
-    interleaved with this tree's, in the same run.
+    interleaved with this tree's, in the same run.  Each line also gives
+    both builds' CPU seconds and the loopback server's (this process's,
+    during each build): it shares the machine's cores with the build, as
+    a real server does not, and answers as many requests in the rebuild
+    as in the cold build.
     """
     from tests._harness import etagserver
 
@@ -251,6 +269,10 @@ def _reval_line(name: str, pattern: str, done: list[dict[str, Any]], change: str
         f"median of {len(done)}: rebuild "
         f"{median(r['warm'] for r in done):.2f} s vs cold {median(r['cold'] for r in done):.2f} s, "
         f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; CPU seconds "
-        f"{median(r['cpu'] for r in done):.2f}x; "
+        f"{median(r['cpu'] for r in done):.2f}x, "
+        f"{median(r['cpu_s'][0] for r in done):.2f} / {median(r['cpu_s'][1] for r in done):.2f} s; "
+        f"the loopback server's CPU s during rebuild/cold "
+        f"{median(r['server_cpu_s'][0] for r in done):.2f}/"
+        f"{median(r['server_cpu_s'][1] for r in done):.2f}; "
         f"s rebuild/cold: {phases}) | {'PASS' if ok else 'FAIL'} |"
     )
