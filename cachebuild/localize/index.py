@@ -38,21 +38,22 @@ Everything is streamed from ``descriptors.npy`` in chunks
 
 Rebuilds reuse the trained quantizer.  Training the IVF k-means is the
 index's one whole-area cost (adding a vector is one search among K
-centroids).  A build (``reuse=True``) keeps the IVF centroids beside the
-index in :data:`QUANTIZER_FILE`, with the 64-bit fingerprints (blake2b of
-the vector's bytes) of the vectors the k-means was trained from.  The next
+centroids).  A build
+(``reuse=True``) keeps the IVF centroids beside the index in
+:data:`QUANTIZER_FILE`, with the 64-bit fingerprints (blake2b of the
+vector's bytes) of the vectors the k-means was trained from.  The next
 build of the same engine key, kind and plan family (an ``IVF{K}`` whose
 ``K`` is within x0.8..1.25 of what N asks for) starts a fresh IVF from
-those centroids and only adds the vectors: a bbox shifted by 10% finds 90%
-of its vectors in the trained population.  Over :data:`MAX_UNTRAINED_SHARE`
-new vectors (new imagery over a third of the area), up to ``MAX_WARM_SHARE``,
-k-means runs again on a fresh sample, a few iterations from the saved
-centroids (a warm start).
-It trains from scratch when the reused or warm-started quantizer needs
-more than twice the ``nprobe`` it was tuned to when trained, or when the
-saved one is missing, unreadable or of another engine, kind, dimension or
-family.  ``index-run.json`` says which under
-``quantizer``: ``reused``, ``warm_start``, ``trained_on_share``,
+those centroids and only adds the vectors: a bbox shifted by 10% finds
+90% of its vectors in the trained population.  It trains from scratch
+when more than :data:`MAX_UNTRAINED_SHARE` of the vectors are new to the
+quantizer (so successive shifts retrain every third or fourth time), when
+the reused quantizer needs more than twice the ``nprobe`` it was tuned to
+when trained (the new vectors crowd a few lists), or when the saved
+quantizer is missing, unreadable or of another engine, kind, dimension or
+family.  ``index.json`` (and so the manifest) says which under
+``quantizer``: ``reused``, ``trained_on_share`` (of the vectors indexed,
+the share that was in the population the k-means was trained from),
 ``trained_points`` and ``reason``.  Recall@10 is measured on the index as
 built either way, so reuse cannot hide a worse index.  Flat indexes have
 nothing to train; HNSW is rebuilt, as faiss cannot remove vectors from an
@@ -66,8 +67,8 @@ searches only the vectors new to it for the queries it shares, exactly
 (:mod:`cachebuild.localize.index_reference`); ``recall_reference`` in
 ``index-run.json`` says how many.
 
-Why IVF and not HNSW: docs/design/index-choice.md; why the quantizer is
-reused up to 30% new vectors, and warm-started above: docs/design/quantizer-reuse.md.
+Why IVF and not HNSW, with figures: docs/design/index-choice.md; why the
+quantizer is reused up to 30% new vectors: docs/design/quantizer-reuse.md.
 
 Where faiss sees a GPU (faiss-gpu, ``faiss.get_num_gpus() > 0``), an IVF
 index is trained and filled on GPU 0 (``index_cpu_to_gpu``) and copied
@@ -97,15 +98,13 @@ from cachebuild.localize import index_tune as _tuning
 from cachebuild.localize.describe import DESCRIPTORS_FILE
 from cachebuild.localize.index_files import _check_inputs, _faiss, _summary, _write_faiss
 from cachebuild.localize.index_quantizer import (
-    MAX_WARM_SHARE,
+    _QUANTIZER_FORMAT,
     _add_assigned,
     _assignments,
     _fingerprints,
     _load_assignments,
     _load_quantizer,
-    _quantizer_meta,
     _save_quantizer,
-    _warm_centroids,
 )
 from cachebuild.localize.index_reference import REFERENCE_FILE, exact_recall_top, keep_reference
 from cachebuild.localize.index_tune import _set_search_param, _tune, one_thread_below
@@ -152,7 +151,6 @@ _LISTS_PER_ROOT = 1
 _TRAIN_PER_LIST = 64
 _MIN_TRAIN_PER_LIST = 39
 _PHASE = "index"
-_STEPS = ("read", "train", "add", "tune")  # what index-run.json's seconds time
 
 
 @dataclass(frozen=True)
@@ -257,7 +255,8 @@ def build_index(
     seed
         Seed of the training and query samples.
     faiss
-        The faiss module; imported when None (tests pass a GPU stand-in).
+        The faiss module; imported when None (tests pass a stand-in that
+        reports a GPU).
     reuse
         Keep the trained IVF quantizer in :data:`QUANTIZER_FILE` beside
         ``out_path`` and start from the one saved there when it fits (see
@@ -273,14 +272,16 @@ def build_index(
         ``params``, ``reason``, ``recall_at_10`` (None when not measured),
         ``recall_queries``, ``recall_target``, ``device`` (``gpu_error``
         when the GPU failed), ``positions``; and this run's history:
-        ``seconds`` and (``reuse``) ``quantizer`` {``reused``, ``warm_start``,
+        ``seconds`` and (``reuse``) ``quantizer`` {``reused``,
         ``trained_on_share``, ``trained_points``, ``max_untrained_share``,
         ``reason``}.  Writes :data:`POSITIONS_FILE` beside ``out_path``.
         Raises BuildError (``phase="index"``) for missing or inconsistent
         inputs, non-finite descriptors or no faiss; UsageError for an
         unknown ``kind``.
     """
-    faiss, out = (faiss if faiss is not None else _faiss()), Path(out_path)
+
+    faiss = faiss if faiss is not None else _faiss()
+    out = Path(out_path)
     run = _Run.start(faiss, Path(descriptors_dir), kind, chunk_rows, seed)
     with one_thread_below(faiss, run.flops(recall_queries)):  # a small index: one thread
         run.scan(reuse)
@@ -290,7 +291,6 @@ def build_index(
             run.ref_path = out.with_name(REFERENCE_FILE) if len(run.prints) else None
         if run.plan.kind == "ivf" and run.n and run.centroids is None:
             run.draw_sample()
-            run.warm_start()
         index, device, gpu_error = run.build()
         index, device, gpu_error, params, recall, q = _tune_or_default(
             run, index, (device, gpu_error), recall_queries, kind
@@ -318,7 +318,9 @@ class _Run:
     gpus: int
     chunk_rows: int
     rng: Any
-    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(_STEPS, 0.0))
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"read": 0.0, "train": 0.0, "add": 0.0, "tune": 0.0}
+    )
     prints: Any = None
     centroids: Any = None
     population: Any = None
@@ -329,7 +331,6 @@ class _Run:
     ref_path: Path | None = None  # the recall reference kept for the next build (reuse)
     lists: Any = None  # the saved quantizer's lists of the last build's vectors
     kept: dict[str, Any] | None = None
-    warm: Any = None  # the saved centroids a warm start begins from, then True once done
 
     @classmethod
     def start(cls, faiss: Any, src: Path, kind: str, chunk_rows: int, seed: int) -> _Run:
@@ -379,21 +380,17 @@ class _Run:
             return
         pos = np.clip(np.searchsorted(self.population, self.prints), 0, len(self.population) - 1)
         share = float(np.mean(self.population[pos] == self.prints))
-        nlist, train = len(self.centroids), int(self.saved["trained_points"])
-        if 1 - share > MAX_UNTRAINED_SHARE:  # k-means again: from these centroids, or afresh
-            warm = 1 - share <= MAX_WARM_SHARE
+        if 1 - share > MAX_UNTRAINED_SHARE:
             self.why = (
                 f"{1 - share:.0%} of the vectors are new to the saved quantizer "
-                f"(> {MAX_UNTRAINED_SHARE:.0%})" + ("; k-means started from its centroids" * warm)
+                f"(> {MAX_UNTRAINED_SHARE:.0%})"
             )
-            self.warm = self.centroids if warm else None
             self.centroids = self.population = None
-            if not warm:
-                return
-            train = min(self.n, _TRAIN_PER_LIST * nlist)
-        else:
-            self.trained_share = share
-            self.lists = _load_assignments(path, nlist)
+            return
+        self.trained_share = share
+        nlist = len(self.centroids)
+        self.lists = _load_assignments(path, nlist)
+        train = int(self.saved["trained_points"])
         params = {"nlist": nlist, "train_points": train}
         self.plan = IndexPlan("ivf", f"IVF{nlist},Flat", params, self.plan.reason)
 
@@ -403,16 +400,6 @@ class _Run:
 
         size = self.plan.params["train_points"]
         self.sample = np.sort(self.rng.choice(self.n, size=size, replace=False))
-
-    def warm_start(self) -> None:
-        """With :attr:`warm`: the centroids of a short k-means over the sample, started from it."""
-        if self.warm is None or self.warm is True:
-            return
-        t = time.perf_counter()
-        sample = gather_npy_rows(self.vec_path, self.sample)
-        self.centroids = _warm_centroids(self.faiss, self.warm, sample)
-        self.warm, self.sample = True, None  # trained here: no saved lists, no second training
-        self.seconds["train"] = time.perf_counter() - t
 
     def new_index(self) -> Any:
         faiss = self.faiss
@@ -468,15 +455,24 @@ class _Run:
         """Save the quantizer for the next build (IVF) and say whether this one was reused."""
         import numpy as np
 
-        reused = self.centroids is not None and self.warm is not True
+        reused = self.centroids is not None
         if self.plan.kind == "ivf" and self.n:
-            if not reused:  # trained here (or warm-started): this population, these centroids
+            if not reused:  # trained here: this population, these centroids
                 quantizer = self.faiss.downcast_index(index.quantizer)
                 self.centroids = quantizer.reconstruct_n(0, quantizer.ntotal)
-                self.population, self.trained_share = np.unique(self.prints), 1.0
-                self.saved = _quantizer_meta(
-                    engine_key, self.plan, self.dim, self.n, len(self.centroids), params["nprobe"]
-                )
+                self.population = np.unique(self.prints)
+                self.trained_share = 1.0
+                self.saved = {
+                    "format": _QUANTIZER_FORMAT,
+                    "engine_key": engine_key,
+                    "kind": self.plan.kind,
+                    "metric": INDEX_METRIC,
+                    "dim": self.dim,
+                    "nlist": len(self.centroids),
+                    "trained_points": int(self.plan.params["train_points"]),
+                    "population": int(self.n),
+                    "nprobe": int(params["nprobe"]),
+                }
             ivf = self.faiss.extract_index_ivf(index)
             lists = _assignments(self.faiss, ivf, self.ids, self.prints)
             _save_quantizer(path, self.centroids, self.population, self.saved, lists)
@@ -485,7 +481,6 @@ class _Run:
         share = self.trained_share
         return {
             "reused": reused,
-            "warm_start": self.warm is True,
             "trained_on_share": None if share is None else round(share, 4),
             "trained_points": params.get("train_points"),
             "max_untrained_share": MAX_UNTRAINED_SHARE,
@@ -526,7 +521,7 @@ def _tune_or_default(
                 f"the saved quantizer needed nprobe {value} > "
                 f"{_NPROBE_GROWTH} x {run.saved['nprobe']}"
             )
-            run.centroids = run.population = run.warm = None
+            run.centroids = run.population = None
             run.trained_share = None
             run.plan = plan = plan_index(run.n, kind, gpus=run.gpus)
             params = dict(plan.params)

@@ -16,24 +16,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = [
-    "INDEX_METRIC",
-    "QUANTIZER_FILE",
-    "MAX_UNTRAINED_SHARE",
-    "MAX_WARM_SHARE",
-    "WARM_ITERATIONS",
-]
+__all__ = ["INDEX_METRIC", "QUANTIZER_FILE", "MAX_UNTRAINED_SHARE"]
 
 INDEX_METRIC = "inner_product"
 #: Beside the index: the trained IVF centroids and the population they came from.
 QUANTIZER_FILE = "index-quantizer.npz"
 #: Retrain when more than this share of the vectors is new to the quantizer.
 MAX_UNTRAINED_SHARE = 0.3
-#: Above that share and up to this one, k-means runs again but starts from the saved
-#: centroids (a warm start); above it, from sampled vectors: docs/design/quantizer-reuse.md.
-MAX_WARM_SHARE = 0.5
-#: The k-means iterations of a warm start (a cold start runs faiss's 10).
-WARM_ITERATIONS = 4
 _QUANTIZER_FORMAT = 1
 #: The plan family: a saved quantizer of K lists serves N vectors whose plan asks for K' lists,
 #: 1/_FAMILY <= K' / K <= _FAMILY.
@@ -105,23 +94,6 @@ def _load_quantizer(
     return centroids, population, meta, ""
 
 
-def _quantizer_meta(
-    engine_key: str | None, plan: Any, dim: int, n: int, nlist: int, nprobe: int
-) -> dict[str, Any]:
-    """What the quantizer file says of centroids trained here: what they are valid for."""
-    return {
-        "format": _QUANTIZER_FORMAT,
-        "engine_key": engine_key,
-        "kind": plan.kind,
-        "metric": INDEX_METRIC,
-        "dim": dim,
-        "nlist": int(nlist),
-        "trained_points": int(plan.params["train_points"]),
-        "population": int(n),
-        "nprobe": int(nprobe),
-    }
-
-
 def _save_quantizer(
     path: Path, centroids: Any, population: Any, meta: dict[str, Any], lists: Any = None
 ) -> None:
@@ -145,23 +117,6 @@ def _save_quantizer(
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _warm_centroids(faiss: Any, start: Any, sample: Any) -> Any:
-    """Spherical k-means over ``sample``, as faiss trains an inner-product IVF, but started
-    from the centroids ``start`` and run :data:`WARM_ITERATIONS` times (a warm start)."""
-    import numpy as np
-
-    k, dim = start.shape
-    cp = faiss.ClusteringParameters()
-    cp.niter = WARM_ITERATIONS
-    cp.spherical = True  # what IndexIVF sets for the inner product
-    clus = faiss.Clustering(dim, k, cp)
-    faiss.copy_array_to_vector(
-        np.ascontiguousarray(start, dtype=np.float32).ravel(), clus.centroids
-    )
-    clus.train(np.ascontiguousarray(sample, dtype=np.float32), faiss.IndexFlatIP(dim))
-    return faiss.vector_to_array(clus.centroids).reshape(k, dim).astype(np.float32)
 
 
 def _assignments(faiss: Any, index: Any, ids: Any, prints: Any) -> tuple[Any, Any]:
