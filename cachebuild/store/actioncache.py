@@ -19,7 +19,8 @@ nobody bumped the version).  Before the action runs, the key is looked up:
   written to the build directory (temp file, then rename).  The action does
   not run.
 - **miss**: the action runs; its outputs are stored as objects (named by
-  their SHA-256, written once) and the record is written (once).
+  their SHA-256, written once: a hard link to the output where the store
+  is on the build's filesystem) and the record is written (once).
 
 Local layout, under the store::
 
@@ -34,7 +35,8 @@ Safety:
 
 - an object whose bytes do not match its name, a record that does not
   parse or does not match its own checksum, or a record whose objects are
-  gone is never used: it is removed and the action runs;
+  gone is never used: it is removed and the action runs (so nothing here
+  is fsynced: a crash that loses or tears a file costs a miss);
 - keys and records hold hashes, action names, versions and non-secret
   settings (an index kind, a query count, a date); never a path, a URL, a
   credential or a key's bytes;
@@ -61,9 +63,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cachebuild._util.fileio import copy_file
 from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
-from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
 from cachebuild.errors import CacheBuildWarning
 from cachebuild.store.s3 import StoreUnavailable
 
@@ -86,6 +89,8 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
 #: Under the store root (and the bucket's prefix).
 ACTIONS_DIR = "actions"
 RECORD_FORMAT = 1
+#: ``link`` failures that mean "no hard links here" (another filesystem, or none supported).
+_NO_LINK = (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK)
 
 
 def _canonical(obj: Any) -> bytes:
@@ -208,32 +213,47 @@ def _sha(data: bytes) -> str:
 
 
 def _write_once(path: Path, data: bytes, tmp_dir: Path, digest: str | None = None) -> None:
-    """Write ``path`` durably unless it exists (a hard link from a temp file: never overwrites).
+    """Write ``path`` unless it exists (a hard link from a temp file: never overwrites).
 
     With ``digest`` (an object named by its hash), an existing file that
-    does not hash to it is damaged and replaced.  Where hard links are not
-    supported, a rename (the same bytes, or an equivalent record).
+    does not hash to it is damaged and replaced.  Not fsynced: see
+    :meth:`ActionCache.record`.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     tmp = tmp_dir / f"ac-{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            if digest is not None and sha256_file(path)[0] != digest:
-                os.replace(tmp, path)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            if not path.exists():
-                os.replace(tmp, path)
+        tmp.write_bytes(data)
+        _place_once(tmp, path, digest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _place_once(tmp: Path, path: Path, digest: str | None) -> None:
+    """Give the file at ``tmp`` the name ``path`` unless a sound one has it (``tmp`` stays)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        if digest is not None and sha256_file(path)[0] != digest:
+            os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        if not path.exists():
+            os.replace(tmp, path)
+
+
+def _stage(src: Path, tmp: Path) -> bool:
+    """``tmp``: a hard link to ``src`` (True), or a copy of it where links are not possible."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, tmp)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+    copy_file(src, tmp)
+    return False
 
 
 def _remember(build: Path, digests: Mapping[str, str]) -> None:
@@ -400,38 +420,92 @@ class ActionCache:
     # -- writing ---------------------------------------------------------------
 
     def record(self, action: Action, key: str | None = None) -> None:
-        """Store the outputs now in ``action.build`` under ``key`` (best effort: warnings only)."""
+        """Store the outputs now in ``action.build`` under ``key`` (best effort: warnings only).
 
+        An object is a hard link to the output (the build writes its
+        outputs by rename, never in place, as publish's links of them also
+        need), or a kernel copy where the store is on another filesystem;
+        its hash goes to the build's hash cache for the manifest.  Nothing
+        is fsynced: every read checks a record against its own checksum and
+        an object against its name, so what a crash loses or tears is a
+        miss, never a wrong output.
+        """
         key = key or action_key(action)
-        datas: dict[str, bytes] = {}
+        cache = HashCache(action.build / HASH_CACHE_NAME)
+        staged: dict[str, tuple[Path, str, int, list[int]]] = {}
         try:
-            for name in action.outputs:
-                datas[name] = (action.build / name).read_bytes()
-        except OSError as exc:
-            self.warn(
-                f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}"
-            )
-            return
-        outputs = {n: (_sha(d), len(d)) for n, d in datas.items()}
-        _remember(action.build, {n: digest for n, (digest, _) in outputs.items()})
-        record = _record_bytes(key, action.name, outputs)
+            outputs = self._stage_outputs(action, cache, staged)
+            if outputs is None:
+                return
+            record = _record_bytes(key, action.name, outputs)
+            try:
+                for tmp, digest, _, _ in staged.values():
+                    _place_once(tmp, self.object_path(digest), digest)
+                _write_once(self.record_path(key), record, self.tmp)
+            except OSError as exc:
+                self.warn(
+                    f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}"
+                )
+        finally:
+            self._unstage(action.build, cache, staged)
+        if self.remote is not None:
+            self._share(action, key, outputs, record)
+
+    def _stage_outputs(
+        self, action: Action, cache: HashCache, staged: dict[str, tuple[Path, str, int, list[int]]]
+    ) -> dict[str, tuple[str, int]] | None:
+        """Each output linked (or copied) to a temp name in ``staged``, and hashed; None: unreadable."""
+        for name in action.outputs:
+            src = action.build / name
+            tmp = self.tmp / f"ac-{os.getpid()}-{uuid.uuid4().hex}"
+            try:
+                linked = _stage(src, tmp)
+                digest, size = cache.sha256(src)  # after the link: its stat is the one remembered
+                st = os.stat(src)
+                if linked and not os.path.samestat(st, os.stat(tmp)):
+                    raise OSError(f"{src} was replaced while it was recorded")
+            except OSError as exc:
+                tmp.unlink(missing_ok=True)
+                self.warn(
+                    f"action cache: {action.name} output unreadable, not recorded: {exc.strerror or exc}"
+                )
+                return None
+            staged[name] = (tmp, digest, size, stat_key(st))
+        return {n: (digest, size) for n, (_, digest, size, _) in staged.items()}
+
+    @staticmethod
+    def _unstage(
+        build: Path, cache: HashCache, staged: dict[str, tuple[Path, str, int, list[int]]]
+    ) -> None:
+        """Remove the temp names; an output whose content is unchanged keeps its hash (links move its ctime)."""
+        for name, (tmp, digest, _, before) in staged.items():
+            tmp.unlink(missing_ok=True)
+            try:
+                after = os.stat(build / name)
+            except OSError:
+                continue
+            if stat_key(after)[:4] == before[:4]:
+                cache.remember(build / name, digest, after)
         try:
-            for name, data in datas.items():
-                _write_once(self.object_path(outputs[name][0]), data, self.tmp, outputs[name][0])
-            _write_once(self.record_path(key), record, self.tmp)
-        except OSError as exc:
-            self.warn(
-                f"action cache: could not record {action.name} in {self.root}: {exc.strerror or exc}"
-            )
-        if self.remote is None:
-            return
+            cache.save()
+        except OSError:  # only a cache: the manifest hashes again
+            pass
+
+    def _share(
+        self, action: Action, key: str, outputs: dict[str, tuple[str, int]], record: bytes
+    ) -> None:
+        """Put the record and its objects in the bucket, unless another machine did first."""
         try:
             if self.remote.get(self._remote_record(key)) is not None:
                 return  # written once: another machine recorded this key first
             self.remote.map(
-                lambda item: self.remote.put(self._remote_object(item[1][0]), datas[item[0]]),
+                lambda item: self.remote.put(
+                    self._remote_object(item[1][0]), (action.build / item[0]).read_bytes()
+                ),
                 sorted(outputs.items()),
             )
             self.remote.put(self._remote_record(key), record)  # after its objects
         except StoreUnavailable as exc:
             self.warn(f"action cache: could not share {action.name}: {exc.message}")
+        except OSError as exc:
+            self.warn(f"action cache: could not share {action.name}: {exc.strerror or exc}")

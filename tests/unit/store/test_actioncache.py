@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from pathlib import Path
 
 import pytest
 
+from cachebuild._util.fs import atomic_write
 from cachebuild._util.hashing import sha256_file
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.release.gc import collect_garbage
 from cachebuild.store import actioncache
 from cachebuild.store.actioncache import Action, ActionCache, action_key
@@ -44,9 +47,13 @@ def build(tmp_path: Path) -> Path:
 
 
 def compute(b: Path, tag: bytes = b"") -> None:
-    (b / "index.faiss").write_bytes(b"faiss index " * 1000 + tag)
-    (b / "index.json").write_text('{"kind": "flat"}\n')
-    (b / "positions.npy").write_bytes(b"positions " + tag)
+    """The outputs written as the build's tasks write them: by rename, never in place."""
+    for name, data in (
+        ("index.faiss", b"faiss index " * 1000 + tag),
+        ("index.json", b'{"kind": "flat"}\n'),
+        ("positions.npy", b"positions " + tag),
+    ):
+        atomic_write(b / name, data, durable=False)
 
 
 def test_the_key_follows_every_input_setting_and_version(build: Path) -> None:
@@ -90,6 +97,60 @@ def test_records_are_written_once(build: Path, tmp_path: Path) -> None:
     compute(build, b"second")  # a non-deterministic action: the first record stays
     cache.record(a)
     assert cache.lookup(a) and (build / "index.faiss").read_bytes() == first
+
+
+def test_an_object_is_a_link_to_the_output_and_its_hash_stays_remembered(
+    build: Path, tmp_path: Path
+) -> None:
+    cache = ActionCache(tmp_path / "store", warn=lambda m: None)
+    compute(build)
+    out = build / "index.faiss"
+    os.utime(out, (1e9, 1e9))  # written long ago: a remembered hash is not racy
+    cache.record(action(build))
+    obj = cache.object_path(sha256_file(out)[0])
+    assert os.path.samestat(os.stat(obj), os.stat(out))  # no copy of the bytes
+    assert not list(cache.tmp.iterdir())
+    # the links moved the output's ctime: the hash is remembered for the new stat
+    hashes = HashCache(build / HASH_CACHE_NAME)
+    assert hashes.lookup(out) == (sha256_file(out)[0], out.stat().st_size)
+
+
+def test_without_hard_links_the_object_is_a_copy(
+    build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(actioncache.os, "link", no_links)
+    cache = ActionCache(tmp_path / "store", warn=lambda m: None)
+    compute(build)
+    want = (build / "index.faiss").read_bytes()
+    cache.record(action(build))
+    obj = cache.object_path(sha256_file(build / "index.faiss")[0])
+    assert obj.read_bytes() == want and not os.path.samestat(
+        os.stat(obj), os.stat(build / "index.faiss")
+    )
+    for n in action(build).outputs:
+        (build / n).unlink()
+    assert cache.lookup(action(build)) and (build / "index.faiss").read_bytes() == want
+
+
+def test_an_output_rewritten_in_place_after_recording_is_never_served(
+    build: Path, tmp_path: Path
+) -> None:
+    """Outputs are written by rename; one written in place changes its object too: a miss, not a wrong file."""
+    notes: list[str] = []
+    cache = ActionCache(tmp_path / "store", warn=notes.append)
+    a = action(build)
+    compute(build)
+    cache.record(a)
+    with open(build / "index.faiss", "r+b") as fh:
+        fh.write(b"X")
+    for n in a.outputs:
+        (build / n).unlink()
+    assert not cache.lookup(a)
+    assert any("corrupt" in n for n in notes)
+    assert not (build / "index.faiss").exists()
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
