@@ -373,6 +373,8 @@ def describe(
             reuse=True,
             dask_scheduler=dask_scheduler,
             window_stride=stride,
+            hash_cache=Path(build)
+            / HASH_CACHE_NAME,  # the arrays' hashes, taken as they are written
         )
         if remote is not None and have is not None:
             push_descriptors(remote, Path(store), Path(build), have)

@@ -130,6 +130,7 @@ def describe_tiles(
     dask_scheduler: str | None = None,
     thumbnails: bool = True,
     window_stride: int = 1,
+    hash_cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Describe every present tile of a tile set with the compiled engine.
 
@@ -149,41 +150,39 @@ def describe_tiles(
     threads
         Engine threads (ONNX Runtime intra-op threads); ``None`` for the
         backend's default (every core).
-    progress
-        Draw a progress line on stderr (only when it is a terminal).
-    decode_threads
-        Tile decoder threads; ``None`` for :func:`default_decode_threads`.
+    progress, decode_threads
+        Draw a progress line on stderr (only on a terminal); tile decoder
+        threads (``None``: :func:`default_decode_threads`).
     reuse
-        Take descriptors the store has for this engine, and keep the new
-        ones there.  Without it every tile is described and nothing is kept.
+        Take the store's descriptors for this engine and keep new ones there
+        (without it every tile is described and nothing is kept).
     dask_scheduler
         ``tcp://host:port`` or ``local:N``: run the engine on that Dask
         cluster (:mod:`cachebuild.localize.daskexec`), started only when the store
         lacks some descriptors; needs ``reuse``.  ``None``: in this process.
     thumbnails
-        With ``reuse``: keep, for every image run through the engine, its
-        coverage-map thumbnail (:mod:`cachebuild.store.thumbs`) made from the
-        pixels decoded for the engine, so the preview need not decode it.
+        With ``reuse``: keep each described image's coverage-map thumbnail
+        (:mod:`cachebuild.store.thumbs`), so the preview need not decode it.
     window_stride
         Windows per tile side (1: one per tile; more needs ``reuse``,
         :mod:`cachebuild.localize.describe_windows`).
+    hash_cache
+        A :class:`~cachebuild._util.statcache.HashCache` file: the written
+        arrays' SHA-256 (taken as they are written) are remembered there.
 
     Returns
     -------
     dict
-        ``tiles`` (N), ``window_stride``, ``windows`` (rows written),
-        ``windows_per_s``, ``dim``, ``computed`` (tiles described, not
-        reused), ``reused``, ``engine_runs``, ``seconds``, ``tiles_per_s``,
-        ``computed_per_s``, ``executor`` (``local``/``dask``), ``workers``
-        (0 when none was needed), ``thumbnails`` (thumbnails kept).
+        ``tiles`` (N), ``window_stride``, ``windows`` (rows written), ``windows_per_s``,
+        ``dim``, ``computed`` (tiles described, not reused), ``reused``, ``engine_runs``,
+        ``seconds``, ``tiles_per_s``, ``computed_per_s``, ``executor`` (``local``/``dask``),
+        ``workers`` (0 when none was needed), ``thumbnails`` (thumbnails kept).
 
     Raises
     ------
     BuildError
-        ``phase="describe"``: a tile that cannot be decoded (naming its z/x/y
-        and store path), a missing tile set, or a failing engine.
-    EngineError
-        The engine cannot be loaded.
+        ``phase="describe"``: a tile that cannot be decoded (naming its z/x/y and
+        store path), a missing tile set, a failing engine (EngineError: not loaded).
 
     ``descriptor_ids.npy`` (place ids) is written last: if it exists, the
     pair is complete and consistent (see :func:`_describe`).
@@ -195,6 +194,7 @@ def describe_tiles(
         Path(tileset_dir), store_root, engine_dir, Path(out_dir), batch_size=batch_size,
         threads=threads, progress=progress, decode_threads=decode_threads, reuse=reuse,
         dask_scheduler=dask_scheduler, thumbnails=thumbnails, stride=window_stride,
+        hash_cache=None if hash_cache is None else Path(hash_cache),
     )  # fmt: skip
 
 
@@ -240,12 +240,12 @@ def _describe(
     dask_scheduler: str | None,
     thumbnails: bool,
     stride: int = 1,
+    hash_cache: Path | None = None,
 ) -> dict[str, Any]:
     """:func:`describe_tiles` once its settings are checked.
 
-    ``descriptor_ids.npy`` is removed before ``descriptors.npy`` is
-    replaced and written after it, both through a temp file and a rename:
-    if the ids file exists, the pair is complete and consistent.
+    ``descriptor_ids.npy`` is removed before ``descriptors.npy`` is replaced and written
+    after it, both by a temp file and a rename: if it exists, the pair is consistent.
     """
     import numpy as np
 
@@ -274,7 +274,7 @@ def _describe(
             workers=workers, threads=threads,
             stream=stream, dask_scheduler=dask_scheduler, executor=executor,
             thumbnails=made if thumbnails else None, descriptors_file=DESCRIPTORS_FILE,
-            ids_file=DESCRIPTOR_IDS_FILE,
+            ids_file=DESCRIPTOR_IDS_FILE, hash_cache=hash_cache,
         )  # fmt: skip
         computed, runs, windows = got["computed"], got["engine_runs"], got["windows"]
     elif reuse:
@@ -282,7 +282,7 @@ def _describe(
             store, engine_dir, raw, ids, out, dim=dim, size=size, batch_size=batch_size,
             max_rows=max_rows, workers=workers, runner=runner, stream=stream,
             dask_scheduler=dask_scheduler, threads=threads, executor=executor,
-            thumbnails=made if thumbnails else None,
+            thumbnails=made if thumbnails else None, hash_cache=hash_cache,
         )  # fmt: skip
     else:
         _describe_all(runner, store, raw, ids, out, dim, size, batch_size, workers, stream)
@@ -347,6 +347,7 @@ def _describe_with_store(
     threads: int | None = None,
     executor: dict[str, Any] | None = None,
     thumbnails: dict[str, int] | None = None,
+    hash_cache: Path | None = None,
 ) -> tuple[int, int]:
     """Describe what the descriptor store lacks, then assemble the output from it.
 
@@ -374,7 +375,7 @@ def _describe_with_store(
         elif executor is not None:  # every image was in the store: no engine ran
             executor["workers"] = 0
         ds.touch()
-        _assemble(ds, shard, row, ids, out / DESCRIPTORS_FILE, dim)
+        _assemble(ds, shard, row, ids, out / DESCRIPTORS_FILE, dim, hash_cache=hash_cache)
     return len(todo), runs
 
 

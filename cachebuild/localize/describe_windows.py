@@ -97,11 +97,13 @@ def describe_windows(
     thumbnails: dict[str, int] | None,
     descriptors_file: str,
     ids_file: str,
+    hash_cache: Path | None = None,
 ) -> dict[str, int]:
     """Describe the blocks the store lacks, then write the window descriptors and ids.
 
     Returns ``computed`` (anchors described), ``engine_runs`` (tiles run
-    through the per-tile stage) and ``windows`` (rows written).
+    through the per-tile stage) and ``windows`` (rows written).  With
+    ``hash_cache``, the assembled files' hashes are remembered there.
     """
     import numpy as np
 
@@ -123,7 +125,7 @@ def describe_windows(
         d = int(record["descriptor_dim"])
         valid = window_valid(plan["nb"], stride)
         cells = (out / CELLS_FILE, tuple(record["cells"]["shape"])) if record["cells"] else None
-        n = _assemble(ds, shard, row, ids, out / descriptors_file, d, valid, cells)
+        n = _assemble(ds, shard, row, ids, out / descriptors_file, d, valid, cells, hash_cache)
     if cells is None:  # no second stage (an operator's own model): an empty cells.npy
         atomic_save_npy(out / CELLS_FILE, np.zeros((0, 0, 0, 0), dtype=np.int8))
     atomic_save_npy(out / ids_file, window_ids(ids, stride)[valid])

@@ -8,12 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cachebuild._util.hashing import sha256_file
+from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache
 from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.engine.features import compile_features, load_head_model, poolable, read_head
 from cachebuild.engine.model import write_default_model
 from cachebuild.errors import UsageError
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
 from cachebuild.localize.places import place_boxes, positions
+from cachebuild.localize.rerank import CELLS_FILE
 from cachebuild.localize.windows import WindowDescriber, engine_blocks, pooled_blocks
 from cachebuild.store.windowkeys import (
     block_digests,
@@ -182,6 +185,25 @@ def test_describe_windows_reuses_blocks_and_redescribes_only_what_a_tile_covers(
     ts2 = make_tileset(tmp_path / "b", images, store_root)
     third = describe_tiles(**{**kw, "tileset_dir": ts2})  # type: ignore[arg-type]
     assert third["computed"] == 4
+
+
+def test_the_assembled_arrays_hashes_are_remembered_as_they_are_written(
+    tmp_path: Path, engine_dir: Path
+) -> None:
+    """descriptors.npy and cells.npy are hashed by the thread that writes them: the build reads neither again."""
+    store_root = tmp_path / "store"
+    ts = make_tileset(tmp_path, grid_images(4), store_root)
+    out = tmp_path / "out"
+    cache_file = out / HASH_CACHE_NAME
+    for _ in range(2):  # described, then assembled from the store
+        describe_tiles(
+            tileset_dir=ts, store_root=store_root, engine_dir=engine_dir, out_dir=out,
+            progress=False, reuse=True, window_stride=4, hash_cache=cache_file,
+        )  # fmt: skip
+        cache = HashCache(cache_file)
+        for name in (DESCRIPTORS_FILE, CELLS_FILE):
+            assert cache.lookup(out / name) == sha256_file(out / name)  # remembered, and not racy
+        assert np.load(out / CELLS_FILE).shape[0] == np.load(out / DESCRIPTORS_FILE).shape[0]
 
 
 def test_window_stride_needs_the_store(tmp_path: Path, engine_dir: Path) -> None:
