@@ -40,6 +40,28 @@ def test_append_lookup_read_round_trip(tmp_path: Path) -> None:
     assert engine_store_dirs(tmp_path) == [tmp_path / "descriptors" / KEY]
 
 
+def test_read_takes_any_order_runs_and_outputs_and_refuses_what_is_not_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(descstore, "SHARD_ROWS", 4)  # rows across three shards
+    d, v = digests(10), vectors(10)
+    with DescriptorStore(tmp_path, KEY, 8) as ds:
+        with ds.writer() as w:
+            w.append(d, v)
+        order = np.array([2, 3, 4, 5, 9, 0, 1, 1, 7, 6])  # runs, a jump, a repeat, backwards
+        shard, row = ds.lookup(d[order])
+        assert len(np.unique(shard)) == 3
+        np.testing.assert_array_equal(ds.read(shard, row), v[order])
+        out = np.zeros((10, 16), dtype=np.float32)[:, ::2]  # not contiguous
+        ds.read(shard, row, out=out)
+        np.testing.assert_array_equal(out, v[order])
+        assert ds.read(shard[:0], row[:0]).shape == (0, 8)
+        with pytest.raises(ValueError, match="does not have"):
+            ds.read(np.array([-1]), np.array([0]))
+        with pytest.raises(ValueError, match="past the end"):
+            ds.read(shard[:1], np.array([4]))
+
+
 def test_another_engine_sees_nothing(tmp_path: Path) -> None:
     d = digests(5)
     with DescriptorStore(tmp_path, KEY, 8) as ds, ds.writer() as w:
