@@ -463,25 +463,27 @@ def _update_copy(
     if len(new) > MAX_UPDATE_SHARE * len(tiles):
         return None
     # The kernel copies the file (copy_file_range: no pass through Python,
-    # a shared extent where the filesystem can); while the rows are updated,
-    # one thread hashes the old file (bytes that changed under an unchanged
-    # stat are caught: the update is dropped) and another has the kernel
-    # start writing the copy to disk, for publish's fsync to find done.
-    copy_file(out_path, tmp, _CHUNK)
+    # a shared extent where the filesystem can); while it copies and the rows
+    # are updated, one thread hashes the old file (bytes that changed under
+    # an unchanged stat are caught: the update is dropped) and another has
+    # the kernel start writing the copy to disk, for publish's fsync to find done.
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="mbtiles-update") as pool:
         old_hash = pool.submit(sha256_file, out_path, _CHUNK)
-        # queueing 300 MB for writeback blocks for a while (~0.08 s): not on this thread
-        queued = pool.submit(start_writeback_of, tmp)
         failure: Exception | None = None
+        queued = None
         try:
+            copy_file(out_path, tmp, _CHUNK)
+            # queueing 300 MB for writeback blocks for a while (~0.08 s): not on this thread
+            queued = pool.submit(start_writeback_of, tmp)
             done = _update_rows(tmp, new, gone, store, fmt, metadata)
         except Exception as exc:  # noqa: BLE001  judged after the hash: a damaged copy can fail the update itself
             done, failure = None, exc
         finally:
-            queued.result()
+            if queued is not None:
+                queued.result()
             digest = old_hash.result()[0]
     if digest != want.get("sha256"):
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)  # a copy that failed may have made none
         warnings.warn(
             f"{out_path} does not hash to what was written there (sha256 {digest[:12]}…, "
             f"recorded {str(want.get('sha256'))[:12]}…): it is written again in full",
