@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from cachebuild.engine.compile import compile_engine, load_engine
 from cachebuild.engine.features import compile_features, load_head_model, poolable, read_head
 from cachebuild.engine.model import write_default_model
 from cachebuild.errors import UsageError
+from cachebuild.localize import describe_store
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE, describe_tiles
 from cachebuild.localize.places import place_boxes, positions
 from cachebuild.localize.rerank import CELLS_FILE
@@ -204,6 +206,31 @@ def test_the_assembled_arrays_hashes_are_remembered_as_they_are_written(
         for name in (DESCRIPTORS_FILE, CELLS_FILE):
             assert cache.lookup(out / name) == sha256_file(out / name)  # remembered, and not racy
         assert np.load(out / CELLS_FILE).shape[0] == np.load(out / DESCRIPTORS_FILE).shape[0]
+
+
+def test_a_failed_write_in_the_writer_thread_fails_describe_and_leaves_no_file(
+    tmp_path: Path, engine_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk met by the thread that writes descriptors.npy is describe's error; no temp file stays."""
+    store_root = tmp_path / "store"
+    ts = make_tileset(tmp_path, grid_images(4), store_root)
+    out = tmp_path / "out"
+    kw = dict(
+        tileset_dir=ts, store_root=store_root, engine_dir=engine_dir, out_dir=out,
+        progress=False, reuse=True, window_stride=4,
+    )  # fmt: skip
+    describe_tiles(**kw)  # type: ignore[arg-type]
+    before = (out / DESCRIPTORS_FILE).read_bytes()
+
+    def full(self: object, rows: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(describe_store.NpyRowWriter, "write", full)
+    with pytest.raises(OSError, match="No space"):
+        describe_tiles(**kw)  # type: ignore[arg-type]
+    assert (out / DESCRIPTORS_FILE).read_bytes() == before
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert not (out / DESCRIPTOR_IDS_FILE).exists()  # the pair is not claimed complete
 
 
 def test_window_stride_needs_the_store(tmp_path: Path, engine_dir: Path) -> None:
