@@ -15,9 +15,9 @@ source of the modules that compute it (a code change is a new key even when
 nobody bumped the version).  Before the action runs, the key is looked up:
 
 - **hit**: a record ``key -> {output name: SHA-256, size}`` names
-  content-addressed objects; each is read, checked against its SHA-256 and
-  written to the build directory (temp file, then rename).  The action does
-  not run.
+  content-addressed objects; each is hard-linked to a temp name in the
+  build directory (a copy across filesystems), checked there against its
+  SHA-256 and renamed into place.  The action does not run.
 - **miss**: the action runs; its outputs are stored as objects (named by
   their SHA-256, written once: a hard link to the output where the store
   is on the build's filesystem) and the record is written (once).
@@ -64,7 +64,7 @@ from pathlib import Path
 from typing import Any
 
 from cachebuild._util.fileio import copy_file
-from cachebuild._util.fs import atomic_write
+from cachebuild._util.fs import atomic_write, temp_name
 from cachebuild._util.hashing import is_sha256_hex, sha256_file
 from cachebuild._util.statcache import HASH_CACHE_NAME, HashCache, stat_key
 from cachebuild.errors import CacheBuildWarning
@@ -318,19 +318,17 @@ class ActionCache:
 
     # -- reading ---------------------------------------------------------------
 
-    def _local_object(self, digest: str) -> bytes | None:
-        path = self.object_path(digest)
-        try:
-            data = path.read_bytes()
-        except OSError:
-            return None
-        if _sha(data) != digest:
-            self.warn(f"action cache object {digest[:16]}… in {self.root} is corrupt; removed it")
-            path.unlink(missing_ok=True)
-            return None
-        return data
+    def _local_lookup(
+        self, key: str, names: tuple[str, ...], build: Path
+    ) -> dict[str, tuple[Path, str]] | None:
+        """A sound local record's outputs staged at temp names in ``build``: ``{name: (temp, sha256)}``.
 
-    def _local_lookup(self, key: str, names: tuple[str, ...]) -> dict[str, bytes] | None:
+        Each object is hard-linked (or, across filesystems, copied) to its
+        temp name first and hashed there, so what is checked is what will be
+        renamed into place.  None (a miss) when the record is missing or
+        damaged, or an object is gone or corrupt (the record and that object
+        are removed: the action runs and records anew).
+        """
         path = self.record_path(key)
         try:
             raw = path.read_bytes()
@@ -341,14 +339,39 @@ class ActionCache:
             self.warn(f"action cache record {key[:16]}… in {self.root} is damaged; removed it")
             path.unlink(missing_ok=True)
             return None
-        got: dict[str, bytes] = {}
-        for name, (digest, size) in outputs.items():
-            data = self._local_object(digest)
-            if data is None or len(data) != size:
-                path.unlink(missing_ok=True)  # it names what is gone: recompute, record anew
-                return None
-            got[name] = data
-        return got
+        staged: dict[str, tuple[Path, str]] = {}
+        try:
+            for name, (digest, size) in outputs.items():
+                tmp = temp_name(build / name)
+                if not self._stage_object(digest, size, tmp):
+                    path.unlink(missing_ok=True)  # it names what is gone: recompute, record anew
+                    return None
+                staged[name] = (tmp, digest)
+            done, staged = staged, {}
+            return done
+        finally:
+            for tmp, _ in staged.values():
+                tmp.unlink(missing_ok=True)
+
+    def _stage_object(self, digest: str, size: int, tmp: Path) -> bool:
+        """Object ``digest`` at ``tmp`` (a link, or a copy) if it is there and hashes to its name."""
+        obj = self.object_path(digest)
+        try:
+            linked = _stage(obj, tmp)
+            got, n = sha256_file(tmp)
+        except OSError:  # gone (or unreadable): a miss
+            tmp.unlink(missing_ok=True)
+            return False
+        if got == digest and n == size:
+            return True
+        self.warn(f"action cache object {digest[:16]}… in {self.root} is corrupt; removed it")
+        try:  # the object read, unless another process replaced it meanwhile
+            if not linked or os.path.samestat(os.stat(obj), os.stat(tmp)):
+                obj.unlink()
+        except OSError:
+            pass
+        tmp.unlink(missing_ok=True)
+        return False
 
     def _bucket_lookup(
         self, key: str, names: tuple[str, ...], action: str
@@ -401,20 +424,30 @@ class ActionCache:
         return got
 
     def lookup(self, action: Action, key: str | None = None) -> bool:
-        """On a hit, write the outputs into ``action.build`` and return True."""
+        """On a hit, put the outputs into ``action.build`` and return True.
+
+        Local objects are linked, not written: like every staged file they
+        become durable when publish fsyncs the release.
+        """
         key = key or action_key(action)
         self.served_from = None
-        got = self._local_lookup(key, action.outputs)
-        where = "local"
-        if got is None and self.remote is not None:
+        staged = self._local_lookup(key, action.outputs, action.build)
+        if staged is not None:  # links to the checked objects: no bytes written, none fsynced
+            for name in action.outputs:
+                os.replace(staged[name][0], action.build / name)
+                staged[name][0].unlink(missing_ok=True)  # left by a rename onto a link to itself
+            _remember(action.build, {name: staged[name][1] for name in action.outputs})
+            self.served_from = "local"
+            return True
+        got = None
+        if self.remote is not None:
             got = self._bucket_lookup(key, action.outputs, action.name)
-            where = "bucket"
         if got is None:
             return False
         for name in action.outputs:
             _materialize(action.build / name, got[name])
         _remember(action.build, {name: _sha(got[name]) for name in action.outputs})
-        self.served_from = where
+        self.served_from = "bucket"
         return True
 
     # -- writing ---------------------------------------------------------------

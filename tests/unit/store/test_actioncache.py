@@ -115,6 +115,25 @@ def test_an_object_is_a_link_to_the_output_and_its_hash_stays_remembered(
     assert hashes.lookup(out) == (sha256_file(out)[0], out.stat().st_size)
 
 
+def test_a_hit_links_the_checked_object_into_the_build_and_leaves_no_temp_file(
+    build: Path, tmp_path: Path
+) -> None:
+    cache = ActionCache(tmp_path / "store", warn=lambda m: None)
+    a = action(build)
+    compute(build)
+    cache.record(a)
+    assert cache.lookup(a)  # the outputs are already links to the objects: renamed onto themselves
+    for n in a.outputs:
+        (build / n).unlink()
+    assert cache.lookup(a)
+    out = build / "index.faiss"
+    assert os.path.samestat(os.stat(out), os.stat(cache.object_path(sha256_file(out)[0])))
+    assert sorted(p.name for p in build.iterdir() if ".tmp-" in p.name) == []
+    os.utime(out, (1e9, 1e9))  # not racy: the hash is remembered for the file as it is
+    assert cache.lookup(a)
+    assert HashCache(build / HASH_CACHE_NAME).lookup(out) == sha256_file(out)
+
+
 def test_without_hard_links_the_object_is_a_copy(
     build: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
