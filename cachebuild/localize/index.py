@@ -40,7 +40,7 @@ Rebuilds reuse the trained quantizer.  Training the IVF k-means is the
 index's one whole-area cost (adding a vector is one search among K
 centroids).  A build
 (``reuse=True``) keeps the IVF centroids beside the index in
-:data:`QUANTIZER_FILE`, with the 64-bit fingerprints (blake2b of the
+:data:`QUANTIZER_FILE`, with the 64-bit fingerprints (a hash of the
 vector's bytes) of the vectors the k-means was trained from.  The next
 build of the same engine key, kind and plan family (an ``IVF{K}`` whose
 ``K`` is within x0.8..1.25 of what N asks for) starts a fresh IVF from

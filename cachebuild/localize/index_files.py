@@ -156,15 +156,23 @@ def _faiss() -> Any:
     return faiss
 
 
-def load_index(index_path: str | os.PathLike[str]) -> Any:
-    """Read an index written by :func:`build_index` (search parameters included)."""
+def load_index(index_path: str | os.PathLike[str], *, mapped: bool = False) -> Any:
+    """Read an index written by :func:`build_index` (search parameters included).
+
+    ``mapped``: map the file's vectors instead of copying them (faiss's
+    ``IO_FLAG_MMAP_IFC``), for a reader that only searches: the self-test
+    then reads the lists it probes from the page cache, not the whole file
+    into fresh memory.  Safe because index files are replaced by rename,
+    never rewritten in place.
+    """
     faiss = _faiss()
     path = Path(index_path)
     if not path.is_file():
         raise BuildError(
             f"index {path} does not exist", remedy="build the index first", phase=_PHASE
         )
-    return faiss.read_index(str(path))
+    flags = int(getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mapped else 0
+    return faiss.read_index(str(path), flags)
 
 
 def search(

@@ -23,20 +23,51 @@ INDEX_METRIC = "inner_product"
 QUANTIZER_FILE = "index-quantizer.npz"
 #: Retrain when more than this share of the vectors is new to the quantizer.
 MAX_UNTRAINED_SHARE = 0.3
-_QUANTIZER_FORMAT = 1
+_QUANTIZER_FORMAT = 2  # 2: fingerprints by _fingerprints' multilinear hash
 #: The plan family: a saved quantizer of K lists serves N vectors whose plan asks for K' lists,
 #: 1/_FAMILY <= K' / K <= _FAMILY.
 _FAMILY = 1.25
 
 
 def _fingerprints(chunk: Any) -> Any:
-    """A 64-bit fingerprint of each row's bytes (blake2b): which vectors a quantizer has seen."""
-    import hashlib
+    """A 64-bit fingerprint of each row's bytes: which vectors a quantizer has seen.
 
+    A multilinear hash (each 8-byte word times its own fixed odd 64-bit key,
+    summed modulo 2**64) finished by splitmix64's mixer, in whole-array
+    numpy: a per-row ``hashlib`` call was 0.4-0.7 s at 320k rows.  Not a
+    cryptographic hash: it tells vectors apart, an adversary is not in play.
+    """
     import numpy as np
 
-    raw = b"".join(hashlib.blake2b(row.tobytes(), digest_size=8).digest() for row in chunk)
-    return np.frombuffer(raw, dtype="<u8")
+    rows = np.ascontiguousarray(chunk)
+    if not len(rows):
+        return np.zeros(0, dtype="<u8")
+    raw = rows.reshape(len(rows), -1).view(np.uint8)
+    pad = -raw.shape[1] % 8
+    if pad:
+        raw = np.concatenate([raw, np.zeros((len(raw), pad), dtype=np.uint8)], axis=1)
+    words = np.ascontiguousarray(raw).view("<u8")
+    keys = _keys(words.shape[1])
+    with np.errstate(over="ignore"):
+        h = (
+            (words * keys).sum(axis=1, dtype=np.uint64)
+            if words.size
+            else np.zeros(len(rows), "<u8")
+        )
+        h = h ^ (h >> np.uint64(30))
+        h = h * np.uint64(0xBF58476D1CE4E5B9)
+        h = h ^ (h >> np.uint64(27))
+        h = h * np.uint64(0x94D049BB133111EB)
+        h = h ^ (h >> np.uint64(31))
+    return h.astype("<u8")
+
+
+def _keys(width: int) -> Any:
+    """The fixed odd 64-bit keys of :func:`_fingerprints`, one per word (the same in every run)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0x51F7_6E0A)
+    return rng.integers(0, 2**63, size=width, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
 def _load_quantizer(

@@ -47,7 +47,7 @@ __all__ = [
 
 #: Beside the index: the recall queries' exact top lists and the vectors they were taken over.
 REFERENCE_FILE = "index-recall.npz"
-_FORMAT = 1
+_FORMAT = 2  # 2: fingerprints by index_quantizer._fingerprints' multilinear hash
 _CHUNK = 16_384
 
 

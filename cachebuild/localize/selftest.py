@@ -388,7 +388,7 @@ def run_selftest(
             runner = load_engine(engine_dir, threads=threads)
         have.update(_describe_todo(todo, ids, digests, store_root, size, runner, stage2, dim))
     result["frames"] = {"described": len(todo), "reused": len(wanted) - len(todo)}
-    index = load_index(index_path)
+    index = load_index(index_path, mapped=True)  # searched only
     if stage2 is not None:
         result["rerank"] = {"candidates": CANDIDATES, "offsets": OFFSETS}
     for t, out in ((tests[0], result), (tests[1], result["near_centre"])):

@@ -501,3 +501,32 @@ def test_predicted_nprobe_is_the_smallest_that_reaches_the_target(tmp_path: Path
     assert predict_nprobe(faiss, ivf, q, vectors[top], ladder) == walked
     assert ladder[0] < walked < nlist  # the data make the prediction non-trivial
     assert info["recall_at_10"] >= RECALL_TARGET
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_a_mapped_index_answers_as_a_read_one(tmp_path: Path, kind: str) -> None:
+    vectors = unit_vectors(3000, 32, seed=4)
+    ids = np.arange(3000, dtype=np.int64) * 7 + 11
+    src = write_descriptors(tmp_path / "d", vectors, ids)
+    path = tmp_path / "i.faiss"
+    build_index(descriptors_dir=src, out_path=path, kind=kind)
+    queries = unit_vectors(40, 32, seed=5)
+    got = index.load_index(path, mapped=True).search(queries, 5)
+    want = index.load_index(path).search(queries, 5)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], atol=1e-6)
+
+
+def test_fingerprints_tell_rows_apart_whatever_the_chunking() -> None:
+    from cachebuild.localize.index_quantizer import _fingerprints
+
+    v = unit_vectors(2000, 33, seed=6)  # 132 bytes a row: not a whole number of words
+    prints = _fingerprints(v)
+    assert prints.dtype == np.dtype("<u8") and len(np.unique(prints)) == 2000
+    np.testing.assert_array_equal(
+        np.concatenate([_fingerprints(v[:700]), _fingerprints(v[700:])]), prints
+    )
+    w = v.copy()
+    w[3, 32] = np.nextafter(w[3, 32], np.float32(2))  # one bit of the last, padded word
+    assert _fingerprints(w)[3] != prints[3] and _fingerprints(w)[4] == prints[4]
+    assert _fingerprints(v[:0]).shape == (0,)
