@@ -409,6 +409,7 @@ def index(*, build: str, kind: str = "auto") -> None:
         kind=kind,
         reuse=True,
         engine_key=read_engine_json(b / "engine").get("key"),
+        hash_cache=b / HASH_CACHE_NAME,  # index.faiss hashed as it is written, not read again
     )
     write_index_json(b, info)  # index.json: content; index-run.json: this build's history
 

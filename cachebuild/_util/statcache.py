@@ -38,6 +38,7 @@ __all__ = [
     "HASH_CACHE_NAME",
     "HashCache",
     "doit_file_checker",
+    "remember_written",
     "stat_key",
     "racy",
     "still_valid",
@@ -264,6 +265,23 @@ class HashCache:
             doc = {"format": _HASH_CACHE_FORMAT, "entries": keep}
             atomic_write(self.path, json.dumps(doc, sort_keys=True).encode(), durable=False)
             self._entries, self._mine, self._seen = keep, {}, self._file_sig()
+
+
+def remember_written(cache_file: str | os.PathLike[str], written: list[tuple[Path, str]]) -> None:
+    """Remember the SHA-256 of files hashed as they were written, in the :class:`HashCache` at
+    ``cache_file``: one timestamp tick after the last write, so that the entries are not
+    racy and the next reader trusts them.  Only a cache: a failure leaves them to be hashed."""
+    try:
+        newest = max((os.stat(p).st_mtime_ns for p, _ in written), default=0)
+        wait = FINE_TICK_NS - (time.time_ns() - newest)
+        if 0 < wait <= FINE_TICK_NS:
+            time.sleep(wait / 1e9)
+        cache = HashCache(cache_file)
+        for path, digest in written:
+            cache.remember(path, digest, os.stat(path))
+        cache.save()
+    except OSError:
+        pass
 
 
 def doit_file_checker(cache_file: str | os.PathLike[str]) -> type:

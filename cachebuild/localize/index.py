@@ -236,6 +236,7 @@ def build_index(
     faiss: Any = None,
     reuse: bool = False,
     engine_key: str | None = None,
+    hash_cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Index ``descriptors.npy`` under the ids in ``descriptor_ids.npy``.
 
@@ -264,6 +265,9 @@ def build_index(
     engine_key
         The key of the engine that made the descriptors: a saved quantizer
         of another engine is never reused (None: none is).
+    hash_cache
+        A :class:`~cachebuild._util.statcache.HashCache` file: the index's
+        SHA-256, taken as it is written, is remembered there.
 
     Returns
     -------
@@ -295,7 +299,7 @@ def build_index(
         index, device, gpu_error, params, recall, q = _tune_or_default(
             run, index, (device, gpu_error), recall_queries, kind
         )
-    _write_faiss(faiss, index, out)
+    _write_faiss(faiss, index, out, None if hash_cache is None else Path(hash_cache))
     write_positions(out.with_name(POSITIONS_FILE), run.ids)  # where each id lies on the ground
     info = _summary(run, index, device, gpu_error, params, recall, q, RECALL_TARGET)
     if reuse:

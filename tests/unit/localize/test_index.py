@@ -530,3 +530,15 @@ def test_fingerprints_tell_rows_apart_whatever_the_chunking() -> None:
     w[3, 32] = np.nextafter(w[3, 32], np.float32(2))  # one bit of the last, padded word
     assert _fingerprints(w)[3] != prints[3] and _fingerprints(w)[4] == prints[4]
     assert _fingerprints(v[:0]).shape == (0,)
+
+
+def test_the_index_hash_is_taken_as_it_is_written(tmp_path: Path) -> None:
+    import hashlib
+
+    from cachebuild._util.statcache import HashCache
+
+    src = write_descriptors(tmp_path / "d", unit_vectors(300, 16), np.arange(300, dtype=np.int64))
+    out, cache = tmp_path / "i.faiss", tmp_path / "hash-cache.json"
+    build_index(descriptors_dir=src, out_path=out, hash_cache=cache)
+    hit = HashCache(cache).lookup(out)
+    assert hit == (hashlib.sha256(out.read_bytes()).hexdigest(), out.stat().st_size)
