@@ -266,8 +266,7 @@ def build_index(
         The key of the engine that made the descriptors: a saved quantizer
         of another engine is never reused (None: none is).
     hash_cache
-        A :class:`~cachebuild._util.statcache.HashCache` file: the index's
-        SHA-256, taken as it is written, is remembered there.
+        A HashCache file (:mod:`cachebuild._util.statcache`) given the index's SHA-256 as written.
 
     Returns
     -------
@@ -284,8 +283,7 @@ def build_index(
         unknown ``kind``.
     """
 
-    faiss = faiss if faiss is not None else _faiss()
-    out = Path(out_path)
+    faiss, out = faiss if faiss is not None else _faiss(), Path(out_path)
     run = _Run.start(faiss, Path(descriptors_dir), kind, chunk_rows, seed)
     with one_thread_below(faiss, run.flops(recall_queries)):  # a small index: one thread
         run.scan(reuse)
