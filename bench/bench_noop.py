@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 STAGES = ("tiles", "mbtiles", "describe", "index", "manifest")
@@ -51,6 +52,13 @@ def _flight_for(n_tiles: int, path: Path) -> str:
 
 def run_measured(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, str, str]:
     """``(seconds, peak RSS bytes, stdout, stderr)`` of one child process."""
+    seconds, usage, stdout, stderr = run_child(argv, env, cwd)
+    return seconds, usage.ru_maxrss * 1024, stdout, stderr
+
+
+def run_child(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, Any, str, str]:
+    """``(seconds, its resource usage from wait4, stdout, stderr)`` of one child process;
+    exits naming it when it fails."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         t = time.perf_counter()
         p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
@@ -62,7 +70,7 @@ def run_measured(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float
         stdout, stderr = out.read(), err.read()
     if p.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{stderr[-3000:]}")
-    return seconds, usage.ru_maxrss * 1024, stdout, stderr
+    return seconds, usage, stdout, stderr
 
 
 def _time(argv: list[str], env: dict[str, str], cwd: Path) -> float:

@@ -72,6 +72,18 @@ def fetch_only(srv: ServerProcess, box: Any, tmp: Path, concurrency: int) -> flo
     return time.perf_counter() - t0
 
 
+def _run_build(
+    argv: list[str], cwd: Path, env: dict[str, str], what: str
+) -> tuple[float, str, dict[str, Any]]:
+    """``(wall s, stderr, JSON report)`` of one build; exits naming ``what`` when it fails."""
+    t0 = time.perf_counter()
+    p = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        sys.exit(f"{what} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return wall, p.stderr, json.loads([ln for ln in p.stdout.splitlines() if ln.strip()][-1])
+
+
 def build(
     srv: ServerProcess, flight: Path, tmp: Path, concurrency: int, stride: int, pipeline: str
 ) -> dict[str, Any]:
@@ -86,13 +98,8 @@ def build(
         "BUFFER_M=0", "ZOOM=17", f"PROVIDER={srv.template()}", f"CONCURRENCY={concurrency}",
         f"WINDOW_STRIDE={stride}", f"PIPELINE={pipeline}", "REPORT=json",
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(f"build PIPELINE={pipeline} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    report = json.loads([ln for ln in p.stdout.splitlines() if ln.strip()][-1])
+    wall, stderr, report = _run_build(argv, REPO, env, f"build PIPELINE={pipeline}")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     return {
         "wall": wall,
         "rss_mib": int(rss.group(1)) / 1024 if rss else float("nan"),
@@ -127,14 +134,7 @@ def companion_build(
         f"COMPANION={sshd.target}", f"SSH_KEY={sshd.client_key}", f"KNOWN_HOSTS={sshd.known_hosts}",
         f"COMPANION_DIR={tmp / f'companion-{tag}'}", f"COMPANION_CMD={cmd}", "REPORT=json",
     ]  # fmt: skip
-    t0 = time.perf_counter()
-    p = subprocess.run(argv, cwd=code, env=env, capture_output=True, text=True, check=False)
-    wall = time.perf_counter() - t0
-    if p.returncode != 0:
-        sys.exit(
-            f"companion build PIPELINE={pipeline} ({code}) failed ({p.returncode}):\n{p.stderr[-3000:]}"
-        )
-    report = json.loads([ln for ln in p.stdout.splitlines() if ln.strip()][-1])
+    wall, _, report = _run_build(argv, code, env, f"companion build PIPELINE={pipeline} ({code})")
     push_end = float(report["pipeline"]["wall_s"])  # from the tasks' start to the push's end
     download_end = push_end - float(report["push"]["after_download_s"])
     return {

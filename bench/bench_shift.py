@@ -48,13 +48,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from bench_noop import REPO
+from bench_noop import REPO, run_child
 
 PHASES = (
     "tiles",
@@ -72,17 +71,8 @@ LAT, LON = 47.30, 8.45
 
 def run_timed(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, float, str]:
     """``(wall seconds, CPU seconds, stdout)`` of one child process (CPU: user + system, from ``wait4``)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        t = time.perf_counter()
-        p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(p.pid, 0)
-        seconds = time.perf_counter() - t
-        p.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        if p.returncode != 0:
-            raise SystemExit(f"{' '.join(argv)} failed ({p.returncode}):\n{err.read()[-3000:]}")
-        return seconds, usage.ru_utime + usage.ru_stime, out.read()
+    seconds, usage, out, _ = run_child(argv, env, cwd)
+    return seconds, usage.ru_utime + usage.ru_stime, out
 
 
 def flight(path: Path, lon: float) -> Path:
@@ -108,7 +98,6 @@ def mbtiles_record(home: Path) -> dict:
 def mbtiles_steps(n: int, steps: int, shift: float) -> None:
     """The MBTiles writer alone over ``steps`` shifts of an ``n``-tile square: size vs a fresh file."""
     import sqlite3
-    import time
 
     import numpy as np
 

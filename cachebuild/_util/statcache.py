@@ -39,6 +39,7 @@ __all__ = [
     "HashCache",
     "doit_file_checker",
     "remember_written",
+    "wait_past_tick",
     "stat_key",
     "racy",
     "still_valid",
@@ -236,6 +237,18 @@ class HashCache:
                 settled += 1
         return settled
 
+    def remember_unmoved(
+        self, path: str | os.PathLike[str], digest: str, before: list[int]
+    ) -> None:
+        """Remember ``digest`` for ``path`` again when only its ctime moved since ``before``
+        (its :func:`stat_key`): a hard link made or removed, a chmod.  Gone: nothing."""
+        try:
+            after = os.stat(path)
+        except OSError:
+            return
+        if stat_key(after)[:4] == before[:4]:
+            self.remember(path, digest, after)
+
     def make_read_only(self, path: str | os.PathLike[str]) -> None:
         """``chmod a-w`` ``path``, keeping its remembered hash (only the ctime moves)."""
         before = os.stat(path)
@@ -244,9 +257,8 @@ class HashCache:
             return
         hit = self.lookup(path)
         os.chmod(path, mode & ~0o222)
-        after = os.stat(path)
-        if hit is not None and stat_key(after)[:4] == stat_key(before)[:4]:
-            self.remember(path, hit[0], after)
+        if hit is not None:
+            self.remember_unmoved(path, hit[0], stat_key(before))
 
     def save(self) -> None:
         """Write the cache, merged with what others saved meanwhile; entries of files gone are dropped.
@@ -267,15 +279,21 @@ class HashCache:
             self._entries, self._mine, self._seen = keep, {}, self._file_sig()
 
 
+def wait_past_tick(paths: list[Path]) -> None:
+    """Sleep until a timestamp tick has passed since the newest of ``paths`` was written, so
+    that a hash remembered now is not racy (:func:`racy`)."""
+    newest = max((os.stat(p).st_mtime_ns for p in paths), default=0)
+    wait = FINE_TICK_NS - (time.time_ns() - newest)
+    if 0 < wait <= FINE_TICK_NS:
+        time.sleep(wait / 1e9)
+
+
 def remember_written(cache_file: str | os.PathLike[str], written: list[tuple[Path, str]]) -> None:
     """Remember the SHA-256 of files hashed as they were written, in the :class:`HashCache` at
     ``cache_file``: one timestamp tick after the last write, so that the entries are not
     racy and the next reader trusts them.  Only a cache: a failure leaves them to be hashed."""
     try:
-        newest = max((os.stat(p).st_mtime_ns for p, _ in written), default=0)
-        wait = FINE_TICK_NS - (time.time_ns() - newest)
-        if 0 < wait <= FINE_TICK_NS:
-            time.sleep(wait / 1e9)
+        wait_past_tick([p for p, _ in written])
         cache = HashCache(cache_file)
         for path, digest in written:
             cache.remember(path, digest, os.stat(path))

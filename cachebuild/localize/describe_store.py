@@ -16,12 +16,11 @@ import io
 import os
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from cachebuild._util.npyio import NpyRowWriter
-from cachebuild._util.statcache import FINE_TICK_NS, HashCache
+from cachebuild._util.statcache import HashCache, wait_past_tick
 from cachebuild.engine.interface import read_engine_json
 from cachebuild.errors import BuildError
 from cachebuild.localize.decode import tile_zxy
@@ -148,10 +147,7 @@ def _remember(hash_cache: Path, written: list[tuple[_HashedRows, str]]) -> None:
     reader trusts them.
     """
     cache = HashCache(hash_cache)
-    newest = max((os.stat(w.path).st_mtime_ns for w, _ in written), default=0)
-    wait = FINE_TICK_NS - (time.time_ns() - newest)
-    if 0 < wait <= FINE_TICK_NS:
-        time.sleep(wait / 1e9)
+    wait_past_tick([Path(w.path) for w, _ in written])
     for w, digest in written:
         with open(w.path, "rb") as fh:
             st = os.fstat(fh.fileno())

@@ -150,12 +150,7 @@ def _hashes_kept(build: Path, files: list[str]) -> Iterator[None]:
             known[rel] = (hit[0], stat_key(os.stat(build / rel)))
     yield
     for rel, (digest, before) in known.items():
-        try:
-            after = os.stat(build / rel)
-        except OSError:
-            continue
-        if stat_key(after)[:4] == before[:4]:
-            cache.remember(build / rel, digest, after)
+        cache.remember_unmoved(build / rel, digest, before)
     try:
         cache.save()
     except OSError:  # only a cache (a full disk, say): the next run hashes again

@@ -513,12 +513,7 @@ class ActionCache:
         """Remove the temp names; an output whose content is unchanged keeps its hash (links move its ctime)."""
         for name, (tmp, digest, _, before) in staged.items():
             tmp.unlink(missing_ok=True)
-            try:
-                after = os.stat(build / name)
-            except OSError:
-                continue
-            if stat_key(after)[:4] == before[:4]:
-                cache.remember(build / name, digest, after)
+            cache.remember_unmoved(build / name, digest, before)
         try:
             cache.save()
         except OSError:  # only a cache: the manifest hashes again
