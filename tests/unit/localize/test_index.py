@@ -542,3 +542,26 @@ def test_the_index_hash_is_taken_as_it_is_written(tmp_path: Path) -> None:
     build_index(descriptors_dir=src, out_path=out, hash_cache=cache)
     hit = HashCache(cache).lookup(out)
     assert hit == (hashlib.sha256(out.read_bytes()).hexdigest(), out.stat().st_size)
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a kept npz file as the format-1 file an earlier cachebuild left (blake2b prints)."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: np.asarray(z[k]) for k in z.files}
+    meta = json.loads(str(arrays["meta"][()]))
+    arrays["meta"] = np.array(json.dumps(meta | {"format": 1}, sort_keys=True))
+    with open(path, "wb") as fh:
+        np.savez(fh, **arrays)
+
+
+def test_an_upgrade_over_format_1_files_trains_once_then_reuses_again(tmp_path: Path) -> None:
+    first, second, _ = shifted_sets(tmp_path)
+    out = tmp_path / "build" / "index.faiss"
+    reindex(first, out, engine_key=KEY_A)
+    for name in ("index-quantizer.npz", "index-recall.npz"):
+        _as_format_1(out.with_name(name))
+    b = reindex(second, out, engine_key=KEY_A)  # the first build after the upgrade
+    assert b["quantizer"]["reused"] is False and "format 1" in b["quantizer"]["reason"]
+    assert b["recall_reference"]["kept"] == 0 and b["recall_at_10"] >= RECALL_TARGET
+    c = reindex(first, out, engine_key=KEY_A)  # and the next one reuses what b kept
+    assert c["quantizer"]["reused"] is True and c["recall_reference"]["kept"] > 0
