@@ -105,9 +105,10 @@ from cachebuild.localize.index_quantizer import (
     _load_assignments,
     _load_quantizer,
     _save_quantizer,
+    rows_lists,
 )
 from cachebuild.localize.index_reference import REFERENCE_FILE, exact_recall_top, keep_reference
-from cachebuild.localize.index_tune import _set_search_param, _tune, one_thread_below
+from cachebuild.localize.index_tune import _set_search_param, _tune, lists_tell, one_thread_below
 from cachebuild.localize.places import POSITIONS_FILE, write_positions
 
 __all__ = [
@@ -332,6 +333,7 @@ class _Run:
     sample: Any = None
     ref_path: Path | None = None  # the recall reference kept for the next build (reuse)
     lists: Any = None  # the saved quantizer's lists of the last build's vectors
+    row_lists: Any = None  # the IVF list of each row in the index built (rows_lists)
     kept: dict[str, Any] | None = None
 
     @classmethod
@@ -475,8 +477,11 @@ class _Run:
                     "population": int(self.n),
                     "nprobe": int(params["nprobe"]),
                 }
-            ivf = self.faiss.extract_index_ivf(index)
-            lists = _assignments(self.faiss, ivf, self.ids, self.prints)
+            if self.row_lists is None:
+                self.row_lists = rows_lists(
+                    self.faiss, self.faiss.extract_index_ivf(index), self.ids
+                )
+            lists = _assignments(self.prints, self.row_lists)
             _save_quantizer(path, self.centroids, self.population, self.saved, lists)
         else:
             path.unlink(missing_ok=True)  # nothing to reuse: no stale one either
@@ -494,6 +499,20 @@ class _Run:
         }
 
 
+def _neighbours(run: _Run, index: Any, top: Any, kth: Any, k: int) -> tuple[Any, Any]:
+    """``(neighbours, listed)`` for :func:`_tune` on an IVF index: the kept exact lists and each
+    row's list when this build has them (recall read without searching), else the exact top
+    ``k``'s vectors (nprobe predicted, then one search)."""
+    run.row_lists = None
+    if run.plan.kind != "ivf":
+        return None, None
+    run.row_lists = rows_lists(run.faiss, run.faiss.extract_index_ivf(index), run.ids)
+    kept = run.kept
+    if kept is not None and lists_tell(kept["sims"], kept["top"], kth, k):
+        return None, (kept["sims"], kept["top"], run.row_lists)
+    return gather_npy_rows(run.vec_path, top.ravel()).reshape(len(top), k, -1), None
+
+
 def _tune_or_default(
     run: _Run, index: Any, where: tuple[str, str | None], recall_queries: int, kind: str
 ) -> tuple[Any, str, str | None, dict[str, int], float | None, int]:
@@ -509,14 +528,11 @@ def _tune_or_default(
         queries, kth, top, run.kept = exact_recall_top(
             faiss, run.vec_path, run.prints, run.rng, run.n, q, k, run.ref_path
         )
-        near = (
-            gather_npy_rows(run.vec_path, top.ravel()).reshape(q, k, -1)
-            if plan.kind == "ivf"
-            else None
-        )
+        near, listed = _neighbours(run, index, top, kth, k)
         value, recall = _tune(
-            faiss, index, plan, queries, kth, k, hint=run.saved.get("nprobe"), neighbours=near
-        )
+            faiss, index, plan, queries, kth, k, hint=run.saved.get("nprobe"), neighbours=near,
+            listed=listed,
+        )  # fmt: skip
         if run.centroids is not None and value > _NPROBE_GROWTH * int(run.saved["nprobe"]):
             # the new vectors crowd lists the quantizer was not trained for: train afresh
             run.why = (
@@ -529,7 +545,10 @@ def _tune_or_default(
             params = dict(plan.params)
             run.draw_sample()
             index, device, gpu_error = run.build()
-            value, recall = _tune(faiss, index, plan, queries, kth, k, hint=None, neighbours=near)
+            near, listed = _neighbours(run, index, top, kth, k)
+            value, recall = _tune(
+                faiss, index, plan, queries, kth, k, hint=None, neighbours=near, listed=listed
+            )
         if plan.kind in ("hnsw", "ivf"):
             params["efSearch" if plan.kind == "hnsw" else "nprobe"] = int(value)
         run.seconds["tune"] = time.perf_counter() - t

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
+import threading
 import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,23 +87,52 @@ def _write_faiss(faiss: Any, index: Any, out: Path, hash_cache: Path | None = No
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    digest = hashlib.sha256()
+    digest = None
     try:
         if hash_cache is None:
             faiss.write_index(index, str(tmp))
         else:
-            with open(tmp, "wb") as fh:
+            with open(tmp, "wb") as fh, _Hasher() as hasher:
 
                 def put(data: bytes) -> None:
-                    digest.update(data)
+                    hasher.put(data)
                     fh.write(data)
 
                 faiss.write_index(index, faiss.PyCallbackIOWriter(put))
+            digest = hasher.hexdigest()
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    if hash_cache is not None:
-        remember_written(hash_cache, [(out, digest.hexdigest())])
+    if hash_cache is not None and digest is not None:
+        remember_written(hash_cache, [(out, digest)])
+
+
+class _Hasher:
+    """SHA-256 of the chunks put, computed on a thread of its own while the writer writes
+    (hashlib releases the GIL): the index's write and its hash overlap."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(maxsize=16)
+        self._thread = threading.Thread(target=self._run, name="index-hash", daemon=True)
+
+    def __enter__(self) -> _Hasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._chunks.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (data := self._chunks.get()) is not None:
+            self._sha.update(data)
+
+    def put(self, data: bytes) -> None:
+        self._chunks.put(data)
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
 
 
 #: Beside ``index.json``: what this build did (timings, quantizer reuse): history, for the report.

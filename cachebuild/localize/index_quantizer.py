@@ -150,22 +150,27 @@ def _save_quantizer(
         tmp.unlink(missing_ok=True)
 
 
-def _assignments(faiss: Any, index: Any, ids: Any, prints: Any) -> tuple[Any, Any]:
-    """``(fingerprints, lists)``: the IVF list each of the index's vectors is in (sorted by fingerprint).
-
-    Read from the inverted lists (ids mapped to rows): what the next build adds
-    with :func:`_add_assigned` instead of searching the centroids again.
-    """
+def rows_lists(faiss: Any, index: Any, ids: Any) -> Any:
+    """int32 ``[n]``: the IVF list each row's vector is in, read from the inverted lists
+    (ids mapped to rows), one pass over them."""
     import numpy as np
 
+    inv = index.invlists
+    sizes = np.array([inv.list_size(lst) for lst in range(index.nlist)], dtype=np.int64)
+    got = [faiss.rev_swig_ptr(inv.get_ids(lst), int(s)) for lst, s in enumerate(sizes) if s]
+    listed = np.concatenate(got) if got else np.empty(0, dtype=np.int64)
+    owner = np.repeat(np.arange(index.nlist, dtype=np.int32), sizes)
     order = np.argsort(ids, kind="stable")
     lists = np.full(len(ids), -1, dtype=np.int32)
-    inv = index.invlists
-    for lst in range(index.nlist):
-        size = inv.list_size(lst)
-        if size:
-            got = faiss.rev_swig_ptr(inv.get_ids(lst), size)
-            lists[order[np.searchsorted(ids[order], got)]] = lst
+    lists[order[np.searchsorted(ids[order], listed)]] = owner
+    return lists
+
+
+def _assignments(prints: Any, lists: Any) -> tuple[Any, Any]:
+    """``(fingerprints, lists)`` sorted by fingerprint, from :func:`rows_lists`' ``lists``:
+    what the next build adds with :func:`_add_assigned` instead of searching the centroids again."""
+    import numpy as np
+
     assigned, first = np.unique(prints, return_index=True)
     return assigned.astype("<u8"), lists[first]
 

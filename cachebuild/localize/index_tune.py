@@ -17,7 +17,14 @@ from typing import Any
 
 from cachebuild._util.npyio import iter_npy_rows, npy_shape
 
-__all__ = ["RECALL_TARGET", "exact_top_k", "one_thread_below", "predict_nprobe"]
+__all__ = [
+    "RECALL_TARGET",
+    "exact_top_k",
+    "one_thread_below",
+    "lists_tell",
+    "predict_nprobe",
+    "recall_by_lists",
+]
 
 #: The recall@10 the search parameter is tuned to reach.
 RECALL_TARGET = 0.95
@@ -109,6 +116,52 @@ def predict_nprobe(
     return ladder[-1]
 
 
+def lists_tell(sims: Any, rows: Any, kth: Any, k: int) -> bool:
+    """Whether exact lists of more than ``k`` entries hold every vector within 1e-5 of each
+    query's k-th best: some known entry of each falls below that (the rest are no closer)."""
+    import numpy as np
+
+    lowest = np.min(np.where(rows >= 0, sims, np.inf), axis=1)
+    return sims.shape[1] > k and bool(np.all(lowest < kth - 1e-5))
+
+
+def recall_by_lists(
+    index: Any,
+    queries: Any,
+    kth: Any,
+    k: int,
+    listed: tuple[Any, Any, Any],
+    ladder: tuple[int, ...],
+) -> dict[int, float] | None:
+    """recall@k at every ``nprobe`` on the ladder, from the exact top lists, without searching.
+
+    ``listed``: ``(sims, rows, row lists)``: each query's exact best rows
+    (more than ``k``, -1 where unknown) with their similarities, and the IVF
+    list of every row (:func:`cachebuild.localize.index_quantizer.rows_lists`).
+    A search with ``nprobe`` p probes a query's p best-scoring lists and
+    returns the k best of what they hold, with exact scores; it scores a hit
+    (:func:`_recall`) for each returned vector within 1e-5 of the k-th best.
+    So it scores min(k, the vectors within 1e-5 of the k-th best whose list
+    is among the p), which the lists give for every p at once. None when a
+    query's lists may miss such a vector (every known entry ties the k-th):
+    then only a search tells.
+    """
+    import numpy as np
+
+    sims, rows, lists = listed
+    if not lists_tell(sims, rows, kth, k):
+        return None
+    tie = kth[:, None] - 1e-5
+    q, nlist = len(queries), int(index.nlist)
+    _, order = index.quantizer.search(queries, nlist)
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(q, axis=0), axis=1)
+    counts = (rows >= 0) & (sims >= tie)
+    need = np.take_along_axis(rank, lists[np.maximum(rows, 0)].astype(np.int64), axis=1) + 1
+    need = np.where(counts, need, nlist + 1)
+    return {v: float(np.mean(np.minimum(k, np.sum(need <= v, axis=1)) / k)) for v in ladder}
+
+
 def _recall(index: Any, queries: Any, kth: Any, k: int) -> float:
     """recall@k: the share of results at least as similar as the exact k-th best.
 
@@ -132,6 +185,7 @@ def _tune(
     k: int,
     hint: int | None,
     neighbours: Any = None,
+    listed: tuple[Any, Any, Any] | None = None,
 ) -> tuple[int, float]:
     """The smallest search parameter on the ladder whose recall@k reaches the target, and that recall.
 
@@ -140,7 +194,8 @@ def _tune(
     is predicted (:func:`predict_nprobe`) and measured; else, or when the
     measurement falls short, the ladder is bisected, starting at ``hint``
     (the last build's nprobe); ``nprobe = nlist`` is exhaustive and always
-    reaches it.  HNSW's efSearch is walked up from the bottom.
+    reaches it.  Given ``listed`` (:func:`recall_by_lists`), recall is read
+    from the lists for every value and no search runs.  HNSW's efSearch is walked up from the bottom.
     """
     measured: dict[int, float] = {}
 
@@ -153,16 +208,21 @@ def _tune(
     if plan.kind == "ivf":
         nlist = plan.params["nlist"]
         ladder = tuple(v for v in _NPROBE_LADDER if v < nlist) + (nlist,)
+        curve = None if listed is None else recall_by_lists(index, queries, kth, k, listed, ladder)
+        if curve is not None:
+            measured.update(curve)
         lo, hi = (
             0,
             len(ladder) - 1,
         )  # the answer is in ladder[lo..hi]; ladder[hi] reaches the target
         guess = (
             predict_nprobe(faiss, index, queries, neighbours, ladder)
-            if neighbours is not None
+            if neighbours is not None and curve is None
             else None
         )
-        if guess is not None:  # exact but for ties: one search confirms it
+        if curve is not None:
+            lo = hi = next(i for i, v in enumerate(ladder) if curve[v] >= RECALL_TARGET)
+        elif guess is not None:  # exact but for ties: one search confirms it
             g = ladder.index(guess)
             lo, hi = (g, g) if recall_at(guess) >= RECALL_TARGET else (g + 1, hi)
         elif hint is not None and int(hint) in ladder:
