@@ -197,12 +197,17 @@ def _assemble(
         for s in range(0, n, chunk):
             e = min(s + chunk, n)
             part = ds.read(shard[s:e], row[s:e], out=buf[: e - s]).reshape(e - s, per, width)
-            rows = part.reshape(-1, width) if valid is None else part[valid[s:e]]
-            _check_finite(ds, rows, part, ids, s)
-            # the writer thread reads the rows later: never a view of buf, which the next step fills
-            sinks[0].write(np.array(rows[:, :dim], dtype=np.float32, order="C", copy=True))
+            # each part copied once, out of buf (the writer thread reads it later, when the next
+            # step fills buf): the descriptors' columns, then the cells' (valid windows only)
+            if valid is None:
+                desc = np.array(part[:, :, :dim].reshape(-1, dim), order="C")
+                packed = part[:, :, dim:].reshape(len(desc), -1)  # unpack copies it
+            else:
+                desc, packed = part[:, :, :dim][valid[s:e]], part[:, :, dim:][valid[s:e]]
+            _check_finite(ds, (desc, packed), part, ids, s)
+            sinks[0].write(desc)
             if cells is not None:
-                sinks[1].write(unpack(rows[:, dim:], values).reshape(len(rows), *cells[1]))
+                sinks[1].write(unpack(packed, values).reshape(len(desc), *cells[1]))
         done = [(w, w.close()) for w in sinks]
     except BaseException:
         for w in sinks:
@@ -213,11 +218,11 @@ def _assemble(
     return total
 
 
-def _check_finite(ds: DescriptorStore, rows: Any, part: Any, ids: Any, s: int) -> None:
+def _check_finite(ds: DescriptorStore, rows: tuple[Any, ...], part: Any, ids: Any, s: int) -> None:
     """Refuse a non-finite descriptor (naming its tile): the store is damaged."""
     import numpy as np
 
-    if bool(np.all(np.isfinite(rows))):
+    if all(bool(np.all(np.isfinite(r))) for r in rows):
         return
     bad = s + int(np.flatnonzero(~np.isfinite(part).all(axis=(1, 2)))[0])
     z, x, y = tile_zxy(ids[bad])
