@@ -7,9 +7,11 @@ of the anchor and its right, lower and lower-right neighbours, so it can
 be described as soon as each of those is settled or lies outside the plan
 (``PIPELINE``, docs/design/pipeline.md).  Ready anchors are grouped into
 batches in bands :data:`_BAND` tiles wide, as the describe stage does, and
-go through a bounded queue (:data:`QUEUE_BATCHES` batches: when the
-describer falls behind, the fetch waits, it does not buffer) to one
-thread that runs the same describer as the describe stage
+go through a queue to one thread (back-pressure: at most
+:data:`QUEUE_BATCHES` batches holding a tile downloaded now wait there;
+when the describer falls behind on them the fetch waits, it does not
+buffer; a batch of stored tiles only, as after a 304, is mostly looked
+up, and the fetch goes on past it) that runs the same describer as the describe stage
 (:class:`~cachebuild.localize.windows.WindowDescriber`, or the engine for
 ``WINDOW_STRIDE=1``) through the same decode-ahead ring, and appends the
 blocks to the descriptor store under the same keys.  The describe task
@@ -48,7 +50,7 @@ from cachebuild.tilemath import LngLatBbox, tile_ranges
 
 __all__ = ["DescribeAhead", "QUEUE_BATCHES"]
 
-#: Batches waiting for the describer at most: the fetch waits beyond that.
+#: Batches with a tile downloaded now waiting for the describer at most: the fetch waits beyond.
 QUEUE_BATCHES = 2
 #: Anchors of a batch come from bands this many tiles wide (as in describe_windows).
 _BAND = 4
@@ -117,7 +119,9 @@ class DescribeAhead:
         self._known: dict[int, bytes | None] = {}
         self._waiting: set[int] = set()
         self._ready: list[int] = []
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=QUEUE_BATCHES)
+        self._queue: queue.Queue[Any] = queue.Queue()
+        self._slots = threading.BoundedSemaphore(QUEUE_BATCHES)  # for batches with new tiles
+        self._new: set[int] = set()  # tiles downloaded now (fetched), not taken from the store
         self._stop = threading.Event()
         self._finished = False
         self._idle = 0.0
@@ -145,6 +149,10 @@ class DescribeAhead:
         self._known[tid] = bytes(digest)
         self._waiting.add(tid)
         self._settle(tid)
+
+    def fetched(self, tid: int, digest: bytes) -> None:
+        """Tile ``tid`` was downloaded now (told before :meth:`present`): its blocks are new work."""
+        self._new.add(tid)
 
     def absent(self, tid: int) -> None:
         """Tile ``tid`` has no image (missing, or no data)."""
@@ -221,7 +229,7 @@ class DescribeAhead:
                 need = grown
             del self._ready[: len(anchors)]
             digests = {t: self._known[t] for t in need}
-            self._put((covers, digests))
+            self._put((covers, digests, not self._new.isdisjoint(need)))
 
     def _cover(self, a: int) -> tuple[int, int, int, int]:
         """The anchor and its right, lower and lower-right neighbours (-1: absent)."""
@@ -237,15 +245,15 @@ class DescribeAhead:
         return (out[0], out[1], out[2], out[3])
 
     def _put(self, item: Any) -> None:
-        """Queue ``item``, waiting for room (back-pressure) unless the describer has stopped."""
+        """Queue ``item``; a batch with new tiles waits for a slot (back-pressure) unless the
+        describer has stopped."""
         t = time.monotonic()
         try:
-            while not self._stop.is_set() and self._thread.is_alive():
-                try:
-                    self._queue.put(item, timeout=0.2)
-                    return
-                except queue.Full:
-                    continue
+            if item is not None and item[2]:
+                while not self._slots.acquire(timeout=0.2):
+                    if self._stop.is_set() or not self._thread.is_alive():
+                        return
+            self._queue.put(item)
         finally:
             self.stats["fetch_waited_s"] += time.monotonic() - t
 
@@ -273,16 +281,22 @@ class DescribeAhead:
                 if self._stop.is_set():
                     raise _Stopped
                 try:
-                    return self._queue.get_nowait()
+                    return self._took(self._queue.get_nowait())
                 except queue.Empty:
                     self._hungry = True
                 try:
-                    return self._queue.get(timeout=0.2)
+                    return self._took(self._queue.get(timeout=0.2))
                 except queue.Empty:
                     continue
         finally:
             self._hungry = False
             self._idle += time.monotonic() - t
+
+    def _took(self, item: Any) -> Any:
+        """``item`` taken off the queue: a batch with new tiles frees its slot."""
+        if item is not None and item[2]:
+            self._slots.release()
+        return item
 
     def _describer(self) -> tuple[Any, str, int, Any, str]:
         """``(runner, descriptor store key, block size, post, mode)`` as the describe stage has them."""
@@ -333,7 +347,7 @@ class DescribeAhead:
         """``((keys, cover, anchor digests), ids, digests)`` of each batch, blocks the store has left out."""
         item, self._first = self._first, None
         while item is not None:
-            covers, digests = item
+            covers, digests, _ = item
             got = _batch(covers, digests, self.stride, mode, ds)
             self.stats["found"] += got[1]
             if got[0] is not None:

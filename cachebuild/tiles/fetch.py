@@ -290,16 +290,16 @@ class _Run:
                 else:
                     self._lacks(tile_id(t))
             else:
-                self._has(tile_id(t), digest)
                 if reused:
                     self.reused += 1
-                else:
+                else:  # told before present(): the observer knows the tile is new when it settles
                     self._refs.append(((t.z, t.x, t.y), digest))
                     self.fetched += 1
                     if self._on_fetched is not None:
                         self._on_fetched(tile_id(t), bytes.fromhex(digest))
                     if self.sync is not None:
                         self.sync.fetched((t.z, t.x, t.y), digest)
+                self._has(tile_id(t), digest)
             if (
                 len(self._refs) + len(self._verdicts) + len(self._validators) >= REF_BATCH
                 or time.monotonic() - self._flushed_at >= REF_FLUSH_S
@@ -343,7 +343,9 @@ def fetch_with_provider(
     ``observer.present(tile id, image hash bytes)`` or ``observer.absent(tile id)``
     (the describe-ahead of docs/design/pipeline.md); and, where it has that
     method, ``observer.fetched(tile id, image hash bytes)`` for a tile this
-    run downloaded and stored (the companion pre-push).
+    run downloaded and stored, before its ``present`` (the companion
+    pre-push; the describe-ahead, whose back-pressure counts only batches
+    with such tiles).
 
     ``max_age_s`` (``TILE_MAX_AGE``): stored tiles fetched longer ago than
     this are revalidated with conditional requests (an HTTP provider only).
