@@ -50,8 +50,11 @@ from cachebuild.tilemath import LngLatBbox, tile_ranges
 
 __all__ = ["DescribeAhead", "QUEUE_BATCHES"]
 
-#: Batches with a tile downloaded now waiting for the describer at most: the fetch waits beyond.
-QUEUE_BATCHES = 2
+#: Batches with a tile downloaded now waiting for the describer at most (2,048 anchors at 32
+#: a batch): the fetch waits beyond.  Deep enough that the describer always finds whole
+#: batches while the fetch waits on the network, and that a survey block's new tiles do not
+#: hold back the revalidation of the rest of the area; the queue holds tile hashes, not images.
+QUEUE_BATCHES = 64
 #: Anchors of a batch come from bands this many tiles wide (as in describe_windows).
 _BAND = 4
 _MASK = (1 << 29) - 1

@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from cachebuild.localize.describe_ahead import QUEUE_BATCHES, DescribeAhead
+from cachebuild.localize import describe_ahead
+from cachebuild.localize.describe_ahead import DescribeAhead
 from cachebuild.tilemath import Tile, bounds, tile_id
 
 SIDE = 16  # a 16 x 16 tile area: 256 anchors, several batches
+QUEUE_BATCHES = 2  # the bound, for these tests (the area has 8 batches)
 
 
 def area() -> tuple[list[Tile], list[float]]:
@@ -36,6 +38,7 @@ def held(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, list]:
             taken.append(item)
 
     monkeypatch.setattr(DescribeAhead, "_describe", held_describer)
+    monkeypatch.setattr(describe_ahead, "QUEUE_BATCHES", QUEUE_BATCHES)
     return gate, taken
 
 
