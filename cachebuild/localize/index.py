@@ -286,7 +286,7 @@ def build_index(
 
     faiss, out = faiss if faiss is not None else _faiss(), Path(out_path)
     run = _Run.start(faiss, Path(descriptors_dir), kind, chunk_rows, seed)
-    with one_thread_below(faiss, run.flops(recall_queries)):  # a small index: one thread
+    with one_thread_below(faiss, run.flops(recall_queries)):  # a tiny index: one thread
         run.scan(reuse)
         quantizer_path = out.with_name(QUANTIZER_FILE)
         if reuse and run.n:

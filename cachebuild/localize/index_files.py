@@ -191,6 +191,9 @@ def _summary(
 
 
 def _faiss() -> Any:
+    # faiss's OpenMP threads sleep when idle instead of spinning (read once, when libgomp
+    # loads): spinning threads take the cores the describer, the fetch and other work share
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import faiss
     except ImportError as exc:

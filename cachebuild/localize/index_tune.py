@@ -28,8 +28,8 @@ __all__ = [
 
 #: The recall@10 the search parameter is tuned to reach.
 RECALL_TARGET = 0.95
-#: Exact recall passes (queries x N x D multiply-adds) below this run on one thread.
-_ONE_THREAD_FLOPS = 2 * 10**10
+#: Passes (multiply-adds) below this run on one thread: threads cost more than they share.
+_ONE_THREAD_FLOPS = 2 * 10**9
 _EF_LADDER = (16, 32, 64, 128, 256, 512, 1024)
 _NPROBE_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -52,10 +52,8 @@ def exact_top_k(faiss: Any, path: Path, queries: Any, k: int) -> tuple[Any, Any]
 
     One pass over the descriptors: each chunk is searched exactly (faiss's
     flat search: BLAS and a heap) and the k best kept across chunks.  A
-    pass of under :data:`_ONE_THREAD_FLOPS` runs on one thread: on two
-    shared, busy cores the threaded pass over 20k descriptors took
-    0.42-0.73 s and the single-threaded one 0.13-0.16 s (thread start and
-    barriers cost more than the arithmetic).
+    pass of under :data:`_ONE_THREAD_FLOPS` runs on one thread (thread start
+    and barriers would cost more than the arithmetic; docs/design/quantizer-reuse.md).
     """
     import numpy as np
 
