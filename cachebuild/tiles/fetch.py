@@ -342,10 +342,8 @@ def fetch_with_provider(
     ``observer``: told, from this thread, each tile as it is settled:
     ``observer.present(tile id, image hash bytes)`` or ``observer.absent(tile id)``
     (the describe-ahead of docs/design/pipeline.md); and, where it has that
-    method, ``observer.fetched(tile id, image hash bytes)`` for a tile this
-    run downloaded and stored, before its ``present`` (the companion
-    pre-push; the describe-ahead, whose back-pressure counts only batches
-    with such tiles).
+    method, ``observer.fetched(tile id, image hash bytes)``, before its ``present``,
+    for a tile this run downloaded and stored (pre-push; describe-ahead's back-pressure).
 
     ``max_age_s`` (``TILE_MAX_AGE``): stored tiles fetched longer ago than
     this are revalidated with conditional requests (an HTTP provider only).
