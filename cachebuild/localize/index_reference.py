@@ -165,7 +165,7 @@ def exact_top_kept(
     queries: Any,
     k: int,
     keep: int,
-    ref_path: Path,
+    ref_path: Path | None,
     max_new_share: float = 1.0,
 ) -> tuple[Any, Any, dict[str, int]]:
     """``(sims, top rows, stats)``, each ``[queries, keep]``: the exact top lists, from the kept
@@ -174,8 +174,9 @@ def exact_top_kept(
     ``prints`` are every vector's fingerprints, ``rows`` the queries' rows.
     ``stats``: ``kept`` (queries served from the reference), ``searched``
     (queries searched over every vector), ``new_vectors`` (vectors new since
-    the reference, searched for the kept queries; -1: no reference, or more
-    than ``max_new_share`` of the vectors are new).
+    the reference, searched for the kept queries; -1: no reference, none
+    asked for (``ref_path`` None), or more than ``max_new_share`` of the
+    vectors are new).
     """
     import numpy as np
 
@@ -184,7 +185,7 @@ def exact_top_kept(
     top = np.full((q, keep), -1, dtype=np.int64)
     served = np.zeros(q, dtype=bool)
     stats = {"kept": 0, "searched": q, "new_vectors": -1}
-    ref = _load(ref_path, dim, keep)
+    ref = None if ref_path is None else _load(ref_path, dim, keep)
     if ref is not None:
         qp = prints[rows]
         known = np.flatnonzero(_in(ref["queries"], qp))
@@ -231,6 +232,9 @@ def save_reference(path: Path, prints: Any, rows: Any, sims: Any, top: Any, dim:
 
 #: Past this share of new vectors the kept lists are not worth merging: one full pass.
 _MAX_NEW_SHARE = 0.5
+#: A full pass of fewer multiply-adds (queries x vectors x dim) is cheaper than loading and
+#: merging the kept lists (under about 5k tiles): the lists are still kept for the next build.
+_MERGE_MIN_FLOPS = 2 * 10**10
 
 
 def exact_recall_top(
@@ -241,7 +245,8 @@ def exact_recall_top(
     Without fingerprints (``prints`` empty) or ``ref_path``: ``q`` rows drawn
     by ``rng`` and one full pass, as for a flat or HNSW index.  Else the
     content-chosen queries of the module notes, and ``kept`` what
-    :func:`keep_reference` saves (with ``stats``).
+    :func:`keep_reference` saves (with ``stats``); the kept lists are
+    merged only when a full pass would be large (:data:`_MERGE_MIN_FLOPS`).
     """
     import numpy as np
 
@@ -252,9 +257,11 @@ def exact_recall_top(
         return queries, sims[:, k - 1], top, None
     rows = pick_queries(prints, q)
     queries = np.ascontiguousarray(gather_npy_rows(path, rows))
+    merge = q * n * queries.shape[1] >= _MERGE_MIN_FLOPS
     sims, top, stats = exact_top_kept(
-        faiss, path, prints, rows, queries, k, keep_for(k, n), ref_path, _MAX_NEW_SHARE
-    )
+        faiss, path, prints, rows, queries, k, keep_for(k, n), ref_path if merge else None,
+        _MAX_NEW_SHARE,
+    )  # fmt: skip
     kept = {"rows": rows, "sims": sims, "top": top, "stats": stats}
     return queries, sims[:, k - 1], top[:, :k], kept
 

@@ -290,7 +290,17 @@ def exact_recall(path: Path, vectors: np.ndarray) -> float:
     return float(np.mean(np.sum(scores >= kth[:, None] - 1e-5, axis=1) / 10))
 
 
-def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(tmp_path: Path) -> None:
+@pytest.fixture()
+def merging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kept recall lists merged even over these small areas, as over a large one."""
+    from cachebuild.localize import index_reference
+
+    monkeypatch.setattr(index_reference, "_MERGE_MIN_FLOPS", 0)
+
+
+def test_a_shifted_rebuild_reuses_the_quantizer_and_keeps_its_recall(
+    tmp_path: Path, merging: None
+) -> None:
     first, second, vectors = shifted_sets(tmp_path)
     out = tmp_path / "build" / "index.faiss"
     a = reindex(first, out, engine_key=KEY_A)
@@ -554,7 +564,9 @@ def _as_format_1(path: Path) -> None:
         np.savez(fh, **arrays)
 
 
-def test_an_upgrade_over_format_1_files_trains_once_then_reuses_again(tmp_path: Path) -> None:
+def test_an_upgrade_over_format_1_files_trains_once_then_reuses_again(
+    tmp_path: Path, merging: None
+) -> None:
     first, second, _ = shifted_sets(tmp_path)
     out = tmp_path / "build" / "index.faiss"
     reindex(first, out, engine_key=KEY_A)

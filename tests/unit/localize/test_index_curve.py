@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from cachebuild.localize import index as index_mod
-from cachebuild.localize import index_tune
+from cachebuild.localize import index_reference, index_tune
 from cachebuild.localize.describe import DESCRIPTOR_IDS_FILE, DESCRIPTORS_FILE
 from cachebuild.localize.index import build_index
 from cachebuild.localize.index_quantizer import rows_lists
@@ -91,6 +91,7 @@ def test_a_rebuild_tunes_by_the_lists_to_the_same_nprobe_and_recall(
         return real(*a, **k)  # type: ignore[arg-type]
 
     monkeypatch.setattr(index_tune, "_recall", counted)
+    monkeypatch.setattr(index_reference, "_MERGE_MIN_FLOPS", 0)  # merge, as a large area does
 
     def build(where: str) -> dict:
         out = tmp_path / where / "index.faiss"

@@ -8,6 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
+from cachebuild.localize import index_reference
 from cachebuild.localize.index_quantizer import _fingerprints
 from cachebuild.localize.index_reference import (
     REFERENCE_FILE,
@@ -18,6 +19,14 @@ from cachebuild.localize.index_reference import (
 from cachebuild.localize.index_tune import exact_top_k
 
 DIM, N, Q, K = 32, 3_000, 200, 10
+
+
+@pytest.fixture(autouse=True)
+def merge_small(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> None:
+    """These areas are small: merge the kept lists anyway (what larger ones do), unless a
+    test is about the size rule."""
+    if "full_pass" not in request.node.name:
+        monkeypatch.setattr(index_reference, "_MERGE_MIN_FLOPS", 0)
 
 
 def clustered(n: int, seed: int) -> np.ndarray:
@@ -97,3 +106,20 @@ def test_without_fingerprints_the_queries_are_drawn_and_nothing_is_kept(tmp_path
     check_exact(path, queries, kth, top)
     assert kept is None and keep_reference(ref, np.empty(0, "<u8"), kept, DIM) is None
     assert not ref.exists()
+
+
+def test_a_small_area_takes_a_full_pass_and_still_keeps_its_lists(tmp_path: Path) -> None:
+    """Under _MERGE_MIN_FLOPS loading and merging costs more than the pass: none is merged,
+    the answer is the same, and the lists are kept for a later, larger build."""
+    assert Q * N * DIM < index_reference._MERGE_MIN_FLOPS
+    vectors = clustered(N + N // 10, seed=3)
+    ref = tmp_path / REFERENCE_FILE
+    rng = np.random.default_rng(0)
+    path, prints = area(tmp_path, vectors, 0, "a")
+    _, _, _, kept = exact_recall_top(faiss, path, prints, rng, N, Q, K, ref)
+    keep_reference(ref, prints, kept, DIM)
+    path, prints = area(tmp_path, vectors, N // 10, "b")
+    queries, kth, top, kept = exact_recall_top(faiss, path, prints, rng, N, Q, K, ref)
+    check_exact(path, queries, kth, top)
+    assert kept is not None and kept["stats"] == {"kept": 0, "searched": Q, "new_vectors": -1}
+    assert keep_reference(ref, prints, kept, DIM) == kept["stats"] and ref.exists()
