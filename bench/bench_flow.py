@@ -32,7 +32,7 @@ the code at ``--reval-before`` when given (its pairs interleaved with this
 tree's).
 
     python bench/bench_flow.py [--before 8759e87] [--rate 100] [--latency-ms 5]
-        [--rows 1,2,3,4,5,6] [--reval-buffer-m 500] [--reval-runs 5] [--reval-change pixels]
+        [--rows 1,2,3,4,5,6] [--reval-buffer-m 500] [--reval-runs 11] [--reval-change pixels]
         [--reval-before REV] [--reval-pattern scattered,block]
 """
 
@@ -397,7 +397,12 @@ def main() -> None:
     ap.add_argument("--share-tiles", type=int, default=100)
     ap.add_argument("--tiles", type=int, default=2000, help="tiles of row (3)")
     ap.add_argument("--reval-buffer-m", type=float, default=500.0)
-    ap.add_argument("--reval-runs", type=int, default=5, help="row (6): pairs, the median taken")
+    ap.add_argument(
+        "--reval-runs",
+        type=int,
+        default=11,
+        help="row (6): pairs, the median taken",
+    )
     ap.add_argument("--reval-change", choices=("pixels", "bytes"), default="pixels", help="row (6)")
     ap.add_argument(
         "--reval-before", default=None, help="row (6): also run this git rev's code, interleaved"
