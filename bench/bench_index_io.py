@@ -25,7 +25,6 @@ import hashlib
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,8 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench_noop import timed  # noqa: E402
 
 from cachebuild.localize.index_files import _faiss, load_index  # noqa: E402
 from cachebuild.localize.index_quantizer import _fingerprints  # noqa: E402
@@ -49,12 +50,6 @@ def blake2b_rows(chunk: Any) -> Any:
 def chunked(fn: Any, x: Any, rows: int = CHUNK_ROWS) -> Any:
     """``fn`` over ``x`` in chunks of ``rows``, as the index phase's scan reads descriptors.npy."""
     return np.concatenate([fn(x[i : i + rows]) for i in range(0, len(x), rows)])
-
-
-def timed(fn: Any) -> tuple[float, Any]:
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def main() -> None:

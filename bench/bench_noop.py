@@ -50,6 +50,13 @@ def _flight_for(n_tiles: int, path: Path) -> str:
     return f"BUFFER_M={side_m / 2:.0f}"
 
 
+def timed(fn: Any) -> tuple[float, Any]:
+    """``(seconds, result)`` of ``fn()``: the in-process timer the benches share."""
+    t = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t, out
+
+
 def run_measured(argv: list[str], env: dict[str, str], cwd: Path) -> tuple[float, int, str, str]:
     """``(seconds, peak RSS bytes, stdout, stderr)`` of one child process."""
     seconds, usage, stdout, stderr = run_child(argv, env, cwd)

@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_describe import make_jpeg  # noqa: E402  (the same distinct ~20 KiB tiles)
+from bench_noop import timed  # noqa: E402
 
 from cachebuild.engine.compile import compile_engine  # noqa: E402
 from cachebuild.engine.model import write_default_model  # noqa: E402
@@ -145,12 +146,6 @@ def thumb_cost(root: Path, k: int = 2000) -> float:
             thumbnail_of(im)
         best = min(best, (time.process_time() - t) / len(images))
     return best
-
-
-def timed(fn):  # type: ignore[no-untyped-def]
-    t = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t, out
 
 
 def main() -> None:

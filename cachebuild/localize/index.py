@@ -503,12 +503,12 @@ def _neighbours(run: _Run, index: Any, top: Any, kth: Any, k: int) -> tuple[Any,
     """``(neighbours, listed)`` for :func:`_tune` on an IVF index: the kept exact lists and each
     row's list when this build has them (recall read without searching), else the exact top
     ``k``'s vectors (nprobe predicted, then one search)."""
-    run.row_lists = None
+    run.row_lists = None  # of this index; keep_quantizer maps them itself when not done here
     if run.plan.kind != "ivf":
         return None, None
-    run.row_lists = rows_lists(run.faiss, run.faiss.extract_index_ivf(index), run.ids)
     kept = run.kept
     if kept is not None and lists_tell(kept["sims"], kept["top"], kth, k):
+        run.row_lists = rows_lists(run.faiss, run.faiss.extract_index_ivf(index), run.ids)
         return None, (kept["sims"], kept["top"], run.row_lists)
     return gather_npy_rows(run.vec_path, top.ravel()).reshape(len(top), k, -1), None
 

@@ -60,6 +60,16 @@ def feed(ahead: DescribeAhead, ts: list[Tile], new: bool) -> None:
     ahead.finish()
 
 
+def fetch_new(ahead: DescribeAhead, ts: list[Tile]) -> threading.Thread:
+    """A fetch of new tiles on its own thread, once the describer's queue holds what it may."""
+    fetch = threading.Thread(target=feed, args=(ahead, ts, True), daemon=True)
+    fetch.start()
+    deadline = time.monotonic() + 30
+    while ahead._queue.qsize() < QUEUE_BATCHES and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return fetch
+
+
 def test_stored_tiles_never_hold_the_fetch(tmp_path: Path, held: tuple) -> None:
     gate, taken = held
     ahead, ts = start(tmp_path)
@@ -76,11 +86,7 @@ def test_new_tiles_hold_the_fetch_until_the_describer_takes_them(
 ) -> None:
     gate, taken = held
     ahead, ts = start(tmp_path)
-    fetch = threading.Thread(target=feed, args=(ahead, ts, True), daemon=True)
-    fetch.start()
-    deadline = time.monotonic() + 30
-    while ahead._queue.qsize() < QUEUE_BATCHES and time.monotonic() < deadline:
-        time.sleep(0.01)
+    fetch = fetch_new(ahead, ts)
     fetch.join(0.5)
     # held: QUEUE_BATCHES batches wait, the fetch waits for room
     assert fetch.is_alive() and ahead._queue.qsize() == QUEUE_BATCHES
@@ -95,11 +101,7 @@ def test_new_tiles_hold_the_fetch_until_the_describer_takes_them(
 def test_an_abort_frees_a_held_fetch(tmp_path: Path, held: tuple) -> None:
     gate, _ = held
     ahead, ts = start(tmp_path)
-    fetch = threading.Thread(target=feed, args=(ahead, ts, True), daemon=True)
-    fetch.start()
-    deadline = time.monotonic() + 30
-    while ahead._queue.qsize() < QUEUE_BATCHES and time.monotonic() < deadline:
-        time.sleep(0.01)
+    fetch = fetch_new(ahead, ts)
     ahead.abort()
     fetch.join(30)
     assert not fetch.is_alive()
