@@ -11,6 +11,11 @@ For each size, in one run on one machine:
    ratio.  Target: <= 1.3x and flat in tile count.
 
     python bench/bench_noop.py [--sizes 1000,10000,100000] [--repeat 5] [--keep DIR]
+        [--before DIR]
+
+``--before DIR`` (another checkout, e.g. ``git worktree add --detach DIR
+REV``): each no-op is also run with that checkout's code, interleaved with
+this one's on the same home, and the table gives both and their ratio.
 
 Each size's figures also go to stderr as soon as they are measured.
 ``--keep DIR`` builds the homes under DIR and leaves them there (to time or
@@ -91,9 +96,10 @@ def main() -> None:
     ap.add_argument("--sizes", default="1000,10000,100000")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--keep", type=Path, help="build the homes under this folder and keep them")
+    ap.add_argument("--before", type=Path, help="another checkout: its no-ops interleaved")
     args = ap.parse_args()
     doit = [sys.executable, "-m", "doit"]
-    noop_rows, cold_rows = [], []
+    noop_rows, cold_rows, before_rows = [], [], []
     load0 = os.getloadavg()[0]
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=True)
@@ -124,13 +130,18 @@ def main() -> None:
             cold_rows.append(
                 (planned, cold, phases, rss, index_bytes, index_kind, report["selftest"])
             )
-            noop, listing = [], []
+            noop, listing, earlier = [], [], []
             for _ in range(args.repeat):
                 noop.append(_time(build, env, REPO))
                 listing.append(_time([*doit, "list"], env, REPO))
-            last = json.loads(run_measured(build, env, REPO)[2].splitlines()[-1])
-            assert last["outcome"] == "up_to_date", last
+                if args.before is not None:  # the other checkout's code, on the same home
+                    earlier.append(_time(build, env, args.before.resolve()))
+            for code in [REPO] + ([args.before.resolve()] if args.before else []):
+                last = json.loads(run_measured(build, env, code)[2].splitlines()[-1])
+                assert last["outcome"] == "up_to_date", (code, last)
             noop_rows.append((planned, statistics.median(noop), statistics.median(listing)))
+            if earlier:
+                before_rows.append((planned, statistics.median(earlier), statistics.median(noop)))
             print(f"  {planned:,} tiles: cold {cold:.1f} s, peak RSS {rss / (1 << 20):.0f} MiB, index "
                   f"{index_kind} {index_bytes / (1 << 20):.1f} MiB; no-op {noop_rows[-1][1]:.3f} s, "
                   f"doit list {noop_rows[-1][2]:.3f} s; load {os.getloadavg()[0]:.1f}",
@@ -144,6 +155,11 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: |")
     for planned, noop_s, list_s in noop_rows:
         print(f"| {planned:,} | {noop_s:.3f} | {list_s:.3f} | {noop_s / list_s:.2f} |")
+    if before_rows:
+        print(f"\n| tiles | no-op before ({args.before}) s | no-op now s | now / before |")
+        print("| ---: | ---: | ---: | ---: |")
+        for planned, then_s, now_s in before_rows:
+            print(f"| {planned:,} | {then_s:.3f} | {now_s:.3f} | {now_s / then_s:.2f} |")
     if len(noop_rows) > 1:
         print(f"\nno-op growth {noop_rows[0][0]:,} -> {noop_rows[-1][0]:,} tiles: "
               f"{noop_rows[-1][1] / noop_rows[0][1]:.2f}x (`doit list`, which does no per-tile work, "

@@ -274,7 +274,12 @@ def stop_describe_ahead(wait: bool = False) -> dict[str, Any] | None:
         return None
     if not wait:
         ahead.abort()
-    waited = ahead.join()
+    try:
+        waited = ahead.join()
+    except BaseException:  # a Ctrl-C while waiting: stop it, never leave it running the engine
+        ahead.abort()
+        ahead.join()
+        raise
     stats = dict(ahead.stats, describe_waited_s=round(waited, 3) if wait else 0.0)
     ACTIVE["ahead_stats"] = stats
     return stats

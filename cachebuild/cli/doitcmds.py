@@ -28,7 +28,7 @@ from cachebuild._util.warn import operator_warnings
 from cachebuild.cli.doitrun import PlanLoader, cmdline_vars
 from cachebuild.cli.logsetup import configure_logging
 from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
-from cachebuild.cli.startup import started
+from cachebuild.cli.startup import leave, started
 from cachebuild.errors import CacheBuildError, UsageError, did_you_mean
 from cachebuild.inputs.config import VARIABLES, load_settings
 from cachebuild.inputs.plan import resolve_plan
@@ -156,8 +156,10 @@ class _CacheCommand(Command):
             # imports and classes, doit's parsing) cachebuild.cli.startup's guard ends it: exit 130
             started()
             if self.takes_args:
-                return int(type(self).impl(vars, args))
-            return int(type(self).impl(vars))
+                code = int(type(self).impl(vars, args))
+            else:
+                code = int(type(self).impl(vars))
+        return leave(code)  # a doit process ends here, with the reported code
 
 
 class BuildCacheCmd(_CacheCommand):

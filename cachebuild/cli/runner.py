@@ -43,6 +43,7 @@ from cachebuild.cli.pipeline import (
     pipeline_on,
 )
 from cachebuild.cli.repair import push_repairing, run_repairing
+from cachebuild.cli.startup import settled
 from cachebuild.companion import LOCAL_TASKS, build_on_companion
 from cachebuild.errors import (
     BuildError,
@@ -249,9 +250,7 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
             if settings.dask_scheduler is not None and settings.companion is None:
                 from cachebuild.localize.daskexec import probe_scheduler
 
-                probe_scheduler(
-                    settings.dask_scheduler
-                )  # exit 21 naming it, before the lock and any work
+                probe_scheduler(settings.dask_scheduler)  # exit 21 naming it, before the lock
             report.flight_id = plan.record["flight_id"] if plan.record else None
             report.extra["flight_source"] = plan.flight_source
             report.timed("flight", time.monotonic() - t)
@@ -294,6 +293,7 @@ def build_cache(vars: Mapping[str, str], env: Mapping[str, str] | None = None) -
                 sys.stderr.write(redact(traceback.format_exc()))
                 report.fail(BuildError(f"internal error: {type(exc).__name__}: {exc}"))
         finally:
+            settled()  # the outcome is decided: a Ctrl-C now would only lose the report
             actions.ACTIVE["locked"] = False
             if "manifest" in reporter.ran:  # signed now: say with which key
                 for msg in key_notes:

@@ -7,18 +7,25 @@ starts (:func:`started`), SIGINT ends the process with the documented exit
 130, the usual error and remedy lines on stderr, and the JSON report when
 one was asked for.  Nothing has been read or written yet, so nothing needs
 undoing.  Installed only in a ``doit`` process, never in an importer's.
+
+At the other end, once a command's outcome is decided (:func:`settled`) a
+Ctrl-C changes nothing, and the process ends with the reported exit code
+(:func:`leave`) without Python's interpreter teardown, where a late SIGINT
+killed it (exit -2) and a native library's threads could abort it (-6).
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["guard", "started"]
+__all__ = ["guard", "leave", "settled", "started"]
 
 
 def _in_doit() -> bool:
@@ -49,3 +56,34 @@ def started() -> None:
     """The command is loaded: Ctrl-C is a KeyboardInterrupt again, which each command handles."""
     if signal.getsignal(signal.SIGINT) is _interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def settled() -> None:
+    """The command's outcome is decided: in a doit process a Ctrl-C from here on is ignored.
+
+    What is left is writing the report, which says what happened; an
+    interrupt there would replace it with a traceback and exit -2.
+    """
+    if _in_doit() and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def leave(code: int) -> int:
+    """In a doit process: end now with ``code``, after the exit hooks; elsewhere return it.
+
+    The hooks (logging, filelock, finalizers) run and the output is flushed;
+    the interpreter's teardown is skipped. Every thread a command owns has
+    ended by then; a native library's idle pool (ONNX Runtime, OpenMP) could
+    otherwise abort the process as its statics are destroyed, and a Ctrl-C
+    once signal handlers are restored there ended it with -2 instead of
+    ``code``.
+    """
+    if not _in_doit() or threading.current_thread() is not threading.main_thread():
+        return code
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        atexit._run_exitfuncs()
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+    finally:
+        os._exit(code)

@@ -360,10 +360,11 @@ class Sequences(RuleBasedStateMachine):
         self.world.exits[f"{sig} a build: {proc.returncode}"] += 1
         frames = re.findall(r'File "([^"]+)"', err)
         ours = [f for f in frames if "/cachebuild/" in f or "/targets/" in f]
-        if proc.returncode < 0:  # died of it: SIGKILL; SIGINT only outside cachebuild's code
-            # (while Python and doit load, or once Python is shutting down: its handler is gone)
+        if proc.returncode < 0:  # died of it: SIGKILL; SIGINT only before cachebuild's code
+            # (while Python and doit load); once the report is out the process ends with its code
             assert proc.returncode == -getattr(signal, sig), err[-3000:]
             assert not ours, err[-3000:]
+            assert sig == "SIGKILL" or not out.strip(), f"died of SIGINT after its report: {out}"
         elif sig == "SIGINT" and re.search(r"Fatal Python error: init_\w+", err) and not ours:
             # the documented limit (Found and fixed, the first item): an interrupt while Python
             # itself starts (init_import_site, init_sys_streams...), before any of cachebuild's code,

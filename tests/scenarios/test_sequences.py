@@ -143,6 +143,46 @@ def test_a_ctrl_c_while_the_command_loads_is_exit_130_without_a_traceback(
     assert proc.returncode == 130 and "interrupted" in rep["error"], err
 
 
+def test_a_ctrl_c_at_any_moment_of_a_build_ends_with_the_reported_code(world: World) -> None:
+    """Found by CI and a sweep of 120 delays: a SIGINT during describe aborted the process
+    ("terminate called without an active exception", -6: the background describer was left
+    running the engine), and one after the manifest killed it (-2) though its report said 0.
+    A SIGINT anywhere in a build now ends it with the code its report gives, 0 or 130."""
+    config = Config("demo", "base")
+    first = Cb(home=world.root / "timed")
+    t = time.monotonic()
+    assert first.build(*config.args(world), world.provider("good")).code == 0
+    took = time.monotonic() - t
+    for i, share in enumerate((0.35, 0.5, 0.65, 0.8, 0.9, 0.97)):
+        cb = Cb(home=world.root / f"ctrl-c-{i}")
+        proc = cb.popen("build-cache", *config.args(world), world.provider("good"))
+        time.sleep(share * took)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert "Traceback" not in err and "terminate called" not in err, err
+        rep = check_result(CbResult(proc.returncode, out, err), f"SIGINT at {share:.0%}")
+        assert proc.returncode in (0, 130), (share, rep)
+
+
+def test_a_doit_process_leaves_with_its_code_after_the_exit_hooks(tmp_path: Path) -> None:
+    """startup.leave: the exit hooks run and buffered output is flushed, then the process ends
+    with the command's code; settled() makes a later SIGINT change nothing."""
+    mark = tmp_path / "hooks-ran"
+    code = (
+        "import atexit, os, signal, sys; sys.argv = ['doit']; from cachebuild.cli import startup; "
+        f"atexit.register(lambda: open({str(mark)!r}, 'w').close()); "
+        "sys.stdout.write('report'); startup.settled(); os.kill(os.getpid(), signal.SIGINT); "
+        "startup.leave(7); print('not reached')"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert (p.returncode, p.stdout, p.stderr) == (7, "report", "")
+    assert mark.exists()
+    # in an importer's process (not doit's) both leave everything as it was
+    code = "from cachebuild.cli import startup; startup.settled(); print(startup.leave(5))"
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert p.stdout.strip() == "5"
+
+
 def test_the_start_guard_holds_until_the_command_runs() -> None:
     """Found by the sequence test: a SIGINT while doit still defined cachebuild's command classes
     (after the guard was lifted at the top of the module) printed a KeyboardInterrupt traceback.
