@@ -22,6 +22,7 @@ from cachebuild.cli.doitcmds import (
 )
 from cachebuild.cli.logsetup import configure_logging
 from cachebuild.cli.runner import build_cache, clean_cache, verify_cache_cmd
+from cachebuild.cli.startup import leave, started
 from cachebuild.errors import UsageError, did_you_mean
 
 __all__ = ["main", "usage"]
@@ -81,8 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         report.fail(exc)
         report.emit("json" if vars.get("REPORT", "").lower() == "json" else "text")
         return report.exit_code
+    started()  # the command handles Ctrl-C from here (cachebuild.cli.startup)
     with operator_warnings():
-        return commands[cmd](vars)
+        code = commands[cmd](vars)
+    return leave(code)  # the console script's process ends here, with the reported code
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,8 +29,11 @@ __all__ = ["guard", "leave", "settled", "started"]
 
 
 def _in_doit() -> bool:
+    """Whether this process is a command's own: ``doit`` or the ``cachebuild`` console script."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", "") == "doit.__main__" or Path(sys.argv[0]).name == "doit"
+    if getattr(spec, "name", "") in ("doit.__main__", "cachebuild.cli.console"):
+        return True
+    return Path(sys.argv[0]).name in ("doit", "cachebuild")
 
 
 def _interrupted(signum: int, frame: Any) -> None:
