@@ -12,10 +12,11 @@ The imagery is not in this repository (tests/data/real/README.md says where
 it comes from and where to put it); without it these tests skip, saying so.
 
 The floors are what these 200 frames measured with the built-in model
-(recall@1 0.81, recall@5 0.935, median error 22 m; the build's own
-self-test 0.771 / 0.914 over 105 frames) less a margin of about 0.1.
-Issue 21's targets (0.85 / 0.95) are not reached on this imagery
-(docs/benchmarks.md, "Real imagery").
+less a margin of about 0.1: with the second stage (re-ranking by cells)
+recall@1 0.915, recall@5 0.965 (2026-12-07, code at 5dc0bf9; the index's
+order alone 0.810 / 0.935; the build's own self-test 0.914 / 0.943 over
+105 frames). bench_real's 300 frames, cut with GDAL, measure 0.870 /
+0.933 at the same size (docs/benchmarks.md, "Real imagery").
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def test_an_onboard_client_localizes_frames_cut_from_a_real_orthophoto(
     r1, r5 = float(hits[:, 0].mean()), float(hits.any(axis=1).mean())
 
     frame_m = 2 * math.pi * 6_378_137 * math.cos(math.radians(47.02)) / 2**Z
-    assert r1 >= 0.7 and r5 >= 0.85, (r1, r5)
+    assert r1 >= 0.8 and r5 >= 0.85, (r1, r5)
     assert float(np.median(errors)) <= frame_m / 4
     # the build's self-test says what an independent client measures
     assert abs(st["recall_at_1"] - r1) <= 0.12, (st["recall_at_1"], r1)
