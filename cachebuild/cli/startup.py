@@ -62,7 +62,7 @@ def started() -> None:
 
 
 def settled() -> None:
-    """The command's outcome is decided: in a doit process a Ctrl-C from here on is ignored.
+    """The command's outcome is decided: in a command's process a Ctrl-C from here on is ignored.
 
     What is left is writing the report, which says what happened; an
     interrupt there would replace it with a traceback and exit -2.
@@ -72,7 +72,8 @@ def settled() -> None:
 
 
 def leave(code: int) -> int:
-    """In a doit process: end now with ``code``, after the exit hooks; elsewhere return it.
+    """In a command's process (doit, the console script): end now with ``code``, after the exit
+    hooks; elsewhere (an importer's process) return it.
 
     The hooks (logging, filelock, finalizers) run and the output is flushed;
     the interpreter's teardown is skipped. Every thread a command owns has
