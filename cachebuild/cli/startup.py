@@ -6,7 +6,8 @@ KeyboardInterrupt traceback from inside an import.  Until the command
 starts (:func:`started`), SIGINT ends the process with the documented exit
 130, the usual error and remedy lines on stderr, and the JSON report when
 one was asked for.  Nothing has been read or written yet, so nothing needs
-undoing.  Installed only in a ``doit`` process, never in an importer's.
+undoing.  Installed only in a command's own process (``doit``, the ``cachebuild``
+script), never in an importer's.
 
 At the other end, once a command's outcome is decided (:func:`settled`) a
 Ctrl-C changes nothing, and the process ends with the reported exit code
@@ -28,7 +29,7 @@ from typing import Any
 __all__ = ["guard", "leave", "settled", "started"]
 
 
-def _in_doit() -> bool:
+def _command_process() -> bool:
     """Whether this process is a command's own: ``doit`` or the ``cachebuild`` console script."""
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if getattr(spec, "name", "") in ("doit.__main__", "cachebuild.cli.console"):
@@ -51,7 +52,7 @@ def _interrupted(signum: int, frame: Any) -> None:
 
 def guard() -> None:
     """In a doit process still at Python's default handler: SIGINT ends it quietly until :func:`started`."""
-    if _in_doit() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if _command_process() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)
 
 
@@ -67,7 +68,7 @@ def settled() -> None:
     What is left is writing the report, which says what happened; an
     interrupt there would replace it with a traceback and exit -2.
     """
-    if _in_doit() and threading.current_thread() is threading.main_thread():
+    if _command_process() and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -82,9 +83,9 @@ def leave(code: int) -> int:
     once signal handlers are restored there ended it with -2 instead of
     ``code``.
     """
-    if not _in_doit() or threading.current_thread() is not threading.main_thread():
+    if not _command_process() or threading.current_thread() is not threading.main_thread():
         return code
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    settled()
     try:
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):

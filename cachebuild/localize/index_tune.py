@@ -104,8 +104,8 @@ def predict_nprobe(
     q, k, dim = neighbours.shape
     nlist = int(index.nlist)
     _, order = index.quantizer.search(queries, nlist)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(q, axis=0), axis=1)
+    rank = np.empty_like(order)  # each list's place in each query's probe order
+    rank[np.arange(q)[:, None], order] = np.arange(nlist)
     _, lists = index.quantizer.search(np.ascontiguousarray(neighbours.reshape(q * k, dim)), 1)
     need = np.take_along_axis(rank, lists.reshape(q, k), axis=1) + 1
     for value in ladder:
@@ -152,8 +152,8 @@ def recall_by_lists(
     tie = kth[:, None] - 1e-5
     q, nlist = len(queries), int(index.nlist)
     _, order = index.quantizer.search(queries, nlist)
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(nlist)[None, :].repeat(q, axis=0), axis=1)
+    rank = np.empty_like(order)  # each list's place in each query's probe order
+    rank[np.arange(q)[:, None], order] = np.arange(nlist)
     counts = (rows >= 0) & (sims >= tie)
     need = np.take_along_axis(rank, lists[np.maximum(rows, 0)].astype(np.int64), axis=1) + 1
     need = np.where(counts, need, nlist + 1)
