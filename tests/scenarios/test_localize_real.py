@@ -13,10 +13,11 @@ it comes from and where to put it); without it these tests skip, saying so.
 
 The floors are what these 200 frames measured with the built-in model
 less a margin of about 0.1: with the second stage (re-ranking by cells)
-recall@1 0.915, recall@5 0.965 (2026-12-07, code at 5dc0bf9; the index's
-order alone 0.810 / 0.935; the build's own self-test 0.914 / 0.943 over
-105 frames). bench_real's 300 frames, cut with GDAL, measure 0.870 /
-0.933 at the same size (docs/benchmarks.md, "Real imagery").
+recall@1 0.915, recall@5 0.965 (``bench/bench_real.py --frames 200
+--buffers 900 --strides 4``, 2026-12-07; the index's order alone 0.810 /
+0.935; the build's own self-test 0.914 / 0.943 over 105 frames). The
+bench's default 300 frames measure 0.870 / 0.933 at the same size
+(docs/benchmarks.md, "Real imagery").
 """
 
 from __future__ import annotations
