@@ -13,10 +13,16 @@ At the other end, once a command's outcome is decided (:func:`settled`) a
 Ctrl-C changes nothing, and the process ends with the reported exit code
 (:func:`leave`) without Python's interpreter teardown, where a late SIGINT
 killed it (exit -2) and a native library's threads could abort it (-6).
+
+In between, a Ctrl-C that Python delivers inside a weakref callback, a
+``__del__`` or the garbage collector is swallowed there ("Exception ignored
+in ...", a traceback, and the build carried on); :func:`started` has such an
+interrupt delivered again, in ordinary code, so it stops the command.
 """
 
 from __future__ import annotations
 
+import _thread
 import atexit
 import json
 import os
@@ -27,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["guard", "leave", "settled", "started"]
+
+_AGAIN_S = (
+    0.02  # long enough for the unraisable hook to have returned when the interrupt lands again
+)
 
 
 def _command_process() -> bool:
@@ -60,6 +70,23 @@ def started() -> None:
     """The command is loaded: Ctrl-C is a KeyboardInterrupt again, which each command handles."""
     if signal.getsignal(signal.SIGINT) is _interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _command_process() and sys.unraisablehook is sys.__unraisablehook__:
+        sys.unraisablehook = _unraisable
+
+
+def _unraisable(unraisable: Any) -> None:
+    """A KeyboardInterrupt Python could not raise (in a callback, ``__del__``, the collector) lands
+    again a moment later, in ordinary code; anything else goes to Python's own hook.
+
+    Another thread delivers it: raised from here, it would land in this hook
+    and be swallowed again.  Once :func:`settled` ignores SIGINT, it is a no-op.
+    """
+    if isinstance(unraisable.exc_value, KeyboardInterrupt):
+        again = threading.Timer(_AGAIN_S, _thread.interrupt_main)
+        again.daemon = True
+        again.start()
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def settled() -> None:

@@ -192,6 +192,25 @@ def test_a_doit_process_leaves_with_its_code_after_the_exit_hooks(tmp_path: Path
     assert p.stdout.strip() == "5"
 
 
+@pytest.mark.parametrize("settle", [False, True])
+def test_a_ctrl_c_python_swallows_in_a_callback_still_stops_the_command(settle: bool) -> None:
+    """Found by CI: a SIGINT that Python delivered inside a weakref callback printed "Exception
+    ignored in ... KeyboardInterrupt" and the build carried on.  The command's process now has
+    it land again in ordinary code; once the outcome is settled it changes nothing."""
+    code = (
+        "import sys, time, weakref; sys.argv = ['doit']; from cachebuild.cli import startup\n"
+        "startup.started()\n" + ("startup.settled()\n" if settle else "") + "class T: pass\n"
+        "def cb(_): raise KeyboardInterrupt\n"
+        "t = T(); r = weakref.ref(t, cb); del t\n"
+        "try:\n"
+        "    for _ in range(300): time.sleep(0.01)\n"
+        "except KeyboardInterrupt: print('interrupted')\n"
+        "else: print('carried on')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (p.stdout.strip(), p.stderr) == ("carried on" if settle else "interrupted", "")
+
+
 def test_the_start_guard_holds_until_the_command_runs() -> None:
     """Found by the sequence test: a SIGINT while doit still defined cachebuild's command classes
     (after the guard was lifted at the top of the module) printed a KeyboardInterrupt traceback.
