@@ -2,7 +2,9 @@
 
 ``doit build-cache`` cold, then the server's imagery changes for a third
 of the tiles, then a rebuild with ``TILE_MAX_AGE=0``; each (cold build,
-rebuild) pair in a fresh home.  Which third (``--reval-pattern``):
+rebuild) pair in a fresh home, then the rebuild once more with nothing
+changed (every tile a 304: what revalidating the area costs by itself, the
+floor under the ratio).  Which third (``--reval-pattern``):
 
 - ``scattered``: every third tile of the fetch order, so about 98% of the
   anchors have a changed tile in their block (the worst case for windows);
@@ -87,7 +89,8 @@ def _reval_once(
     code: Path = REPO,
     pattern: str = "scattered",
 ) -> dict[str, Any]:
-    """One cold build in a fresh ``home``, a third of the imagery changed by ``pattern``, one rebuild, by ``code``."""
+    """One cold build in a fresh ``home``, a third of the imagery changed by ``pattern``, one rebuild,
+    one more with nothing changed, by ``code``."""
     from cachebuild.inputs.flight import flight_area, load_flight_file
     from cachebuild.tilemath import Tile, tiles
     from tests._harness.etagserver import EtagServer
@@ -141,6 +144,8 @@ def _reval_once(
             )
         )
         down, n304 = sum(srv.downloads.values()), sum(srv.not_modified.values())
+        # the floor revalidation sets: the same rebuild with nothing changed (every tile a 304)
+        unchanged, _, _ = build("TILE_MAX_AGE=0")
     finally:
         srv.close()
     return {
@@ -148,6 +153,7 @@ def _reval_once(
         "changed": len(changed),
         "cold": cold,
         "warm": warm,
+        "unchanged": unchanged,
         "cpu": warm_cpu / cold_cpu,
         "cpu_s": (warm_cpu, cold_cpu),
         "server_cpu_s": (served[1], served[0]),
@@ -268,7 +274,9 @@ def _reval_line(name: str, pattern: str, done: list[dict[str, Any]], change: str
         f"self-test frames described {last['frames']} (cold build {last['frames_cold']}); "
         f"median of {len(done)}: rebuild "
         f"{median(r['warm'] for r in done):.2f} s vs cold {median(r['cold'] for r in done):.2f} s, "
-        f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; CPU seconds "
+        f"**{ratio:.2f}x** (each run: {', '.join(f'{x:.2f}' for x in ratios)}; nothing changed, "
+        f"every tile a 304: {median(r['unchanged'] for r in done):.2f} s, "
+        f"{median(r['unchanged'] / r['cold'] for r in done):.2f}x; CPU seconds "
         f"{median(r['cpu'] for r in done):.2f}x, "
         f"{median(r['cpu_s'][0] for r in done):.2f} / {median(r['cpu_s'][1] for r in done):.2f} s; "
         f"the loopback server's CPU s during rebuild/cold "
