@@ -82,9 +82,10 @@ def _unraisable(unraisable: Any) -> None:
     and be swallowed again.  Once :func:`settled` ignores SIGINT, it is a no-op.
     """
     if isinstance(unraisable.exc_value, KeyboardInterrupt):
-        again = threading.Timer(_AGAIN_S, _thread.interrupt_main)
-        again.daemon = True
-        again.start()
+        if not sys.is_finalizing():  # no thread starts then, and nothing is left to stop
+            again = threading.Timer(_AGAIN_S, _thread.interrupt_main)
+            again.daemon = True
+            again.start()
         return
     sys.__unraisablehook__(unraisable)
 
