@@ -34,9 +34,8 @@ from typing import Any
 
 __all__ = ["guard", "leave", "settled", "started"]
 
-_AGAIN_S = (
-    0.02  # long enough for the unraisable hook to have returned when the interrupt lands again
-)
+#: Long enough for the unraisable hook to have returned when the interrupt lands again.
+_AGAIN_S = 0.02
 
 
 def _command_process() -> bool:
