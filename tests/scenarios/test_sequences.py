@@ -148,7 +148,7 @@ def test_a_ctrl_c_at_any_moment_of_a_build_ends_with_the_reported_code(world: Wo
     ("terminate called without an active exception", -6: the background describer was left
     running the engine), and one after the manifest killed it (-2) though its report said 0.
     A SIGINT anywhere in a build now ends it with the code its report gives, 0 or 130, whether
-    doit or the ``cachebuild`` console script runs it."""
+    doit or the ``cachebuild`` console script runs it; the next build in that home succeeds."""
     config = Config("demo", "base")
     first = Cb(home=world.root / "timed")
     t = time.monotonic()
@@ -171,6 +171,9 @@ def test_a_ctrl_c_at_any_moment_of_a_build_ends_with_the_reported_code(world: Wo
         assert "Traceback" not in err and "terminate called" not in err, err
         rep = check_result(CbResult(proc.returncode, out, err), f"SIGINT at {share:.0%}")
         assert proc.returncode in (0, 130), (share, rep)
+        # then the next good build in the same home succeeds unaided
+        again = cb.build(*config.args(world), world.provider("good"))
+        assert again.code == 0, (share, again.stderr[-2000:])
 
 
 def test_a_doit_process_leaves_with_its_code_after_the_exit_hooks(tmp_path: Path) -> None:
