@@ -25,9 +25,9 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import httpx
@@ -41,6 +41,8 @@ __all__ = [
     "BodyTooLarge",
     "BadEncoding",
     "HttpGuard",
+    "ThreadPools",
+    "pool_per_thread",
     "origin",
     "get",
     "read_body",
@@ -93,14 +95,18 @@ class HttpGuard:
 
     def install(self, client: httpx.Client) -> None:
         """Guard ``client``'s sockets (its own transport and any proxy mounts)."""
+        for transport in [client._transport, *client._mounts.values()]:  # noqa: SLF001 - no public hook
+            self.guard(transport)
+
+    def guard(self, transport: Any) -> Any:
+        """Guard the sockets of one transport's connection pool; returns ``transport``."""
         import httpcore
 
-        transports = [client._transport, *client._mounts.values()]  # noqa: SLF001 - no public hook
-        for transport in transports:
-            pool = getattr(transport, "_pool", None)
-            if isinstance(pool, httpcore.ConnectionPool):
-                guarded = _Backend(pool._network_backend, self)  # noqa: SLF001
-                pool._network_backend = guarded  # type: ignore[assignment]  # duck-typed backend
+        pool = getattr(transport, "_pool", None)
+        if isinstance(pool, httpcore.ConnectionPool):
+            guarded = _Backend(pool._network_backend, self)  # noqa: SLF001
+            pool._network_backend = guarded  # type: ignore[assignment]  # duck-typed backend
+        return transport
 
     @contextmanager
     def deadline(self, seconds: float | None) -> Iterator[None]:
@@ -226,6 +232,59 @@ class _Backend:
 
     def sleep(self, seconds: float) -> None:
         self._guard.sleep(seconds)
+
+
+class ThreadPools:
+    """An httpx transport that gives each thread its own connection pool.
+
+    httpcore's pool takes one lock for all its connections and polls every
+    idle one on each request and each response closed: 64 workers sharing
+    one pool spend more on that than on a 304 itself (docs/design/pipeline.md).
+    ``make()`` builds one thread's transport; a pool whose thread has ended is
+    closed when the next one is made, and all of them by :meth:`close`.
+    """
+
+    def __init__(self, make: Callable[[], Any]):
+        self._make = make
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._pools: list[tuple[threading.Thread, Any]] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        mine = getattr(self._local, "pool", None)
+        if mine is None:
+            mine = self._local.pool = self._make()
+            with self._lock:
+                ended = [p for t, p in self._pools if not t.is_alive()]
+                self._pools = [(t, p) for t, p in self._pools if t.is_alive()]
+                self._pools.append((threading.current_thread(), mine))
+            for pool in ended:
+                pool.close()
+        response: httpx.Response = mine.handle_request(request)
+        return response
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, []
+        for _, pool in pools:
+            pool.close()
+
+    def __enter__(self) -> ThreadPools:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def pool_per_thread(client: httpx.Client, make: Callable[[], Any]) -> None:
+    """Give ``client``'s own transport (not a proxy's mount) one pool per thread: :class:`ThreadPools`.
+
+    httpx takes its proxies from the environment only when it makes the
+    transport itself, so the client is made first and its transport replaced.
+    """
+    shared = client._transport  # noqa: SLF001 - no public hook
+    client._transport = cast("httpx.BaseTransport", ThreadPools(make))  # noqa: SLF001
+    shared.close()
 
 
 # -- requests: redirects and bodies ---------------------------------------------------

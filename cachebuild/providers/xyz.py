@@ -227,20 +227,32 @@ class XyzProvider:
             DEFAULT_HTTP_CONCURRENCY, self.config.rate_limit, sleep=self._guard.sleep
         )
         self._own_client = client is None
+        self._tls = httpx.create_ssl_context()  # tens of ms to make: one for every pool
         self._client = client or httpx.Client(
+            verify=self._tls,
             limits=httpx.Limits(
                 max_connections=256, max_keepalive_connections=DEFAULT_HTTP_CONCURRENCY
             ),
             follow_redirects=False,  # httpsafe.get follows them, credentials kept at home
         )
         if self._own_client:
-            self._guard.install(self._client)
+            self._guard.install(
+                self._client
+            )  # the proxy mounts' shared pools, from the environment
+            httpsafe.pool_per_thread(self._client, self._thread_pool)
         self._rng = random.Random()
         self._filter: _RedactSecrets | None = None
         if self._secrets:
             self._filter = _RedactSecrets(self._secrets)
             for name in _LOGGERS_WITH_URLS:
                 logging.getLogger(name).addFilter(self._filter)
+
+    def _thread_pool(self) -> httpx.HTTPTransport:
+        """One worker thread's connections (a redirect's hop may open a second), guarded."""
+        import httpx
+
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=2)
+        return self._guard.guard(httpx.HTTPTransport(verify=self._tls, limits=limits))
 
     def subdomain(self, t: Tile) -> str:
         """What ``{s}`` is for ``t``: the same every time, spread evenly

@@ -133,3 +133,37 @@ def test_failure_kind_of_real_httpx_errors() -> None:
             client.get("http://nosuch.invalid/")
     assert retrypolicy.failure_kind(refused.value) == "refused"
     assert retrypolicy.failure_kind(dns.value) == "dns"
+
+
+def test_thread_pools_keep_one_pool_per_thread_and_close_the_ended(
+    server: tileserver.TileServer,
+) -> None:
+    """Each thread reuses its own connection; an ended thread's pool closes when the next is made."""
+    made: list[httpx.HTTPTransport] = []
+
+    def make() -> httpx.HTTPTransport:
+        made.append(httpx.HTTPTransport())
+        return made[-1]
+
+    def connections(t: httpx.HTTPTransport) -> int:
+        return len(t._pool.connections)  # noqa: SLF001 - what the test looks at
+
+    url = f"http://127.0.0.1:{server.port}/17/1/1.jpg"
+    client = httpx.Client()
+    httpsafe.pool_per_thread(client, make)
+
+    def ask(n: int) -> None:
+        for _ in range(n):
+            assert len(_get(client, url, 1 << 20)) > 0
+
+    first = [threading.Thread(target=ask, args=(5,)) for _ in range(3)]
+    for t in first:
+        t.start()
+    for t in first:
+        t.join()
+    assert len(made) == 3 and [connections(t) for t in made] == [1, 1, 1]
+    ask(2)  # this thread's own pool: the three ended threads' pools are closed
+    assert len(made) == 4 and [connections(t) for t in made] == [0, 0, 0, 1]
+    client.close()
+    assert connections(made[3]) == 0
+    assert server.count() == 17
