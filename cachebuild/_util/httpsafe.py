@@ -239,7 +239,7 @@ class ThreadPools:
 
     httpcore's pool takes one lock for all its connections and polls every
     idle one on each request and each response closed: 64 workers sharing
-    one pool spend more on that than on a 304 itself (docs/design/pipeline.md).
+    one pool spend more on that than on a 304 itself (docs/design/http-pools.md).
     ``make()`` builds one thread's transport; a pool whose thread has ended is
     closed when the next one is made, and all of them by :meth:`close`.
     """
