@@ -540,3 +540,35 @@ def test_concurrent_requests_are_bounded_by_the_pool(server: TileServer) -> None
     with closing(xyz(server)) as p, ThreadPoolExecutor(3) as pool:
         list(pool.map(p.fetch, wanted))
     assert server.max_in_flight <= 3
+
+
+def test_a_proxy_from_the_environment_still_carries_the_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each fetch thread has its own pool, but HTTP_PROXY still routes every request."""
+    proxy = socket.socket()
+    proxy.bind(("127.0.0.1", 0))
+    proxy.listen(1)
+    proxy.settimeout(10)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.getsockname()[1]}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    seen: list[bytes] = []
+
+    def answer() -> None:
+        conn, _ = proxy.accept()
+        with conn:
+            seen.append(conn.recv(4096))
+            conn.sendall(
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+
+    with (
+        ThreadPoolExecutor(1) as pool,
+        closing(open_provider("http://tiles.example.invalid/{z}/{x}/{y}.png", env=fast_env())) as p,
+    ):
+        served = pool.submit(answer)
+        assert p.fetch(T) is None  # the proxy's 404: no such tile
+        served.result(timeout=10)
+    proxy.close()
+    assert seen and seen[0].startswith(b"GET http://tiles.example.invalid/17/")
