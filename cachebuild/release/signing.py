@@ -321,13 +321,19 @@ def _load_settled(p: Path, wait: bool = False) -> Ed25519PrivateKey:
     the wait) is an error at once.
     """
     deadline = time.monotonic() + _DEV_KEY_WAIT_S
+    read_again = True  # the writer may finish between a failed read and the check: one more read
     while True:
         try:
             return load_private_key(p)
         except UsageError:
-            if not (wait or _being_written(p)) or time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 raise
-            time.sleep(0.01)
+            if wait or _being_written(p):
+                time.sleep(0.01)
+            elif read_again:
+                read_again = False
+            else:
+                raise
 
 
 def _being_written(p: Path) -> bool:

@@ -152,11 +152,14 @@ def test_thread_pools_keep_one_pool_per_thread_and_close_the_ended(
     client = httpx.Client()
     httpsafe.pool_per_thread(client, make)
 
-    def ask(n: int) -> None:
-        for _ in range(n):
+    def ask(n: int, together: threading.Barrier | None = None) -> None:
+        for i in range(n):
             assert len(_get(client, url, 1 << 20)) > 0
+            if i == 0 and together is not None:
+                together.wait(timeout=10)  # every pool made while the other threads live
 
-    first = [threading.Thread(target=ask, args=(5,)) for _ in range(3)]
+    three = threading.Barrier(3)
+    first = [threading.Thread(target=ask, args=(5, three)) for _ in range(3)]
     for t in first:
         t.start()
     for t in first:

@@ -17,6 +17,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -464,6 +465,28 @@ def test_ensure_dev_key_waits_for_a_key_caught_mid_write(tmp_path: Path, partial
     finally:
         t.join()
     assert not created and got.private_bytes_raw() == key.private_bytes_raw()
+
+
+def test_ensure_dev_key_reads_again_a_key_finished_after_a_failed_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that caught the file empty fails; by the check the writer has finished: read again."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = tmp_path / "dev.pem"
+    key = Ed25519PrivateKey.generate()
+    _write(path, signing._private_pem(key))
+    real, calls = signing.load_private_key, []
+
+    def first_read_caught_it_empty(p: Path) -> Any:
+        calls.append(p)
+        if len(calls) == 1:
+            raise UsageError(f"signing key {p} is not a PEM or OpenSSH private key")
+        return real(p)
+
+    monkeypatch.setattr(signing, "load_private_key", first_read_caught_it_empty)
+    got, created = ensure_dev_key(path)
+    assert not created and got.private_bytes_raw() == key.private_bytes_raw() and len(calls) == 2
 
 
 @pytest.mark.parametrize("hard_links", [True, False])
