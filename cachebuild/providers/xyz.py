@@ -227,19 +227,18 @@ class XyzProvider:
             DEFAULT_HTTP_CONCURRENCY, self.config.rate_limit, sleep=self._guard.sleep
         )
         self._own_client = client is None
-        self._tls = httpx.create_ssl_context()  # tens of ms to make: one for every pool
-        self._client = client or httpx.Client(
-            verify=self._tls,
-            limits=httpx.Limits(
-                max_connections=256, max_keepalive_connections=DEFAULT_HTTP_CONCURRENCY
-            ),
-            follow_redirects=False,  # httpsafe.get follows them, credentials kept at home
-        )
-        if self._own_client:
-            self._guard.install(
-                self._client
-            )  # the proxy mounts' shared pools, from the environment
-            httpsafe.pool_per_thread(self._client, self._thread_pool)
+        if client is None:
+            self._tls = httpx.create_ssl_context()  # tens of ms to make: one for every pool
+            client = httpx.Client(
+                verify=self._tls,
+                limits=httpx.Limits(
+                    max_connections=256, max_keepalive_connections=DEFAULT_HTTP_CONCURRENCY
+                ),
+                follow_redirects=False,  # httpsafe.get follows them, credentials kept at home
+            )
+            self._guard.install(client)  # the proxies' mounts (from the environment), shared
+            httpsafe.pool_per_thread(client, self._thread_pool)  # the rest: a pool per thread
+        self._client = client
         self._rng = random.Random()
         self._filter: _RedactSecrets | None = None
         if self._secrets:
