@@ -423,14 +423,19 @@ def _pump(
 
     Whatever stops it (an interrupt, a failure, the deadline), the tiles
     fetched are kept, the work not started is dropped and the requests on
-    the wire are stopped (a dripping server must not hold the lock).
+    the wire are stopped (a dripping server must not hold the lock).  Each
+    future reports to a queue as it ends: ``concurrent.futures.wait`` would
+    hook and unhook every pending future at each wake-up, in this thread,
+    which every tile's bookkeeping already waits on.
     """
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+    import queue
+    from concurrent.futures import ThreadPoolExecutor, wait
 
     provider, store, rule = run.provider, run.store, run.rule
     journal = store.open_journal(provider.identity)
     pending: set[Future[Outcome]] = set()
     finished: list[Future[Outcome]] = []
+    ended: queue.SimpleQueue[Future[Outcome]] = queue.SimpleQueue()
     try:
         with ThreadPoolExecutor(workers, thread_name_prefix="cachebuild-fetch") as pool:
             try:
@@ -446,12 +451,19 @@ def _pump(
                         if item is None:
                             exhausted = True
                         else:
-                            pending.add(pool.submit(work, provider, store, journal, rule, *item))
+                            future = pool.submit(work, provider, store, journal, rule, *item)
+                            future.add_done_callback(ended.put)
+                            pending.add(future)
                     if not pending:
                         break
                     left = None if ends is None else max(0.0, ends - time.monotonic())
-                    done, pending = wait(pending, timeout=left, return_when=FIRST_COMPLETED)
-                    finished.extend(done)
+                    try:
+                        finished.append(ended.get(timeout=left))
+                        while True:
+                            finished.append(ended.get_nowait())
+                    except queue.Empty:
+                        pass
+                    pending.difference_update(finished)
                     while finished:
                         run.done(finished.pop())
                     if run.sync is not None and run.sync.due():
@@ -463,7 +475,7 @@ def _pump(
                 for future in pending:
                     future.cancel()
                 wait(pending)
-                for future in [*finished, *pending]:
+                for future in [*finished, *pending.difference(finished)]:
                     if not future.cancelled() and future.exception() is None:
                         run.done(future)
     finally:
