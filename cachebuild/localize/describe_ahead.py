@@ -125,6 +125,7 @@ class DescribeAhead:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._slots = threading.BoundedSemaphore(QUEUE_BATCHES)  # for batches with new tiles
         self._new: set[int] = set()  # tiles downloaded now (fetched), not taken from the store
+        self._fresh = False  # a tile downloaded now has readied anchors since the last batch
         self._stop = threading.Event()
         self._finished = False
         self._idle = 0.0
@@ -151,6 +152,7 @@ class DescribeAhead:
         """Tile ``tid`` is in the store with image hash ``digest`` (32 bytes)."""
         self._known[tid] = bytes(digest)
         self._waiting.add(tid)
+        self._fresh = self._fresh or tid in self._new
         self._settle(tid)
 
     def fetched(self, tid: int, digest: bytes) -> None:
@@ -209,9 +211,9 @@ class DescribeAhead:
                 self._waiting.discard(a)
                 self._ready.append(a)
         if len(self._ready) >= 2 * self.batch or (
-            self._hungry and len(self._ready) >= max(1, self.batch // 4)
-        ):  # whole bands while the describer is busy; what there is when it waits for work
-            self._emit(final=False)
+            self._hungry and self._fresh and len(self._ready) >= max(1, self.batch // 4)
+        ):  # whole bands while the describer is busy, or has only stored tiles to look up
+            self._emit(final=False)  # (as after 304s); what there is when new tiles wait for it
 
     def _emit(self, final: bool) -> None:
         """Queue batches of ready anchors, in bands: all when ``final``, else while enough wait (one at least)."""
@@ -231,6 +233,7 @@ class DescribeAhead:
                 covers.append(cover)
                 need = grown
             del self._ready[: len(anchors)]
+            self._fresh = False
             digests = {t: self._known[t] for t in need}
             self._put((covers, digests, not self._new.isdisjoint(need)))
 

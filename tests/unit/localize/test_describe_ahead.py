@@ -107,3 +107,28 @@ def test_an_abort_frees_a_held_fetch(tmp_path: Path, held: tuple) -> None:
     assert not fetch.is_alive()
     gate.set()
     ahead.join()
+
+
+def test_a_hungry_describer_gets_small_batches_only_of_new_tiles(
+    tmp_path: Path, held: tuple
+) -> None:
+    """Waiting for work, the describer is sent what there is when a tile downloaded now readied
+    it; stored tiles (304s) still go in whole bands, so it is not woken for every few lookups."""
+    gate, taken = held
+    ahead, ts = start(tmp_path)
+    ahead._hungry = True  # as the describer sets it while it waits
+    half = len(ts) // 2
+    for t in ts[:half]:  # stored: whole bands only (2 x 32 ready anchors before each)
+        ahead.present(tile_id(t), tile_id(t).to_bytes(32, "little"))
+    stored = ahead._queue.qsize()
+    t = ts[half]
+    ahead.fetched(tile_id(t), b"n" * 32)
+    ahead.present(tile_id(t), b"n" * 32)  # new: what is ready goes at once
+    assert ahead._queue.qsize() == stored + 1
+    for t in ts[half + 1 :]:
+        ahead.present(tile_id(t), tile_id(t).to_bytes(32, "little"))
+    ahead.finish()
+    gate.set()
+    ahead.join()
+    sizes = [len(covers) for covers, _, _ in taken]
+    assert all(n == ahead.batch for n in sizes[:stored]) and sum(sizes) == SIDE * SIDE
