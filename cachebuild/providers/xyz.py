@@ -236,8 +236,8 @@ class XyzProvider:
                 ),
                 follow_redirects=False,  # httpsafe.get follows them, credentials kept at home
             )
+            httpsafe.pool_per_thread(client, self._thread_pool)  # each pool guarded as it is made
             self._guard.install(client)  # the proxies' mounts (from the environment), shared
-            httpsafe.pool_per_thread(client, self._thread_pool)  # the rest: a pool per thread
         self._client = client
         self._rng = random.Random()
         self._filter: _RedactSecrets | None = None
